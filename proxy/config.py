@@ -1,0 +1,606 @@
+"""routes.yaml -> frozen, typed configuration.
+
+Runtime code only ever sees these objects: everything is validated once, at load time
+(STYLE.md 1.4). Durations are float seconds, sizes are int bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import suppress
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import yaml
+from yaml.nodes import MappingNode, Node
+
+from proxy.config_values import (
+    NodeReader,
+    Reported,
+    describe,
+    did_you_mean,
+    join_path,
+    parse_bind,
+    parse_endpoint_url,
+)
+
+DEFAULT_CONNECT_TIMEOUT_S = 2.0
+DEFAULT_READ_TIMEOUT_S = 30.0
+DEFAULT_POOL_MAX_CONNECTIONS = 256
+DEFAULT_POOL_MAX_IDLE = 64
+# Below the usual upstream keep-alive timeouts (nginx 75 s, Node.js 5 s, gunicorn 2 s is the
+# outlier) so that we, not the upstream, normally close an idle connection.
+DEFAULT_POOL_IDLE_TIMEOUT_S = 4.0
+DEFAULT_POOL_WAIT_TIMEOUT_S = 5.0
+DEFAULT_MAX_HEAD_BYTES = 32 * 1024
+DEFAULT_HEADER_TIMEOUT_S = 10.0
+DEFAULT_BODY_TIMEOUT_S = 60.0
+DEFAULT_KEEPALIVE_TIMEOUT_S = 75.0
+DEFAULT_GRACE_PERIOD_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    """One client-facing socket (`listeners[i]`)."""
+
+    host: str
+    port: int
+    name: str  # "listeners[0]" unless given with `name:`; used as a metrics label
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """The admin listener (`admin.bind`): /metrics, /healthz, /readyz."""
+
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTimeouts:
+    """`upstreams.X.timeouts`. `read` bounds the wait for the response head and each gap
+    between body chunks (like nginx proxy_read_timeout); there is no total deadline."""
+
+    connect: float = DEFAULT_CONNECT_TIMEOUT_S
+    read: float = DEFAULT_READ_TIMEOUT_S
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    """`upstreams.X.pool`: per-endpoint connection pool limits."""
+
+    max_connections: int = DEFAULT_POOL_MAX_CONNECTIONS
+    max_idle: int = DEFAULT_POOL_MAX_IDLE
+    idle_timeout: float = DEFAULT_POOL_IDLE_TIMEOUT_S
+    wait_timeout: float = DEFAULT_POOL_WAIT_TIMEOUT_S
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointConfig:
+    """One upstream server: `http://host:port` (scheme http only for now)."""
+
+    url: str
+    scheme: str
+    host: str
+    port: int
+    weight: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    """`upstreams.NAME`."""
+
+    name: str
+    endpoints: tuple[EndpointConfig, ...]
+    balance: str = "round_robin"
+    timeouts: UpstreamTimeouts = field(default_factory=UpstreamTimeouts)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMatch:
+    """`match.headers[i]`: exactly one of `value` (exact), `regex` (full match), or neither
+    (the header must be present). `name` is lower-cased (header names are case-insensitive)."""
+
+    name: str
+    value: str | None = None
+    regex: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QueryMatch:
+    """`match.query[i]`: same rules as HeaderMatch, on a query parameter."""
+
+    name: str
+    value: str | None = None
+    regex: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MatchConfig:
+    """`routes[i].match`. At most one of path / path_prefix / path_regex."""
+
+    host: str | None = None  # "api.example.com" or "*.example.com", lower-cased
+    path: str | None = None
+    path_prefix: str | None = None
+    path_regex: str | None = None  # full match, named groups allowed
+    methods: tuple[str, ...] | None = None  # upper-cased
+    headers: tuple[HeaderMatch, ...] = ()
+    query: tuple[QueryMatch, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RewriteConfig:
+    """`routes[i].rewrite`: applied to the path in this order: regex, strip_prefix,
+    add_prefix. `host` replaces the Host header (preserved when None)."""
+
+    strip_prefix: str | None = None
+    add_prefix: str | None = None
+    regex: str | None = None
+    replacement: str | None = None  # with regex; `\\g<name>` / `\\1` references
+    host: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    """`routes[i]`."""
+
+    name: str
+    match: MatchConfig
+    upstream: str
+    rewrite: RewriteConfig = field(default_factory=RewriteConfig)
+    max_body_size: int | None = None  # None: the server-wide limit applies
+    index: int = 0  # position in the file: ties in specificity go to the earlier route
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """`limits`: server-wide defences, each mapped to one status (DESIGN.md, errors)."""
+
+    max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES  # 431
+    max_body_size: int | None = None  # 413; None = unlimited
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT_S  # 408
+    body_timeout: float = DEFAULT_BODY_TIMEOUT_S  # 408, idle gap between body chunks
+    keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT_S
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole validated file."""
+
+    listeners: tuple[ListenerConfig, ...]
+    upstreams: dict[str, UpstreamConfig]
+    routes: tuple[RouteConfig, ...]
+    admin: AdminConfig | None = None
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    http1_parser: str = "auto"  # auto | httptools | h11
+    workers: int | None = None  # None: one per core
+    grace_period: float = DEFAULT_GRACE_PERIOD_S  # `shutdown.grace_period`
+    source: str = "<string>"
+
+
+# --- Loader ---------------------------------------------------------------------------------
+
+_TOP_KEYS = ("listeners", "admin", "upstreams", "routes", "limits", "http1_parser", "workers",
+             "shutdown")  # fmt: skip
+_HTTP1_PARSERS = ("auto", "httptools", "h11")
+_BALANCERS = ("round_robin",)
+_PATH_KEYS = ("path", "path_prefix", "path_regex")
+_TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 5.6.2: methods, field names
+_HOST_PATTERN_RE = re.compile(r"(\*\.)?[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?")
+_REWRITE_HOST_RE = re.compile(r"[^\s/?#@]+")
+
+_M = TypeVar("_M", HeaderMatch, QueryMatch)
+_MAX_CONNECTIONS = DEFAULT_POOL_MAX_CONNECTIONS  # short names for the field lists below
+_MAX_HEAD_BYTES = DEFAULT_MAX_HEAD_BYTES
+_KEEPALIVE_S = DEFAULT_KEEPALIVE_TIMEOUT_S
+
+
+class ConfigError(Exception):
+    """The config is invalid. `errors` holds every problem found, one line each, sorted by
+    line, as `{source}:{line}: {keypath}: {message}`."""
+
+    def __init__(self, errors: Sequence[str]) -> None:
+        self.errors: list[str] = list(errors)
+        super().__init__("\n".join(self.errors))
+
+    def __str__(self) -> str:
+        return "\n".join(self.errors)
+
+
+def load_config(path: str, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate the YAML file at `path` (see parse_config).
+
+    Raises:
+        ConfigError: the file cannot be read, or it is invalid. Any other exception is a bug.
+    """
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: cannot read: not UTF-8 ({exc.reason})"]) from exc
+    return parse_config(text, source=path, env=env)
+
+
+def parse_config(
+    text: str, source: str = "<string>", env: Mapping[str, str] | None = None
+) -> Config:
+    """Validate a routes.yaml document and return it as a frozen Config.
+
+    `${VAR}` and `${VAR:-default}` are substituted in every scalar value (not in keys) from
+    `env` (default os.environ); `$${` is a literal `${`. An unquoted value that was only a
+    reference is then typed like any YAML scalar, so `workers: ${WORKERS:-2}` is an int.
+    YAML anchors, aliases and `<<` merge keys work as usual.
+
+    Raises:
+        ConfigError: with every problem found, each naming `source`, the line and the key
+            path. Any other exception is a bug.
+    """
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        message = exc.problem or exc.context or "syntax error"
+        if exc.context and exc.problem and not exc.context.startswith("while"):
+            message = f"{exc.context}, {exc.problem}"  # "expected a single document..., but"
+        line = mark.line + 1 if mark else 1
+        raise ConfigError([f"{source}:{line}: invalid YAML: {message}"]) from None
+    except yaml.YAMLError as exc:  # ReaderError: a character that YAML does not allow
+        line = text.count("\n", 0, getattr(exc, "position", 0)) + 1
+        reason = str(exc).splitlines()[0]
+        raise ConfigError([f"{source}:{line}: invalid YAML: {reason}"]) from None
+    loader = _ConfigLoader(source, os.environ if env is None else env)
+    config = loader.config(root)
+    if config is None or loader.errors:
+        raise ConfigError(loader.errors)
+    return config
+
+
+def _derive_route_name(match: MatchConfig) -> str:
+    """`api.example.com/users*`, `/exact`, `~^/re$`, `/*` for a route without `name:`."""
+    if match.path is not None:
+        path = match.path
+    elif match.path_prefix is not None:
+        path = match.path_prefix + "*"
+    elif match.path_regex is not None:
+        path = "~" + match.path_regex
+    else:
+        path = "/*"
+    return (match.host or "") + path
+
+
+def _replacement_problem(regex: str, replacement: str) -> str | None:
+    """Why `replacement` is not a valid `re` template for `regex`, or None if it is."""
+    try:  # The same groups as `regex`, but it matches "", so the template can be expanded.
+        probe = re.compile(f"(?:{regex})|").match("")
+    except re.error:  # e.g. global flags, which must lead the pattern: skip the check
+        return None
+    try:
+        if probe is not None:
+            probe.expand(replacement)
+    except (re.error, IndexError) as exc:
+        return str(exc)
+    return None
+
+
+class _ConfigLoader(NodeReader):
+    """The routes.yaml schema. Every section is read even after an error, so that one run
+    reports every problem; the Config is only used when no error was recorded."""
+
+    def __init__(self, source: str, env: Mapping[str, str]) -> None:
+        super().__init__(source, env)
+        self._upstream_names: set[str] | None = None  # None: unreadable, so skip the checks
+        self._binds: dict[tuple[str, int], str] = {}
+
+    def config(self, root: Node | None) -> Config | None:
+        if root is None:
+            self.error(None, "", "empty config (expected listeners, upstreams and routes)")
+            return None
+        if self.value(root, "") is not root or not isinstance(root, MappingNode):
+            found = describe(root, self.value(root, ""))
+            self.error(root, "", f"the top level must be a mapping (listeners, ...), not {found}")
+            return None
+        top = self.mapping(root, "", _TOP_KEYS, ("listeners", "upstreams", "routes"))
+        no_routes: tuple[RouteConfig, ...] = ()
+        return Config(
+            listeners=top.get("listeners", self._listeners, ()),
+            upstreams=top.get("upstreams", self._upstreams, {}),
+            routes=top.get("routes", self._routes, no_routes),
+            admin=top.get("admin", self._admin, None),
+            limits=top.get("limits", self._limits, LimitsConfig()),
+            http1_parser=top.get("http1_parser", self._http1_parser, "auto"),
+            workers=top.get("workers", self.optional(self._at_least_1), None),
+            grace_period=top.get("shutdown", self._shutdown, DEFAULT_GRACE_PERIOD_S),
+            source=self.source,
+        )
+
+    def _http1_parser(self, node: Node, path: str) -> str:
+        return self.choice(node, path, _HTTP1_PARSERS, "parser")
+
+    def _at_least_1(self, node: Node, path: str) -> int:
+        return self.integer(node, path, minimum=1)
+
+    def _timeout(self, node: Node, path: str) -> float:
+        return self.duration(node, path, positive=True)
+
+    def _shutdown(self, node: Node, path: str) -> float:
+        fields = self.mapping(node, path, ("grace_period",))
+        return fields.get("grace_period", self.duration, DEFAULT_GRACE_PERIOD_S)
+
+    def _items(self, node: Node, path: str, what: str) -> list[tuple[Node, str]]:
+        """(node, path) of each item of a list that must not be empty."""
+        items = self.sequence(node, path)
+        if not items:
+            raise self.error(node, path, f"at least one {what} is required")
+        return [(item, f"{path}[{index}]") for index, item in enumerate(items)]
+
+    def _name(self, node: Node, path: str) -> str:
+        name = self.string(node, path).strip()
+        if not name:
+            raise self.error(node, path, "must not be empty")
+        return name
+
+    # --- listeners ---
+
+    def _listeners(self, node: Node, path: str) -> tuple[ListenerConfig, ...]:
+        listeners: list[ListenerConfig] = []
+        names: dict[str, str] = {}
+        for item, item_path in self._items(node, path, "listener"):
+            with suppress(Reported):
+                fields = self.mapping(item, item_path, ("bind", "name"), ("bind",))
+                host, port = fields.get("bind", self._bind, ("", 0))
+                name = fields.get("name", self._name, item_path)
+                if name in names:
+                    fields.error("name", f"duplicate listener name {name!r} (also {names[name]})")
+                names[name] = item_path
+                listeners.append(ListenerConfig(host, port, name))
+        return tuple(listeners)
+
+    def _bind(self, node: Node, path: str) -> tuple[str, int]:
+        host, port = self.convert(node, path, parse_bind, "an address like '0.0.0.0:8080'")
+        if port and (host, port) in self._binds:
+            raise self.error(node, path, f"address already used by {self._binds[host, port]}")
+        self._binds[host, port] = path
+        return host, port
+
+    def _admin(self, node: Node, path: str) -> AdminConfig:
+        fields = self.mapping(node, path, ("bind",), ("bind",))
+        return AdminConfig(*fields.get("bind", self._bind, ("", 0)))
+
+    # --- upstreams ---
+
+    def _upstreams(self, node: Node, path: str) -> dict[str, UpstreamConfig]:
+        entries = self.entries(node, path)
+        self._upstream_names = {name for _, name, _ in entries}
+        upstreams: dict[str, UpstreamConfig] = {}
+        for _, name, value in entries:
+            with suppress(Reported):
+                upstreams[name] = self._upstream(value, join_path(path, name), name)
+        return upstreams
+
+    def _upstream(self, node: Node, path: str, name: str) -> UpstreamConfig:
+        keys = ("endpoints", "balance", "timeouts", "pool")
+        fields = self.mapping(node, path, keys, ("endpoints",))
+        return UpstreamConfig(
+            name=name,
+            endpoints=fields.get("endpoints", self._endpoints, ()),
+            balance=fields.get("balance", self._balance, "round_robin"),
+            timeouts=fields.get("timeouts", self._timeouts, UpstreamTimeouts()),
+            pool=fields.get("pool", self._pool, PoolConfig()),
+        )
+
+    def _endpoints(self, node: Node, path: str) -> tuple[EndpointConfig, ...]:
+        endpoints: dict[str, tuple[EndpointConfig, str]] = {}
+        for item, item_path in self._items(node, path, "endpoint"):
+            with suppress(Reported):
+                endpoint = self._endpoint(item, item_path)
+                if endpoint.url in endpoints:
+                    also = endpoints[endpoint.url][1]
+                    message = f"duplicate endpoint {endpoint.url!r} (also {also}; use weight)"
+                    raise self.error(item, item_path, message)
+                endpoints[endpoint.url] = (endpoint, item_path)
+        return tuple(endpoint for endpoint, _ in endpoints.values())
+
+    def _endpoint(self, node: Node, path: str) -> EndpointConfig:
+        url_node, url_path, weight = node, path, 1
+        if self.value(node, path) is node:  # a mapping (or, wrongly, a list)
+            fields = self.mapping(node, path, ("url", "weight"), ("url",))
+            weight = fields.get("weight", self._at_least_1, 1)
+            if "url" not in fields:
+                raise Reported
+            url_node, url_path = fields.nodes["url"], fields.key_path("url")
+        expected = "a URL like 'http://host:port', or a mapping with url and weight"
+        scheme, host, port, url = self.convert(url_node, url_path, parse_endpoint_url, expected)
+        return EndpointConfig(url, scheme, host, port, weight)
+
+    def _balance(self, node: Node, path: str) -> str:
+        return self.choice(node, path, _BALANCERS, "balance")
+
+    def _timeouts(self, node: Node, path: str) -> UpstreamTimeouts:
+        fields = self.mapping(node, path, ("connect", "read"))
+        return UpstreamTimeouts(
+            connect=fields.get("connect", self._timeout, DEFAULT_CONNECT_TIMEOUT_S),
+            read=fields.get("read", self._timeout, DEFAULT_READ_TIMEOUT_S),
+        )
+
+    def _pool(self, node: Node, path: str) -> PoolConfig:
+        keys = ("max_connections", "max_idle", "idle_timeout", "wait_timeout")
+        fields = self.mapping(node, path, keys)
+        pool = PoolConfig(
+            max_connections=fields.get("max_connections", self._at_least_1, _MAX_CONNECTIONS),
+            max_idle=fields.get("max_idle", self.integer, DEFAULT_POOL_MAX_IDLE),
+            idle_timeout=fields.get("idle_timeout", self.duration, DEFAULT_POOL_IDLE_TIMEOUT_S),
+            wait_timeout=fields.get("wait_timeout", self.duration, DEFAULT_POOL_WAIT_TIMEOUT_S),
+        )
+        if pool.max_idle > pool.max_connections:
+            key = "max_idle" if "max_idle" in fields else "max_connections"
+            limits = f"max_idle ({pool.max_idle}) > max_connections ({pool.max_connections})"
+            fields.error(key, f"{limits}: idle connections are part of max_connections")
+        return pool
+
+    # --- routes ---
+
+    def _routes(self, node: Node, path: str) -> tuple[RouteConfig, ...]:
+        routes: list[RouteConfig] = []
+        names: dict[str, str] = {}
+        for index, item in enumerate(self.sequence(node, path)):
+            with suppress(Reported):
+                routes.append(self._route(item, f"{path}[{index}]", index, names))
+        return tuple(routes)
+
+    def _route(self, node: Node, path: str, index: int, names: dict[str, str]) -> RouteConfig:
+        keys = ("name", "match", "upstream", "rewrite", "max_body_size")
+        fields = self.mapping(node, path, keys, ("match", "upstream"))
+        errors_before = len(self._errors)
+        match = fields.get("match", self._match, MatchConfig())
+        name = fields.get("name", self._name, "")
+        if "name" not in fields and len(self._errors) == errors_before:
+            name = _derive_route_name(match)  # (a name derived from a bad match is noise)
+        if name in names:
+            key_path, hint = fields.key_path("name"), ""
+            if "name" not in fields:
+                key_path, hint = path, " (derived from its match: give the route a name)"
+            message = f"duplicate route name {name!r} (also {names[name]}){hint}"
+            self.error(fields.nodes.get("name", node), key_path, message)
+        elif name:
+            names[name] = path
+        return RouteConfig(
+            name=name,
+            match=match,
+            upstream=fields.get("upstream", self._upstream_ref, ""),
+            rewrite=fields.get("rewrite", self._rewrite, RewriteConfig()),
+            max_body_size=fields.get("max_body_size", self.optional(self.size), None),
+            index=index,
+        )
+
+    def _upstream_ref(self, node: Node, path: str) -> str:
+        name = self.string(node, path)
+        known = self._upstream_names
+        if known is not None and name not in known:
+            hint = did_you_mean(name, sorted(known)) if known else " (no upstreams are defined)"
+            raise self.error(node, path, f"unknown upstream {name!r}{hint}")
+        return name
+
+    def _match(self, node: Node, path: str) -> MatchConfig:
+        keys = ("host", "path", "path_prefix", "path_regex", "methods", "headers", "query")
+        fields = self.mapping(node, path, keys)
+        given = [key for key in _PATH_KEYS if key in fields]
+        for extra in given[1:]:
+            fields.error(extra, f"give at most one of path, path_prefix, path_regex ({given[0]})")
+        return MatchConfig(
+            host=fields.get("host", self._host_pattern, None),
+            path=fields.get("path", self._path, None),
+            path_prefix=fields.get("path_prefix", self._path, None),
+            path_regex=fields.get("path_regex", self.regex, None),
+            methods=fields.get("methods", self._methods, None),
+            headers=fields.get("headers", self._headers, ()),
+            query=fields.get("query", self._query, ()),
+        )
+
+    def _host_pattern(self, node: Node, path: str) -> str:
+        host = self.string(node, path).lower()
+        if not _HOST_PATTERN_RE.fullmatch(host):
+            expected = "a name like 'api.example.com' or a wildcard like '*.example.com'"
+            raise self.error(node, path, f"invalid host {host!r} (expected {expected})")
+        return host
+
+    def _path(self, node: Node, path: str) -> str:
+        value = self.string(node, path)
+        if not value.startswith("/"):
+            raise self.error(node, path, f"must start with '/', got {value!r}")
+        return value
+
+    def _methods(self, node: Node, path: str) -> tuple[str, ...]:
+        methods: dict[str, None] = {}  # ordered set: duplicates are harmless
+        for item, item_path in self._items(node, path, "method (or leave out methods)"):
+            with suppress(Reported):
+                method = self.string(item, item_path).upper()
+                if not _TOKEN_RE.fullmatch(method):
+                    raise self.error(item, item_path, f"invalid method {method!r}")
+                methods[method] = None
+        return tuple(methods)
+
+    def _headers(self, node: Node, path: str) -> tuple[HeaderMatch, ...]:
+        return self._value_matches(node, path, HeaderMatch, header=True)
+
+    def _query(self, node: Node, path: str) -> tuple[QueryMatch, ...]:
+        return self._value_matches(node, path, QueryMatch, header=False)
+
+    def _value_matches(
+        self, node: Node, path: str, kind: Callable[[str, str | None, str | None], _M], header: bool
+    ) -> tuple[_M, ...]:
+        matches: list[_M] = []
+        seen: dict[str, str] = {}
+        for key_node, key, value in self.entries(node, path):
+            item_path = join_path(path, key)
+            name = key.lower() if header else key
+            if header and not _TOKEN_RE.fullmatch(key):
+                self.error(key_node, item_path, f"invalid header name {key!r}")
+            elif not key:
+                self.error(key_node, item_path, "the parameter name must not be empty")
+            elif name in seen:  # header names differ only in case
+                self.error(key_node, item_path, f"duplicate header {key!r} (also {seen[name]})")
+            seen[name] = item_path
+            with suppress(Reported):
+                matches.append(kind(name, *self._value_match(value, item_path)))
+        return tuple(matches)
+
+    def _value_match(self, node: Node, path: str) -> tuple[str | None, str | None]:
+        """(value, regex) of a header or query match: a scalar is an exact value."""
+        if self.value(node, path) is not node:
+            return self.text(node, path), None
+        fields = self.mapping(node, path, ("value", "regex", "present"))
+        if len(fields.nodes) != 1:
+            raise self.error(node, path, "expected exactly one of value, regex, present: true")
+        if not fields.get("present", self.boolean, True):
+            raise fields.error("present", "only 'present: true' is supported")
+        value = fields.get("value", self.text, None)
+        regex = fields.get("regex", self.regex, None)
+        if value is None and regex is None and "present" not in fields:
+            raise Reported  # the error is recorded
+        return value, regex
+
+    def _rewrite(self, node: Node, path: str) -> RewriteConfig:
+        keys = ("strip_prefix", "add_prefix", "regex", "replacement", "host")
+        fields = self.mapping(node, path, keys)
+        rewrite = RewriteConfig(
+            strip_prefix=fields.get("strip_prefix", self._path, None),
+            add_prefix=fields.get("add_prefix", self._path, None),
+            regex=fields.get("regex", self.regex, None),
+            replacement=fields.get("replacement", self.string, None),
+            host=fields.get("host", self._rewrite_host, None),
+        )
+        for given, needs in (("regex", "replacement"), ("replacement", "regex")):
+            if given in fields and needs not in fields:
+                fields.error(given, f"{given} needs {needs} (give both or neither)")
+        if rewrite.regex is not None and rewrite.replacement is not None:
+            problem = _replacement_problem(rewrite.regex, rewrite.replacement)
+            if problem:
+                fields.error("replacement", f"invalid replacement: {problem}")
+        return rewrite
+
+    def _rewrite_host(self, node: Node, path: str) -> str:
+        host = self.string(node, path)
+        if not _REWRITE_HOST_RE.fullmatch(host):
+            raise self.error(node, path, f"invalid host {host!r}")
+        return host
+
+    # --- limits ---
+
+    def _limits(self, node: Node, path: str) -> LimitsConfig:
+        keys = ("max_head_bytes", "max_body_size", "header_timeout", "body_timeout")
+        fields = self.mapping(node, path, (*keys, "keepalive_timeout"))
+        return LimitsConfig(
+            max_head_bytes=fields.get("max_head_bytes", self._positive_size, _MAX_HEAD_BYTES),
+            max_body_size=fields.get("max_body_size", self.optional(self.size), None),
+            header_timeout=fields.get("header_timeout", self._timeout, DEFAULT_HEADER_TIMEOUT_S),
+            body_timeout=fields.get("body_timeout", self._timeout, DEFAULT_BODY_TIMEOUT_S),
+            keepalive_timeout=fields.get("keepalive_timeout", self.duration, _KEEPALIVE_S),
+        )
+
+    def _positive_size(self, node: Node, path: str) -> int:
+        return self.size(node, path, positive=True)

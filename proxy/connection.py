@@ -1,0 +1,213 @@
+"""The downstream socket: the only code that touches a client connection.
+
+`ClientConnection` is an asyncio Protocol (not StreamReader/StreamWriter, which cost far more
+per request). It hands bytes to a protocol object (`protocol/http1.py`), offers drain-aware
+writes, and keeps the connection's phase and deadline; a server-wide sweeper calls `expire`
+a few times a second instead of arming a timer per request (nginx's approach to timers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol, cast
+
+from proxy.config import LimitsConfig, ListenerConfig
+
+if TYPE_CHECKING:
+    from proxy.models import Request, Response
+
+log = logging.getLogger(__name__)
+
+
+class ConnectionPhase(enum.Enum):
+    """What the connection waits for; each phase has its own timeout (DESIGN.md)."""
+
+    IDLE = "idle"  # keep-alive wait for the next request: keepalive_timeout, then close
+    HEAD = "head"  # reading a request head: header_timeout, then 408
+    BODY = "body"  # reading a request body: body_timeout between chunks, then 408
+    BUSY = "busy"  # an exchange runs: no client-side deadline (upstream timeouts apply)
+    WRITE = "write"  # the client does not read our response: body_timeout, then abort
+    CLOSED = "closed"
+
+
+class ServerContext(Protocol):
+    """What a connection needs from the server that accepted it."""
+
+    codec: str
+    limits: LimitsConfig
+    draining: bool
+    connections: set[ClientConnection]
+
+    async def handle(self, request: Request) -> Response: ...
+
+
+class FrontEnd(Protocol):
+    """A protocol implementation driven by a connection (HTTP/1.1 now, HTTP/2 later)."""
+
+    def feed(self, data: bytes) -> None: ...
+
+    def on_eof(self) -> None: ...
+
+    def on_close(self) -> None: ...
+
+    def on_timeout(self, phase: ConnectionPhase) -> None: ...
+
+    def on_drain_request(self) -> None: ...
+
+
+class ClientConnection(asyncio.Protocol):
+    """One accepted client socket."""
+
+    def __init__(
+        self,
+        server: ServerContext,
+        listener: ListenerConfig,
+        front_end_factory: Callable[[ClientConnection], FrontEnd],
+    ) -> None:
+        self.server = server
+        self.listener = listener
+        self.limits = server.limits
+        self.transport: asyncio.Transport | None = None
+        self.client: tuple[str, int] = ("", 0)
+        self.phase = ConnectionPhase.HEAD
+        self.deadline = 0.0
+        self.write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._loop = asyncio.get_running_loop()
+        self._front_end_factory = front_end_factory
+        self.front_end: FrontEnd | None = None
+
+    def __repr__(self) -> str:
+        return f"<ClientConnection {self.client[0]}:{self.client[1]} {self.phase.name}>"
+
+    # -- asyncio callbacks -----------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.client = (str(peer[0]), int(peer[1]))
+        self.server.connections.add(self)
+        self.set_phase(ConnectionPhase.HEAD)
+        self.front_end = self._front_end_factory(self)
+
+    def data_received(self, data: bytes) -> None:
+        phase = self.phase
+        if phase is ConnectionPhase.IDLE:
+            self.set_phase(ConnectionPhase.HEAD)
+        elif phase is ConnectionPhase.BODY:
+            self.deadline = self._loop.time() + self.limits.body_timeout
+        assert self.front_end is not None
+        self.front_end.feed(data)
+
+    def eof_received(self) -> bool:
+        assert self.front_end is not None
+        self.front_end.on_eof()
+        return True  # keep the write side open: a half-closed client still gets its answer
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.phase = ConnectionPhase.CLOSED
+        self.server.connections.discard(self)
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ConnectionResetError("client went away"))
+        if self.front_end is not None:
+            self.front_end.on_close()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- used by front ends ----------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        """True once the socket is gone."""
+        return self.phase is ConnectionPhase.CLOSED
+
+    def set_phase(self, phase: ConnectionPhase) -> None:
+        """Enter `phase` and start its deadline."""
+        if self.phase is ConnectionPhase.CLOSED:
+            return
+        self.phase = phase
+        limits = self.limits
+        if phase is ConnectionPhase.IDLE:
+            timeout = limits.keepalive_timeout
+        elif phase is ConnectionPhase.HEAD:
+            timeout = limits.header_timeout
+        elif phase is ConnectionPhase.BUSY:
+            return
+        else:
+            timeout = limits.body_timeout
+        self.deadline = self._loop.time() + timeout
+
+    def write(self, data: bytes) -> None:
+        """Queue bytes for the client (see `drain`)."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait while the transport's buffer is above its high-water mark.
+
+        Raises:
+            ConnectionResetError: the client went away.
+        """
+        if self.phase is ConnectionPhase.CLOSED:
+            raise ConnectionResetError("client went away")
+        if not self.write_paused:
+            return
+        previous = self.phase
+        self.set_phase(ConnectionPhase.WRITE)
+        self._drain_waiter = self._loop.create_future()
+        try:
+            await self._drain_waiter
+        finally:
+            self._drain_waiter = None
+        if self.phase is ConnectionPhase.WRITE:
+            self.set_phase(previous)
+
+    def pause_reading(self) -> None:
+        """Stop reading the socket (a body buffer is full, or the pipeline is deep)."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        """Read the socket again."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        """Close after the queued bytes are written."""
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Close at once, dropping queued bytes (h1's only way to signal a broken body)."""
+        if self.transport is not None:
+            self.transport.abort()
+
+    def expire(self, now: float) -> None:
+        """Called by the server's sweeper: act on a passed deadline."""
+        phase = self.phase
+        if phase is ConnectionPhase.BUSY or phase is ConnectionPhase.CLOSED:
+            return
+        if now < self.deadline:
+            return
+        log.debug("connection %r: %s timeout", self, phase.value)
+        if phase is ConnectionPhase.WRITE:
+            self.abort()
+            return
+        assert self.front_end is not None
+        self.front_end.on_timeout(phase)
+
+    def begin_drain(self) -> None:
+        """The server is shutting down: finish what runs, then close."""
+        if self.front_end is not None:
+            self.front_end.on_drain_request()

@@ -1,0 +1,96 @@
+"""The ProxyError tree: every failure the gateway answers itself.
+
+Each class carries the HTTP status it maps to and a stable reason code used in logs,
+metrics (`gatehouse_local_replies_total{reason}`) and the JSON error body (DESIGN.md, errors).
+"""
+
+from __future__ import annotations
+
+
+class ProxyError(Exception):
+    """Base class: raising one anywhere in an exchange yields a local reply."""
+
+    status: int = 500
+    reason: str = "internal_error"
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message or self.reason.replace("_", " "))
+        self.message = message or self.reason.replace("_", " ")
+
+
+class BadRequest(ProxyError):
+    """Malformed request: a protocol error or a smuggling attempt (RFC 9112 section 6.3)."""
+
+    status, reason = 400, "bad_request"
+
+
+class RequestTimeout(ProxyError):
+    """The client was too slow sending its head or body."""
+
+    status, reason = 408, "request_timeout"
+
+
+class BodyTooLarge(ProxyError):
+    """The request body exceeds the route's `max_body_size`."""
+
+    status, reason = 413, "body_too_large"
+
+
+class HeadTooLarge(ProxyError):
+    """The request head exceeds `limits.max_head_bytes`."""
+
+    status, reason = 431, "head_too_large"
+
+
+class NoRoute(ProxyError):
+    """No route matches the request."""
+
+    status, reason = 404, "no_route"
+
+
+class UpstreamConnectError(ProxyError):
+    """The upstream refused the connection or could not be reached."""
+
+    status, reason = 502, "upstream_connect_failed"
+
+
+class UpstreamReset(ProxyError):
+    """The upstream closed or reset the connection before a full response."""
+
+    status, reason = 502, "upstream_reset"
+
+
+class UpstreamProtocolError(ProxyError):
+    """The upstream sent a malformed response."""
+
+    status, reason = 502, "upstream_bad_response"
+
+
+class UpstreamConnectTimeout(ProxyError):
+    """Connecting to the upstream took longer than `timeouts.connect`."""
+
+    status, reason = 504, "upstream_connect_timeout"
+
+
+class UpstreamTimeout(ProxyError):
+    """The upstream was silent for longer than `timeouts.read`."""
+
+    status, reason = 504, "upstream_timeout"
+
+
+class PoolTimeout(ProxyError):
+    """No pooled connection became free within `pool.wait_timeout`."""
+
+    status, reason = 503, "pool_timeout"
+
+
+class Draining(ProxyError):
+    """The gateway is shutting down and takes no new exchanges."""
+
+    status, reason = 503, "draining"
+
+
+class InternalError(ProxyError):
+    """A bug: logged with its traceback, answered 500."""
+
+    status, reason = 500, "internal_error"

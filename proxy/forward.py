@@ -1,0 +1,102 @@
+"""The end of every chain: rewrite the request, pick an endpoint, exchange, retry the
+keep-alive race."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from proxy.config import RewriteConfig
+from proxy.errors import BadRequest
+from proxy.headers import upstream_headers
+from proxy.models import Request, Response
+from proxy.protocol.h1serialize import UnsafeHeader, request_head
+from proxy.upstream.balancer import Upstream
+from proxy.upstream.http1 import StaleConnection
+
+PathRewrite = Callable[[str], str]
+
+
+def compile_rewrite(rewrite: RewriteConfig) -> PathRewrite | None:
+    """The route's path rewrite as one function, built at load (None: forward as is)."""
+    steps: list[PathRewrite] = []
+    if rewrite.regex is not None:
+        pattern = re.compile(rewrite.regex)
+        replacement = rewrite.replacement or ""
+        steps.append(lambda path: pattern.sub(replacement, path, count=1))
+    if rewrite.strip_prefix:
+        prefix = rewrite.strip_prefix.rstrip("/")
+        size = len(prefix)
+
+        def strip(path: str) -> str:
+            if path.startswith(prefix) and (len(path) == size or path[size] in "/?"):
+                return path[size:] or "/"
+            return path
+
+        steps.append(strip)
+    if rewrite.add_prefix:
+        add = rewrite.add_prefix.rstrip("/")
+        steps.append(lambda path: add + path if path.startswith("/") else f"{add}/{path}")
+    if not steps:
+        return None
+    if len(steps) == 1:
+        return steps[0]
+
+    def run_all(path: str) -> str:
+        for step in steps:
+            path = step(path)
+        return path
+
+    return run_all
+
+
+class Forwarder:
+    """Sends a route's requests to its upstream."""
+
+    __slots__ = ("_host_rewrite", "_rewrite", "upstream")
+
+    def __init__(self, upstream: Upstream, rewrite: RewriteConfig) -> None:
+        self.upstream = upstream
+        self._rewrite = compile_rewrite(rewrite)
+        self._host_rewrite = rewrite.host
+
+    def target_of(self, request: Request) -> bytes:
+        """The request target to send: the raw one unless the route rewrites the path."""
+        if self._rewrite is None:
+            return request.target
+        path = self._rewrite(request.path)
+        target = f"{path}?{request.query}" if request.query else path
+        return target.encode("latin-1")
+
+    async def __call__(self, request: Request) -> Response:
+        """Forward `request` and return the upstream's response (body still streaming).
+
+        Raises:
+            ProxyError: 502/503/504 for upstream failures, 4xx for a failed client body.
+        """
+        body = request.body
+        body_bytes = body.take_all() if body.complete else None
+        if body_bytes is not None:
+            length: int | None = len(body_bytes)
+        else:
+            length = body.length
+        pool = self.upstream.pick()
+        endpoint = pool.endpoint
+        host = self._host_rewrite or request.host or f"{endpoint.host}:{endpoint.port}"
+        try:
+            head = request_head(
+                request.method,
+                self.target_of(request),
+                upstream_headers(request, host, length, chunked=length is None),
+            )
+        except UnsafeHeader as exc:
+            raise BadRequest(str(exc)) from None
+        conn = await pool.acquire()
+        try:
+            return await conn.exchange(request.method, head, body, body_bytes)
+        except StaleConnection:
+            if body_bytes is None:
+                raise  # a streamed body cannot be replayed
+        # The keep-alive race: the upstream closed this idle connection as we sent on it.
+        conn = await pool.acquire(fresh=True)
+        return await conn.exchange(request.method, head, body, body_bytes)

@@ -1,0 +1,297 @@
+"""The exchange model shared by every front end, the middleware chain and forwarding.
+
+`Request` and `Response` never know which protocol carried them (STYLE.md 1.2). Bodies are
+`Body` streams: a connection produces chunks, the other side consumes them, and a bounded
+buffer with high/low watermarks pauses the producer, so backpressure crosses every hop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
+
+from multidict import CIMultiDict
+
+from proxy.errors import BodyTooLarge
+
+if TYPE_CHECKING:
+    from yarl import URL
+
+BODY_HIGH_WATER_BYTES = 256 * 1024
+BODY_LOW_WATER_BYTES = 64 * 1024
+
+Trailers = list[tuple[str, str]]
+
+
+class Body:
+    """An async byte stream with a bounded buffer.
+
+    The producer calls `feed`, `feed_eof` or `fail`; the consumer calls `read` (b"" at the
+    end) or, when `complete`, `take_all`. When more than `high_water` bytes wait unread,
+    `on_pause` is called (the producer stops reading its socket); when the consumer has
+    drained them below the low watermark, `on_resume` is called.
+    """
+
+    __slots__ = (
+        "_buffered",
+        "_chunks",
+        "_done",
+        "_eof",
+        "_error",
+        "_on_first_read",
+        "on_abandon",
+        "_on_pause",
+        "_on_resume",
+        "_paused",
+        "_waiter",
+        "bytes_fed",
+        "bytes_read",
+        "length",
+        "limit",
+        "trailers",
+    )
+
+    def __init__(
+        self,
+        length: int | None = None,
+        *,
+        on_pause: Callable[[], None] | None = None,
+        on_resume: Callable[[], None] | None = None,
+        on_first_read: Callable[[], None] | None = None,
+    ) -> None:
+        self.length = length  # declared length, when the message had one
+        self.trailers: Trailers | None = None
+        self.bytes_read = 0
+        self.bytes_fed = 0
+        self.limit: int | None = None  # max_body_size: feeding past it fails the body (413)
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._eof = False
+        self._done = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._on_pause = on_pause
+        self._on_resume = on_resume
+        self._on_first_read = on_first_read
+        self._paused = False
+        # Called when the consumer gives up before the end (the producer can stop).
+        self.on_abandon: Callable[[], None] | None = None
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Body:
+        """A complete body holding `data`."""
+        body = cls(len(data))
+        if data:
+            body._chunks.append(data)
+            body._buffered = len(data)
+        body._eof = True
+        return body
+
+    def __repr__(self) -> str:
+        state = "FAILED" if self._error else "EOF" if self._eof else "OPEN"
+        return f"<Body {state} buffered={self._buffered} read={self.bytes_read}>"
+
+    # -- producer side ---------------------------------------------------------------
+    def feed(self, data: bytes) -> None:
+        """Append a chunk; pauses the producer above the high watermark."""
+        if self._done or self._error is not None:
+            return  # the consumer gave up, or the stream already failed: drop
+        self.bytes_fed += len(data)
+        if self.limit is not None and self.bytes_fed > self.limit:
+            self.fail(BodyTooLarge())
+            return
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._waiter is not None:
+            self._wake()
+        if self._buffered > BODY_HIGH_WATER_BYTES and not self._paused and self._on_pause:
+            self._paused = True
+            self._on_pause()
+
+    def feed_eof(self, trailers: Trailers | None = None) -> None:
+        """Mark the end of the stream."""
+        self._eof = True
+        self.trailers = trailers
+        if self._waiter is not None:
+            self._wake()
+
+    def fail(self, exc: BaseException) -> None:
+        """End the stream with an error that the consumer's next `read` raises."""
+        if self._eof or self._error is not None:
+            return
+        self._error = exc
+        self._chunks.clear()
+        self._buffered = 0
+        if self._waiter is not None:
+            self._wake()
+
+    # -- consumer side ---------------------------------------------------------------
+    @property
+    def complete(self) -> bool:
+        """True when the whole body has arrived (the fast path can `take_all`)."""
+        return self._eof and self._error is None
+
+    @property
+    def at_eof(self) -> bool:
+        """True when every byte has been read."""
+        return self._eof and not self._chunks
+
+    @property
+    def failed(self) -> bool:
+        """True when the producer ended the stream with an error."""
+        return self._error is not None
+
+    def take_all(self) -> bytes:
+        """Everything buffered, as one bytes object (for `complete` bodies)."""
+        if self._on_first_read is not None:
+            self._on_first_read = None
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        self.bytes_read += len(data)
+        return data
+
+    async def read(self) -> bytes:
+        """The next chunk, or b"" at the end.
+
+        Raises:
+            Whatever the producer passed to `fail` (a ProxyError), once the buffer is empty.
+        """
+        if self._on_first_read is not None:
+            callback, self._on_first_read = self._on_first_read, None
+            callback()
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self._eof:
+                return b""
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        data = self._chunks.popleft()
+        self._buffered -= len(data)
+        self.bytes_read += len(data)
+        if self._paused and self._buffered <= BODY_LOW_WATER_BYTES and self._on_resume:
+            self._paused = False
+            self._on_resume()
+        return data
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while data := await self.read():
+            yield data
+
+    def discard(self) -> None:
+        """The consumer will read no more: drop what is buffered and what comes."""
+        self._done = True
+        self._chunks.clear()
+        self._buffered = 0
+        if self._paused and self._on_resume:
+            self._paused = False
+            self._on_resume()
+        if not self._eof and self._error is None and self.on_abandon is not None:
+            callback, self.on_abandon = self.on_abandon, None
+            callback()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class Request:
+    """One request, as every front end produces it.
+
+    `target` is the raw request target, forwarded byte for byte unless a rewrite changes
+    it; `path` and `query` are its halves as text, used for routing.
+    """
+
+    __slots__ = (
+        "_url",
+        "body",
+        "client",
+        "headers",
+        "host",
+        "http_version",
+        "keep_alive",
+        "method",
+        "params",
+        "path",
+        "query",
+        "request_id",
+        "route_name",
+        "scheme",
+        "target",
+    )
+
+    def __init__(
+        self,
+        method: str,
+        target: bytes,
+        headers: CIMultiDict[str],
+        body: Body,
+        *,
+        http_version: str = "1.1",
+        client: tuple[str, int] = ("", 0),
+        scheme: str = "http",
+        keep_alive: bool = True,
+    ) -> None:
+        self.method = method
+        self.target = target
+        raw_path, _, raw_query = target.partition(b"?")
+        self.path = raw_path.decode("latin-1")
+        self.query = raw_query.decode("latin-1")
+        self.headers = headers
+        self.body = body
+        self.http_version = http_version
+        self.client = client
+        self.scheme = scheme
+        self.keep_alive = keep_alive
+        self.host = headers.get("host", "")
+        self.params: dict[str, str] = {}
+        self.request_id = ""
+        self.route_name = ""
+        self._url: URL | None = None
+
+    @property
+    def url(self) -> URL:
+        """The target parsed as a yarl.URL (built on first use: most requests never ask)."""
+        if self._url is None:
+            from yarl import URL
+
+            self._url = URL.build(
+                scheme=self.scheme,
+                authority=self.host or "localhost",
+                path=self.path,
+                query_string=self.query,
+                encoded=True,
+            )
+        return self._url
+
+    def __repr__(self) -> str:
+        return f"<Request {self.method} {self.target!r} HTTP/{self.http_version}>"
+
+
+class Response:
+    """One response, as forwarding or a local reply produces it."""
+
+    __slots__ = ("body", "headers", "reason", "status")
+
+    def __init__(
+        self,
+        status: int,
+        headers: CIMultiDict[str] | None = None,
+        body: Body | None = None,
+        reason: str = "",
+    ) -> None:
+        self.status = status
+        self.headers: CIMultiDict[str] = headers if headers is not None else CIMultiDict()
+        self.body = body if body is not None else Body.from_bytes(b"")
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status}>"

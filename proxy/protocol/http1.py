@@ -1,0 +1,320 @@
+"""HTTP/1.1 front end: client bytes -> `Request`s; `Response`s -> client bytes.
+
+Requests on one connection are answered in order (pipelining, RFC 9112 section 9.3.2): heads
+are queued as they parse and one task serves the queue, so a keep-alive connection costs no
+task while it waits. Request bodies stream into a `Body` whose buffer pauses the socket;
+response bodies stream out with `drain()` between chunks. Nothing the client sends escapes
+from here as an exception: it becomes a local reply (400/408/413/431) and a close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+
+from multidict import CIMultiDict
+
+from proxy.connection import ClientConnection, ConnectionPhase
+from proxy.errors import BadRequest, BodyTooLarge, HeadTooLarge, ProxyError, RequestTimeout
+from proxy.local_reply import local_reply
+from proxy.models import Body, Request, Response
+from proxy.protocol.h1codec import H1Error, Headers, MessageHead, make_request_parser
+from proxy.protocol.h1serialize import (
+    UnsafeHeader,
+    chunk,
+    last_chunk,
+    reason_phrase,
+    response_head,
+)
+
+log = logging.getLogger(__name__)
+
+# Beyond this many parsed-but-unanswered requests we stop reading: a client cannot make
+# us queue without bound by pipelining.
+MAX_PIPELINED_REQUESTS = 16
+CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class Http1Protocol:
+    """One HTTP/1.1 client connection's protocol state (an `H1Sink` for the parser)."""
+
+    __slots__ = (
+        "_broken",
+        "_closing",
+        "_conn",
+        "_parser",
+        "_queue",
+        "_receiving",
+        "_server",
+        "_task",
+    )
+
+    def __init__(self, conn: ClientConnection) -> None:
+        self._conn = conn
+        self._server = conn.server
+        self._parser = make_request_parser(
+            conn.server.codec, self, conn.server.limits.max_head_bytes
+        )
+        self._queue: deque[Request | ProxyError] = deque()
+        self._receiving: Body | None = None  # the body the parser is filling
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False  # answer what is queued, then close
+        self._broken = False  # the byte stream is unusable: parse nothing more
+
+    def __repr__(self) -> str:
+        busy = "BUSY" if self._task is not None else "IDLE"
+        return f"<Http1Protocol {busy} queued={len(self._queue)} closing={self._closing}>"
+
+    # -- input ----------------------------------------------------------------------
+    def feed(self, data: bytes) -> None:
+        """Parse client bytes; errors become queued local replies."""
+        if self._broken:
+            return
+        try:
+            rest = self._parser.feed(data)
+        except H1Error as exc:
+            self._fail_input(HeadTooLarge() if exc.too_large else BadRequest(str(exc)))
+            return
+        except ProxyError as exc:
+            self._fail_input(exc)
+            return
+        if rest is not None:
+            # Upgrade / CONNECT: the bytes after the head belong to a tunnel, which this
+            # front end does not open (yet): answer the head, then close.
+            self._broken = True
+            self._closing = True
+            self._conn.pause_reading()
+
+    def _fail_input(self, error: ProxyError) -> None:
+        self._broken = True
+        self._closing = True
+        self._conn.pause_reading()
+        body = self._receiving
+        if body is not None:
+            # The request being served learns of it when it reads its body.
+            self._receiving = None
+            body.fail(error)
+            return
+        self._queue.append(error)
+        self._serve_soon()
+
+    def on_head(self, head: MessageHead) -> None:
+        """Parser callback: a request head is complete."""
+        conn = self._conn
+        headers: CIMultiDict[str] = CIMultiDict(
+            [(n.decode("latin-1"), v.decode("latin-1")) for n, v in head.headers]
+        )
+        method = head.method.decode("ascii")
+        if method == "CONNECT":
+            raise BadRequest("CONNECT is not supported by a reverse proxy")
+        if not head.chunked and not head.content_length:
+            body = Body.from_bytes(b"")
+        else:
+            limit = conn.limits.max_body_size
+            if limit is not None and (head.content_length or 0) > limit:
+                raise BodyTooLarge()
+            expect = headers.get("expect", "").lower() == "100-continue"
+            body = Body(
+                head.content_length,
+                on_pause=conn.pause_reading,
+                on_resume=conn.resume_reading,
+                on_first_read=self._send_continue if expect else None,
+            )
+            body.limit = limit
+            self._receiving = body
+            conn.set_phase(ConnectionPhase.BODY)
+        request = Request(
+            method,
+            head.target,
+            headers,
+            body,
+            http_version=head.version,
+            client=conn.client,
+            keep_alive=head.keep_alive,
+        )
+        if head.upgrade:
+            request.keep_alive = False
+        self._queue.append(request)
+        if len(self._queue) >= MAX_PIPELINED_REQUESTS:
+            conn.pause_reading()
+        self._serve_soon()
+
+    def on_body(self, data: bytes) -> None:
+        """Parser callback: a piece of the current request's body."""
+        body = self._receiving
+        if body is not None:
+            body.feed(data)
+
+    def on_end(self, trailers: Headers | None) -> None:
+        """Parser callback: the current request is complete."""
+        body = self._receiving
+        if body is not None:
+            self._receiving = None
+            body.feed_eof(
+                [(n.decode("latin-1"), v.decode("latin-1")) for n, v in trailers]
+                if trailers
+                else None
+            )
+            if self._conn.phase is ConnectionPhase.BODY:
+                self._conn.set_phase(ConnectionPhase.BUSY)
+
+    def on_eof(self) -> None:
+        """The client half-closed: answer what is queued, then close."""
+        self._closing = True
+        body = self._receiving
+        if body is not None:
+            self._receiving = None
+            body.fail(BadRequest("client closed before the body was complete"))
+        if self._task is None and not self._queue:
+            self._conn.close()
+
+    def on_close(self) -> None:
+        """The socket is gone: stop serving."""
+        self._broken = True
+        body = self._receiving
+        if body is not None:
+            self._receiving = None
+            body.fail(BadRequest("client went away"))
+        task = self._task
+        if task is not None:
+            task.cancel()
+
+    def on_timeout(self, phase: ConnectionPhase) -> None:
+        """The connection's deadline passed in `phase`."""
+        if phase is ConnectionPhase.IDLE:
+            self._conn.close()
+        elif phase is ConnectionPhase.BODY:
+            self._conn.set_phase(ConnectionPhase.BUSY)
+            self._fail_input(RequestTimeout("client too slow sending the body"))
+        elif phase is ConnectionPhase.HEAD:
+            self._conn.set_phase(ConnectionPhase.BUSY)
+            if self._task is None and not self._queue:
+                self._fail_input(RequestTimeout("client too slow sending the request head"))
+            else:
+                self._conn.close()
+
+    def on_drain_request(self) -> None:
+        """Shutdown: close now if idle, else after the response in flight."""
+        self._closing = True
+        if self._task is None and not self._queue and self._receiving is None:
+            self._conn.close()
+
+    # -- serving --------------------------------------------------------------------
+    def _serve_soon(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._serve())
+
+    async def _serve(self) -> None:
+        conn = self._conn
+        queue = self._queue
+        try:
+            while queue and not conn.closed:
+                item = queue.popleft()
+                if len(queue) == MAX_PIPELINED_REQUESTS - 1 and not self._broken:
+                    conn.resume_reading()
+                if isinstance(item, ProxyError):
+                    await self._write(None, local_reply(item, None), keep_alive=False)
+                    conn.close()
+                    return
+                if conn.phase is not ConnectionPhase.BODY:
+                    conn.set_phase(ConnectionPhase.BUSY)
+                response = await self._server.handle(item)
+                keep_alive = (
+                    item.keep_alive
+                    and not self._closing
+                    and not self._server.draining
+                    # A body the exchange did not read to its end would be parsed as the
+                    # next request: only a complete one lets the connection live on.
+                    and item.body.complete
+                )
+                if not await self._write(item, response, keep_alive=keep_alive):
+                    conn.abort()
+                    return
+                if not keep_alive:
+                    conn.close()
+                    return
+        except asyncio.CancelledError:
+            return  # the client went away
+        except Exception:
+            log.exception("bug in the HTTP/1.1 front end")
+            conn.abort()
+            return
+        finally:
+            self._task = None
+        if self._closing and not queue and self._receiving is None:
+            conn.close()
+        elif conn.phase is ConnectionPhase.BUSY:
+            conn.set_phase(ConnectionPhase.IDLE)
+
+    def _send_continue(self) -> None:
+        # RFC 9110 section 10.1.1: the client waits for this before sending the body; we
+        # send it when the exchange first reads the body, so a request refused before
+        # that (404, 401, 413) never makes the client upload.
+        self._conn.write(CONTINUE_100)
+
+    async def _write(
+        self, request: Request | None, response: Response, *, keep_alive: bool
+    ) -> bool:
+        """Serialize `response`; False when it broke off midway (the caller aborts)."""
+        conn = self._conn
+        status = response.status
+        body = response.body
+        head_only = (request is not None and request.method == "HEAD") or status in (204, 304)
+        headers = list(response.headers.items())
+        http10 = request is not None and request.http_version == "1.0"
+        chunked = False
+        if body.complete:
+            data = body.take_all()
+            if head_only:
+                if body.length is not None and status not in (204, 304):
+                    headers.append(("Content-Length", str(body.length)))
+                data = b""
+            else:
+                headers.append(("Content-Length", str(len(data))))
+        else:
+            data = b""
+            if head_only:
+                body.discard()
+            elif body.length is not None:
+                headers.append(("Content-Length", str(body.length)))
+            elif http10:
+                keep_alive = False  # close-delimited: the only framing HTTP/1.0 knows
+            else:
+                chunked = True
+                headers.append(("Transfer-Encoding", "chunked"))
+        if not keep_alive:
+            headers.append(("Connection", "close"))
+        elif http10:
+            headers.append(("Connection", "keep-alive"))
+        try:
+            head = _response_head(status, response.reason, headers)
+        except UnsafeHeader:
+            log.exception("refusing to send an unsafe response header")
+            body.discard()
+            head = _response_head(500, "", [("Content-Length", "0"), ("Connection", "close")])
+            conn.write(head)
+            return False
+        if head_only or body.complete or data:
+            conn.write(head + data)
+            return True
+        conn.write(head)
+        try:
+            while True:
+                data = await body.read()
+                if not data:
+                    break
+                conn.write(chunk(data) if chunked else data)
+                if conn.write_paused:
+                    await conn.drain()
+            if chunked:
+                conn.write(last_chunk(body.trailers))
+        except (ProxyError, ConnectionError, UnsafeHeader) as exc:
+            log.debug("response body broke off: %r", exc)
+            body.discard()
+            return False
+        return True
+
+
+def _response_head(status: int, reason: str, headers: list[tuple[str, str]]) -> bytes:
+    return response_head(status, reason or reason_phrase(status), headers)

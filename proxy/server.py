@@ -1,0 +1,128 @@
+"""One worker's server: listeners, the timeout sweeper, graceful drain.
+
+The process side (forking workers, restarting them, signals to the parent) lives in
+`proxy/supervisor.py`; this module is what runs inside each worker, and what tests start
+in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+from proxy.config import Config
+from proxy.connection import ClientConnection
+from proxy.protocol.h1codec import resolve_codec
+from proxy.protocol.http1 import Http1Protocol
+from proxy.stream import Runtime
+
+log = logging.getLogger(__name__)
+
+# The sweeper ticks at a quarter of the shortest timeout, within these bounds: timeouts
+# are enforced to within ~25% without a timer per request.
+MIN_SWEEP_INTERVAL_S = 0.01
+MAX_SWEEP_INTERVAL_S = 1.0
+LISTEN_BACKLOG = 1024
+
+
+class Server:
+    """Serves one Config on its listeners (one worker's share of the traffic)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.codec = resolve_codec(config.http1_parser)
+        self.limits = config.limits
+        self.runtime = Runtime(config, self.codec)
+        self.handle = self.runtime.handle
+        self.connections: set[ClientConnection] = set()
+        self.draining = False
+        self.addresses: list[tuple[str, int]] = []
+        self._servers: list[asyncio.Server] = []
+        self._sweeper: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+
+    def __repr__(self) -> str:
+        state = "DRAINING" if self.draining else "SERVING"
+        return f"<Server {state} listeners={self.addresses} connections={len(self.connections)}>"
+
+    async def start(self, *, reuse_port: bool = False) -> None:
+        """Bind every listener and start the sweeper.
+
+        Raises:
+            OSError: a listener could not bind (address in use, permission).
+        """
+        loop = asyncio.get_running_loop()
+        for listener in self.config.listeners:
+            server = await loop.create_server(
+                lambda listener=listener: ClientConnection(self, listener, Http1Protocol),  # type: ignore[misc]
+                listener.host,
+                listener.port,
+                reuse_address=True,
+                reuse_port=reuse_port or None,
+                backlog=LISTEN_BACKLOG,
+            )
+            self._servers.append(server)
+            host, port = server.sockets[0].getsockname()[:2]
+            self.addresses.append((host, port))
+            log.info(
+                "listening on http://%s:%d (%s, %s codec)", host, port, listener.name, self.codec
+            )
+        self._sweeper = loop.create_task(self._sweep_forever())
+
+    def _sweep_interval(self) -> float:
+        limits = self.limits
+        timeouts = [limits.header_timeout, limits.body_timeout, limits.keepalive_timeout]
+        for upstream in self.config.upstreams.values():
+            timeouts.append(upstream.timeouts.read)
+            timeouts.append(upstream.pool.idle_timeout)
+        return min(MAX_SWEEP_INTERVAL_S, max(MIN_SWEEP_INTERVAL_S, min(timeouts) / 4))
+
+    async def _sweep_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self._sweep_interval()
+        while True:
+            await asyncio.sleep(interval)
+            now = loop.time()
+            for conn in list(self.connections):
+                conn.expire(now)
+            self.runtime.expire(now)
+
+    async def shutdown(self, grace_period: float | None = None) -> None:
+        """Stop accepting, let in-flight exchanges finish within the grace period, then
+        close what is left. Idle keep-alive connections close at once; busy ones get
+        `Connection: close` on their last response."""
+        if self.draining:
+            await self._stopped.wait()
+            return
+        self.draining = True
+        grace = self.config.grace_period if grace_period is None else grace_period
+        for server in self._servers:
+            server.close()
+        for conn in list(self.connections):
+            conn.begin_drain()
+        deadline = time.monotonic() + grace
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for conn in list(self.connections):
+            conn.abort()
+        if self.connections:
+            await asyncio.sleep(0)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for server in self._servers:
+            await server.wait_closed()
+        self.runtime.close()
+        self._stopped.set()
+        log.info("stopped")
+
+    async def serve_until_signalled(self) -> None:
+        """Run until SIGTERM or SIGINT, then drain (the worker's main loop)."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        log.info("draining (grace period %.1fs)", self.config.grace_period)
+        await self.shutdown()

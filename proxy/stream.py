@@ -1,0 +1,96 @@
+"""One exchange: route the request, run the route's chain, turn errors into local replies.
+
+`Runtime` is everything built from one Config: the route table, each route's chain and
+the upstreams with their pools. A reload builds a new Runtime and swaps it in; requests
+already running keep the one they started with.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from proxy.config import Config, RouteConfig
+from proxy.errors import BodyTooLarge, InternalError, NoRoute, ProxyError
+from proxy.forward import Forwarder
+from proxy.local_reply import local_reply
+from proxy.models import Request, Response
+from proxy.routing import RouteTable
+from proxy.upstream.balancer import Upstream
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class RouteRuntime:
+    """A route's compiled state: its config and the handler its requests run through."""
+
+    __slots__ = ("config", "forwarder", "handler", "name")
+
+    def __init__(self, config: RouteConfig, forwarder: Forwarder) -> None:
+        self.config = config
+        self.name = config.name
+        self.forwarder = forwarder
+        self.handler: Handler = forwarder
+
+
+class Runtime:
+    """Everything one Config compiles to."""
+
+    def __init__(self, config: Config, codec: str) -> None:
+        self.config = config
+        self.table = RouteTable(config.routes)
+        max_head = config.limits.max_head_bytes
+        self.upstreams = {
+            name: Upstream(upstream, codec, max_head) for name, upstream in config.upstreams.items()
+        }
+        self.routes = {
+            route.name: RouteRuntime(
+                route, Forwarder(self.upstreams[route.upstream], route.rewrite)
+            )
+            for route in config.routes
+        }
+
+    async def handle(self, request: Request) -> Response:
+        """Run one exchange. Never raises: failures become local replies."""
+        try:
+            match = self.table.match(
+                request.method, request.host, request.path, request.headers, request.query
+            )
+            if match is None:
+                raise NoRoute(f"no route for {request.method} {request.path}")
+            route = self.routes[match.route.name]
+            request.route_name = route.name
+            request.params = match.params
+            limit = match.route.max_body_size
+            if limit is not None:
+                body = request.body
+                if (body.length or 0) > limit or body.bytes_fed > limit:
+                    raise BodyTooLarge()
+                body.limit = limit if body.limit is None else min(body.limit, limit)
+            return await route.handler(request)
+        except ProxyError as exc:
+            if exc.status >= 500:
+                log.info(
+                    "%s %s -> %d %s: %s",
+                    request.method,
+                    request.path,
+                    exc.status,
+                    exc.reason,
+                    exc.message,
+                )
+            return local_reply(exc, request)
+        except Exception:
+            log.exception("bug while handling %r", request)
+            return local_reply(InternalError(), request)
+
+    def expire(self, now: float) -> None:
+        """Sweeper tick for every upstream pool."""
+        for upstream in self.upstreams.values():
+            upstream.expire(now)
+
+    def close(self) -> None:
+        """Close idle upstream connections."""
+        for upstream in self.upstreams.values():
+            upstream.close()

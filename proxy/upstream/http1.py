@@ -1,0 +1,311 @@
+"""HTTP/1.1 client connection to one upstream endpoint.
+
+One exchange at a time (no pipelining upstream: a failure could not be attributed). The
+response body is a `Body` fed from `data_received`; its buffer pauses this socket when the
+client reads slower than the upstream writes. When a response ends cleanly on a keep-alive
+connection whose request was fully sent, the connection goes back to its pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from typing import TYPE_CHECKING, cast
+
+from multidict import CIMultiDict
+
+from proxy.errors import ProxyError, UpstreamProtocolError, UpstreamReset, UpstreamTimeout
+from proxy.models import Body, Response
+from proxy.protocol.h1codec import H1Error, Headers, MessageHead, make_response_parser
+from proxy.protocol.h1serialize import chunk, last_chunk
+
+if TYPE_CHECKING:
+    from proxy.upstream.pool import UpstreamPool
+
+log = logging.getLogger(__name__)
+
+# Response headers that describe this hop only (RFC 9110 section 7.6.1); framing is
+# re-derived by the front end that writes the response.
+RESPONSE_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "content-length",
+        "upgrade",
+        "trailer",
+    }
+)
+
+
+class StaleConnection(UpstreamReset):
+    """A reused connection failed before any response byte: the keep-alive race.
+
+    The upstream closed an idle connection as we sent on it; the request is retried on
+    a fresh connection when it can be replayed."""
+
+
+class UpstreamConnState(enum.Enum):
+    """Lifecycle of an upstream connection (httpcore's HTTPConnectionState)."""
+
+    CONNECTING = "connecting"
+    IDLE = "idle"
+    ACTIVE = "active"
+    CLOSED = "closed"
+
+
+class Http1UpstreamConnection(asyncio.Protocol):
+    """An HTTP/1.1 connection owned by an `UpstreamPool`."""
+
+    def __init__(self, pool: UpstreamPool, codec: str, max_head_bytes: int) -> None:
+        self.pool = pool
+        self.state = UpstreamConnState.CONNECTING
+        self.requests = 0
+        self.idle_since = 0.0
+        self.deadline = 0.0
+        self.transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
+        self._read_timeout = pool.read_timeout
+        self._parser = make_response_parser(codec, self, max_head_bytes)
+        self._waiter: asyncio.Future[Response] | None = None
+        self._body: Body | None = None
+        self._head_only = False
+        self._received = False  # any byte of the current response
+        self._sender: asyncio.Task[None] | None = None
+        self._request_sent = False
+        self._reading_paused = False
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<Http1UpstreamConnection {self.pool.endpoint.host}:{self.pool.endpoint.port} "
+            f"{self.state.name} requests={self.requests}>"
+        )
+
+    # -- asyncio callbacks -----------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.state = UpstreamConnState.ACTIVE
+
+    def data_received(self, data: bytes) -> None:
+        if self.state is not UpstreamConnState.ACTIVE:
+            # Bytes on an idle connection are a protocol violation: drop the connection.
+            self.close()
+            return
+        self._received = True
+        self.deadline = self._loop.time() + self._read_timeout
+        try:
+            self._parser.feed(data)
+        except H1Error as exc:
+            self._fail(UpstreamProtocolError(f"malformed response: {exc}"))
+            self.close()
+
+    def eof_received(self) -> bool:
+        if self.state is UpstreamConnState.ACTIVE:
+            try:
+                self._parser.feed_eof()
+            except H1Error:
+                self._fail(self._reset_error())
+        self.close()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.state is not UpstreamConnState.CLOSED:
+            self.state = UpstreamConnState.CLOSED
+            self._fail(self._reset_error())
+            self.pool.on_closed(self)
+        sender = self._sender
+        if sender is not None:
+            sender.cancel()
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- the exchange ----------------------------------------------------------------
+    async def exchange(
+        self, method: str, head: bytes, body: Body, body_bytes: bytes | None
+    ) -> Response:
+        """Send one request and wait for the response head.
+
+        `body_bytes` is the whole body when it is already in memory (sent with the head in
+        one write); otherwise `body` streams, framed by its declared length or chunked.
+
+        Raises:
+            StaleConnection: a reused connection died before any response byte.
+            UpstreamReset, UpstreamProtocolError, UpstreamTimeout: as their names say.
+            ProxyError: reading the client's body failed (408, 413, 400).
+        """
+        transport = self.transport
+        assert transport is not None and self.state is UpstreamConnState.ACTIVE
+        self.requests += 1
+        self._received = False
+        self._head_only = method == "HEAD"
+        self._parser.begin(method.encode("ascii"))
+        self.deadline = self._loop.time() + self._read_timeout
+        waiter = self._waiter = self._loop.create_future()
+        if body_bytes is not None:
+            transport.write(head + body_bytes if body_bytes else head)
+            self._request_sent = True
+        else:
+            self._request_sent = False
+            transport.write(head)
+            self._sender = self._loop.create_task(self._send_body(body))
+        try:
+            return await waiter
+        finally:
+            self._waiter = None
+
+    async def _send_body(self, body: Body) -> None:
+        transport = self.transport
+        assert transport is not None
+        chunked = body.length is None
+        try:
+            while True:
+                data = await body.read()
+                if not data:
+                    break
+                transport.write(chunk(data) if chunked else data)
+                if self._write_paused:
+                    # The upstream reads slower than the client sends: wait, and the
+                    # client's body buffer fills and pauses the client in turn.
+                    self._drain_waiter = self._loop.create_future()
+                    await self._drain_waiter
+                    self._drain_waiter = None
+                    if transport.is_closing():
+                        return
+            if chunked:
+                transport.write(last_chunk(body.trailers))
+            self._request_sent = True
+            self.deadline = self._loop.time() + self._read_timeout
+            if (
+                self._parser.reusable
+                and self._body is None
+                and self.state is UpstreamConnState.ACTIVE
+            ):
+                self._release()
+        except ProxyError as exc:
+            # The client's body failed (too slow, too large, malformed): the upstream
+            # got a truncated request, so this connection is done.
+            self._fail(exc)
+            self.close()
+        finally:
+            self._sender = None
+
+    def _reset_error(self) -> ProxyError:
+        if not self._received and self.requests > 1:
+            return StaleConnection("upstream closed a reused connection")
+        return UpstreamReset("upstream closed the connection")
+
+    def _fail(self, error: ProxyError) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+        body = self._body
+        if body is not None:
+            self._body = None
+            body.fail(error)
+
+    # -- parser sink -----------------------------------------------------------------
+    def on_head(self, head: MessageHead) -> None:
+        """Parser callback: the response head."""
+        headers: CIMultiDict[str] = CIMultiDict()
+        for name, value in head.headers:
+            text = name.decode("latin-1")
+            if text.lower() not in RESPONSE_HOP_BY_HOP:
+                headers.add(text, value.decode("latin-1"))
+        length = None if head.chunked else head.content_length
+        body = Body(length, on_pause=self._pause_reading, on_resume=self._resume_reading)
+        body.on_abandon = self._abandon
+        self._body = body
+        response = Response(head.status, headers, body, head.reason.decode("latin-1"))
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(response)
+
+    def on_body(self, data: bytes) -> None:
+        """Parser callback: a piece of the response body."""
+        body = self._body
+        if body is not None:
+            body.feed(data)
+
+    def on_end(self, trailers: Headers | None) -> None:
+        """Parser callback: the response is complete."""
+        body = self._body
+        self._body = None
+        if body is not None:
+            body.feed_eof(
+                [(n.decode("latin-1"), v.decode("latin-1")) for n, v in trailers]
+                if trailers
+                else None
+            )
+        if not self._request_sent:
+            # The upstream answered before taking the whole body (an early 413, say):
+            # what is left of the body would be read as the next request.
+            sender = self._sender
+            if sender is not None:
+                sender.cancel()
+            self.close()
+        elif self._parser.reusable:
+            self._release()
+        else:
+            self.close()
+
+    # -- pool bookkeeping ------------------------------------------------------------
+    def _release(self) -> None:
+        if self._reading_paused:
+            self._resume_reading()
+        self.pool.release(self)
+
+    def _abandon(self) -> None:
+        # The client stopped reading this response: its remaining bytes have nowhere to go.
+        if self.state is UpstreamConnState.ACTIVE:
+            self._body = None
+            self.close()
+
+    def _pause_reading(self) -> None:
+        if self.transport is not None and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self.transport is not None and self._reading_paused:
+            self._reading_paused = False
+            if not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    def timed_out(self, now: float) -> bool:
+        """True when an active exchange waited past its read deadline (not while the
+        client, not the upstream, is the slow side and has paused us)."""
+        return (
+            self.state is UpstreamConnState.ACTIVE
+            and not self._reading_paused
+            and self._sender is None
+            and now >= self.deadline
+        )
+
+    def time_out(self) -> None:
+        """Fail the exchange with 504 and drop the connection."""
+        self._fail(UpstreamTimeout("upstream did not answer in time"))
+        self.close()
+
+    def close(self) -> None:
+        """Drop the connection (never returns to the pool)."""
+        if self.state is not UpstreamConnState.CLOSED:
+            self.state = UpstreamConnState.CLOSED
+            self._fail(self._reset_error())
+            self.pool.on_closed(self)
+        if self.transport is not None:
+            self.transport.close()

@@ -1,0 +1,165 @@
+"""Per-endpoint connection pool: limits, LIFO reuse, idle expiry, a bounded wait queue.
+
+LIFO reuse keeps the most recently used (warmest, least likely closed by the upstream)
+connection in play and lets the rest expire. Idle connections expire below the usual
+upstream keep-alive timeouts, so we close first; the remaining race is handled by the
+caller retrying a `StaleConnection` on a fresh one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+
+from proxy.config import EndpointConfig, PoolConfig, UpstreamTimeouts
+from proxy.errors import PoolTimeout
+from proxy.upstream.http1 import Http1UpstreamConnection, UpstreamConnState
+from proxy.upstream.transport import open_connection
+
+log = logging.getLogger(__name__)
+
+
+class UpstreamPool:
+    """Connections to one endpoint."""
+
+    def __init__(
+        self,
+        endpoint: EndpointConfig,
+        pool: PoolConfig,
+        timeouts: UpstreamTimeouts,
+        codec: str,
+        max_head_bytes: int,
+    ) -> None:
+        self.endpoint = endpoint
+        self.limits = pool
+        self.read_timeout = timeouts.read
+        self._connect_timeout = timeouts.connect
+        self._codec = codec
+        self._max_head_bytes = max_head_bytes
+        self._idle: list[Http1UpstreamConnection] = []  # a stack: LIFO reuse
+        self._connections: set[Http1UpstreamConnection] = set()
+        self._connecting = 0
+        self._waiters: deque[asyncio.Future[Http1UpstreamConnection | None]] = deque()
+        self._loop = asyncio.get_running_loop()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        active = len(self._connections) - len(self._idle)
+        return (
+            f"<UpstreamPool {self.endpoint.host}:{self.endpoint.port} active={active} "
+            f"idle={len(self._idle)} connecting={self._connecting} waiting={len(self._waiters)}>"
+        )
+
+    @property
+    def size(self) -> int:
+        """Open and opening connections."""
+        return len(self._connections) + self._connecting
+
+    async def acquire(self, *, fresh: bool = False) -> Http1UpstreamConnection:
+        """A connection ready for one exchange: idle (newest first) or new.
+
+        Raises:
+            PoolTimeout: `max_connections` are busy for longer than `wait_timeout`.
+            UpstreamConnectError, UpstreamConnectTimeout: opening a new one failed.
+        """
+        if not fresh:
+            conn = self._take_idle()
+            if conn is not None:
+                return conn
+        while self.size >= self.limits.max_connections:
+            if fresh and self._idle:
+                self._idle.pop(0).close()  # make room for the retry's fresh connection
+                continue
+            waiter: asyncio.Future[Http1UpstreamConnection | None] = self._loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                async with asyncio.timeout(self.limits.wait_timeout):
+                    handed = await waiter
+            except TimeoutError:
+                raise PoolTimeout(
+                    f"no connection to {self.endpoint.host}:{self.endpoint.port} became free"
+                ) from None
+            finally:
+                if not waiter.done():
+                    waiter.cancel()
+            if handed is not None:
+                return handed
+        return await self._connect()
+
+    def _take_idle(self) -> Http1UpstreamConnection | None:
+        idle = self._idle
+        if not idle:
+            return None
+        expiry = self._loop.time() - self.limits.idle_timeout
+        while idle:
+            conn = idle.pop()
+            if conn.state is UpstreamConnState.IDLE and conn.idle_since > expiry:
+                conn.state = UpstreamConnState.ACTIVE
+                return conn
+            conn.close()
+        return None
+
+    async def _connect(self) -> Http1UpstreamConnection:
+        endpoint = self.endpoint
+        self._connecting += 1
+        try:
+            conn = await open_connection(
+                lambda: Http1UpstreamConnection(self, self._codec, self._max_head_bytes),
+                endpoint.host,
+                endpoint.port,
+                self._connect_timeout,
+            )
+        except BaseException:
+            self._connecting -= 1
+            self._wake_one(None)
+            raise
+        self._connecting -= 1
+        self._connections.add(conn)
+        return conn
+
+    def release(self, conn: Http1UpstreamConnection) -> None:
+        """An exchange ended cleanly on a reusable connection."""
+        if self._closed:
+            conn.close()
+            return
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                conn.state = UpstreamConnState.ACTIVE
+                waiter.set_result(conn)
+                return
+        conn.state = UpstreamConnState.IDLE
+        conn.idle_since = self._loop.time()
+        self._idle.append(conn)
+        if len(self._idle) > self.limits.max_idle:
+            self._idle.pop(0).close()  # the oldest: least likely to be wanted again
+
+    def on_closed(self, conn: Http1UpstreamConnection) -> None:
+        """A connection closed (either side): forget it and let a waiter open another."""
+        self._connections.discard(conn)
+        if conn in self._idle:
+            self._idle.remove(conn)
+        self._wake_one(None)
+
+    def _wake_one(self, conn: Http1UpstreamConnection | None) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return
+
+    def expire(self, now: float) -> None:
+        """Sweeper tick: close idle connections past their expiry, time out silent ones."""
+        expiry = now - self.limits.idle_timeout
+        while self._idle and self._idle[0].idle_since <= expiry:
+            self._idle.pop(0).close()
+        for conn in [c for c in self._connections if c.timed_out(now)]:
+            conn.time_out()
+
+    def close(self) -> None:
+        """Close every idle connection now; active ones close when their exchange ends."""
+        self._closed = True
+        for conn in list(self._idle):
+            conn.close()
+        self._idle.clear()

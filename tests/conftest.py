@@ -1,0 +1,111 @@
+"""Shared fixtures: real upstream servers, in-process gateways, both loops, both codecs."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+import uvloop
+
+from proxy.config import parse_config
+from proxy.server import Server
+from tests.upstream import UpstreamServer
+
+GatewayFactory = Callable[..., Awaitable[Server]]
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Socket tests run on both the default loop and uvloop (aiohttp's loop fixture)."""
+    if item.get_closest_marker("socket") is not None:
+        return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
+
+
+@pytest.fixture(params=["httptools", "h11"])
+def codec(request: pytest.FixtureRequest) -> str:
+    """Each HTTP/1.1 test runs against both codecs."""
+    return str(request.param)
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[UpstreamServer]:
+    """A real HTTP/1.1 upstream on 127.0.0.1 (see tests/upstream.py)."""
+    server = await UpstreamServer().start()
+    yield server
+    await server.stop()
+
+
+def simple_config(upstream_url: str, codec: str, *, extra: str = "", route: str = "") -> str:
+    """A one-upstream routes.yaml; `route` adds keys to the catch-all route, `extra`
+    adds top-level sections."""
+    return f"""
+listeners:
+  - bind: 127.0.0.1:0
+http1_parser: {codec}
+upstreams:
+  app:
+    endpoints: [{upstream_url}]
+routes:
+  - name: all
+    match: {{path_prefix: /}}
+    upstream: app
+{route}
+{extra}
+"""
+
+
+@pytest.fixture
+async def gateway_factory() -> AsyncIterator[GatewayFactory]:
+    """Start gateways in-process from YAML text; all are drained at teardown."""
+    servers: list[Server] = []
+
+    async def start(yaml_text: str) -> Server:
+        server = Server(parse_config(yaml_text))
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.shutdown(grace_period=1.0)
+
+
+@pytest.fixture
+async def gateway(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+) -> Server:
+    """A gateway with one catch-all route to `upstream`."""
+    return await gateway_factory(simple_config(upstream.url, codec))
+
+
+def base_url(server: Server) -> str:
+    """http://127.0.0.1:PORT of the server's first listener."""
+    host, port = server.addresses[0]
+    return f"http://{host}:{port}"
+
+
+async def raw_request(
+    server: Server, data: bytes, *, timeout: float = 3.0, half_close: bool = False
+) -> bytes:
+    """Send raw bytes and read until the gateway closes (or `timeout`)."""
+    host, port = server.addresses[0]
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(data)
+    await writer.drain()
+    if half_close:
+        writer.write_eof()
+    received = bytearray()
+    try:
+        async with asyncio.timeout(timeout):
+            while chunk := await reader.read(65536):
+                received += chunk
+    except TimeoutError:
+        pass
+    except ConnectionResetError:
+        pass
+    finally:
+        writer.close()
+    return bytes(received)

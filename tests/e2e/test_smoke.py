@@ -1,0 +1,17 @@
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from proxy.server import Server
+from tests.conftest import base_url
+from tests.upstream import UpstreamServer
+
+pytestmark = pytest.mark.socket
+
+
+async def test_get_is_proxied(gateway: Server, upstream: UpstreamServer) -> None:
+    async with httpx.AsyncClient() as client:
+        response = await client.get(base_url(gateway) + "/echo?x=1")
+    assert response.status_code == 200
+    assert response.json()["target"] == "/echo?x=1"

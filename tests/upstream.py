@@ -1,0 +1,208 @@
+"""A real HTTP/1.1 upstream server for tests (asyncio streams + h11), on 127.0.0.1:0.
+
+Paths:
+  /echo...          200, JSON of what arrived: method, target, headers, body (text)
+  /bytes/N          N bytes with Content-Length
+  /chunked/N/C      N chunks of C bytes, chunked encoding
+  /download/N       N bytes streamed in 64 KiB writes with Content-Length (drains)
+  /sink             reads the body without keeping it; answers its size and sha256
+  /status/CODE      that status, small body
+  /slow/MS          answers after MS milliseconds
+  /slowbody/MS      head at once, body after MS milliseconds
+  /close            answers with Connection: close and no Content-Length (read to EOF)
+  /drop             closes the connection without answering
+  /garbage          answers bytes that are not HTTP
+Every request is recorded in `requests` (method, target, headers, body size).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import h11
+
+CHUNK = 64 * 1024
+
+
+@dataclass
+class Recorded:
+    """One request as the upstream received it."""
+
+    method: str
+    target: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    body_size: int
+
+    def header(self, name: str) -> str | None:
+        """The first value of header `name` (case-insensitive), or None."""
+        for key, value in self.headers:
+            if key.lower() == name.lower():
+                return value
+        return None
+
+
+@dataclass
+class UpstreamServer:
+    """Start with `await server.start()`; `server.port` is then bound."""
+
+    requests: list[Recorded] = field(default_factory=list)
+    connections: int = 0
+    port: int = 0
+    keep_alive: bool = True
+    _server: asyncio.Server | None = None
+    _writers: set[asyncio.StreamWriter] = field(default_factory=set)
+
+    async def start(self, port: int = 0) -> UpstreamServer:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def stop(self) -> None:
+        """Stop listening and close every open connection."""
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+        self._server = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self._writers.add(writer)
+        conn = h11.Connection(h11.SERVER)
+        try:
+            while True:
+                request, body, size = await self._read_request(conn, reader)
+                if request is None:
+                    return
+                target = request.target.decode()
+                headers = [(k.decode(), v.decode()) for k, v in request.headers.raw_items()]
+                self.requests.append(
+                    Recorded(request.method.decode(), target, headers, body, size)
+                )
+                keep = await self._respond(conn, writer, request, target, headers, body, size)
+                if not keep or conn.our_state is not h11.DONE or not self.keep_alive:
+                    return
+                conn.start_next_cycle()
+        except (ConnectionError, h11.ProtocolError, asyncio.IncompleteReadError):
+            return
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+    async def _read_request(
+        self, conn: h11.Connection, reader: asyncio.StreamReader
+    ) -> tuple[h11.Request | None, bytes, int]:
+        request = None
+        parts: list[bytes] = []
+        size = 0
+        sha = hashlib.sha256()
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await reader.read(CHUNK)
+                conn.receive_data(data)
+                if not data and request is None:
+                    return None, b"", 0
+                continue
+            if isinstance(event, h11.Request):
+                request = event
+                sink = event.target == b"/sink"
+            elif isinstance(event, h11.Data):
+                size += len(event.data)
+                if sink:
+                    sha.update(event.data)
+                elif size <= 1024 * 1024:
+                    parts.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                body = sha.hexdigest().encode() if sink else b"".join(parts)
+                return request, body, size
+            else:
+                return None, b"", 0
+
+    async def _respond(
+        self,
+        conn: h11.Connection,
+        writer: asyncio.StreamWriter,
+        request: h11.Request,
+        target: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        size: int,
+    ) -> bool:
+        async def send(status: int, data: bytes, extra: list[tuple[str, str]] | None = None) -> None:
+            hdrs = [("Content-Length", str(len(data)))] + (extra or [])
+            writer.write(conn.send(h11.Response(status_code=status, headers=hdrs)))
+            writer.write(conn.send(h11.Data(data=data)) if data else b"")
+            writer.write(conn.send(h11.EndOfMessage()))
+            await writer.drain()
+
+        path = target.split("?")[0]
+        parts = path.strip("/").split("/")
+        if parts[0] == "bytes":
+            await send(200, b"x" * int(parts[1]))
+        elif parts[0] == "chunked":
+            count, size_each = int(parts[1]), int(parts[2])
+            writer.write(conn.send(h11.Response(status_code=200, headers=[("Transfer-Encoding", "chunked")])))
+            for _ in range(count):
+                writer.write(conn.send(h11.Data(data=b"y" * size_each)))
+                await writer.drain()
+            writer.write(conn.send(h11.EndOfMessage(headers=[("X-Trailer", "done")])))
+            await writer.drain()
+        elif parts[0] == "download":
+            total = int(parts[1])
+            writer.write(conn.send(h11.Response(status_code=200, headers=[("Content-Length", str(total))])))
+            block = b"z" * CHUNK
+            sent = 0
+            while sent < total:
+                piece = block[: min(CHUNK, total - sent)]
+                writer.write(conn.send(h11.Data(data=piece)))
+                sent += len(piece)
+                await writer.drain()
+            writer.write(conn.send(h11.EndOfMessage()))
+            await writer.drain()
+        elif parts[0] == "sink":
+            await send(200, json.dumps({"size": size, "sha256": body.decode()}).encode())
+        elif parts[0] == "status":
+            await send(int(parts[1]), f"status {parts[1]}".encode())
+        elif parts[0] == "slow":
+            await asyncio.sleep(int(parts[1]) / 1000)
+            await send(200, b"slow")
+        elif parts[0] == "slowbody":
+            writer.write(conn.send(h11.Response(status_code=200, headers=[("Content-Length", "4")])))
+            await writer.drain()
+            await asyncio.sleep(int(parts[1]) / 1000)
+            writer.write(conn.send(h11.Data(data=b"late")))
+            writer.write(conn.send(h11.EndOfMessage()))
+            await writer.drain()
+        elif parts[0] == "close":
+            writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil-close")
+            await writer.drain()
+            return False
+        elif parts[0] == "drop":
+            return False
+        elif parts[0] == "garbage":
+            writer.write(b"this is not http\r\n\r\n")
+            await writer.drain()
+            return False
+        else:
+            payload = {
+                "method": request.method.decode(),
+                "target": target,
+                "headers": headers,
+                "body": body.decode("latin-1"),
+                "body_size": size,
+            }
+            await send(200, json.dumps(payload).encode(), [("Content-Type", "application/json")])
+        return True
