@@ -24,6 +24,7 @@ from proxy.config_values import (
     join_path,
     parse_bind,
     parse_endpoint_url,
+    parse_host_pattern,
 )
 
 DEFAULT_CONNECT_TIMEOUT_S = 2.0
@@ -189,7 +190,6 @@ _HTTP1_PARSERS = ("auto", "httptools", "h11")
 _BALANCERS = ("round_robin",)
 _PATH_KEYS = ("path", "path_prefix", "path_regex")
 _TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 5.6.2: methods, field names
-_HOST_PATTERN_RE = re.compile(r"(\*\.)?[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?")
 _REWRITE_HOST_RE = re.compile(r"[^\s/?#@]+")
 
 _M = TypeVar("_M", HeaderMatch, QueryMatch)
@@ -232,9 +232,9 @@ def parse_config(
     """Validate a routes.yaml document and return it as a frozen Config.
 
     `${VAR}` and `${VAR:-default}` are substituted in every scalar value (not in keys) from
-    `env` (default os.environ); `$${` is a literal `${`. An unquoted value that was only a
-    reference is then typed like any YAML scalar, so `workers: ${WORKERS:-2}` is an int.
-    YAML anchors, aliases and `<<` merge keys work as usual.
+    `env` (default os.environ); `$${` is a literal `${`. A value that held a reference is
+    then typed like a plain YAML scalar where a number or boolean is expected, so
+    `workers: "${WORKERS:-2}"` is an int. YAML anchors, aliases and `<<` merges work.
 
     Raises:
         ConfigError: with every problem found, each naming `source`, the line and the key
@@ -297,12 +297,16 @@ class _ConfigLoader(NodeReader):
         self._binds: dict[tuple[str, int], str] = {}
 
     def config(self, root: Node | None) -> Config | None:
+        """The Config of the document `root`; check `errors` before using it."""
         if root is None:
             self.error(None, "", "empty config (expected listeners, upstreams and routes)")
             return None
-        if self.value(root, "") is not root or not isinstance(root, MappingNode):
-            found = describe(root, self.value(root, ""))
-            self.error(root, "", f"the top level must be a mapping (listeners, ...), not {found}")
+        if not isinstance(root, MappingNode):
+            with suppress(Reported):  # describing `${X}` can itself be an error
+                found = describe(root, self.value(root, ""))
+                self.error(
+                    root, "", f"the top level must be a mapping (listeners, ...), not {found}"
+                )
             return None
         top = self.mapping(root, "", _TOP_KEYS, ("listeners", "upstreams", "routes"))
         no_routes: tuple[RouteConfig, ...] = ()
@@ -331,11 +335,11 @@ class _ConfigLoader(NodeReader):
         fields = self.mapping(node, path, ("grace_period",))
         return fields.get("grace_period", self.duration, DEFAULT_GRACE_PERIOD_S)
 
-    def _items(self, node: Node, path: str, what: str) -> list[tuple[Node, str]]:
+    def _items(self, node: Node, path: str, if_empty: str) -> list[tuple[Node, str]]:
         """(node, path) of each item of a list that must not be empty."""
         items = self.sequence(node, path)
         if not items:
-            raise self.error(node, path, f"at least one {what} is required")
+            raise self.error(node, path, if_empty)
         return [(item, f"{path}[{index}]") for index, item in enumerate(items)]
 
     def _name(self, node: Node, path: str) -> str:
@@ -349,7 +353,7 @@ class _ConfigLoader(NodeReader):
     def _listeners(self, node: Node, path: str) -> tuple[ListenerConfig, ...]:
         listeners: list[ListenerConfig] = []
         names: dict[str, str] = {}
-        for item, item_path in self._items(node, path, "listener"):
+        for item, item_path in self._items(node, path, "at least one listener is required"):
             with suppress(Reported):
                 fields = self.mapping(item, item_path, ("bind", "name"), ("bind",))
                 host, port = fields.get("bind", self._bind, ("", 0))
@@ -395,7 +399,7 @@ class _ConfigLoader(NodeReader):
 
     def _endpoints(self, node: Node, path: str) -> tuple[EndpointConfig, ...]:
         endpoints: dict[str, tuple[EndpointConfig, str]] = {}
-        for item, item_path in self._items(node, path, "endpoint"):
+        for item, item_path in self._items(node, path, "at least one endpoint is required"):
             with suppress(Reported):
                 endpoint = self._endpoint(item, item_path)
                 if endpoint.url in endpoints:
@@ -501,12 +505,8 @@ class _ConfigLoader(NodeReader):
             query=fields.get("query", self._query, ()),
         )
 
-    def _host_pattern(self, node: Node, path: str) -> str:
-        host = self.string(node, path).lower()
-        if not _HOST_PATTERN_RE.fullmatch(host):
-            expected = "a name like 'api.example.com' or a wildcard like '*.example.com'"
-            raise self.error(node, path, f"invalid host {host!r} (expected {expected})")
-        return host
+    def _host_pattern(self, node: Node, path: str) -> str | None:
+        return self.convert(node, path, parse_host_pattern, "a host like 'api.example.com'")
 
     def _path(self, node: Node, path: str) -> str:
         value = self.string(node, path)
@@ -516,7 +516,9 @@ class _ConfigLoader(NodeReader):
 
     def _methods(self, node: Node, path: str) -> tuple[str, ...]:
         methods: dict[str, None] = {}  # ordered set: duplicates are harmless
-        for item, item_path in self._items(node, path, "method (or leave out methods)"):
+        for item, item_path in self._items(
+            node, path, "must not be empty (leave it out for any method)"
+        ):
             with suppress(Reported):
                 method = self.string(item, item_path).upper()
                 if not _TOKEN_RE.fullmatch(method):
@@ -553,7 +555,10 @@ class _ConfigLoader(NodeReader):
         """(value, regex) of a header or query match: a scalar is an exact value."""
         if self.value(node, path) is not node:
             return self.text(node, path), None
+        errors_before = len(self._errors)
         fields = self.mapping(node, path, ("value", "regex", "present"))
+        if not fields.nodes and len(self._errors) > errors_before:
+            raise Reported  # only unknown keys, already reported
         if len(fields.nodes) != 1:
             raise self.error(node, path, "expected exactly one of value, regex, present: true")
         if not fields.get("present", self.boolean, True):

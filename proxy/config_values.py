@@ -55,6 +55,7 @@ _ENV_RE = re.compile(r"\$\$\{|\$\{([^}]*)\}|\$\{")
 _ENV_BODY_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?", re.DOTALL)
 
 _HOSTNAME_RE = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?")
+_HOST_PATTERN_RE = re.compile(r"(\*\.)?[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?")
 _BIND_FORMS = "expected 'host:port', '[ipv6]:port' or ':port'"
 
 
@@ -222,6 +223,30 @@ def _valid_host(host: str) -> bool:
     return True
 
 
+def parse_host_pattern(text: str) -> str | None:
+    """Parse a route's `match.host`: an exact host (`api.example.com`, `[::1]`), a wildcard
+    (`*.example.com`), or `*` for any host (None). Lower-cased, one trailing dot dropped, as
+    the router normalises the request's Host (proxy/routing.py).
+
+    Raises:
+        ConfigValueError: empty, has a port, or a `*` anywhere but a leading `*.` label.
+    """
+    host = text.lower()
+    if host == "*":
+        return None
+    host = host.removesuffix(".")
+    if host.startswith("["):  # an IPv6 literal
+        if host.endswith("]") and ":" in host and _valid_host(host[1:-1]):
+            return host
+        raise ConfigValueError(f"invalid host {text!r} (expected an IPv6 address like '[::1]')")
+    if not _HOST_PATTERN_RE.fullmatch(host):
+        if ":" in host:
+            raise ConfigValueError(f"invalid host {text!r}: a route host has no port")
+        forms = "'api.example.com', '*.example.com' or '*'"
+        raise ConfigValueError(f"invalid host {text!r} (expected {forms})")
+    return host
+
+
 def parse_endpoint_url(text: str) -> tuple[str, str, int, str]:
     """Parse an upstream endpoint `http://host[:port]` (port 80 by default; a trailing `/`
     is allowed, any other path is not). Returns (scheme, host, port, normalised URL), host
@@ -346,19 +371,22 @@ class NodeReader:
 
     def value(self, node: Node, path: str) -> object:
         """A scalar's Python value after `${VAR}` substitution; a collection is returned as
-        the node itself. An unquoted scalar is typed again after substitution."""
+        the node itself. A scalar that held a reference is typed after substitution, quoted
+        or not (a flow mapping needs the quotes): `workers: "${N:-2}"` is an int. Readers of
+        strings (`string`, `text`) take the text as it is."""
         if not isinstance(node, ScalarNode):
             return node
         tag, text = node.tag, node.value
         if tag == _STR_TAG:
             text = self._substitute(node, path)
-            if node.style is None and text != node.value:
+            if text != node.value:
                 tag = _resolve_tag(ScalarNode, text, (True, False))
         if tag in _TEXT_TAGS:
             return text
         construct = _CONSTRUCTORS.get(tag)
         if construct is None:
-            raise self.error(node, path, f"unsupported YAML tag {tag!r}")
+            shown = "!!" + tag.removeprefix(_TAG) if tag.startswith(_TAG) else tag
+            raise self.error(node, path, f"unsupported YAML tag {shown!r}")
         return construct(ScalarNode(tag, text))
 
     def _substitute(self, node: ScalarNode, path: str) -> str:

@@ -166,7 +166,10 @@ class Http1UpstreamConnection(asyncio.Protocol):
         try:
             return await waiter
         finally:
-            self._waiter = None
+            # The connection may already serve the next exchange (released in on_end,
+            # before this coroutine resumed): clear only our own waiter.
+            if self._waiter is waiter:
+                self._waiter = None
 
     async def _send_body(self, body: Body) -> None:
         transport = self.transport
