@@ -76,7 +76,7 @@ class ClientConnection(asyncio.Protocol):
         self.deadline = 0.0
         self.write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         self._front_end_factory = front_end_factory
         self.front_end: FrontEnd | None = None
 
@@ -99,7 +99,7 @@ class ClientConnection(asyncio.Protocol):
         if phase is ConnectionPhase.IDLE:
             self.set_phase(ConnectionPhase.HEAD)
         elif phase is ConnectionPhase.BODY:
-            self.deadline = self._loop.time() + self.limits.body_timeout
+            self.deadline = self.loop.time() + self.limits.body_timeout
         assert self.front_end is not None
         self.front_end.feed(data)
 
@@ -146,7 +146,7 @@ class ClientConnection(asyncio.Protocol):
             return
         else:
             timeout = limits.body_timeout
-        self.deadline = self._loop.time() + timeout
+        self.deadline = self.loop.time() + timeout
 
     def write(self, data: bytes) -> None:
         """Queue bytes for the client (see `drain`)."""
@@ -165,7 +165,7 @@ class ClientConnection(asyncio.Protocol):
             return
         previous = self.phase
         self.set_phase(ConnectionPhase.WRITE)
-        self._drain_waiter = self._loop.create_future()
+        self._drain_waiter = self.loop.create_future()
         try:
             await self._drain_waiter
         finally:

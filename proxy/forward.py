@@ -8,9 +8,9 @@ from collections.abc import Callable
 
 from proxy.config import RewriteConfig
 from proxy.errors import BadRequest
-from proxy.headers import upstream_headers
+from proxy.headers import upstream_request_head
 from proxy.models import Request, Response
-from proxy.protocol.h1serialize import UnsafeHeader, request_head
+from proxy.protocol.h1serialize import UnsafeHeader
 from proxy.upstream.balancer import Upstream
 from proxy.upstream.http1 import StaleConnection
 
@@ -84,10 +84,8 @@ class Forwarder:
         endpoint = pool.endpoint
         host = self._host_rewrite or request.host or f"{endpoint.host}:{endpoint.port}"
         try:
-            head = request_head(
-                request.method,
-                self.target_of(request),
-                upstream_headers(request, host, length, chunked=length is None),
+            head = upstream_request_head(
+                request, self.target_of(request), host, length, chunked=length is None
             )
         except UnsafeHeader as exc:
             raise BadRequest(str(exc)) from None

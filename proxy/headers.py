@@ -8,7 +8,8 @@ X-Forwarded-For/-Proto/-Host are appended to (a list, like Via, RFC 9110 section
 
 from __future__ import annotations
 
-from proxy.models import Request
+from proxy.models import RawHeaders, Request
+from proxy.protocol.h1serialize import UnsafeHeader, request_head
 
 REQUEST_HOP_BY_HOP = frozenset(
     {
@@ -45,7 +46,7 @@ def upstream_headers(
     """
     headers = request.headers
     out: list[tuple[str, str]] = [("Host", host)]
-    connection = headers.get("connection")
+    connection = headers.get("connection") or request.connection
     named = {token.strip().lower() for token in connection.split(",")} if connection else None
     forwarded_for = forwarded_proto = forwarded_host = via = None
     for name, value in headers.items():
@@ -79,3 +80,85 @@ def upstream_headers(
 
 # Methods whose requests normally carry no body: no "Content-Length: 0" is added for them.
 _BODYLESS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"})
+
+
+_RAW_HOP_BY_HOP = frozenset(name.encode() for name in REQUEST_HOP_BY_HOP)
+_FORWARDED = {
+    b"x-forwarded-for": 0,
+    b"x-forwarded-proto": 1,
+    b"x-forwarded-host": 2,
+    b"via": 3,
+}
+
+
+def upstream_request_head(
+    request: Request, target: bytes, host: str, body_length: int | None, chunked: bool
+) -> bytes:
+    """The serialized request head for the upstream hop.
+
+    Headers still in their raw form were validated by the parser, so they are copied as
+    bytes without decoding or re-checking (the hot path for routes without middleware);
+    headers a middleware touched go through the checked serializer.
+
+    Raises:
+        UnsafeHeader: a header set by middleware (or the rewritten target) would split
+            the message.
+    """
+    raw = request.raw_headers
+    if raw is None:
+        return request_head(
+            request.method, target, upstream_headers(request, host, body_length, chunked)
+        )
+    if b" " in target or b"\r" in target or b"\n" in target:
+        raise UnsafeHeader("unsafe request target")
+    return _raw_head(request, raw, target, host, body_length, chunked)
+
+
+def _raw_head(
+    request: Request,
+    raw: RawHeaders,
+    target: bytes,
+    host: str,
+    body_length: int | None,
+    chunked: bool,
+) -> bytes:
+    parts = [request.method.encode(), b" ", target, b" HTTP/1.1\r\nHost: ", host.encode("latin-1")]
+    connection = request.connection
+    named = (
+        {token.strip().lower().encode("latin-1") for token in connection.split(",")}
+        if connection
+        else None
+    )
+    forwarded: list[bytes | None] = [None, None, None, None]
+    for name, value in raw:
+        lower = name.lower()
+        if lower in _RAW_HOP_BY_HOP:
+            slot = _FORWARDED.get(lower)
+            if slot is not None:
+                previous = forwarded[slot]
+                forwarded[slot] = value if previous is None else previous + b", " + value
+            elif lower == b"te" and value.strip().lower() == b"trailers":
+                parts.append(b"\r\nTE: trailers")
+            continue
+        if named is not None and lower in named:
+            continue
+        parts += (b"\r\n", name, b": ", value)
+    client = request.client[0].encode()
+    xff, proto, fhost, via = forwarded
+    parts += (b"\r\nX-Forwarded-For: ", client if xff is None else xff + b", " + client)
+    scheme = request.scheme.encode()
+    parts += (b"\r\nX-Forwarded-Proto: ", scheme if proto is None else proto + b", " + scheme)
+    if request.host:
+        original = request.host.encode("latin-1")
+        parts += (
+            b"\r\nX-Forwarded-Host: ",
+            original if fhost is None else fhost + b", " + original,
+        )
+    hop = b"%s %s" % (request.http_version.encode(), VIA_TOKEN.encode())
+    parts += (b"\r\nVia: ", hop if via is None else via + b", " + hop)
+    if chunked:
+        parts.append(b"\r\nTransfer-Encoding: chunked")
+    elif body_length is not None and (body_length or request.method not in _BODYLESS):
+        parts.append(b"\r\nContent-Length: %d" % body_length)
+    parts.append(b"\r\n\r\n")
+    return b"".join(parts)

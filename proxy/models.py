@@ -203,18 +203,30 @@ class Body:
             waiter.set_result(None)
 
 
+RawHeaders = list[tuple[bytes, bytes]]
+
+
+def _decode(raw: RawHeaders) -> CIMultiDict[str]:
+    return CIMultiDict([(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw])
+
+
 class Request:
     """One request, as every front end produces it.
 
     `target` is the raw request target, forwarded byte for byte unless a rewrite changes
     it; `path` and `query` are its halves as text, used for routing.
+
+    Headers arrive as the parser's (already validated) byte pairs in `raw_headers`; the
+    `headers` CIMultiDict is built on first use, after which it is the only truth and
+    `raw_headers` is None. A route with no middleware never pays for the conversion.
     """
 
     __slots__ = (
+        "_headers",
         "_url",
         "body",
         "client",
-        "headers",
+        "connection",
         "host",
         "http_version",
         "keep_alive",
@@ -222,6 +234,7 @@ class Request:
         "params",
         "path",
         "query",
+        "raw_headers",
         "request_id",
         "route_name",
         "scheme",
@@ -232,30 +245,58 @@ class Request:
         self,
         method: str,
         target: bytes,
-        headers: CIMultiDict[str],
+        headers: CIMultiDict[str] | RawHeaders,
         body: Body,
         *,
         http_version: str = "1.1",
         client: tuple[str, int] = ("", 0),
         scheme: str = "http",
         keep_alive: bool = True,
+        host: str | None = None,
+        connection: str | None = None,
     ) -> None:
         self.method = method
         self.target = target
         raw_path, _, raw_query = target.partition(b"?")
         self.path = raw_path.decode("latin-1")
         self.query = raw_query.decode("latin-1")
-        self.headers = headers
+        if isinstance(headers, list):
+            self.raw_headers: RawHeaders | None = headers
+            self._headers: CIMultiDict[str] | None = None
+        else:
+            self.raw_headers = None
+            self._headers = headers
         self.body = body
         self.http_version = http_version
         self.client = client
         self.scheme = scheme
         self.keep_alive = keep_alive
-        self.host = headers.get("host", "")
+        self.host = host if host is not None else self.headers.get("host", "")
+        # The client's Connection header: the fields it names are hop-by-hop.
+        self.connection = connection
         self.params: dict[str, str] = {}
         self.request_id = ""
         self.route_name = ""
         self._url: URL | None = None
+
+    @property
+    def headers(self) -> CIMultiDict[str]:
+        """The request headers (built from `raw_headers` on first use)."""
+        headers = self._headers
+        if headers is None:
+            assert self.raw_headers is not None
+            headers = self._headers = _decode(self.raw_headers)
+            self.raw_headers = None
+        return headers
+
+    @headers.setter
+    def headers(self, value: CIMultiDict[str]) -> None:
+        self._headers = value
+        self.raw_headers = None
+
+    def get_headers(self) -> CIMultiDict[str]:
+        """`headers`, as a method (routing asks for headers only when it needs them)."""
+        return self.headers
 
     @property
     def url(self) -> URL:
@@ -277,21 +318,47 @@ class Request:
 
 
 class Response:
-    """One response, as forwarding or a local reply produces it."""
+    """One response, as forwarding or a local reply produces it.
 
-    __slots__ = ("body", "headers", "reason", "status")
+    As with Request, an upstream's headers stay raw bytes (`raw_headers`, hop-by-hop
+    fields already removed) until something reads `headers`. Framing headers
+    (Content-Length, Transfer-Encoding, Connection) are never here: each front end
+    derives them from the body.
+    """
+
+    __slots__ = ("_headers", "body", "raw_headers", "reason", "status")
 
     def __init__(
         self,
         status: int,
-        headers: CIMultiDict[str] | None = None,
+        headers: CIMultiDict[str] | RawHeaders | None = None,
         body: Body | None = None,
         reason: str = "",
     ) -> None:
         self.status = status
-        self.headers: CIMultiDict[str] = headers if headers is not None else CIMultiDict()
+        if isinstance(headers, list):
+            self.raw_headers: RawHeaders | None = headers
+            self._headers: CIMultiDict[str] | None = None
+        else:
+            self.raw_headers = None
+            self._headers = headers if headers is not None else CIMultiDict()
         self.body = body if body is not None else Body.from_bytes(b"")
         self.reason = reason
+
+    @property
+    def headers(self) -> CIMultiDict[str]:
+        """The response headers (built from `raw_headers` on first use)."""
+        headers = self._headers
+        if headers is None:
+            assert self.raw_headers is not None
+            headers = self._headers = _decode(self.raw_headers)
+            self.raw_headers = None
+        return headers
+
+    @headers.setter
+    def headers(self, value: CIMultiDict[str]) -> None:
+        self._headers = value
+        self.raw_headers = None
 
     def __repr__(self) -> str:
         return f"<Response {self.status}>"

@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
@@ -147,13 +147,16 @@ def specificity_key(route: RouteConfig) -> tuple[int, int, int, int, int, int, i
     )
 
 
+HeaderSource = Mapping[str, str] | Callable[[], Mapping[str, str]]
+
+
 class _Request:
     """One request's fields as routing sees them; headers and query are indexed lazily,
     at most once, and only if a candidate route has such matchers."""
 
     __slots__ = ("_header_index", "_query_index", "headers", "method", "path", "query")
 
-    def __init__(self, method: str, path: str, headers: Mapping[str, str], query: str) -> None:
+    def __init__(self, method: str, path: str, headers: HeaderSource, query: str) -> None:
         self.method = method
         self.path = path
         self.headers = headers
@@ -164,6 +167,8 @@ class _Request:
     def header_values(self, name: str) -> Sequence[str]:
         """All values of header `name` (given lower-cased), in order."""
         headers = self.headers
+        if callable(headers):  # built on demand: most tables never look at headers
+            headers = self.headers = headers()
         if isinstance(headers, CIMultiDict | CIMultiDictProxy):
             values: list[str] = headers.getall(name, [])
             return values
@@ -375,11 +380,12 @@ class RouteTable:
         logger.debug("route table compiled: %r", self)
 
     def match(
-        self, method: str, host: str, path: str, headers: Mapping[str, str], query: str
+        self, method: str, host: str, path: str, headers: HeaderSource, query: str
     ) -> RouteMatch | None:
         """The most specific route for a request, or None (a 404).
 
-        `host` is the Host header (or h2 `:authority`) as received, `path` the raw path
+        `headers` is a mapping, or a function returning one (called only if a candidate
+        route matches on headers). `host` is the Host header (or h2 `:authority`) as received, `path` the raw path
         before `?`, `query` the raw query string without `?` (`""` when there is none).
         Never raises; any exception is a bug.
         """

@@ -56,7 +56,7 @@ class Runtime:
         """Run one exchange. Never raises: failures become local replies."""
         try:
             match = self.table.match(
-                request.method, request.host, request.path, request.headers, request.query
+                request.method, request.host, request.path, request.get_headers, request.query
             )
             if match is None:
                 raise NoRoute(f"no route for {request.method} {request.path}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import httpx
 import pytest
 import uvloop
 
@@ -13,6 +14,7 @@ from proxy.server import Server
 from tests.upstream import UpstreamServer
 
 GatewayFactory = Callable[..., Awaitable[Server]]
+UpstreamFactory = Callable[..., Awaitable[UpstreamServer]]
 
 
 def pytest_asyncio_loop_factories(
@@ -36,6 +38,22 @@ async def upstream() -> AsyncIterator[UpstreamServer]:
     server = await UpstreamServer().start()
     yield server
     await server.stop()
+
+
+@pytest.fixture
+async def upstream_factory() -> AsyncIterator[UpstreamFactory]:
+    """Start more upstreams (`await upstream_factory(drop_reused=True)`); all stop at
+    teardown."""
+    servers: list[UpstreamServer] = []
+
+    async def start(**options: bool) -> UpstreamServer:
+        server = await UpstreamServer(**options).start()  # type: ignore[arg-type]
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.stop()
 
 
 def simple_config(upstream_url: str, codec: str, *, extra: str = "", route: str = "") -> str:
@@ -109,3 +127,11 @@ async def raw_request(
     finally:
         writer.close()
     return bytes(received)
+
+
+async def assert_still_serves(server: Server) -> None:
+    """A fresh client gets a normal proxied answer (the gateway survived what came before)."""
+    async with httpx.AsyncClient(timeout=5) as client:
+        response = await client.get(base_url(server) + "/echo/still-serving")
+    assert response.status_code == 200, response.text
+    assert response.json()["target"] == "/echo/still-serving"

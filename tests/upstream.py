@@ -12,6 +12,13 @@ Paths:
   /close            answers with Connection: close and no Content-Length (read to EOF)
   /drop             closes the connection without answering
   /garbage          answers bytes that are not HTTP
+  /thenclose        200 with Content-Length (no Connection: close), then closes the
+                    connection: the next request must find it gone while idle
+Modes (constructor flags):
+  drop_reused=True  a request that arrives as the second (or later) on one connection is
+                    not answered: the connection is closed (the keep-alive race, as an
+                    upstream closing an idle connection just as the proxy reuses it). Such
+                    requests are counted in `dropped`, not recorded in `requests`.
 Every request is recorded in `requests` (method, target, headers, body size).
 """
 
@@ -54,6 +61,8 @@ class UpstreamServer:
     connections: int = 0
     port: int = 0
     keep_alive: bool = True
+    drop_reused: bool = False
+    dropped: int = 0
     _server: asyncio.Server | None = None
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
 
@@ -81,11 +90,16 @@ class UpstreamServer:
         self.connections += 1
         self._writers.add(writer)
         conn = h11.Connection(h11.SERVER)
+        served = 0
         try:
             while True:
                 request, body, size = await self._read_request(conn, reader)
                 if request is None:
                     return
+                if self.drop_reused and served:
+                    self.dropped += 1
+                    return
+                served += 1
                 target = request.target.decode()
                 headers = [(k.decode(), v.decode()) for k, v in request.headers.raw_items()]
                 self.requests.append(
@@ -191,6 +205,9 @@ class UpstreamServer:
             await writer.drain()
             return False
         elif parts[0] == "drop":
+            return False
+        elif parts[0] == "thenclose":
+            await send(200, b"closing")
             return False
         elif parts[0] == "garbage":
             writer.write(b"this is not http\r\n\r\n")

@@ -3,7 +3,7 @@
 httptools (llhttp, Node.js's parser) is the hot path: ~1-2 us a message against h11's ~37 us.
 h11 is the pure-Python codec (`http1_parser: h11`, or when httptools cannot import). Both
 deliver the same three calls to a sink, `on_head`, `on_body`, `on_end`, and both apply the
-same strict framing rules on top of their own (`check_framing`), so a message one accepts
+same strict framing rules on top of their own (`scan_head`), so a message one accepts
 the other accepts too. Nothing here does I/O; serialization lives in `h1serialize`.
 """
 
@@ -37,8 +37,11 @@ class MessageHead:
 
     __slots__ = (
         "chunked",
+        "connection",
         "content_length",
+        "expect_continue",
         "headers",
+        "host",
         "keep_alive",
         "method",
         "reason",
@@ -68,8 +71,12 @@ class MessageHead:
         self.status = status
         self.reason = reason
         self.upgrade = upgrade
+        # Filled by `scan_head` in the same pass that checks framing:
         self.chunked = False
         self.content_length: int | None = None
+        self.host = b""
+        self.connection: bytes | None = None  # the Connection header's value
+        self.expect_continue = False
 
     def __repr__(self) -> str:
         first = f"{self.method.decode()} {self.target!r}" if self.method else str(self.status)
@@ -134,8 +141,9 @@ class ResponseParser(Protocol):
 _TE_LINE = re.compile(rb"(?im)^transfer-encoding:(.*)$")
 
 
-def check_framing(headers: Headers, version: str, *, request: bool) -> tuple[bool, int | None]:
-    """Apply the framing rules both codecs share; returns (chunked, content_length).
+def scan_head(head: MessageHead, *, request: bool) -> None:
+    """One pass over the headers: apply the framing rules both codecs share and note the
+    fields the proxy needs (Host, Connection, Expect) on `head`.
 
     Raises:
         H1Error: duplicate or invalid Content-Length, Transfer-Encoding other than exactly
@@ -144,25 +152,38 @@ def check_framing(headers: Headers, version: str, *, request: bool) -> tuple[boo
     chunked = False
     content_length: int | None = None
     te_seen = False
-    for name, value in headers:
-        if len(name) == 14 and name.lower() == b"content-length":
-            if content_length is not None:
-                raise H1Error("duplicate Content-Length")
-            if not value.isdigit() or len(value) > 18:
-                raise H1Error("invalid Content-Length")
-            content_length = int(value)
-        elif len(name) == 17 and name.lower() == b"transfer-encoding":
-            if te_seen:
-                raise H1Error("duplicate Transfer-Encoding")
-            te_seen = True
-            if value.lower() != b"chunked":
-                raise H1Error("unsupported Transfer-Encoding")
-            chunked = True
+    for name, value in head.headers:
+        size = len(name)
+        # Compare lower-cased names only when the length could match (cheap filter).
+        if size == 4:
+            if name.lower() == b"host":
+                head.host = value
+        elif size == 14:
+            if name.lower() == b"content-length":
+                if content_length is not None:
+                    raise H1Error("duplicate Content-Length")
+                if not value.isdigit() or len(value) > 18:
+                    raise H1Error("invalid Content-Length")
+                content_length = int(value)
+        elif size == 17:
+            if name.lower() == b"transfer-encoding":
+                if te_seen:
+                    raise H1Error("duplicate Transfer-Encoding")
+                te_seen = True
+                if value.lower() != b"chunked":
+                    raise H1Error("unsupported Transfer-Encoding")
+                chunked = True
+        elif size == 10:
+            if name.lower() == b"connection":
+                head.connection = value if head.connection is None else head.connection + b"," + value
+        elif size == 6 and name.lower() == b"expect":
+            head.expect_continue = value.lower() == b"100-continue"
     if chunked and content_length is not None:
         raise H1Error("Content-Length with Transfer-Encoding")
-    if chunked and request and version == "1.0":
+    if chunked and request and head.version == "1.0":
         raise H1Error("Transfer-Encoding in an HTTP/1.0 request")
-    return chunked, content_length
+    head.chunked = chunked
+    head.content_length = content_length
 
 
 def _check_raw_head(raw: bytes) -> None:
@@ -260,7 +281,7 @@ class HttptoolsRequestParser:
                 target=self._url,
                 upgrade=parser.should_upgrade(),
             )
-            head.chunked, head.content_length = check_framing(headers, version, request=True)
+            scan_head(head, request=True)
             self._sink.on_head(head)
         except BaseException as exc:
             self._error = exc
@@ -398,7 +419,7 @@ class HttptoolsResponseParser:
             head = MessageHead(
                 headers, version, parser.should_keep_alive(), status=status, reason=self._reason
             )
-            head.chunked, head.content_length = check_framing(headers, version, request=False)
+            scan_head(head, request=False)
             self._keep_alive = head.keep_alive
             no_body = self._no_body or status in (204, 304)
             self._close_delimited = not (no_body or head.chunked or head.content_length is not None)
@@ -486,7 +507,7 @@ class H11RequestParser:
         version = event.http_version.decode()
         keep_alive = h11._connection._keep_alive(event)
         head = MessageHead(headers, version, keep_alive, method=event.method, target=event.target)
-        head.chunked, head.content_length = check_framing(headers, version, request=True)
+        scan_head(head, request=True)
         head.upgrade = _wants_upgrade(event.headers)
         self._sink.on_head(head)
 
@@ -568,7 +589,7 @@ class H11ResponseParser:
                     status=event.status_code,
                     reason=bytes(event.reason),
                 )
-                head.chunked, head.content_length = check_framing(headers, version, request=False)
+                scan_head(head, request=False)
                 self._sink.on_head(head)
             elif isinstance(event, h11.Data):
                 self._sink.on_body(bytes(event.data))

@@ -13,8 +13,6 @@ import asyncio
 import logging
 from collections import deque
 
-from multidict import CIMultiDict
-
 from proxy.connection import ClientConnection, ConnectionPhase
 from proxy.errors import BadRequest, BodyTooLarge, HeadTooLarge, ProxyError, RequestTimeout
 from proxy.local_reply import local_reply
@@ -102,9 +100,6 @@ class Http1Protocol:
     def on_head(self, head: MessageHead) -> None:
         """Parser callback: a request head is complete."""
         conn = self._conn
-        headers: CIMultiDict[str] = CIMultiDict(
-            [(n.decode("latin-1"), v.decode("latin-1")) for n, v in head.headers]
-        )
         method = head.method.decode("ascii")
         if method == "CONNECT":
             raise BadRequest("CONNECT is not supported by a reverse proxy")
@@ -114,12 +109,11 @@ class Http1Protocol:
             limit = conn.limits.max_body_size
             if limit is not None and (head.content_length or 0) > limit:
                 raise BodyTooLarge()
-            expect = headers.get("expect", "").lower() == "100-continue"
             body = Body(
                 head.content_length,
                 on_pause=conn.pause_reading,
                 on_resume=conn.resume_reading,
-                on_first_read=self._send_continue if expect else None,
+                on_first_read=self._send_continue if head.expect_continue else None,
             )
             body.limit = limit
             self._receiving = body
@@ -127,18 +121,19 @@ class Http1Protocol:
         request = Request(
             method,
             head.target,
-            headers,
+            head.headers,
             body,
             http_version=head.version,
             client=conn.client,
-            keep_alive=head.keep_alive,
+            keep_alive=head.keep_alive and not head.upgrade,
+            host=head.host.decode("latin-1"),
+            connection=head.connection.decode("latin-1") if head.connection else None,
         )
-        if head.upgrade:
-            request.keep_alive = False
         self._queue.append(request)
         if len(self._queue) >= MAX_PIPELINED_REQUESTS:
             conn.pause_reading()
-        self._serve_soon()
+        if self._task is None:
+            self._task = conn.loop.create_task(self._serve())
 
     def on_body(self, data: bytes) -> None:
         """Parser callback: a piece of the current request's body."""
@@ -203,7 +198,7 @@ class Http1Protocol:
     # -- serving --------------------------------------------------------------------
     def _serve_soon(self) -> None:
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._serve())
+            self._task = self._conn.loop.create_task(self._serve())
 
     async def _serve(self) -> None:
         conn = self._conn
@@ -261,39 +256,38 @@ class Http1Protocol:
         status = response.status
         body = response.body
         head_only = (request is not None and request.method == "HEAD") or status in (204, 304)
-        headers = list(response.headers.items())
         http10 = request is not None and request.http_version == "1.0"
+        framing: list[bytes] = []
         chunked = False
         if body.complete:
             data = body.take_all()
             if head_only:
                 if body.length is not None and status not in (204, 304):
-                    headers.append(("Content-Length", str(body.length)))
+                    framing.append(b"Content-Length: %d\r\n" % body.length)
                 data = b""
             else:
-                headers.append(("Content-Length", str(len(data))))
+                framing.append(b"Content-Length: %d\r\n" % len(data))
         else:
             data = b""
             if head_only:
                 body.discard()
             elif body.length is not None:
-                headers.append(("Content-Length", str(body.length)))
+                framing.append(b"Content-Length: %d\r\n" % body.length)
             elif http10:
                 keep_alive = False  # close-delimited: the only framing HTTP/1.0 knows
             else:
                 chunked = True
-                headers.append(("Transfer-Encoding", "chunked"))
+                framing.append(b"Transfer-Encoding: chunked\r\n")
         if not keep_alive:
-            headers.append(("Connection", "close"))
+            framing.append(b"Connection: close\r\n")
         elif http10:
-            headers.append(("Connection", "keep-alive"))
+            framing.append(b"Connection: keep-alive\r\n")
         try:
-            head = _response_head(status, response.reason, headers)
+            head = response_head_bytes(response, framing)
         except UnsafeHeader:
             log.exception("refusing to send an unsafe response header")
             body.discard()
-            head = _response_head(500, "", [("Content-Length", "0"), ("Connection", "close")])
-            conn.write(head)
+            conn.write(_UNSAFE_REPLY)
             return False
         if head_only or body.complete or data:
             conn.write(head + data)
@@ -316,5 +310,34 @@ class Http1Protocol:
         return True
 
 
-def _response_head(status: int, reason: str, headers: list[tuple[str, str]]) -> bytes:
-    return response_head(status, reason or reason_phrase(status), headers)
+_UNSAFE_REPLY = (
+    b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+)
+_STATUS_LINES = {
+    status: b"HTTP/1.1 %d %s\r\n" % (status, reason_phrase(status).encode())
+    for status in range(100, 600)
+    if reason_phrase(status)
+}
+
+
+def response_head_bytes(response: Response, framing: list[bytes]) -> bytes:
+    """Status line, headers, our framing lines, blank line.
+
+    Raw upstream headers were validated by the parser and are copied as they are; headers
+    set through the model are checked by the serializer.
+
+    Raises:
+        UnsafeHeader: a header set through the model would split the message.
+    """
+    status = response.status
+    raw = response.raw_headers
+    if raw is None:
+        reason = response.reason or reason_phrase(status)
+        head = response_head(status, reason, list(response.headers.items()))
+        return head[:-2] + b"".join(framing) + b"\r\n"
+    parts = [_STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status]
+    for name, value in raw:
+        parts += (name, b": ", value, b"\r\n")
+    parts += framing
+    parts.append(b"\r\n")
+    return b"".join(parts)

@@ -13,8 +13,6 @@ import enum
 import logging
 from typing import TYPE_CHECKING, cast
 
-from multidict import CIMultiDict
-
 from proxy.errors import ProxyError, UpstreamProtocolError, UpstreamReset, UpstreamTimeout
 from proxy.models import Body, Response
 from proxy.protocol.h1codec import H1Error, Headers, MessageHead, make_response_parser
@@ -38,6 +36,9 @@ RESPONSE_HOP_BY_HOP = frozenset(
         "trailer",
     }
 )
+
+
+_RAW_HOP_BY_HOP = frozenset(name.encode() for name in RESPONSE_HOP_BY_HOP)
 
 
 class StaleConnection(UpstreamReset):
@@ -224,16 +225,16 @@ class Http1UpstreamConnection(asyncio.Protocol):
     # -- parser sink -----------------------------------------------------------------
     def on_head(self, head: MessageHead) -> None:
         """Parser callback: the response head."""
-        headers: CIMultiDict[str] = CIMultiDict()
-        for name, value in head.headers:
-            text = name.decode("latin-1")
-            if text.lower() not in RESPONSE_HOP_BY_HOP:
-                headers.add(text, value.decode("latin-1"))
+        raw = [(name, value) for name, value in head.headers if name.lower() not in _RAW_HOP_BY_HOP]
+        if head.connection:
+            # RFC 9110 section 7.6.1: fields named in Connection are hop-by-hop too.
+            named = {token.strip().lower() for token in head.connection.split(b",")}
+            raw = [(name, value) for name, value in raw if name.lower() not in named]
         length = None if head.chunked else head.content_length
         body = Body(length, on_pause=self._pause_reading, on_resume=self._resume_reading)
         body.on_abandon = self._abandon
         self._body = body
-        response = Response(head.status, headers, body, head.reason.decode("latin-1"))
+        response = Response(head.status, raw, body, head.reason.decode("latin-1"))
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(response)

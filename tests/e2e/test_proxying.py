@@ -1,0 +1,452 @@
+"""Proxying through real sockets: methods, bodies both ways, keep-alive, pipelining,
+100-continue, HTTP/1.0, hop-by-hop and forwarding headers, the raw target."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from proxy.server import Server
+from tests.conftest import GatewayFactory, base_url, simple_config
+from tests.helpers import RawClient
+from tests.upstream import UpstreamServer
+
+pytestmark = pytest.mark.socket
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
+async def test_method_is_proxied_with_its_target(
+    gateway: Server, upstream: UpstreamServer, method: str
+) -> None:
+    async with httpx.AsyncClient() as client:
+        response = await client.request(method, base_url(gateway) + "/echo/m?x=1")
+    assert response.status_code == 200
+    assert response.json()["method"] == method
+    assert response.json()["target"] == "/echo/m?x=1"
+    assert [r.method for r in upstream.requests] == [method]
+
+
+async def test_head_is_proxied_without_body(gateway: Server, upstream: UpstreamServer) -> None:
+    async with httpx.AsyncClient() as client:
+        response = await client.head(base_url(gateway) + "/bytes/1234")
+    assert response.status_code == 200
+    assert response.headers["content-length"] == "1234"
+    assert response.content == b""
+    assert upstream.requests[-1].method == "HEAD"
+
+
+async def test_content_length_body_reaches_upstream_intact(
+    gateway: Server, upstream: UpstreamServer
+) -> None:
+    payload = os.urandom(1024 * 1024 + 17)
+    async with httpx.AsyncClient() as client:
+        response = await client.post(base_url(gateway) + "/sink", content=payload)
+    assert response.status_code == 200
+    assert response.json() == {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+
+
+async def test_small_body_is_echoed_by_upstream(gateway: Server, upstream: UpstreamServer) -> None:
+    async with httpx.AsyncClient() as client:
+        response = await client.put(base_url(gateway) + "/echo", content=b"hello body")
+    assert response.json()["body"] == "hello body"
+    assert upstream.requests[-1].header("content-length") == "10"
+
+
+async def test_chunked_request_body_reaches_upstream_intact(
+    gateway: Server, upstream: UpstreamServer
+) -> None:
+    pieces = [os.urandom(size) for size in (1, 1000, 65536, 300_000, 7)]
+
+    async def stream() -> AsyncIterator[bytes]:
+        for piece in pieces:
+            yield piece
+
+    async with httpx.AsyncClient() as client:
+        response = await client.post(base_url(gateway) + "/sink", content=stream())
+    whole = b"".join(pieces)
+    assert response.status_code == 200
+    assert response.json() == {"size": len(whole), "sha256": hashlib.sha256(whole).hexdigest()}
+
+
+async def test_chunked_response_reaches_client_intact(gateway: Server) -> None:
+    async with httpx.AsyncClient() as client:
+        response = await client.get(base_url(gateway) + "/chunked/40/1000")
+    assert response.status_code == 200
+    assert response.content == b"y" * 40_000
+
+
+async def test_streamed_chunked_response_keeps_chunked_framing(gateway: Server) -> None:
+    async with await RawClient.connect(gateway.addresses[0]) as client:
+        await client.send(b"GET /chunked/100/10000 HTTP/1.1\r\nHost: t\r\n\r\n")
+        response = await client.response()
+    assert response.status == 200
+    assert response.body == b"y" * 1_000_000
+    assert response.chunked or response.header("content-length") == "1000000"
+
+
+async def test_upstream_trailers_reach_client_that_accepts_them(gateway: Server) -> None:
+    # The response is small, so the whole upstream body (and its trailer) has arrived
+    # before the gateway writes the head: the trailer must not be lost on that path.
+    async with await RawClient.connect(gateway.addresses[0]) as client:
+        await client.send(b"GET /chunked/3/10 HTTP/1.1\r\nHost: t\r\nTE: trailers\r\n\r\n")
+        response = await client.response()
+    assert response.status == 200
+    assert response.body == b"y" * 30
+    assert response.chunked
+    assert response.trailers == [("X-Trailer", "done")]
+
+
+async def test_streamed_upstream_trailers_reach_client(gateway: Server) -> None:
+    async with await RawClient.connect(gateway.addresses[0]) as client:
+        await client.send(b"GET /chunked/100/10000 HTTP/1.1\r\nHost: t\r\nTE: trailers\r\n\r\n")
+        response = await client.response()
+    assert response.body == b"y" * 1_000_000
+    if response.chunked:
+        assert response.trailers == [("X-Trailer", "done")]
+
+
+@pytest.mark.parametrize("path", ["/bytes/5000000", "/download/5000000"])
+async def test_large_response_reaches_client_intact(gateway: Server, path: str) -> None:
+    async with httpx.AsyncClient() as client:
+        response = await client.get(base_url(gateway) + path)
+    assert response.status_code == 200
+    assert response.headers["content-length"] == "5000000"
+    assert len(response.content) == 5_000_000
+    assert set(response.content) == ({ord("x")} if "bytes" in path else {ord("z")})
+
+
+async def test_keep_alive_reuses_one_client_and_one_upstream_connection(
+    gateway: Server, upstream: UpstreamServer
+) -> None:
+    async with httpx.AsyncClient() as client:
+        for i in range(5):
+            response = await client.get(base_url(gateway) + f"/echo/{i}")
+            assert response.status_code == 200
+            assert len(gateway.connections) == 1
+        response = await client.post(base_url(gateway) + "/echo/post", content=b"abc")
+        assert response.json()["body"] == "abc"
+        assert len(gateway.connections) == 1
+    assert upstream.connections == 1
+    assert len(upstream.requests) == 6
+
+
+async def test_raw_keep_alive_connection_serves_sequential_requests(
+    gateway: Server, upstream: UpstreamServer
+) -> None:
+    async with await RawClient.connect(gateway.addresses[0]) as client:
+        for i in range(3):
+            await client.send(f"GET /echo/{i} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+            response = await client.response()
+            assert response.status == 200
+            assert response.json()["target"] == f"/echo/{i}"
+            assert response.header("connection") is None
+        assert not await client.closed(timeout=0.05)
+    assert upstream.connections == 1
+
+
+async def test_pipelined_requests_are_answered_in_order(
+    gateway: Server, upstream: UpstreamServer
+) -> None:
+    requests = (
+        b"GET /echo/1 HTTP/1.1\r\nHost: t\r\n\r\n"
+        b"POST /echo/2 HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello"
+        b"GET /slow/100 HTTP/1.1\r\nHost: t\r\n\r\n"
+        b"PUT /echo/4 HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n0\r\n\r\n"
+        b"GET /echo/5 HTTP/1.1\r\nHost: t\r\n\r\n"
+    )
+    async with await RawClient.connect(gateway.addresses[0]) as client:
+        await client.send(requests)
+        responses = [await client.response() for _ in range(5)]
+    assert [r.status for r in responses] == [200] * 5
+    assert responses[0].json()["target"] == "/echo/1"
+    assert responses[1].json()["target"] == "/echo/2"
+    assert responses[1].json()["body"] == "hello"
+    assert responses[2].body == b"slow"
+    assert responses[3].json()["target"] == "/echo/4"
+    assert responses[3].json()["body"] == "abc"
+    assert responses[4].json()["target"] == "/echo/5"
+    assert [r.target for r in upstream.requests] == [
+        "/echo/1",
+        "/echo/2",
+        "/slow/100",
+        "/echo/4",
+        "/echo/5",
+    ]
+
+
+async def test_pipelined_requests_split_byte_by_byte_are_answered_in_order(
+    gateway: Server,
+) -> None:
+    requests = b"".join(
+        f"GET /echo/{i} HTTP/1.1\r\nHost: t\r\n\r\n".encode() for i in range(3)
+    )
+    async with await RawClient.connect(gateway.addresses[0]) as client:
+        for byte in requests:
+            await client.send(bytes([byte]))
+        responses = [await client.response() for _ in range(3)]
+    assert [r.json()["target"] for r in responses] == ["/echo/0", "/echo/1", "/echo/2"]
+
+
+async def test_expect_100_continue_gets_interim_response_before_body(
+    gateway: Server, upstream: UpstreamServer
+) -> None:
+    async with await RawClient.connect(gateway.addresses[0]) as client:
+        await client.send(
+            b"POST /echo/expect HTTP/1.1\r\nHost: t\r\nContent-Length: 11\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
+        interim = await client.response()
+        assert (interim.version, interim.status, interim.reason) == ("1.1", 100, "Continue")
+        await client.send(b"hello world")
+        response = await client.response()
+        assert response.status == 200
+        assert response.json()["body"] == "hello world"
+        # The connection lives on.
+        await client.send(b"GET /echo/after HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert (await client.response()).json()["target"] == "/echo/after"
+    assert upstream.requests[0].header("expect") is None
+
+
+async def test_expect_100_continue_refused_request_gets_final_status_without_interim(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+) -> None:
+    config = simple_config(upstream.url, codec).replace("path_prefix: /", "path_prefix: /only")
+    server = await gateway_factory(config)
+    async with await RawClient.connect(server.addresses[0]) as client:
+        await client.send(
+            b"POST /elsewhere HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
+        response = await client.response()
+    assert response.status == 404
+    assert upstream.requests == []
+
+
+async def test_http10_request_gets_response_and_close(
+    gateway: Server, upstream: UpstreamServer
+) -> None:
+    async with await RawClient.connect(gateway.addresses[0]) as client:
+        await client.send(b"GET /echo/old HTTP/1.0\r\nHost: t\r\n\r\n")
+        response = await client.response()
+        assert response.status == 200
+        assert response.json()["target"] == "/echo/old"
+        assert response.header("content-length") == str(len(response.body))
+        assert response.header("transfer-encoding") is None
+        assert await client.closed()
+
+
+@pytest.mark.parametrize("path", ["/chunked/4/100", "/chunked/100/10000"])
+async def test_http10_chunked_upstream_response_is_not_chunked_to_client(
+    gateway: Server, path: str
+) -> None:
+    async with await RawClient.connect(gateway.addresses[0]) as client:
+        await client.send(f"GET {path} HTTP/1.0\r\nHost: t\r\n\r\n".encode())
+        response = await client.response()
+        assert await client.closed()
+    count, size = (int(part) for part in path.split("/")[2:])
+    assert response.status == 200
+    assert response.header("transfer-encoding") is None
+    assert response.body == b"y" * (count * size)
+
+
+async def test_http10_keep_alive_request_keeps_connection_open(
+    gateway: Server, upstream: UpstreamServer
+) -> None:
+    async with await RawClient.connect(gateway.addresses[0]) as client:
+        for i in range(2):
+            await client.send(
+                f"GET /echo/{i} HTTP/1.0\r\nHost: t\r\nConnection: keep-alive\r\n\r\n".encode()
+            )
+            response = await client.response()
+            assert response.status == 200
+            assert response.header("connection") == "keep-alive"
+            assert response.header("content-length") == str(len(response.body))
+        assert not await client.closed(timeout=0.05)
+    assert len(upstream.requests) == 2
+
+
+async def test_http10_request_is_forwarded_as_http11(
+    gateway: Server, upstream: UpstreamServer
+) -> None:
+    async with await RawClient.connect(gateway.addresses[0]) as client:
+        await client.send(b"POST /echo/b HTTP/1.0\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc")
+        response = await client.response()
+    assert response.json()["body"] == "abc"
+    assert upstream.requests[0].header("via") == "1.0 gatehouse"
+
+
+async def test_connection_close_from_client_closes_after_response(
+    gateway: Server, upstream: UpstreamServer
+) -> None:
+    async with await RawClient.connect(gateway.addresses[0]) as client:
+        await client.send(b"GET /echo/bye HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        response = await client.response()
+        assert response.status == 200
+        assert response.header("connection") == "close"
+        assert await client.closed()
+
+
+async def test_connection_close_discards_pipelined_requests_after_it(
+    gateway: Server, upstream: UpstreamServer
+) -> None:
+    async with await RawClient.connect(gateway.addresses[0]) as client:
+        await client.send(
+            b"GET /echo/last HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+            b"GET /echo/never HTTP/1.1\r\nHost: t\r\n\r\n"
+        )
+        response = await client.response()
+        assert response.json()["target"] == "/echo/last"
+        assert await client.closed()
+    assert [r.target for r in upstream.requests] == ["/echo/last"]
+
+
+async def test_head_returns_upstream_content_length_and_no_body(
+    gateway: Server, upstream: UpstreamServer
+) -> None:
+    async with await RawClient.connect(gateway.addresses[0]) as client:
+        await client.send(b"HEAD /bytes/1000 HTTP/1.1\r\nHost: t\r\n\r\n")
+        response = await client.response(head=True)
+        assert response.status == 200
+        assert response.header("content-length") == "1000"
+        # No body bytes follow: the next response starts right after the head.
+        await client.send(b"GET /echo/next HTTP/1.1\r\nHost: t\r\n\r\n")
+        following = await client.response()
+        assert following.json()["target"] == "/echo/next"
+
+
+async def test_head_of_chunked_resource_has_no_body(gateway: Server) -> None:
+    async with await RawClient.connect(gateway.addresses[0]) as client:
+        await client.send(b"HEAD /chunked/2/10 HTTP/1.1\r\nHost: t\r\n\r\n")
+        response = await client.response(head=True)
+        assert response.status == 200
+        await client.send(b"GET /echo/next HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert (await client.response()).json()["target"] == "/echo/next"
+
+
+async def test_hop_by_hop_headers_do_not_reach_upstream(
+    gateway: Server, upstream: UpstreamServer
+) -> None:
+    async with await RawClient.connect(gateway.addresses[0]) as client:
+        await client.send(
+            b"GET /echo/hop HTTP/1.1\r\nHost: t\r\n"
+            b"Connection: keep-alive, X-Private-Hop, x-other-hop\r\n"
+            b"Keep-Alive: timeout=5\r\n"
+            b"TE: gzip\r\n"
+            b"Proxy-Connection: keep-alive\r\n"
+            b"X-Private-Hop: secret\r\n"
+            b"X-Other-Hop: secret2\r\n"
+            b"X-End-To-End: kept\r\n\r\n"
+        )
+        response = await client.response()
+    assert response.status == 200
+    names = {name.lower() for name, _ in upstream.requests[0].headers}
+    for hop in ("connection", "keep-alive", "te", "proxy-connection"):
+        assert hop not in names
+    assert "x-private-hop" not in names
+    assert "x-other-hop" not in names
+    assert upstream.requests[0].header("x-end-to-end") == "kept"
+
+
+async def test_upgrade_header_does_not_reach_upstream(
+    gateway: Server, upstream: UpstreamServer
+) -> None:
+    async with await RawClient.connect(gateway.addresses[0]) as client:
+        await client.send(b"GET /echo/up HTTP/1.1\r\nHost: t\r\nUpgrade: foo/2\r\n\r\n")
+        response = await client.response()
+    assert response.status == 200
+    assert upstream.requests[0].header("upgrade") is None
+
+
+async def test_te_trailers_is_forwarded(gateway: Server, upstream: UpstreamServer) -> None:
+    async with await RawClient.connect(gateway.addresses[0]) as client:
+        await client.send(b"GET /echo/te HTTP/1.1\r\nHost: t\r\nTE: trailers\r\n\r\n")
+        await client.response()
+    assert upstream.requests[0].header("te") == "trailers"
+
+
+async def test_forwarding_headers_are_added(gateway: Server, upstream: UpstreamServer) -> None:
+    async with await RawClient.connect(gateway.addresses[0]) as client:
+        await client.send(b"GET /echo/fwd HTTP/1.1\r\nHost: api.example.com\r\n\r\n")
+        await client.response()
+    seen = upstream.requests[0]
+    assert seen.header("x-forwarded-for") == "127.0.0.1"
+    assert seen.header("x-forwarded-proto") == "http"
+    assert seen.header("x-forwarded-host") == "api.example.com"
+    assert seen.header("via") == "1.1 gatehouse"
+
+
+async def test_forwarding_headers_are_appended_to_existing_values(
+    gateway: Server, upstream: UpstreamServer
+) -> None:
+    async with await RawClient.connect(gateway.addresses[0]) as client:
+        await client.send(
+            b"GET /echo/fwd HTTP/1.1\r\nHost: api.example.com\r\n"
+            b"X-Forwarded-For: 203.0.113.7, 10.0.0.1\r\n"
+            b"X-Forwarded-Proto: https\r\n"
+            b"X-Forwarded-Host: public.example.com\r\n"
+            b"Via: 1.1 edge\r\n\r\n"
+        )
+        await client.response()
+    seen = upstream.requests[0]
+    assert seen.header("x-forwarded-for") == "203.0.113.7, 10.0.0.1, 127.0.0.1"
+    assert seen.header("x-forwarded-proto") == "https, http"
+    assert seen.header("x-forwarded-host") == "public.example.com, api.example.com"
+    assert seen.header("via") == "1.1 edge, 1.1 gatehouse"
+    for name in ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "via"):
+        assert len([k for k, _ in seen.headers if k.lower() == name]) == 1
+
+
+async def test_host_header_is_preserved(gateway: Server, upstream: UpstreamServer) -> None:
+    async with httpx.AsyncClient() as client:
+        response = await client.get(
+            base_url(gateway) + "/echo/host", headers={"Host": "Api.Example.com:8443"}
+        )
+    assert response.status_code == 200
+    assert upstream.requests[0].header("host") == "Api.Example.com:8443"
+    assert len([k for k, _ in upstream.requests[0].headers if k.lower() == "host"]) == 1
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        b"/a%2Fb/../c?x=%20&y",
+        b"/echo//double//slash/./dot",
+        b"/echo?q=a+b&q=%E2%82%AC&empty=&flag",
+        b"/echo/%7Euser/%41?",
+        b"/echo/;params;x=1?a=b#notfrag",
+    ],
+)
+async def test_raw_target_reaches_upstream_byte_for_byte(
+    gateway: Server, upstream: UpstreamServer, target: bytes
+) -> None:
+    async with await RawClient.connect(gateway.addresses[0]) as client:
+        await client.send(b"GET " + target + b" HTTP/1.1\r\nHost: t\r\n\r\n")
+        response = await client.response()
+    assert response.status == 200
+    assert upstream.requests[0].target.encode() == target
+
+
+async def test_response_headers_from_upstream_reach_client(gateway: Server) -> None:
+    async with httpx.AsyncClient() as client:
+        response = await client.get(base_url(gateway) + "/echo/ct")
+    assert response.headers["content-type"] == "application/json"
+
+
+@pytest.mark.parametrize("status", [201, 202, 301, 404, 500, 503])
+async def test_upstream_status_is_passed_through(gateway: Server, status: int) -> None:
+    async with httpx.AsyncClient() as client:
+        response = await client.get(base_url(gateway) + f"/status/{status}", follow_redirects=False)
+    assert response.status_code == status
+    assert response.text == f"status {status}"
+
+
+async def test_close_delimited_upstream_response_reaches_client(gateway: Server) -> None:
+    async with httpx.AsyncClient() as client:
+        response = await client.get(base_url(gateway) + "/close")
+    assert response.status_code == 200
+    assert response.content == b"until-close"

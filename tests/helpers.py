@@ -1,0 +1,404 @@
+"""Test fakes and small HTTP/1.1 tools shared by the protocol, property and e2e tests.
+
+- `RecordingConnection`: stands in for `proxy.connection.ClientConnection` under an
+  `Http1Protocol`, recording what the protocol writes and does to the socket.
+- `FakeServer`: the `server` such a connection belongs to; its `handle` answers each
+  request with a canned `Response` (reading the request body first, as forwarding does).
+- `decode_responses`: decodes what the protocol wrote with a real `h11.Connection(CLIENT)`.
+- `parse_response` / `RawClient`: a lenient response reader for raw-socket e2e tests, where
+  the gateway's output must be inspected byte for byte (and h11 would refuse what it is
+  meant to catch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import h11
+from multidict import CIMultiDict
+
+from proxy.config import LimitsConfig
+from proxy.connection import ConnectionPhase
+from proxy.errors import ProxyError
+from proxy.local_reply import local_reply
+from proxy.models import Body, Request, Response
+from proxy.protocol.http1 import Http1Protocol
+
+# ------------------------------------------------------------------------ protocol fakes
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+async def echo_handler(request: Request) -> Response:
+    """Read the whole body, answer 200 with a JSON summary of the request."""
+    data = bytearray()
+    try:
+        while chunk := await request.body.read():
+            data += chunk
+    except ProxyError as exc:
+        return local_reply(exc, request)
+    payload = {
+        "method": request.method,
+        "target": request.target.decode("latin-1"),
+        "body": data.decode("latin-1"),
+        "version": request.http_version,
+    }
+    headers: CIMultiDict[str] = CIMultiDict([("Content-Type", "application/json")])
+    return Response(200, headers, Body.from_bytes(json.dumps(payload).encode()))
+
+
+@dataclass
+class FakeServer:
+    """What `Http1Protocol` needs of the server: codec, limits, draining, handle."""
+
+    codec: str = "httptools"
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    draining: bool = False
+    handler: Handler = echo_handler
+    requests: list[Request] = field(default_factory=list)
+
+    async def handle(self, request: Request) -> Response:
+        self.requests.append(request)
+        return await self.handler(request)
+
+
+class RecordingConnection:
+    """A `ClientConnection` without a socket: records writes, pauses and closes.
+
+    Mirrors the real one where the protocol can observe it: writes after close are
+    dropped, `drain` raises once closed, `set_phase` is a no-op once closed.
+    """
+
+    def __init__(self, server: FakeServer, client: tuple[str, int] = ("10.0.0.1", 4321)) -> None:
+        self.server = server
+        self.limits = server.limits
+        self.client = client
+        self.phase = ConnectionPhase.HEAD
+        self.phases: list[ConnectionPhase] = []
+        self.write_paused = False
+        self.output = bytearray()
+        self.reading = True
+        self.pauses = 0
+        self.closed_by: str | None = None  # "close" or "abort"
+
+    def __repr__(self) -> str:
+        return f"<RecordingConnection {self.phase.name} wrote={len(self.output)}>"
+
+    @property
+    def closed(self) -> bool:
+        return self.phase is ConnectionPhase.CLOSED
+
+    def set_phase(self, phase: ConnectionPhase) -> None:
+        if self.phase is ConnectionPhase.CLOSED:
+            return
+        self.phase = phase
+        self.phases.append(phase)
+
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self.output += data
+
+    async def drain(self) -> None:
+        if self.closed:
+            raise ConnectionResetError("client went away")
+
+    def pause_reading(self) -> None:
+        self.reading = False
+        self.pauses += 1
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed_by = "close"
+            self.phase = ConnectionPhase.CLOSED
+
+    def abort(self) -> None:
+        if not self.closed:
+            self.closed_by = "abort"
+            self.phase = ConnectionPhase.CLOSED
+
+
+def make_protocol(
+    codec: str = "httptools",
+    *,
+    handler: Handler = echo_handler,
+    limits: LimitsConfig | None = None,
+) -> tuple[Http1Protocol, RecordingConnection, FakeServer]:
+    """An `Http1Protocol` over a `RecordingConnection` of a `FakeServer`."""
+    server = FakeServer(codec=codec, limits=limits or LimitsConfig(), handler=handler)
+    conn = RecordingConnection(server)
+    protocol = Http1Protocol(conn)  # type: ignore[arg-type]
+    return protocol, conn, server
+
+
+async def settle(protocol: Http1Protocol, *, timeout: float = 2.0) -> None:
+    """Run the loop until the protocol's serving task (if any) has finished.
+
+    Raises:
+        TimeoutError: it did not finish within `timeout` (a hang).
+    """
+    async with asyncio.timeout(timeout):
+        for _ in range(3):  # a finished task may have scheduled one more step
+            await asyncio.sleep(0)
+            while (task := protocol._task) is not None:
+                await asyncio.wait({task})
+                await asyncio.sleep(0)
+
+
+@dataclass
+class DecodedResponse:
+    """One response as h11 decoded it."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        """The first value of header `name` (case-insensitive), or None."""
+        wanted = name.lower().encode()
+        for key, value in self.headers:
+            if key.lower() == wanted:
+                return value.decode("latin-1")
+        return None
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def decode_responses(output: bytes, methods: list[str]) -> list[DecodedResponse]:
+    """Decode `output` as the responses to requests with `methods`, in order, using a real
+    `h11.Connection(h11.CLIENT)`. Stops early (returning fewer) when the output ends or the
+    server closed; raises `h11.RemoteProtocolError` on anything malformed.
+    """
+    client = h11.Connection(h11.CLIENT)
+    client.receive_data(output)
+    client.receive_data(b"")
+    responses: list[DecodedResponse] = []
+    for method in methods:
+        if client.our_state is h11.DONE and client.their_state is h11.DONE:
+            client.start_next_cycle()
+        if client.our_state is not h11.IDLE:
+            break
+        client.send(h11.Request(method=method, target="/", headers=[("Host", "test")]))
+        client.send(h11.EndOfMessage())
+        status = 0
+        headers: list[tuple[bytes, bytes]] = []
+        body = bytearray()
+        while True:
+            event = client.next_event()
+            if isinstance(event, h11.InformationalResponse):
+                continue
+            if isinstance(event, h11.Response):
+                status = event.status_code
+                headers = list(event.headers.raw_items())
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                responses.append(DecodedResponse(status, headers, bytes(body)))
+                break
+            else:  # ConnectionClosed or NEED_DATA: the output ended
+                return responses
+    return responses
+
+
+# ----------------------------------------------------------------------- raw-socket tools
+
+
+@dataclass
+class RawResponse:
+    """A response read off a raw socket."""
+
+    version: str
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    chunked: bool = False
+    trailers: list[tuple[str, str]] = field(default_factory=list)
+
+    def header(self, name: str) -> str | None:
+        """The first value of header `name` (case-insensitive), or None."""
+        for key, value in self.headers:
+            if key.lower() == name.lower():
+                return value
+        return None
+
+    def header_all(self, name: str) -> list[str]:
+        """Every value of header `name` (case-insensitive)."""
+        return [value for key, value in self.headers if key.lower() == name.lower()]
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class Incomplete(Exception):
+    """More bytes are needed to parse a response."""
+
+
+def _parse_headers(lines: list[bytes]) -> list[tuple[str, str]]:
+    headers = []
+    for line in lines:
+        name, sep, value = line.partition(b":")
+        if not sep:
+            raise ValueError(f"malformed header line {line!r}")
+        headers.append((name.decode("latin-1"), value.strip().decode("latin-1")))
+    return headers
+
+
+def parse_response(data: bytes, *, head: bool = False, eof: bool = False) -> tuple[RawResponse, int]:
+    """Parse one response from the start of `data`; returns it and the bytes used.
+
+    `head`: the response answers a HEAD (no body). `eof`: the peer closed after `data`
+    (ends a close-delimited body).
+
+    Raises:
+        Incomplete: `data` does not hold a whole response yet.
+        ValueError: the bytes are not a response.
+    """
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        if eof and data:
+            raise ValueError(f"truncated response head {data[:200]!r}")
+        raise Incomplete
+    lines = data[:end].split(b"\r\n")
+    version, _, rest = lines[0].partition(b" ")
+    code, _, reason = rest.partition(b" ")
+    if not version.startswith(b"HTTP/") or not code.isdigit():
+        raise ValueError(f"not a status line: {lines[0]!r}")
+    status = int(code)
+    headers = _parse_headers(lines[1:])
+    response = RawResponse(version.decode()[5:], status, reason.decode("latin-1"), headers, b"")
+    pos = end + 4
+    if head or 100 <= status < 200 or status in (204, 304):
+        return response, pos
+    te = response.header("transfer-encoding")
+    length = response.header("content-length")
+    if te is not None and te.lower() == "chunked":
+        response.chunked = True
+        body = bytearray()
+        while True:
+            line_end = data.find(b"\r\n", pos)
+            if line_end < 0:
+                raise Incomplete
+            size = int(data[pos:line_end].split(b";")[0], 16)
+            pos = line_end + 2
+            if size == 0:
+                trailer_end = data.find(b"\r\n\r\n", pos - 2)
+                if trailer_end < 0:
+                    raise Incomplete
+                trailer_lines = data[pos:trailer_end].split(b"\r\n") if trailer_end > pos else []
+                response.trailers = _parse_headers([t for t in trailer_lines if t])
+                response.body = bytes(body)
+                return response, trailer_end + 4
+            if len(data) < pos + size + 2:
+                raise Incomplete
+            body += data[pos : pos + size]
+            if data[pos + size : pos + size + 2] != b"\r\n":
+                raise ValueError("chunk not followed by CRLF")
+            pos += size + 2
+    if length is not None:
+        size = int(length)
+        if len(data) < pos + size:
+            raise Incomplete
+        response.body = data[pos : pos + size]
+        return response, pos + size
+    if not eof:
+        raise Incomplete
+    response.body = data[pos:]
+    return response, len(data)
+
+
+def parse_all(data: bytes, *, head: bool = False) -> list[RawResponse]:
+    """Every response in `data` (all the bytes a closed connection sent)."""
+    responses = []
+    while data:
+        response, used = parse_response(data, head=head, eof=True)
+        responses.append(response)
+        data = data[used:]
+    return responses
+
+
+class RawClient:
+    """A raw TCP client: send bytes, read responses one at a time, observe the close."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.buffer = bytearray()
+        self.eof = False
+
+    @classmethod
+    async def connect(cls, address: tuple[str, int]) -> RawClient:
+        reader, writer = await asyncio.open_connection(*address)
+        return cls(reader, writer)
+
+    async def __aenter__(self) -> RawClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def _read_more(self) -> None:
+        try:
+            data = await self.reader.read(65536)
+        except ConnectionResetError:
+            data = b""
+        if not data:
+            self.eof = True
+        self.buffer += data
+
+    async def response(self, *, head: bool = False, timeout: float = 3.0) -> RawResponse:
+        """The next response.
+
+        Raises:
+            TimeoutError: none arrived within `timeout`.
+            ConnectionError: the connection closed before a whole response.
+        """
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    response, used = parse_response(bytes(self.buffer), head=head, eof=self.eof)
+                except Incomplete:
+                    if self.eof:
+                        raise ConnectionError(
+                            f"closed after {bytes(self.buffer)[:200]!r}"
+                        ) from None
+                    await self._read_more()
+                    continue
+                del self.buffer[:used]
+                return response
+
+    async def read_exactly(self, size: int, *, timeout: float = 3.0) -> bytes:
+        """The next `size` raw bytes."""
+        async with asyncio.timeout(timeout):
+            while len(self.buffer) < size and not self.eof:
+                await self._read_more()
+        data = bytes(self.buffer[:size])
+        del self.buffer[:size]
+        return data
+
+    async def closed(self, timeout: float = 3.0) -> bool:
+        """True when the peer closes within `timeout` with no further bytes; False when
+        it stays open. Raises AssertionError when unexpected bytes arrive first."""
+        try:
+            async with asyncio.timeout(timeout):
+                while not self.eof:
+                    await self._read_more()
+        except TimeoutError:
+            return False
+        assert not self.buffer, f"unexpected bytes before close: {bytes(self.buffer)[:200]!r}"
+        return True
+
+    def close(self) -> None:
+        self.writer.close()
