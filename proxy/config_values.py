@@ -306,7 +306,7 @@ _T = TypeVar("_T")
 Parse = Callable[[Node, str], _T]
 
 
-class Reported(Exception):  # noqa: N818 - a control-flow signal, not an error to handle
+class Reported(Exception):
     """Unwinds the parse of a value whose error NodeReader has already recorded."""
 
 

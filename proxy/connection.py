@@ -43,6 +43,8 @@ class ServerContext(Protocol):
 
     async def handle(self, request: Request) -> Response: ...
 
+    def forget(self, conn: ClientConnection) -> None: ...
+
 
 class FrontEnd(Protocol):
     """A protocol implementation driven by a connection (HTTP/1.1 now, HTTP/2 later)."""
@@ -110,7 +112,7 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.phase = ConnectionPhase.CLOSED
-        self.server.connections.discard(self)
+        self.server.forget(self)
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(ConnectionResetError("client went away"))

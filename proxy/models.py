@@ -41,7 +41,6 @@ class Body:
         "_eof",
         "_error",
         "_on_first_read",
-        "on_abandon",
         "_on_pause",
         "_on_resume",
         "_paused",
@@ -50,6 +49,7 @@ class Body:
         "bytes_read",
         "length",
         "limit",
+        "on_abandon",
         "trailers",
     )
 

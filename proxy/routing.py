@@ -385,8 +385,9 @@ class RouteTable:
         """The most specific route for a request, or None (a 404).
 
         `headers` is a mapping, or a function returning one (called only if a candidate
-        route matches on headers). `host` is the Host header (or h2 `:authority`) as received, `path` the raw path
-        before `?`, `query` the raw query string without `?` (`""` when there is none).
+        route matches on headers). `host` is the Host header (or h2 `:authority`) as
+        received, `path` the raw path before `?`, `query` the raw query string without
+        `?` (`""` when there is none).
         Never raises; any exception is a bug.
         """
         request = _Request(method, path, headers, query)

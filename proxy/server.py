@@ -8,9 +8,9 @@ in-process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
-import time
 
 from proxy.config import Config
 from proxy.connection import ClientConnection
@@ -42,6 +42,7 @@ class Server:
         self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
+        self._all_closed = asyncio.Event()
 
     def __repr__(self) -> str:
         state = "DRAINING" if self.draining else "SERVING"
@@ -56,7 +57,7 @@ class Server:
         loop = asyncio.get_running_loop()
         for listener in self.config.listeners:
             server = await loop.create_server(
-                lambda listener=listener: ClientConnection(self, listener, Http1Protocol),  # type: ignore[misc]
+                lambda listener=listener: ClientConnection(self, listener, Http1Protocol),
                 listener.host,
                 listener.port,
                 reuse_address=True,
@@ -70,6 +71,12 @@ class Server:
                 "listening on http://%s:%d (%s, %s codec)", host, port, listener.name, self.codec
             )
         self._sweeper = loop.create_task(self._sweep_forever())
+
+    def forget(self, conn: ClientConnection) -> None:
+        """A client connection closed."""
+        self.connections.discard(conn)
+        if not self.connections:
+            self._all_closed.set()
 
     def _sweep_interval(self) -> float:
         limits = self.limits
@@ -102,9 +109,11 @@ class Server:
             server.close()
         for conn in list(self.connections):
             conn.begin_drain()
-        deadline = time.monotonic() + grace
-        while self.connections and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        if self.connections:
+            self._all_closed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    await self._all_closed.wait()
         for conn in list(self.connections):
             conn.abort()
         if self.connections:

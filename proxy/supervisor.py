@@ -8,6 +8,7 @@ workers to drain, wait for them, exit 0), SIGHUP (relayed to the workers).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -81,10 +82,8 @@ class Supervisor:
 
     def _signal_children(self, signum: int) -> None:
         for pid in self._children:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
 
     def _reap(self) -> bool:
         crashed = False

@@ -92,9 +92,7 @@ async def gateway_factory() -> AsyncIterator[GatewayFactory]:
 
 
 @pytest.fixture
-async def gateway(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
-) -> Server:
+async def gateway(gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str) -> Server:
     """A gateway with one catch-all route to `upstream`."""
     return await gateway_factory(simple_config(upstream.url, codec))
 
@@ -106,9 +104,9 @@ def base_url(server: Server) -> str:
 
 
 async def raw_request(
-    server: Server, data: bytes, *, timeout: float = 3.0, half_close: bool = False
+    server: Server, data: bytes, *, read_for_s: float = 3.0, half_close: bool = False
 ) -> bytes:
-    """Send raw bytes and read until the gateway closes (or `timeout`)."""
+    """Send raw bytes and read until the gateway closes (or `read_for_s` passes)."""
     host, port = server.addresses[0]
     reader, writer = await asyncio.open_connection(host, port)
     writer.write(data)
@@ -117,7 +115,7 @@ async def raw_request(
         writer.write_eof()
     received = bytearray()
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(read_for_s):
             while chunk := await reader.read(65536):
                 received += chunk
     except TimeoutError:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -326,18 +327,27 @@ def parse_all(data: bytes, *, head: bool = False) -> list[RawResponse]:
 
 
 class RawClient:
-    """A raw TCP client: send bytes, read responses one at a time, observe the close."""
+    """A raw TCP client: send bytes, read responses one at a time, observe the close.
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
+    Built on a plain non-blocking socket rather than StreamReader, which raises a reset
+    before handing over the bytes that arrived ahead of it: a test must see a response
+    the gateway sent just before it closed.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
         self.buffer = bytearray()
         self.eof = False
+        self.reset = False  # the connection ended with a reset, not a FIN
+        self._loop = asyncio.get_running_loop()
 
     @classmethod
     async def connect(cls, address: tuple[str, int]) -> RawClient:
-        reader, writer = await asyncio.open_connection(*address)
-        return cls(reader, writer)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await asyncio.get_running_loop().sock_connect(sock, address)
+        return cls(sock)
 
     async def __aenter__(self) -> RawClient:
         return self
@@ -346,13 +356,22 @@ class RawClient:
         self.close()
 
     async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
+        """Send `data`.
+
+        Raises:
+            ConnectionError: the gateway closed or reset the connection.
+        """
+        await self._loop.sock_sendall(self.sock, data)
+
+    def shutdown_write(self) -> None:
+        """Half-close: the gateway reads EOF."""
+        self.sock.shutdown(socket.SHUT_WR)
 
     async def _read_more(self) -> None:
         try:
-            data = await self.reader.read(65536)
-        except ConnectionResetError:
+            data = await self._loop.sock_recv(self.sock, 65536)
+        except ConnectionError:
+            self.reset = True
             data = b""
         if not data:
             self.eof = True
@@ -371,8 +390,9 @@ class RawClient:
                     response, used = parse_response(bytes(self.buffer), head=head, eof=self.eof)
                 except Incomplete:
                     if self.eof:
+                        how = "reset" if self.reset else "closed"
                         raise ConnectionError(
-                            f"closed after {bytes(self.buffer)[:200]!r}"
+                            f"{how} after {bytes(self.buffer)[:200]!r}"
                         ) from None
                     await self._read_more()
                     continue
@@ -380,12 +400,21 @@ class RawClient:
                 return response
 
     async def read_exactly(self, size: int, *, timeout: float = 3.0) -> bytes:
-        """The next `size` raw bytes."""
+        """The next `size` raw bytes (fewer if the connection ends first)."""
         async with asyncio.timeout(timeout):
             while len(self.buffer) < size and not self.eof:
                 await self._read_more()
         data = bytes(self.buffer[:size])
         del self.buffer[:size]
+        return data
+
+    async def read_until_closed(self, timeout: float = 3.0) -> bytes:
+        """Everything until the gateway closes (raises TimeoutError if it does not)."""
+        async with asyncio.timeout(timeout):
+            while not self.eof:
+                await self._read_more()
+        data = bytes(self.buffer)
+        self.buffer.clear()
         return data
 
     async def closed(self, timeout: float = 3.0) -> bool:
@@ -401,4 +430,4 @@ class RawClient:
         return True
 
     def close(self) -> None:
-        self.writer.close()
+        self.sock.close()

@@ -102,9 +102,7 @@ class UpstreamServer:
                 served += 1
                 target = request.target.decode()
                 headers = [(k.decode(), v.decode()) for k, v in request.headers.raw_items()]
-                self.requests.append(
-                    Recorded(request.method.decode(), target, headers, body, size)
-                )
+                self.requests.append(Recorded(request.method.decode(), target, headers, body, size))
                 keep = await self._respond(conn, writer, request, target, headers, body, size)
                 if not keep or conn.our_state is not h11.DONE or not self.keep_alive:
                     return
@@ -155,7 +153,9 @@ class UpstreamServer:
         body: bytes,
         size: int,
     ) -> bool:
-        async def send(status: int, data: bytes, extra: list[tuple[str, str]] | None = None) -> None:
+        async def send(
+            status: int, data: bytes, extra: list[tuple[str, str]] | None = None
+        ) -> None:
             hdrs = [("Content-Length", str(len(data)))] + (extra or [])
             writer.write(conn.send(h11.Response(status_code=status, headers=hdrs)))
             writer.write(conn.send(h11.Data(data=data)) if data else b"")
@@ -168,7 +168,9 @@ class UpstreamServer:
             await send(200, b"x" * int(parts[1]))
         elif parts[0] == "chunked":
             count, size_each = int(parts[1]), int(parts[2])
-            writer.write(conn.send(h11.Response(status_code=200, headers=[("Transfer-Encoding", "chunked")])))
+            writer.write(
+                conn.send(h11.Response(status_code=200, headers=[("Transfer-Encoding", "chunked")]))
+            )
             for _ in range(count):
                 writer.write(conn.send(h11.Data(data=b"y" * size_each)))
                 await writer.drain()
@@ -176,7 +178,9 @@ class UpstreamServer:
             await writer.drain()
         elif parts[0] == "download":
             total = int(parts[1])
-            writer.write(conn.send(h11.Response(status_code=200, headers=[("Content-Length", str(total))])))
+            writer.write(
+                conn.send(h11.Response(status_code=200, headers=[("Content-Length", str(total))]))
+            )
             block = b"z" * CHUNK
             sent = 0
             while sent < total:
@@ -194,7 +198,9 @@ class UpstreamServer:
             await asyncio.sleep(int(parts[1]) / 1000)
             await send(200, b"slow")
         elif parts[0] == "slowbody":
-            writer.write(conn.send(h11.Response(status_code=200, headers=[("Content-Length", "4")])))
+            writer.write(
+                conn.send(h11.Response(status_code=200, headers=[("Content-Length", "4")]))
+            )
             await writer.drain()
             await asyncio.sleep(int(parts[1]) / 1000)
             writer.write(conn.send(h11.Data(data=b"late")))

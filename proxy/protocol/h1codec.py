@@ -16,12 +16,12 @@ import h11
 
 try:
     import httptools
+
+    HTTPTOOLS_AVAILABLE = True
 except ImportError:  # pragma: no cover - exercised only where the C extension is missing
-    httptools = None
+    HTTPTOOLS_AVAILABLE = False
 
 Headers = list[tuple[bytes, bytes]]
-
-HTTPTOOLS_AVAILABLE = httptools is not None
 
 
 class H1Error(Exception):
@@ -175,7 +175,9 @@ def scan_head(head: MessageHead, *, request: bool) -> None:
                 chunked = True
         elif size == 10:
             if name.lower() == b"connection":
-                head.connection = value if head.connection is None else head.connection + b"," + value
+                head.connection = (
+                    value if head.connection is None else head.connection + b"," + value
+                )
         elif size == 6 and name.lower() == b"expect":
             head.expect_continue = value.lower() == b"100-continue"
     if chunked and content_length is not None:

@@ -150,7 +150,8 @@ class Http1UpstreamConnection(asyncio.Protocol):
             ProxyError: reading the client's body failed (408, 413, 400).
         """
         transport = self.transport
-        assert transport is not None and self.state is UpstreamConnState.ACTIVE
+        assert transport is not None
+        assert self.state is UpstreamConnState.ACTIVE
         self.requests += 1
         self._received = False
         self._head_only = method == "HEAD"
@@ -165,7 +166,8 @@ class Http1UpstreamConnection(asyncio.Protocol):
             transport.write(head)
             self._sender = self._loop.create_task(self._send_body(body))
         try:
-            return await waiter
+            response: Response = await waiter
+            return response
         finally:
             # The connection may already serve the next exchange (released in on_end,
             # before this coroutine resumed): clear only our own waiter.

@@ -13,17 +13,17 @@ P = TypeVar("P", bound=asyncio.Protocol)
 
 
 async def open_connection(
-    protocol_factory: Callable[[], P], host: str, port: int, timeout: float
+    protocol_factory: Callable[[], P], host: str, port: int, connect_timeout_s: float
 ) -> P:
-    """Connect to host:port within `timeout` seconds and return the connected protocol.
+    """Connect to host:port within `connect_timeout_s` and return the connected protocol.
 
     Raises:
-        UpstreamConnectTimeout: the connect took longer than `timeout`.
+        UpstreamConnectTimeout: the connect took longer than `connect_timeout_s`.
         UpstreamConnectError: refused, unreachable, or the name did not resolve.
     """
     loop = asyncio.get_running_loop()
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(connect_timeout_s):
             transport, protocol = await loop.create_connection(protocol_factory, host, port)
     except TimeoutError:
         raise UpstreamConnectTimeout(f"connect to {host}:{port} timed out") from None

@@ -450,3 +450,23 @@ async def test_close_delimited_upstream_response_reaches_client(gateway: Server)
         response = await client.get(base_url(gateway) + "/close")
     assert response.status_code == 200
     assert response.content == b"until-close"
+
+
+async def test_upgrade_request_with_body_is_not_truncated_or_hung(
+    gateway: Server, upstream: UpstreamServer
+) -> None:
+    # Tunnels are not supported yet. The gateway may serve the request as a plain one
+    # (RFC 9110 section 7.8 lets a server ignore Upgrade) or refuse it, but it must not
+    # forward it with its body silently dropped, nor wait for a body it will never read.
+    async with await RawClient.connect(gateway.addresses[0]) as client:
+        await client.send(
+            b"POST /echo/up HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
+            b"Content-Length: 5\r\n\r\nhello"
+        )
+        response = await client.response(timeout=2)
+    if response.status == 200:
+        assert response.json()["body"] == "hello"
+        assert upstream.requests[0].header("upgrade") is None
+    else:
+        assert response.status in (400, 501)
+        assert upstream.requests == []

@@ -1,0 +1,568 @@
+"""Every local reply of DESIGN.md's error table that the HTTP/1.1 core produces, through
+real sockets, with its JSON `error` code; after each, the gateway still serves."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+
+import httpx
+import pytest
+
+from proxy.server import Server
+from tests.conftest import (
+    GatewayFactory,
+    UpstreamFactory,
+    assert_still_serves,
+    base_url,
+    simple_config,
+)
+from tests.helpers import RawClient, RawResponse
+from tests.upstream import UpstreamServer
+
+pytestmark = pytest.mark.socket
+
+
+def assert_local_reply(response: RawResponse, status: int, error: str) -> None:
+    assert response.status == status, response
+    assert response.header("content-type") == "application/json"
+    payload = response.json()
+    assert payload["error"] == error
+    assert payload["request_id"]
+
+
+async def start(
+    gateway_factory: GatewayFactory,
+    upstream_url: str,
+    codec: str,
+    *,
+    extra: str = "",
+    route: str = "",
+) -> Server:
+    return await gateway_factory(simple_config(upstream_url, codec, extra=extra, route=route))
+
+
+# -- 400 ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "request_line",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"GET\r\n\r\n",
+        b"GET / HTTP/1.1 extra\r\nHost: t\r\n\r\n",
+        b"GET / HTTP/9.9\r\nHost: t\r\n\r\n",
+        b"G(T / HTTP/1.1\r\nHost: t\r\n\r\n",
+        b"GET /a b HTTP/1.1\r\nHost: t\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40,  # a TLS hello
+    ],
+)
+async def test_malformed_request_line_gives_400_and_close(
+    gateway: Server, upstream: UpstreamServer, request_line: bytes
+) -> None:
+    async with await RawClient.connect(gateway.addresses[0]) as client:
+        await client.send(request_line)
+        response = await client.response()
+        assert_local_reply(response, 400, "bad_request")
+        assert response.header("connection") == "close"
+        assert await client.closed()
+    assert upstream.requests == []
+    await assert_still_serves(gateway)
+
+
+async def test_bad_request_after_a_good_one_answers_both_in_order(
+    gateway: Server, upstream: UpstreamServer
+) -> None:
+    async with await RawClient.connect(gateway.addresses[0]) as client:
+        await client.send(b"GET /echo/ok HTTP/1.1\r\nHost: t\r\n\r\nBROKEN LINE\r\n\r\n")
+        first = await client.response()
+        second = await client.response()
+        assert await client.closed()
+    assert first.json()["target"] == "/echo/ok"
+    assert_local_reply(second, 400, "bad_request")
+    assert [r.target for r in upstream.requests] == ["/echo/ok"]
+
+
+# -- 431 ---------------------------------------------------------------------------------
+
+SMALL_HEAD = "limits: {max_head_bytes: 4KiB}"
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET / HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 6000 + b"\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: t\r\n"
+        + b"".join(b"X-H%d: value\r\n" % i for i in range(500))
+        + b"\r\n",
+        b"GET /" + b"p" * 6000 + b" HTTP/1.1\r\nHost: t\r\n\r\n",
+    ],
+    ids=["huge-header", "many-headers", "huge-target"],
+)
+async def test_head_over_limit_gives_431(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str, head: bytes
+) -> None:
+    server = await start(gateway_factory, upstream.url, codec, extra=SMALL_HEAD)
+    async with await RawClient.connect(server.addresses[0]) as client:
+        await client.send(head)
+        response = await client.response()
+        assert_local_reply(response, 431, "head_too_large")
+        assert await client.closed()
+    assert upstream.requests == []
+    await assert_still_serves(server)
+
+
+async def test_head_over_limit_sent_slowly_gives_431(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+) -> None:
+    server = await start(gateway_factory, upstream.url, codec, extra=SMALL_HEAD)
+    async with await RawClient.connect(server.addresses[0]) as client:
+        await client.send(b"GET / HTTP/1.1\r\nHost: t\r\n")
+        with contextlib.suppress(ConnectionError):  # the gateway may answer before the end
+            for i in range(10):
+                await client.send(b"X-Part-%d: %s\r\n" % (i, b"b" * 1000))
+                await asyncio.sleep(0.002)
+            await client.send(b"\r\n")
+        response = await client.response()
+    assert_local_reply(response, 431, "head_too_large")
+    assert upstream.requests == []
+
+
+async def test_head_just_under_limit_is_served(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+) -> None:
+    server = await start(gateway_factory, upstream.url, codec, extra=SMALL_HEAD)
+    async with await RawClient.connect(server.addresses[0]) as client:
+        await client.send(b"GET /echo HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 3000 + b"\r\n\r\n")
+        response = await client.response()
+    assert response.status == 200
+
+
+# -- 413 ---------------------------------------------------------------------------------
+
+ROUTE_LIMIT = "    max_body_size: 1KiB"
+
+
+async def test_content_length_over_route_limit_gives_413(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+) -> None:
+    server = await start(gateway_factory, upstream.url, codec, route=ROUTE_LIMIT)
+    async with await RawClient.connect(server.addresses[0]) as client:
+        await client.send(
+            b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 2000\r\n\r\n" + b"x" * 2000
+        )
+        response = await client.response()
+        assert_local_reply(response, 413, "body_too_large")
+        assert await client.closed()
+    assert upstream.requests == []
+    await assert_still_serves(server)
+
+
+async def test_content_length_over_route_limit_with_expect_gives_413_without_upload(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+) -> None:
+    server = await start(gateway_factory, upstream.url, codec, route=ROUTE_LIMIT)
+    async with await RawClient.connect(server.addresses[0]) as client:
+        await client.send(
+            b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 2000\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
+        response = await client.response()
+    assert_local_reply(response, 413, "body_too_large")
+    assert upstream.requests == []
+
+
+async def test_body_within_route_limit_is_served(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+) -> None:
+    server = await start(gateway_factory, upstream.url, codec, route=ROUTE_LIMIT)
+    async with httpx.AsyncClient() as client:
+        response = await client.post(base_url(server) + "/echo", content=b"x" * 1024)
+    assert response.status_code == 200
+    assert response.json()["body_size"] == 1024
+
+
+async def test_chunked_body_growing_past_route_limit_gives_413(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+) -> None:
+    server = await start(gateway_factory, upstream.url, codec, route=ROUTE_LIMIT)
+    async with await RawClient.connect(server.addresses[0]) as client:
+        await client.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(2):
+            await client.send(b"258\r\n" + b"c" * 600 + b"\r\n")
+            await asyncio.sleep(0.01)
+        await client.send(b"0\r\n\r\n")
+        response = await client.response()
+        assert_local_reply(response, 413, "body_too_large")
+        assert await client.closed()
+    assert upstream.requests == []  # it never got a whole request
+    await assert_still_serves(server)
+
+
+async def test_chunked_body_past_route_limit_in_one_write_gives_413(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+) -> None:
+    server = await start(gateway_factory, upstream.url, codec, route=ROUTE_LIMIT)
+    async with await RawClient.connect(server.addresses[0]) as client:
+        await client.send(
+            b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + (b"258\r\n" + b"c" * 600 + b"\r\n") * 2
+            + b"0\r\n\r\n"
+        )
+        response = await client.response()
+    assert_local_reply(response, 413, "body_too_large")
+    assert upstream.requests == []
+
+
+async def test_content_length_over_server_limit_gives_413(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+) -> None:
+    server = await start(gateway_factory, upstream.url, codec, extra="limits: {max_body_size: 100}")
+    async with await RawClient.connect(server.addresses[0]) as client:
+        await client.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 101\r\n\r\n")
+        response = await client.response()
+        assert_local_reply(response, 413, "body_too_large")
+        assert await client.closed()
+    assert upstream.requests == []
+    await assert_still_serves(server)
+
+
+async def test_chunked_body_past_server_limit_gives_413(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+) -> None:
+    server = await start(gateway_factory, upstream.url, codec, extra="limits: {max_body_size: 100}")
+    async with await RawClient.connect(server.addresses[0]) as client:
+        await client.send(
+            b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"40\r\n" + b"d" * 64 + b"\r\n"
+        )
+        await asyncio.sleep(0.01)
+        await client.send(b"40\r\n" + b"d" * 64 + b"\r\n0\r\n\r\n")
+        response = await client.response()
+    assert_local_reply(response, 413, "body_too_large")
+    assert upstream.requests == []
+
+
+# -- 408 and idle close ------------------------------------------------------------------
+
+FAST_TIMEOUTS = "limits: {header_timeout: 200ms, body_timeout: 200ms, keepalive_timeout: 200ms}"
+
+
+async def test_incomplete_head_gives_408_after_header_timeout(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+) -> None:
+    server = await start(gateway_factory, upstream.url, codec, extra=FAST_TIMEOUTS)
+    async with await RawClient.connect(server.addresses[0]) as client:
+        started = time.monotonic()
+        await client.send(b"GET /echo HTTP/1.1\r\nHost: t\r\n")
+        response = await client.response(timeout=1.5)
+        elapsed = time.monotonic() - started
+        assert_local_reply(response, 408, "request_timeout")
+        assert await client.closed()
+    assert 0.15 <= elapsed < 1.0
+    assert upstream.requests == []
+    await assert_still_serves(server)
+
+
+async def test_head_trickled_past_header_timeout_gives_408(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+) -> None:
+    # The timeout bounds the whole head, not the gap between its bytes (slowloris).
+    server = await start(gateway_factory, upstream.url, codec, extra=FAST_TIMEOUTS)
+    async with await RawClient.connect(server.addresses[0]) as client:
+        await client.send(b"GET /echo HTTP/1.1\r\n")
+        started = time.monotonic()
+        try:
+            for i in range(40):
+                await client.send(b"X-%d: y\r\n" % i)
+                await asyncio.sleep(0.02)
+        except ConnectionError:
+            pass
+        response = await client.response(timeout=1.0)
+        elapsed = time.monotonic() - started
+    assert_local_reply(response, 408, "request_timeout")
+    assert elapsed < 0.6
+    assert upstream.requests == []
+
+
+async def test_stalled_body_gives_408_after_body_timeout(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+) -> None:
+    server = await start(gateway_factory, upstream.url, codec, extra=FAST_TIMEOUTS)
+    async with await RawClient.connect(server.addresses[0]) as client:
+        await client.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc")
+        started = time.monotonic()
+        response = await client.response(timeout=1.5)
+        elapsed = time.monotonic() - started
+        assert_local_reply(response, 408, "request_timeout")
+        assert await client.closed()
+    assert 0.15 <= elapsed < 1.0
+    assert upstream.requests == []
+    await assert_still_serves(server)
+
+
+async def test_stalled_chunked_body_gives_408(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+) -> None:
+    server = await start(gateway_factory, upstream.url, codec, extra=FAST_TIMEOUTS)
+    async with await RawClient.connect(server.addresses[0]) as client:
+        await client.send(
+            b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"
+        )
+        response = await client.response(timeout=1.5)
+    assert_local_reply(response, 408, "request_timeout")
+    assert upstream.requests == []
+
+
+async def test_slow_but_steady_body_is_not_timed_out(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+) -> None:
+    # body_timeout bounds the gap between chunks, not the whole body.
+    server = await start(gateway_factory, upstream.url, codec, extra=FAST_TIMEOUTS)
+    async with await RawClient.connect(server.addresses[0]) as client:
+        await client.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 6\r\n\r\n")
+        for piece in (b"ab", b"cd", b"ef"):
+            await asyncio.sleep(0.12)
+            await client.send(piece)
+        response = await client.response(timeout=1.5)
+    assert response.status == 200
+    assert response.json()["body"] == "abcdef"
+
+
+async def test_idle_keep_alive_connection_is_closed_after_keepalive_timeout(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+) -> None:
+    server = await start(gateway_factory, upstream.url, codec, extra=FAST_TIMEOUTS)
+    async with await RawClient.connect(server.addresses[0]) as client:
+        await client.send(b"GET /echo HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert (await client.response()).status == 200
+        started = time.monotonic()
+        assert await client.closed(timeout=1.5)  # no 408: an idle close sends nothing
+        elapsed = time.monotonic() - started
+    assert 0.15 <= elapsed < 1.0
+    await assert_still_serves(server)
+
+
+async def test_keep_alive_connection_used_before_timeout_stays_open(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+) -> None:
+    server = await start(gateway_factory, upstream.url, codec, extra=FAST_TIMEOUTS)
+    async with await RawClient.connect(server.addresses[0]) as client:
+        for i in range(4):
+            await client.send(f"GET /echo/{i} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+            assert (await client.response()).status == 200
+            await asyncio.sleep(0.1)
+
+
+async def test_slow_upstream_response_is_not_a_client_timeout(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+) -> None:
+    # The client waits on us, not we on it: client-side timers must not fire.
+    server = await start(gateway_factory, upstream.url, codec, extra=FAST_TIMEOUTS)
+    async with await RawClient.connect(server.addresses[0]) as client:
+        await client.send(b"GET /slow/500 HTTP/1.1\r\nHost: t\r\n\r\n")
+        response = await client.response(timeout=2)
+        assert response.status == 200
+        await client.send(b"GET /slowbody/400 HTTP/1.1\r\nHost: t\r\n\r\n")
+        response = await client.response(timeout=2)
+    assert response.body == b"late"
+
+
+# -- 502 / 503 / 504 ---------------------------------------------------------------------
+
+
+def unused_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+async def test_refused_upstream_gives_502(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+) -> None:
+    dead = f"http://127.0.0.1:{unused_port()}"
+    extra = f"""
+  dead:
+    endpoints: [{dead}]
+"""
+    config = simple_config(upstream.url, codec, route="")
+    config = config.replace("upstreams:\n", "upstreams:" + extra, 1)
+    config += "  - match: {path_prefix: /dead}\n    upstream: dead\n"
+    server = await gateway_factory(config)
+    async with await RawClient.connect(server.addresses[0]) as client:
+        await client.send(b"GET /dead HTTP/1.1\r\nHost: t\r\n\r\n")
+        response = await client.response()
+        assert_local_reply(response, 502, "upstream_connect_failed")
+        # An upstream failure is not the client's fault: its connection lives on.
+        await client.send(b"GET /echo/next HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert (await client.response()).status == 200
+    await assert_still_serves(server)
+
+
+@pytest.mark.parametrize(
+    ("path", "error"),
+    [("/drop", "upstream_reset"), ("/garbage", "upstream_bad_response")],
+)
+async def test_broken_upstream_answer_gives_502(
+    gateway: Server, upstream: UpstreamServer, path: str, error: str
+) -> None:
+    async with await RawClient.connect(gateway.addresses[0]) as client:
+        await client.send(f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+        response = await client.response()
+        assert_local_reply(response, 502, error)
+        await client.send(b"GET /echo/next HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert (await client.response()).status == 200
+    await assert_still_serves(gateway)
+
+
+async def test_broken_upstream_answer_on_reused_connection_gives_502(
+    gateway: Server, upstream: UpstreamServer
+) -> None:
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(base_url(gateway) + "/echo/warm")).status_code == 200
+        response = await client.get(base_url(gateway) + "/drop")
+    assert response.status_code == 502
+    assert response.json()["error"] == "upstream_reset"
+    await assert_still_serves(gateway)
+
+
+async def test_upstream_silent_past_read_timeout_gives_504(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+) -> None:
+    config = simple_config(upstream.url, codec).replace(
+        f"endpoints: [{upstream.url}]",
+        f"endpoints: [{upstream.url}]\n    timeouts: {{read: 200ms}}",
+    )
+    server = await gateway_factory(config)
+    async with await RawClient.connect(server.addresses[0]) as client:
+        started = time.monotonic()
+        await client.send(b"GET /slow/1500 HTTP/1.1\r\nHost: t\r\n\r\n")
+        response = await client.response(timeout=1.5)
+        elapsed = time.monotonic() - started
+        assert_local_reply(response, 504, "upstream_timeout")
+        await client.send(b"GET /echo/next HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert (await client.response()).status == 200
+    assert 0.15 <= elapsed < 1.0
+    await assert_still_serves(server)
+
+
+async def test_upstream_answering_within_read_timeout_is_served(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+) -> None:
+    config = simple_config(upstream.url, codec).replace(
+        f"endpoints: [{upstream.url}]",
+        f"endpoints: [{upstream.url}]\n    timeouts: {{read: 300ms}}",
+    )
+    server = await gateway_factory(config)
+    async with httpx.AsyncClient() as client:
+        response = await client.get(base_url(server) + "/slow/50")
+    assert response.status_code == 200
+
+
+async def test_pool_wait_timeout_gives_503(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+) -> None:
+    config = simple_config(upstream.url, codec).replace(
+        f"endpoints: [{upstream.url}]",
+        f"endpoints: [{upstream.url}]\n    pool: {{max_connections: 1, wait_timeout: 100ms}}",
+    )
+    server = await gateway_factory(config)
+    async with httpx.AsyncClient() as client:
+        slow = asyncio.create_task(client.get(base_url(server) + "/slow/600"))
+        await asyncio.sleep(0.1)  # the slow request holds the only connection
+        started = time.monotonic()
+        response = await client.get(base_url(server) + "/echo/waiting")
+        elapsed = time.monotonic() - started
+        assert (await slow).status_code == 200
+    assert response.status_code == 503
+    assert response.json()["error"] == "pool_timeout"
+    assert elapsed < 0.45
+    assert [r.target for r in upstream.requests] == ["/slow/600"]
+    await assert_still_serves(server)
+
+
+async def test_pool_waiter_gets_released_connection(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+) -> None:
+    config = simple_config(upstream.url, codec).replace(
+        f"endpoints: [{upstream.url}]",
+        f"endpoints: [{upstream.url}]\n    pool: {{max_connections: 1, wait_timeout: 1s}}",
+    )
+    server = await gateway_factory(config)
+    async with httpx.AsyncClient() as client:
+        responses = await asyncio.gather(
+            *(client.get(base_url(server) + f"/slow/{50 + i}") for i in range(3))
+        )
+    assert [r.status_code for r in responses] == [200, 200, 200]
+    assert upstream.connections == 1
+
+
+# -- the keep-alive race -----------------------------------------------------------------
+
+
+async def test_upstream_dropping_reused_connection_is_retried_on_fresh_one(
+    gateway_factory: GatewayFactory, upstream_factory: UpstreamFactory, codec: str
+) -> None:
+    racy = await upstream_factory(drop_reused=True)
+    server = await gateway_factory(simple_config(racy.url, codec))
+    async with httpx.AsyncClient() as client:
+        for i in range(3):
+            response = await client.get(base_url(server) + f"/echo/{i}")
+            assert response.status_code == 200, response.text
+            assert response.json()["target"] == f"/echo/{i}"
+        response = await client.post(base_url(server) + "/echo/body", content=b"replayed")
+        assert response.status_code == 200, response.text
+        assert response.json()["body"] == "replayed"
+    assert racy.dropped == 3
+    assert racy.connections == 4  # each reuse was dropped, each retry opened a new one
+    assert [r.target for r in racy.requests] == ["/echo/0", "/echo/1", "/echo/2", "/echo/body"]
+
+
+async def test_upstream_closing_idle_connection_does_not_fail_next_request(
+    gateway: Server, upstream: UpstreamServer
+) -> None:
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(base_url(gateway) + "/thenclose")).status_code == 200
+        await asyncio.sleep(0.02)  # the upstream's FIN reaches the idle pooled connection
+        response = await client.get(base_url(gateway) + "/echo/after")
+    assert response.status_code == 200
+    assert upstream.connections == 2
+
+
+async def test_upstream_closing_idle_connection_at_once_does_not_fail_next_request(
+    gateway: Server, upstream: UpstreamServer
+) -> None:
+    # No pause: the next request may be sent on the connection as its FIN arrives.
+    async with await RawClient.connect(gateway.addresses[0]) as client:
+        await client.send(
+            b"GET /thenclose HTTP/1.1\r\nHost: t\r\n\r\nGET /echo/after HTTP/1.1\r\nHost: t\r\n\r\n"
+        )
+        first = await client.response()
+        second = await client.response()
+    assert first.status == 200
+    assert second.status == 200, second
+
+
+async def test_every_error_leaves_no_connection_behind(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+) -> None:
+    server = await start(gateway_factory, upstream.url, codec, extra=FAST_TIMEOUTS)
+    payloads = [
+        b"GARBAGE\r\n\r\n",
+        b"GET /drop HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc",
+        b"GET /echo HTTP/1.1\r\n",
+    ]
+    for payload in payloads:
+        async with await RawClient.connect(server.addresses[0]) as client:
+            await client.send(payload)
+            await client.response(timeout=1.5)
+            assert await client.closed(timeout=1.5)
+    for _ in range(20):
+        if not server.connections:
+            break
+        await asyncio.sleep(0.01)
+    assert not server.connections
