@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 from proxy.config import LimitsConfig, ListenerConfig
 
 if TYPE_CHECKING:
+    from proxy.errors import ProxyError
     from proxy.models import Request, Response
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,10 @@ class ServerContext(Protocol):
     connections: set[ClientConnection]
 
     async def handle(self, request: Request) -> Response: ...
+
+    def try_fast(
+        self, request: Request, on_response: Callable[[Response | None, ProxyError | None], None]
+    ) -> bool: ...
 
     def forget(self, conn: ClientConnection) -> None: ...
 

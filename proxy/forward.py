@@ -7,7 +7,7 @@ import re
 from collections.abc import Callable
 
 from proxy.config import RewriteConfig
-from proxy.errors import BadRequest
+from proxy.errors import BadRequest, ProxyError
 from proxy.headers import upstream_request_head
 from proxy.models import Request, Response
 from proxy.protocol.h1serialize import UnsafeHeader
@@ -67,6 +67,32 @@ class Forwarder:
         path = self._rewrite(request.path)
         target = f"{path}?{request.query}" if request.query else path
         return target.encode("latin-1")
+
+    def try_start(
+        self,
+        request: Request,
+        route_name: str,
+        params: dict[str, str],
+        on_response: Callable[[Response | None, ProxyError | None], None],
+    ) -> bool:
+        """The synchronous fast path (see `Runtime.try_fast`): send a bodiless request on
+        an idle pooled connection; False when none is idle or anything is unusual."""
+        pool = self.upstream.pick()
+        conn = pool.take_idle()
+        if conn is None:
+            return False
+        endpoint = pool.endpoint
+        host = self._host_rewrite or request.host or f"{endpoint.host}:{endpoint.port}"
+        try:
+            head = upstream_request_head(request, self.target_of(request), host, 0, chunked=False)
+        except UnsafeHeader:
+            pool.release(conn)
+            return False
+        request.route_name = route_name
+        request.params = params
+        request.body.take_all()
+        conn.start(request.method, head, on_response)
+        return True
 
     async def __call__(self, request: Request) -> Response:
         """Forward `request` and return the upstream's response (body still streaming).

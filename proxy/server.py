@@ -36,6 +36,7 @@ class Server:
         self.limits = config.limits
         self.runtime = Runtime(config, self.codec)
         self.handle = self.runtime.handle
+        self.try_fast = self.runtime.try_fast
         self.connections: set[ClientConnection] = set()
         self.draining = False
         self.addresses: list[tuple[str, int]] = []

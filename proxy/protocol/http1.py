@@ -10,6 +10,7 @@ from here as an exception: it becomes a local reply (400/408/413/431) and a clos
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 from collections import deque
 
@@ -25,6 +26,7 @@ from proxy.protocol.h1serialize import (
     reason_phrase,
     response_head,
 )
+from proxy.upstream.http1 import StaleConnection
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ class Http1Protocol:
         "_broken",
         "_closing",
         "_conn",
+        "_inflight",
         "_parser",
         "_queue",
         "_receiving",
@@ -57,6 +60,7 @@ class Http1Protocol:
         self._queue: deque[Request | ProxyError] = deque()
         self._receiving: Body | None = None  # the body the parser is filling
         self._task: asyncio.Task[None] | None = None
+        self._inflight: Request | None = None  # a fast-path exchange awaiting its response
         self._closing = False  # answer what is queued, then close
         self._broken = False  # the byte stream is unusable: parse nothing more
 
@@ -129,11 +133,7 @@ class Http1Protocol:
             host=head.host.decode("latin-1"),
             connection=head.connection.decode("latin-1") if head.connection else None,
         )
-        self._queue.append(request)
-        if len(self._queue) >= MAX_PIPELINED_REQUESTS:
-            conn.pause_reading()
-        if self._task is None:
-            self._task = conn.loop.create_task(self._serve())
+        self._dispatch(request)
 
     def on_body(self, data: bytes) -> None:
         """Parser callback: a piece of the current request's body."""
@@ -161,7 +161,7 @@ class Http1Protocol:
         if body is not None:
             self._receiving = None
             body.fail(BadRequest("client closed before the body was complete"))
-        if self._task is None and not self._queue:
+        if not self._busy and not self._queue:
             self._conn.close()
 
     def on_close(self) -> None:
@@ -171,6 +171,7 @@ class Http1Protocol:
         if body is not None:
             self._receiving = None
             body.fail(BadRequest("client went away"))
+        self._inflight = None
         task = self._task
         if task is not None:
             task.cancel()
@@ -184,7 +185,7 @@ class Http1Protocol:
             self._fail_input(RequestTimeout("client too slow sending the body"))
         elif phase is ConnectionPhase.HEAD:
             self._conn.set_phase(ConnectionPhase.BUSY)
-            if self._task is None and not self._queue:
+            if not self._busy and not self._queue:
                 self._fail_input(RequestTimeout("client too slow sending the request head"))
             else:
                 self._conn.close()
@@ -192,12 +193,92 @@ class Http1Protocol:
     def on_drain_request(self) -> None:
         """Shutdown: close now if idle, else after the response in flight."""
         self._closing = True
-        if self._task is None and not self._queue and self._receiving is None:
+        if not self._busy and not self._queue and self._receiving is None:
             self._conn.close()
 
     # -- serving --------------------------------------------------------------------
+    @property
+    def _busy(self) -> bool:
+        return self._task is not None or self._inflight is not None
+
+    def _dispatch(self, request: Request) -> None:
+        """Start serving `request` now if nothing is ahead of it, else queue it."""
+        if not self._busy and not self._queue and request.body.complete:
+            # The fast path: route, take an idle upstream connection and send, all
+            # synchronously; the answer comes back through `_on_fast_response` with no
+            # task or future. Anything unusual falls through to the general path.
+            self._inflight = request
+            self._conn.set_phase(ConnectionPhase.BUSY)
+            if self._server.try_fast(request, self._on_fast_response):
+                return
+            self._inflight = None
+        self._queue.append(request)
+        if len(self._queue) >= MAX_PIPELINED_REQUESTS:
+            self._conn.pause_reading()
+        self._serve_soon()
+
+    def _on_fast_response(self, response: Response | None, error: ProxyError | None) -> None:
+        request = self._inflight
+        if request is None:
+            return  # the client went away meanwhile
+        self._inflight = None
+        conn = self._conn
+        if conn.closed:
+            if response is not None:
+                response.body.discard()
+            return
+        if response is None:
+            assert error is not None
+            if isinstance(error, StaleConnection):
+                # The keep-alive race: the general path retries on a fresh connection.
+                self._queue.appendleft(request)
+                self._serve_soon()
+                return
+            response = local_reply(error, request)
+        keep_alive = self._keep_alive(request)
+        if response.body.complete:
+            if self._start_response(request, response, keep_alive) is not _Sent.DONE:
+                conn.abort()
+            elif not keep_alive:
+                conn.close()
+            else:
+                self._idle_or_next()
+            return
+        # A body still streaming needs a task to wait on it.
+        self._task = conn.loop.create_task(self._finish_streaming(request, response))
+
+    async def _finish_streaming(self, request: Request, response: Response) -> None:
+        try:
+            if not await self._write(request, response, keep_alive=self._keep_alive(request)):
+                self._conn.abort()
+                return
+        finally:
+            self._task = None
+        if not self._keep_alive(request):
+            self._conn.close()
+        else:
+            self._idle_or_next()
+
+    def _keep_alive(self, request: Request) -> bool:
+        return (
+            request.keep_alive
+            and not self._closing
+            and not self._server.draining
+            # A body the exchange did not read to its end would be parsed as the next
+            # request: only a complete one lets the connection live on.
+            and request.body.complete
+        )
+
+    def _idle_or_next(self) -> None:
+        if self._queue:
+            self._serve_soon()
+        elif self._closing and self._receiving is None:
+            self._conn.close()
+        elif self._conn.phase is ConnectionPhase.BUSY:
+            self._conn.set_phase(ConnectionPhase.IDLE)
+
     def _serve_soon(self) -> None:
-        if self._task is None:
+        if not self._busy:
             self._task = self._conn.loop.create_task(self._serve())
 
     async def _serve(self) -> None:
@@ -215,14 +296,7 @@ class Http1Protocol:
                 if conn.phase is not ConnectionPhase.BODY:
                     conn.set_phase(ConnectionPhase.BUSY)
                 response = await self._server.handle(item)
-                keep_alive = (
-                    item.keep_alive
-                    and not self._closing
-                    and not self._server.draining
-                    # A body the exchange did not read to its end would be parsed as the
-                    # next request: only a complete one lets the connection live on.
-                    and item.body.complete
-                )
+                keep_alive = self._keep_alive(item)
                 if not await self._write(item, response, keep_alive=keep_alive):
                     conn.abort()
                     return
@@ -237,10 +311,7 @@ class Http1Protocol:
             return
         finally:
             self._task = None
-        if self._closing and not queue and self._receiving is None:
-            conn.close()
-        elif conn.phase is ConnectionPhase.BUSY:
-            conn.set_phase(ConnectionPhase.IDLE)
+        self._idle_or_next()
 
     def _send_continue(self) -> None:
         # RFC 9110 section 10.1.1: the client waits for this before sending the body; we
@@ -252,47 +323,14 @@ class Http1Protocol:
         self, request: Request | None, response: Response, *, keep_alive: bool
     ) -> bool:
         """Serialize `response`; False when it broke off midway (the caller aborts)."""
-        conn = self._conn
-        status = response.status
-        body = response.body
-        head_only = (request is not None and request.method == "HEAD") or status in (204, 304)
-        http10 = request is not None and request.http_version == "1.0"
-        framing: list[bytes] = []
-        chunked = False
-        if body.complete:
-            data = body.take_all()
-            if head_only:
-                if body.length is not None and status not in (204, 304):
-                    framing.append(b"Content-Length: %d\r\n" % body.length)
-                data = b""
-            else:
-                framing.append(b"Content-Length: %d\r\n" % len(data))
-        else:
-            data = b""
-            if head_only:
-                body.discard()
-            elif body.length is not None:
-                framing.append(b"Content-Length: %d\r\n" % body.length)
-            elif http10:
-                keep_alive = False  # close-delimited: the only framing HTTP/1.0 knows
-            else:
-                chunked = True
-                framing.append(b"Transfer-Encoding: chunked\r\n")
-        if not keep_alive:
-            framing.append(b"Connection: close\r\n")
-        elif http10:
-            framing.append(b"Connection: keep-alive\r\n")
-        try:
-            head = response_head_bytes(response, framing)
-        except UnsafeHeader:
-            log.exception("refusing to send an unsafe response header")
-            body.discard()
-            conn.write(_UNSAFE_REPLY)
-            return False
-        if head_only or body.complete or data:
-            conn.write(head + data)
+        sent = self._start_response(request, response, keep_alive)
+        if sent is _Sent.DONE:
             return True
-        conn.write(head)
+        if sent is _Sent.FAILED:
+            return False
+        conn = self._conn
+        body = response.body
+        chunked = sent is _Sent.STREAM_CHUNKED
         try:
             while True:
                 data = await body.read()
@@ -308,6 +346,61 @@ class Http1Protocol:
             body.discard()
             return False
         return True
+
+    def _start_response(
+        self, request: Request | None, response: Response, keep_alive: bool
+    ) -> _Sent:
+        """Write the head, and the body too when it is complete (one write)."""
+        conn = self._conn
+        status = response.status
+        body = response.body
+        head_only = (request is not None and request.method == "HEAD") or status in (204, 304)
+        http10 = request is not None and request.http_version == "1.0"
+        framing: list[bytes] = []
+        streaming = _Sent.DONE
+        if body.complete:
+            data = body.take_all()
+            if head_only:
+                if body.length is not None and status not in (204, 304):
+                    framing.append(b"Content-Length: %d\r\n" % body.length)
+                data = b""
+            else:
+                framing.append(b"Content-Length: %d\r\n" % len(data))
+        else:
+            data = b""
+            if head_only:
+                body.discard()
+            elif body.length is not None:
+                framing.append(b"Content-Length: %d\r\n" % body.length)
+                streaming = _Sent.STREAM_RAW
+            elif http10:
+                keep_alive = False  # close-delimited: the only framing HTTP/1.0 knows
+                streaming = _Sent.STREAM_RAW
+            else:
+                framing.append(b"Transfer-Encoding: chunked\r\n")
+                streaming = _Sent.STREAM_CHUNKED
+        if not keep_alive:
+            framing.append(b"Connection: close\r\n")
+        elif http10:
+            framing.append(b"Connection: keep-alive\r\n")
+        try:
+            head = response_head_bytes(response, framing)
+        except UnsafeHeader:
+            log.exception("refusing to send an unsafe response header")
+            body.discard()
+            conn.write(_UNSAFE_REPLY)
+            return _Sent.FAILED
+        conn.write(head + data if data else head)
+        return streaming
+
+
+class _Sent(enum.Enum):
+    """What `_start_response` wrote."""
+
+    DONE = "done"  # the whole response
+    STREAM_RAW = "stream_raw"  # the head: body bytes follow as they are
+    STREAM_CHUNKED = "stream_chunked"  # the head: body follows in chunks
+    FAILED = "failed"  # nothing usable: the connection must be aborted
 
 
 _UNSAFE_REPLY = (

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from proxy.errors import ProxyError, UpstreamProtocolError, UpstreamReset, UpstreamTimeout
@@ -39,6 +40,9 @@ RESPONSE_HOP_BY_HOP = frozenset(
 
 
 _RAW_HOP_BY_HOP = frozenset(name.encode() for name in RESPONSE_HOP_BY_HOP)
+
+
+ResponseCallback = Callable[[Response | None, ProxyError | None], None]
 
 
 class StaleConnection(UpstreamReset):
@@ -71,6 +75,9 @@ class Http1UpstreamConnection(asyncio.Protocol):
         self._read_timeout = pool.read_timeout
         self._parser = make_response_parser(codec, self, max_head_bytes)
         self._waiter: asyncio.Future[Response] | None = None
+        # Callback mode (the front end's fast path) instead of a waiter:
+        self._callback: ResponseCallback | None = None
+        self._pending: tuple[Response, ResponseCallback] | None = None
         self._body: Body | None = None
         self._head_only = False
         self._received = False  # any byte of the current response
@@ -104,6 +111,8 @@ class Http1UpstreamConnection(asyncio.Protocol):
         except H1Error as exc:
             self._fail(UpstreamProtocolError(f"malformed response: {exc}"))
             self.close()
+        if self._pending is not None:
+            self._deliver()
 
     def eof_received(self) -> bool:
         if self.state is UpstreamConnState.ACTIVE:
@@ -111,6 +120,8 @@ class Http1UpstreamConnection(asyncio.Protocol):
                 self._parser.feed_eof()
             except H1Error:
                 self._fail(self._reset_error())
+            if self._pending is not None:
+                self._deliver()
         self.close()
         return False
 
@@ -174,6 +185,29 @@ class Http1UpstreamConnection(asyncio.Protocol):
             if self._waiter is waiter:
                 self._waiter = None
 
+    def start(self, method: str, head: bytes, on_response: ResponseCallback) -> None:
+        """Send a request whose head (and body, if any) is all in `head`; the response
+        (or the error) goes to `on_response` once, with no task or future involved. It
+        is called when the head and whatever of the body came with it have been parsed,
+        so a small response arrives complete."""
+        transport = self.transport
+        assert transport is not None
+        self.requests += 1
+        self._received = False
+        self._head_only = method == "HEAD"
+        self._parser.begin(method.encode("ascii"))
+        self.deadline = self._loop.time() + self._read_timeout
+        self._callback = on_response
+        self._request_sent = True
+        transport.write(head)
+
+    def _deliver(self) -> None:
+        pending = self._pending
+        assert pending is not None
+        self._pending = None
+        response, callback = pending
+        callback(response, None)
+
     async def _send_body(self, body: Body) -> None:
         transport = self.transport
         assert transport is not None
@@ -219,6 +253,18 @@ class Http1UpstreamConnection(asyncio.Protocol):
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(error)
+        pending = self._pending
+        if pending is not None:
+            self._pending = None
+            response, on_response = pending
+            if response.body.complete:
+                on_response(response, None)  # whole already: closing does not hurt it
+            else:
+                on_response(None, error)  # nothing reached the client yet: a local reply
+        callback = self._callback
+        if callback is not None:
+            self._callback = None
+            callback(None, error)
         body = self._body
         if body is not None:
             self._body = None
@@ -237,6 +283,12 @@ class Http1UpstreamConnection(asyncio.Protocol):
         body.on_abandon = self._abandon
         self._body = body
         response = Response(head.status, raw, body, head.reason.decode("latin-1"))
+        callback = self._callback
+        if callback is not None:
+            # Delivered at the end of this data_received, with whatever body came along.
+            self._callback = None
+            self._pending = (response, callback)
+            return
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(response)

@@ -64,7 +64,7 @@ class UpstreamPool:
             UpstreamConnectError, UpstreamConnectTimeout: opening a new one failed.
         """
         if not fresh:
-            conn = self._take_idle()
+            conn = self.take_idle()
             if conn is not None:
                 return conn
         while self.size >= self.limits.max_connections:
@@ -87,7 +87,8 @@ class UpstreamPool:
                 return handed
         return await self._connect()
 
-    def _take_idle(self) -> Http1UpstreamConnection | None:
+    def take_idle(self) -> Http1UpstreamConnection | None:
+        """The newest idle connection that has not expired, marked active; or None."""
         idle = self._idle
         if not idle:
             return None
