@@ -21,7 +21,10 @@ from proxy.config import Config
 
 log = logging.getLogger(__name__)
 
-RESTART_BACKOFF_S = 1.0  # a worker that crashes at start-up is not restarted in a hot loop
+RESTART_BACKOFF_S = 1.0
+# A worker exiting with this code could not start (a listener failed to bind):
+# restarting it cannot help, so the whole gateway stops with the same code.
+EXIT_CANNOT_START = 3  # a worker that crashes at start-up is not restarted in a hot loop
 _SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
@@ -47,6 +50,7 @@ class Supervisor:
         self._run_worker = run_worker
         self._children: dict[int, float] = {}  # pid -> start time
         self._stopping = False
+        self._exit_code = 0
         self.restarts = 0
 
     def _spawn(self) -> None:
@@ -66,7 +70,6 @@ class Supervisor:
         for _ in range(self.workers):
             self._spawn()
         log.info("supervising %d workers (pids %s)", self.workers, sorted(self._children))
-        failed = False
         while self._children:
             info = signal.sigwaitinfo(_SIGNALS)
             if info.si_signo in (signal.SIGTERM, signal.SIGINT):
@@ -77,23 +80,22 @@ class Supervisor:
             elif info.si_signo == signal.SIGHUP:
                 self._signal_children(signal.SIGHUP)
             else:
-                failed = self._reap() or failed
-        return 1 if failed and not self._stopping else 0
+                self._reap()
+        return self._exit_code
 
     def _signal_children(self, signum: int) -> None:
         for pid in self._children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
-    def _reap(self) -> bool:
-        crashed = False
+    def _reap(self) -> None:
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return crashed
+                return
             if pid == 0:
-                return crashed
+                return
             started = self._children.pop(pid, None)
             if started is None:
                 continue
@@ -101,7 +103,12 @@ class Supervisor:
             if self._stopping:
                 log.info("worker %d exited (%d)", pid, code)
                 continue
-            crashed = True
+            if code == EXIT_CANNOT_START:
+                log.error("worker %d could not start; stopping", pid)
+                self._exit_code = EXIT_CANNOT_START
+                self._stopping = True
+                self._signal_children(signal.SIGTERM)
+                continue
             self.restarts += 1
             log.error("worker %d died (exit %d); restarting it", pid, code)
             if time.monotonic() - started < RESTART_BACKOFF_S:
