@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in exc.errors:
             log.error("%s", line)
         return EXIT_CONFIG
-    workers = args.workers or config.workers or os.cpu_count() or 1
+    workers = args.workers if args.workers is not None else config.workers or os.cpu_count() or 1
     if workers < 1:
         log.error("--workers must be at least 1")
         return EXIT_USAGE

@@ -434,14 +434,18 @@ class _ConfigLoader(NodeReader):
     def _pool(self, node: Node, path: str) -> PoolConfig:
         keys = ("max_connections", "max_idle", "idle_timeout", "wait_timeout")
         fields = self.mapping(node, path, keys)
+        max_connections = fields.get("max_connections", self._at_least_1, _MAX_CONNECTIONS)
         pool = PoolConfig(
-            max_connections=fields.get("max_connections", self._at_least_1, _MAX_CONNECTIONS),
-            max_idle=fields.get("max_idle", self.integer, DEFAULT_POOL_MAX_IDLE),
+            max_connections=max_connections,
+            # Left out, the idle cap follows a smaller max_connections down.
+            max_idle=fields.get(
+                "max_idle", self.integer, min(DEFAULT_POOL_MAX_IDLE, max_connections)
+            ),
             idle_timeout=fields.get("idle_timeout", self.duration, DEFAULT_POOL_IDLE_TIMEOUT_S),
             wait_timeout=fields.get("wait_timeout", self.duration, DEFAULT_POOL_WAIT_TIMEOUT_S),
         )
         if pool.max_idle > pool.max_connections:
-            key = "max_idle" if "max_idle" in fields else "max_connections"
+            key = "max_idle"
             limits = f"max_idle ({pool.max_idle}) > max_connections ({pool.max_connections})"
             fields.error(key, f"{limits}: idle connections are part of max_connections")
         return pool

@@ -120,7 +120,13 @@ class Forwarder:
             return await conn.exchange(request.method, head, body, body_bytes)
         except StaleConnection:
             if body_bytes is None:
-                raise  # a streamed body cannot be replayed
+                body_bytes = conn.sent_body
+                if body_bytes is None:
+                    raise  # a streamed body that was large or not wholly sent
+                # The replay sends the body whole, framed by its now known length.
+                head = upstream_request_head(
+                    request, self.target_of(request), host, len(body_bytes), chunked=False
+                )
         # The keep-alive race: the upstream closed this idle connection as we sent on it.
         conn = await pool.acquire(fresh=True)
         return await conn.exchange(request.method, head, body, body_bytes)

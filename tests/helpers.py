@@ -33,6 +33,8 @@ from proxy.protocol.http1 import Http1Protocol
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+FastCallback = Callable[[Response | None, ProxyError | None], None]
+FastResponder = Callable[[Request], tuple[Response | None, ProxyError | None]]
 
 
 async def echo_handler(request: Request) -> Response:
@@ -61,11 +63,27 @@ class FakeServer:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     draining: bool = False
     handler: Handler = echo_handler
-    requests: list[Request] = field(default_factory=list)
+    fast: FastResponder | None = None
+    requests: list[Request] = field(default_factory=list)  # through `handle`
+    fast_requests: list[Request] = field(default_factory=list)  # taken by `try_fast`
+    seen: list[Request] = field(default_factory=list)  # both, in the order they came
 
     async def handle(self, request: Request) -> Response:
         self.requests.append(request)
+        self.seen.append(request)
         return await self.handler(request)
+
+    def try_fast(self, request: Request, on_response: FastCallback) -> bool:
+        """The fast path (`Runtime.try_fast`): when `fast` is set, the request is taken
+        and `on_response(response, error)` is called on a later loop iteration with what
+        `fast` returns; otherwise every request goes through `handle`."""
+        if self.fast is None:
+            return False
+        self.fast_requests.append(request)
+        self.seen.append(request)
+        response, error = self.fast(request)
+        asyncio.get_running_loop().call_soon(on_response, response, error)
+        return True
 
 
 class RecordingConnection:
@@ -86,6 +104,7 @@ class RecordingConnection:
         self.reading = True
         self.pauses = 0
         self.closed_by: str | None = None  # "close" or "abort"
+        self.front_end: Http1Protocol | None = None
 
     def __repr__(self) -> str:
         return f"<RecordingConnection {self.phase.name} wrote={len(self.output)}>"
@@ -93,6 +112,10 @@ class RecordingConnection:
     @property
     def closed(self) -> bool:
         return self.phase is ConnectionPhase.CLOSED
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
 
     def set_phase(self, phase: ConnectionPhase) -> None:
         if self.phase is ConnectionPhase.CLOSED:
@@ -116,14 +139,19 @@ class RecordingConnection:
         self.reading = True
 
     def close(self) -> None:
-        if not self.closed:
-            self.closed_by = "close"
-            self.phase = ConnectionPhase.CLOSED
+        self._lose("close")
 
     def abort(self) -> None:
+        self._lose("abort")
+
+    def _lose(self, how: str) -> None:
+        # As asyncio does: connection_lost (and so the front end's on_close) follows on a
+        # later loop iteration, and no data is received after close.
         if not self.closed:
-            self.closed_by = "abort"
+            self.closed_by = how
             self.phase = ConnectionPhase.CLOSED
+            if self.front_end is not None:
+                asyncio.get_running_loop().call_soon(self.front_end.on_close)
 
 
 def make_protocol(
@@ -131,25 +159,34 @@ def make_protocol(
     *,
     handler: Handler = echo_handler,
     limits: LimitsConfig | None = None,
+    fast: FastResponder | None = None,
 ) -> tuple[Http1Protocol, RecordingConnection, FakeServer]:
     """An `Http1Protocol` over a `RecordingConnection` of a `FakeServer`."""
-    server = FakeServer(codec=codec, limits=limits or LimitsConfig(), handler=handler)
+    server = FakeServer(codec=codec, limits=limits or LimitsConfig(), handler=handler, fast=fast)
     conn = RecordingConnection(server)
     protocol = Http1Protocol(conn)  # type: ignore[arg-type]
+    conn.front_end = protocol
     return protocol, conn, server
 
 
-async def settle(protocol: Http1Protocol, *, timeout: float = 2.0) -> None:
-    """Run the loop until the protocol's serving task (if any) has finished.
+async def settle(protocol: Http1Protocol, *, wait_s: float = 2.0) -> None:
+    """Run the loop until the protocol's serving task and fast-path exchange (if any)
+    have finished.
 
     Raises:
-        TimeoutError: it did not finish within `timeout` (a hang).
+        TimeoutError: it did not finish within `wait_s` (a hang).
     """
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(wait_s):
         for _ in range(3):  # a finished task may have scheduled one more step
             await asyncio.sleep(0)
-            while (task := protocol._task) is not None:
-                await asyncio.wait({task})
+            while True:
+                task = protocol._task
+                if task is not None:
+                    await asyncio.wait({task})
+                elif getattr(protocol, "_inflight", None) is not None:
+                    await asyncio.sleep(0)  # a fast-path exchange awaits its callback
+                else:
+                    break
                 await asyncio.sleep(0)
 
 
@@ -173,14 +210,23 @@ class DecodedResponse:
         return json.loads(self.body)
 
 
-def decode_responses(output: bytes, methods: list[str]) -> list[DecodedResponse]:
+def decode_responses(
+    output: bytes, methods: list[str], *, strict: bool = False
+) -> list[DecodedResponse]:
     """Decode `output` as the responses to requests with `methods`, in order, using a real
     `h11.Connection(h11.CLIENT)`. Stops early (returning fewer) when the output ends or the
-    server closed; raises `h11.RemoteProtocolError` on anything malformed.
+    server closed; raises `h11.RemoteProtocolError` on anything malformed. `strict`: also
+    fail (AssertionError) when bytes are left over or a response is cut short.
     """
+    responses = _decode(output, methods, strict)
+    return responses
+
+
+def _decode(output: bytes, methods: list[str], strict: bool) -> list[DecodedResponse]:
     client = h11.Connection(h11.CLIENT)
-    client.receive_data(output)
-    client.receive_data(b"")
+    if output:  # b"" would mean EOF to h11
+        client.receive_data(output)
+    eof_fed = False  # fed only to end a close-delimited body: h11 refuses EOF before a head
     responses: list[DecodedResponse] = []
     for method in methods:
         if client.our_state is h11.DONE and client.their_state is h11.DONE:
@@ -194,6 +240,10 @@ def decode_responses(output: bytes, methods: list[str]) -> list[DecodedResponse]
         body = bytearray()
         while True:
             event = client.next_event()
+            if event is h11.NEED_DATA and status and not eof_fed:
+                client.receive_data(b"")
+                eof_fed = True
+                continue
             if isinstance(event, h11.InformationalResponse):
                 continue
             if isinstance(event, h11.Response):
@@ -205,7 +255,11 @@ def decode_responses(output: bytes, methods: list[str]) -> list[DecodedResponse]
                 responses.append(DecodedResponse(status, headers, bytes(body)))
                 break
             else:  # ConnectionClosed or NEED_DATA: the output ended
+                if strict:
+                    assert status == 0, f"response cut short: {output[-200:]!r}"
                 return responses
+    if strict:
+        assert client.trailing_data[0] == b"", f"bytes left over: {client.trailing_data!r}"
     return responses
 
 
@@ -253,7 +307,9 @@ def _parse_headers(lines: list[bytes]) -> list[tuple[str, str]]:
     return headers
 
 
-def parse_response(data: bytes, *, head: bool = False, eof: bool = False) -> tuple[RawResponse, int]:
+def parse_response(
+    data: bytes, *, head: bool = False, eof: bool = False
+) -> tuple[RawResponse, int]:
     """Parse one response from the start of `data`; returns it and the bytes used.
 
     `head`: the response answers a HEAD (no body). `eof`: the peer closed after `data`
@@ -377,51 +433,49 @@ class RawClient:
             self.eof = True
         self.buffer += data
 
-    async def response(self, *, head: bool = False, timeout: float = 3.0) -> RawResponse:
+    async def response(self, *, head: bool = False, wait_s: float = 3.0) -> RawResponse:
         """The next response.
 
         Raises:
-            TimeoutError: none arrived within `timeout`.
+            TimeoutError: none arrived within `wait_s`.
             ConnectionError: the connection closed before a whole response.
         """
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(wait_s):
             while True:
                 try:
                     response, used = parse_response(bytes(self.buffer), head=head, eof=self.eof)
                 except Incomplete:
                     if self.eof:
                         how = "reset" if self.reset else "closed"
-                        raise ConnectionError(
-                            f"{how} after {bytes(self.buffer)[:200]!r}"
-                        ) from None
+                        raise ConnectionError(f"{how} after {bytes(self.buffer)[:200]!r}") from None
                     await self._read_more()
                     continue
                 del self.buffer[:used]
                 return response
 
-    async def read_exactly(self, size: int, *, timeout: float = 3.0) -> bytes:
+    async def read_exactly(self, size: int, *, wait_s: float = 3.0) -> bytes:
         """The next `size` raw bytes (fewer if the connection ends first)."""
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(wait_s):
             while len(self.buffer) < size and not self.eof:
                 await self._read_more()
         data = bytes(self.buffer[:size])
         del self.buffer[:size]
         return data
 
-    async def read_until_closed(self, timeout: float = 3.0) -> bytes:
+    async def read_until_closed(self, wait_s: float = 3.0) -> bytes:
         """Everything until the gateway closes (raises TimeoutError if it does not)."""
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(wait_s):
             while not self.eof:
                 await self._read_more()
         data = bytes(self.buffer)
         self.buffer.clear()
         return data
 
-    async def closed(self, timeout: float = 3.0) -> bool:
-        """True when the peer closes within `timeout` with no further bytes; False when
+    async def closed(self, wait_s: float = 3.0) -> bool:
+        """True when the peer closes within `wait_s` with no further bytes; False when
         it stays open. Raises AssertionError when unexpected bytes arrive first."""
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(wait_s):
                 while not self.eof:
                     await self._read_more()
         except TimeoutError:

@@ -465,10 +465,11 @@ class H11RequestParser:
     parses pipelined requests, and we check the raw head for what h11 tolerates.
     """
 
-    __slots__ = ("_conn", "_raw", "_sink")
+    __slots__ = ("_conn", "_max_head_bytes", "_raw", "_sink")
 
     def __init__(self, sink: H1Sink, max_head_bytes: int) -> None:
         self._sink = sink
+        self._max_head_bytes = max_head_bytes
         self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head_bytes)
         self._raw: bytearray | None = bytearray()
 
@@ -506,6 +507,10 @@ class H11RequestParser:
             _check_raw_head(bytes(self._raw))
             self._raw = None
         headers = _h11_headers(event.headers)
+        # h11 bounds only heads that arrive in pieces; one that came whole is measured here.
+        size = len(event.target) + sum(len(n) + len(v) + 4 for n, v in headers)
+        if size > self._max_head_bytes:
+            raise H1Error("request head too large", too_large=True)
         version = event.http_version.decode()
         keep_alive = h11._connection._keep_alive(event)
         head = MessageHead(headers, version, keep_alive, method=event.method, target=event.target)

@@ -104,6 +104,8 @@ class Http1Protocol:
     def on_head(self, head: MessageHead) -> None:
         """Parser callback: a request head is complete."""
         conn = self._conn
+        if head.version != "1.1" and head.version != "1.0":
+            raise BadRequest(f"unsupported HTTP version {head.version}")
         method = head.method.decode("ascii")
         if method == "CONNECT":
             raise BadRequest("CONNECT is not supported by a reverse proxy")
@@ -260,14 +262,15 @@ class Http1Protocol:
             self._idle_or_next()
 
     def _keep_alive(self, request: Request) -> bool:
-        return (
-            request.keep_alive
-            and not self._closing
-            and not self._server.draining
-            # A body the exchange did not read to its end would be parsed as the next
-            # request: only a complete one lets the connection live on.
-            and request.body.complete
-        )
+        # A body the exchange did not read to its end would be parsed as the next
+        # request: only a complete one lets the connection live on.
+        if not request.keep_alive or not request.body.complete:
+            return False
+        if self._closing or self._server.draining:
+            # Closing: what is already queued (pipelined requests, a parse error's
+            # reply) is still answered; the last answer carries Connection: close.
+            return bool(self._queue)
+        return True
 
     def _idle_or_next(self) -> None:
         if self._queue:

@@ -42,6 +42,9 @@ RESPONSE_HOP_BY_HOP = frozenset(
 _RAW_HOP_BY_HOP = frozenset(name.encode() for name in RESPONSE_HOP_BY_HOP)
 
 
+# Streamed request bodies up to this size are kept until the response head arrives, so the
+# keep-alive race can be retried (larger ones are not worth the memory).
+REPLAY_BODY_LIMIT_BYTES = 64 * 1024
 ResponseCallback = Callable[[Response | None, ProxyError | None], None]
 
 
@@ -84,6 +87,9 @@ class Http1UpstreamConnection(asyncio.Protocol):
         self._sender: asyncio.Task[None] | None = None
         self._request_sent = False
         self._reading_paused = False
+        # The whole streamed body just sent, when small: replayable after the keep-alive
+        # race (a StaleConnection) even though the client's stream is consumed.
+        self.sent_body: bytes | None = None
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
 
@@ -212,12 +218,18 @@ class Http1UpstreamConnection(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         chunked = body.length is None
+        copy: list[bytes] | None = []
+        copied = 0
+        self.sent_body = None
         try:
             while True:
                 data = await body.read()
                 if not data:
                     break
                 transport.write(chunk(data) if chunked else data)
+                if copy is not None:
+                    copied += len(data)
+                    copy = copy + [data] if copied <= REPLAY_BODY_LIMIT_BYTES else None
                 if self._write_paused:
                     # The upstream reads slower than the client sends: wait, and the
                     # client's body buffer fills and pauses the client in turn.
@@ -229,6 +241,8 @@ class Http1UpstreamConnection(asyncio.Protocol):
             if chunked:
                 transport.write(last_chunk(body.trailers))
             self._request_sent = True
+            if copy is not None:
+                self.sent_body = b"".join(copy)
             self.deadline = self._loop.time() + self._read_timeout
             if (
                 self._parser.reusable

@@ -11,6 +11,7 @@ import time
 import httpx
 import pytest
 
+from proxy.config import parse_config
 from proxy.server import Server
 from tests.conftest import (
     GatewayFactory,
@@ -52,6 +53,7 @@ async def start(
     [
         b"GARBAGE\r\n\r\n",
         b"GET\r\n\r\n",
+        b"GET /\r\n\r\n",  # HTTP/0.9 (no version): headers would be a protocol error to it
         b"GET / HTTP/1.1 extra\r\nHost: t\r\n\r\n",
         b"GET / HTTP/9.9\r\nHost: t\r\n\r\n",
         b"G(T / HTTP/1.1\r\nHost: t\r\n\r\n",
@@ -155,9 +157,26 @@ async def test_content_length_over_route_limit_gives_413(
         )
         response = await client.response()
         assert_local_reply(response, 413, "body_too_large")
+        # The whole body had arrived, so the connection may live on; if so, it works.
+        await assert_closed_or_serves(client)
+    assert [r.method for r in upstream.requests if r.method == "POST"] == []
+    await assert_still_serves(server)
+
+
+async def test_large_content_length_over_route_limit_gives_413_and_close(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+) -> None:
+    # Only the head is sent: the gateway must answer without reading 10 MB, then close
+    # (the unread body would be parsed as the next request).
+    server = await start(gateway_factory, upstream.url, codec, route=ROUTE_LIMIT)
+    async with await RawClient.connect(server.addresses[0]) as client:
+        await client.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 10000000\r\n\r\n")
+        await client.send(b"x" * 1000)
+        response = await client.response()
+        assert_local_reply(response, 413, "body_too_large")
+        assert response.header("connection") == "close"
         assert await client.closed()
     assert upstream.requests == []
-    await assert_still_serves(server)
 
 
 async def test_content_length_over_route_limit_with_expect_gives_413_without_upload(
@@ -257,7 +276,7 @@ async def test_incomplete_head_gives_408_after_header_timeout(
     async with await RawClient.connect(server.addresses[0]) as client:
         started = time.monotonic()
         await client.send(b"GET /echo HTTP/1.1\r\nHost: t\r\n")
-        response = await client.response(timeout=1.5)
+        response = await client.response(wait_s=1.5)
         elapsed = time.monotonic() - started
         assert_local_reply(response, 408, "request_timeout")
         assert await client.closed()
@@ -280,7 +299,7 @@ async def test_head_trickled_past_header_timeout_gives_408(
                 await asyncio.sleep(0.02)
         except ConnectionError:
             pass
-        response = await client.response(timeout=1.0)
+        response = await client.response(wait_s=1.0)
         elapsed = time.monotonic() - started
     assert_local_reply(response, 408, "request_timeout")
     assert elapsed < 0.6
@@ -294,7 +313,7 @@ async def test_stalled_body_gives_408_after_body_timeout(
     async with await RawClient.connect(server.addresses[0]) as client:
         await client.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc")
         started = time.monotonic()
-        response = await client.response(timeout=1.5)
+        response = await client.response(wait_s=1.5)
         elapsed = time.monotonic() - started
         assert_local_reply(response, 408, "request_timeout")
         assert await client.closed()
@@ -311,7 +330,7 @@ async def test_stalled_chunked_body_gives_408(
         await client.send(
             b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"
         )
-        response = await client.response(timeout=1.5)
+        response = await client.response(wait_s=1.5)
     assert_local_reply(response, 408, "request_timeout")
     assert upstream.requests == []
 
@@ -326,7 +345,7 @@ async def test_slow_but_steady_body_is_not_timed_out(
         for piece in (b"ab", b"cd", b"ef"):
             await asyncio.sleep(0.12)
             await client.send(piece)
-        response = await client.response(timeout=1.5)
+        response = await client.response(wait_s=1.5)
     assert response.status == 200
     assert response.json()["body"] == "abcdef"
 
@@ -339,7 +358,7 @@ async def test_idle_keep_alive_connection_is_closed_after_keepalive_timeout(
         await client.send(b"GET /echo HTTP/1.1\r\nHost: t\r\n\r\n")
         assert (await client.response()).status == 200
         started = time.monotonic()
-        assert await client.closed(timeout=1.5)  # no 408: an idle close sends nothing
+        assert await client.closed(wait_s=1.5)  # no 408: an idle close sends nothing
         elapsed = time.monotonic() - started
     assert 0.15 <= elapsed < 1.0
     await assert_still_serves(server)
@@ -363,14 +382,25 @@ async def test_slow_upstream_response_is_not_a_client_timeout(
     server = await start(gateway_factory, upstream.url, codec, extra=FAST_TIMEOUTS)
     async with await RawClient.connect(server.addresses[0]) as client:
         await client.send(b"GET /slow/500 HTTP/1.1\r\nHost: t\r\n\r\n")
-        response = await client.response(timeout=2)
+        response = await client.response(wait_s=2)
         assert response.status == 200
         await client.send(b"GET /slowbody/400 HTTP/1.1\r\nHost: t\r\n\r\n")
-        response = await client.response(timeout=2)
+        response = await client.response(wait_s=2)
     assert response.body == b"late"
 
 
 # -- 502 / 503 / 504 ---------------------------------------------------------------------
+
+
+async def assert_closed_or_serves(client: RawClient) -> None:
+    """The connection is either closed or still serves a request correctly."""
+    try:
+        await client.send(b"GET /echo/next HTTP/1.1\r\nHost: t\r\n\r\n")
+        response = await client.response()
+    except ConnectionError:
+        return
+    assert response.status == 200
+    assert response.json()["target"] == "/echo/next"
 
 
 def unused_port() -> int:
@@ -440,7 +470,7 @@ async def test_upstream_silent_past_read_timeout_gives_504(
     async with await RawClient.connect(server.addresses[0]) as client:
         started = time.monotonic()
         await client.send(b"GET /slow/1500 HTTP/1.1\r\nHost: t\r\n\r\n")
-        response = await client.response(timeout=1.5)
+        response = await client.response(wait_s=1.5)
         elapsed = time.monotonic() - started
         assert_local_reply(response, 504, "upstream_timeout")
         await client.send(b"GET /echo/next HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -462,12 +492,26 @@ async def test_upstream_answering_within_read_timeout_is_served(
     assert response.status_code == 200
 
 
+def test_pool_with_only_max_connections_set_is_accepted() -> None:
+    # A small max_connections must not require max_idle as well: the default max_idle
+    # should shrink to fit rather than make the config invalid.
+    url = "http://127.0.0.1:8000"
+    config = simple_config(url, "auto").replace(
+        f"endpoints: [{url}]",
+        f"endpoints: [{url}]\n    pool: {{max_connections: 1, wait_timeout: 100ms}}",
+    )
+    parsed = parse_config(config)
+    assert parsed.upstreams["app"].pool.max_connections == 1
+    assert parsed.upstreams["app"].pool.max_idle <= 1
+
+
 async def test_pool_wait_timeout_gives_503(
     gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
 ) -> None:
     config = simple_config(upstream.url, codec).replace(
         f"endpoints: [{upstream.url}]",
-        f"endpoints: [{upstream.url}]\n    pool: {{max_connections: 1, wait_timeout: 100ms}}",
+        f"endpoints: [{upstream.url}]\n"
+        "    pool: {max_connections: 1, max_idle: 1, wait_timeout: 100ms}",
     )
     server = await gateway_factory(config)
     async with httpx.AsyncClient() as client:
@@ -489,7 +533,8 @@ async def test_pool_waiter_gets_released_connection(
 ) -> None:
     config = simple_config(upstream.url, codec).replace(
         f"endpoints: [{upstream.url}]",
-        f"endpoints: [{upstream.url}]\n    pool: {{max_connections: 1, wait_timeout: 1s}}",
+        f"endpoints: [{upstream.url}]\n"
+        "    pool: {max_connections: 1, max_idle: 1, wait_timeout: 1s}",
     )
     server = await gateway_factory(config)
     async with httpx.AsyncClient() as client:
@@ -508,17 +553,42 @@ async def test_upstream_dropping_reused_connection_is_retried_on_fresh_one(
 ) -> None:
     racy = await upstream_factory(drop_reused=True)
     server = await gateway_factory(simple_config(racy.url, codec))
-    async with httpx.AsyncClient() as client:
+    async with await RawClient.connect(server.addresses[0]) as client:
         for i in range(3):
-            response = await client.get(base_url(server) + f"/echo/{i}")
-            assert response.status_code == 200, response.text
+            await client.send(f"GET /echo/{i} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+            response = await client.response()
+            assert response.status == 200, response
             assert response.json()["target"] == f"/echo/{i}"
-        response = await client.post(base_url(server) + "/echo/body", content=b"replayed")
-        assert response.status_code == 200, response.text
+        # A body that arrived with its head can be replayed too.
+        await client.send(
+            b"POST /echo/body HTTP/1.1\r\nHost: t\r\nContent-Length: 8\r\n\r\nreplayed"
+        )
+        response = await client.response()
+        assert response.status == 200, response
         assert response.json()["body"] == "replayed"
     assert racy.dropped == 3
     assert racy.connections == 4  # each reuse was dropped, each retry opened a new one
     assert [r.target for r in racy.requests] == ["/echo/0", "/echo/1", "/echo/2", "/echo/body"]
+
+
+async def test_small_body_sent_after_its_head_is_retried_when_reused_connection_drops(
+    gateway_factory: GatewayFactory, upstream_factory: UpstreamFactory, codec: str
+) -> None:
+    # Most clients (httpx, requests, browsers) write the head and the body separately, so
+    # the body often arrives after forwarding began. The keep-alive race must not turn such
+    # a POST into a 502: nothing of it reached the upstream's application.
+    racy = await upstream_factory(drop_reused=True)
+    server = await gateway_factory(simple_config(racy.url, codec))
+    async with await RawClient.connect(server.addresses[0]) as client:
+        await client.send(b"GET /echo/warm HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert (await client.response()).status == 200
+        await client.send(b"POST /echo/body HTTP/1.1\r\nHost: t\r\nContent-Length: 8\r\n\r\n")
+        await asyncio.sleep(0.02)
+        await client.send(b"replayed")
+        response = await client.response()
+    assert response.status == 200, response
+    assert response.json()["body"] == "replayed"
+    assert racy.dropped == 1
 
 
 async def test_upstream_closing_idle_connection_does_not_fail_next_request(
@@ -559,8 +629,8 @@ async def test_every_error_leaves_no_connection_behind(
     for payload in payloads:
         async with await RawClient.connect(server.addresses[0]) as client:
             await client.send(payload)
-            await client.response(timeout=1.5)
-            assert await client.closed(timeout=1.5)
+            await client.response(wait_s=1.5)
+            assert await client.closed(wait_s=1.5)
     for _ in range(20):
         if not server.connections:
             break

@@ -12,7 +12,7 @@ import pytest
 
 from proxy.server import Server
 from tests.conftest import GatewayFactory, base_url, simple_config
-from tests.helpers import RawClient
+from tests.helpers import RawClient, parse_all
 from tests.upstream import UpstreamServer
 
 pytestmark = pytest.mark.socket
@@ -144,7 +144,7 @@ async def test_raw_keep_alive_connection_serves_sequential_requests(
             assert response.status == 200
             assert response.json()["target"] == f"/echo/{i}"
             assert response.header("connection") is None
-        assert not await client.closed(timeout=0.05)
+        assert not await client.closed(wait_s=0.05)
     assert upstream.connections == 1
 
 
@@ -179,12 +179,35 @@ async def test_pipelined_requests_are_answered_in_order(
     ]
 
 
+async def test_pipelined_requests_then_half_close_are_all_answered(
+    gateway: Server, upstream: UpstreamServer
+) -> None:
+    # A client may send its last request and shut down its write side (RFC 9112 section
+    # 9.6): every queued request is still answered, then the gateway closes.
+    async with await RawClient.connect(gateway.addresses[0]) as client:
+        await client.send(
+            b"".join(f"GET /echo/{i} HTTP/1.1\r\nHost: t\r\n\r\n".encode() for i in range(3))
+        )
+        client.shutdown_write()
+        data = await client.read_until_closed()
+    responses = parse_all(data)
+    assert [r.json()["target"] for r in responses] == ["/echo/0", "/echo/1", "/echo/2"]
+    assert [r.target for r in upstream.requests] == ["/echo/0", "/echo/1", "/echo/2"]
+
+
+async def test_single_request_then_half_close_is_answered(gateway: Server) -> None:
+    async with await RawClient.connect(gateway.addresses[0]) as client:
+        await client.send(b"POST /echo/h HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nhi")
+        client.shutdown_write()
+        data = await client.read_until_closed()
+    [response] = parse_all(data)
+    assert response.json()["body"] == "hi"
+
+
 async def test_pipelined_requests_split_byte_by_byte_are_answered_in_order(
     gateway: Server,
 ) -> None:
-    requests = b"".join(
-        f"GET /echo/{i} HTTP/1.1\r\nHost: t\r\n\r\n".encode() for i in range(3)
-    )
+    requests = b"".join(f"GET /echo/{i} HTTP/1.1\r\nHost: t\r\n\r\n".encode() for i in range(3))
     async with await RawClient.connect(gateway.addresses[0]) as client:
         for byte in requests:
             await client.send(bytes([byte]))
@@ -266,8 +289,23 @@ async def test_http10_keep_alive_request_keeps_connection_open(
             assert response.status == 200
             assert response.header("connection") == "keep-alive"
             assert response.header("content-length") == str(len(response.body))
-        assert not await client.closed(timeout=0.05)
+        assert not await client.closed(wait_s=0.05)
     assert len(upstream.requests) == 2
+
+
+async def test_http10_keep_alive_request_with_streamed_response_is_closed_at_its_end(
+    gateway: Server,
+) -> None:
+    # A streamed body of unknown length can only be close-delimited to an HTTP/1.0
+    # client, even one that asked for keep-alive: the gateway must then close, or the
+    # client never learns that the body ended.
+    async with await RawClient.connect(gateway.addresses[0]) as client:
+        await client.send(
+            b"GET /chunked/100/10000 HTTP/1.0\r\nHost: t\r\nConnection: keep-alive\r\n\r\n"
+        )
+        response = await client.response(wait_s=1)
+    assert response.status == 200
+    assert response.body == b"y" * 1_000_000
 
 
 async def test_http10_request_is_forwarded_as_http11(
@@ -463,10 +501,26 @@ async def test_upgrade_request_with_body_is_not_truncated_or_hung(
             b"POST /echo/up HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
             b"Content-Length: 5\r\n\r\nhello"
         )
-        response = await client.response(timeout=2)
+        response = await client.response(wait_s=1)
     if response.status == 200:
         assert response.json()["body"] == "hello"
         assert upstream.requests[0].header("upgrade") is None
     else:
         assert response.status in (400, 501)
         assert upstream.requests == []
+
+
+async def test_hop_by_hop_response_headers_do_not_reach_client(gateway: Server) -> None:
+    # RFC 9110 section 7.6.1 applies to responses too: Connection, the fields it names,
+    # Keep-Alive and Proxy-Connection describe the upstream's hop only.
+    async with await RawClient.connect(gateway.addresses[0]) as client:
+        await client.send(b"GET /hopheaders HTTP/1.1\r\nHost: t\r\n\r\n")
+        response = await client.response()
+    assert response.status == 200
+    assert response.body == b"hop"
+    assert response.header("x-kept") == "yes"
+    names = {name.lower() for name, _ in response.headers}
+    assert "x-up-hop" not in names
+    assert "keep-alive" not in names
+    assert "proxy-connection" not in names
+    assert response.header("connection") is None
