@@ -22,6 +22,7 @@ except ImportError:  # pragma: no cover - exercised only where the C extension i
     HTTPTOOLS_AVAILABLE = False
 
 Headers = list[tuple[bytes, bytes]]
+_OWS = (b" ", b"\t")
 
 
 class H1Error(Exception):
@@ -139,6 +140,7 @@ class ResponseParser(Protocol):
 # RFC 9112 section 6.1: a Transfer-Encoding we accept is exactly "chunked" (any case).
 # Anything else, whitespace-padded or stacked ("chunked, identity"), is a smuggling vector.
 _TE_LINE = re.compile(rb"(?im)^transfer-encoding:(.*)$")
+_CL_LINE = re.compile(rb"(?im)^content-length:(.*)$")
 
 
 def scan_head(head: MessageHead, *, request: bool) -> None:
@@ -152,12 +154,15 @@ def scan_head(head: MessageHead, *, request: bool) -> None:
     chunked = False
     content_length: int | None = None
     te_seen = False
+    hosts = 0
+    upgrade_header = False
     for name, value in head.headers:
         size = len(name)
         # Compare lower-cased names only when the length could match (cheap filter).
         if size == 4:
             if name.lower() == b"host":
                 head.host = value
+                hosts += 1
         elif size == 14:
             if name.lower() == b"content-length":
                 if content_length is not None:
@@ -178,8 +183,19 @@ def scan_head(head: MessageHead, *, request: bool) -> None:
                 head.connection = (
                     value if head.connection is None else head.connection + b"," + value
                 )
-        elif size == 6 and name.lower() == b"expect":
-            head.expect_continue = value.lower() == b"100-continue"
+        elif size == 6:
+            if name.lower() == b"expect":
+                head.expect_continue = value.lower() == b"100-continue"
+        elif size == 7 and name.lower() == b"upgrade":
+            upgrade_header = True
+    if request:
+        # RFC 9112 section 3.2: exactly one Host in HTTP/1.1, at most one in HTTP/1.0.
+        if hosts > 1:
+            raise H1Error("more than one Host header")
+        if hosts == 0 and head.version == "1.1":
+            raise H1Error("missing Host header")
+        if upgrade_header and head.connection and b"upgrade" in head.connection.lower():
+            head.upgrade = True
     if chunked and content_length is not None:
         raise H1Error("Content-Length with Transfer-Encoding")
     if chunked and request and head.version == "1.0":
@@ -199,6 +215,13 @@ def _check_raw_head(raw: bytes) -> None:
     for match in _TE_LINE.finditer(head):
         if match.group(1).strip(b"\r").lstrip(b" \t").lower() != b"chunked":
             raise H1Error("unsupported Transfer-Encoding")
+    # h11 merges repeated or listed Content-Length values that agree; we refuse them, as
+    # llhttp does, so both codecs draw the same line.
+    lengths = _CL_LINE.findall(head)
+    if len(lengths) > 1:
+        raise H1Error("duplicate Content-Length")
+    if lengths and not lengths[0].strip(b"\r \t").isdigit():
+        raise H1Error("invalid Content-Length")
 
 
 # ------------------------------------------------------------------------ httptools
@@ -259,6 +282,10 @@ class HttptoolsRequestParser:
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if value[-1:] in _OWS and name.lower() != b"transfer-encoding":
+            # llhttp keeps trailing whitespace, which is not part of the value (RFC 9110
+            # section 5.5). A padded Transfer-Encoding stays padded: scan_head refuses it.
+            value = value.rstrip(b" \t")
         if self._in_head:
             self._headers.append((name, value))
         else:
@@ -480,8 +507,8 @@ class H11RequestParser:
         return self._drain()
 
     def _drain(self) -> bytes | None:
-        conn = self._conn
         while True:
+            conn = self._conn  # _next_cycle may replace it
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
@@ -490,7 +517,7 @@ class H11RequestParser:
                 return None
             if isinstance(event, h11.Request):
                 self._on_request(event)
-                if event.method == b"CONNECT" or _wants_upgrade(event.headers):
+                if event.method == b"CONNECT":
                     return bytes(conn.trailing_data[0])
             elif isinstance(event, h11.Data):
                 self._sink.on_body(bytes(event.data))
@@ -512,10 +539,11 @@ class H11RequestParser:
         if size > self._max_head_bytes:
             raise H1Error("request head too large", too_large=True)
         version = event.http_version.decode()
-        keep_alive = h11._connection._keep_alive(event)
-        head = MessageHead(headers, version, keep_alive, method=event.method, target=event.target)
+        head = MessageHead(headers, version, False, method=event.method, target=event.target)
         scan_head(head, request=True)
-        head.upgrade = _wants_upgrade(event.headers)
+        # RFC 9112 section 9.3: 1.1 persists unless "close"; 1.0 only with "keep-alive".
+        tokens = head.connection.lower() if head.connection else b""
+        head.keep_alive = b"close" not in tokens if version == "1.1" else b"keep-alive" in tokens
         self._sink.on_head(head)
 
     def _next_cycle(self) -> None:
@@ -526,11 +554,14 @@ class H11RequestParser:
         if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
             conn.start_next_cycle()
             self._raw = bytearray(conn.trailing_data[0])
-
-
-def _wants_upgrade(headers: h11._headers.Headers) -> bool:
-    names = {name for name, _ in headers}
-    return b"upgrade" in names
+        else:
+            # h11 closes after HTTP/1.0 (even with keep-alive) and after a declined
+            # upgrade; the front end decides that, so a fresh h11 takes what follows.
+            leftover = bytes(conn.trailing_data[0])
+            self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_head_bytes)
+            if leftover:  # receive_data(b"") would mean EOF to h11
+                self._conn.receive_data(leftover)
+            self._raw = bytearray(leftover)
 
 
 class H11ResponseParser:

@@ -109,6 +109,10 @@ class Http1Protocol:
         method = head.method.decode("ascii")
         if method == "CONNECT":
             raise BadRequest("CONNECT is not supported by a reverse proxy")
+        if head.upgrade and (head.chunked or head.content_length):
+            # Until tunnels exist, an upgrade is declined and the request served as an
+            # ordinary one; llhttp stops at an upgrade head, so its body would be lost.
+            raise BadRequest("an Upgrade request with a body is not supported")
         if not head.chunked and not head.content_length:
             body = Body.from_bytes(b"")
         else:
@@ -303,7 +307,7 @@ class Http1Protocol:
                 if not await self._write(item, response, keep_alive=keep_alive):
                     conn.abort()
                     return
-                if not keep_alive:
+                if not keep_alive or not item.keep_alive:
                     conn.close()
                     return
         except asyncio.CancelledError:
@@ -367,6 +371,10 @@ class Http1Protocol:
                 if body.length is not None and status not in (204, 304):
                     framing.append(b"Content-Length: %d\r\n" % body.length)
                 data = b""
+            elif body.trailers and not http10:
+                # Trailers only travel in chunked encoding (RFC 9112 section 7.1.2).
+                framing.append(b"Transfer-Encoding: chunked\r\n")
+                data = (chunk(data) if data else b"") + last_chunk(body.trailers)
             else:
                 framing.append(b"Content-Length: %d\r\n" % len(data))
         else:
@@ -377,7 +385,11 @@ class Http1Protocol:
                 framing.append(b"Content-Length: %d\r\n" % body.length)
                 streaming = _Sent.STREAM_RAW
             elif http10:
-                keep_alive = False  # close-delimited: the only framing HTTP/1.0 knows
+                # Close-delimited: the only framing HTTP/1.0 knows. The caller sees the
+                # request is no longer keep-alive and closes at the end.
+                keep_alive = False
+                if request is not None:
+                    request.keep_alive = False
                 streaming = _Sent.STREAM_RAW
             else:
                 framing.append(b"Transfer-Encoding: chunked\r\n")

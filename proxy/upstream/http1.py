@@ -229,7 +229,7 @@ class Http1UpstreamConnection(asyncio.Protocol):
                 transport.write(chunk(data) if chunked else data)
                 if copy is not None:
                     copied += len(data)
-                    copy = copy + [data] if copied <= REPLAY_BODY_LIMIT_BYTES else None
+                    copy = [*copy, data] if copied <= REPLAY_BODY_LIMIT_BYTES else None
                 if self._write_paused:
                     # The upstream reads slower than the client sends: wait, and the
                     # client's body buffer fills and pauses the client in turn.

@@ -208,9 +208,16 @@ def test_a_killed_worker_is_restarted_and_traffic_keeps_flowing(
         victim = min(before)
         os.kill(victim, signal.SIGKILL)  # a worker this test's gateway forked
         statuses = []
+        lost = 0
         deadline = time.monotonic() + 10.0
         while time.monotonic() < deadline:
-            statuses.append(client.get(f"{gw.url}/echo/during").status_code)
+            try:
+                statuses.append(client.get(f"{gw.url}/echo/during").status_code)
+            except httpx.TransportError:
+                # Connections the kernel queued on the dying worker's SO_REUSEPORT
+                # socket are reset with it (unless net.ipv4.tcp_migrate_req is on);
+                # only those few may be lost.
+                lost += 1
             now = child_pids(gw.pid)
             if len(now) == 2 and victim not in now:
                 break
@@ -221,6 +228,7 @@ def test_a_killed_worker_is_restarted_and_traffic_keeps_flowing(
         wait_until(lambda: listening(replacement, port), 10.0, "the new worker to bind")
         statuses += [client.get(f"{gw.url}/echo/after").status_code for _ in range(50)]
         assert set(statuses) == {200}
+        assert lost <= 3
         assert gw.process.poll() is None
 
 
