@@ -104,7 +104,9 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         phase = self.phase
         if phase is ConnectionPhase.IDLE:
-            self.set_phase(ConnectionPhase.HEAD)
+            # set_phase(HEAD), inlined: this runs for every request
+            self.phase = ConnectionPhase.HEAD
+            self.deadline = self.loop.time() + self.limits.header_timeout
         elif phase is ConnectionPhase.BODY:
             self.deadline = self.loop.time() + self.limits.body_timeout
         assert self.front_end is not None

@@ -90,7 +90,6 @@ class Forwarder:
             return False
         request.route_name = route_name
         request.params = params
-        request.body.take_all()
         conn.start(request.method, head, on_response)
         return True
 

@@ -147,6 +147,9 @@ def specificity_key(route: RouteConfig) -> tuple[int, int, int, int, int, int, i
     )
 
 
+# A keep-alive client repeats its Host on every request; remembering a few thousand
+# normalizations saves a per-request lower()/split.
+_HOST_CACHE_SIZE = 4096
 HeaderSource = Mapping[str, str] | Callable[[], Mapping[str, str]]
 
 
@@ -358,7 +361,7 @@ class RouteTable:
             loader refuses these first, so at runtime this is a bug.
     """
 
-    __slots__ = ("_any_host", "_exact_hosts", "_ordered", "_wildcard_hosts")
+    __slots__ = ("_any_host", "_exact_hosts", "_hosts", "_ordered", "_wildcard_hosts")
 
     def __init__(self, routes: Sequence[RouteConfig]) -> None:
         keyed = sorted(((specificity_key(r), r) for r in routes), key=lambda kr: kr[0])
@@ -366,6 +369,7 @@ class RouteTable:
         self._exact_hosts: dict[str, _PathIndex] = {}
         self._wildcard_hosts: dict[str, _PathIndex] = {}  # ".example.com" -> routes
         self._any_host: _PathIndex | None = None
+        self._hosts: dict[str, str] = {}  # Host header as received -> normalized
         for route in self._ordered:
             rank, key = _host_pattern(route)
             if rank == _HOST_EXACT:
@@ -391,7 +395,12 @@ class RouteTable:
         Never raises; any exception is a bug.
         """
         request = _Request(method, path, headers, query)
-        host = normalize_host(host)
+        normalized = self._hosts.get(host)
+        if normalized is None:
+            normalized = normalize_host(host)
+            if len(self._hosts) < _HOST_CACHE_SIZE:  # bounded: Host is client-controlled
+                self._hosts[host] = normalized
+        host = normalized
         index = self._exact_hosts.get(host)
         if index is not None:
             found = index.lookup(request)
