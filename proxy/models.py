@@ -206,23 +206,48 @@ class Body:
 RawHeaders = list[tuple[bytes, bytes]]
 
 
-def _decode(raw: RawHeaders) -> CIMultiDict[str]:
-    return CIMultiDict([(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw])
+class _Message:
+    """Headers that stay the parser's (already validated) byte pairs in `raw_headers`
+    until something reads `headers`; from then on the CIMultiDict is the only truth and
+    `raw_headers` is None. A route with no middleware never pays for the conversion."""
+
+    __slots__ = ("_headers", "raw_headers")
+
+    def _init_headers(self, headers: CIMultiDict[str] | RawHeaders | None) -> None:
+        if isinstance(headers, list):
+            self.raw_headers: RawHeaders | None = headers
+            self._headers: CIMultiDict[str] | None = None
+        else:
+            self.raw_headers = None
+            self._headers = headers if headers is not None else CIMultiDict()
+
+    @property
+    def headers(self) -> CIMultiDict[str]:
+        """The headers (built from `raw_headers` on first use)."""
+        headers = self._headers
+        if headers is None:
+            assert self.raw_headers is not None
+            headers = self._headers = CIMultiDict(
+                [(n.decode("latin-1"), v.decode("latin-1")) for n, v in self.raw_headers]
+            )
+            self.raw_headers = None
+        return headers
+
+    @headers.setter
+    def headers(self, value: CIMultiDict[str]) -> None:
+        self._headers = value
+        self.raw_headers = None
 
 
-class Request:
+class Request(_Message):
     """One request, as every front end produces it.
 
     `target` is the raw request target, forwarded byte for byte unless a rewrite changes
-    it; `path` and `query` are its halves as text, used for routing.
-
-    Headers arrive as the parser's (already validated) byte pairs in `raw_headers`; the
-    `headers` CIMultiDict is built on first use, after which it is the only truth and
-    `raw_headers` is None. A route with no middleware never pays for the conversion.
+    it; `path` and `query` are its halves as text, used for routing. Headers: see
+    `_Message`.
     """
 
     __slots__ = (
-        "_headers",
         "_url",
         "body",
         "client",
@@ -234,7 +259,6 @@ class Request:
         "params",
         "path",
         "query",
-        "raw_headers",
         "request_id",
         "route_name",
         "scheme",
@@ -260,12 +284,7 @@ class Request:
         raw_path, _, raw_query = target.partition(b"?")
         self.path = raw_path.decode("latin-1")
         self.query = raw_query.decode("latin-1")
-        if isinstance(headers, list):
-            self.raw_headers: RawHeaders | None = headers
-            self._headers: CIMultiDict[str] | None = None
-        else:
-            self.raw_headers = None
-            self._headers = headers
+        self._init_headers(headers)
         self.body = body
         self.http_version = http_version
         self.client = client
@@ -278,21 +297,6 @@ class Request:
         self.request_id = ""
         self.route_name = ""
         self._url: URL | None = None
-
-    @property
-    def headers(self) -> CIMultiDict[str]:
-        """The request headers (built from `raw_headers` on first use)."""
-        headers = self._headers
-        if headers is None:
-            assert self.raw_headers is not None
-            headers = self._headers = _decode(self.raw_headers)
-            self.raw_headers = None
-        return headers
-
-    @headers.setter
-    def headers(self, value: CIMultiDict[str]) -> None:
-        self._headers = value
-        self.raw_headers = None
 
     def get_headers(self) -> CIMultiDict[str]:
         """`headers`, as a method (routing asks for headers only when it needs them)."""
@@ -317,7 +321,7 @@ class Request:
         return f"<Request {self.method} {self.target!r} HTTP/{self.http_version}>"
 
 
-class Response:
+class Response(_Message):
     """One response, as forwarding or a local reply produces it.
 
     As with Request, an upstream's headers stay raw bytes (`raw_headers`, hop-by-hop
@@ -326,7 +330,7 @@ class Response:
     derives them from the body.
     """
 
-    __slots__ = ("_headers", "body", "raw_headers", "reason", "status")
+    __slots__ = ("body", "reason", "status")
 
     def __init__(
         self,
@@ -336,29 +340,9 @@ class Response:
         reason: str = "",
     ) -> None:
         self.status = status
-        if isinstance(headers, list):
-            self.raw_headers: RawHeaders | None = headers
-            self._headers: CIMultiDict[str] | None = None
-        else:
-            self.raw_headers = None
-            self._headers = headers if headers is not None else CIMultiDict()
+        self._init_headers(headers)
         self.body = body if body is not None else Body.from_bytes(b"")
         self.reason = reason
-
-    @property
-    def headers(self) -> CIMultiDict[str]:
-        """The response headers (built from `raw_headers` on first use)."""
-        headers = self._headers
-        if headers is None:
-            assert self.raw_headers is not None
-            headers = self._headers = _decode(self.raw_headers)
-            self.raw_headers = None
-        return headers
-
-    @headers.setter
-    def headers(self, value: CIMultiDict[str]) -> None:
-        self._headers = value
-        self.raw_headers = None
 
     def __repr__(self) -> str:
         return f"<Response {self.status}>"
