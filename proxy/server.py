@@ -133,6 +133,8 @@ class Server:
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        # Reload arrives with the operations work; until then SIGHUP must not kill us.
+        loop.add_signal_handler(signal.SIGHUP, log.warning, "SIGHUP: reload is not implemented yet")
         await stop.wait()
         log.info("draining (grace period %.1fs)", self.config.grace_period)
         await self.shutdown()

@@ -51,6 +51,7 @@ class Supervisor:
         self._children: dict[int, float] = {}  # pid -> start time
         self._stopping = False
         self._exit_code = 0
+        self._restarts_due: list[float] = []  # monotonic times of delayed restarts
         self.restarts = 0
 
     def _spawn(self) -> None:
@@ -70,8 +71,10 @@ class Supervisor:
         for _ in range(self.workers):
             self._spawn()
         log.info("supervising %d workers (pids %s)", self.workers, sorted(self._children))
-        while self._children:
-            info = signal.sigwaitinfo(_SIGNALS)
+        while self._children or (self._restarts_due and not self._stopping):
+            info = self._next_signal()
+            if info is None:
+                continue
             if info.si_signo in (signal.SIGTERM, signal.SIGINT):
                 if not self._stopping:
                     log.info("stopping: draining %d workers", len(self._children))
@@ -82,6 +85,18 @@ class Supervisor:
             else:
                 self._reap()
         return self._exit_code
+
+    def _next_signal(self) -> signal.struct_siginfo | None:
+        """The next signal; meanwhile, restart workers whose back-off has passed."""
+        if not self._restarts_due:
+            return signal.sigwaitinfo(_SIGNALS)
+        wait = self._restarts_due[0] - time.monotonic()
+        info = signal.sigtimedwait(_SIGNALS, max(wait, 0.0)) if wait > 0 else None
+        now = time.monotonic()
+        while self._restarts_due and self._restarts_due[0] <= now and not self._stopping:
+            self._restarts_due.pop(0)
+            self._spawn()
+        return info
 
     def _signal_children(self, signum: int) -> None:
         for pid in self._children:
@@ -111,6 +126,9 @@ class Supervisor:
                 continue
             self.restarts += 1
             log.error("worker %d died (exit %d); restarting it", pid, code)
-            if time.monotonic() - started < RESTART_BACKOFF_S:
-                time.sleep(RESTART_BACKOFF_S)
-            self._spawn()
+            now = time.monotonic()
+            if now - started < RESTART_BACKOFF_S:
+                # Dying at start-up: wait before the next try, but keep taking signals.
+                self._restarts_due.append(now + RESTART_BACKOFF_S)
+            else:
+                self._spawn()

@@ -301,3 +301,20 @@ def test_readme_quick_start_proxies_to_the_demo_echo_service(tmp_path: Path) -> 
             assert other["target"] == "/other"  # the default route: no rewrite
     finally:
         kill_process_group(echo)
+
+
+def test_sighup_does_not_stop_a_worker_or_the_supervisor(
+    tmp_path: Path, upstream: UpstreamServer
+) -> None:
+    """Reload is not implemented yet: SIGHUP must be harmless, not the default kill."""
+    port, config = two_worker_config(upstream)
+    with (
+        run_gateway(config, tmp_path, port=port, args=("--workers", "2")) as gw,
+        fresh_connection_client() as client,
+    ):
+        workers = wait_for_workers(gw.pid, 2)
+        gw.signal(signal.SIGHUP)
+        time.sleep(0.3)  # give a (wrongly) dying worker time to be reaped and replaced
+        assert gw.process.poll() is None
+        assert child_pids(gw.pid) == workers
+        assert client.get(f"{gw.url}/echo/after-hup").status_code == 200
