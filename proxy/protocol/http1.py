@@ -226,7 +226,10 @@ class Http1Protocol:
     def _on_fast_response(self, response: Response | None, error: ProxyError | None) -> None:
         request = self._inflight
         if request is None:
-            return  # the client went away meanwhile
+            # The client went away meanwhile: release what is still streaming.
+            if response is not None:
+                response.body.discard()
+            return
         self._inflight = None
         conn = self._conn
         if conn.closed:
@@ -352,6 +355,9 @@ class Http1Protocol:
             log.debug("response body broke off: %r", exc)
             body.discard()
             return False
+        except asyncio.CancelledError:
+            body.discard()  # the client went away: the upstream must not wait on us
+            raise
         return True
 
     def _start_response(

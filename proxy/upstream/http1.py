@@ -185,6 +185,10 @@ class Http1UpstreamConnection(asyncio.Protocol):
         try:
             response: Response = await waiter
             return response
+        except asyncio.CancelledError:
+            # The client went away mid-exchange: this connection is in an unknown state.
+            self.close()
+            raise
         finally:
             # The connection may already serve the next exchange (released in on_end,
             # before this coroutine resumed): clear only our own waiter.

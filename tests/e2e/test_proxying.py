@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from collections.abc import AsyncIterator
@@ -524,3 +525,36 @@ async def test_hop_by_hop_response_headers_do_not_reach_client(gateway: Server) 
     assert "keep-alive" not in names
     assert "proxy-connection" not in names
     assert response.header("connection") is None
+
+
+@pytest.mark.socket
+async def test_client_leaving_mid_download_releases_the_upstream_connection(
+    gateway: Server, upstream: UpstreamServer
+) -> None:
+    host, port = gateway.addresses[0]
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"GET /download/104857600 HTTP/1.1\r\nHost: t\r\n\r\n")
+    await reader.readexactly(256 * 1024)  # the download is flowing
+    writer.transport.abort()
+    pool = gateway.runtime.upstreams["app"].pools[0]
+    async with asyncio.timeout(5):
+        while pool.size:
+            await asyncio.sleep(0.02)
+    assert repr(pool).endswith("active=0 idle=0 connecting=0 waiting=0>")
+
+
+@pytest.mark.socket
+async def test_client_leaving_before_the_response_releases_the_upstream_connection(
+    gateway: Server, upstream: UpstreamServer
+) -> None:
+    host, port = gateway.addresses[0]
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"GET /slowbody/300 HTTP/1.1\r\nHost: t\r\n\r\n")
+    await asyncio.sleep(0.1)
+    writer.transport.abort()
+    await asyncio.sleep(0.5)  # the upstream answers after the client has gone
+    pool = gateway.runtime.upstreams["app"].pools[0]
+    async with asyncio.timeout(5):
+        while pool.size and "active=0" not in repr(pool):
+            await asyncio.sleep(0.02)
+    assert "active=0" in repr(pool)
