@@ -485,3 +485,14 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+async def eventually(predicate: Callable[[], bool], what: str, within_s: float = 5.0) -> None:
+    """Wait for `predicate` to hold: for state the gateway changes on its own (a socket
+    closing, a pool emptying), which no event of ours announces."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within_s
+    while not predicate():
+        if loop.time() >= deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)

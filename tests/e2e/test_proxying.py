@@ -13,7 +13,7 @@ import pytest
 
 from proxy.server import Server
 from tests.conftest import GatewayFactory, base_url, simple_config
-from tests.helpers import RawClient, parse_all
+from tests.helpers import RawClient, eventually, parse_all
 from tests.upstream import UpstreamServer
 
 pytestmark = pytest.mark.socket
@@ -537,9 +537,7 @@ async def test_client_leaving_mid_download_releases_the_upstream_connection(
     await reader.readexactly(256 * 1024)  # the download is flowing
     writer.transport.abort()
     pool = gateway.runtime.upstreams["app"].pools[0]
-    async with asyncio.timeout(5):
-        while pool.size:
-            await asyncio.sleep(0.02)
+    await eventually(lambda: pool.size == 0, "the upstream connection to close")
     assert repr(pool).endswith("active=0 idle=0 connecting=0 waiting=0>")
 
 
@@ -548,13 +546,10 @@ async def test_client_leaving_before_the_response_releases_the_upstream_connecti
     gateway: Server, upstream: UpstreamServer
 ) -> None:
     host, port = gateway.addresses[0]
-    reader, writer = await asyncio.open_connection(host, port)
+    _, writer = await asyncio.open_connection(host, port)
     writer.write(b"GET /slowbody/300 HTTP/1.1\r\nHost: t\r\n\r\n")
     await asyncio.sleep(0.1)
     writer.transport.abort()
     await asyncio.sleep(0.5)  # the upstream answers after the client has gone
     pool = gateway.runtime.upstreams["app"].pools[0]
-    async with asyncio.timeout(5):
-        while pool.size and "active=0" not in repr(pool):
-            await asyncio.sleep(0.02)
-    assert "active=0" in repr(pool)
+    await eventually(lambda: "active=0" in repr(pool), "no exchange left on the upstream")
