@@ -46,7 +46,9 @@ def upstream_headers(
     """
     headers = request.headers
     out: list[tuple[str, str]] = [("Host", host)]
-    connection = headers.get("connection") or request.connection
+    connection = headers.get("connection")
+    if connection is None and request.connection is not None:
+        connection = request.connection.decode("latin-1")
     named = {token.strip().lower() for token in connection.split(",")} if connection else None
     forwarded_for = forwarded_proto = forwarded_host = via = None
     for name, value in headers.items():
@@ -83,6 +85,25 @@ _BODYLESS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"})
 
 
 _RAW_HOP_BY_HOP = frozenset(name.encode() for name in REQUEST_HOP_BY_HOP)
+# Connection values that name nothing beyond the fields dropped anyway.
+_USUAL_CONNECTION_TOKENS = _RAW_HOP_BY_HOP | {b"close"}
+_CONNECTION_TOKENS: dict[bytes, frozenset[bytes]] = {}
+_CONNECTION_TOKENS_CACHED = 256
+
+
+def connection_tokens(value: bytes) -> frozenset[bytes]:
+    """The lower-cased field names in a Connection header value (RFC 9110 section 7.6.1).
+
+    Peers repeat a handful of values ("keep-alive", "close"), so results are cached; the
+    cache is bounded because the value comes from the network."""
+    tokens = _CONNECTION_TOKENS.get(value)
+    if tokens is None:
+        tokens = frozenset(token.strip().lower() for token in value.split(b","))
+        if len(_CONNECTION_TOKENS) < _CONNECTION_TOKENS_CACHED:
+            _CONNECTION_TOKENS[value] = tokens
+    return tokens
+
+
 _FORWARDED = {
     b"x-forwarded-for": 0,
     b"x-forwarded-proto": 1,
@@ -124,11 +145,9 @@ def _raw_head(
 ) -> bytes:
     parts = [request.method.encode(), b" ", target, b" HTTP/1.1\r\nHost: ", host.encode("latin-1")]
     connection = request.connection
-    named = (
-        {token.strip().lower().encode("latin-1") for token in connection.split(",")}
-        if connection
-        else None
-    )
+    named = connection_tokens(connection) if connection else None
+    if named is not None and named <= _USUAL_CONNECTION_TOKENS:
+        named = None  # "keep-alive", "close": nothing beyond the usual set
     forwarded: list[bytes | None] = [None, None, None, None]
     for name, value in raw:
         lower = name.lower()

@@ -277,7 +277,7 @@ class Request(_Message):
         scheme: str = "http",
         keep_alive: bool = True,
         host: str | None = None,
-        connection: str | None = None,
+        connection: bytes | None = None,
     ) -> None:
         self.method = method
         self.target = target

@@ -137,7 +137,7 @@ class Http1Protocol:
             client=conn.client,
             keep_alive=head.keep_alive and not head.upgrade,
             host=head.host.decode("latin-1"),
-            connection=head.connection.decode("latin-1") if head.connection else None,
+            connection=head.connection,
         )
         self._dispatch(request)
 

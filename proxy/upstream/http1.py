@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from proxy.errors import ProxyError, UpstreamProtocolError, UpstreamReset, UpstreamTimeout
+from proxy.headers import connection_tokens
 from proxy.models import Body, Response
 from proxy.protocol.h1codec import H1Error, Headers, MessageHead, make_response_parser
 from proxy.protocol.h1serialize import chunk, last_chunk
@@ -40,6 +41,7 @@ RESPONSE_HOP_BY_HOP = frozenset(
 
 
 _RAW_HOP_BY_HOP = frozenset(name.encode() for name in RESPONSE_HOP_BY_HOP)
+_USUAL_CONNECTION_TOKENS = _RAW_HOP_BY_HOP | {b"close"}
 
 
 # Streamed request bodies up to this size are kept until the response head arrives, so the
@@ -293,9 +295,11 @@ class Http1UpstreamConnection(asyncio.Protocol):
         """Parser callback: the response head."""
         raw = [(name, value) for name, value in head.headers if name.lower() not in _RAW_HOP_BY_HOP]
         if head.connection:
-            # RFC 9110 section 7.6.1: fields named in Connection are hop-by-hop too.
-            named = {token.strip().lower() for token in head.connection.split(b",")}
-            raw = [(name, value) for name, value in raw if name.lower() not in named]
+            # RFC 9110 section 7.6.1: fields named in Connection are hop-by-hop too. Most
+            # name only "keep-alive" or "close", already dropped: skip the second pass.
+            named = connection_tokens(head.connection)
+            if not named <= _USUAL_CONNECTION_TOKENS:
+                raw = [(name, value) for name, value in raw if name.lower() not in named]
         length = None if head.chunked else head.content_length
         body = Body(length, on_pause=self._pause_reading, on_resume=self._resume_reading)
         body.on_abandon = self._abandon
