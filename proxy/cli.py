@@ -14,7 +14,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 
-from proxy.config import Config, ConfigError, load_config
+from proxy.config import ConfigError, load_config
+from proxy.config_model import Config
 
 log = logging.getLogger("proxy")
 

@@ -1,7 +1,8 @@
-"""routes.yaml -> frozen, typed configuration.
+"""routes.yaml -> the frozen, typed configuration of `proxy.config_model`.
 
-Runtime code only ever sees these objects: everything is validated once, at load time
-(STYLE.md 1.4). Durations are float seconds, sizes are int bytes.
+The loader checks everything once, at load time (STYLE.md 1.4), and reports every problem
+together, each as `file:line: key.path: message`. The model's names are re-exported here,
+so `from proxy.config import RouteConfig` keeps working.
 """
 
 from __future__ import annotations
@@ -10,12 +11,37 @@ import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
-from dataclasses import dataclass, field
 from typing import TypeVar
 
 import yaml
 from yaml.nodes import MappingNode, Node
 
+from proxy.config_model import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_CONNECT_TIMEOUT_S,
+    DEFAULT_GRACE_PERIOD_S,
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_KEEPALIVE_TIMEOUT_S,
+    DEFAULT_MAX_HEAD_BYTES,
+    DEFAULT_POOL_IDLE_TIMEOUT_S,
+    DEFAULT_POOL_MAX_CONNECTIONS,
+    DEFAULT_POOL_MAX_IDLE,
+    DEFAULT_POOL_WAIT_TIMEOUT_S,
+    DEFAULT_READ_TIMEOUT_S,
+    AdminConfig,
+    Config,
+    EndpointConfig,
+    HeaderMatch,
+    LimitsConfig,
+    ListenerConfig,
+    MatchConfig,
+    PoolConfig,
+    QueryMatch,
+    RewriteConfig,
+    RouteConfig,
+    UpstreamConfig,
+    UpstreamTimeouts,
+)
 from proxy.config_values import (
     NodeReader,
     Reported,
@@ -27,160 +53,36 @@ from proxy.config_values import (
     parse_host_pattern,
 )
 
-DEFAULT_CONNECT_TIMEOUT_S = 2.0
-DEFAULT_READ_TIMEOUT_S = 30.0
-DEFAULT_POOL_MAX_CONNECTIONS = 256
-DEFAULT_POOL_MAX_IDLE = 64
-# Below the usual upstream keep-alive timeouts (nginx 75 s, Node.js 5 s, gunicorn 2 s is the
-# outlier) so that we, not the upstream, normally close an idle connection.
-DEFAULT_POOL_IDLE_TIMEOUT_S = 4.0
-DEFAULT_POOL_WAIT_TIMEOUT_S = 5.0
-DEFAULT_MAX_HEAD_BYTES = 32 * 1024
-DEFAULT_HEADER_TIMEOUT_S = 10.0
-DEFAULT_BODY_TIMEOUT_S = 60.0
-DEFAULT_KEEPALIVE_TIMEOUT_S = 75.0
-DEFAULT_GRACE_PERIOD_S = 30.0
-
-
-@dataclass(frozen=True, slots=True)
-class ListenerConfig:
-    """One client-facing socket (`listeners[i]`)."""
-
-    host: str
-    port: int
-    name: str  # "listeners[0]" unless given with `name:`; used as a metrics label
-
-
-@dataclass(frozen=True, slots=True)
-class AdminConfig:
-    """The admin listener (`admin.bind`): /metrics, /healthz, /readyz."""
-
-    host: str
-    port: int
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamTimeouts:
-    """`upstreams.X.timeouts`. `read` bounds the wait for the response head and each gap
-    between body chunks (like nginx proxy_read_timeout); there is no total deadline."""
-
-    connect: float = DEFAULT_CONNECT_TIMEOUT_S
-    read: float = DEFAULT_READ_TIMEOUT_S
-
-
-@dataclass(frozen=True, slots=True)
-class PoolConfig:
-    """`upstreams.X.pool`: per-endpoint connection pool limits."""
-
-    max_connections: int = DEFAULT_POOL_MAX_CONNECTIONS
-    max_idle: int = DEFAULT_POOL_MAX_IDLE
-    idle_timeout: float = DEFAULT_POOL_IDLE_TIMEOUT_S
-    wait_timeout: float = DEFAULT_POOL_WAIT_TIMEOUT_S
-
-
-@dataclass(frozen=True, slots=True)
-class EndpointConfig:
-    """One upstream server: `http://host:port` (scheme http only for now)."""
-
-    url: str
-    scheme: str
-    host: str
-    port: int
-    weight: int = 1
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamConfig:
-    """`upstreams.NAME`."""
-
-    name: str
-    endpoints: tuple[EndpointConfig, ...]
-    balance: str = "round_robin"
-    timeouts: UpstreamTimeouts = field(default_factory=UpstreamTimeouts)
-    pool: PoolConfig = field(default_factory=PoolConfig)
-
-
-@dataclass(frozen=True, slots=True)
-class HeaderMatch:
-    """`match.headers[i]`: exactly one of `value` (exact), `regex` (full match), or neither
-    (the header must be present). `name` is lower-cased (header names are case-insensitive)."""
-
-    name: str
-    value: str | None = None
-    regex: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class QueryMatch:
-    """`match.query[i]`: same rules as HeaderMatch, on a query parameter."""
-
-    name: str
-    value: str | None = None
-    regex: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class MatchConfig:
-    """`routes[i].match`. At most one of path / path_prefix / path_regex."""
-
-    host: str | None = None  # "api.example.com" or "*.example.com", lower-cased
-    path: str | None = None
-    path_prefix: str | None = None
-    path_regex: str | None = None  # full match, named groups allowed
-    methods: tuple[str, ...] | None = None  # upper-cased
-    headers: tuple[HeaderMatch, ...] = ()
-    query: tuple[QueryMatch, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class RewriteConfig:
-    """`routes[i].rewrite`: applied to the path in this order: regex, strip_prefix,
-    add_prefix. `host` replaces the Host header (preserved when None)."""
-
-    strip_prefix: str | None = None
-    add_prefix: str | None = None
-    regex: str | None = None
-    replacement: str | None = None  # with regex; `\\g<name>` / `\\1` references
-    host: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class RouteConfig:
-    """`routes[i]`."""
-
-    name: str
-    match: MatchConfig
-    upstream: str
-    rewrite: RewriteConfig = field(default_factory=RewriteConfig)
-    max_body_size: int | None = None  # None: the server-wide limit applies
-    index: int = 0  # position in the file: ties in specificity go to the earlier route
-
-
-@dataclass(frozen=True, slots=True)
-class LimitsConfig:
-    """`limits`: server-wide defences, each mapped to one status (DESIGN.md, errors)."""
-
-    max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES  # 431
-    max_body_size: int | None = None  # 413; None = unlimited
-    header_timeout: float = DEFAULT_HEADER_TIMEOUT_S  # 408
-    body_timeout: float = DEFAULT_BODY_TIMEOUT_S  # 408, idle gap between body chunks
-    keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT_S
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    """The whole validated file."""
-
-    listeners: tuple[ListenerConfig, ...]
-    upstreams: dict[str, UpstreamConfig]
-    routes: tuple[RouteConfig, ...]
-    admin: AdminConfig | None = None
-    limits: LimitsConfig = field(default_factory=LimitsConfig)
-    http1_parser: str = "auto"  # auto | httptools | h11
-    workers: int | None = None  # None: one per core
-    grace_period: float = DEFAULT_GRACE_PERIOD_S  # `shutdown.grace_period`
-    source: str = "<string>"
-
+# The loader, and the model re-exported for `from proxy.config import RouteConfig`.
+__all__ = [
+    "DEFAULT_BODY_TIMEOUT_S",
+    "DEFAULT_CONNECT_TIMEOUT_S",
+    "DEFAULT_GRACE_PERIOD_S",
+    "DEFAULT_HEADER_TIMEOUT_S",
+    "DEFAULT_KEEPALIVE_TIMEOUT_S",
+    "DEFAULT_MAX_HEAD_BYTES",
+    "DEFAULT_POOL_IDLE_TIMEOUT_S",
+    "DEFAULT_POOL_MAX_CONNECTIONS",
+    "DEFAULT_POOL_MAX_IDLE",
+    "DEFAULT_POOL_WAIT_TIMEOUT_S",
+    "DEFAULT_READ_TIMEOUT_S",
+    "AdminConfig",
+    "Config",
+    "ConfigError",
+    "EndpointConfig",
+    "HeaderMatch",
+    "LimitsConfig",
+    "ListenerConfig",
+    "MatchConfig",
+    "PoolConfig",
+    "QueryMatch",
+    "RewriteConfig",
+    "RouteConfig",
+    "UpstreamConfig",
+    "UpstreamTimeouts",
+    "load_config",
+    "parse_config",
+]
 
 # --- Loader ---------------------------------------------------------------------------------
 

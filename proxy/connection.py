@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, cast
 
-from proxy.config import LimitsConfig, ListenerConfig
+from proxy.config_model import LimitsConfig, ListenerConfig
 
 if TYPE_CHECKING:
     from proxy.errors import ProxyError

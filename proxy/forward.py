@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from proxy.config import RewriteConfig
+from proxy.config_model import RewriteConfig
 from proxy.errors import BadRequest, ProxyError
 from proxy.headers import upstream_request_head
 from proxy.models import Request, Response

@@ -57,7 +57,7 @@ from urllib.parse import parse_qsl
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.config import HeaderMatch, QueryMatch, RouteConfig
+from proxy.config_model import HeaderMatch, QueryMatch, RouteConfig
 
 logger = logging.getLogger(__name__)
 

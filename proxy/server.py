@@ -12,7 +12,7 @@ import contextlib
 import logging
 import signal
 
-from proxy.config import Config
+from proxy.config_model import Config
 from proxy.connection import ClientConnection
 from proxy.protocol.h1codec import resolve_codec
 from proxy.protocol.http1 import Http1Protocol

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
-from proxy.config import Config, RouteConfig
+from proxy.config_model import Config, RouteConfig
 from proxy.errors import BodyTooLarge, InternalError, NoRoute, ProxyError
 from proxy.forward import Forwarder
 from proxy.local_reply import local_reply

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from proxy.config import Config
+from proxy.config_model import Config
 
 log = logging.getLogger(__name__)
 

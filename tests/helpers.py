@@ -22,7 +22,7 @@ from typing import Any
 import h11
 from multidict import CIMultiDict
 
-from proxy.config import LimitsConfig
+from proxy.config_model import LimitsConfig
 from proxy.connection import ConnectionPhase
 from proxy.errors import ProxyError
 from proxy.local_reply import local_reply

@@ -14,8 +14,9 @@ from proxy.protocol.h1codec import H1Error, H1Sink, Headers, MessageHead, scan_h
 _OWS = (b" ", b"\t")
 
 
-class HttptoolsRequestParser:
-    """RequestParser over llhttp. The parser calls back into this object's methods."""
+class _LlhttpCallbacks:
+    """What the request and response parsers share: header collection (head, then
+    trailers), body relay, and keeping an exception raised inside a callback."""
 
     __slots__ = (
         "_error",
@@ -23,22 +24,53 @@ class HttptoolsRequestParser:
         "_headers",
         "_in_head",
         "_max_head_bytes",
-        "_parser",
         "_sink",
         "_trailers",
-        "_url",
     )
 
     def __init__(self, sink: H1Sink, max_head_bytes: int) -> None:
         self._sink = sink
         self._max_head_bytes = max_head_bytes
-        self._parser = httptools.HttpRequestParser(self)
-        self._url = b""
         self._headers: Headers = []
         self._trailers: Headers | None = None
         self._in_head = True
         self._head_bytes = 0
         self._error: BaseException | None = None
+
+    def _kept_error(self) -> BaseException:
+        error, self._error = self._error, None
+        assert error is not None
+        return error
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if value[-1:] in _OWS and name.lower() != b"transfer-encoding":
+            # llhttp keeps trailing whitespace, which is not part of the value (RFC 9110
+            # section 5.5). A padded Transfer-Encoding stays padded: scan_head refuses it.
+            value = value.rstrip(b" \t")
+        if self._in_head:
+            self._headers.append((name, value))
+        else:
+            if self._trailers is None:
+                self._trailers = []
+            self._trailers.append((name, value))
+
+    def on_body(self, body: bytes) -> None:
+        try:
+            self._sink.on_body(body)
+        except BaseException as exc:
+            self._error = exc
+            raise
+
+
+class HttptoolsRequestParser(_LlhttpCallbacks):
+    """RequestParser over llhttp. The parser calls back into this object's methods."""
+
+    __slots__ = ("_parser", "_url")
+
+    def __init__(self, sink: H1Sink, max_head_bytes: int) -> None:
+        super().__init__(sink, max_head_bytes)
+        self._parser = httptools.HttpRequestParser(self)
+        self._url = b""
 
     def feed(self, data: bytes) -> bytes | None:
         if self._in_head:
@@ -50,9 +82,7 @@ class HttptoolsRequestParser:
         except httptools.HttpParserUpgrade as exc:
             return data[exc.args[0] :]
         except httptools.HttpParserCallbackError:
-            error, self._error = self._error, None
-            assert error is not None
-            raise error from None
+            raise self._kept_error() from None
         except httptools.HttpParserError as exc:
             raise H1Error(str(exc)) from None
         if self._in_head and self._head_bytes > self._max_head_bytes:
@@ -69,18 +99,6 @@ class HttptoolsRequestParser:
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if value[-1:] in _OWS and name.lower() != b"transfer-encoding":
-            # llhttp keeps trailing whitespace, which is not part of the value (RFC 9110
-            # section 5.5). A padded Transfer-Encoding stays padded: scan_head refuses it.
-            value = value.rstrip(b" \t")
-        if self._in_head:
-            self._headers.append((name, value))
-        else:
-            if self._trailers is None:
-                self._trailers = []
-            self._trailers.append((name, value))
 
     def on_headers_complete(self) -> None:
         try:
@@ -105,13 +123,6 @@ class HttptoolsRequestParser:
             self._error = exc
             raise
 
-    def on_body(self, body: bytes) -> None:
-        try:
-            self._sink.on_body(body)
-        except BaseException as exc:
-            self._error = exc
-            raise
-
     def on_message_complete(self) -> None:
         try:
             self._in_head = True
@@ -126,41 +137,28 @@ class _SkipBody(Exception):
     """Raised inside llhttp to stop at the end of a HEAD response's head."""
 
 
-class HttptoolsResponseParser:
+class HttptoolsResponseParser(_LlhttpCallbacks):
     """ResponseParser over llhttp."""
 
     __slots__ = (
         "_close_delimited",
         "_done",
-        "_error",
-        "_head_bytes",
-        "_headers",
-        "_in_head",
         "_informational",
         "_keep_alive",
-        "_max_head_bytes",
         "_no_body",
         "_parser",
         "_reason",
-        "_sink",
-        "_trailers",
     )
 
     def __init__(self, sink: H1Sink, max_head_bytes: int) -> None:
-        self._sink = sink
-        self._max_head_bytes = max_head_bytes
+        super().__init__(sink, max_head_bytes)
         self._parser = httptools.HttpResponseParser(self)
-        self._headers: Headers = []
-        self._trailers: Headers | None = None
         self._reason = b""
-        self._in_head = True
-        self._head_bytes = 0
         self._no_body = False
         self._informational = False
         self._close_delimited = False
         self._keep_alive = False
         self._done = True
-        self._error: BaseException | None = None
 
     @property
     def reusable(self) -> bool:
@@ -177,13 +175,12 @@ class HttptoolsResponseParser:
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError:
-            error, self._error = self._error, None
+            error = self._kept_error()
             if isinstance(error, _SkipBody):
                 # The parser is mid-message now; a fresh one serves the next response.
                 self._parser = httptools.HttpResponseParser(self)
                 self._finish(None)
                 return
-            assert error is not None
             raise error from None
         except httptools.HttpParserUpgrade:
             raise H1Error("unexpected upgrade from upstream") from None
@@ -216,14 +213,6 @@ class HttptoolsResponseParser:
     def on_status(self, reason: bytes) -> None:
         self._reason = reason
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self._in_head:
-            self._headers.append((name, value))
-        else:
-            if self._trailers is None:
-                self._trailers = []
-            self._trailers.append((name, value))
-
     def on_headers_complete(self) -> None:
         try:
             self._in_head = False
@@ -244,13 +233,6 @@ class HttptoolsResponseParser:
             self._sink.on_head(head)
             if self._no_body:
                 raise _SkipBody
-        except BaseException as exc:
-            self._error = exc
-            raise
-
-    def on_body(self, body: bytes) -> None:
-        try:
-            self._sink.on_body(body)
         except BaseException as exc:
             self._error = exc
             raise

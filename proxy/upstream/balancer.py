@@ -6,7 +6,7 @@ is where they plug in.
 
 from __future__ import annotations
 
-from proxy.config import UpstreamConfig
+from proxy.config_model import UpstreamConfig
 from proxy.upstream.pool import UpstreamPool
 
 

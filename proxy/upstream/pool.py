@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections import deque
 
-from proxy.config import EndpointConfig, PoolConfig, UpstreamTimeouts
+from proxy.config_model import EndpointConfig, PoolConfig, UpstreamTimeouts
 from proxy.errors import PoolTimeout
 from proxy.upstream.http1 import Http1UpstreamConnection, UpstreamConnState
 from proxy.upstream.transport import open_connection

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from proxy.config import LimitsConfig
+from proxy.config_model import LimitsConfig
 from proxy.errors import ProxyError
 from proxy.models import Body, Request, Response
 from tests.helpers import RecordingConnection, decode_responses, make_protocol, settle

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from proxy.config import HeaderMatch, MatchConfig, QueryMatch, RouteConfig
+from proxy.config_model import HeaderMatch, MatchConfig, QueryMatch, RouteConfig
 from proxy.routing import RouteTable
 
 # Small alphabets, so that random routes and requests collide often.

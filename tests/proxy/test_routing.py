@@ -9,7 +9,7 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 import proxy.routing
-from proxy.config import HeaderMatch, MatchConfig, QueryMatch, RouteConfig
+from proxy.config_model import HeaderMatch, MatchConfig, QueryMatch, RouteConfig
 from proxy.routing import RouteMatch, RouteTable, normalize_host
 
 _counter = iter(range(1_000_000))
