@@ -11,7 +11,7 @@ import httptools
 
 from proxy.protocol.h1codec import H1Error, H1Sink, Headers, MessageHead, scan_head
 
-_OWS = (b" ", b"\t")
+_OWS = (0x20, 0x09)  # space, tab: indexing bytes gives ints, with no slice allocated
 
 
 class _LlhttpCallbacks:
@@ -43,7 +43,7 @@ class _LlhttpCallbacks:
         return error
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if value[-1:] in _OWS and name.lower() != b"transfer-encoding":
+        if value and value[-1] in _OWS and name.lower() != b"transfer-encoding":
             # llhttp keeps trailing whitespace, which is not part of the value (RFC 9110
             # section 5.5). A padded Transfer-Encoding stays padded: scan_head refuses it.
             value = value.rstrip(b" \t")
