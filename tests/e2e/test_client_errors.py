@@ -1,48 +1,24 @@
-"""Every local reply of DESIGN.md's error table that the HTTP/1.1 core produces, through
-real sockets, with its JSON `error` code; after each, the gateway still serves."""
+"""Local replies to what the client does wrong, through real sockets, with their JSON
+`error` code: 400 (malformed), 431 (head too large), 413 (body too large), 408 and the idle
+close (timeouts). After each, the gateway still serves. Upstream failures are in
+test_upstream_errors.py."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 
 import httpx
 import pytest
 
-from proxy.config import parse_config
 from proxy.server import Server
-from tests.conftest import (
-    GatewayFactory,
-    UpstreamFactory,
-    assert_still_serves,
-    base_url,
-    simple_config,
-)
-from tests.helpers import RawClient, RawResponse
+from tests.conftest import GatewayFactory, assert_still_serves, base_url
+from tests.e2e.error_helpers import assert_local_reply, refused, send_once, start
+from tests.helpers import RawClient
 from tests.upstream import UpstreamServer
 
 pytestmark = pytest.mark.socket
-
-
-def assert_local_reply(response: RawResponse, status: int, error: str) -> None:
-    assert response.status == status, response
-    assert response.header("content-type") == "application/json"
-    payload = response.json()
-    assert payload["error"] == error
-    assert payload["request_id"]
-
-
-async def start(
-    gateway_factory: GatewayFactory,
-    upstream_url: str,
-    codec: str,
-    *,
-    extra: str = "",
-    route: str = "",
-) -> Server:
-    return await gateway_factory(simple_config(upstream_url, codec, extra=extra, route=route))
 
 
 # -- 400 ---------------------------------------------------------------------------------
@@ -64,12 +40,8 @@ async def start(
 async def test_malformed_request_line_gives_400_and_close(
     gateway: Server, upstream: UpstreamServer, request_line: bytes
 ) -> None:
-    async with await RawClient.connect(gateway.addresses[0]) as client:
-        await client.send(request_line)
-        response = await client.response()
-        assert_local_reply(response, 400, "bad_request")
-        assert response.header("connection") == "close"
-        assert await client.closed()
+    response, _ = await refused(gateway, request_line, 400, "bad_request")
+    assert response.header("connection") == "close"
     assert upstream.requests == []
     await assert_still_serves(gateway)
 
@@ -107,11 +79,7 @@ async def test_head_over_limit_gives_431(
     gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str, head: bytes
 ) -> None:
     server = await start(gateway_factory, upstream.url, codec, extra=SMALL_HEAD)
-    async with await RawClient.connect(server.addresses[0]) as client:
-        await client.send(head)
-        response = await client.response()
-        assert_local_reply(response, 431, "head_too_large")
-        assert await client.closed()
+    await refused(server, head, 431, "head_too_large")
     assert upstream.requests == []
     await assert_still_serves(server)
 
@@ -136,15 +104,26 @@ async def test_head_just_under_limit_is_served(
     gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
 ) -> None:
     server = await start(gateway_factory, upstream.url, codec, extra=SMALL_HEAD)
-    async with await RawClient.connect(server.addresses[0]) as client:
-        await client.send(b"GET /echo HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 3000 + b"\r\n\r\n")
-        response = await client.response()
+    response = await send_once(
+        server, b"GET /echo HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 3000 + b"\r\n\r\n"
+    )
     assert response.status == 200
 
 
 # -- 413 ---------------------------------------------------------------------------------
 
 ROUTE_LIMIT = "    max_body_size: 1KiB"
+
+
+async def assert_closed_or_serves(client: RawClient) -> None:
+    """The connection is either closed or still serves a request correctly."""
+    try:
+        await client.send(b"GET /echo/next HTTP/1.1\r\nHost: t\r\n\r\n")
+        response = await client.response()
+    except ConnectionError:
+        return
+    assert response.status == 200
+    assert response.json()["target"] == "/echo/next"
 
 
 async def test_content_length_over_route_limit_gives_413(
@@ -183,12 +162,10 @@ async def test_content_length_over_route_limit_with_expect_gives_413_without_upl
     gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
 ) -> None:
     server = await start(gateway_factory, upstream.url, codec, route=ROUTE_LIMIT)
-    async with await RawClient.connect(server.addresses[0]) as client:
-        await client.send(
-            b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 2000\r\n"
-            b"Expect: 100-continue\r\n\r\n"
-        )
-        response = await client.response()
+    response = await send_once(
+        server,
+        b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 2000\r\nExpect: 100-continue\r\n\r\n",
+    )
     assert_local_reply(response, 413, "body_too_large")
     assert upstream.requests == []
 
@@ -224,13 +201,12 @@ async def test_chunked_body_past_route_limit_in_one_write_gives_413(
     gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
 ) -> None:
     server = await start(gateway_factory, upstream.url, codec, route=ROUTE_LIMIT)
-    async with await RawClient.connect(server.addresses[0]) as client:
-        await client.send(
-            b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
-            + (b"258\r\n" + b"c" * 600 + b"\r\n") * 2
-            + b"0\r\n\r\n"
-        )
-        response = await client.response()
+    response = await send_once(
+        server,
+        b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + (b"258\r\n" + b"c" * 600 + b"\r\n") * 2
+        + b"0\r\n\r\n",
+    )
     assert_local_reply(response, 413, "body_too_large")
     assert upstream.requests == []
 
@@ -239,11 +215,8 @@ async def test_content_length_over_server_limit_gives_413(
     gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
 ) -> None:
     server = await start(gateway_factory, upstream.url, codec, extra="limits: {max_body_size: 100}")
-    async with await RawClient.connect(server.addresses[0]) as client:
-        await client.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 101\r\n\r\n")
-        response = await client.response()
-        assert_local_reply(response, 413, "body_too_large")
-        assert await client.closed()
+    head = b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 101\r\n\r\n"
+    await refused(server, head, 413, "body_too_large")
     assert upstream.requests == []
     await assert_still_serves(server)
 
@@ -273,13 +246,8 @@ async def test_incomplete_head_gives_408_after_header_timeout(
     gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
 ) -> None:
     server = await start(gateway_factory, upstream.url, codec, extra=FAST_TIMEOUTS)
-    async with await RawClient.connect(server.addresses[0]) as client:
-        started = time.monotonic()
-        await client.send(b"GET /echo HTTP/1.1\r\nHost: t\r\n")
-        response = await client.response(wait_s=1.5)
-        elapsed = time.monotonic() - started
-        assert_local_reply(response, 408, "request_timeout")
-        assert await client.closed()
+    partial_head = b"GET /echo HTTP/1.1\r\nHost: t\r\n"
+    _, elapsed = await refused(server, partial_head, 408, "request_timeout", wait_s=1.5)
     assert 0.15 <= elapsed < 1.0
     assert upstream.requests == []
     await assert_still_serves(server)
@@ -310,13 +278,8 @@ async def test_stalled_body_gives_408_after_body_timeout(
     gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
 ) -> None:
     server = await start(gateway_factory, upstream.url, codec, extra=FAST_TIMEOUTS)
-    async with await RawClient.connect(server.addresses[0]) as client:
-        await client.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc")
-        started = time.monotonic()
-        response = await client.response(wait_s=1.5)
-        elapsed = time.monotonic() - started
-        assert_local_reply(response, 408, "request_timeout")
-        assert await client.closed()
+    partial_body = b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc"
+    _, elapsed = await refused(server, partial_body, 408, "request_timeout", wait_s=1.5)
     assert 0.15 <= elapsed < 1.0
     assert upstream.requests == []
     await assert_still_serves(server)
@@ -326,11 +289,11 @@ async def test_stalled_chunked_body_gives_408(
     gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
 ) -> None:
     server = await start(gateway_factory, upstream.url, codec, extra=FAST_TIMEOUTS)
-    async with await RawClient.connect(server.addresses[0]) as client:
-        await client.send(
-            b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"
-        )
-        response = await client.response(wait_s=1.5)
+    response = await send_once(
+        server,
+        b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n",
+        wait_s=1.5,
+    )
     assert_local_reply(response, 408, "request_timeout")
     assert upstream.requests == []
 
@@ -387,233 +350,6 @@ async def test_slow_upstream_response_is_not_a_client_timeout(
         await client.send(b"GET /slowbody/400 HTTP/1.1\r\nHost: t\r\n\r\n")
         response = await client.response(wait_s=2)
     assert response.body == b"late"
-
-
-# -- 502 / 503 / 504 ---------------------------------------------------------------------
-
-
-async def assert_closed_or_serves(client: RawClient) -> None:
-    """The connection is either closed or still serves a request correctly."""
-    try:
-        await client.send(b"GET /echo/next HTTP/1.1\r\nHost: t\r\n\r\n")
-        response = await client.response()
-    except ConnectionError:
-        return
-    assert response.status == 200
-    assert response.json()["target"] == "/echo/next"
-
-
-def unused_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-async def test_refused_upstream_gives_502(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
-) -> None:
-    dead = f"http://127.0.0.1:{unused_port()}"
-    extra = f"""
-  dead:
-    endpoints: [{dead}]
-"""
-    config = simple_config(upstream.url, codec, route="")
-    config = config.replace("upstreams:\n", "upstreams:" + extra, 1)
-    config += "  - match: {path_prefix: /dead}\n    upstream: dead\n"
-    server = await gateway_factory(config)
-    async with await RawClient.connect(server.addresses[0]) as client:
-        await client.send(b"GET /dead HTTP/1.1\r\nHost: t\r\n\r\n")
-        response = await client.response()
-        assert_local_reply(response, 502, "upstream_connect_failed")
-        # An upstream failure is not the client's fault: its connection lives on.
-        await client.send(b"GET /echo/next HTTP/1.1\r\nHost: t\r\n\r\n")
-        assert (await client.response()).status == 200
-    await assert_still_serves(server)
-
-
-@pytest.mark.parametrize(
-    ("path", "error"),
-    [("/drop", "upstream_reset"), ("/garbage", "upstream_bad_response")],
-)
-async def test_broken_upstream_answer_gives_502(
-    gateway: Server, upstream: UpstreamServer, path: str, error: str
-) -> None:
-    async with await RawClient.connect(gateway.addresses[0]) as client:
-        await client.send(f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
-        response = await client.response()
-        assert_local_reply(response, 502, error)
-        await client.send(b"GET /echo/next HTTP/1.1\r\nHost: t\r\n\r\n")
-        assert (await client.response()).status == 200
-    await assert_still_serves(gateway)
-
-
-async def test_broken_upstream_answer_on_reused_connection_gives_502(
-    gateway: Server, upstream: UpstreamServer
-) -> None:
-    async with httpx.AsyncClient() as client:
-        assert (await client.get(base_url(gateway) + "/echo/warm")).status_code == 200
-        response = await client.get(base_url(gateway) + "/drop")
-    assert response.status_code == 502
-    assert response.json()["error"] == "upstream_reset"
-    await assert_still_serves(gateway)
-
-
-async def test_upstream_silent_past_read_timeout_gives_504(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
-) -> None:
-    config = simple_config(upstream.url, codec).replace(
-        f"endpoints: [{upstream.url}]",
-        f"endpoints: [{upstream.url}]\n    timeouts: {{read: 200ms}}",
-    )
-    server = await gateway_factory(config)
-    async with await RawClient.connect(server.addresses[0]) as client:
-        started = time.monotonic()
-        await client.send(b"GET /slow/1500 HTTP/1.1\r\nHost: t\r\n\r\n")
-        response = await client.response(wait_s=1.5)
-        elapsed = time.monotonic() - started
-        assert_local_reply(response, 504, "upstream_timeout")
-        await client.send(b"GET /echo/next HTTP/1.1\r\nHost: t\r\n\r\n")
-        assert (await client.response()).status == 200
-    assert 0.15 <= elapsed < 1.0
-    await assert_still_serves(server)
-
-
-async def test_upstream_answering_within_read_timeout_is_served(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
-) -> None:
-    config = simple_config(upstream.url, codec).replace(
-        f"endpoints: [{upstream.url}]",
-        f"endpoints: [{upstream.url}]\n    timeouts: {{read: 300ms}}",
-    )
-    server = await gateway_factory(config)
-    async with httpx.AsyncClient() as client:
-        response = await client.get(base_url(server) + "/slow/50")
-    assert response.status_code == 200
-
-
-def test_pool_with_only_max_connections_set_is_accepted() -> None:
-    # A small max_connections must not require max_idle as well: the default max_idle
-    # should shrink to fit rather than make the config invalid.
-    url = "http://127.0.0.1:8000"
-    config = simple_config(url, "auto").replace(
-        f"endpoints: [{url}]",
-        f"endpoints: [{url}]\n    pool: {{max_connections: 1, wait_timeout: 100ms}}",
-    )
-    parsed = parse_config(config)
-    assert parsed.upstreams["app"].pool.max_connections == 1
-    assert parsed.upstreams["app"].pool.max_idle <= 1
-
-
-async def test_pool_wait_timeout_gives_503(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
-) -> None:
-    config = simple_config(upstream.url, codec).replace(
-        f"endpoints: [{upstream.url}]",
-        f"endpoints: [{upstream.url}]\n"
-        "    pool: {max_connections: 1, max_idle: 1, wait_timeout: 100ms}",
-    )
-    server = await gateway_factory(config)
-    async with httpx.AsyncClient() as client:
-        slow = asyncio.create_task(client.get(base_url(server) + "/slow/600"))
-        await asyncio.sleep(0.1)  # the slow request holds the only connection
-        started = time.monotonic()
-        response = await client.get(base_url(server) + "/echo/waiting")
-        elapsed = time.monotonic() - started
-        assert (await slow).status_code == 200
-    assert response.status_code == 503
-    assert response.json()["error"] == "pool_timeout"
-    assert elapsed < 0.45
-    assert [r.target for r in upstream.requests] == ["/slow/600"]
-    await assert_still_serves(server)
-
-
-async def test_pool_waiter_gets_released_connection(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
-) -> None:
-    config = simple_config(upstream.url, codec).replace(
-        f"endpoints: [{upstream.url}]",
-        f"endpoints: [{upstream.url}]\n"
-        "    pool: {max_connections: 1, max_idle: 1, wait_timeout: 1s}",
-    )
-    server = await gateway_factory(config)
-    async with httpx.AsyncClient() as client:
-        responses = await asyncio.gather(
-            *(client.get(base_url(server) + f"/slow/{50 + i}") for i in range(3))
-        )
-    assert [r.status_code for r in responses] == [200, 200, 200]
-    assert upstream.connections == 1
-
-
-# -- the keep-alive race -----------------------------------------------------------------
-
-
-async def test_upstream_dropping_reused_connection_is_retried_on_fresh_one(
-    gateway_factory: GatewayFactory, upstream_factory: UpstreamFactory, codec: str
-) -> None:
-    racy = await upstream_factory(drop_reused=True)
-    server = await gateway_factory(simple_config(racy.url, codec))
-    async with await RawClient.connect(server.addresses[0]) as client:
-        for i in range(3):
-            await client.send(f"GET /echo/{i} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
-            response = await client.response()
-            assert response.status == 200, response
-            assert response.json()["target"] == f"/echo/{i}"
-        # A body that arrived with its head can be replayed too.
-        await client.send(
-            b"POST /echo/body HTTP/1.1\r\nHost: t\r\nContent-Length: 8\r\n\r\nreplayed"
-        )
-        response = await client.response()
-        assert response.status == 200, response
-        assert response.json()["body"] == "replayed"
-    assert racy.dropped == 3
-    assert racy.connections == 4  # each reuse was dropped, each retry opened a new one
-    assert [r.target for r in racy.requests] == ["/echo/0", "/echo/1", "/echo/2", "/echo/body"]
-
-
-async def test_small_body_sent_after_its_head_is_retried_when_reused_connection_drops(
-    gateway_factory: GatewayFactory, upstream_factory: UpstreamFactory, codec: str
-) -> None:
-    # Most clients (httpx, requests, browsers) write the head and the body separately, so
-    # the body often arrives after forwarding began. The keep-alive race must not turn such
-    # a POST into a 502: nothing of it reached the upstream's application.
-    racy = await upstream_factory(drop_reused=True)
-    server = await gateway_factory(simple_config(racy.url, codec))
-    async with await RawClient.connect(server.addresses[0]) as client:
-        await client.send(b"GET /echo/warm HTTP/1.1\r\nHost: t\r\n\r\n")
-        assert (await client.response()).status == 200
-        await client.send(b"POST /echo/body HTTP/1.1\r\nHost: t\r\nContent-Length: 8\r\n\r\n")
-        await asyncio.sleep(0.02)
-        await client.send(b"replayed")
-        response = await client.response()
-    assert response.status == 200, response
-    assert response.json()["body"] == "replayed"
-    assert racy.dropped == 1
-
-
-async def test_upstream_closing_idle_connection_does_not_fail_next_request(
-    gateway: Server, upstream: UpstreamServer
-) -> None:
-    async with httpx.AsyncClient() as client:
-        assert (await client.get(base_url(gateway) + "/thenclose")).status_code == 200
-        await asyncio.sleep(0.02)  # the upstream's FIN reaches the idle pooled connection
-        response = await client.get(base_url(gateway) + "/echo/after")
-    assert response.status_code == 200
-    assert upstream.connections == 2
-
-
-async def test_upstream_closing_idle_connection_at_once_does_not_fail_next_request(
-    gateway: Server, upstream: UpstreamServer
-) -> None:
-    # No pause: the next request may be sent on the connection as its FIN arrives.
-    async with await RawClient.connect(gateway.addresses[0]) as client:
-        await client.send(
-            b"GET /thenclose HTTP/1.1\r\nHost: t\r\n\r\nGET /echo/after HTTP/1.1\r\nHost: t\r\n\r\n"
-        )
-        first = await client.response()
-        second = await client.response()
-    assert first.status == 200
-    assert second.status == 200, second
 
 
 async def test_every_error_leaves_no_connection_behind(

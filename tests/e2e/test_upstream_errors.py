@@ -1,0 +1,228 @@
+"""Local replies to upstream failures, through real sockets, with their JSON `error` code:
+502 (refused, reset, garbage), 504 (read timeout), 503 (pool wait timeout), and the
+keep-alive race that must not become an error. Client mistakes are in
+test_client_errors.py."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import httpx
+import pytest
+
+from proxy.config import parse_config
+from proxy.server import Server
+from tests.conftest import (
+    GatewayFactory,
+    UpstreamFactory,
+    assert_still_serves,
+    base_url,
+    simple_config,
+)
+from tests.e2e.error_helpers import assert_local_reply, assert_serves_next, upstream_config
+from tests.helpers import RawClient
+from tests.upstream import UpstreamServer
+
+pytestmark = pytest.mark.socket
+
+
+def unused_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+# -- 502 / 503 / 504 ---------------------------------------------------------------------
+
+
+async def test_refused_upstream_gives_502(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+) -> None:
+    dead = f"http://127.0.0.1:{unused_port()}"
+    extra = f"""
+  dead:
+    endpoints: [{dead}]
+"""
+    config = simple_config(upstream.url, codec, route="")
+    config = config.replace("upstreams:\n", "upstreams:" + extra, 1)
+    config += "  - match: {path_prefix: /dead}\n    upstream: dead\n"
+    server = await gateway_factory(config)
+    async with await RawClient.connect(server.addresses[0]) as client:
+        await client.send(b"GET /dead HTTP/1.1\r\nHost: t\r\n\r\n")
+        response = await client.response()
+        assert_local_reply(response, 502, "upstream_connect_failed")
+        # An upstream failure is not the client's fault: its connection lives on.
+        await assert_serves_next(client)
+    await assert_still_serves(server)
+
+
+@pytest.mark.parametrize(
+    ("path", "error"),
+    [("/drop", "upstream_reset"), ("/garbage", "upstream_bad_response")],
+)
+async def test_broken_upstream_answer_gives_502(
+    gateway: Server, upstream: UpstreamServer, path: str, error: str
+) -> None:
+    async with await RawClient.connect(gateway.addresses[0]) as client:
+        await client.send(f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+        response = await client.response()
+        assert_local_reply(response, 502, error)
+        await assert_serves_next(client)
+    await assert_still_serves(gateway)
+
+
+async def test_broken_upstream_answer_on_reused_connection_gives_502(
+    gateway: Server, upstream: UpstreamServer
+) -> None:
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(base_url(gateway) + "/echo/warm")).status_code == 200
+        response = await client.get(base_url(gateway) + "/drop")
+    assert response.status_code == 502
+    assert response.json()["error"] == "upstream_reset"
+    await assert_still_serves(gateway)
+
+
+async def test_upstream_silent_past_read_timeout_gives_504(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+) -> None:
+    config = upstream_config(upstream.url, codec, "timeouts: {read: 200ms}")
+    server = await gateway_factory(config)
+    async with await RawClient.connect(server.addresses[0]) as client:
+        started = time.monotonic()
+        await client.send(b"GET /slow/1500 HTTP/1.1\r\nHost: t\r\n\r\n")
+        response = await client.response(wait_s=1.5)
+        elapsed = time.monotonic() - started
+        assert_local_reply(response, 504, "upstream_timeout")
+        await assert_serves_next(client)
+    assert 0.15 <= elapsed < 1.0
+    await assert_still_serves(server)
+
+
+async def test_upstream_answering_within_read_timeout_is_served(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+) -> None:
+    config = upstream_config(upstream.url, codec, "timeouts: {read: 300ms}")
+    server = await gateway_factory(config)
+    async with httpx.AsyncClient() as client:
+        response = await client.get(base_url(server) + "/slow/50")
+    assert response.status_code == 200
+
+
+def test_pool_with_only_max_connections_set_is_accepted() -> None:
+    # A small max_connections must not require max_idle as well: the default max_idle
+    # should shrink to fit rather than make the config invalid.
+    url = "http://127.0.0.1:8000"
+    config = upstream_config(url, "auto", "pool: {max_connections: 1, wait_timeout: 100ms}")
+    parsed = parse_config(config)
+    assert parsed.upstreams["app"].pool.max_connections == 1
+    assert parsed.upstreams["app"].pool.max_idle <= 1
+
+
+async def test_pool_wait_timeout_gives_503(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+) -> None:
+    config = upstream_config(
+        upstream.url, codec, "pool: {max_connections: 1, max_idle: 1, wait_timeout: 100ms}"
+    )
+    server = await gateway_factory(config)
+    async with httpx.AsyncClient() as client:
+        slow = asyncio.create_task(client.get(base_url(server) + "/slow/600"))
+        await asyncio.sleep(0.1)  # the slow request holds the only connection
+        started = time.monotonic()
+        response = await client.get(base_url(server) + "/echo/waiting")
+        elapsed = time.monotonic() - started
+        assert (await slow).status_code == 200
+    assert response.status_code == 503
+    assert response.json()["error"] == "pool_timeout"
+    assert elapsed < 0.45
+    assert [r.target for r in upstream.requests] == ["/slow/600"]
+    await assert_still_serves(server)
+
+
+async def test_pool_waiter_gets_released_connection(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+) -> None:
+    config = upstream_config(
+        upstream.url, codec, "pool: {max_connections: 1, max_idle: 1, wait_timeout: 1s}"
+    )
+    server = await gateway_factory(config)
+    async with httpx.AsyncClient() as client:
+        responses = await asyncio.gather(
+            *(client.get(base_url(server) + f"/slow/{50 + i}") for i in range(3))
+        )
+    assert [r.status_code for r in responses] == [200, 200, 200]
+    assert upstream.connections == 1
+
+
+# -- the keep-alive race -----------------------------------------------------------------
+
+
+async def test_upstream_dropping_reused_connection_is_retried_on_fresh_one(
+    gateway_factory: GatewayFactory, upstream_factory: UpstreamFactory, codec: str
+) -> None:
+    racy = await upstream_factory(drop_reused=True)
+    server = await gateway_factory(simple_config(racy.url, codec))
+    async with await RawClient.connect(server.addresses[0]) as client:
+        for i in range(3):
+            await client.send(f"GET /echo/{i} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+            response = await client.response()
+            assert response.status == 200, response
+            assert response.json()["target"] == f"/echo/{i}"
+        # A body that arrived with its head can be replayed too.
+        await client.send(
+            b"POST /echo/body HTTP/1.1\r\nHost: t\r\nContent-Length: 8\r\n\r\nreplayed"
+        )
+        response = await client.response()
+        assert response.status == 200, response
+        assert response.json()["body"] == "replayed"
+    assert racy.dropped == 3
+    assert racy.connections == 4  # each reuse was dropped, each retry opened a new one
+    assert [r.target for r in racy.requests] == ["/echo/0", "/echo/1", "/echo/2", "/echo/body"]
+
+
+async def test_small_body_sent_after_its_head_is_retried_when_reused_connection_drops(
+    gateway_factory: GatewayFactory, upstream_factory: UpstreamFactory, codec: str
+) -> None:
+    # Most clients (httpx, requests, browsers) write the head and the body separately, so
+    # the body often arrives after forwarding began. The keep-alive race must not turn such
+    # a POST into a 502: nothing of it reached the upstream's application.
+    racy = await upstream_factory(drop_reused=True)
+    server = await gateway_factory(simple_config(racy.url, codec))
+    async with await RawClient.connect(server.addresses[0]) as client:
+        await client.send(b"GET /echo/warm HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert (await client.response()).status == 200
+        await client.send(b"POST /echo/body HTTP/1.1\r\nHost: t\r\nContent-Length: 8\r\n\r\n")
+        await asyncio.sleep(0.02)
+        await client.send(b"replayed")
+        response = await client.response()
+    assert response.status == 200, response
+    assert response.json()["body"] == "replayed"
+    assert racy.dropped == 1
+
+
+async def test_upstream_closing_idle_connection_does_not_fail_next_request(
+    gateway: Server, upstream: UpstreamServer
+) -> None:
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(base_url(gateway) + "/thenclose")).status_code == 200
+        await asyncio.sleep(0.02)  # the upstream's FIN reaches the idle pooled connection
+        response = await client.get(base_url(gateway) + "/echo/after")
+    assert response.status_code == 200
+    assert upstream.connections == 2
+
+
+async def test_upstream_closing_idle_connection_at_once_does_not_fail_next_request(
+    gateway: Server, upstream: UpstreamServer
+) -> None:
+    # No pause: the next request may be sent on the connection as its FIN arrives.
+    async with await RawClient.connect(gateway.addresses[0]) as client:
+        await client.send(
+            b"GET /thenclose HTTP/1.1\r\nHost: t\r\n\r\nGET /echo/after HTTP/1.1\r\nHost: t\r\n\r\n"
+        )
+        first = await client.response()
+        second = await client.response()
+    assert first.status == 200
+    assert second.status == 200, second
