@@ -34,6 +34,15 @@ class ConnectionPhase(enum.Enum):
     CLOSED = "closed"
 
 
+class ReadPause(enum.Enum):
+    """Why the socket is not being read; it is read again when no reason is left."""
+
+    BODY = "body"  # the request body buffer is full: the exchange is the slow side
+    PIPELINE = "pipeline"  # too many parsed requests wait for their turn
+    WRITE = "write"  # the client does not read our responses: stop taking requests
+    BROKEN = "broken"  # the byte stream is unusable (parse error, tunnel): for good
+
+
 class ServerContext(Protocol):
     """What a connection needs from the server that accepted it."""
 
@@ -82,6 +91,7 @@ class ClientConnection(asyncio.Protocol):
         self.phase = ConnectionPhase.HEAD
         self.deadline = 0.0
         self.write_paused = False
+        self._read_pauses: set[ReadPause] = set()
         self._drain_waiter: asyncio.Future[None] | None = None
         self.loop = asyncio.get_running_loop()
         self._front_end_factory = front_end_factory
@@ -128,9 +138,13 @@ class ClientConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        # Like nginx: a client that does not read its responses gets no more requests
+        # parsed, so pipelined responses cannot pile up in our write buffer.
+        self.pause_reading(ReadPause.WRITE)
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.resume_reading(ReadPause.WRITE)
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -182,15 +196,32 @@ class ClientConnection(asyncio.Protocol):
         if self.phase is ConnectionPhase.WRITE:
             self.set_phase(previous)
 
-    def pause_reading(self) -> None:
-        """Stop reading the socket (a body buffer is full, or the pipeline is deep)."""
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.pause_reading()
+    def pause_reading(self, reason: ReadPause) -> None:
+        """Stop reading the socket for `reason`."""
+        transport = self.transport
+        if not self._read_pauses and transport is not None and not transport.is_closing():
+            transport.pause_reading()
+        self._read_pauses.add(reason)
 
-    def resume_reading(self) -> None:
-        """Read the socket again."""
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
+    def resume_reading(self, reason: ReadPause) -> None:
+        """`reason` no longer holds; read again when no other reason does."""
+        if reason not in self._read_pauses:
+            return
+        self._read_pauses.discard(reason)
+        if self._read_pauses or self.transport is None or self.transport.is_closing():
+            return
+        self.transport.resume_reading()
+        if self.phase is ConnectionPhase.BODY:
+            # The body's idle deadline restarts: the wait was ours, not the client's.
+            self.deadline = self.loop.time() + self.limits.body_timeout
+
+    def pause_for_body(self) -> None:
+        """Body backpressure (Body's on_pause)."""
+        self.pause_reading(ReadPause.BODY)
+
+    def resume_for_body(self) -> None:
+        """Body drained (Body's on_resume)."""
+        self.resume_reading(ReadPause.BODY)
 
     def close(self) -> None:
         """Close after the queued bytes are written."""
@@ -209,6 +240,8 @@ class ClientConnection(asyncio.Protocol):
             return
         if now < self.deadline:
             return
+        if phase is ConnectionPhase.BODY and ReadPause.BODY in self._read_pauses:
+            return  # we stopped reading the body: the client is not the slow side
         log.debug("connection %r: %s timeout", self, phase.value)
         if phase is ConnectionPhase.WRITE:
             self.abort()

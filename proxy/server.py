@@ -93,9 +93,16 @@ class Server:
         while True:
             await asyncio.sleep(interval)
             now = loop.time()
+            # A bug in one timeout handler must not stop every other timeout.
             for conn in list(self.connections):
-                conn.expire(now)
-            self.runtime.expire(now)
+                try:
+                    conn.expire(now)
+                except Exception:
+                    log.exception("bug while timing out %r", conn)
+            try:
+                self.runtime.expire(now)
+            except Exception:
+                log.exception("bug while expiring upstream connections")
 
     async def shutdown(self, grace_period: float | None = None) -> None:
         """Stop accepting, let in-flight exchanges finish within the grace period, then

@@ -23,7 +23,7 @@ import h11
 from multidict import CIMultiDict
 
 from proxy.config_model import LimitsConfig
-from proxy.connection import ConnectionPhase
+from proxy.connection import ConnectionPhase, ReadPause
 from proxy.errors import ProxyError
 from proxy.local_reply import local_reply
 from proxy.models import Body, Request, Response
@@ -102,6 +102,7 @@ class RecordingConnection:
         self.write_paused = False
         self.output = bytearray()
         self.reading = True
+        self.paused_for: set[ReadPause] = set()
         self.pauses = 0
         self.closed_by: str | None = None  # "close" or "abort"
         self.front_end: Http1Protocol | None = None
@@ -131,12 +132,21 @@ class RecordingConnection:
         if self.closed:
             raise ConnectionResetError("client went away")
 
-    def pause_reading(self) -> None:
+    def pause_reading(self, reason: ReadPause) -> None:
+        if not self.paused_for:
+            self.pauses += 1
+        self.paused_for.add(reason)
         self.reading = False
-        self.pauses += 1
 
-    def resume_reading(self) -> None:
-        self.reading = True
+    def resume_reading(self, reason: ReadPause) -> None:
+        self.paused_for.discard(reason)
+        self.reading = not self.paused_for
+
+    def pause_for_body(self) -> None:
+        self.pause_reading(ReadPause.BODY)
+
+    def resume_for_body(self) -> None:
+        self.resume_reading(ReadPause.BODY)
 
     def close(self) -> None:
         self._lose("close")

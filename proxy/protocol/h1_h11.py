@@ -38,6 +38,11 @@ class H11RequestParser:
         self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head_bytes)
         self._raw: bytearray | None = bytearray()
 
+    @property
+    def idle(self) -> bool:
+        conn = self._conn
+        return conn.their_state is h11.IDLE and not conn.trailing_data[0]
+
     def feed(self, data: bytes) -> bytes | None:
         if self._raw is not None:
             self._raw += data
@@ -172,6 +177,10 @@ class H11ResponseParser:
             elif isinstance(event, h11.EndOfMessage):
                 self._done = True
                 self._sink.on_end(_h11_headers(event.headers) or None)
+                if conn.trailing_data[0]:
+                    # Bytes after a complete response, before any next request: h11 would
+                    # read them as the next response. The connection is not usable.
+                    raise H1Error("unexpected bytes after the response")
                 return
             elif isinstance(event, h11.ConnectionClosed):
                 return

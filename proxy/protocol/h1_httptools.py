@@ -65,12 +65,17 @@ class _LlhttpCallbacks:
 class HttptoolsRequestParser(_LlhttpCallbacks):
     """RequestParser over llhttp. The parser calls back into this object's methods."""
 
-    __slots__ = ("_parser", "_url")
+    __slots__ = ("_in_message", "_parser", "_url")
 
     def __init__(self, sink: H1Sink, max_head_bytes: int) -> None:
         super().__init__(sink, max_head_bytes)
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""
+        self._in_message = False  # llhttp has seen the first byte of a message
+
+    @property
+    def idle(self) -> bool:
+        return not self._in_message
 
     def feed(self, data: bytes) -> bytes | None:
         if self._in_head:
@@ -91,6 +96,7 @@ class HttptoolsRequestParser(_LlhttpCallbacks):
 
     # llhttp callbacks -------------------------------------------------------------
     def on_message_begin(self) -> None:
+        self._in_message = True
         self._url = b""
         self._headers = []
         self._trailers = None
@@ -125,6 +131,7 @@ class HttptoolsRequestParser(_LlhttpCallbacks):
 
     def on_message_complete(self) -> None:
         try:
+            self._in_message = False
             self._in_head = True
             self._head_bytes = 0
             self._sink.on_end(self._trailers)

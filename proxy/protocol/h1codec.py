@@ -91,6 +91,11 @@ class H1Sink(Protocol):
 class RequestParser(Protocol):
     """Server side: bytes from a client in, request events out."""
 
+    @property
+    def idle(self) -> bool:
+        """True when no part of a next message has been received."""
+        ...
+
     def feed(self, data: bytes) -> bytes | None:
         """Parse `data`. Returns the bytes that follow an Upgrade/CONNECT head (the start of
         a tunnel; parsing stops there), else None.

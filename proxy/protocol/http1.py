@@ -14,7 +14,7 @@ import enum
 import logging
 from collections import deque
 
-from proxy.connection import ClientConnection, ConnectionPhase
+from proxy.connection import ClientConnection, ConnectionPhase, ReadPause
 from proxy.errors import BadRequest, BodyTooLarge, HeadTooLarge, ProxyError, RequestTimeout
 from proxy.local_reply import local_reply
 from proxy.models import Body, Request, Response
@@ -86,12 +86,12 @@ class Http1Protocol:
             # front end does not open (yet): answer the head, then close.
             self._broken = True
             self._closing = True
-            self._conn.pause_reading()
+            self._conn.pause_reading(ReadPause.BROKEN)
 
     def _fail_input(self, error: ProxyError) -> None:
         self._broken = True
         self._closing = True
-        self._conn.pause_reading()
+        self._conn.pause_reading(ReadPause.BROKEN)
         body = self._receiving
         if body is not None:
             # The request being served learns of it when it reads its body.
@@ -121,13 +121,16 @@ class Http1Protocol:
                 raise BodyTooLarge()
             body = Body(
                 head.content_length,
-                on_pause=conn.pause_reading,
-                on_resume=conn.resume_reading,
+                on_pause=conn.pause_for_body,
+                on_resume=conn.resume_for_body,
                 on_first_read=self._send_continue if head.expect_continue else None,
             )
             body.limit = limit
             self._receiving = body
-            conn.set_phase(ConnectionPhase.BODY)
+            if not head.expect_continue:
+                # With Expect: 100-continue the client waits for us: its body deadline
+                # starts when we ask for the body (_send_continue), not now.
+                conn.set_phase(ConnectionPhase.BODY)
         request = Request(
             method,
             head.target,
@@ -220,10 +223,18 @@ class Http1Protocol:
             self._inflight = None
         self._queue.append(request)
         if len(self._queue) >= MAX_PIPELINED_REQUESTS:
-            self._conn.pause_reading()
+            self._conn.pause_reading(ReadPause.PIPELINE)
         self._serve_soon()
 
     def _on_fast_response(self, response: Response | None, error: ProxyError | None) -> None:
+        # Called from the upstream connection's data_received: nothing may escape into it.
+        try:
+            self._fast_response(response, error)
+        except Exception:
+            log.exception("bug in the HTTP/1.1 front end's fast path")
+            self._conn.abort()
+
+    def _fast_response(self, response: Response | None, error: ProxyError | None) -> None:
         request = self._inflight
         if request is None:
             # The client went away meanwhile: release what is still streaming.
@@ -285,7 +296,10 @@ class Http1Protocol:
         elif self._closing and self._receiving is None:
             self._conn.close()
         elif self._conn.phase is ConnectionPhase.BUSY:
-            self._conn.set_phase(ConnectionPhase.IDLE)
+            # Part of the next head may have arrived already: then the header timeout,
+            # not the keep-alive one, bounds the rest.
+            idle = self._parser.idle
+            self._conn.set_phase(ConnectionPhase.IDLE if idle else ConnectionPhase.HEAD)
 
     def _serve_soon(self) -> None:
         if not self._busy:
@@ -297,8 +311,8 @@ class Http1Protocol:
         try:
             while queue and not conn.closed:
                 item = queue.popleft()
-                if len(queue) == MAX_PIPELINED_REQUESTS - 1 and not self._broken:
-                    conn.resume_reading()
+                if len(queue) < MAX_PIPELINED_REQUESTS:
+                    conn.resume_reading(ReadPause.PIPELINE)
                 if isinstance(item, ProxyError):
                     await self._write(None, local_reply(item, None), keep_alive=False)
                     conn.close()
@@ -313,6 +327,9 @@ class Http1Protocol:
                 if not keep_alive or not item.keep_alive:
                     conn.close()
                     return
+                if conn.write_paused:
+                    # Answers to pipelined requests must not pile up unread in memory.
+                    await conn.drain()
         except asyncio.CancelledError:
             return  # the client went away
         except Exception:
@@ -328,6 +345,8 @@ class Http1Protocol:
         # send it when the exchange first reads the body, so a request refused before
         # that (404, 401, 413) never makes the client upload.
         self._conn.write(CONTINUE_100)
+        if self._receiving is not None:
+            self._conn.set_phase(ConnectionPhase.BODY)
 
     async def _write(
         self, request: Request | None, response: Response, *, keep_alive: bool

@@ -93,6 +93,8 @@ class Http1UpstreamConnection(asyncio.Protocol):
         # race (a StaleConnection) even though the client's stream is consumed.
         self.sent_body: bytes | None = None
         self._write_paused = False
+        self._sender_waits_on_client = False
+        self._awaiting_response = False  # a request was sent and its response not ended
         self._drain_waiter: asyncio.Future[None] | None = None
 
     def __repr__(self) -> str:
@@ -175,6 +177,7 @@ class Http1UpstreamConnection(asyncio.Protocol):
         self._received = False
         self._head_only = method == "HEAD"
         self._parser.begin(method.encode("ascii"))
+        self._awaiting_response = True
         self.deadline = self._loop.time() + self._read_timeout
         waiter = self._waiter = self._loop.create_future()
         if body_bytes is not None:
@@ -208,6 +211,7 @@ class Http1UpstreamConnection(asyncio.Protocol):
         self._received = False
         self._head_only = method == "HEAD"
         self._parser.begin(method.encode("ascii"))
+        self._awaiting_response = True
         self.deadline = self._loop.time() + self._read_timeout
         self._callback = on_response
         self._request_sent = True
@@ -229,7 +233,10 @@ class Http1UpstreamConnection(asyncio.Protocol):
         self.sent_body = None
         try:
             while True:
+                # Waiting for the client is the client's timeout (body_timeout), not ours.
+                self._sender_waits_on_client = True
                 data = await body.read()
+                self._sender_waits_on_client = False
                 if not data:
                     break
                 transport.write(chunk(data) if chunked else data)
@@ -238,7 +245,9 @@ class Http1UpstreamConnection(asyncio.Protocol):
                     copy = [*copy, data] if copied <= REPLAY_BODY_LIMIT_BYTES else None
                 if self._write_paused:
                     # The upstream reads slower than the client sends: wait, and the
-                    # client's body buffer fills and pauses the client in turn.
+                    # client's body buffer fills and pauses the client in turn. An
+                    # upstream that stops reading altogether hits the read timeout.
+                    self.deadline = self._loop.time() + self._read_timeout
                     self._drain_waiter = self._loop.create_future()
                     await self._drain_waiter
                     self._drain_waiter = None
@@ -263,6 +272,7 @@ class Http1UpstreamConnection(asyncio.Protocol):
             self.close()
         finally:
             self._sender = None
+            self._sender_waits_on_client = False
 
     def _reset_error(self) -> ProxyError:
         if not self._received and self.requests > 1:
@@ -292,7 +302,13 @@ class Http1UpstreamConnection(asyncio.Protocol):
 
     # -- parser sink -----------------------------------------------------------------
     def on_head(self, head: MessageHead) -> None:
-        """Parser callback: the response head."""
+        """Parser callback: the response head.
+
+        Raises:
+            H1Error: a response nobody asked for (bytes after the previous response).
+        """
+        if not self._awaiting_response:
+            raise H1Error("response without a request")
         raw = [(name, value) for name, value in head.headers if name.lower() not in _RAW_HOP_BY_HOP]
         if head.connection:
             # RFC 9110 section 7.6.1: fields named in Connection are hop-by-hop too. Most
@@ -323,6 +339,7 @@ class Http1UpstreamConnection(asyncio.Protocol):
 
     def on_end(self, trailers: Headers | None) -> None:
         """Parser callback: the response is complete."""
+        self._awaiting_response = False
         body = self._body
         self._body = None
         if body is not None:
@@ -363,6 +380,8 @@ class Http1UpstreamConnection(asyncio.Protocol):
     def _resume_reading(self) -> None:
         if self.transport is not None and self._reading_paused:
             self._reading_paused = False
+            # The pause was the client's doing: the upstream's read deadline restarts.
+            self.deadline = self._loop.time() + self._read_timeout
             if not self.transport.is_closing():
                 self.transport.resume_reading()
 
@@ -372,7 +391,7 @@ class Http1UpstreamConnection(asyncio.Protocol):
         return (
             self.state is UpstreamConnState.ACTIVE
             and not self._reading_paused
-            and self._sender is None
+            and not self._sender_waits_on_client
             and now >= self.deadline
         )
 
@@ -388,4 +407,6 @@ class Http1UpstreamConnection(asyncio.Protocol):
             self._fail(self._reset_error())
             self.pool.on_closed(self)
         if self.transport is not None:
-            self.transport.close()
+            # abort, not close: a failed exchange may leave unsent bytes for a peer that
+            # does not read, and close() would wait for them forever.
+            self.transport.abort()

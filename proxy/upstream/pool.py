@@ -13,7 +13,7 @@ import logging
 from collections import deque
 
 from proxy.config_model import EndpointConfig, PoolConfig, UpstreamTimeouts
-from proxy.errors import PoolTimeout
+from proxy.errors import PoolTimeout, UpstreamReset
 from proxy.upstream.http1 import Http1UpstreamConnection, UpstreamConnState
 from proxy.upstream.transport import open_connection
 
@@ -76,13 +76,18 @@ class UpstreamPool:
             try:
                 async with asyncio.timeout(self.limits.wait_timeout):
                     handed = await waiter
-            except TimeoutError:
-                raise PoolTimeout(
-                    f"no connection to {self.endpoint.host}:{self.endpoint.port} became free"
-                ) from None
-            finally:
+            except BaseException as exc:
                 if not waiter.done():
                     waiter.cancel()
+                elif not waiter.cancelled() and (conn := waiter.result()) is not None:
+                    # Handed a connection just as we gave up (timeout, or our client
+                    # left): pass it on, or its slot would be lost for good.
+                    self.release(conn)
+                if isinstance(exc, TimeoutError):
+                    raise PoolTimeout(
+                        f"no connection to {self.endpoint.host}:{self.endpoint.port} became free"
+                    ) from None
+                raise
             if handed is not None:
                 return handed
         return await self._connect()
@@ -116,11 +121,17 @@ class UpstreamPool:
             self._wake_one(None)
             raise
         self._connecting -= 1
+        if conn.state is not UpstreamConnState.ACTIVE:
+            # The upstream closed it before we resumed (connection_lost ran already).
+            self._wake_one(None)
+            raise UpstreamReset(f"{endpoint.host}:{endpoint.port} closed the new connection")
         self._connections.add(conn)
         return conn
 
     def release(self, conn: Http1UpstreamConnection) -> None:
         """An exchange ended cleanly on a reusable connection."""
+        if conn.state is not UpstreamConnState.ACTIVE:
+            return  # closed meanwhile, or released already: never pool it twice
         if self._closed:
             conn.close()
             return
