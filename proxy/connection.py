@@ -22,6 +22,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# After an early answer (413, 400) the client may still be uploading; we read and drop
+# what it sends for up to this long before closing (nginx's lingering_close), so the
+# kernel does not answer the unread upload with a reset that destroys our reply.
+LINGER_S = 5.0
+
 
 class ConnectionPhase(enum.Enum):
     """What the connection waits for; each phase has its own timeout (DESIGN.md)."""
@@ -31,6 +36,7 @@ class ConnectionPhase(enum.Enum):
     BODY = "body"  # reading a request body: body_timeout between chunks, then 408
     BUSY = "busy"  # an exchange runs: no client-side deadline (upstream timeouts apply)
     WRITE = "write"  # the client does not read our response: body_timeout, then abort
+    LINGER = "linger"  # answered and half-closed; draining what the client still sends
     CLOSED = "closed"
 
 
@@ -119,10 +125,14 @@ class ClientConnection(asyncio.Protocol):
             self.deadline = self.loop.time() + self.limits.header_timeout
         elif phase is ConnectionPhase.BODY:
             self.deadline = self.loop.time() + self.limits.body_timeout
+        elif phase is ConnectionPhase.LINGER:
+            return  # the rest of an upload we have already answered: dropped
         assert self.front_end is not None
         self.front_end.feed(data)
 
     def eof_received(self) -> bool:
+        if self.phase is ConnectionPhase.LINGER:
+            return False  # the client is done: close now
         assert self.front_end is not None
         self.front_end.on_eof()
         return True  # keep the write side open: a half-closed client still gets its answer
@@ -157,7 +167,7 @@ class ClientConnection(asyncio.Protocol):
 
     def set_phase(self, phase: ConnectionPhase) -> None:
         """Enter `phase` and start its deadline."""
-        if self.phase is ConnectionPhase.CLOSED:
+        if self.phase is ConnectionPhase.CLOSED or self.phase is ConnectionPhase.LINGER:
             return
         self.phase = phase
         limits = self.limits
@@ -228,6 +238,21 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def close_lingering(self) -> None:
+        """Close after an answer the client may still be uploading to: half-close now,
+        drop whatever else arrives, close when the client does or after LINGER_S."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        self.phase = ConnectionPhase.LINGER
+        self.deadline = self.loop.time() + LINGER_S
+        self._read_pauses.clear()
+        transport.resume_reading()
+        transport.write_eof()  # after the queued reply: the client sees it, then EOF
+
     def abort(self) -> None:
         """Close at once, dropping queued bytes (h1's only way to signal a broken body)."""
         if self.transport is not None:
@@ -243,7 +268,7 @@ class ClientConnection(asyncio.Protocol):
         if phase is ConnectionPhase.BODY and ReadPause.BODY in self._read_pauses:
             return  # we stopped reading the body: the client is not the slow side
         log.debug("connection %r: %s timeout", self, phase.value)
-        if phase is ConnectionPhase.WRITE:
+        if phase is ConnectionPhase.WRITE or phase is ConnectionPhase.LINGER:
             self.abort()
             return
         assert self.front_end is not None

@@ -151,6 +151,9 @@ class RecordingConnection:
     def close(self) -> None:
         self._lose("close")
 
+    def close_lingering(self) -> None:
+        self._lose("close")  # the lingering itself is socket work: tested end to end
+
     def abort(self) -> None:
         self._lose("abort")
 

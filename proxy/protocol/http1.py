@@ -260,7 +260,7 @@ class Http1Protocol:
             if self._start_response(request, response, keep_alive) is not _Sent.DONE:
                 conn.abort()
             elif not keep_alive:
-                conn.close()
+                self._close(request)
             else:
                 self._idle_or_next()
             return
@@ -275,9 +275,16 @@ class Http1Protocol:
         finally:
             self._task = None
         if not self._keep_alive(request):
-            self._conn.close()
+            self._close(request)
         else:
             self._idle_or_next()
+
+    def _close(self, request: Request | None) -> None:
+        """Close after the last answer; linger when the client may still be sending."""
+        if request is not None and request.body.complete and not self._broken:
+            self._conn.close()
+        else:
+            self._conn.close_lingering()
 
     def _keep_alive(self, request: Request) -> bool:
         # A body the exchange did not read to its end would be parsed as the next
@@ -315,7 +322,7 @@ class Http1Protocol:
                     conn.resume_reading(ReadPause.PIPELINE)
                 if isinstance(item, ProxyError):
                     await self._write(None, local_reply(item, None), keep_alive=False)
-                    conn.close()
+                    self._close(None)
                     return
                 if conn.phase is not ConnectionPhase.BODY:
                     conn.set_phase(ConnectionPhase.BUSY)
@@ -325,7 +332,7 @@ class Http1Protocol:
                     conn.abort()
                     return
                 if not keep_alive or not item.keep_alive:
-                    conn.close()
+                    self._close(item)
                     return
                 if conn.write_paused:
                     # Answers to pipelined requests must not pile up unread in memory.

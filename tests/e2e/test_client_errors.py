@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from proxy.server import Server
-from tests.conftest import GatewayFactory, assert_still_serves, base_url
+from tests.conftest import GatewayFactory, assert_still_serves, base_url, simple_config
 from tests.e2e.error_helpers import assert_local_reply, refused, send_once, start
 from tests.helpers import RawClient
 from tests.upstream import UpstreamServer
@@ -261,14 +261,21 @@ async def test_head_trickled_past_header_timeout_gives_408(
     async with await RawClient.connect(server.addresses[0]) as client:
         await client.send(b"GET /echo HTTP/1.1\r\n")
         started = time.monotonic()
-        try:
-            for i in range(40):
-                await client.send(b"X-%d: y\r\n" % i)
-                await asyncio.sleep(0.02)
-        except ConnectionError:
-            pass
+
+        async def trickle() -> None:
+            # The gateway lingers after its 408 (reading and dropping), so these sends
+            # may all succeed; what matters is when the answer arrives.
+            with contextlib.suppress(ConnectionError):
+                for i in range(40):
+                    await client.send(b"X-%d: y\r\n" % i)
+                    await asyncio.sleep(0.02)
+
+        sender = asyncio.create_task(trickle())
         response = await client.response(wait_s=1.0)
         elapsed = time.monotonic() - started
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sender
     assert_local_reply(response, 408, "request_timeout")
     assert elapsed < 0.6
     assert upstream.requests == []
@@ -372,3 +379,36 @@ async def test_every_error_leaves_no_connection_behind(
             break
         await asyncio.sleep(0.01)
     assert not server.connections
+
+
+async def test_early_413_reaches_a_client_that_is_still_uploading(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+) -> None:
+    """nginx's lingering close: after answering early we half-close and drop the rest of
+    the upload, so the kernel does not reset the connection under the unread upload and
+    destroy the answer before the client has read it."""
+    server = await gateway_factory(
+        simple_config(upstream.url, codec, route="    max_body_size: 1KiB")
+    )
+    reader, writer = await asyncio.open_connection(*server.addresses[0])
+    writer.write(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 50000000\r\n\r\n")
+
+    async def upload() -> None:
+        with contextlib.suppress(ConnectionError):
+            for _ in range(200):
+                writer.write(b"x" * 65536)
+                await writer.drain()
+
+    uploader = asyncio.create_task(upload())
+    await asyncio.sleep(0.3)  # the answer is sent while the upload goes on
+    try:
+        async with asyncio.timeout(3):
+            answer = await reader.read(65536)
+    finally:
+        uploader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await uploader
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:80]
+    assert b'"error": "body_too_large"' in answer
+    assert upstream.requests == []
