@@ -44,6 +44,8 @@ _RAW_HOP_BY_HOP = frozenset(name.encode() for name in RESPONSE_HOP_BY_HOP)
 _USUAL_CONNECTION_TOKENS = _RAW_HOP_BY_HOP | {b"close"}
 
 
+# In callback mode, a response body up to this size is gathered before delivery.
+FAST_BUFFER_BYTES = 64 * 1024
 # Streamed request bodies up to this size are kept until the response head arrives, so the
 # keep-alive race can be retried (larger ones are not worth the memory).
 REPLAY_BODY_LIMIT_BYTES = 64 * 1024
@@ -79,8 +81,7 @@ class Http1UpstreamConnection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._read_timeout = pool.read_timeout
         self._parser = make_response_parser(codec, self, max_head_bytes)
-        self._waiter: asyncio.Future[Response] | None = None
-        # Callback mode (the front end's fast path) instead of a waiter:
+        # Who gets the response: the fast path's callback, or `exchange`'s waiter.
         self._callback: ResponseCallback | None = None
         self._pending: tuple[Response, ResponseCallback] | None = None
         self._body: Body | None = None
@@ -121,8 +122,13 @@ class Http1UpstreamConnection(asyncio.Protocol):
         except H1Error as exc:
             self._fail(UpstreamProtocolError(f"malformed response: {exc}"))
             self.close()
-        if self._pending is not None:
-            self._deliver()
+        pending = self._pending
+        if pending is not None:
+            body = pending[0].body
+            # A small body still on its way (nginx sends head and file separately) is
+            # waited for, so the client gets one write and the front end needs no task.
+            if body.complete or body.length is None or body.length > FAST_BUFFER_BYTES:
+                self._deliver()
 
     def eof_received(self) -> bool:
         if self.state is UpstreamConnState.ACTIVE:
@@ -130,9 +136,7 @@ class Http1UpstreamConnection(asyncio.Protocol):
                 self._parser.feed_eof()
             except H1Error:
                 self._fail(self._reset_error())
-            if self._pending is not None:
-                self._deliver()
-        self.close()
+        self.close()  # delivers a response that EOF completed, fails an incomplete one
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -179,7 +183,19 @@ class Http1UpstreamConnection(asyncio.Protocol):
         self._parser.begin(method.encode("ascii"))
         self._awaiting_response = True
         self.deadline = self._loop.time() + self._read_timeout
-        waiter = self._waiter = self._loop.create_future()
+        waiter: asyncio.Future[Response] = self._loop.create_future()
+
+        def settle(response: Response | None, error: ProxyError | None) -> None:
+            if waiter.done():  # cancelled: the client left, nobody takes the response
+                if response is not None:
+                    response.body.discard()
+            elif response is not None:
+                waiter.set_result(response)
+            else:
+                waiter.set_exception(error or UpstreamReset())
+
+        # The waiter is settled by the same delivery as the fast path's callback.
+        self._callback = settle
         if body_bytes is not None:
             transport.write(head + body_bytes if body_bytes else head)
             self._request_sent = True
@@ -188,17 +204,17 @@ class Http1UpstreamConnection(asyncio.Protocol):
             transport.write(head)
             self._sender = self._loop.create_task(self._send_body(body))
         try:
-            response: Response = await waiter
-            return response
+            return await waiter
         except asyncio.CancelledError:
-            # The client went away mid-exchange: this connection is in an unknown state.
-            self.close()
+            # The client went away. If our response has not been delivered, this
+            # connection is mid-exchange and cannot be reused; once delivered, it may
+            # already serve someone else, and `settle` has dropped our response.
+            pending = self._pending
+            if self._callback is settle or (pending is not None and pending[1] is settle):
+                self._callback = None
+                self._pending = None
+                self.close()
             raise
-        finally:
-            # The connection may already serve the next exchange (released in on_end,
-            # before this coroutine resumed): clear only our own waiter.
-            if self._waiter is waiter:
-                self._waiter = None
 
     def start(self, method: str, head: bytes, on_response: ResponseCallback) -> None:
         """Send a request whose head (and body, if any) is all in `head`; the response
@@ -280,9 +296,6 @@ class Http1UpstreamConnection(asyncio.Protocol):
         return UpstreamReset("upstream closed the connection")
 
     def _fail(self, error: ProxyError) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(error)
         pending = self._pending
         if pending is not None:
             self._pending = None
@@ -326,10 +339,6 @@ class Http1UpstreamConnection(asyncio.Protocol):
             # Delivered at the end of this data_received, with whatever body came along.
             self._callback = None
             self._pending = (response, callback)
-            return
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(response)
 
     def on_body(self, data: bytes) -> None:
         """Parser callback: a piece of the response body."""

@@ -21,7 +21,12 @@ from tests.conftest import (
     base_url,
     simple_config,
 )
-from tests.e2e.error_helpers import assert_local_reply, assert_serves_next, upstream_config
+from tests.e2e.error_helpers import (
+    assert_local_reply,
+    assert_serves_next,
+    send_once,
+    upstream_config,
+)
 from tests.helpers import RawClient
 from tests.upstream import UpstreamServer
 
@@ -226,3 +231,24 @@ async def test_upstream_closing_idle_connection_at_once_does_not_fail_next_reque
         second = await client.response()
     assert first.status == 200
     assert second.status == 200, second
+
+
+async def test_small_body_arriving_after_its_head_is_answered_whole(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+) -> None:
+    # nginx sends a file's head and body in separate writes; the gateway gathers a small
+    # body before answering, so the client gets one complete response.
+    server = await gateway_factory(simple_config(upstream.url, codec))
+    response = await send_once(server, b"GET /slowbody/100 HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert response.status == 200
+    assert response.body == b"late"
+
+
+async def test_small_body_stalling_past_read_timeout_is_a_504_not_a_cut_response(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+) -> None:
+    # Nothing was sent to the client yet, so the failure can still be a proper answer.
+    config = upstream_config(upstream.url, codec, "timeouts: {read: 200ms}")
+    server = await gateway_factory(config)
+    response = await send_once(server, b"GET /slowbody/1000 HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert_local_reply(response, 504, "upstream_timeout")
