@@ -84,12 +84,6 @@ class PoolTimeout(ProxyError):
     status, reason = 503, "pool_timeout"
 
 
-class Draining(ProxyError):
-    """The gateway is shutting down and takes no new exchanges."""
-
-    status, reason = 503, "draining"
-
-
 class InternalError(ProxyError):
     """A bug: logged with its traceback, answered 500."""
 

@@ -30,6 +30,7 @@ REQUEST_HOP_BY_HOP = frozenset(
     }
 )
 VIA_TOKEN = "gatehouse"
+_VIA_HOPS = {version: f"{version} {VIA_TOKEN}".encode() for version in ("1.0", "1.1", "2")}
 
 
 def _append(existing: str | None, value: str) -> str:
@@ -173,7 +174,10 @@ def _raw_head(
             b"\r\nX-Forwarded-Host: ",
             original if fhost is None else fhost + b", " + original,
         )
-    hop = b"%s %s" % (request.http_version.encode(), VIA_TOKEN.encode())
+    hop = _VIA_HOPS.get(request.http_version) or b"%s %s" % (
+        request.http_version.encode(),
+        VIA_TOKEN.encode(),
+    )
     parts += (b"\r\nVia: ", hop if via is None else via + b", " + hop)
     if chunked:
         parts.append(b"\r\nTransfer-Encoding: chunked")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from multidict import CIMultiDict
@@ -133,16 +133,6 @@ class Body:
         """True when the whole body has arrived (the fast path can `take_all`)."""
         return self._eof and self._error is None
 
-    @property
-    def at_eof(self) -> bool:
-        """True when every byte has been read."""
-        return self._eof and not self._chunks
-
-    @property
-    def failed(self) -> bool:
-        """True when the producer ended the stream with an error."""
-        return self._error is not None
-
     def take_all(self) -> bytes:
         """Everything buffered, as one bytes object (for `complete` bodies)."""
         if self._on_first_read is not None:
@@ -180,10 +170,6 @@ class Body:
             self._paused = False
             self._on_resume()
         return data
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        while data := await self.read():
-            yield data
 
     def discard(self) -> None:
         """The consumer will read no more: drop what is buffered and what comes."""

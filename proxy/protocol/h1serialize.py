@@ -11,8 +11,6 @@ import re
 from collections.abc import Iterable
 from http import HTTPStatus
 
-from proxy.protocol.h1codec import Headers
-
 _FORBIDDEN = re.compile(r"[\r\n\x00]")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # One regex pass over the whole block, plus a line count (a value holding "\r\nX: y" would
@@ -92,8 +90,3 @@ def last_chunk(trailers: list[tuple[str, str]] | None) -> bytes:
     if not trailers:
         return LAST_CHUNK
     return b"0\r\n" + header_block(trailers).encode("latin-1") + b"\r\n"
-
-
-def decode_headers(raw: Headers) -> list[tuple[str, str]]:
-    """Wire bytes -> text pairs (latin-1 keeps every byte)."""
-    return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in raw]
