@@ -20,6 +20,10 @@ from proxy.config_model import (
     DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_CONNECT_TIMEOUT_S,
     DEFAULT_GRACE_PERIOD_S,
+    DEFAULT_H2_INITIAL_WINDOW_BYTES,
+    DEFAULT_H2_MAX_CONCURRENT_STREAMS,
+    DEFAULT_H2_MAX_CONTROL_FRAMES_PER_SECOND,
+    DEFAULT_H2_MAX_RESETS_PER_SECOND,
     DEFAULT_HEADER_TIMEOUT_S,
     DEFAULT_KEEPALIVE_TIMEOUT_S,
     DEFAULT_MAX_HEAD_BYTES,
@@ -32,8 +36,10 @@ from proxy.config_model import (
     Config,
     EndpointConfig,
     HeaderMatch,
+    Http2Config,
     LimitsConfig,
     ListenerConfig,
+    ListenerTls,
     MatchConfig,
     PoolConfig,
     QueryMatch,
@@ -41,6 +47,7 @@ from proxy.config_model import (
     RouteConfig,
     UpstreamConfig,
     UpstreamTimeouts,
+    UpstreamTls,
 )
 from proxy.config_values import (
     NodeReader,
@@ -51,6 +58,7 @@ from proxy.config_values import (
     parse_bind,
     parse_endpoint_url,
     parse_host_pattern,
+    tls_pair_problem,
 )
 
 # The loader, and the model re-exported for `from proxy.config import RouteConfig`.
@@ -71,8 +79,10 @@ __all__ = [
     "ConfigError",
     "EndpointConfig",
     "HeaderMatch",
+    "Http2Config",
     "LimitsConfig",
     "ListenerConfig",
+    "ListenerTls",
     "MatchConfig",
     "PoolConfig",
     "QueryMatch",
@@ -80,15 +90,19 @@ __all__ = [
     "RouteConfig",
     "UpstreamConfig",
     "UpstreamTimeouts",
+    "UpstreamTls",
     "load_config",
     "parse_config",
 ]
 
 # --- Loader ---------------------------------------------------------------------------------
 
-_TOP_KEYS = ("listeners", "admin", "upstreams", "routes", "limits", "http1_parser", "workers",
-             "shutdown")  # fmt: skip
+_TOP_KEYS = ("listeners", "admin", "upstreams", "routes", "limits", "http2", "http1_parser",
+             "workers", "shutdown")  # fmt: skip
 _HTTP1_PARSERS = ("auto", "httptools", "h11")
+_UPSTREAM_PROTOCOLS = ("http1", "h2c", "h2")
+_TLS_VERSIONS = ("1.2", "1.3")
+_MAX_H2_WINDOW = 2**31 - 1  # RFC 9113 section 6.9.1
 _BALANCERS = ("round_robin",)
 _PATH_KEYS = ("path", "path_prefix", "path_regex")
 _TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 5.6.2: methods, field names
@@ -218,6 +232,7 @@ class _ConfigLoader(NodeReader):
             routes=top.get("routes", self._routes, no_routes),
             admin=top.get("admin", self._admin, None),
             limits=top.get("limits", self._limits, LimitsConfig()),
+            http2=top.get("http2", self._http2, Http2Config()),
             http1_parser=top.get("http1_parser", self._http1_parser, "auto"),
             workers=top.get("workers", self.optional(self._at_least_1), None),
             grace_period=top.get("shutdown", self._shutdown, DEFAULT_GRACE_PERIOD_S),
@@ -257,14 +272,42 @@ class _ConfigLoader(NodeReader):
         names: dict[str, str] = {}
         for item, item_path in self._items(node, path, "at least one listener is required"):
             with suppress(Reported):
-                fields = self.mapping(item, item_path, ("bind", "name"), ("bind",))
+                keys = ("bind", "name", "tls", "http2")
+                fields = self.mapping(item, item_path, keys, ("bind",))
                 host, port = fields.get("bind", self._bind, ("", 0))
                 name = fields.get("name", self._name, item_path)
                 if name in names:
                     fields.error("name", f"duplicate listener name {name!r} (also {names[name]})")
                 names[name] = item_path
-                listeners.append(ListenerConfig(host, port, name))
+                tls = fields.get("tls", self._listener_tls, None)
+                http2 = fields.get("http2", self.boolean, True)
+                listeners.append(ListenerConfig(host, port, name, tls, http2))
         return tuple(listeners)
+
+    def _listener_tls(self, node: Node, path: str) -> ListenerTls:
+        fields = self.mapping(node, path, ("cert", "key", "min_version"), ("cert", "key"))
+        cert = fields.get("cert", self._readable_file, "")
+        key = fields.get("key", self._readable_file, "")
+        min_version = fields.get("min_version", self._tls_version, "1.2")
+        if cert and key:
+            # Like `nginx -t`: a pair that does not load is a config error, not a crash
+            # at the first handshake.
+            problem = tls_pair_problem(cert, key)
+            if problem is not None:
+                raise self.error(node, path, problem)
+        return ListenerTls(cert, key, min_version)
+
+    def _tls_version(self, node: Node, path: str) -> str:
+        return self.choice(node, path, _TLS_VERSIONS, "TLS version")
+
+    def _readable_file(self, node: Node, path: str) -> str:
+        name = self.string(node, path)
+        try:
+            with open(name, "rb"):
+                pass
+        except OSError as exc:
+            raise self.error(node, path, f"cannot read {name!r}: {exc.strerror or exc}") from None
+        return name
 
     def _bind(self, node: Node, path: str) -> tuple[str, int]:
         host, port = self.convert(node, path, parse_bind, "an address like '0.0.0.0:8080'")
@@ -289,14 +332,36 @@ class _ConfigLoader(NodeReader):
         return upstreams
 
     def _upstream(self, node: Node, path: str, name: str) -> UpstreamConfig:
-        keys = ("endpoints", "balance", "timeouts", "pool")
+        keys = ("endpoints", "balance", "timeouts", "pool", "protocol", "tls")
         fields = self.mapping(node, path, keys, ("endpoints",))
-        return UpstreamConfig(
+        upstream = UpstreamConfig(
             name=name,
             endpoints=fields.get("endpoints", self._endpoints, ()),
             balance=fields.get("balance", self._balance, "round_robin"),
             timeouts=fields.get("timeouts", self._timeouts, UpstreamTimeouts()),
             pool=fields.get("pool", self._pool, PoolConfig()),
+            protocol=fields.get("protocol", self._upstream_protocol, "http1"),
+            tls=fields.get("tls", self._upstream_tls, UpstreamTls()),
+        )
+        schemes = {endpoint.scheme for endpoint in upstream.endpoints}
+        if "protocol" in fields:
+            if upstream.protocol == "h2c" and "https" in schemes:
+                fields.error("protocol", "h2c is cleartext: use h2 for https:// endpoints")
+            elif upstream.protocol == "h2" and "http" in schemes:
+                fields.error("protocol", "h2 needs TLS (https:// endpoints); use h2c for http://")
+        if "tls" in fields and "https" not in schemes:
+            fields.error("tls", "tls settings need https:// endpoints")
+        return upstream
+
+    def _upstream_protocol(self, node: Node, path: str) -> str:
+        return self.choice(node, path, _UPSTREAM_PROTOCOLS, "protocol")
+
+    def _upstream_tls(self, node: Node, path: str) -> UpstreamTls:
+        fields = self.mapping(node, path, ("ca", "verify", "sni"))
+        return UpstreamTls(
+            ca=fields.get("ca", self._readable_file, None),
+            verify=fields.get("verify", self.boolean, True),
+            sni=fields.get("sni", self._name, None),
         )
 
     def _endpoints(self, node: Node, path: str) -> tuple[EndpointConfig, ...]:
@@ -512,6 +577,33 @@ class _ConfigLoader(NodeReader):
             body_timeout=fields.get("body_timeout", self._timeout, DEFAULT_BODY_TIMEOUT_S),
             keepalive_timeout=fields.get("keepalive_timeout", self.duration, _KEEPALIVE_S),
         )
+
+    def _http2(self, node: Node, path: str) -> Http2Config:
+        keys = ("max_concurrent_streams", "max_header_list_size", "initial_window_size",
+                "max_resets_per_second", "max_control_frames_per_second")  # fmt: skip
+        fields = self.mapping(node, path, keys)
+        config = Http2Config(
+            max_concurrent_streams=fields.get(
+                "max_concurrent_streams", self._at_least_1, DEFAULT_H2_MAX_CONCURRENT_STREAMS
+            ),
+            max_header_list_size=fields.get(
+                "max_header_list_size", self._positive_size, DEFAULT_MAX_HEAD_BYTES
+            ),
+            initial_window_size=fields.get(
+                "initial_window_size", self._positive_size, DEFAULT_H2_INITIAL_WINDOW_BYTES
+            ),
+            max_resets_per_second=fields.get(
+                "max_resets_per_second", self._at_least_1, DEFAULT_H2_MAX_RESETS_PER_SECOND
+            ),
+            max_control_frames_per_second=fields.get(
+                "max_control_frames_per_second",
+                self._at_least_1,
+                DEFAULT_H2_MAX_CONTROL_FRAMES_PER_SECOND,
+            ),
+        )
+        if config.initial_window_size > _MAX_H2_WINDOW:
+            fields.error("initial_window_size", f"at most {_MAX_H2_WINDOW} bytes (2^31-1)")
+        return config
 
     def _positive_size(self, node: Node, path: str) -> int:
         return self.size(node, path, positive=True)

@@ -21,15 +21,35 @@ DEFAULT_HEADER_TIMEOUT_S = 10.0
 DEFAULT_BODY_TIMEOUT_S = 60.0
 DEFAULT_KEEPALIVE_TIMEOUT_S = 75.0
 DEFAULT_GRACE_PERIOD_S = 30.0
+# HTTP/2 defences (see Http2Config for the attack each one stops).
+DEFAULT_H2_MAX_CONCURRENT_STREAMS = 100
+DEFAULT_H2_INITIAL_WINDOW_BYTES = 1024 * 1024
+DEFAULT_H2_MAX_RESETS_PER_SECOND = 200
+DEFAULT_H2_MAX_CONTROL_FRAMES_PER_SECOND = 500
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerTls:
+    """`listeners[i].tls`: the certificate chain and key (PEM files), re-read on reload.
+    ALPN offers h2 and http/1.1; TLS 1.2 is the oldest version accepted unless
+    `min_version` asks for 1.3."""
+
+    cert: str
+    key: str
+    min_version: str = "1.2"
 
 
 @dataclass(frozen=True, slots=True)
 class ListenerConfig:
-    """One client-facing socket (`listeners[i]`)."""
+    """One client-facing socket (`listeners[i]`). Plaintext listeners speak HTTP/1.1 and
+    h2c with prior knowledge (told apart by the connection preface); TLS listeners pick
+    h2 or HTTP/1.1 by ALPN. `http2: false` turns HTTP/2 off on this listener."""
 
     host: str
     port: int
     name: str  # "listeners[0]" unless given with `name:`; used as a metrics label
+    tls: ListenerTls | None = None
+    http2: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,8 +80,19 @@ class PoolConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamTls:
+    """`upstreams.X.tls`, for https:// endpoints: the server certificate is verified
+    against `ca` (a PEM bundle; the system store when None) and `sni` (the endpoint's
+    host when None). `verify: false` must be written out to turn verification off."""
+
+    ca: str | None = None
+    verify: bool = True
+    sni: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class EndpointConfig:
-    """One upstream server: `http://host:port` (scheme http only for now)."""
+    """One upstream server: `http://host:port` or `https://host:port`."""
 
     url: str
     scheme: str
@@ -79,6 +110,10 @@ class UpstreamConfig:
     balance: str = "round_robin"
     timeouts: UpstreamTimeouts = field(default_factory=UpstreamTimeouts)
     pool: PoolConfig = field(default_factory=PoolConfig)
+    # http1, h2c (HTTP/2 with prior knowledge on http:// endpoints) or h2 (HTTP/2 chosen
+    # by ALPN on https:// endpoints).
+    protocol: str = "http1"
+    tls: UpstreamTls = field(default_factory=UpstreamTls)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +184,32 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class Http2Config:
+    """`http2`: the HTTP/2 front end's settings and the attacks each one stops.
+
+    - max_concurrent_streams: SETTINGS_MAX_CONCURRENT_STREAMS; a stream beyond it is
+      refused (RST_STREAM REFUSED_STREAM). Bounds the work one connection can start.
+    - max_header_list_size: a request whose decoded header list is larger gets 431 on its
+      stream; a block far beyond it (an HPACK bomb) is a connection error (GOAWAY).
+    - initial_window_size: per-stream receive window. A window is re-opened only after
+      the data was forwarded, so a slow upstream slows the client (bounded memory).
+    - max_resets_per_second: streams the client cancels (RST_STREAM) per second before
+      GOAWAY ENHANCE_YOUR_CALM: the rapid-reset attack (CVE-2023-44487).
+    - max_control_frames_per_second: SETTINGS, PING and PRIORITY frames (and empty DATA
+      frames) per second before GOAWAY ENHANCE_YOUR_CALM: settings/ping floods, which
+      cost us work and replies without the client doing any.
+    CONTINUATION floods are bounded by h2 itself (64 frames per header block) and by
+    max_header_list_size; idle connections close after limits.keepalive_timeout.
+    """
+
+    max_concurrent_streams: int = DEFAULT_H2_MAX_CONCURRENT_STREAMS
+    max_header_list_size: int = DEFAULT_MAX_HEAD_BYTES
+    initial_window_size: int = DEFAULT_H2_INITIAL_WINDOW_BYTES
+    max_resets_per_second: int = DEFAULT_H2_MAX_RESETS_PER_SECOND
+    max_control_frames_per_second: int = DEFAULT_H2_MAX_CONTROL_FRAMES_PER_SECOND
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole validated file."""
 
@@ -157,6 +218,7 @@ class Config:
     routes: tuple[RouteConfig, ...]
     admin: AdminConfig | None = None
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    http2: Http2Config = field(default_factory=Http2Config)
     http1_parser: str = "auto"  # auto | httptools | h11
     workers: int | None = None  # None: one per core
     grace_period: float = DEFAULT_GRACE_PERIOD_S  # `shutdown.grace_period`

@@ -247,13 +247,32 @@ def parse_host_pattern(text: str) -> str | None:
     return host
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def tls_pair_problem(cert: str, key: str) -> str | None:
+    """Why the PEM certificate chain `cert` and private key `key` cannot serve TLS, or
+    None when they load together."""
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        return f"cannot load the certificate {cert!r} with the key {key!r}: {exc.reason or exc}"
+    except OSError as exc:
+        return f"cannot load the certificate {cert!r}: {exc.strerror or exc}"
+    return None
+
+
 def parse_endpoint_url(text: str) -> tuple[str, str, int, str]:
-    """Parse an upstream endpoint `http://host[:port]` (port 80 by default; a trailing `/`
-    is allowed, any other path is not). Returns (scheme, host, port, normalised URL), host
-    lower-cased and, for IPv6, without brackets.
+    """Parse an upstream endpoint `http://host[:port]` or `https://host[:port]` (port 80 or
+    443 by default; a trailing `/` is allowed, any other path is not). Returns (scheme,
+    host, port, normalised URL), host lower-cased and, for IPv6, without brackets.
 
     Raises:
-        ConfigValueError: not an http:// URL, or it has a path, query, fragment or userinfo.
+        ConfigValueError: not an http:// or https:// URL, or it has a path, query,
+            fragment or userinfo.
     """
     if "://" not in text:
         raise ConfigValueError(f"invalid endpoint {text!r}: expected a URL like 'http://host:port'")
@@ -262,8 +281,10 @@ def parse_endpoint_url(text: str) -> tuple[str, str, int, str]:
     except ValueError as exc:  # e.g. an unbalanced "[" in the host
         raise ConfigValueError(f"invalid endpoint {text!r}: {exc}") from None
     scheme = parts.scheme.lower()
-    if scheme != "http":
-        raise ConfigValueError(f"unsupported scheme {parts.scheme!r} in {text!r} (only http://)")
+    if scheme not in ("http", "https"):
+        raise ConfigValueError(
+            f"unsupported scheme {parts.scheme!r} in {text!r} (http:// or https://)"
+        )
     if parts.username is not None or parts.password is not None:
         raise ConfigValueError(f"invalid endpoint {text!r}: credentials in the URL are not allowed")
     if parts.path not in ("", "/"):
@@ -281,7 +302,7 @@ def parse_endpoint_url(text: str) -> tuple[str, str, int, str]:
     netloc = parts.netloc
     port_text = netloc.rpartition("]")[2] if netloc.startswith("[") else netloc
     _, colon, port_text = port_text.rpartition(":")
-    port = _parse_port(port_text, allow_zero=False) if colon else 80
+    port = _parse_port(port_text, allow_zero=False) if colon else _DEFAULT_PORTS[scheme]
     url_host = f"[{host}]" if ":" in host else host
     return scheme, host, port, f"{scheme}://{url_host}:{port}"
 

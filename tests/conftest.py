@@ -11,6 +11,7 @@ import uvloop
 
 from proxy.config import parse_config
 from proxy.server import Server
+from tests.tls import TlsFiles, make_tls_files
 from tests.upstream import UpstreamServer
 
 GatewayFactory = Callable[..., Awaitable[Server]]
@@ -30,6 +31,12 @@ def pytest_asyncio_loop_factories(
 def codec(request: pytest.FixtureRequest) -> str:
     """Each HTTP/1.1 test runs against both codecs."""
     return str(request.param)
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    """A throw-away CA and a certificate for localhost/127.0.0.1 it signed (tests/tls.py)."""
+    return make_tls_files(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture

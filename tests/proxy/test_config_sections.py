@@ -76,7 +76,7 @@ def test_endpoint_errors_name_the_endpoint() -> None:
         upstreams:
           users:
             endpoints:
-              - https://a
+              - ftp://a
               - {url: http://b, weight: 0}
               - {weight: 2}
               - http://b:80
@@ -84,8 +84,8 @@ def test_endpoint_errors_name_the_endpoint() -> None:
     """
 
     assert errors_of(text) == [
-        "routes.yaml:5: upstreams.users.endpoints[0]: unsupported scheme 'https' in "
-        "'https://a' (only http://)",
+        "routes.yaml:5: upstreams.users.endpoints[0]: unsupported scheme 'ftp' in "
+        "'ftp://a' (http:// or https://)",
         "routes.yaml:6: upstreams.users.endpoints[1].weight: must be at least 1, got 0",
         "routes.yaml:7: upstreams.users.endpoints[2]: missing required key 'url'",
         "routes.yaml:8: upstreams.users.endpoints[3]: duplicate endpoint 'http://b:80' "

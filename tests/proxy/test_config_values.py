@@ -357,7 +357,7 @@ def test_parse_endpoint_url_reads_origin(text: str, parsed: tuple[str, str, int,
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("https://x", "unsupported scheme 'https' in 'https://x' (only http://)"),
+        ("ws://x", "unsupported scheme 'ws' in 'ws://x' (http:// or https://)"),
         ("users:8000", "expected a URL like 'http://host:port'"),
         ("http://x/api", "a path is not allowed (use the route's rewrite.add_prefix)"),
         ("http://x?a=1", "a query or fragment is not allowed"),
