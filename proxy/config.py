@@ -52,6 +52,7 @@ from proxy.config_model import (
 from proxy.config_values import (
     NodeReader,
     Reported,
+    ca_bundle_problem,
     describe,
     did_you_mean,
     join_path,
@@ -103,6 +104,7 @@ _HTTP1_PARSERS = ("auto", "httptools", "h11")
 _UPSTREAM_PROTOCOLS = ("http1", "h2c", "h2")
 _TLS_VERSIONS = ("1.2", "1.3")
 _MAX_H2_WINDOW = 2**31 - 1  # RFC 9113 section 6.9.1
+_MAX_H2_SETTING = 2**32 - 1  # RFC 9113 section 6.5.1: SETTINGS values are 32-bit
 _BALANCERS = ("round_robin",)
 _PATH_KEYS = ("path", "path_prefix", "path_regex")
 _TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 5.6.2: methods, field names
@@ -294,11 +296,20 @@ class _ConfigLoader(NodeReader):
             # at the first handshake.
             problem = tls_pair_problem(cert, key)
             if problem is not None:
-                raise self.error(node, path, problem)
+                culprit, message = problem
+                if culprit is None:
+                    raise self.error(node, path, message)
+                raise fields.error(culprit, message)
         return ListenerTls(cert, key, min_version)
 
     def _tls_version(self, node: Node, path: str) -> str:
-        return self.choice(node, path, _TLS_VERSIONS, "TLS version")
+        # `min_version: 1.3` is a YAML float; read it as written, as `"1.3"` is.
+        version = self.text(node, path)
+        if version not in _TLS_VERSIONS:
+            supported = ", ".join(_TLS_VERSIONS)
+            message = f"unsupported TLS version {version!r} (supported: {supported})"
+            raise self.error(node, path, message)
+        return version
 
     def _readable_file(self, node: Node, path: str) -> str:
         name = self.string(node, path)
@@ -349,7 +360,7 @@ class _ConfigLoader(NodeReader):
                 fields.error("protocol", "h2c is cleartext: use h2 for https:// endpoints")
             elif upstream.protocol == "h2" and "http" in schemes:
                 fields.error("protocol", "h2 needs TLS (https:// endpoints); use h2c for http://")
-        if "tls" in fields and "https" not in schemes:
+        if "tls" in fields and schemes and "https" not in schemes:  # (no schemes: reported)
             fields.error("tls", "tls settings need https:// endpoints")
         return upstream
 
@@ -359,10 +370,17 @@ class _ConfigLoader(NodeReader):
     def _upstream_tls(self, node: Node, path: str) -> UpstreamTls:
         fields = self.mapping(node, path, ("ca", "verify", "sni"))
         return UpstreamTls(
-            ca=fields.get("ca", self._readable_file, None),
+            ca=fields.get("ca", self._ca_bundle, None),
             verify=fields.get("verify", self.boolean, True),
             sni=fields.get("sni", self._name, None),
         )
+
+    def _ca_bundle(self, node: Node, path: str) -> str:
+        ca = self._readable_file(node, path)
+        problem = ca_bundle_problem(ca)
+        if problem is not None:
+            raise self.error(node, path, problem)
+        return ca
 
     def _endpoints(self, node: Node, path: str) -> tuple[EndpointConfig, ...]:
         endpoints: dict[str, tuple[EndpointConfig, str]] = {}
@@ -584,10 +602,10 @@ class _ConfigLoader(NodeReader):
         fields = self.mapping(node, path, keys)
         config = Http2Config(
             max_concurrent_streams=fields.get(
-                "max_concurrent_streams", self._at_least_1, DEFAULT_H2_MAX_CONCURRENT_STREAMS
+                "max_concurrent_streams", self._h2_count_setting, DEFAULT_H2_MAX_CONCURRENT_STREAMS
             ),
             max_header_list_size=fields.get(
-                "max_header_list_size", self._positive_size, DEFAULT_MAX_HEAD_BYTES
+                "max_header_list_size", self._h2_size_setting, DEFAULT_MAX_HEAD_BYTES
             ),
             initial_window_size=fields.get(
                 "initial_window_size", self._positive_size, DEFAULT_H2_INITIAL_WINDOW_BYTES
@@ -604,6 +622,19 @@ class _ConfigLoader(NodeReader):
         if config.initial_window_size > _MAX_H2_WINDOW:
             fields.error("initial_window_size", f"at most {_MAX_H2_WINDOW} bytes (2^31-1)")
         return config
+
+    def _h2_count_setting(self, node: Node, path: str) -> int:
+        return self._h2_setting(node, path, self._at_least_1(node, path), "")
+
+    def _h2_size_setting(self, node: Node, path: str) -> int:
+        return self._h2_setting(node, path, self._positive_size(node, path), " bytes")
+
+    def _h2_setting(self, node: Node, path: str, value: int, unit: str) -> int:
+        # h2 packs SETTINGS values into 32 bits: a larger one would fail at the first
+        # connection instead of here.
+        if value > _MAX_H2_SETTING:
+            raise self.error(node, path, f"at most {_MAX_H2_SETTING}{unit} (2^32-1)")
+        return value
 
     def _positive_size(self, node: Node, path: str) -> int:
         return self.size(node, path, positive=True)

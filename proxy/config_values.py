@@ -13,6 +13,7 @@ import difflib
 import ipaddress
 import math
 import re
+import ssl
 from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from fractions import Fraction
@@ -250,18 +251,48 @@ def parse_host_pattern(text: str) -> str | None:
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-def tls_pair_problem(cert: str, key: str) -> str | None:
-    """Why the PEM certificate chain `cert` and private key `key` cannot serve TLS, or
-    None when they load together."""
-    import ssl
+class _PassphraseAsked(Exception):
+    """Raised from the password callback: the key is encrypted."""
 
+
+def _refuse_passphrase() -> bytes:
+    # Without a callback OpenSSL prompts on the terminal, so `gatehouse check` would hang.
+    raise _PassphraseAsked
+
+
+def _holds_pem_certificate(path: str) -> bool:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_verify_locations(cafile=path)
+    except (ssl.SSLError, OSError):
+        return False
+    return True
+
+
+def tls_pair_problem(cert: str, key: str) -> tuple[str | None, str] | None:
+    """Why the PEM certificate chain `cert` and private key `key` cannot serve TLS, as
+    (the key that is at fault, `cert` or `key`, or None for the pair; a message), or None
+    when they load together. An encrypted key is a problem: it would need a passphrase."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        context.load_cert_chain(cert, key)
+        context.load_cert_chain(cert, key, password=_refuse_passphrase)
+    except _PassphraseAsked:
+        return "key", f"the key {key!r} is encrypted (a passphrase-less key is needed)"
     except ssl.SSLError as exc:
-        return f"cannot load the certificate {cert!r} with the key {key!r}: {exc.reason or exc}"
-    except OSError as exc:
-        return f"cannot load the certificate {cert!r}: {exc.strerror or exc}"
+        if not _holds_pem_certificate(cert):
+            return "cert", f"{cert!r} holds no PEM certificate"
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            return None, f"the certificate {cert!r} does not match the key {key!r}"
+        return "key", f"cannot load the key {key!r}: {exc.reason or 'not a PEM private key'}"
+    except OSError as exc:  # the files were readable a moment ago
+        return None, f"cannot load {cert!r} and {key!r}: {exc.strerror or exc}"
+    return None
+
+
+def ca_bundle_problem(ca: str) -> str | None:
+    """Why the file `ca` is not a bundle of PEM CA certificates, or None when it loads."""
+    if not _holds_pem_certificate(ca):
+        return f"{ca!r} holds no PEM certificate"
     return None
 
 
