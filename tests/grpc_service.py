@@ -34,6 +34,8 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from tests.tls import TlsFiles
+
 SERVICE = "test.Echo"
 NOT_FOUND_MESSAGE = "no such thing"
 DENIED_MESSAGE = "go away: caf\u00e9 100% \u2713"  # grpc-message percent-encodes this
@@ -119,12 +121,17 @@ def _echo_handler() -> Any:
 
 
 @asynccontextmanager
-async def echo_server() -> AsyncIterator[int]:
-    """Serve `test.Echo` on 127.0.0.1 (insecure: h2c with prior knowledge) and yield its
-    port; the server stops, cancelling open calls, on exit."""
+async def echo_server(tls: TlsFiles | None = None) -> AsyncIterator[int]:
+    """Serve `test.Echo` on 127.0.0.1 and yield its port: insecure (h2c with prior
+    knowledge), or over TLS with `tls`' certificate. The server stops, cancelling open
+    calls, on exit."""
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((_echo_handler(),))
-    port = int(server.add_insecure_port("127.0.0.1:0"))
+    if tls is None:
+        port = int(server.add_insecure_port("127.0.0.1:0"))
+    else:
+        pair = (tls.key.read_bytes(), tls.cert.read_bytes())
+        port = int(server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([pair])))
     await server.start()
     try:
         yield port
@@ -230,10 +237,17 @@ class EchoClient:
 
 
 @asynccontextmanager
-async def echo_client(target: str, timeout_s: float = 10.0) -> AsyncIterator[EchoClient]:
-    """An EchoClient on an insecure channel (h2c) to `target` (`127.0.0.1:PORT`),
-    closed on exit."""
-    async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+async def echo_client(
+    target: str, timeout_s: float = 10.0, tls: TlsFiles | None = None
+) -> AsyncIterator[EchoClient]:
+    """An EchoClient on a channel to `target` (`127.0.0.1:PORT`), closed on exit:
+    insecure (h2c), or TLS (h2 by ALPN) trusting `tls`' CA."""
+    if tls is None:
+        channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+    else:
+        credentials = grpc.ssl_channel_credentials(root_certificates=tls.ca.read_bytes())
+        channel = grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+    async with channel:
         yield EchoClient(channel, timeout_s)
 
 

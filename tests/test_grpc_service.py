@@ -13,6 +13,7 @@ import pytest
 
 from tests import grpc_service
 from tests.grpc_service import EchoClient, echo_client, echo_server
+from tests.tls import TlsFiles
 
 CALL_BUDGET_S = 20.0
 
@@ -67,3 +68,14 @@ async def test_a_call_past_its_deadline_fails_with_deadline_exceeded() -> None:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await client.server_stream(3, delay_s=1.0)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+@pytest.mark.socket
+async def test_the_kit_speaks_grpc_over_tls(tls_files: TlsFiles) -> None:
+    async with (
+        asyncio.timeout(CALL_BUDGET_S),
+        echo_server(tls=tls_files) as port,
+        echo_client(f"127.0.0.1:{port}", tls=tls_files) as client,
+    ):
+        await grpc_service.check_unary(client)
+        await grpc_service.check_error_in_trailers(client)
