@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, cast
 
-from proxy.config_model import LimitsConfig, ListenerConfig
+from proxy.config_model import Http2Config, LimitsConfig, ListenerConfig
 
 if TYPE_CHECKING:
     from proxy.errors import ProxyError
@@ -54,6 +54,7 @@ class ServerContext(Protocol):
 
     codec: str
     limits: LimitsConfig
+    http2: Http2Config
     draining: bool
     connections: set[ClientConnection]
 
@@ -67,7 +68,7 @@ class ServerContext(Protocol):
 
 
 class FrontEnd(Protocol):
-    """A protocol implementation driven by a connection (HTTP/1.1 now, HTTP/2 later)."""
+    """A protocol implementation driven by a connection (HTTP/1.1 or HTTP/2)."""
 
     def feed(self, data: bytes) -> None: ...
 
@@ -91,6 +92,7 @@ class ClientConnection(asyncio.Protocol):
     ) -> None:
         self.server = server
         self.listener = listener
+        self.scheme = "https" if listener.tls is not None else "http"
         self.limits = server.limits
         self.transport: asyncio.Transport | None = None
         self.client: tuple[str, int] = ("", 0)

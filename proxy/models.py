@@ -50,6 +50,7 @@ class Body:
         "length",
         "limit",
         "on_abandon",
+        "on_consumed",
         "trailers",
     )
 
@@ -78,6 +79,9 @@ class Body:
         self._paused = False
         # Called when the consumer gives up before the end (the producer can stop).
         self.on_abandon: Callable[[], None] | None = None
+        # Called with the size of each chunk the consumer took (or that was dropped):
+        # HTTP/2 re-opens its flow-control window only for bytes that have moved on.
+        self.on_consumed: Callable[[int], None] | None = None
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Body:
@@ -97,10 +101,15 @@ class Body:
     def feed(self, data: bytes) -> None:
         """Append a chunk; pauses the producer above the high watermark."""
         if self._done or self._error is not None:
-            return  # the consumer gave up, or the stream already failed: drop
+            # The consumer gave up, or the stream already failed: drop.
+            if self.on_consumed is not None:
+                self.on_consumed(len(data))
+            return
         self.bytes_fed += len(data)
         if self.limit is not None and self.bytes_fed > self.limit:
             self.fail(BodyTooLarge())
+            if self.on_consumed is not None:
+                self.on_consumed(len(data))
             return
         self._chunks.append(data)
         self._buffered += len(data)
@@ -122,8 +131,7 @@ class Body:
         if self._eof or self._error is not None:
             return
         self._error = exc
-        self._chunks.clear()
-        self._buffered = 0
+        self._drop_buffered()
         if self._waiter is not None:
             self._wake()
 
@@ -142,6 +150,8 @@ class Body:
         chunks.clear()
         self._buffered = 0
         self.bytes_read += len(data)
+        if self.on_consumed is not None:
+            self.on_consumed(len(data))
         return data
 
     async def read(self) -> bytes:
@@ -166,6 +176,8 @@ class Body:
         data = self._chunks.popleft()
         self._buffered -= len(data)
         self.bytes_read += len(data)
+        if self.on_consumed is not None:
+            self.on_consumed(len(data))
         if self._paused and self._buffered <= BODY_LOW_WATER_BYTES and self._on_resume:
             self._paused = False
             self._on_resume()
@@ -174,14 +186,20 @@ class Body:
     def discard(self) -> None:
         """The consumer will read no more: drop what is buffered and what comes."""
         self._done = True
-        self._chunks.clear()
-        self._buffered = 0
+        self._drop_buffered()
         if self._paused and self._on_resume:
             self._paused = False
             self._on_resume()
         if not self._eof and self._error is None and self.on_abandon is not None:
             callback, self.on_abandon = self.on_abandon, None
             callback()
+
+    def _drop_buffered(self) -> None:
+        dropped = self._buffered
+        self._chunks.clear()
+        self._buffered = 0
+        if dropped and self.on_consumed is not None:
+            self.on_consumed(dropped)
 
     def _wake(self) -> None:
         waiter = self._waiter

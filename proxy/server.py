@@ -11,11 +11,12 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 
-from proxy.config_model import Config
+from proxy.config_model import Config, ListenerConfig, ListenerTls
 from proxy.connection import ClientConnection
 from proxy.protocol.h1codec import resolve_codec
-from proxy.protocol.http1 import Http1Protocol
+from proxy.protocol.select import plaintext_front_end, tls_front_end
 from proxy.stream import Runtime
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,11 @@ MAX_SWEEP_INTERVAL_S = 1.0
 LISTEN_BACKLOG = 1024
 
 
+def _no_passphrase() -> bytes:
+    # Without a callback OpenSSL would prompt on the terminal for an encrypted key.
+    raise ssl.SSLError("the key is encrypted; a passphrase-less key is needed")
+
+
 class Server:
     """Serves one Config on its listeners (one worker's share of the traffic)."""
 
@@ -34,6 +40,7 @@ class Server:
         self.config = config
         self.codec = resolve_codec(config.http1_parser)
         self.limits = config.limits
+        self.http2 = config.http2
         self.runtime = Runtime(config, self.codec)
         self.handle = self.runtime.handle
         self.try_fast = self.runtime.try_fast
@@ -41,6 +48,7 @@ class Server:
         self.draining = False
         self.addresses: list[tuple[str, int]] = []
         self._servers: list[asyncio.Server] = []
+        self._tls_contexts: list[tuple[ListenerTls, ssl.SSLContext]] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self._all_closed = asyncio.Event()
@@ -57,21 +65,56 @@ class Server:
         """
         loop = asyncio.get_running_loop()
         for listener in self.config.listeners:
+            context = self._tls_context(listener)
+            front_end = tls_front_end if context is not None else plaintext_front_end
             server = await loop.create_server(
-                lambda listener=listener: ClientConnection(self, listener, Http1Protocol),
+                lambda listener=listener, front_end=front_end: ClientConnection(
+                    self, listener, front_end
+                ),
                 listener.host,
                 listener.port,
                 reuse_address=True,
                 reuse_port=reuse_port or None,
                 backlog=LISTEN_BACKLOG,
+                ssl=context,
             )
             self._servers.append(server)
             host, port = server.sockets[0].getsockname()[:2]
             self.addresses.append((host, port))
+            scheme = "https" if context is not None else "http"
+            protocols = "HTTP/1.1" + (" and HTTP/2" if listener.http2 else "")
             log.info(
-                "listening on http://%s:%d (%s, %s codec)", host, port, listener.name, self.codec
+                "listening on %s://%s:%d (%s: %s, %s codec)",
+                *(scheme, host, port, listener.name, protocols, self.codec),
             )
         self._sweeper = loop.create_task(self._sweep_forever())
+
+    def _tls_context(self, listener: ListenerConfig) -> ssl.SSLContext | None:
+        """The listener's server context: TLS 1.2+ (or 1.3), ALPN h2 and http/1.1."""
+        tls = listener.tls
+        if tls is None:
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = (
+            ssl.TLSVersion.TLSv1_3 if tls.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+        )
+        # Compression (CRIME) and renegotiation have no place on a modern listener.
+        context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+        context.load_cert_chain(tls.cert, tls.key, password=_no_passphrase)
+        context.set_alpn_protocols(["h2", "http/1.1"] if listener.http2 else ["http/1.1"])
+        self._tls_contexts.append((tls, context))
+        return context
+
+    def reload_certificates(self) -> None:
+        """Re-read every listener's certificate and key files: new handshakes use them,
+        connections already open keep theirs (how a renewed certificate goes live).
+
+        Raises:
+            ssl.SSLError, OSError: a file is missing or the pair does not load; the
+                listener keeps the certificate it had.
+        """
+        for tls, context in self._tls_contexts:
+            context.load_cert_chain(tls.cert, tls.key, password=_no_passphrase)
 
     def forget(self, conn: ClientConnection) -> None:
         """A client connection closed."""

@@ -22,7 +22,7 @@ from typing import Any
 import h11
 from multidict import CIMultiDict
 
-from proxy.config_model import LimitsConfig
+from proxy.config_model import Http2Config, LimitsConfig
 from proxy.connection import ConnectionPhase, ReadPause
 from proxy.errors import ProxyError
 from proxy.local_reply import local_reply
@@ -61,6 +61,7 @@ class FakeServer:
 
     codec: str = "httptools"
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    http2: Http2Config = field(default_factory=Http2Config)
     draining: bool = False
     handler: Handler = echo_handler
     fast: FastResponder | None = None
@@ -97,6 +98,8 @@ class RecordingConnection:
         self.server = server
         self.limits = server.limits
         self.client = client
+        self.scheme = "http"
+        self.deadline = 0.0
         self.phase = ConnectionPhase.HEAD
         self.phases: list[ConnectionPhase] = []
         self.write_paused = False

@@ -138,6 +138,7 @@ class Http1Protocol:
             body,
             http_version=head.version,
             client=conn.client,
+            scheme=conn.scheme,
             keep_alive=head.keep_alive and not head.upgrade,
             host=head.host.decode("latin-1"),
             connection=head.connection,

@@ -1,0 +1,630 @@
+"""HTTP/2 front end: one `Request` per stream, served concurrently; `Response`s back as
+HEADERS, DATA and trailers, with real flow control.
+
+The h2 library does the framing and HPACK (sans-IO); this module turns its events into the
+exchange model and back, and adds the defences a server exposed to the internet needs
+(`Http2Config` names the attack each limit stops). Flow control follows RFC 9113 section
+5.2 end to end: a request's DATA is acknowledged (WINDOW_UPDATE) only once the exchange has
+taken it from the body buffer, so a slow upstream slows the client instead of filling our
+memory; a response is sent no faster than the client's windows allow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+from collections.abc import Callable
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+from h2.errors import ErrorCodes
+from hyperframe.frame import GoAwayFrame
+
+from proxy.config_model import Http2Config
+from proxy.connection import ClientConnection, ConnectionPhase
+from proxy.errors import BadRequest, BodyTooLarge, HeadTooLarge, ProxyError, RequestTimeout
+from proxy.local_reply import local_reply
+from proxy.models import Body, RawHeaders, Request, Response
+
+log = logging.getLogger(__name__)
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # RFC 9113 section 3.4
+# The connection-level receive window: bounds what all streams together may have in
+# flight towards us (and so our buffering per connection), well above one stream's.
+CONNECTION_WINDOW_FACTOR = 4
+# An HPACK block may decode to this multiple of max_header_list_size before h2 gives up
+# on the connection (HPACK bomb); between 1x and this, the stream gets a 431.
+HEADER_LIST_HARD_CAP_FACTOR = 4
+# RFC 9113 section 6.5.2: each field counts its name, value and 32 bytes of overhead.
+HEADER_FIELD_OVERHEAD_BYTES = 32
+
+# Fields that are meaningful only for one HTTP/1.1 hop: never sent in HTTP/2
+# (RFC 9113 section 8.2.2).
+_CONNECTION_SPECIFIC = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+)
+
+
+class Http2Limit(enum.Enum):
+    """Why a connection was told to calm down (GOAWAY ENHANCE_YOUR_CALM); a counter label."""
+
+    RAPID_RESET = "rapid_reset"
+    CONTROL_FLOOD = "control_flood"
+
+
+class _RateWindow:
+    """Counts events in the current one-second window (a fixed window: cheap, and at most
+    twice the limit can pass across a boundary)."""
+
+    __slots__ = ("_count", "_limit", "_now", "_started")
+
+    def __init__(self, limit: int, now: Callable[[], float]) -> None:
+        self._limit = limit
+        self._now = now
+        self._started = now()
+        self._count = 0
+
+    def exceeded(self) -> bool:
+        """Count one event; True when this second's limit is passed."""
+        now = self._now()
+        if now - self._started >= 1.0:
+            self._started = now
+            self._count = 0
+        self._count += 1
+        return self._count > self._limit
+
+
+class _Stream:
+    """One request/response exchange on the connection."""
+
+    __slots__ = (
+        "body",
+        "id",
+        "request",
+        "response_started",
+        "task",
+        "trailers",
+        "window_waiter",
+    )
+
+    def __init__(self, stream_id: int) -> None:
+        self.id = stream_id
+        self.request: Request | None = None
+        self.body: Body | None = None  # the request body while the client still sends it
+        self.trailers: list[tuple[str, str]] | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.window_waiter: asyncio.Future[None] | None = None
+        self.response_started = False
+
+    def __repr__(self) -> str:
+        return f"<_Stream {self.id} started={self.response_started}>"
+
+
+class Http2Protocol:
+    """One HTTP/2 client connection (h2c with prior knowledge, or h2 chosen by ALPN)."""
+
+    def __init__(self, conn: ClientConnection) -> None:
+        self._conn = conn
+        self._server = conn.server
+        settings: Http2Config = conn.server.http2
+        self._settings = settings
+        config = h2.config.H2Configuration(
+            client_side=False, header_encoding=None, validate_outbound_headers=False
+        )
+        self._h2 = h2.connection.H2Connection(config=config)
+        self._streams: dict[int, _Stream] = {}
+        self._resets = _RateWindow(settings.max_resets_per_second, conn.loop.time)
+        self._control = _RateWindow(settings.max_control_frames_per_second, conn.loop.time)
+        self._header_limit = settings.max_header_list_size
+        self._hard_header_cap = settings.max_header_list_size * HEADER_LIST_HARD_CAP_FACTOR
+        self._closing = False  # GOAWAY sent or received: no new streams
+        self._dead = False  # terminated: nothing more is read or sent
+        self._last_stream_id = 0  # the highest stream we took (for our GOAWAY)
+        self._idle_deadline = conn.loop.time() + conn.limits.keepalive_timeout
+        self._h2.local_settings = h2.settings.Settings(
+            client=False,
+            initial_values={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: settings.max_concurrent_streams,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: settings.initial_window_size,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: settings.max_header_list_size,
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            },
+        )
+        self._h2.initiate_connection()
+        self._h2.decoder.max_header_list_size = self._hard_header_cap
+        window = settings.initial_window_size * CONNECTION_WINDOW_FACTOR
+        if window > 65535:
+            self._h2.increment_flow_control_window(window - 65535)
+        self._flush()
+
+    def __repr__(self) -> str:
+        state = "CLOSING" if self._closing else "OPEN"
+        return f"<Http2Protocol {state} streams={len(self._streams)}>"
+
+    # -- input ----------------------------------------------------------------------
+    def feed(self, data: bytes) -> None:
+        """Process client bytes: frames become stream events; protocol errors GOAWAY."""
+        if self._dead:
+            return
+        try:
+            events = self._h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            self._connection_error(exc)
+            return
+        for event in events:
+            handler = _HANDLERS.get(type(event))
+            if handler is None:
+                if type(event) not in _IGNORED:
+                    # Only server-side events reach here; a new one must be looked at.
+                    raise AssertionError(f"unhandled HTTP/2 event {event!r}")
+                continue
+            handler(self, event)
+            if self._stopped():
+                return
+        self._flush()
+        self._update_phase()
+
+    def _stopped(self) -> bool:
+        return self._dead or self._conn.closed
+
+    def _connection_error(self, exc: h2.exceptions.ProtocolError) -> None:
+        log.debug("HTTP/2 connection error from %s: %s", self._conn.client[0], exc)
+        code = getattr(exc, "error_code", None) or ErrorCodes.PROTOCOL_ERROR
+        self._terminate(code)
+
+    def _terminate(self, code: ErrorCodes) -> None:
+        """Send GOAWAY with `code` and close: the connection is unusable."""
+        self._dead = True
+        with contextlib.suppress(h2.exceptions.ProtocolError):  # h2 may consider it closed
+            self._h2.close_connection(error_code=code, last_stream_id=self._last_stream_id)
+        self._flush()
+        self._conn.close()
+        self._cancel_all()
+
+    def _on_request(self, event: h2.events.RequestReceived) -> None:
+        stream_id = event.stream_id
+        if self._closing:
+            # After our GOAWAY: RFC 9113 section 6.8, streams above last_stream_id are
+            # ignored; telling the client it may retry them elsewhere is kinder.
+            self._reset(stream_id, ErrorCodes.REFUSED_STREAM)
+            return
+        self._last_stream_id = stream_id
+        stream = _Stream(stream_id)
+        self._streams[stream_id] = stream
+        try:
+            request = self._build_request(stream, event.headers or [], event.stream_ended)
+        except ProxyError as exc:
+            stream.body = None
+            self._start(stream, None, exc)
+            return
+        stream.request = request
+        self._start(stream, request, None)
+
+    def _build_request(
+        self, stream: _Stream, headers: list[tuple[bytes, bytes]], ended: object
+    ) -> Request:
+        method = path = authority = b""
+        raw: RawHeaders = []
+        cookies: list[bytes] = []
+        size = 0
+        content_length: int | None = None
+        for name, value in headers:
+            size += len(name) + len(value) + HEADER_FIELD_OVERHEAD_BYTES
+            if name[:1] == b":":
+                if name == b":method":
+                    method = value
+                elif name == b":path":
+                    path = value
+                elif name == b":authority":
+                    authority = value
+                continue
+            if name == b"cookie":
+                # RFC 9113 section 8.2.3: crumbs are joined again for HTTP/1.1 upstreams.
+                cookies.append(value)
+                continue
+            if name == b"content-length":
+                try:
+                    content_length = int(value)
+                except ValueError:
+                    raise BadRequest("invalid content-length") from None
+            elif name == b"host" and not authority:
+                authority = value
+            raw.append((name, value))
+        if size > self._header_limit:
+            raise HeadTooLarge()
+        if cookies:
+            raw.append((b"cookie", b"; ".join(cookies)))
+        if method == b"CONNECT":
+            raise BadRequest("CONNECT is not supported by a reverse proxy")
+        if not path or (path[:1] != b"/" and path != b"*"):
+            raise BadRequest("missing or invalid :path")
+        conn = self._conn
+        if ended:
+            body = Body.from_bytes(b"")
+        else:
+            limit = conn.limits.max_body_size
+            if limit is not None and (content_length or 0) > limit:
+                raise BodyTooLarge()
+            body = Body(content_length)
+            body.limit = limit
+            stream_id = stream.id
+            body.on_consumed = lambda size: self._acknowledge(stream_id, size)
+            stream.body = body
+        return Request(
+            method.decode("ascii", "replace"),
+            path,
+            raw,
+            body,
+            http_version="2",
+            client=conn.client,
+            scheme=conn.scheme,
+            host=authority.decode("latin-1"),
+        )
+
+    def _on_data(self, event: h2.events.DataReceived) -> None:
+        stream = self._streams.get(event.stream_id)
+        data = event.data or b""
+        padding = (event.flow_controlled_length or 0) - len(data)
+        if not data and not event.stream_ended and self._control.exceeded():
+            self._calm_down(Http2Limit.CONTROL_FLOOD)  # empty DATA frames cost us work
+            return
+        body = stream.body if stream is not None else None
+        if body is None:
+            # Nobody reads this stream's body any more: hand the window straight back.
+            self._acknowledge(event.stream_id, len(data) + padding)
+            return
+        if padding:
+            self._acknowledge(event.stream_id, padding)
+        if data:
+            body.feed(data)  # acknowledged when the exchange reads it (on_consumed)
+
+    def _on_trailers(self, event: h2.events.TrailersReceived) -> None:
+        stream = self._streams.get(event.stream_id)
+        if stream is not None:
+            stream.trailers = [
+                (name.decode("latin-1"), value.decode("latin-1"))
+                for name, value in event.headers or []
+            ]
+
+    def _on_stream_ended(self, event: h2.events.StreamEnded) -> None:
+        stream = self._streams.get(event.stream_id)
+        if stream is None or stream.body is None:
+            return
+        body, stream.body = stream.body, None
+        body.feed_eof(stream.trailers)
+
+    def _on_reset(self, event: h2.events.StreamReset) -> None:
+        if event.remote_reset and self._resets.exceeded():
+            # CVE-2023-44487: opening and cancelling streams costs the client nothing
+            # and us a request's work each time.
+            self._calm_down(Http2Limit.RAPID_RESET)
+            return
+        stream = self._streams.pop(event.stream_id, None)
+        if stream is None:
+            return
+        if stream.body is not None:
+            stream.body.fail(BadRequest("client reset the stream"))
+            stream.body = None
+        if stream.task is not None:
+            stream.task.cancel()
+        self._wake(stream)
+
+    def _on_window_update(self, event: h2.events.WindowUpdated) -> None:
+        if event.stream_id:
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:
+                self._wake(stream)
+        else:
+            for stream in self._streams.values():
+                self._wake(stream)
+
+    def _on_settings(self, event: h2.events.RemoteSettingsChanged) -> None:
+        if self._control.exceeded():
+            self._calm_down(Http2Limit.CONTROL_FLOOD)
+            return
+        # A new INITIAL_WINDOW_SIZE changes every stream's send window.
+        for stream in self._streams.values():
+            self._wake(stream)
+
+    def _on_settings_acked(self, event: h2.events.SettingsAcknowledged) -> None:
+        # h2 makes the advertised MAX_HEADER_LIST_SIZE its decoder's limit once acked, and
+        # would tear the connection down at it; we keep the hard cap there and answer
+        # the advertised limit per stream with 431.
+        self._h2.decoder.max_header_list_size = self._hard_header_cap
+
+    def _on_control_frame(self, event: h2.events.Event) -> None:
+        if self._control.exceeded():
+            self._calm_down(Http2Limit.CONTROL_FLOOD)
+
+    def _on_goaway(self, event: h2.events.ConnectionTerminated) -> None:
+        self._closing = True
+        if event.error_code:
+            self._conn.close()
+            self._cancel_all()
+
+    def _calm_down(self, reason: Http2Limit) -> None:
+        log.info("HTTP/2 %s from %s: GOAWAY", reason.value, self._conn.client[0])
+        self._terminate(ErrorCodes.ENHANCE_YOUR_CALM)
+
+    # -- serving --------------------------------------------------------------------
+    def _start(self, stream: _Stream, request: Request | None, error: ProxyError | None) -> None:
+        stream.task = self._conn.loop.create_task(self._serve(stream, request, error))
+
+    async def _serve(
+        self, stream: _Stream, request: Request | None, error: ProxyError | None
+    ) -> None:
+        try:
+            if request is None:
+                assert error is not None
+                response = local_reply(error, None)
+            else:
+                response = await self._server.handle(request)
+            await self._respond(stream, request, response)
+        except asyncio.CancelledError:
+            return  # the client reset the stream or went away
+        except Exception:
+            log.exception("bug in the HTTP/2 front end")
+            self._reset(stream.id, ErrorCodes.INTERNAL_ERROR)
+        finally:
+            stream.task = None
+            self._stream_done(stream)
+
+    async def _respond(self, stream: _Stream, request: Request | None, response: Response) -> None:
+        body = response.body
+        status = response.status
+        head_only = (request is not None and request.method == "HEAD") or status in (204, 304)
+        headers = response_headers(response)
+        data = b""
+        if body.complete:
+            data = body.take_all()
+            if head_only:
+                if body.length is not None and status not in (204, 304):
+                    headers.append((b"content-length", b"%d" % body.length))
+                data = b""
+            elif not body.trailers:
+                headers.append((b"content-length", b"%d" % len(data)))
+        elif head_only:
+            body.discard()
+        elif body.length is not None:
+            headers.append((b"content-length", b"%d" % body.length))
+        h2conn = self._h2
+        stream_id = stream.id
+        end_now = (body.complete and not data and not body.trailers) or head_only
+        if stream_id not in self._streams:
+            body.discard()
+            return
+        stream.response_started = True
+        h2conn.send_headers(stream_id, headers, end_stream=end_now)
+        self._flush()
+        if end_now:
+            return
+        try:
+            if data:
+                await self._send_data(stream, data, end=not body.trailers)
+            else:
+                while chunk := await body.read():
+                    await self._send_data(stream, chunk, end=False)
+                if not body.trailers:
+                    await self._send_data(stream, b"", end=True)
+            if body.trailers:
+                trailers = [
+                    (name.lower().encode("latin-1"), value.encode("latin-1"))
+                    for name, value in body.trailers
+                ]
+                if stream_id in self._streams:
+                    h2conn.send_headers(stream_id, trailers, end_stream=True)
+                    self._flush()
+        except (ProxyError, ConnectionError) as exc:
+            # After the head, a broken response can only be signalled by a reset
+            # (DESIGN.md, errors).
+            log.debug("response body on stream %d broke off: %r", stream_id, exc)
+            body.discard()
+            self._reset(stream_id, ErrorCodes.INTERNAL_ERROR)
+        except asyncio.CancelledError:
+            body.discard()
+            raise
+
+    async def _send_data(self, stream: _Stream, data: bytes, *, end: bool) -> None:
+        """Send `data` as the client's windows allow (RFC 9113 section 6.9)."""
+        h2conn = self._h2
+        conn = self._conn
+        stream_id = stream.id
+        view = memoryview(data)
+        while True:
+            if stream_id not in self._streams or conn.closed:
+                raise ConnectionResetError("stream closed")
+            if not view:
+                if end:
+                    h2conn.send_data(stream_id, b"", end_stream=True)
+                    self._flush()
+                return
+            window = h2conn.local_flow_control_window(stream_id)
+            if window <= 0:
+                stream.window_waiter = conn.loop.create_future()
+                try:
+                    await stream.window_waiter
+                finally:
+                    stream.window_waiter = None
+                continue
+            size = min(len(view), window, h2conn.max_outbound_frame_size)
+            last = size == len(view)
+            h2conn.send_data(stream_id, view[:size].tobytes(), end_stream=end and last)
+            view = view[size:]
+            self._flush()
+            if conn.write_paused:
+                await conn.drain()
+            if last:
+                return
+
+    def _stream_done(self, stream: _Stream) -> None:
+        if self._streams.get(stream.id) is stream:
+            del self._streams[stream.id]
+        body = stream.body
+        if body is not None:
+            # Answered before the client finished its upload: RFC 9113 section 8.1 lets
+            # us stop it with RST_STREAM NO_ERROR; the window comes back as it arrives.
+            stream.body = None
+            body.discard()
+            self._reset(stream.id, ErrorCodes.NO_ERROR)
+        if self._conn.closed:
+            return
+        self._flush()
+        self._update_phase()
+        if self._closing and not self._streams:
+            self._conn.close()
+
+    def _update_phase(self) -> None:
+        conn = self._conn
+        if conn.closed:
+            return
+        if self._streams:
+            if conn.phase is not ConnectionPhase.WRITE:
+                conn.phase = ConnectionPhase.BUSY
+            return
+        if conn.phase is ConnectionPhase.BUSY or conn.phase is ConnectionPhase.HEAD:
+            if conn.phase is ConnectionPhase.BUSY:
+                self._idle_deadline = conn.loop.time() + conn.limits.keepalive_timeout
+            conn.phase = ConnectionPhase.IDLE
+            conn.deadline = self._idle_deadline
+        elif conn.phase is ConnectionPhase.IDLE:
+            conn.deadline = self._idle_deadline  # frames without streams do not extend it
+
+    # -- helpers --------------------------------------------------------------------
+    def _acknowledge(self, stream_id: int, size: int) -> None:
+        if size <= 0 or self._conn.closed:
+            return
+        try:
+            self._h2.acknowledge_received_data(size, stream_id)
+        except h2.exceptions.ProtocolError:
+            return  # the connection is closing
+        self._flush()
+
+    def _reset(self, stream_id: int, code: ErrorCodes) -> None:
+        try:
+            self._h2.reset_stream(stream_id, error_code=code)
+        except h2.exceptions.StreamClosedError:
+            pass
+        except h2.exceptions.ProtocolError:
+            return
+        self._flush()
+
+    @staticmethod
+    def _wake(stream: _Stream) -> None:
+        waiter = stream.window_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _flush(self) -> None:
+        data = self._h2.data_to_send()
+        if data:
+            self._conn.write(data)
+
+    def _cancel_all(self) -> None:
+        for stream in list(self._streams.values()):
+            if stream.body is not None:
+                stream.body.fail(BadRequest("connection closed"))
+                stream.body = None
+            if stream.task is not None:
+                stream.task.cancel()
+        self._streams.clear()
+
+    # -- connection callbacks (FrontEnd) ----------------------------------------------
+    def on_eof(self) -> None:
+        """The client half-closed: no more frames will come; finish and close."""
+        self._closing = True
+        for stream in self._streams.values():
+            if stream.body is not None:
+                stream.body.fail(BadRequest("client closed before the body was complete"))
+                stream.body = None
+        if not self._streams:
+            self._conn.close()
+
+    def on_close(self) -> None:
+        """The socket is gone: cancel every exchange."""
+        self._cancel_all()
+
+    def on_timeout(self, phase: ConnectionPhase) -> None:
+        """Idle too long (no streams): say goodbye and close."""
+        if phase is ConnectionPhase.BODY:
+            for stream in self._streams.values():
+                if stream.body is not None:
+                    stream.body.fail(RequestTimeout("client too slow sending the body"))
+            return
+        self._goaway()
+        self._conn.close()
+
+    def on_drain_request(self) -> None:
+        """Shutdown or reload: GOAWAY, finish the streams already taken, then close."""
+        if self._closing:
+            return
+        self._goaway()
+        if not self._streams:
+            self._conn.close()
+
+    def _goaway(self) -> None:
+        # A graceful GOAWAY (NO_ERROR) is written by hand: h2's close_connection moves
+        # its state machine to CLOSED, after which the streams in flight could not be
+        # answered (RFC 9113 section 6.8 lets them finish).
+        self._closing = True
+        self._flush()
+        frame = GoAwayFrame(0)
+        frame.last_stream_id = self._last_stream_id
+        frame.error_code = ErrorCodes.NO_ERROR
+        self._conn.write(frame.serialize())
+
+
+def response_headers(response: Response) -> list[tuple[bytes, bytes]]:
+    """`:status` and the response's fields, lower-cased, without the fields that only
+    mean something to one HTTP/1.1 hop (RFC 9113 section 8.2.2).
+
+    Header values are checked for CR, LF and NUL (RFC 9113 section 8.2.1) when they
+    come from the model; raw upstream fields were validated by the upstream's parser.
+    """
+    out: list[tuple[bytes, bytes]] = [(b":status", b"%d" % response.status)]
+    raw = response.raw_headers
+    if raw is not None:
+        for name, value in raw:
+            lower = name.lower()
+            if lower not in _CONNECTION_SPECIFIC and lower != b"content-length":
+                out.append((lower, value))
+        return out
+    for text_name, text_value in response.headers.items():
+        lower_name = text_name.lower().encode("latin-1")
+        if lower_name in _CONNECTION_SPECIFIC or lower_name == b"content-length":
+            continue
+        encoded = text_value.encode("latin-1")
+        if b"\r" in encoded or b"\n" in encoded or b"\0" in encoded:
+            log.warning("dropping response header %r: CR, LF or NUL in its value", text_name)
+            continue
+        out.append((lower_name, encoded))
+    return out
+
+
+_Handler = Callable[[Http2Protocol, h2.events.Event], None]
+_HANDLERS: dict[type[h2.events.Event], _Handler] = {
+    h2.events.RequestReceived: Http2Protocol._on_request,  # type: ignore[dict-item]
+    h2.events.DataReceived: Http2Protocol._on_data,  # type: ignore[dict-item]
+    h2.events.TrailersReceived: Http2Protocol._on_trailers,  # type: ignore[dict-item]
+    h2.events.StreamEnded: Http2Protocol._on_stream_ended,  # type: ignore[dict-item]
+    h2.events.StreamReset: Http2Protocol._on_reset,  # type: ignore[dict-item]
+    h2.events.WindowUpdated: Http2Protocol._on_window_update,  # type: ignore[dict-item]
+    h2.events.RemoteSettingsChanged: Http2Protocol._on_settings,  # type: ignore[dict-item]
+    h2.events.SettingsAcknowledged: Http2Protocol._on_settings_acked,  # type: ignore[dict-item]
+    h2.events.PingReceived: Http2Protocol._on_control_frame,
+    h2.events.PriorityUpdated: Http2Protocol._on_control_frame,
+    h2.events.ConnectionTerminated: Http2Protocol._on_goaway,  # type: ignore[dict-item]
+}
+# Events that need nothing from us: h2 answers pings itself, and unknown frame types
+# must be ignored (RFC 9113 section 5.5).
+_IGNORED: frozenset[type[h2.events.Event]] = frozenset(
+    {
+        h2.events.PingAckReceived,
+        h2.events.UnknownFrameReceived,
+        h2.events.AlternativeServiceAvailable,
+    }
+)

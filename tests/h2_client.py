@@ -1,0 +1,258 @@
+"""A raw HTTP/2 client over a real socket, built on the h2 library, for the edge cases and
+attacks that httpx and curl will not produce: every frame is the test's choice, and every
+event the gateway sends back is kept."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from dataclasses import dataclass, field
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
+
+READ_BYTES = 65536
+
+
+@dataclass
+class StreamResult:
+    """What came back on one stream."""
+
+    status: int = 0
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    body: bytearray = field(default_factory=bytearray)
+    trailers: list[tuple[bytes, bytes]] | None = None
+    ended: bool = False
+    reset_code: int | None = None
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of `name`, or None."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+
+class H2Client:
+    """`async with await H2Client.connect(host, port) as client:` then `request`, or drive
+    `conn` (the h2 connection) directly and call `flush` / `read_events`."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        auto_ack: bool = True,
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding=None)
+        )
+        self.streams: dict[int, StreamResult] = {}
+        self.events: list[h2.events.Event] = []
+        self.goaway: h2.events.ConnectionTerminated | None = None
+        self.remote_settings: dict[int, int] = {}
+        self.closed = False
+        self.auto_ack = auto_ack  # hand the window back as data arrives
+        self._changed = asyncio.Event()
+        self._reader_task: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def connect(
+        cls,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        settings: dict[int, int] | None = None,
+        auto_ack: bool = True,
+        preface: bool = True,
+    ) -> H2Client:
+        """Open a connection; send the preface and SETTINGS unless `preface` is False."""
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=ssl_context, server_hostname="localhost" if ssl_context else None
+        )
+        client = cls(reader, writer, auto_ack=auto_ack)
+        if preface:
+            if settings:
+                client.conn.local_settings = h2.settings.Settings(
+                    client=True,
+                    initial_values={h2.settings.SettingCodes(k): v for k, v in settings.items()},
+                )
+            client.conn.initiate_connection()
+            await client.flush()
+        client._reader_task = asyncio.get_running_loop().create_task(client._read_forever())
+        return client
+
+    async def __aenter__(self) -> H2Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the socket and stop reading."""
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+        self.writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await self.writer.wait_closed()
+
+    async def flush(self) -> None:
+        """Send what h2 has queued."""
+        data = self.conn.data_to_send()
+        if data:
+            await self.send_raw(data)
+
+    async def send_raw(self, data: bytes) -> None:
+        """Write bytes as they are (hand-made frames for the attack tests)."""
+        try:
+            self.writer.write(data)
+            await self.writer.drain()
+        except ConnectionError:
+            self.closed = True
+
+    async def _read_forever(self) -> None:
+        try:
+            while True:
+                try:
+                    data = await self.reader.read(READ_BYTES)
+                except (ConnectionError, ssl.SSLError):
+                    data = b""
+                if not data:
+                    self.closed = True
+                    self._changed.set()
+                    return
+                try:
+                    events = self.conn.receive_data(data)
+                except h2.exceptions.ProtocolError:
+                    self.closed = True
+                    self._changed.set()
+                    return
+                for event in events:
+                    self._record(event)
+                await self.flush()
+                self._changed.set()
+        except asyncio.CancelledError:
+            return
+
+    def _record(self, event: h2.events.Event) -> None:
+        self.events.append(event)
+        if isinstance(event, h2.events.ResponseReceived):
+            result = self.streams.setdefault(event.stream_id, StreamResult())
+            for name, value in event.headers or []:
+                if name == b":status":
+                    result.status = int(value)
+                else:
+                    result.headers.append((name, value))
+        elif isinstance(event, h2.events.DataReceived):
+            result = self.streams.setdefault(event.stream_id, StreamResult())
+            result.body += event.data or b""
+            if self.auto_ack and event.flow_controlled_length:
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        elif isinstance(event, h2.events.TrailersReceived):
+            self.streams.setdefault(event.stream_id, StreamResult()).trailers = list(
+                event.headers or []
+            )
+        elif isinstance(event, h2.events.StreamEnded):
+            self.streams.setdefault(event.stream_id, StreamResult()).ended = True
+        elif isinstance(event, h2.events.StreamReset):
+            self.streams.setdefault(event.stream_id, StreamResult()).reset_code = int(
+                event.error_code or 0
+            )
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self.goaway = event
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            for code, setting in event.changed_settings.items():
+                self.remote_settings[int(code)] = setting.new_value
+
+    async def wait_for(self, what: str, predicate: object, timeout_s: float = 5.0) -> None:
+        """Wait until `predicate()` is true (re-checked as events arrive)."""
+        assert callable(predicate)
+        async with asyncio.timeout(timeout_s):
+            while not predicate():
+                if self.closed and not predicate():
+                    raise AssertionError(f"connection closed while waiting for {what}")
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def wait_closed(self, timeout_s: float = 5.0) -> None:
+        """Wait until the gateway closes the connection."""
+        async with asyncio.timeout(timeout_s):
+            while not self.closed:
+                self._changed.clear()
+                await self._changed.wait()
+
+    def send_request(
+        self,
+        path: str,
+        *,
+        method: str = "GET",
+        authority: str = "gateway.test",
+        headers: list[tuple[str, str]] | None = None,
+        end_stream: bool = True,
+    ) -> int:
+        """Queue a request's HEADERS (call `flush`); returns the stream id."""
+        stream_id = self.conn.get_next_available_stream_id()
+        request_headers = [
+            (":method", method),
+            (":scheme", "http"),
+            (":authority", authority),
+            (":path", path),
+            *(headers or []),
+        ]
+        self.conn.send_headers(stream_id, request_headers, end_stream=end_stream)
+        self.streams[stream_id] = StreamResult()
+        return stream_id
+
+    async def request(
+        self,
+        path: str,
+        *,
+        method: str = "GET",
+        headers: list[tuple[str, str]] | None = None,
+        body: bytes = b"",
+        trailers: list[tuple[str, str]] | None = None,
+        timeout_s: float = 5.0,
+    ) -> StreamResult:
+        """One whole exchange: send, then wait for the stream to end or be reset."""
+        stream_id = self.send_request(
+            path, method=method, headers=headers, end_stream=not body and not trailers
+        )
+        await self.flush()
+        if body:
+            await self.send_body(stream_id, body, end=not trailers)
+        if trailers:
+            self.conn.send_headers(stream_id, trailers, end_stream=True)
+            await self.flush()
+        result = self.streams[stream_id]
+        await self.wait_for(
+            f"stream {stream_id}",
+            lambda: result.ended or result.reset_code is not None,
+            timeout_s,
+        )
+        return result
+
+    async def send_body(self, stream_id: int, body: bytes, *, end: bool = True) -> None:
+        """Send `body` as the gateway's windows allow."""
+        view = memoryview(body)
+        while view:
+            window = min(
+                self.conn.local_flow_control_window(stream_id), self.conn.max_outbound_frame_size
+            )
+            if window <= 0:
+                self._changed.clear()
+                async with asyncio.timeout(10):
+                    await self._changed.wait()
+                continue
+            piece = view[:window]
+            view = view[window:]
+            self.conn.send_data(stream_id, piece.tobytes(), end_stream=end and not view)
+            await self.flush()
+        if end and not body:
+            self.conn.end_stream(stream_id)
+            await self.flush()
