@@ -1,5 +1,6 @@
 """The end of every chain: rewrite the request, pick an endpoint, exchange, retry the
-keep-alive race."""
+keep-alive race. HTTP/2 upstreams (h2c, h2) take the same request as an h2 header list;
+their pool retries refused streams itself."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Callable
 
 from proxy.config_model import RewriteConfig
 from proxy.errors import BadRequest, ProxyError
-from proxy.headers import upstream_request_head
+from proxy.headers import upstream_h2_headers, upstream_request_head
 from proxy.models import Request, Response
 from proxy.protocol.h1serialize import UnsafeHeader
 from proxy.upstream.balancer import Upstream
@@ -53,12 +54,13 @@ def compile_rewrite(rewrite: RewriteConfig) -> PathRewrite | None:
 class Forwarder:
     """Sends a route's requests to its upstream."""
 
-    __slots__ = ("_host_rewrite", "_rewrite", "upstream")
+    __slots__ = ("_host_rewrite", "_http2", "_rewrite", "upstream")
 
     def __init__(self, upstream: Upstream, rewrite: RewriteConfig) -> None:
         self.upstream = upstream
         self._rewrite = compile_rewrite(rewrite)
         self._host_rewrite = rewrite.host
+        self._http2 = upstream.http2
 
     def target_of(self, request: Request) -> bytes:
         """The request target to send: the raw one unless the route rewrites the path."""
@@ -76,7 +78,10 @@ class Forwarder:
         on_response: Callable[[Response | None, ProxyError | None], None],
     ) -> bool:
         """The synchronous fast path (see `Runtime.try_fast`): send a bodiless request on
-        an idle pooled connection; False when none is idle or anything is unusual."""
+        an idle pooled connection; False when none is idle or anything is unusual (an
+        HTTP/2 upstream always takes the general path)."""
+        if self._http2:
+            return False
         pool = self.upstream.pick()
         conn = pool.take_idle()
         if conn is None:
@@ -105,6 +110,8 @@ class Forwarder:
             length: int | None = len(body_bytes)
         else:
             length = body.length
+        if self._http2:
+            return await self._forward_h2(request, body_bytes, length)
         pool = self.upstream.pick()
         endpoint = pool.endpoint
         host = self._host_rewrite or request.host or f"{endpoint.host}:{endpoint.port}"
@@ -129,3 +136,17 @@ class Forwarder:
         # The keep-alive race: the upstream closed this idle connection as we sent on it.
         conn = await pool.acquire(fresh=True)
         return await conn.exchange(request.method, head, body, body_bytes)
+
+    async def _forward_h2(
+        self, request: Request, body_bytes: bytes | None, length: int | None
+    ) -> Response:
+        pool = self.upstream.pick_h2()
+        endpoint = pool.endpoint
+        host = self._host_rewrite or request.host or f"{endpoint.host}:{endpoint.port}"
+        try:
+            headers = upstream_h2_headers(
+                request, self.target_of(request), host, endpoint.scheme, length
+            )
+        except UnsafeHeader as exc:
+            raise BadRequest(str(exc)) from None
+        return await pool.exchange(headers, request.body, body_bytes)

@@ -185,3 +185,85 @@ def _raw_head(
         parts.append(b"\r\nContent-Length: %d" % body_length)
     parts.append(b"\r\n\r\n")
     return b"".join(parts)
+
+
+# RFC 9113 section 8.2.1: these make a field value invalid in HTTP/2 (and in HTTP/1.1).
+_H2_UNSAFE_VALUE = (b"\r", b"\n", b"\x00")
+
+
+def upstream_h2_headers(
+    request: Request, target: bytes, authority: str, scheme: str, body_length: int | None
+) -> RawHeaders:
+    """The HTTP/2 header list to send upstream for `request` (RFC 9113 section 8.3.1).
+
+    Pseudo-headers first: `:method`, `:scheme` (the endpoint's), `:authority` (the Host
+    to send: the client's or the route's rewrite) and `:path` (`target`). Then the
+    request's fields, lower-cased (section 8.2.1), without the connection-specific ones
+    (section 8.2.2: Connection and what it names, Keep-Alive, Proxy-Connection,
+    Transfer-Encoding, Upgrade, and TE unless it is "trailers"), without Host (carried
+    by `:authority`, section 8.3.1), with X-Forwarded-For/-Proto/-Host and Via appended
+    to as `upstream_headers` does. `content-length` is added when `body_length` is known;
+    an unknown length needs no framing in HTTP/2 (END_STREAM ends the body).
+
+    Raises:
+        UnsafeHeader: a field set by middleware (or the rewritten target) holds CR, LF
+            or NUL, which HTTP/2 forbids as well.
+    """
+    if any(bad in target for bad in (*_H2_UNSAFE_VALUE, b" ")) or not target:
+        raise UnsafeHeader("unsafe request target")
+    out: RawHeaders = [
+        (b":method", request.method.encode("ascii")),
+        (b":scheme", scheme.encode("ascii")),
+        (b":authority", authority.encode("latin-1")),
+        (b":path", target),
+    ]
+    raw = request.raw_headers
+    if raw is None:
+        pairs: RawHeaders = []
+        for text_name, text_value in request.headers.items():
+            name_b, value_b = text_name.encode("latin-1"), text_value.strip().encode("latin-1")
+            if any(bad in name_b or bad in value_b for bad in _H2_UNSAFE_VALUE):
+                raise UnsafeHeader(f"unsafe header {text_name!r}")
+            pairs.append((name_b, value_b))
+    else:
+        pairs = raw
+    # Raw headers came with their Connection value parsed out; a model's are scanned.
+    named: frozenset[bytes] | None = None
+    if request.connection:
+        named = connection_tokens(request.connection)
+    if raw is None:
+        for name, value in pairs:
+            if name.lower() == b"connection":
+                named = (named or frozenset()) | connection_tokens(value)
+    if named is not None and named <= _USUAL_CONNECTION_TOKENS:
+        named = None
+    forwarded: list[bytes | None] = [None, None, None, None]
+    for name, value in pairs:
+        lower = name.lower()
+        if lower in _RAW_HOP_BY_HOP:
+            slot = _FORWARDED.get(lower)
+            if slot is not None:
+                previous = forwarded[slot]
+                forwarded[slot] = value if previous is None else previous + b", " + value
+            elif lower == b"te" and value.strip().lower() == b"trailers":
+                out.append((b"te", b"trailers"))  # the one TE value HTTP/2 allows (gRPC)
+            continue
+        if named is not None and lower in named:
+            continue
+        out.append((lower, value))
+    xff, proto, fhost, via = forwarded
+    client = request.client[0].encode()
+    out.append((b"x-forwarded-for", client if xff is None else xff + b", " + client))
+    own_scheme = request.scheme.encode()
+    out.append((b"x-forwarded-proto", own_scheme if proto is None else proto + b", " + own_scheme))
+    if request.host:
+        original = request.host.encode("latin-1")
+        out.append((b"x-forwarded-host", original if fhost is None else fhost + b", " + original))
+    hop = _VIA_HOPS.get(request.http_version) or b"%s %s" % (
+        request.http_version.encode(),
+        VIA_TOKEN.encode(),
+    )
+    out.append((b"via", hop if via is None else via + b", " + hop))
+    if body_length is not None and (body_length or request.method not in _BODYLESS):
+        out.append((b"content-length", b"%d" % body_length))
+    return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections import deque
 
 from proxy.config_model import EndpointConfig, PoolConfig, UpstreamTimeouts
@@ -30,8 +31,13 @@ class UpstreamPool:
         timeouts: UpstreamTimeouts,
         codec: str,
         max_head_bytes: int,
+        *,
+        tls: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self._tls = tls  # https:// endpoints: HTTP/1.1 over TLS
+        self._server_hostname = server_hostname
         self.limits = pool
         self.read_timeout = timeouts.read
         self._connect_timeout = timeouts.connect
@@ -115,6 +121,8 @@ class UpstreamPool:
                 endpoint.host,
                 endpoint.port,
                 self._connect_timeout,
+                tls=self._tls,
+                server_hostname=self._server_hostname,
             )
         except BaseException:
             self._connecting -= 1
