@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
 from collections.abc import Callable
 
@@ -27,9 +28,17 @@ from hyperframe.frame import GoAwayFrame
 
 from proxy.config_model import Http2Config
 from proxy.connection import ClientConnection, ConnectionPhase
-from proxy.errors import BadRequest, BodyTooLarge, HeadTooLarge, ProxyError, RequestTimeout
+from proxy.errors import BadRequest, BodyTooLarge, ProxyError, RequestTimeout
 from proxy.local_reply import local_reply
-from proxy.models import Body, RawHeaders, Request, Response
+from proxy.models import Body, Request, Response
+from proxy.protocol.h2fields import (
+    MalformedRequest,
+    request_fields,
+    response_fields,
+    trailer_fields,
+)
+from proxy.protocol.hpack_cache import memoise_hpack
+from proxy.upstream.http1 import StaleConnection
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +49,9 @@ CONNECTION_WINDOW_FACTOR = 4
 # An HPACK block may decode to this multiple of max_header_list_size before h2 gives up
 # on the connection (HPACK bomb); between 1x and this, the stream gets a 431.
 HEADER_LIST_HARD_CAP_FACTOR = 4
-# RFC 9113 section 6.5.2: each field counts its name, value and 32 bytes of overhead.
-HEADER_FIELD_OVERHEAD_BYTES = 32
-
-# Fields that are meaningful only for one HTTP/1.1 hop: never sent in HTTP/2
-# (RFC 9113 section 8.2.2).
-_CONNECTION_SPECIFIC = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
-)
+# A response chunk at least this large is written at once (so write backpressure is
+# seen); smaller writes of one loop iteration are coalesced into one send.
+FLUSH_NOW_BYTES = 16 * 1024
 
 
 class Http2Limit(enum.Enum):
@@ -113,10 +117,18 @@ class Http2Protocol:
         self._server = conn.server
         settings: Http2Config = conn.server.http2
         self._settings = settings
+        # Field validation is done in one pass by h2fields (h2's generator chain costs
+        # more than the rest of a request); outbound fields are built lower-cased.
         config = h2.config.H2Configuration(
-            client_side=False, header_encoding=None, validate_outbound_headers=False
+            client_side=False,
+            header_encoding=None,
+            validate_inbound_headers=False,
+            normalize_inbound_headers=False,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
         )
         self._h2 = h2.connection.H2Connection(config=config)
+        memoise_hpack(self._h2)
         self._streams: dict[int, _Stream] = {}
         self._resets = _RateWindow(settings.max_resets_per_second, conn.loop.time)
         self._control = _RateWindow(settings.max_control_frames_per_second, conn.loop.time)
@@ -124,6 +136,7 @@ class Http2Protocol:
         self._hard_header_cap = settings.max_header_list_size * HEADER_LIST_HARD_CAP_FACTOR
         self._closing = False  # GOAWAY sent or received: no new streams
         self._dead = False  # terminated: nothing more is read or sent
+        self._flush_scheduled = False
         self._last_stream_id = 0  # the highest stream we took (for our GOAWAY)
         self._idle_deadline = conn.loop.time() + conn.limits.keepalive_timeout
         self._h2.local_settings = h2.settings.Settings(
@@ -194,77 +207,52 @@ class Http2Protocol:
             self._reset(stream_id, ErrorCodes.REFUSED_STREAM)
             return
         self._last_stream_id = stream_id
-        stream = _Stream(stream_id)
-        self._streams[stream_id] = stream
         try:
-            request = self._build_request(stream, event.headers or [], event.stream_ended)
-        except ProxyError as exc:
-            stream.body = None
-            self._start(stream, None, exc)
+            fields = request_fields(event.headers or [], self._header_limit)
+        except MalformedRequest as exc:
+            # RFC 9113 section 8.1.1: a malformed request is a stream error.
+            log.debug("malformed HTTP/2 request on stream %d: %s", stream_id, exc)
+            self._reset(stream_id, ErrorCodes.PROTOCOL_ERROR)
             return
-        stream.request = request
-        self._start(stream, request, None)
-
-    def _build_request(
-        self, stream: _Stream, headers: list[tuple[bytes, bytes]], ended: object
-    ) -> Request:
-        method = path = authority = b""
-        raw: RawHeaders = []
-        cookies: list[bytes] = []
-        size = 0
-        content_length: int | None = None
-        for name, value in headers:
-            size += len(name) + len(value) + HEADER_FIELD_OVERHEAD_BYTES
-            if name[:1] == b":":
-                if name == b":method":
-                    method = value
-                elif name == b":path":
-                    path = value
-                elif name == b":authority":
-                    authority = value
-                continue
-            if name == b"cookie":
-                # RFC 9113 section 8.2.3: crumbs are joined again for HTTP/1.1 upstreams.
-                cookies.append(value)
-                continue
-            if name == b"content-length":
-                try:
-                    content_length = int(value)
-                except ValueError:
-                    raise BadRequest("invalid content-length") from None
-            elif name == b"host" and not authority:
-                authority = value
-            raw.append((name, value))
-        if size > self._header_limit:
-            raise HeadTooLarge()
-        if cookies:
-            raw.append((b"cookie", b"; ".join(cookies)))
-        if method == b"CONNECT":
-            raise BadRequest("CONNECT is not supported by a reverse proxy")
-        if not path or (path[:1] != b"/" and path != b"*"):
-            raise BadRequest("missing or invalid :path")
+        except ProxyError as exc:  # 431
+            stream = self._streams[stream_id] = _Stream(stream_id)
+            self._start_task(stream, None, exc)
+            return
+        stream = self._streams[stream_id] = _Stream(stream_id)
         conn = self._conn
-        if ended:
+        if event.stream_ended:
             body = Body.from_bytes(b"")
         else:
+            length = fields.content_length
             limit = conn.limits.max_body_size
-            if limit is not None and (content_length or 0) > limit:
-                raise BodyTooLarge()
-            body = Body(content_length)
+            body = Body(length)
             body.limit = limit
-            stream_id = stream.id
-            body.on_consumed = lambda size: self._acknowledge(stream_id, size)
+            body.on_consumed = functools.partial(self._acknowledge, stream_id)
             stream.body = body
-        return Request(
-            method.decode("ascii", "replace"),
-            path,
-            raw,
+            if limit is not None and (length or 0) > limit:
+                self._start_task(stream, None, BodyTooLarge())
+                return
+        if fields.method == b"CONNECT":
+            self._start_task(
+                stream, None, BadRequest("CONNECT is not supported by a reverse proxy")
+            )
+            return
+        request = Request(
+            fields.method.decode("ascii", "replace"),
+            fields.path,
+            fields.headers,
             body,
             http_version="2",
             client=conn.client,
             scheme=conn.scheme,
-            host=authority.decode("latin-1"),
+            host=fields.authority.decode("latin-1"),
         )
+        stream.request = request
+        if event.stream_ended and self._server.try_fast(
+            request, functools.partial(self._on_fast_response, stream)
+        ):
+            return  # answered from the upstream connection's callback: no task
+        self._start_task(stream, request, None)
 
     def _on_data(self, event: h2.events.DataReceived) -> None:
         stream = self._streams.get(event.stream_id)
@@ -352,8 +340,36 @@ class Http2Protocol:
         self._terminate(ErrorCodes.ENHANCE_YOUR_CALM)
 
     # -- serving --------------------------------------------------------------------
-    def _start(self, stream: _Stream, request: Request | None, error: ProxyError | None) -> None:
+    def _start_task(
+        self, stream: _Stream, request: Request | None, error: ProxyError | None
+    ) -> None:
         stream.task = self._conn.loop.create_task(self._serve(stream, request, error))
+
+    def _on_fast_response(
+        self, stream: _Stream, response: Response | None, error: ProxyError | None
+    ) -> None:
+        # Called from the upstream connection's data_received: nothing may escape.
+        try:
+            request = stream.request
+            if self._streams.get(stream.id) is not stream or self._dead:
+                if response is not None:
+                    response.body.discard()  # the client reset the stream meanwhile
+                return
+            if response is None:
+                if isinstance(error, StaleConnection):
+                    # The keep-alive race: the general path retries on a fresh connection.
+                    self._start_task(stream, request, None)
+                    return
+                assert error is not None
+                response = local_reply(error, request)
+            rest = self._begin_response(stream, request, response)
+            if rest is not None:
+                stream.task = self._conn.loop.create_task(self._finish(stream, *rest))
+                return
+        except Exception:
+            log.exception("bug in the HTTP/2 front end's fast path")
+            self._reset(stream.id, ErrorCodes.INTERNAL_ERROR)
+        self._stream_done(stream)
 
     async def _serve(
         self, stream: _Stream, request: Request | None, error: ProxyError | None
@@ -364,7 +380,12 @@ class Http2Protocol:
                 response = local_reply(error, None)
             else:
                 response = await self._server.handle(request)
-            await self._respond(stream, request, response)
+            if self._streams.get(stream.id) is not stream:
+                response.body.discard()
+                return
+            rest = self._begin_response(stream, request, response)
+            if rest is not None:
+                await self._send_rest(stream, *rest)
         except asyncio.CancelledError:
             return  # the client reset the stream or went away
         except Exception:
@@ -374,51 +395,85 @@ class Http2Protocol:
             stream.task = None
             self._stream_done(stream)
 
-    async def _respond(self, stream: _Stream, request: Request | None, response: Response) -> None:
+    async def _finish(self, stream: _Stream, data: bytes, body: Body) -> None:
+        """The fast path's response did not fit the windows, or is still streaming."""
+        try:
+            await self._send_rest(stream, data, body)
+        except asyncio.CancelledError:
+            return
+        except Exception:
+            log.exception("bug in the HTTP/2 front end")
+            self._reset(stream.id, ErrorCodes.INTERNAL_ERROR)
+        finally:
+            stream.task = None
+            self._stream_done(stream)
+
+    def _begin_response(
+        self, stream: _Stream, request: Request | None, response: Response
+    ) -> tuple[bytes, Body] | None:
+        """Send the head, and the body too when it is complete and fits the windows.
+
+        Returns None when the whole response is out; else what is left to send: bytes
+        already taken from the body, and the body (which may still be streaming).
+        """
+        h2conn = self._h2
+        stream_id = stream.id
         body = response.body
         status = response.status
         head_only = (request is not None and request.method == "HEAD") or status in (204, 304)
-        headers = response_headers(response)
-        data = b""
-        if body.complete:
-            data = body.take_all()
-            if head_only:
-                if body.length is not None and status not in (204, 304):
-                    headers.append((b"content-length", b"%d" % body.length))
-                data = b""
-            elif not body.trailers:
-                headers.append((b"content-length", b"%d" % len(data)))
-        elif head_only:
-            body.discard()
-        elif body.length is not None:
-            headers.append((b"content-length", b"%d" % body.length))
-        h2conn = self._h2
-        stream_id = stream.id
-        end_now = (body.complete and not data and not body.trailers) or head_only
-        if stream_id not in self._streams:
-            body.discard()
-            return
         stream.response_started = True
-        h2conn.send_headers(stream_id, headers, end_stream=end_now)
-        self._flush()
-        if end_now:
-            return
+        if not body.complete:
+            if head_only:
+                body.discard()
+                h2conn.send_headers(stream_id, response_fields(response, None), end_stream=True)
+                self._flush_soon()
+                return None
+            h2conn.send_headers(stream_id, response_fields(response, body.length))
+            self._flush_soon()
+            return b"", body
+        data = body.take_all()
+        trailers = body.trailers
+        if head_only:
+            length = body.length if status not in (204, 304) else None
+            h2conn.send_headers(stream_id, response_fields(response, length), end_stream=True)
+            self._flush_soon()
+            return None
+        if not data and not trailers:
+            h2conn.send_headers(stream_id, response_fields(response, 0), end_stream=True)
+            self._flush_soon()
+            return None
+        h2conn.send_headers(stream_id, response_fields(response, None if trailers else len(data)))
+        if data:
+            window = min(
+                h2conn.local_flow_control_window(stream_id), h2conn.max_outbound_frame_size
+            )
+            if len(data) > window:
+                self._flush_soon()
+                return data, body
+            h2conn.send_data(stream_id, data, end_stream=not trailers)
+        if trailers:
+            h2conn.send_headers(stream_id, trailer_fields(trailers), end_stream=True)
+        self._flush_soon()
+        return None
+
+    async def _send_rest(self, stream: _Stream, data: bytes, body: Body) -> None:
+        """Send what `_begin_response` left: `data`, then the body's remaining chunks,
+        then its trailers or END_STREAM."""
+        stream_id = stream.id
         try:
             if data:
-                await self._send_data(stream, data, end=not body.trailers)
-            else:
-                while chunk := await body.read():
-                    await self._send_data(stream, chunk, end=False)
-                if not body.trailers:
-                    await self._send_data(stream, b"", end=True)
+                await self._send_data(stream, data, end=body.complete and not body.trailers)
+                if body.complete and not body.trailers:
+                    return
+            while chunk := await body.read():
+                await self._send_data(stream, chunk, end=False)
+            if stream_id not in self._streams:
+                raise ConnectionResetError("stream closed")
             if body.trailers:
-                trailers = [
-                    (name.lower().encode("latin-1"), value.encode("latin-1"))
-                    for name, value in body.trailers
-                ]
-                if stream_id in self._streams:
-                    h2conn.send_headers(stream_id, trailers, end_stream=True)
-                    self._flush()
+                self._h2.send_headers(stream_id, trailer_fields(body.trailers), end_stream=True)
+            else:
+                self._h2.send_data(stream_id, b"", end_stream=True)
+            self._flush_soon()
         except (ProxyError, ConnectionError) as exc:
             # After the head, a broken response can only be signalled by a reset
             # (DESIGN.md, errors).
@@ -435,16 +490,12 @@ class Http2Protocol:
         conn = self._conn
         stream_id = stream.id
         view = memoryview(data)
-        while True:
+        while view:
             if stream_id not in self._streams or conn.closed:
                 raise ConnectionResetError("stream closed")
-            if not view:
-                if end:
-                    h2conn.send_data(stream_id, b"", end_stream=True)
-                    self._flush()
-                return
             window = h2conn.local_flow_control_window(stream_id)
             if window <= 0:
+                self._flush()
                 stream.window_waiter = conn.loop.create_future()
                 try:
                     await stream.window_waiter
@@ -455,11 +506,12 @@ class Http2Protocol:
             last = size == len(view)
             h2conn.send_data(stream_id, view[:size].tobytes(), end_stream=end and last)
             view = view[size:]
-            self._flush()
-            if conn.write_paused:
-                await conn.drain()
-            if last:
-                return
+            if size >= FLUSH_NOW_BYTES or conn.write_paused:
+                self._flush()
+                if conn.write_paused:
+                    await conn.drain()
+            else:
+                self._flush_soon()
 
     def _stream_done(self, stream: _Stream) -> None:
         if self._streams.get(stream.id) is stream:
@@ -473,10 +525,12 @@ class Http2Protocol:
             self._reset(stream.id, ErrorCodes.NO_ERROR)
         if self._conn.closed:
             return
-        self._flush()
         self._update_phase()
         if self._closing and not self._streams:
+            self._flush()
             self._conn.close()
+        else:
+            self._flush_soon()
 
     def _update_phase(self) -> None:
         conn = self._conn
@@ -520,9 +574,17 @@ class Http2Protocol:
             waiter.set_result(None)
 
     def _flush(self) -> None:
+        self._flush_scheduled = False
         data = self._h2.data_to_send()
         if data:
             self._conn.write(data)
+
+    def _flush_soon(self) -> None:
+        """Write what h2 has queued at the end of this loop iteration: the answers of
+        many streams that complete together go out in one send."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._conn.loop.call_soon(self._flush)
 
     def _cancel_all(self) -> None:
         for stream in list(self._streams.values()):
@@ -576,33 +638,6 @@ class Http2Protocol:
         frame.last_stream_id = self._last_stream_id
         frame.error_code = ErrorCodes.NO_ERROR
         self._conn.write(frame.serialize())
-
-
-def response_headers(response: Response) -> list[tuple[bytes, bytes]]:
-    """`:status` and the response's fields, lower-cased, without the fields that only
-    mean something to one HTTP/1.1 hop (RFC 9113 section 8.2.2).
-
-    Header values are checked for CR, LF and NUL (RFC 9113 section 8.2.1) when they
-    come from the model; raw upstream fields were validated by the upstream's parser.
-    """
-    out: list[tuple[bytes, bytes]] = [(b":status", b"%d" % response.status)]
-    raw = response.raw_headers
-    if raw is not None:
-        for name, value in raw:
-            lower = name.lower()
-            if lower not in _CONNECTION_SPECIFIC and lower != b"content-length":
-                out.append((lower, value))
-        return out
-    for text_name, text_value in response.headers.items():
-        lower_name = text_name.lower().encode("latin-1")
-        if lower_name in _CONNECTION_SPECIFIC or lower_name == b"content-length":
-            continue
-        encoded = text_value.encode("latin-1")
-        if b"\r" in encoded or b"\n" in encoded or b"\0" in encoded:
-            log.warning("dropping response header %r: CR, LF or NUL in its value", text_name)
-            continue
-        out.append((lower_name, encoded))
-    return out
 
 
 _Handler = Callable[[Http2Protocol, h2.events.Event], None]
