@@ -308,8 +308,11 @@ class _Connection(asyncio.Protocol):
         self, stream: _StreamState, status: int, chunks: list[bytes], extra: Headers | None = None
     ) -> None:
         length = sum(len(c) for c in chunks)
-        self.send_head(stream, status, [(b"content-length", str(length).encode()), *(extra or [])])
-        await self.send_body(stream, chunks)
+        head_only = stream.headers.get(b":method") == b"HEAD"  # RFC 9110 section 9.3.2
+        fields = [(b"content-length", str(length).encode()), *(extra or [])]
+        self.send_head(stream, status, fields, end=head_only)
+        if not head_only:
+            await self.send_body(stream, chunks)
 
     async def send_body(
         self, stream: _StreamState, chunks: Iterable[bytes], end: bool = True

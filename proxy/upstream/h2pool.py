@@ -110,12 +110,18 @@ class H2Pool:
         deadline: float | None = None
         while True:
             if fresh and self.size < self.limits.max_connections:
-                return await self._connect()
-            conn = self._pick()
-            if conn is not None:
-                return conn
+                fresh = False
+                conn = await self._connect()
+                if conn.available:
+                    return conn
+            picked = self._pick()
+            if picked is not None:
+                return picked
             if self._connecting == 0 and self.size < self.limits.max_connections:
-                return await self._connect()
+                conn = await self._connect()
+                if conn.available:
+                    return conn
+                continue  # it allows no stream yet (MAX_CONCURRENT_STREAMS 0): wait
             # Full, or a connection is on its way: wait for a slot or for that one.
             if deadline is None:
                 deadline = self._loop.time() + self.limits.wait_timeout

@@ -1,0 +1,158 @@
+"""Upstream request headers (no sockets): the HTTP/2 header list and, for comparison, the
+HTTP/1.1 head built from the same requests."""
+
+from __future__ import annotations
+
+import pytest
+from multidict import CIMultiDict
+
+from proxy.headers import upstream_h2_headers, upstream_request_head
+from proxy.models import Body, RawHeaders, Request
+from proxy.protocol.h1serialize import UnsafeHeader
+
+
+def h1_request(
+    headers: RawHeaders, *, method: str = "GET", connection: bytes | None = None
+) -> Request:
+    """A request as the HTTP/1.1 front end makes it: raw headers, Host among them."""
+    return Request(
+        method,
+        b"/a?b=1",
+        headers,
+        Body.from_bytes(b""),
+        client=("10.0.0.9", 5555),
+        host="api.test",
+        connection=connection,
+    )
+
+
+def h2_request(headers: RawHeaders, *, method: str = "GET") -> Request:
+    """A request as the HTTP/2 front end makes it: no pseudo-headers, host from
+    :authority, no Connection."""
+    return Request(
+        method,
+        b"/a?b=1",
+        headers,
+        Body.from_bytes(b""),
+        http_version="2",
+        client=("10.0.0.9", 5555),
+        scheme="https",
+        host="api.test",
+    )
+
+
+def names(headers: RawHeaders) -> list[bytes]:
+    return [name for name, _ in headers]
+
+
+def test_pseudo_headers_come_first_in_order() -> None:
+    headers = upstream_h2_headers(h1_request([]), b"/a?b=1", "api.test", "https", None)
+    assert headers[:4] == [
+        (b":method", b"GET"),
+        (b":scheme", b"https"),
+        (b":authority", b"api.test"),
+        (b":path", b"/a?b=1"),
+    ]
+
+
+def test_fields_are_lower_cased_and_connection_specific_ones_dropped() -> None:
+    request = h1_request(
+        [
+            (b"Host", b"api.test"),
+            (b"Connection", b"keep-alive, X-Secret"),
+            (b"X-Secret", b"hop"),
+            (b"Keep-Alive", b"timeout=5"),
+            (b"Proxy-Connection", b"keep-alive"),
+            (b"Transfer-Encoding", b"chunked"),
+            (b"Upgrade", b"websocket"),
+            (b"TE", b"gzip"),
+            (b"Expect", b"100-continue"),
+            (b"Content-Length", b"999"),
+            (b"X-Custom", b"Kept As Is"),
+        ],
+        connection=b"keep-alive, X-Secret",
+    )
+    headers = upstream_h2_headers(request, b"/a", "api.test", "http", None)
+    fields = [name for name in names(headers) if not name.startswith(b":")]
+    assert (b"x-custom", b"Kept As Is") in headers
+    for dropped in (
+        b"host",
+        b"connection",
+        b"x-secret",
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"upgrade",
+        b"te",
+        b"expect",
+        b"content-length",
+    ):
+        assert dropped not in fields
+    assert all(name == name.lower() for name in fields)
+
+
+def test_te_trailers_is_kept_for_grpc() -> None:
+    request = h2_request([(b"te", b"trailers"), (b"content-type", b"application/grpc")])
+    headers = upstream_h2_headers(request, b"/svc/Method", "api.test", "http", None)
+    assert (b"te", b"trailers") in headers
+    assert (b"content-type", b"application/grpc") in headers
+
+
+def test_forwarding_headers_are_appended_to() -> None:
+    request = h1_request(
+        [
+            (b"X-Forwarded-For", b"1.2.3.4"),
+            (b"X-Forwarded-Proto", b"https"),
+            (b"X-Forwarded-Host", b"edge.test"),
+            (b"Via", b"1.1 edge"),
+        ]
+    )
+    headers = dict(upstream_h2_headers(request, b"/a", "api.test", "http", None))
+    assert headers[b"x-forwarded-for"] == b"1.2.3.4, 10.0.0.9"
+    assert headers[b"x-forwarded-proto"] == b"https, http"
+    assert headers[b"x-forwarded-host"] == b"edge.test, api.test"
+    assert headers[b"via"] == b"1.1 edge, 1.1 gatehouse"
+
+
+def test_request_from_the_http2_front_end() -> None:
+    headers = dict(upstream_h2_headers(h2_request([]), b"/a", "api.test", "http", None))
+    assert headers[b"via"] == b"2 gatehouse"
+    assert headers[b"x-forwarded-proto"] == b"https"
+    assert headers[b"x-forwarded-for"] == b"10.0.0.9"
+
+
+def test_content_length_only_when_known() -> None:
+    post = h1_request([], method="POST")
+    assert (b"content-length", b"12") in upstream_h2_headers(post, b"/", "h", "http", 12)
+    assert b"content-length" not in names(upstream_h2_headers(post, b"/", "h", "http", None))
+    assert (b"content-length", b"0") in upstream_h2_headers(post, b"/", "h", "http", 0)
+    get = h1_request([])
+    assert b"content-length" not in names(upstream_h2_headers(get, b"/", "h", "http", 0))
+
+
+def test_headers_set_by_middleware_are_used_and_checked() -> None:
+    request = h1_request([(b"Connection", b"X-Gone"), (b"X-Gone", b"1")])
+    request.headers = CIMultiDict([("X-Added", "yes"), ("Connection", "X-Gone"), ("X-Gone", "1")])
+    headers = upstream_h2_headers(request, b"/a", "api.test", "http", None)
+    assert (b"x-added", b"yes") in headers
+    assert b"x-gone" not in names(headers)
+    request.headers = CIMultiDict([("X-Bad", "a\r\nInjected: 1")])
+    with pytest.raises(UnsafeHeader):
+        upstream_h2_headers(request, b"/a", "api.test", "http", None)
+
+
+@pytest.mark.parametrize("target", [b"", b"/a b", b"/a\r\nX: y", b"/a\x00"])
+def test_unsafe_target_is_refused(target: bytes) -> None:
+    with pytest.raises(UnsafeHeader):
+        upstream_h2_headers(h1_request([]), target, "api.test", "http", None)
+
+
+def test_h1_head_and_h2_list_carry_the_same_fields() -> None:
+    raw = [(b"Host", b"api.test"), (b"Accept", b"*/*"), (b"X-Forwarded-For", b"1.1.1.1")]
+    head = upstream_request_head(h1_request(raw), b"/a", "api.test", None, chunked=False)
+    h2_fields = upstream_h2_headers(h1_request(raw), b"/a", "api.test", "http", None)
+    h1_fields = {
+        line.split(b": ", 1)[0].lower() for line in head.split(b"\r\n")[1:] if b": " in line
+    }
+    h1_fields.discard(b"host")  # :authority in HTTP/2
+    assert h1_fields == {name for name in names(h2_fields) if not name.startswith(b":")}
