@@ -7,14 +7,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import h2.config
 import h2.connection
 import h2.events
+import h2.exceptions
 import h2.settings
+import hpack
+import hyperframe.exceptions
+import hyperframe.frame
 
 READ_BYTES = 65536
+CLIENT_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # RFC 9113 section 3.4
 
 
 @dataclass
@@ -256,3 +262,251 @@ class H2Client:
         if end and not body:
             self.conn.end_stream(stream_id)
             await self.flush()
+
+
+# --- a frame-level client for the attack tests ----------------------------------------------
+
+
+class RawH2Client:
+    """An HTTP/2 client with no state machine: the test writes whatever frames it likes
+    (`send_frames`, `send_raw`, headers encoded by `headers_frame`) and every frame the
+    gateway sends back is parsed with hyperframe and kept, so a GOAWAY or RST_STREAM is
+    seen even after the test broke every rule. Only the server's SETTINGS are ACKed (when
+    `ack_settings`), and response header blocks are decoded with the connection's HPACK
+    decoder so `status(stream_id)` works."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        ack_settings: bool = True,
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.ack_settings = ack_settings
+        self.encoder = hpack.Encoder()
+        self.decoder = hpack.Decoder()
+        self.frames: list[hyperframe.frame.Frame] = []
+        self.goaway: hyperframe.frame.GoAwayFrame | None = None
+        self.resets: dict[int, int] = {}
+        self.responses: dict[int, list[tuple[bytes, bytes]]] = {}
+        self.data: dict[int, bytearray] = {}
+        self.ended: set[int] = set()
+        self.ping_acks = 0
+        self.closed = False
+        self.error: BaseException | None = None  # a frame we could not parse
+        self._header_block: list[
+            hyperframe.frame.HeadersFrame | hyperframe.frame.ContinuationFrame
+        ] = []
+        self._changed = asyncio.Event()
+        self._reader_task: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def connect(
+        cls,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        preface: bool = True,
+        ack_settings: bool = True,
+    ) -> RawH2Client:
+        """Open a connection; send the preface and an empty SETTINGS unless `preface` is
+        False (then the test writes the first bytes)."""
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=ssl_context, server_hostname="localhost" if ssl_context else None
+        )
+        client = cls(reader, writer, ack_settings=ack_settings)
+        if preface:
+            await client.send_raw(CLIENT_PREFACE + hyperframe.frame.SettingsFrame(0).serialize())
+        client._reader_task = asyncio.get_running_loop().create_task(client._read_forever())
+        return client
+
+    async def __aenter__(self) -> RawH2Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the socket and stop reading."""
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+        self.writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await self.writer.wait_closed()
+
+    async def send_raw(self, data: bytes) -> None:
+        """Write bytes as they are; a connection the gateway closed just sets `closed`."""
+        if self.closed:
+            return
+        try:
+            self.writer.write(data)
+            await self.writer.drain()
+        except (ConnectionError, ssl.SSLError):
+            self.closed = True
+            self._changed.set()
+
+    async def send_frames(self, *frames: hyperframe.frame.Frame) -> None:
+        """Serialize and write `frames` in one write."""
+        await self.send_raw(b"".join(frame.serialize() for frame in frames))
+
+    def headers_frame(
+        self,
+        stream_id: int,
+        path: str = "/",
+        *,
+        method: str = "GET",
+        headers: list[tuple[str, str]] | None = None,
+        end_stream: bool = True,
+        end_headers: bool = True,
+    ) -> hyperframe.frame.HeadersFrame:
+        """A request's HEADERS frame, encoded with this connection's HPACK encoder (frames
+        must then be sent in the order they were built)."""
+        fields = [
+            (":method", method),
+            (":scheme", "http"),
+            (":authority", "gateway.test"),
+            (":path", path),
+            *(headers or []),
+        ]
+        frame = hyperframe.frame.HeadersFrame(stream_id)
+        frame.data = self.encoder.encode(fields)
+        if end_stream:
+            frame.flags.add("END_STREAM")
+        if end_headers:
+            frame.flags.add("END_HEADERS")
+        return frame
+
+    def status(self, stream_id: int) -> int | None:
+        """The response `:status` on `stream_id`, once its head has arrived."""
+        for name, value in self.responses.get(stream_id, []):
+            if name == b":status":
+                return int(value)
+        return None
+
+    async def wait_for(
+        self, what: str, predicate: Callable[[], bool], timeout_s: float = 5.0
+    ) -> None:
+        """Wait until `predicate()` is true (re-checked as frames arrive).
+
+        Raises:
+            AssertionError: the connection closed first.
+            TimeoutError: `timeout_s` passed.
+        """
+        async with asyncio.timeout(timeout_s):
+            while not predicate():
+                if self.closed:
+                    raise AssertionError(f"connection closed while waiting for {what}")
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def wait_goaway(self, timeout_s: float = 5.0) -> hyperframe.frame.GoAwayFrame:
+        """Wait for the gateway's GOAWAY (it may close right after).
+
+        Raises:
+            AssertionError: the connection closed without one, or none came in time.
+        """
+        try:
+            async with asyncio.timeout(timeout_s):
+                while self.goaway is None:
+                    if self.closed:
+                        raise AssertionError(f"closed without a GOAWAY; frames: {self._summary()}")
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            raise AssertionError(
+                f"no GOAWAY within {timeout_s}s; frames: {self._summary()}"
+            ) from None
+        return self.goaway
+
+    def _summary(self) -> str:
+        """The frame types received so far, with counts (for failure messages)."""
+        counts: dict[str, int] = {}
+        for frame in self.frames:
+            name = type(frame).__name__
+            counts[name] = counts.get(name, 0) + 1
+        return ", ".join(f"{name} x{count}" for name, count in counts.items())
+
+    async def wait_closed(self, timeout_s: float = 5.0) -> None:
+        """Wait until the gateway closes the connection (EOF or reset)."""
+        async with asyncio.timeout(timeout_s):
+            while not self.closed:
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def _read_forever(self) -> None:
+        buffer = bytearray()
+        try:
+            while True:
+                try:
+                    data = await self.reader.read(READ_BYTES)
+                except (ConnectionError, ssl.SSLError):
+                    data = b""
+                if not data:
+                    self.closed = True
+                    self._changed.set()
+                    return
+                buffer += data
+                replies: list[hyperframe.frame.Frame] = []
+                while len(buffer) >= 9:
+                    try:
+                        frame, length = hyperframe.frame.Frame.parse_frame_header(
+                            memoryview(buffer)[:9]
+                        )
+                        if len(buffer) < 9 + length:
+                            break
+                        frame.parse_body(memoryview(buffer)[9 : 9 + length])
+                    except hyperframe.exceptions.HyperframeError as exc:
+                        self.error = exc
+                        self.closed = True
+                        self._changed.set()
+                        return
+                    del buffer[: 9 + length]
+                    replies.extend(self._record(frame))
+                if replies:
+                    await self.send_frames(*replies)
+                self._changed.set()
+        except asyncio.CancelledError:
+            return
+
+    def _record(self, frame: hyperframe.frame.Frame) -> list[hyperframe.frame.Frame]:
+        self.frames.append(frame)
+        replies: list[hyperframe.frame.Frame] = []
+        if isinstance(frame, hyperframe.frame.GoAwayFrame):
+            self.goaway = frame
+        elif isinstance(frame, hyperframe.frame.RstStreamFrame):
+            self.resets[frame.stream_id] = frame.error_code
+        elif isinstance(frame, hyperframe.frame.SettingsFrame):
+            if "ACK" not in frame.flags and self.ack_settings:
+                replies.append(hyperframe.frame.SettingsFrame(0, flags=["ACK"]))
+        elif isinstance(frame, hyperframe.frame.PingFrame):
+            if "ACK" in frame.flags:
+                self.ping_acks += 1
+        elif isinstance(frame, hyperframe.frame.DataFrame):
+            self.data.setdefault(frame.stream_id, bytearray()).extend(frame.data)
+            if "END_STREAM" in frame.flags:
+                self.ended.add(frame.stream_id)
+            if frame.flow_controlled_length:  # hand the window straight back
+                increment = frame.flow_controlled_length
+                replies.append(hyperframe.frame.WindowUpdateFrame(0, window_increment=increment))
+                if "END_STREAM" not in frame.flags:
+                    replies.append(
+                        hyperframe.frame.WindowUpdateFrame(
+                            frame.stream_id, window_increment=increment
+                        )
+                    )
+        elif isinstance(frame, (hyperframe.frame.HeadersFrame, hyperframe.frame.ContinuationFrame)):
+            self._header_block.append(frame)
+            if "END_HEADERS" in frame.flags:
+                first = self._header_block[0]
+                block = b"".join(bytes(f.data) for f in self._header_block)
+                self._header_block = []
+                decoded = self.decoder.decode(block, raw=True)
+                self.responses.setdefault(first.stream_id, []).extend(
+                    (bytes(name), bytes(value)) for name, value in decoded
+                )
+                if "END_STREAM" in first.flags:
+                    self.ended.add(first.stream_id)
+        return replies
