@@ -16,7 +16,7 @@ import ssl
 from collections import deque
 
 from proxy.config_model import EndpointConfig, PoolConfig, UpstreamTimeouts
-from proxy.errors import PoolTimeout, UpstreamConnectTimeout
+from proxy.errors import PoolTimeout, ProxyError, UpstreamConnectTimeout
 from proxy.models import Body, RawHeaders, Response
 from proxy.upstream.http2 import H2ConnState, H2UpstreamConnection, StreamRefused
 from proxy.upstream.tls import ALPN_H2
@@ -88,10 +88,12 @@ class H2Pool:
         try:
             return await conn.exchange(headers, prefix, rest)
         except StreamRefused as exc:
-            if exc.replay is None:
-                raise  # a streamed body too large to have been kept
+            # A body in memory is replayed whole; a streamed one from the copy the stream
+            # kept of what it consumed, unless that grew too large to keep.
+            replay = prefix if rest is None else exc.replay
+            if replay is None:
+                raise
             log.debug("%r: %s; retrying on a fresh connection", self, exc)
-            replay = exc.replay
         # Never processed: safe to send again, even a POST. What the client had sent so
         # far goes first; the rest of its body (if any) follows from the stream.
         conn = await self.acquire(fresh=True)
@@ -172,6 +174,15 @@ class H2Pool:
             except asyncio.CancelledError:
                 conn.close()
                 raise
+        except ProxyError as exc:
+            self._connecting -= 1
+            if not self._connections:
+                # Those queued for this connection share its fate (502/504) at once,
+                # rather than each trying again in turn until the wait times out.
+                self._fail_waiters(exc)
+            else:
+                self._wake(all_waiters=False)
+            raise
         except BaseException:
             self._connecting -= 1
             self._wake(all_waiters=False)  # another may try to connect
@@ -214,6 +225,12 @@ class H2Pool:
                 waiter.set_result(None)
                 if not all_waiters:
                     return
+
+    def _fail_waiters(self, error: ProxyError) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(type(error)(error.message))
 
     # -- sweeper and shutdown --------------------------------------------------------
     def expire(self, now: float) -> None:

@@ -253,6 +253,33 @@ async def test_refused_stream_is_retried_once(
     assert server.connections == 2  # the retry went to a fresh connection
 
 
+async def test_refused_stream_with_a_large_body_in_memory_is_replayed(
+    servers: list[H2UpstreamServer], make_pool: PoolFactory
+) -> None:
+    server = await start(servers, refuse_streams=1)
+    pool = await make_pool(server)
+    payload = b"p" * (300 * 1024)
+    response = await get(pool, "/sink", "POST", payload)
+    answer = json.loads(await read_all(response))
+    assert answer == {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+
+
+async def test_refused_streamed_body_is_replayed_from_what_was_consumed(
+    servers: list[H2UpstreamServer], make_pool: PoolFactory
+) -> None:
+    server = await start(servers, refuse_streams=1)
+    pool = await make_pool(server)
+    body = Body(None)
+    body.feed(b"first part, ")
+    exchange = asyncio.ensure_future(pool.exchange(request_headers("/echo", "POST"), body, None))
+    await eventually(lambda: server.refused == 1, "the first stream refused")
+    body.feed(b"second part")
+    body.feed_eof()
+    async with asyncio.timeout(10):
+        response = await exchange
+    assert json.loads(await read_all(response))["body"] == "first part, second part"
+
+
 async def test_stream_refused_twice_is_a_502(
     servers: list[H2UpstreamServer], make_pool: PoolFactory
 ) -> None:
@@ -495,6 +522,17 @@ async def test_refused_connection_is_a_502(make_pool: PoolFactory) -> None:
     pool = await make_pool(server)
     with pytest.raises(UpstreamConnectError):
         await get(pool, "/echo")
+
+
+async def test_requests_queued_for_a_failed_connect_all_get_its_error(
+    make_pool: PoolFactory,
+) -> None:
+    server = await H2UpstreamServer().start()
+    await server.stop()
+    pool = await make_pool(server, wait_timeout=5.0)
+    results = await asyncio.gather(*(get(pool, "/echo") for _ in range(5)), return_exceptions=True)
+    assert all(isinstance(result, UpstreamConnectError) for result in results), results
+    assert "waiting=0" in repr(pool)
 
 
 async def test_http1_server_behind_h2c_is_a_502(make_pool: PoolFactory) -> None:
