@@ -188,18 +188,21 @@ class Http2Config:
     """`http2`: the HTTP/2 front end's settings and the attacks each one stops.
 
     - max_concurrent_streams: SETTINGS_MAX_CONCURRENT_STREAMS; a stream beyond it is
-      refused (RST_STREAM REFUSED_STREAM). Bounds the work one connection can start.
+      refused (RST_STREAM REFUSED_STREAM, counted with the resets), and beyond twice
+      it the connection is closed. Bounds the work one connection can start.
     - max_header_list_size: a request whose decoded header list is larger gets 431 on its
       stream; a block far beyond it (an HPACK bomb) is a connection error (GOAWAY).
     - initial_window_size: per-stream receive window. A window is re-opened only after
       the data was forwarded, so a slow upstream slows the client (bounded memory).
-    - max_resets_per_second: streams the client cancels (RST_STREAM) per second before
-      GOAWAY ENHANCE_YOUR_CALM: the rapid-reset attack (CVE-2023-44487).
+    - max_resets_per_second: streams reset per second (cancelled by the client, or reset
+      by us for an error the client made) before GOAWAY ENHANCE_YOUR_CALM: rapid reset
+      (CVE-2023-44487) and its provoked-reset variant (CVE-2025-8671).
     - max_control_frames_per_second: SETTINGS, PING and PRIORITY frames (and empty DATA
       frames) per second before GOAWAY ENHANCE_YOUR_CALM: settings/ping floods, which
       cost us work and replies without the client doing any.
     CONTINUATION floods are bounded by h2 itself (64 frames per header block) and by
-    max_header_list_size; idle connections close after limits.keepalive_timeout.
+    max_header_list_size; idle connections get GOAWAY after limits.keepalive_timeout, and
+    a stream whose request body stops coming gets 408 after limits.body_timeout.
     """
 
     max_concurrent_streams: int = DEFAULT_H2_MAX_CONCURRENT_STREAMS

@@ -142,9 +142,9 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.phase = ConnectionPhase.CLOSED
         self.server.forget(self)
-        waiter = self._drain_waiter
+        waiter, self._drain_waiter = self._drain_waiter, None
         if waiter is not None and not waiter.done():
-            waiter.set_exception(ConnectionResetError("client went away"))
+            waiter.set_result(None)  # the writers wake, see CLOSED and raise
         if self.front_end is not None:
             self.front_end.on_close()
 
@@ -157,7 +157,7 @@ class ClientConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.write_paused = False
         self.resume_reading(ReadPause.WRITE)
-        waiter = self._drain_waiter
+        waiter, self._drain_waiter = self._drain_waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
@@ -189,7 +189,8 @@ class ClientConnection(asyncio.Protocol):
             self.transport.write(data)
 
     async def drain(self) -> None:
-        """Wait while the transport's buffer is above its high-water mark.
+        """Wait while the transport's buffer is above its high-water mark. Any number of
+        writers may wait at once (HTTP/2 streams share the connection).
 
         Raises:
             ConnectionResetError: the client went away.
@@ -198,15 +199,19 @@ class ClientConnection(asyncio.Protocol):
             raise ConnectionResetError("client went away")
         if not self.write_paused:
             return
-        previous = self.phase
-        self.set_phase(ConnectionPhase.WRITE)
-        self._drain_waiter = self.loop.create_future()
-        try:
-            await self._drain_waiter
-        finally:
-            self._drain_waiter = None
-        if self.phase is ConnectionPhase.WRITE:
-            self.set_phase(previous)
+        waiter = self._drain_waiter
+        if waiter is not None:
+            # Shielded: one writer giving up must not cancel the wait of the others.
+            await asyncio.shield(waiter)
+        else:
+            previous = self.phase
+            self.set_phase(ConnectionPhase.WRITE)
+            waiter = self._drain_waiter = self.loop.create_future()
+            await asyncio.shield(waiter)  # resume_writing or connection_lost resolves it
+            if self.phase is ConnectionPhase.WRITE:
+                self.set_phase(previous)
+        if self.closed:
+            raise ConnectionResetError("client went away")
 
     def pause_reading(self, reason: ReadPause) -> None:
         """Stop reading the socket for `reason`."""

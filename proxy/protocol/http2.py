@@ -49,6 +49,9 @@ CONNECTION_WINDOW_FACTOR = 4
 # An HPACK block may decode to this multiple of max_header_list_size before h2 gives up
 # on the connection (HPACK bomb); between 1x and this, the stream gets a 431.
 HEADER_LIST_HARD_CAP_FACTOR = 4
+# h2 itself enforces this multiple of max_concurrent_streams as a connection error; up
+# to it, streams beyond the advertised limit are refused one by one.
+STREAM_HARD_CAP_FACTOR = 2
 # A response chunk at least this large is written at once (so write backpressure is
 # seen); smaller writes of one loop iteration are coalesced into one send.
 FLUSH_NOW_BYTES = 16 * 1024
@@ -88,8 +91,10 @@ class _Stream:
 
     __slots__ = (
         "body",
+        "body_deadline",
         "id",
         "request",
+        "reset_when_done",
         "response_started",
         "task",
         "trailers",
@@ -98,6 +103,8 @@ class _Stream:
 
     def __init__(self, stream_id: int) -> None:
         self.id = stream_id
+        self.body_deadline = 0.0  # while receiving: when the client's silence is a 408
+        self.reset_when_done = False  # the client may still send: RST_STREAM at the end
         self.request: Request | None = None
         self.body: Body | None = None  # the request body while the client still sends it
         self.trailers: list[tuple[str, str]] | None = None
@@ -149,6 +156,20 @@ class Http2Protocol:
             },
         )
         self._h2.initiate_connection()
+        # The SETTINGS frame above advertises max_concurrent_streams. h2 would treat a
+        # stream beyond it as a connection error, killing the streams in flight; RFC 9113
+        # section 5.1.2 asks for a stream error, so h2 gets a looser limit and
+        # `_on_request` refuses the extra stream itself (REFUSED_STREAM: safe to retry).
+        self._h2.local_settings = h2.settings.Settings(
+            client=False,
+            initial_values={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: settings.max_concurrent_streams
+                * STREAM_HARD_CAP_FACTOR,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: settings.initial_window_size,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: settings.max_header_list_size,
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            },
+        )
         self._h2.decoder.max_header_list_size = self._hard_header_cap
         window = settings.initial_window_size * CONNECTION_WINDOW_FACTOR
         if window > 65535:
@@ -207,6 +228,9 @@ class Http2Protocol:
             self._reset(stream_id, ErrorCodes.REFUSED_STREAM)
             return
         self._last_stream_id = stream_id
+        if len(self._streams) >= self._settings.max_concurrent_streams:
+            self._refuse(stream_id)
+            return
         try:
             fields = request_fields(event.headers or [], self._header_limit)
         except MalformedRequest as exc:
@@ -223,11 +247,12 @@ class Http2Protocol:
         if event.stream_ended:
             body = Body.from_bytes(b"")
         else:
+            stream.body_deadline = conn.loop.time() + conn.limits.body_timeout
             length = fields.content_length
             limit = conn.limits.max_body_size
             body = Body(length)
             body.limit = limit
-            body.on_consumed = functools.partial(self._acknowledge, stream_id)
+            body.on_consumed = functools.partial(self._on_consumed, stream_id)
             stream.body = body
             if limit is not None and (length or 0) > limit:
                 self._start_task(stream, None, BodyTooLarge())
@@ -269,6 +294,8 @@ class Http2Protocol:
         if padding:
             self._acknowledge(event.stream_id, padding)
         if data:
+            assert stream is not None
+            stream.body_deadline = self._conn.loop.time() + self._conn.limits.body_timeout
             body.feed(data)  # acknowledged when the exchange reads it (on_consumed)
 
     def _on_trailers(self, event: h2.events.TrailersReceived) -> None:
@@ -287,9 +314,11 @@ class Http2Protocol:
         body.feed_eof(stream.trailers)
 
     def _on_reset(self, event: h2.events.StreamReset) -> None:
-        if event.remote_reset and self._resets.exceeded():
-            # CVE-2023-44487: opening and cancelling streams costs the client nothing
-            # and us a request's work each time.
+        # CVE-2023-44487: opening and cancelling streams costs the client nothing and us
+        # a request's work each time. Resets the client provokes (a stream error h2
+        # answers for us, e.g. a window overflow: "MadeYouReset", CVE-2025-8671) count
+        # the same.
+        if self._resets.exceeded():
             self._calm_down(Http2Limit.RAPID_RESET)
             return
         stream = self._streams.pop(event.stream_id, None)
@@ -337,7 +366,17 @@ class Http2Protocol:
 
     def _calm_down(self, reason: Http2Limit) -> None:
         log.info("HTTP/2 %s from %s: GOAWAY", reason.value, self._conn.client[0])
+        # Replies h2 queued for the flood (PING and SETTINGS acks) are not sent.
+        self._h2.clear_outbound_data_buffer()
         self._terminate(ErrorCodes.ENHANCE_YOUR_CALM)
+
+    def _refuse(self, stream_id: int) -> None:
+        """A stream beyond max_concurrent_streams: refused, and counted like a reset (a
+        client that keeps trying is flooding)."""
+        if self._resets.exceeded():
+            self._calm_down(Http2Limit.RAPID_RESET)
+            return
+        self._reset(stream_id, ErrorCodes.REFUSED_STREAM)
 
     # -- serving --------------------------------------------------------------------
     def _start_task(
@@ -485,7 +524,8 @@ class Http2Protocol:
             raise
 
     async def _send_data(self, stream: _Stream, data: bytes, *, end: bool) -> None:
-        """Send `data` as the client's windows allow (RFC 9113 section 6.9)."""
+        """Send `data` as the client's windows allow (RFC 9113 section 6.9): as many
+        frames as fit, then one write; wait for WINDOW_UPDATE or a drained socket."""
         h2conn = self._h2
         conn = self._conn
         stream_id = stream.id
@@ -502,11 +542,17 @@ class Http2Protocol:
                 finally:
                     stream.window_waiter = None
                 continue
-            size = min(len(view), window, h2conn.max_outbound_frame_size)
-            last = size == len(view)
-            h2conn.send_data(stream_id, view[:size].tobytes(), end_stream=end and last)
-            view = view[size:]
-            if size >= FLUSH_NOW_BYTES or conn.write_paused:
+            sent = 0
+            frame_limit = h2conn.max_outbound_frame_size
+            while view and window > 0:
+                size = min(len(view), window, frame_limit)
+                last = size == len(view)
+                # h2 frames a memoryview slice without copying it first.
+                h2conn.send_data(stream_id, view[:size].tobytes(), end_stream=end and last)
+                view = view[size:]
+                window -= size
+                sent += size
+            if sent >= FLUSH_NOW_BYTES or conn.write_paused:
                 self._flush()
                 if conn.write_paused:
                     await conn.drain()
@@ -517,11 +563,12 @@ class Http2Protocol:
         if self._streams.get(stream.id) is stream:
             del self._streams[stream.id]
         body = stream.body
-        if body is not None:
+        if body is not None or stream.reset_when_done:
             # Answered before the client finished its upload: RFC 9113 section 8.1 lets
             # us stop it with RST_STREAM NO_ERROR; the window comes back as it arrives.
             stream.body = None
-            body.discard()
+            if body is not None:
+                body.discard()
             self._reset(stream.id, ErrorCodes.NO_ERROR)
         if self._conn.closed:
             return
@@ -533,22 +580,47 @@ class Http2Protocol:
             self._flush_soon()
 
     def _update_phase(self) -> None:
+        """Give the connection the deadline that matters now: the earliest stream body
+        that waits on the client (body_timeout), else none while streams run, else the
+        idle timeout."""
         conn = self._conn
-        if conn.closed:
+        if conn.closed or conn.phase is ConnectionPhase.WRITE:
             return
         if self._streams:
-            if conn.phase is not ConnectionPhase.WRITE:
+            deadline = 0.0
+            for stream in self._streams.values():
+                body = stream.body
+                # Only a body whose every byte has been taken waits on the client; one
+                # with bytes unread waits on us (the window is not re-opened meanwhile).
+                waits_on_client = body is not None and body.bytes_fed == body.bytes_read
+                if waits_on_client and (not deadline or stream.body_deadline < deadline):
+                    deadline = stream.body_deadline
+            if deadline:
+                conn.phase = ConnectionPhase.BODY
+                conn.deadline = deadline
+            else:
                 conn.phase = ConnectionPhase.BUSY
             return
-        if conn.phase is ConnectionPhase.BUSY or conn.phase is ConnectionPhase.HEAD:
-            if conn.phase is ConnectionPhase.BUSY:
+        if conn.phase is not ConnectionPhase.IDLE:
+            if conn.phase is not ConnectionPhase.HEAD:
                 self._idle_deadline = conn.loop.time() + conn.limits.keepalive_timeout
             conn.phase = ConnectionPhase.IDLE
-            conn.deadline = self._idle_deadline
-        elif conn.phase is ConnectionPhase.IDLE:
-            conn.deadline = self._idle_deadline  # frames without streams do not extend it
+        conn.deadline = self._idle_deadline  # frames without streams do not extend it
 
     # -- helpers --------------------------------------------------------------------
+    def _on_consumed(self, stream_id: int, size: int) -> None:
+        """The exchange took `size` bytes of a request body: re-open the window, and if
+        it has caught up, the stream now waits on the client (its deadline restarts)."""
+        stream = self._streams.get(stream_id)
+        if stream is not None and stream.body is not None:
+            body = stream.body
+            if body.bytes_fed == body.bytes_read:
+                conn = self._conn
+                stream.body_deadline = conn.loop.time() + conn.limits.body_timeout
+                if conn.phase is ConnectionPhase.BUSY:
+                    self._update_phase()
+        self._acknowledge(stream_id, size)
+
     def _acknowledge(self, stream_id: int, size: int) -> None:
         if size <= 0 or self._conn.closed:
             return
@@ -613,9 +685,17 @@ class Http2Protocol:
     def on_timeout(self, phase: ConnectionPhase) -> None:
         """Idle too long (no streams): say goodbye and close."""
         if phase is ConnectionPhase.BODY:
+            now = self._conn.loop.time()
             for stream in self._streams.values():
-                if stream.body is not None:
-                    stream.body.fail(RequestTimeout("client too slow sending the body"))
+                body = stream.body
+                waits_on_client = body is not None and body.bytes_fed == body.bytes_read
+                if body is not None and waits_on_client and stream.body_deadline <= now:
+                    # The exchange reading it answers 408 (or resets, if its response
+                    # has begun); the client's late DATA is dropped.
+                    stream.body = None
+                    stream.reset_when_done = True
+                    body.fail(RequestTimeout("client too slow sending the body"))
+            self._update_phase()
             return
         self._goaway()
         self._conn.close()

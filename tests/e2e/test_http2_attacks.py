@@ -479,39 +479,6 @@ async def test_a_client_below_the_control_frame_limit_is_served(
 # --- 8. too many concurrent streams -----------------------------------------------------------
 
 
-async def test_streams_beyond_max_concurrent_streams_never_reach_the_upstream(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
-) -> None:
-    """Defence: SETTINGS_MAX_CONCURRENT_STREAMS (RFC 9113 section 5.1.2) bounds the work
-    one connection can start: with a limit of 5, a sixth stream opened while five slow
-    exchanges run is not served: it never reaches the upstream. The gateway's answer is
-    h2's: a connection error, GOAWAY PROTOCOL_ERROR (see tests/e2e/test_http2_pending.py
-    for the stream-level refusal RFC 9113 and Http2Config's docstring ask for)."""
-    async with asyncio.timeout(TEST_TIMEOUT_S):
-        server = await start_gateway(gateway_factory, upstream, http2="max_concurrent_streams: 5")
-        async with (
-            innocent_connection(server),
-            await RawH2Client.connect(*address(server)) as attacker,
-        ):
-            await attacker.wait_for("the gateway's SETTINGS", lambda: bool(attacker.frames))
-            ids = [1, 3, 5, 7, 9]
-            await attacker.send_frames(
-                *(attacker.headers_frame(i, f"/slow/2000?concurrent={i}") for i in ids)
-            )
-            await asyncio.sleep(0.3)  # the five exchanges are under way at the upstream
-            await attacker.send_frames(attacker.headers_frame(11, "/slow/2000?concurrent=11"))
-            goaway = await attacker.wait_goaway()
-            await attacker.wait_closed()
-
-        assert goaway.error_code == ErrorCodes.PROTOCOL_ERROR
-        assert upstream_saw(upstream, "/slow/2000?concurrent=11") == 0
-        assert upstream_saw(upstream, "/slow/2000?concurrent=") == 5
-        await assert_healthy(server)
-
-
-# --- 9. idle connections ----------------------------------------------------------------------
-
-
 async def test_an_idle_h2_connection_gets_goaway_and_pings_do_not_keep_it_open(
     gateway_factory: GatewayFactory, upstream: UpstreamServer
 ) -> None:
@@ -528,6 +495,8 @@ async def test_an_idle_h2_connection_gets_goaway_and_pings_do_not_keep_it_open(
 
             async def keep_pinging() -> None:
                 for n in range(100):
+                    if client.goaway is not None or client.closed:
+                        return  # h2 refuses to ping on a connection told to go away
                     client.conn.ping(b"%08d" % n)
                     await client.flush()
                     await asyncio.sleep(0.05)
@@ -581,3 +550,119 @@ async def test_graceful_shutdown_finishes_the_stream_in_flight_and_refuses_new_o
         assert client.resets.get(3) == ErrorCodes.REFUSED_STREAM
         assert client.status(3) is None
         assert upstream_saw(upstream, "/echo/after-goaway") == 0
+
+
+async def test_a_stalled_request_body_gets_408_while_the_connections_other_streams_work(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer
+) -> None:
+    """Defence: limits.body_timeout on an HTTP/2 stream (slowloris on a body; DESIGN.md:
+    client too slow sending the body -> 408). A POST announces 1000 bytes, sends 100 and
+    stops: within ~300 ms (well under 2 s) its stream must be answered 408 or reset, while
+    the same connection's other streams are served.
+
+    Regression: the connection stayed BUSY while any stream was open, so no timeout ever
+    fired and the exchange waited on the body forever (the upstream request too)."""
+    async with asyncio.timeout(TEST_TIMEOUT_S):
+        server = await start_gateway(gateway_factory, upstream, limits="body_timeout: 300ms")
+        async with await H2Client.connect(*address(server)) as client:
+            stalled = client.send_request(
+                "/echo/stalled",
+                method="POST",
+                headers=[("content-length", "1000")],
+                end_stream=False,
+            )
+            await client.flush()
+            await client.send_body(stalled, b"x" * 100, end=False)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            other = await client.request("/echo/other")
+            result = client.streams[stalled]
+            try:
+                await client.wait_for(
+                    "the stalled stream's 408 or reset",
+                    lambda: result.ended or result.reset_code is not None,
+                    timeout_s=3.0,
+                )
+            except TimeoutError:
+                raise AssertionError(
+                    "a stream whose body stopped coming was neither answered nor reset "
+                    "within 3 s (body_timeout 300 ms)"
+                ) from None
+            elapsed = loop.time() - started
+            after = await client.request("/echo/after")
+
+        assert other.status == 200
+        assert result.status == 408 or result.reset_code is not None
+        assert elapsed < 2.0
+        assert after.status == 200
+        assert client.goaway is None
+
+
+async def test_a_stream_beyond_max_concurrent_streams_is_refused_and_the_others_complete(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer
+) -> None:
+    """Defence: RFC 9113 section 5.1.2: a HEADERS that exceeds the advertised
+    SETTINGS_MAX_CONCURRENT_STREAMS MUST be a stream error (PROTOCOL_ERROR or
+    REFUSED_STREAM); Http2Config's docstring promises RST_STREAM REFUSED_STREAM. The five
+    streams within the limit must complete 200 on the same connection.
+
+    Regression: h2 raised TooManyStreamsError (before decoding the header block) and the
+    gateway made it a connection error, cancelling the five exchanges in flight."""
+    async with asyncio.timeout(TEST_TIMEOUT_S):
+        server = await start_gateway(gateway_factory, upstream, http2="max_concurrent_streams: 5")
+        async with await RawH2Client.connect(*address(server)) as client:
+            await client.wait_for("the gateway's SETTINGS", lambda: bool(client.frames))
+            ids = [1, 3, 5, 7, 9]
+            await client.send_frames(*(client.headers_frame(i, f"/slow/500?n={i}") for i in ids))
+            await asyncio.sleep(0.2)
+            await client.send_frames(client.headers_frame(11, "/slow/500?n=11"))
+            await client.wait_for("the sixth stream's reset", lambda: 11 in client.resets)
+            await client.wait_for("the five answers", lambda: all(i in client.ended for i in ids))
+
+        assert client.resets[11] in (ErrorCodes.REFUSED_STREAM, ErrorCodes.PROTOCOL_ERROR)
+        assert [client.status(i) for i in ids] == [200] * 5
+        assert client.goaway is None
+        assert upstream_saw(upstream, "/slow/500?n=11") == 0
+        await assert_healthy(server)
+
+
+async def test_streams_the_client_makes_the_gateway_reset_count_as_rapid_resets(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer
+) -> None:
+    """Defence: `max_resets_per_second` must also count the resets the client provokes
+    (the "MadeYouReset" variant of rapid reset, CVE-2025-8671): here each stream is
+    opened, then given a WINDOW_UPDATE that overflows its window (RFC 9113 section
+    6.9.1), which makes the gateway reset it with FLOW_CONTROL_ERROR. 1000 such streams
+    with a limit of 50 per second must end in GOAWAY ENHANCE_YOUR_CALM, with far fewer
+    than 1000 requests reaching the upstream.
+
+    Regression: only resets the client sent were counted, so it could churn through
+    streams without limit."""
+    async with asyncio.timeout(TEST_TIMEOUT_S):
+        server = await start_gateway(gateway_factory, upstream, http2="max_resets_per_second: 50")
+        async with await RawH2Client.connect(*address(server)) as attacker:
+            batch = 50
+            for first in range(0, 1000, batch):
+                ids = [1 + 2 * n for n in range(first, first + batch)]
+                await attacker.send_frames(
+                    *(attacker.headers_frame(i, f"/slow/1000?made-you-reset={i}") for i in ids)
+                )
+                await asyncio.sleep(0.03)  # the exchanges reach the upstream before their reset
+                await attacker.send_frames(
+                    *(WindowUpdateFrame(i, window_increment=MAX_WINDOW) for i in ids)
+                )
+                if attacker.closed or attacker.goaway is not None:
+                    break
+            try:
+                goaway = await attacker.wait_goaway(timeout_s=2.0)
+            except AssertionError:
+                reached = upstream_saw(upstream, "/slow/1000?made-you-reset=")
+                raise AssertionError(
+                    f"no GOAWAY after {len(attacker.resets)} streams reset by the gateway "
+                    f"at the client's request; {reached} reached the upstream"
+                ) from None
+        await asyncio.sleep(0.2)
+
+        assert goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+        assert upstream_saw(upstream, "/slow/1000?made-you-reset=") < 200
+        await assert_healthy(server)
