@@ -359,3 +359,51 @@ async def test_an_upload_is_acknowledged_only_as_it_is_forwarded(
 
     assert not finished
     assert window == 0
+
+
+async def test_many_streams_waiting_on_a_client_that_reads_late_all_complete(
+    h2_gateway: Server,
+) -> None:
+    # Regression: when the client stopped reading, every stream writing to it waited on
+    # the connection's drain; only the last waiter was ever woken, the others hung.
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    reader, writer = await asyncio.open_connection(*address(h2_gateway))
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding=None))
+    conn.initiate_connection()
+    conn.increment_flow_control_window(2**30)
+    conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**30})
+    streams = []
+    for _ in range(4):
+        stream_id = conn.get_next_available_stream_id()
+        conn.send_headers(
+            stream_id,
+            [
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":authority", "t"),
+                (":path", "/bytes/3000000"),
+            ],
+            end_stream=True,
+        )
+        streams.append(stream_id)
+    writer.write(conn.data_to_send())
+    await asyncio.sleep(1.0)  # read nothing: the gateway's writes back up
+    received = dict.fromkeys(streams, 0)
+    ended: set[int] = set()
+    async with asyncio.timeout(15):
+        while len(ended) < len(streams):
+            data = await reader.read(65536)
+            assert data, "the gateway closed the connection"
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.DataReceived):
+                    received[event.stream_id] += len(event.data or b"")
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded):
+                    ended.add(event.stream_id)
+            writer.write(conn.data_to_send())
+    writer.close()
+
+    assert received == dict.fromkeys(streams, 3_000_000)
