@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import functools
 import logging
 from collections.abc import Callable
@@ -31,12 +30,14 @@ from proxy.connection import ClientConnection, ConnectionPhase
 from proxy.errors import BadRequest, BodyTooLarge, ProxyError, RequestTimeout
 from proxy.local_reply import local_reply
 from proxy.models import Body, Request, Response
+from proxy.protocol.h2data import frame_data
 from proxy.protocol.h2fields import (
     MalformedRequest,
     request_fields,
     response_fields,
     trailer_fields,
 )
+from proxy.protocol.h2limits import Http2Limit, RateWindow
 from proxy.protocol.hpack_cache import memoise_hpack
 from proxy.upstream.http1 import StaleConnection
 
@@ -55,35 +56,6 @@ STREAM_HARD_CAP_FACTOR = 2
 # A response chunk at least this large is written at once (so write backpressure is
 # seen); smaller writes of one loop iteration are coalesced into one send.
 FLUSH_NOW_BYTES = 16 * 1024
-
-
-class Http2Limit(enum.Enum):
-    """Why a connection was told to calm down (GOAWAY ENHANCE_YOUR_CALM); a counter label."""
-
-    RAPID_RESET = "rapid_reset"
-    CONTROL_FLOOD = "control_flood"
-
-
-class _RateWindow:
-    """Counts events in the current one-second window (a fixed window: cheap, and at most
-    twice the limit can pass across a boundary)."""
-
-    __slots__ = ("_count", "_limit", "_now", "_started")
-
-    def __init__(self, limit: int, now: Callable[[], float]) -> None:
-        self._limit = limit
-        self._now = now
-        self._started = now()
-        self._count = 0
-
-    def exceeded(self) -> bool:
-        """Count one event; True when this second's limit is passed."""
-        now = self._now()
-        if now - self._started >= 1.0:
-            self._started = now
-            self._count = 0
-        self._count += 1
-        return self._count > self._limit
 
 
 class _Stream:
@@ -137,8 +109,8 @@ class Http2Protocol:
         self._h2 = h2.connection.H2Connection(config=config)
         memoise_hpack(self._h2)
         self._streams: dict[int, _Stream] = {}
-        self._resets = _RateWindow(settings.max_resets_per_second, conn.loop.time)
-        self._control = _RateWindow(settings.max_control_frames_per_second, conn.loop.time)
+        self._resets = RateWindow(settings.max_resets_per_second, conn.loop.time)
+        self._control = RateWindow(settings.max_control_frames_per_second, conn.loop.time)
         self._header_limit = settings.max_header_list_size
         self._hard_header_cap = settings.max_header_list_size * HEADER_LIST_HARD_CAP_FACTOR
         self._closing = False  # GOAWAY sent or received: no new streams
@@ -542,16 +514,17 @@ class Http2Protocol:
                 finally:
                     stream.window_waiter = None
                 continue
-            sent = 0
             frame_limit = h2conn.max_outbound_frame_size
-            while view and window > 0:
-                size = min(len(view), window, frame_limit)
-                last = size == len(view)
-                # h2 frames a memoryview slice without copying it first.
-                h2conn.send_data(stream_id, view[:size].tobytes(), end_stream=end and last)
-                view = view[size:]
-                window -= size
-                sent += size
+            sent = min(len(view), window)
+            # All but the last frame of what fits are framed here (h2data); the last goes
+            # through h2, which sets END_STREAM and keeps its stream state in step.
+            middle = (sent - 1) // frame_limit * frame_limit
+            if middle:
+                self._flush()  # what h2 has queued goes first: frames stay in order
+                conn.write(frame_data(h2conn, stream_id, view[:middle], frame_limit))
+            last = sent == len(view)
+            h2conn.send_data(stream_id, view[middle:sent].tobytes(), end_stream=end and last)
+            view = view[sent:]
             if sent >= FLUSH_NOW_BYTES or conn.write_paused:
                 self._flush()
                 if conn.write_paused:
