@@ -11,9 +11,12 @@ from proxy.protocol.h2data import frame_data
 
 
 def open_stream() -> tuple[h2.connection.H2Connection, h2.connection.H2Connection, int]:
-    config = {"header_encoding": None}
-    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, **config))
-    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, **config))
+    client = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding=None)
+    )
+    server = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=False, header_encoding=None)
+    )
     client.initiate_connection()
     server.initiate_connection()
     server.receive_data(client.data_to_send())
