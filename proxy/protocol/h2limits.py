@@ -2,15 +2,7 @@
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable
-
-
-class Http2Limit(enum.Enum):
-    """Why a connection was told to calm down (GOAWAY ENHANCE_YOUR_CALM); a counter label."""
-
-    RAPID_RESET = "rapid_reset"
-    CONTROL_FLOOD = "control_flood"
 
 
 class RateWindow:

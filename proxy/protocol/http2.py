@@ -25,6 +25,7 @@ import h2.settings
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
+from metrics.definitions import Http2Limit, count_http2_limit
 from proxy.config_model import Http2Config
 from proxy.connection import ClientConnection, ConnectionPhase
 from proxy.errors import BadRequest, BodyTooLarge, ProxyError, RequestTimeout
@@ -37,7 +38,7 @@ from proxy.protocol.h2fields import (
     response_fields,
     trailer_fields,
 )
-from proxy.protocol.h2limits import Http2Limit, RateWindow
+from proxy.protocol.h2limits import RateWindow
 from proxy.protocol.hpack_cache import memoise_hpack
 from proxy.upstream.http1 import StaleConnection
 
@@ -180,6 +181,7 @@ class Http2Protocol:
 
     def _connection_error(self, exc: h2.exceptions.ProtocolError) -> None:
         log.debug("HTTP/2 connection error from %s: %s", self._conn.client[0], exc)
+        count_http2_limit(Http2Limit.CONNECTION_ERROR)
         code = getattr(exc, "error_code", None) or ErrorCodes.PROTOCOL_ERROR
         self._terminate(code)
 
@@ -208,9 +210,11 @@ class Http2Protocol:
         except MalformedRequest as exc:
             # RFC 9113 section 8.1.1: a malformed request is a stream error.
             log.debug("malformed HTTP/2 request on stream %d: %s", stream_id, exc)
+            count_http2_limit(Http2Limit.MALFORMED)
             self._reset(stream_id, ErrorCodes.PROTOCOL_ERROR)
             return
         except ProxyError as exc:  # 431
+            count_http2_limit(Http2Limit.HEADER_LIST)
             stream = self._streams[stream_id] = _Stream(stream_id)
             self._start_task(stream, None, exc)
             return
@@ -338,6 +342,7 @@ class Http2Protocol:
 
     def _calm_down(self, reason: Http2Limit) -> None:
         log.info("HTTP/2 %s from %s: GOAWAY", reason.value, self._conn.client[0])
+        count_http2_limit(reason)
         # Replies h2 queued for the flood (PING and SETTINGS acks) are not sent.
         self._h2.clear_outbound_data_buffer()
         self._terminate(ErrorCodes.ENHANCE_YOUR_CALM)
@@ -348,6 +353,7 @@ class Http2Protocol:
         if self._resets.exceeded():
             self._calm_down(Http2Limit.RAPID_RESET)
             return
+        count_http2_limit(Http2Limit.REFUSED_STREAM)
         self._reset(stream_id, ErrorCodes.REFUSED_STREAM)
 
     # -- serving --------------------------------------------------------------------
@@ -667,9 +673,11 @@ class Http2Protocol:
                     # has begun); the client's late DATA is dropped.
                     stream.body = None
                     stream.reset_when_done = True
+                    count_http2_limit(Http2Limit.BODY_TIMEOUT)
                     body.fail(RequestTimeout("client too slow sending the body"))
             self._update_phase()
             return
+        count_http2_limit(Http2Limit.IDLE_TIMEOUT)
         self._goaway()
         self._conn.close()
 

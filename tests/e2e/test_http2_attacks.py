@@ -31,6 +31,7 @@ from hyperframe.frame import (
     WindowUpdateFrame,
 )
 
+from metrics.definitions import REGISTRY
 from proxy.server import Server
 from tests.conftest import GatewayFactory, assert_still_serves, base_url, simple_config
 from tests.h2_client import H2Client, RawH2Client
@@ -102,6 +103,12 @@ async def innocent_connection(server: Server, path: str = "/slow/300") -> AsyncI
         assert client.goaway is None
 
 
+def limit_hits(limit: str) -> float:
+    """How often the HTTP/2 defence `limit` fired in this process so far (the counter)."""
+    value = REGISTRY.get_sample_value("gatehouse_http2_limit_hits_total", {"limit": limit})
+    return value or 0.0
+
+
 def upstream_saw(upstream: UpstreamServer, prefix: str) -> int:
     """How many requests whose target starts with `prefix` reached the upstream."""
     return sum(1 for request in upstream.requests if request.target.startswith(prefix))
@@ -117,6 +124,7 @@ async def test_rapid_reset_gets_goaway_enhance_your_calm_and_bounds_upstream_wor
     opened and cancelled, HEADERS of a batch first (so their exchanges start) and the
     batch's RST_STREAMs in the next write: past 50 resets the connection is told to calm
     down, so far fewer than 1000 requests ever reach the upstream."""
+    hits = limit_hits("rapid_reset")
     async with asyncio.timeout(TEST_TIMEOUT_S):
         server = await start_gateway(gateway_factory, upstream, http2="max_resets_per_second: 50")
         async with (
@@ -143,6 +151,7 @@ async def test_rapid_reset_gets_goaway_enhance_your_calm_and_bounds_upstream_wor
         reached = upstream_saw(upstream, "/slow/1000?rapid-reset=")
         assert reached < 200, f"{reached} of 1000 reset streams reached the upstream"
         await assert_healthy(server)
+    assert limit_hits("rapid_reset") > hits  # counted
 
 
 # --- 2. CONTINUATION flood --------------------------------------------------------------------
@@ -154,6 +163,7 @@ async def test_continuation_flood_gets_goaway_protocol_error(
     """Defence: the header block backlog is bounded (h2 accepts 64 CONTINUATION frames per
     block, Http2Config's docstring): a HEADERS without END_HEADERS followed by 500
     CONTINUATIONs is a connection error, promptly, and the request never starts."""
+    hits = limit_hits("connection_error")
     async with asyncio.timeout(TEST_TIMEOUT_S):
         server = await start_gateway(gateway_factory, upstream)
         fragment = hpack.Encoder().encode([("x-flood", "f" * 100)])
@@ -175,6 +185,7 @@ async def test_continuation_flood_gets_goaway_protocol_error(
         assert elapsed < 2.0
         assert upstream_saw(upstream, "/echo/continuation") == 0
         await assert_healthy(server)
+    assert limit_hits("connection_error") > hits  # counted
 
 
 async def test_continuation_flood_of_full_frames_is_cut_off_not_buffered(
@@ -215,6 +226,7 @@ async def test_hpack_bomb_gets_goaway_and_is_never_decoded_in_full(
     on the wire that would decode to ~4 MiB. Without the cap the gateway would decode it
     all and answer 431 on the stream; with it, decoding stops at 32 KiB and the
     connection is closed (h2's DenialOfServiceError: ENHANCE_YOUR_CALM)."""
+    hits = limit_hits("connection_error")
     async with asyncio.timeout(TEST_TIMEOUT_S):
         server = await start_gateway(gateway_factory, upstream, http2="max_header_list_size: 8KiB")
         async with (
@@ -232,6 +244,7 @@ async def test_hpack_bomb_gets_goaway_and_is_never_decoded_in_full(
         assert goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
         assert upstream_saw(upstream, "/echo/bomb") == 0
         await assert_healthy(server)
+    assert limit_hits("connection_error") > hits  # counted
 
 
 # --- 4. oversize header lists -----------------------------------------------------------------
@@ -268,6 +281,7 @@ async def test_many_small_headers_just_over_the_limit_get_431_and_the_connection
     section 6.5.2 does (name + value + 32 per field). ~30 small fields weighing exactly
     the limit pass; one byte more is a 431 on that stream only, and the connection goes
     on serving (the hard cap, 4x, is far away)."""
+    hits = limit_hits("header_list")
     async with asyncio.timeout(TEST_TIMEOUT_S):
         server = await start_gateway(gateway_factory, upstream, http2="max_header_list_size: 2KiB")
         async with await H2Client.connect(*address(server)) as client:
@@ -282,6 +296,7 @@ async def test_many_small_headers_just_over_the_limit_get_431_and_the_connection
         assert after.status == 200
         assert client.goaway is None
         assert upstream_saw(upstream, "/echo/b") == 0
+    assert limit_hits("header_list") > hits  # counted
 
 
 # --- 5. WINDOW_UPDATE overflow ----------------------------------------------------------------
@@ -316,6 +331,7 @@ async def test_connection_window_update_overflow_gets_goaway_flow_control_error(
     """Defence: RFC 9113 section 6.9.1 at connection level: a WINDOW_UPDATE on stream 0
     that takes the connection's send window past 2^31-1 is a connection error
     FLOW_CONTROL_ERROR (GOAWAY, close); other connections are not affected."""
+    hits = limit_hits("connection_error")
     async with asyncio.timeout(TEST_TIMEOUT_S):
         server = await start_gateway(gateway_factory, upstream)
         async with (
@@ -328,6 +344,7 @@ async def test_connection_window_update_overflow_gets_goaway_flow_control_error(
 
         assert goaway.error_code == ErrorCodes.FLOW_CONTROL_ERROR
         await assert_healthy(server)
+    assert limit_hits("connection_error") > hits  # counted
 
 
 # --- 6. invalid prefaces ----------------------------------------------------------------------
@@ -427,6 +444,7 @@ async def test_control_frame_flood_gets_goaway_enhance_your_calm(
     `_on_control_frame`): with a limit of 20, a flood of SETTINGS or PING frames (written
     10 at a time, up to 500) gets GOAWAY ENHANCE_YOUR_CALM within the third write, so at
     most 30 of them are ever answered instead of 500."""
+    hits = limit_hits("control_flood")
     async with asyncio.timeout(TEST_TIMEOUT_S):
         server = await start_gateway(
             gateway_factory, upstream, http2="max_control_frames_per_second: 20"
@@ -453,6 +471,7 @@ async def test_control_frame_flood_gets_goaway_enhance_your_calm(
         # The first ACK is for the connection's own SETTINGS.
         assert acks(attacker) - 1 <= 30, f"{acks(attacker) - 1} flood frames were answered"
         await assert_healthy(server)
+    assert limit_hits("control_flood") > hits  # counted
 
 
 async def test_a_client_below_the_control_frame_limit_is_served(
@@ -486,6 +505,7 @@ async def test_an_idle_h2_connection_gets_goaway_and_pings_do_not_keep_it_open(
     without streams do not extend the idle deadline). After one exchange the client only
     PINGs, every 50 ms; the gateway still says GOAWAY NO_ERROR and closes around 300 ms
     later, well under 2 s."""
+    hits = limit_hits("idle_timeout")
     async with asyncio.timeout(TEST_TIMEOUT_S):
         server = await start_gateway(gateway_factory, upstream, limits="keepalive_timeout: 300ms")
         loop = asyncio.get_running_loop()
@@ -517,6 +537,7 @@ async def test_an_idle_h2_connection_gets_goaway_and_pings_do_not_keep_it_open(
         assert client.goaway.error_code == ErrorCodes.NO_ERROR
         assert 0.25 < idle_for < 2.0
         await assert_healthy(server)
+    assert limit_hits("idle_timeout") > hits  # counted
 
 
 # --- 11. graceful shutdown --------------------------------------------------------------------
@@ -562,6 +583,7 @@ async def test_a_stalled_request_body_gets_408_while_the_connections_other_strea
 
     Regression: the connection stayed BUSY while any stream was open, so no timeout ever
     fired and the exchange waited on the body forever (the upstream request too)."""
+    hits = limit_hits("body_timeout")
     async with asyncio.timeout(TEST_TIMEOUT_S):
         server = await start_gateway(gateway_factory, upstream, limits="body_timeout: 300ms")
         async with await H2Client.connect(*address(server)) as client:
@@ -596,6 +618,7 @@ async def test_a_stalled_request_body_gets_408_while_the_connections_other_strea
         assert elapsed < 2.0
         assert after.status == 200
         assert client.goaway is None
+    assert limit_hits("body_timeout") > hits  # counted
 
 
 async def test_a_stream_beyond_max_concurrent_streams_is_refused_and_the_others_complete(
@@ -608,6 +631,7 @@ async def test_a_stream_beyond_max_concurrent_streams_is_refused_and_the_others_
 
     Regression: h2 raised TooManyStreamsError (before decoding the header block) and the
     gateway made it a connection error, cancelling the five exchanges in flight."""
+    hits = limit_hits("refused_stream")
     async with asyncio.timeout(TEST_TIMEOUT_S):
         server = await start_gateway(gateway_factory, upstream, http2="max_concurrent_streams: 5")
         async with await RawH2Client.connect(*address(server)) as client:
@@ -624,6 +648,7 @@ async def test_a_stream_beyond_max_concurrent_streams_is_refused_and_the_others_
         assert client.goaway is None
         assert upstream_saw(upstream, "/slow/500?n=11") == 0
         await assert_healthy(server)
+    assert limit_hits("refused_stream") > hits  # counted
 
 
 async def test_streams_the_client_makes_the_gateway_reset_count_as_rapid_resets(
@@ -638,6 +663,7 @@ async def test_streams_the_client_makes_the_gateway_reset_count_as_rapid_resets(
 
     Regression: only resets the client sent were counted, so it could churn through
     streams without limit."""
+    hits = limit_hits("rapid_reset")
     async with asyncio.timeout(TEST_TIMEOUT_S):
         server = await start_gateway(gateway_factory, upstream, http2="max_resets_per_second: 50")
         async with await RawH2Client.connect(*address(server)) as attacker:
@@ -666,3 +692,4 @@ async def test_streams_the_client_makes_the_gateway_reset_count_as_rapid_resets(
         assert goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
         assert upstream_saw(upstream, "/slow/1000?made-you-reset=") < 200
         await assert_healthy(server)
+    assert limit_hits("rapid_reset") > hits  # counted
