@@ -57,6 +57,9 @@ class Supervisor:
     def _spawn(self) -> None:
         pid = os.fork()
         if pid == 0:  # the worker
+            # A SIGHUP (reload) that arrives before the worker's loop has its handler
+            # must not kill it with the default action.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
             code = 1
             try:

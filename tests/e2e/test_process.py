@@ -303,6 +303,22 @@ def test_readme_quick_start_proxies_to_the_demo_echo_service(tmp_path: Path) -> 
         kill_process_group(echo)
 
 
+def test_sighup_while_workers_start_does_not_kill_them(
+    tmp_path: Path, upstream: UpstreamServer
+) -> None:
+    """Regression: a worker unblocked signals right after fork but installed its SIGHUP
+    handler only once its loop ran, so a SIGHUP in between killed it (the default
+    action). Here SIGHUP arrives the moment the workers exist, before they listen."""
+    port, config = two_worker_config(upstream)
+    with run_gateway(config, tmp_path, port=port, args=("--workers", "2"), wait=False) as gw:
+        workers = wait_for_workers(gw.pid, 2)
+        gw.signal(signal.SIGHUP)
+        gw.wait_listening()
+        time.sleep(0.3)  # a killed worker would be reaped and replaced by now
+        assert gw.process.poll() is None
+        assert child_pids(gw.pid) == workers
+
+
 def test_sighup_does_not_stop_a_worker_or_the_supervisor(
     tmp_path: Path, upstream: UpstreamServer
 ) -> None:
