@@ -9,6 +9,7 @@ import contextlib
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Self
 
 import h2.config
 import h2.connection
@@ -42,7 +43,66 @@ class StreamResult:
         return None
 
 
-class H2Client:
+class _SocketClient:
+    """What both clients share: the socket, the reader task, waiting on what arrives."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.closed = False
+        self._changed = asyncio.Event()
+        self._reader_task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the socket and stop reading."""
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+        self.writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await self.writer.wait_closed()
+
+    async def send_raw(self, data: bytes) -> None:
+        """Write bytes as they are; a connection the gateway closed just sets `closed`."""
+        if self.closed:
+            return
+        try:
+            self.writer.write(data)
+            await self.writer.drain()
+        except (ConnectionError, ssl.SSLError):
+            self.closed = True
+            self._changed.set()
+
+    async def wait_for(
+        self, what: str, predicate: Callable[[], bool], timeout_s: float = 5.0
+    ) -> None:
+        """Wait until `predicate()` is true (re-checked as input arrives).
+
+        Raises:
+            AssertionError: the connection closed first.
+            TimeoutError: `timeout_s` passed.
+        """
+        async with asyncio.timeout(timeout_s):
+            while not predicate():
+                if self.closed:
+                    raise AssertionError(f"connection closed while waiting for {what}")
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def wait_closed(self, timeout_s: float = 5.0) -> None:
+        """Wait until the gateway closes the connection (EOF or reset)."""
+        async with asyncio.timeout(timeout_s):
+            while not self.closed:
+                self._changed.clear()
+                await self._changed.wait()
+
+
+class H2Client(_SocketClient):
     """`async with await H2Client.connect(host, port) as client:` then `request`, or drive
     `conn` (the h2 connection) directly and call `flush` / `read_events`."""
 
@@ -53,8 +113,7 @@ class H2Client:
         *,
         auto_ack: bool = True,
     ) -> None:
-        self.reader = reader
-        self.writer = writer
+        super().__init__(reader, writer)
         self.conn = h2.connection.H2Connection(
             h2.config.H2Configuration(client_side=True, header_encoding=None)
         )
@@ -62,10 +121,7 @@ class H2Client:
         self.events: list[h2.events.Event] = []
         self.goaway: h2.events.ConnectionTerminated | None = None
         self.remote_settings: dict[int, int] = {}
-        self.closed = False
         self.auto_ack = auto_ack  # hand the window back as data arrives
-        self._changed = asyncio.Event()
-        self._reader_task: asyncio.Task[None] | None = None
 
     @classmethod
     async def connect(
@@ -94,33 +150,11 @@ class H2Client:
         client._reader_task = asyncio.get_running_loop().create_task(client._read_forever())
         return client
 
-    async def __aenter__(self) -> H2Client:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        """Close the socket and stop reading."""
-        if self._reader_task is not None:
-            self._reader_task.cancel()
-        self.writer.close()
-        with contextlib.suppress(ConnectionError, ssl.SSLError):
-            await self.writer.wait_closed()
-
     async def flush(self) -> None:
         """Send what h2 has queued."""
         data = self.conn.data_to_send()
         if data:
             await self.send_raw(data)
-
-    async def send_raw(self, data: bytes) -> None:
-        """Write bytes as they are (hand-made frames for the attack tests)."""
-        try:
-            self.writer.write(data)
-            await self.writer.drain()
-        except ConnectionError:
-            self.closed = True
 
     async def _read_forever(self) -> None:
         try:
@@ -175,23 +209,6 @@ class H2Client:
         elif isinstance(event, h2.events.RemoteSettingsChanged):
             for code, setting in event.changed_settings.items():
                 self.remote_settings[int(code)] = setting.new_value
-
-    async def wait_for(self, what: str, predicate: object, timeout_s: float = 5.0) -> None:
-        """Wait until `predicate()` is true (re-checked as events arrive)."""
-        assert callable(predicate)
-        async with asyncio.timeout(timeout_s):
-            while not predicate():
-                if self.closed and not predicate():
-                    raise AssertionError(f"connection closed while waiting for {what}")
-                self._changed.clear()
-                await self._changed.wait()
-
-    async def wait_closed(self, timeout_s: float = 5.0) -> None:
-        """Wait until the gateway closes the connection."""
-        async with asyncio.timeout(timeout_s):
-            while not self.closed:
-                self._changed.clear()
-                await self._changed.wait()
 
     def send_request(
         self,
@@ -267,7 +284,7 @@ class H2Client:
 # --- a frame-level client for the attack tests ----------------------------------------------
 
 
-class RawH2Client:
+class RawH2Client(_SocketClient):
     """An HTTP/2 client with no state machine: the test writes whatever frames it likes
     (`send_frames`, `send_raw`, headers encoded by `headers_frame`) and every frame the
     gateway sends back is parsed with hyperframe and kept, so a GOAWAY or RST_STREAM is
@@ -282,8 +299,7 @@ class RawH2Client:
         *,
         ack_settings: bool = True,
     ) -> None:
-        self.reader = reader
-        self.writer = writer
+        super().__init__(reader, writer)
         self.ack_settings = ack_settings
         self.encoder = hpack.Encoder()
         self.decoder = hpack.Decoder()
@@ -294,13 +310,10 @@ class RawH2Client:
         self.data: dict[int, bytearray] = {}
         self.ended: set[int] = set()
         self.ping_acks = 0
-        self.closed = False
         self.error: BaseException | None = None  # a frame we could not parse
         self._header_block: list[
             hyperframe.frame.HeadersFrame | hyperframe.frame.ContinuationFrame
         ] = []
-        self._changed = asyncio.Event()
-        self._reader_task: asyncio.Task[None] | None = None
 
     @classmethod
     async def connect(
@@ -322,31 +335,6 @@ class RawH2Client:
             await client.send_raw(CLIENT_PREFACE + hyperframe.frame.SettingsFrame(0).serialize())
         client._reader_task = asyncio.get_running_loop().create_task(client._read_forever())
         return client
-
-    async def __aenter__(self) -> RawH2Client:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        """Close the socket and stop reading."""
-        if self._reader_task is not None:
-            self._reader_task.cancel()
-        self.writer.close()
-        with contextlib.suppress(ConnectionError, ssl.SSLError):
-            await self.writer.wait_closed()
-
-    async def send_raw(self, data: bytes) -> None:
-        """Write bytes as they are; a connection the gateway closed just sets `closed`."""
-        if self.closed:
-            return
-        try:
-            self.writer.write(data)
-            await self.writer.drain()
-        except (ConnectionError, ssl.SSLError):
-            self.closed = True
-            self._changed.set()
 
     async def send_frames(self, *frames: hyperframe.frame.Frame) -> None:
         """Serialize and write `frames` in one write."""
@@ -386,22 +374,6 @@ class RawH2Client:
                 return int(value)
         return None
 
-    async def wait_for(
-        self, what: str, predicate: Callable[[], bool], timeout_s: float = 5.0
-    ) -> None:
-        """Wait until `predicate()` is true (re-checked as frames arrive).
-
-        Raises:
-            AssertionError: the connection closed first.
-            TimeoutError: `timeout_s` passed.
-        """
-        async with asyncio.timeout(timeout_s):
-            while not predicate():
-                if self.closed:
-                    raise AssertionError(f"connection closed while waiting for {what}")
-                self._changed.clear()
-                await self._changed.wait()
-
     async def wait_goaway(self, timeout_s: float = 5.0) -> hyperframe.frame.GoAwayFrame:
         """Wait for the gateway's GOAWAY (it may close right after).
 
@@ -428,13 +400,6 @@ class RawH2Client:
             name = type(frame).__name__
             counts[name] = counts.get(name, 0) + 1
         return ", ".join(f"{name} x{count}" for name, count in counts.items())
-
-    async def wait_closed(self, timeout_s: float = 5.0) -> None:
-        """Wait until the gateway closes the connection (EOF or reset)."""
-        async with asyncio.timeout(timeout_s):
-            while not self.closed:
-                self._changed.clear()
-                await self._changed.wait()
 
     async def _read_forever(self) -> None:
         buffer = bytearray()

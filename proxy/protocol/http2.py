@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import h2.config
 import h2.connection
@@ -360,7 +360,9 @@ class Http2Protocol:
     def _start_task(
         self, stream: _Stream, request: Request | None, error: ProxyError | None
     ) -> None:
-        stream.task = self._conn.loop.create_task(self._serve(stream, request, error))
+        stream.task = self._conn.loop.create_task(
+            self._guarded(stream, self._serve, stream, request, error)
+        )
 
     def _on_fast_response(
         self, stream: _Stream, response: Response | None, error: ProxyError | None
@@ -381,41 +383,23 @@ class Http2Protocol:
                 response = local_reply(error, request)
             rest = self._begin_response(stream, request, response)
             if rest is not None:
-                stream.task = self._conn.loop.create_task(self._finish(stream, *rest))
+                # The response did not fit the windows, or is still streaming.
+                stream.task = self._conn.loop.create_task(
+                    self._guarded(stream, self._send_rest, stream, *rest)
+                )
                 return
         except Exception:
             log.exception("bug in the HTTP/2 front end's fast path")
             self._reset(stream.id, ErrorCodes.INTERNAL_ERROR)
         self._stream_done(stream)
 
-    async def _serve(
-        self, stream: _Stream, request: Request | None, error: ProxyError | None
+    async def _guarded(
+        self, stream: _Stream, work: Callable[..., Awaitable[None]], *args: object
     ) -> None:
+        """Run a stream's task: a cancel (client reset, connection gone) just ends it, a
+        bug resets the stream, and either way the stream is done afterwards."""
         try:
-            if request is None:
-                assert error is not None
-                response = local_reply(error, None)
-            else:
-                response = await self._server.handle(request)
-            if self._streams.get(stream.id) is not stream:
-                response.body.discard()
-                return
-            rest = self._begin_response(stream, request, response)
-            if rest is not None:
-                await self._send_rest(stream, *rest)
-        except asyncio.CancelledError:
-            return  # the client reset the stream or went away
-        except Exception:
-            log.exception("bug in the HTTP/2 front end")
-            self._reset(stream.id, ErrorCodes.INTERNAL_ERROR)
-        finally:
-            stream.task = None
-            self._stream_done(stream)
-
-    async def _finish(self, stream: _Stream, data: bytes, body: Body) -> None:
-        """The fast path's response did not fit the windows, or is still streaming."""
-        try:
-            await self._send_rest(stream, data, body)
+            await work(*args)
         except asyncio.CancelledError:
             return
         except Exception:
@@ -424,6 +408,21 @@ class Http2Protocol:
         finally:
             stream.task = None
             self._stream_done(stream)
+
+    async def _serve(
+        self, stream: _Stream, request: Request | None, error: ProxyError | None
+    ) -> None:
+        if request is None:
+            assert error is not None
+            response = local_reply(error, None)
+        else:
+            response = await self._server.handle(request)
+        if self._streams.get(stream.id) is not stream:
+            response.body.discard()
+            return
+        rest = self._begin_response(stream, request, response)
+        if rest is not None:
+            await self._send_rest(stream, *rest)
 
     def _begin_response(
         self, stream: _Stream, request: Request | None, response: Response
