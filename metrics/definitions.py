@@ -24,6 +24,7 @@ class Http2Limit(enum.Enum):
     MALFORMED = "malformed"  # RST_STREAM PROTOCOL_ERROR: fields break RFC 9113 section 8
     CONNECTION_ERROR = "connection_error"  # GOAWAY: h2 refused the connection's input
     BODY_TIMEOUT = "body_timeout"  # 408: a request body stopped coming
+    WINDOW_TIMEOUT = "window_timeout"  # RST_STREAM: the client kept its window shut
     IDLE_TIMEOUT = "idle_timeout"  # GOAWAY NO_ERROR: no stream for keepalive_timeout
 
 

@@ -201,8 +201,10 @@ class Http2Config:
       frames) per second before GOAWAY ENHANCE_YOUR_CALM: settings/ping floods, which
       cost us work and replies without the client doing any.
     CONTINUATION floods are bounded by h2 itself (64 frames per header block) and by
-    max_header_list_size; idle connections get GOAWAY after limits.keepalive_timeout, and
-    a stream whose request body stops coming gets 408 after limits.body_timeout.
+    max_header_list_size; a frame declared larger than 16 KiB is refused from its header;
+    idle connections get GOAWAY after limits.keepalive_timeout; a stream whose request body
+    stops coming gets 408, and one whose response the client's window holds back is reset,
+    after limits.body_timeout.
     """
 
     max_concurrent_streams: int = DEFAULT_H2_MAX_CONCURRENT_STREAMS

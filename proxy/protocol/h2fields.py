@@ -123,6 +123,28 @@ def request_fields(fields: list[tuple[bytes, bytes]], max_list_bytes: int) -> Re
     )
 
 
+# RFC 9110 section 6.5.1: fields a trailer section must not carry (framing, routing).
+_FORBIDDEN_TRAILERS = CONNECTION_SPECIFIC | {b"content-length", b"host", b"te", b"trailer"}
+
+
+def request_trailers(fields: list[tuple[bytes, bytes]]) -> Trailers:
+    """Validate a request's trailer section (RFC 9113 section 8.1: no pseudo-headers; the
+    same name and value rules as the header section) and decode it for the model.
+
+    Raises:
+        MalformedRequest: a pseudo-header, a bad name or value, or a field a trailer
+            section must not carry.
+    """
+    out: Trailers = []
+    for name, value in fields:
+        if _NAME_RE.fullmatch(name) is None or name in _FORBIDDEN_TRAILERS:
+            raise MalformedRequest(f"invalid trailer field {name!r}")
+        if _BAD_VALUE_RE.search(value) is not None:
+            raise MalformedRequest(f"invalid value for trailer field {name!r}")
+        out.append((name.decode("latin-1"), value.decode("latin-1")))
+    return out
+
+
 def response_fields(response: Response, content_length: int | None) -> list[tuple[bytes, bytes]]:
     """`:status` and the response's fields, lower-cased, without connection-specific ones;
     `content-length` when given.

@@ -23,6 +23,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
+from h2.stream import H2Stream
 from hyperframe.frame import GoAwayFrame
 
 from metrics.definitions import Http2Limit, count_http2_limit
@@ -31,10 +32,11 @@ from proxy.connection import ClientConnection, ConnectionPhase
 from proxy.errors import BadRequest, BodyTooLarge, ProxyError, RequestTimeout
 from proxy.local_reply import local_reply
 from proxy.models import Body, Request, Response
-from proxy.protocol.h2data import frame_data
+from proxy.protocol.h2data import complete_response, frame_data
 from proxy.protocol.h2fields import (
     MalformedRequest,
     request_fields,
+    request_trailers,
     response_fields,
     trailer_fields,
 )
@@ -59,6 +61,34 @@ STREAM_HARD_CAP_FACTOR = 2
 FLUSH_NOW_BYTES = 16 * 1024
 
 
+class _FrontEndConfig(h2.config.H2Configuration):
+    """The front end's h2 configuration. It also marks the front end's streams, whose
+    content-length h2 must leave to us: h2 treats a mismatch (or a non-number) as a
+    connection error, killing every stream in flight, where RFC 9113 section 8.1.1 asks
+    for a stream error; `_on_data` / `_on_stream_ended` check it per stream instead."""
+
+
+def _unless_front_end(method: Callable[..., None]) -> Callable[..., None]:
+    @functools.wraps(method)
+    def checked(stream: H2Stream, *args: object) -> None:
+        if isinstance(stream.config, _FrontEndConfig):
+            return None
+        return method(stream, *args)
+
+    return checked
+
+
+if not getattr(H2Stream, "_gatehouse_content_length", False):
+    # Upstream (client) connections keep h2's own check; see _FrontEndConfig.
+    H2Stream._initialize_content_length = _unless_front_end(  # type: ignore[method-assign]
+        H2Stream._initialize_content_length
+    )
+    H2Stream._track_content_length = _unless_front_end(  # type: ignore[method-assign]
+        H2Stream._track_content_length
+    )
+    H2Stream._gatehouse_content_length = True  # type: ignore[attr-defined]
+
+
 class _Stream:
     """One request/response exchange on the connection."""
 
@@ -71,6 +101,7 @@ class _Stream:
         "response_started",
         "task",
         "trailers",
+        "window_deadline",
         "window_waiter",
     )
 
@@ -78,6 +109,7 @@ class _Stream:
         self.id = stream_id
         self.body_deadline = 0.0  # while receiving: when the client's silence is a 408
         self.reset_when_done = False  # the client may still send: RST_STREAM at the end
+        self.window_deadline = 0.0  # while waiting for WINDOW_UPDATE: when to give up
         self.request: Request | None = None
         self.body: Body | None = None  # the request body while the client still sends it
         self.trailers: list[tuple[str, str]] | None = None
@@ -99,7 +131,7 @@ class Http2Protocol:
         self._settings = settings
         # Field validation is done in one pass by h2fields (h2's generator chain costs
         # more than the rest of a request); outbound fields are built lower-cased.
-        config = h2.config.H2Configuration(
+        config = _FrontEndConfig(
             client_side=False,
             header_encoding=None,
             validate_inbound_headers=False,
@@ -117,6 +149,7 @@ class Http2Protocol:
         self._closing = False  # GOAWAY sent or received: no new streams
         self._dead = False  # terminated: nothing more is read or sent
         self._flush_scheduled = False
+        self._out: list[bytes] = []  # frames we made, in order after what h2 had queued
         self._last_stream_id = 0  # the highest stream we took (for our GOAWAY)
         self._idle_deadline = conn.loop.time() + conn.limits.keepalive_timeout
         self._h2.local_settings = h2.settings.Settings(
@@ -158,10 +191,23 @@ class Http2Protocol:
         """Process client bytes: frames become stream events; protocol errors GOAWAY."""
         if self._dead:
             return
+        h2conn = self._h2
+        pending = h2conn.data_to_send()
+        if pending:
+            # Kept apart from what h2 queues while reading, which a connection error
+            # replaces with our own GOAWAY.
+            self._out.append(pending)
         try:
-            events = self._h2.receive_data(data)
+            events = h2conn.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
             self._connection_error(exc)
+            return
+        # RFC 9113 section 4.2: h2 checks a frame's length only once all of it is here;
+        # the 9-byte header already tells, so an oversized frame is never buffered.
+        # (h2 4.x keeps the partial frame in `incoming_buffer._data`.)
+        if len(h2conn.incoming_buffer._data) > h2conn.max_inbound_frame_size + 9:
+            count_http2_limit(Http2Limit.CONNECTION_ERROR)
+            self._terminate(ErrorCodes.FRAME_SIZE_ERROR)
             return
         for event in events:
             handler = _HANDLERS.get(type(event))
@@ -183,6 +229,9 @@ class Http2Protocol:
         log.debug("HTTP/2 connection error from %s: %s", self._conn.client[0], exc)
         count_http2_limit(Http2Limit.CONNECTION_ERROR)
         code = getattr(exc, "error_code", None) or ErrorCodes.PROTOCOL_ERROR
+        # h2 queued a GOAWAY of its own naming the highest stream it parsed, which may be
+        # one whose events were lost with the exception: ours names the last we took.
+        self._h2.clear_outbound_data_buffer()
         self._terminate(code)
 
     def _terminate(self, code: ErrorCodes) -> None:
@@ -271,23 +320,46 @@ class Http2Protocol:
             self._acknowledge(event.stream_id, padding)
         if data:
             assert stream is not None
+            if body.length is not None and body.bytes_fed + len(data) > body.length:
+                self._acknowledge(event.stream_id, len(data))
+                self._malformed_body(stream, "more DATA than content-length")
+                return
             stream.body_deadline = self._conn.loop.time() + self._conn.limits.body_timeout
             body.feed(data)  # acknowledged when the exchange reads it (on_consumed)
 
     def _on_trailers(self, event: h2.events.TrailersReceived) -> None:
         stream = self._streams.get(event.stream_id)
-        if stream is not None:
-            stream.trailers = [
-                (name.decode("latin-1"), value.decode("latin-1"))
-                for name, value in event.headers or []
-            ]
+        if stream is None:
+            return
+        try:
+            stream.trailers = request_trailers(event.headers or [])
+        except MalformedRequest as exc:
+            self._malformed_body(stream, str(exc))
 
     def _on_stream_ended(self, event: h2.events.StreamEnded) -> None:
         stream = self._streams.get(event.stream_id)
         if stream is None or stream.body is None:
             return
-        body, stream.body = stream.body, None
+        body = stream.body
+        if body.length is not None and body.bytes_fed != body.length:
+            self._malformed_body(stream, "less DATA than content-length")
+            return
+        stream.body = None
         body.feed_eof(stream.trailers)
+
+    def _malformed_body(self, stream: _Stream, why: str) -> None:
+        """RFC 9113 section 8.1.1: a malformed request is a stream error PROTOCOL_ERROR;
+        the exchange reading its body sees it fail."""
+        log.debug("malformed HTTP/2 request body on stream %d: %s", stream.id, why)
+        count_http2_limit(Http2Limit.MALFORMED)
+        body = stream.body
+        stream.body = None
+        self._streams.pop(stream.id, None)
+        if body is not None:
+            body.fail(BadRequest(why))
+        if stream.task is not None:
+            stream.task.cancel()
+        self._reset(stream.id, ErrorCodes.PROTOCOL_ERROR)
 
     def _on_reset(self, event: h2.events.StreamReset) -> None:
         # CVE-2023-44487: opening and cancelling streams costs the client nothing and us
@@ -339,12 +411,16 @@ class Http2Protocol:
         if event.error_code:
             self._conn.close()
             self._cancel_all()
+        elif not self._streams:
+            self._flush()
+            self._conn.close()  # the client is done with us and nothing is in flight
 
     def _calm_down(self, reason: Http2Limit) -> None:
         log.info("HTTP/2 %s from %s: GOAWAY", reason.value, self._conn.client[0])
         count_http2_limit(reason)
         # Replies h2 queued for the flood (PING and SETTINGS acks) are not sent.
         self._h2.clear_outbound_data_buffer()
+        self._out.clear()
         self._terminate(ErrorCodes.ENHANCE_YOUR_CALM)
 
     def _refuse(self, stream_id: int) -> None:
@@ -454,10 +530,14 @@ class Http2Protocol:
             h2conn.send_headers(stream_id, response_fields(response, length), end_stream=True)
             self._flush_soon()
             return None
-        if not data and not trailers:
-            h2conn.send_headers(stream_id, response_fields(response, 0), end_stream=True)
-            self._flush_soon()
-            return None
+        if not trailers:
+            # The common case, a whole small response: framed by h2data in one go.
+            frames = complete_response(
+                h2conn, stream_id, response_fields(response, len(data)), data
+            )
+            if frames is not None:
+                self._queue_frames(frames)
+                return None
         h2conn.send_headers(stream_id, response_fields(response, None if trailers else len(data)))
         if data:
             window = min(
@@ -512,12 +592,17 @@ class Http2Protocol:
                 raise ConnectionResetError("stream closed")
             window = h2conn.local_flow_control_window(stream_id)
             if window <= 0:
+                # The client holds the window shut: like a client that stops reading
+                # HTTP/1.1 (WRITE), it gets body_timeout to open it (on_timeout).
                 self._flush()
                 stream.window_waiter = conn.loop.create_future()
+                stream.window_deadline = conn.loop.time() + conn.limits.body_timeout
+                self._update_phase()
                 try:
                     await stream.window_waiter
                 finally:
                     stream.window_waiter = None
+                    stream.window_deadline = 0.0
                 continue
             frame_limit = h2conn.max_outbound_frame_size
             sent = min(len(view), window)
@@ -525,8 +610,7 @@ class Http2Protocol:
             # through h2, which sets END_STREAM and keeps its stream state in step.
             middle = (sent - 1) // frame_limit * frame_limit
             if middle:
-                self._flush()  # what h2 has queued goes first: frames stay in order
-                conn.write(frame_data(h2conn, stream_id, view[:middle], frame_limit))
+                self._queue_frames(frame_data(h2conn, stream_id, view[:middle], frame_limit))
             last = sent == len(view)
             h2conn.send_data(stream_id, view[middle:sent].tobytes(), end_stream=end and last)
             view = view[sent:]
@@ -573,6 +657,9 @@ class Http2Protocol:
                 waits_on_client = body is not None and body.bytes_fed == body.bytes_read
                 if waits_on_client and (not deadline or stream.body_deadline < deadline):
                     deadline = stream.body_deadline
+                window_deadline = stream.window_deadline
+                if window_deadline and (not deadline or window_deadline < deadline):
+                    deadline = window_deadline
             if deadline:
                 conn.phase = ConnectionPhase.BODY
                 conn.deadline = deadline
@@ -626,8 +713,22 @@ class Http2Protocol:
     def _flush(self) -> None:
         self._flush_scheduled = False
         data = self._h2.data_to_send()
+        out = self._out
+        if out:
+            if data:
+                out.append(data)
+            data = b"".join(out)
+            out.clear()
         if data:
             self._conn.write(data)
+
+    def _queue_frames(self, frames: bytes) -> None:
+        """Queue frames made outside h2 (h2data) behind what h2 has queued already."""
+        pending = self._h2.data_to_send()
+        if pending:
+            self._out.append(pending)
+        self._out.append(frames)
+        self._flush_soon()
 
     def _flush_soon(self) -> None:
         """Write what h2 has queued at the end of this loop iteration: the answers of
@@ -674,6 +775,13 @@ class Http2Protocol:
                     stream.reset_when_done = True
                     count_http2_limit(Http2Limit.BODY_TIMEOUT)
                     body.fail(RequestTimeout("client too slow sending the body"))
+                waiter = stream.window_waiter
+                if stream.window_deadline and stream.window_deadline <= now and waiter:
+                    # The response's sender gives up; the stream is reset.
+                    count_http2_limit(Http2Limit.WINDOW_TIMEOUT)
+                    stream.window_deadline = 0.0
+                    if not waiter.done():
+                        waiter.set_exception(ConnectionResetError("window kept shut"))
             self._update_phase()
             return
         count_http2_limit(Http2Limit.IDLE_TIMEOUT)

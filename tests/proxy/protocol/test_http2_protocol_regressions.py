@@ -1,6 +1,6 @@
-"""Http2Protocol behaviour that breaks RFC 9113 or the module's own defences, found while
-writing test_http2_protocol.py. Each test states what should happen; they fail until
-proxy/protocol/http2.py is fixed (then they move to test_http2_protocol.py)."""
+"""Regression tests for Http2Protocol bugs found while writing test_http2_protocol.py:
+each broke RFC 9113 or one of the module's own defences. The comments say what used to
+happen."""
 
 from __future__ import annotations
 
@@ -139,3 +139,23 @@ async def test_connection_error_sends_one_goaway() -> None:
     goaways = [f for f in parse_frames(peer.new_output()) if isinstance(f, GoAwayFrame)]
     assert conn.closed_by == "close"
     assert [(f.error_code, f.last_stream_id) for f in goaways] == [(ErrorCodes.PROTOCOL_ERROR, 0)]
+
+
+async def test_a_response_stalled_on_a_shut_window_is_reset_at_its_deadline() -> None:
+    # The other half of the zero-window fix: when the deadline passes, the sweeper's
+    # on_timeout resets the stalled stream (and the connection lives on).
+    protocol, conn, _server, peer = await connected()
+    peer.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    peer.request(1)
+    peer.send()
+    await spin(10)
+    [stream] = protocol._streams.values()
+    stream.window_deadline = asyncio.get_running_loop().time() - 1  # the deadline passed
+
+    protocol.on_timeout(ConnectionPhase.BODY)
+    await settle(protocol)
+    peer.receive()
+
+    assert peer.responses[1].reset is not None
+    assert not protocol._streams
+    assert not conn.closed
