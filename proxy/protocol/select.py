@@ -8,8 +8,9 @@ the HTTP/2 connection preface. On TLS the client said which it speaks in ALPN.
 from __future__ import annotations
 
 from proxy.connection import ClientConnection, ConnectionPhase, FrontEnd
+from proxy.protocol.h2conn import PREFACE
 from proxy.protocol.http1 import Http1Protocol
-from proxy.protocol.http2 import PREFACE, Http2Protocol
+from proxy.protocol.http2 import Http2Protocol
 
 
 class PrefaceSniffer:

@@ -30,8 +30,9 @@ from proxy.config_model import Http2Config, LimitsConfig, ListenerConfig
 from proxy.connection import ConnectionPhase
 from proxy.errors import BadRequest, ProxyError, UpstreamReset
 from proxy.models import Body, Request, Response
+from proxy.protocol.h2conn import PREFACE
 from proxy.protocol.http1 import Http1Protocol
-from proxy.protocol.http2 import PREFACE, Http2Protocol
+from proxy.protocol.http2 import Http2Protocol
 from proxy.protocol.select import PrefaceSniffer, plaintext_front_end
 from tests.helpers import FakeServer, Handler, decode_responses, echo_handler
 from tests.helpers import settle as settle_http1
