@@ -18,7 +18,8 @@ from collections import deque
 from proxy.config_model import EndpointConfig, PoolConfig, UpstreamTimeouts
 from proxy.errors import PoolTimeout, ProxyError, UpstreamConnectTimeout
 from proxy.models import Body, RawHeaders, Response
-from proxy.upstream.http2 import H2ConnState, H2UpstreamConnection, StreamRefused
+from proxy.upstream.h2stream import H2ConnState, StreamRefused
+from proxy.upstream.http2 import H2UpstreamConnection
 from proxy.upstream.tls import ALPN_H2
 from proxy.upstream.transport import open_connection
 

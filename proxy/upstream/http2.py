@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 from typing import TYPE_CHECKING, cast
 
@@ -38,109 +37,27 @@ from proxy.errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
-from proxy.models import Body, RawHeaders, Response, Trailers
+from proxy.models import Body, RawHeaders, Response
+from proxy.upstream.h2stream import (
+    CONNECTION_ACK_BYTES,
+    CONNECTION_WINDOW_BYTES,
+    DEFAULT_WINDOW_BYTES,
+    DROPPED_RESPONSE_FIELDS,
+    LAST_STREAM_ID,
+    REPLAY_BODY_LIMIT_BYTES,
+    STREAM_ACK_BYTES,
+    STREAM_WINDOW_BYTES,
+    H2ConnState,
+    H2StreamState,
+    StreamRefused,
+    UpstreamStream,
+    request_trailers,
+)
 
 if TYPE_CHECKING:
     from proxy.upstream.h2pool import H2Pool
 
 log = logging.getLogger(__name__)
-
-# Our receive windows. A stream's window bounds what a paused (slow-client) stream can hold
-# beyond the Body's high watermark; the connection window is re-opened on receipt.
-STREAM_WINDOW_BYTES = 1024 * 1024
-CONNECTION_WINDOW_BYTES = 16 * 1024 * 1024
-DEFAULT_WINDOW_BYTES = 65_535  # RFC 9113 section 6.9.2
-# Window updates are batched: sent once this share of the window was consumed.
-STREAM_ACK_BYTES = STREAM_WINDOW_BYTES // 4
-CONNECTION_ACK_BYTES = CONNECTION_WINDOW_BYTES // 4
-# Streamed request bodies up to this size are kept, so a refused stream can be replayed.
-REPLAY_BODY_LIMIT_BYTES = 64 * 1024
-# Stream ids are 31 bits (RFC 9113 section 5.1.1); a connection near the end takes no more.
-LAST_STREAM_ID = 2**31 - 1
-# Response fields that describe the connection, not the message (RFC 9113 section 8.2.2;
-# h2 refuses most of them on receipt). Content-Length becomes the Body's length: each
-# front end derives its own framing.
-_DROPPED_RESPONSE_FIELDS = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"transfer-encoding",
-        b"content-length",
-        b"upgrade",
-        b"trailer",
-    }
-)
-# Never forwarded as request trailers (RFC 9110 section 6.5.1 / RFC 9113 section 8.2.2).
-_FORBIDDEN_TRAILERS = _DROPPED_RESPONSE_FIELDS | {b"host", b"te", b"content-type"}
-
-
-class H2ConnState(enum.Enum):
-    """Lifecycle of an HTTP/2 upstream connection."""
-
-    CONNECTING = "connecting"  # TCP/TLS up, waiting for the peer's SETTINGS
-    READY = "ready"  # takes new streams while below the peer's limit
-    DRAINING = "draining"  # GOAWAY (either way): no new streams, closes when idle
-    CLOSED = "closed"
-
-
-class H2StreamState(enum.Enum):
-    """One exchange on a stream."""
-
-    AWAITING_HEAD = "awaiting_head"  # request sent or sending; no response head yet
-    STREAMING = "streaming"  # head delivered; the body is arriving
-    DONE = "done"  # ended, reset or failed; the stream slot is free
-
-
-class StreamRefused(UpstreamReset):
-    """The upstream did not process the stream (GOAWAY with a lower last_stream_id, or
-    RST_STREAM REFUSED_STREAM; RFC 9113 section 8.7): safe to retry, even for POST.
-
-    `replay` is the request body consumed from the client so far (None when it was too
-    large to keep: the retry is then impossible)."""
-
-    def __init__(self, message: str, replay: bytes | None) -> None:
-        super().__init__(message)
-        self.replay = replay
-
-
-class _Stream:
-    """Per-stream state kept by the connection."""
-
-    __slots__ = (
-        "body",
-        "consumed",
-        "deadline",
-        "head_waiter",
-        "paused",
-        "request_done",
-        "sender",
-        "state",
-        "stream_id",
-        "trailers",
-        "unacked",
-        "waits_on_client",
-        "window_waiter",
-    )
-
-    def __init__(self, stream_id: int, waiter: asyncio.Future[Response], deadline: float) -> None:
-        self.stream_id = stream_id
-        self.state = H2StreamState.AWAITING_HEAD
-        self.head_waiter = waiter
-        self.body: Body | None = None
-        self.trailers: Trailers | None = None
-        self.sender: asyncio.Task[None] | None = None
-        self.request_done = False
-        self.deadline = deadline
-        self.paused = False  # the response Body is above its high watermark
-        self.unacked = 0  # received bytes not yet given back to the stream window
-        self.waits_on_client = False  # the sender waits for the client's body
-        self.window_waiter: asyncio.Future[None] | None = None
-        # What was read of the client's body, for a replay after a refusal (None: too big).
-        self.consumed: list[bytes] | None = []
-
-    def __repr__(self) -> str:
-        return f"<_Stream {self.stream_id} {self.state.name}>"
 
 
 class H2UpstreamConnection(asyncio.Protocol):
@@ -150,7 +67,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         self.pool = pool
         self.state = H2ConnState.CONNECTING
         self.transport: asyncio.Transport | None = None
-        self.streams: dict[int, _Stream] = {}
+        self.streams: dict[int, UpstreamStream] = {}
         self.requests = 0
         self.idle_since = 0.0
         self._loop = asyncio.get_running_loop()
@@ -279,7 +196,7 @@ class H2UpstreamConnection(asyncio.Protocol):
             # nor can RequestReceived on a client connection.
             raise TypeError(f"unexpected HTTP/2 event {event!r}")
 
-    def _stream(self, stream_id: int | None) -> _Stream | None:
+    def _stream(self, stream_id: int | None) -> UpstreamStream | None:
         return self.streams.get(stream_id) if stream_id is not None else None
 
     def _on_settings(self, event: h2.events.RemoteSettingsChanged) -> None:
@@ -307,7 +224,7 @@ class H2UpstreamConnection(asyncio.Protocol):
                 if name == b":status":
                     status = int(value)
                 continue  # h2 has validated the pseudo-header set
-            if name in _DROPPED_RESPONSE_FIELDS:
+            if name in DROPPED_RESPONSE_FIELDS:
                 if name == b"content-length":
                     length = int(value)  # h2 checked it is a number matching the DATA
                 continue
@@ -347,7 +264,7 @@ class H2UpstreamConnection(asyncio.Protocol):
             window = self._h2.local_settings.initial_window_size
             self._ack_stream(stream, min(STREAM_ACK_BYTES, window // 4))
 
-    def _ack_stream(self, stream: _Stream, threshold: int) -> None:
+    def _ack_stream(self, stream: UpstreamStream, threshold: int) -> None:
         if stream.unacked >= max(threshold, 1) and stream.state is H2StreamState.STREAMING:
             increment, stream.unacked = stream.unacked, 0
             try:
@@ -462,7 +379,7 @@ class H2UpstreamConnection(asyncio.Protocol):
             # Nothing went out (validation comes first): the connection is unharmed.
             raise BadRequest(f"request headers refused for HTTP/2: {exc}") from None
         waiter: asyncio.Future[Response] = self._loop.create_future()
-        stream = _Stream(stream_id, waiter, self._loop.time() + self._read_timeout)
+        stream = UpstreamStream(stream_id, waiter, self._loop.time() + self._read_timeout)
         self.streams[stream_id] = stream
         self.requests += 1
         if stream_id >= LAST_STREAM_ID - 2:
@@ -484,7 +401,7 @@ class H2UpstreamConnection(asyncio.Protocol):
                 waiter.result().body.discard()
             raise
 
-    async def _send_body(self, stream: _Stream, prefix: bytes, body: Body | None) -> None:
+    async def _send_body(self, stream: UpstreamStream, prefix: bytes, body: Body | None) -> None:
         consumed = stream.consumed
         try:
             if prefix:
@@ -514,7 +431,7 @@ class H2UpstreamConnection(asyncio.Protocol):
                 trailers = None
             if stream.state is H2StreamState.DONE:
                 return
-            fields = _request_trailers(trailers)
+            fields = request_trailers(trailers)
             if fields:
                 self._h2.send_headers(stream.stream_id, fields, end_stream=True)
             else:
@@ -534,7 +451,7 @@ class H2UpstreamConnection(asyncio.Protocol):
             stream.sender = None
             stream.waits_on_client = False
 
-    async def _send_data(self, stream: _Stream, data: bytes) -> None:
+    async def _send_data(self, stream: UpstreamStream, data: bytes) -> None:
         """Send `data` on the stream as the peer's windows allow (RFC 9113 section 5.2)."""
         h2c = self._h2
         view = memoryview(data)
@@ -570,21 +487,23 @@ class H2UpstreamConnection(asyncio.Protocol):
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
 
-    def _replay(self, stream: _Stream) -> bytes | None:
+    def _replay(self, stream: UpstreamStream) -> bytes | None:
         """The body to resend after a refusal: everything consumed from the client."""
         # A chunk read but not yet (wholly) sent is in `consumed` too: nothing is lost.
         consumed = stream.consumed
         return b"".join(consumed) if consumed is not None else None
 
     # -- ending streams --------------------------------------------------------------
-    def _reset(self, stream: _Stream, code: ErrorCodes, error: ProxyError | None = None) -> None:
+    def _reset(
+        self, stream: UpstreamStream, code: ErrorCodes, error: ProxyError | None = None
+    ) -> None:
         """Reset the stream (RST_STREAM `code`) and free its slot."""
         if stream.state is not H2StreamState.DONE and self.state is not H2ConnState.CLOSED:
             with contextlib.suppress(h2.exceptions.StreamClosedError):
                 self._h2.reset_stream(stream.stream_id, code)  # may be closed both ways
         self._finish(stream, error or UpstreamReset("stream reset"))
 
-    def _finish(self, stream: _Stream, error: ProxyError | None) -> None:
+    def _finish(self, stream: UpstreamStream, error: ProxyError | None) -> None:
         """The stream is over: settle its waiter or body, stop its sender, free its slot."""
         if stream.state is H2StreamState.DONE:
             return
@@ -663,14 +582,3 @@ class H2UpstreamConnection(asyncio.Protocol):
         transport = self.transport
         if data and transport is not None and not transport.is_closing():
             transport.write(data)
-
-
-def _request_trailers(trailers: Trailers | None) -> RawHeaders:
-    if not trailers:
-        return []
-    out: RawHeaders = []
-    for name, value in trailers:
-        lower = name.lower().encode("latin-1")
-        if lower not in _FORBIDDEN_TRAILERS and not lower.startswith(b":"):
-            out.append((lower, value.encode("latin-1")))
-    return out

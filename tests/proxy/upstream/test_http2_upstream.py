@@ -29,7 +29,7 @@ from proxy.errors import (
 )
 from proxy.models import BODY_HIGH_WATER_BYTES, Body, RawHeaders, Response
 from proxy.upstream.h2pool import H2Pool
-from proxy.upstream.http2 import STREAM_WINDOW_BYTES, H2ConnState
+from proxy.upstream.h2stream import STREAM_WINDOW_BYTES, H2ConnState
 from proxy.upstream.tls import client_context, server_hostname
 from tests.h2_upstream import H2UpstreamServer
 from tests.helpers import eventually
