@@ -8,10 +8,8 @@ so `from proxy.config import RouteConfig` keeps working.
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import suppress
-from typing import TypeVar
 
 import yaml
 from yaml.nodes import MappingNode, Node
@@ -49,16 +47,12 @@ from proxy.config_model import (
     UpstreamTimeouts,
     UpstreamTls,
 )
+from proxy.config_reader import Reported, describe, join_path
+from proxy.config_routes import RouteSections
 from proxy.config_values import (
-    NodeReader,
-    Reported,
     ca_bundle_problem,
-    describe,
-    did_you_mean,
-    join_path,
     parse_bind,
     parse_endpoint_url,
-    parse_host_pattern,
     tls_pair_problem,
 )
 
@@ -106,11 +100,7 @@ _TLS_VERSIONS = ("1.2", "1.3")
 _MAX_H2_WINDOW = 2**31 - 1  # RFC 9113 section 6.9.1
 _MAX_H2_SETTING = 2**32 - 1  # RFC 9113 section 6.5.1: SETTINGS values are 32-bit
 _BALANCERS = ("round_robin",)
-_PATH_KEYS = ("path", "path_prefix", "path_regex")
-_TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 5.6.2: methods, field names
-_REWRITE_HOST_RE = re.compile(r"[^\s/?#@]+")
 
-_M = TypeVar("_M", HeaderMatch, QueryMatch)
 _MAX_CONNECTIONS = DEFAULT_POOL_MAX_CONNECTIONS  # short names for the field lists below
 _MAX_HEAD_BYTES = DEFAULT_MAX_HEAD_BYTES
 _KEEPALIVE_S = DEFAULT_KEEPALIVE_TIMEOUT_S
@@ -178,34 +168,7 @@ def parse_config(
     return config
 
 
-def _derive_route_name(match: MatchConfig) -> str:
-    """`api.example.com/users*`, `/exact`, `~^/re$`, `/*` for a route without `name:`."""
-    if match.path is not None:
-        path = match.path
-    elif match.path_prefix is not None:
-        path = match.path_prefix + "*"
-    elif match.path_regex is not None:
-        path = "~" + match.path_regex
-    else:
-        path = "/*"
-    return (match.host or "") + path
-
-
-def _replacement_problem(regex: str, replacement: str) -> str | None:
-    """Why `replacement` is not a valid `re` template for `regex`, or None if it is."""
-    try:  # The same groups as `regex`, but it matches "", so the template can be expanded.
-        probe = re.compile(f"(?:{regex})|").match("")
-    except re.error:  # e.g. global flags, which must lead the pattern: skip the check
-        return None
-    try:
-        if probe is not None:
-            probe.expand(replacement)
-    except (re.error, IndexError) as exc:
-        return str(exc)
-    return None
-
-
-class _ConfigLoader(NodeReader):
+class _ConfigLoader(RouteSections):
     """The routes.yaml schema. Every section is read even after an error, so that one run
     reports every problem; the Config is only used when no error was recorded."""
 
@@ -254,30 +217,17 @@ class _ConfigLoader(NodeReader):
         fields = self.mapping(node, path, ("grace_period",))
         return fields.get("grace_period", self.duration, DEFAULT_GRACE_PERIOD_S)
 
-    def _items(self, node: Node, path: str, if_empty: str) -> list[tuple[Node, str]]:
-        """(node, path) of each item of a list that must not be empty."""
-        items = self.sequence(node, path)
-        if not items:
-            raise self.error(node, path, if_empty)
-        return [(item, f"{path}[{index}]") for index, item in enumerate(items)]
-
-    def _name(self, node: Node, path: str) -> str:
-        name = self.string(node, path).strip()
-        if not name:
-            raise self.error(node, path, "must not be empty")
-        return name
-
     # --- listeners ---
 
     def _listeners(self, node: Node, path: str) -> tuple[ListenerConfig, ...]:
         listeners: list[ListenerConfig] = []
         names: dict[str, str] = {}
-        for item, item_path in self._items(node, path, "at least one listener is required"):
+        for item, item_path in self.nonempty_items(node, path, "at least one listener is required"):
             with suppress(Reported):
                 keys = ("bind", "name", "tls", "http2")
                 fields = self.mapping(item, item_path, keys, ("bind",))
                 host, port = fields.get("bind", self._bind, ("", 0))
-                name = fields.get("name", self._name, item_path)
+                name = fields.get("name", self.name, item_path)
                 if name in names:
                     fields.error("name", f"duplicate listener name {name!r} (also {names[name]})")
                 names[name] = item_path
@@ -372,7 +322,7 @@ class _ConfigLoader(NodeReader):
         return UpstreamTls(
             ca=fields.get("ca", self._ca_bundle, None),
             verify=fields.get("verify", self.boolean, True),
-            sni=fields.get("sni", self._name, None),
+            sni=fields.get("sni", self.name, None),
         )
 
     def _ca_bundle(self, node: Node, path: str) -> str:
@@ -384,7 +334,7 @@ class _ConfigLoader(NodeReader):
 
     def _endpoints(self, node: Node, path: str) -> tuple[EndpointConfig, ...]:
         endpoints: dict[str, tuple[EndpointConfig, str]] = {}
-        for item, item_path in self._items(node, path, "at least one endpoint is required"):
+        for item, item_path in self.nonempty_items(node, path, "at least one endpoint is required"):
             with suppress(Reported):
                 endpoint = self._endpoint(item, item_path)
                 if endpoint.url in endpoints:
@@ -434,154 +384,6 @@ class _ConfigLoader(NodeReader):
             limits = f"max_idle ({pool.max_idle}) > max_connections ({pool.max_connections})"
             fields.error(key, f"{limits}: idle connections are part of max_connections")
         return pool
-
-    # --- routes ---
-
-    def _routes(self, node: Node, path: str) -> tuple[RouteConfig, ...]:
-        routes: list[RouteConfig] = []
-        names: dict[str, str] = {}
-        for index, item in enumerate(self.sequence(node, path)):
-            with suppress(Reported):
-                routes.append(self._route(item, f"{path}[{index}]", index, names))
-        return tuple(routes)
-
-    def _route(self, node: Node, path: str, index: int, names: dict[str, str]) -> RouteConfig:
-        keys = ("name", "match", "upstream", "rewrite", "max_body_size")
-        fields = self.mapping(node, path, keys, ("match", "upstream"))
-        errors_before = len(self._errors)
-        match = fields.get("match", self._match, MatchConfig())
-        name = fields.get("name", self._name, "")
-        if "name" not in fields and len(self._errors) == errors_before:
-            name = _derive_route_name(match)  # (a name derived from a bad match is noise)
-        if name in names:
-            key_path, hint = fields.key_path("name"), ""
-            if "name" not in fields:
-                key_path, hint = path, " (derived from its match: give the route a name)"
-            message = f"duplicate route name {name!r} (also {names[name]}){hint}"
-            self.error(fields.nodes.get("name", node), key_path, message)
-        elif name:
-            names[name] = path
-        return RouteConfig(
-            name=name,
-            match=match,
-            upstream=fields.get("upstream", self._upstream_ref, ""),
-            rewrite=fields.get("rewrite", self._rewrite, RewriteConfig()),
-            max_body_size=fields.get("max_body_size", self.optional(self.size), None),
-            index=index,
-        )
-
-    def _upstream_ref(self, node: Node, path: str) -> str:
-        name = self.string(node, path)
-        known = self._upstream_names
-        if known is not None and name not in known:
-            hint = did_you_mean(name, sorted(known)) if known else " (no upstreams are defined)"
-            raise self.error(node, path, f"unknown upstream {name!r}{hint}")
-        return name
-
-    def _match(self, node: Node, path: str) -> MatchConfig:
-        keys = ("host", "path", "path_prefix", "path_regex", "methods", "headers", "query")
-        fields = self.mapping(node, path, keys)
-        given = [key for key in _PATH_KEYS if key in fields]
-        for extra in given[1:]:
-            fields.error(extra, f"give at most one of path, path_prefix, path_regex ({given[0]})")
-        return MatchConfig(
-            host=fields.get("host", self._host_pattern, None),
-            path=fields.get("path", self._path, None),
-            path_prefix=fields.get("path_prefix", self._path, None),
-            path_regex=fields.get("path_regex", self.regex, None),
-            methods=fields.get("methods", self._methods, None),
-            headers=fields.get("headers", self._headers, ()),
-            query=fields.get("query", self._query, ()),
-        )
-
-    def _host_pattern(self, node: Node, path: str) -> str | None:
-        return self.convert(node, path, parse_host_pattern, "a host like 'api.example.com'")
-
-    def _path(self, node: Node, path: str) -> str:
-        value = self.string(node, path)
-        if not value.startswith("/"):
-            raise self.error(node, path, f"must start with '/', got {value!r}")
-        return value
-
-    def _methods(self, node: Node, path: str) -> tuple[str, ...]:
-        methods: dict[str, None] = {}  # ordered set: duplicates are harmless
-        for item, item_path in self._items(
-            node, path, "must not be empty (leave it out for any method)"
-        ):
-            with suppress(Reported):
-                method = self.string(item, item_path).upper()
-                if not _TOKEN_RE.fullmatch(method):
-                    raise self.error(item, item_path, f"invalid method {method!r}")
-                methods[method] = None
-        return tuple(methods)
-
-    def _headers(self, node: Node, path: str) -> tuple[HeaderMatch, ...]:
-        return self._value_matches(node, path, HeaderMatch, header=True)
-
-    def _query(self, node: Node, path: str) -> tuple[QueryMatch, ...]:
-        return self._value_matches(node, path, QueryMatch, header=False)
-
-    def _value_matches(
-        self, node: Node, path: str, kind: Callable[[str, str | None, str | None], _M], header: bool
-    ) -> tuple[_M, ...]:
-        matches: list[_M] = []
-        seen: dict[str, str] = {}
-        for key_node, key, value in self.entries(node, path):
-            item_path = join_path(path, key)
-            name = key.lower() if header else key
-            if header and not _TOKEN_RE.fullmatch(key):
-                self.error(key_node, item_path, f"invalid header name {key!r}")
-            elif not key:
-                self.error(key_node, item_path, "the parameter name must not be empty")
-            elif name in seen:  # header names differ only in case
-                self.error(key_node, item_path, f"duplicate header {key!r} (also {seen[name]})")
-            seen[name] = item_path
-            with suppress(Reported):
-                matches.append(kind(name, *self._value_match(value, item_path)))
-        return tuple(matches)
-
-    def _value_match(self, node: Node, path: str) -> tuple[str | None, str | None]:
-        """(value, regex) of a header or query match: a scalar is an exact value."""
-        if self.value(node, path) is not node:
-            return self.text(node, path), None
-        errors_before = len(self._errors)
-        fields = self.mapping(node, path, ("value", "regex", "present"))
-        if not fields.nodes and len(self._errors) > errors_before:
-            raise Reported  # only unknown keys, already reported
-        if len(fields.nodes) != 1:
-            raise self.error(node, path, "expected exactly one of value, regex, present: true")
-        if not fields.get("present", self.boolean, True):
-            raise fields.error("present", "only 'present: true' is supported")
-        value = fields.get("value", self.text, None)
-        regex = fields.get("regex", self.regex, None)
-        if value is None and regex is None and "present" not in fields:
-            raise Reported  # the error is recorded
-        return value, regex
-
-    def _rewrite(self, node: Node, path: str) -> RewriteConfig:
-        keys = ("strip_prefix", "add_prefix", "regex", "replacement", "host")
-        fields = self.mapping(node, path, keys)
-        rewrite = RewriteConfig(
-            strip_prefix=fields.get("strip_prefix", self._path, None),
-            add_prefix=fields.get("add_prefix", self._path, None),
-            regex=fields.get("regex", self.regex, None),
-            replacement=fields.get("replacement", self.string, None),
-            host=fields.get("host", self._rewrite_host, None),
-        )
-        for given, needs in (("regex", "replacement"), ("replacement", "regex")):
-            if given in fields and needs not in fields:
-                fields.error(given, f"{given} needs {needs} (give both or neither)")
-        if rewrite.regex is not None and rewrite.replacement is not None:
-            problem = _replacement_problem(rewrite.regex, rewrite.replacement)
-            if problem:
-                fields.error("replacement", f"invalid replacement: {problem}")
-        return rewrite
-
-    def _rewrite_host(self, node: Node, path: str) -> str:
-        host = self.string(node, path)
-        if not _REWRITE_HOST_RE.fullmatch(host):
-            raise self.error(node, path, f"invalid host {host!r}")
-        return host
 
     # --- limits ---
 

@@ -13,8 +13,10 @@ import h2.connection
 import h2.events
 from h2.errors import ErrorCodes
 from hyperframe.frame import Frame, GoAwayFrame
+from multidict import CIMultiDict
 
 from proxy.config_model import Http2Config, LimitsConfig, ListenerConfig
+from proxy.models import Body, Request, Response
 from proxy.protocol.http2 import Http2Protocol
 from tests.helpers import FakeServer, FastResponder, Handler, RecordingConnection, echo_handler
 
@@ -215,3 +217,34 @@ async def connected(
     peer.send()  # our SETTINGS ACK
     await settle(protocol)
     return protocol, conn, server, peer
+
+
+def blocked(release: asyncio.Event, started: list[Request] | None = None) -> Handler:
+    """echo_handler once `release` is set (records each request as it starts)."""
+
+    async def handler(request: Request) -> Response:
+        if started is not None:
+            started.append(request)
+        await release.wait()
+        return await echo_handler(request)
+
+    return handler
+
+
+def returning(body: Body, status: int = 200) -> Handler:
+    """A handler answering `status` with `body` (which the test may still be feeding)."""
+
+    async def handler(request: Request) -> Response:
+        return Response(status, CIMultiDict([("content-type", "text/plain")]), body)
+
+    return handler
+
+
+async def spin(times: int = 5) -> None:
+    """Let the loop run a few iterations (stream tasks start, flushes happen)."""
+    for _ in range(times):
+        await asyncio.sleep(0)
+
+
+def stream_frames(frames: list[Frame], stream_id: int) -> list[Frame]:
+    return [frame for frame in frames if frame.stream_id == stream_id]

@@ -13,8 +13,7 @@ from hyperframe.frame import GoAwayFrame
 
 from proxy.connection import ConnectionPhase
 from proxy.models import Request
-from tests.proxy.protocol.http2_helpers import connected, parse_frames, settle
-from tests.proxy.protocol.test_http2_protocol import blocked, spin
+from tests.proxy.protocol.http2_helpers import blocked, connected, parse_frames, settle, spin
 
 
 @pytest.mark.parametrize(
