@@ -310,8 +310,17 @@ async def test_client_eof_finishes_streams_then_closes() -> None:
 
 
 async def test_client_goaway_with_an_error_closes_and_cancels_streams() -> None:
-    release = asyncio.Event()
-    protocol, conn, _server, peer = await connected(handler=blocked(release))
+    cancelled = asyncio.Event()
+
+    async def waits_forever(request: Request) -> Response:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        raise AssertionError("unreachable")
+
+    protocol, conn, _server, peer = await connected(handler=waits_forever)
     peer.request(1)
     peer.send()
     await spin()
@@ -322,7 +331,7 @@ async def test_client_goaway_with_an_error_closes_and_cancels_streams() -> None:
     peer.send()
     await asyncio.wait({task}, timeout=1.0)
     assert task.done()
-    assert not release.is_set()  # the handler never finished: its task was cancelled
+    assert cancelled.is_set()
     assert conn.closed_by == "close"
 
 
