@@ -194,13 +194,14 @@ async def test_client_reset_cancels_the_handler_task(split: int | None) -> None:
         raise AssertionError("unreachable")
 
     protocol, conn, _server, peer = await connected(handler=handler)
-    peer.request(1, path=b"/hang")
+    hung = 1
+    peer.request(hung, path=b"/hang")
     peer.send(split)
     await started.wait()
     [stream] = protocol._streams.values()
     task = stream.task
     assert task is not None
-    peer.h2.reset_stream(1, ErrorCodes.CANCEL)
+    peer.h2.reset_stream(hung, ErrorCodes.CANCEL)
     peer.send(split)
     await asyncio.wait({task}, timeout=1.0)
     assert task.done()
@@ -208,7 +209,7 @@ async def test_client_reset_cancels_the_handler_task(split: int | None) -> None:
     assert not protocol._streams
     await spin()
     peer.receive()
-    assert 1 not in peer.responses  # nothing is sent for a cancelled stream
+    assert hung not in peer.responses  # nothing is sent for a cancelled stream
     assert not conn.closed
     assert conn.phase is ConnectionPhase.IDLE
 
