@@ -114,6 +114,11 @@ class Server:
                 listener keeps the certificate it had.
         """
         for tls, context in self._tls_contexts:
+            # Loaded into a scratch context first: a pair that does not match (say, half
+            # way through a renewal) must not leave the live one with a cert and no key.
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(
+                tls.cert, tls.key, password=_no_passphrase
+            )
             context.load_cert_chain(tls.cert, tls.key, password=_no_passphrase)
 
     def forget(self, conn: ClientConnection) -> None:

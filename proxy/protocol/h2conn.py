@@ -20,6 +20,7 @@ from proxy.protocol.hpack_cache import memoise_hpack
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # RFC 9113 section 3.4
 DEFAULT_WINDOW_BYTES = 65_535  # RFC 9113 section 6.9.2
+MAX_WINDOW_BYTES = 2**31 - 1  # RFC 9113 section 6.9.1
 # The connection-level receive window: bounds what all streams together may have in
 # flight towards us (and so our buffering per connection), well above one stream's.
 CONNECTION_WINDOW_FACTOR = 4
@@ -100,7 +101,7 @@ def server_connection(settings: Http2Config) -> h2.connection.H2Connection:
         settings, settings.max_concurrent_streams * STREAM_HARD_CAP_FACTOR
     )
     conn.decoder.max_header_list_size = hard_header_cap(settings)
-    window = settings.initial_window_size * CONNECTION_WINDOW_FACTOR
+    window = min(settings.initial_window_size * CONNECTION_WINDOW_FACTOR, MAX_WINDOW_BYTES)
     if window > DEFAULT_WINDOW_BYTES:
         conn.increment_flow_control_window(window - DEFAULT_WINDOW_BYTES)
     return conn

@@ -26,6 +26,10 @@ HEADER_FIELD_OVERHEAD_BYTES = 32
 # no leading or trailing whitespace.
 _NAME_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9a-z-]+")
 _BAD_VALUE_RE = re.compile(rb"[\x00\r\n]|^[ \t]|[ \t]$")
+# :method is a token (RFC 9110 section 9.1); :path and :authority carry no whitespace or
+# control bytes (RFC 3986), since they are copied into HTTP/1.1 request lines and Host.
+_METHOD_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_TARGET_RE = re.compile(rb"[\x21-\x7e\x80-\xff]*")
 _PSEUDO_REQUEST_FIELDS = frozenset({b":method", b":scheme", b":authority", b":path", b":protocol"})
 # RFC 9113 section 8.2.2: fields that only mean something for one HTTP/1.1 hop.
 CONNECTION_SPECIFIC = frozenset(
@@ -100,6 +104,8 @@ def request_fields(fields: list[tuple[bytes, bytes]], max_list_bytes: int) -> Re
     protocol = pseudo.get(b":protocol", b"")
     if not method or (protocol and method != b"CONNECT"):
         raise MalformedRequest("missing :method, or :protocol without CONNECT")
+    if _METHOD_RE.fullmatch(method) is None:
+        raise MalformedRequest("invalid :method")
     path = pseudo.get(b":path", b"")
     if method != b"CONNECT" or protocol:
         if not path or not pseudo.get(b":scheme"):
@@ -112,6 +118,8 @@ def request_fields(fields: list[tuple[bytes, bytes]], max_list_bytes: int) -> Re
             if name == b"host":
                 authority = value
                 break
+    if _TARGET_RE.fullmatch(path) is None or _TARGET_RE.fullmatch(authority) is None:
+        raise MalformedRequest("whitespace or a control byte in :path or :authority")
     return RequestFields(
         method,
         pseudo.get(b":scheme", b""),
@@ -176,12 +184,17 @@ def response_fields(response: Response, content_length: int | None) -> list[tupl
 
 
 def trailer_fields(trailers: Trailers) -> list[tuple[bytes, bytes]]:
-    """Trailers as an HTTP/2 field list (lower-cased names, unsafe values dropped)."""
+    """Trailers as an HTTP/2 field list: lower-cased names; fields a trailer section must
+    not carry, and values with CR, LF or NUL, are dropped (an h2 client would treat the
+    whole response as malformed)."""
     out: list[tuple[bytes, bytes]] = []
     for name, value in trailers:
+        lower = name.lower().encode("latin-1")
         encoded = value.encode("latin-1")
+        if lower in _FORBIDDEN_TRAILERS or lower[:1] == b":":
+            continue
         if b"\r" in encoded or b"\n" in encoded or b"\0" in encoded:
             log.warning("dropping trailer %r: CR, LF or NUL in its value", name)
             continue
-        out.append((name.lower().encode("latin-1"), encoded))
+        out.append((lower, encoded))
     return out

@@ -55,6 +55,10 @@ def memoise_hpack(conn: h2.connection.H2Connection) -> None:
 
     def cached_encode(headers: Iterable[Any], huffman: bool = True) -> bytes:
         fields = tuple(headers)
+        if encoder.table_size_changes:
+            # The peer resized our table (SETTINGS_HEADER_TABLE_SIZE): this block must
+            # start with a size update, and entries cached blocks point at may be gone.
+            encoded.clear()
         hit = encoded.get(fields)
         if hit is not None:
             return hit

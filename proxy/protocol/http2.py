@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 
 import h2.events
 import h2.exceptions
+from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
@@ -145,6 +146,7 @@ class Http2Protocol:
         except ProxyError as exc:  # 431
             count_http2_limit(Http2Limit.HEADER_LIST)
             stream = self._streams[stream_id] = H2Exchange(stream_id)
+            stream.reset_when_done = not event.stream_ended
             self._start_task(stream, None, exc)
             return
         stream = self._streams[stream_id] = H2Exchange(stream_id)
@@ -294,6 +296,10 @@ class Http2Protocol:
         elif not self._streams:
             self._writer.flush()
             self._conn.close()  # the client is done with us and nothing is in flight
+        else:
+            # h2 closes its state machine on any GOAWAY (python-hyper/h2 #1181), but a
+            # graceful one lets the streams already open finish (RFC 9113 section 6.8).
+            self._h2.state_machine.state = ConnectionState.SERVER_OPEN
 
     def _calm_down(self, reason: Http2Limit) -> None:
         log.info("HTTP/2 %s from %s: GOAWAY", reason.value, self._conn.client[0])
@@ -383,6 +389,11 @@ class Http2Protocol:
     def _stream_done(self, stream: H2Exchange) -> None:
         if self._streams.get(stream.id) is stream:
             del self._streams[stream.id]
+        request = stream.request
+        if request is not None and stream.body is None:
+            # A complete body the exchange never read (a 401, 404 or early answer): what
+            # is buffered is dropped, and its share of the windows handed back.
+            request.body.discard()
         body = stream.body
         if body is not None or stream.reset_when_done:
             # Answered before the client finished its upload: RFC 9113 section 8.1 lets

@@ -407,3 +407,23 @@ async def test_many_streams_waiting_on_a_client_that_reads_late_all_complete(
     writer.close()
 
     assert received == dict.fromkeys(streams, 3_000_000)
+
+
+async def test_a_certificate_reload_with_a_mismatched_pair_keeps_the_old_certificate(
+    gateway_factory: GatewayFactory,
+    upstream: UpstreamServer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    from tests.tls import make_tls_files
+
+    first = make_tls_files(tmp_path_factory.mktemp("kept"))
+    other = make_tls_files(tmp_path_factory.mktemp("other"))
+    server = await gateway_factory(tls_config(upstream, first))
+    url = f"https://localhost:{server.addresses[0][1]}/"
+    first.cert.write_bytes(other.cert.read_bytes())  # half way through a renewal
+
+    with pytest.raises(ssl.SSLError):
+        server.reload_certificates()
+
+    async with httpx.AsyncClient(verify=first.client_context(["http/1.1"])) as client:
+        assert (await client.get(url)).status_code == 200

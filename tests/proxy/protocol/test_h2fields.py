@@ -113,3 +113,29 @@ def test_model_fields_with_control_characters_are_dropped() -> None:
 
     assert response_fields(response, None) == [(b":status", b"404"), (b"x-ok", b"yes")]
     assert trailer_fields([("Grpc-Status", "0"), ("x-bad", "\n")]) == [(b"grpc-status", b"0")]
+
+
+@pytest.mark.parametrize(
+    "pseudo",
+    [
+        (b":method", b"GET /admin HTTP/1.1"),
+        (b":method", b"G\xffT"),
+        (b":path", b"/a b"),
+        (b":path", b"/a\tb"),
+        (b":authority", b"a b"),
+        (b":authority", b"a\x7f"),
+    ],
+)
+def test_pseudo_headers_that_would_split_an_http1_request_line_are_refused(
+    pseudo: tuple[bytes, bytes],
+) -> None:
+    fields = [field for field in BASE if field[0] != pseudo[0]]
+
+    with pytest.raises(MalformedRequest):
+        request_fields([pseudo, *fields], 4096)
+
+
+def test_trailers_a_trailer_section_must_not_carry_are_dropped() -> None:
+    trailers = [("grpc-status", "0"), ("Content-Length", "3"), ("connection", "x")]
+
+    assert trailer_fields(trailers) == [(b"grpc-status", b"0")]

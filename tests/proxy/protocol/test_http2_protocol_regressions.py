@@ -11,8 +11,12 @@ import pytest
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
+from proxy.config_model import Http2Config
 from proxy.connection import ConnectionPhase
-from proxy.models import Request
+from proxy.errors import BadRequest
+from proxy.local_reply import local_reply
+from proxy.models import Request, Response
+from proxy.protocol.h2conn import server_connection
 from tests.proxy.protocol.http2_helpers import blocked, connected, parse_frames, settle, spin
 
 
@@ -158,3 +162,77 @@ async def test_a_response_stalled_on_a_shut_window_is_reset_at_its_deadline() ->
     assert peer.responses[1].reset is not None
     assert not protocol._streams
     assert not conn.closed
+
+
+# --- found by review ---------------------------------------------------------------------
+
+
+async def test_a_graceful_client_goaway_lets_the_stream_in_flight_finish() -> None:
+    # h2 closes its state machine on any GOAWAY; sending the answer to a stream opened
+    # before it then raised, and the client never got it.
+    release = asyncio.Event()
+    protocol, conn, _server, peer = await connected(handler=blocked(release))
+    peer.request(1)
+    peer.send()
+    await spin()
+    goaway = GoAwayFrame(0)
+    goaway.last_stream_id = 0
+    goaway.error_code = ErrorCodes.NO_ERROR
+    protocol.feed(goaway.serialize())
+    release.set()
+    await settle(protocol)
+    peer.receive()
+
+    assert peer.responses[1].status == 200
+    assert peer.responses[1].ended
+    assert conn.closed_by == "close"  # then, with nothing in flight, the connection closes
+
+
+async def test_a_request_body_the_exchange_never_reads_gives_its_window_back() -> None:
+    # A handler that answers without reading (401, 404, an early upstream answer) left
+    # the body's bytes charged to the connection window for good: after 4 x the window
+    # of such uploads, every later upload stalled.
+    async def refuse(request: Request) -> Response:
+        return local_reply(BadRequest("no"), request)
+
+    protocol, _conn, _server, peer = await connected(handler=refuse)
+    manager = protocol._h2._inbound_flow_control_window_manager
+    available = manager.current_window_size + manager._bytes_processed
+    for stream_id in (1, 3, 5):
+        peer.request(stream_id, method=b"POST", body=b"x" * 16000)
+        peer.send()
+        await settle(protocol)
+        peer.receive()
+        assert peer.responses[stream_id].status == 400
+
+    assert manager.current_window_size + manager._bytes_processed == available
+
+
+def test_a_connection_window_of_four_times_a_large_stream_window_is_capped() -> None:
+    # initial_window_size up to 2^31-1 is valid, but 4x it is not a valid window
+    # increment: every HTTP/2 connection failed to start.
+    connection = server_connection(Http2Config(initial_window_size=2**30))
+
+    assert connection.inbound_flow_control_window == 2**31 - 1
+
+
+async def test_a_cached_header_block_is_not_reused_after_the_client_shrinks_the_table() -> None:
+    # The HPACK memo replayed an all-indexed block after the client set
+    # SETTINGS_HEADER_TABLE_SIZE 0: no size update, entries gone, COMPRESSION_ERROR.
+    protocol, _conn, _server, peer = await connected()
+    for stream_id in (1, 3, 5):
+        peer.request(stream_id, path=b"/same")
+        peer.send()
+        await settle(protocol)
+        peer.receive()
+    peer.h2.update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: 0})
+    peer.send()
+    await settle(protocol)
+    peer.receive()
+    peer.request(7, path=b"/same")
+    peer.send()
+    await settle(protocol)
+    peer.receive()
+
+    assert peer.responses[7].status == 200
+    assert peer.goaway is None
