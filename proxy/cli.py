@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import sys
@@ -37,6 +38,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Young-generation collections every GC_GEN0_THRESHOLD allocations instead of CPython's 700:
+# a request allocates ~100 short-lived objects, so the default ran a collection every few
+# requests. Measured with h2load on `/` (h2c): 55.5 -> 52.5 us CPU per request.
+GC_GEN0_THRESHOLD = 50_000
+
+
+def tune_gc() -> None:
+    """For a serving worker: what start-up allocated (modules, config, route tables) is
+    moved out of the collector's sight, and young collections run far less often."""
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+
+
 def run_worker(config: Config, *, loop: str = "uvloop", reuse_port: bool = False) -> int:
     """Serve `config` in this process until SIGTERM/SIGINT; returns the exit code."""
     from proxy.server import Server
@@ -48,6 +63,7 @@ def run_worker(config: Config, *, loop: str = "uvloop", reuse_port: bool = False
         except OSError as exc:
             log.error("cannot start: %s", exc)
             return EXIT_START
+        tune_gc()
         await server.serve_until_signalled()
         return EXIT_OK
 

@@ -32,6 +32,7 @@ from proxy.models import Body, Request, Response
 from proxy.protocol.h2conn import H2Exchange, hard_header_cap, server_connection
 from proxy.protocol.h2fields import (
     MalformedRequest,
+    RequestFields,
     request_fields,
     request_trailers,
 )
@@ -40,6 +41,9 @@ from proxy.protocol.h2send import ResponseWriter
 from proxy.upstream.http1 import StaleConnection
 
 log = logging.getLogger(__name__)
+
+# Distinct request field lists validated once per connection (see `_request_fields`).
+MAX_MEMOISED_FIELD_LISTS = 32
 
 
 class Http2Protocol:
@@ -56,6 +60,7 @@ class Http2Protocol:
         self._resets = RateWindow(settings.max_resets_per_second, conn.loop.time)
         self._control = RateWindow(settings.max_control_frames_per_second, conn.loop.time)
         self._header_limit = settings.max_header_list_size
+        self._fields_memo: dict[tuple[tuple[bytes, bytes], ...], RequestFields] = {}
         self._hard_header_cap = hard_header_cap(settings)
         self._closing = False  # GOAWAY sent or received: no new streams
         self._dead = False  # terminated: nothing more is read or sent
@@ -136,7 +141,7 @@ class Http2Protocol:
             self._refuse(stream_id)
             return
         try:
-            fields = request_fields(event.headers or [], self._header_limit)
+            fields = self._request_fields(event.headers or [])
         except MalformedRequest as exc:
             # RFC 9113 section 8.1.1: a malformed request is a stream error.
             log.debug("malformed HTTP/2 request on stream %d: %s", stream_id, exc)
@@ -172,7 +177,7 @@ class Http2Protocol:
         request = Request(
             fields.method.decode("ascii", "replace"),
             fields.path,
-            fields.headers,
+            list(fields.headers),  # the memo's list stays as validated
             body,
             http_version="2",
             client=conn.client,
@@ -185,6 +190,18 @@ class Http2Protocol:
         ):
             return  # answered from the upstream connection's callback: no task
         self._start_task(stream, request, None)
+
+    def _request_fields(self, headers: list[tuple[bytes, bytes]]) -> RequestFields:
+        """`request_fields`, memoised per connection: clients repeat the same field list
+        (the HPACK memo hands back the same tuples), and validating it again costs more
+        than a dictionary lookup. Only valid lists are kept, a bounded number of them."""
+        key = tuple(headers)
+        fields = self._fields_memo.get(key)
+        if fields is None:
+            fields = request_fields(headers, self._header_limit)
+            if len(self._fields_memo) < MAX_MEMOISED_FIELD_LISTS:
+                self._fields_memo[key] = fields
+        return fields
 
     def _on_data(self, event: h2.events.DataReceived) -> None:
         stream = self._streams.get(event.stream_id)

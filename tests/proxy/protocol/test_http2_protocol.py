@@ -336,3 +336,22 @@ async def test_large_response_waits_for_the_clients_window() -> None:
     peer.receive()
     assert bytes(peer.responses[1].body) == data
     assert peer.responses[1].ended
+
+
+async def test_a_repeated_field_list_is_validated_once_and_each_request_owns_its_headers() -> None:
+    protocol, _conn, server, peer = await connected()
+    for stream_id in (1, 3):
+        peer.request(stream_id, path=b"/same", extra=[(b"x-a", b"1")])
+        peer.send()
+        await settle(protocol)
+    peer.request(5, path=b"/bad", extra=[(b"X-Upper", b"1")])  # malformed: never memoised
+    peer.request(7, path=b"/bad", extra=[(b"X-Upper", b"1")])
+    peer.send()
+    await settle(protocol)
+    peer.receive()
+
+    first, second = server.requests
+    assert first.raw_headers == second.raw_headers
+    assert first.raw_headers is not second.raw_headers
+    assert len(protocol._fields_memo) == 1
+    assert peer.responses[5].reset == peer.responses[7].reset == ErrorCodes.PROTOCOL_ERROR
