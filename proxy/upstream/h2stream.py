@@ -1,6 +1,7 @@
 """The upstream HTTP/2 client's vocabulary: its windows and limits, the states of a
 connection and of a stream, the error for a stream the upstream never processed, and the
-per-stream state the connection keeps (`UpstreamStream`)."""
+per-stream state the connection keeps (`UpstreamStream`). Request trailers are filtered
+by `proxy.protocol.h2fields.trailer_fields`, as the front end's response trailers are."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import asyncio
 import enum
 
 from proxy.errors import UpstreamReset
-from proxy.models import Body, RawHeaders, Response, Trailers
+from proxy.models import Body, Response, Trailers
 
 # Our receive windows. A stream's window bounds what a paused (slow-client) stream can hold
 # beyond the Body's high watermark; the connection window is re-opened on receipt.
@@ -36,8 +37,6 @@ DROPPED_RESPONSE_FIELDS = frozenset(
         b"trailer",
     }
 )
-# Never forwarded as request trailers (RFC 9110 section 6.5.1 / RFC 9113 section 8.2.2).
-_FORBIDDEN_TRAILERS = DROPPED_RESPONSE_FIELDS | {b"host", b"te", b"content-type"}
 
 
 class H2ConnState(enum.Enum):
@@ -106,16 +105,3 @@ class UpstreamStream:
 
     def __repr__(self) -> str:
         return f"<UpstreamStream {self.stream_id} {self.state.name}>"
-
-
-def request_trailers(trailers: Trailers | None) -> RawHeaders:
-    """Request trailers for the h2 upstream: lower-cased, without pseudo-headers and the
-    fields a trailer section must not carry."""
-    if not trailers:
-        return []
-    out: RawHeaders = []
-    for name, value in trailers:
-        lower = name.lower().encode("latin-1")
-        if lower not in _FORBIDDEN_TRAILERS and not lower.startswith(b":"):
-            out.append((lower, value.encode("latin-1")))
-    return out

@@ -38,6 +38,7 @@ from proxy.errors import (
     UpstreamTimeout,
 )
 from proxy.models import Body, RawHeaders, Response
+from proxy.protocol.h2fields import trailer_fields
 from proxy.upstream.h2stream import (
     CONNECTION_ACK_BYTES,
     CONNECTION_WINDOW_BYTES,
@@ -51,7 +52,6 @@ from proxy.upstream.h2stream import (
     H2StreamState,
     StreamRefused,
     UpstreamStream,
-    request_trailers,
 )
 
 if TYPE_CHECKING:
@@ -431,7 +431,7 @@ class H2UpstreamConnection(asyncio.Protocol):
                 trailers = None
             if stream.state is H2StreamState.DONE:
                 return
-            fields = request_trailers(trailers)
+            fields = trailer_fields(trailers) if trailers else []
             if fields:
                 self._h2.send_headers(stream.stream_id, fields, end_stream=True)
             else:
