@@ -113,6 +113,56 @@ _FORWARDED = {
 }
 
 
+def _end_to_end(
+    pairs: RawHeaders, named: frozenset[bytes] | None
+) -> tuple[RawHeaders, list[bytes | None], bool]:
+    """Split raw request fields for the upstream hop: the end-to-end ones (as received),
+    the values of X-Forwarded-For/-Proto/-Host and Via to be appended to, and whether
+    the client sent `TE: trailers` (the one TE value that passes, for gRPC). `named` is
+    the set of fields the client's Connection header names (dropped as hop-by-hop)."""
+    kept: RawHeaders = []
+    forwarded: list[bytes | None] = [None, None, None, None]
+    te_trailers = False
+    for name, value in pairs:
+        lower = name.lower()
+        if lower in _RAW_HOP_BY_HOP:
+            slot = _FORWARDED.get(lower)
+            if slot is not None:
+                previous = forwarded[slot]
+                forwarded[slot] = value if previous is None else previous + b", " + value
+            elif lower == b"te" and value.strip().lower() == b"trailers":
+                te_trailers = True
+            continue
+        if named is not None and lower in named:
+            continue
+        kept.append((name, value))
+    return kept, forwarded, te_trailers
+
+
+def _forwarding_values(
+    request: Request, forwarded: list[bytes | None]
+) -> tuple[bytes, bytes, bytes | None, bytes]:
+    """X-Forwarded-For, -Proto, -Host (None without a Host) and Via for the upstream
+    hop: what the client sent, with this hop appended (RFC 9110 section 7.6.3)."""
+    xff, proto, fhost, via = forwarded
+    client = request.client[0].encode()
+    scheme = request.scheme.encode()
+    host: bytes | None = None
+    if request.host:
+        original = request.host.encode("latin-1")
+        host = original if fhost is None else fhost + b", " + original
+    hop = _VIA_HOPS.get(request.http_version) or b"%s %s" % (
+        request.http_version.encode(),
+        VIA_TOKEN.encode(),
+    )
+    return (
+        client if xff is None else xff + b", " + client,
+        scheme if proto is None else proto + b", " + scheme,
+        host,
+        hop if via is None else via + b", " + hop,
+    )
+
+
 def upstream_request_head(
     request: Request, target: bytes, host: str, body_length: int | None, chunked: bool
 ) -> bytes:
@@ -149,6 +199,8 @@ def _raw_head(
     named = connection_tokens(connection) if connection else None
     if named is not None and named <= _USUAL_CONNECTION_TOKENS:
         named = None  # "keep-alive", "close": nothing beyond the usual set
+    # `_end_to_end`'s rule, inline: this is the HTTP/1.1 hot path, and building the list
+    # of kept fields first costs ~1 us per request (3%) here.
     forwarded: list[bytes | None] = [None, None, None, None]
     for name, value in raw:
         lower = name.lower()
@@ -163,22 +215,11 @@ def _raw_head(
         if named is not None and lower in named:
             continue
         parts += (b"\r\n", name, b": ", value)
-    client = request.client[0].encode()
-    xff, proto, fhost, via = forwarded
-    parts += (b"\r\nX-Forwarded-For: ", client if xff is None else xff + b", " + client)
-    scheme = request.scheme.encode()
-    parts += (b"\r\nX-Forwarded-Proto: ", scheme if proto is None else proto + b", " + scheme)
-    if request.host:
-        original = request.host.encode("latin-1")
-        parts += (
-            b"\r\nX-Forwarded-Host: ",
-            original if fhost is None else fhost + b", " + original,
-        )
-    hop = _VIA_HOPS.get(request.http_version) or b"%s %s" % (
-        request.http_version.encode(),
-        VIA_TOKEN.encode(),
-    )
-    parts += (b"\r\nVia: ", hop if via is None else via + b", " + hop)
+    xff, proto, fhost, via = _forwarding_values(request, forwarded)
+    parts += (b"\r\nX-Forwarded-For: ", xff, b"\r\nX-Forwarded-Proto: ", proto)
+    if fhost is not None:
+        parts += (b"\r\nX-Forwarded-Host: ", fhost)
+    parts += (b"\r\nVia: ", via)
     if chunked:
         parts.append(b"\r\nTransfer-Encoding: chunked")
     elif body_length is not None and (body_length or request.method not in _BODYLESS):
@@ -237,33 +278,15 @@ def upstream_h2_headers(
                 named = (named or frozenset()) | connection_tokens(value)
     if named is not None and named <= _USUAL_CONNECTION_TOKENS:
         named = None
-    forwarded: list[bytes | None] = [None, None, None, None]
-    for name, value in pairs:
-        lower = name.lower()
-        if lower in _RAW_HOP_BY_HOP:
-            slot = _FORWARDED.get(lower)
-            if slot is not None:
-                previous = forwarded[slot]
-                forwarded[slot] = value if previous is None else previous + b", " + value
-            elif lower == b"te" and value.strip().lower() == b"trailers":
-                out.append((b"te", b"trailers"))  # the one TE value HTTP/2 allows (gRPC)
-            continue
-        if named is not None and lower in named:
-            continue
-        out.append((lower, value))
-    xff, proto, fhost, via = forwarded
-    client = request.client[0].encode()
-    out.append((b"x-forwarded-for", client if xff is None else xff + b", " + client))
-    own_scheme = request.scheme.encode()
-    out.append((b"x-forwarded-proto", own_scheme if proto is None else proto + b", " + own_scheme))
-    if request.host:
-        original = request.host.encode("latin-1")
-        out.append((b"x-forwarded-host", original if fhost is None else fhost + b", " + original))
-    hop = _VIA_HOPS.get(request.http_version) or b"%s %s" % (
-        request.http_version.encode(),
-        VIA_TOKEN.encode(),
-    )
-    out.append((b"via", hop if via is None else via + b", " + hop))
+    kept, forwarded, te_trailers = _end_to_end(pairs, named)
+    if te_trailers:
+        out.append((b"te", b"trailers"))  # the one TE value HTTP/2 allows (gRPC)
+    out += [(name.lower(), value) for name, value in kept]
+    xff, proto, fhost, via = _forwarding_values(request, forwarded)
+    out += ((b"x-forwarded-for", xff), (b"x-forwarded-proto", proto))
+    if fhost is not None:
+        out.append((b"x-forwarded-host", fhost))
+    out.append((b"via", via))
     if body_length is not None and (body_length or request.method not in _BODYLESS):
         out.append((b"content-length", b"%d" % body_length))
     return out
