@@ -94,6 +94,18 @@ class _SocketClient:
                 self._changed.clear()
                 await self._changed.wait()
 
+    async def _read_chunk(self) -> bytes | None:
+        """The next bytes from the gateway; None (and `closed` set) at EOF or reset."""
+        try:
+            data = await self.reader.read(READ_BYTES)
+        except (ConnectionError, ssl.SSLError):
+            data = b""
+        if not data:
+            self.closed = True
+            self._changed.set()
+            return None
+        return data
+
     async def wait_closed(self, timeout_s: float = 5.0) -> None:
         """Wait until the gateway closes the connection (EOF or reset)."""
         async with asyncio.timeout(timeout_s):
@@ -159,13 +171,8 @@ class H2Client(_SocketClient):
     async def _read_forever(self) -> None:
         try:
             while True:
-                try:
-                    data = await self.reader.read(READ_BYTES)
-                except (ConnectionError, ssl.SSLError):
-                    data = b""
-                if not data:
-                    self.closed = True
-                    self._changed.set()
+                data = await self._read_chunk()
+                if data is None:
                     return
                 try:
                     events = self.conn.receive_data(data)
@@ -405,13 +412,8 @@ class RawH2Client(_SocketClient):
         buffer = bytearray()
         try:
             while True:
-                try:
-                    data = await self.reader.read(READ_BYTES)
-                except (ConnectionError, ssl.SSLError):
-                    data = b""
-                if not data:
-                    self.closed = True
-                    self._changed.set()
+                data = await self._read_chunk()
+                if data is None:
                     return
                 buffer += data
                 replies: list[hyperframe.frame.Frame] = []
