@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -40,3 +40,58 @@ _HTTP2_LIMIT_CHILDREN = {limit: HTTP2_LIMIT_HITS.labels(limit.value) for limit i
 def count_http2_limit(limit: Http2Limit) -> None:
     """One more hit of `limit`."""
     _HTTP2_LIMIT_CHILDREN[limit].inc()
+
+
+class TunnelClose(enum.Enum):
+    """Why a WebSocket tunnel ended: the side that ended it first, and how."""
+
+    CLIENT_CLOSED = "client_closed"  # the client closed its side (after its close frame)
+    UPSTREAM_CLOSED = "upstream_closed"
+    CLIENT_RESET = "client_reset"  # the client's connection broke (reset, stream reset)
+    UPSTREAM_RESET = "upstream_reset"
+    IDLE_TIMEOUT = "idle_timeout"  # no byte either way for the route's idle_timeout
+    MAX_DURATION = "max_duration"  # open longer than the route's max_duration
+    SHUTDOWN = "shutdown"  # the grace period ended: 1001 going away to both sides
+
+
+class TunnelDirection(enum.Enum):
+    """Which way tunnelled bytes went."""
+
+    UPSTREAM = "upstream"  # client -> upstream
+    DOWNSTREAM = "downstream"  # upstream -> client
+
+
+WEBSOCKET_TUNNELS_OPEN = Gauge(
+    "gatehouse_websocket_tunnels_open",
+    "WebSocket tunnels open now",
+    registry=REGISTRY,
+)
+WEBSOCKET_BYTES = Counter(
+    "gatehouse_websocket_bytes",
+    "Bytes tunnelled through WebSocket connections, by direction",
+    ["direction"],
+    registry=REGISTRY,
+)
+WEBSOCKET_CLOSES = Counter(
+    "gatehouse_websocket_closes",
+    "WebSocket tunnels ended, by reason",
+    ["reason"],
+    registry=REGISTRY,
+)
+_WEBSOCKET_BYTES_CHILDREN = {
+    direction: WEBSOCKET_BYTES.labels(direction.value) for direction in TunnelDirection
+}
+_WEBSOCKET_CLOSE_CHILDREN = {
+    reason: WEBSOCKET_CLOSES.labels(reason.value) for reason in TunnelClose
+}
+
+
+def count_tunnel_bytes(direction: TunnelDirection, size: int) -> None:
+    """`size` more bytes tunnelled `direction` (added in batches, not per chunk)."""
+    if size:
+        _WEBSOCKET_BYTES_CHILDREN[direction].inc(size)
+
+
+def count_tunnel_close(reason: TunnelClose) -> None:
+    """One more tunnel ended for `reason`."""
+    _WEBSOCKET_CLOSE_CHILDREN[reason].inc()

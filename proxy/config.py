@@ -46,6 +46,7 @@ from proxy.config_model import (
     UpstreamConfig,
     UpstreamTimeouts,
     UpstreamTls,
+    WebSocketConfig,
 )
 from proxy.config_reader import Reported, describe, join_path
 from proxy.config_routes import RouteSections
@@ -86,6 +87,7 @@ __all__ = [
     "UpstreamConfig",
     "UpstreamTimeouts",
     "UpstreamTls",
+    "WebSocketConfig",
     "load_config",
     "parse_config",
 ]
@@ -175,6 +177,7 @@ class _ConfigLoader(RouteSections):
     def __init__(self, source: str, env: Mapping[str, str]) -> None:
         super().__init__(source, env)
         self._upstream_names: set[str] | None = None  # None: unreadable, so skip the checks
+        self._upstream_protocols: dict[str, str] = {}
         self._binds: dict[tuple[str, int], str] = {}
 
     def config(self, root: Node | None) -> Config | None:
@@ -290,6 +293,7 @@ class _ConfigLoader(RouteSections):
         for _, name, value in entries:
             with suppress(Reported):
                 upstreams[name] = self._upstream(value, join_path(path, name), name)
+        self._upstream_protocols = {name: up.protocol for name, up in upstreams.items()}
         return upstreams
 
     def _upstream(self, node: Node, path: str, name: str) -> UpstreamConfig:

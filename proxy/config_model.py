@@ -161,6 +161,18 @@ class RewriteConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WebSocketConfig:
+    """`routes[i].websocket`: whether the route tunnels WebSocket upgrades (HTTP/1.1
+    Upgrade and HTTP/2 extended CONNECT), and the tunnels' deadlines. On by default for
+    routes whose upstream speaks HTTP/1.1 (the upstream hop is an HTTP/1.1 Upgrade);
+    upgrade requests on a route without it get 403."""
+
+    enabled: bool = True
+    idle_timeout: float | None = None  # no byte either way for this long: 1001, closed
+    max_duration: float | None = None  # open for this long: 1001, closed
+
+
+@dataclass(frozen=True, slots=True)
 class RouteConfig:
     """`routes[i]`."""
 
@@ -169,6 +181,7 @@ class RouteConfig:
     upstream: str
     rewrite: RewriteConfig = field(default_factory=RewriteConfig)
     max_body_size: int | None = None  # None: the server-wide limit applies
+    websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
     index: int = 0  # position in the file: ties in specificity go to the earlier route
 
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from typing import TypeVar
 
-from yaml.nodes import Node
+from yaml.nodes import MappingNode, Node
 
 from proxy.config_model import (
     HeaderMatch,
@@ -17,6 +17,7 @@ from proxy.config_model import (
     QueryMatch,
     RewriteConfig,
     RouteConfig,
+    WebSocketConfig,
 )
 from proxy.config_reader import NodeReader, Reported, did_you_mean, join_path
 from proxy.config_values import parse_host_pattern
@@ -59,6 +60,7 @@ class RouteSections(NodeReader):
     unreadable) lets a route's upstream be checked."""
 
     _upstream_names: set[str] | None
+    _upstream_protocols: dict[str, str]  # of the upstreams that were read
 
     def _routes(self, node: Node, path: str) -> tuple[RouteConfig, ...]:
         routes: list[RouteConfig] = []
@@ -69,7 +71,7 @@ class RouteSections(NodeReader):
         return tuple(routes)
 
     def _route(self, node: Node, path: str, index: int, names: dict[str, str]) -> RouteConfig:
-        keys = ("name", "match", "upstream", "rewrite", "max_body_size")
+        keys = ("name", "match", "upstream", "rewrite", "max_body_size", "websocket")
         fields = self.mapping(node, path, keys, ("match", "upstream"))
         errors_before = len(self._errors)
         match = fields.get("match", self._match, MatchConfig())
@@ -84,14 +86,41 @@ class RouteSections(NodeReader):
             self.error(fields.nodes.get("name", node), key_path, message)
         elif name:
             names[name] = path
+        upstream = fields.get("upstream", self._upstream_ref, "")
+        protocol = self._upstream_protocols.get(upstream, "http1")
+        # On by default where the upstream hop can be an HTTP/1.1 Upgrade.
+        websocket = fields.get(
+            "websocket", self._websocket, WebSocketConfig(enabled=protocol == "http1")
+        )
+        if "websocket" in fields and websocket.enabled and protocol != "http1":
+            fields.error(
+                "websocket",
+                f"WebSocket needs an HTTP/1.1 upstream (upstream {upstream!r} is {protocol})",
+            )
         return RouteConfig(
             name=name,
             match=match,
-            upstream=fields.get("upstream", self._upstream_ref, ""),
+            upstream=upstream,
             rewrite=fields.get("rewrite", self._rewrite, RewriteConfig()),
             max_body_size=fields.get("max_body_size", self.optional(self.size), None),
+            websocket=websocket,
             index=index,
         )
+
+    def _websocket(self, node: Node, path: str) -> WebSocketConfig:
+        """`websocket: true|false`, or a mapping of the tunnels' deadlines (on)."""
+        if not isinstance(node, MappingNode):
+            return WebSocketConfig(enabled=self.boolean(node, path))
+        fields = self.mapping(node, path, ("enabled", "idle_timeout", "max_duration"))
+        positive = self.optional(self._positive_duration)
+        return WebSocketConfig(
+            enabled=fields.get("enabled", self.boolean, True),
+            idle_timeout=fields.get("idle_timeout", positive, None),
+            max_duration=fields.get("max_duration", positive, None),
+        )
+
+    def _positive_duration(self, node: Node, path: str) -> float:
+        return self.duration(node, path, positive=True)
 
     def _upstream_ref(self, node: Node, path: str) -> str:
         name = self.string(node, path)

@@ -19,6 +19,7 @@ from proxy.config_model import Http2Config, LimitsConfig, ListenerConfig
 if TYPE_CHECKING:
     from proxy.errors import ProxyError
     from proxy.models import Request, Response
+    from proxy.tunnel import Tunnel
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class ServerContext(Protocol):
     http2: Http2Config
     draining: bool
     connections: set[ClientConnection]
+    tunnels: set[Tunnel]
 
     async def handle(self, request: Request) -> Response: ...
 
@@ -65,6 +67,8 @@ class ServerContext(Protocol):
     ) -> bool: ...
 
     def forget(self, conn: ClientConnection) -> None: ...
+
+    def tunnel_closed(self, tunnel: Tunnel) -> None: ...
 
 
 class FrontEnd(Protocol):
@@ -259,6 +263,14 @@ class ClientConnection(asyncio.Protocol):
         self._read_pauses.clear()
         transport.resume_reading()
         transport.write_eof()  # after the queued reply: the client sees it, then EOF
+
+    def hand_over(self) -> None:
+        """The socket now belongs to a tunnel (`protocol/upgrade.py`): this connection
+        stops tracking it, and the server counts the tunnel instead."""
+        self.phase = ConnectionPhase.CLOSED
+        self._read_pauses.clear()
+        self.front_end = None
+        self.server.forget(self)
 
     def abort(self) -> None:
         """Close at once, dropping queued bytes (h1's only way to signal a broken body)."""

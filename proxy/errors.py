@@ -48,6 +48,12 @@ class NoRoute(ProxyError):
     status, reason = 404, "no_route"
 
 
+class UpgradeNotAllowed(ProxyError):
+    """A WebSocket upgrade on a route whose `websocket` is off (not a silent downgrade)."""
+
+    status, reason = 403, "websocket_not_allowed"
+
+
 class UpstreamConnectError(ProxyError):
     """The upstream refused the connection or could not be reached."""
 

@@ -7,13 +7,15 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from proxy.config_model import RewriteConfig
-from proxy.errors import BadRequest, ProxyError
+from proxy.config_model import RewriteConfig, WebSocketConfig
+from proxy.errors import BadRequest, ProxyError, UpstreamProtocolError
 from proxy.headers import upstream_h2_headers, upstream_request_head
-from proxy.models import Request, Response
+from proxy.models import Body, Request, Response
 from proxy.protocol.h1serialize import UnsafeHeader
 from proxy.upstream.balancer import Upstream
 from proxy.upstream.http1 import StaleConnection
+from proxy.upstream.upgrade import UpstreamHandshake
+from proxy.websocket import accept_value, new_key
 
 PathRewrite = Callable[[str], str]
 
@@ -54,13 +56,28 @@ def compile_rewrite(rewrite: RewriteConfig) -> PathRewrite | None:
 class Forwarder:
     """Sends a route's requests to its upstream."""
 
-    __slots__ = ("_host_rewrite", "_http2", "_rewrite", "upstream")
+    __slots__ = (
+        "_host_rewrite",
+        "_http2",
+        "_max_head_bytes",
+        "_rewrite",
+        "_websocket",
+        "upstream",
+    )
 
-    def __init__(self, upstream: Upstream, rewrite: RewriteConfig) -> None:
+    def __init__(
+        self,
+        upstream: Upstream,
+        rewrite: RewriteConfig,
+        max_head_bytes: int = 64 * 1024,
+        websocket: WebSocketConfig | None = None,
+    ) -> None:
         self.upstream = upstream
         self._rewrite = compile_rewrite(rewrite)
         self._host_rewrite = rewrite.host
         self._http2 = upstream.http2
+        self._max_head_bytes = max_head_bytes  # for a WebSocket handshake's answer
+        self._websocket = websocket or WebSocketConfig()  # the route's tunnel settings
 
     def target_of(self, request: Request) -> bytes:
         """The request target to send: the raw one unless the route rewrites the path."""
@@ -104,6 +121,8 @@ class Forwarder:
         Raises:
             ProxyError: 502/503/504 for upstream failures, 4xx for a failed client body.
         """
+        if request.upgrade:
+            return await self._upgrade(request)
         body = request.body
         body_bytes = body.take_all() if body.complete else None
         if body_bytes is not None:
@@ -150,3 +169,51 @@ class Forwarder:
         except UnsafeHeader as exc:
             raise BadRequest(str(exc)) from None
         return await pool.exchange(headers, request.body, body_bytes)
+
+    async def _upgrade(self, request: Request) -> Response:
+        """The upstream half of a WebSocket handshake: an HTTP/1.1 Upgrade on a connection
+        of its own. A 101 comes back holding that connection (`Response.upgrade`) for the
+        front end to tunnel; a refusal comes back as an ordinary response.
+
+        An HTTP/2 client (RFC 8441) sends no Sec-WebSocket-Key, so this hop gets a fresh
+        one and the upstream's Sec-WebSocket-Accept is checked against it here; an
+        HTTP/1.1 client checks its own.
+
+        Raises:
+            ProxyError: 502/504 when the upstream cannot be reached or answers badly.
+        """
+        pool = self.upstream.pick()
+        endpoint = pool.endpoint
+        host = self._host_rewrite or request.host or f"{endpoint.host}:{endpoint.port}"
+        key: bytes | None = None
+        if request.http_version == "2":
+            key = new_key()
+            raw = request.raw_headers
+            if raw is not None:  # a key the client should not have sent would be a second one
+                request.raw_headers = [(n, v) for n, v in raw if n != b"sec-websocket-key"]
+        try:
+            head = upstream_request_head(request, self.target_of(request), host, None, False)
+        except UnsafeHeader as exc:
+            raise BadRequest(str(exc)) from None
+        extra = b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
+        if key is not None:
+            extra += b"Sec-WebSocket-Key: " + key + b"\r\n"
+        head = head[:-2] + extra + b"\r\n"
+        max_head = self._max_head_bytes
+        settings = self._websocket
+        handshake = await pool.open_dedicated(lambda: UpstreamHandshake(max_head, settings))
+        await handshake.exchange(head, pool.read_timeout)
+        reason = handshake.reason.decode("latin-1")
+        if handshake.status != 101:
+            handshake.close()
+            return Response(
+                handshake.status, handshake.headers, Body.from_bytes(handshake.body), reason
+            )
+        if key is not None:
+            accept = [v for n, v in handshake.headers if n.lower() == b"sec-websocket-accept"]
+            if accept != [accept_value(key)]:
+                handshake.close()
+                raise UpstreamProtocolError("the upstream's Sec-WebSocket-Accept is wrong")
+        response = Response(101, handshake.headers, reason=reason)
+        response.upgrade = handshake
+        return response

@@ -19,6 +19,8 @@ from proxy.errors import BodyTooLarge
 if TYPE_CHECKING:
     from yarl import URL
 
+    from proxy.upstream.upgrade import UpstreamHandshake
+
 BODY_HIGH_WATER_BYTES = 256 * 1024
 BODY_LOW_WATER_BYTES = 64 * 1024
 
@@ -267,6 +269,7 @@ class Request(_Message):
         "route_name",
         "scheme",
         "target",
+        "upgrade",
     )
 
     def __init__(
@@ -282,6 +285,7 @@ class Request(_Message):
         keep_alive: bool = True,
         host: str | None = None,
         connection: bytes | None = None,
+        upgrade: str = "",
     ) -> None:
         self.method = method
         self.target = target
@@ -297,6 +301,9 @@ class Request(_Message):
         self.host = host if host is not None else self.headers.get("host", "")
         # The client's Connection header: the fields it names are hop-by-hop.
         self.connection = connection
+        # "websocket" when the client asks for a tunnel (HTTP/1.1 Upgrade, or HTTP/2's
+        # extended CONNECT, RFC 8441); "" for an ordinary request.
+        self.upgrade = upgrade
         self.params: dict[str, str] = {}
         self.request_id = ""
         self.route_name = ""
@@ -334,7 +341,7 @@ class Response(_Message):
     derives them from the body.
     """
 
-    __slots__ = ("body", "reason", "status")
+    __slots__ = ("body", "reason", "status", "upgrade")
 
     def __init__(
         self,
@@ -347,6 +354,8 @@ class Response(_Message):
         self._init_headers(headers)
         self.body = body if body is not None else Body.from_bytes(b"")
         self.reason = reason
+        # A 101 from the upstream: its connection, waiting to become a tunnel.
+        self.upgrade: UpstreamHandshake | None = None
 
     def __repr__(self) -> str:
         return f"<Response {self.status}>"

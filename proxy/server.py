@@ -13,11 +13,13 @@ import logging
 import signal
 import ssl
 
+from metrics.definitions import TunnelClose
 from proxy.config_model import Config, ListenerConfig, ListenerTls
 from proxy.connection import ClientConnection
 from proxy.protocol.h1codec import resolve_codec
 from proxy.protocol.select import plaintext_front_end, tls_front_end
 from proxy.stream import Runtime
+from proxy.tunnel import Tunnel
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,8 @@ log = logging.getLogger(__name__)
 MIN_SWEEP_INTERVAL_S = 0.01
 MAX_SWEEP_INTERVAL_S = 1.0
 LISTEN_BACKLOG = 1024
+# After the grace period: how long WebSocket tunnels get to deliver their 1001 close frames.
+TUNNEL_GOING_AWAY_S = 1.0
 
 
 def _no_passphrase() -> bytes:
@@ -45,6 +49,7 @@ class Server:
         self.handle = self.runtime.handle
         self.try_fast = self.runtime.try_fast
         self.connections: set[ClientConnection] = set()
+        self.tunnels: set[Tunnel] = set()  # WebSocket tunnels (their sockets left `connections`)
         self.draining = False
         self.addresses: list[tuple[str, int]] = []
         self._servers: list[asyncio.Server] = []
@@ -122,9 +127,15 @@ class Server:
             context.load_cert_chain(tls.cert, tls.key, password=_no_passphrase)
 
     def forget(self, conn: ClientConnection) -> None:
-        """A client connection closed."""
+        """A client connection closed (or became a tunnel)."""
         self.connections.discard(conn)
-        if not self.connections:
+        if not self.connections and not self.tunnels:
+            self._all_closed.set()
+
+    def tunnel_closed(self, tunnel: Tunnel) -> None:
+        """A WebSocket tunnel ended."""
+        self.tunnels.discard(tunnel)
+        if not self.connections and not self.tunnels:
             self._all_closed.set()
 
     def _sweep_interval(self) -> float:
@@ -147,6 +158,11 @@ class Server:
                     conn.expire(now)
                 except Exception:
                     log.exception("bug while timing out %r", conn)
+            for tunnel in list(self.tunnels):
+                try:
+                    tunnel.expire(now)
+                except Exception:
+                    log.exception("bug while timing out %r", tunnel)
             try:
                 self.runtime.expire(now)
             except Exception:
@@ -165,11 +181,21 @@ class Server:
             server.close()
         for conn in list(self.connections):
             conn.begin_drain()
-        if self.connections:
+        if self.connections or self.tunnels:
             self._all_closed.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(grace):
                     await self._all_closed.wait()
+        if self.tunnels:
+            # WebSocket peers are told, at a frame boundary, that we are going away (1001),
+            # and get a moment to read it before their sockets close.
+            for tunnel in list(self.tunnels):
+                tunnel.going_away(TunnelClose.SHUTDOWN)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(TUNNEL_GOING_AWAY_S):
+                    await self._all_closed.wait()
+            for tunnel in list(self.tunnels):
+                tunnel.abort()
         for conn in list(self.connections):
             conn.abort()
         if self.connections:

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from proxy.config_model import Config, RouteConfig
-from proxy.errors import BodyTooLarge, InternalError, NoRoute, ProxyError
+from proxy.errors import BodyTooLarge, InternalError, NoRoute, ProxyError, UpgradeNotAllowed
 from proxy.forward import Forwarder
 from proxy.local_reply import local_reply
 from proxy.models import Request, Response
@@ -27,13 +27,14 @@ ResponseCallback = Callable[[Response | None, ProxyError | None], None]
 class RouteRuntime:
     """A route's compiled state: its config and the handler its requests run through."""
 
-    __slots__ = ("config", "forwarder", "handler", "name")
+    __slots__ = ("config", "forwarder", "handler", "name", "websocket")
 
     def __init__(self, config: RouteConfig, forwarder: Forwarder) -> None:
         self.config = config
         self.name = config.name
         self.forwarder = forwarder
         self.handler: Handler = forwarder
+        self.websocket = config.websocket
 
 
 class Runtime:
@@ -48,7 +49,13 @@ class Runtime:
         }
         self.routes = {
             route.name: RouteRuntime(
-                route, Forwarder(self.upstreams[route.upstream], route.rewrite)
+                route,
+                Forwarder(
+                    self.upstreams[route.upstream],
+                    route.rewrite,
+                    config.limits.max_head_bytes,
+                    route.websocket,
+                ),
             )
             for route in config.routes
         }
@@ -65,7 +72,10 @@ class Runtime:
             request.route_name = route.name
             request.params = match.params
             limit = match.route.max_body_size
-            if limit is not None:
+            if request.upgrade:
+                if not route.websocket.enabled:
+                    raise UpgradeNotAllowed(f"route {route.name!r} does not allow WebSocket")
+            elif limit is not None:
                 body = request.body
                 if (body.length or 0) > limit or body.bytes_fed > limit:
                     raise BodyTooLarge()

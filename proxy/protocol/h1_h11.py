@@ -66,6 +66,10 @@ class H11RequestParser:
                 self._sink.on_body(bytes(event.data))
             elif isinstance(event, h11.EndOfMessage):
                 self._sink.on_end(_h11_headers(event.headers) or None)
+                if conn.their_state is h11._state.MIGHT_SWITCH_PROTOCOL:
+                    # An Upgrade request: what follows it may be the tunnel's (as llhttp
+                    # does, the rest goes back to the front end, which decides).
+                    return bytes(conn.trailing_data[0])
                 self._next_cycle()
             elif isinstance(event, h11.ConnectionClosed):
                 return None

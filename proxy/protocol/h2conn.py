@@ -69,6 +69,8 @@ def _settings(settings: Http2Config, max_streams: int) -> h2.settings.Settings:
             codes.INITIAL_WINDOW_SIZE: settings.initial_window_size,
             codes.MAX_HEADER_LIST_SIZE: settings.max_header_list_size,
             codes.ENABLE_PUSH: 0,
+            # RFC 8441: extended CONNECT, how WebSocket rides an HTTP/2 stream.
+            codes.ENABLE_CONNECT_PROTOCOL: 1,
         },
     )
 
@@ -125,6 +127,7 @@ class H2Exchange:
         "response_started",
         "task",
         "trailers",
+        "tunnel",
         "window_deadline",
         "window_waiter",
     )
@@ -140,6 +143,8 @@ class H2Exchange:
         self.task: asyncio.Task[None] | None = None
         self.window_waiter: asyncio.Future[None] | None = None
         self.response_started = False
+        # A WebSocket tunnel (RFC 8441): the client's silence is no body timeout.
+        self.tunnel = False
 
     def __repr__(self) -> str:
         return f"<H2Exchange {self.id} started={self.response_started}>"

@@ -26,7 +26,9 @@ from proxy.protocol.h1serialize import (
     reason_phrase,
     response_head,
 )
+from proxy.protocol.upgrade import start_h1_tunnel
 from proxy.upstream.http1 import StaleConnection
+from proxy.websocket import is_websocket
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,7 @@ class Http1Protocol:
         "_receiving",
         "_server",
         "_task",
+        "_tunnel_rest",
     )
 
     def __init__(self, conn: ClientConnection) -> None:
@@ -63,6 +66,7 @@ class Http1Protocol:
         self._inflight: Request | None = None  # a fast-path exchange awaiting its response
         self._closing = False  # answer what is queued, then close
         self._broken = False  # the byte stream is unusable: parse nothing more
+        self._tunnel_rest = b""  # what the client sent after a WebSocket upgrade's head
 
     def __repr__(self) -> str:
         busy = "BUSY" if self._task is not None else "IDLE"
@@ -82,8 +86,10 @@ class Http1Protocol:
             self._fail_input(exc)
             return
         if rest is not None:
-            # Upgrade / CONNECT: the bytes after the head belong to a tunnel, which this
-            # front end does not open (yet): answer the head, then close.
+            # Upgrade / CONNECT: the bytes after the head belong to a tunnel. A WebSocket
+            # upgrade passes them on once the upstream said 101; otherwise (a refusal, an
+            # upgrade to anything else) the head is answered and the connection closed.
+            self._tunnel_rest = rest
             self._broken = True
             self._closing = True
             self._conn.pause_reading(ReadPause.BROKEN)
@@ -109,10 +115,16 @@ class Http1Protocol:
         method = head.method.decode("ascii")
         if method == "CONNECT":
             raise BadRequest("CONNECT is not supported by a reverse proxy")
-        if head.upgrade and (head.chunked or head.content_length):
-            # Until tunnels exist, an upgrade is declined and the request served as an
-            # ordinary one; llhttp stops at an upgrade head, so its body would be lost.
-            raise BadRequest("an Upgrade request with a body is not supported")
+        upgrade = ""
+        if head.upgrade:
+            if head.chunked or head.content_length:
+                # llhttp stops at an upgrade head, so its body would be lost.
+                raise BadRequest("an Upgrade request with a body is not supported")
+            if is_websocket(_field(head.headers, b"upgrade")):
+                if method != "GET":
+                    raise BadRequest("a WebSocket upgrade must be a GET (RFC 6455 4.1)")
+                upgrade = "websocket"
+            # Any other upgrade (h2c, say) is declined: served as an ordinary request.
         if not head.chunked and not head.content_length:
             body = Body.from_bytes(b"")
         else:
@@ -142,6 +154,7 @@ class Http1Protocol:
             keep_alive=head.keep_alive and not head.upgrade,
             host=head.host.decode("latin-1"),
             connection=head.connection,
+            upgrade=upgrade,
         )
         self._dispatch(request)
 
@@ -213,7 +226,7 @@ class Http1Protocol:
 
     def _dispatch(self, request: Request) -> None:
         """Start serving `request` now if nothing is ahead of it, else queue it."""
-        if not self._busy and not self._queue and request.body.complete:
+        if not self._busy and not self._queue and request.body.complete and not request.upgrade:
             # The fast path: route, take an idle upstream connection and send, all
             # synchronously; the answer comes back through `_on_fast_response` with no
             # task or future. Anything unusual falls through to the general path.
@@ -328,6 +341,11 @@ class Http1Protocol:
                 if conn.phase is not ConnectionPhase.BODY:
                     conn.set_phase(ConnectionPhase.BUSY)
                 response = await self._server.handle(item)
+                if response.upgrade is not None:
+                    # The upstream said 101: the socket becomes a tunnel (or, with the
+                    # client gone meanwhile, the upstream's connection is closed).
+                    start_h1_tunnel(conn, item, response, self._tunnel_rest)
+                    return
                 keep_alive = self._keep_alive(item)
                 if not await self._write(item, response, keep_alive=keep_alive):
                     conn.abort()
@@ -440,6 +458,14 @@ class Http1Protocol:
             return _Sent.FAILED
         conn.write(head + data if data else head)
         return streaming
+
+
+def _field(headers: Headers, name: bytes) -> bytes:
+    """The first value of field `name` (lower-case) in a raw header list, or b""."""
+    for field_name, value in headers:
+        if field_name.lower() == name:
+            return value
+    return b""
 
 
 class _Sent(enum.Enum):

@@ -38,6 +38,7 @@ from proxy.protocol.h2fields import (
 )
 from proxy.protocol.h2limits import RateWindow
 from proxy.protocol.h2send import ResponseWriter
+from proxy.protocol.upgrade import start_h2_tunnel
 from proxy.upstream.http1 import StaleConnection
 
 log = logging.getLogger(__name__)
@@ -169,13 +170,21 @@ class Http2Protocol:
             if limit is not None and (length or 0) > limit:
                 self._start_task(stream, None, BodyTooLarge())
                 return
+        method = fields.method.decode("ascii", "replace")
+        upgrade = ""
         if fields.method == b"CONNECT":
-            self._start_task(
-                stream, None, BadRequest("CONNECT is not supported by a reverse proxy")
-            )
-            return
+            if fields.protocol != b"websocket" or event.stream_ended:
+                error = BadRequest("CONNECT is only for WebSocket (RFC 8441) here")
+                self._start_task(stream, None, error)
+                return
+            # RFC 8441: WebSocket over this stream. Routed, and forwarded upstream, as
+            # the HTTP/1.1 GET with Upgrade it stands for; the stream's DATA is the
+            # tunnel, not a body, so no body limit or body timeout applies to it.
+            method, upgrade = "GET", "websocket"
+            body.limit = None
+            stream.tunnel = True
         request = Request(
-            fields.method.decode("ascii", "replace"),
+            method,
             fields.path,
             list(fields.headers),  # the memo's list stays as validated
             body,
@@ -183,6 +192,7 @@ class Http2Protocol:
             client=conn.client,
             scheme=conn.scheme,
             host=fields.authority.decode("latin-1"),
+            upgrade=upgrade,
         )
         stream.request = request
         if event.stream_ended and self._server.try_fast(
@@ -397,8 +407,13 @@ class Http2Protocol:
         else:
             response = await self._server.handle(request)
         if self._streams.get(stream.id) is not stream:
+            if response.upgrade is not None:
+                response.upgrade.close()
             response.body.discard()
             return
+        if response.upgrade is not None:
+            assert request is not None
+            response = start_h2_tunnel(self._server, request, response)
         rest = self._writer.begin(stream, request, response)
         if rest is not None:
             await self._writer.send_rest(stream, *rest)
@@ -441,7 +456,9 @@ class Http2Protocol:
                 body = stream.body
                 # Only a body whose every byte has been taken waits on the client; one
                 # with bytes unread waits on us (the window is not re-opened meanwhile).
-                waits_on_client = body is not None and body.bytes_fed == body.bytes_read
+                waits_on_client = (
+                    body is not None and body.bytes_fed == body.bytes_read and not stream.tunnel
+                )
                 if waits_on_client and (not deadline or stream.body_deadline < deadline):
                     deadline = stream.body_deadline
                 window_deadline = stream.window_deadline
@@ -509,7 +526,9 @@ class Http2Protocol:
             now = self._conn.loop.time()
             for stream in self._streams.values():
                 body = stream.body
-                waits_on_client = body is not None and body.bytes_fed == body.bytes_read
+                waits_on_client = (
+                    body is not None and body.bytes_fed == body.bytes_read and not stream.tunnel
+                )
                 if body is not None and waits_on_client and stream.body_deadline <= now:
                     # The exchange reading it answers 408 (or resets, if its response
                     # has begun); the client's late DATA is dropped.

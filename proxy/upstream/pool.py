@@ -12,6 +12,8 @@ import asyncio
 import logging
 import ssl
 from collections import deque
+from collections.abc import Callable
+from typing import TypeVar
 
 from proxy.config_model import EndpointConfig, PoolConfig, UpstreamTimeouts
 from proxy.errors import PoolTimeout, UpstreamReset
@@ -19,6 +21,8 @@ from proxy.upstream.http1 import Http1UpstreamConnection, UpstreamConnState
 from proxy.upstream.transport import open_connection
 
 log = logging.getLogger(__name__)
+
+P = TypeVar("P", bound=asyncio.Protocol)
 
 
 class UpstreamPool:
@@ -135,6 +139,23 @@ class UpstreamPool:
             raise UpstreamReset(f"{endpoint.host}:{endpoint.port} closed the new connection")
         self._connections.add(conn)
         return conn
+
+    async def open_dedicated(self, protocol_factory: Callable[[], P]) -> P:
+        """A new connection to this endpoint that the pool neither counts nor reuses
+        (a WebSocket handshake's, which becomes a tunnel).
+
+        Raises:
+            UpstreamConnectError, UpstreamConnectTimeout: as `open_connection`.
+        """
+        endpoint = self.endpoint
+        return await open_connection(
+            protocol_factory,
+            endpoint.host,
+            endpoint.port,
+            self._connect_timeout,
+            tls=self._tls,
+            server_hostname=self._server_hostname,
+        )
 
     def release(self, conn: Http1UpstreamConnection) -> None:
         """An exchange ended cleanly on a reusable connection."""
