@@ -116,12 +116,13 @@ class TunnelEnd:
 
     def send_going_away_to_peer(self) -> None:
         """Write a 1001 close frame to the peer (masked toward the upstream, which expects
-        a client's frames) and close it once written."""
+        a client's frames); once both directions are cut, both sockets close."""
         self.cut = self.dropping = True
         peer = self.peer
         if not peer.closed:
             peer.write(close_frame(GOING_AWAY, "going away", masked=not peer.is_client))
-            peer.close()
+        if self.tunnel is not None:
+            self.tunnel.close_when_cut()
 
 
 class SocketEnd(TunnelEnd, asyncio.Protocol):
@@ -392,15 +393,24 @@ class Tunnel:
         self._deadline = self._loop.time() + CLOSE_LINGER_S
         for source in (self.client, self.upstream):
             scanner = source.scanner
-            if source.peer.closed or source.eof:
-                continue
-            if scanner.at_boundary:
-                source.send_going_away_to_peer()
-            elif scanner.lost:
+            if source.peer.closed or source.eof or scanner.lost:
+                # Nothing to tell, or no boundary to place a frame at: closed without one.
                 source.cut = source.dropping = True
-                source.peer.close()  # no boundary to place a frame at: closed without one
+            elif scanner.at_boundary:
+                source.send_going_away_to_peer()
             else:
-                source.cut = True  # the frame under way ends first
+                # The frame under way ends first; its rest is read even if the peer's
+                # buffer is full (at most one frame more).
+                source.cut = True
+                source.resume_reading()
+        self.close_when_cut()
+
+    def close_when_cut(self) -> None:
+        """Once neither direction carries anything more, close both sockets (after what
+        is queued for them, our close frames included)."""
+        if self.client.dropping and self.upstream.dropping:
+            self.client.close()
+            self.upstream.close()
 
     def expire(self, now: float) -> None:
         """The sweeper's tick: idle and max-duration deadlines, and a closing tunnel whose

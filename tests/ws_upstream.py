@@ -16,15 +16,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
 
 REFUSAL_BODY = b"no websockets for you\n"
 FLOOD_MESSAGE = b"\xab" * 65536
+
+
+def _chat_if_offered(
+    connection: ServerConnection, offered: Sequence[Subprotocol]
+) -> Subprotocol | None:
+    return Subprotocol("chat") if "chat" in offered else None
 
 
 @dataclass
@@ -55,6 +63,7 @@ class WsUpstream:
             max_size=None,
             compression=None,
             ping_interval=None,
+            select_subprotocol=_chat_if_offered,
         )
         self.port = self.server.sockets[0].getsockname()[1]
         return self
@@ -67,9 +76,9 @@ class WsUpstream:
                 async with asyncio.timeout(5):
                     await self.server.wait_closed()
 
-    async def wait_ended(self, count: int, timeout: float = 5.0) -> None:
+    async def wait_ended(self, count: int, within_s: float = 5.0) -> None:
         """Wait until `count` connections have ended."""
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within_s):
             while len(self.close_codes) < count:
                 self.ended.clear()
                 await self.ended.wait()
@@ -102,6 +111,6 @@ class WsUpstream:
             pass
         finally:
             self.open_connections -= 1
-            received = ws.close_rcvd
+            received = ws.protocol.close_rcvd
             self.close_codes.append(received.code if received is not None else None)
             self.ended.set()
