@@ -17,6 +17,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Subprotocol
 
 from metrics.definitions import REGISTRY
+from proxy.models import Body, Request, Response
 from proxy.server import Server
 from tests.conftest import GatewayFactory, simple_config
 from tests.tls import TlsFiles
@@ -422,3 +423,28 @@ async def test_open_tunnels_survive_while_the_gateway_serves_http(ws_gateway: Ws
         assert await ws.recv() == "a"
         assert len(server.tunnels) == 1
         assert not server.connections  # the tunnel's socket left the HTTP/1.1 accounting
+
+
+async def test_the_handshake_runs_through_the_routes_chain(ws_gateway: WsGateway) -> None:
+    """What stands in a route's handler slot (where middleware such as auth will sit)
+    sees the handshake and can refuse it; what it lets through is tunnelled."""
+    server = await ws_gateway()
+    route = server.runtime.routes["all"]
+    forward = route.handler
+    seen: list[str] = []
+
+    async def require_token(request: Request) -> Response:
+        seen.append(request.upgrade)
+        if request.headers.get("x-token") != "open-sesame":
+            return Response(401, [(b"WWW-Authenticate", b"Token")], Body.from_bytes(b"no"))
+        return await forward(request)
+
+    route.handler = require_token
+    with pytest.raises(InvalidStatus) as refused:
+        async with client(ws_url(server)):
+            pass
+    assert refused.value.response.status_code == 401
+    async with client(ws_url(server), additional_headers={"X-Token": "open-sesame"}) as ws:
+        await ws.send("in")
+        assert await ws.recv() == "in"
+    assert seen == ["websocket", "websocket"]
