@@ -12,7 +12,7 @@ from collections.abc import Callable
 import h2.config
 import h2.connection
 import h2.settings
-from h2.stream import H2Stream
+from h2.stream import H2Stream, StreamState
 
 from proxy.config_model import Http2Config
 from proxy.models import Body, Request, Trailers
@@ -121,6 +121,7 @@ class H2Exchange:
     __slots__ = (
         "body",
         "body_deadline",
+        "client_done",
         "id",
         "request",
         "reset_when_done",
@@ -128,6 +129,7 @@ class H2Exchange:
         "task",
         "trailers",
         "tunnel",
+        "tunnel_reading",
         "window_deadline",
         "window_waiter",
     )
@@ -145,6 +147,58 @@ class H2Exchange:
         self.response_started = False
         # A WebSocket tunnel (RFC 8441): the client's silence is no body timeout.
         self.tunnel = False
+        # The tunnel started and still reads the client's DATA (it owns the request body).
+        self.tunnel_reading = False
+        # Set while our END_STREAM has gone but the client may still send (a half-closed
+        # tunnel): done at its END_STREAM, or when the tunnel stops reading.
+        self.client_done: asyncio.Future[None] | None = None
 
     def __repr__(self) -> str:
         return f"<H2Exchange {self.id} started={self.response_started}>"
+
+    def tunnel_started(self, body: Body) -> None:
+        """A tunnel now reads the client's DATA from `body` until it drops it."""
+        self.tunnel_reading = True
+        body.on_abandon = self.tunnel_stopped_reading
+
+    def tunnel_stopped_reading(self) -> None:
+        """The tunnel dropped the client's DATA (it ended): the stream may end now."""
+        self.tunnel_reading = False
+        self.wake_client_done()
+
+    async def wait_half_closed(
+        self, conn: h2.connection.H2Connection, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        """After the tunnel's response ended: while the client may still send, wait for
+        its END_STREAM (or a reset), or for the tunnel to stop reading.
+
+        RFC 8441 section 5: our END_STREAM (the upstream's FIN) is a half-close; the
+        client may still send (the answer to the upstream's close frame). Ending the
+        stream at once reset it, and left the tunnel waiting for DATA that never came
+        and the upstream's socket open after every closing handshake it began.
+        """
+        h2_stream = conn.streams.get(self.id)
+        if self.body is None or h2_stream is None:
+            return
+        if h2_stream.state_machine.state is not StreamState.HALF_CLOSED_LOCAL:
+            return  # reset, or the response has not ended
+        self.client_done = loop.create_future()
+        try:
+            await self.client_done
+        finally:
+            self.client_done = None
+
+    def wake_client_done(self) -> None:
+        """The client ended its side (END_STREAM, or its connection's end)."""
+        waiter = self.client_done
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def client_gone(self) -> None:
+        """The client's connection ended (its request body has just been failed)."""
+        self.wake_client_done()
+        if self.tunnel and self.task is not None:
+            # A tunnel takes its failed request body as the client gone and closes the
+            # upstream, but never ends the response it feeds: the stream's sender would
+            # wait for ever, and the connection (a client that closed its socket) with it.
+            self.task.cancel()

@@ -255,6 +255,7 @@ class Http2Protocol:
             return
         stream.body = None
         body.feed_eof(stream.trailers)
+        stream.wake_client_done()
 
     def _malformed_body(self, stream: H2Exchange, why: str) -> None:
         """RFC 9113 section 8.1.1: a malformed request is a stream error PROTOCOL_ERROR;
@@ -414,17 +415,21 @@ class Http2Protocol:
         if response.upgrade is not None:
             assert request is not None
             response = start_h2_tunnel(self._server, request, response)
+            stream.tunnel_started(request.body)
         rest = self._writer.begin(stream, request, response)
         if rest is not None:
             await self._writer.send_rest(stream, *rest)
+        if stream.tunnel_reading:
+            await stream.wait_half_closed(self._h2, self._conn.loop)  # RFC 8441 section 5
 
     def _stream_done(self, stream: H2Exchange) -> None:
         if self._streams.get(stream.id) is stream:
             del self._streams[stream.id]
         request = stream.request
-        if request is not None and stream.body is None:
+        if request is not None and stream.body is None and not stream.tunnel_reading:
             # A complete body the exchange never read (a 401, 404 or early answer): what
-            # is buffered is dropped, and its share of the windows handed back.
+            # is buffered is dropped, and its share of the windows handed back. (A tunnel
+            # still reading reads it to the end: the client's last frames are in it.)
             request.body.discard()
         body = stream.body
         if body is not None or stream.reset_when_done:
@@ -513,6 +518,7 @@ class Http2Protocol:
             if stream.body is not None:
                 stream.body.fail(BadRequest("client closed before the body was complete"))
                 stream.body = None
+                stream.client_gone()
         if not self._streams:
             self._conn.close()
 
