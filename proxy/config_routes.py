@@ -110,7 +110,10 @@ class RouteSections(NodeReader):
     def _websocket(self, node: Node, path: str) -> WebSocketConfig:
         """`websocket: true|false`, or a mapping of the tunnels' deadlines (on)."""
         if not isinstance(node, MappingNode):
-            return WebSocketConfig(enabled=self.boolean(node, path))
+            enabled = self.value(node, path)
+            if not isinstance(enabled, bool):
+                raise self.type_error(node, path, "true, false or a mapping")
+            return WebSocketConfig(enabled=enabled)
         fields = self.mapping(node, path, ("enabled", "idle_timeout", "max_duration"))
         positive = self.optional(self._positive_duration)
         return WebSocketConfig(

@@ -144,6 +144,9 @@ class Server:
         for upstream in self.config.upstreams.values():
             timeouts.append(upstream.timeouts.read)
             timeouts.append(upstream.pool.idle_timeout)
+        for route in self.config.routes:
+            websocket = route.websocket
+            timeouts += [t for t in (websocket.idle_timeout, websocket.max_duration) if t]
         return min(MAX_SWEEP_INTERVAL_S, max(MIN_SWEEP_INTERVAL_S, min(timeouts) / 4))
 
     async def _sweep_forever(self) -> None:

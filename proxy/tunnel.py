@@ -106,34 +106,42 @@ class TunnelEnd:
         """Forward `data` while shutting down: up to the end of the frame under way, then
         the close frame, then nothing."""
         peer = self.peer
-        if self.dropping or self.scanner.lost:
+        if self.dropping:
             return
-        before, _ = self.scanner.split(data)
+        scanner = self.scanner
+        before, _ = scanner.split(data)
         if before:
             peer.write(before)
-        if self.scanner.at_boundary:
+        if scanner.at_boundary:
             self.send_going_away_to_peer()
+        elif scanner.lost:  # not WebSocket framing after all: ended without a close frame
+            self.dropping = True
+            peer.write_eof()
 
     def send_going_away_to_peer(self) -> None:
         """Write a 1001 close frame to the peer (masked toward the upstream, which expects
-        a client's frames); once both directions are cut, both sockets close."""
+        a client's frames) and half-close it. What this side still sends (its answering
+        close frame) is read and dropped: closing a socket with unread bytes would reset
+        it, and the reset can destroy our close frame before the peer reads it. Each
+        side's EOF then closes the tunnel as usual."""
         self.cut = self.dropping = True
+        self.resume_reading()
         peer = self.peer
         if not peer.closed:
             peer.write(close_frame(GOING_AWAY, "going away", masked=not peer.is_client))
-        if self.tunnel is not None:
-            self.tunnel.close_when_cut()
+            peer.write_eof()
 
 
 class SocketEnd(TunnelEnd, asyncio.Protocol):
     """A tunnel end on a socket: the protocol its transport hands bytes to."""
 
-    __slots__ = ("_read_paused", "transport")
+    __slots__ = ("_eof_sent", "_read_paused", "transport")
 
     def __init__(self, transport: asyncio.Transport, *, is_client: bool) -> None:
         super().__init__(is_client=is_client)
         self.transport = transport
         self._read_paused = False
+        self._eof_sent = False
 
     def __repr__(self) -> str:
         side = "client" if self.is_client else "upstream"
@@ -177,8 +185,9 @@ class SocketEnd(TunnelEnd, asyncio.Protocol):
 
     def write_eof(self) -> None:
         transport = self.transport
-        if self.closed or transport.is_closing():
+        if self.closed or self._eof_sent or transport.is_closing():
             return
+        self._eof_sent = True
         if transport.can_write_eof():
             transport.write_eof()
         else:
@@ -244,6 +253,9 @@ class StreamEnd(TunnelEnd):
                     await self._resumed  # the peer's write buffer is full
         except ProxyError as exc:  # the client reset the stream, or its connection died
             self.closed = True
+            if not self._ended:  # nobody will take the rest: the response's sender stops
+                self._ended = True
+                self.outgoing.fail(exc)
             tunnel.on_lost(self, exc)
             return
         except asyncio.CancelledError:
@@ -393,9 +405,12 @@ class Tunnel:
         self._deadline = self._loop.time() + CLOSE_LINGER_S
         for source in (self.client, self.upstream):
             scanner = source.scanner
-            if source.peer.closed or source.eof or scanner.lost:
-                # Nothing to tell, or no boundary to place a frame at: closed without one.
+            if source.eof or source.peer.closed:
+                continue
+            if scanner.lost:  # no boundary to place a frame at: ended without one
                 source.cut = source.dropping = True
+                source.resume_reading()
+                source.peer.write_eof()
             elif scanner.at_boundary:
                 source.send_going_away_to_peer()
             else:
@@ -403,14 +418,6 @@ class Tunnel:
                 # buffer is full (at most one frame more).
                 source.cut = True
                 source.resume_reading()
-        self.close_when_cut()
-
-    def close_when_cut(self) -> None:
-        """Once neither direction carries anything more, close both sockets (after what
-        is queued for them, our close frames included)."""
-        if self.client.dropping and self.upstream.dropping:
-            self.client.close()
-            self.upstream.close()
 
     def expire(self, now: float) -> None:
         """The sweeper's tick: idle and max-duration deadlines, and a closing tunnel whose

@@ -66,6 +66,10 @@ class FrameScanner:
         self.close_seen = False  # a close frame passed: the close handshake has begun
         self.lost = False
 
+    def __repr__(self) -> str:
+        state = "LOST" if self.lost else "BOUNDARY" if self.at_boundary else "IN_FRAME"
+        return f"<FrameScanner {state} left={self.left} close_seen={self.close_seen}>"
+
     @property
     def at_boundary(self) -> bool:
         """True when the next byte starts a frame."""

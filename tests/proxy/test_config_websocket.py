@@ -148,7 +148,7 @@ def test_turning_it_off_explicitly_on_an_http2_upstream_is_fine(
 )
 def test_websocket_that_is_not_a_boolean_or_a_mapping_is_an_error(written: str, found: str) -> None:
     assert one_error(one_route("users", written)) == (
-        f"routes.yaml:7: routes[0].websocket: expected true or false, got {found}"
+        f"routes.yaml:7: routes[0].websocket: expected true, false or a mapping, got {found}"
     )
 
 
@@ -237,7 +237,8 @@ def test_every_route_with_a_websocket_problem_is_reported_in_one_run() -> None:
     )
 
     assert errors_of(text) == [
-        "routes.yaml:7: routes[0].websocket: expected true or false, got a string ('yes-please')",
+        "routes.yaml:7: routes[0].websocket: expected true, false or a mapping, "
+        "got a string ('yes-please')",
         "routes.yaml:8: routes[1].websocket.idle_timeout: must be greater than 0",
         "routes.yaml:9: routes[2].websocket: WebSocket needs an HTTP/1.1 upstream "
         "(upstream 'grpc' is h2c)",
@@ -250,7 +251,8 @@ def test_an_invalid_websocket_value_on_an_http2_route_is_reported_once() -> None
     # The unreadable value falls back to the default (off for h2c), so the HTTP/1.1 check
     # does not pile a second error onto it.
     assert one_error(one_route("grpc", "yes-please")) == (
-        "routes.yaml:7: routes[0].websocket: expected true or false, got a string ('yes-please')"
+        "routes.yaml:7: routes[0].websocket: expected true, false or a mapping, "
+        "got a string ('yes-please')"
     )
 
 
