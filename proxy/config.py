@@ -39,6 +39,7 @@ from proxy.config_model import (
     ListenerConfig,
     ListenerTls,
     MatchConfig,
+    MiddlewareSpec,
     PoolConfig,
     QueryMatch,
     RewriteConfig,
@@ -80,6 +81,7 @@ __all__ = [
     "ListenerConfig",
     "ListenerTls",
     "MatchConfig",
+    "MiddlewareSpec",
     "PoolConfig",
     "QueryMatch",
     "RewriteConfig",
@@ -94,8 +96,8 @@ __all__ = [
 
 # --- Loader ---------------------------------------------------------------------------------
 
-_TOP_KEYS = ("listeners", "admin", "upstreams", "routes", "limits", "http2", "http1_parser",
-             "workers", "shutdown")  # fmt: skip
+_TOP_KEYS = ("listeners", "admin", "upstreams", "middleware", "global_middleware", "routes",
+             "limits", "http2", "http1_parser", "workers", "shutdown")  # fmt: skip
 _HTTP1_PARSERS = ("auto", "httptools", "h11")
 _UPSTREAM_PROTOCOLS = ("http1", "h2c", "h2")
 _TLS_VERSIONS = ("1.2", "1.3")
@@ -194,9 +196,16 @@ class _ConfigLoader(RouteSections):
             return None
         top = self.mapping(root, "", _TOP_KEYS, ("listeners", "upstreams", "routes"))
         no_routes: tuple[RouteConfig, ...] = ()
+        listeners: tuple[ListenerConfig, ...] = top.get("listeners", self._listeners, ())
+        upstreams: dict[str, UpstreamConfig] = top.get("upstreams", self._upstreams, {})
+        # Named middleware first: the chains below refer to them.
+        self._named_middleware = {} if "middleware" not in top else None
+        middleware: dict[str, MiddlewareSpec] = top.get("middleware", self._middleware_section, {})
         return Config(
-            listeners=top.get("listeners", self._listeners, ()),
-            upstreams=top.get("upstreams", self._upstreams, {}),
+            listeners=listeners,
+            upstreams=upstreams,
+            middleware=middleware,
+            global_middleware=top.get("global_middleware", self._chain, ()),
             routes=top.get("routes", self._routes, no_routes),
             admin=top.get("admin", self._admin, None),
             limits=top.get("limits", self._limits, LimitsConfig()),

@@ -7,6 +7,7 @@ Runtime code only ever sees these objects: everything is validated once, at load
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 DEFAULT_CONNECT_TIMEOUT_S = 2.0
 DEFAULT_READ_TIMEOUT_S = 30.0
@@ -160,6 +161,16 @@ class RewriteConfig:
     host: str | None = None
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class MiddlewareSpec:
+    """One middleware instance: `middleware.NAME` (shared by every chain naming it) or an
+    entry written inline in a chain (named after its type)."""
+
+    name: str  # the metrics label and log name
+    type: str  # as written: a built-in name, `package.module:Factory` or an entry point
+    instance: Any  # what the type's factory built from the options (middleware/base.py)
+
+
 @dataclass(frozen=True, slots=True)
 class WebSocketConfig:
     """`routes[i].websocket`: whether the route tunnels WebSocket upgrades (HTTP/1.1
@@ -182,6 +193,7 @@ class RouteConfig:
     rewrite: RewriteConfig = field(default_factory=RewriteConfig)
     max_body_size: int | None = None  # None: the server-wide limit applies
     websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
+    middleware: tuple[MiddlewareSpec, ...] = ()  # after global_middleware, in order
     index: int = 0  # position in the file: ties in specificity go to the earlier route
 
 
@@ -240,4 +252,6 @@ class Config:
     http1_parser: str = "auto"  # auto | httptools | h11
     workers: int | None = None  # None: one per core
     grace_period: float = DEFAULT_GRACE_PERIOD_S  # `shutdown.grace_period`
+    middleware: dict[str, MiddlewareSpec] = field(default_factory=dict)  # named instances
+    global_middleware: tuple[MiddlewareSpec, ...] = ()  # before every route's own chain
     source: str = "<string>"

@@ -11,6 +11,7 @@ from typing import TypeVar
 
 from yaml.nodes import MappingNode, Node
 
+from proxy.config_middleware import MiddlewareSections
 from proxy.config_model import (
     HeaderMatch,
     MatchConfig,
@@ -19,7 +20,7 @@ from proxy.config_model import (
     RouteConfig,
     WebSocketConfig,
 )
-from proxy.config_reader import NodeReader, Reported, did_you_mean, join_path
+from proxy.config_reader import Reported, did_you_mean, join_path
 from proxy.config_values import parse_host_pattern
 
 _PATH_KEYS = ("path", "path_prefix", "path_regex")
@@ -55,7 +56,7 @@ def _replacement_problem(regex: str, replacement: str) -> str | None:
     return None
 
 
-class RouteSections(NodeReader):
+class RouteSections(MiddlewareSections):
     """Reads `routes`; `_upstream_names` (set by the upstreams section, None when it was
     unreadable) lets a route's upstream be checked."""
 
@@ -71,7 +72,7 @@ class RouteSections(NodeReader):
         return tuple(routes)
 
     def _route(self, node: Node, path: str, index: int, names: dict[str, str]) -> RouteConfig:
-        keys = ("name", "match", "upstream", "rewrite", "max_body_size", "websocket")
+        keys = ("name", "match", "upstream", "middleware", "rewrite", "max_body_size", "websocket")
         fields = self.mapping(node, path, keys, ("match", "upstream"))
         errors_before = len(self._errors)
         match = fields.get("match", self._match, MatchConfig())
@@ -104,6 +105,7 @@ class RouteSections(NodeReader):
             rewrite=fields.get("rewrite", self._rewrite, RewriteConfig()),
             max_body_size=fields.get("max_body_size", self.optional(self.size), None),
             websocket=websocket,
+            middleware=fields.get("middleware", self._chain, ()),
             index=index,
         )
 

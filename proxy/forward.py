@@ -103,6 +103,7 @@ class Forwarder:
         conn = pool.take_idle()
         if conn is None:
             return False
+        request.endpoint = pool.label
         endpoint = pool.endpoint
         host = self._host_rewrite or request.host or f"{endpoint.host}:{endpoint.port}"
         try:
@@ -132,6 +133,7 @@ class Forwarder:
         if self._http2:
             return await self._forward_h2(request, body_bytes, length)
         pool = self.upstream.pick()
+        request.endpoint = pool.label
         endpoint = pool.endpoint
         host = self._host_rewrite or request.host or f"{endpoint.host}:{endpoint.port}"
         try:
@@ -160,6 +162,7 @@ class Forwarder:
         self, request: Request, body_bytes: bytes | None, length: int | None
     ) -> Response:
         pool = self.upstream.pick_h2()
+        request.endpoint = pool.label
         endpoint = pool.endpoint
         host = self._host_rewrite or request.host or f"{endpoint.host}:{endpoint.port}"
         try:
@@ -183,6 +186,7 @@ class Forwarder:
             ProxyError: 502/504 when the upstream cannot be reached or answers badly.
         """
         pool = self.upstream.pick()
+        request.endpoint = pool.label
         endpoint = pool.endpoint
         host = self._host_rewrite or request.host or f"{endpoint.host}:{endpoint.port}"
         key: bytes | None = None

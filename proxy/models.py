@@ -256,8 +256,11 @@ class Request(_Message):
     __slots__ = (
         "_url",
         "body",
+        "chain_inner_s",
         "client",
         "connection",
+        "consumer",
+        "endpoint",
         "host",
         "http_version",
         "keep_alive",
@@ -270,6 +273,7 @@ class Request(_Message):
         "scheme",
         "target",
         "upgrade",
+        "upstream_s",
     )
 
     def __init__(
@@ -307,6 +311,10 @@ class Request(_Message):
         self.params: dict[str, str] = {}
         self.request_id = ""
         self.route_name = ""
+        self.consumer = ""  # who an auth middleware found the caller to be
+        self.endpoint = ""  # host:port of the upstream endpoint the request went to
+        self.upstream_s = 0.0  # the upstream's part: sending until the response head
+        self.chain_inner_s = 0.0  # (middleware/chain.py: what the links after one took)
         self._url: URL | None = None
 
     def get_headers(self) -> CIMultiDict[str]:

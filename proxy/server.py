@@ -92,6 +92,7 @@ class Server:
                 "listening on %s://%s:%d (%s: %s, %s codec)",
                 *(scheme, host, port, listener.name, protocols, self.codec),
             )
+        await self.runtime.start()
         self._sweeper = loop.create_task(self._sweep_forever())
 
     def _tls_context(self, listener: ListenerConfig) -> ssl.SSLContext | None:
@@ -207,7 +208,7 @@ class Server:
             self._sweeper.cancel()
         for server in self._servers:
             await server.wait_closed()
-        self.runtime.close()
+        await self.runtime.aclose()
         self._stopped.set()
         log.info("stopped")
 

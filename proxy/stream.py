@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
-from proxy.config_model import Config, RouteConfig
+from middleware.chain import build_chain, close_all, start_all
+from proxy.config_model import Config, MiddlewareSpec, RouteConfig
 from proxy.errors import BodyTooLarge, InternalError, NoRoute, ProxyError, UpgradeNotAllowed
 from proxy.forward import Forwarder
 from proxy.local_reply import local_reply
@@ -27,13 +28,16 @@ ResponseCallback = Callable[[Response | None, ProxyError | None], None]
 class RouteRuntime:
     """A route's compiled state: its config and the handler its requests run through."""
 
-    __slots__ = ("config", "forwarder", "handler", "name", "websocket")
+    __slots__ = ("chain", "config", "forwarder", "handler", "name", "websocket")
 
-    def __init__(self, config: RouteConfig, forwarder: Forwarder) -> None:
+    def __init__(
+        self, config: RouteConfig, forwarder: Forwarder, chain: tuple[MiddlewareSpec, ...] = ()
+    ) -> None:
         self.config = config
         self.name = config.name
         self.forwarder = forwarder
-        self.handler: Handler = forwarder
+        self.chain = chain  # global_middleware, then the route's own
+        self.handler: Handler = build_chain(chain, forwarder)
         self.websocket = config.websocket
 
 
@@ -56,9 +60,23 @@ class Runtime:
                     config.limits.max_head_bytes,
                     route.websocket,
                 ),
+                (*config.global_middleware, *route.middleware),
             )
             for route in config.routes
         }
+
+    def middleware(self) -> list[MiddlewareSpec]:
+        """Every middleware instance in the chains (shared ones once per chain)."""
+        return [spec for route in self.routes.values() for spec in route.chain]
+
+    async def start(self) -> None:
+        """Start the middleware that need the event loop (clients, refresh tasks)."""
+        await start_all(self.middleware())
+
+    async def aclose(self) -> None:
+        """Close idle upstream connections and the middleware's resources."""
+        self.close()
+        await close_all(self.middleware())
 
     async def handle(self, request: Request) -> Response:
         """Run one exchange. Never raises: failures become local replies."""

@@ -39,6 +39,7 @@ class H2Pool:
         server_hostname: str | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self.label = f"{endpoint.host}:{endpoint.port}"  # Request.endpoint, logs
         self.limits = pool
         self.read_timeout = timeouts.read
         self._connect_timeout = timeouts.connect

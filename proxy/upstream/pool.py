@@ -40,6 +40,7 @@ class UpstreamPool:
         server_hostname: str | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self.label = f"{endpoint.host}:{endpoint.port}"  # Request.endpoint, logs
         self._tls = tls  # https:// endpoints: HTTP/1.1 over TLS
         self._server_hostname = server_hostname
         self.limits = pool

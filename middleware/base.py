@@ -1,0 +1,48 @@
+"""The middleware interface (DESIGN.md): what a `type:` in routes.yaml names.
+
+A middleware is an object with `async def __call__(self, request, call_next) -> Response`:
+it passes the request on (`await call_next(request)`, possibly after changing it, and
+possibly changing the response), answers itself, or raises a ProxyError (answered as a
+local reply). It never touches sockets.
+
+Its type is a *factory*: a class (or any callable) with
+
+- `OPTIONS`: the option keys it accepts (anything else is a config error with a
+  did-you-mean), and optionally `REQUIRED`: those that must be given;
+- a constructor taking an `Options` (middleware/options.py) that reads and validates its
+  options at config load, reporting problems with the file:line errors of the rest of
+  routes.yaml. It must not touch the event loop (`gatehouse check` constructs it too).
+
+Optional hooks, awaited by the server: `async def start(self)` once the event loop runs
+(open clients, start refresh tasks) and `async def close(self)` at shutdown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+if TYPE_CHECKING:
+    from middleware.options import Options
+    from proxy.models import Request, Response
+
+Handler = Callable[["Request"], Awaitable["Response"]]
+
+
+class Middleware(Protocol):
+    """One link of a route's chain."""
+
+    async def __call__(self, request: Request, call_next: Handler) -> Response: ...
+
+
+class MiddlewareFactory(Protocol):
+    """What a `type:` resolves to: reads its options, returns the middleware."""
+
+    OPTIONS: ClassVar[Sequence[str]]
+
+    def __call__(self, options: Options) -> Middleware: ...
+
+
+def required_options(factory: Any) -> Sequence[str]:
+    """The factory's REQUIRED keys (none when it declares none)."""
+    return tuple(getattr(factory, "REQUIRED", ()))

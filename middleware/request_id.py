@@ -1,0 +1,43 @@
+"""`request_id`: every request gets an id, the upstream sees it, and the client gets it back.
+
+The client's `X-Request-ID` is kept when it is sane (`trust_incoming`, on by default: a
+gateway behind another proxy continues its trace), else a new one is made (32 hex
+digits). The id is sent upstream in the same header, set on the response, and is the
+`request_id` of the gateway's own error bodies and of the access log.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+from middleware.base import Handler
+from middleware.options import Options
+from proxy.models import Request, Response
+
+# What an incoming id may look like: short, printable, no separators that could smuggle
+# another header or break a log line.
+_SANE_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+
+
+class RequestId:
+    """Generate or propagate the request id header."""
+
+    OPTIONS = ("header", "trust_incoming", "response")
+
+    def __init__(self, options: Options) -> None:
+        self.header = options.string("header", "X-Request-ID")
+        self._raw_header = self.header.lower().encode("latin-1")
+        self.trust_incoming = options.boolean("trust_incoming", True)
+        self.on_response = options.boolean("response", True)  # echo it to the client
+
+    async def __call__(self, request: Request, call_next: Handler) -> Response:
+        incoming = request.headers.get(self.header) if self.trust_incoming else None
+        request_id = incoming if incoming and _SANE_ID.fullmatch(incoming) else uuid.uuid4().hex
+        request.request_id = request_id
+        if incoming != request_id:
+            request.headers[self.header] = request_id  # replaces a missing or unsafe one
+        response = await call_next(request)
+        if self.on_response:
+            response.headers[self.header] = request_id
+        return response
