@@ -1,0 +1,47 @@
+"""What every rate-limit backend shares: the GCRA decision and its result.
+
+GCRA (the generic cell rate algorithm) keeps one number per key, the theoretical arrival
+time `tat`. With `emission_s` = period / rate (the spacing of requests at the allowed rate)
+and `tolerance_s` = emission_s * burst (how far ahead of that spacing a client may run),
+a request at `now` is allowed when `tat - now <= tolerance_s`, and then moves
+`tat = max(tat, now) + emission_s`. It is exact, needs no timer, and a key whose `tat` is
+in the past is the same as a fresh one, so idle keys can simply be forgotten.
+
+Backends (the local shared table, Redis) store `tat` and run `gcra` atomically per key.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+class RateLimitBackendError(Exception):
+    """The backend could not decide (Redis down or too slow); `on_redis_error` decides."""
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One rate-limit decision, with what the RateLimit-* headers report."""
+
+    allowed: bool
+    limit: int  # requests allowed in a burst: burst + 1
+    remaining: int  # requests that would still be allowed right now
+    reset_after_s: float  # until the bucket is full again (RateLimit-Reset)
+    retry_after_s: float  # until the next request would be allowed (0 when allowed)
+
+
+def gcra(tat: float, now: float, emission_s: float, tolerance_s: float) -> tuple[Decision, float]:
+    """Decide a request at `now` for a key whose theoretical arrival time is `tat` (0 for
+    a new key); the decision and the new `tat` to store (unchanged when denied)."""
+    limit = round(tolerance_s / emission_s) + 1
+    base = max(tat, now)
+    new_tat = base + emission_s
+    allow_at = new_tat - tolerance_s - emission_s
+    if now < allow_at:
+        remaining = 0
+        reset_after = base - now
+        return Decision(False, limit, remaining, reset_after, allow_at - now), tat
+    remaining = max(0, math.floor((now - (new_tat - tolerance_s - emission_s)) / emission_s))
+    remaining = min(remaining, limit - 1)
+    return Decision(True, limit, remaining, new_tat - now, 0.0), new_tat
