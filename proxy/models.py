@@ -53,6 +53,7 @@ class Body:
         "limit",
         "on_abandon",
         "on_consumed",
+        "on_done",
         "trailers",
     )
 
@@ -84,6 +85,9 @@ class Body:
         # Called with the size of each chunk the consumer took (or that was dropped):
         # HTTP/2 re-opens its flow-control window only for bytes that have moved on.
         self.on_consumed: Callable[[int], None] | None = None
+        # Called once when the consumer is done with the body: read to its end, taken
+        # whole, failed or discarded (what an access log waits for).
+        self.on_done: Callable[[], None] | None = None
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Body:
@@ -154,6 +158,8 @@ class Body:
         self.bytes_read += len(data)
         if self.on_consumed is not None:
             self.on_consumed(len(data))
+        if self.on_done is not None:
+            self._finished()
         return data
 
     async def read(self) -> bytes:
@@ -167,8 +173,12 @@ class Body:
             callback()
         while not self._chunks:
             if self._error is not None:
+                if self.on_done is not None:
+                    self._finished()
                 raise self._error
             if self._eof:
+                if self.on_done is not None:
+                    self._finished()
                 return b""
             self._waiter = asyncio.get_running_loop().create_future()
             try:
@@ -188,12 +198,19 @@ class Body:
     def discard(self) -> None:
         """The consumer will read no more: drop what is buffered and what comes."""
         self._done = True
+        if self.on_done is not None:
+            self._finished()
         self._drop_buffered()
         if self._paused and self._on_resume:
             self._paused = False
             self._on_resume()
         if not self._eof and self._error is None and self.on_abandon is not None:
             callback, self.on_abandon = self.on_abandon, None
+            callback()
+
+    def _finished(self) -> None:
+        callback, self.on_done = self.on_done, None
+        if callback is not None:
             callback()
 
     def _drop_buffered(self) -> None:
