@@ -56,7 +56,10 @@ class MiddlewareSections(NodeReader):
             hint = did_you_mean(type_name, known_types()) if ":" not in type_name else ""
             raise self.error(type_node, type_path, f"{exc}{hint}") from None
         allowed = ("type", *getattr(factory, "OPTIONS", ()))
-        fields = self.mapping(node, path, allowed, required_options(factory))
+        required = required_options(factory)
+        fields = self.mapping(node, path, allowed, required)
+        if any(key not in fields for key in required):
+            raise Reported  # reported by `mapping`; the factory would only add noise
         instance_name = name if name is not None else type_name
         options = Options(self, fields, instance_name, node)
         try:

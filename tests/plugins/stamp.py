@@ -1,0 +1,53 @@
+"""A middleware plugin as a user would write one, loaded by the tests by dotted path
+(`type: tests.plugins.stamp:Stamp`) and through a `gatehouse.middleware` entry point.
+
+It stamps a header on the request and on the response, can refuse requests carrying a
+header, and records its lifecycle hooks so tests can see them run.
+"""
+
+from __future__ import annotations
+
+from middleware.base import Handler
+from middleware.options import Options
+from proxy.errors import ProxyError
+from proxy.models import Request, Response
+
+EVENTS: list[str] = []  # "start:NAME" / "close:NAME", in order
+
+
+class Refused(ProxyError):
+    """The stamp plugin said no."""
+
+    status, reason = 418, "stamp_refused"
+
+
+class Stamp:
+    """Adds `header: value` upstream and on the response; refuses `refuse_header`."""
+
+    OPTIONS = ("header", "value", "refuse_header", "explode")
+    REQUIRED = ("value",)
+
+    def __init__(self, options: Options) -> None:
+        self.name = options.name
+        self.header = options.string("header", "X-Stamp")
+        self.value = options.string("value")
+        if not self.value:
+            options.error("value", "must not be empty")
+        self.refuse_header = options.optional_string("refuse_header")
+        if options.boolean("explode", False):
+            raise RuntimeError("the plugin blew up while reading its options")
+
+    async def start(self) -> None:
+        EVENTS.append(f"start:{self.name}")
+
+    async def close(self) -> None:
+        EVENTS.append(f"close:{self.name}")
+
+    async def __call__(self, request: Request, call_next: Handler) -> Response:
+        if self.refuse_header and self.refuse_header in request.headers:
+            raise Refused(f"{self.refuse_header} is not welcome")
+        stamps = request.headers.get(self.header)
+        request.headers[self.header] = f"{stamps},{self.value}" if stamps else self.value
+        response = await call_next(request)
+        response.headers.add(self.header, self.value)
+        return response
