@@ -104,3 +104,17 @@ MIDDLEWARE_SECONDS = Histogram(
     registry=REGISTRY,
     buckets=(0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0),
 )
+
+
+AUTH_FAILURES = Counter(
+    "gatehouse_auth_failures",
+    "Requests an auth middleware refused, by instance name and reason (missing, invalid)",
+    ["middleware", "reason"],
+    registry=REGISTRY,
+)
+
+
+def count_auth_failure(middleware: str, reason: str) -> None:
+    """One more request that auth middleware `middleware` refused: `reason` is `missing`
+    (no credentials) or `invalid` (credentials not accepted)."""
+    AUTH_FAILURES.labels(middleware, reason).inc()

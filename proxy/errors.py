@@ -94,3 +94,20 @@ class InternalError(ProxyError):
     """A bug: logged with its traceback, answered 500."""
 
     status, reason = 500, "internal_error"
+
+
+class Unauthorized(ProxyError):
+    """Credentials are missing (or, for schemes that re-ask, not accepted): 401 with the
+    middleware's `challenge` as WWW-Authenticate (RFC 9110 section 11.6.1)."""
+
+    status, reason = 401, "unauthorized"
+
+    def __init__(self, challenge: str, message: str = "") -> None:
+        super().__init__(message)
+        self.challenge = challenge
+
+
+class Forbidden(ProxyError):
+    """Credentials were given and refused (RFC 9110 section 15.5.4)."""
+
+    status, reason = 403, "forbidden"
