@@ -118,3 +118,17 @@ def count_auth_failure(middleware: str, reason: str) -> None:
     """One more request that auth middleware `middleware` refused: `reason` is `missing`
     (no credentials) or `invalid` (credentials not accepted)."""
     AUTH_FAILURES.labels(middleware, reason).inc()
+
+
+JWKS_REFRESHES = Counter(
+    "gatehouse_jwks_refreshes",
+    "JWKS fetches by the jwt middleware, by instance name and result (ok, timeout, "
+    "unreachable, bad_status, invalid, error)",
+    ["middleware", "result"],
+    registry=REGISTRY,
+)
+
+
+def count_jwks_refresh(middleware: str, result: str) -> None:
+    """One more JWKS fetch by jwt middleware `middleware`, ending in `result`."""
+    JWKS_REFRESHES.labels(middleware, result).inc()
