@@ -132,3 +132,19 @@ JWKS_REFRESHES = Counter(
 def count_jwks_refresh(middleware: str, result: str) -> None:
     """One more JWKS fetch by jwt middleware `middleware`, ending in `result`."""
     JWKS_REFRESHES.labels(middleware, result).inc()
+
+
+RATE_LIMIT_DECISIONS = Counter(
+    "gatehouse_rate_limit_decisions",
+    "Requests a rate_limit middleware decided, by instance name and result (allowed, "
+    "limited, backend_error)",
+    ["middleware", "result"],
+    registry=REGISTRY,
+)
+RATE_LIMIT_EVICTIONS = Counter(
+    "gatehouse_rate_limit_evictions",
+    "Live keys a rate_limit local table forgot to make room for a new key (max_keys too "
+    "small for the keys active at once), by instance name",
+    ["middleware"],
+    registry=REGISTRY,
+)

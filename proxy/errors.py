@@ -111,3 +111,16 @@ class Forbidden(ProxyError):
     """Credentials were given and refused (RFC 9110 section 15.5.4)."""
 
     status, reason = 403, "forbidden"
+
+
+class RateLimited(ProxyError):
+    """A rate_limit middleware's budget for the request's key is spent: 429 with
+    Retry-After (RFC 9110 section 10.2.3, RFC 6585 section 4) and RateLimit-* headers."""
+
+    status, reason = 429, "rate_limited"
+
+
+class RateLimitUnavailable(ProxyError):
+    """The rate-limit backend could not decide and `on_redis_error` is `deny`."""
+
+    status, reason = 503, "rate_limit_unavailable"
