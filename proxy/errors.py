@@ -124,3 +124,28 @@ class RateLimitUnavailable(ProxyError):
     """The rate-limit backend could not decide and `on_redis_error` is `deny`."""
 
     status, reason = 503, "rate_limit_unavailable"
+
+
+class IpForbidden(ProxyError):
+    """An ip_filter middleware refused the client's address (or could not tell it)."""
+
+    status, reason = 403, "ip_forbidden"
+
+
+class AuthUnavailable(ProxyError):
+    """forward_auth could not reach its auth service (refused, unreachable, TLS failed)."""
+
+    status, reason = 503, "auth_unavailable"
+
+
+class AuthTimeout(ProxyError):
+    """forward_auth's auth service did not answer within the middleware's `timeout`."""
+
+    status, reason = 504, "auth_timeout"
+
+
+class AuthBadResponse(ProxyError):
+    """forward_auth's auth service reset the connection, sent a malformed response, or a
+    refusal whose body is too large to relay."""
+
+    status, reason = 502, "auth_bad_response"
