@@ -148,3 +148,11 @@ RATE_LIMIT_EVICTIONS = Counter(
     ["middleware"],
     registry=REGISTRY,
 )
+
+
+ACCESS_LOG_DROPPED = Counter(
+    "gatehouse_access_log_dropped",
+    "Access log lines dropped: the queue to the writer was full (output blocked or too "
+    "slow) or the write failed",
+    registry=REGISTRY,
+)

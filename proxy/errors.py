@@ -149,3 +149,10 @@ class AuthBadResponse(ProxyError):
     refusal whose body is too large to relay."""
 
     status, reason = 502, "auth_bad_response"
+
+
+class CorsPreflightRefused(ProxyError):
+    """A CORS preflight whose origin, method or headers the route's cors middleware does
+    not allow: answered here with no Access-Control-Allow-* headers, never forwarded."""
+
+    status, reason = 403, "cors_preflight_refused"
