@@ -1,0 +1,250 @@
+"""The `redis` backend of `rate_limit`: one GCRA state per key in Redis, shared by every
+worker, process and replica that points at the same server.
+
+Each decision is one atomic Lua script (EVALSHA; on NOSCRIPT, after a Redis restart or a
+`SCRIPT FLUSH`, the script is loaded again and the call repeated). The script reads the
+key's `tat`, takes `now` from Redis' own clock (`TIME`), so gateways on hosts whose
+clocks disagree still share one timeline, runs the same comparison as
+`middleware.rate_limit_core.gcra`, stores the new `tat` with an expiry of
+`new_tat - now + tolerance` (the moment the key would be the same as a fresh one, so idle
+keys vanish by themselves), and returns the old `tat` and `now`. The Decision is then made
+from those two numbers by `gcra()` itself, so the local and the Redis backends cannot
+drift apart: the script only has to pick the same branch and the same new `tat`, which it
+does with the same IEEE double operations in the same order (numbers cross the wire as
+shortest round-trip strings, never truncated).
+
+Every call is bounded by `timeout_s` (pool wait, connect, command, a NOSCRIPT reload):
+redis-py's socket timeouts plus an `asyncio.timeout` around the whole decision. A failure
+of any kind is a `RateLimitBackendError`; the middleware's `on_redis_error` decides. An
+outage is logged once when it starts and once when Redis answers again, never per
+request. redis-py reconnects by itself: the pool checks a pooled connection before lending
+it and drops one that broke, so the first decision after Redis comes back works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio
+import redis.exceptions
+from redis.asyncio.connection import parse_url
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from middleware.rate_limit_core import Decision, RateLimitBackendError, gcra
+
+log = logging.getLogger(__name__)
+
+# Connections per backend (per worker): decisions are one short round trip each, so a few
+# are in flight at a time; past this many a decision waits for one (bounded by timeout_s).
+POOL_MAX_CONNECTIONS = 64
+
+# KEYS[1] the key. ARGV[1] emission_s, ARGV[2] tolerance_s (Python's repr: exact doubles),
+# ARGV[3] `now` in seconds, or '' for Redis' clock (tests inject a clock through it).
+# Returns {allowed (1|0), old tat, now}; numbers as '%.17g' strings, which read back as
+# the same doubles (a Lua number returned to Redis would be truncated to an integer).
+# The arithmetic mirrors rate_limit_core.gcra() operation for operation.
+GCRA_SCRIPT = """
+local now
+if ARGV[3] == '' then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+else
+  now = tonumber(ARGV[3])
+end
+local emission = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1])) or 0
+local base = math.max(tat, now)
+local new_tat = base + emission
+local allow_at = new_tat - tolerance - emission
+local old = string.format('%.17g', tat)
+local at = string.format('%.17g', now)
+if now < allow_at then
+  return {0, old, at}
+end
+local ttl_ms = math.ceil((new_tat - now + tolerance) * 1000)
+if ttl_ms < 1 then
+  ttl_ms = 1
+end
+redis.call('SET', KEYS[1], string.format('%.17g', new_tat), 'PX', ttl_ms)
+return {1, old, at}
+"""
+
+# What a failed call can raise besides redis-py's own errors: OSError from the socket layer
+# (TimeoutError, from asyncio.timeout, is one), and ValueError/TypeError/IndexError from a
+# reply that is not the script's.
+_FAILURES = (redis.exceptions.RedisError, OSError, ValueError, TypeError, IndexError)
+
+
+class BackendState(enum.Enum):
+    """Where the backend is in its life; DOWN is an outage that has been logged."""
+
+    NEW = "new"  # constructed, no client yet (config load, `gatehouse check`)
+    UP = "up"  # the last call succeeded
+    DOWN = "down"  # the last call failed: outage logged, its end will be
+    CLOSED = "closed"
+
+
+def describe_url(url: str) -> str:
+    """`host:port/db` (or the socket path) of a Redis URL, without credentials, for logs.
+
+    Raises:
+        ValueError: redis-py cannot use the URL (scheme, port, query values).
+    """
+    kwargs: dict[str, Any] = dict(parse_url(url))
+    if "path" in kwargs:
+        return f"unix:{kwargs['path']}"
+    return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
+
+
+class RedisBackend:
+    """GCRA decisions stored in Redis under `key_prefix + key`.
+
+    The constructor only checks the URL; the client is made in `start()` (or on the first
+    decision), on the running loop.
+
+    Raises:
+        ValueError: from the constructor, when redis-py cannot use `url`.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        timeout_s: float,
+        key_prefix: str,
+        *,
+        now: Callable[[], float] | None = None,
+    ) -> None:
+        self.url = url
+        self.where = describe_url(url)
+        self.timeout_s = timeout_s
+        self.key_prefix = key_prefix
+        # A test clock replaces Redis' TIME; production passes None.
+        self._now = now
+        self.state = BackendState.NEW
+        self._client: redis.asyncio.Redis | None = None
+        self._sha = ""
+        self._script = GCRA_SCRIPT.encode()
+        self._outage_started = 0.0  # monotonic
+        self._outage_failures = 0
+        # emission/tolerance as sent: the middleware asks with the same pair every time.
+        self._rate: tuple[float, float] = (-1.0, -1.0)
+        self._rate_args: tuple[bytes, bytes] = (b"", b"")
+
+    def __repr__(self) -> str:
+        return f"<RedisBackend {self.where} {self.state.name} prefix={self.key_prefix!r}>"
+
+    def _make_client(self) -> redis.asyncio.Redis:
+        # One retry, on a broken connection only: after Redis restarts, every pooled
+        # connection is dead and would otherwise fail one decision each (with deny, 503s
+        # after the outage is over). The retry goes out on a fresh connection. Timeouts are
+        # not retried: asyncio.timeout bounds the whole call anyway, and a slow Redis is
+        # not made faster by asking twice.
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            self.url,
+            max_connections=POOL_MAX_CONNECTIONS,
+            timeout=self.timeout_s,
+            socket_timeout=self.timeout_s,
+            socket_connect_timeout=self.timeout_s,
+            retry=Retry(NoBackoff(), 1, (redis.exceptions.ConnectionError,)),
+            health_check_interval=0,
+        )
+        client = redis.asyncio.Redis.from_pool(pool)
+        self._client = client
+        return client
+
+    async def start(self) -> None:
+        """Make the client and load the script (bounded by `timeout_s`). Redis being down
+        is not an error here: it is logged as an outage and decisions follow
+        `on_redis_error` until it answers."""
+        if self.state is not BackendState.NEW:
+            return
+        client = self._make_client()
+        self.state = BackendState.UP
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                self._sha = str(await client.script_load(self._script))
+        except _FAILURES as exc:
+            self._failed(exc)
+            self._outage_failures = 0  # counts decisions, and this was none
+        else:
+            log.debug("%r: script loaded (%s)", self, self._sha)
+
+    async def close(self) -> None:
+        """Close the client and its connections; later decisions raise."""
+        self.state = BackendState.CLOSED
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    async def decide(self, key: str, emission_s: float, tolerance_s: float) -> Decision:
+        """Decide one request for `key` (see `rate_limit_core.gcra`), atomically in Redis.
+
+        Raises:
+            RateLimitBackendError: Redis failed, was unreachable or slower than `timeout_s`,
+                or the backend is closed. Any other exception is a bug.
+        """
+        client = self._client
+        if client is None:
+            if self.state is BackendState.CLOSED:
+                raise RateLimitBackendError(f"{self!r} is closed")
+            client = self._make_client()
+            self.state = BackendState.UP
+        if (emission_s, tolerance_s) != self._rate:
+            self._rate = (emission_s, tolerance_s)
+            self._rate_args = (repr(emission_s).encode(), repr(tolerance_s).encode())
+        now = b"" if self._now is None else repr(self._now()).encode()
+        full_key = (self.key_prefix + key).encode("utf-8", "surrogatepass")
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                reply = await self._run(client, full_key, *self._rate_args, now)
+            tat, at = float(reply[1]), float(reply[2])
+        except _FAILURES as exc:
+            raise self._failed(exc) from exc
+        if self.state is BackendState.DOWN:
+            self._recovered()
+        decision, _ = gcra(tat, at, emission_s, tolerance_s)
+        return decision
+
+    async def _run(self, client: redis.asyncio.Redis, *args: bytes) -> list[Any]:
+        if self._sha:
+            try:
+                return await client.evalsha(self._sha, 1, *args)  # type: ignore[no-any-return]
+            except redis.exceptions.NoScriptError:
+                # Redis restarted or its script cache was flushed: load it again.
+                log.debug("%r: NOSCRIPT, loading the script again", self)
+        self._sha = str(await client.script_load(self._script))
+        return await client.evalsha(self._sha, 1, *args)  # type: ignore[no-any-return]
+
+    def _failed(self, exc: BaseException) -> RateLimitBackendError:
+        if isinstance(exc, TimeoutError) and not str(exc):
+            reason = f"no answer within {self.timeout_s * 1000:.0f}ms"
+        else:
+            reason = f"{type(exc).__name__}: {exc}"
+        if self.state is BackendState.UP:
+            self.state = BackendState.DOWN
+            self._outage_started = time.monotonic()
+            self._outage_failures = 0
+            log.warning(
+                "rate_limit: Redis %s is unavailable (%s); decisions follow on_redis_error "
+                "until it answers",
+                self.where,
+                reason,
+            )
+        self._outage_failures += 1
+        return RateLimitBackendError(f"Redis {self.where}: {reason}")
+
+    def _recovered(self) -> None:
+        self.state = BackendState.UP
+        log.warning(
+            "rate_limit: Redis %s answers again after %.1fs (%d decisions failed meanwhile)",
+            self.where,
+            time.monotonic() - self._outage_started,
+            self._outage_failures,
+        )
