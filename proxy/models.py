@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from multidict import CIMultiDict
 
 from proxy.errors import BodyTooLarge
+from proxy.protocol.h1serialize import check_headers
 
 if TYPE_CHECKING:
     from yarl import URL
@@ -260,6 +261,67 @@ class _Message:
     def headers(self, value: CIMultiDict[str]) -> None:
         self._headers = value
         self.raw_headers = None
+
+    # Header access that keeps raw headers raw. Middleware on the hot path uses these: a
+    # message whose headers stay raw is serialized by copying bytes, while reading
+    # `headers` builds a CIMultiDict and sends the message down the checked text path.
+
+    def header(self, name: str) -> str | None:
+        """The first value of field `name` (case-insensitive), or None."""
+        raw = self.raw_headers
+        if raw is None:
+            assert self._headers is not None
+            return self._headers.get(name)
+        wanted = name.lower().encode("latin-1")
+        for field, value in raw:
+            if len(field) == len(wanted) and field.lower() == wanted:
+                return value.decode("latin-1")
+        return None
+
+    def set_header(self, name: str, value: str) -> None:
+        """Replace every `name` field with one `name: value`.
+
+        Raises:
+            UnsafeHeader: the name is not a token, or the value holds CR, LF or NUL.
+        """
+        raw = self.raw_headers
+        if raw is None:
+            assert self._headers is not None
+            self._headers[name] = value
+            return
+        field = _checked_field(name, value)
+        wanted = field[0].lower()
+        kept = [pair for pair in raw if pair[0].lower() != wanted]
+        kept.append(field)
+        self.raw_headers = kept
+
+    def add_header(self, name: str, value: str) -> None:
+        """Append a `name: value` field (after any others of that name).
+
+        Raises:
+            UnsafeHeader: as `set_header`.
+        """
+        raw = self.raw_headers
+        if raw is None:
+            assert self._headers is not None
+            self._headers.add(name, value)
+            return
+        self.raw_headers = [*raw, _checked_field(name, value)]
+
+    def remove_header(self, name: str) -> None:
+        """Drop every `name` field."""
+        raw = self.raw_headers
+        if raw is None:
+            assert self._headers is not None
+            self._headers.popall(name, None)
+            return
+        wanted = name.lower().encode("latin-1")
+        self.raw_headers = [pair for pair in raw if pair[0].lower() != wanted]
+
+
+def _checked_field(name: str, value: str) -> tuple[bytes, bytes]:
+    check_headers([(name, value)])
+    return name.encode("latin-1"), value.encode("latin-1")
 
 
 class Request(_Message):

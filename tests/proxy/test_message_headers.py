@@ -1,0 +1,72 @@
+"""Header access that keeps raw headers raw (`header`, `set_header`, `add_header`,
+`remove_header`): the same answers whether the headers are still the parser's byte pairs
+or already a CIMultiDict, and unsafe fields refused either way."""
+
+from __future__ import annotations
+
+import pytest
+from multidict import CIMultiDict
+
+from proxy.models import Body, Request, Response
+from proxy.protocol.h1serialize import UnsafeHeader
+
+
+def raw_request() -> Request:
+    raw = [(b"Host", b"example"), (b"X-Tag", b"one"), (b"x-tag", b"two")]
+    return Request("GET", b"/", raw, Body.from_bytes(b""), host="example")
+
+
+def both() -> list[Request]:
+    materialized = raw_request()
+    _ = materialized.headers  # now a CIMultiDict
+    return [raw_request(), materialized]
+
+
+@pytest.mark.parametrize("request_", both())
+def test_header_reads_the_first_value_case_insensitively(request_: Request) -> None:
+    assert request_.header("X-TAG") == "one"
+    assert request_.header("missing") is None
+
+
+@pytest.mark.parametrize("request_", both())
+def test_set_add_remove(request_: Request) -> None:
+    request_.set_header("X-Tag", "only")
+    request_.add_header("X-Extra", "a")
+    request_.add_header("X-Extra", "b")
+    request_.remove_header("host")
+    assert request_.header("x-tag") == "only"
+    assert request_.headers.getall("X-Extra") == ["a", "b"]
+    assert "Host" not in request_.headers
+    assert request_.headers.getall("x-tag") == ["only"]
+
+
+def test_raw_headers_stay_raw() -> None:
+    request = raw_request()
+    request.set_header("X-Request-ID", "abc")
+    request.add_header("Via", "1.1 test")
+    request.remove_header("X-Tag")
+    assert request.raw_headers == [
+        (b"Host", b"example"),
+        (b"X-Request-ID", b"abc"),
+        (b"Via", b"1.1 test"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("X-Bad", "a\r\nInjected: yes"), ("Bad Name", "v"), ("X", "nul\0")]
+)
+def test_unsafe_fields_are_refused_while_raw(name: str, value: str) -> None:
+    # (once materialized, the checked serializer refuses them instead: h1serialize)
+    request = raw_request()
+    with pytest.raises(UnsafeHeader):
+        request.set_header(name, value)
+    with pytest.raises(UnsafeHeader):
+        request.add_header(name, value)
+    assert request.raw_headers == raw_request().raw_headers
+
+
+def test_a_response_built_from_a_dict_works_too() -> None:
+    response = Response(200, CIMultiDict([("A", "1")]))
+    response.set_header("B", "2")
+    assert response.header("b") == "2"
+    assert response.raw_headers is None
