@@ -15,6 +15,11 @@ Its type is a *factory*: a class (or any callable) with
 
 Optional hooks, awaited by the server: `async def start(self)` once the event loop runs
 (open clients, start refresh tasks) and `async def close(self)` at shutdown.
+
+Optional `EAGER = True` (a class or instance attribute) promises that the middleware
+awaits nothing but `call_next`: a chain made only of such middleware runs without a task
+(proxy/eager.py), which is most of what a chain costs. Do not set it on a middleware that
+awaits I/O, a lock or a thread.
 """
 
 from __future__ import annotations

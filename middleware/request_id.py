@@ -24,6 +24,7 @@ class RequestId:
     """Generate or propagate the request id header."""
 
     OPTIONS = ("header", "trust_incoming", "response")
+    EAGER = True  # awaits nothing but call_next (proxy/eager.py)
 
     def __init__(self, options: Options) -> None:
         self.header = options.string("header", "X-Request-ID")

@@ -20,6 +20,7 @@ from proxy.protocol.h1serialize import check_headers
 if TYPE_CHECKING:
     from yarl import URL
 
+    from proxy.eager import EagerRun
     from proxy.upstream.upgrade import UpstreamHandshake
 
 BODY_HIGH_WATER_BYTES = 256 * 1024
@@ -339,6 +340,7 @@ class Request(_Message):
         "client",
         "connection",
         "consumer",
+        "eager",
         "endpoint",
         "host",
         "http_version",
@@ -394,6 +396,7 @@ class Request(_Message):
         self.endpoint = ""  # host:port of the upstream endpoint the request went to
         self.upstream_s = 0.0  # the upstream's part: sending until the response head
         self.chain_inner_s = 0.0  # (middleware/chain.py: what the links after one took)
+        self.eager: EagerRun | None = None  # (proxy/eager.py: its chain runs without a task)
         self._url: URL | None = None
 
     def get_headers(self) -> CIMultiDict[str]:

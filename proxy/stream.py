@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 
 from middleware.chain import build_chain, close_all, start_all
 from proxy.config_model import Config, MiddlewareSpec, RouteConfig
+from proxy.eager import EagerRun, ToTask
 from proxy.errors import BodyTooLarge, InternalError, NoRoute, ProxyError, UpgradeNotAllowed
 from proxy.forward import Forwarder
 from proxy.local_reply import local_reply
@@ -28,7 +29,7 @@ ResponseCallback = Callable[[Response | None, ProxyError | None], None]
 class RouteRuntime:
     """A route's compiled state: its config and the handler its requests run through."""
 
-    __slots__ = ("chain", "config", "forwarder", "handler", "name", "websocket")
+    __slots__ = ("chain", "config", "eager", "forwarder", "handler", "name", "websocket")
 
     def __init__(
         self, config: RouteConfig, forwarder: Forwarder, chain: tuple[MiddlewareSpec, ...] = ()
@@ -37,8 +38,26 @@ class RouteRuntime:
         self.name = config.name
         self.forwarder = forwarder
         self.chain = chain  # global_middleware, then the route's own
-        self.handler: Handler = build_chain(chain, forwarder)
+        self.handler: Handler = build_chain(chain, _chain_end(forwarder))
+        # Run without a task when every middleware only ever awaits call_next (eager.py).
+        self.eager = all(getattr(spec.instance, "EAGER", False) for spec in chain)
         self.websocket = config.websocket
+
+
+def _chain_end(forwarder: Forwarder) -> Handler:
+    """What a chain's last `call_next` does: the fast path when the chain runs eagerly
+    (proxy/eager.py) and an idle connection is there, the forwarder otherwise."""
+
+    def forward(request: Request) -> Awaitable[Response]:
+        run = request.eager
+        if run is not None:
+            pending = run.forward(request, forwarder)
+            if pending is not None:
+                return pending
+            return ToTask(lambda: forwarder(request))
+        return forwarder(request)
+
+    return forward
 
 
 class Runtime:
@@ -98,6 +117,16 @@ class Runtime:
                 if (body.length or 0) > limit or body.bytes_fed > limit:
                     raise BodyTooLarge()
                 body.limit = limit if body.limit is None else min(body.limit, limit)
+        except ProxyError as exc:
+            return local_reply(exc, request)
+        except Exception:
+            log.exception("bug while routing %r", request)
+            return local_reply(InternalError(), request)
+        return await self._run(route, request)
+
+    async def _run(self, route: RouteRuntime, request: Request) -> Response:
+        """The route's chain (or just its forwarder); failures become local replies."""
+        try:
             return await route.handler(request)
         except ProxyError as exc:
             if exc.status >= 500:
@@ -126,9 +155,17 @@ class Runtime:
             return False
         route = self.routes[match.route.name]
         forwarder = route.forwarder
-        if route.handler is not forwarder:
+        if route.handler is forwarder:
+            return forwarder.try_start(request, route.name, match.params, on_response)
+        limit = match.route.max_body_size
+        if not route.eager or request.upgrade:
             return False
-        return forwarder.try_start(request, route.name, match.params, on_response)
+        if limit is not None and (request.body.length or 0) > limit:
+            return False  # the general path answers 413
+        request.route_name = route.name
+        request.params = match.params
+        EagerRun(request, self._run(route, request), on_response).start()
+        return True
 
     def expire(self, now: float) -> None:
         """Sweeper tick for every upstream pool."""

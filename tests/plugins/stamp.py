@@ -51,3 +51,9 @@ class Stamp:
         response = await call_next(request)
         response.headers.add(self.header, self.value)
         return response
+
+
+class EagerStamp(Stamp):
+    """The same, declaring that it awaits nothing but call_next (proxy/eager.py)."""
+
+    EAGER = True

@@ -1,0 +1,108 @@
+"""Chains of middleware that declare `EAGER = True` run without a task (proxy/eager.py):
+the same answers as a task would give, on the fast path when an idle connection is
+there, handed to a task when it is not, and retried after the keep-alive race."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from proxy.errors import ProxyError
+from proxy.models import Request, Response
+from proxy.server import Server
+from tests.conftest import GatewayFactory, UpstreamFactory, base_url
+from tests.upstream import UpstreamServer
+
+pytestmark = pytest.mark.socket
+
+EAGER = '"tests.plugins.stamp:EagerStamp"'
+TASKED = '"tests.plugins.stamp:Stamp"'
+
+
+def config(upstream: UpstreamServer, outer: str, inner: str) -> str:
+    return f"""
+listeners: [{{bind: 127.0.0.1:0}}]
+upstreams: {{app: {{endpoints: [{upstream.url}]}}}}
+middleware:
+  outer: {{type: {outer}, value: outer, refuse_header: X-Refuse}}
+  inner: {{type: {inner}, value: inner}}
+routes:
+  - {{name: all, match: {{path_prefix: /}}, upstream: app, middleware: [outer, inner]}}
+"""
+
+
+def count_eager_starts(server: Server) -> list[bool]:
+    """Record what the front end's `try_fast` said for each request."""
+    started: list[bool] = []
+    try_fast = server.try_fast
+
+    def spy(
+        request: Request, on_response: Callable[[Response | None, ProxyError | None], None]
+    ) -> bool:
+        result = try_fast(request, on_response)
+        started.append(result)
+        return result
+
+    server.try_fast = spy
+    return started
+
+
+async def get_stamps(server: Server, client: httpx.AsyncClient, **headers: str) -> httpx.Response:
+    return await client.get(base_url(server) + "/echo/x", headers=headers)
+
+
+async def test_an_eager_chain_answers_like_a_task_would(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer
+) -> None:
+    server = await gateway_factory(config(upstream, EAGER, EAGER))
+    started = count_eager_starts(server)
+    async with httpx.AsyncClient() as client:
+        # The first request finds no idle connection (handed to a task), the next ones do.
+        responses = [await get_stamps(server, client) for _ in range(3)]
+    assert started == [True, True, True]
+    for response in responses:
+        assert response.status_code == 200
+        seen = {name.lower(): value for name, value in response.json()["headers"]}
+        assert seen["x-stamp"] == "outer,inner"
+        assert response.headers.get_list("x-stamp") == ["inner", "outer"]
+    assert len(upstream.requests) == 3
+
+
+async def test_a_chain_with_one_non_eager_middleware_takes_a_task(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer
+) -> None:
+    server = await gateway_factory(config(upstream, EAGER, TASKED))
+    started = count_eager_starts(server)
+    async with httpx.AsyncClient() as client:
+        response = await get_stamps(server, client)
+    assert started == [False]
+    assert response.headers.get_list("x-stamp") == ["inner", "outer"]
+
+
+async def test_a_proxy_error_raised_in_an_eager_chain_is_a_local_reply(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer
+) -> None:
+    server = await gateway_factory(config(upstream, EAGER, EAGER))
+    async with httpx.AsyncClient() as client:
+        refused = await get_stamps(server, client, **{"X-Refuse": "1"})
+        after = await get_stamps(server, client)
+    assert refused.status_code == 418
+    assert refused.json()["error"] == "stamp_refused"
+    assert after.status_code == 200  # the connection serves on
+    assert len(upstream.requests) == 1
+
+
+async def test_the_keep_alive_race_is_retried_from_an_eager_chain(
+    gateway_factory: GatewayFactory, upstream_factory: UpstreamFactory
+) -> None:
+    upstream = await upstream_factory(drop_reused=True)  # closes a reused connection unanswered
+    server = await gateway_factory(config(upstream, EAGER, EAGER))
+    started = count_eager_starts(server)
+    async with httpx.AsyncClient() as client:
+        first = await get_stamps(server, client)
+        second = await get_stamps(server, client)  # meets the pooled connection, dropped
+    assert started == [True, True]
+    assert first.status_code == second.status_code == 200
+    assert second.headers.get_list("x-stamp") == ["inner", "outer"]
