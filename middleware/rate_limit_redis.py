@@ -201,6 +201,11 @@ class RedisBackend:
             self._rate_args = (repr(emission_s).encode(), repr(tolerance_s).encode())
         now = b"" if self._now is None else repr(self._now()).encode()
         full_key = (self.key_prefix + key).encode("utf-8", "surrogatepass")
+        if asyncio.current_task() is None:
+            # Driven by hand outside a task (proxy/eager.py; a chain should not be, since
+            # this awaits I/O and is no EAGER middleware, but then this still holds):
+            # asyncio.timeout needs a task, so yield a bare turn and resume inside one.
+            await asyncio.sleep(0)
         try:
             async with asyncio.timeout(self.timeout_s):
                 reply = await self._run(client, full_key, *self._rate_args, now)

@@ -11,8 +11,9 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio
@@ -107,10 +108,12 @@ def outage_logs(caplog: pytest.LogCaptureFixture) -> tuple[list[str], list[str]]
 @pytest.mark.parametrize(
     ("emission_s", "tolerance_s", "seed"),
     [
+        # Real Redis expires keys in real time while this clock is fake: every key here
+        # stays for at least 30s (test_idle_key_expires covers short ones on Redis' clock).
         (6.0, 54.0, 1),  # rate 10/min, burst 9
-        (0.01, 0.0, 2),  # 100/s, no burst
-        (1 / 3, 2 / 3 * 5, 3),  # 3/s, burst 10: inexact doubles
-        (0.001, 0.2, 4),  # 1000/s, burst 200
+        (30.0, 0.0, 2),  # 2/min, no burst
+        (100 / 3, 1000 / 3, 3),  # 9 per 5 min, burst 10: inexact doubles
+        (0.7, 0.7 * 43, 4),  # 10 per 7s, burst 43: inexact doubles
         (3600.0, 3600.0 * 4, 5),  # 1/h, burst 4
     ],
 )
@@ -395,3 +398,44 @@ def test_constructor_needs_no_event_loop() -> None:
 def test_unusable_url_is_a_value_error(url: str) -> None:
     with pytest.raises(ValueError, match=r"scheme|port"):
         RedisBackend(url, 0.2, "rl:")
+
+
+async def test_decide_begun_outside_a_task_moves_into_one(
+    redis_server: RedisServer, backends: list[RedisBackend]
+) -> None:
+    """A chain may be driven by hand from a loop callback until it first waits
+    (proxy/eager.py): asyncio.timeout would raise there, so decide first yields a bare
+    turn, which hands it to a task, and decides from there."""
+    backend = await started(backends, redis_server.url)
+    loop = asyncio.get_running_loop()
+    coroutine = backend.decide("k", 6.0, 54.0)
+    first_yield: asyncio.Future[object] = loop.create_future()
+
+    def drive_outside_a_task() -> None:
+        assert asyncio.current_task() is None
+        try:
+            first_yield.set_result(coroutine.send(None))
+        except BaseException as exc:  # the test reports it
+            first_yield.set_exception(exc)
+
+    loop.call_soon(drive_outside_a_task)
+    assert await first_yield is None  # a bare yield: nothing was sent to Redis yet
+    decision = await carry_on(coroutine)
+    assert (decision.allowed, decision.remaining) == (True, 9)
+
+
+async def carry_on(coroutine: Coroutine[Any, Any, Decision]) -> Decision:
+    """Resume a coroutine that yielded a bare turn outside a task, inside this task (as
+    proxy/eager.py's `_continue` does): wait for what it waits for, send, repeat."""
+    awaited: Any = None
+    while True:
+        if awaited is None:
+            await asyncio.sleep(0)
+        else:
+            awaited._asyncio_future_blocking = False  # a task clears the coroutine's mark
+            await awaited
+        try:
+            awaited = coroutine.send(None)
+        except StopIteration as done:
+            result: Decision = done.value
+            return result
