@@ -431,6 +431,11 @@ def _read_file(options: Options, key: str, path: str) -> bytes | None:
         return None
 
 
+def _listed(names: list[str]) -> str:
+    """`HS256 needs` / `HS256, HS512 need`."""
+    return f"{', '.join(names)} {'needs' if len(names) == 1 else 'need'}"
+
+
 def _exclusive(options: Options, first: str, second: str) -> None:
     if first in options and second in options:
         options.error(second, f"give either {first!r} or {second!r}, not both")
@@ -454,9 +459,7 @@ def _secret(options: Options, algorithms: frozenset[str] | None) -> bytes | None
     hmac_algorithms = sorted(algorithms & HMAC_ALGORITHMS)
     if secret is None:
         if hmac_algorithms and key not in options:
-            options.error(
-                "algorithms", f"{', '.join(hmac_algorithms)} need 'secret' or 'secret_file'"
-            )
+            options.error("algorithms", f"{_listed(hmac_algorithms)} 'secret' or 'secret_file'")
         return None
     if not hmac_algorithms:
         options.error(key, "no HS256, HS384 or HS512 in 'algorithms' uses this secret")
@@ -572,7 +575,7 @@ def _check_asymmetric_keys(
     elif asymmetric and jwks is None and key not in options and "jwks_url" not in options:
         options.error(
             "algorithms",
-            f"{', '.join(asymmetric)} need 'public_key', 'public_key_file' or 'jwks_url'",
+            f"{_listed(asymmetric)} 'public_key', 'public_key_file' or 'jwks_url'",
         )
 
 

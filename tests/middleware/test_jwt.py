@@ -176,7 +176,7 @@ def test_none_unknown_and_empty_algorithms_are_errors() -> None:
 
 def test_hmac_without_a_secret_and_asymmetric_without_a_key_are_errors() -> None:
     assert errors_of("type: jwt\nalgorithms: [HS256, RS256, EdDSA]\n") == [
-        "<string>:7: middleware.auth.algorithms: HS256 need 'secret' or 'secret_file'",
+        "<string>:7: middleware.auth.algorithms: HS256 needs 'secret' or 'secret_file'",
         "<string>:7: middleware.auth.algorithms: EdDSA, RS256 need 'public_key', "
         "'public_key_file' or 'jwks_url'",
     ]
@@ -448,6 +448,12 @@ async def test_static_public_keys_verify_rs_es_and_eddsa(key: Any, tmp_path: Pat
     auth = make_auth(f"type: jwt\nalgorithms: [{signing.algorithm}]\npublic_key_file: {pem}\n")
     seen = await passes(auth, request_with(signing.sign({"sub": "k"})))
     assert seen.consumer == "k"
+
+
+async def test_an_inline_pem_public_key() -> None:
+    pem = textwrap.indent(ed_key().public_pem(), "  ")
+    auth = make_auth(f"type: jwt\nalgorithms: [EdDSA]\npublic_key: |\n{pem}")
+    assert (await passes(auth, request_with(ed_key().sign({"sub": "i"})))).consumer == "i"
 
 
 async def test_a_certificate_can_be_the_public_key(tls_files: TlsFiles) -> None:
