@@ -1,0 +1,302 @@
+"""`rate_limit`: GCRA per key, in a table shared by the workers (`local`) or in Redis.
+
+A client may send `burst + 1` requests at once, then one every `period / requests` of the
+`rate` (`rate: 10/min, burst: 9`: ten at once, then one every 6s; ten again after a
+minute of silence). The key says whose budget a request spends: the client's IP (`ip`),
+a request header (`header:X-API-Key`), the consumer an auth middleware earlier in the
+chain found (`consumer`), or the route (`route`: one budget for everyone on it). A header
+or consumer that is absent falls back to the client's IP, so leaving it out does not
+escape the limit. A named instance used by several routes is one budget.
+
+An allowed request goes on, and its response gets `RateLimit-Limit`, `RateLimit-Remaining`
+and `RateLimit-Reset` (draft-ietf-httpapi-ratelimit-headers; integer seconds) unless
+`headers: false` (the gateway's replace any the upstream sent). A refused one gets a 429
+local reply with those headers, whatever `headers` says, and `Retry-After` (whole
+seconds, rounded up, at least 1). When the backend cannot decide
+(Redis down or slow), `on_redis_error: allow` lets the request through without headers
+and `deny` answers 503; the backend logs the outage once, not per request. Every
+decision counts in `gatehouse_rate_limit_decisions_total{middleware,result}`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from metrics.definitions import RATE_LIMIT_DECISIONS, RATE_LIMIT_EVICTIONS
+from middleware.base import Handler
+from middleware.options import Options
+from middleware.rate_limit_core import Decision, RateLimitBackendError
+from middleware.rate_limit_local import DEFAULT_MAX_KEYS, MAX_MAX_KEYS, LocalBackend
+from proxy.config_values import ConfigValueError
+from proxy.errors import RateLimited, RateLimitUnavailable
+from proxy.local_reply import local_reply
+from proxy.models import Request, Response
+
+DEFAULT_REDIS_TIMEOUT_S = 0.05
+REDIS_KEY_PREFIX = "gatehouse:rate_limit:"  # + instance name + ":" + key
+
+_RATE_UNITS_S = {
+    "s": 1,
+    "sec": 1,
+    "second": 1,
+    "m": 60,
+    "min": 60,
+    "minute": 60,
+    "h": 3600,
+    "hour": 3600,
+    "d": 86400,
+    "day": 86400,
+}
+_RATE_RE = re.compile(r"(\d+)\s*/\s*(\d*)\s*([a-z]+)")
+_RATE_FORMS = "e.g. '100/s', '1000/min', '10/h', '5/10s'; units s, m or min, h, d"
+# RFC 9110 section 5.6.2: a header name is a token.
+_TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_KEY_FORMS = "'ip', 'header:NAME', 'consumer' or 'route'"
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """`requests` per `period_s`."""
+
+    requests: int
+    period_s: float
+
+    @property
+    def emission_s(self) -> float:
+        """The spacing of requests at this rate."""
+        return self.period_s / self.requests
+
+
+def parse_rate(text: str) -> Rate:
+    """`100/s`, `1000/min`, `10/h`, `5/10s` (five per ten seconds), `1/d`.
+
+    Raises:
+        ConfigValueError: not such a rate, or zero requests or a zero period.
+    """
+    match = _RATE_RE.fullmatch(text.strip().lower())
+    unit = _RATE_UNITS_S.get(match.group(3)) if match else None
+    if match is None or unit is None:
+        raise ConfigValueError(f"invalid rate {text!r} ({_RATE_FORMS})")
+    requests, count = int(match.group(1)), int(match.group(2) or 1)
+    if requests == 0 or count == 0:
+        raise ConfigValueError(f"invalid rate {text!r}: must allow at least one request")
+    return Rate(requests, float(count * unit))
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpec:
+    """What a request's budget is keyed on: `kind` ip|header|consumer|route."""
+
+    kind: str
+    header: str = ""
+
+
+def parse_key(text: str) -> KeySpec:
+    """`ip`, `header:NAME`, `consumer` or `route`.
+
+    Raises:
+        ConfigValueError: anything else, or a header name that is not a token.
+    """
+    if text in ("ip", "consumer", "route"):
+        return KeySpec(text)
+    kind, colon, name = text.partition(":")
+    if kind == "header" and colon:
+        if not _TOKEN_RE.fullmatch(name):
+            raise ConfigValueError(f"invalid header name {name!r} in key {text!r}")
+        return KeySpec("header", name)
+    raise ConfigValueError(f"invalid key {text!r} (expected {_KEY_FORMS})")
+
+
+def key_function(spec: KeySpec) -> Callable[[Request], str]:
+    """The request -> key function for `spec`. An absent header or consumer falls back
+    to the client's IP; the prefixes keep the two spaces apart."""
+    if spec.kind == "ip":
+        return lambda request: request.client[0]
+    if spec.kind == "route":
+        return lambda request: request.route_name
+    if spec.kind == "consumer":
+        return lambda request: (
+            "c:" + request.consumer if request.consumer else "ip:" + request.client[0]
+        )
+    name = spec.header
+
+    def by_header(request: Request) -> str:
+        value = request.header(name)  # keeps raw headers raw (no CIMultiDict built)
+        return "h:" + value if value else "ip:" + request.client[0]
+
+    return by_header
+
+
+class Backend(Protocol):
+    """Where GCRA state lives (rate_limit_local.LocalBackend, rate_limit_redis.RedisBackend)."""
+
+    async def decide(self, key: str, emission_s: float, tolerance_s: float) -> Decision: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class RateLimit:
+    """Admit requests at `rate` with `burst` per key; 429 beyond."""
+
+    OPTIONS = ("rate", "burst", "key", "backend", "redis", "headers", "max_keys")
+    REQUIRED = ("rate",)
+    REDIS_OPTIONS = ("url", "timeout", "on_redis_error")
+    # With the local backend it awaits nothing but call_next (its decision is a
+    # microseconds-long synchronous section), so its chain may run without a task.
+    EAGER = False
+
+    def __init__(self, options: Options) -> None:
+        self.name = options.name
+        self.rate = options.converted("rate", parse_rate, "a rate like '100/s'", Rate(1, 1.0))
+        self.burst = options.integer("burst", 0)
+        self.key = options.converted("key", parse_key, f"one of {_KEY_FORMS}", KeySpec("ip"))
+        self.headers = options.boolean("headers", True)
+        self.backend_name = options.choice("backend", ("local", "redis"), "local")
+        self.emission_s = self.rate.emission_s
+        self.tolerance_s = self.emission_s * self.burst
+        self.limit = self.burst + 1  # what "N requests at once" admits
+        self.on_backend_error = "allow"
+        self._key_of = key_function(self.key)
+        self._limit_header = str(self.limit)
+        self._raw_limit = (b"RateLimit-Limit", self._limit_header.encode())
+        self._count_allowed = RATE_LIMIT_DECISIONS.labels(self.name, "allowed").inc
+        self._count_limited = RATE_LIMIT_DECISIONS.labels(self.name, "limited").inc
+        self._count_backend_error = RATE_LIMIT_DECISIONS.labels(self.name, "backend_error").inc
+        self.backend: Backend
+        self._local: LocalBackend | None = None
+        if self.backend_name == "redis":
+            self.backend = self._redis_backend(options)
+            if "max_keys" in options:
+                options.error("max_keys", "only used with backend: local")
+        else:
+            if "redis" in options:
+                options.error("redis", "only used with backend: redis")
+            max_keys = options.integer("max_keys", DEFAULT_MAX_KEYS, minimum=1)
+            if max_keys > MAX_MAX_KEYS:
+                options.error("max_keys", f"must be at most {MAX_MAX_KEYS}, got {max_keys}")
+                max_keys = DEFAULT_MAX_KEYS
+            evictions = RATE_LIMIT_EVICTIONS.labels(self.name).inc
+            self.use_backend(LocalBackend(max_keys, on_evict=evictions))
+
+    def use_backend(self, backend: Backend) -> None:
+        """Decide with `backend` from now on (a test gives a local one its clock)."""
+        self.backend = backend
+        self._local = backend if isinstance(backend, LocalBackend) else None
+        self.EAGER = self._local is not None
+
+    def _redis_backend(self, options: Options) -> Backend:
+        redis = options.nested("redis", self.REDIS_OPTIONS, required=("url",))
+        if redis is None:
+            if "redis" not in options:
+                options.error("redis", "backend: redis needs a 'redis: {url: ...}' mapping")
+            return _Unconfigured()
+        url = redis.string("url")
+        timeout_s = redis.duration("timeout", DEFAULT_REDIS_TIMEOUT_S, positive=True)
+        self.on_backend_error = redis.choice("on_redis_error", ("allow", "deny"), "allow")
+        if redis.failed or "url" not in redis:  # (a missing url is reported already)
+            return _Unconfigured()
+        try:
+            from middleware.rate_limit_redis import RedisBackend  # redis-py: only when used
+        except ImportError as exc:
+            options.error("backend", f"the redis backend cannot be loaded: {exc}")
+            return _Unconfigured()
+        try:
+            return RedisBackend(url, timeout_s, f"{REDIS_KEY_PREFIX}{self.name}:")
+        except ValueError as exc:
+            redis.error("url", f"invalid Redis URL: {exc}")
+            return _Unconfigured()
+
+    def __repr__(self) -> str:
+        rate = self.rate
+        return (
+            f"<RateLimit {self.name!r} {rate.requests}/{rate.period_s:g}s burst={self.burst} "
+            f"key={self.key.kind}{':' + self.key.header if self.key.header else ''} "
+            f"{self.backend!r}>"
+        )
+
+    async def start(self) -> None:
+        """Start the backend (the Redis client)."""
+        await self.backend.start()
+
+    async def close(self) -> None:
+        """Close the backend."""
+        await self.backend.close()
+
+    async def __call__(self, request: Request, call_next: Handler) -> Response:
+        key = self._key_of(request)
+        local = self._local
+        try:
+            if local is not None:  # no coroutine to make: it never waits
+                decision = local.decide_now(key, self.emission_s, self.tolerance_s)
+            else:
+                decision = await self.backend.decide(key, self.emission_s, self.tolerance_s)
+        except RateLimitBackendError:
+            self._count_backend_error()
+            if self.on_backend_error == "deny":
+                # Answered here rather than raised: the backend logged the outage once.
+                # The reason (a Redis address) stays in the log, not in the reply.
+                return local_reply(RateLimitUnavailable(), request)
+            return await call_next(request)
+        if not decision.allowed:
+            self._count_limited()
+            return self._limited(request, decision)
+        self._count_allowed()
+        response = await call_next(request)
+        if self.headers:
+            remaining = str(decision.remaining)
+            reset = str(math.ceil(decision.reset_after_s))
+            raw = response.raw_headers
+            if raw is not None:
+                # Still the upstream's bytes: ours replace any it sent and are added as
+                # bytes (digits: nothing to check), so no CIMultiDict is built and the
+                # response keeps the raw serializer.
+                response.raw_headers = [
+                    *[pair for pair in raw if len(pair[0]) not in (15, 19) or not _ours(pair)],
+                    self._raw_limit,
+                    (b"RateLimit-Remaining", remaining.encode()),
+                    (b"RateLimit-Reset", reset.encode()),
+                ]
+            else:
+                headers = response.headers
+                headers["RateLimit-Limit"] = self._limit_header
+                headers["RateLimit-Remaining"] = remaining
+                headers["RateLimit-Reset"] = reset
+        return response
+
+    def _limited(self, request: Request, decision: Decision) -> Response:
+        retry_after = str(max(1, math.ceil(decision.retry_after_s)))
+        error = RateLimited(f"rate limit exceeded: retry in {retry_after}s")
+        response = local_reply(error, request)
+        headers = response.headers
+        headers["Retry-After"] = retry_after
+        headers["RateLimit-Limit"] = self._limit_header  # on a 429 whatever `headers` says
+        headers["RateLimit-Remaining"] = "0"
+        headers["RateLimit-Reset"] = str(math.ceil(decision.reset_after_s))
+        return response
+
+
+_OUR_FIELDS = frozenset((b"ratelimit-limit", b"ratelimit-remaining", b"ratelimit-reset"))
+
+
+def _ours(pair: tuple[bytes, bytes]) -> bool:
+    """Whether a raw field (15 or 19 bytes long: checked first) is one we set."""
+    return pair[0].lower() in _OUR_FIELDS
+
+
+class _Unconfigured:
+    """Stands in for a backend the config failed to describe (the load fails anyway)."""
+
+    async def decide(self, key: str, emission_s: float, tolerance_s: float) -> Decision:
+        raise RateLimitBackendError("no backend")
+
+    async def start(self) -> None:
+        """Nothing to start."""
+
+    async def close(self) -> None:
+        """Nothing to close."""
