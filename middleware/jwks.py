@@ -1,5 +1,5 @@
-"""The JWKS side of the `jwt` middleware: fetching a JSON Web Key Set (RFC 7517) over the
-gateway's own event loop, turning it into verification keys, and keeping it fresh.
+"""The keys of the `jwt` middleware: PEM public keys, and a JSON Web Key Set (RFC 7517)
+fetched over the gateway's own event loop, turned into verification keys and kept fresh.
 
 The fetch is a minimal HTTP/1.1 GET over `asyncio.open_connection` (TLS for https), framed
 by h11 (already a runtime dependency): one request with `Connection: close`, a timeout on
@@ -29,7 +29,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import h11
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt import PyJWK
 from jwt.exceptions import PyJWTError
 
@@ -96,6 +98,30 @@ def describe_key(key: Any) -> str:
     if isinstance(key, ed448.Ed448PublicKey):
         return "an Ed448 key"
     return f"a {type(key).__name__}"
+
+
+def load_pem(data: bytes, where: str) -> VerifyKey:
+    """A PEM public key or certificate (`where` names it in errors).
+
+    Raises:
+        ValueError: a private key, not PEM, a key type we cannot use, a short RSA key.
+    """
+    if b"PRIVATE KEY" in data:
+        raise ValueError(f"{where} holds a private key: give the public key (or certificate)")
+    try:
+        public: Any = load_pem_public_key(data)
+    except (ValueError, TypeError):
+        try:
+            public = x509.load_pem_x509_certificate(data).public_key()
+        except (ValueError, TypeError):
+            raise ValueError(f"{where} is not a PEM public key or certificate") from None
+    algorithms = key_algorithms(public)
+    if not algorithms:
+        raise ValueError(f"{where} is {describe_key(public)}, which verifies none of ours")
+    problem = key_problem(public)
+    if problem:
+        raise ValueError(f"{where}: {problem}")
+    return VerifyKey(None, public, algorithms)
 
 
 # -- the key set ------------------------------------------------------------------------

@@ -25,8 +25,6 @@ import ssl
 from typing import Any
 
 import jwt
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.algorithms import HMACAlgorithm
 from jwt.exceptions import (
     DecodeError,
@@ -54,8 +52,7 @@ from middleware.jwks import (
     JwksUrl,
     VerifyKey,
     describe_key,
-    key_algorithms,
-    key_problem,
+    load_pem,
     parse_jwks_url,
 )
 from middleware.options import Options
@@ -496,26 +493,11 @@ def _public_key(options: Options) -> VerifyKey | None:
         return None
     if data is None:
         return None
-    if b"PRIVATE KEY" in data:
-        options.error(key, f"{where} holds a private key: give the public key (or certificate)")
-        return None
     try:
-        public = load_pem_public_key(data)
-    except (ValueError, TypeError):
-        try:
-            public = x509.load_pem_x509_certificate(data).public_key()
-        except (ValueError, TypeError):
-            options.error(key, f"{where} is not a PEM public key or certificate")
-            return None
-    algorithms = key_algorithms(public)
-    if not algorithms:
-        options.error(key, f"{where} is {describe_key(public)}, which verifies none of ours")
+        return load_pem(data, where)
+    except ValueError as exc:
+        options.error(key, str(exc))
         return None
-    problem = key_problem(public)
-    if problem:
-        options.error(key, f"{where}: {problem}")
-        return None
-    return VerifyKey(None, public, algorithms)
 
 
 def _jwks(options: Options) -> JwksCache | None:
