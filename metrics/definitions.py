@@ -111,15 +111,18 @@ MIDDLEWARE_SECONDS = LocalHistogram(
 
 AUTH_FAILURES = Counter(
     "gatehouse_auth_failures",
-    "Requests an auth middleware refused, by instance name and reason (missing, invalid)",
+    "Requests an auth middleware refused, by instance name and reason (each middleware's "
+    "own fixed set: missing, invalid, expired, denied, unavailable...)",
     ["middleware", "reason"],
     registry=REGISTRY,
 )
 
 
 def count_auth_failure(middleware: str, reason: str) -> None:
-    """One more request that auth middleware `middleware` refused: `reason` is `missing`
-    (no credentials) or `invalid` (credentials not accepted)."""
+    """One more request that auth middleware `middleware` refused. `reason` comes from
+    the middleware's own fixed set: `missing` (no credentials) and `invalid` for all, and
+    finer ones where a middleware knows more (jwt: `expired`, `bad_signature`...;
+    forward_auth: `denied`, `unavailable`, `timeout`, `bad_response`)."""
     AUTH_FAILURES.labels(middleware, reason).inc()
 
 
