@@ -15,6 +15,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+# Decisions are made to within a microsecond (see gcra); the Redis script does the same.
+SLACK_S = 1e-6
+
 
 class RateLimitBackendError(Exception):
     """The backend could not decide (Redis down or too slow); `on_redis_error` decides."""
@@ -38,10 +41,13 @@ def gcra(tat: float, now: float, emission_s: float, tolerance_s: float) -> tuple
     base = max(tat, now)
     new_tat = base + emission_s
     allow_at = new_tat - tolerance_s - emission_s
-    if now < allow_at:
+    # SLACK_S absorbs float rounding: a sum of tenths lands a hair past `now`, which would
+    # refuse the last request of a burst that is exactly within its budget.
+    if now + SLACK_S < allow_at:
         remaining = 0
         reset_after = base - now
         return Decision(False, limit, remaining, reset_after, allow_at - now), tat
-    remaining = max(0, math.floor((now - (new_tat - tolerance_s - emission_s)) / emission_s))
+    spare = (now + SLACK_S - allow_at) / emission_s
+    remaining = max(0, math.floor(spare))
     remaining = min(remaining, limit - 1)
     return Decision(True, limit, remaining, new_tat - now, 0.0), new_tat

@@ -65,7 +65,7 @@ local new_tat = base + emission
 local allow_at = new_tat - tolerance - emission
 local old = string.format('%.17g', tat)
 local at = string.format('%.17g', now)
-if now < allow_at then
+if now + 0.000001 < allow_at then  -- rate_limit_core.SLACK_S
   return {0, old, at}
 end
 local ttl_ms = math.ceil((new_tat - now + tolerance) * 1000)
