@@ -1,0 +1,185 @@
+"""`access_log` through real sockets: the lines an in-process gateway writes to this
+process's stdout (captured with capfd), for proxied, streamed, refused, failed, sampled
+and abandoned requests, over HTTP/1.1 and HTTP/2."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from proxy.server import Server
+from tests.conftest import GatewayFactory, base_url, simple_config
+from tests.h2_client import H2Client
+from tests.upstream import UpstreamServer
+
+pytestmark = pytest.mark.socket
+
+Line = dict[str, object]
+
+
+def config(upstream_url: str, log_options: str = "", chain: str = "[log, ids]") -> str:
+    extra = f"""
+middleware:
+  log: {{type: access_log{log_options}}}
+  ids: {{type: request_id}}
+  small: {{type: body_limit, max: 100}}
+global_middleware: {chain}
+"""
+    return simple_config(upstream_url, "auto", extra=extra)
+
+
+async def logged(
+    server: Server, capfd: pytest.CaptureFixture[str], *, err: bool = False
+) -> list[Line]:
+    """The JSON lines the gateway wrote, read after stopping it: its close() has flushed
+    them by then (reading the capture while the writer thread writes could lose some)."""
+    await server.shutdown(grace_period=1.0)
+    out, error = capfd.readouterr()
+    text = error if err else out
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+async def test_a_proxied_request_is_one_line_with_every_field(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, capfd: pytest.CaptureFixture[str]
+) -> None:
+    server = await gateway_factory(config(upstream.url))
+    async with httpx.AsyncClient(timeout=5) as client:
+        response = await client.post(
+            base_url(server) + "/echo/users?token=secret",
+            content=b"0123456789",
+            headers={"User-Agent": "e2e-test/1.0"},
+        )
+    assert response.status_code == 200
+
+    (line,) = await logged(server, capfd)
+    assert line["request_id"] == response.headers["X-Request-ID"]
+    assert line["client_ip"] == "127.0.0.1"
+    assert line["method"] == "POST"
+    assert line["host"] == base_url(server).removeprefix("http://")
+    assert line["path"] == "/echo/users"  # no query string
+    assert line["protocol"] == "HTTP/1.1"
+    assert line["route"] == "all"
+    assert line["endpoint"] == f"127.0.0.1:{upstream.port}"
+    assert line["status"] == 200
+    assert line["bytes_in"] == 10
+    assert line["bytes_out"] == len(response.content)
+    assert line["user_agent"] == "e2e-test/1.0"
+    assert line["consumer"] == ""
+    upstream_s, duration_s = line["upstream_s"], line["duration_s"]
+    assert isinstance(upstream_s, float)
+    assert isinstance(duration_s, float)
+    assert 0 < upstream_s <= duration_s < 5
+
+
+async def test_a_streamed_response_is_logged_when_its_body_ends(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, capfd: pytest.CaptureFixture[str]
+) -> None:
+    server = await gateway_factory(config(upstream.url))
+    async with httpx.AsyncClient(timeout=5) as client:
+        chunked = await client.get(base_url(server) + "/chunked/5/1000")
+        slow = await client.get(base_url(server) + "/slowbody/300")
+    assert len(chunked.content) == 5000
+
+    first, second = await logged(server, capfd)
+    assert first["bytes_out"] == 5000
+    assert second["bytes_out"] == len(slow.content) == 4
+    duration_s = second["duration_s"]
+    assert isinstance(duration_s, float)
+    assert duration_s >= 0.3  # the line was made when the late body had gone out
+
+
+async def test_error_replies_are_logged_with_their_status_and_size(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, capfd: pytest.CaptureFixture[str]
+) -> None:
+    server = await gateway_factory(config(upstream.url, chain="[log, ids, small]"))
+    async with httpx.AsyncClient(timeout=5) as client:
+        refused = await client.post(base_url(server) + "/echo/", content=b"x" * 101)
+        head = await client.head(base_url(server) + "/bytes/50")
+    await upstream.stop()
+    async with httpx.AsyncClient(timeout=5) as client:
+        failed = await client.get(base_url(server) + "/echo/")
+    assert (refused.status_code, head.status_code, failed.status_code) == (413, 200, 502)
+
+    lines = await logged(server, capfd)
+    assert [(line["method"], line["status"]) for line in lines] == [
+        ("POST", 413),
+        ("HEAD", 200),
+        ("GET", 502),
+    ]
+    assert lines[0]["bytes_out"] == len(refused.content)
+    assert lines[0]["request_id"] == refused.json()["request_id"]
+    assert lines[0]["endpoint"] == ""  # refused before forwarding
+    assert lines[1]["bytes_out"] == 0  # HEAD: no body bytes go out
+    assert lines[2]["bytes_out"] == len(failed.content)
+
+
+async def test_http2_requests_are_logged_too(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, capfd: pytest.CaptureFixture[str]
+) -> None:
+    server = await gateway_factory(config(upstream.url))
+    async with httpx.AsyncClient(http1=False, http2=True, timeout=5) as client:
+        response = await client.get(base_url(server) + "/bytes/1234")
+    assert response.http_version == "HTTP/2"
+
+    (line,) = await logged(server, capfd)
+    assert (line["protocol"], line["status"], line["bytes_out"]) == ("HTTP/2", 200, 1234)
+
+
+async def test_sampling_keeps_server_errors(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, capfd: pytest.CaptureFixture[str]
+) -> None:
+    server = await gateway_factory(config(upstream.url, ", sample: 0, fields: [status, path]"))
+    async with httpx.AsyncClient(timeout=5) as client:
+        for path in ("/echo/a", "/status/404", "/status/503", "/echo/b", "/status/500"):
+            await client.get(base_url(server) + path)
+
+    lines = await logged(server, capfd)
+    await asyncio.sleep(0.1)
+    lines += await logged(server, capfd)
+    assert lines == [{"status": 503, "path": "/status/503"}, {"status": 500, "path": "/status/500"}]
+
+
+async def test_a_client_that_leaves_before_the_answer_is_logged_as_499(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, capfd: pytest.CaptureFixture[str]
+) -> None:
+    options = ", fields: [status, path, bytes_out, duration_s]"
+    server = await gateway_factory(config(upstream.url, options))
+    async with await H2Client.connect(*server.addresses[0]) as client:
+        stream_id = client.send_request("/slow/3000")
+        await client.flush()
+        await asyncio.sleep(0.2)  # the request is waiting on the upstream
+        client.conn.reset_stream(stream_id)  # the client gives up (RST_STREAM CANCEL)
+        await client.flush()
+        await asyncio.sleep(0.1)
+
+    (line,) = await logged(server, capfd)
+    duration_s = line.pop("duration_s")
+    assert line == {"status": 499, "path": "/slow/3000", "bytes_out": 0}
+    assert isinstance(duration_s, float)
+    assert duration_s < 1.0  # logged when the client left, not at shutdown
+
+
+async def test_output_stderr(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, capfd: pytest.CaptureFixture[str]
+) -> None:
+    server = await gateway_factory(config(upstream.url, ", output: stderr, fields: [status]"))
+    async with httpx.AsyncClient(timeout=5) as client:
+        await client.get(base_url(server) + "/echo/")
+
+    assert await logged(server, capfd, err=True) == [{"status": 200}]
+
+
+async def test_shutdown_flushes_what_is_queued(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, capfd: pytest.CaptureFixture[str]
+) -> None:
+    server = await gateway_factory(config(upstream.url, ", fields: [path]"))
+    async with httpx.AsyncClient(timeout=5) as client:
+        await asyncio.gather(*(client.get(f"{base_url(server)}/echo/{n}") for n in range(50)))
+    await server.shutdown(grace_period=1.0)
+
+    out, _ = capfd.readouterr()  # no waiting: close() wrote everything before returning
+    paths = sorted(json.loads(line)["path"] for line in out.splitlines() if line.startswith("{"))
+    assert paths == sorted(f"/echo/{n}" for n in range(50))
