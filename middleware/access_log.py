@@ -5,17 +5,21 @@ The line is made when the front end has finished with the response body (`Body.o
 sent to the end, failed, or dropped because the client went away), so `bytes_out` is what
 was taken for sending and `duration_s` runs from entering this middleware to that moment.
 Put it first in the chain (`global_middleware: [access_log, ...]`) so that it covers the
-rest of the chain and sees every error reply. A request the client abandoned before any
-response is logged with status 499 (nginx's "client closed request"); a WebSocket
-handshake is logged when the upgrade is answered (its tunnel is not timed here).
+rest of the chain and sees every error reply. A request whose exchange is cancelled before
+any response (an HTTP/2 client's RST_STREAM, a lost connection) is logged with status 499,
+nginx's "client closed request"; an HTTP/1.1 client that closes while its request waits
+is only noticed when the answer is written, and is logged with that answer's status. A
+WebSocket handshake is logged when the upgrade is answered (its tunnel is not timed here).
+Requests that match no route never reach a chain, so they are not logged here.
 
-Writing: records go into a bounded queue; a task takes what has queued up and a thread
-of this instance's own serializes and writes it, so a slow or blocked stdout holds up
-only that thread. When the queue is full (`queue_size` lines), new lines are dropped and
-counted in `gatehouse_access_log_dropped_total`, so memory stays bounded. Writes are cut
-at line boundaries into pieces of at most PIPE_BUF bytes, which the kernel keeps whole
-on a pipe: the lines of several workers sharing one stdout never interleave. `close()`
-flushes what is queued (for at most `CLOSE_FLUSH_S`).
+Writing: on the event loop a request costs a tuple of its values put in a bounded queue;
+a task hands what has queued up to a thread of this instance's own, which formats the
+lines and writes them, so a slow or blocked stdout holds up only that thread. When the
+queue is full (`queue_size` lines), new lines are dropped and counted in
+`gatehouse_access_log_dropped_total`, so memory stays bounded. Writes are cut at line
+boundaries into pieces of at most PIPE_BUF bytes, which the kernel keeps whole on a pipe:
+the lines of several workers sharing one stdout never interleave. `close()` flushes what
+is queued (for at most `CLOSE_FLUSH_S`).
 
 Sampling (`sample: 0.1`) keeps that fraction of lines, chosen at random per request;
 responses with status >= 500 are always logged.
