@@ -216,6 +216,7 @@ class AccessLog:
     """Log one JSON line per request."""
 
     OPTIONS = ("fields", "sample", "output", "queue_size")
+    EAGER = True  # awaits nothing but call_next (proxy/eager.py)
 
     def __init__(self, options: Options) -> None:
         fields = options.strings("fields", FIELDS)
@@ -307,7 +308,7 @@ class AccessLog:
                 sent,
                 perf_counter() - start,
                 request.upstream_s,
-                request.headers.get("user-agent", ""),
+                request.header("user-agent") or "",
                 request.consumer,
             )
         )

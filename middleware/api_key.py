@@ -82,7 +82,7 @@ class ApiKey:
 
     OPTIONS = ("header", "query", "keys", "keys_file", "consumer_header", "realm")
     # It awaits nothing but `call_next`, so its chain may run without a task (see the
-    # EAGER protocol proposed in proxy/eager.py; without it this attribute is unused).
+    # EAGER protocol of proxy/eager.py).
     EAGER = True
 
     def __init__(self, options: Options) -> None:

@@ -22,6 +22,7 @@ class BodyLimit:
     """Refuse request bodies larger than `max` bytes with 413."""
 
     OPTIONS = ("max",)
+    EAGER = True  # awaits nothing but call_next (proxy/eager.py)
     REQUIRED = ("max",)
 
     def __init__(self, options: Options) -> None:

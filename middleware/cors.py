@@ -97,6 +97,7 @@ class Cors:
         "max_age",
     )
     REQUIRED = ("allow_origins",)
+    EAGER = True  # awaits nothing but call_next (proxy/eager.py)
 
     def __init__(self, options: Options) -> None:
         self.any_origin = False

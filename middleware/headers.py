@@ -217,6 +217,7 @@ class Headers:
     """Change request and response headers."""
 
     OPTIONS = ("request", "response")
+    EAGER = True  # awaits nothing but call_next (proxy/eager.py)
 
     def __init__(self, options: Options) -> None:
         allowed = ("set", "add", "remove")

@@ -40,6 +40,7 @@ class IpFilter:
     """Refuses requests whose client address is denied, or not allowed."""
 
     OPTIONS = ("allow", "deny", "trusted_proxies")
+    EAGER = True  # awaits nothing but call_next (proxy/eager.py)
 
     def __init__(self, options: Options) -> None:
         self.name = options.name

@@ -81,7 +81,15 @@ class ToTask:
 class EagerRun:
     """One request's chain, driven by hand (see the module docstring)."""
 
-    __slots__ = ("_coroutine", "_forwarder", "_on_response", "_pending", "_request")
+    __slots__ = (
+        "_coroutine",
+        "_forwarder",
+        "_on_response",
+        "_pending",
+        "_request",
+        "_task",
+        "finished",
+    )
 
     def __init__(
         self, request: Request, coroutine: RouteCoroutine, on_response: ResponseCallback
@@ -91,11 +99,37 @@ class EagerRun:
         self._on_response = on_response
         self._pending: FastForward | None = None
         self._forwarder: Forwarder | None = None
+        self._task: asyncio.Task[Response] | None = None  # once a task carries the chain
+        self.finished = False  # answered or cancelled: nothing more will happen
+
+    @property
+    def eager(self) -> bool:
+        """Still driven by hand (not finished, not handed to a task)."""
+        return self._task is None and not self.finished
 
     def start(self) -> None:
         """Run the chain until it finishes or has to wait."""
         self._request.eager = self
         self._step()
+
+    def cancel(self) -> None:
+        """The client went away: the chain sees CancelledError where it waits, as a
+        task's chain would (an access log records 499), and its answer is dropped."""
+        if self.finished:
+            return
+        self.finished = True
+        if self._task is not None:
+            self._task.cancel()
+            return
+        self._pending = None  # a late upstream answer is discarded by _answered
+        try:
+            self._coroutine.throw(asyncio.CancelledError())
+        except StopIteration as done:  # a middleware turned the cancel into an answer
+            done.value.body.discard()
+        except asyncio.CancelledError:
+            pass
+        except BaseException:
+            log.exception("bug in an eagerly run middleware chain while cancelling")
 
     def forward(self, request: Request, forwarder: Forwarder) -> FastForward | None:
         """The chain's end: send on the fast path; None when it cannot (no idle
@@ -110,13 +144,15 @@ class EagerRun:
     def _answered(self, response: Response | None, error: ProxyError | None) -> None:
         # Called from the upstream connection's data_received.
         pending = self._pending
-        assert pending is not None
+        if pending is None:  # cancelled meanwhile: nobody takes the answer
+            if response is not None:
+                response.body.discard()
+            return
         self._pending = None
         pending.done = True
         if response is None and isinstance(error, StaleConnection):
             forwarder, request = self._forwarder, self._request
             assert forwarder is not None
-            request.eager = None
             pending.fallback = ToTask(lambda: forwarder(request))  # retried in a task
         else:
             pending.response, pending.error = response, error
@@ -135,8 +171,8 @@ class EagerRun:
         if awaited is not None and awaited is self._pending:
             return  # resumed by _answered
         # Something real to wait for: from here on, a task carries the chain.
-        self._request.eager = None
         task = asyncio.get_running_loop().create_task(_continue(self._coroutine, awaited))
+        self._task = task
         task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[Response]) -> None:
@@ -150,7 +186,10 @@ class EagerRun:
         self._finish(task.result())
 
     def _finish(self, response: Response) -> None:
-        self._request.eager = None
+        if self.finished:  # cancelled: the client is gone
+            response.body.discard()
+            return
+        self.finished = True
         self._on_response(response, None)
 
 

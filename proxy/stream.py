@@ -50,7 +50,7 @@ def _chain_end(forwarder: Forwarder) -> Handler:
 
     def forward(request: Request) -> Awaitable[Response]:
         run = request.eager
-        if run is not None:
+        if run is not None and run.eager:
             pending = run.forward(request, forwarder)
             if pending is not None:
                 return pending

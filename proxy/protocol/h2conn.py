@@ -194,6 +194,15 @@ class H2Exchange:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def cancel(self) -> None:
+        """The client reset the stream or is gone: stop whatever serves it (its task, or
+        a middleware chain running without one, proxy/eager.py)."""
+        if self.task is not None:
+            self.task.cancel()
+        request = self.request
+        if request is not None and request.eager is not None:
+            request.eager.cancel()
+
     def client_gone(self) -> None:
         """The client's connection ended (its request body has just been failed)."""
         self.wake_client_done()

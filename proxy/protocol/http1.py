@@ -194,7 +194,9 @@ class Http1Protocol:
         if body is not None:
             self._receiving = None
             body.fail(BadRequest("client went away"))
-        self._inflight = None
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None and inflight.eager is not None:
+            inflight.eager.cancel()  # a middleware chain running without a task
         task = self._task
         if task is not None:
             task.cancel()

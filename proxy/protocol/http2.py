@@ -267,8 +267,7 @@ class Http2Protocol:
         self._streams.pop(stream.id, None)
         if body is not None:
             body.fail(BadRequest(why))
-        if stream.task is not None:
-            stream.task.cancel()
+        stream.cancel()
         self._writer.reset(stream.id, ErrorCodes.PROTOCOL_ERROR)
 
     def _on_reset(self, event: h2.events.StreamReset) -> None:
@@ -285,8 +284,7 @@ class Http2Protocol:
         if stream.body is not None:
             stream.body.fail(BadRequest("client reset the stream"))
             stream.body = None
-        if stream.task is not None:
-            stream.task.cancel()
+        stream.cancel()
         self._wake(stream)
 
     def _on_window_update(self, event: h2.events.WindowUpdated) -> None:
@@ -506,8 +504,7 @@ class Http2Protocol:
             if stream.body is not None:
                 stream.body.fail(BadRequest("connection closed"))
                 stream.body = None
-            if stream.task is not None:
-                stream.task.cancel()
+            stream.cancel()
         self._streams.clear()
 
     # -- connection callbacks (FrontEnd) ----------------------------------------------

@@ -4,6 +4,9 @@ there, handed to a task when it is not, and retried after the keep-alive race.""
 
 from __future__ import annotations
 
+import asyncio
+import socket
+import struct
 from collections.abc import Callable
 
 import httpx
@@ -13,6 +16,8 @@ from proxy.errors import ProxyError
 from proxy.models import Request, Response
 from proxy.server import Server
 from tests.conftest import GatewayFactory, UpstreamFactory, base_url
+from tests.h2_client import H2Client
+from tests.plugins import stamp
 from tests.upstream import UpstreamServer
 
 pytestmark = pytest.mark.socket
@@ -106,3 +111,45 @@ async def test_the_keep_alive_race_is_retried_from_an_eager_chain(
     assert started == [True, True]
     assert first.status_code == second.status_code == 200
     assert second.headers.get_list("x-stamp") == ["inner", "outer"]
+
+
+async def wait_for_events(expected: list[str], within_s: float = 2.0) -> None:
+    async with asyncio.timeout(within_s):
+        while sorted(stamp.EVENTS) != sorted(expected):  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
+async def test_a_client_leaving_cancels_an_eager_chain_http1(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer
+) -> None:
+    server = await gateway_factory(config(upstream, EAGER, EAGER))
+    started = count_eager_starts(server)
+    async with httpx.AsyncClient() as client:
+        await get_stamps(server, client)  # leaves an idle pooled connection: the fast path
+    stamp.EVENTS.clear()
+    host, port = server.addresses[0]
+    _reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"GET /slow/3000 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    await asyncio.sleep(0.3)  # the chain waits on the upstream
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()  # the client vanishes: a reset, not a half-close
+    await wait_for_events(["cancelled:inner", "cancelled:outer"])
+    assert started == [True, True]
+
+
+async def test_a_stream_reset_cancels_an_eager_chain_http2(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer
+) -> None:
+    server = await gateway_factory(config(upstream, EAGER, EAGER))
+    async with httpx.AsyncClient() as client:
+        await get_stamps(server, client)
+    stamp.EVENTS.clear()
+    async with await H2Client.connect(*server.addresses[0]) as h2_client:
+        stream_id = h2_client.send_request("/slow/3000")
+        await h2_client.flush()
+        await asyncio.sleep(0.3)
+        h2_client.conn.reset_stream(stream_id)
+        await h2_client.flush()
+        await wait_for_events(["cancelled:inner", "cancelled:outer"])

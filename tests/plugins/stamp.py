@@ -7,12 +7,14 @@ header, and records its lifecycle hooks so tests can see them run.
 
 from __future__ import annotations
 
+import asyncio
+
 from middleware.base import Handler
 from middleware.options import Options
 from proxy.errors import ProxyError
 from proxy.models import Request, Response
 
-EVENTS: list[str] = []  # "start:NAME" / "close:NAME", in order
+EVENTS: list[str] = []  # "start:NAME" / "close:NAME" / "cancelled:NAME", in order
 
 
 class Refused(ProxyError):
@@ -48,7 +50,11 @@ class Stamp:
             raise Refused(f"{self.refuse_header} is not welcome")
         stamps = request.headers.get(self.header)
         request.headers[self.header] = f"{stamps},{self.value}" if stamps else self.value
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except asyncio.CancelledError:
+            EVENTS.append(f"cancelled:{self.name}")  # the client went away meanwhile
+            raise
         response.headers.add(self.header, self.value)
         return response
 
