@@ -98,6 +98,8 @@ _RENDER: dict[str, Callable[[Any], str]] = {  # how a field's value is written (
 }
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode
+# How long queued lines wait to be written together (a line is never later than this).
+BATCH_WINDOW_S = 0.05
 
 
 class LineWriter:
@@ -121,6 +123,7 @@ class LineWriter:
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._warned = False
+        self._in_flight = 0  # lines handed to the thread, not yet written
 
     def __repr__(self) -> str:
         state = "WRITING" if self._task is not None else "IDLE"
@@ -146,11 +149,17 @@ class LineWriter:
         queue = self._queue
         try:
             while queue:
+                if len(queue) < self.capacity // 2:
+                    # Lines gather for a moment: one hand-over to the thread per batch,
+                    # not per request (each costs a task, a future and a thread wake-up).
+                    await asyncio.sleep(BATCH_WINDOW_S)
                 batch = list(queue)
                 queue.clear()
                 if self._executor is None:
                     self._executor = ThreadPoolExecutor(1, thread_name_prefix="access-log")
+                self._in_flight = len(batch)
                 failed = await loop.run_in_executor(self._executor, self._write, batch)
+                self._in_flight = 0
                 if failed:
                     self._drop(failed)
         except Exception:  # a bug: the lines are lost, the next put starts afresh
@@ -179,7 +188,8 @@ class LineWriter:
                     await asyncio.shield(task)
             except TimeoutError:
                 task.cancel()
-                self._drop(len(self._queue))
+                # The queued lines, and those the stuck thread holds, will not be written.
+                self._drop(len(self._queue) + self._in_flight)
                 self._queue.clear()
                 log.warning("access log: output blocked, lines dropped at close")
         if self._executor is not None:
