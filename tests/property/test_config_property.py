@@ -133,6 +133,27 @@ SCHEMA_KEYS = frozenset(
         "replacement",
         "value",
         "present",
+        # keys of sections VALID does not use: a key renamed to one of them is valid there
+        "http2",
+        "tls",
+        "cert",
+        "key",
+        "min_version",
+        "protocol",
+        "ca",
+        "verify",
+        "sni",
+        "max_concurrent_streams",
+        "max_header_list_size",
+        "initial_window_size",
+        "max_resets_per_second",
+        "max_control_frames_per_second",
+        "websocket",
+        "enabled",
+        "max_duration",
+        "middleware",
+        "global_middleware",
+        "type",
     }
 )
 KEY_ALPHABET = string.ascii_lowercase + "_"
