@@ -29,15 +29,11 @@ CONSUMER_RE = re.compile(r"[!-~]{1,128}")
 
 def option_node(options: Options, key: str) -> tuple[NodeReader, Node, str] | None:
     """The reader, raw YAML node and key path of option `key` (None when absent), for
-    options that `Options` has no typed reader for (a list mixing strings and mappings).
-
-    This reaches into `Options`: see the report that came with this module for the
-    reader (`Options.items`) that would make it unnecessary.
-    """
-    node = options._fields.nodes.get(key)
-    if node is None:
+    options that `Options` has no typed reader for (a list mixing strings and mappings)."""
+    found = options.node(key)
+    if found is None:
         return None
-    return options._reader, node, options._fields.key_path(key)
+    return options.reader, found[0], found[1]
 
 
 def header_name(options: Options, key: str, default: str, *, empty_ok: bool = False) -> str:

@@ -21,7 +21,7 @@ from bisect import bisect_right
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, TypeVar
 
-from yaml.nodes import Node, ScalarNode
+from yaml.nodes import Node
 
 from middleware.options import ConfigValueError, Options
 from proxy.config_reader import NodeReader, Reported
@@ -176,22 +176,11 @@ def read_networks(options: Options, key: str) -> AddressSet | None:
 
 def _option_items(options: Options, key: str) -> tuple[NodeReader, list[tuple[Node, str]]] | None:
     """The reader and the (node, key path) of each item of list option `key`, so that each
-    bad entry is reported at its own line and path (`allow[2]`).
-
-    Workaround: this reaches into `Options`, which has no per-item list reader yet (the
-    proper change is an `Options.converted_list(key, parse, expected)`)."""
-    fields = options._fields
-    reader = options._reader
-    node = fields.nodes[key]
-    path = fields.key_path(key)
-    if isinstance(node, ScalarNode):
-        return reader, [(node, path)]
-    try:
-        children = reader.sequence(node, path)
-    except Reported:
-        options.failed = True
+    bad entry is reported at its own line and path (`allow[2]`)."""
+    items = options.items(key)
+    if items is None:
         return None
-    return reader, [(child, f"{path}[{index}]") for index, child in enumerate(children)]
+    return options.reader, items
 
 
 class ClientIp:

@@ -141,6 +141,36 @@ class Options:
         (a rate like `100/s`, a CIDR list entry...)."""
         return self._get(key, lambda n, p: self._reader.convert(n, p, parse, expected), default)
 
+    @property
+    def reader(self) -> NodeReader:
+        """The config's reader, for options no typed reader here covers; errors it
+        records are the config's, with their lines."""
+        return self._reader
+
+    def node(self, key: str) -> tuple[Node, str] | None:
+        """The YAML node of option `key` and its key path (None when absent)."""
+        node = self._fields.nodes.get(key)
+        if node is None:
+            return None
+        return node, self._fields.key_path(key)
+
+    def items(self, key: str) -> list[tuple[Node, str]] | None:
+        """Each item of list option `key` with its own key path (`allow[2]`), so that a bad
+        item is reported at its line; a single scalar reads as a list of one. None when
+        absent or not a list (the error is recorded)."""
+        found = self.node(key)
+        if found is None:
+            return None
+        node, path = found
+        if isinstance(node, ScalarNode):
+            return [(node, path)]
+        try:
+            children = self._reader.sequence(node, path)
+        except Reported:
+            self.failed = True
+            return None
+        return [(child, f"{path}[{index}]") for index, child in enumerate(children)]
+
     def nested(
         self, key: str, allowed: Sequence[str], required: Sequence[str] = ()
     ) -> Options | None:
