@@ -209,6 +209,4 @@ def _set_query(request: Request, query: str) -> None:
     """Give `request` a new query string, keeping target, path and query consistent (the
     forwarder sends `target`, or `path` and `query` when the route rewrites)."""
     target = f"{request.path}?{query}" if query else request.path
-    request.target = target.encode("latin-1")
-    request.query = query
-    request._url = None  # built lazily from path and query: rebuild on next use
+    request.set_target(target.encode("latin-1"))

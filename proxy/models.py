@@ -399,6 +399,15 @@ class Request(_Message):
         self.eager: EagerRun | None = None  # (proxy/eager.py: its chain runs without a task)
         self._url: URL | None = None
 
+    def set_target(self, target: bytes) -> None:
+        """Replace the request target, keeping `path`, `query` and `url` in step (what a
+        middleware that edits the path or the query string calls)."""
+        self.target = target
+        raw_path, _, raw_query = target.partition(b"?")
+        self.path = raw_path.decode("latin-1")
+        self.query = raw_query.decode("latin-1")
+        self._url = None
+
     def get_headers(self) -> CIMultiDict[str]:
         """`headers`, as a method (routing asks for headers only when it needs them)."""
         return self.headers

@@ -70,3 +70,13 @@ def test_a_response_built_from_a_dict_works_too() -> None:
     response.set_header("B", "2")
     assert response.header("b") == "2"
     assert response.raw_headers is None
+
+
+def test_set_target_keeps_path_query_and_url_in_step() -> None:
+    request = raw_request()
+    assert str(request.url) == "http://example/"
+    request.set_target(b"/a/b?x=1&y=2")
+    assert (request.target, request.path, request.query) == (b"/a/b?x=1&y=2", "/a/b", "x=1&y=2")
+    assert str(request.url) == "http://example/a/b?x=1&y=2"
+    request.set_target(b"/c")
+    assert (request.path, request.query, str(request.url)) == ("/c", "", "http://example/c")
