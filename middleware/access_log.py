@@ -10,7 +10,8 @@ any response (an HTTP/2 client's RST_STREAM, a lost connection) is logged with s
 nginx's "client closed request"; an HTTP/1.1 client that closes while its request waits
 is only noticed when the answer is written, and is logged with that answer's status. A
 WebSocket handshake is logged when the upgrade is answered (its tunnel is not timed here).
-Requests that match no route never reach a chain, so they are not logged here.
+Requests that match no route pass through `global_middleware` only: an access_log there
+logs their 404.
 
 Writing: on the event loop a request costs a tuple of its values put in a bounded queue;
 a task hands what has queued up to a thread of this instance's own, which formats the

@@ -60,12 +60,21 @@ def _chain_end(forwarder: Forwarder) -> Handler:
     return forward
 
 
+async def _no_route(request: Request) -> Response:
+    raise NoRoute(f"no route for {request.method} {request.path}")
+
+
 class Runtime:
     """Everything one Config compiles to."""
 
     def __init__(self, config: Config, codec: str) -> None:
         self.config = config
         self.table = RouteTable(config.routes)
+        # A request no route matches still passes through global_middleware (an access
+        # log line, a request id, global auth before the 404), whose end answers 404.
+        self.no_route: Handler | None = (
+            build_chain(config.global_middleware, _no_route) if config.global_middleware else None
+        )
         max_head = config.limits.max_head_bytes
         self.upstreams = {
             name: Upstream(upstream, codec, max_head) for name, upstream in config.upstreams.items()
@@ -104,7 +113,9 @@ class Runtime:
                 request.method, request.host, request.path, request.get_headers, request.query
             )
             if match is None:
-                raise NoRoute(f"no route for {request.method} {request.path}")
+                if self.no_route is None:
+                    raise NoRoute(f"no route for {request.method} {request.path}")
+                return await self._run(self.no_route, request)
             route = self.routes[match.route.name]
             request.route_name = route.name
             request.params = match.params
@@ -122,12 +133,12 @@ class Runtime:
         except Exception:
             log.exception("bug while routing %r", request)
             return local_reply(InternalError(), request)
-        return await self._run(route, request)
+        return await self._run(route.handler, request)
 
-    async def _run(self, route: RouteRuntime, request: Request) -> Response:
-        """The route's chain (or just its forwarder); failures become local replies."""
+    async def _run(self, handler: Handler, request: Request) -> Response:
+        """A route's chain (or just its forwarder); failures become local replies."""
         try:
-            return await route.handler(request)
+            return await handler(request)
         except ProxyError as exc:
             if exc.status >= 500:
                 log.info(
@@ -164,7 +175,7 @@ class Runtime:
             return False  # the general path answers 413
         request.route_name = route.name
         request.params = match.params
-        EagerRun(request, self._run(route, request), on_response).start()
+        EagerRun(request, self._run(route.handler, request), on_response).start()
         return True
 
     def expire(self, now: float) -> None:

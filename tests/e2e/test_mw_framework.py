@@ -156,3 +156,21 @@ async def test_request_id_is_in_the_gateways_error_bodies(
         response = await client.get(base_url(server) + "/echo/x")
     assert response.status_code == 502
     assert response.json()["request_id"] == response.headers["x-request-id"]
+
+
+async def test_global_middleware_runs_for_requests_no_route_matches(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer
+) -> None:
+    """An unknown path still passes through global_middleware (an access log line, global
+    auth) before its 404; a route's own middleware does not run."""
+    text = config(upstream, SECTIONS, "    middleware: [inner]").replace(
+        "match: {path_prefix: /}", "match: {path_prefix: /known}"
+    )
+    server = await gateway_factory(text)
+    async with httpx.AsyncClient() as client:
+        refused = await client.get(base_url(server) + "/unknown", headers={"X-Refuse": "1"})
+        missing = await client.get(base_url(server) + "/unknown")
+    assert refused.status_code == 418  # the global middleware saw it first
+    assert missing.status_code == 404
+    assert missing.json()["error"] == "no_route"
+    assert upstream.requests == []
