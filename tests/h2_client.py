@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Self
 
@@ -106,6 +106,30 @@ class _SocketClient:
             return None
         return data
 
+    async def _read_h2(
+        self,
+        conn: h2.connection.H2Connection,
+        on_event: Callable[[h2.events.Event], object],
+        after_read: Callable[[], Awaitable[None]],
+    ) -> None:
+        """Feed what arrives to `conn` until EOF or a protocol error (then `closed`):
+        each event goes to `on_event`, and `after_read` runs after each read (sending
+        what h2 queued in answer)."""
+        while True:
+            data = await self._read_chunk()
+            if data is None:
+                return
+            try:
+                events = conn.receive_data(data)
+            except h2.exceptions.ProtocolError:
+                self.closed = True
+                self._changed.set()
+                return
+            for event in events:
+                on_event(event)
+            await after_read()
+            self._changed.set()
+
     async def wait_closed(self, timeout_s: float = 5.0) -> None:
         """Wait until the gateway closes the connection (EOF or reset)."""
         async with asyncio.timeout(timeout_s):
@@ -169,23 +193,8 @@ class H2Client(_SocketClient):
             await self.send_raw(data)
 
     async def _read_forever(self) -> None:
-        try:
-            while True:
-                data = await self._read_chunk()
-                if data is None:
-                    return
-                try:
-                    events = self.conn.receive_data(data)
-                except h2.exceptions.ProtocolError:
-                    self.closed = True
-                    self._changed.set()
-                    return
-                for event in events:
-                    self._record(event)
-                await self.flush()
-                self._changed.set()
-        except asyncio.CancelledError:
-            return
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._read_h2(self.conn, self._record, self.flush)
 
     def _record(self, event: h2.events.Event) -> None:
         self.events.append(event)

@@ -401,20 +401,8 @@ class WsH2Client(_SocketClient):
             self._changed.set()
 
     async def _read_frames(self) -> None:
-        while True:
-            data = await self._read_chunk()
-            if data is None:
-                return
-            try:
-                events = self.conn.receive_data(data)
-            except h2.exceptions.ProtocolError:
-                self.closed = True
-                self._changed.set()
-                return
-            for event in events:
-                self._on_event(event)
-            await self.pump()  # window updates, pongs, close answers
-            self._changed.set()
+        # after each read: window updates, pongs, close answers
+        await self._read_h2(self.conn, self._on_event, self.pump)
 
     def _on_event(self, event: h2.events.Event) -> None:
         stream_id = getattr(event, "stream_id", 0)
