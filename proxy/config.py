@@ -30,6 +30,7 @@ from proxy.config_model import (
     DEFAULT_POOL_MAX_IDLE,
     DEFAULT_POOL_WAIT_TIMEOUT_S,
     DEFAULT_READ_TIMEOUT_S,
+    DEFAULT_RELOAD_WATCH_INTERVAL_S,
     AdminConfig,
     Config,
     EndpointConfig,
@@ -39,9 +40,11 @@ from proxy.config_model import (
     ListenerConfig,
     ListenerTls,
     MatchConfig,
+    MetricsConfig,
     MiddlewareSpec,
     PoolConfig,
     QueryMatch,
+    ReloadConfig,
     RewriteConfig,
     RouteConfig,
     UpstreamConfig,
@@ -97,7 +100,8 @@ __all__ = [
 # --- Loader ---------------------------------------------------------------------------------
 
 _TOP_KEYS = ("listeners", "admin", "upstreams", "middleware", "global_middleware", "routes",
-             "limits", "http2", "http1_parser", "workers", "shutdown")  # fmt: skip
+             "limits", "http2", "http1_parser", "workers", "shutdown", "reload",
+             "metrics")  # fmt: skip
 _HTTP1_PARSERS = ("auto", "httptools", "h11")
 _UPSTREAM_PROTOCOLS = ("http1", "h2c", "h2")
 _TLS_VERSIONS = ("1.2", "1.3")
@@ -213,6 +217,8 @@ class _ConfigLoader(RouteSections):
             http1_parser=top.get("http1_parser", self._http1_parser, "auto"),
             workers=top.get("workers", self.optional(self._at_least_1), None),
             grace_period=top.get("shutdown", self._shutdown, DEFAULT_GRACE_PERIOD_S),
+            reload=top.get("reload", self._reload, ReloadConfig()),
+            metrics=top.get("metrics", self._metrics, MetricsConfig()),
             source=self.source,
         )
 
@@ -228,6 +234,17 @@ class _ConfigLoader(RouteSections):
     def _shutdown(self, node: Node, path: str) -> float:
         fields = self.mapping(node, path, ("grace_period",))
         return fields.get("grace_period", self.duration, DEFAULT_GRACE_PERIOD_S)
+
+    def _reload(self, node: Node, path: str) -> ReloadConfig:
+        fields = self.mapping(node, path, ("watch", "interval"))
+        return ReloadConfig(
+            watch=fields.get("watch", self.boolean, True),
+            interval=fields.get("interval", self._timeout, DEFAULT_RELOAD_WATCH_INTERVAL_S),
+        )
+
+    def _metrics(self, node: Node, path: str) -> MetricsConfig:
+        fields = self.mapping(node, path, ("enabled",))
+        return MetricsConfig(enabled=fields.get("enabled", self.boolean, True))
 
     # --- listeners ---
 

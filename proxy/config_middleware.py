@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from contextlib import suppress
 
+import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode
 
 from middleware.base import required_options
@@ -71,7 +72,7 @@ class MiddlewareSections(NodeReader):
             raise self.error(node, path, message) from None
         if not callable(instance):
             raise self.error(node, path, f"type {type_name!r} did not build a middleware")
-        return MiddlewareSpec(instance_name, type_name, instance)
+        return MiddlewareSpec(instance_name, type_name, instance, yaml.serialize(node))
 
     def _chain(self, node: Node, path: str) -> tuple[MiddlewareSpec, ...]:
         """A list of middleware: names of `middleware` entries, or inline `{type: ...}`."""

@@ -55,10 +55,33 @@ class ListenerConfig:
 
 @dataclass(frozen=True, slots=True)
 class AdminConfig:
-    """The admin listener (`admin.bind`): /metrics, /healthz, /readyz."""
+    """The admin listener (`admin.bind`): /metrics, /healthz, /readyz, /config and
+    POST /reload. Served by the supervising parent, never by a worker, so it answers
+    for the whole gateway (metrics summed over the workers)."""
 
     host: str
     port: int
+
+
+DEFAULT_RELOAD_WATCH_INTERVAL_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadConfig:
+    """`reload`: besides SIGHUP and `gatehouse reload`, the config file is watched (its
+    size, mtime and inode polled every `interval`) and reloaded once a change has held
+    still for one interval, so a half-written file is not loaded."""
+
+    watch: bool = True
+    interval: float = DEFAULT_RELOAD_WATCH_INTERVAL_S
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """`metrics`: `enabled: false` turns off the per-request counting on the data path
+    (for measuring what it costs); /metrics then shows only what needs no counting."""
+
+    enabled: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +192,10 @@ class MiddlewareSpec:
     name: str  # the metrics label and log name
     type: str  # as written: a built-in name, `package.module:Factory` or an entry point
     instance: Any  # what the type's factory built from the options (middleware/base.py)
+    # The options as written (canonical YAML): a reload keeps the running instance, and
+    # its state (rate-limit tables, key caches, connections), when name, type and this
+    # are unchanged.
+    options: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,4 +281,6 @@ class Config:
     grace_period: float = DEFAULT_GRACE_PERIOD_S  # `shutdown.grace_period`
     middleware: dict[str, MiddlewareSpec] = field(default_factory=dict)  # named instances
     global_middleware: tuple[MiddlewareSpec, ...] = ()  # before every route's own chain
+    reload: ReloadConfig = field(default_factory=ReloadConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: str = "<string>"
