@@ -45,7 +45,7 @@ from collections.abc import Callable
 from hashlib import blake2b
 from struct import Struct
 
-from middleware.rate_limit_core import Decision, RateLimitBackendError, gcra
+from middleware.rate_limit_core import SLACK_S, Decision, RateLimitBackendError, gcra
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class LocalBackend:
                 tat = 0.0
             # gcra()'s branch and new tat, operation for operation.
             new_tat = max(tat, now) + emission_s
-            if not now < new_tat - tolerance_s - emission_s:
+            if not now + SLACK_S < new_tat - tolerance_s - emission_s:
                 _SLOT.pack_into(table, offset + index * SLOT_BYTES, hashed, new_tat)
         finally:
             lock.release()

@@ -94,6 +94,17 @@ def test_decisions_equal_the_reference_gcra(
         assert backend.decide_now(key, emission, tolerance) == expected
 
 
+@pytest.mark.parametrize("start", [1000.0, 12345.678, 1e6])
+def test_an_exact_burst_is_spent_whatever_the_clock_magnitude(start: float) -> None:
+    """Regression: the critical section stored the new tat only when `now` was before
+    the allow time with no slack, while `gcra()` allows within SLACK_S of it. A float sum
+    landing a hair past `now` admitted a request without spending it: at 1000 s, rate
+    10/s burst 9 admitted all 100 of 100."""
+    backend = LocalBackend(16, now=FakeClock(start))
+    allowed = [backend.decide_now("a", 0.1, 0.9).allowed for _ in range(100)]
+    assert allowed == [True] * 10 + [False] * 90
+
+
 async def test_decide_is_the_async_form_of_decide_now() -> None:
     clock = FakeClock()
     backend = LocalBackend(16, now=clock)
