@@ -3,6 +3,13 @@
 The process side (forking workers, restarting them, signals to the parent) lives in
 `proxy/supervisor.py`; this module is what runs inside each worker, and what tests start
 in-process.
+
+Reload is two steps, so that every worker switches or none does: `prepare_reload` builds
+the new Runtime and binds the new listeners beside the running ones (anything that can
+fail happens here), then `commit_reload` swaps them in between two events of the loop,
+or `abort_reload` throws them away. Exchanges already running finish on the Runtime they
+started with; WebSocket tunnels on routes that still exist are not touched, and those on
+routes that are gone get the grace period, then a 1001 close.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import contextlib
 import logging
 import signal
 import ssl
+from dataclasses import dataclass, field
 
 from metrics.definitions import TunnelClose
 from proxy.config_model import Config, ListenerConfig, ListenerTls
@@ -37,6 +45,25 @@ def _no_passphrase() -> bytes:
     raise ssl.SSLError("the key is encrypted; a passphrase-less key is needed")
 
 
+class ReloadRefused(Exception):
+    """A reload could not be prepared; `errors` says why, one line each."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("; ".join(errors))
+        self.errors = errors
+
+
+@dataclass
+class _PendingReload:
+    config: Config
+    runtime: Runtime
+    bound: dict[ListenerConfig, asyncio.Server] = field(default_factory=dict)
+    removed: list[ListenerConfig] = field(default_factory=list)
+    # Listeners whose address an old one holds (no SO_REUSEPORT): bound at commit, after
+    # the old one closes.
+    deferred: list[ListenerConfig] = field(default_factory=list)
+
+
 class Server:
     """Serves one Config on its listeners (one worker's share of the traffic)."""
 
@@ -52,8 +79,12 @@ class Server:
         self.tunnels: set[Tunnel] = set()  # WebSocket tunnels (their sockets left `connections`)
         self.draining = False
         self.addresses: list[tuple[str, int]] = []
-        self._servers: list[asyncio.Server] = []
-        self._tls_contexts: list[tuple[ListenerTls, ssl.SSLContext]] = []
+        self._listening: dict[ListenerConfig, asyncio.Server] = {}
+        self._tls_contexts: dict[ListenerConfig, tuple[ListenerTls, ssl.SSLContext]] = {}
+        self._reuse_port = False
+        self._pending: _PendingReload | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
+        self.reloads = 0  # reloads committed in this process
         self._sweeper: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self._all_closed = asyncio.Event()
@@ -68,32 +99,43 @@ class Server:
         Raises:
             OSError: a listener could not bind (address in use, permission).
         """
-        loop = asyncio.get_running_loop()
+        self._reuse_port = reuse_port
         for listener in self.config.listeners:
-            context = self._tls_context(listener)
-            front_end = tls_front_end if context is not None else plaintext_front_end
-            server = await loop.create_server(
-                lambda listener=listener, front_end=front_end: ClientConnection(
-                    self, listener, front_end
-                ),
-                listener.host,
-                listener.port,
-                reuse_address=True,
-                reuse_port=reuse_port or None,
-                backlog=LISTEN_BACKLOG,
-                ssl=context,
-            )
-            self._servers.append(server)
-            host, port = server.sockets[0].getsockname()[:2]
-            self.addresses.append((host, port))
-            scheme = "https" if context is not None else "http"
-            protocols = "HTTP/1.1" + (" and HTTP/2" if listener.http2 else "")
-            log.info(
-                "listening on %s://%s:%d (%s: %s, %s codec)",
-                *(scheme, host, port, listener.name, protocols, self.codec),
-            )
+            self._listening[listener] = await self._bind(listener)
+        self._note_addresses()
         await self.runtime.start()
-        self._sweeper = loop.create_task(self._sweep_forever())
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+
+    async def _bind(self, listener: ListenerConfig, *, serve: bool = True) -> asyncio.Server:
+        """A listening socket for `listener` (accepting at once unless `serve` is false)."""
+        context = self._tls_context(listener)
+        front_end = tls_front_end if context is not None else plaintext_front_end
+        server = await asyncio.get_running_loop().create_server(
+            lambda: ClientConnection(self, listener, front_end),
+            listener.host,
+            listener.port,
+            reuse_address=True,
+            reuse_port=self._reuse_port or None,
+            backlog=LISTEN_BACKLOG,
+            ssl=context,
+            start_serving=serve,
+        )
+        host, port = server.sockets[0].getsockname()[:2]
+        scheme = "https" if context is not None else "http"
+        protocols = "HTTP/1.1" + (" and HTTP/2" if listener.http2 else "")
+        log.info(
+            "listening on %s://%s:%d (%s: %s, %s codec)",
+            *(scheme, host, port, listener.name, protocols, self.codec),
+        )
+        return server
+
+    def _note_addresses(self) -> None:
+        """`addresses` in the config's listener order (what tests and logs read)."""
+        self.addresses = [
+            server.sockets[0].getsockname()[:2]
+            for listener in self.config.listeners
+            if (server := self._listening.get(listener)) is not None and server.sockets
+        ]
 
     def _tls_context(self, listener: ListenerConfig) -> ssl.SSLContext | None:
         """The listener's server context: TLS 1.2+ (or 1.3), ALPN h2 and http/1.1."""
@@ -108,7 +150,7 @@ class Server:
         context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
         context.load_cert_chain(tls.cert, tls.key, password=_no_passphrase)
         context.set_alpn_protocols(["h2", "http/1.1"] if listener.http2 else ["http/1.1"])
-        self._tls_contexts.append((tls, context))
+        self._tls_contexts[listener] = (tls, context)
         return context
 
     def reload_certificates(self) -> None:
@@ -119,13 +161,123 @@ class Server:
             ssl.SSLError, OSError: a file is missing or the pair does not load; the
                 listener keeps the certificate it had.
         """
-        for tls, context in self._tls_contexts:
+        for tls, context in self._tls_contexts.values():
             # Loaded into a scratch context first: a pair that does not match (say, half
             # way through a renewal) must not leave the live one with a cert and no key.
             ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(
                 tls.cert, tls.key, password=_no_passphrase
             )
             context.load_cert_chain(tls.cert, tls.key, password=_no_passphrase)
+
+    # -- reload ------------------------------------------------------------------------
+    async def prepare_reload(self, config: Config) -> None:
+        """Build everything `config` needs beside what is running (step 1 of 2).
+
+        Raises:
+            ReloadRefused: a new listener cannot bind, or a middleware cannot start; the
+                running config is untouched.
+        """
+        if self._pending is not None:
+            await self.abort_reload()
+        if self.draining:
+            raise ReloadRefused(["draining: a reload is not taken any more"])
+        runtime = Runtime(config, resolve_codec(config.http1_parser), previous=self.runtime)
+        pending = _PendingReload(config, runtime)
+        pending.removed = [old for old in self._listening if old not in config.listeners]
+        held = {(old.host, old.port) for old in pending.removed}
+        try:
+            for listener in config.listeners:
+                if listener in self._listening:
+                    continue
+                if not self._reuse_port and (listener.host, listener.port) in held:
+                    pending.deferred.append(listener)
+                    continue
+                pending.bound[listener] = await self._bind(listener, serve=False)
+            await runtime.start()
+        except (OSError, ssl.SSLError) as exc:
+            await self._discard(pending)
+            raise ReloadRefused([f"cannot start the new config: {exc}"]) from None
+        except Exception as exc:
+            log.exception("bug while preparing a reload")
+            await self._discard(pending)
+            raise ReloadRefused([f"cannot start the new config: {exc!r}"]) from None
+        self._pending = pending
+
+    async def commit_reload(self) -> None:
+        """Switch to the prepared config (step 2 of 2): new exchanges see it at once."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        old = self.runtime
+        config = self.config = pending.config
+        self.runtime = pending.runtime
+        self.handle = self.runtime.handle
+        self.try_fast = self.runtime.try_fast
+        self.codec = self.runtime.codec
+        self.limits = config.limits
+        self.http2 = config.http2
+        for listener in pending.removed:
+            # Stops accepting; connections it accepted carry on until they end.
+            self._listening.pop(listener).close()
+            self._tls_contexts.pop(listener, None)
+        for listener, server in pending.bound.items():
+            self._listening[listener] = server
+            await server.start_serving()
+        for listener in pending.deferred:
+            try:
+                self._listening[listener] = await self._bind(listener)
+            except OSError as exc:
+                log.error("reload: listener %s cannot bind: %s", listener.name, exc)
+        self._note_addresses()
+        try:
+            self.reload_certificates()
+        except (OSError, ssl.SSLError) as exc:
+            log.error("reload: certificates not reloaded, the old ones stay: %s", exc)
+        self._drain_tunnels_of_removed_routes()
+        self._retire(old)
+        self.reloads += 1
+        log.info("reloaded %s: %d routes", config.source, len(config.routes))
+
+    async def abort_reload(self) -> None:
+        """Throw a prepared reload away; the running config carries on."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            await self._discard(pending)
+
+    async def _discard(self, pending: _PendingReload) -> None:
+        for server in pending.bound.values():
+            server.close()
+        for listener in pending.bound:
+            self._tls_contexts.pop(listener, None)
+        await pending.runtime.discard(self.runtime)
+
+    def _drain_tunnels_of_removed_routes(self) -> None:
+        """Tunnels on a route that is gone (or no longer allows WebSocket) get the grace
+        period to end on their own, then a 1001 close; the others are not touched."""
+        routes = self.runtime.routes
+        deadline = asyncio.get_running_loop().time() + self.config.grace_period
+        for tunnel in self.tunnels:
+            route = routes.get(tunnel.route)
+            if route is None or not route.websocket.enabled:
+                tunnel.drain_by(deadline)
+
+    def _retire(self, old: Runtime) -> None:
+        """Close what the old Runtime held and the new one does not. Its exchanges still
+        running may use its middleware, so those close after the grace period."""
+        successor = self.runtime
+
+        async def retire() -> None:
+            try:
+                await asyncio.sleep(self.config.grace_period)
+            finally:  # cancelled by shutdown: close at once
+                await old.retire(successor)
+
+        for name, upstream in old.upstreams.items():
+            if successor.upstreams.get(name) is not upstream:
+                upstream.close()  # idle connections now, busy ones as they are released
+        task = asyncio.get_running_loop().create_task(retire())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     def forget(self, conn: ClientConnection) -> None:
         """A client connection closed (or became a tunnel)."""
@@ -152,9 +304,8 @@ class Server:
 
     async def _sweep_forever(self) -> None:
         loop = asyncio.get_running_loop()
-        interval = self._sweep_interval()
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self._sweep_interval())  # a reload may change the timeouts
             now = loop.time()
             # A bug in one timeout handler must not stop every other timeout.
             for conn in list(self.connections):
@@ -181,7 +332,8 @@ class Server:
             return
         self.draining = True
         grace = self.config.grace_period if grace_period is None else grace_period
-        for server in self._servers:
+        await self.abort_reload()
+        for server in self._listening.values():
             server.close()
         for conn in list(self.connections):
             conn.begin_drain()
@@ -206,8 +358,12 @@ class Server:
             await asyncio.sleep(0)
         if self._sweeper is not None:
             self._sweeper.cancel()
-        for server in self._servers:
+        for server in self._listening.values():
             await server.wait_closed()
+        retiring = list(self._retiring)
+        for task in retiring:
+            task.cancel()  # what the replaced Runtimes still hold closes now
+        await asyncio.gather(*retiring, return_exceptions=True)
         await self.runtime.aclose()
         self._stopped.set()
         log.info("stopped")

@@ -44,6 +44,17 @@ class RouteRuntime:
         self.websocket = config.websocket
 
 
+def _spec_key(spec: MiddlewareSpec) -> tuple[str, str, str]:
+    return (spec.name, spec.type, spec.options)
+
+
+def _kept_middleware(previous: Runtime | None) -> dict[tuple[str, str, str], MiddlewareSpec]:
+    """The running instances a new Runtime may take over, by name, type and options."""
+    if previous is None:
+        return {}
+    return {_spec_key(spec): spec for spec in previous.middleware() if spec.options}
+
+
 def _chain_end(forwarder: Forwarder) -> Handler:
     """What a chain's last `call_next` does: the fast path when the chain runs eagerly
     (proxy/eager.py) and an idle connection is there, the forwarder otherwise."""
@@ -65,20 +76,47 @@ async def _no_route(request: Request) -> Response:
 
 
 class Runtime:
-    """Everything one Config compiles to."""
+    """Everything one Config compiles to.
 
-    def __init__(self, config: Config, codec: str) -> None:
+    Built from a reload, it takes over from `previous` what the reload left unchanged: an
+    upstream whose config is equal keeps its pools (and their idle connections), and a
+    middleware instance whose name, type and options are equal is kept as it runs (its
+    rate-limit table, key cache, Redis client). `retire` then closes what was not kept.
+    """
+
+    def __init__(self, config: Config, codec: str, previous: Runtime | None = None) -> None:
         self.config = config
+        self.codec = codec
         self.table = RouteTable(config.routes)
+        kept_specs = _kept_middleware(previous)
+        self.kept: set[int] = set()  # ids of the instances taken over from `previous`
+
+        def chain(specs: tuple[MiddlewareSpec, ...]) -> tuple[MiddlewareSpec, ...]:
+            taken = tuple(kept_specs.get(_spec_key(spec), spec) for spec in specs)
+            self.kept.update(id(spec.instance) for spec in taken if _spec_key(spec) in kept_specs)
+            return taken
+
+        global_middleware = chain(config.global_middleware)
         # A request no route matches still passes through global_middleware (an access
         # log line, a request id, global auth before the 404), whose end answers 404.
         self.no_route: Handler | None = (
-            build_chain(config.global_middleware, _no_route) if config.global_middleware else None
+            build_chain(global_middleware, _no_route) if global_middleware else None
         )
+        self._no_route_chain = global_middleware
         max_head = config.limits.max_head_bytes
-        self.upstreams = {
-            name: Upstream(upstream, codec, max_head) for name, upstream in config.upstreams.items()
-        }
+        old_upstreams = previous.upstreams if previous is not None else {}
+        self.upstreams: dict[str, Upstream] = {}
+        for name, upstream in config.upstreams.items():
+            old = old_upstreams.get(name)
+            if (
+                old is not None
+                and previous is not None
+                and old.config == upstream
+                and (previous.codec, previous.config.limits.max_head_bytes) == (codec, max_head)
+            ):
+                self.upstreams[name] = old
+                continue
+            self.upstreams[name] = Upstream(upstream, codec, max_head)
         self.routes = {
             route.name: RouteRuntime(
                 route,
@@ -88,23 +126,41 @@ class Runtime:
                     config.limits.max_head_bytes,
                     route.websocket,
                 ),
-                (*config.global_middleware, *route.middleware),
+                chain((*config.global_middleware, *route.middleware)),
             )
             for route in config.routes
         }
 
     def middleware(self) -> list[MiddlewareSpec]:
         """Every middleware instance in the chains (shared ones once per chain)."""
-        return [spec for route in self.routes.values() for spec in route.chain]
+        specs = [spec for route in self.routes.values() for spec in route.chain]
+        return [*self._no_route_chain, *specs]
 
     async def start(self) -> None:
-        """Start the middleware that need the event loop (clients, refresh tasks)."""
-        await start_all(self.middleware())
+        """Start the middleware that need the event loop (clients, refresh tasks); those
+        taken over from the previous Runtime are running already."""
+        await start_all(spec for spec in self.middleware() if id(spec.instance) not in self.kept)
 
     async def aclose(self) -> None:
         """Close idle upstream connections and the middleware's resources."""
         self.close()
         await close_all(self.middleware())
+
+    async def discard(self, previous: Runtime) -> None:
+        """A prepared reload was abandoned: close what this Runtime made that `previous`
+        does not use (it was never swapped in, so no request ran on it)."""
+        await self.retire(previous)
+
+    async def retire(self, successor: Runtime) -> None:
+        """This Runtime was replaced by `successor`: close the upstreams and middleware it
+        does not use. Upstream pools close their idle connections now and the busy ones
+        as their exchanges end; callers delay this for middleware, whose in-flight
+        requests may still be using them."""
+        for name, upstream in self.upstreams.items():
+            if successor.upstreams.get(name) is not upstream:
+                upstream.close()
+        kept = {id(spec.instance) for spec in successor.middleware()}
+        await close_all(spec for spec in self.middleware() if id(spec.instance) not in kept)
 
     async def handle(self, request: Request) -> Response:
         """Run one exchange. Never raises: failures become local replies."""

@@ -1,13 +1,24 @@
-"""The supervising parent: forks the workers, restarts crashed ones, relays signals.
+"""The supervising parent: forks the workers and keeps them running, reloads the config,
+serves the admin listener, and drains on SIGTERM.
 
 Each worker binds its own SO_REUSEPORT socket per listener, so the kernel spreads new
-connections evenly over them. The parent serves no traffic; it waits for signals:
-SIGCHLD (a worker ended: restart it unless we are stopping), SIGTERM/SIGINT (tell the
-workers to drain, wait for them, exit 0), SIGHUP (relayed to the workers).
+connections evenly over them; the parent serves no traffic. It runs an asyncio loop for:
+- SIGCHLD: a worker ended. It is restarted (after a back-off if it died young), logged
+  and counted, unless we are stopping. One that could not bind its listeners
+  (EXIT_CANNOT_START) stops the gateway with the same code: restarting cannot help.
+- SIGTERM/SIGINT: /readyz turns 503, the workers drain (proxy/server.py), the parent
+  exits 0 when they have; a worker still there after the grace period is killed.
+- SIGHUP, POST /reload, `gatehouse reload`, a change of the config file: the parent
+  reads and validates the file, then every worker prepares the new config and, once all
+  have, commits it (proxy/server.py). An invalid file, or a worker that cannot prepare,
+  leaves every worker on the old config; the errors are logged and counted.
+- The admin listener (metrics/admin.py): the workers' metrics are collected over each
+  worker's channel (proxy/control.py) and summed (metrics/aggregate.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -15,123 +26,405 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
+from typing import Any
 
-from proxy.config_model import Config
+from prometheus_client.metrics_core import Metric
+
+from metrics.admin import AdminServer
+from metrics.aggregate import Snapshot, counters_only, merge, prune, snapshot
+from metrics.gateway import (
+    CONFIG_LAST_RELOAD_SUCCESS,
+    CONFIG_RELOADS,
+    GATEWAY_REGISTRY,
+    WORKER_RESTARTS,
+    WORKERS,
+)
+from proxy.config import ConfigError, parse_config
+from proxy.config_model import Config, ListenerConfig
+from proxy.config_view import config_view
+from proxy.control import ChannelClosed, Message, WorkerChannel
 
 log = logging.getLogger(__name__)
 
 RESTART_BACKOFF_S = 1.0
 # A worker exiting with this code could not start (a listener failed to bind):
 # restarting it cannot help, so the whole gateway stops with the same code.
-EXIT_CANNOT_START = 3  # a worker that crashes at start-up is not restarted in a hot loop
+EXIT_CANNOT_START = 3
+PREPARE_TIMEOUT_S = 30.0  # a worker builds the new config (and starts middleware) within this
+COMMIT_TIMEOUT_S = 10.0
+METRICS_TIMEOUT_S = 2.0  # a busy worker's last snapshot is used instead
+KILL_AFTER_GRACE_S = 5.0  # past the grace period, a worker that has not exited is killed
 _SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
+RunWorker = Callable[[Config, socket.socket], int]
 
-def pin_ephemeral_ports(config: Config) -> Config:
-    """Replace `:0` listeners with concrete free ports, so every worker binds the same."""
+
+def pin_ephemeral_ports(config: Config, running: Config | None = None) -> Config:
+    """Replace `:0` listeners with concrete ports, so every worker binds the same: the
+    port a running listener that is otherwise the same already has, or a free one."""
     listeners = []
     for listener in config.listeners:
         if listener.port == 0:
-            family = socket.AF_INET6 if ":" in listener.host else socket.AF_INET
-            with socket.socket(family, socket.SOCK_STREAM) as probe:
-                probe.bind((listener.host, 0))
-                listener = replace(listener, port=probe.getsockname()[1])
+            same = [
+                old
+                for old in (running.listeners if running is not None else ())
+                if replace(old, port=0) == listener
+            ]
+            listener = replace(listener, port=same[0].port if same else _free_port(listener))
         listeners.append(listener)
     return replace(config, listeners=tuple(listeners))
 
 
-class Supervisor:
-    """Keeps `workers` worker processes running `run_worker(config)`."""
+def _free_port(listener: ListenerConfig) -> int:
+    family = socket.AF_INET6 if ":" in listener.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((listener.host, 0))
+        return int(probe.getsockname()[1])
 
-    def __init__(self, config: Config, workers: int, run_worker: Callable[[Config], int]) -> None:
+
+def _file_signature(path: str) -> tuple[int, int, int, int] | None:
+    """What tells a changed file: follows symlinks, so a ConfigMap's swapped link counts."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return (stat.st_ino, stat.st_dev, stat.st_size, stat.st_mtime_ns)
+
+
+@dataclass
+class _Worker:
+    pid: int
+    channel: WorkerChannel
+    generation: int  # the config generation it was forked with
+    started: float = field(default_factory=time.monotonic)
+    ready: bool = False
+    last_metrics: Snapshot = field(default_factory=list)
+
+
+class Supervisor:
+    """Keeps `workers` worker processes running `run_worker(config, channel)`."""
+
+    def __init__(
+        self, config: Config, text: str, path: str, workers: int, run_worker: RunWorker
+    ) -> None:
         self.config = pin_ephemeral_ports(config)
+        self.text = text  # the file as loaded: what workers parse on reload, /config shows
+        self.path = path
         self.workers = workers
         self._run_worker = run_worker
-        self._children: dict[int, float] = {}  # pid -> start time
+        self._children: dict[int, _Worker] = {}
+        self._generation = 0
         self._stopping = False
         self._exit_code = 0
-        self._restarts_due: list[float] = []  # monotonic times of delayed restarts
+        self._done: asyncio.Event | None = None
+        self._reload_lock: asyncio.Lock | None = None
+        self._admin: AdminServer | None = None
+        self._retired: list[Snapshot] = []  # what workers that are gone had counted
+        self._loaded_signature = _file_signature(path)
+        self._refused_signature: tuple[int, int, int, int] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
         self.restarts = 0
 
-    def _spawn(self) -> None:
-        pid = os.fork()
-        if pid == 0:  # the worker
-            # A SIGHUP (reload) that arrives before the worker's loop has its handler
-            # must not kill it with the default action.
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
-            code = 1
-            try:
-                code = self._run_worker(self.config)
-            finally:
-                os._exit(code)
-        self._children[pid] = time.monotonic()
-
-    def run(self) -> int:
+    # -- the parent's loop -------------------------------------------------------------
+    async def run(self) -> int:
         """Supervise until told to stop; returns the exit code."""
-        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        loop = asyncio.get_running_loop()
+        self._done = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        loop.add_signal_handler(signal.SIGCHLD, self._reap)
+        loop.add_signal_handler(signal.SIGTERM, self._stop, "SIGTERM")
+        loop.add_signal_handler(signal.SIGINT, self._stop, "SIGINT")
+        loop.add_signal_handler(signal.SIGHUP, self._spawn_task, self.reload, "SIGHUP")
+        if self.config.admin is not None:
+            admin = AdminServer(self)
+            try:
+                await admin.start(self.config.admin.host, self.config.admin.port)
+            except OSError as exc:
+                log.error("cannot start: admin listener: %s", exc)
+                return EXIT_CANNOT_START
+            self._admin = admin
+        CONFIG_LAST_RELOAD_SUCCESS.set(time.time())
         for _ in range(self.workers):
             self._spawn()
         log.info("supervising %d workers (pids %s)", self.workers, sorted(self._children))
-        while self._children or (self._restarts_due and not self._stopping):
-            info = self._next_signal()
-            if info is None:
-                continue
-            if info.si_signo in (signal.SIGTERM, signal.SIGINT):
-                if not self._stopping:
-                    log.info("stopping: draining %d workers", len(self._children))
-                self._stopping = True
-                self._signal_children(signal.SIGTERM)
-            elif info.si_signo == signal.SIGHUP:
-                self._signal_children(signal.SIGHUP)
-            else:
-                self._reap()
+        self._spawn_task(self._watch_file)
+        await self._done.wait()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._admin is not None:
+            await self._admin.close()
         return self._exit_code
 
-    def _next_signal(self) -> signal.struct_siginfo | None:
-        """The next signal; meanwhile, restart workers whose back-off has passed."""
-        if not self._restarts_due:
-            return signal.sigwaitinfo(_SIGNALS)
-        wait = self._restarts_due[0] - time.monotonic()
-        info = signal.sigtimedwait(_SIGNALS, max(wait, 0.0)) if wait > 0 else None
-        now = time.monotonic()
-        while self._restarts_due and self._restarts_due[0] <= now and not self._stopping:
-            self._restarts_due.pop(0)
-            self._spawn()
-        return info
+    def _spawn_task(self, make: Callable[..., Any], *args: Any) -> None:
+        task = asyncio.get_running_loop().create_task(make(*args))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    def _signal_children(self, signum: int) -> None:
-        for pid in self._children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
+    def _spawn(self) -> None:
+        ours, theirs = socket.socketpair()
+        # Signals wait until the child has let go of the parent's handlers: a signal
+        # handled in between would reach the parent's loop through the shared wakeup fd.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        try:
+            pid = os.fork()
+        except OSError:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            ours.close()
+            theirs.close()
+            log.exception("cannot fork a worker")
+            return
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                self._become_worker(ours)
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+                code = self._run_worker(self.config, theirs)
+            finally:
+                os._exit(code)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        theirs.close()
+        worker = _Worker(
+            pid, WorkerChannel(ours, lambda event: self._on_event(pid, event)), self._generation
+        )
+        self._children[pid] = worker
+        WORKERS.set(len(self._children))
+        self._spawn_task(worker.channel.start)
 
+    def _become_worker(self, ours: socket.socket) -> None:
+        """In the child, before it runs: drop what belongs to the parent."""
+        signal.set_wakeup_fd(-1)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            signal.signal(signum, signal.SIG_DFL)
+        # A reload is the parent's business; a SIGHUP sent to the whole group is ignored.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        ours.close()
+        fds = [worker.channel.fileno for worker in self._children.values()]
+        if self._admin is not None:
+            fds += self._admin.filenos()
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _on_event(self, pid: int, event: Message) -> None:
+        worker = self._children.get(pid)
+        if worker is None or event.get("event") != "ready":
+            return
+        worker.ready = True
+        if worker.generation != self._generation:
+            # Forked before a reload it did not take part in: bring it up to date.
+            self._spawn_task(self._catch_up, worker)
+
+    # -- workers ending ------------------------------------------------------------------
     def _reap(self) -> None:
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                break
             if pid == 0:
-                return
-            started = self._children.pop(pid, None)
-            if started is None:
+                break
+            worker = self._children.pop(pid, None)
+            if worker is None:
                 continue
-            code = os.waitstatus_to_exitcode(status)
+            WORKERS.set(len(self._children))
+            self._spawn_task(worker.channel.aclose)
+            if worker.last_metrics:
+                self._retired.append(counters_only(worker.last_metrics))
+            self._ended(worker, os.waitstatus_to_exitcode(status))
+        if self._stopping and not self._children and self._done is not None:
+            self._done.set()
+
+    def _ended(self, worker: _Worker, code: int) -> None:
+        if self._stopping:
+            log.info("worker %d exited (%d)", worker.pid, code)
+            return
+        if code == EXIT_CANNOT_START:
+            log.error("worker %d could not start; stopping", worker.pid)
+            self._exit_code = EXIT_CANNOT_START
+            self._stop("a worker could not start")
+            return
+        self.restarts += 1
+        WORKER_RESTARTS.inc()
+        log.error("worker %d died (exit %d); restarting it", worker.pid, code)
+        if time.monotonic() - worker.started < RESTART_BACKOFF_S:
+            # Dying at start-up: wait before the next try, but keep taking signals.
+            asyncio.get_running_loop().call_later(RESTART_BACKOFF_S, self._respawn)
+        else:
+            self._spawn()
+
+    def _respawn(self) -> None:
+        if not self._stopping:
+            self._spawn()
+
+    def _stop(self, why: str) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        log.info("stopping (%s): draining %d workers", why, len(self._children))
+        for pid in self._children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        loop = asyncio.get_running_loop()
+        loop.call_later(self.config.grace_period + KILL_AFTER_GRACE_S, self._kill_stragglers)
+        if not self._children and self._done is not None:
+            self._done.set()
+
+    def _kill_stragglers(self) -> None:
+        for pid in self._children:
+            log.error("worker %d still running after the grace period: killing it", pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    # -- reload --------------------------------------------------------------------------
+    async def reload(self, reason: str) -> tuple[bool, list[str]]:
+        """Load the config file again and switch every worker to it, or none.
+
+        Returns whether it was taken, and the errors (each `file:line: key: message`)."""
+        assert self._reload_lock is not None
+        async with self._reload_lock:
             if self._stopping:
-                log.info("worker %d exited (%d)", pid, code)
-                continue
-            if code == EXIT_CANNOT_START:
-                log.error("worker %d could not start; stopping", pid)
-                self._exit_code = EXIT_CANNOT_START
-                self._stopping = True
-                self._signal_children(signal.SIGTERM)
-                continue
-            self.restarts += 1
-            log.error("worker %d died (exit %d); restarting it", pid, code)
-            now = time.monotonic()
-            if now - started < RESTART_BACKOFF_S:
-                # Dying at start-up: wait before the next try, but keep taking signals.
-                self._restarts_due.append(now + RESTART_BACKOFF_S)
+                return False, ["draining: a reload is not taken any more"]
+            log.info("reloading %s (%s)", self.path, reason)
+            ok, errors = await self._reload()
+            CONFIG_RELOADS.labels("success" if ok else "failure").inc()
+            if ok:
+                CONFIG_LAST_RELOAD_SUCCESS.set(time.time())
+                log.info("reload done: %d routes", len(self.config.routes))
             else:
-                self._spawn()
+                for line in errors:
+                    log.error("reload refused, the running config stays: %s", line)
+            return ok, errors
+
+    async def _reload(self) -> tuple[bool, list[str]]:
+        signature = _file_signature(self.path)
+        try:
+            with open(self.path, encoding="utf-8") as file:  # noqa: ASYNC230 - small, local
+                text = file.read()
+            config = pin_ephemeral_ports(parse_config(text, source=self.path), self.config)
+        except OSError as exc:
+            return False, [f"{self.path}: cannot read: {exc.strerror or exc}"]
+        except UnicodeDecodeError as exc:
+            return False, [f"{self.path}: cannot read: not UTF-8 ({exc.reason})"]
+        except ConfigError as exc:
+            self._refused_signature = signature
+            return False, exc.errors
+        admin = await self._new_admin(config)
+        if isinstance(admin, str):
+            return False, [admin]
+        errors = await self._switch_workers(config, text, list(self._children.values()))
+        if errors:
+            if admin is not None:
+                await admin.close()
+            self._refused_signature = signature
+            return False, errors
+        if admin is not None:
+            old, self._admin = self._admin, admin
+            if old is not None:
+                await old.close()
+        if config.workers is not None and config.workers != self.config.workers:
+            log.warning("workers: %d -> %d takes a restart", self.workers, config.workers)
+        self.config, self.text = config, text
+        self._generation += 1
+        for worker in self._children.values():
+            worker.generation = self._generation
+        self._loaded_signature = signature
+        routes = {route.name for route in config.routes}
+        self._retired = [prune(families, routes, config.upstreams) for families in self._retired]
+        return True, []
+
+    async def _new_admin(self, config: Config) -> AdminServer | str | None:
+        """A new admin listener when the reload moves it (bound before anything else
+        switches); a str is why it cannot bind."""
+        if config.admin == self.config.admin or config.admin is None:
+            return None
+        admin = AdminServer(self)
+        try:
+            await admin.start(config.admin.host, config.admin.port)
+        except OSError as exc:
+            return f"{self.path}: admin.bind: cannot listen: {exc}"
+        return admin
+
+    async def _switch_workers(self, config: Config, text: str, workers: list[_Worker]) -> list[str]:
+        """Prepare on every worker, then commit on every worker; on any failure, abort on
+        every worker. The errors, or [] when all switched."""
+        ports = [listener.port for listener in config.listeners]
+        replies = await asyncio.gather(
+            *(
+                worker.channel.request(
+                    "prepare", PREPARE_TIMEOUT_S, text=text, source=self.path, ports=ports
+                )
+                for worker in workers
+            ),
+            return_exceptions=True,
+        )
+        errors: list[str] = []
+        for worker, reply in zip(workers, replies, strict=True):
+            if isinstance(reply, ChannelClosed):
+                if worker.pid in self._children:  # a worker that died meanwhile is no veto
+                    errors.append(f"worker {worker.pid}: {reply}")
+            elif isinstance(reply, BaseException):
+                raise reply
+            elif not reply.get("ok"):
+                errors += [str(line) for line in reply.get("errors", ["refused"])]
+        step = "abort" if errors else "commit"
+        await asyncio.gather(
+            *(worker.channel.request(step, COMMIT_TIMEOUT_S) for worker in workers),
+            return_exceptions=True,
+        )
+        return sorted(set(errors), key=errors.index)
+
+    async def _catch_up(self, worker: _Worker) -> None:
+        assert self._reload_lock is not None
+        async with self._reload_lock:
+            if worker.generation == self._generation or worker.pid not in self._children:
+                return
+            errors = await self._switch_workers(self.config, self.text, [worker])
+            if errors:
+                log.error("worker %d cannot take the running config: %s", worker.pid, errors)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGTERM)  # it is restarted on the new one
+                return
+            worker.generation = self._generation
+
+    async def _watch_file(self) -> None:
+        """Reload when the config file changed and then held still for one interval."""
+        while not self._stopping:
+            interval = self.config.reload.interval
+            await asyncio.sleep(interval)
+            if not self.config.reload.watch:
+                continue
+            seen = _file_signature(self.path)
+            if seen is None or seen in (self._loaded_signature, self._refused_signature):
+                continue
+            await asyncio.sleep(interval)  # a half-written file keeps changing
+            if _file_signature(self.path) == seen:
+                await self.reload("the file changed")
+
+    # -- the admin listener's view (metrics/admin.py AdminApp) -------------------------
+    def ready(self) -> tuple[bool, str]:
+        if self._stopping:
+            return False, "draining"
+        serving = sum(worker.ready for worker in self._children.values())
+        if not serving:
+            return False, "no worker is serving yet"
+        return True, f"ready: {serving} of {self.workers} workers serving"
+
+    async def metrics(self) -> list[Metric]:
+        workers = list(self._children.values())
+        replies = await asyncio.gather(
+            *(worker.channel.request("metrics", METRICS_TIMEOUT_S) for worker in workers),
+            return_exceptions=True,
+        )
+        for worker, reply in zip(workers, replies, strict=True):
+            if isinstance(reply, dict) and reply.get("ok"):
+                worker.last_metrics = reply["families"]
+            # else: busy or gone; its last snapshot stands in (counts never go backwards)
+        current = [worker.last_metrics for worker in workers]
+        return merge([snapshot(GATEWAY_REGISTRY), *current, *self._retired])
+
+    def config_view(self) -> dict[str, Any]:
+        view = config_view(self.text, self.path)
+        view["generation"] = self._generation
+        view["workers"] = sorted(self._children)
+        return view

@@ -327,6 +327,7 @@ class Tunnel:
     __slots__ = (
         "_counted",
         "_deadline",
+        "_drain_at",
         "_host",
         "_idle_since",
         "_last_received",
@@ -360,6 +361,7 @@ class Tunnel:
         self._last_received = 0
         self._max_until = now + settings.max_duration if settings.max_duration else 0.0
         self._deadline = 0.0  # while closing: when what is left is aborted
+        self._drain_at = 0.0  # its route was removed by a reload: when it goes away
         self._counted = [0, 0]  # bytes already added to the metrics, each direction
         self.reason: TunnelClose | None = None
         host.tunnels.add(self)
@@ -435,10 +437,18 @@ class Tunnel:
         if self.reason is not None:
             return
         idle_timeout = self.settings.idle_timeout
-        if idle_timeout and now - self._idle_since >= idle_timeout:
+        if self._drain_at and now >= self._drain_at:
+            self.going_away(TunnelClose.ROUTE_REMOVED)
+        elif idle_timeout and now - self._idle_since >= idle_timeout:
             self.going_away(TunnelClose.IDLE_TIMEOUT)
         elif self._max_until and now >= self._max_until:
             self.going_away(TunnelClose.MAX_DURATION)
+
+    def drain_by(self, deadline: float) -> None:
+        """A reload removed the tunnel's route: it may run until `deadline` (loop time),
+        then both sides get a 1001 close."""
+        if not self._drain_at or deadline < self._drain_at:
+            self._drain_at = deadline
 
     def abort(self) -> None:
         """Drop both sides at once (the last step of shutdown)."""

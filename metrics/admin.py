@@ -1,0 +1,171 @@
+"""The admin listener (`admin.bind`), served by the supervising parent.
+
+- GET /healthz: 200 while the parent runs (the process is alive).
+- GET /readyz: 200 when a config is loaded and a worker serves it; 503 while draining
+  or before the first worker listens.
+- GET /metrics: every metric, summed over the workers; Prometheus text, or OpenMetrics
+  when the Accept header asks for it.
+- GET /config: the running config as JSON, secrets redacted.
+- POST /reload: reload the config file now (like SIGHUP); 200, or 422 with the errors
+  while the old config keeps serving.
+
+Operators point probes and Prometheus here, never at the traffic listeners, and keep it
+off the public network (the example binds 127.0.0.1). It is a small HTTP/1.1 server on
+h11: few requests, so clarity matters more than speed here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Any, Protocol
+
+import h11
+from prometheus_client.metrics_core import Metric
+
+from metrics.aggregate import exposition
+
+log = logging.getLogger(__name__)
+
+READ_TIMEOUT_S = 10.0  # a scraper or probe that sends nothing for this long is dropped
+MAX_REQUEST_BYTES = 64 * 1024
+
+
+class AdminApp(Protocol):
+    """What the admin listener reports on: the supervising parent."""
+
+    def ready(self) -> tuple[bool, str]: ...
+
+    async def metrics(self) -> list[Metric]: ...
+
+    def config_view(self) -> dict[str, Any]: ...
+
+    async def reload(self, reason: str) -> tuple[bool, list[str]]: ...
+
+
+class AdminServer:
+    """Serves an AdminApp on one address."""
+
+    def __init__(self, app: AdminApp) -> None:
+        self._app = app
+        self._server: asyncio.Server | None = None
+        self._clients: set[asyncio.Task[None]] = set()
+        self.address: tuple[str, int] | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        """Listen on host:port.
+
+        Raises:
+            OSError: the address cannot be bound.
+        """
+        self._server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
+        self.address = self._server.sockets[0].getsockname()[:2]
+        log.info("admin listener on http://%s:%d", *self.address)
+
+    def filenos(self) -> list[int]:
+        """The listening sockets' descriptors (a forked worker closes its copies)."""
+        return [sock.fileno() for sock in self._server.sockets] if self._server else []
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for task in list(self._clients):
+                task.cancel()
+            await asyncio.gather(*self._clients, return_exceptions=True)
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._clients.add(task)
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
+        try:
+            while True:
+                request = await self._next_request(conn, reader)
+                if request is None:
+                    break
+                status, headers, body = await self._answer(request)
+                if request.method == b"HEAD":
+                    headers.append(("content-length", str(len(body))))
+                    writer.write(conn.send(h11.Response(status_code=status, headers=headers)))
+                    writer.write(conn.send(h11.EndOfMessage()))
+                else:
+                    headers.append(("content-length", str(len(body))))
+                    writer.write(conn.send(h11.Response(status_code=status, headers=headers)))
+                    writer.write(conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
+                await writer.drain()
+                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                    break
+                conn.start_next_cycle()
+        except (h11.RemoteProtocolError, TimeoutError, ConnectionError):
+            pass
+        except Exception:
+            log.exception("bug in the admin listener")
+        finally:
+            self._clients.discard(task)
+            writer.close()
+            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+                await writer.wait_closed()
+
+    async def _next_request(
+        self, conn: h11.Connection, reader: asyncio.StreamReader
+    ) -> h11.Request | None:
+        """The next request (its body, if any, read and ignored); None when the client is
+        done."""
+        request: h11.Request | None = None
+        async with asyncio.timeout(READ_TIMEOUT_S):
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    data = await reader.read(65536)
+                    conn.receive_data(data)
+                    continue
+                if isinstance(event, h11.Request):
+                    request = event
+                elif isinstance(event, h11.EndOfMessage):
+                    return request
+                elif isinstance(event, h11.ConnectionClosed):
+                    return None
+
+    async def _answer(self, request: h11.Request) -> tuple[int, list[tuple[str, str]], bytes]:
+        path = request.target.split(b"?", 1)[0].decode("ascii", "replace")
+        method = request.method.decode("ascii", "replace")
+        allowed = _ROUTES.get(path)
+        if allowed is None:
+            return _json(404, {"error": "not_found", "paths": sorted(_ROUTES)})
+        if method not in allowed and not (method == "HEAD" and "GET" in allowed):
+            status, headers, body = _json(405, {"error": "method_not_allowed"})
+            return status, [*headers, ("allow", ", ".join(allowed))], body
+        app = self._app
+        if path == "/healthz":
+            return 200, [("content-type", "text/plain")], b"ok\n"
+        if path == "/readyz":
+            ready, why = app.ready()
+            return (200 if ready else 503), [("content-type", "text/plain")], why.encode() + b"\n"
+        if path == "/metrics":
+            accept = next((v.decode() for k, v in request.headers if k == b"accept"), None)
+            body, content_type = exposition(await app.metrics(), accept)
+            return 200, [("content-type", content_type)], body
+        if path == "/config":
+            return _json(200, app.config_view())
+        ok, errors = await app.reload("admin API")
+        if ok:
+            return _json(200, {"ok": True})
+        return _json(422, {"ok": False, "errors": errors})
+
+
+_ROUTES: dict[str, tuple[str, ...]] = {
+    "/healthz": ("GET",),
+    "/readyz": ("GET",),
+    "/metrics": ("GET",),
+    "/config": ("GET",),
+    "/reload": ("POST",),
+}
+
+
+def _json(status: int, payload: object) -> tuple[int, list[tuple[str, str]], bytes]:
+    body = json.dumps(payload, indent=2, sort_keys=False).encode() + b"\n"
+    return status, [("content-type", "application/json")], body

@@ -1,0 +1,53 @@
+"""The metrics of the gateway as a whole, kept by the supervising parent: what it is
+(build info), its reloads and its workers. The admin listener serves them with the sum
+of the workers' own (metrics/aggregate.py)."""
+
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+GATEWAY_REGISTRY = CollectorRegistry(auto_describe=True)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("gatehouse")
+    except metadata.PackageNotFoundError:  # running from a source tree, not installed
+        return "unknown"
+
+
+BUILD_INFO = Gauge(
+    "gatehouse_build_info",
+    "Always 1; the labels say which Gatehouse and Python run",
+    ["version", "python"],
+    registry=GATEWAY_REGISTRY,
+)
+BUILD_INFO.labels(_version(), platform.python_version()).set(1)
+
+CONFIG_RELOADS = Counter(
+    "gatehouse_config_reloads",
+    "Config reloads by result: success (every worker switched) or failure (the old config "
+    "kept serving: invalid file, a listener that cannot bind, a middleware that cannot start)",
+    ["result"],
+    registry=GATEWAY_REGISTRY,
+)
+for _result in ("success", "failure"):
+    CONFIG_RELOADS.labels(_result)
+CONFIG_LAST_RELOAD_SUCCESS = Gauge(
+    "gatehouse_config_last_reload_success_timestamp_seconds",
+    "When the running config was loaded (start-up or the last successful reload), Unix time",
+    registry=GATEWAY_REGISTRY,
+)
+WORKER_RESTARTS = Counter(
+    "gatehouse_worker_restarts",
+    "Workers that ended unexpectedly and were started again",
+    registry=GATEWAY_REGISTRY,
+)
+WORKERS = Gauge(
+    "gatehouse_workers",
+    "Worker processes running now",
+    registry=GATEWAY_REGISTRY,
+)
