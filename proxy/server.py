@@ -22,6 +22,7 @@ import ssl
 from dataclasses import dataclass, field
 
 from metrics.definitions import TunnelClose
+from metrics.live import attach_server
 from proxy.config_model import Config, ListenerConfig, ListenerTls
 from proxy.connection import ClientConnection
 from proxy.protocol.h1codec import resolve_codec
@@ -105,6 +106,7 @@ class Server:
         self._note_addresses()
         await self.runtime.start()
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+        attach_server(self)
 
     async def _bind(self, listener: ListenerConfig, *, serve: bool = True) -> asyncio.Server:
         """A listening socket for `listener` (accepting at once unless `serve` is false)."""
@@ -192,7 +194,11 @@ class Server:
                 if not self._reuse_port and (listener.host, listener.port) in held:
                     pending.deferred.append(listener)
                     continue
-                pending.bound[listener] = await self._bind(listener, serve=False)
+                try:
+                    pending.bound[listener] = await self._bind(listener, serve=False)
+                except OSError as exc:
+                    where = f"{listener.host}:{listener.port}"
+                    raise OSError(f"{listener.name}: cannot listen on {where}: {exc}") from None
             await runtime.start()
         except (OSError, ssl.SSLError) as exc:
             await self._discard(pending)

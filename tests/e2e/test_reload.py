@@ -1,0 +1,428 @@
+"""Reload, end to end: a real gateway process with two workers and its admin listener, a
+client sending requests all the while, and configs swapped under it by SIGHUP, the admin
+API, `gatehouse reload` and a change of the file.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection
+from websockets.sync.client import connect as ws_connect
+
+from tests.gateway_process import (
+    REPO_ROOT,
+    child_pids,
+    connect_refused,
+    free_port,
+    run_gateway,
+    wait_until,
+)
+from tests.upstream import UpstreamServer, serve_in_thread
+from tests.ws_upstream import WsUpstream
+
+pytestmark = pytest.mark.socket
+
+CLIENT_TIMEOUT_S = 10.0
+LOAD_CONNECTIONS = 8
+
+
+@pytest.fixture
+def upstream() -> Iterator[UpstreamServer]:
+    with serve_in_thread(UpstreamServer()) as server:
+        yield server
+
+
+def config_text(
+    port: int, admin: int, upstream_url: str, *, routes: str = "", extra: str = ""
+) -> str:
+    """Two workers, an admin listener, a `stable` route to `upstream_url` (under /stable,
+    rewritten to /echo) and whatever `routes` adds."""
+    return f"""
+listeners:
+  - bind: 127.0.0.1:{port}
+    name: public
+admin:
+  bind: 127.0.0.1:{admin}
+workers: 2
+reload: {{watch: false}}
+shutdown: {{grace_period: 2s}}
+upstreams:
+  app:
+    endpoints: [{upstream_url}]
+routes:
+  - name: stable
+    match: {{path_prefix: /stable}}
+    upstream: app
+    rewrite: {{strip_prefix: /stable, add_prefix: /echo}}
+{routes}
+{extra}
+"""
+
+
+def numbered_route(number: int) -> str:
+    """A route only config number `number` has: /vN/x reaches the upstream as /echo/vN/x."""
+    return f"""
+  - name: v{number}
+    match: {{path_prefix: /v{number}/}}
+    upstream: app
+    rewrite: {{add_prefix: /echo}}
+"""
+
+
+def admin_get(admin: int, path: str) -> httpx.Response:
+    return httpx.get(f"http://127.0.0.1:{admin}{path}", timeout=CLIENT_TIMEOUT_S)
+
+
+def admin_reload(admin: int) -> httpx.Response:
+    return httpx.post(f"http://127.0.0.1:{admin}/reload", timeout=60.0)
+
+
+def metric(admin: int, name: str, **labels: str) -> float:
+    """One sample of the gateway's /metrics (0 when absent)."""
+    wanted = name + (
+        "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else ""
+    )
+    for line in admin_get(admin, "/metrics").text.splitlines():
+        if line.startswith(wanted + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def wait_ready(admin: int) -> None:
+    def ready() -> bool:
+        try:
+            response = admin_get(admin, "/readyz")
+        except httpx.TransportError:
+            return False
+        return response.status_code == 200 and "2 of 2" in response.text
+
+    wait_until(ready, 10.0, "both workers ready")
+
+
+class Load:
+    """Clients sending requests over keep-alive connections until stopped; every
+    response that is not a 200 from the stable route, and every transport error, is a
+    failure."""
+
+    def __init__(self, url: str, connections: int) -> None:
+        self.url = url
+        self.sent = 0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(connections)
+        ]
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+
+    def _run(self, index: int) -> None:
+        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        with httpx.Client(timeout=CLIENT_TIMEOUT_S, limits=limits) as client:
+            n = 0
+            while not self._stop.is_set():
+                n += 1
+                try:
+                    response = client.get(f"{self.url}/stable/{index}/{n}")
+                    ok = response.status_code == 200
+                    problem = f"{response.status_code} {response.text[:200]}"
+                except httpx.HTTPError as exc:
+                    ok, problem = False, repr(exc)
+                with self._lock:
+                    self.sent += 1
+                    if not ok:
+                        self.failures.append(problem)
+
+
+def test_twenty_reloads_valid_and_invalid_under_load_lose_no_request(
+    tmp_path: Path, upstream: UpstreamServer
+) -> None:
+    port, admin = free_port(), free_port()
+    base = config_text(port, admin, upstream.url)
+    with run_gateway(base, tmp_path, port=port) as gw:
+        wait_ready(admin)
+        fresh = httpx.Client(
+            timeout=CLIENT_TIMEOUT_S, limits=httpx.Limits(max_keepalive_connections=0)
+        )
+        with fresh, Load(gw.url, LOAD_CONNECTIONS) as load:
+            for number in range(20):
+                if number % 2 == 0:
+                    gw.config_path.write_text(
+                        config_text(port, admin, upstream.url, routes=numbered_route(number))
+                    )
+                    assert admin_reload(admin).status_code == 200
+                    # New requests see the new route at once, on every worker.
+                    for attempt in range(4):
+                        answer = fresh.get(f"{gw.url}/v{number}/{attempt}")
+                        assert answer.status_code == 200, answer.text
+                        assert answer.json()["target"] == f"/echo/v{number}/{attempt}"
+                    if number:  # the previous config's own route is gone
+                        assert fresh.get(f"{gw.url}/v{number - 2}/x").status_code == 404
+                else:
+                    gw.config_path.write_text(base + "\n  - name: [broken\n")
+                    refused = admin_reload(admin)
+                    assert refused.status_code == 422
+                    errors = refused.json()["errors"]
+                    assert errors
+                    assert errors[0].startswith(f"{gw.config_path}:"), errors
+                    # The old config keeps serving, its last route included.
+                    assert fresh.get(f"{gw.url}/v{number - 1}/x").status_code == 200
+                time.sleep(0.05)
+        assert load.failures == [], load.failures[:5]
+        assert load.sent > 200
+        assert metric(admin, "gatehouse_config_reloads_total", result="success") == 10
+        assert metric(admin, "gatehouse_config_reloads_total", result="failure") == 10
+        assert "reload refused, the running config stays" in gw.stderr()
+        assert len(child_pids(gw.pid)) == 2  # reloads happen inside the same workers
+
+
+def test_sighup_reloads_and_an_invalid_file_is_logged_with_its_line(
+    tmp_path: Path, upstream: UpstreamServer
+) -> None:
+    port, admin = free_port(), free_port()
+    with run_gateway(config_text(port, admin, upstream.url), tmp_path, port=port) as gw:
+        wait_ready(admin)
+        gw.config_path.write_text(config_text(port, admin, upstream.url, routes=numbered_route(1)))
+        gw.signal(signal.SIGHUP)
+        wait_until(
+            lambda: httpx.get(f"{gw.url}/v1/x", timeout=CLIENT_TIMEOUT_S).status_code == 200,
+            10.0,
+            "the SIGHUP reload",
+        )
+        broken = config_text(port, admin, upstream.url).replace("upstream: app", "upstream: nope")
+        gw.config_path.write_text(broken)
+        gw.signal(signal.SIGHUP)
+        wait_until(
+            lambda: metric(admin, "gatehouse_config_reloads_total", result="failure") == 1,
+            10.0,
+            "the refused reload to be counted",
+        )
+        assert f"{gw.config_path}:" in gw.stderr()
+        assert "unknown upstream 'nope'" in gw.stderr()
+        assert httpx.get(f"{gw.url}/v1/x", timeout=CLIENT_TIMEOUT_S).status_code == 200
+
+
+def test_a_changed_file_is_reloaded_once_it_holds_still(
+    tmp_path: Path, upstream: UpstreamServer
+) -> None:
+    port, admin = free_port(), free_port()
+    watched = "reload: {watch: true, interval: 100ms}"
+    text = config_text(port, admin, upstream.url).replace("reload: {watch: false}", watched)
+    with run_gateway(text, tmp_path, port=port) as gw:
+        wait_ready(admin)
+        before = metric(admin, "gatehouse_config_reloads_total", result="success")
+        changed = text.replace(
+            "  - name: stable", numbered_route(7).strip("\n") + "\n  - name: stable"
+        )
+        gw.config_path.write_text(changed)
+        wait_until(
+            lambda: httpx.get(f"{gw.url}/v7/x", timeout=CLIENT_TIMEOUT_S).status_code == 200,
+            10.0,
+            "the watched file's reload",
+        )
+        time.sleep(0.5)  # several polls: an unchanged file is not reloaded again
+        assert metric(admin, "gatehouse_config_reloads_total", result="success") == before + 1
+        # A broken edit is refused once, not on every poll.
+        gw.config_path.write_text(changed + "\nbogus_key: 1\n")
+        wait_until(
+            lambda: metric(admin, "gatehouse_config_reloads_total", result="failure") == 1,
+            10.0,
+            "the refused reload",
+        )
+        time.sleep(0.5)
+        assert metric(admin, "gatehouse_config_reloads_total", result="failure") == 1
+        assert "unknown key 'bogus_key'" in gw.stderr()
+
+
+def test_gatehouse_reload_command_reports_success_and_refusal(
+    tmp_path: Path, upstream: UpstreamServer
+) -> None:
+    port, admin = free_port(), free_port()
+    with run_gateway(config_text(port, admin, upstream.url), tmp_path, port=port) as gw:
+        wait_ready(admin)
+        gw.config_path.write_text(config_text(port, admin, upstream.url, routes=numbered_route(2)))
+
+        def reload_command(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "proxy", "reload", str(gw.config_path), *args],
+                cwd=REPO_ROOT,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+
+        done = reload_command()
+        assert done.returncode == 0, done.stderr
+        assert httpx.get(f"{gw.url}/v2/x", timeout=CLIENT_TIMEOUT_S).status_code == 200
+        # Valid for `check` but not startable: a listener on an address that is taken.
+        taken = free_port()
+        with socket.socket() as squatter:
+            squatter.bind(("127.0.0.1", taken))
+            squatter.listen()
+            text = config_text(port, admin, upstream.url).replace(
+                "    name: public\n", f"    name: public\n  - bind: 127.0.0.1:{taken}\n"
+            )
+            gw.config_path.write_text(text)
+            refused = reload_command("--admin", f"127.0.0.1:{admin}")
+        assert refused.returncode == 1
+        assert "cannot start the new config" in refused.stderr
+        assert f"cannot listen on 127.0.0.1:{taken}" in refused.stderr
+        assert "address already in use" in refused.stderr
+        # Refused on every worker: the route of the running config is still there.
+        assert httpx.get(f"{gw.url}/v2/x", timeout=CLIENT_TIMEOUT_S).status_code == 200
+
+
+def test_a_listener_moved_by_a_reload_is_rebound_and_the_other_keeps_serving(
+    tmp_path: Path, upstream: UpstreamServer
+) -> None:
+    port, admin, first, second = free_port(), free_port(), free_port(), free_port()
+
+    def with_extra_listener(extra_port: int) -> str:
+        return config_text(port, admin, upstream.url).replace(
+            "    name: public\n",
+            f"    name: public\n  - bind: 127.0.0.1:{extra_port}\n    name: extra\n",
+        )
+
+    with run_gateway(with_extra_listener(first), tmp_path, port=port) as gw:
+        wait_ready(admin)
+        with httpx.Client(timeout=CLIENT_TIMEOUT_S) as kept:
+            assert kept.get(f"{gw.url}/stable/a").status_code == 200  # a keep-alive connection
+            assert httpx.get(f"http://127.0.0.1:{first}/stable/b").status_code == 200
+            gw.config_path.write_text(with_extra_listener(second))
+            assert admin_reload(admin).status_code == 200
+            assert httpx.get(f"http://127.0.0.1:{second}/stable/c").status_code == 200
+            wait_until(lambda: connect_refused(first), 5.0, "the old listener to close")
+            # The unchanged listener's open connection was not touched.
+            assert kept.get(f"{gw.url}/stable/d").status_code == 200
+            assert kept.get(f"{gw.url}/stable/e").extensions["http_version"] == b"HTTP/1.1"
+
+
+def read_until_closed(ws: ClientConnection) -> ConnectionClosed:
+    """Receive (and drop) messages until the connection closes; how it closed."""
+    while True:
+        try:
+            ws.recv(timeout=10)
+        except ConnectionClosed as closed:
+            return closed
+
+
+def test_a_websocket_opened_before_a_reload_still_echoes_after_it(
+    tmp_path: Path, upstream: UpstreamServer
+) -> None:
+    port, admin = free_port(), free_port()
+    with serve_in_thread(WsUpstream()) as ws_upstream:
+        routes = """
+  - name: chat
+    match: {path_prefix: /chat}
+    upstream: ws
+  - name: doomed
+    match: {path_prefix: /doomed}
+    upstream: ws
+"""
+        text = config_text(port, admin, upstream.url, routes=routes).replace(
+            "upstreams:\n", f"upstreams:\n  ws:\n    endpoints: [{ws_upstream.url}]\n"
+        )
+        with run_gateway(text, tmp_path, port=port) as gw:
+            wait_ready(admin)
+            with (
+                ws_connect(f"ws://127.0.0.1:{port}/chat", open_timeout=5) as kept,
+                ws_connect(f"ws://127.0.0.1:{port}/doomed", open_timeout=5) as doomed,
+            ):
+                kept.send("before")
+                assert kept.recv(timeout=5) == "before"
+                # The reload adds a route and removes `doomed`; `chat` stays as it was.
+                gw.config_path.write_text(
+                    text.replace(
+                        "  - name: doomed\n    match: {path_prefix: /doomed}\n    upstream: ws\n",
+                        "",
+                    )
+                    + numbered_route(3)
+                )
+                assert admin_reload(admin).status_code == 200
+                kept.send("after")
+                assert kept.recv(timeout=5) == "after"
+                # The tunnel of the removed route gets the grace period (2 s), then 1001.
+                doomed.send("still here")
+                assert doomed.recv(timeout=5) == "still here"
+                started = time.monotonic()
+                closed = read_until_closed(doomed)
+                assert 1.0 < time.monotonic() - started < 6.0
+                assert closed.rcvd is not None
+                assert closed.rcvd.code == 1001
+                kept.send("later")
+                assert kept.recv(timeout=5) == "later"
+            metrics = admin_get(admin, "/metrics").text
+            assert 'gatehouse_websocket_closes_total{reason="route_removed"} 1.0' in metrics
+
+
+def test_sigterm_flips_readyz_lets_slow_requests_finish_and_exits_0(
+    tmp_path: Path, upstream: UpstreamServer
+) -> None:
+    port, admin = free_port(), free_port()
+    slow_route = "  - name: slow\n    match: {path_prefix: /slow/}\n    upstream: app\n"
+    text = config_text(port, admin, upstream.url, routes=slow_route)
+    text = text.replace("grace_period: 2s", "grace_period: 5s")
+    with run_gateway(text, tmp_path, port=port) as gw:
+        wait_ready(admin)
+        results: list[int] = []
+
+        def slow_request() -> None:
+            # 1.5 s at the upstream, started before SIGTERM.
+            response = httpx.get(f"{gw.url}/slow/1500", timeout=CLIENT_TIMEOUT_S)
+            results.append(response.status_code)
+
+        clients = [threading.Thread(target=slow_request) for _ in range(4)]
+        for client in clients:
+            client.start()
+        time.sleep(0.3)
+        started = time.monotonic()
+        gw.signal(signal.SIGTERM)
+        wait_until(
+            lambda: admin_get(admin, "/readyz").status_code == 503, 2.0, "/readyz to turn 503"
+        )
+        assert gw.wait(10) == 0
+        elapsed = time.monotonic() - started
+        for client in clients:
+            client.join(10)
+        assert results == [200] * 4
+        assert elapsed < 5.0  # well inside the grace period: it ended when they did
+        assert connect_refused(port)
+
+
+def test_config_endpoint_shows_the_running_file_with_secrets_redacted(
+    tmp_path: Path, upstream: UpstreamServer
+) -> None:
+    port, admin = free_port(), free_port()
+    text = config_text(port, admin, upstream.url).replace(
+        "routes:\n",
+        "middleware:\n  keys: {type: api_key, keys: [s3cret-key]}\nroutes:\n",
+    )
+    with run_gateway(text, tmp_path, port=port) as gw:
+        wait_ready(admin)
+        view = admin_get(admin, "/config").json()
+        assert view["source"] == str(gw.config_path)
+        assert view["config"]["middleware"]["keys"]["keys"] == ["<redacted>"]
+        assert "s3cret-key" not in json.dumps(view)
+        assert view["config"]["routes"][0]["name"] == "stable"
+        assert len(view["workers"]) == 2
