@@ -1,0 +1,195 @@
+"""A worker's side of reload (`Server.prepare_reload`, `commit_reload`, `abort_reload`),
+in-process against real sockets: what a reload keeps, what it replaces, and that an
+exchange running when it happens finishes on the config it started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from proxy.config import parse_config
+from proxy.server import ReloadRefused, Server
+from tests.conftest import base_url
+from tests.plugins import stamp
+from tests.upstream import UpstreamServer
+
+pytestmark = pytest.mark.socket
+
+GRACE = "shutdown: {grace_period: 300ms}"
+
+
+def config_text(upstream: UpstreamServer, *, stamp_value: str = "one", routes: str = "") -> str:
+    return f"""
+listeners:
+  - bind: 127.0.0.1:0
+{GRACE}
+upstreams:
+  app:
+    endpoints: [{upstream.url}]
+middleware:
+  mark: {{type: tests.plugins.stamp:Stamp, value: {stamp_value}}}
+  limit: {{type: rate_limit, rate: 5/m, burst: 5, key: ip}}
+routes:
+  - name: stamped
+    match: {{path_prefix: /stamped}}
+    middleware: [mark]
+    upstream: app
+  - name: limited
+    match: {{path_prefix: /limited}}
+    middleware: [limit]
+    upstream: app
+{routes}
+"""
+
+
+async def started(text: str) -> Server:
+    server = Server(parse_config(text))
+    await server.start()
+    return server
+
+
+async def reload(server: Server, text: str) -> None:
+    await server.prepare_reload(parse_config(text))
+    await server.commit_reload()
+
+
+@pytest.fixture(autouse=True)
+def clear_events() -> None:
+    stamp.EVENTS.clear()
+
+
+async def test_unchanged_middleware_keeps_its_instance_and_state(upstream: UpstreamServer) -> None:
+    server = await started(config_text(upstream))
+    try:
+        mark = server.runtime.routes["stamped"].chain[0].instance
+        async with httpx.AsyncClient(base_url=base_url(server)) as client:
+            for _ in range(3):
+                assert (await client.get("/limited/x")).status_code == 200
+            await reload(server, config_text(upstream, routes=_route("extra")))
+            assert server.runtime.routes["stamped"].chain[0].instance is mark
+            # The rate limit's table came through: 3 of the 6 (burst 5 + 1) are left.
+            statuses = [(await client.get("/limited/x")).status_code for _ in range(4)]
+            assert statuses == [200, 200, 200, 429]
+            assert (await client.get("/extra/x")).status_code == 200
+        assert stamp.EVENTS == ["start:mark"]  # not started a second time
+    finally:
+        await server.shutdown(grace_period=1.0)
+
+
+async def test_changed_middleware_is_replaced_and_the_old_one_closed_after_the_grace_period(
+    upstream: UpstreamServer,
+) -> None:
+    server = await started(config_text(upstream))
+    try:
+        old = server.runtime.routes["stamped"].chain[0].instance
+        await reload(server, config_text(upstream, stamp_value="two"))
+        new = server.runtime.routes["stamped"].chain[0].instance
+        assert new is not old
+        assert stamp.EVENTS == ["start:mark", "start:mark"]
+        async with httpx.AsyncClient(base_url=base_url(server)) as client:
+            response = await client.get("/stamped/x")
+        assert response.headers["x-stamp"] == "two"
+        await asyncio.sleep(0.5)  # past the 300 ms grace period
+        assert stamp.EVENTS == ["start:mark", "start:mark", "close:mark"]
+    finally:
+        await server.shutdown(grace_period=1.0)
+    assert stamp.EVENTS[-1] == "close:mark"
+
+
+async def test_an_unchanged_upstream_keeps_its_pooled_connection(upstream: UpstreamServer) -> None:
+    server = await started(config_text(upstream))
+    try:
+        async with httpx.AsyncClient(base_url=base_url(server)) as client:
+            assert (await client.get("/stamped/a")).status_code == 200
+            await reload(server, config_text(upstream, routes=_route("extra")))
+            assert (await client.get("/extra/b")).status_code == 200
+        assert upstream.connections == 1  # the idle connection was reused after the swap
+    finally:
+        await server.shutdown(grace_period=1.0)
+
+
+async def test_a_changed_upstream_gets_new_pools_and_the_old_idle_ones_close(
+    upstream: UpstreamServer, upstream_factory: object
+) -> None:
+    server = await started(config_text(upstream))
+    try:
+        old_pool = server.runtime.upstreams["app"].pools[0]
+        async with httpx.AsyncClient(base_url=base_url(server)) as client:
+            assert (await client.get("/stamped/a")).status_code == 200
+            assert old_pool.occupancy().idle == 1
+            changed = config_text(upstream).replace(
+                f"endpoints: [{upstream.url}]",
+                f"endpoints: [{upstream.url}]\n    timeouts: {{read: 5s}}",
+            )
+            await reload(server, changed)
+            assert server.runtime.upstreams["app"].pools[0] is not old_pool
+            assert old_pool.occupancy().idle == 0
+            assert (await client.get("/stamped/b")).status_code == 200
+        assert upstream.connections == 2
+    finally:
+        await server.shutdown(grace_period=1.0)
+
+
+async def test_an_exchange_running_across_a_reload_finishes_on_its_route(
+    upstream: UpstreamServer,
+) -> None:
+    slow = "  - name: slow\n    match: {path_prefix: /slow/}\n    upstream: app\n"
+    server = await started(config_text(upstream, routes=slow))
+    try:
+        async with httpx.AsyncClient(base_url=base_url(server)) as client:
+            running = asyncio.create_task(client.get("/slow/400"))
+            await asyncio.sleep(0.1)
+            await reload(server, config_text(upstream))  # the slow route is gone
+            assert (await client.get("/slow/1")).status_code == 404
+            response = await running
+        assert response.status_code == 200
+    finally:
+        await server.shutdown(grace_period=1.0)
+
+
+async def test_a_prepared_reload_that_is_aborted_changes_nothing(upstream: UpstreamServer) -> None:
+    server = await started(config_text(upstream))
+    try:
+        runtime = server.runtime
+        await server.prepare_reload(parse_config(config_text(upstream, stamp_value="two")))
+        await server.abort_reload()
+        assert server.runtime is runtime
+        assert stamp.EVENTS == ["start:mark", "start:mark", "close:mark"]  # the new one
+        async with httpx.AsyncClient(base_url=base_url(server)) as client:
+            assert (await client.get("/stamped/x")).headers["x-stamp"] == "one"
+        await server.commit_reload()  # nothing pending: nothing happens
+        assert server.runtime is runtime
+    finally:
+        await server.shutdown(grace_period=1.0)
+
+
+async def test_a_listener_that_cannot_bind_refuses_the_reload(upstream: UpstreamServer) -> None:
+    server = await started(config_text(upstream))
+    blocker = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    taken = blocker.sockets[0].getsockname()[1]
+    try:
+        text = config_text(upstream).replace(
+            "  - bind: 127.0.0.1:0\n", f"  - bind: 127.0.0.1:0\n  - bind: 127.0.0.1:{taken}\n"
+        )
+        with pytest.raises(ReloadRefused) as refused:
+            await server.prepare_reload(parse_config(text))
+        assert f"cannot listen on 127.0.0.1:{taken}" in refused.value.errors[0]
+        assert len(server.addresses) == 1
+        assert stamp.EVENTS == ["start:mark"]  # the new chain never started
+    finally:
+        blocker.close()
+        await server.shutdown(grace_period=1.0)
+
+
+async def test_a_draining_server_refuses_a_reload(upstream: UpstreamServer) -> None:
+    server = await started(config_text(upstream))
+    await server.shutdown(grace_period=0.1)
+    with pytest.raises(ReloadRefused, match="draining"):
+        await server.prepare_reload(parse_config(config_text(upstream)))
+
+
+def _route(name: str) -> str:
+    return f"  - name: {name}\n    match: {{path_prefix: /{name}}}\n    upstream: app\n"
