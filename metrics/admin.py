@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from http import HTTPStatus
 from typing import Any, Protocol
 
 import h11
@@ -88,14 +89,13 @@ class AdminServer:
                 if request is None:
                     break
                 status, headers, body = await self._answer(request)
-                if request.method == b"HEAD":
-                    headers.append(("content-length", str(len(body))))
-                    writer.write(conn.send(h11.Response(status_code=status, headers=headers)))
-                    writer.write(conn.send(h11.EndOfMessage()))
-                else:
-                    headers.append(("content-length", str(len(body))))
-                    writer.write(conn.send(h11.Response(status_code=status, headers=headers)))
-                    writer.write(conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
+                headers.append(("content-length", str(len(body))))
+                reason = HTTPStatus(status).phrase.encode()
+                head = h11.Response(status_code=status, headers=headers, reason=reason)
+                writer.write(conn.send(head))
+                if request.method != b"HEAD":
+                    writer.write(conn.send(h11.Data(data=body)))
+                writer.write(conn.send(h11.EndOfMessage()))
                 await writer.drain()
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                     break
