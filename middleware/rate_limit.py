@@ -24,13 +24,19 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from hashlib import blake2b
 from typing import Protocol
 
 from metrics.definitions import RATE_LIMIT_DECISIONS, RATE_LIMIT_EVICTIONS
 from middleware.base import Handler
 from middleware.options import Options
 from middleware.rate_limit_core import Decision, RateLimitBackendError
-from middleware.rate_limit_local import DEFAULT_MAX_KEYS, MAX_MAX_KEYS, LocalBackend
+from middleware.rate_limit_local import (
+    DEFAULT_MAX_KEYS,
+    MAX_MAX_KEYS,
+    LocalBackend,
+    SharedTableError,
+)
 from proxy.config_values import ConfigValueError
 from proxy.errors import RateLimited, RateLimitUnavailable
 from proxy.local_reply import local_reply
@@ -131,6 +137,17 @@ def key_function(spec: KeySpec) -> Callable[[Request], str]:
     return by_header
 
 
+def local_table_key(path: str, rate: Rate, burst: int, key: KeySpec, max_keys: int) -> str:
+    """What names an instance's local table in the shared directory, so that every process
+    constructing the same instance opens the same one: where the instance is defined
+    (`middleware.NAME`; an inline entry is `routes[i].middleware[j]`, as all of those are
+    named after their type) and a digest of the options that give the records their
+    meaning (rate, burst, key, max_keys). A reload changing one of them starts a fresh
+    table; `headers` (and anything else) leaves it as it is."""
+    meaning = f"{rate.requests}/{rate.period_s!r} {burst} {key.kind}:{key.header} {max_keys}"
+    return f"{path}:{blake2b(meaning.encode(), digest_size=8).hexdigest()}"
+
+
 class Backend(Protocol):
     """Where GCRA state lives (rate_limit_local.LocalBackend, rate_limit_redis.RedisBackend)."""
 
@@ -182,7 +199,14 @@ class RateLimit:
                 options.error("max_keys", f"must be at most {MAX_MAX_KEYS}, got {max_keys}")
                 max_keys = DEFAULT_MAX_KEYS
             evictions = RATE_LIMIT_EVICTIONS.labels(self.name).inc
-            self.use_backend(LocalBackend(max_keys, on_evict=evictions))
+            shared_key = local_table_key(options.path, self.rate, self.burst, self.key, max_keys)
+            try:
+                local = LocalBackend(max_keys, shared_key=shared_key, on_evict=evictions)
+            except SharedTableError as exc:
+                options.error(None, f"the local backend's table cannot be made: {exc}")
+                self.use_backend(_Unconfigured())
+            else:
+                self.use_backend(local)
 
     def use_backend(self, backend: Backend) -> None:
         """Decide with `backend` from now on (a test gives a local one its clock)."""
