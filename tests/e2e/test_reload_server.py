@@ -14,6 +14,7 @@ from proxy.config import parse_config
 from proxy.server import ReloadRefused, Server
 from tests.conftest import base_url
 from tests.plugins import stamp
+from tests.tls import make_tls_files
 from tests.upstream import UpstreamServer
 
 pytestmark = pytest.mark.socket
@@ -193,3 +194,40 @@ async def test_a_draining_server_refuses_a_reload(upstream: UpstreamServer) -> N
 
 def _route(name: str) -> str:
     return f"  - name: {name}\n    match: {{path_prefix: /{name}}}\n    upstream: app\n"
+
+
+async def test_a_reload_serves_a_renewed_certificate_to_new_connections(
+    upstream: UpstreamServer, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    first = make_tls_files(tmp_path_factory.mktemp("first"))
+    second = make_tls_files(tmp_path_factory.mktemp("second"))
+    text = f"""
+listeners:
+  - bind: 127.0.0.1:0
+    tls: {{cert: {first.cert}, key: {first.key}}}
+upstreams:
+  app:
+    endpoints: [{upstream.url}]
+routes:
+  - name: all
+    match: {{path_prefix: /}}
+    upstream: app
+"""
+    server = await started(text)
+    try:
+        url = f"https://localhost:{server.addresses[0][1]}/echo"
+        old_trust = first.client_context(["http/1.1"])
+        async with httpx.AsyncClient(verify=old_trust) as kept:
+            assert (await kept.get(url)).status_code == 200
+            # The renewal writes over the same files; the config itself is unchanged.
+            first.cert.write_bytes(second.cert.read_bytes())
+            first.key.write_bytes(second.key.read_bytes())
+            await reload(server, text)
+            assert (await kept.get(url)).status_code == 200  # its connection is untouched
+        async with httpx.AsyncClient(verify=second.client_context(["http/1.1"])) as client:
+            assert (await client.get(url)).status_code == 200
+        async with httpx.AsyncClient(verify=old_trust) as client:
+            with pytest.raises(httpx.ConnectError):
+                await client.get(url)
+    finally:
+        await server.shutdown(grace_period=1.0)
