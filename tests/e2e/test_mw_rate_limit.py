@@ -1,7 +1,8 @@
 """`rate_limit` (local backend) through real sockets: the burst then 429 with Retry-After
 and RateLimit-* headers, the keys (ip, header, consumer set by an earlier middleware,
 route), a named instance shared by two routes, HTTP/2, and a gateway with two worker
-processes that admits exactly the limit in total, restarted worker included."""
+processes that admits exactly the limit in total, restarted worker included, also after a
+reload that changes the instance (each worker builds it anew and they share one table)."""
 
 from __future__ import annotations
 
@@ -276,3 +277,53 @@ shutdown: {grace_period: 5s}
         assert codes == [429] * 40, codes
         assert by_worker[replacement], by_worker  # it decided some, and refused them all
         assert len(threaded_upstream.requests) == 10
+
+
+def test_a_limit_changed_by_a_reload_is_exact_across_workers_and_a_restarted_one(
+    tmp_path: Path, threaded_upstream: UpstreamServer
+) -> None:
+    """A reload that changes the instance (burst 9 -> 4) makes each worker build it on its
+    own, after the fork: they open one table in the gateway's shared directory, so 60
+    requests over both workers admit exactly the new 5. A worker restarted after the
+    reload (forked from the parent, which built it too) admits nothing more."""
+    port, admin = free_port(), free_port()
+
+    def config_with(burst: int) -> str:
+        extra = f"""
+admin: {{bind: 127.0.0.1:{admin}}}
+reload: {{watch: false}}
+middleware:
+  limit: {{type: rate_limit, rate: 10/h, burst: {burst}}}
+global_middleware: [limit]
+shutdown: {{grace_period: 5s}}
+"""
+        return gateway_config(port, threaded_upstream.url, extra=extra)
+
+    with run_gateway(config_with(9), tmp_path, port=port, args=("--workers", "2")) as gw:
+        wait_until(lambda: len(child_pids(gw.pid)) == 2, 10.0, "2 workers")
+        workers = child_pids(gw.pid)
+        for worker in workers:
+            wait_until(functools.partial(listening, worker, port), 10.0, f"{worker} to bind")
+        gw.config_path.write_text(config_with(4))
+        reloaded = httpx.post(f"http://127.0.0.1:{admin}/reload", timeout=60.0)
+        assert reloaded.status_code == 200, reloaded.text
+        assert child_pids(gw.pid) == workers  # the same workers built the new instance
+
+        codes, by_worker = asyncio.run(_by_worker(port, 60, workers))
+        assert (codes.count(200), codes.count(429)) == (5, 55), codes
+        assert all(by_worker.values()), by_worker  # both workers decided some
+
+        victim = min(workers)
+        os.kill(victim, signal.SIGKILL)
+        wait_until(
+            lambda: victim not in child_pids(gw.pid) and len(child_pids(gw.pid)) == 2,
+            10.0,
+            "a replacement worker",
+        )
+        (replacement,) = child_pids(gw.pid) - workers
+        wait_until(lambda: listening(replacement, port), 10.0, "the replacement to bind")
+        workers = child_pids(gw.pid)
+        codes, by_worker = asyncio.run(_by_worker(port, 40, workers))
+        assert codes == [429] * 40, codes
+        assert by_worker[replacement], by_worker
+        assert len(threaded_upstream.requests) == 5
