@@ -21,7 +21,7 @@ import signal
 import ssl
 from dataclasses import dataclass, field
 
-from metrics.definitions import TunnelClose
+from metrics.definitions import TunnelClose, forget_series, set_enabled
 from metrics.live import attach_server
 from proxy.config_model import Config, ListenerConfig, ListenerTls
 from proxy.connection import ClientConnection
@@ -241,6 +241,9 @@ class Server:
             log.error("reload: certificates not reloaded, the old ones stay: %s", exc)
         self._drain_tunnels_of_removed_routes()
         self._retire(old)
+        # The series of routes and upstreams that are gone disappear from /metrics.
+        forget_series(self.runtime.routes, self.runtime.upstreams)
+        set_enabled(config.metrics.enabled)
         self.reloads += 1
         log.info("reloaded %s: %d routes", config.source, len(config.routes))
 

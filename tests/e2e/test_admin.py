@@ -212,3 +212,24 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def test_series_of_a_route_removed_by_a_reload_disappear(
+    tmp_path: Path, upstream: UpstreamServer
+) -> None:
+    port, admin = free_port(), free_port()
+    text = config_text(port, admin, upstream.url)
+    with run_gateway(text, tmp_path, port=port) as gw:
+        wait_ready(admin)
+        send_fresh(gw.url, 10)
+        before = scrape(admin)
+        assert requests_total(before, "api") == 10
+        assert value(before, "gatehouse_request_duration_seconds_count", route="api") == 10
+        gw.config_path.write_text(text.replace("name: api", "name: renamed"))
+        reloaded = httpx.post(f"http://127.0.0.1:{admin}/reload", timeout=30)
+        assert reloaded.status_code == 200
+        send_fresh(gw.url, 4)
+        after = scrape(admin)
+        assert requests_total(after, "renamed") == 4
+        assert not [key for key in after if ("route", "api") in key[1]]
+        assert value(after, "gatehouse_config_reloads_total", result="success") == 1
