@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import glob
 import json
 import logging
 import os
@@ -62,16 +63,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # Shared state that every process of this gateway opens by name (the local rate-limit
     # tables), made before the config is loaded: its middleware are built at load.
-    shared_dir = tempfile.mkdtemp(prefix="gatehouse-", dir=_shm_or_tmp())
+    shared_dir = _shared_dir()
     os.environ[SHARED_DIR_ENV] = shared_dir
     try:
         return _run(args)
     finally:
         shutil.rmtree(shared_dir, ignore_errors=True)
+        os.environ.pop(SHARED_DIR_ENV, None)
 
 
-def _shm_or_tmp() -> str | None:
-    return "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+def _shared_dir() -> str:
+    """A private directory named after this process; those of gateways that died
+    without cleaning up (SIGKILL) are removed first."""
+    parent = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+    for stale in glob.glob(os.path.join(parent, "gatehouse-*-*")):
+        pid = os.path.basename(stale).split("-")[1]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(stale, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"gatehouse-{os.getpid()}-", dir=parent)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -130,3 +130,22 @@ def test_run_with_fewer_than_one_worker_is_a_usage_error(tmp_path: Path, workers
             pytest.fail(f"--workers {workers} started a gateway:\n{gateway.stderr()}")
         assert code == 2, gateway.stderr()
         assert "at least 1" in gateway.stderr()
+
+
+@pytest.mark.socket
+def test_run_keeps_its_shared_directory_while_serving_and_removes_stale_ones(
+    tmp_path: Path,
+) -> None:
+    """The directory for tables shared by the workers (the local rate limits) is named
+    after the parent; one left by a gateway that was killed is removed at the next start,
+    and the gateway's own is removed when it exits."""
+    stale = Path("/dev/shm/gatehouse-999999999-leftover")  # above any pid_max
+    stale.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    with run_gateway(gateway_config(port, "http://127.0.0.1:9"), tmp_path, port=port) as gateway:
+        assert not stale.exists()
+        own = list(Path("/dev/shm").glob(f"gatehouse-{gateway.pid}-*"))
+        assert len(own) == 1
+        gateway.signal(15)
+        assert gateway.wait(10) == 0, gateway.stderr()
+        assert not own[0].exists()
