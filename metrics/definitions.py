@@ -1,17 +1,44 @@
-"""Every metric Gatehouse exports, declared in one place (DESIGN.md, operations).
+"""Every metric a worker exports, declared in one place (DESIGN.md, operations).
 
 Metrics live on an explicit registry (not prometheus-client's global one), in base units,
-with bounded labels. The admin listener that serves them, and their aggregation across
-workers, come with the operations work; until then the counters are kept per process.
+with bounded labels. Each worker counts in its own memory; the supervising parent sums
+the workers' samples for the admin listener (metrics/aggregate.py), so everything here
+must add up across workers: counters, histograms, and gauges that count things. (The
+one gauge that does not add up, `gatehouse_upstream_healthy`, is merged by `min`.)
+
+What is counted on every request uses the lock-free families of metrics/local.py, and
+`set_enabled(False)` (config `metrics: {enabled: false}`) turns that counting off. The
+gauges of what is open now (connections, pools, health) are read when scraped
+(metrics/live.py) and cost the data path nothing. Series of routes and upstreams a reload
+removed are dropped by `forget_series`.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Collection
+from time import perf_counter
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
 
-from metrics.local import LocalHistogram
+from metrics.local import LocalCounter, LocalCounterChild, LocalHistogram, LocalHistogramChild
+from proxy.errors import (
+    PoolTimeout,
+    ProxyError,
+    UpstreamConnectError,
+    UpstreamConnectTimeout,
+    UpstreamProtocolError,
+    UpstreamReset,
+    UpstreamTimeout,
+)
+
+if TYPE_CHECKING:
+    from proxy.models import Request
+
+# A `_created` sample per series is a per-process timestamp: it cannot be summed across
+# workers, so no family here exports one.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -54,6 +81,7 @@ class TunnelClose(enum.Enum):
     IDLE_TIMEOUT = "idle_timeout"  # no byte either way for the route's idle_timeout
     MAX_DURATION = "max_duration"  # open longer than the route's max_duration
     SHUTDOWN = "shutdown"  # the grace period ended: 1001 going away to both sides
+    ROUTE_REMOVED = "route_removed"  # a reload removed its route; the grace period ended
 
 
 class TunnelDirection(enum.Enum):
@@ -162,3 +190,249 @@ ACCESS_LOG_DROPPED = Counter(
     "slow) or the write failed",
     registry=REGISTRY,
 )
+
+
+# -- traffic: counted on every request (the data path) ---------------------------------
+
+_enabled = True
+
+
+def set_enabled(enabled: bool) -> None:
+    """Turn the per-request counting on or off (`Config.metrics.enabled`): requests,
+    their duration, upstream attempts and local replies. `metrics.live.attach_server`
+    applies the config at start-up; a reload that changes it calls this again."""
+    global _enabled
+    _enabled = enabled
+
+
+def metrics_enabled() -> bool:
+    """Whether the per-request counting is on."""
+    return _enabled
+
+
+# Seconds; from half a millisecond (a proxied request on loopback) to a minute (a slow
+# upstream within the usual read timeouts).
+DURATION_BUCKETS = (
+    *(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5),
+    *(1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+)
+NO_ROUTE = ""  # the route label of requests no route matched (404) or never parsed
+OTHER_METHOD = "other"
+# The method label: RFC 9110's methods and PATCH; anything else is `other` (bounded).
+_METHODS = {
+    method: method
+    for method in ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
+}
+
+REQUESTS = LocalCounter(
+    "gatehouse_requests",
+    "Requests answered to clients (proxied and local replies, HTTP/1.1 and HTTP/2), by "
+    'route name ("" when no route matched), method (other for non-standard ones) and '
+    "status code; counted when the response ends or breaks off",
+    ["route", "method", "code"],
+    registry=REGISTRY,
+)
+REQUEST_SECONDS = LocalHistogram(
+    "gatehouse_request_duration_seconds",
+    "From the request head received to the response's last byte handed to the socket "
+    "(a WebSocket: to its 101/200), by route",
+    ["route"],
+    buckets=DURATION_BUCKETS,
+    registry=REGISTRY,
+)
+UPSTREAM_REQUESTS = LocalCounter(
+    "gatehouse_upstream_requests",
+    "Requests sent to upstream endpoints (each attempt, retries included), by upstream, "
+    "endpoint and code: the response status, or why no response came (connect_error, "
+    "connect_timeout, pool_timeout, reset, stale, refused, timeout, bad_response, "
+    "client_abort)",
+    ["upstream", "endpoint", "code"],
+    registry=REGISTRY,
+)
+UPSTREAM_SECONDS = LocalHistogram(
+    "gatehouse_upstream_request_duration_seconds",
+    "From a request sent upstream to its response head, by upstream and endpoint "
+    "(responses only: failed attempts are counted, not timed)",
+    ["upstream", "endpoint"],
+    buckets=DURATION_BUCKETS,
+    registry=REGISTRY,
+)
+LOCAL_REPLIES = LocalCounter(
+    "gatehouse_local_replies",
+    "Answers the gateway gave itself (DESIGN.md, errors), by reason code "
+    "(no_route, upstream_connect_failed, upstream_timeout, rate_limited, ...)",
+    ["reason"],
+    registry=REGISTRY,
+)
+
+_RequestSeries = tuple[LocalCounterChild, LocalHistogramChild]
+# (route, method label, status) -> its children: one dict lookup per request.
+_REQUEST_SERIES: dict[tuple[str, str, int], _RequestSeries] = {}
+_LOCAL_REPLY_SERIES: dict[str, LocalCounterChild] = {}
+_gone_routes: set[str] = set()  # routes whose series forget_series dropped
+_route_check: Callable[[str], bool] | None = None
+
+
+def set_route_check(check: Callable[[str], bool] | None) -> None:
+    """How to tell whether the running config has a route (metrics.live installs one
+    that reads the attached server's Runtime): a route `forget_series` dropped counts
+    again as soon as a reload brings it back, before the next `forget_series`."""
+    global _route_check
+    _route_check = check
+
+
+def count_request(request: Request | None, status: int) -> None:
+    """One more request answered with `status` (its response ended or broke off).
+    `request` is None for an answer to bytes that never made a request (a malformed or
+    oversized head): counted with route "" and method other, and not timed."""
+    if not _enabled:
+        return
+    if request is None:
+        key = (NO_ROUTE, OTHER_METHOD, status)
+        started = 0.0
+    else:
+        key = (request.route_name, _METHODS.get(request.method, OTHER_METHOD), status)
+        started = request.received_at
+    series = _REQUEST_SERIES.get(key)
+    if series is None:
+        series = _request_series(key)
+    series[0].value += 1.0
+    if started:
+        series[1].observe(perf_counter() - started)
+
+
+def _request_series(key: tuple[str, str, int]) -> _RequestSeries:
+    route, method, status = key
+    if route in _gone_routes and (_route_check is None or not _route_check(route)):
+        # A request of a route a reload removed, ending after its series were dropped:
+        # counted into children nobody exports, so the series does not come back.
+        return LocalCounterChild(), LocalHistogramChild(REQUEST_SECONDS.buckets)
+    series = (REQUESTS.labels(route, method, str(status)), REQUEST_SECONDS.labels(route))
+    _REQUEST_SERIES[key] = series
+    return series
+
+
+def count_local_reply(reason: str) -> None:
+    """One more local reply (a ProxyError answered by the gateway) for `reason`."""
+    if not _enabled:
+        return
+    child = _LOCAL_REPLY_SERIES.get(reason)
+    if child is None:
+        child = _LOCAL_REPLY_SERIES[reason] = LOCAL_REPLIES.labels(reason)
+    child.value += 1.0
+
+
+# Why an upstream attempt ended without a response head, by the error's class.
+_FAILURE_CODES: tuple[tuple[type[ProxyError], str], ...] = (
+    (UpstreamConnectTimeout, "connect_timeout"),
+    (UpstreamConnectError, "connect_error"),
+    (PoolTimeout, "pool_timeout"),
+    (UpstreamTimeout, "timeout"),
+    (UpstreamProtocolError, "bad_response"),
+    (UpstreamReset, "reset"),  # StaleConnection and StreamRefused name themselves
+)
+CLIENT_ABORT = "client_abort"  # the client left, or its body failed, before the head
+
+
+def failure_code(error: BaseException) -> str:
+    """The code label of an upstream attempt that failed with `error`: `stale` (the
+    keep-alive race) and `refused` (a stream the upstream never processed) are retried
+    once; an error that is not the upstream's (the client's body failed) is
+    client_abort."""
+    code = getattr(error, "metrics_code", None)
+    if isinstance(code, str):
+        return code
+    for cls, name in _FAILURE_CODES:
+        if isinstance(error, cls):
+            return name
+    return CLIENT_ABORT
+
+
+class UpstreamSeries:
+    """The series of one upstream endpoint, held by its pool: `response` and `failure`
+    are one dict lookup and an addition. A series `forget_series` dropped is `dead`."""
+
+    __slots__ = ("_codes", "_seconds", "dead", "endpoint", "upstream")
+
+    def __init__(self, upstream: str, endpoint: str, *, dead: bool = False) -> None:
+        self.upstream = upstream
+        self.endpoint = endpoint
+        self.dead = dead
+        self._codes: dict[int | str, LocalCounterChild] = {}
+        self._seconds = (
+            LocalHistogramChild(UPSTREAM_SECONDS.buckets)
+            if dead
+            else UPSTREAM_SECONDS.labels(upstream, endpoint)
+        )
+
+    def __repr__(self) -> str:
+        state = " DEAD" if self.dead else ""
+        return f"<UpstreamSeries {self.upstream} {self.endpoint}{state}>"
+
+    def response(self, status: int, sent_at: float) -> None:
+        """A response head with `status` arrived for a request sent at `sent_at`
+        (perf_counter)."""
+        if not _enabled or self.dead:
+            return
+        child = self._codes.get(status)
+        if child is None:
+            child = self._child(status)
+        child.value += 1.0
+        self._seconds.observe(perf_counter() - sent_at)
+
+    def failure(self, code: str) -> None:
+        """An attempt ended without a response head, for `code` (see `failure_code`)."""
+        if not _enabled or self.dead:
+            return
+        child = self._codes.get(code)
+        if child is None:
+            child = self._child(code)
+        child.value += 1.0
+
+    def _child(self, code: int | str) -> LocalCounterChild:
+        child = UPSTREAM_REQUESTS.labels(self.upstream, self.endpoint, str(code))
+        self._codes[code] = child
+        return child
+
+
+# A pool that is no upstream's (forward_auth's client, tests): counts nothing.
+NO_UPSTREAM_SERIES = UpstreamSeries("", "", dead=True)
+_UPSTREAM_SERIES: dict[tuple[str, str], UpstreamSeries] = {}
+
+
+def upstream_series(upstream: str | None, endpoint: str) -> UpstreamSeries:
+    """The series of `upstream`'s `endpoint`, shared by every pool for it (a reload that
+    rebuilds an upstream keeps counting into the same series)."""
+    if upstream is None:
+        return NO_UPSTREAM_SERIES
+    series = _UPSTREAM_SERIES.get((upstream, endpoint))
+    if series is None:
+        series = _UPSTREAM_SERIES[(upstream, endpoint)] = UpstreamSeries(upstream, endpoint)
+    return series
+
+
+def forget_series(routes: Collection[str], upstreams: Collection[str]) -> None:
+    """After a reload: drop every series whose `route` label is not in `routes` (the
+    no-route series "" stays) or whose `upstream` label is not in `upstreams`. Requests
+    of removed routes still running count into nothing (unless the route came back);
+    pools of removed upstreams stop counting."""
+    live_routes = set(routes)
+    live_upstreams = set(upstreams)
+
+    def keep_route(route: str) -> bool:
+        return route == NO_ROUTE or route in live_routes
+
+    for family in (REQUESTS, REQUEST_SECONDS):
+        for values, _ in family.children():
+            if not keep_route(values[0]):
+                _gone_routes.add(values[0])
+        family.forget("route", keep_route)
+    _gone_routes.difference_update(live_routes)
+    for request_key in [key for key in _REQUEST_SERIES if not keep_route(key[0])]:
+        del _REQUEST_SERIES[request_key]
+    for family in (UPSTREAM_REQUESTS, UPSTREAM_SECONDS):
+        family.forget("upstream", live_upstreams.__contains__)
+    for key, series in list(_UPSTREAM_SERIES.items()):
+        if key[0] not in live_upstreams:
+            series.dead = True
+            del _UPSTREAM_SERIES[key]

@@ -10,14 +10,41 @@ Prometheus families when scraped.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+Child = TypeVar("Child")
 
-class LocalCounter(Collector):
+
+class _LocalFamily(Collector, Generic[Child]):
+    """What both families share: children by label values, and forgetting some."""
+
+    name: str
+    labelnames: tuple[str, ...]
+    _children: dict[tuple[str, ...], Child]
+
+    def children(self) -> list[tuple[tuple[str, ...], Child]]:
+        """A copy of (label values, child) pairs: safe to iterate while the loop counts."""
+        return list(self._children.items())
+
+    def forget(self, label: str, keep: Callable[[str], bool]) -> int:
+        """Drop every child whose `label` value `keep` refuses; the number dropped. A
+        caller holding a dropped child counts into nothing from then on (see
+        `metrics.definitions.forget_series`)."""
+        if label not in self.labelnames:
+            return 0
+        index = self.labelnames.index(label)
+        gone = [values for values in self._children if not keep(values[index])]
+        for values in gone:
+            del self._children[values]
+        return len(gone)
+
+
+class LocalCounter(_LocalFamily["LocalCounterChild"]):
     """A counter family; `labels(...)` gives a child whose `inc` is one addition."""
 
     def __init__(
@@ -26,7 +53,7 @@ class LocalCounter(Collector):
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
-        self._children: dict[tuple[str, ...], LocalCounterChild] = {}
+        self._children = {}
         registry.register(self)
 
     def labels(self, *values: str) -> LocalCounterChild:
@@ -37,9 +64,12 @@ class LocalCounter(Collector):
 
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        for values, child in self._children.items():
+        for values, child in self.children():
             family.add_metric(list(values), child.value)
         yield family
+
+    def describe(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
 
 class LocalCounterChild:
@@ -54,7 +84,7 @@ class LocalCounterChild:
         self.value += amount
 
 
-class LocalHistogram(Collector):
+class LocalHistogram(_LocalFamily["LocalHistogramChild"]):
     """A histogram family; a child's `observe` is a bisect and two additions."""
 
     def __init__(
@@ -69,7 +99,7 @@ class LocalHistogram(Collector):
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
         self.buckets = tuple(sorted(buckets))
-        self._children: dict[tuple[str, ...], LocalHistogramChild] = {}
+        self._children = {}
         registry.register(self)
 
     def labels(self, *values: str) -> LocalHistogramChild:
@@ -81,13 +111,16 @@ class LocalHistogram(Collector):
     def collect(self) -> Iterator[Metric]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
         bounds = [*(repr(float(b)) for b in self.buckets), "+Inf"]
-        for values, child in self._children.items():
+        for values, child in self.children():
             cumulative, running = [], 0
             for bound, count in zip(bounds, child.counts, strict=True):
                 running += count
                 cumulative.append((bound, running))
             family.add_metric(list(values), cumulative, child.sum)
         yield family
+
+    def describe(self) -> Iterator[Metric]:
+        yield HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
 
 class LocalHistogramChild:

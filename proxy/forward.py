@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from time import perf_counter
 
+from metrics.definitions import failure_code
 from proxy.config_model import RewriteConfig, WebSocketConfig
 from proxy.errors import BadRequest, ProxyError, UpstreamProtocolError
 from proxy.headers import upstream_h2_headers, upstream_request_head
@@ -205,8 +207,14 @@ class Forwarder:
         head = head[:-2] + extra + b"\r\n"
         max_head = self._max_head_bytes
         settings = self._websocket
-        handshake = await pool.open_dedicated(lambda: UpstreamHandshake(max_head, settings))
-        await handshake.exchange(head, pool.read_timeout)
+        try:
+            handshake = await pool.open_dedicated(lambda: UpstreamHandshake(max_head, settings))
+            sent_at = perf_counter()
+            await handshake.exchange(head, pool.read_timeout)
+        except ProxyError as exc:
+            pool.metrics.failure(failure_code(exc))
+            raise
+        pool.metrics.response(handshake.status, sent_at)
         reason = handshake.reason.decode("latin-1")
         if handshake.status != 101:
             handshake.close()

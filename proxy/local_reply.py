@@ -7,6 +7,7 @@ import uuid
 
 from multidict import CIMultiDict
 
+from metrics.definitions import count_local_reply
 from proxy.errors import ProxyError
 from proxy.models import Body, Request, Response
 
@@ -21,7 +22,9 @@ def request_id_of(request: Request | None) -> str:
 
 
 def local_reply(error: ProxyError, request: Request | None) -> Response:
-    """`{"error": reason, "message": ..., "request_id": ...}` with the error's status."""
+    """`{"error": reason, "message": ..., "request_id": ...}` with the error's status
+    (counted in `gatehouse_local_replies_total{reason}`)."""
+    count_local_reply(error.reason)
     request_id = request_id_of(request)
     payload = {"error": error.reason, "message": error.message, "request_id": request_id}
     data = json.dumps(payload).encode()

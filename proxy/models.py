@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
+from time import perf_counter
 from typing import TYPE_CHECKING
 
 from multidict import CIMultiDict
@@ -349,6 +350,7 @@ class Request(_Message):
         "params",
         "path",
         "query",
+        "received_at",
         "request_id",
         "route_name",
         "scheme",
@@ -389,6 +391,7 @@ class Request(_Message):
         # "websocket" when the client asks for a tunnel (HTTP/1.1 Upgrade, or HTTP/2's
         # extended CONNECT, RFC 8441); "" for an ordinary request.
         self.upgrade = upgrade
+        self.received_at = perf_counter()  # the head is complete (request duration metric)
         self.params: dict[str, str] = {}
         self.request_id = ""
         self.route_name = ""

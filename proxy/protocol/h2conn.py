@@ -14,6 +14,7 @@ import h2.connection
 import h2.settings
 from h2.stream import H2Stream, StreamState
 
+from metrics.definitions import count_request
 from proxy.config_model import Http2Config
 from proxy.models import Body, Request, Trailers
 from proxy.protocol.hpack_cache import memoise_hpack
@@ -126,6 +127,7 @@ class H2Exchange:
         "request",
         "reset_when_done",
         "response_started",
+        "status",
         "task",
         "trailers",
         "tunnel",
@@ -145,6 +147,7 @@ class H2Exchange:
         self.task: asyncio.Task[None] | None = None
         self.window_waiter: asyncio.Future[None] | None = None
         self.response_started = False
+        self.status = 0  # of the response begun, until counted (`record_response`)
         # A WebSocket tunnel (RFC 8441): the client's silence is no body timeout.
         self.tunnel = False
         # The tunnel started and still reads the client's DATA (it owns the request body).
@@ -155,6 +158,14 @@ class H2Exchange:
 
     def __repr__(self) -> str:
         return f"<H2Exchange {self.id} started={self.response_started}>"
+
+    def record_response(self) -> None:
+        """Count the request in the metrics, once: when the stream is done, or for a
+        tunnel when its 200 goes out (a tunnel's life is not a request's duration)."""
+        status = self.status
+        if status:
+            self.status = 0
+            count_request(self.request, status)
 
     def tunnel_started(self, body: Body) -> None:
         """A tunnel now reads the client's DATA from `body` until it drops it."""

@@ -64,6 +64,9 @@ class ResponseWriter:
         status = response.status
         head_only = (request is not None and request.method == "HEAD") or status in (204, 304)
         stream.response_started = True
+        stream.status = status
+        if stream.tunnel_reading:
+            stream.record_response()
         if not body.complete:
             if head_only:
                 body.discard()

@@ -14,6 +14,7 @@ import enum
 import logging
 from collections import deque
 
+from metrics.definitions import count_request
 from proxy.connection import ClientConnection, ConnectionPhase, ReadPause
 from proxy.errors import BadRequest, BodyTooLarge, HeadTooLarge, ProxyError, RequestTimeout
 from proxy.local_reply import local_reply
@@ -405,6 +406,8 @@ class Http1Protocol:
         except asyncio.CancelledError:
             body.discard()  # the client went away: the upstream must not wait on us
             raise
+        finally:
+            count_request(request, response.status)  # ended, or broke off after the head
         return True
 
     def _start_response(
@@ -457,8 +460,11 @@ class Http1Protocol:
             log.exception("refusing to send an unsafe response header")
             body.discard()
             conn.write(_UNSAFE_REPLY)
+            count_request(request, 500)
             return _Sent.FAILED
         conn.write(head + data if data else head)
+        if streaming is _Sent.DONE:
+            count_request(request, status)  # streamed bodies are counted by `_write`
         return streaming
 
 

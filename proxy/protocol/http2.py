@@ -421,6 +421,7 @@ class Http2Protocol:
             await stream.wait_half_closed(self._h2, self._conn.loop)  # RFC 8441 section 5
 
     def _stream_done(self, stream: H2Exchange) -> None:
+        stream.record_response()
         if self._streams.get(stream.id) is stream:
             del self._streams[stream.id]
         request = stream.request

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 
+from metrics.definitions import count_request
 from proxy.connection import ClientConnection
 from proxy.models import Request, Response
 from proxy.protocol.h1serialize import UnsafeHeader
@@ -45,6 +46,7 @@ def start_h1_tunnel(
         handshake.close()
         return False
     transport.write(head)
+    count_request(request, response.status)  # a tunnel's request ends at its 101
     client = SocketEnd(transport, is_client=True)
     upstream = SocketEnd(handshake.transport, is_client=False)
     Tunnel(conn.server, request.route_name, handshake.settings, client, upstream)

@@ -12,15 +12,20 @@ from typing import Protocol
 
 from proxy.config_model import EndpointConfig, UpstreamConfig
 from proxy.upstream.h2pool import H2Pool
-from proxy.upstream.pool import UpstreamPool
+from proxy.upstream.pool import PoolOccupancy, UpstreamPool
 from proxy.upstream.tls import client_context, server_hostname
 
 
 class EndpointPool(Protocol):
-    """What every per-endpoint pool offers the runtime (sweeper and shutdown)."""
+    """What every per-endpoint pool offers the runtime (sweeper, shutdown, metrics)."""
 
     @property
     def endpoint(self) -> EndpointConfig: ...
+
+    @property
+    def label(self) -> str: ...
+
+    def occupancy(self) -> PoolOccupancy: ...
 
     def expire(self, now: float) -> None: ...
 
@@ -49,6 +54,7 @@ class Upstream:
                         config.timeouts,
                         tls=context,
                         server_hostname=name,
+                        upstream=self.name,
                     )
                 )
             else:
@@ -61,6 +67,7 @@ class Upstream:
                         max_head_bytes,
                         tls=context,
                         server_hostname=name,
+                        upstream=self.name,
                     )
                 )
         self.all_pools: list[EndpointPool] = [*self.pools, *self.h2_pools]
@@ -95,6 +102,12 @@ class Upstream:
     def pick_h2(self) -> H2Pool:
         """The next endpoint's pool (h2c and h2 upstreams)."""
         return self.h2_pools[self._choose()]
+
+    def endpoint_health(self) -> list[tuple[str, bool]]:
+        """Each endpoint's label and whether it is healthy (`gatehouse_upstream_healthy`,
+        read when metrics are scraped). Every endpoint is, until the resilience work's
+        health checks and ejection give this a state to report."""
+        return [(pool.label, True) for pool in self.all_pools]
 
     def expire(self, now: float) -> None:
         """Sweeper tick for every pool."""

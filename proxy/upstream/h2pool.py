@@ -15,11 +15,13 @@ import logging
 import ssl
 from collections import deque
 
+from metrics.definitions import failure_code, upstream_series
 from proxy.config_model import EndpointConfig, PoolConfig, UpstreamTimeouts
 from proxy.errors import PoolTimeout, ProxyError, UpstreamConnectTimeout
 from proxy.models import Body, RawHeaders, Response
 from proxy.upstream.h2stream import H2ConnState, StreamRefused
 from proxy.upstream.http2 import H2UpstreamConnection
+from proxy.upstream.pool import PoolOccupancy
 from proxy.upstream.tls import ALPN_H2
 from proxy.upstream.transport import open_connection
 
@@ -37,9 +39,12 @@ class H2Pool:
         *,
         tls: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
+        upstream: str | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.label = f"{endpoint.host}:{endpoint.port}"  # Request.endpoint, logs
+        # The upstream's series for this endpoint (None: a pool no upstream owns).
+        self.metrics = upstream_series(upstream, self.label)
         self.limits = pool
         self.read_timeout = timeouts.read
         self._connect_timeout = timeouts.connect
@@ -63,6 +68,13 @@ class H2Pool:
     def size(self) -> int:
         """Open and opening connections."""
         return len(self._connections) + self._connecting
+
+    def occupancy(self) -> PoolOccupancy:
+        """Open connections, those without a stream (idle), and requests waiting for a
+        stream slot (the pool gauges)."""
+        idle = sum(1 for conn in self._connections if not conn.streams)
+        waiting = sum(1 for waiter in self._waiters if not waiter.done())
+        return PoolOccupancy(len(self._connections), idle, waiting)
 
     @property
     def connections(self) -> list[H2UpstreamConnection]:
@@ -140,6 +152,7 @@ class H2Pool:
                 elif waiter in self._waiters:
                     self._waiters.remove(waiter)
                 if isinstance(exc, TimeoutError):
+                    self.metrics.failure("pool_timeout")
                     raise PoolTimeout(
                         f"no HTTP/2 stream to {self.endpoint.host}:{self.endpoint.port} became free"
                     ) from None
@@ -178,6 +191,7 @@ class H2Pool:
                 raise
         except ProxyError as exc:
             self._connecting -= 1
+            self.metrics.failure(failure_code(exc))
             if not self._connections:
                 # Those queued for this connection share its fate (502/504) at once,
                 # rather than each trying again in turn until the wait times out.
@@ -232,6 +246,7 @@ class H2Pool:
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
+                self.metrics.failure(failure_code(error))  # a request this connect failed
                 waiter.set_exception(type(error)(error.message))
 
     # -- sweeper and shutdown --------------------------------------------------------

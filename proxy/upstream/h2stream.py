@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from time import perf_counter
 
 from proxy.errors import UpstreamReset
 from proxy.models import Body, Response, Trailers
@@ -63,6 +64,8 @@ class StreamRefused(UpstreamReset):
     `replay` is the request body consumed from the client so far (None when it was too
     large to keep: the retry is then impossible)."""
 
+    metrics_code = "refused"  # gatehouse_upstream_requests_total{code}
+
     def __init__(self, message: str, replay: bytes | None) -> None:
         super().__init__(message)
         self.replay = replay
@@ -79,6 +82,7 @@ class UpstreamStream:
         "paused",
         "request_done",
         "sender",
+        "sent_at",
         "state",
         "stream_id",
         "trailers",
@@ -95,6 +99,7 @@ class UpstreamStream:
         self.trailers: Trailers | None = None
         self.sender: asyncio.Task[None] | None = None
         self.request_done = False
+        self.sent_at = perf_counter()  # for the metrics; 0.0 once the attempt is counted
         self.deadline = deadline
         self.paused = False  # the response Body is above its high watermark
         self.unacked = 0  # received bytes not yet given back to the stream window

@@ -12,8 +12,10 @@ import asyncio
 import enum
 import logging
 from collections.abc import Callable
+from time import perf_counter
 from typing import TYPE_CHECKING, cast
 
+from metrics.definitions import CLIENT_ABORT, failure_code
 from proxy.errors import ProxyError, UpstreamProtocolError, UpstreamReset, UpstreamTimeout
 from proxy.headers import connection_tokens
 from proxy.models import Body, Response
@@ -58,6 +60,8 @@ class StaleConnection(UpstreamReset):
     The upstream closed an idle connection as we sent on it; the request is retried on
     a fresh connection when it can be replayed."""
 
+    metrics_code = "stale"  # gatehouse_upstream_requests_total{code}
+
 
 class UpstreamConnState(enum.Enum):
     """Lifecycle of an upstream connection (httpcore's HTTPConnectionState)."""
@@ -96,6 +100,7 @@ class Http1UpstreamConnection(asyncio.Protocol):
         self._write_paused = False
         self._sender_waits_on_client = False
         self._awaiting_response = False  # a request was sent and its response not ended
+        self._sent_at = 0.0  # perf_counter when the request went out, until its head came
         self._drain_waiter: asyncio.Future[None] | None = None
 
     def __repr__(self) -> str:
@@ -183,6 +188,7 @@ class Http1UpstreamConnection(asyncio.Protocol):
         self._parser.begin(method.encode("ascii"))
         self._awaiting_response = True
         self.deadline = self._loop.time() + self._read_timeout
+        self._sent_at = perf_counter()
         waiter: asyncio.Future[Response] = self._loop.create_future()
 
         def settle(response: Response | None, error: ProxyError | None) -> None:
@@ -213,6 +219,7 @@ class Http1UpstreamConnection(asyncio.Protocol):
             if self._callback is settle or (pending is not None and pending[1] is settle):
                 self._callback = None
                 self._pending = None
+                self._count_failure(CLIENT_ABORT)
                 self.close()
             raise
 
@@ -229,6 +236,7 @@ class Http1UpstreamConnection(asyncio.Protocol):
         self._parser.begin(method.encode("ascii"))
         self._awaiting_response = True
         self.deadline = self._loop.time() + self._read_timeout
+        self._sent_at = perf_counter()
         self._callback = on_response
         self._request_sent = True
         transport.write(head)
@@ -295,7 +303,15 @@ class Http1UpstreamConnection(asyncio.Protocol):
             return StaleConnection("upstream closed a reused connection")
         return UpstreamReset("upstream closed the connection")
 
+    def _count_failure(self, code: str) -> None:
+        """The attempt under way (if its head has not come) ended without a response."""
+        if self._sent_at:
+            self._sent_at = 0.0
+            self.pool.metrics.failure(code)
+
     def _fail(self, error: ProxyError) -> None:
+        if self._sent_at:
+            self._count_failure(failure_code(error))
         pending = self._pending
         if pending is not None:
             self._pending = None
@@ -322,6 +338,10 @@ class Http1UpstreamConnection(asyncio.Protocol):
         """
         if not self._awaiting_response:
             raise H1Error("response without a request")
+        sent_at = self._sent_at
+        if sent_at:
+            self._sent_at = 0.0
+            self.pool.metrics.response(head.status, sent_at)
         raw = [(name, value) for name, value in head.headers if name.lower() not in _RAW_HOP_BY_HOP]
         if head.connection:
             # RFC 9110 section 7.6.1: fields named in Connection are hop-by-hop too. Most

@@ -29,6 +29,7 @@ import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
 
+from metrics.definitions import CLIENT_ABORT, failure_code
 from proxy.errors import (
     BadRequest,
     ProxyError,
@@ -230,6 +231,8 @@ class H2UpstreamConnection(asyncio.Protocol):
                 continue
             raw.append((name, value))
         stream.deadline = self._loop.time() + self._read_timeout
+        self.pool.metrics.response(status, stream.sent_at)
+        stream.sent_at = 0.0
         sid = stream.stream_id
         body = Body(
             length,
@@ -395,6 +398,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         except asyncio.CancelledError:
             # The client went away: this stream only, never the connection.
             if stream.state is not H2StreamState.DONE:
+                self._count_failure(stream, CLIENT_ABORT)
                 self._reset(stream, ErrorCodes.CANCEL)
                 self._flush()
             elif waiter.done() and not waiter.cancelled() and waiter.exception() is None:
@@ -510,6 +514,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         stream.state = H2StreamState.DONE
         waiter = stream.head_waiter
         if error is not None:
+            self._count_failure(stream, failure_code(error))
             if not waiter.done():
                 waiter.set_exception(error)
             body = stream.body
@@ -527,6 +532,12 @@ class H2UpstreamConnection(asyncio.Protocol):
         if self.state is not H2ConnState.CLOSED:
             self.pool.on_stream_closed(self)
             self._close_if_drained()
+
+    def _count_failure(self, stream: UpstreamStream, code: str) -> None:
+        """The stream ended before its response head (once: `sent_at` is then 0)."""
+        if stream.sent_at:
+            stream.sent_at = 0.0
+            self.pool.metrics.failure(code)
 
     def _close_if_drained(self) -> None:
         if self.state is H2ConnState.DRAINING and not self.streams:

@@ -13,16 +13,25 @@ import logging
 import ssl
 from collections import deque
 from collections.abc import Callable
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
+from metrics.definitions import failure_code, upstream_series
 from proxy.config_model import EndpointConfig, PoolConfig, UpstreamTimeouts
-from proxy.errors import PoolTimeout, UpstreamReset
+from proxy.errors import PoolTimeout, ProxyError, UpstreamReset
 from proxy.upstream.http1 import Http1UpstreamConnection, UpstreamConnState
 from proxy.upstream.transport import open_connection
 
 log = logging.getLogger(__name__)
 
 P = TypeVar("P", bound=asyncio.Protocol)
+
+
+class PoolOccupancy(NamedTuple):
+    """What a pool holds now (the pool gauges, read when metrics are scraped)."""
+
+    open: int  # connections established (idle or busy)
+    idle: int  # of those, idle: ready for a request
+    waiting: int  # requests waiting for a connection to become free
 
 
 class UpstreamPool:
@@ -38,9 +47,12 @@ class UpstreamPool:
         *,
         tls: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
+        upstream: str | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.label = f"{endpoint.host}:{endpoint.port}"  # Request.endpoint, logs
+        # The upstream's series for this endpoint (None: a pool no upstream owns).
+        self.metrics = upstream_series(upstream, self.label)
         self._tls = tls  # https:// endpoints: HTTP/1.1 over TLS
         self._server_hostname = server_hostname
         self.limits = pool
@@ -66,6 +78,11 @@ class UpstreamPool:
     def size(self) -> int:
         """Open and opening connections."""
         return len(self._connections) + self._connecting
+
+    def occupancy(self) -> PoolOccupancy:
+        """Open and idle connections, and requests waiting for one (the pool gauges)."""
+        waiting = sum(1 for waiter in self._waiters if not waiter.done())
+        return PoolOccupancy(len(self._connections), len(self._idle), waiting)
 
     async def acquire(self, *, fresh: bool = False) -> Http1UpstreamConnection:
         """A connection ready for one exchange: idle (newest first) or new.
@@ -95,6 +112,7 @@ class UpstreamPool:
                     # left): pass it on, or its slot would be lost for good.
                     self.release(conn)
                 if isinstance(exc, TimeoutError):
+                    self.metrics.failure("pool_timeout")
                     raise PoolTimeout(
                         f"no connection to {self.endpoint.host}:{self.endpoint.port} became free"
                     ) from None
@@ -129,14 +147,17 @@ class UpstreamPool:
                 tls=self._tls,
                 server_hostname=self._server_hostname,
             )
-        except BaseException:
+        except BaseException as exc:
             self._connecting -= 1
             self._wake_one(None)
+            if isinstance(exc, ProxyError):
+                self.metrics.failure(failure_code(exc))
             raise
         self._connecting -= 1
         if conn.state is not UpstreamConnState.ACTIVE:
             # The upstream closed it before we resumed (connection_lost ran already).
             self._wake_one(None)
+            self.metrics.failure("reset")
             raise UpstreamReset(f"{endpoint.host}:{endpoint.port} closed the new connection")
         self._connections.add(conn)
         return conn
