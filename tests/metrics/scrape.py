@@ -1,0 +1,55 @@
+"""Reading the worker registry in tests: single samples, the change a test caused, and
+the text a scrape would return."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from metrics.definitions import REGISTRY
+
+
+def metric(name: str, **labels: str) -> float:
+    """One sample of the process-wide registry (0 when the series does not exist)."""
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def series(name: str) -> list[dict[str, str]]:
+    """The label sets of every sample called `name`, parsed from the exposition text
+    (what a scrape sees, not the registry's objects)."""
+    text = generate_latest(REGISTRY).decode()
+    return [
+        dict(sample.labels)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    ]
+
+
+class Counts:
+    """Samples read now, to compare with later: `counts.delta(name, **labels)`."""
+
+    def __init__(self) -> None:
+        self._before: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        for family in REGISTRY.collect():
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                self._before[key] = sample.value
+
+    def delta(self, name: str, **labels: str) -> float:
+        """How much the sample moved since this snapshot."""
+        before = self._before.get((name, tuple(sorted(labels.items()))), 0.0)
+        return metric(name, **labels) - before
+
+
+async def eventually(what: str, predicate: Callable[[], bool], within_s: float = 5.0) -> None:
+    """Poll `predicate` (gauges the gateway updates with no event to wait on)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within_s
+    while not predicate():
+        if loop.time() >= deadline:
+            raise AssertionError(f"not within {within_s}s: {what}")
+        await asyncio.sleep(0.01)
