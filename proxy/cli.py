@@ -23,6 +23,7 @@ from dataclasses import replace
 
 from middleware.rate_limit_local import SHARED_DIR_ENV
 from proxy.config import ConfigError, load_config, parse_config
+from proxy.cpus import usable_cpus
 
 log = logging.getLogger("proxy")
 
@@ -35,7 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="serve a routes.yaml")
     run.add_argument("config", help="path to routes.yaml")
     run.add_argument(
-        "--workers", type=int, help="worker processes (default: from the file, else one per core)"
+        "--workers",
+        type=int,
+        help="worker processes (default: from the file, else one per usable CPU)",
     )
     run.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -95,7 +98,7 @@ def _run(args: argparse.Namespace) -> int:
         for line in exc.errors:
             log.error("%s", line)
         return EXIT_CONFIG
-    workers = args.workers if args.workers is not None else config.workers or os.cpu_count() or 1
+    workers = args.workers if args.workers is not None else config.workers or usable_cpus()
     if workers < 1:
         log.error("--workers must be at least 1")
         return EXIT_USAGE
