@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 
@@ -18,7 +19,9 @@ import h11
 log = logging.getLogger(__name__)
 
 
-async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _serve(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, name: str = "echo"
+) -> None:
     conn = h11.Connection(h11.SERVER)
     try:
         while True:
@@ -38,7 +41,7 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                     return  # ConnectionClosed or PAUSED: done with this client
             assert request is not None
             payload = {
-                "service": "echo",
+                "service": name,
                 "method": request.method.decode(),
                 "target": request.target.decode("latin-1"),
                 "headers": {k.decode(): v.decode("latin-1") for k, v in request.headers},
@@ -59,23 +62,24 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
         writer.close()
 
 
-async def serve(host: str, port: int) -> None:
-    """Serve until cancelled."""
-    server = await asyncio.start_server(_serve, host, port)
-    log.info("echo service on http://%s:%d", host, port)
+async def serve(host: str, port: int, name: str = "echo") -> None:
+    """Serve until cancelled; answers say they come from `name`."""
+    server = await asyncio.start_server(functools.partial(_serve, name=name), host, port)
+    log.info("%s service on http://%s:%d", name, host, port)
     async with server:
         await server.serve_forever()
 
 
 def main() -> None:
-    """`python -m proxy.echo [--host H] [--port P]`."""
+    """`python -m proxy.echo [--host H] [--port P] [--name N]`."""
     parser = argparse.ArgumentParser(description="Gatehouse demo echo service")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--name", default="echo", help='the "service" its answers name')
     args = parser.parse_args()
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(message)s")
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(args.host, args.port))
+        asyncio.run(serve(args.host, args.port, args.name))
 
 
 if __name__ == "__main__":
