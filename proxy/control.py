@@ -54,9 +54,17 @@ async def read_message(reader: asyncio.StreamReader) -> Message:
 
 
 def write_message(writer: asyncio.StreamWriter, message: Message) -> None:
-    """Queue `message` on `writer` (the caller drains when it cares)."""
+    """Queue `message` on `writer` (the caller drains when it cares).
+
+    Raises:
+        TypeError, ValueError: `message` is not JSON-able.
+    """
+    writer.write(_frame(message))
+
+
+def _frame(message: Message) -> bytes:
     body = json.dumps(message, separators=(",", ":")).encode()
-    writer.write(_LENGTH.pack(len(body)) + body)
+    return _LENGTH.pack(len(body)) + body
 
 
 async def open_channel(sock: socket.socket) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -148,9 +156,11 @@ async def serve_requests(
         while True:
             request = await read_message(reader)
             try:
-                reply = await handle(request)
+                # Encoded here: a reply that is not JSON is the handler's bug too.
+                reply = _frame({"id": request.get("id"), **await handle(request)})
             except Exception as exc:
                 log.exception("bug while answering the parent's %r", request.get("op"))
-                reply = {"ok": False, "errors": [f"internal error: {exc!r}"]}
-            write_message(writer, {"id": request.get("id"), **reply})
+                error = {"ok": False, "errors": [f"internal error: {exc!r}"]}
+                reply = _frame({"id": request.get("id"), **error})
+            writer.write(reply)
             await writer.drain()
