@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
@@ -69,6 +69,15 @@ class Admin:
         self.app = app
         self.address = server.address
         self.url = "http://{}:{}".format(*server.address)
+
+
+@pytest.fixture(autouse=True)
+def nothing_logged_as_a_problem(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """No test here makes the listener log a bug (or asyncio an error): a client's garbage,
+    silence or going away is routine."""
+    yield
+    records = caplog.get_records("setup") + caplog.get_records("call")
+    assert [r.getMessage() for r in records if r.levelno >= logging.WARNING] == []
 
 
 @pytest.fixture

@@ -367,6 +367,18 @@ def test_redact_reaches_into_nested_lists_and_mappings() -> None:
     }
 
 
+def test_redact_hides_only_the_password_of_a_urls_userinfo() -> None:
+    urls = {
+        "redis://u:pw@h:6379/0?x=1": f"redis://u:{REDACTED}@h:6379/0?x=1",
+        "redis://:p%40ss@h": f"redis://:{REDACTED}@h",
+        "redis://only-a-user@h/0": "redis://only-a-user@h/0",
+        "https://h/path/a:b@c?d=e:f@g#h:i@j": "https://h/path/a:b@c?d=e:f@g#h:i@j",
+        "http://h:8080": "http://h:8080",
+        "not a url: a:b@c://": "not a url: a:b@c://",
+    }
+    assert redact(list(urls)) == list(urls.values())
+
+
 def test_redact_leaves_its_input_alone() -> None:
     value = {"secret": "s", "list": [{"password": "p"}]}
     before = json.dumps(value)
