@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import TYPE_CHECKING, Protocol, cast
 
 from proxy.config_model import Http2Config, LimitsConfig, ListenerConfig
@@ -83,6 +83,8 @@ class FrontEnd(Protocol):
     def on_timeout(self, phase: ConnectionPhase) -> None: ...
 
     def on_drain_request(self) -> None: ...
+
+    def on_routes_removed(self, routes: Container[str]) -> None: ...
 
 
 class ClientConnection(asyncio.Protocol):
@@ -292,6 +294,12 @@ class ClientConnection(asyncio.Protocol):
             return
         assert self.front_end is not None
         self.front_end.on_timeout(phase)
+
+    def routes_removed(self, routes: Container[str]) -> None:
+        """A reload removed `routes` and their grace period is over: exchanges still
+        serving them end."""
+        if self.front_end is not None:
+            self.front_end.on_routes_removed(routes)
 
     def begin_drain(self) -> None:
         """The server is shutting down: finish what runs, then close."""

@@ -240,6 +240,10 @@ class Server:
         except (OSError, ssl.SSLError) as exc:
             log.error("reload: certificates not reloaded, the old ones stay: %s", exc)
         self._drain_tunnels_of_removed_routes()
+        removed = old.routes.keys() - self.runtime.routes.keys()
+        if removed:
+            loop = asyncio.get_running_loop()
+            loop.call_later(config.grace_period, self._end_exchanges_of, removed)
         self._retire(old)
         # The series of routes and upstreams that are gone disappear from /metrics.
         forget_series(self.runtime.routes, self.runtime.upstreams)
@@ -269,6 +273,14 @@ class Server:
             route = routes.get(tunnel.route)
             if route is None or not route.websocket.enabled:
                 tunnel.drain_by(deadline)
+
+    def _end_exchanges_of(self, removed: set[str]) -> None:
+        """The grace period after a reload is over: exchanges still serving a route it
+        removed (a long download, SSE, a gRPC stream) end; h2 resets the stream, h1
+        closes the connection. A route a later reload brought back is spared."""
+        gone = removed - self.runtime.routes.keys()
+        for conn in list(self.connections) if gone else ():
+            conn.routes_removed(gone)
 
     def _retire(self, old: Runtime) -> None:
         """Close what the old Runtime held and the new one does not. Its exchanges still

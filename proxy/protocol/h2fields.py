@@ -135,6 +135,32 @@ def request_fields(fields: list[tuple[bytes, bytes]], max_list_bytes: int) -> Re
 _FORBIDDEN_TRAILERS = CONNECTION_SPECIFIC | {b"content-length", b"host", b"te", b"trailer"}
 
 
+# Distinct request field lists validated once per connection (see `FieldsMemo`).
+MAX_MEMOISED_FIELD_LISTS = 32
+
+
+class FieldsMemo:
+    """`request_fields`, memoised per connection: clients repeat the same field list
+    (the HPACK memo hands back the same tuples), and validating it again costs more than
+    a dictionary lookup. Only valid lists are kept, a bounded number of them."""
+
+    __slots__ = ("_limit", "_memo")
+
+    def __init__(self, max_list_bytes: int) -> None:
+        self._limit = max_list_bytes
+        self._memo: dict[tuple[tuple[bytes, bytes], ...], RequestFields] = {}
+
+    def __call__(self, headers: list[tuple[bytes, bytes]]) -> RequestFields:
+        """Raises what `request_fields` raises."""
+        key = tuple(headers)
+        fields = self._memo.get(key)
+        if fields is None:
+            fields = request_fields(headers, self._limit)
+            if len(self._memo) < MAX_MEMOISED_FIELD_LISTS:
+                self._memo[key] = fields
+        return fields
+
+
 def request_trailers(fields: list[tuple[bytes, bytes]]) -> Trailers:
     """Validate a request's trailer section (RFC 9113 section 8.1: no pseudo-headers; the
     same name and value rules as the header section) and decode it for the model.

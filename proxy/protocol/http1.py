@@ -13,6 +13,7 @@ import asyncio
 import enum
 import logging
 from collections import deque
+from collections.abc import Container
 
 from metrics.definitions import count_request
 from proxy.connection import ClientConnection, ConnectionPhase, ReadPause
@@ -51,6 +52,7 @@ class Http1Protocol:
         "_queue",
         "_receiving",
         "_server",
+        "_serving",
         "_task",
         "_tunnel_rest",
     )
@@ -65,6 +67,7 @@ class Http1Protocol:
         self._receiving: Body | None = None  # the body the parser is filling
         self._task: asyncio.Task[None] | None = None
         self._inflight: Request | None = None  # a fast-path exchange awaiting its response
+        self._serving: Request | None = None  # the exchange the task is answering
         self._closing = False  # answer what is queued, then close
         self._broken = False  # the byte stream is unusable: parse nothing more
         self._tunnel_rest = b""  # what the client sent after a WebSocket upgrade's head
@@ -216,6 +219,13 @@ class Http1Protocol:
             else:
                 self._conn.close()
 
+    def on_routes_removed(self, routes: Container[str]) -> None:
+        """A reload removed `routes` and their grace period is over: an exchange still
+        serving one is cut (HTTP/1.1 cannot end an exchange without its connection)."""
+        request = self._serving or self._inflight
+        if request is not None and request.route_name in routes:
+            self._conn.abort()
+
     def on_drain_request(self) -> None:
         """Shutdown: close now if idle, else after the response in flight."""
         self._closing = True
@@ -282,6 +292,7 @@ class Http1Protocol:
                 self._idle_or_next()
             return
         # A body still streaming needs a task to wait on it.
+        self._serving = request
         self._task = conn.loop.create_task(self._finish_streaming(request, response))
 
     async def _finish_streaming(self, request: Request, response: Response) -> None:
@@ -290,7 +301,7 @@ class Http1Protocol:
                 self._conn.abort()
                 return
         finally:
-            self._task = None
+            self._task = self._serving = None
         if not self._keep_alive(request):
             self._close(request)
         else:
@@ -343,6 +354,7 @@ class Http1Protocol:
                     return
                 if conn.phase is not ConnectionPhase.BODY:
                     conn.set_phase(ConnectionPhase.BUSY)
+                self._serving = item
                 response = await self._server.handle(item)
                 if response.upgrade is not None:
                     # The upstream said 101: the socket becomes a tunnel (or, with the
@@ -353,6 +365,7 @@ class Http1Protocol:
                 if not await self._write(item, response, keep_alive=keep_alive):
                     conn.abort()
                     return
+                self._serving = None
                 if not keep_alive or not item.keep_alive:
                     self._close(item)
                     return
@@ -366,7 +379,7 @@ class Http1Protocol:
             conn.abort()
             return
         finally:
-            self._task = None
+            self._task = self._serving = None
         self._idle_or_next()
 
     def _send_continue(self) -> None:

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Container
 
 import h2.events
 import h2.exceptions
@@ -30,21 +30,13 @@ from proxy.errors import BadRequest, BodyTooLarge, ProxyError, RequestTimeout
 from proxy.local_reply import local_reply
 from proxy.models import Body, Request, Response
 from proxy.protocol.h2conn import H2Exchange, hard_header_cap, server_connection
-from proxy.protocol.h2fields import (
-    MalformedRequest,
-    RequestFields,
-    request_fields,
-    request_trailers,
-)
+from proxy.protocol.h2fields import FieldsMemo, MalformedRequest, request_trailers
 from proxy.protocol.h2limits import RateWindow
 from proxy.protocol.h2send import ResponseWriter
 from proxy.protocol.upgrade import start_h2_tunnel
 from proxy.upstream.http1 import StaleConnection
 
 log = logging.getLogger(__name__)
-
-# Distinct request field lists validated once per connection (see `_request_fields`).
-MAX_MEMOISED_FIELD_LISTS = 32
 
 
 class Http2Protocol:
@@ -60,8 +52,7 @@ class Http2Protocol:
         self._writer = ResponseWriter(self._h2, conn, self._streams, self._update_phase)
         self._resets = RateWindow(settings.max_resets_per_second, conn.loop.time)
         self._control = RateWindow(settings.max_control_frames_per_second, conn.loop.time)
-        self._header_limit = settings.max_header_list_size
-        self._fields_memo: dict[tuple[tuple[bytes, bytes], ...], RequestFields] = {}
+        self._request_fields = FieldsMemo(settings.max_header_list_size)
         self._hard_header_cap = hard_header_cap(settings)
         self._closing = False  # GOAWAY sent or received: no new streams
         self._dead = False  # terminated: nothing more is read or sent
@@ -201,18 +192,6 @@ class Http2Protocol:
             return  # answered from the upstream connection's callback: no task
         self._start_task(stream, request, None)
 
-    def _request_fields(self, headers: list[tuple[bytes, bytes]]) -> RequestFields:
-        """`request_fields`, memoised per connection: clients repeat the same field list
-        (the HPACK memo hands back the same tuples), and validating it again costs more
-        than a dictionary lookup. Only valid lists are kept, a bounded number of them."""
-        key = tuple(headers)
-        fields = self._fields_memo.get(key)
-        if fields is None:
-            fields = request_fields(headers, self._header_limit)
-            if len(self._fields_memo) < MAX_MEMOISED_FIELD_LISTS:
-                self._fields_memo[key] = fields
-        return fields
-
     def _on_data(self, event: h2.events.DataReceived) -> None:
         stream = self._streams.get(event.stream_id)
         data = event.data or b""
@@ -278,14 +257,27 @@ class Http2Protocol:
         if self._resets.exceeded():
             self._calm_down(Http2Limit.RAPID_RESET)
             return
-        stream = self._streams.pop(event.stream_id, None)
+        self._drop(event.stream_id, "client reset the stream")
+
+    def _drop(self, stream_id: int, why: str) -> None:
+        """Stop serving a stream that was reset (by the client, or by us)."""
+        stream = self._streams.pop(stream_id, None)
         if stream is None:
             return
         if stream.body is not None:
-            stream.body.fail(BadRequest("client reset the stream"))
+            stream.body.fail(BadRequest(why))
             stream.body = None
         stream.cancel()
         self._wake(stream)
+
+    def on_routes_removed(self, routes: Container[str]) -> None:
+        """A reload removed `routes` and their grace period is over: streams still
+        serving one are reset with CANCEL (WebSocket tunnels end on their own)."""
+        for stream in list(self._streams.values()):
+            request = stream.request
+            if request is not None and request.route_name in routes and not stream.tunnel:
+                self._writer.reset(stream.id, ErrorCodes.CANCEL)
+                self._drop(stream.id, "its route was removed by a reload")
 
     def _on_window_update(self, event: h2.events.WindowUpdated) -> None:
         if event.stream_id:

@@ -7,6 +7,8 @@ the HTTP/2 connection preface. On TLS the client said which it speaks in ALPN.
 
 from __future__ import annotations
 
+from collections.abc import Container
+
 from proxy.connection import ClientConnection, ConnectionPhase, FrontEnd
 from proxy.protocol.h2conn import PREFACE
 from proxy.protocol.http1 import Http1Protocol
@@ -56,6 +58,9 @@ class PrefaceSniffer:
     def on_drain_request(self) -> None:
         """Shutdown before the first bytes: close."""
         self._conn.close()
+
+    def on_routes_removed(self, routes: Container[str]) -> None:
+        """No exchange yet: nothing to end."""
 
 
 def plaintext_front_end(conn: ClientConnection) -> FrontEnd:

@@ -141,7 +141,7 @@ async def test_an_exchange_running_across_a_reload_finishes_on_its_route(
     server = await started(config_text(upstream, routes=slow))
     try:
         async with httpx.AsyncClient(base_url=base_url(server)) as client:
-            running = asyncio.create_task(client.get("/slow/400"))
+            running = asyncio.create_task(client.get("/slow/250"))  # done before the cut
             await asyncio.sleep(0.1)
             await reload(server, config_text(upstream))  # the slow route is gone
             assert (await client.get("/slow/1")).status_code == 404
@@ -229,5 +229,46 @@ routes:
         async with httpx.AsyncClient(verify=old_trust) as client:
             with pytest.raises(httpx.ConnectError):
                 await client.get(url)
+    finally:
+        await server.shutdown(grace_period=1.0)
+
+
+SLOW_ROUTE = "  - name: slow\n    match: {path_prefix: /slow/}\n    upstream: app\n"
+
+
+async def test_an_exchange_on_a_removed_route_still_running_after_the_grace_period_is_cut_h1(
+    upstream: UpstreamServer,
+) -> None:
+    server = await started(config_text(upstream, routes=SLOW_ROUTE))
+    try:
+        async with httpx.AsyncClient(base_url=base_url(server), timeout=10) as client:
+            waiting = asyncio.create_task(client.get("/slow/3000"))  # answered in 3 s
+            await asyncio.sleep(0.2)
+            started_at = asyncio.get_running_loop().time()
+            await reload(server, config_text(upstream))  # the slow route is gone
+            with pytest.raises(httpx.TransportError):
+                await waiting
+            elapsed = asyncio.get_running_loop().time() - started_at
+            assert 0.25 < elapsed < 2.0  # cut at the 300 ms grace period, not at 3 s
+    finally:
+        await server.shutdown(grace_period=1.0)
+
+
+async def test_an_exchange_on_a_removed_route_still_running_after_the_grace_period_is_reset_h2(
+    upstream: UpstreamServer,
+) -> None:
+    server = await started(config_text(upstream, routes=SLOW_ROUTE + _route("kept")))
+    try:
+        async with httpx.AsyncClient(
+            base_url=base_url(server), http1=False, http2=True, timeout=10
+        ) as client:
+            doomed = asyncio.create_task(client.get("/slow/3000"))
+            await asyncio.sleep(0.2)
+            await reload(server, config_text(upstream, routes=_route("kept")))
+            with pytest.raises(httpx.RemoteProtocolError):
+                await doomed  # its stream is reset at the end of the grace period
+            # The connection it rode on serves on.
+            assert (await client.get("/kept/x")).status_code == 200
+            assert len(server.connections) == 1
     finally:
         await server.shutdown(grace_period=1.0)

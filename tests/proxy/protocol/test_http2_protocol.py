@@ -353,5 +353,5 @@ async def test_a_repeated_field_list_is_validated_once_and_each_request_owns_its
     first, second = server.requests
     assert first.raw_headers == second.raw_headers
     assert first.raw_headers is not second.raw_headers
-    assert len(protocol._fields_memo) == 1
+    assert len(protocol._request_fields._memo) == 1
     assert peer.responses[5].reset == peer.responses[7].reset == ErrorCodes.PROTOCOL_ERROR
