@@ -91,7 +91,11 @@ class AdminServer:
                 request = await self._next_request(conn, reader)
                 if request is None:
                     break
-                status, headers, body = await self._answer(request)
+                try:
+                    status, headers, body = await self._answer(request)
+                except Exception:
+                    log.exception("bug in the admin listener answering %r", request.target)
+                    status, headers, body = _json(500, {"error": "internal_error"})
                 headers.append(("content-length", str(len(body))))
                 reason = HTTPStatus(status).phrase.encode()
                 head = h11.Response(status_code=status, headers=headers, reason=reason)
@@ -103,7 +107,17 @@ class AdminServer:
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                     break
                 conn.start_next_cycle()
-        except (h11.RemoteProtocolError, TimeoutError, ConnectionError):
+        except h11.RemoteProtocolError as exc:
+            # A request h11 cannot read gets a 400 (and the connection closes), as on the
+            # traffic listeners, rather than a silent drop.
+            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                status, headers, body = _json(exc.error_status_hint, {"error": "bad_request"})
+                headers.append(("content-length", str(len(body))))
+                with contextlib.suppress(h11.LocalProtocolError, ConnectionError):
+                    writer.write(conn.send(h11.Response(status_code=status, headers=headers)))
+                    writer.write(conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
+                    await writer.drain()
+        except (TimeoutError, ConnectionError):
             pass
         except asyncio.CancelledError:
             # close() ending the connection is this task's normal end: left cancelled, it

@@ -291,7 +291,8 @@ async def test_a_malformed_request_closes_that_connection_only(
     async with await RawClient.connect(running.address) as raw:
         await raw.send(garbage)
         data = await raw.read_until_closed()
-    assert b"200" not in data
+    assert data.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 431 ")), data
+    assert b'"error": "bad_request"' in data
     response = await client.get("/healthz")
     assert (response.status_code, response.text) == (200, "ok\n")
 
@@ -373,6 +374,21 @@ async def test_close_ends_a_request_the_app_is_still_answering(
             assert await raw.closed(wait_s=2.0)
             await asyncio.sleep(0.05)
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+async def test_an_app_that_fails_is_a_500_and_the_listener_serves_on(
+    running: Admin, client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken() -> list[Metric]:
+        raise ValueError("a snapshot that does not merge")
+
+    running.app.metrics = broken  # type: ignore[method-assign]
+    response = await client.get("/metrics")
+    assert response.status_code == 500
+    assert response.json() == {"error": "internal_error"}
+    assert (await client.get("/healthz")).status_code == 200
+    assert "bug in the admin listener" in caplog.text
+    caplog.clear()  # the one problem this test provokes
 
 
 async def test_start_on_a_taken_address_raises_oserror(running: Admin) -> None:
