@@ -53,12 +53,12 @@ class WsUpstream:
         """http://127.0.0.1:PORT, for a routes.yaml endpoint."""
         return f"http://127.0.0.1:{self.port}"
 
-    async def start(self) -> WsUpstream:
-        """Listen on a free port."""
+    async def start(self, port: int = 0) -> WsUpstream:
+        """Listen on `port` (a free one by default)."""
         self.server = await serve(
             self._handle,
             "127.0.0.1",
-            0,
+            port,
             process_request=self._process_request,
             max_size=None,
             compression=None,

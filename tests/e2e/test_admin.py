@@ -12,8 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from tests.admin_client import Samples, admin_config, scrape, value, wait_ready
 from tests.gateway_process import child_pids, free_port, run_gateway, wait_until
 from tests.upstream import UpstreamServer, serve_in_thread
 
@@ -28,43 +28,16 @@ def upstream() -> Iterator[UpstreamServer]:
         yield server
 
 
-def config_text(port: int, admin: int, upstream_url: str) -> str:
-    return f"""
-listeners:
-  - bind: 127.0.0.1:{port}
-    name: public
-admin:
-  bind: 127.0.0.1:{admin}
-workers: 2
-reload: {{watch: false}}
-shutdown: {{grace_period: 2s}}
-upstreams:
-  app:
-    endpoints: [{upstream_url}]
-routes:
+API_ROUTE = """
   - name: api
-    match: {{path_prefix: /api/}}
+    match: {path_prefix: /api/}
     upstream: app
-    rewrite: {{strip_prefix: /api, add_prefix: /echo}}
+    rewrite: {strip_prefix: /api, add_prefix: /echo}
 """
 
 
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def scrape(admin: int) -> Samples:
-    """Every sample of /metrics, by name and labels."""
-    response = httpx.get(f"http://127.0.0.1:{admin}/metrics", timeout=CLIENT_TIMEOUT_S)
-    assert response.status_code == 200
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(response.text)
-        for sample in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
+def config_text(port: int, admin: int, upstream_url: str) -> str:
+    return admin_config(port, admin, upstream_url, API_ROUTE)
 
 
 def requests_total(samples: Samples, route: str) -> float:
@@ -73,17 +46,6 @@ def requests_total(samples: Samples, route: str) -> float:
         for (name, labels), count in samples.items()
         if name == "gatehouse_requests_total" and ("route", route) in labels
     )
-
-
-def wait_ready(admin: int, workers: int = 2) -> None:
-    def ready() -> bool:
-        try:
-            answer = httpx.get(f"http://127.0.0.1:{admin}/readyz", timeout=CLIENT_TIMEOUT_S)
-        except httpx.TransportError:
-            return False
-        return answer.status_code == 200 and f"{workers} of {workers}" in answer.text
-
-    wait_until(ready, 10.0, "the workers to be ready")
 
 
 def send_fresh(url: str, count: int) -> None:

@@ -21,6 +21,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
+from tests.admin_client import admin_config, admin_get, admin_reload, metric, wait_ready
 from tests.gateway_process import (
     REPO_ROOT,
     child_pids,
@@ -44,31 +45,20 @@ def upstream() -> Iterator[UpstreamServer]:
         yield server
 
 
+STABLE_ROUTE = """
+  - name: stable
+    match: {path_prefix: /stable}
+    upstream: app
+    rewrite: {strip_prefix: /stable, add_prefix: /echo}
+"""
+
+
 def config_text(
     port: int, admin: int, upstream_url: str, *, routes: str = "", extra: str = ""
 ) -> str:
     """Two workers, an admin listener, a `stable` route to `upstream_url` (under /stable,
     rewritten to /echo) and whatever `routes` adds."""
-    return f"""
-listeners:
-  - bind: 127.0.0.1:{port}
-    name: public
-admin:
-  bind: 127.0.0.1:{admin}
-workers: 2
-reload: {{watch: false}}
-shutdown: {{grace_period: 2s}}
-upstreams:
-  app:
-    endpoints: [{upstream_url}]
-routes:
-  - name: stable
-    match: {{path_prefix: /stable}}
-    upstream: app
-    rewrite: {{strip_prefix: /stable, add_prefix: /echo}}
-{routes}
-{extra}
-"""
+    return admin_config(port, admin, upstream_url, STABLE_ROUTE + routes, extra)
 
 
 def numbered_route(number: int) -> str:
@@ -79,36 +69,6 @@ def numbered_route(number: int) -> str:
     upstream: app
     rewrite: {{add_prefix: /echo}}
 """
-
-
-def admin_get(admin: int, path: str) -> httpx.Response:
-    return httpx.get(f"http://127.0.0.1:{admin}{path}", timeout=CLIENT_TIMEOUT_S)
-
-
-def admin_reload(admin: int) -> httpx.Response:
-    return httpx.post(f"http://127.0.0.1:{admin}/reload", timeout=60.0)
-
-
-def metric(admin: int, name: str, **labels: str) -> float:
-    """One sample of the gateway's /metrics (0 when absent)."""
-    wanted = name + (
-        "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else ""
-    )
-    for line in admin_get(admin, "/metrics").text.splitlines():
-        if line.startswith(wanted + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
-def wait_ready(admin: int) -> None:
-    def ready() -> bool:
-        try:
-            response = admin_get(admin, "/readyz")
-        except httpx.TransportError:
-            return False
-        return response.status_code == 200 and "2 of 2" in response.text
-
-    wait_until(ready, 10.0, "both workers ready")
 
 
 class Load:
@@ -367,7 +327,8 @@ def test_a_websocket_opened_before_a_reload_still_echoes_after_it(
                 assert doomed.recv(timeout=5) == "still here"
                 started = time.monotonic()
                 closed = read_until_closed(doomed)
-                assert 1.0 < time.monotonic() - started < 6.0
+                waited = time.monotonic() - started
+                assert 1.0 < waited < 6.0
                 assert closed.rcvd is not None
                 assert closed.rcvd.code == 1001
                 kept.send("later")
