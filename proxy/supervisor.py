@@ -312,7 +312,9 @@ class Supervisor:
         admin = await self._new_admin(config)
         if isinstance(admin, str):
             return False, [admin]
-        errors = await self._switch_workers(config, text, list(self._children.values()))
+        # Workers still starting take part when they are ready (`_catch_up`).
+        workers = [worker for worker in self._children.values() if worker.ready]
+        errors = await self._switch_workers(config, text, workers)
         if errors:
             if admin is not None:
                 await admin.close()
@@ -326,7 +328,7 @@ class Supervisor:
             log.warning("workers: %d -> %d takes a restart", self.workers, config.workers)
         self.config, self.text = config, text
         self._generation += 1
-        for worker in self._children.values():
+        for worker in workers:
             worker.generation = self._generation
         self._loaded_signature = signature
         routes = {route.name for route in config.routes}

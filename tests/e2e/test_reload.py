@@ -6,6 +6,7 @@ API, `gatehouse reload` and a change of the file.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -387,3 +388,23 @@ def test_config_endpoint_shows_the_running_file_with_secrets_redacted(
         assert "s3cret-key" not in json.dumps(view)
         assert view["config"]["routes"][0]["name"] == "stable"
         assert len(view["workers"]) == 2
+
+
+def test_a_reload_while_a_worker_restarts_reaches_the_new_worker_too(
+    tmp_path: Path, upstream: UpstreamServer
+) -> None:
+    port, admin = free_port(), free_port()
+    with run_gateway(config_text(port, admin, upstream.url), tmp_path, port=port) as gw:
+        wait_ready(admin)
+        gw.config_path.write_text(config_text(port, admin, upstream.url, routes=numbered_route(5)))
+        victim = min(child_pids(gw.pid))
+        os.kill(victim, signal.SIGKILL)
+        # The replacement is still starting (forked with the old config, or not yet):
+        # the reload goes ahead with the ready worker and the new one catches up.
+        assert admin_reload(admin).status_code == 200
+        wait_until(lambda: len(child_pids(gw.pid) - {victim}) == 2, 10.0, "a new worker")
+        wait_ready(admin)
+        limits = httpx.Limits(max_keepalive_connections=0)
+        with httpx.Client(timeout=CLIENT_TIMEOUT_S, limits=limits) as fresh:
+            statuses = {fresh.get(f"{gw.url}/v5/{i}").status_code for i in range(30)}
+        assert statuses == {200}  # every worker, the new one too, has the new route
