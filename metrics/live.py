@@ -127,9 +127,14 @@ def _families() -> list[GaugeMetricFamily]:
 
 def _add_connections(server: Server, family: GaugeMetricFamily) -> None:
     counts: dict[tuple[str, str], int] = {}
+    listeners = server.config.listeners
+    by_port = {listener.port: listener.name for listener in listeners if listener.port}
     by_address: dict[tuple[str, int], str] = {}
-    for listener, address in zip(server.config.listeners, server.addresses, strict=False):
-        by_address[(str(address[0]), int(address[1]))] = listener.name
+    if len(server.addresses) == len(listeners):  # in listener order (port 0: as bound)
+        for listener, address in zip(listeners, server.addresses, strict=True):
+            by_address[(str(address[0]), int(address[1]))] = listener.name
+            by_port.setdefault(int(address[1]), listener.name)
+    for listener in listeners:
         for protocol in PROTOCOLS:
             if protocol != "h2" or listener.http2:
                 counts[(listener.name, protocol)] = 0  # present before its first connection
@@ -137,7 +142,6 @@ def _add_connections(server: Server, family: GaugeMetricFamily) -> None:
         protocol = "h2" if isinstance(conn.front_end, Http2Protocol) else "http1"
         key = (conn.listener.name, protocol)
         counts[key] = counts.get(key, 0) + 1
-    by_port = {port: name for (_, port), name in by_address.items()}
     for tunnel in list(server.tunnels):
         transport = getattr(tunnel.client, "transport", None)
         if transport is None:
