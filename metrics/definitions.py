@@ -411,16 +411,28 @@ def upstream_series(upstream: str | None, endpoint: str) -> UpstreamSeries:
     return series
 
 
-def forget_series(routes: Collection[str], upstreams: Collection[str]) -> None:
+def forget_series(
+    routes: Collection[str],
+    upstreams: Collection[str],
+    endpoints: Collection[tuple[str, str]] | None = None,
+) -> None:
     """After a reload: drop every series whose `route` label is not in `routes` (the
-    no-route series "" stays) or whose `upstream` label is not in `upstreams`. Requests
-    of removed routes still running count into nothing (unless the route came back);
-    pools of removed upstreams stop counting."""
+    no-route series "" stays) or whose `upstream` label is not in `upstreams`; with
+    `endpoints` ((upstream, endpoint label) pairs), also those of endpoints an upstream
+    that stays no longer has. Requests of removed routes still running count into
+    nothing (unless the route came back); pools of removed upstreams and endpoints stop
+    counting."""
     live_routes = set(routes)
     live_upstreams = set(upstreams)
+    live_endpoints = set(endpoints) if endpoints is not None else None
 
     def keep_route(route: str) -> bool:
         return route == NO_ROUTE or route in live_routes
+
+    def keep_endpoint(upstream: str, endpoint: str) -> bool:
+        if upstream not in live_upstreams:
+            return False
+        return live_endpoints is None or (upstream, endpoint) in live_endpoints
 
     for family in (REQUESTS, REQUEST_SECONDS):
         for values, _ in family.children():
@@ -430,9 +442,9 @@ def forget_series(routes: Collection[str], upstreams: Collection[str]) -> None:
     _gone_routes.difference_update(live_routes)
     for request_key in [key for key in _REQUEST_SERIES if not keep_route(key[0])]:
         del _REQUEST_SERIES[request_key]
-    for family in (UPSTREAM_REQUESTS, UPSTREAM_SECONDS):
-        family.forget("upstream", live_upstreams.__contains__)
+    for upstream_family in (UPSTREAM_REQUESTS, UPSTREAM_SECONDS):  # (upstream, endpoint, ...)
+        upstream_family.forget_where(lambda values: keep_endpoint(values[0], values[1]))
     for key, series in list(_UPSTREAM_SERIES.items()):
-        if key[0] not in live_upstreams:
+        if not keep_endpoint(*key):
             series.dead = True
             del _UPSTREAM_SERIES[key]

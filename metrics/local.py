@@ -38,7 +38,11 @@ class _LocalFamily(Collector, Generic[Child]):
         if label not in self.labelnames:
             return 0
         index = self.labelnames.index(label)
-        gone = [values for values in self._children if not keep(values[index])]
+        return self.forget_where(lambda values: keep(values[index]))
+
+    def forget_where(self, keep: Callable[[tuple[str, ...]], bool]) -> int:
+        """Drop every child whose label values (in `labelnames` order) `keep` refuses."""
+        gone = [values for values in self._children if not keep(values)]
         for values in gone:
             del self._children[values]
         return len(gone)

@@ -183,6 +183,27 @@ def test_forget_series_drops_removed_routes_and_upstreams() -> None:
     assert not kept.dead
 
 
+def test_forget_series_drops_the_endpoints_an_upstream_no_longer_has() -> None:
+    stays = upstream_series("unit-moved-up", "10.0.0.6:80")
+    moved = upstream_series("unit-moved-up", "10.0.0.7:80")
+    stays.response(200, 1.0)
+    moved.response(200, 1.0)
+    live_routes = {values[0] for values, _ in REQUESTS.children()}
+    live_pairs = {(values[0], values[1]) for values, _ in UPSTREAM_REQUESTS.children()}
+    live_upstreams = {upstream for upstream, _ in live_pairs}
+
+    forget_series(live_routes, live_upstreams, live_pairs - {("unit-moved-up", "10.0.0.7:80")})
+
+    endpoints = {
+        labels["endpoint"]
+        for labels in series("gatehouse_upstream_requests_total")
+        if labels["upstream"] == "unit-moved-up"
+    }
+    assert endpoints == {"10.0.0.6:80"}
+    assert moved.dead
+    assert not stays.dead
+
+
 def test_a_late_request_of_a_removed_route_does_not_bring_its_series_back() -> None:
     count_request(request("unit-late"), 200)
     endpoint = upstream_series("unit-late-up", "10.0.0.5:80")
