@@ -38,7 +38,9 @@ class RouteRuntime:
         self.name = config.name
         self.forwarder = forwarder
         self.chain = chain  # global_middleware, then the route's own
-        self.handler: Handler = build_chain(chain, _chain_end(forwarder))
+        # No middleware: the forwarder itself, which `try_fast` recognises to start the
+        # exchange synchronously (no EagerRun, no coroutine).
+        self.handler: Handler = build_chain(chain, _chain_end(forwarder)) if chain else forwarder
         # Run without a task when every middleware only ever awaits call_next (eager.py).
         self.eager = all(getattr(spec.instance, "EAGER", False) for spec in chain)
         self.websocket = config.websocket
