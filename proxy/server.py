@@ -246,7 +246,12 @@ class Server:
             loop.call_later(config.grace_period, self._end_exchanges_of, removed)
         self._retire(old)
         # The series of routes and upstreams that are gone disappear from /metrics.
-        forget_series(self.runtime.routes, self.runtime.upstreams)
+        endpoints = [
+            (name, pool.label)
+            for name, upstream in self.runtime.upstreams.items()
+            for pool in upstream.all_pools
+        ]
+        forget_series(self.runtime.routes, self.runtime.upstreams, endpoints)
         set_enabled(config.metrics.enabled)
         self.reloads += 1
         log.info("reloaded %s: %d routes", config.source, len(config.routes))

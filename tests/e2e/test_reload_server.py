@@ -10,9 +10,10 @@ import asyncio
 import httpx
 import pytest
 
+from metrics.definitions import REGISTRY
 from proxy.config import parse_config
 from proxy.server import ReloadRefused, Server
-from tests.conftest import base_url
+from tests.conftest import UpstreamFactory, base_url
 from tests.plugins import stamp
 from tests.tls import make_tls_files
 from tests.upstream import UpstreamServer
@@ -270,5 +271,32 @@ async def test_an_exchange_on_a_removed_route_still_running_after_the_grace_peri
             # The connection it rode on serves on.
             assert (await client.get("/kept/x")).status_code == 200
             assert len(server.connections) == 1
+    finally:
+        await server.shutdown(grace_period=1.0)
+
+
+async def test_a_reload_drops_the_metric_series_of_an_endpoint_it_removed(
+    upstream: UpstreamServer, upstream_factory: UpstreamFactory
+) -> None:
+    other = await upstream_factory()
+    server = await started(config_text(upstream))
+    old_endpoint = upstream.url.removeprefix("http://")
+
+    def endpoints_counted() -> set[str]:
+        return {
+            sample.labels["endpoint"]
+            for family in REGISTRY.collect()
+            if family.name == "gatehouse_upstream_requests"
+            for sample in family.samples
+        }
+
+    try:
+        async with httpx.AsyncClient(base_url=base_url(server)) as client:
+            assert (await client.get("/stamped/a")).status_code == 200
+            assert old_endpoint in endpoints_counted()
+            await reload(server, config_text(upstream).replace(upstream.url, other.url))
+            assert (await client.get("/stamped/b")).status_code == 200
+        assert old_endpoint not in endpoints_counted()
+        assert other.url.removeprefix("http://") in endpoints_counted()
     finally:
         await server.shutdown(grace_period=1.0)
