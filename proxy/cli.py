@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import urllib.error
@@ -64,6 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
     )
+    # A SIGHUP (reload) before the supervisor's handler is in place must not kill the
+    # gateway with the default action; there is nothing to reload yet anyway.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # Shared state that every process of this gateway opens by name (the local rate-limit
     # tables), made before the config is loaded: its middleware are built at load.
     shared_dir = _shared_dir()
