@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
+from proxy.config import parse_config
 from proxy.server import Server
 from tests import grpc_service
 from tests.conftest import GatewayFactory
@@ -133,3 +134,20 @@ async def test_grpc_over_a_tls_listener_uses_h2_by_alpn(
         await grpc_service.check_server_stream(client)
         await grpc_service.check_error_in_trailers(client)
         await grpc_service.check_trailers_only(client)
+
+
+async def test_a_server_stream_open_across_a_reload_runs_to_its_end(
+    gateway_factory: GatewayFactory, upstream_port: int
+) -> None:
+    """A reload that keeps the stream's route (here: adds another) leaves the stream
+    alone, and new calls after it work on the same channel."""
+    config = grpc_gateway_config(upstream_port)
+    gateway = await gateway_factory(config)
+    async with echo_client(gateway_target(gateway)) as client, asyncio.timeout(CALL_BUDGET_S):
+        stream = asyncio.create_task(client.server_stream(20, delay_s=0.1))  # 2 s
+        await asyncio.sleep(0.3)
+        extra = "  - name: other\n    match: {path_prefix: /other}\n    upstream: grpc\n"
+        await gateway.prepare_reload(parse_config(config + extra))
+        await gateway.commit_reload()
+        assert await stream == [grpc_service.stream_message(i) for i in range(20)]
+        assert await client.unary(b"after") == b"after"
