@@ -52,12 +52,11 @@ from proxy.config_model import (
     UpstreamTls,
     WebSocketConfig,
 )
-from proxy.config_reader import Reported, describe, join_path
+from proxy.config_reader import Reported, describe
 from proxy.config_routes import RouteSections
+from proxy.config_upstream import UpstreamSections
 from proxy.config_values import (
-    ca_bundle_problem,
     parse_bind,
-    parse_endpoint_url,
     tls_pair_problem,
 )
 
@@ -103,13 +102,10 @@ _TOP_KEYS = ("listeners", "admin", "upstreams", "middleware", "global_middleware
              "limits", "http2", "http1_parser", "workers", "shutdown", "reload",
              "metrics")  # fmt: skip
 _HTTP1_PARSERS = ("auto", "httptools", "h11")
-_UPSTREAM_PROTOCOLS = ("http1", "h2c", "h2")
 _TLS_VERSIONS = ("1.2", "1.3")
 _MAX_H2_WINDOW = 2**31 - 1  # RFC 9113 section 6.9.1
 _MAX_H2_SETTING = 2**32 - 1  # RFC 9113 section 6.5.1: SETTINGS values are 32-bit
-_BALANCERS = ("round_robin",)
 
-_MAX_CONNECTIONS = DEFAULT_POOL_MAX_CONNECTIONS  # short names for the field lists below
 _MAX_HEAD_BYTES = DEFAULT_MAX_HEAD_BYTES
 _KEEPALIVE_S = DEFAULT_KEEPALIVE_TIMEOUT_S
 
@@ -176,7 +172,7 @@ def parse_config(
     return config
 
 
-class _ConfigLoader(RouteSections):
+class _ConfigLoader(RouteSections, UpstreamSections):
     """The routes.yaml schema. Every section is read even after an error, so that one run
     reports every problem; the Config is only used when no error was recorded."""
 
@@ -309,111 +305,6 @@ class _ConfigLoader(RouteSections):
     def _admin(self, node: Node, path: str) -> AdminConfig:
         fields = self.mapping(node, path, ("bind",), ("bind",))
         return AdminConfig(*fields.get("bind", self._bind, ("", 0)))
-
-    # --- upstreams ---
-
-    def _upstreams(self, node: Node, path: str) -> dict[str, UpstreamConfig]:
-        entries = self.entries(node, path)
-        self._upstream_names = {name for _, name, _ in entries}
-        upstreams: dict[str, UpstreamConfig] = {}
-        for _, name, value in entries:
-            with suppress(Reported):
-                upstreams[name] = self._upstream(value, join_path(path, name), name)
-        self._upstream_protocols = {name: up.protocol for name, up in upstreams.items()}
-        return upstreams
-
-    def _upstream(self, node: Node, path: str, name: str) -> UpstreamConfig:
-        keys = ("endpoints", "balance", "timeouts", "pool", "protocol", "tls")
-        fields = self.mapping(node, path, keys, ("endpoints",))
-        upstream = UpstreamConfig(
-            name=name,
-            endpoints=fields.get("endpoints", self._endpoints, ()),
-            balance=fields.get("balance", self._balance, "round_robin"),
-            timeouts=fields.get("timeouts", self._timeouts, UpstreamTimeouts()),
-            pool=fields.get("pool", self._pool, PoolConfig()),
-            protocol=fields.get("protocol", self._upstream_protocol, "http1"),
-            tls=fields.get("tls", self._upstream_tls, UpstreamTls()),
-        )
-        schemes = {endpoint.scheme for endpoint in upstream.endpoints}
-        if "protocol" in fields:
-            if upstream.protocol == "h2c" and "https" in schemes:
-                fields.error("protocol", "h2c is cleartext: use h2 for https:// endpoints")
-            elif upstream.protocol == "h2" and "http" in schemes:
-                fields.error("protocol", "h2 needs TLS (https:// endpoints); use h2c for http://")
-        if "tls" in fields and schemes and "https" not in schemes:  # (no schemes: reported)
-            fields.error("tls", "tls settings need https:// endpoints")
-        return upstream
-
-    def _upstream_protocol(self, node: Node, path: str) -> str:
-        return self.choice(node, path, _UPSTREAM_PROTOCOLS, "protocol")
-
-    def _upstream_tls(self, node: Node, path: str) -> UpstreamTls:
-        fields = self.mapping(node, path, ("ca", "verify", "sni"))
-        return UpstreamTls(
-            ca=fields.get("ca", self._ca_bundle, None),
-            verify=fields.get("verify", self.boolean, True),
-            sni=fields.get("sni", self.name, None),
-        )
-
-    def _ca_bundle(self, node: Node, path: str) -> str:
-        ca = self._readable_file(node, path)
-        problem = ca_bundle_problem(ca)
-        if problem is not None:
-            raise self.error(node, path, problem)
-        return ca
-
-    def _endpoints(self, node: Node, path: str) -> tuple[EndpointConfig, ...]:
-        endpoints: dict[str, tuple[EndpointConfig, str]] = {}
-        for item, item_path in self.nonempty_items(node, path, "at least one endpoint is required"):
-            with suppress(Reported):
-                endpoint = self._endpoint(item, item_path)
-                if endpoint.url in endpoints:
-                    also = endpoints[endpoint.url][1]
-                    message = f"duplicate endpoint {endpoint.url!r} (also {also}; use weight)"
-                    raise self.error(item, item_path, message)
-                endpoints[endpoint.url] = (endpoint, item_path)
-        return tuple(endpoint for endpoint, _ in endpoints.values())
-
-    def _endpoint(self, node: Node, path: str) -> EndpointConfig:
-        url_node, url_path, weight = node, path, 1
-        if self.value(node, path) is node:  # a mapping (or, wrongly, a list)
-            fields = self.mapping(node, path, ("url", "weight"), ("url",))
-            weight = fields.get("weight", self._at_least_1, 1)
-            if "url" not in fields:
-                raise Reported
-            url_node, url_path = fields.nodes["url"], fields.key_path("url")
-        expected = "a URL like 'http://host:port', or a mapping with url and weight"
-        scheme, host, port, url = self.convert(url_node, url_path, parse_endpoint_url, expected)
-        return EndpointConfig(url, scheme, host, port, weight)
-
-    def _balance(self, node: Node, path: str) -> str:
-        return self.choice(node, path, _BALANCERS, "balance")
-
-    def _timeouts(self, node: Node, path: str) -> UpstreamTimeouts:
-        fields = self.mapping(node, path, ("connect", "read"))
-        return UpstreamTimeouts(
-            connect=fields.get("connect", self._timeout, DEFAULT_CONNECT_TIMEOUT_S),
-            read=fields.get("read", self._timeout, DEFAULT_READ_TIMEOUT_S),
-        )
-
-    def _pool(self, node: Node, path: str) -> PoolConfig:
-        keys = ("max_connections", "max_idle", "idle_timeout", "wait_timeout")
-        fields = self.mapping(node, path, keys)
-        max_connections = fields.get("max_connections", self._at_least_1, _MAX_CONNECTIONS)
-        pool = PoolConfig(
-            max_connections=max_connections,
-            # Left out, the idle cap follows a smaller max_connections down.
-            max_idle=fields.get(
-                "max_idle", self.integer, min(DEFAULT_POOL_MAX_IDLE, max_connections)
-            ),
-            idle_timeout=fields.get("idle_timeout", self.duration, DEFAULT_POOL_IDLE_TIMEOUT_S),
-            wait_timeout=fields.get("wait_timeout", self.duration, DEFAULT_POOL_WAIT_TIMEOUT_S),
-        )
-        if pool.max_idle > pool.max_connections:
-            key = "max_idle"
-            limits = f"max_idle ({pool.max_idle}) > max_connections ({pool.max_connections})"
-            fields.error(key, f"{limits}: idle connections are part of max_connections")
-        return pool
 
     # --- limits ---
 

@@ -14,6 +14,7 @@ from proxy.config import ConfigError, load_config
 from proxy.config_model import (
     DEFAULT_GRACE_PERIOD_S,
     AdminConfig,
+    BalanceConfig,
     EndpointConfig,
     HeaderMatch,
     LimitsConfig,
@@ -81,7 +82,7 @@ def test_full_example_parses_into_typed_frozen_objects() -> None:
         EndpointConfig("http://127.0.0.1:8000", "http", "127.0.0.1", 8000, 1),
         EndpointConfig("http://127.0.0.1:8001", "http", "127.0.0.1", 8001, 3),
     )
-    assert users.balance == "round_robin"
+    assert users.balance == BalanceConfig()
     assert users.timeouts == UpstreamTimeouts(connect=1.5, read=3600.0)
     assert users.pool == PoolConfig(100, 10, 2.0, 0.5)
     (route,) = config.routes
@@ -125,7 +126,7 @@ def test_optional_sections_take_their_defaults() -> None:
     users = config.upstreams["users"]
     assert users.timeouts == UpstreamTimeouts()
     assert users.pool == PoolConfig()
-    assert users.balance == "round_robin"
+    assert users.balance == BalanceConfig()
 
 
 def test_load_config_reads_the_file_and_records_its_path(tmp_path: Path) -> None:

@@ -99,15 +99,16 @@ def test_an_upstream_needs_endpoints() -> None:
     )
 
 
-def test_only_round_robin_balancing_is_supported() -> None:
+def test_an_unknown_balance_policy_is_an_error_with_a_suggestion() -> None:
     text = """\
         listeners: [{bind: ':0'}]
-        upstreams: {u: {endpoints: [http://x], balance: random}}
+        upstreams: {u: {endpoints: [http://x], balance: randon}}
         routes: []
     """
 
     assert one_error(text) == (
-        "routes.yaml:2: upstreams.u.balance: unsupported balance 'random' (supported: round_robin)"
+        "routes.yaml:2: upstreams.u.balance: unsupported balance 'randon' (supported: "
+        "round_robin, least_request, random, hash, sticky) (did you mean 'random'?)"
     )
 
 
