@@ -1,19 +1,29 @@
-"""Endpoint choice for an upstream: smooth weighted round robin (nginx's algorithm).
+"""An upstream's endpoints and the choice among them.
 
 Each endpoint gets one pool for the upstream's protocol: `UpstreamPool` (HTTP/1.1, over
-TLS for https:// endpoints) or `H2Pool` (h2c, or h2 over TLS). The TLS context is built
-here, once per upstream at config load. Smarter policies, health checks and ejection come
-with the resilience work; this module is where they plug in.
+TLS for https:// endpoints) or `H2Pool` (h2c, or h2 over TLS), and an `EndpointState`: its
+weight, requests in flight, and health as the active checks and the passive outlier
+detection see it. The TLS context is built here, once per upstream at config load.
+
+`choose` takes the eligible endpoints (healthy, not ejected; all of them when none is,
+the panic mode that tries everything rather than failing every request) and lets the
+balance policy (`proxy/upstream/policies.py`) pick one, skipping those a retry excludes.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import asyncio
+from collections.abc import Collection, Sequence
+from typing import TYPE_CHECKING, Protocol, cast
 
 from proxy.config_model import EndpointConfig, UpstreamConfig
 from proxy.upstream.h2pool import H2Pool
+from proxy.upstream.policies import Policy, make_policy
 from proxy.upstream.pool import PoolOccupancy, UpstreamPool
 from proxy.upstream.tls import client_context, server_hostname
+
+if TYPE_CHECKING:
+    from proxy.models import Request
 
 
 class EndpointPool(Protocol):
@@ -30,6 +40,42 @@ class EndpointPool(Protocol):
     def expire(self, now: float) -> None: ...
 
     def close(self) -> None: ...
+
+
+class EndpointState:
+    """One endpoint of an upstream: its pool and what the balancer knows of it."""
+
+    __slots__ = (
+        "ejected_until",
+        "ejections",
+        "failures",
+        "healthy",
+        "in_flight",
+        "index",
+        "label",
+        "pool",
+        "server_errors",
+        "weight",
+    )
+
+    def __init__(self, index: int, pool: EndpointPool, weight: int) -> None:
+        self.index = index
+        self.pool = pool
+        self.label = pool.label
+        self.weight = weight
+        self.in_flight = 0  # requests sent and not yet answered (least_request)
+        self.healthy = True  # the active health check's verdict
+        self.ejected_until = 0.0  # loop time; the outlier detection ejected it until then
+        self.ejections = 0  # how many times it was ejected (the ejection time grows)
+        self.failures = 0  # consecutive connect failures, resets, timeouts
+        self.server_errors = 0  # consecutive 5xx
+
+    def __repr__(self) -> str:
+        return f"<EndpointState {self.label} healthy={self.healthy} in_flight={self.in_flight}>"
+
+    def eligible(self, now: float) -> bool:
+        """In rotation: healthy and not ejected."""
+        return self.healthy and self.ejected_until <= now
 
 
 class Upstream:
@@ -71,43 +117,60 @@ class Upstream:
                     )
                 )
         self.all_pools: list[EndpointPool] = [*self.pools, *self.h2_pools]
-        self._weights = [endpoint.weight for endpoint in config.endpoints]
-        self._total_weight = sum(self._weights)
-        self._uniform = len(set(self._weights)) == 1
-        self._current = [0] * len(self._weights)
-        self._next = 0
+        self.endpoints = [
+            EndpointState(index, pool, endpoint.weight)
+            for index, (pool, endpoint) in enumerate(
+                zip(self.all_pools, config.endpoints, strict=True)
+            )
+        ]
+        # False while some endpoint is out of rotation: `choose` filters only then.
+        self.all_eligible = True
+        self.policy: Policy = make_policy(config.balance, self.endpoints)
 
     def __repr__(self) -> str:
         return f"<Upstream {self.name} endpoints={len(self.all_pools)}>"
 
-    def _choose(self) -> int:
-        if self._uniform:
-            index = self._next
-            self._next = (index + 1) % len(self._weights)
-            return index
-        # Smooth WRR: weights 5,1,1 give a a b a c a a, not a a a a a b c.
-        current = self._current
-        best = 0
-        for i, weight in enumerate(self._weights):
-            current[i] += weight
-            if current[i] > current[best]:
-                best = i
-        current[best] -= self._total_weight
-        return best
+    def choose(
+        self, request: Request | None = None, exclude: Collection[int] = ()
+    ) -> EndpointState:
+        """The endpoint for `request`: the policy's pick among the eligible endpoints,
+        leaving out the indexes in `exclude` (those a retry already tried) unless no
+        other is left."""
+        candidates: Sequence[EndpointState] = self.endpoints
+        if not self.all_eligible or exclude:
+            candidates = self.candidates(exclude)
+        return self.policy.choose(candidates, request)
+
+    def candidates(self, exclude: Collection[int] = ()) -> list[EndpointState]:
+        """The eligible endpoints not in `exclude`; when that leaves none, the eligible
+        ones; when none is eligible, every endpoint (panic mode)."""
+        now = asyncio.get_running_loop().time() if not self.all_eligible else 0.0
+        eligible = [e for e in self.endpoints if self.all_eligible or e.eligible(now)]
+        if not eligible:
+            eligible = self.endpoints  # panic: trying them all beats failing everything
+        untried = [e for e in eligible if e.index not in exclude]
+        return untried or eligible
+
+    def refresh_eligibility(self) -> None:
+        """Recompute `all_eligible` after a health or ejection change."""
+        now = asyncio.get_running_loop().time()
+        self.all_eligible = all(e.eligible(now) for e in self.endpoints)
 
     def pick(self) -> UpstreamPool:
         """The next endpoint's pool (HTTP/1.1 upstreams)."""
-        return self.pools[self._choose()]
+        return cast(UpstreamPool, self.choose().pool)
 
     def pick_h2(self) -> H2Pool:
         """The next endpoint's pool (h2c and h2 upstreams)."""
-        return self.h2_pools[self._choose()]
+        return cast(H2Pool, self.choose().pool)
 
     def endpoint_health(self) -> list[tuple[str, bool]]:
-        """Each endpoint's label and whether it is healthy (`gatehouse_upstream_healthy`,
-        read when metrics are scraped). Every endpoint is, until the resilience work's
-        health checks and ejection give this a state to report."""
-        return [(pool.label, True) for pool in self.all_pools]
+        """Each endpoint's label and whether it is in rotation (healthy and not ejected;
+        `gatehouse_upstream_healthy`, read when metrics are scraped)."""
+        if self.all_eligible:
+            return [(e.label, True) for e in self.endpoints]
+        now = asyncio.get_running_loop().time()
+        return [(e.label, e.eligible(now)) for e in self.endpoints]
 
     def expire(self, now: float) -> None:
         """Sweeper tick for every pool."""
