@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from time import perf_counter
+from typing import cast
 
 from metrics.definitions import failure_code
 from proxy.config_model import RewriteConfig, WebSocketConfig
@@ -15,7 +16,9 @@ from proxy.headers import upstream_h2_headers, upstream_request_head
 from proxy.models import Body, Request, Response
 from proxy.protocol.h1serialize import UnsafeHeader
 from proxy.upstream.balancer import Upstream
+from proxy.upstream.h2pool import H2Pool
 from proxy.upstream.http1 import StaleConnection
+from proxy.upstream.pool import UpstreamPool
 from proxy.upstream.upgrade import UpstreamHandshake
 from proxy.websocket import accept_value, new_key
 
@@ -101,7 +104,9 @@ class Forwarder:
         HTTP/2 upstream always takes the general path)."""
         if self._http2:
             return False
-        pool = self.upstream.pick()
+        upstream = self.upstream
+        state = upstream.choose(request)
+        pool = cast(UpstreamPool, state.pool)
         conn = pool.take_idle()
         if conn is None:
             return False
@@ -115,7 +120,16 @@ class Forwarder:
             return False
         request.route_name = route_name
         request.params = params
-        conn.start(request.method, head, on_response)
+        state.in_flight += 1
+
+        def answered(response: Response | None, error: ProxyError | None) -> None:
+            state.in_flight -= 1
+            upstream.report(state, response.status if response is not None else None, error)
+            if response is not None:
+                upstream.policy.on_response(request, response, state)
+            on_response(response, error)
+
+        conn.start(request.method, head, answered)
         return True
 
     async def __call__(self, request: Request) -> Response:
@@ -132,9 +146,35 @@ class Forwarder:
             length: int | None = len(body_bytes)
         else:
             length = body.length
-        if self._http2:
-            return await self._forward_h2(request, body_bytes, length)
-        pool = self.upstream.pick()
+        upstream = self.upstream
+        state = upstream.choose(request)
+        state.in_flight += 1
+        try:
+            if self._http2:
+                response = await self._forward_h2(
+                    request, cast(H2Pool, state.pool), body_bytes, length
+                )
+            else:
+                response = await self._forward_h1(
+                    request, cast(UpstreamPool, state.pool), body, body_bytes, length
+                )
+        except ProxyError as exc:
+            upstream.report(state, None, exc)
+            raise
+        finally:
+            state.in_flight -= 1
+        upstream.report(state, response.status, None)
+        upstream.policy.on_response(request, response, state)
+        return response
+
+    async def _forward_h1(
+        self,
+        request: Request,
+        pool: UpstreamPool,
+        body: Body,
+        body_bytes: bytes | None,
+        length: int | None,
+    ) -> Response:
         request.endpoint = pool.label
         endpoint = pool.endpoint
         host = self._host_rewrite or request.host or f"{endpoint.host}:{endpoint.port}"
@@ -161,9 +201,8 @@ class Forwarder:
         return await conn.exchange(request.method, head, body, body_bytes)
 
     async def _forward_h2(
-        self, request: Request, body_bytes: bytes | None, length: int | None
+        self, request: Request, pool: H2Pool, body_bytes: bytes | None, length: int | None
     ) -> Response:
-        pool = self.upstream.pick_h2()
         request.endpoint = pool.label
         endpoint = pool.endpoint
         host = self._host_rewrite or request.host or f"{endpoint.host}:{endpoint.port}"
@@ -187,7 +226,7 @@ class Forwarder:
         Raises:
             ProxyError: 502/504 when the upstream cannot be reached or answers badly.
         """
-        pool = self.upstream.pick()
+        pool = cast(UpstreamPool, self.upstream.choose(request).pool)
         request.endpoint = pool.label
         endpoint = pool.endpoint
         host = self._host_rewrite or request.host or f"{endpoint.host}:{endpoint.port}"

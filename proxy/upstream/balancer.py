@@ -151,6 +151,10 @@ class Upstream:
         untried = [e for e in eligible if e.index not in exclude]
         return untried or eligible
 
+    def report(self, state: EndpointState, status: int | None, error: BaseException | None) -> None:
+        """The outcome of one exchange with `state`'s endpoint: the response status, or
+        the error that stopped it (passive health, `outlier`)."""
+
     def refresh_eligibility(self) -> None:
         """Recompute `all_eligible` after a health or ejection change."""
         now = asyncio.get_running_loop().time()

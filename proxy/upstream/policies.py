@@ -15,13 +15,17 @@ from typing import TYPE_CHECKING, Protocol
 from proxy.config_model import BalanceConfig
 
 if TYPE_CHECKING:
-    from proxy.models import Request
+    from proxy.models import Request, Response
     from proxy.upstream.balancer import EndpointState
 
 
 class Policy(Protocol):
     def choose(self, candidates: Sequence[EndpointState], request: Request | None) -> EndpointState:
         """One of `candidates` (never empty)."""
+        ...
+
+    def on_response(self, request: Request, response: Response, chosen: EndpointState) -> None:
+        """The upstream answered `request` from `chosen` (sticky sets its cookie here)."""
         ...
 
 
@@ -49,6 +53,9 @@ class RoundRobin:
             return candidates[self._smooth(candidates, self._total)]
         total = sum(endpoint.weight for endpoint in candidates)
         return candidates[self._smooth(candidates, total)]
+
+    def on_response(self, request: Request, response: Response, chosen: EndpointState) -> None:
+        pass
 
     def _smooth(self, candidates: Sequence[EndpointState], total: int) -> int:
         current = self._current
