@@ -411,6 +411,44 @@ def upstream_series(upstream: str | None, endpoint: str) -> UpstreamSeries:
     return series
 
 
+# -- upstream health: counted on health checks and ejections, not per request ---------
+
+UPSTREAM_EJECTIONS = LocalCounter(
+    "gatehouse_upstream_ejections",
+    "Endpoints ejected by outlier detection (consecutive failures or 5xx), by upstream "
+    "and endpoint",
+    ["upstream", "endpoint"],
+    registry=REGISTRY,
+)
+UPSTREAM_HEALTH_CHECKS = LocalCounter(
+    "gatehouse_upstream_health_checks",
+    "Active health checks, by upstream, endpoint and result (ok, failed)",
+    ["upstream", "endpoint", "result"],
+    registry=REGISTRY,
+)
+UPSTREAM_PANIC = LocalCounter(
+    "gatehouse_upstream_panic",
+    "Endpoint choices made in panic mode (no endpoint in rotation: all are tried), by upstream",
+    ["upstream"],
+    registry=REGISTRY,
+)
+
+
+def count_ejection(upstream: str, endpoint: str) -> None:
+    """One more ejection of `upstream`'s `endpoint`."""
+    UPSTREAM_EJECTIONS.labels(upstream, endpoint).value += 1.0
+
+
+def count_health_check(upstream: str, endpoint: str, ok: bool) -> None:
+    """One more active health check of `upstream`'s `endpoint`, passed or not."""
+    UPSTREAM_HEALTH_CHECKS.labels(upstream, endpoint, "ok" if ok else "failed").value += 1.0
+
+
+def panic_counter(upstream: str) -> LocalCounterChild:
+    """The panic-mode counter of `upstream` (held by it: one addition per choice)."""
+    return UPSTREAM_PANIC.labels(upstream)
+
+
 def forget_series(
     routes: Collection[str],
     upstreams: Collection[str],
@@ -444,6 +482,9 @@ def forget_series(
         del _REQUEST_SERIES[request_key]
     for upstream_family in (UPSTREAM_REQUESTS, UPSTREAM_SECONDS):  # (upstream, endpoint, ...)
         upstream_family.forget_where(lambda values: keep_endpoint(values[0], values[1]))
+    for health_family in (UPSTREAM_EJECTIONS, UPSTREAM_HEALTH_CHECKS):
+        health_family.forget_where(lambda values: keep_endpoint(values[0], values[1]))
+    UPSTREAM_PANIC.forget("upstream", live_upstreams.__contains__)
     for key, series in list(_UPSTREAM_SERIES.items()):
         if not keep_endpoint(*key):
             series.dead = True

@@ -108,6 +108,7 @@ class Runtime:
         max_head = config.limits.max_head_bytes
         old_upstreams = previous.upstreams if previous is not None else {}
         self.upstreams: dict[str, Upstream] = {}
+        self.new_upstreams: list[Upstream] = []  # built here, not taken over (start())
         for name, upstream in config.upstreams.items():
             old = old_upstreams.get(name)
             if (
@@ -119,6 +120,7 @@ class Runtime:
                 self.upstreams[name] = old
                 continue
             self.upstreams[name] = Upstream(upstream, codec, max_head)
+            self.new_upstreams.append(self.upstreams[name])
         self.routes = {
             route.name: RouteRuntime(
                 route,
@@ -140,12 +142,18 @@ class Runtime:
 
     async def start(self) -> None:
         """Start the middleware that need the event loop (clients, refresh tasks); those
-        taken over from the previous Runtime are running already."""
+        taken over from the previous Runtime are running already. The same goes for the
+        upstreams' active health checks."""
         await start_all(spec for spec in self.middleware() if id(spec.instance) not in self.kept)
+        for upstream in self.new_upstreams:
+            upstream.start_health()
 
     async def aclose(self) -> None:
-        """Close idle upstream connections and the middleware's resources."""
+        """Close idle upstream connections, the health checks and the middleware's
+        resources."""
         self.close()
+        for upstream in self.upstreams.values():
+            await upstream.aclose_health()
         await close_all(self.middleware())
 
     async def discard(self, previous: Runtime) -> None:
@@ -161,6 +169,7 @@ class Runtime:
         for name, upstream in self.upstreams.items():
             if successor.upstreams.get(name) is not upstream:
                 upstream.close()
+                await upstream.aclose_health()
         kept = {id(spec.instance) for spec in successor.middleware()}
         await close_all(spec for spec in self.middleware() if id(spec.instance) not in kept)
 

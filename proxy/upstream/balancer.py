@@ -8,22 +8,40 @@ detection see it. The TLS context is built here, once per upstream at config loa
 `choose` takes the eligible endpoints (healthy, not ejected; all of them when none is,
 the panic mode that tries everything rather than failing every request) and lets the
 balance policy (`proxy/upstream/policies.py`) pick one, skipping those a retry excludes.
+
+Health comes from two places: the active checks (`proxy/upstream/health.py`, one task per
+upstream started by `start_health`) set `EndpointState.healthy`, and the outlier
+detection (`proxy/upstream/outlier.py`) fed by `report` sets `ejected_until`. Both call
+`refresh_eligibility`, and the sweeper's `expire` brings ejected endpoints back when
+their time is up.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection, Sequence
+import dataclasses
+import logging
+from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Protocol, cast
 
+from metrics.definitions import panic_counter
+from metrics.local import LocalCounterChild
 from proxy.config_model import EndpointConfig, UpstreamConfig
 from proxy.upstream.h2pool import H2Pool
+from proxy.upstream.health import HealthChecker
+from proxy.upstream.outlier import OutlierDetector
 from proxy.upstream.policies import Policy, make_policy
 from proxy.upstream.pool import PoolOccupancy, UpstreamPool
 from proxy.upstream.tls import client_context, server_hostname
 
 if TYPE_CHECKING:
     from proxy.models import Request
+
+log = logging.getLogger(__name__)
+
+
+def _loop_time() -> float:
+    return asyncio.get_running_loop().time()
 
 
 class EndpointPool(Protocol):
@@ -71,7 +89,11 @@ class EndpointState:
         self.server_errors = 0  # consecutive 5xx
 
     def __repr__(self) -> str:
-        return f"<EndpointState {self.label} healthy={self.healthy} in_flight={self.in_flight}>"
+        ejected = f" ejected_until={self.ejected_until:.3f}" if self.ejected_until else ""
+        return (
+            f"<EndpointState {self.label} healthy={self.healthy} in_flight={self.in_flight}"
+            f"{ejected}>"
+        )
 
     def eligible(self, now: float) -> bool:
         """In rotation: healthy and not ejected."""
@@ -79,10 +101,21 @@ class EndpointState:
 
 
 class Upstream:
-    """An upstream's endpoints, each with its own pool."""
+    """An upstream's endpoints, each with its own pool, and their health.
 
-    def __init__(self, config: UpstreamConfig, codec: str, max_head_bytes: int) -> None:
+    `now` is the clock ejections are timed on: the running loop's time unless a test
+    injects one."""
+
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        codec: str,
+        max_head_bytes: int,
+        *,
+        now: Callable[[], float] = _loop_time,
+    ) -> None:
         self.name = config.name
+        self.now = now
         self.config = config
         # h2c and h2 share one pool type; the scheme of each endpoint says whether TLS.
         self.http2 = config.protocol in ("h2c", "h2")
@@ -126,6 +159,28 @@ class Upstream:
         # False while some endpoint is out of rotation: `choose` filters only then.
         self.all_eligible = True
         self.policy: Policy = make_policy(config.balance, self.endpoints)
+        self.panic = False  # no endpoint in rotation (as of the last refresh_eligibility)
+        self._panic_count: LocalCounterChild | None = None
+        self.outlier = (
+            OutlierDetector(config.outlier, self.name, self.endpoints, now)
+            if config.outlier is not None
+            else None
+        )
+        self.health: HealthChecker | None = None
+        check = config.health_check
+        if check is not None:
+            # The checks speak HTTP/1.1, so TLS offers http/1.1 by ALPN even for h2.
+            check_tls = tls
+            if tls is not None and check.type == "http" and config.protocol == "h2":
+                check_tls = client_context(dataclasses.replace(config, protocol="http1"))
+            self.health = HealthChecker(
+                self.name,
+                check,
+                self.endpoints,
+                self.refresh_eligibility,
+                tls=check_tls,
+                server_hostname=lambda state: server_hostname(state.pool.endpoint, config),
+            )
 
     def __repr__(self) -> str:
         return f"<Upstream {self.name} endpoints={len(self.all_pools)}>"
@@ -144,21 +199,47 @@ class Upstream:
     def candidates(self, exclude: Collection[int] = ()) -> list[EndpointState]:
         """The eligible endpoints not in `exclude`; when that leaves none, the eligible
         ones; when none is eligible, every endpoint (panic mode)."""
-        now = asyncio.get_running_loop().time() if not self.all_eligible else 0.0
+        now = self.now() if not self.all_eligible else 0.0
         eligible = [e for e in self.endpoints if self.all_eligible or e.eligible(now)]
         if not eligible:
             eligible = self.endpoints  # panic: trying them all beats failing everything
+            counter = self._panic_count
+            if counter is None:
+                counter = self._panic_count = panic_counter(self.name)
+            counter.value += 1.0
         untried = [e for e in eligible if e.index not in exclude]
         return untried or eligible
 
     def report(self, state: EndpointState, status: int | None, error: BaseException | None) -> None:
         """The outcome of one exchange with `state`'s endpoint: the response status, or
         the error that stopped it (passive health, `outlier`)."""
+        outlier = self.outlier
+        if outlier is None:
+            return
+        if status is not None and status < 500 and not state.failures and not state.server_errors:
+            return  # the common case: nothing to count or reset
+        if outlier.report(state, status, error):
+            self.refresh_eligibility()
 
     def refresh_eligibility(self) -> None:
-        """Recompute `all_eligible` after a health or ejection change."""
-        now = asyncio.get_running_loop().time()
-        self.all_eligible = all(e.eligible(now) for e in self.endpoints)
+        """Recompute `all_eligible` after a health or ejection change; entering and
+        leaving panic mode is logged."""
+        now = self.now()
+        eligible = sum(1 for e in self.endpoints if e.eligible(now))
+        self.all_eligible = eligible == len(self.endpoints)
+        panic = eligible == 0
+        if panic != self.panic:
+            self.panic = panic
+            if panic:
+                log.warning(
+                    "upstream %s: no endpoint in rotation, panic mode: requests go to all %d",
+                    self.name,
+                    len(self.endpoints),
+                )
+            else:
+                log.info(
+                    "upstream %s: out of panic mode, %d endpoints in rotation", self.name, eligible
+                )
 
     def pick(self) -> UpstreamPool:
         """The next endpoint's pool (HTTP/1.1 upstreams)."""
@@ -173,15 +254,32 @@ class Upstream:
         `gatehouse_upstream_healthy`, read when metrics are scraped)."""
         if self.all_eligible:
             return [(e.label, True) for e in self.endpoints]
-        now = asyncio.get_running_loop().time()
+        now = self.now()
         return [(e.label, e.eligible(now)) for e in self.endpoints]
 
     def expire(self, now: float) -> None:
-        """Sweeper tick for every pool."""
+        """Sweeper tick for every pool; endpoints whose ejection is over are back."""
         for pool in self.all_pools:
             pool.expire(now)
+        if not self.all_eligible:
+            if self.outlier is not None:
+                self.outlier.return_due(now)
+            self.refresh_eligibility()
+
+    def start_health(self) -> None:
+        """Start the active health checks, if the upstream has them (running loop)."""
+        if self.health is not None:
+            self.health.start()
+
+    async def aclose_health(self) -> None:
+        """Stop the active health checks and wait for their task to end."""
+        if self.health is not None:
+            await self.health.aclose()
 
     def close(self) -> None:
-        """Close idle connections of every pool."""
+        """Close idle connections of every pool and stop the active health checks
+        (`aclose_health` waits for them)."""
+        if self.health is not None:
+            self.health.cancel()
         for pool in self.all_pools:
             pool.close()
