@@ -1,0 +1,312 @@
+"""Active health checks: thresholds and rounds with a scripted check (no sockets), and
+`check_endpoint` against tiny loopback servers that answer as the test says."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+
+import pytest
+
+from metrics.definitions import UPSTREAM_HEALTH_CHECKS
+from proxy.config_model import EndpointConfig, HealthCheckConfig, UpstreamConfig, UpstreamTls
+from proxy.upstream.balancer import EndpointState, Upstream
+from proxy.upstream.health import HealthChecker, HealthCheckFailed, check_endpoint, status_expected
+from tests.helpers import eventually
+from tests.tls import TlsFiles
+
+
+def _upstream(count: int, check: HealthCheckConfig, name: str = "app") -> Upstream:
+    endpoints = tuple(
+        EndpointConfig(f"http://10.1.0.{i}:80", "http", f"10.1.0.{i}", 80, 1)
+        for i in range(1, count + 1)
+    )
+    return Upstream(UpstreamConfig(name, endpoints, health_check=check), "httptools", 4096)
+
+
+class Script:
+    """A check whose result per endpoint index the test sets (None: pass)."""
+
+    def __init__(self) -> None:
+        self.failing: dict[int, str] = {}
+        self.calls: list[int] = []
+
+    async def __call__(self, state: EndpointState) -> None:
+        self.calls.append(state.index)
+        why = self.failing.get(state.index)
+        if why == "bug":
+            raise ZeroDivisionError("oops")
+        if why is not None:
+            raise HealthCheckFailed(why)
+
+
+def _checker(
+    upstream: Upstream, script: Script, config: HealthCheckConfig | None = None
+) -> HealthChecker:
+    return HealthChecker(
+        upstream.name,
+        config or HealthCheckConfig(healthy_threshold=2, unhealthy_threshold=3),
+        upstream.endpoints,
+        upstream.refresh_eligibility,
+        script,
+        rng=lambda: 0.5,
+    )
+
+
+async def test_endpoint_leaves_after_unhealthy_threshold_and_returns_after_healthy_threshold(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    upstream = _upstream(3, HealthCheckConfig())
+    script = Script()
+    checker = _checker(upstream, script)
+    second = upstream.endpoints[1]
+    script.failing[1] = "status 503"
+    with caplog.at_level(logging.INFO, logger="proxy.upstream.health"):
+        await checker.check_round()
+        await checker.check_round()
+        assert (second.healthy, upstream.all_eligible) == (True, True)
+        await checker.check_round()
+    assert (second.healthy, upstream.all_eligible) == (False, False)
+    assert "upstream app endpoint 10.1.0.2:80 unhealthy: status 503" in caplog.text
+    assert {upstream.choose().index for _ in range(10)} == {0, 2}
+
+    del script.failing[1]
+    await checker.check_round()
+    assert (second.healthy, upstream.all_eligible) == (False, False)
+    with caplog.at_level(logging.INFO, logger="proxy.upstream.health"):
+        await checker.check_round()
+    assert (second.healthy, upstream.all_eligible) == (True, True)
+    assert "upstream app endpoint 10.1.0.2:80 healthy again: 2 checks passed in a row" in (
+        caplog.text
+    )
+    assert script.calls == [0, 1, 2] * 5
+    assert repr(checker) == "<HealthChecker app STOPPED healthy=3/3 rounds=5>"
+
+
+async def test_a_passed_check_breaks_a_failure_streak() -> None:
+    upstream = _upstream(1, HealthCheckConfig())
+    script = Script()
+    checker = _checker(upstream, script)
+    only = upstream.endpoints[0]
+    for failing in (True, True, False, True, True, False, True, True):
+        if failing:
+            script.failing[0] = "refused"
+        else:
+            script.failing.clear()
+        await checker.check_round()
+    assert only.healthy
+    assert checker.streaks == [-2]
+
+
+async def test_all_endpoints_unhealthy_means_panic_mode_tries_them_all() -> None:
+    upstream = _upstream(2, HealthCheckConfig(), name="allsick")
+    script = Script()
+    checker = _checker(upstream, script, HealthCheckConfig(unhealthy_threshold=1))
+    script.failing = {0: "refused", 1: "refused"}
+    await checker.check_round()
+    assert upstream.panic
+    assert [upstream.choose().index for _ in range(4)] == [0, 1, 0, 1]
+
+
+async def test_a_bug_in_a_check_counts_as_a_failure_and_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    upstream = _upstream(2, HealthCheckConfig())
+    script = Script()
+    checker = _checker(upstream, script, HealthCheckConfig(unhealthy_threshold=1))
+    script.failing[0] = "bug"
+    with caplog.at_level(logging.INFO, logger="proxy.upstream.health"):
+        await checker.check_round()
+    assert not upstream.endpoints[0].healthy
+    assert "bug while health checking app endpoint 10.1.0.1:80" in caplog.text
+    assert "unhealthy: bug: ZeroDivisionError('oops')" in caplog.text
+
+
+async def test_checks_are_counted_by_result() -> None:
+    upstream = _upstream(2, HealthCheckConfig(), name="countme")
+    script = Script()
+    checker = _checker(upstream, script)
+    script.failing[1] = "refused"
+    for _ in range(3):
+        await checker.check_round()
+    series = {values: child.value for values, child in UPSTREAM_HEALTH_CHECKS.children()}
+    assert series[("countme", "10.1.0.1:80", "ok")] == 3.0
+    assert series[("countme", "10.1.0.2:80", "failed")] == 3.0
+    assert ("countme", "10.1.0.1:80", "failed") not in series
+
+
+@pytest.mark.parametrize(("draw", "expected"), [(0.0, 9.0), (0.5, 10.0), (1.0, 11.0)])
+async def test_rounds_are_interval_apart_give_or_take_jitter(draw: float, expected: float) -> None:
+    upstream = _upstream(1, HealthCheckConfig())
+    config = HealthCheckConfig(interval=10.0, jitter=0.1)
+    checker = HealthChecker("app", config, upstream.endpoints, lambda: None, rng=lambda: draw)
+    assert checker.delay() == pytest.approx(expected)
+
+
+async def test_the_task_checks_in_rounds_until_closed() -> None:
+    config = HealthCheckConfig(interval=0.01, jitter=0.5)
+    upstream = _upstream(2, config)
+    script = Script()
+    checker = _checker(upstream, script, config)
+    checker.start()
+    checker.start()  # a second start does nothing
+    await eventually(lambda: checker.rounds >= 3, "three rounds")
+    assert repr(checker).startswith("<HealthChecker app RUNNING healthy=2/2")
+    await checker.aclose()
+    rounds = checker.rounds
+    await asyncio.sleep(0.03)
+    assert checker.rounds == rounds
+    assert "STOPPED" in repr(checker)
+    await checker.aclose()  # idempotent
+
+
+async def test_upstream_close_cancels_the_checks_and_aclose_health_waits() -> None:
+    upstream = _upstream(1, HealthCheckConfig(interval=0.01, jitter=0.0))
+    assert upstream.health is not None
+    upstream.start_health()
+    upstream.close()
+    await upstream.aclose_health()
+    assert "STOPPED" in repr(upstream.health)
+    plain = Upstream(UpstreamConfig("plain", upstream.config.endpoints), "h11", 4096)
+    assert plain.health is None
+    plain.start_health()
+    await plain.aclose_health()
+
+
+def test_status_expected_takes_inclusive_ranges() -> None:
+    expect = ((200, 299), (404, 404))
+    assert [status_expected(s, expect) for s in (199, 200, 299, 300, 404, 405)] == [
+        False,
+        True,
+        True,
+        False,
+        True,
+        False,
+    ]
+
+
+# -- check_endpoint against real loopback servers ---------------------------------------
+
+
+class Answer:
+    """A loopback server that answers each connection with `reply` (or nothing)."""
+
+    def __init__(self, reply: bytes | None, *, tls: ssl.SSLContext | None = None) -> None:
+        self.reply = reply
+        self.tls = tls
+        self.requests: list[bytes] = []
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> Answer:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            self.requests.append(await reader.readuntil(b"\r\n\r\n"))
+            if self.reply is None:
+                await asyncio.sleep(5)
+            elif self.reply:
+                writer.write(self.reply)
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    def endpoint(self, scheme: str = "http", host: str = "127.0.0.1") -> EndpointConfig:
+        return EndpointConfig(f"{scheme}://{host}:{self.port}", scheme, host, self.port, 1)
+
+
+@pytest.fixture
+async def refused_port() -> int:
+    """A port nothing listens on (bound, then closed)."""
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port: int = server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+    return port
+
+
+FAST = HealthCheckConfig(path="/healthz", timeout=0.3)
+
+
+@pytest.mark.socket
+async def test_http_check_sends_get_with_host_and_connection_close_and_passes_on_200() -> None:
+    async with Answer(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n") as server:
+        await check_endpoint(server.endpoint(), FAST)
+    request = server.requests[0]
+    assert request.startswith(b"GET /healthz HTTP/1.1\r\n")
+    assert f"Host: 127.0.0.1:{server.port}\r\n".encode() in request
+    assert b"Connection: close\r\n" in request
+
+
+@pytest.mark.socket
+@pytest.mark.parametrize(
+    ("reply", "why"),
+    [
+        (b"HTTP/1.1 503 Service Unavailable\r\n\r\n", "status 503"),
+        (b"HTTP/1.1 302 Found\r\n\r\n", "status 302"),  # outside expect 200-299 below
+        (b"SSH-2.0-OpenSSH_9.6\r\n", "not an HTTP response: 'SSH-2.0-OpenSSH_9.6'"),
+        (b"HTTP/1.1 200", "connection closed before a status line"),
+        (b"", "connection closed before a status line"),
+        (b"x" * 9000, "status line too long"),
+        (None, "no answer within 0.3s"),
+    ],
+    ids=["503", "302", "ssh", "cut", "empty", "long", "silent"],
+)
+async def test_http_check_fails_with_the_reason(reply: bytes | None, why: str) -> None:
+    config = HealthCheckConfig(path="/healthz", timeout=0.3, expect=((200, 299),))
+    async with Answer(reply) as server:
+        with pytest.raises(HealthCheckFailed) as caught:
+            await check_endpoint(server.endpoint(), config)
+    assert str(caught.value) == why
+
+
+@pytest.mark.socket
+async def test_checks_fail_on_a_refused_connection(refused_port: int) -> None:
+    endpoint = EndpointConfig(f"http://127.0.0.1:{refused_port}", "http", "127.0.0.1", refused_port)
+    for config in (FAST, HealthCheckConfig(type="tcp", timeout=0.3)):
+        with pytest.raises(HealthCheckFailed, match=r"connect to 127\.0\.0\.1:\d+ failed"):
+            await check_endpoint(endpoint, config)
+
+
+@pytest.mark.socket
+async def test_tcp_check_passes_on_connect_without_sending_anything() -> None:
+    async with Answer(b"") as server:
+        await check_endpoint(server.endpoint(), HealthCheckConfig(type="tcp", timeout=0.3))
+        await asyncio.sleep(0.02)
+    assert server.requests == []
+
+
+@pytest.mark.socket
+async def test_https_check_verifies_the_upstream_certificate(tls_files: TlsFiles) -> None:
+    reply = b"HTTP/1.1 204 No Content\r\n\r\n"
+    server_tls = tls_files.server_context(["http/1.1"])
+    async with Answer(reply, tls=server_tls) as server:
+        endpoint = server.endpoint("https", "localhost")
+        config = UpstreamConfig(
+            "secure",
+            (endpoint,),
+            protocol="h2",  # the check still offers http/1.1
+            tls=UpstreamTls(ca=str(tls_files.ca)),
+            health_check=FAST,
+        )
+        upstream = Upstream(config, "h11", 4096)
+        assert upstream.health is not None
+        checker = upstream.health
+        await checker.check_round()
+        assert checker.streaks == [1]
+        assert server.requests[0].startswith(b"GET /healthz HTTP/1.1\r\n")
+        # Without the CA the certificate is not trusted: the check fails.
+        untrusted = ssl.create_default_context()
+        with pytest.raises(HealthCheckFailed, match="certificate verify failed"):
+            await check_endpoint(endpoint, FAST, untrusted, "localhost")
