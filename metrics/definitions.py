@@ -322,6 +322,49 @@ def count_local_reply(reason: str) -> None:
     child.value += 1.0
 
 
+# -- upstream resilience: retries and the circuit breaker (proxy/retry.py) -------------
+
+UPSTREAM_RETRIES = LocalCounter(
+    "gatehouse_upstream_retries",
+    "Retries sent to an upstream, by upstream and reason: the condition that failed the "
+    "try before (connect-failure, refused-stream, reset, timeout, 502, 503, 504)",
+    ["upstream", "reason"],
+    registry=REGISTRY,
+)
+UPSTREAM_RETRY_BUDGET_EXHAUSTED = LocalCounter(
+    "gatehouse_upstream_retry_budget_exhausted",
+    "Retries not sent because the upstream's retry budget was spent (retries in flight "
+    "at their share of the requests in flight), by upstream",
+    ["upstream"],
+    registry=REGISTRY,
+)
+UPSTREAM_OVERLOADED = LocalCounter(
+    "gatehouse_upstream_overloaded",
+    "Requests (or retries) the upstream's circuit breaker refused with 503, by upstream "
+    "and limit (max_requests, max_pending, max_connections)",
+    ["upstream", "limit"],
+    registry=REGISTRY,
+)
+
+
+def count_retry(upstream: str, reason: str) -> None:
+    """One more retry to `upstream` after a try failed for `reason` (a retry condition)."""
+    if _enabled:
+        UPSTREAM_RETRIES.labels(upstream, reason).value += 1.0
+
+
+def count_retry_budget_exhausted(upstream: str) -> None:
+    """One more retry `upstream`'s retry budget refused."""
+    if _enabled:
+        UPSTREAM_RETRY_BUDGET_EXHAUSTED.labels(upstream).value += 1.0
+
+
+def count_overloaded(upstream: str, limit: str) -> None:
+    """One more request `upstream`'s circuit breaker refused at `limit`."""
+    if _enabled:
+        UPSTREAM_OVERLOADED.labels(upstream, limit).value += 1.0
+
+
 # Why an upstream attempt ended without a response head, by the error's class.
 _FAILURE_CODES: tuple[tuple[type[ProxyError], str], ...] = (
     (UpstreamConnectTimeout, "connect_timeout"),
@@ -463,6 +506,8 @@ def forget_series(
     live_routes = set(routes)
     live_upstreams = set(upstreams)
     live_endpoints = set(endpoints) if endpoints is not None else None
+    for resilience in (UPSTREAM_RETRIES, UPSTREAM_RETRY_BUDGET_EXHAUSTED, UPSTREAM_OVERLOADED):
+        resilience.forget("upstream", live_upstreams.__contains__)
 
     def keep_route(route: str) -> bool:
         return route == NO_ROUTE or route in live_routes

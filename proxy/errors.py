@@ -90,6 +90,18 @@ class PoolTimeout(ProxyError):
     status, reason = 503, "pool_timeout"
 
 
+class UpstreamOverloaded(ProxyError):
+    """The upstream's circuit breaker is open: a `circuit_breaker` limit (requests in
+    flight, requests waiting for a connection, or connections open) is reached, so the
+    request is refused at once instead of queueing without bound."""
+
+    status, reason = 503, "upstream_overloaded"
+
+    def __init__(self, limit: str, message: str = "") -> None:
+        super().__init__(message)
+        self.limit = limit  # the circuit_breaker key that refused it (a metrics label)
+
+
 class InternalError(ProxyError):
     """A bug: logged with its traceback, answered 500."""
 

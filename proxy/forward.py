@@ -1,23 +1,39 @@
-"""The end of every chain: rewrite the request, pick an endpoint, exchange, retry the
-keep-alive race. HTTP/2 upstreams (h2c, h2) take the same request as an h2 header list;
-their pool retries refused streams itself."""
+"""The end of every chain: rewrite the request, pick an endpoint, exchange, retry.
+
+Two kinds of retry happen here. The keep-alive race (a reused HTTP/1.1 connection the
+upstream closed as we sent, `StaleConnection`) is retried at once on a fresh connection to
+the same endpoint, and an HTTP/2 pool retries a refused stream once itself; neither counts
+as a try. The upstream's `retries` policy (proxy/retry.py) then decides whether a failed
+try is tried again on another endpoint, and the circuit breaker (proxy/circuit.py) may
+refuse a request or a try at once with 503 `upstream_overloaded`.
+
+The synchronous fast path (`try_start`) sends a bodiless request on an idle HTTP/1.1
+connection and has no retry loop: a failure reaches the front end through its callback,
+and only the keep-alive race comes back here (the front ends call the forwarder again).
+So a route takes the fast path only while the retry policy needs nothing more: its `on`
+holds only connect-failure and refused-stream (which cannot happen on an idle HTTP/1.1
+connection) and no `per_try_timeout` is set; otherwise every request takes this path.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Callable
 from time import perf_counter
 from typing import cast
 
 from metrics.definitions import failure_code
+from proxy.circuit import CircuitBreaker
 from proxy.config_model import RewriteConfig, WebSocketConfig
-from proxy.errors import BadRequest, ProxyError, UpstreamProtocolError
+from proxy.errors import BadRequest, ProxyError, UpstreamProtocolError, UpstreamTimeout
 from proxy.headers import upstream_h2_headers, upstream_request_head
 from proxy.models import Body, Request, Response
 from proxy.protocol.h1serialize import UnsafeHeader
-from proxy.upstream.balancer import Upstream
+from proxy.retry import ReplayBody, RetryPolicy, load_of
+from proxy.upstream.balancer import EndpointState, Upstream
 from proxy.upstream.h2pool import H2Pool
-from proxy.upstream.http1 import StaleConnection
+from proxy.upstream.http1 import Http1UpstreamConnection, StaleConnection
 from proxy.upstream.pool import UpstreamPool
 from proxy.upstream.upgrade import UpstreamHandshake
 from proxy.websocket import accept_value, new_key
@@ -62,9 +78,13 @@ class Forwarder:
     """Sends a route's requests to its upstream."""
 
     __slots__ = (
+        "_breaker",
+        "_fast",
         "_host_rewrite",
         "_http2",
+        "_load",
         "_max_head_bytes",
+        "_retry",
         "_rewrite",
         "_websocket",
         "upstream",
@@ -83,6 +103,10 @@ class Forwarder:
         self._http2 = upstream.http2
         self._max_head_bytes = max_head_bytes  # for a WebSocket handshake's answer
         self._websocket = websocket or WebSocketConfig()  # the route's tunnel settings
+        self._load = load = load_of(upstream)  # shared by every route to the upstream
+        self._retry = RetryPolicy(upstream.name, upstream.config.retries, load)
+        self._breaker = CircuitBreaker(upstream, upstream.config.circuit_breaker, load)
+        self._fast = not upstream.http2 and self._retry.fast_path_ok
 
     def target_of(self, request: Request) -> bytes:
         """The request target to send: the raw one unless the route rewrites the path."""
@@ -101,8 +125,12 @@ class Forwarder:
     ) -> bool:
         """The synchronous fast path (see `Runtime.try_fast`): send a bodiless request on
         an idle pooled connection; False when none is idle or anything is unusual (an
-        HTTP/2 upstream always takes the general path)."""
-        if self._http2:
+        HTTP/2 upstream, a retry policy the fast path cannot follow, `max_requests`
+        reached: the general path answers 503)."""
+        if not self._fast:
+            return False
+        load = self._load
+        if load.active >= self._breaker.max_requests:
             return False
         upstream = self.upstream
         state = upstream.choose(request)
@@ -121,9 +149,11 @@ class Forwarder:
         request.route_name = route_name
         request.params = params
         state.in_flight += 1
+        load.active += 1
 
         def answered(response: Response | None, error: ProxyError | None) -> None:
             state.in_flight -= 1
+            load.active -= 1
             upstream.report(state, response.status if response is not None else None, error)
             if response is not None:
                 upstream.policy.on_response(request, response, state)
@@ -133,47 +163,100 @@ class Forwarder:
         return True
 
     async def __call__(self, request: Request) -> Response:
-        """Forward `request` and return the upstream's response (body still streaming).
+        """Forward `request` and return the upstream's response (body still streaming),
+        retrying failed tries as the upstream's `retries` allow.
 
         Raises:
-            ProxyError: 502/503/504 for upstream failures, 4xx for a failed client body.
+            ProxyError: 502/503/504 for upstream failures (the last try's), 503
+                `upstream_overloaded` from the circuit breaker, 4xx for a failed client
+                body.
         """
         if request.upgrade:
             return await self._upgrade(request)
+        self._breaker.admit()
         body = request.body
-        body_bytes = body.take_all() if body.complete else None
-        if body_bytes is not None:
-            length: int | None = len(body_bytes)
-        else:
-            length = body.length
-        upstream = self.upstream
-        state = upstream.choose(request)
-        state.in_flight += 1
+        replay = ReplayBody(body, body.take_all() if body.complete else None)
+        load = self._load
+        load.active += 1
         try:
-            if self._http2:
-                response = await self._forward_h2(
-                    request, cast(H2Pool, state.pool), body_bytes, length
-                )
-            else:
-                response = await self._forward_h1(
-                    request, cast(UpstreamPool, state.pool), body, body_bytes, length
-                )
-        except ProxyError as exc:
-            upstream.report(state, None, exc)
-            raise
+            return await self._tries(request, replay)
         finally:
-            state.in_flight -= 1
-        upstream.report(state, response.status, None)
-        upstream.policy.on_response(request, response, state)
-        return response
+            load.active -= 1
+
+    async def _tries(self, request: Request, replay: ReplayBody) -> Response:
+        """The retry loop: a try, then (if the policy says so) a back-off and another try
+        on an endpoint not tried yet."""
+        upstream = self.upstream
+        policy = self._retry
+        tried: list[int] = []
+        granted = False  # this request holds a retry of the upstream's budget
+        try:
+            while True:
+                state = upstream.choose(request, tried)
+                self._breaker.admit_try(state.pool)
+                request.retries = len(tried)
+                tried.append(state.index)
+                state.in_flight += 1
+                response: Response | None = None
+                error: ProxyError | None = None
+                try:
+                    response = await self._try(request, state, replay)
+                except ProxyError as exc:
+                    error = exc
+                finally:
+                    state.in_flight -= 1
+                    if granted:
+                        granted = False
+                        policy.release()
+                if response is None:
+                    assert error is not None
+                    upstream.report(state, None, error)
+                    condition = policy.error_condition(error, len(tried))
+                    if (
+                        condition is None
+                        or not policy.replayable(condition, request.method, replay)
+                        or not policy.take_budget(condition)
+                    ):
+                        raise error
+                else:
+                    upstream.report(state, response.status, None)
+                    condition = policy.status_condition(response.status, len(tried))
+                    if (
+                        condition is None
+                        or not policy.replayable(condition, request.method, replay)
+                        or not policy.take_budget(condition)
+                    ):
+                        upstream.policy.on_response(request, response, state)
+                        return response
+                    response.body.discard()  # its connection goes back (or closes)
+                granted = True
+                await asyncio.sleep(policy.backoff(len(tried) - 1))
+        finally:
+            if granted:  # cancelled during the back-off
+                policy.release()
+
+    async def _try(self, request: Request, state: EndpointState, replay: ReplayBody) -> Response:
+        """One try on `state`'s endpoint, bounded up to the response head by the
+        `per_try_timeout` when there is one."""
+        timeout = self._retry.per_try_timeout
+        if timeout is None:
+            return await self._send(request, state, replay)
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._send(request, state, replay)
+        except TimeoutError:
+            raise UpstreamTimeout(f"no response head within per_try_timeout {timeout}s") from None
+
+    async def _send(self, request: Request, state: EndpointState, replay: ReplayBody) -> Response:
+        data = replay.data
+        # A streamed body kept whole by an earlier try is sent framed by its length.
+        length = len(data) if data is not None else request.body.length
+        if self._http2:
+            return await self._forward_h2(request, cast(H2Pool, state.pool), data, length)
+        return await self._forward_h1(request, cast(UpstreamPool, state.pool), replay, length)
 
     async def _forward_h1(
-        self,
-        request: Request,
-        pool: UpstreamPool,
-        body: Body,
-        body_bytes: bytes | None,
-        length: int | None,
+        self, request: Request, pool: UpstreamPool, replay: ReplayBody, length: int | None
     ) -> Response:
         request.endpoint = pool.label
         endpoint = pool.endpoint
@@ -186,19 +269,18 @@ class Forwarder:
             raise BadRequest(str(exc)) from None
         conn = await pool.acquire()
         try:
-            return await conn.exchange(request.method, head, body, body_bytes)
+            return await _exchange_h1(conn, request.method, head, replay)
         except StaleConnection:
-            if body_bytes is None:
-                body_bytes = conn.sent_body
-                if body_bytes is None:
-                    raise  # a streamed body that was large or not wholly sent
+            if replay.data is None:
+                raise  # a streamed body that was large or not wholly sent
+            if length is None or length != len(replay.data):
                 # The replay sends the body whole, framed by its now known length.
                 head = upstream_request_head(
-                    request, self.target_of(request), host, len(body_bytes), chunked=False
+                    request, self.target_of(request), host, len(replay.data), chunked=False
                 )
         # The keep-alive race: the upstream closed this idle connection as we sent on it.
         conn = await pool.acquire(fresh=True)
-        return await conn.exchange(request.method, head, body, body_bytes)
+        return await _exchange_h1(conn, request.method, head, replay)
 
     async def _forward_h2(
         self, request: Request, pool: H2Pool, body_bytes: bytes | None, length: int | None
@@ -268,3 +350,17 @@ class Forwarder:
         response = Response(101, handshake.headers, reason=reason)
         response.upgrade = handshake
         return response
+
+
+async def _exchange_h1(
+    conn: Http1UpstreamConnection, method: str, head: bytes, replay: ReplayBody
+) -> Response:
+    """One HTTP/1.1 exchange; a streamed body the connection copied whole (when small)
+    is kept in `replay` for a retry, whatever the outcome."""
+    if replay.data is not None:
+        return await conn.exchange(method, head, replay.body, replay.data)
+    conn.sent_body = None  # never a copy left from this connection's previous request
+    try:
+        return await conn.exchange(method, head, replay.body, None)
+    finally:
+        replay.data = conn.sent_body

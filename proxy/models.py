@@ -352,6 +352,7 @@ class Request(_Message):
         "query",
         "received_at",
         "request_id",
+        "retries",
         "route_name",
         "scheme",
         "target",
@@ -397,6 +398,7 @@ class Request(_Message):
         self.route_name = ""
         self.consumer = ""  # who an auth middleware found the caller to be
         self.endpoint = ""  # host:port of the upstream endpoint the request went to
+        self.retries = 0  # tries after the first (proxy/retry.py); endpoint is the last's
         self.upstream_s = 0.0  # the upstream's part: sending until the response head
         self.chain_inner_s = 0.0  # (middleware/chain.py: what the links after one took)
         self.eager: EagerRun | None = None  # (proxy/eager.py: its chain runs without a task)

@@ -28,6 +28,7 @@ DURATION_COUNT = "gatehouse_request_duration_seconds_count"
 UPSTREAM = "gatehouse_upstream_requests_total"
 UPSTREAM_COUNT = "gatehouse_upstream_request_duration_seconds_count"
 LOCAL = "gatehouse_local_replies_total"
+RETRIES = "gatehouse_upstream_retries_total"
 
 
 def closed_port() -> int:
@@ -238,7 +239,9 @@ async def test_a_dead_upstream_is_a_502_and_a_connect_error(
     assert status == 502
     assert counts.delta(REQUESTS, route="dead", method="GET", code="502") == 1
     assert counts.delta(LOCAL, reason="upstream_connect_failed") == 1
-    assert counts.delta(UPSTREAM, upstream="dead", endpoint=dead, code="connect_error") == 1
+    # The default retries (2 attempts on connect-failure) try the only endpoint twice.
+    assert counts.delta(UPSTREAM, upstream="dead", endpoint=dead, code="connect_error") == 2
+    assert counts.delta(RETRIES, upstream="dead", reason="connect-failure") == 1
     assert counts.delta(UPSTREAM_COUNT, upstream="dead", endpoint=dead) == 0  # not timed
 
 
@@ -254,7 +257,8 @@ async def test_a_dead_http2_upstream_is_a_502_and_a_connect_error(
 
     assert status == 502
     assert counts.delta(REQUESTS, route="deadh2", method="GET", code="502") == 1
-    assert counts.delta(UPSTREAM, upstream="deadh2", endpoint=dead, code="connect_error") == 1
+    assert counts.delta(UPSTREAM, upstream="deadh2", endpoint=dead, code="connect_error") == 2
+    assert counts.delta(RETRIES, upstream="deadh2", reason="connect-failure") == 1
 
 
 async def test_a_silent_upstream_is_a_504_and_a_timeout(

@@ -1,0 +1,304 @@
+"""Retries through real sockets: another endpoint after a connect failure (any method),
+502/503/504 for idempotent requests only, the body limit, the per-try timeout, the
+back-off, the budget that caps amplification, and an endpoint killed under load."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+
+from metrics.definitions import UPSTREAM_RETRIES, UPSTREAM_RETRY_BUDGET_EXHAUSTED
+from tests.conftest import GatewayFactory, UpstreamFactory, base_url
+from tests.helpers import RawClient
+
+pytestmark = pytest.mark.socket
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+@dataclass
+class StatusServer:
+    """An HTTP/1.1 upstream answering every request with `status` after `delay_s`
+    (keep-alive), recording when each request arrived."""
+
+    status: int = 503
+    delay_s: float = 0.0
+    hits: list[float] = field(default_factory=list)
+    port: int = 0
+    _server: asyncio.Server | None = None
+    _writers: set[asyncio.StreamWriter] = field(default_factory=set)
+
+    async def start(self) -> StatusServer:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for writer in list(self._writers):
+                writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                if length:
+                    await reader.readexactly(length)
+                self.hits.append(time.monotonic())
+                if self.delay_s:
+                    await asyncio.sleep(self.delay_s)
+                body = f"status {self.status}".encode()
+                writer.write(
+                    f"HTTP/1.1 {self.status} X\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+
+@pytest.fixture
+async def status_servers() -> contextlib.AsyncExitStack:  # type: ignore[misc]
+    async with contextlib.AsyncExitStack() as stack:
+        yield stack
+
+
+async def status_server(stack: contextlib.AsyncExitStack, **options: object) -> StatusServer:
+    server = await StatusServer(**options).start()  # type: ignore[arg-type]
+    stack.push_async_callback(server.stop)
+    return server
+
+
+def config(endpoints: list[str], retries: str, *, outlier: bool = False) -> str:
+    """One upstream `app` over `endpoints`; passive ejection off unless asked, so each
+    test sees its retries alone."""
+    return f"""
+listeners:
+  - bind: 127.0.0.1:0
+upstreams:
+  app:
+    endpoints: [{", ".join(endpoints)}]
+    retries: {retries}
+    {"" if outlier else "outlier: false"}
+routes:
+  - name: all
+    match: {{path_prefix: /}}
+    upstream: app
+"""
+
+
+def retries_counted(reason: str) -> float:
+    return UPSTREAM_RETRIES.labels("app", reason).value
+
+
+async def test_connect_failure_is_retried_on_the_other_endpoint_for_any_method(
+    gateway_factory: GatewayFactory, upstream_factory: UpstreamFactory
+) -> None:
+    live = await upstream_factory()
+    dead = f"http://127.0.0.1:{closed_port()}"
+    server = await gateway_factory(config([dead, live.url], "{attempts: 2}"))
+    before = retries_counted("connect-failure")
+    async with httpx.AsyncClient(base_url=base_url(server), timeout=5) as client:
+        for _ in range(4):
+            assert (await client.get("/echo/get")).status_code == 200
+            # Nothing reached the dead endpoint: a POST is as safe to send again.
+            response = await client.post("/echo/post", content=b"payload")
+            assert response.status_code == 200
+            assert response.json()["body"] == "payload"
+    assert len(live.requests) == 8
+    assert retries_counted("connect-failure") - before >= 2
+
+
+async def test_503_is_retried_for_get_but_not_for_post(
+    gateway_factory: GatewayFactory, status_servers: contextlib.AsyncExitStack
+) -> None:
+    first = await status_server(status_servers, status=503)
+    second = await status_server(status_servers, status=503)
+    server = await gateway_factory(
+        config([first.url, second.url], "{attempts: 2, on: [503], backoff: {base: 1ms}}")
+    )
+    async with httpx.AsyncClient(base_url=base_url(server), timeout=5) as client:
+        response = await client.get("/x")
+        assert response.status_code == 503  # the last try's answer, passed on
+        assert response.text == "status 503"
+        assert (len(first.hits), len(second.hits)) == (1, 1)  # one each: another endpoint
+        assert (await client.post("/x", content=b"once")).status_code == 503
+    assert len(first.hits) + len(second.hits) == 3  # the POST was sent once
+
+
+async def test_503_then_success_on_the_other_endpoint(
+    gateway_factory: GatewayFactory,
+    status_servers: contextlib.AsyncExitStack,
+    upstream_factory: UpstreamFactory,
+) -> None:
+    failing = await status_server(status_servers, status=503)
+    live = await upstream_factory()
+    server = await gateway_factory(
+        config([failing.url, live.url], "{attempts: 2, on: [502, 503], backoff: {base: 1ms}}")
+    )
+    async with await RawClient.connect(server.addresses[0]) as client:
+        for _ in range(4):
+            await client.send(b"PUT /echo/put HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc")
+            response = await client.response()
+            assert response.status == 200
+            assert b'"body": "abc"' in response.body or b'"body":"abc"' in response.body
+    assert len(failing.hits) >= 1
+    assert len(live.requests) == 4
+
+
+async def test_a_body_over_body_limit_is_not_retried(
+    gateway_factory: GatewayFactory, status_servers: contextlib.AsyncExitStack
+) -> None:
+    first = await status_server(status_servers, status=503)
+    second = await status_server(status_servers, status=503)
+    retries = "{attempts: 2, on: [503], body_limit: 1KiB, backoff: {base: 1ms}}"
+    server = await gateway_factory(config([first.url, second.url], retries))
+    async with httpx.AsyncClient(base_url=base_url(server), timeout=5) as client:
+        assert (await client.put("/x", content=b"s" * 1024)).status_code == 503
+        assert len(first.hits) + len(second.hits) == 2  # within the limit: retried
+        assert (await client.put("/x", content=b"l" * 1025)).status_code == 503
+        assert len(first.hits) + len(second.hits) == 3  # over it: sent once
+
+
+async def test_per_try_timeout_then_success_on_the_other_endpoint(
+    gateway_factory: GatewayFactory,
+    status_servers: contextlib.AsyncExitStack,
+    upstream_factory: UpstreamFactory,
+) -> None:
+    slow = await status_server(status_servers, status=200, delay_s=5.0)
+    live = await upstream_factory()
+    retries = "{attempts: 2, on: [timeout], per_try_timeout: 100ms, backoff: {base: 1ms}}"
+    server = await gateway_factory(config([slow.url, live.url], retries))
+    before = retries_counted("timeout")
+    async with httpx.AsyncClient(base_url=base_url(server), timeout=5) as client:
+        for _ in range(4):
+            started = time.monotonic()
+            response = await client.get("/echo/x")
+            assert response.status_code == 200
+            assert time.monotonic() - started < 1.0  # one 100 ms try at most, not 5 s
+    assert len(live.requests) == 4
+    assert len(slow.hits) >= 1
+    assert retries_counted("timeout") - before == len(slow.hits)
+
+
+async def test_per_try_timeout_on_the_last_try_is_a_504(
+    gateway_factory: GatewayFactory, status_servers: contextlib.AsyncExitStack
+) -> None:
+    first = await status_server(status_servers, status=200, delay_s=5.0)
+    second = await status_server(status_servers, status=200, delay_s=5.0)
+    retries = "{attempts: 2, on: [timeout], per_try_timeout: 100ms, backoff: {base: 1ms}}"
+    server = await gateway_factory(config([first.url, second.url], retries))
+    started = time.monotonic()
+    async with httpx.AsyncClient(base_url=base_url(server), timeout=5) as client:
+        response = await client.get("/x")
+    assert response.status_code == 504
+    assert response.json()["error"] == "upstream_timeout"
+    assert 0.2 <= time.monotonic() - started < 1.0
+    assert (len(first.hits), len(second.hits)) == (1, 1)
+
+
+async def test_backoff_waits_a_jittered_time_before_each_retry(
+    gateway_factory: GatewayFactory, status_servers: contextlib.AsyncExitStack
+) -> None:
+    first = await status_server(status_servers, status=503)
+    second = await status_server(status_servers, status=503)
+    retries = "{attempts: 3, on: [503], backoff: {base: 100ms, max: 100ms}}"
+    server = await gateway_factory(config([first.url, second.url], retries))
+    async with httpx.AsyncClient(base_url=base_url(server), timeout=5) as client:
+        for _ in range(5):
+            assert (await client.get("/x")).status_code == 503
+    hits = sorted(first.hits + second.hits)
+    assert len(hits) == 15
+    gaps = [hits[i + 1] - hits[i] for i in range(0, 15, 3) for i in (i, i + 1)]
+    # Each wait is uniform in [0, 100 ms]: ten of them sum to 0.5 s on average, and
+    # less than 0.15 s with odds of about 1e-5; none is much above the ceiling.
+    assert sum(gaps) > 0.15
+    assert max(gaps) < 0.1 + 0.1
+    assert len({round(gap, 3) for gap in gaps}) > 1  # jittered, not a fixed delay
+
+
+async def test_the_budget_caps_amplification_when_every_endpoint_fails(
+    gateway_factory: GatewayFactory, status_servers: contextlib.AsyncExitStack
+) -> None:
+    first = await status_server(status_servers, status=503)
+    second = await status_server(status_servers, status=503)
+    retries = "{attempts: 5, on: [503], backoff: {base: 10ms, max: 50ms}}"
+    server = await gateway_factory(config([first.url, second.url], retries))
+    exhausted = UPSTREAM_RETRY_BUDGET_EXHAUSTED.labels("app")
+    refused_before = exhausted.value
+    clients = 50
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=base_url(server), timeout=10, limits=limits) as client:
+        responses = await asyncio.gather(*(client.get(f"/x/{n}") for n in range(clients)))
+    assert all(response.status_code == 503 for response in responses)
+    attempts = len(first.hits) + len(second.hits)
+    # Without the budget every request would be tried 5 times (250 attempts). With it,
+    # retries in flight stay under max(3, 20% of the 50 in flight): the first wave of
+    # retries is 10 (1.2x), and once most requests have failed, the minimum of 3 lets
+    # the last few go on through their attempts (observed: 62 on uvloop, 69 on asyncio).
+    assert clients <= attempts <= 1.2 * clients + 3 * 4, attempts
+    assert exhausted.value - refused_before >= clients - 10 - 3
+
+
+async def test_killing_one_of_three_endpoints_under_load_loses_no_idempotent_request(
+    gateway_factory: GatewayFactory, upstream_factory: UpstreamFactory
+) -> None:
+    servers = [await upstream_factory() for _ in range(3)]
+    # The budget's minimum covers the clients: with the default 3, the four requests in
+    # flight can all fail at the instant of the kill and the fourth retry is refused
+    # (that is the budget working; see the amplification test).
+    retries = "{attempts: 3, on: [connect-failure, reset, 502, 503], budget: {min: 4}}"
+    server = await gateway_factory(
+        config([s.url for s in servers], retries, outlier=True)  # as deployed
+    )
+    outcomes: list[int] = []
+    stop = asyncio.Event()
+
+    async def client_loop(n: int) -> None:
+        async with httpx.AsyncClient(base_url=base_url(server), timeout=5) as client:
+            while not stop.is_set():
+                try:
+                    status = (await client.get(f"/echo/{n}")).status_code
+                except httpx.HTTPError:
+                    status = 0
+                outcomes.append(status)
+
+    async with asyncio.TaskGroup() as group:
+        for n in range(4):
+            group.create_task(client_loop(n))
+        await asyncio.sleep(0.3)
+        served_before = len(servers[0].requests)
+        await servers[0].stop()
+        await asyncio.sleep(0.5)
+        stop.set()
+    assert served_before > 0  # the killed endpoint had its share before
+    assert len(outcomes) > 100
+    assert [status for status in outcomes if status != 200] == []
+    assert len(servers[1].requests) + len(servers[2].requests) > len(outcomes) // 2
