@@ -72,6 +72,7 @@ FIELDS = (
     "upstream_s",  # forwarding: from sending the request to the response head
     "user_agent",
     "consumer",  # who an auth middleware found the caller to be
+    "retries",  # tries after the first (upstreams.X.retries); endpoint is the last try's
 )
 OUTPUTS = {"stdout": 1, "stderr": 2}
 DEFAULT_QUEUE_LINES = 10_000
@@ -96,6 +97,7 @@ _RENDER: dict[str, Callable[[Any], str]] = {  # how a field's value is written (
     "duration_s": _seconds,
     "upstream_s": _seconds,
     "protocol": _protocol,
+    "retries": str,
 }
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode
@@ -321,6 +323,7 @@ class AccessLog:
                 request.upstream_s,
                 request.header("user-agent") or "",
                 request.consumer,
+                request.retries,
             )
         )
 
@@ -339,7 +342,7 @@ class AccessLog:
             f'"path":{_quote(v[5])},"protocol":{_protocol(v[6])},"route":{_quote(v[7])},'
             f'"endpoint":{_quote(v[8])},"status":{v[9]},"bytes_in":{v[10]},'
             f'"bytes_out":{v[11]},"duration_s":{v[12]:.6f},"upstream_s":{v[13]:.6f},'
-            f'"user_agent":{_quote(v[14])},"consumer":{_quote(v[15])}}}'
+            f'"user_agent":{_quote(v[14])},"consumer":{_quote(v[15])},"retries":{v[16]}}}'
         )
 
     def encode_fields(self, values: tuple[Any, ...]) -> str:

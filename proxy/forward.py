@@ -33,6 +33,7 @@ from proxy.protocol.h1serialize import UnsafeHeader
 from proxy.retry import ReplayBody, RetryPolicy, load_of
 from proxy.upstream.balancer import EndpointState, Upstream
 from proxy.upstream.h2pool import H2Pool
+from proxy.upstream.h2stream import StreamRefused
 from proxy.upstream.http1 import Http1UpstreamConnection, StaleConnection
 from proxy.upstream.pool import UpstreamPool
 from proxy.upstream.upgrade import UpstreamHandshake
@@ -252,7 +253,7 @@ class Forwarder:
         # A streamed body kept whole by an earlier try is sent framed by its length.
         length = len(data) if data is not None else request.body.length
         if self._http2:
-            return await self._forward_h2(request, cast(H2Pool, state.pool), data, length)
+            return await self._forward_h2(request, cast(H2Pool, state.pool), replay, length)
         return await self._forward_h1(request, cast(UpstreamPool, state.pool), replay, length)
 
     async def _forward_h1(
@@ -283,7 +284,7 @@ class Forwarder:
         return await _exchange_h1(conn, request.method, head, replay)
 
     async def _forward_h2(
-        self, request: Request, pool: H2Pool, body_bytes: bytes | None, length: int | None
+        self, request: Request, pool: H2Pool, replay: ReplayBody, length: int | None
     ) -> Response:
         request.endpoint = pool.label
         endpoint = pool.endpoint
@@ -294,7 +295,11 @@ class Forwarder:
             )
         except UnsafeHeader as exc:
             raise BadRequest(str(exc)) from None
-        return await pool.exchange(headers, request.body, body_bytes)
+        try:
+            return await pool.exchange(headers, replay.body, replay.data)
+        except StreamRefused as exc:
+            replay.keep(exc.replay)  # the pool could not retry it: maybe another endpoint
+            raise
 
     async def _upgrade(self, request: Request) -> Response:
         """The upstream half of a WebSocket handshake: an HTTP/1.1 Upgrade on a connection
@@ -363,4 +368,4 @@ async def _exchange_h1(
     try:
         return await conn.exchange(method, head, replay.body, None)
     finally:
-        replay.data = conn.sent_body
+        replay.keep(conn.sent_body)

@@ -104,6 +104,19 @@ class ReplayBody:
         self.body = body
         self.data = data
 
+    def keep(self, consumed: bytes | None) -> None:
+        """A try's copy of the streamed body it consumed (an HTTP/1.1 connection's
+        `sent_body`, a refused HTTP/2 stream's `replay`): kept for the next try when it
+        is the whole body, which the client has finished sending."""
+        body = self.body
+        if (
+            self.data is None
+            and consumed is not None
+            and body.complete
+            and len(consumed) == body.bytes_read == body.bytes_fed
+        ):
+            self.data = consumed
+
     @property
     def untouched(self) -> bool:
         """No try consumed any of the client's stream (a refused connection never

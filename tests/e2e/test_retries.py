@@ -15,6 +15,7 @@ import pytest
 
 from metrics.definitions import UPSTREAM_RETRIES, UPSTREAM_RETRY_BUDGET_EXHAUSTED
 from tests.conftest import GatewayFactory, UpstreamFactory, base_url
+from tests.h2_upstream import H2UpstreamServer
 from tests.helpers import RawClient
 
 pytestmark = pytest.mark.socket
@@ -134,6 +135,31 @@ async def test_connect_failure_is_retried_on_the_other_endpoint_for_any_method(
             assert response.json()["body"] == "payload"
     assert len(live.requests) == 8
     assert retries_counted("connect-failure") - before >= 2
+
+
+async def test_refused_streams_go_to_the_other_http2_endpoint_even_for_post(
+    gateway_factory: GatewayFactory,
+) -> None:
+    # The first endpoint refuses its first two streams: the h2 pool's own retry on a fresh
+    # connection is refused too, and the forwarder's retry goes to the other endpoint.
+    refusing = await H2UpstreamServer(refuse_streams=2).start()
+    live = await H2UpstreamServer().start()
+    try:
+        yaml = config([refusing.url, live.url], "{attempts: 2}").replace(
+            "    outlier: false", "    outlier: false\n    protocol: h2c"
+        )
+        server = await gateway_factory(yaml)
+        before = retries_counted("refused-stream")
+        async with httpx.AsyncClient(base_url=base_url(server), timeout=5) as client:
+            response = await client.post("/echo/x", content=b"never processed")
+        assert response.status_code == 200
+        assert response.json()["body"] == "never processed"
+        assert refusing.refused == 2
+        assert len(live.requests) == 1
+        assert retries_counted("refused-stream") - before == 1
+    finally:
+        await refusing.stop()
+        await live.stop()
 
 
 async def test_503_is_retried_for_get_but_not_for_post(

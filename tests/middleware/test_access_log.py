@@ -158,6 +158,7 @@ async def test_the_line_is_written_once_the_response_body_is_sent(
         "upstream_s": 0.002,
         "user_agent": "curl/8.5",
         "consumer": "alice",
+        "retries": 0,
     }
 
 
@@ -422,14 +423,14 @@ _TEXT = st.text(max_size=40)  # any text: quotes, backslashes, controls, non-ASC
 
 @given(
     strings=st.tuples(*[_TEXT] * 10),
-    numbers=st.tuples(*[st.integers(0, 10**12)] * 3),
+    numbers=st.tuples(*[st.integers(0, 10**12)] * 4),
     seconds=st.tuples(*[st.floats(0, 1e5)] * 2),
 )
 def test_a_line_is_the_json_of_its_values(
     strings: tuple[str, ...], numbers: tuple[int, ...], seconds: tuple[float, ...]
 ) -> None:
     rid, ip, method, host, path, route, endpoint, agent, consumer, _ = strings
-    status, bytes_in, bytes_out = numbers
+    status, bytes_in, bytes_out, retries = numbers
     values = (
         1_790_000_000.25,
         rid,
@@ -446,6 +447,7 @@ def test_a_line_is_the_json_of_its_values(
         *seconds,
         agent,
         consumer,
+        retries,
     )
     log = load()
     line = log.encode(values)
@@ -469,4 +471,5 @@ def test_a_line_is_the_json_of_its_values(
         "upstream_s": float(f"{seconds[1]:.6f}"),
         "user_agent": agent,
         "consumer": consumer,
+        "retries": retries,
     }

@@ -172,3 +172,19 @@ def test_replay_body_is_untouched_until_a_try_reads_the_stream() -> None:
     assert (before, replay.untouched) == (True, False)
     assert ReplayBody(body, b"abc").untouched  # a copy kept by the connection
     assert "attempts=2" in repr(policy())
+
+
+def test_keep_takes_a_try_copy_only_when_it_is_the_whole_finished_body() -> None:
+    body = Body(None)
+    body.feed(b"abc")
+    body.bytes_read = 3  # a try read it all, but the client has not finished
+    replay = ReplayBody(body, None)
+    replay.keep(b"abc")
+    assert replay.data is None
+    body.feed_eof()
+    replay.keep(None)  # the copy grew too large
+    assert replay.data is None
+    replay.keep(b"ab")  # not all of it
+    assert replay.data is None
+    replay.keep(b"abc")
+    assert replay.data == b"abc"
