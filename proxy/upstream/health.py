@@ -183,7 +183,9 @@ class HealthChecker:
         self._task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
-        state = "RUNNING" if self._task is not None and not self._task.done() else "STOPPED"
+        task = self._task
+        running = task is not None and not task.done() and not task.cancelling()
+        state = "RUNNING" if running else "STOPPED"
         healthy = sum(1 for e in self.endpoints if e.healthy)
         return (
             f"<HealthChecker {self.upstream} {state} healthy={healthy}/{len(self.endpoints)}"
