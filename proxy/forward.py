@@ -138,6 +138,9 @@ class Forwarder:
         pool = cast(UpstreamPool, state.pool)
         conn = pool.take_idle()
         if conn is None:
+            # Choosing again on the general path would advance round robin twice: an
+            # endpoint with no connection yet would be skipped every time and starve.
+            request.balanced = state
             return False
         request.endpoint = pool.label
         endpoint = pool.endpoint
@@ -193,7 +196,10 @@ class Forwarder:
         granted = False  # this request holds a retry of the upstream's budget
         try:
             while True:
-                state = upstream.choose(request, tried)
+                state = request.balanced if not tried else None
+                if state is None:
+                    state = upstream.choose(request, tried)
+                request.balanced = None
                 self._breaker.admit_try(state.pool)
                 request.retries = len(tried)
                 tried.append(state.index)

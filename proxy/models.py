@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from yarl import URL
 
     from proxy.eager import EagerRun
+    from proxy.upstream.balancer import EndpointState
     from proxy.upstream.upgrade import UpstreamHandshake
 
 BODY_HIGH_WATER_BYTES = 256 * 1024
@@ -336,6 +337,7 @@ class Request(_Message):
 
     __slots__ = (
         "_url",
+        "balanced",
         "body",
         "chain_inner_s",
         "client",
@@ -399,6 +401,9 @@ class Request(_Message):
         self.consumer = ""  # who an auth middleware found the caller to be
         self.endpoint = ""  # host:port of the upstream endpoint the request went to
         self.retries = 0  # tries after the first (proxy/retry.py); endpoint is the last's
+        # The endpoint the fast path chose but could not use (no idle connection): the
+        # general path's first try goes there rather than asking the policy again.
+        self.balanced: EndpointState | None = None
         self.upstream_s = 0.0  # the upstream's part: sending until the response head
         self.chain_inner_s = 0.0  # (middleware/chain.py: what the links after one took)
         self.eager: EagerRun | None = None  # (proxy/eager.py: its chain runs without a task)

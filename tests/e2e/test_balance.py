@@ -246,3 +246,17 @@ async def test_balance_decisions_do_not_disturb_plain_proxying(
     assert response.json()["body"] == "body"
     assert response.json()["target"] == "/echo/x?y=1"
     assert sum(received(upstreams)) == 1
+
+
+async def test_every_endpoint_gets_bodiless_requests_of_the_fast_path_by_weight(
+    gateway_factory: GatewayFactory, upstream_factory: UpstreamFactory
+) -> None:
+    """Regression: a GET that found no idle connection on the fast path was balanced a
+    second time on the general path, so round robin skipped an endpoint that had no
+    connection yet, for good (weights 1,2,3 gave 0, 24, 36 of 60)."""
+    upstreams = await three_upstreams(upstream_factory)
+    gateway = await gateway_factory(balanced_config(upstreams, [1, 2, 3], "round_robin"))
+    async with httpx.AsyncClient() as client:
+        for n in range(60):
+            assert (await client.get(f"{base_url(gateway)}/echo/{n}")).status_code == 200
+    assert received(upstreams) == [10, 20, 30]
