@@ -261,8 +261,16 @@ class UpstreamSections(NodeReader):
         return tuple(ranges)
 
     def _fraction(self, node: Node, path: str) -> float:
-        value = self.convert(node, path, _fraction, "a fraction like 0.1 or 10%")
-        return value
+        """A fraction, written as a number (0.1) or a percentage ("10%")."""
+        value = self.value(node, path)
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise self.type_error(node, path, "a fraction like 0.1 or '10%'")
+        try:
+            return _fraction(str(value))
+        except ValueError:
+            raise self.error(
+                node, path, f"expected a fraction from 0 to 1 or 0% to 100%, got {value!r}"
+            ) from None
 
     def _outlier(self, node: Node, path: str) -> OutlierConfig | None:
         if isinstance(node, ScalarNode) and self.value(node, path) is False:
