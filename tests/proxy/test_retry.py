@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from metrics.definitions import UPSTREAM_RETRIES, UPSTREAM_RETRY_BUDGET_EXHAUSTED
+from metrics import definitions
+from metrics.definitions import (
+    UPSTREAM_OVERLOADED,
+    UPSTREAM_RETRIES,
+    UPSTREAM_RETRY_BUDGET_EXHAUSTED,
+    count_overloaded,
+    count_retry,
+    count_retry_budget_exhausted,
+    forget_series,
+)
+from metrics.local import LocalCounter, LocalHistogram
 from proxy.config_model import RetryConfig
 from proxy.errors import (
     BodyTooLarge,
@@ -188,3 +198,22 @@ def test_keep_takes_a_try_copy_only_when_it_is_the_whole_finished_body() -> None
     assert replay.data is None
     replay.keep(b"abc")
     assert replay.data == b"abc"
+
+
+def test_forget_series_drops_the_retry_and_overload_series_of_removed_upstreams() -> None:
+    count_retry("unit-gone", "reset")
+    count_retry_budget_exhausted("unit-gone")
+    count_overloaded("unit-gone", "max_requests")
+    count_retry("unit-kept", "reset")
+    families = [
+        family
+        for family in vars(definitions).values()
+        if isinstance(family, LocalCounter | LocalHistogram) and "upstream" in family.labelnames
+    ]
+    # Every upstream other tests of this process counted for stays.
+    live = {values[family.labelnames.index("upstream")] for family in families
+            for values, _ in family.children()} - {"unit-gone"}  # fmt: skip
+    forget_series({values[0] for values, _ in definitions.REQUESTS.children()}, live)
+    ours = (UPSTREAM_RETRIES, UPSTREAM_RETRY_BUDGET_EXHAUSTED, UPSTREAM_OVERLOADED)
+    assert [v for family in ours for v, _ in family.children() if v[0] == "unit-gone"] == []
+    assert ("unit-kept", "reset") in dict(UPSTREAM_RETRIES.children())
