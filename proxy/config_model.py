@@ -130,6 +130,9 @@ class EndpointConfig:
     host: str
     port: int
     weight: int = 1
+    # The host name an address came from, when `resolve` expanded one (SNI and the
+    # certificate check use it); "" for an endpoint as written.
+    name: str = ""
 
 
 @dataclass(frozen=True, slots=True)

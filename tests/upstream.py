@@ -68,6 +68,7 @@ class UpstreamServer:
     requests: list[Recorded] = field(default_factory=list)
     connections: int = 0
     port: int = 0
+    host: str = "127.0.0.1"  # any loopback address (127.0.0.2 for a second "host")
     keep_alive: bool = True
     drop_reused: bool = False
     dropped: int = 0
@@ -75,13 +76,13 @@ class UpstreamServer:
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
 
     async def start(self, port: int = 0) -> UpstreamServer:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", port)
+        self._server = await asyncio.start_server(self._serve, self.host, port)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     async def stop(self) -> None:
         """Stop listening and close every open connection."""

@@ -32,6 +32,7 @@ from proxy.upstream.health import HealthChecker
 from proxy.upstream.outlier import OutlierDetector
 from proxy.upstream.policies import Policy, make_policy
 from proxy.upstream.pool import PoolOccupancy, UpstreamPool
+from proxy.upstream.resolver import DnsRefresh
 from proxy.upstream.tls import client_context, server_hostname
 
 if TYPE_CHECKING:
@@ -119,68 +120,100 @@ class Upstream:
         self.config = config
         # h2c and h2 share one pool type; the scheme of each endpoint says whether TLS.
         self.http2 = config.protocol in ("h2c", "h2")
-        tls = client_context(config)
-        self.pools: list[UpstreamPool] = []
-        self.h2_pools: list[H2Pool] = []
-        for endpoint in config.endpoints:
-            context = tls if endpoint.scheme == "https" else None
-            name = server_hostname(endpoint, config)
-            if self.http2:
-                self.h2_pools.append(
-                    H2Pool(
-                        endpoint,
-                        config.pool,
-                        config.timeouts,
-                        tls=context,
-                        server_hostname=name,
-                        upstream=self.name,
-                    )
-                )
-            else:
-                self.pools.append(
-                    UpstreamPool(
-                        endpoint,
-                        config.pool,
-                        config.timeouts,
-                        codec,
-                        max_head_bytes,
-                        tls=context,
-                        server_hostname=name,
-                        upstream=self.name,
-                    )
-                )
-        self.all_pools: list[EndpointPool] = [*self.pools, *self.h2_pools]
-        self.endpoints = [
-            EndpointState(index, pool, endpoint.weight)
-            for index, (pool, endpoint) in enumerate(
-                zip(self.all_pools, config.endpoints, strict=True)
-            )
-        ]
-        # False while some endpoint is out of rotation: `choose` filters only then.
-        self.all_eligible = True
-        self.policy: Policy = make_policy(config.balance, self.endpoints)
+        self._codec = codec
+        self._max_head_bytes = max_head_bytes
+        self._tls = client_context(config)
         self.panic = False  # no endpoint in rotation (as of the last refresh_eligibility)
         self._panic_count: LocalCounterChild | None = None
+        self.health: HealthChecker | None = None
+        self._health_started = False
+        self.resolver = DnsRefresh(self) if config.resolve_interval is not None else None
+        self.pools: list[UpstreamPool] = []
+        self.h2_pools: list[H2Pool] = []
+        self.all_pools: list[EndpointPool] = []
+        self.endpoints: list[EndpointState] = []
+        self.all_eligible = True  # False while some endpoint is out of rotation
+        self.use_endpoints(config.endpoints)
+
+    def use_endpoints(self, endpoints: Sequence[EndpointConfig]) -> None:
+        """Serve `endpoints` (at config load, and when `resolve` finds the addresses of a
+        name changed). An endpoint that stays keeps its pool, connections and health;
+        one that goes has its pool closed: idle connections now, busy ones once their
+        exchange ends (it drains)."""
+        kept = {_key(state.pool.endpoint): state for state in self.endpoints}
+        states: list[EndpointState] = []
+        for index, endpoint in enumerate(endpoints):
+            state = kept.pop(_key(endpoint), None)
+            if state is None or state.weight != endpoint.weight:
+                if state is not None:
+                    kept[_key(endpoint)] = state  # its pool closes below
+                state = EndpointState(index, self._pool_for(endpoint), endpoint.weight)
+            state.index = index
+            states.append(state)
+        for gone in kept.values():
+            gone.pool.close()
+        self.endpoints = states
+        self.all_pools = [state.pool for state in states]
+        self.pools = [cast(UpstreamPool, p) for p in self.all_pools if not self.http2]
+        self.h2_pools = [cast(H2Pool, p) for p in self.all_pools if self.http2]
+        config = self.config
+        self.policy: Policy = make_policy(config.balance, states)
         self.outlier = (
-            OutlierDetector(config.outlier, self.name, self.endpoints, now)
+            OutlierDetector(config.outlier, self.name, states, self.now)
             if config.outlier is not None
             else None
         )
-        self.health: HealthChecker | None = None
-        check = config.health_check
-        if check is not None:
-            # The checks speak HTTP/1.1, so TLS offers http/1.1 by ALPN even for h2.
-            check_tls = tls
-            if tls is not None and check.type == "http" and config.protocol == "h2":
-                check_tls = client_context(dataclasses.replace(config, protocol="http1"))
-            self.health = HealthChecker(
-                self.name,
-                check,
-                self.endpoints,
-                self.refresh_eligibility,
-                tls=check_tls,
-                server_hostname=lambda state: server_hostname(state.pool.endpoint, config),
+        self._use_health_checker(states)
+        if kept or len(states) != len(config.endpoints) or any(not s.healthy for s in states):
+            self.refresh_eligibility()
+
+    def _pool_for(self, endpoint: EndpointConfig) -> EndpointPool:
+        config = self.config
+        context = self._tls if endpoint.scheme == "https" else None
+        name = server_hostname(endpoint, config)
+        if self.http2:
+            return H2Pool(
+                endpoint,
+                config.pool,
+                config.timeouts,
+                tls=context,
+                server_hostname=name,
+                upstream=self.name,
             )
+        return UpstreamPool(
+            endpoint,
+            config.pool,
+            config.timeouts,
+            self._codec,
+            self._max_head_bytes,
+            tls=context,
+            server_hostname=name,
+            upstream=self.name,
+        )
+
+    def _use_health_checker(self, states: list[EndpointState]) -> None:
+        """A checker over `states` (replacing the one over the previous list)."""
+        config = self.config
+        check = config.health_check
+        if check is None:
+            return
+        old = self.health
+        if old is not None:
+            old.cancel()
+        tls = self._tls
+        # The checks speak HTTP/1.1, so TLS offers http/1.1 by ALPN even for h2.
+        if tls is not None and check.type == "http" and config.protocol == "h2":
+            tls = client_context(dataclasses.replace(config, protocol="http1"))
+        self.health = HealthChecker(
+            self.name,
+            check,
+            states,
+            self.refresh_eligibility,
+            tls=tls,
+            server_hostname=lambda state: server_hostname(state.pool.endpoint, config),
+        )
+        if self._health_started:
+            self.health.start()
 
     def __repr__(self) -> str:
         return f"<Upstream {self.name} endpoints={len(self.all_pools)}>"
@@ -267,19 +300,31 @@ class Upstream:
             self.refresh_eligibility()
 
     def start_health(self) -> None:
-        """Start the active health checks, if the upstream has them (running loop)."""
+        """Start the active health checks and the DNS refresh, if the upstream has them
+        (running loop)."""
+        self._health_started = True
         if self.health is not None:
             self.health.start()
+        if self.resolver is not None:
+            self.resolver.start()
 
     async def aclose_health(self) -> None:
-        """Stop the active health checks and wait for their task to end."""
+        """Stop the active health checks and the DNS refresh; wait for their tasks."""
+        if self.resolver is not None:
+            await self.resolver.aclose()
         if self.health is not None:
             await self.health.aclose()
 
     def close(self) -> None:
-        """Close idle connections of every pool and stop the active health checks
-        (`aclose_health` waits for them)."""
+        """Close idle connections of every pool and stop the active health checks and
+        the DNS refresh (`aclose_health` waits for them)."""
+        if self.resolver is not None:
+            self.resolver.cancel()
         if self.health is not None:
             self.health.cancel()
         for pool in self.all_pools:
             pool.close()
+
+
+def _key(endpoint: EndpointConfig) -> tuple[str, str, int]:
+    return (endpoint.scheme, endpoint.host, endpoint.port)

@@ -46,7 +46,7 @@ def server_hostname(endpoint: EndpointConfig, config: UpstreamConfig) -> str | N
     only host names) and checks the address against the certificate's IP SANs."""
     if endpoint.scheme != "https":
         return None
-    name = config.tls.sni or endpoint.host
+    name = config.tls.sni or endpoint.name or endpoint.host
     try:
         ipaddress.ip_address(name)
     except ValueError:
