@@ -13,7 +13,10 @@ upstream's `on` lists is retried while tries < `attempts`, if
   `body_limit`;
 - the budget allows: retries in flight on the upstream stay under
   max(`budget_min`, `budget_percent` of its requests in flight), so when every endpoint
-  fails, retries add at most about that share to the load (Envoy's retry budget).
+  fails, retries add at most about that share to the load (Envoy's retry budget). Retries
+  of tries that never reached an upstream (connect-failure, refused-stream) cost it
+  nothing and are not held to the budget (they count in it): when an endpoint dies, every
+  request caught on it goes elsewhere.
 
 A retry waits a full-jitter back-off first (uniform in [0, min(max, base * 2**n)] for the
 n-th retry, n from 0) and goes to an endpoint not yet tried when one is eligible.
@@ -194,7 +197,10 @@ class RetryPolicy:
         load = self._load
         config = self._config
         allowed = max(config.budget_min, config.budget_percent * load.active / 100.0)
-        if load.retrying >= allowed:
+        # A try that never reached an upstream (refused connection, refused stream) cost
+        # it nothing, so its retry is not held to the budget (it still counts in it):
+        # when an endpoint dies, the burst of requests caught on it all go elsewhere.
+        if load.retrying >= allowed and condition not in NOTHING_SENT:
             count_retry_budget_exhausted(self.name)
             return False
         load.retrying += 1

@@ -152,6 +152,12 @@ def test_budget_allows_the_minimum_then_a_share_of_requests_in_flight() -> None:
     assert sum(retry.take_budget("reset") for _ in range(20)) == 7
     assert load.retrying == 10
     assert repr(load) == "<UpstreamLoad active=50 retrying=10>"
+    # At the limit, a try that never reached the upstream is still retried (and counted
+    # in the budget); one that did is not.
+    assert not retry.take_budget("reset")
+    assert retry.take_budget("connect-failure")
+    assert retry.take_budget("refused-stream")
+    assert load.retrying == 12
 
 
 @pytest.mark.parametrize(
