@@ -82,12 +82,8 @@ class RoundRobin:
         return best
 
 
-class LeastRequest:
-    """Power of two choices: two distinct candidates drawn at random (each with
-    probability by weight), and the less loaded of the two wins: fewer requests in flight
-    per unit of weight (plain fewer requests in flight when the weights are equal). On a
-    tie the first drawn wins, so with equal load the picks follow the weights exactly.
-    One candidate is simply chosen."""
+class _ByWeight:
+    """What the random policies share: the weights of the full set, summed once."""
 
     __slots__ = ("_count", "_cumulative", "_random", "_total", "_uniform")
 
@@ -100,6 +96,16 @@ class LeastRequest:
         self._cumulative = list(accumulate(weights))
         self._total = sum(weights)
         self._random = (rng or random.Random()).random
+
+
+class LeastRequest(_ByWeight):
+    """Power of two choices: two distinct candidates drawn at random (each with
+    probability by weight), and the less loaded of the two wins: fewer requests in flight
+    per unit of weight (plain fewer requests in flight when the weights are equal). On a
+    tie the first drawn wins, so with equal load the picks follow the weights exactly.
+    One candidate is simply chosen."""
+
+    __slots__ = ()
 
     def choose(self, candidates: Sequence[EndpointState], request: Request | None) -> EndpointState:
         count = len(candidates)
@@ -136,21 +142,11 @@ class LeastRequest:
         pass
 
 
-class WeightedRandom:
+class WeightedRandom(_ByWeight):
     """Each request to a candidate drawn at random with probability by weight: a bisect
     over the cumulative weights (precomputed for the full set, summed for a subset)."""
 
-    __slots__ = ("_count", "_cumulative", "_random", "_total", "_uniform")
-
-    def __init__(
-        self, endpoints: Sequence[EndpointState], rng: random.Random | None = None
-    ) -> None:
-        weights = [endpoint.weight for endpoint in endpoints]
-        self._count = len(weights)
-        self._uniform = len(set(weights)) == 1
-        self._cumulative = list(accumulate(weights))
-        self._total = sum(weights)
-        self._random = (rng or random.Random()).random
+    __slots__ = ()
 
     def choose(self, candidates: Sequence[EndpointState], request: Request | None) -> EndpointState:
         count = len(candidates)
