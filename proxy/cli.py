@@ -50,6 +50,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     reload.add_argument("config", help="path to the routes.yaml the gateway runs")
     reload.add_argument("--admin", help="the admin listener, HOST:PORT (default: admin.bind)")
+    explain = commands.add_parser(
+        "explain", help="which route a request takes, and why (no traffic is sent)"
+    )
+    explain.add_argument("config", help="path to routes.yaml")
+    explain.add_argument("method", help="GET, POST, ...")
+    explain.add_argument("url", help="http://host/path?query, or /path (host from -H Host)")
+    explain.add_argument(
+        "-H", "--header", action="append", default=[], help="'Name: value' (repeatable)"
+    )
+    routes = commands.add_parser("routes", help="the route table, in the order routes are tried")
+    routes.add_argument("config", help="path to routes.yaml")
     return parser
 
 
@@ -60,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check(args.config)
     if args.command == "reload":
         return _reload(args.config, args.admin)
+    if args.command in ("explain", "routes"):
+        return _explain(args)
     logging.basicConfig(
         level=args.log_level.upper(),
         stream=sys.stderr,
@@ -129,6 +142,32 @@ def _check(path: str) -> int:
         return EXIT_CONFIG
     routes, upstreams = len(config.routes), len(config.upstreams)
     print(f"{path}: ok ({routes} routes, {upstreams} upstreams)")  # noqa: T201
+    return EXIT_OK
+
+
+def _explain(args: argparse.Namespace) -> int:
+    """`gatehouse explain` and `gatehouse routes`: exit 0, or 1 for an invalid file, or 2
+    for a header that is not `Name: value`."""
+    from proxy.explain import explain, render_explanation, render_routes
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)  # noqa: T201
+        return EXIT_CONFIG
+    if args.command == "routes":
+        print(render_routes(config))  # noqa: T201 - the command's output
+        return EXIT_OK
+    headers = []
+    for raw in args.header:
+        name, colon, value = raw.partition(":")
+        if not colon or not name.strip():
+            print(f"-H {raw!r}: expected 'Name: value'", file=sys.stderr)  # noqa: T201
+            return EXIT_USAGE
+        headers.append((name.strip(), value.strip()))
+    found = explain(config, args.method.upper(), args.url, headers)
+    print(render_explanation(config, found))  # noqa: T201 - the command's output
     return EXIT_OK
 
 
