@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import Callable, Container
+from collections.abc import Awaitable, Callable, Container
 from typing import TYPE_CHECKING, Protocol, cast
 
 from proxy.config_model import Http2Config, LimitsConfig, ListenerConfig
@@ -60,7 +60,7 @@ class ServerContext(Protocol):
     connections: set[ClientConnection]
     tunnels: set[Tunnel]
 
-    async def handle(self, request: Request) -> Response: ...
+    def handle(self, request: Request) -> Awaitable[Response]: ...
 
     def try_fast(
         self, request: Request, on_response: Callable[[Response | None, ProxyError | None], None]

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import signal
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from metrics.definitions import TunnelClose, forget_series, set_enabled
@@ -27,7 +28,7 @@ from proxy.config_model import Config, ListenerConfig, ListenerTls
 from proxy.connection import ClientConnection
 from proxy.protocol.h1codec import resolve_codec
 from proxy.protocol.select import plaintext_front_end, tls_front_end
-from proxy.stream import Runtime
+from proxy.stream import FastStart, Handler, Runtime
 from proxy.tunnel import Tunnel
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,15 @@ TUNNEL_GOING_AWAY_S = 1.0
 def _no_passphrase() -> bytes:
     # Without a callback OpenSSL would prompt on the terminal for an encrypted key.
     raise ssl.SSLError("the key is encrypted; a passphrase-less key is needed")
+
+
+# What a Server's connections call into, built from its Runtime: normally the Runtime's own
+# `handle` and `try_fast`; the test kit (proxy/testing/trace.py) wraps them to mark answers.
+EntryPoints = Callable[[Runtime], tuple[Handler, FastStart]]
+
+
+def runtime_entry_points(runtime: Runtime) -> tuple[Handler, FastStart]:
+    return runtime.handle, runtime.try_fast
 
 
 class ReloadRefused(Exception):
@@ -68,14 +78,14 @@ class _PendingReload:
 class Server:
     """Serves one Config on its listeners (one worker's share of the traffic)."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, entry_points: EntryPoints = runtime_entry_points) -> None:
         self.config = config
         self.codec = resolve_codec(config.http1_parser)
         self.limits = config.limits
         self.http2 = config.http2
         self.runtime = Runtime(config, self.codec)
-        self.handle = self.runtime.handle
-        self.try_fast = self.runtime.try_fast
+        self._entry_points = entry_points
+        self.handle, self.try_fast = entry_points(self.runtime)
         self.connections: set[ClientConnection] = set()
         self.tunnels: set[Tunnel] = set()  # WebSocket tunnels (their sockets left `connections`)
         self.draining = False
@@ -217,8 +227,7 @@ class Server:
         old = self.runtime
         config = self.config = pending.config
         self.runtime = pending.runtime
-        self.handle = self.runtime.handle
-        self.try_fast = self.runtime.try_fast
+        self.handle, self.try_fast = self._entry_points(self.runtime)
         self.codec = self.runtime.codec
         self.limits = config.limits
         self.http2 = config.http2

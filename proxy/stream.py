@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[Request], Awaitable[Response]]
 ResponseCallback = Callable[[Response | None, ProxyError | None], None]
+FastStart = Callable[[Request, ResponseCallback], bool]  # Runtime.try_fast's shape
 
 
 class RouteRuntime:
