@@ -303,6 +303,7 @@ def test_a_test_that_leaks_fails_the_hygiene_check(pytester: pytest.Pytester) ->
     # (a connection the test opened and never closed) or a task behind.
     code = """
 import asyncio
+import pathlib
 
 KEPT = []  # so that garbage collection does not close the connection either
 
@@ -318,9 +319,19 @@ async def test_leaks_a_task():
 async def test_leaks_nothing(gatehouse, upstream):
     await upstream("users")
     await gatehouse("routes.yaml", upstreams={"orders": await upstream("o")})
+
+async def test_leaks_nothing_with_a_writer_thread(gatehouse, upstream):
+    # The access log writes from a thread of its own: it ends with the gateway.
+    await upstream("users")
+    text = pathlib.Path("routes.yaml").read_text().replace(
+        "global_middleware: [", "global_middleware: [{type: access_log, output: stderr}, "
+    )
+    gateway = await gatehouse(text, upstreams={"orders": await upstream("o")})
+    async with gateway.client() as client:
+        assert (await client.get("/api/orders/1")).status_code == 200
 """
     result = run(pytester, code, subprocess=True)
-    result.assert_outcomes(passed=3, errors=2)
+    result.assert_outcomes(passed=4, errors=2)
     result.stdout.fnmatch_lines_random(
         [
             "*AssertionError: file descriptors left open: ['socket:*",
