@@ -160,9 +160,10 @@ class RunningGateway:
         # Every kit upstream this gateway may send to, once each.
         self._kit = list({id(f): f for f in [*fixtures.values(), *upstreams.values()]}.values())
         self._env = env
-        self._text, self._source_name = read_source(source)
+        # The YAML running now, and the name its errors give (a path, or <test config>).
+        self.text, self.source_name = read_source(source)
         self.config = config_for_test(
-            self._text, self._source_name, fixtures=fixtures, upstreams=upstreams, env=env
+            self.text, self.source_name, fixtures=fixtures, upstreams=upstreams, env=env
         )
         self.tracer = Tracer()
         self.server = Server(self.config, entry_points=self.tracer)
@@ -173,7 +174,7 @@ class RunningGateway:
         self._reload_lock = asyncio.Lock()
 
     def __repr__(self) -> str:
-        return f"<RunningGateway {self._source_name} {self.urls}>"
+        return f"<RunningGateway {self.source_name} {self.urls}>"
 
     async def start(self) -> RunningGateway:
         """Bind the listeners and the admin listener, start the middleware.
@@ -182,10 +183,12 @@ class RunningGateway:
             OSError: a listener cannot bind (a TLS file missing, say).
         """
         self._baseline = Baseline()
-        await self.server.start()
         try:
+            await self.server.start()
             await self._admin.start(LOOPBACK, 0)
         except BaseException:
+            # What did start (listeners bound before the one that failed) stops again.
+            await self._admin.close()
             await self.server.shutdown(grace_period=0)
             raise
         return self
@@ -345,7 +348,7 @@ class RunningGateway:
                 raise
             await self.server.commit_reload()
             self.config = config
-            self._source, self._text, self._source_name = source, text, name
+            self._source, self.text, self.source_name = source, text, name
             CONFIG_RELOADS.labels("success").inc()
             CONFIG_LAST_RELOAD_SUCCESS.set_to_current_time()
 
@@ -366,7 +369,7 @@ class _AdminApp:
 
     def config_view(self) -> dict[str, Any]:
         gateway = self._gateway
-        return config_view(gateway._text, gateway._source_name)
+        return config_view(gateway.text, gateway.source_name)
 
     async def reload(self, reason: str) -> tuple[bool, list[str]]:
         try:

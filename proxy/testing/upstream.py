@@ -125,21 +125,11 @@ class Rule:
     def catch_all(self) -> bool:
         return self.method is None and self.path is None and self.prefix is None
 
-    def reply(
-        self,
-        status: int = 200,
-        *,
-        body: bytes | str = b"",
-        json: Any = None,
-        headers: Mapping[str, str] | Iterable[tuple[str, str]] = (),
-        delay: float = 0.0,
-        drop: bool = False,
-        times: int | None = None,
-    ) -> Rule:
-        """Answer with this (`times` requests, or from now on); returns the rule, so
-        replies chain: `.reply(503, times=1).reply(200)`."""
-        reply = make_reply(status, body=body, json=json, headers=headers, delay=delay, drop=drop)
-        return self._add(reply, times)
+    def reply(self, status: int = 200, *, times: int | None = None, **options: Any) -> Rule:
+        """Answer with `make_reply(status, **options)` (`body`, `json`, `headers`, `delay`,
+        `drop`) for `times` requests, or from now on; returns the rule, so replies chain:
+        `.reply(503, times=1).reply(200)`."""
+        return self._add(make_reply(status, **options), times)
 
     def call(self, responder: Responder, *, times: int | None = None) -> Rule:
         """Answer with what `responder(request)` returns (a Reply, or an awaitable of one)."""

@@ -9,8 +9,17 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
+from middleware.base import Handler
+from middleware.options import Options
 from proxy.config import ConfigError
-from proxy.testing import Reply, ScriptedUpstream, running_gateway, start_upstream
+from proxy.models import Request, Response
+from proxy.testing import (
+    Reply,
+    RunningGateway,
+    ScriptedUpstream,
+    running_gateway,
+    start_upstream,
+)
 from proxy.testing.gateway import config_for_test
 from tests.tls import TlsFiles
 
@@ -155,3 +164,34 @@ async def test_an_upstream_outside_any_gateway(users: ScriptedUpstream) -> None:
     assert users.last.exchange == ""  # not through a test gateway
     assert users.last.body == b"text"
     assert users.connections == 1
+
+
+class FailsToStart:
+    """A middleware whose start() hook fails (a Redis that is not there, say)."""
+
+    OPTIONS = ()
+
+    def __init__(self, options: Options) -> None:
+        pass
+
+    async def start(self) -> None:
+        raise OSError("the backend is not there")
+
+    async def __call__(self, request: Request, call_next: Handler) -> Response:
+        return await call_next(request)
+
+
+async def test_a_gateway_that_cannot_start_closes_what_it_opened(users: ScriptedUpstream) -> None:
+    text = TWO_LISTENERS.replace(
+        "routes:",
+        "global_middleware: [{type: 'tests.testing.test_kit_parts:FailsToStart'}]\nroutes:",
+    )
+    gateway = RunningGateway(text, fixtures={"users": users})
+    with pytest.raises(OSError, match="the backend is not there"):
+        await gateway.start()
+    # Both listeners were bound before the middleware failed; they are closed again.
+    assert gateway.server.draining
+    assert gateway.server.addresses
+    for host, port in gateway.server.addresses:
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection(host, port)
