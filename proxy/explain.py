@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from multidict import CIMultiDict
 
-from proxy.config_model import Config, HeaderMatch, QueryMatch, RouteConfig
+from proxy.config_model import Config, HeaderMatch, MiddlewareSpec, QueryMatch, RouteConfig
 from proxy.forward import compile_rewrite
 from proxy.routing import RouteTable, normalize_host
 
@@ -34,6 +34,10 @@ class Explanation:
     # Routes tried before the chosen one (all of them when none matched), each with why
     # it did not match.
     passed_over: list[tuple[RouteConfig, list[str]]] = field(default_factory=list)
+    # The chosen route's chain (global_middleware first) and the path its upstream gets
+    # after the rewrite; empty when no route matched.
+    middleware: tuple[MiddlewareSpec, ...] = ()
+    forwarded_path: str = ""
 
 
 def parse_target(url: str, headers: Sequence[tuple[str, str]]) -> tuple[str, str, str]:
@@ -60,9 +64,14 @@ def explain(
         if route is chosen:
             break
         passed_over.append((route, mismatches(route, method, host, path, header_map, query)))
-    return Explanation(
+    found = Explanation(
         method, host, path, query, chosen, match.params if match else {}, passed_over
     )
+    if chosen is not None:
+        found.middleware = (*config.global_middleware, *chosen.middleware)
+        rewrite = compile_rewrite(chosen.rewrite)
+        found.forwarded_path = rewrite(path) if rewrite is not None else path
+    return found
 
 
 def mismatches(
@@ -152,8 +161,8 @@ def render_explanation(config: Config, found: Explanation) -> str:
         if found.params:
             params = ", ".join(f"{k}={v}" for k, v in sorted(found.params.items()))
             lines.append(f"  params: {params}")
-        chain = [*config.global_middleware, *route.middleware]
-        names = " -> ".join(f"{spec.name} ({spec.type})" for spec in chain) or "(none)"
+        names = " -> ".join(f"{spec.name} ({spec.type})" for spec in found.middleware)
+        names = names or "(none)"
         lines.append(f"middleware: {names}")
         upstream = config.upstreams[route.upstream]
         endpoints = ", ".join(
@@ -163,8 +172,7 @@ def render_explanation(config: Config, found: Explanation) -> str:
             f"upstream: {upstream.name} ({upstream.protocol}, {upstream.balance.policy}): "
             f"{endpoints}"
         )
-        rewrite = compile_rewrite(route.rewrite)
-        forwarded = rewrite(found.path) if rewrite is not None else found.path
+        forwarded = found.forwarded_path
         target = f"{forwarded}?{found.query}" if found.query else forwarded
         host_note = f", Host: {route.rewrite.host}" if route.rewrite.host else ""
         lines.append(f"forwarded as: {found.method} {target}{host_note}")

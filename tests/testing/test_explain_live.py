@@ -1,12 +1,14 @@
 """`gatehouse explain` agrees with the running gateway: generated requests are sent to a
-real gateway (the testing kit, in test mode) and the route that handled each one, read
-from the answer, is the route `explain` names for it."""
+real gateway (the testing kit, in test mode), and what it did with each one (the route
+and middleware chain, read from the answer; the target the upstream received) is what
+`explain` says for it."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import httpx
 import pytest
@@ -15,8 +17,8 @@ from hypothesis import strategies as st
 
 from proxy.config import parse_config
 from proxy.explain import explain
-from proxy.testing import running_gateway, start_upstream
-from proxy.testing.trace import ROUTE_HEADER
+from proxy.testing import ReceivedRequest, ScriptedUpstream, running_gateway
+from proxy.testing.trace import EXCHANGE_HEADER, MIDDLEWARE_HEADER, ROUTE_HEADER
 from tests.proxy.test_explain import CONFIG, HEADERS, METHODS, PATHS, QUERIES
 
 config = parse_config(CONFIG)
@@ -26,17 +28,28 @@ HOSTS = st.sampled_from(
 )
 
 
+@dataclass
+class Served:
+    url: str
+    upstreams: list[ScriptedUpstream]
+
+    def received(self, exchange: str) -> list[ReceivedRequest]:
+        return [r for up in self.upstreams for r in list(up.requests) if r.exchange == exchange]
+
+
 @pytest.fixture(scope="module")
-def gateway_url() -> Iterator[str]:
+def served() -> Iterator[Served]:
     """The explain tests' config served by a gateway in a thread of its own, so that the
     (synchronous) hypothesis test can send it requests."""
     ready = threading.Event()
     url: list[str] = []
     stop = threading.Event()
+    users = ScriptedUpstream("users")
+    admin = ScriptedUpstream("admin")
 
     async def serve() -> None:
-        users = await start_upstream("users")
-        admin = await start_upstream("admin")
+        await users.start()
+        await admin.start()
         try:
             upstreams = {"users": users, "admin": admin}
             async with running_gateway(CONFIG, upstreams=upstreams) as gateway:
@@ -52,7 +65,7 @@ def gateway_url() -> Iterator[str]:
     thread.start()
     assert ready.wait(10), "the gateway did not start"
     assert url, "the gateway did not start"
-    yield url[0]
+    yield Served(url[0], [users, admin])
     stop.set()
     thread.join(10)
     assert not thread.is_alive()
@@ -60,8 +73,8 @@ def gateway_url() -> Iterator[str]:
 
 @settings(max_examples=200, deadline=None)
 @given(method=METHODS, host=HOSTS, path=PATHS, headers=HEADERS, query=QUERIES)
-def test_the_gateway_routes_each_request_where_explain_says(
-    gateway_url: str,
+def test_the_gateway_does_with_each_request_what_explain_says(
+    served: Served,
     method: str,
     host: str,
     path: str,
@@ -69,7 +82,19 @@ def test_the_gateway_routes_each_request_where_explain_says(
     query: str,
 ) -> None:
     target = path + (f"?{query}" if query else "")
-    with httpx.Client(base_url=gateway_url, timeout=10) as client:
-        response = client.request(method, target, headers=[("Host", host), *headers])
+    sent = [("Host", host), ("X-API-Key", "k1"), *headers]  # past the api_key route's check
+    with httpx.Client(base_url=served.url, timeout=10) as client:
+        response = client.request(method, target, headers=sent)
     expected = explain(config, method, f"http://{host}{target}", headers)
-    assert response.headers[ROUTE_HEADER] == (expected.route.name if expected.route else "")
+    route = expected.route.name if expected.route else ""
+    assert response.headers[ROUTE_HEADER] == route
+    # A request no route takes still passes through global_middleware before its 404.
+    chain = expected.middleware if expected.route else config.global_middleware
+    assert response.headers[MIDDLEWARE_HEADER] == ", ".join(spec.name for spec in chain)
+    received = served.received(response.headers[EXCHANGE_HEADER])
+    if expected.route is None:
+        assert (response.status_code, received) == (404, [])
+    else:
+        assert response.status_code == 200
+        forwarded = expected.forwarded_path + (f"?{query}" if query else "")
+        assert [request.target for request in received] == [forwarded]
