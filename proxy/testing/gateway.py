@@ -275,7 +275,9 @@ class RunningGateway:
     def upstream_requests(self, response: Any) -> list[ReceivedRequest]:
         """Every request the kit upstreams received for it (more than one after retries),
         in the order they arrived."""
-        exchange = self.exchange(response).id
+        return self._received(self.exchange(response).id)
+
+    def _received(self, exchange: str) -> list[ReceivedRequest]:
         received = [
             request
             for fixture in self._kit
@@ -298,6 +300,28 @@ class RunningGateway:
                 f"{exchange.status} itself)"
             )
         return received[-1]
+
+    def describe(self, last: int = 50) -> str:
+        """What the gateway did, one line per exchange (the `last` ones): what the pytest
+        plugin prints under a failed test."""
+        exchanges = list(self.tracer.exchanges.values())
+        lines = [f"{len(exchanges)} exchanges through {self.source_name} ({self.url})"]
+        if len(exchanges) > last:
+            lines.append(f"... the first {len(exchanges) - last} left out")
+        for exchange in exchanges[-last:]:
+            where = f"route {exchange.route}" if exchange.route else "no route"
+            chain = ", ".join(exchange.middleware) or "no middleware"
+            received = [f"{r.method} {r.target}" for r in self._received(exchange.id)]
+            sent = (
+                f"; {exchange.upstream} received {', '.join(received)}"
+                if received
+                else "; answered by the gateway"
+            )
+            lines.append(
+                f"  #{exchange.id} {exchange.method} {exchange.path} -> {exchange.status} "
+                f"({where}, {chain}{sent})"
+            )
+        return "\n".join(lines)
 
     def metric(self, name: str, **labels: str) -> float:
         """A metric's value summed over the series whose labels include `labels`;

@@ -12,12 +12,13 @@ fixture factories.
 Both are async fixtures of pytest-asyncio, declared with its own decorator so that they
 work in `asyncio_mode = auto` and `strict` alike (in strict mode the test itself needs
 `@pytest.mark.asyncio`). Everything a factory started is stopped at the test's teardown,
-gateways before upstreams, and nothing is left behind: no task, socket or thread.
+gateways before upstreams, and nothing is left behind: no task, socket or thread. When a
+test fails, its report gets a section per gateway listing what it did with each request.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
 UpstreamFactory = Callable[..., Awaitable["ScriptedUpstream"]]
 GatewayFactory = Callable[..., Awaitable["RunningGateway"]]
+_GATEWAYS = pytest.StashKey[list["RunningGateway"]]()  # a test's gateways, for its report
 
 
 class _Upstreams:
@@ -72,13 +74,16 @@ def upstream(gatehouse_upstreams: _Upstreams) -> UpstreamFactory:
 
 
 @pytest_asyncio.fixture
-async def gatehouse(gatehouse_upstreams: _Upstreams) -> AsyncIterator[GatewayFactory]:
+async def gatehouse(
+    request: pytest.FixtureRequest, gatehouse_upstreams: _Upstreams
+) -> AsyncIterator[GatewayFactory]:
     """`await gatehouse(path_or_yaml, upstreams={...}, env={...})`: a gateway running in
     the test's loop on ephemeral ports (proxy/testing/gateway.py); drained and stopped at
     the test's teardown."""
     from proxy.testing.gateway import RunningGateway
 
     gateways: list[RunningGateway] = []
+    request.node.stash[_GATEWAYS] = gateways
 
     async def start(
         source: str | Path,
@@ -96,3 +101,16 @@ async def gatehouse(gatehouse_upstreams: _Upstreams) -> AsyncIterator[GatewayFac
     yield start
     for gateway in reversed(gateways):
         await gateway.aclose()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item,
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Under a failed test, what each of its gateways did (`RunningGateway.describe`)."""
+    report = yield
+    if report.failed:
+        gateways: list[RunningGateway] = item.stash.get(_GATEWAYS, [])
+        for number, gateway in enumerate(gateways, 1):
+            report.sections.append((f"gatehouse {number}: exchanges", gateway.describe()))
+    return report

@@ -180,6 +180,7 @@ class ScriptedUpstream:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
+        self._stopping = False
 
     def __repr__(self) -> str:
         return (
@@ -231,10 +232,11 @@ class ScriptedUpstream:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
+        self._stopping = True
         for writer in list(self._writers):
             writer.close()
         for task in list(self._tasks):
-            task.cancel()
+            task.cancel()  # a handler in a reply's delay would not see the close
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for writer in list(self._writers):
             with contextlib.suppress(Exception):
@@ -255,6 +257,11 @@ class ScriptedUpstream:
             await serve(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:
+            # Cancelled by stop(): end as a handler that returned. (asyncio's start_server
+            # logs a handler task that ends cancelled as an error.)
+            if not self._stopping:
+                raise
         finally:
             self._tasks.discard(task)
             self._writers.discard(writer)

@@ -21,6 +21,7 @@ from proxy.testing import (
     start_upstream,
 )
 from proxy.testing.gateway import config_for_test
+from tests.helpers import eventually
 from tests.tls import TlsFiles
 
 
@@ -195,3 +196,15 @@ async def test_a_gateway_that_cannot_start_closes_what_it_opened(users: Scripted
     for host, port in gateway.server.addresses:
         with pytest.raises(ConnectionRefusedError):
             await asyncio.open_connection(host, port)
+
+
+async def test_stopping_an_upstream_mid_reply_is_quiet(caplog: pytest.LogCaptureFixture) -> None:
+    upstream = await start_upstream("slow")
+    upstream.reply(200, delay=30)
+    reader, writer = await asyncio.open_connection(upstream.host, upstream.port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    await eventually(lambda: bool(upstream.requests), "the request to arrive")
+    await upstream.stop()  # the handler is waiting out the delay: it is cancelled
+    assert await reader.read() == b""
+    writer.close()
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []

@@ -298,6 +298,45 @@ async def test_two_upstreams_of_one_name(upstream):
     )
 
 
+def test_a_failed_test_reports_what_its_gateway_did(pytester: pytest.Pytester) -> None:
+    code = """
+async def test_fails(gatehouse, upstream):
+    await upstream("users")
+    gateway = await gatehouse("routes.yaml", upstreams={"orders": await upstream("o")})
+    async with gateway.client() as client:
+        await client.get("/api/users/1")
+        await client.get("/api/orders/2?x=1")
+        await client.get("/nowhere")
+    assert False, "the test's own failure"
+
+async def test_passes(gatehouse, upstream):
+    await upstream("users")
+    gateway = await gatehouse("routes.yaml", upstreams={"orders": await upstream("o")})
+    async with gateway.client() as client:
+        await client.get("/api/orders/2")
+"""
+    result = run(pytester, code)
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*AssertionError: the test's own failure*",
+            "*- gatehouse 1: exchanges -*",
+            "3 exchanges through routes.yaml (http://127.0.0.1:*)",
+            "  #1 GET /api/users/1 -> 401 (route users, request_id, keys; answered by the gateway)",
+            "  #2 GET /api/orders/2 -> 200 (route orders, request_id; orders received GET "
+            "/api/orders/2?x=1)",
+            "  #3 GET /nowhere -> 404 (no route, request_id; answered by the gateway)",
+        ]
+    )
+    assert (
+        "exchanges through"
+        not in result.stdout.str()
+        .split("test_fails")[-1]
+        .split("short test summary")[0]
+        .split("_ test_passes _")[-1]
+    )
+
+
 def test_a_test_that_leaks_fails_the_hygiene_check(pytester: pytest.Pytester) -> None:
     # The control for every run above: the check does fail a test that leaves a socket
     # (a connection the test opened and never closed) or a task behind.
