@@ -24,6 +24,8 @@ from proxy.testing.gateway import config_for_test
 from tests.helpers import eventually
 from tests.tls import TlsFiles
 
+pytestmark = pytest.mark.socket  # on uvloop too (tests/conftest.py): users run either loop
+
 
 @pytest.fixture
 async def users() -> AsyncIterator[ScriptedUpstream]:
