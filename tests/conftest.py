@@ -9,6 +9,7 @@ import httpx
 import pytest
 import uvloop
 
+from metrics.definitions import set_enabled
 from proxy.config import parse_config
 from proxy.server import Server
 from tests.tls import TlsFiles, make_tls_files
@@ -25,6 +26,13 @@ def pytest_asyncio_loop_factories(
     if item.get_closest_marker("socket") is not None:
         return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
     return {"asyncio": asyncio.new_event_loop}
+
+
+@pytest.fixture(autouse=True)
+def _metrics_counting() -> None:
+    """Per-request counting is on at the start of every test: a gateway started with
+    `metrics: {enabled: false}` turns it off for the process until another starts."""
+    set_enabled(True)
 
 
 @pytest.fixture(params=["httptools", "h11"])
