@@ -375,6 +375,9 @@ _FAILURE_CODES: tuple[tuple[type[ProxyError], str], ...] = (
     (UpstreamReset, "reset"),  # StaleConnection and StreamRefused name themselves
 )
 CLIENT_ABORT = "client_abort"  # the client left, or its body failed, before the head
+# The message of the cancellation that ends a try at `retries.per_try_timeout`
+# (proxy/forward.py), which tells it from the client's going away.
+PER_TRY_TIMEOUT = "gatehouse: per_try_timeout"
 
 
 def failure_code(error: BaseException) -> str:
@@ -389,6 +392,12 @@ def failure_code(error: BaseException) -> str:
         if isinstance(error, cls):
             return name
     return CLIENT_ABORT
+
+
+def cancelled_code(cancelled: BaseException) -> str:
+    """The code label of an attempt cancelled before its response head: `timeout` when
+    `retries.per_try_timeout` cut it, client_abort otherwise."""
+    return "timeout" if PER_TRY_TIMEOUT in cancelled.args else CLIENT_ABORT
 
 
 class UpstreamSeries:

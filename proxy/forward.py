@@ -23,7 +23,7 @@ from collections.abc import Callable
 from time import perf_counter
 from typing import cast
 
-from metrics.definitions import failure_code
+from metrics.definitions import PER_TRY_TIMEOUT, failure_code
 from proxy.circuit import CircuitBreaker
 from proxy.config_model import RewriteConfig, WebSocketConfig
 from proxy.errors import BadRequest, ProxyError, UpstreamProtocolError, UpstreamTimeout
@@ -248,11 +248,22 @@ class Forwarder:
         timeout = self._retry.per_try_timeout
         if timeout is None:
             return await self._send(request, state, replay)
+        # As asyncio.timeout does it, but the cancellation carries a message, so that the
+        # upstream connection counts the cut try as a timeout, not as a client abort.
+        task = asyncio.current_task()
+        assert task is not None
+        timer = asyncio.get_running_loop().call_later(timeout, task.cancel, PER_TRY_TIMEOUT)
         try:
-            async with asyncio.timeout(timeout):
-                return await self._send(request, state, replay)
-        except TimeoutError:
-            raise UpstreamTimeout(f"no response head within per_try_timeout {timeout}s") from None
+            return await self._send(request, state, replay)
+        except asyncio.CancelledError as cancelled:
+            # Ours, and no other cancellation (the client's) pending: the try timed out.
+            if PER_TRY_TIMEOUT in cancelled.args and task.uncancel() == 0:
+                raise UpstreamTimeout(
+                    f"no response head within per_try_timeout {timeout}s"
+                ) from None
+            raise
+        finally:
+            timer.cancel()
 
     async def _send(self, request: Request, state: EndpointState, replay: ReplayBody) -> Response:
         data = replay.data

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from time import perf_counter
 from typing import TYPE_CHECKING, cast
 
-from metrics.definitions import CLIENT_ABORT, failure_code
+from metrics.definitions import cancelled_code, failure_code
 from proxy.errors import ProxyError, UpstreamProtocolError, UpstreamReset, UpstreamTimeout
 from proxy.headers import connection_tokens
 from proxy.models import Body, Response
@@ -211,15 +211,16 @@ class Http1UpstreamConnection(asyncio.Protocol):
             self._sender = self._loop.create_task(self._send_body(body))
         try:
             return await waiter
-        except asyncio.CancelledError:
-            # The client went away. If our response has not been delivered, this
-            # connection is mid-exchange and cannot be reused; once delivered, it may
-            # already serve someone else, and `settle` has dropped our response.
+        except asyncio.CancelledError as cancelled:
+            # The client went away (or the try's per_try_timeout ran out). If our response
+            # has not been delivered, this connection is mid-exchange and cannot be
+            # reused; once delivered, it may already serve someone else, and `settle`
+            # has dropped our response.
             pending = self._pending
             if self._callback is settle or (pending is not None and pending[1] is settle):
                 self._callback = None
                 self._pending = None
-                self._count_failure(CLIENT_ABORT)
+                self._count_failure(cancelled_code(cancelled))
                 self.close()
             raise
 

@@ -29,7 +29,7 @@ import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
 
-from metrics.definitions import CLIENT_ABORT, failure_code
+from metrics.definitions import cancelled_code, failure_code
 from proxy.errors import (
     BadRequest,
     ProxyError,
@@ -395,10 +395,11 @@ class H2UpstreamConnection(asyncio.Protocol):
         self._flush()
         try:
             return await waiter
-        except asyncio.CancelledError:
-            # The client went away: this stream only, never the connection.
+        except asyncio.CancelledError as cancelled:
+            # The client went away (or the try's per_try_timeout ran out): this stream
+            # only, never the connection.
             if stream.state is not H2StreamState.DONE:
-                self._count_failure(stream, CLIENT_ABORT)
+                self._count_failure(stream, cancelled_code(cancelled))
                 self._reset(stream, ErrorCodes.CANCEL)
                 self._flush()
             elif waiter.done() and not waiter.cancelled() and waiter.exception() is None:

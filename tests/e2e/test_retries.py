@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from metrics.definitions import UPSTREAM_RETRIES, UPSTREAM_RETRY_BUDGET_EXHAUSTED
+from metrics.definitions import UPSTREAM_REQUESTS, UPSTREAM_RETRIES, UPSTREAM_RETRY_BUDGET_EXHAUSTED
+from proxy.testing import start_upstream
 from tests.conftest import GatewayFactory, UpstreamFactory, base_url
+from tests.h2_client import H2Client
 from tests.h2_upstream import H2UpstreamServer
-from tests.helpers import RawClient
+from tests.helpers import RawClient, eventually
 
 pytestmark = pytest.mark.socket
 
@@ -117,6 +119,12 @@ routes:
 
 def retries_counted(reason: str) -> float:
     return UPSTREAM_RETRIES.labels("app", reason).value
+
+
+def attempts_counted(endpoint_url: str, code: str) -> float:
+    """`gatehouse_upstream_requests_total` of upstream app's endpoint at `endpoint_url`."""
+    endpoint = endpoint_url.removeprefix("http://")
+    return UPSTREAM_REQUESTS.labels("app", endpoint, code).value
 
 
 async def test_connect_failure_is_retried_on_the_other_endpoint_for_any_method(
@@ -248,6 +256,51 @@ async def test_per_try_timeout_on_the_last_try_is_a_504(
     assert response.json()["error"] == "upstream_timeout"
     assert 0.2 <= time.monotonic() - started < 1.0
     assert (len(first.hits), len(second.hits)) == (1, 1)
+    # Each cut try is counted as a timeout of its endpoint, not as the client leaving.
+    for slow in (first, second):
+        assert attempts_counted(slow.url, "timeout") == 1
+        assert attempts_counted(slow.url, "client_abort") == 0
+
+
+async def test_per_try_timeout_cuts_an_h2c_try_and_counts_it_as_a_timeout(
+    gateway_factory: GatewayFactory,
+) -> None:
+    slow = await start_upstream("slow", protocol="h2c")
+    slow.reply(200, delay=5.0)
+    fast = await start_upstream("fast", protocol="h2c")
+    try:
+        retries = "{attempts: 2, on: [timeout], per_try_timeout: 100ms, backoff: {base: 1ms}}"
+        text = config([slow.url, fast.url], retries).replace(
+            "    retries:", "    protocol: h2c\n    retries:"
+        )
+        server = await gateway_factory(text)
+        async with httpx.AsyncClient(base_url=base_url(server), timeout=5) as client:
+            answers = [(await client.get(f"/{n}")).status_code for n in range(4)]
+        assert answers == [200] * 4
+        assert len(fast.requests) == 4
+        assert attempts_counted(slow.url, "timeout") == len(slow.requests) >= 1
+        assert attempts_counted(slow.url, "client_abort") == 0
+    finally:
+        await slow.stop()
+        await fast.stop()
+
+
+async def test_a_client_leaving_during_a_timed_try_is_a_client_abort(
+    gateway_factory: GatewayFactory, status_servers: contextlib.AsyncExitStack
+) -> None:
+    slow = await status_server(status_servers, status=200, delay_s=5.0)
+    retries = "{attempts: 2, on: [timeout], per_try_timeout: 3s}"
+    server = await gateway_factory(config([slow.url], retries))
+    async with await H2Client.connect(*server.addresses[0]) as client:
+        stream_id = client.send_request("/x")
+        await client.flush()
+        await eventually(lambda: len(slow.hits) == 1, "the try to reach the upstream")
+        client.conn.reset_stream(stream_id)  # the client gives up (RST_STREAM CANCEL)
+        await client.flush()
+        await eventually(
+            lambda: attempts_counted(slow.url, "client_abort") == 1, "the abort to be counted"
+        )
+    assert attempts_counted(slow.url, "timeout") == 0
 
 
 async def test_backoff_waits_a_jittered_time_before_each_retry(
