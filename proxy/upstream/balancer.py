@@ -19,7 +19,6 @@ their time is up.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Protocol, cast
@@ -200,17 +199,14 @@ class Upstream:
         old = self.health
         if old is not None:
             old.cancel()
-        tls = self._tls
-        # The checks speak HTTP/1.1, so TLS offers http/1.1 by ALPN even for h2.
-        if tls is not None and check.type == "http" and config.protocol == "h2":
-            tls = client_context(dataclasses.replace(config, protocol="http1"))
         self.health = HealthChecker(
             self.name,
             check,
             states,
             self.refresh_eligibility,
-            tls=tls,
+            tls=self._tls,  # ALPN h2 for h2 upstreams: the checks speak their protocol
             server_hostname=lambda state: server_hostname(state.pool.endpoint, config),
+            http2=config.protocol in ("h2", "h2c"),
         )
         if self._health_started:
             self.health.start()

@@ -8,10 +8,11 @@ upstreams drift apart instead of probing in step). The first round runs within
 `jitter * interval` of the start.
 
 - `type: http`: a fresh connection (TLS for https:// endpoints, with the upstream's
-  trust settings and SNI, ALPN http/1.1), `GET path HTTP/1.1` with `Host: host:port` and
-  `Connection: close`; only the status line is read. It passes when the status is in one
-  of the `expect` ranges. The check speaks HTTP/1.1 even for h2/h2c upstreams: an
-  upstream that only speaks HTTP/2 needs `type: tcp`.
+  trust settings, SNI and ALPN) and one GET of `path` in the upstream's protocol:
+  `GET path HTTP/1.1` with `Host: host:port` and `Connection: close` for http1
+  upstreams, a stream on an HTTP/2 connection (prior knowledge for h2c, ALPN h2 for h2)
+  for the others. Only the status is read. It passes when the status is in one of the
+  `expect` ranges.
 - `type: tcp`: a TCP connect (no TLS) that succeeds within `timeout`.
 
 Endpoints start healthy, so a new upstream serves at once; `unhealthy_threshold` failed
@@ -27,6 +28,11 @@ import random
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, cast
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
 
 from metrics.definitions import count_health_check
 from proxy.config_model import EndpointConfig, HealthCheckConfig
@@ -79,15 +85,56 @@ class _StatusLineProtocol(asyncio.Protocol):
             return
         self.status.set_result(int(parts[1]))
 
+    closed_early = "connection closed before a status line"
+
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.status.done():
-            self.status.set_exception(HealthCheckFailed("connection closed before a status line"))
+            self.status.set_exception(HealthCheckFailed(self.closed_early))
 
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
         if not self.status.done():
             self.status.cancel()
+
+
+class _H2StatusProtocol(_StatusLineProtocol):
+    """Sends one GET on a new HTTP/2 connection and resolves `status` with the status of
+    its response (RFC 9113 section 8.3.2: the `:status` pseudo-header)."""
+
+    closed_early = "connection closed before an HTTP/2 response (does it speak HTTP/2?)"
+
+    def __init__(self, authority: str, path: str, scheme: str) -> None:
+        super().__init__(b"")
+        config = h2.config.H2Configuration(client_side=True, header_encoding=None)
+        self.conn = h2.connection.H2Connection(config)
+        self.conn.initiate_connection()
+        headers = [(":method", "GET"), (":scheme", scheme), (":authority", authority),
+                   (":path", path), ("user-agent", USER_AGENT)]  # fmt: skip
+        self.conn.send_headers(1, headers, end_stream=True)
+        self.request = self.conn.data_to_send()
+
+    def data_received(self, data: bytes) -> None:
+        if self.status.done():
+            return
+        try:
+            events = self.conn.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            self.status.set_exception(HealthCheckFailed(f"not an HTTP/2 answer: {exc}"))
+            return
+        for event in events:
+            if isinstance(event, h2.events.ResponseReceived) and event.stream_id == 1:
+                status = dict(event.headers or []).get(b":status", b"")
+                if not status.isdigit():
+                    self.status.set_exception(HealthCheckFailed("response without a status"))
+                else:
+                    self.status.set_result(int(status))
+                return
+            if isinstance(event, h2.events.StreamReset | h2.events.ConnectionTerminated):
+                self.status.set_exception(HealthCheckFailed(f"refused: {type(event).__name__}"))
+                return
+        if self.transport is not None:
+            self.transport.write(self.conn.data_to_send())  # SETTINGS acknowledged
 
 
 class _ConnectProtocol(asyncio.Protocol):
@@ -110,6 +157,8 @@ async def check_endpoint(
     config: HealthCheckConfig,
     tls: ssl.SSLContext | None = None,
     server_hostname: str | None = None,
+    *,
+    http2: bool = False,
 ) -> None:
     """Check `endpoint` once (see the module docstring).
 
@@ -129,8 +178,14 @@ async def check_endpoint(
                 f"User-Agent: {USER_AGENT}\r\nConnection: close\r\n\r\n"
             ).encode("latin-1")
             use_tls = tls if endpoint.scheme == "https" else None
+
+            def status_protocol() -> _StatusLineProtocol:
+                if http2:
+                    return _H2StatusProtocol(f"{host}:{port}", config.path, endpoint.scheme)
+                return _StatusLineProtocol(request)
+
             protocol = await open_connection(
-                lambda: _StatusLineProtocol(request),
+                status_protocol,
                 host,
                 port,
                 config.timeout,
@@ -167,6 +222,7 @@ class HealthChecker:
         *,
         tls: ssl.SSLContext | None = None,
         server_hostname: Callable[[EndpointState], str | None] | None = None,
+        http2: bool = False,
         rng: Callable[[], float] = random.random,
     ) -> None:
         self.upstream = upstream
@@ -175,6 +231,7 @@ class HealthChecker:
         self.on_change = on_change
         self._tls = tls
         self._server_hostname = server_hostname
+        self._http2 = http2  # the upstream speaks h2 or h2c: so do the checks
         self._check = check or self._check_endpoint
         self._random = rng
         # Per endpoint: passed checks in a row (> 0) or failed ones (< 0).
@@ -285,4 +342,6 @@ class HealthChecker:
 
     async def _check_endpoint(self, endpoint: EndpointState) -> None:
         hostname = self._server_hostname(endpoint) if self._server_hostname else None
-        await check_endpoint(endpoint.pool.endpoint, self.config, self._tls, hostname)
+        await check_endpoint(
+            endpoint.pool.endpoint, self.config, self._tls, hostname, http2=self._http2
+        )

@@ -15,6 +15,7 @@ import pytest
 from metrics.definitions import UPSTREAM_EJECTIONS, UPSTREAM_HEALTH_CHECKS, UPSTREAM_PANIC
 from proxy.config import parse_config
 from proxy.server import Server
+from proxy.testing import ScriptedUpstream, start_upstream
 from tests.conftest import GatewayFactory, base_url
 from tests.helpers import eventually
 
@@ -87,7 +88,7 @@ async def endpoints() -> AsyncIterator[list[Switchable]]:
         await server.stop()
 
 
-def _config(servers: Iterable[Switchable], upstream: str) -> str:
+def _config(servers: Iterable[Switchable | ScriptedUpstream], upstream: str) -> str:
     urls = ", ".join(server.url for server in servers)
     return f"""
 listeners:
@@ -330,3 +331,24 @@ async def test_reload_keeps_the_checks_of_an_unchanged_upstream_and_replaces_cha
     assert "RUNNING" in repr(second.health)
     await gateway.shutdown(grace_period=0.1)
     assert "STOPPED" in repr(second.health)
+
+
+async def test_h2c_endpoints_are_checked_over_http2_and_leave_rotation(
+    gateway_factory: GatewayFactory,
+) -> None:
+    a = await start_upstream("a", protocol="h2c")
+    b = await start_upstream("b", protocol="h2c")
+    try:
+        b.on("GET", "/healthz").reply(503)
+        h2c = HEALTH.replace("outlier: false", "outlier: false\n    protocol: h2c")
+        gateway = await gateway_factory(_config([a, b], h2c))
+        await eventually(lambda: _healthy(gateway) == [True, False], "b out of rotation")
+        async with httpx.AsyncClient(base_url=base_url(gateway), timeout=5) as client:
+            for _ in range(4):
+                assert (await client.get("/work")).status_code == 200
+        assert [r.path for r in b.requests if r.path != "/healthz"] == []
+        assert len([r for r in a.requests if r.path == "/work"]) == 4
+        assert {r.http_version for r in a.requests + b.requests} == {"2"}
+    finally:
+        await a.stop()
+        await b.stop()

@@ -11,8 +11,10 @@ import pytest
 
 from metrics.definitions import UPSTREAM_HEALTH_CHECKS
 from proxy.config_model import EndpointConfig, HealthCheckConfig, UpstreamConfig, UpstreamTls
+from proxy.testing import start_upstream
 from proxy.upstream.balancer import EndpointState, Upstream
 from proxy.upstream.health import HealthChecker, HealthCheckFailed, check_endpoint, status_expected
+from tests.h2_upstream import H2UpstreamServer
 from tests.helpers import eventually
 from tests.tls import TlsFiles
 
@@ -296,7 +298,6 @@ async def test_https_check_verifies_the_upstream_certificate(tls_files: TlsFiles
         config = UpstreamConfig(
             "secure",
             (endpoint,),
-            protocol="h2",  # the check still offers http/1.1
             tls=UpstreamTls(ca=str(tls_files.ca)),
             health_check=FAST,
         )
@@ -310,3 +311,47 @@ async def test_https_check_verifies_the_upstream_certificate(tls_files: TlsFiles
         untrusted = ssl.create_default_context()
         with pytest.raises(HealthCheckFailed, match="certificate verify failed"):
             await check_endpoint(endpoint, FAST, untrusted, "localhost")
+
+
+@pytest.mark.socket
+async def test_h2c_and_h2_upstreams_are_checked_over_http2(tls_files: TlsFiles) -> None:
+    # An upstream that speaks only HTTP/2 (the HTTP/1.1 check of before failed on it).
+    h2c = await start_upstream("h2c-only", protocol="h2c")
+    h2c.on("GET", "/healthz").reply(204)
+    h2 = await H2UpstreamServer(tls=tls_files.server_context(["h2"])).start()
+    try:
+        config = UpstreamConfig("plain", (_endpoint(h2c.port),), protocol="h2c")
+        await check_endpoint(config.endpoints[0], FAST, http2=True)
+        assert (h2c.last.http_version, h2c.last.path) == ("2", "/healthz")
+        assert h2c.last.headers["user-agent"] == "gatehouse-health-check"
+        h2c.reset()
+        h2c.on("GET", "/healthz").reply(503)
+        with pytest.raises(HealthCheckFailed, match="status 503"):
+            await check_endpoint(config.endpoints[0], FAST, http2=True)
+        # h2 over TLS: the upstream's own context, offering h2 by ALPN, and its name.
+        secure = UpstreamConfig(
+            "secure",
+            (_endpoint(h2.port, "https", "localhost"),),
+            protocol="h2",
+            tls=UpstreamTls(ca=str(tls_files.ca)),
+            health_check=HealthCheckConfig(path="/status/200", timeout=0.3),
+        )
+        upstream = Upstream(secure, "h11", 4096)
+        assert upstream.health is not None
+        await upstream.health.check_round()
+        assert upstream.health.streaks == [1]
+        assert [r.path for r in h2.requests] == ["/status/200"]
+    finally:
+        await h2c.stop()
+        await h2.stop()
+
+
+@pytest.mark.socket
+async def test_an_http1_answer_to_an_http2_check_fails_it() -> None:
+    async with Answer(b"HTTP/1.1 200 OK\r\n\r\n") as server:
+        with pytest.raises(HealthCheckFailed, match=r"before an HTTP/2 response \(does it"):
+            await check_endpoint(server.endpoint(), FAST, http2=True)
+
+
+def _endpoint(port: int, scheme: str = "http", host: str = "127.0.0.1") -> EndpointConfig:
+    return EndpointConfig(f"{scheme}://{host}:{port}", scheme, host, port, 1)
