@@ -18,12 +18,12 @@ test fails, its report gets a section per gateway listing what it did with each 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import pytest
-import pytest_asyncio
 
 # The gateway is imported when a fixture is first used, not when pytest loads plugins:
 # a test run that uses no fixture of ours does not import the gateway, and coverage
@@ -35,6 +35,27 @@ if TYPE_CHECKING:
 UpstreamFactory = Callable[..., Awaitable["ScriptedUpstream"]]
 GatewayFactory = Callable[..., Awaitable["RunningGateway"]]
 _GATEWAYS = pytest.StashKey[list["RunningGateway"]]()  # a test's gateways, for its report
+_NEEDS_ASYNCIO = "the gatehouse fixtures need pytest-asyncio: pip install 'gatehouse[testing]'"
+Fixture = TypeVar("Fixture", bound=Callable[..., Any])
+
+
+def _async_fixture(function: Fixture) -> Fixture:
+    """pytest-asyncio's fixture decorator. Without pytest-asyncio (gatehouse installed
+    with no `testing` extra, in a project that has its own pytest) the plugin must not
+    break the run: the fixture is there, and a test using it fails saying what to
+    install."""
+    try:
+        import pytest_asyncio
+    except ImportError:
+        pass
+    else:
+        return cast(Fixture, pytest_asyncio.fixture(function))
+
+    def unavailable(*args: object, **kwargs: object) -> None:
+        pytest.fail(_NEEDS_ASYNCIO, pytrace=False)
+
+    setattr(unavailable, "__signature__", inspect.signature(function))  # noqa: B010
+    return cast(Fixture, pytest.fixture(name=function.__name__)(unavailable))
 
 
 class _Upstreams:
@@ -56,7 +77,7 @@ class _Upstreams:
         return upstream
 
 
-@pytest_asyncio.fixture
+@_async_fixture
 async def gatehouse_upstreams() -> AsyncIterator[_Upstreams]:
     """The upstreams `upstream(...)` started in this test; stopped at its teardown."""
     upstreams = _Upstreams()
@@ -73,7 +94,7 @@ def upstream(gatehouse_upstreams: _Upstreams) -> UpstreamFactory:
     return gatehouse_upstreams
 
 
-@pytest_asyncio.fixture
+@_async_fixture
 async def gatehouse(
     request: pytest.FixtureRequest, gatehouse_upstreams: _Upstreams
 ) -> AsyncIterator[GatewayFactory]:

@@ -377,3 +377,27 @@ async def test_leaks_nothing_with_a_writer_thread(gatehouse, upstream):
             "*AssertionError: tasks left behind: *sleep*",
         ]
     )
+
+
+def test_without_pytest_asyncio_the_plugin_breaks_nothing(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # gatehouse installed without its `testing` extra, in a project with its own pytest:
+    # pytest-asyncio is made unimportable (and its plugin not loaded).
+    stub = pytester.mkdir("no_asyncio")
+    (stub / "pytest_asyncio.py").write_text("raise ImportError('not installed')\n")
+    monkeypatch.setenv("PYTHONPATH", str(stub))
+    pytester.makepyfile(
+        """
+def test_unrelated():
+    assert 1 + 1 == 2
+
+def test_kit(gatehouse):
+    pass
+"""
+    )
+    result = pytester.runpytest_subprocess("-p", "no:asyncio", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(
+        ["*the gatehouse fixtures need pytest-asyncio: pip install 'gatehouse[[]testing]'*"]
+    )
