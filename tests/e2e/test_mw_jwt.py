@@ -380,7 +380,9 @@ async def test_a_jwks_server_that_is_down_never_holds_up_requests(
         response = await waiting
         assert response.status_code == 401
         assert 'error_description="unknown key id"' in response.headers["WWW-Authenticate"]
-        assert 1.0 <= time.monotonic() - started < 1.0 + PROMPT_S
+        elapsed = time.monotonic() - started
+        assert elapsed >= 1.0
+        assert elapsed < 1.0 + PROMPT_S
     # Shutting the gateway down cancelled the hanging fetch (the block above returned).
 
 
