@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import inspect
 import json as json_module
+import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ import wsproto.events
 from multidict import CIMultiDict
 
 from proxy.testing.trace import EXCHANGE_HEADER
+
+log = logging.getLogger(__name__)
 
 PROTOCOLS = ("http1", "h2c")
 READ_BYTES = 64 * 1024
@@ -283,9 +286,15 @@ class ScriptedUpstream:
                 reply = rule.take()
                 if isinstance(reply, Reply):
                     return reply
-                answer = reply(request)
-                if inspect.isawaitable(answer):
-                    answer = await answer
+                try:
+                    answer = reply(request)
+                    if inspect.isawaitable(answer):
+                        answer = await answer
+                except Exception as exc:
+                    # A bug in the test's responder: a 500 saying so, and the traceback
+                    # in the log pytest shows under the failed test.
+                    log.exception("upstream %r: the responder for %s failed", self.name, rule)
+                    return make_reply(500, body=f"responder failed: {exc!r}")
                 return answer
         return make_reply(json=_echo(request))
 

@@ -14,6 +14,7 @@ from middleware.options import Options
 from proxy.config import ConfigError
 from proxy.models import Request, Response
 from proxy.testing import (
+    ReceivedRequest,
     Reply,
     RunningGateway,
     ScriptedUpstream,
@@ -210,3 +211,16 @@ async def test_stopping_an_upstream_mid_reply_is_quiet(caplog: pytest.LogCapture
     assert await reader.read() == b""
     writer.close()
     assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
+
+
+async def test_a_responder_that_raises_answers_500_and_logs_why(
+    users: ScriptedUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    def buggy(request: ReceivedRequest) -> Reply:
+        return Reply(int(request.headers["x-missing"]))
+
+    users.on(path="/bug").call(buggy)
+    async with httpx.AsyncClient(base_url=users.url) as client:
+        response = await client.get("/bug")
+    assert (response.status_code, response.text) == (500, "responder failed: KeyError('x-missing')")
+    assert "upstream 'users': the responder for <Rule * /bug" in caplog.text
