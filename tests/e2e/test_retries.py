@@ -8,12 +8,13 @@ import asyncio
 import contextlib
 import socket
 import time
+from dataclasses import dataclass, field
 
 import httpx
 import pytest
 
 from metrics.definitions import UPSTREAM_REQUESTS, UPSTREAM_RETRIES, UPSTREAM_RETRY_BUDGET_EXHAUSTED
-from proxy.testing import ScriptedUpstream, start_upstream
+from proxy.testing import start_upstream
 from tests.conftest import GatewayFactory, UpstreamFactory, base_url
 from tests.h2_client import H2Client
 from tests.h2_upstream import H2UpstreamServer
@@ -29,19 +30,71 @@ def closed_port() -> int:
     return port
 
 
+@dataclass
+class StatusServer:
+    """An HTTP/1.1 upstream answering every request with `status` after `delay_s`
+    (keep-alive), recording when each request arrived."""
+
+    status: int = 503
+    delay_s: float = 0.0
+    hits: list[float] = field(default_factory=list)
+    port: int = 0
+    _server: asyncio.Server | None = None
+    _writers: set[asyncio.StreamWriter] = field(default_factory=set)
+
+    async def start(self) -> StatusServer:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for writer in list(self._writers):
+                writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                if length:
+                    await reader.readexactly(length)
+                self.hits.append(time.monotonic())
+                if self.delay_s:
+                    await asyncio.sleep(self.delay_s)
+                body = f"status {self.status}".encode()
+                writer.write(
+                    f"HTTP/1.1 {self.status} X\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+
 @pytest.fixture
 async def status_servers() -> contextlib.AsyncExitStack:  # type: ignore[misc]
     async with contextlib.AsyncExitStack() as stack:
         yield stack
 
 
-async def status_server(
-    stack: contextlib.AsyncExitStack, *, status: int = 503, delay_s: float = 0.0
-) -> ScriptedUpstream:
-    """An upstream (the testing kit's) answering every request with `status` after
-    `delay_s`; its `requests` say when each arrived."""
-    server = await start_upstream(f"status-{status}")
-    server.reply(status, body=f"status {status}", delay=delay_s)
+async def status_server(stack: contextlib.AsyncExitStack, **options: object) -> StatusServer:
+    server = await StatusServer(**options).start()  # type: ignore[arg-type]
     stack.push_async_callback(server.stop)
     return server
 
@@ -129,9 +182,9 @@ async def test_503_is_retried_for_get_but_not_for_post(
         response = await client.get("/x")
         assert response.status_code == 503  # the last try's answer, passed on
         assert response.text == "status 503"
-        assert (len(first.requests), len(second.requests)) == (1, 1)  # one each: another endpoint
+        assert (len(first.hits), len(second.hits)) == (1, 1)  # one each: another endpoint
         assert (await client.post("/x", content=b"once")).status_code == 503
-    assert len(first.requests) + len(second.requests) == 3  # the POST was sent once
+    assert len(first.hits) + len(second.hits) == 3  # the POST was sent once
 
 
 async def test_503_then_success_on_the_other_endpoint(
@@ -150,7 +203,7 @@ async def test_503_then_success_on_the_other_endpoint(
             response = await client.response()
             assert response.status == 200
             assert b'"body": "abc"' in response.body or b'"body":"abc"' in response.body
-    assert len(failing.requests) >= 1
+    assert len(failing.hits) >= 1
     assert len(live.requests) == 4
 
 
@@ -163,9 +216,9 @@ async def test_a_body_over_body_limit_is_not_retried(
     server = await gateway_factory(config([first.url, second.url], retries))
     async with httpx.AsyncClient(base_url=base_url(server), timeout=5) as client:
         assert (await client.put("/x", content=b"s" * 1024)).status_code == 503
-        assert len(first.requests) + len(second.requests) == 2  # within the limit: retried
+        assert len(first.hits) + len(second.hits) == 2  # within the limit: retried
         assert (await client.put("/x", content=b"l" * 1025)).status_code == 503
-        assert len(first.requests) + len(second.requests) == 3  # over it: sent once
+        assert len(first.hits) + len(second.hits) == 3  # over it: sent once
 
 
 async def test_per_try_timeout_then_success_on_the_other_endpoint(
@@ -185,8 +238,8 @@ async def test_per_try_timeout_then_success_on_the_other_endpoint(
             assert response.status_code == 200
             assert time.monotonic() - started < 1.0  # one 100 ms try at most, not 5 s
     assert len(live.requests) == 4
-    assert len(slow.requests) >= 1
-    assert retries_counted("timeout") - before == len(slow.requests)
+    assert len(slow.hits) >= 1
+    assert retries_counted("timeout") - before == len(slow.hits)
 
 
 async def test_per_try_timeout_on_the_last_try_is_a_504(
@@ -202,7 +255,7 @@ async def test_per_try_timeout_on_the_last_try_is_a_504(
     assert response.status_code == 504
     assert response.json()["error"] == "upstream_timeout"
     assert 0.2 <= time.monotonic() - started < 1.0
-    assert (len(first.requests), len(second.requests)) == (1, 1)
+    assert (len(first.hits), len(second.hits)) == (1, 1)
     # Each cut try is counted as a timeout of its endpoint, not as the client leaving.
     for slow in (first, second):
         assert attempts_counted(slow.url, "timeout") == 1
@@ -240,7 +293,7 @@ async def test_a_client_leaving_during_a_timed_try_is_a_client_abort(
     async with await H2Client.connect(*server.addresses[0]) as client:
         stream_id = client.send_request("/x")
         await client.flush()
-        await eventually(lambda: len(slow.requests) == 1, "the try to reach the upstream")
+        await eventually(lambda: len(slow.hits) == 1, "the try to reach the upstream")
         client.conn.reset_stream(stream_id)  # the client gives up (RST_STREAM CANCEL)
         await client.flush()
         await eventually(
@@ -259,7 +312,7 @@ async def test_backoff_waits_a_jittered_time_before_each_retry(
     async with httpx.AsyncClient(base_url=base_url(server), timeout=5) as client:
         for _ in range(5):
             assert (await client.get("/x")).status_code == 503
-    hits = sorted(request.received_at for request in first.requests + second.requests)
+    hits = sorted(first.hits + second.hits)
     assert len(hits) == 15
     gaps = [hits[i + 1] - hits[i] for i in range(0, 15, 3) for i in (i, i + 1)]
     # Each wait is uniform in [0, 100 ms]: ten of them sum to 0.5 s on average, and
@@ -283,7 +336,7 @@ async def test_the_budget_caps_amplification_when_every_endpoint_fails(
     async with httpx.AsyncClient(base_url=base_url(server), timeout=10, limits=limits) as client:
         responses = await asyncio.gather(*(client.get(f"/x/{n}") for n in range(clients)))
     assert all(response.status_code == 503 for response in responses)
-    attempts = len(first.requests) + len(second.requests)
+    attempts = len(first.hits) + len(second.hits)
     # Without the budget every request would be tried 5 times (250 attempts). With it,
     # retries in flight stay under max(3, 20% of the 50 in flight): the first wave of
     # retries is 10 (1.2x), and once most requests have failed, the minimum of 3 lets
