@@ -44,17 +44,23 @@ async def wait_for(condition: object, timeout_s: float = 2.0) -> None:
         await asyncio.sleep(0.005)
 
 
-async def overloaded_fast(server: Server, limit: str) -> None:
-    """One more request is refused with 503 upstream_overloaded in < 100 ms, counted."""
+# How long the requests that fill a limit hold it. A refused request must be answered
+# while they still do: a request queued behind them would be answered only after.
+HOLD_MS = 1500
+
+
+async def overloaded_at_once(
+    server: Server, limit: str, holders: list[asyncio.Task[httpx.Response]]
+) -> None:
+    """One more request is refused with 503 upstream_overloaded, counted, while the
+    requests holding the limit are still in flight (it did not wait for them)."""
     counter = UPSTREAM_OVERLOADED.labels("app", limit)
     before = counter.value
     async with httpx.AsyncClient(base_url=base_url(server), timeout=5) as client:
-        started = time.monotonic()
         response = await client.get("/slow/1")
-        elapsed = time.monotonic() - started
     assert response.status_code == 503
     assert response.json()["error"] == "upstream_overloaded"
-    assert elapsed < 0.1
+    assert not any(holder.done() for holder in holders)
     assert counter.value == before + 1
 
 
@@ -64,9 +70,9 @@ async def test_max_requests_refuses_the_third_concurrent_request_at_once(
     upstream = await upstream_factory()
     server = await gateway_factory(config(upstream, "circuit_breaker: {max_requests: 2}"))
     async with httpx.AsyncClient(base_url=base_url(server), timeout=5) as client:
-        slow = [asyncio.create_task(client.get(f"/slow/500?n={n}")) for n in range(2)]
+        slow = [asyncio.create_task(client.get(f"/slow/{HOLD_MS}?n={n}")) for n in range(2)]
         await wait_for(lambda: len(upstream.requests) == 2)
-        await overloaded_fast(server, "max_requests")
+        await overloaded_at_once(server, "max_requests", slow)
         assert [(await task).status_code for task in slow] == [200, 200]
         # The limit counts requests in flight, not requests ever made.
         assert (await client.get("/echo/after")).status_code == 200
@@ -80,11 +86,11 @@ async def test_max_pending_refuses_a_request_that_would_wait_past_it(
     server = await gateway_factory(config(upstream, options))
     pool = server.runtime.upstreams["app"].pools[0]
     async with httpx.AsyncClient(base_url=base_url(server), timeout=5) as client:
-        first = asyncio.create_task(client.get("/slow/300?n=1"))
+        first = asyncio.create_task(client.get(f"/slow/{HOLD_MS}?n=1"))
         await wait_for(lambda: len(upstream.requests) == 1)
         second = asyncio.create_task(client.get("/slow/1?n=2"))  # waits for the connection
         await wait_for(lambda: pool.occupancy().waiting == 1)
-        await overloaded_fast(server, "max_pending")
+        await overloaded_at_once(server, "max_pending", [first, second])
         assert (await first).status_code == 200
         assert (await second).status_code == 200  # the one waiting within the limit
 
@@ -95,9 +101,9 @@ async def test_max_connections_refuses_a_request_that_needs_one_more(
     upstream = await upstream_factory()
     server = await gateway_factory(config(upstream, "circuit_breaker: {max_connections: 1}"))
     async with httpx.AsyncClient(base_url=base_url(server), timeout=5) as client:
-        first = asyncio.create_task(client.get("/slow/300"))
+        first = asyncio.create_task(client.get(f"/slow/{HOLD_MS}"))
         await wait_for(lambda: len(upstream.requests) == 1)
-        await overloaded_fast(server, "max_connections")
+        await overloaded_at_once(server, "max_connections", [first])
         assert (await first).status_code == 200
         # Its connection is idle again: the next request reuses it, within the limit.
         assert (await client.get("/echo/reuse")).status_code == 200
@@ -110,9 +116,9 @@ async def test_max_requests_on_an_http2_upstream(gateway_factory: GatewayFactory
         yaml = config(upstream, "circuit_breaker: {max_requests: 1}", protocol="h2c")
         server = await gateway_factory(yaml)
         async with httpx.AsyncClient(base_url=base_url(server), timeout=5) as client:
-            slow = asyncio.create_task(client.get("/slow/300"))
+            slow = asyncio.create_task(client.get(f"/slow/{HOLD_MS}"))
             await wait_for(lambda: len(upstream.requests) == 1)
-            await overloaded_fast(server, "max_requests")
+            await overloaded_at_once(server, "max_requests", [slow])
             assert (await slow).status_code == 200
     finally:
         await upstream.stop()

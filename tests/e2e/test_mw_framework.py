@@ -111,7 +111,8 @@ async def test_each_middleware_is_timed_on_its_own(
             assert response.status_code == 200
     assert count("outer") == before[0] + 3
     assert count("inner") == before[1] + 3
-    assert total("outer") - before[2] < 0.1
+    # Three 200 ms upstream answers would add at least 0.6 s; middleware work is far less.
+    assert total("outer") - before[2] < 0.3
 
 
 # -- request_id ---------------------------------------------------------------------------

@@ -316,9 +316,10 @@ async def test_backoff_waits_a_jittered_time_before_each_retry(
     assert len(hits) == 15
     gaps = [hits[i + 1] - hits[i] for i in range(0, 15, 3) for i in (i, i + 1)]
     # Each wait is uniform in [0, 100 ms]: ten of them sum to 0.5 s on average, and
-    # less than 0.15 s with odds of about 1e-5; none is much above the ceiling.
+    # less than 0.15 s with odds of about 1e-5; none is far above the ceiling (the
+    # allowance is for a gap's round trip on a busy machine, not for the wait).
     assert sum(gaps) > 0.15
-    assert max(gaps) < 0.1 + 0.1
+    assert max(gaps) < 0.1 + 0.25
     assert len({round(gap, 3) for gap in gaps}) > 1  # jittered, not a fixed delay
 
 

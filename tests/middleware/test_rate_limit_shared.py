@@ -265,14 +265,15 @@ def take_the_lock() -> str:
 def test_a_process_killed_holding_the_lock_blocks_no_one(
     shared_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    backend = LocalBackend(1024, shared_key=KEY)
+    # A long lock timeout: recovering only once it ran out would show as a long wait.
+    backend = LocalBackend(1024, shared_key=KEY, lock_timeout_s=10.0)
     holder = Child(take_the_lock, linger_s=CHILD_TIMEOUT_S)
     assert holder.report() == "held"
     holder.kill()
     with caplog.at_level(logging.ERROR, "middleware.rate_limit_local"):
         started = time.monotonic()
         assert backend.decide_now("client", HOUR_S, 0.0).allowed
-        assert time.monotonic() - started < 0.1  # recovered at once, no timeout waited
+        assert time.monotonic() - started < 5.0  # recovered at once, no timeout waited
     assert "died holding" in caplog.text
     caplog.clear()
     assert not backend.decide_now("client", HOUR_S, 0.0).allowed  # and working normally
