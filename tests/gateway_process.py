@@ -24,8 +24,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+CLI_TIMEOUT_S = 60.0
 START_TIMEOUT_S = 10.0
 POLL_INTERVAL_S = 0.02
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run `python -m proxy ARGS` to completion, from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+        check=False,
+    )
 
 
 def free_port() -> int:

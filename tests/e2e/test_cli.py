@@ -6,14 +6,12 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.gateway_process import REPO_ROOT, free_port, gateway_config, run_gateway
+from tests.gateway_process import free_port, gateway_config, run_cli, run_gateway
 
-CLI_TIMEOUT_S = 20.0
 EXIT_TIMEOUT_S = 8.0  # a gateway that cannot start must say so promptly
 
 # Three mistakes, one per line, that the loader must report together.
@@ -30,20 +28,8 @@ routes:
 """
 
 
-def gatehouse(*args: str) -> subprocess.CompletedProcess[str]:
-    """Run `python -m proxy ARGS` to completion."""
-    return subprocess.run(
-        [sys.executable, "-m", "proxy", *args],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=CLI_TIMEOUT_S,
-        check=False,
-    )
-
-
 def test_check_accepts_the_bundled_routes_yaml() -> None:
-    result = gatehouse("check", "routes.yaml")
+    result = run_cli("check", "routes.yaml")
     assert result.returncode == 0, result.stderr
     assert "routes.yaml: ok" in result.stdout
 
@@ -51,7 +37,7 @@ def test_check_accepts_the_bundled_routes_yaml() -> None:
 def test_check_reports_every_mistake_with_file_line_and_key_path(tmp_path: Path) -> None:
     path = tmp_path / "broken.yaml"
     path.write_text(BROKEN_CONFIG)
-    result = gatehouse("check", str(path))
+    result = run_cli("check", str(path))
     assert result.returncode == 1
     lines = result.stderr.splitlines()
     expected = [
@@ -69,7 +55,7 @@ def test_check_reports_every_mistake_with_file_line_and_key_path(tmp_path: Path)
 
 def test_check_on_a_missing_file_exits_1(tmp_path: Path) -> None:
     missing = tmp_path / "nope.yaml"
-    result = gatehouse("check", str(missing))
+    result = run_cli("check", str(missing))
     assert result.returncode == 1
     assert str(missing) in result.stderr
 
@@ -77,7 +63,7 @@ def test_check_on_a_missing_file_exits_1(tmp_path: Path) -> None:
 def test_run_with_an_invalid_file_exits_1_and_logs_the_errors(tmp_path: Path) -> None:
     path = tmp_path / "broken.yaml"
     path.write_text(BROKEN_CONFIG)
-    result = gatehouse("run", str(path))
+    result = run_cli("run", str(path))
     assert result.returncode == 1
     assert f"{path}:6: upstreams.app.timeouts.conect:" in result.stderr
     assert f"{path}:9: routes[0].upstream:" in result.stderr

@@ -10,7 +10,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,10 +23,10 @@ from websockets.sync.client import connect as ws_connect
 
 from tests.admin_client import admin_config, admin_get, admin_reload, metric, wait_ready
 from tests.gateway_process import (
-    REPO_ROOT,
     child_pids,
     connect_refused,
     free_port,
+    run_cli,
     run_gateway,
     wait_until,
 )
@@ -224,14 +223,7 @@ def test_gatehouse_reload_command_reports_success_and_refusal(
         gw.config_path.write_text(config_text(port, admin, upstream.url, routes=numbered_route(2)))
 
         def reload_command(*args: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run(
-                [sys.executable, "-m", "proxy", "reload", str(gw.config_path), *args],
-                cwd=REPO_ROOT,
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=False,
-            )
+            return run_cli("reload", str(gw.config_path), *args)
 
         done = reload_command()
         assert done.returncode == 0, done.stderr

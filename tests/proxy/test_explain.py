@@ -3,8 +3,6 @@ takes and why, checked against the gateway's own route table."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 from hypothesis import given, settings
@@ -14,7 +12,7 @@ from multidict import CIMultiDict
 from proxy.config import parse_config
 from proxy.explain import explain, mismatches, render_explanation, render_routes
 from proxy.routing import RouteTable
-from tests.gateway_process import REPO_ROOT
+from tests.gateway_process import run_cli
 
 CONFIG = """
 listeners: [{bind: 127.0.0.1:0}]
@@ -166,17 +164,7 @@ def test_the_commands_print_and_exit(tmp_path: Path) -> None:
     path = tmp_path / "routes.yaml"
     path.write_text(CONFIG)
 
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "proxy", *args],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-
-    done = run(
+    done = run_cli(
         "explain",
         str(path),
         "get",
@@ -189,9 +177,9 @@ def test_the_commands_print_and_exit(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "route: users-admin (routes[1])" in done.stdout
     assert "forwarded as: GET /users/admin/x" in done.stdout
-    assert run("explain", str(path), "GET", "/", "-H", "no colon").returncode == 2
-    table = run("routes", str(path))
+    assert run_cli("explain", str(path), "GET", "/", "-H", "no colon").returncode == 2
+    table = run_cli("routes", str(path))
     assert table.returncode == 0
     assert table.stdout.splitlines()[0].startswith("  1. users-admin:")
     path.write_text("routes: nope\n")
-    assert run("routes", str(path)).returncode == 1
+    assert run_cli("routes", str(path)).returncode == 1
