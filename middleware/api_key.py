@@ -111,6 +111,10 @@ class ApiKey:
     def __repr__(self) -> str:
         return f"<ApiKey {self.name!r} keys={len(self._keys)}>"
 
+    def identity_headers(self) -> tuple[str, ...]:
+        """The consumer header (middleware/base.py)."""
+        return (self.consumer_header,) if self.consumer_header else ()
+
     @property
     def key_count(self) -> int:
         """How many keys are accepted."""

@@ -16,6 +16,12 @@ Its type is a *factory*: a class (or any callable) with
 Optional hooks, awaited by the server: `async def start(self)` once the event loop runs
 (open clients, start refresh tasks) and `async def close(self)` at shutdown.
 
+Optional `identity_headers()` returns the names of the request fields it sets for the
+upstream to rely on (the consumer, a user, token claims, values `headers` sets): the
+gateway removes every spelling of them that the client sent (any case, `_` for `-`)
+before the chain runs, so that whether or not the middleware sets one, the upstream never
+sees a client's copy (proxy/canonical.py `without_spellings`).
+
 Optional `EAGER = True` (a class or instance attribute) promises that the middleware
 awaits nothing but `call_next`: a chain made only of such middleware runs without a task
 (proxy/eager.py), which is most of what a chain costs. Do not set it on a middleware that

@@ -229,6 +229,10 @@ class BasicAuth:
         self._pending: dict[bytes, asyncio.Future[bool]] = {}
         self._executor: ThreadPoolExecutor | None = None
 
+    def identity_headers(self) -> tuple[str, ...]:
+        """The consumer header (middleware/base.py)."""
+        return (self.consumer_header,) if self.consumer_header else ()
+
     def __repr__(self) -> str:
         return f"<BasicAuth {self.name!r} users={len(self._users)} cached={len(self._cache)}>"
 

@@ -4,8 +4,9 @@ ForwardAuth, NGINX's `auth_request`).
 For each request a `GET` goes to `url` with the client's headers (all of them, or those
 listed in `forward_headers`; never hop-by-hop ones or the client's own forwarding
 headers) and, set by the gateway alone, X-Forwarded-Method, -Proto, -Host, -Uri (the
-raw request target) and X-Forwarded-For (the client's list with its peer appended, as
-the upstream gets it). The request body is not sent.
+request target in canonical form, as the upstream gets it) and X-Forwarded-For (the
+client's list with its peer appended, as the upstream gets it). The request body is not
+sent.
 
 - A 2xx answer lets the request on. The response headers named in `copy_headers` are
   copied onto it (an X-User the auth service vouches for); copies the client sent itself
@@ -187,6 +188,10 @@ class ForwardAuth:
         return context, server_hostname(self.endpoint, config)
 
     # -- lifecycle -------------------------------------------------------------------
+    def identity_headers(self) -> tuple[str, ...]:
+        """The headers copied from the auth service's answer (middleware/base.py)."""
+        return tuple(self.copy_headers)
+
     async def start(self) -> None:
         """Create the connection pool to the auth service (needs the running loop)."""
         if self._pool is None:
@@ -234,13 +239,9 @@ class ForwardAuth:
         out = [("Host", self._host)]
         wanted = self.forward_headers
         if wanted is None:
-            connection = headers.get("connection")
-            if connection is None and request.connection is not None:
-                connection = request.connection.decode("latin-1")
-            named = {token.strip().lower() for token in connection.split(",")} if connection else ()
+            # (The fields the client's Connection names were removed on arrival.)
             for name, value in headers.items():
-                lower = name.lower()
-                if lower not in _NOT_FORWARDED and lower not in named:
+                if name.lower() not in _NOT_FORWARDED:
                     out.append((name, value))
         else:
             for name in wanted:

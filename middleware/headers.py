@@ -226,6 +226,11 @@ class Headers:
         if "request" not in options and "response" not in options:
             options.error(None, "expected 'request' or 'response' (or both)")
 
+    def identity_headers(self) -> tuple[str, ...]:
+        """The request fields `set` gives a value (middleware/base.py): the upstream
+        trusts them to be the gateway's."""
+        return tuple(name for name, _ in self.request_ops.set)
+
     async def __call__(self, request: Request, call_next: Handler) -> Response:
         if self.request_ops:
             self.request_ops.apply(request.headers, request)

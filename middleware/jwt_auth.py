@@ -172,6 +172,10 @@ class JwtAuth:
     def __repr__(self) -> str:
         return f"<JwtAuth {self.name} {','.join(self._algorithm_list)} jwks={self.jwks!r}>"
 
+    def identity_headers(self) -> tuple[str, ...]:
+        """The headers claims are forwarded in (middleware/base.py)."""
+        return tuple(header for _, header in self.forward_claims)
+
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
         """Start refreshing the JWKS (when there is one)."""

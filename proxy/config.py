@@ -31,6 +31,8 @@ from proxy.config_model import (
     DEFAULT_POOL_WAIT_TIMEOUT_S,
     DEFAULT_READ_TIMEOUT_S,
     DEFAULT_RELOAD_WATCH_INTERVAL_S,
+    ESCAPED_SLASH_ACTIONS,
+    UNDERSCORE_ACTIONS,
     AdminConfig,
     Config,
     EndpointConfig,
@@ -42,6 +44,7 @@ from proxy.config_model import (
     MatchConfig,
     MetricsConfig,
     MiddlewareSpec,
+    PathNormalization,
     PoolConfig,
     QueryMatch,
     ReloadConfig,
@@ -100,7 +103,7 @@ __all__ = [
 
 _TOP_KEYS = ("listeners", "admin", "upstreams", "middleware", "global_middleware", "routes",
              "limits", "http2", "http1_parser", "workers", "shutdown", "reload",
-             "metrics")  # fmt: skip
+             "metrics", "path_normalization", "headers_with_underscores")  # fmt: skip
 _HTTP1_PARSERS = ("auto", "httptools", "h11")
 _TLS_VERSIONS = ("1.2", "1.3")
 _MAX_H2_WINDOW = 2**31 - 1  # RFC 9113 section 6.9.1
@@ -181,6 +184,7 @@ class _ConfigLoader(RouteSections, UpstreamSections):
         self._upstream_names: set[str] | None = None  # None: unreadable, so skip the checks
         self._upstream_protocols: dict[str, str] = {}
         self._binds: dict[tuple[str, int], str] = {}
+        self._path_normalization_config = PathNormalization()
 
     def config(self, root: Node | None) -> Config | None:
         """The Config of the document `root`; check `errors` before using it."""
@@ -201,6 +205,9 @@ class _ConfigLoader(RouteSections, UpstreamSections):
         # Named middleware first: the chains below refer to them.
         self._named_middleware = {} if "middleware" not in top else None
         middleware: dict[str, MiddlewareSpec] = top.get("middleware", self._middleware_section, {})
+        # Before the routes: their path matchers must be in the form requests are put in.
+        paths = top.get("path_normalization", self._path_normalization, PathNormalization())
+        self._path_normalization_config = paths
         return Config(
             listeners=listeners,
             upstreams=upstreams,
@@ -215,8 +222,25 @@ class _ConfigLoader(RouteSections, UpstreamSections):
             grace_period=top.get("shutdown", self._shutdown, DEFAULT_GRACE_PERIOD_S),
             reload=top.get("reload", self._reload, ReloadConfig()),
             metrics=top.get("metrics", self._metrics, MetricsConfig()),
+            path_normalization=paths,
+            headers_with_underscores=top.get(
+                "headers_with_underscores", self._headers_with_underscores, "drop"
+            ),
             source=self.source,
         )
+
+    def _path_normalization(self, node: Node, path: str) -> PathNormalization:
+        fields = self.mapping(node, path, ("escaped_slashes", "merge_slashes"))
+        return PathNormalization(
+            escaped_slashes=fields.get("escaped_slashes", self._escaped_slashes, "reject"),
+            merge_slashes=fields.get("merge_slashes", self.boolean, True),
+        )
+
+    def _escaped_slashes(self, node: Node, path: str) -> str:
+        return self.choice(node, path, ESCAPED_SLASH_ACTIONS, "action")
+
+    def _headers_with_underscores(self, node: Node, path: str) -> str:
+        return self.choice(node, path, UNDERSCORE_ACTIONS, "action")
 
     def _http1_parser(self, node: Node, path: str) -> str:
         return self.choice(node, path, _HTTP1_PARSERS, "parser")

@@ -329,6 +329,9 @@ class RouteConfig:
     max_body_size: int | None = None  # None: the server-wide limit applies
     websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
     middleware: tuple[MiddlewareSpec, ...] = ()  # after global_middleware, in order
+    # Forward the path as the client sent it rather than in canonical form (for
+    # upstreams that need the raw bytes); routing still uses the canonical form.
+    forward_raw_path: bool = False
     index: int = 0  # position in the file: ties in specificity go to the earlier route
 
 
@@ -341,6 +344,21 @@ class LimitsConfig:
     header_timeout: float = DEFAULT_HEADER_TIMEOUT_S  # 408
     body_timeout: float = DEFAULT_BODY_TIMEOUT_S  # 408, idle gap between body chunks
     keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT_S
+
+
+ESCAPED_SLASH_ACTIONS = ("reject", "unescape", "keep")
+UNDERSCORE_ACTIONS = ("drop", "reject", "allow")
+
+
+@dataclass(frozen=True, slots=True)
+class PathNormalization:
+    """`path_normalization`: how request paths are put in canonical form before routing
+    (proxy/canonical.py). `escaped_slashes` decides `%2F`, `%5C` and a raw backslash:
+    `reject` (400), `unescape` (`%2F` a separator, `%5C` a literal backslash) or `keep`
+    (left encoded); `merge_slashes` folds `//` into `/`, as nginx does."""
+
+    escaped_slashes: str = "reject"  # reject | unescape | keep
+    merge_slashes: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -391,4 +409,9 @@ class Config:
     global_middleware: tuple[MiddlewareSpec, ...] = ()  # before every route's own chain
     reload: ReloadConfig = field(default_factory=ReloadConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    path_normalization: PathNormalization = field(default_factory=PathNormalization)
+    # Client header fields whose name holds "_": dropped, refused (400) or passed on.
+    # Upstreams such as WSGI and CGI servers fold "_" into "-", so "X_Consumer" would
+    # reach them as the "X-Consumer" a middleware sets (nginx drops them too).
+    headers_with_underscores: str = "drop"  # drop | reject | allow
     source: str = "<string>"

@@ -11,10 +11,12 @@ from typing import TypeVar
 
 from yaml.nodes import MappingNode, Node
 
+from proxy.canonical import InvalidTarget, normalize_path
 from proxy.config_middleware import MiddlewareSections
 from proxy.config_model import (
     HeaderMatch,
     MatchConfig,
+    PathNormalization,
     QueryMatch,
     RewriteConfig,
     RouteConfig,
@@ -62,6 +64,7 @@ class RouteSections(MiddlewareSections):
 
     _upstream_names: set[str] | None
     _upstream_protocols: dict[str, str]  # of the upstreams that were read
+    _path_normalization_config: PathNormalization  # what request paths are matched in
 
     def _routes(self, node: Node, path: str) -> tuple[RouteConfig, ...]:
         routes: list[RouteConfig] = []
@@ -72,7 +75,8 @@ class RouteSections(MiddlewareSections):
         return tuple(routes)
 
     def _route(self, node: Node, path: str, index: int, names: dict[str, str]) -> RouteConfig:
-        keys = ("name", "match", "upstream", "middleware", "rewrite", "max_body_size", "websocket")
+        keys = ("name", "match", "upstream", "middleware", "rewrite", "max_body_size", "websocket",
+                "forward_raw_path")  # fmt: skip
         fields = self.mapping(node, path, keys, ("match", "upstream"))
         errors_before = len(self._errors)
         match = fields.get("match", self._match, MatchConfig())
@@ -106,6 +110,7 @@ class RouteSections(MiddlewareSections):
             max_body_size=fields.get("max_body_size", self.optional(self.size), None),
             websocket=websocket,
             middleware=fields.get("middleware", self._chain, ()),
+            forward_raw_path=fields.get("forward_raw_path", self.boolean, False),
             index=index,
         )
 
@@ -143,8 +148,8 @@ class RouteSections(MiddlewareSections):
             fields.error(extra, f"give at most one of path, path_prefix, path_regex ({given[0]})")
         return MatchConfig(
             host=fields.get("host", self._host_pattern, None),
-            path=fields.get("path", self._path, None),
-            path_prefix=fields.get("path_prefix", self._path, None),
+            path=fields.get("path", self._match_path, None),
+            path_prefix=fields.get("path_prefix", self._match_path, None),
             path_regex=fields.get("path_regex", self.regex, None),
             methods=fields.get("methods", self._methods, None),
             headers=fields.get("headers", self._headers, ()),
@@ -158,6 +163,23 @@ class RouteSections(MiddlewareSections):
         value = self.string(node, path)
         if not value.startswith("/"):
             raise self.error(node, path, f"must start with '/', got {value!r}")
+        return value
+
+    def _match_path(self, node: Node, path: str) -> str:
+        """A `path` or `path_prefix`: requests are routed on their canonical path
+        (proxy/canonical.py), so a matcher in any other form could never match as
+        written."""
+        value = self._path(node, path)
+        try:
+            canonical = normalize_path(value, self._path_normalization_config)
+        except InvalidTarget as exc:
+            raise self.error(node, path, f"{value!r} can never match: {exc}") from None
+        if canonical != value:
+            message = (
+                f"{value!r} can never match: requests are routed on their canonical path"
+                f" (write {canonical!r})"
+            )
+            raise self.error(node, path, message)
         return value
 
     def _methods(self, node: Node, path: str) -> tuple[str, ...]:

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable, Container
 from typing import TYPE_CHECKING, Protocol, cast
 
-from proxy.config_model import Http2Config, LimitsConfig, ListenerConfig
+from proxy.config_model import Http2Config, LimitsConfig, ListenerConfig, PathNormalization
 
 if TYPE_CHECKING:
     from proxy.errors import ProxyError
@@ -56,6 +56,8 @@ class ServerContext(Protocol):
     codec: str
     limits: LimitsConfig
     http2: Http2Config
+    path_normalization: PathNormalization
+    headers_with_underscores: str
     draining: bool
     connections: set[ClientConnection]
     tunnels: set[Tunnel]

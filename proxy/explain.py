@@ -12,11 +12,13 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 
 from multidict import CIMultiDict
 
+from proxy.canonical import canonical_target, check_authority, check_method
 from proxy.config_model import Config, HeaderMatch, MiddlewareSpec, QueryMatch, RouteConfig
+from proxy.errors import BadRequest
 from proxy.forward import compile_rewrite
 from proxy.routing import RouteTable, normalize_host
 
@@ -38,23 +40,27 @@ class Explanation:
     # after the rewrite; empty when no route matched.
     middleware: tuple[MiddlewareSpec, ...] = ()
     forwarded_path: str = ""
-
-
-def parse_target(url: str, headers: Sequence[tuple[str, str]]) -> tuple[str, str, str]:
-    """(host, path, query) of `url`: an absolute URL, or a path whose host comes from a
-    Host header (or is empty)."""
-    parts = urlsplit(url)
-    host = (
-        parts.netloc if parts.netloc else next((v for k, v in headers if k.lower() == "host"), "")
-    )
-    return host, parts.path or "/", parts.query
+    # Why the gateway answers 400 before routing (the request is not one it serves).
+    refused: str = ""
 
 
 def explain(
     config: Config, method: str, url: str, headers: Sequence[tuple[str, str]] = ()
 ) -> Explanation:
-    """The route `method url` with `headers` takes under `config`, and why."""
-    host, path, query = parse_target(url, headers)
+    """The route `method url` with `headers` takes under `config`, and why. `url` is an
+    absolute URL or a path (its host then comes from a Host header, or is empty); it is
+    put in canonical form as a front end does (proxy/canonical.py), and a request the
+    gateway refuses before routing is explained as that refusal."""
+    host = next((value for name, value in headers if name.lower() == "host"), "")
+    try:
+        check_method(method)
+        target = canonical_target(url.encode("latin-1"), method, config.path_normalization)
+        if target.authority is not None:
+            host = target.authority.decode("latin-1")
+        check_authority(host.encode("latin-1"))
+    except BadRequest as exc:
+        return Explanation(method, host, url, "", None, refused=f"{exc.reason}: {exc.message}")
+    path, query = target.path, target.query
     header_map: CIMultiDict[str] = CIMultiDict(headers)
     table = RouteTable(config.routes)
     match = table.match(method, host, path, header_map, query)
@@ -70,7 +76,8 @@ def explain(
     if chosen is not None:
         found.middleware = (*config.global_middleware, *chosen.middleware)
         rewrite = compile_rewrite(chosen.rewrite)
-        found.forwarded_path = rewrite(path) if rewrite is not None else path
+        sent = target.raw.partition(b"?")[0].decode("latin-1") if chosen.forward_raw_path else path
+        found.forwarded_path = rewrite(sent) if rewrite is not None else sent
     return found
 
 
@@ -154,6 +161,9 @@ def render_explanation(config: Config, found: Explanation) -> str:
     lines = [f"{found.method} host={found.host or '(none)'} path={found.path}"
              + (f" query={found.query}" if found.query else "")]  # fmt: skip
     route = found.route
+    if found.refused:
+        lines.append(f"refused before routing: the gateway answers 400 {found.refused}")
+        return "\n".join(lines)
     if route is None:
         lines.append("no route matches: the gateway answers 404 no_route")
     else:

@@ -85,6 +85,7 @@ class Forwarder:
         "_http2",
         "_load",
         "_max_head_bytes",
+        "_raw_path",
         "_retry",
         "_rewrite",
         "_websocket",
@@ -97,8 +98,10 @@ class Forwarder:
         rewrite: RewriteConfig,
         max_head_bytes: int = 64 * 1024,
         websocket: WebSocketConfig | None = None,
+        forward_raw_path: bool = False,
     ) -> None:
         self.upstream = upstream
+        self._raw_path = forward_raw_path
         self._rewrite = compile_rewrite(rewrite)
         self._host_rewrite = rewrite.host
         self._http2 = upstream.http2
@@ -110,10 +113,15 @@ class Forwarder:
         self._fast = not upstream.http2 and self._retry.fast_path_ok
 
     def target_of(self, request: Request) -> bytes:
-        """The request target to send: the raw one unless the route rewrites the path."""
-        if self._rewrite is None:
-            return request.target
-        path = self._rewrite(request.path)
+        """The request target to send: the canonical one (or, on a route with
+        `forward_raw_path`, the client's own spelling), through the route's rewrite."""
+        rewrite = self._rewrite
+        if rewrite is None:
+            return request.raw_target if self._raw_path else request.target
+        if self._raw_path:
+            path = rewrite(request.raw_target.partition(b"?")[0].decode("latin-1"))
+        else:
+            path = rewrite(request.path)
         target = f"{path}?{request.query}" if request.query else path
         return target.encode("latin-1")
 

@@ -1,7 +1,10 @@
 """Request headers for the upstream hop: hop-by-hop removal and forwarding headers.
 
 RFC 9110 section 7.6.1: Connection and the fields it names, plus the classic hop-by-hop
-set, describe only the client's hop and are dropped. Framing (Content-Length,
+set, describe only the client's hop and are dropped. The fields the client's Connection
+nominates are removed when the request comes in (`proxy/canonical.py`), before any
+middleware runs, so that a client can never nominate away a field the gateway itself
+sets (X-Consumer, say); here only the fixed set is dropped. Framing (Content-Length,
 Transfer-Encoding) is re-derived for the upstream hop; `Expect` is answered by us.
 X-Forwarded-For/-Proto/-Host are appended to (a list, like Via, RFC 9110 section 7.6.3).
 """
@@ -47,10 +50,6 @@ def upstream_headers(
     """
     headers = request.headers
     out: list[tuple[str, str]] = [("Host", host)]
-    connection = headers.get("connection")
-    if connection is None and request.connection is not None:
-        connection = request.connection.decode("latin-1")
-    named = {token.strip().lower() for token in connection.split(",")} if connection else None
     forwarded_for = forwarded_proto = forwarded_host = via = None
     for name, value in headers.items():
         lower = name.lower()
@@ -65,8 +64,6 @@ def upstream_headers(
                 via = _append(via, value)
             elif lower == "te" and value.strip().lower() == "trailers":
                 out.append(("TE", "trailers"))  # the one TE value that must pass (gRPC)
-            continue
-        if named is not None and lower in named:
             continue
         out.append((name, value))
     out.append(("X-Forwarded-For", _append(forwarded_for, request.client[0])))
@@ -87,7 +84,7 @@ _BODYLESS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"})
 
 _RAW_HOP_BY_HOP = frozenset(name.encode() for name in REQUEST_HOP_BY_HOP)
 # Connection values that name nothing beyond the fields dropped anyway.
-_USUAL_CONNECTION_TOKENS = _RAW_HOP_BY_HOP | {b"close"}
+USUAL_CONNECTION_TOKENS = _RAW_HOP_BY_HOP | {b"close"}
 _CONNECTION_TOKENS: dict[bytes, frozenset[bytes]] = {}
 _CONNECTION_TOKENS_CACHED = 256
 
@@ -113,13 +110,10 @@ _FORWARDED = {
 }
 
 
-def _end_to_end(
-    pairs: RawHeaders, named: frozenset[bytes] | None
-) -> tuple[RawHeaders, list[bytes | None], bool]:
+def _end_to_end(pairs: RawHeaders) -> tuple[RawHeaders, list[bytes | None], bool]:
     """Split raw request fields for the upstream hop: the end-to-end ones (as received),
     the values of X-Forwarded-For/-Proto/-Host and Via to be appended to, and whether
-    the client sent `TE: trailers` (the one TE value that passes, for gRPC). `named` is
-    the set of fields the client's Connection header names (dropped as hop-by-hop)."""
+    the client sent `TE: trailers` (the one TE value that passes, for gRPC)."""
     kept: RawHeaders = []
     forwarded: list[bytes | None] = [None, None, None, None]
     te_trailers = False
@@ -132,8 +126,6 @@ def _end_to_end(
                 forwarded[slot] = value if previous is None else previous + b", " + value
             elif lower == b"te" and value.strip().lower() == b"trailers":
                 te_trailers = True
-            continue
-        if named is not None and lower in named:
             continue
         kept.append((name, value))
     return kept, forwarded, te_trailers
@@ -195,10 +187,6 @@ def _raw_head(
     chunked: bool,
 ) -> bytes:
     parts = [request.method.encode(), b" ", target, b" HTTP/1.1\r\nHost: ", host.encode("latin-1")]
-    connection = request.connection
-    named = connection_tokens(connection) if connection else None
-    if named is not None and named <= _USUAL_CONNECTION_TOKENS:
-        named = None  # "keep-alive", "close": nothing beyond the usual set
     # `_end_to_end`'s rule, inline: this is the HTTP/1.1 hot path, and building the list
     # of kept fields first costs ~1 us per request (3%) here.
     forwarded: list[bytes | None] = [None, None, None, None]
@@ -211,8 +199,6 @@ def _raw_head(
                 forwarded[slot] = value if previous is None else previous + b", " + value
             elif lower == b"te" and value.strip().lower() == b"trailers":
                 parts.append(b"\r\nTE: trailers")
-            continue
-        if named is not None and lower in named:
             continue
         parts += (b"\r\n", name, b": ", value)
     xff, proto, fhost, via = _forwarding_values(request, forwarded)
@@ -268,17 +254,7 @@ def upstream_h2_headers(
             pairs.append((name_b, value_b))
     else:
         pairs = raw
-    # Raw headers came with their Connection value parsed out; a model's are scanned.
-    named: frozenset[bytes] | None = None
-    if request.connection:
-        named = connection_tokens(request.connection)
-    if raw is None:
-        for name, value in pairs:
-            if name.lower() == b"connection":
-                named = (named or frozenset()) | connection_tokens(value)
-    if named is not None and named <= _USUAL_CONNECTION_TOKENS:
-        named = None
-    kept, forwarded, te_trailers = _end_to_end(pairs, named)
+    kept, forwarded, te_trailers = _end_to_end(pairs)
     if te_trailers:
         out.append((b"te", b"trailers"))  # the one TE value HTTP/2 allows (gRPC)
     out += [(name.lower(), value) for name, value in kept]

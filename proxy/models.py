@@ -330,9 +330,10 @@ def _checked_field(name: str, value: str) -> tuple[bytes, bytes]:
 class Request(_Message):
     """One request, as every front end produces it.
 
-    `target` is the raw request target, forwarded byte for byte unless a rewrite changes
-    it; `path` and `query` are its halves as text, used for routing. Headers: see
-    `_Message`.
+    `target` is the request target in canonical origin-form (proxy/canonical.py), what
+    routing matches and the upstream gets unless a rewrite changes it; `path` and `query`
+    are its halves as text. `raw_target` is the origin-form target as the client sent it
+    (a route with `forward_raw_path` forwards that). Headers: see `_Message`.
     """
 
     __slots__ = (
@@ -341,7 +342,6 @@ class Request(_Message):
         "body",
         "chain_inner_s",
         "client",
-        "connection",
         "consumer",
         "eager",
         "endpoint",
@@ -352,6 +352,7 @@ class Request(_Message):
         "params",
         "path",
         "query",
+        "raw_target",
         "received_at",
         "request_id",
         "retries",
@@ -374,14 +375,19 @@ class Request(_Message):
         scheme: str = "http",
         keep_alive: bool = True,
         host: str | None = None,
-        connection: bytes | None = None,
         upgrade: str = "",
+        path: str | None = None,
+        query: str = "",
+        raw_target: bytes | None = None,
     ) -> None:
         self.method = method
         self.target = target
-        raw_path, _, raw_query = target.partition(b"?")
-        self.path = raw_path.decode("latin-1")
-        self.query = raw_query.decode("latin-1")
+        self.raw_target = target if raw_target is None else raw_target
+        if path is None:  # not split by the front end (a request built by hand)
+            raw_path, _, raw_query = target.partition(b"?")
+            path, query = raw_path.decode("latin-1"), raw_query.decode("latin-1")
+        self.path = path
+        self.query = query
         self._init_headers(headers)
         self.body = body
         self.http_version = http_version
@@ -389,8 +395,6 @@ class Request(_Message):
         self.scheme = scheme
         self.keep_alive = keep_alive
         self.host = host if host is not None else self.headers.get("host", "")
-        # The client's Connection header: the fields it names are hop-by-hop.
-        self.connection = connection
         # "websocket" when the client asks for a tunnel (HTTP/1.1 Upgrade, or HTTP/2's
         # extended CONNECT, RFC 8441); "" for an ordinary request.
         self.upgrade = upgrade
@@ -410,11 +414,19 @@ class Request(_Message):
         self._url: URL | None = None
 
     def set_target(self, target: bytes) -> None:
-        """Replace the request target, keeping `path`, `query` and `url` in step (what a
-        middleware that edits the path or the query string calls)."""
+        """Replace the request target, keeping `path`, `query`, `raw_target` and `url` in
+        step (what a middleware that edits the path or the query string calls). A new
+        query on the same path keeps the client's own spelling of the path in
+        `raw_target`; a new path replaces it."""
+        raw_path, question, raw_query = target.partition(b"?")
+        path = raw_path.decode("latin-1")
+        if path == self.path:
+            raw_path = self.raw_target.partition(b"?")[0]
+            self.raw_target = raw_path + question + raw_query
+        else:
+            self.raw_target = target
         self.target = target
-        raw_path, _, raw_query = target.partition(b"?")
-        self.path = raw_path.decode("latin-1")
+        self.path = path
         self.query = raw_query.decode("latin-1")
         self._url = None
 

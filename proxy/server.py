@@ -83,6 +83,8 @@ class Server:
         self.codec = resolve_codec(config.http1_parser)
         self.limits = config.limits
         self.http2 = config.http2
+        self.path_normalization = config.path_normalization
+        self.headers_with_underscores = config.headers_with_underscores
         self.runtime = Runtime(config, self.codec)
         self._entry_points = entry_points
         self.handle, self.try_fast = entry_points(self.runtime)
@@ -231,6 +233,8 @@ class Server:
         self.codec = self.runtime.codec
         self.limits = config.limits
         self.http2 = config.http2
+        self.path_normalization = config.path_normalization
+        self.headers_with_underscores = config.headers_with_underscores
         for listener in pending.removed:
             # Stops accepting; connections it accepted carry on until they end.
             self._listening.pop(listener).close()

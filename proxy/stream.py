@@ -11,6 +11,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from middleware.chain import build_chain, close_all, start_all
+from proxy.canonical import spelling, without_spellings
 from proxy.config_model import Config, MiddlewareSpec, RouteConfig
 from proxy.eager import EagerRun, ToTask
 from proxy.errors import BodyTooLarge, InternalError, NoRoute, ProxyError, UpgradeNotAllowed
@@ -30,7 +31,16 @@ FastStart = Callable[[Request, ResponseCallback], bool]  # Runtime.try_fast's sh
 class RouteRuntime:
     """A route's compiled state: its config and the handler its requests run through."""
 
-    __slots__ = ("chain", "config", "eager", "forwarder", "handler", "name", "websocket")
+    __slots__ = (
+        "chain",
+        "config",
+        "eager",
+        "forwarder",
+        "handler",
+        "identity_fields",
+        "name",
+        "websocket",
+    )
 
     def __init__(
         self, config: RouteConfig, forwarder: Forwarder, chain: tuple[MiddlewareSpec, ...] = ()
@@ -45,6 +55,14 @@ class RouteRuntime:
         # Run without a task when every middleware only ever awaits call_next (eager.py).
         self.eager = all(getattr(spec.instance, "EAGER", False) for spec in chain)
         self.websocket = config.websocket
+        # The fields the chain sets for the upstream to believe: a client's copies, in any
+        # spelling, are removed before the chain runs (middleware/base.py).
+        self.identity_fields = frozenset(
+            spelling(name)
+            for spec in chain
+            if (declared := getattr(spec.instance, "identity_headers", None)) is not None
+            for name in declared()
+        )
 
 
 def _spec_key(spec: MiddlewareSpec) -> tuple[str, str, str]:
@@ -130,6 +148,7 @@ class Runtime:
                     route.rewrite,
                     config.limits.max_head_bytes,
                     route.websocket,
+                    route.forward_raw_path,
                 ),
                 chain((*config.global_middleware, *route.middleware)),
             )
@@ -187,6 +206,8 @@ class Runtime:
             route = self.routes[match.route.name]
             request.route_name = route.name
             request.params = match.params
+            if route.identity_fields:
+                without_spellings(request, route.identity_fields)
             limit = match.route.max_body_size
             if request.upgrade:
                 if not route.websocket.enabled:
@@ -243,6 +264,8 @@ class Runtime:
             return False  # the general path answers 413
         request.route_name = route.name
         request.params = match.params
+        if route.identity_fields:
+            without_spellings(request, route.identity_fields)
         EagerRun(request, self._run(route.handler, request), on_response).start()
         return True
 

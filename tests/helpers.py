@@ -22,7 +22,7 @@ from typing import Any
 import h11
 from multidict import CIMultiDict
 
-from proxy.config_model import Http2Config, LimitsConfig
+from proxy.config_model import Http2Config, LimitsConfig, PathNormalization
 from proxy.connection import ConnectionPhase, ReadPause
 from proxy.errors import ProxyError
 from proxy.local_reply import local_reply
@@ -62,6 +62,8 @@ class FakeServer:
     codec: str = "httptools"
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     http2: Http2Config = field(default_factory=Http2Config)
+    path_normalization: PathNormalization = field(default_factory=PathNormalization)
+    headers_with_underscores: str = "drop"
     draining: bool = False
     handler: Handler = echo_handler
     fast: FastResponder | None = None

@@ -42,6 +42,7 @@ class MessageHead:
         "reason",
         "status",
         "target",
+        "underscore",
         "upgrade",
         "version",
     )
@@ -72,6 +73,7 @@ class MessageHead:
         self.host = b""
         self.connection: bytes | None = None  # the Connection header's value
         self.expect_continue = False
+        self.underscore = False  # a field name holds "_" (headers_with_underscores)
 
     def __repr__(self) -> str:
         first = f"{self.method.decode()} {self.target!r}" if self.method else str(self.status)
@@ -148,20 +150,36 @@ def scan_head(head: MessageHead, *, request: bool) -> None:
 
     Raises:
         H1Error: duplicate or invalid Content-Length, Transfer-Encoding other than exactly
-            `chunked`, both together (RFC 9112 section 6.3), or TE on an HTTP/1.0 request.
+            `chunked`, both together (RFC 9112 section 6.3), or TE on an HTTP/1.0 request;
+            in a request, a second Host, Authorization, Proxy-Authorization or
+            Content-Type (fields that hold one value: two would let the gateway and the
+            upstream each believe a different one).
     """
     chunked = False
     content_length: int | None = None
     te_seen = False
     hosts = 0
+    authorizations = proxy_authorizations = content_types = 0
     upgrade_header = False
+    underscore = False
     for name, value in head.headers:
         size = len(name)
+        if b"_" in name:
+            underscore = True
         # Compare lower-cased names only when the length could match (cheap filter).
         if size == 4:
             if name.lower() == b"host":
                 head.host = value
                 hosts += 1
+        elif size == 13:
+            if name.lower() == b"authorization":
+                authorizations += 1
+        elif size == 19:
+            if name.lower() == b"proxy-authorization":
+                proxy_authorizations += 1
+        elif size == 12:
+            if name.lower() == b"content-type":
+                content_types += 1
         elif size == 14:
             if name.lower() == b"content-length":
                 if content_length is not None:
@@ -193,6 +211,8 @@ def scan_head(head: MessageHead, *, request: bool) -> None:
             raise H1Error("more than one Host header")
         if hosts == 0 and head.version == "1.1":
             raise H1Error("missing Host header")
+        if authorizations > 1 or proxy_authorizations > 1 or content_types > 1:
+            raise H1Error("more than one Authorization, Proxy-Authorization or Content-Type")
         if upgrade_header and head.connection and b"upgrade" in head.connection.lower():
             head.upgrade = True
     if chunked and content_length is not None:
@@ -201,6 +221,7 @@ def scan_head(head: MessageHead, *, request: bool) -> None:
         raise H1Error("Transfer-Encoding in an HTTP/1.0 request")
     head.chunked = chunked
     head.content_length = content_length
+    head.underscore = underscore
 
 
 def check_raw_head(raw: bytes) -> None:

@@ -14,6 +14,14 @@ import logging
 import re
 from dataclasses import dataclass
 
+from proxy.canonical import (
+    SINGLETON_FIELDS,
+    InvalidHeader,
+    InvalidHost,
+    InvalidMethod,
+    check_authority,
+    check_method,
+)
 from proxy.errors import HeadTooLarge
 from proxy.models import RawHeaders, Response, Trailers
 
@@ -54,21 +62,30 @@ class RequestFields:
     content_length: int | None
 
 
-def request_fields(fields: list[tuple[bytes, bytes]], max_list_bytes: int) -> RequestFields:
+def request_fields(
+    fields: list[tuple[bytes, bytes]], max_list_bytes: int, underscores: str = "drop"
+) -> RequestFields:
     """Validate a request's decoded field list and split it.
 
     Cookie crumbs are joined again (RFC 9113 section 8.2.3), since HTTP/1.1 upstreams
-    expect one field; Host is kept when there is no :authority.
+    expect one field; Host is kept when there is no :authority. Names holding "_" are
+    dropped, refused or kept as `underscores` (`headers_with_underscores`) says.
 
     Raises:
-        MalformedRequest: a field or pseudo-header breaks RFC 9113 section 8.
+        MalformedRequest: a field or pseudo-header breaks RFC 9113 section 8, or the
+            method is a registered one in the wrong case (proxy/canonical.py).
         HeadTooLarge: the list is larger than `max_list_bytes` (answered with 431).
+        BadRequest: answered 400, as on HTTP/1.1: `:authority` or Host is not an
+            authority, they disagree, a singleton field (Authorization,
+            Proxy-Authorization, Host, Content-Type) is repeated, or a name holds "_"
+            under `reject`.
     """
     pseudo: dict[bytes, bytes] = {}
     headers: RawHeaders = []
     cookies: list[bytes] = []
     size = 0
     content_length: int | None = None
+    singletons: set[bytes] | None = None
     name_ok = _NAME_RE.fullmatch
     value_bad = _BAD_VALUE_RE.search
     for name, value in fields:
@@ -95,6 +112,16 @@ def request_fields(fields: list[tuple[bytes, bytes]], max_list_bytes: int) -> Re
             if not value.isdigit() or (content_length is not None and int(value) != content_length):
                 raise MalformedRequest("invalid content-length")
             content_length = int(value)
+        elif name in SINGLETON_FIELDS:
+            if singletons is None:
+                singletons = set()
+            elif name in singletons:
+                raise InvalidHeader(f"more than one {name.decode()} field")
+            singletons.add(name)
+        if b"_" in name and underscores != "allow":
+            if underscores == "reject":
+                raise InvalidHeader(f"header {name.decode('latin-1')!r}: '_' in a field name")
+            continue
         headers.append((name, value))
     if size > max_list_bytes:
         raise HeadTooLarge()
@@ -106,6 +133,10 @@ def request_fields(fields: list[tuple[bytes, bytes]], max_list_bytes: int) -> Re
         raise MalformedRequest("missing :method, or :protocol without CONNECT")
     if _METHOD_RE.fullmatch(method) is None:
         raise MalformedRequest("invalid :method")
+    try:
+        check_method(method.decode("ascii"))
+    except InvalidMethod as exc:
+        raise MalformedRequest(str(exc)) from None
     path = pseudo.get(b":path", b"")
     if method != b"CONNECT" or protocol:
         if not path or not pseudo.get(b":scheme"):
@@ -113,13 +144,15 @@ def request_fields(fields: list[tuple[bytes, bytes]], max_list_bytes: int) -> Re
         if path[:1] != b"/" and not (path == b"*" and method == b"OPTIONS"):
             raise MalformedRequest("invalid :path")
     authority = pseudo.get(b":authority", b"")
-    if not authority:
-        for name, value in headers:
-            if name == b"host":
-                authority = value
-                break
+    host = next((value for name, value in headers if name == b"host"), None)
+    if not authority and host is not None:
+        authority = host
+    elif host is not None and host != authority:
+        # RFC 9113 section 8.3.1: a Host naming another entity than :authority.
+        raise InvalidHost("the host field and :authority differ")
     if _TARGET_RE.fullmatch(path) is None or _TARGET_RE.fullmatch(authority) is None:
         raise MalformedRequest("whitespace or a control byte in :path or :authority")
+    check_authority(authority)
     return RequestFields(
         method,
         pseudo.get(b":scheme", b""),
@@ -142,20 +175,25 @@ MAX_MEMOISED_FIELD_LISTS = 32
 class FieldsMemo:
     """`request_fields`, memoised per connection: clients repeat the same field list
     (the HPACK memo hands back the same tuples), and validating it again costs more than
-    a dictionary lookup. Only valid lists are kept, a bounded number of them."""
+    a dictionary lookup. Only valid lists are kept, a bounded number of them; a reload
+    that changes `headers_with_underscores` starts the memo over."""
 
-    __slots__ = ("_limit", "_memo")
+    __slots__ = ("_limit", "_memo", "_underscores")
 
     def __init__(self, max_list_bytes: int) -> None:
         self._limit = max_list_bytes
+        self._underscores = ""
         self._memo: dict[tuple[tuple[bytes, bytes], ...], RequestFields] = {}
 
-    def __call__(self, headers: list[tuple[bytes, bytes]]) -> RequestFields:
+    def __call__(self, headers: list[tuple[bytes, bytes]], underscores: str) -> RequestFields:
         """Raises what `request_fields` raises."""
+        if underscores != self._underscores:
+            self._underscores = underscores
+            self._memo.clear()
         key = tuple(headers)
         fields = self._memo.get(key)
         if fields is None:
-            fields = request_fields(headers, self._limit)
+            fields = request_fields(headers, self._limit, underscores)
             if len(self._memo) < MAX_MEMOISED_FIELD_LISTS:
                 self._memo[key] = fields
         return fields

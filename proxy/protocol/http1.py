@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Container
 
 from metrics.definitions import count_request
+from proxy.canonical import canonical_target, check_authority, check_method, client_fields
 from proxy.connection import ClientConnection, ConnectionPhase, ReadPause
 from proxy.errors import BadRequest, BodyTooLarge, HeadTooLarge, ProxyError, RequestTimeout
 from proxy.local_reply import local_reply
@@ -112,13 +113,30 @@ class Http1Protocol:
         self._serve_soon()
 
     def on_head(self, head: MessageHead) -> None:
-        """Parser callback: a request head is complete."""
+        """Parser callback: a request head is complete. It becomes a Request in the one
+        canonical form every front end gives (proxy/canonical.py).
+
+        Raises:
+            BadRequest: the head is not one the gateway serves (answered 400, closed).
+        """
         conn = self._conn
         if head.version != "1.1" and head.version != "1.0":
             raise BadRequest(f"unsupported HTTP version {head.version}")
         method = head.method.decode("ascii")
+        check_method(method)
         if method == "CONNECT":
             raise BadRequest("CONNECT is not supported by a reverse proxy")
+        server = self._server
+        target = canonical_target(head.target, method, server.path_normalization)
+        check_authority(head.host)
+        headers = client_fields(
+            head.headers, head.connection, head.underscore, server.headers_with_underscores
+        )
+        host = head.host
+        if target.authority is not None:
+            # RFC 9112 section 3.2.2: an absolute-form target's authority replaces Host.
+            host = target.authority
+            headers = [(n, v) for n, v in headers if n.lower() != b"host"] + [(b"Host", host)]
         upgrade = ""
         if head.upgrade:
             if head.chunked or head.content_length:
@@ -149,16 +167,18 @@ class Http1Protocol:
                 conn.set_phase(ConnectionPhase.BODY)
         request = Request(
             method,
-            head.target,
-            head.headers,
+            target.target,
+            headers,
             body,
             http_version=head.version,
             client=conn.client,
             scheme=conn.scheme,
             keep_alive=head.keep_alive and not head.upgrade,
-            host=head.host.decode("latin-1"),
-            connection=head.connection,
+            host=host.decode("latin-1"),
             upgrade=upgrade,
+            path=target.path,
+            query=target.query,
+            raw_target=target.raw,
         )
         self._dispatch(request)
 

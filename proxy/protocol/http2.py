@@ -24,9 +24,10 @@ from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
 from metrics.definitions import Http2Limit, count_http2_limit
+from proxy.canonical import canonical_target
 from proxy.config_model import Http2Config
 from proxy.connection import ClientConnection, ConnectionPhase
-from proxy.errors import BadRequest, BodyTooLarge, ProxyError, RequestTimeout
+from proxy.errors import BadRequest, BodyTooLarge, HeadTooLarge, ProxyError, RequestTimeout
 from proxy.local_reply import local_reply
 from proxy.models import Body, Request, Response
 from proxy.protocol.h2conn import H2Exchange, hard_header_cap, server_connection
@@ -132,16 +133,18 @@ class Http2Protocol:
         if len(self._streams) >= self._settings.max_concurrent_streams:
             self._refuse(stream_id)
             return
+        server = self._server
         try:
-            fields = self._request_fields(event.headers or [])
+            fields = self._request_fields(event.headers or [], server.headers_with_underscores)
         except MalformedRequest as exc:
             # RFC 9113 section 8.1.1: a malformed request is a stream error.
             log.debug("malformed HTTP/2 request on stream %d: %s", stream_id, exc)
             count_http2_limit(Http2Limit.MALFORMED)
             self._writer.reset(stream_id, ErrorCodes.PROTOCOL_ERROR)
             return
-        except ProxyError as exc:  # 431
-            count_http2_limit(Http2Limit.HEADER_LIST)
+        except ProxyError as exc:  # 431, or 400 as HTTP/1.1 answers it (h2fields.py)
+            if isinstance(exc, HeadTooLarge):
+                count_http2_limit(Http2Limit.HEADER_LIST)
             stream = self._streams[stream_id] = H2Exchange(stream_id)
             stream.reset_when_done = not event.stream_ended
             self._start_task(stream, None, exc)
@@ -174,9 +177,14 @@ class Http2Protocol:
             method, upgrade = "GET", "websocket"
             body.limit = None
             stream.tunnel = True
+        try:
+            target = canonical_target(fields.path, method, server.path_normalization)
+        except ProxyError as exc:
+            self._start_task(stream, None, exc)
+            return
         request = Request(
             method,
-            fields.path,
+            target.target,
             list(fields.headers),  # the memo's list stays as validated
             body,
             http_version="2",
@@ -184,6 +192,9 @@ class Http2Protocol:
             scheme=conn.scheme,
             host=fields.authority.decode("latin-1"),
             upgrade=upgrade,
+            path=target.path,
+            query=target.query,
+            raw_target=target.raw,
         )
         stream.request = request
         if event.stream_ended and self._server.try_fast(

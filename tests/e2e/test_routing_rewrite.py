@@ -241,7 +241,8 @@ async def rewriting(
         ("/old/a/b", "/new/a/b"),
         ("/users/42/profile", "/profiles/42"),
         ("/users/42/profile?full=1", "/profiles/42?full=1"),
-        ("/plain/%2F/x?k=v", "/plain/%2F/x?k=v"),
+        ("/plain/%3f/x?k=v", "/plain/%3F/x?k=v"),  # canonical: only the hex changes
+        ("/old/%61/./b", "/new/a/b"),  # the rewrite sees the canonical path
     ],
 )
 async def test_rewrite_changes_forwarded_target(

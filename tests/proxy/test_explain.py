@@ -95,6 +95,23 @@ def test_regex_params_and_a_request_no_route_takes() -> None:
     )
 
 
+def test_the_path_is_explained_in_the_canonical_form_the_gateway_routes_on() -> None:
+    found = explain(config, "GET", "http://api.example.com//x/../%75sers/./42")
+    assert found.route is not None
+    assert (found.route.name, found.path, found.forwarded_path) == ("users-api", "/users/42", "/42")
+    assert "path=/users/42" in render_explanation(config, found)
+
+
+def test_a_request_refused_before_routing_is_explained_as_that_refusal() -> None:
+    for method, url in (("GET", "/a%2fb"), ("dElEtE", "/x"), ("GET", "http://a b/x")):
+        found = explain(config, method, url)
+        assert found.route is None
+        assert found.refused
+        assert "refused before routing: the gateway answers 400" in render_explanation(
+            config, found
+        )
+
+
 def test_routes_lists_the_table_in_the_order_routes_are_tried() -> None:
     lines = render_routes(config).splitlines()
     assert [line.split(":")[0].split(". ")[1] for line in lines] == [

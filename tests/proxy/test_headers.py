@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from multidict import CIMultiDict
 
+from proxy.canonical import client_fields
 from proxy.headers import upstream_h2_headers, upstream_request_head
 from proxy.models import Body, RawHeaders, Request
 from proxy.protocol.h1serialize import UnsafeHeader
@@ -14,15 +15,15 @@ from proxy.protocol.h1serialize import UnsafeHeader
 def h1_request(
     headers: RawHeaders, *, method: str = "GET", connection: bytes | None = None
 ) -> Request:
-    """A request as the HTTP/1.1 front end makes it: raw headers, Host among them."""
+    """A request as the HTTP/1.1 front end makes it: raw headers, Host among them, without
+    the fields the client's Connection nominates."""
     return Request(
         method,
         b"/a?b=1",
-        headers,
+        client_fields(headers, connection, False, "drop"),
         Body.from_bytes(b""),
         client=("10.0.0.9", 5555),
         host="api.test",
-        connection=connection,
     )
 
 
@@ -131,11 +132,15 @@ def test_content_length_only_when_known() -> None:
 
 
 def test_headers_set_by_middleware_are_used_and_checked() -> None:
-    request = h1_request([(b"Connection", b"X-Gone"), (b"X-Gone", b"1")])
+    request = h1_request([(b"Connection", b"X-Gone"), (b"X-Gone", b"1")], connection=b"X-Gone")
+    assert request.header("x-gone") is None  # the client's nominated field: gone on arrival
+    # A field the gateway sets later stays, whatever a Connection header names (RFC 9110
+    # section 7.6.1 nominates the client's fields, never the gateway's).
     request.headers = CIMultiDict([("X-Added", "yes"), ("Connection", "X-Gone"), ("X-Gone", "1")])
     headers = upstream_h2_headers(request, b"/a", "api.test", "http", None)
     assert (b"x-added", b"yes") in headers
-    assert b"x-gone" not in names(headers)
+    assert (b"x-gone", b"1") in headers
+    assert b"connection" not in names(headers)
     request.headers = CIMultiDict([("X-Bad", "a\r\nInjected: 1")])
     with pytest.raises(UnsafeHeader):
         upstream_h2_headers(request, b"/a", "api.test", "http", None)
