@@ -29,6 +29,8 @@ DEFAULT_MAX_EJECTION_S = 300.0
 DEFAULT_RETRY_BACKOFF_BASE_S = 0.025
 DEFAULT_RETRY_BACKOFF_MAX_S = 0.25
 DEFAULT_RETRY_BODY_LIMIT = 64 * 1024
+# Request bodies up to this size are read whole before an upstream connection is taken.
+DEFAULT_REQUEST_BUFFER_BYTES = 1024 * 1024
 # HTTP/2 defences (see Http2Config for the attack each one stops).
 DEFAULT_H2_MAX_CONCURRENT_STREAMS = 100
 DEFAULT_H2_INITIAL_WINDOW_BYTES = 1024 * 1024
@@ -332,6 +334,12 @@ class RouteConfig:
     # Forward the path as the client sent it rather than in canonical form (for
     # upstreams that need the raw bytes); routing still uses the canonical form.
     forward_raw_path: bool = False
+    # `request_buffering.max_size`: a request body up to this size is read whole before
+    # an upstream connection is taken, so a slow client holds only its own socket (as
+    # nginx's proxy_request_buffering); a larger one streams once this much has come.
+    # None (`request_buffering: false`): bodies stream from the first byte (big
+    # uploads, client-streaming RPCs). gRPC requests always stream.
+    request_buffering: int | None = DEFAULT_REQUEST_BUFFER_BYTES
     index: int = 0  # position in the file: ties in specificity go to the earlier route
 
 

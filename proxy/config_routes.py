@@ -14,6 +14,7 @@ from yaml.nodes import MappingNode, Node
 from proxy.canonical import InvalidTarget, normalize_path
 from proxy.config_middleware import MiddlewareSections
 from proxy.config_model import (
+    DEFAULT_REQUEST_BUFFER_BYTES,
     HeaderMatch,
     MatchConfig,
     PathNormalization,
@@ -26,6 +27,7 @@ from proxy.config_reader import Reported, did_you_mean, join_path
 from proxy.config_values import parse_host_pattern
 
 _PATH_KEYS = ("path", "path_prefix", "path_regex")
+_BUFFER: int | None = DEFAULT_REQUEST_BUFFER_BYTES  # request_buffering's default
 _TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 5.6.2: methods, field names
 _REWRITE_HOST_RE = re.compile(r"[^\s/?#@]+")
 _M = TypeVar("_M", HeaderMatch, QueryMatch)
@@ -76,7 +78,7 @@ class RouteSections(MiddlewareSections):
 
     def _route(self, node: Node, path: str, index: int, names: dict[str, str]) -> RouteConfig:
         keys = ("name", "match", "upstream", "middleware", "rewrite", "max_body_size", "websocket",
-                "forward_raw_path")  # fmt: skip
+                "forward_raw_path", "request_buffering")  # fmt: skip
         fields = self.mapping(node, path, keys, ("match", "upstream"))
         errors_before = len(self._errors)
         match = fields.get("match", self._match, MatchConfig())
@@ -111,6 +113,7 @@ class RouteSections(MiddlewareSections):
             websocket=websocket,
             middleware=fields.get("middleware", self._chain, ()),
             forward_raw_path=fields.get("forward_raw_path", self.boolean, False),
+            request_buffering=fields.get("request_buffering", self._request_buffering, _BUFFER),
             index=index,
         )
 
@@ -128,6 +131,19 @@ class RouteSections(MiddlewareSections):
             idle_timeout=fields.get("idle_timeout", positive, None),
             max_duration=fields.get("max_duration", positive, None),
         )
+
+    def _request_buffering(self, node: Node, path: str) -> int | None:
+        """`request_buffering: true|false`, or `{max_size: SIZE}` (on)."""
+        if not isinstance(node, MappingNode):
+            enabled = self.value(node, path)
+            if not isinstance(enabled, bool):
+                raise self.type_error(node, path, "true, false or a mapping")
+            return DEFAULT_REQUEST_BUFFER_BYTES if enabled else None
+        fields = self.mapping(node, path, ("max_size",), ("max_size",))
+        return fields.get("max_size", self._positive_size, DEFAULT_REQUEST_BUFFER_BYTES)
+
+    def _positive_size(self, node: Node, path: str) -> int:
+        return self.size(node, path, positive=True)
 
     def _positive_duration(self, node: Node, path: str) -> float:
         return self.duration(node, path, positive=True)

@@ -80,6 +80,7 @@ class Forwarder:
 
     __slots__ = (
         "_breaker",
+        "_buffer_limit",
         "_fast",
         "_host_rewrite",
         "_http2",
@@ -99,9 +100,11 @@ class Forwarder:
         max_head_bytes: int = 64 * 1024,
         websocket: WebSocketConfig | None = None,
         forward_raw_path: bool = False,
+        request_buffering: int | None = None,
     ) -> None:
         self.upstream = upstream
         self._raw_path = forward_raw_path
+        self._buffer_limit = request_buffering
         self._rewrite = compile_rewrite(rewrite)
         self._host_rewrite = rewrite.host
         self._http2 = upstream.http2
@@ -185,9 +188,16 @@ class Forwarder:
         """
         if request.upgrade:
             return await self._upgrade(request)
-        self._breaker.admit()
         body = request.body
-        replay = ReplayBody(body, body.take_all() if body.complete else None)
+        limit = self._buffer_limit
+        if limit is not None and not body.complete and not _streams(request):
+            # Request buffering: the body comes in before any upstream connection is
+            # taken, so a slow client holds only its own socket, never a pooled one.
+            await body.fill(limit)
+        self._breaker.admit()
+        # A body with trailers keeps its chunked framing (the trailers go with it).
+        whole = body.take_all() if body.complete and not body.trailers else None
+        replay = ReplayBody(body, whole)
         load = self._load
         load.active += 1
         try:
@@ -380,6 +390,13 @@ class Forwarder:
         response = Response(101, handshake.headers, reason=reason)
         response.upgrade = handshake
         return response
+
+
+def _streams(request: Request) -> bool:
+    """Whether the request's body is a stream by nature, never buffered: gRPC (its client
+    streams and bidirectional calls exchange messages while the body is open)."""
+    content_type = request.header("content-type")
+    return content_type is not None and content_type.startswith("application/grpc")
 
 
 async def _exchange_h1(

@@ -37,7 +37,9 @@ class Body:
     The producer calls `feed`, `feed_eof` or `fail`; the consumer calls `read` (b"" at the
     end) or, when `complete`, `take_all`. When more than `high_water` bytes wait unread,
     `on_pause` is called (the producer stops reading its socket); when the consumer has
-    drained them below the low watermark, `on_resume` is called.
+    drained them below the low watermark, `on_resume` is called. Before reading, the
+    consumer may `fill` the buffer: wait for the whole body, up to a size (request
+    buffering, proxy/forward.py).
     """
 
     __slots__ = (
@@ -46,6 +48,9 @@ class Body:
         "_done",
         "_eof",
         "_error",
+        "_filling",
+        "_full",
+        "_high_water",
         "_on_first_read",
         "_on_pause",
         "_on_resume",
@@ -58,6 +63,7 @@ class Body:
         "on_abandon",
         "on_consumed",
         "on_done",
+        "on_fill",
         "trailers",
     )
 
@@ -84,6 +90,9 @@ class Body:
         self._on_resume = on_resume
         self._on_first_read = on_first_read
         self._paused = False
+        self._high_water = BODY_HIGH_WATER_BYTES  # raised while the consumer fills
+        self._full = False  # the producer can deliver no more until something is read
+        self._filling = False
         # Called when the consumer gives up before the end (the producer can stop).
         self.on_abandon: Callable[[], None] | None = None
         # Called with the size of each chunk the consumer took (or that was dropped):
@@ -92,6 +101,9 @@ class Body:
         # Called once when the consumer is done with the body: read to its end, taken
         # whole, failed or discarded (what an access log waits for).
         self.on_done: Callable[[], None] | None = None
+        # Called when the consumer starts to `fill`: from then on the producer is the
+        # slow side, though nothing was read (HTTP/2 restarts the body deadline).
+        self.on_fill: Callable[[], None] | None = None
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Body:
@@ -125,7 +137,7 @@ class Body:
         self._buffered += len(data)
         if self._waiter is not None:
             self._wake()
-        if self._buffered > BODY_HIGH_WATER_BYTES and not self._paused and self._on_pause:
+        if self._buffered > self._high_water and not self._paused and self._on_pause:
             self._paused = True
             self._on_pause()
 
@@ -133,6 +145,13 @@ class Body:
         """Mark the end of the stream."""
         self._eof = True
         self.trailers = trailers
+        if self._waiter is not None:
+            self._wake()
+
+    def window_full(self) -> None:
+        """The producer can deliver nothing more before the consumer reads (an HTTP/2
+        stream's or connection's flow-control window is spent): a `fill` ends now."""
+        self._full = True
         if self._waiter is not None:
             self._wake()
 
@@ -147,9 +166,53 @@ class Body:
 
     # -- consumer side ---------------------------------------------------------------
     @property
+    def waits_on_producer(self) -> bool:
+        """True when the consumer has taken every byte, or is filling: what comes next
+        is the producer's to deliver (a client's body deadline runs)."""
+        return self.bytes_fed == self.bytes_read or self._filling
+
+    @property
     def complete(self) -> bool:
         """True when the whole body has arrived (the fast path can `take_all`)."""
         return self._eof and self._error is None
+
+    async def fill(self, limit: int) -> bool:
+        """Wait, reading nothing, until the whole body has arrived, more than `limit`
+        bytes wait, or the producer says it can deliver no more (`window_full`); the
+        producer is not paused below `limit`. True when the body is complete (then
+        `take_all` has it). Like `read`, this is when a client that expects 100-continue
+        is asked for the body.
+
+        Raises:
+            Whatever the producer passed to `fail` (a ProxyError: 408, 413, 400).
+        """
+        if self._on_first_read is not None:
+            callback, self._on_first_read = self._on_first_read, None
+            callback()
+        self._high_water = max(limit, BODY_HIGH_WATER_BYTES)
+        if self._paused and self._on_resume and self._buffered <= limit:
+            self._paused = False
+            self._on_resume()
+        self._filling = True
+        if self.on_fill is not None:
+            self.on_fill()
+        try:
+            while not self._eof and self._error is None and self._buffered <= limit:
+                if self._full:
+                    break
+                self._waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+        finally:
+            self._high_water = BODY_HIGH_WATER_BYTES
+            self._filling = False
+        if self._error is not None:
+            if self.on_done is not None:
+                self._finished()
+            raise self._error
+        return self._eof
 
     def take_all(self) -> bytes:
         """Everything buffered, as one bytes object (for `complete` bodies)."""

@@ -149,6 +149,7 @@ class Runtime:
                     config.limits.max_head_bytes,
                     route.websocket,
                     route.forward_raw_path,
+                    route.request_buffering,
                 ),
                 chain((*config.global_middleware, *route.middleware)),
             )

@@ -104,10 +104,16 @@ def server_connection(settings: Http2Config) -> h2.connection.H2Connection:
         settings, settings.max_concurrent_streams * STREAM_HARD_CAP_FACTOR
     )
     conn.decoder.max_header_list_size = hard_header_cap(settings)
-    window = min(settings.initial_window_size * CONNECTION_WINDOW_FACTOR, MAX_WINDOW_BYTES)
+    window = connection_window(settings)
     if window > DEFAULT_WINDOW_BYTES:
         conn.increment_flow_control_window(window - DEFAULT_WINDOW_BYTES)
     return conn
+
+
+def connection_window(settings: Http2Config) -> int:
+    """The connection-level receive window the front end opens (RFC 9113 section 6.9)."""
+    wanted = min(settings.initial_window_size * CONNECTION_WINDOW_FACTOR, MAX_WINDOW_BYTES)
+    return max(wanted, DEFAULT_WINDOW_BYTES)
 
 
 def hard_header_cap(settings: Http2Config) -> int:

@@ -30,7 +30,12 @@ from proxy.connection import ClientConnection, ConnectionPhase
 from proxy.errors import BadRequest, BodyTooLarge, HeadTooLarge, ProxyError, RequestTimeout
 from proxy.local_reply import local_reply
 from proxy.models import Body, Request, Response
-from proxy.protocol.h2conn import H2Exchange, hard_header_cap, server_connection
+from proxy.protocol.h2conn import (
+    H2Exchange,
+    connection_window,
+    hard_header_cap,
+    server_connection,
+)
 from proxy.protocol.h2fields import FieldsMemo, MalformedRequest, request_trailers
 from proxy.protocol.h2limits import RateWindow
 from proxy.protocol.h2send import ResponseWriter
@@ -59,6 +64,11 @@ class Http2Protocol:
         self._dead = False  # terminated: nothing more is read or sent
         self._last_stream_id = 0  # the highest stream we took (for our GOAWAY)
         self._idle_deadline = conn.loop.time() + conn.limits.keepalive_timeout
+        # Request body bytes received and not yet taken by their exchanges (what the
+        # connection's flow-control window holds), for request buffering.
+        self._unread = 0
+        self._connection_window = connection_window(settings)
+        self._windows_spent = False  # bodies have been told the connection's is spent
         self._writer.flush()
 
     def __repr__(self) -> str:
@@ -160,6 +170,7 @@ class Http2Protocol:
             body = Body(length)
             body.limit = limit
             body.on_consumed = functools.partial(self._on_consumed, stream_id)
+            body.on_fill = functools.partial(self._on_fill, stream_id)
             stream.body = body
             if limit is not None and (length or 0) > limit:
                 self._start_task(stream, None, BodyTooLarge())
@@ -224,7 +235,9 @@ class Http2Protocol:
                 self._malformed_body(stream, "more DATA than content-length")
                 return
             stream.body_deadline = self._conn.loop.time() + self._conn.limits.body_timeout
+            self._unread += len(data)
             body.feed(data)  # acknowledged when the exchange reads it (on_consumed)
+            self._check_windows(body)
 
     def _on_trailers(self, event: h2.events.TrailersReceived) -> None:
         stream = self._streams.get(event.stream_id)
@@ -461,11 +474,10 @@ class Http2Protocol:
             deadline = 0.0
             for stream in self._streams.values():
                 body = stream.body
-                # Only a body whose every byte has been taken waits on the client; one
-                # with bytes unread waits on us (the window is not re-opened meanwhile).
-                waits_on_client = (
-                    body is not None and body.bytes_fed == body.bytes_read and not stream.tunnel
-                )
+                # Only a body whose every byte has been taken (or that the exchange is
+                # filling) waits on the client; one with bytes unread waits on us (the
+                # window is not re-opened meanwhile).
+                waits_on_client = body is not None and body.waits_on_producer and not stream.tunnel
                 if waits_on_client and (not deadline or stream.body_deadline < deadline):
                     deadline = stream.body_deadline
                 window_deadline = stream.window_deadline
@@ -487,15 +499,41 @@ class Http2Protocol:
     def _on_consumed(self, stream_id: int, size: int) -> None:
         """The exchange took `size` bytes of a request body: re-open the window, and if
         it has caught up, the stream now waits on the client (its deadline restarts)."""
+        self._unread -= size
+        if self._windows_spent and self._unread * 2 < self._connection_window:
+            self._windows_spent = False
         stream = self._streams.get(stream_id)
         if stream is not None and stream.body is not None:
             body = stream.body
             if body.bytes_fed == body.bytes_read:
-                conn = self._conn
-                stream.body_deadline = conn.loop.time() + conn.limits.body_timeout
-                if conn.phase is ConnectionPhase.BUSY:
-                    self._update_phase()
+                self._waits_on_client(stream)
         self._writer.acknowledge(stream_id, size)
+
+    def _on_fill(self, stream_id: int) -> None:
+        """The exchange waits for the whole body before going upstream (request
+        buffering): the client is the slow side now."""
+        stream = self._streams.get(stream_id)
+        if stream is not None and stream.body is not None:
+            self._waits_on_client(stream)
+            self._check_windows(stream.body)
+
+    def _waits_on_client(self, stream: H2Exchange) -> None:
+        conn = self._conn
+        stream.body_deadline = conn.loop.time() + conn.limits.body_timeout
+        if conn.phase is ConnectionPhase.BUSY:
+            self._update_phase()
+
+    def _check_windows(self, body: Body) -> None:
+        """End request buffering where the client can send no more before we read: a
+        stream holding half its window unread, or streams holding half the connection's
+        (the client may stop at either; waiting on would deadlock until body_timeout)."""
+        if (body.bytes_fed - body.bytes_read) * 2 >= self._settings.initial_window_size:
+            body.window_full()
+        if not self._windows_spent and self._unread * 2 >= self._connection_window:
+            self._windows_spent = True
+            for stream in self._streams.values():
+                if stream.body is not None:
+                    stream.body.window_full()
 
     @staticmethod
     def _wake(stream: H2Exchange) -> None:
@@ -533,9 +571,7 @@ class Http2Protocol:
             now = self._conn.loop.time()
             for stream in self._streams.values():
                 body = stream.body
-                waits_on_client = (
-                    body is not None and body.bytes_fed == body.bytes_read and not stream.tunnel
-                )
+                waits_on_client = body is not None and body.waits_on_producer and not stream.tunnel
                 if body is not None and waits_on_client and stream.body_deadline <= now:
                     # The exchange reading it answers 408 (or resets, if its response
                     # has begun); the client's late DATA is dropped.

@@ -320,3 +320,34 @@ def test_a_malformed_rewrite_is_an_error(rewrite: str, error: str) -> None:
     full = route_error(f"match: {{}}\nupstream: users\nrewrite: {rewrite}\n")
 
     assert full.startswith(f"routes.yaml:7: routes[0].{error}")
+
+
+# --- request buffering ---
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("", 1024 * 1024),
+        ("request_buffering: true", 1024 * 1024),
+        ("request_buffering: false", None),
+        ("request_buffering: {max_size: 64KiB}", 64 * 1024),
+    ],
+)
+def test_request_buffering_is_on_by_default_and_takes_a_size(
+    line: str, expected: int | None
+) -> None:
+    route = "  - match: {path: /}\n    upstream: users\n" + (f"    {line}\n" if line else "")
+    assert parse(routes(route)).routes[0].request_buffering == expected
+
+
+@pytest.mark.parametrize(
+    ("line", "error"),
+    [
+        ("request_buffering: 5", "routes[0].request_buffering: expected true, false or a mapping"),
+        ("request_buffering: {}", "routes[0].request_buffering: missing required key 'max_size'"),
+        ("request_buffering: {max_size: 0}", "routes[0].request_buffering.max_size: must be"),
+    ],
+)
+def test_request_buffering_errors(line: str, error: str) -> None:
+    assert error in route_error(f"match: {{path: /}}\nupstream: users\n{line}")
