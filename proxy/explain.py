@@ -54,13 +54,14 @@ def explain(
     host = next((value for name, value in headers if name.lower() == "host"), "")
     try:
         check_method(method)
-        target = canonical_target(url.encode("latin-1"), method, config.path_normalization)
-        if target.authority is not None:
-            host = target.authority.decode("latin-1")
+        _, path, query, raw_target, authority = canonical_target(
+            url.encode("latin-1"), method, config.path_normalization
+        )
+        if authority is not None:
+            host = authority.decode("latin-1")
         check_authority(host.encode("latin-1"))
     except BadRequest as exc:
         return Explanation(method, host, url, "", None, refused=f"{exc.reason}: {exc.message}")
-    path, query = target.path, target.query
     header_map: CIMultiDict[str] = CIMultiDict(headers)
     table = RouteTable(config.routes)
     match = table.match(method, host, path, header_map, query)
@@ -76,7 +77,7 @@ def explain(
     if chosen is not None:
         found.middleware = (*config.global_middleware, *chosen.middleware)
         rewrite = compile_rewrite(chosen.rewrite)
-        sent = target.raw.partition(b"?")[0].decode("latin-1") if chosen.forward_raw_path else path
+        sent = raw_target.partition(b"?")[0].decode("latin-1") if chosen.forward_raw_path else path
         found.forwarded_path = rewrite(sent) if rewrite is not None else sent
     return found
 

@@ -173,7 +173,8 @@ def upstream_request_head(
         return request_head(
             request.method, target, upstream_headers(request, host, body_length, chunked)
         )
-    if b" " in target or b"\r" in target or b"\n" in target:
+    # Ints, not one-byte bytes: `int in bytes` is a memchr and several times cheaper.
+    if 0x20 in target or 0x0D in target or 0x0A in target:  # SP, CR, LF
         raise UnsafeHeader("unsafe request target")
     return _raw_head(request, raw, target, host, body_length, chunked)
 

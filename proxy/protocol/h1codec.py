@@ -140,6 +140,7 @@ class ResponseParser(Protocol):
 
 # RFC 9112 section 6.1: a Transfer-Encoding we accept is exactly "chunked" (any case).
 # Anything else, whitespace-padded or stacked ("chunked, identity"), is a smuggling vector.
+_UNDERSCORE = 0x5F  # "_"
 _TE_LINE = re.compile(rb"(?im)^transfer-encoding:(.*)$")
 _CL_LINE = re.compile(rb"(?im)^content-length:(.*)$")
 
@@ -164,7 +165,7 @@ def scan_head(head: MessageHead, *, request: bool) -> None:
     underscore = False
     for name, value in head.headers:
         size = len(name)
-        if b"_" in name:
+        if _UNDERSCORE in name:  # an int: memchr (a bytes needle costs several times more)
             underscore = True
         # Compare lower-cased names only when the length could match (cheap filter).
         if size == 4:

@@ -118,7 +118,7 @@ def request_fields(
             elif name in singletons:
                 raise InvalidHeader(f"more than one {name.decode()} field")
             singletons.add(name)
-        if b"_" in name and underscores != "allow":
+        if 0x5F in name and underscores != "allow":  # "_"
             if underscores == "reject":
                 raise InvalidHeader(f"header {name.decode('latin-1')!r}: '_' in a field name")
             continue

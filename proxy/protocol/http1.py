@@ -127,15 +127,19 @@ class Http1Protocol:
         if method == "CONNECT":
             raise BadRequest("CONNECT is not supported by a reverse proxy")
         server = self._server
-        target = canonical_target(head.target, method, server.path_normalization)
-        check_authority(head.host)
-        headers = client_fields(
-            head.headers, head.connection, head.underscore, server.headers_with_underscores
+        target, path, query, raw_target, authority = canonical_target(
+            head.target, method, server.path_normalization
         )
+        check_authority(head.host)
+        headers = head.headers
+        if head.connection is not None or head.underscore:
+            headers = client_fields(
+                headers, head.connection, head.underscore, server.headers_with_underscores
+            )
         host = head.host
-        if target.authority is not None:
+        if authority is not None:
             # RFC 9112 section 3.2.2: an absolute-form target's authority replaces Host.
-            host = target.authority
+            host = authority
             headers = [(n, v) for n, v in headers if n.lower() != b"host"] + [(b"Host", host)]
         upgrade = ""
         if head.upgrade:
@@ -167,7 +171,7 @@ class Http1Protocol:
                 conn.set_phase(ConnectionPhase.BODY)
         request = Request(
             method,
-            target.target,
+            target,
             headers,
             body,
             http_version=head.version,
@@ -176,9 +180,9 @@ class Http1Protocol:
             keep_alive=head.keep_alive and not head.upgrade,
             host=host.decode("latin-1"),
             upgrade=upgrade,
-            path=target.path,
-            query=target.query,
-            raw_target=target.raw,
+            path=path,
+            query=query,
+            raw_target=raw_target,
         )
         self._dispatch(request)
 

@@ -189,13 +189,15 @@ class Http2Protocol:
             body.limit = None
             stream.tunnel = True
         try:
-            target = canonical_target(fields.path, method, server.path_normalization)
+            target, path, query, raw_target, _ = canonical_target(
+                fields.path, method, server.path_normalization
+            )
         except ProxyError as exc:
             self._start_task(stream, None, exc)
             return
         request = Request(
             method,
-            target.target,
+            target,
             list(fields.headers),  # the memo's list stays as validated
             body,
             http_version="2",
@@ -203,9 +205,9 @@ class Http2Protocol:
             scheme=conn.scheme,
             host=fields.authority.decode("latin-1"),
             upgrade=upgrade,
-            path=target.path,
-            query=target.query,
-            raw_target=target.raw,
+            path=path,
+            query=query,
+            raw_target=raw_target,
         )
         stream.request = request
         if event.stream_ended and self._server.try_fast(
