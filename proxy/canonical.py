@@ -311,18 +311,47 @@ def client_fields(
         named = connection_tokens(connection)
         if named <= USUAL_CONNECTION_TOKENS:
             named = None  # "keep-alive", "close", "upgrade": dropped on the way out anyway
-    if named is None and (not underscore or underscores == "allow"):
+    if named is None and not underscore:
         return headers
     kept: RawHeaders = []
     for name, value in headers:
         if named is not None and name.lower() in named:
             continue
-        if underscores != "allow" and _UNDERSCORE in name:
-            if underscores == "reject":
-                raise InvalidHeader(f"header {name.decode('latin-1')!r}: '_' in a field name")
+        if _UNDERSCORE in name and not underscore_allowed(name, underscores):
             continue
         kept.append((name, value))
     return kept
+
+
+# Fields the gateway itself sets or frames by: under `allow`, their "_" spellings are
+# still dropped, or an upstream that folds "_" into "-" would take them for the
+# gateway's (a client's X_Forwarded_For beside the real one, a second Content-Length).
+GATEWAY_FIELDS = frozenset(
+    {
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-real-ip",
+        b"forwarded",
+        b"via",
+        b"host",
+        b"content-length",
+        b"transfer-encoding",
+        b"connection",
+    }
+)
+
+
+def underscore_allowed(name: bytes, underscores: str) -> bool:
+    """Whether a field whose name holds "_" is kept (`headers_with_underscores`): never
+    under `drop`, never in the spelling of a field in GATEWAY_FIELDS.
+
+    Raises:
+        InvalidHeader: under `reject`.
+    """
+    if underscores == "reject":
+        raise InvalidHeader(f"header {name.decode('latin-1')!r}: '_' in a field name")
+    return underscores == "allow" and name.lower().replace(b"_", b"-") not in GATEWAY_FIELDS
 
 
 def spelling(name: str) -> bytes:

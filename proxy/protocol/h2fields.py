@@ -21,6 +21,7 @@ from proxy.canonical import (
     InvalidMethod,
     check_authority,
     check_method,
+    underscore_allowed,
 )
 from proxy.errors import HeadTooLarge
 from proxy.models import RawHeaders, Response, Trailers
@@ -118,9 +119,7 @@ def request_fields(
             elif name in singletons:
                 raise InvalidHeader(f"more than one {name.decode()} field")
             singletons.add(name)
-        if 0x5F in name and underscores != "allow":  # "_"
-            if underscores == "reject":
-                raise InvalidHeader(f"header {name.decode('latin-1')!r}: '_' in a field name")
+        if 0x5F in name and not underscore_allowed(name, underscores):  # 0x5F: "_"
             continue
         headers.append((name, value))
     if size > max_list_bytes:

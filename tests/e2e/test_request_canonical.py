@@ -197,13 +197,18 @@ async def test_underscore_spellings_never_reach_the_upstream_as_the_gateways_ide
         answer = await send(
             server,
             b"GET /admin HTTP/1.1\r\nHost: t\r\nX_Consumer: admin\r\nx_CONSUMER: root\r\n"
-            b"X_Other: o\r\n" + connection + b"X-API-Key: " + KEY.encode() + b"\r\n\r\n",
+            b"X_Other: o\r\nX_Forwarded_For: 6.6.6.6\r\n"
+            + connection
+            + b"X-API-Key: "
+            + KEY.encode()
+            + b"\r\n\r\n",
         )
         assert answer.status == status
         if status == 200:
             headers = seen(answer)["headers"]
             assert headers["HTTP_X_CONSUMER"] == consumer
             assert headers.get("HTTP_X_OTHER") == other
+            assert "6.6.6.6" not in headers["HTTP_X_FORWARDED_FOR"]
 
 
 async def test_a_field_the_headers_middleware_sets_cannot_be_sent_in_another_spelling(

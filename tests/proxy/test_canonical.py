@@ -196,7 +196,10 @@ HEADERS = [(b"Host", b"t"), (b"X_Consumer", b"admin"), (b"X-Trace", b"1"), (b"Co
 
 
 def test_client_fields_follow_the_underscore_policy() -> None:
-    assert client_fields(HEADERS, None, True, "allow") is HEADERS
+    assert client_fields(HEADERS, None, True, "allow") == HEADERS
+    # Never the "_" spelling of a field the gateway sets or frames by, even under allow.
+    spoofs = [(b"X_Forwarded_For", b"6.6.6.6"), (b"content_length", b"0"), (b"X_Real_IP", b"1")]
+    assert client_fields(HEADERS + spoofs, None, True, "allow") == HEADERS
     assert client_fields(HEADERS, None, True, "drop") == [HEADERS[0], HEADERS[2], HEADERS[3]]
     with pytest.raises(InvalidHeader):
         client_fields(HEADERS, None, True, "reject")
