@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 from proxy.config_model import Http2Config, LimitsConfig, ListenerConfig
 
 if TYPE_CHECKING:
+    from proxy.client_ip import ClientResolver
     from proxy.errors import ProxyError
     from proxy.models import Request, Response
     from proxy.tunnel import Tunnel
@@ -56,6 +57,7 @@ class ServerContext(Protocol):
     codec: str
     limits: LimitsConfig
     http2: Http2Config
+    client_ip: ClientResolver | None  # None: no `client_ip` section, the peer is the client
     draining: bool
     connections: set[ClientConnection]
     tunnels: set[Tunnel]

@@ -86,6 +86,7 @@ class Server:
         self.runtime = Runtime(config, self.codec)
         self._entry_points = entry_points
         self.handle, self.try_fast = entry_points(self.runtime)
+        self.client_ip = self.runtime.client_ip
         self.connections: set[ClientConnection] = set()
         self.tunnels: set[Tunnel] = set()  # WebSocket tunnels (their sockets left `connections`)
         self.draining = False
@@ -228,6 +229,7 @@ class Server:
         config = self.config = pending.config
         self.runtime = pending.runtime
         self.handle, self.try_fast = self._entry_points(self.runtime)
+        self.client_ip = self.runtime.client_ip
         self.codec = self.runtime.codec
         self.limits = config.limits
         self.http2 = config.http2

@@ -22,6 +22,7 @@ from typing import Any
 import h11
 from multidict import CIMultiDict
 
+from proxy.client_ip import ClientResolver
 from proxy.config_model import Http2Config, LimitsConfig
 from proxy.connection import ConnectionPhase, ReadPause
 from proxy.errors import ProxyError
@@ -62,6 +63,7 @@ class FakeServer:
     codec: str = "httptools"
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     http2: Http2Config = field(default_factory=Http2Config)
+    client_ip: ClientResolver | None = None
     draining: bool = False
     handler: Handler = echo_handler
     fast: FastResponder | None = None

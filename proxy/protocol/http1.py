@@ -160,6 +160,9 @@ class Http1Protocol:
             connection=head.connection,
             upgrade=upgrade,
         )
+        resolve_client = self._server.client_ip
+        if resolve_client is not None:
+            resolve_client(request)  # `client_ip:` (proxy/client_ip.py)
         self._dispatch(request)
 
     def on_body(self, data: bytes) -> None:

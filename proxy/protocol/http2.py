@@ -185,6 +185,9 @@ class Http2Protocol:
             host=fields.authority.decode("latin-1"),
             upgrade=upgrade,
         )
+        resolve_client = self._server.client_ip
+        if resolve_client is not None:
+            resolve_client(request)  # `client_ip:` (proxy/client_ip.py)
         stream.request = request
         if event.stream_ended and self._server.try_fast(
             request, functools.partial(self._on_fast_response, stream)
