@@ -17,10 +17,10 @@ from collections import deque
 
 # RFC 9110 section 5.6.2: token.
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
-# A pair; the value is a quoted-string (section 5.6.4, backslash escapes) or, leniently,
-# anything up to the next separator (`for=[2001:db8::1]:80` unquoted, as some proxies
+# A pair; the value is a quoted-string (section 5.6.4, backslash escapes) or a token,
+# leniently with ":" and brackets (`for=[2001:db8::1]:80` unquoted, as some proxies
 # write it).
-_PAIR = re.compile(rf'({_TOKEN})=("(?:[^"\\]|\\.)*"|[^,;"\s]*)')
+_PAIR = re.compile(rf'({_TOKEN})=("(?:[^"\\]|\\.)*"|[!#$%&\'*+.^_`|~0-9A-Za-z:\[\]-]*)')
 _ESCAPE = re.compile(r"\\(.)")
 _TOKEN_RE = re.compile(_TOKEN)
 

@@ -286,8 +286,8 @@ async def test_headers_of_both_versions_name_the_client(
 async def test_a_header_from_an_untrusted_peer_is_read_and_ignored(
     gateway_factory: GatewayFactory, upstream: UpstreamServer
 ) -> None:
-    extra = "  - {name: other, match: {path_prefix: /other/}, upstream: app}"
-    text = config(upstream, extra=extra).replace("[127.0.0.1]", "[127.0.0.2]")
+    # Only ALICE's address is a trusted balancer; the connection from 127.0.0.1 is not.
+    text = config(upstream).replace("[127.0.0.1]", f"[{ALICE}]")
     server = await gateway_factory(text)
     header = b"PROXY TCP4 198.51.100.7 127.0.0.1 4711 80\r\n"
     assert status_of(await exchange(server, header + request())) == 200
@@ -370,3 +370,81 @@ async def test_a_reload_brings_a_proxy_protocol_listener(
     header = b"PROXY TCP4 198.51.100.7 127.0.0.1 4711 80\r\n"
     assert status_of(await exchange(server, header + request())) == 200
     assert upstream.requests[-1].header("x-forwarded-for") == "198.51.100.7"
+
+
+async def test_a_failed_tls_handshake_after_the_header_is_that_connection_s_affair(
+    gateway_factory: GatewayFactory,
+    upstream: UpstreamServer,
+    tls_files: TlsFiles,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tls = f", tls: {{cert: {tls_files.cert}, key: {tls_files.key}}}"
+    server = await gateway_factory(config(upstream, listener=tls))
+    header = b"PROXY TCP4 198.51.100.7 127.0.0.1 4711 443\r\n"
+    with caplog.at_level("DEBUG", logger="proxy.proxy_listener"):
+        # Plain HTTP where the ClientHello should be: the handshake fails.
+        assert await exchange(server, header + request()) == b""
+    assert any("failed" in record.getMessage() for record in caplog.records)
+    host, port = server.addresses[0]
+    context = tls_files.client_context(["http/1.1"])
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(header)
+    await writer.drain()
+    await writer.start_tls(context, server_hostname="localhost")
+    writer.write(request())
+    received = await reader.read()
+    writer.close()
+    assert status_of(received) == 200
+    assert upstream.requests[-1].header("x-forwarded-for") == "198.51.100.7"
+
+
+async def test_an_ipv6_listener_with_reuse_port(upstream: UpstreamServer) -> None:
+    text = config(upstream).replace("bind: 127.0.0.1:0", "bind: '[::1]:0'")
+    text = text.replace("trusted_proxies: [127.0.0.1]", "trusted_proxies: ['::1']")
+    server = Server(parse_config(text))
+    await server.start(reuse_port=True)
+    try:
+        host, port = server.addresses[0]
+        assert host == "::1"
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(v2_header("2001:db8::9") + request())
+        received = await reader.read()
+        writer.close()
+        assert status_of(received) == 200
+        assert upstream.requests[-1].header("x-forwarded-for") == "2001:db8::9"
+    finally:
+        await server.shutdown(grace_period=1.0)
+
+
+async def test_an_address_in_use_is_reported_with_the_address(upstream: UpstreamServer) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        server = Server(parse_config(config(upstream).replace("127.0.0.1:0", f"127.0.0.1:{port}")))
+        with pytest.raises(
+            OSError, match=rf"error while attempting to bind on address \('127.0.0.1', {port}\)"
+        ):
+            await server.start()
+        await server.shutdown(grace_period=1.0)
+
+
+async def test_a_reload_that_is_abandoned_closes_its_new_listener(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer
+) -> None:
+    plain = config(upstream).replace(", proxy_protocol: true", "")
+    server = await gateway_factory(plain.replace("source: proxy_protocol", "source: forwarded"))
+    with_second = config(upstream).replace(
+        "listeners: [{bind: 127.0.0.1:0, proxy_protocol: true}]",
+        "listeners: [{bind: 127.0.0.1:0}, {bind: 127.0.0.1:0, proxy_protocol: true}]",
+    )
+    await server.prepare_reload(parse_config(with_second))
+    pending = server._pending
+    assert pending is not None
+    (bound,) = pending.bound.values()
+    (listening,) = bound.sockets
+    address = listening.getsockname()
+    assert "BOUND" in repr(bound)  # bound, not yet accepting
+    await server.abort_reload()
+    assert "CLOSED" in repr(bound)
+    assert bound.sockets == ()
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.open_connection(*address)

@@ -61,6 +61,9 @@ def test_headers_a_middleware_rebuilt_are_read_too() -> None:
     single: CIMultiDict[str] = CIMultiDict([("X-Forwarded-For", "203.0.113.8")])
     request = Request("GET", b"/", single, Body.from_bytes(b""), client=("10.0.0.2", 1))
     assert client_of(resolver(), request) == "203.0.113.8"
+    none: CIMultiDict[str] = CIMultiDict([("Host", "t")])
+    request = Request("GET", b"/", none, Body.from_bytes(b""), client=("10.0.0.2", 1))
+    assert client_of(resolver(), request) == "10.0.0.2"
 
 
 def test_ipv6_hops_and_entries_with_ports() -> None:
