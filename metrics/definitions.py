@@ -184,6 +184,31 @@ RATE_LIMIT_EVICTIONS = Counter(
 )
 
 
+class ProxyHeaderRefusal(enum.Enum):
+    """Why a connection on a `proxy_protocol` listener was closed before any HTTP."""
+
+    INVALID = "invalid"  # not a PROXY header, malformed, or over its bounds
+    TIMEOUT = "timeout"  # not complete within limits.header_timeout
+    CLOSED = "closed"  # the peer closed or reset the connection before the header ended
+
+
+PROXY_HEADERS_REFUSED = Counter(
+    "gatehouse_proxy_protocol_refused",
+    "Connections on proxy_protocol listeners closed for want of a valid PROXY header, by "
+    "reason (invalid, timeout, closed)",
+    ["reason"],
+    registry=REGISTRY,
+)
+_PROXY_REFUSED_CHILDREN = {
+    reason: PROXY_HEADERS_REFUSED.labels(reason.value) for reason in ProxyHeaderRefusal
+}
+
+
+def count_proxy_header_refused(reason: ProxyHeaderRefusal) -> None:
+    """One more connection closed for want of a valid PROXY header."""
+    _PROXY_REFUSED_CHILDREN[reason].inc()
+
+
 ACCESS_LOG_DROPPED = Counter(
     "gatehouse_access_log_dropped",
     "Access log lines dropped: the queue to the writer was full (output blocked or too "

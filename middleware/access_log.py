@@ -73,7 +73,13 @@ FIELDS = (
     "user_agent",
     "consumer",  # who an auth middleware found the caller to be
     "retries",  # tries after the first (upstreams.X.retries); endpoint is the last try's
+    # Written only when `fields` names it: the address the request came from before
+    # `client_ip` looked behind it (the load balancer; on a proxy_protocol listener, the
+    # client its PROXY header named). The same as client_ip without a client_ip section.
+    "peer_ip",
 )
+# What a line holds when `fields` is not given.
+DEFAULT_FIELDS = FIELDS[: FIELDS.index("peer_ip")]
 OUTPUTS = {"stdout": 1, "stderr": 2}
 DEFAULT_QUEUE_LINES = 10_000
 CLOSE_FLUSH_S = 5.0
@@ -232,7 +238,7 @@ class AccessLog:
     EAGER = True  # awaits nothing but call_next (proxy/eager.py)
 
     def __init__(self, options: Options) -> None:
-        fields = options.strings("fields", FIELDS)
+        fields = options.strings("fields", DEFAULT_FIELDS)
         unknown = [name for name in fields if name not in FIELDS]
         for name in unknown:
             hint = did_you_mean(name, FIELDS) or f" (known: {', '.join(FIELDS)})"
@@ -240,8 +246,8 @@ class AccessLog:
         if "fields" in options and not fields:
             options.error("fields", "at least one field is required")
         chosen = list(dict.fromkeys(fields))  # in the order given, once each
-        self.fields = tuple(chosen) if not unknown and chosen else FIELDS
-        self._all_fields = self.fields == FIELDS
+        self.fields = tuple(chosen) if not unknown and chosen else DEFAULT_FIELDS
+        self._all_fields = self.fields == DEFAULT_FIELDS
         self.sample = options.number("sample", 1.0)
         if self.sample > 1.0:
             options.error("sample", f"must be between 0 and 1, got {self.sample:g}")
@@ -324,6 +330,7 @@ class AccessLog:
                 request.header("user-agent") or "",
                 request.consumer,
                 request.retries,
+                request.peer[0],
             )
         )
 
@@ -332,7 +339,8 @@ class AccessLog:
 
         Strings go through the json module's own escaper (what `json.dumps` uses), so the
         line is the JSON `json.dumps` would write, made without building a dict: with
-        every field, one f-string (~0.8 us a line, against ~3.7 us for `json.dumps`)."""
+        the default fields, one f-string (~0.8 us a line, against ~3.7 us for
+        `json.dumps`)."""
         if not self._all_fields:
             return self.encode_fields(values)
         v = values

@@ -4,9 +4,10 @@ ForwardAuth, NGINX's `auth_request`).
 For each request a `GET` goes to `url` with the client's headers (all of them, or those
 listed in `forward_headers`; never hop-by-hop ones or the client's own forwarding
 headers) and, set by the gateway alone, X-Forwarded-Method, -Proto, -Host, -Uri (the
-request target in canonical form, as the upstream gets it) and X-Forwarded-For (the
-client's list with its peer appended, as the upstream gets it). The request body is not
-sent.
+request target in canonical form, as the upstream gets it) and X-Forwarded-For (as the
+upstream gets it: the list a trusted proxy forwarded with its address appended, or the
+peer alone; proxy/headers.py). A client's Forwarded and X-Real-IP go only when its peer
+is a trusted proxy (`client_ip.trusted_proxies`). The request body is not sent.
 
 - A 2xx answer lets the request on. The response headers named in `copy_headers` are
   copied onto it (an X-User the auth service vouches for); copies the client sent itself
@@ -79,6 +80,8 @@ _TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 # The gateway writes these itself on the auth request: a client's copy is never sent.
 _FORWARDING = ("X-Forwarded-Method", "X-Forwarded-Proto", "X-Forwarded-Host", "X-Forwarded-Uri")
 _NOT_FORWARDED = REQUEST_HOP_BY_HOP | {name.lower() for name in _FORWARDING}
+# What a client says about where it came from: sent only from a trusted peer.
+_CLIENT_STATEMENTS = frozenset({"forwarded", "x-real-ip"})
 _EMPTY_BODY = Body.from_bytes(b"")  # the auth request has none (sent with the head)
 
 
@@ -238,22 +241,27 @@ class ForwardAuth:
     def _auth_headers(self, request: Request, headers: CIMultiDict[str]) -> list[tuple[str, str]]:
         out = [("Host", self._host)]
         wanted = self.forward_headers
+        trusted = request.peer_trusted
         if wanted is None:
             # (The fields the client's Connection names were removed on arrival.)
             for name, value in headers.items():
-                if name.lower() not in _NOT_FORWARDED:
+                lower = name.lower()
+                if lower not in _NOT_FORWARDED and (trusted or lower not in _CLIENT_STATEMENTS):
                     out.append((name, value))
         else:
             for name in wanted:
-                out += [(name, value) for value in headers.getall(name, ())]
-        forwarded_for = ", ".join(headers.getall("x-forwarded-for", ()))
-        client = request.client[0]
+                if trusted or name.lower() not in _CLIENT_STATEMENTS:
+                    out += [(name, value) for value in headers.getall(name, ())]
+        # As the upstream gets it (proxy/headers.py): a trusted proxy's list, this hop
+        # appended; from anyone else, the peer alone.
+        forwarded_for = ", ".join(headers.getall("x-forwarded-for", ())) if trusted else ""
+        peer = request.peer[0]
         out += (("X-Forwarded-Method", request.method), ("X-Forwarded-Proto", request.scheme))
         if request.host:  # an HTTP/1.0 request may come without one
             out.append(("X-Forwarded-Host", request.host))
         out += (
             ("X-Forwarded-Uri", request.target.decode("latin-1")),
-            ("X-Forwarded-For", f"{forwarded_for}, {client}" if forwarded_for else client),
+            ("X-Forwarded-For", f"{forwarded_for}, {peer}" if forwarded_for else peer),
         )
         return out
 

@@ -6,10 +6,15 @@ over `allow`, and the order of entries does not matter (unlike nginx, where the 
 matching rule wins; here a narrower deny inside a wider allow is the usual way to punch a
 hole, and it works whichever is written first).
 
-The client address is the connection's peer, or behind `trusted_proxies` the rightmost
-untrusted X-Forwarded-For entry (middleware/client_ip.py). When it cannot be known (a
-trusted proxy forwarded something that is not an address) the request is refused.
-A refusal is a 403 local reply with reason `ip_forbidden`.
+The client address is `Request.client`, decided once per request for every consumer by
+the top-level `client_ip` section (proxy/client_ip.py): the connection's peer, or behind
+`client_ip.trusted_proxies` the address they forwarded. When it cannot be known (a
+trusted proxy forwarded something that is not an address) the request is refused. A
+refusal is a 403 local reply with reason `ip_forbidden`.
+
+The filter once had a `trusted_proxies` option of its own. It is a config error now that
+names its new place: two trust lists (one here, one for rate limits and logs) would let
+the filter and everything else disagree about who the client is.
 """
 
 from __future__ import annotations
@@ -17,40 +22,71 @@ from __future__ import annotations
 import logging
 
 from middleware.base import Handler
-from middleware.client_ip import (
+from middleware.options import Options
+from proxy.addresses import (
     ADDRESS_CACHE_ENTRIES,
     Address,
-    ClientIp,
-    format_address,
+    AddressSet,
+    Network,
     parse_address,
-    read_networks,
+    parse_network,
 )
-from middleware.options import Options
+from proxy.config_reader import Reported
 from proxy.errors import IpForbidden
 from proxy.models import Request, Response
 
 log = logging.getLogger(__name__)
 
-# Verdicts remembered per peer address text (keep-alive clients repeat theirs); the table
-# is bounded, as the addresses come from the network, and simply starts over.
+# Verdicts remembered per client address text (keep-alive clients repeat theirs); the
+# table is bounded, as the addresses come from the network, and simply starts over.
 VERDICT_CACHE_ENTRIES = ADDRESS_CACHE_ENTRIES
+
+
+def read_networks(options: Options, key: str) -> AddressSet | None:
+    """Option `key`: a list of addresses and CIDR ranges (one string reads as a list of
+    one), each checked at load with its own line in the error; None when absent (or
+    broken: the errors are recorded). An empty list is an error: it would match nothing,
+    which is never what a filter means."""
+    items = options.items(key)
+    if items is None:
+        return None
+    networks: list[Network] = []
+    failed = False
+    for node, path in items:
+        try:
+            networks.append(
+                options.reader.convert(node, path, parse_network, "an IP address or CIDR range")
+            )
+        except Reported:
+            failed = True
+    if failed:
+        options.failed = True
+        return None
+    if not networks:
+        options.error(key, "must list at least one address or CIDR range")
+        return None
+    return AddressSet(networks)
 
 
 class IpFilter:
     """Refuses requests whose client address is denied, or not allowed."""
 
-    OPTIONS = ("allow", "deny", "trusted_proxies")
+    OPTIONS = ("allow", "deny", "trusted_proxies")  # trusted_proxies: refused, see above
     EAGER = True  # awaits nothing but call_next (proxy/eager.py)
 
     def __init__(self, options: Options) -> None:
         self.name = options.name
         self.allow = read_networks(options, "allow")
         self.deny = read_networks(options, "deny")
-        self.client_ip = ClientIp(read_networks(options, "trusted_proxies"))
         if "allow" not in options and "deny" not in options:
             options.error(None, "give 'allow', 'deny' or both")
-        # Without trusted proxies the verdict depends on the peer address alone.
-        self._by_peer: dict[str, bool] | None = {} if self.client_ip.trusted is None else None
+        if "trusted_proxies" in options:
+            options.error(
+                "trusted_proxies",
+                "moved to the top-level 'client_ip: {trusted_proxies: [...]}', which decides"
+                " the client for every middleware, the access log and X-Forwarded-For",
+            )
+        self._verdicts: dict[str, bool] = {}
 
     def __repr__(self) -> str:
         return f"<IpFilter {self.name} allow={self.allow!r} deny={self.deny!r}>"
@@ -66,25 +102,19 @@ class IpFilter:
         return allow is None or address in allow
 
     async def __call__(self, request: Request, call_next: Handler) -> Response:
-        cache = self._by_peer
-        if cache is not None:
-            peer = request.client[0]
-            allowed = cache.get(peer)
-            if allowed is None:
-                allowed = self._remember(cache, peer)
-        else:
-            allowed = self.permits(self.client_ip.address(request))
+        client = request.client[0]
+        allowed = self._verdicts.get(client)
+        if allowed is None:
+            allowed = self._remember(client)
         if not allowed:
-            if log.isEnabledFor(logging.DEBUG):
-                address = self.client_ip.address(request)
-                who = format_address(address) if address is not None else "unknown"
-                log.debug("%s: refused client %s", self.name, who)
+            log.debug("%s: refused client %s", self.name, client or "unknown")
             raise IpForbidden("client address not allowed")
         return await call_next(request)
 
-    def _remember(self, cache: dict[str, bool], peer: str) -> bool:
-        allowed = self.permits(parse_address(peer))
+    def _remember(self, client: str) -> bool:
+        allowed = self.permits(parse_address(client))
+        cache = self._verdicts
         if len(cache) >= VERDICT_CACHE_ENTRIES:
             cache.clear()
-        cache[peer] = allowed
+        cache[client] = allowed
         return allowed

@@ -12,9 +12,11 @@ from collections.abc import Mapping, Sequence
 from contextlib import suppress
 
 import yaml
-from yaml.nodes import MappingNode, Node
+from yaml.nodes import MappingNode, Node, ScalarNode
 
+from proxy.addresses import Network, parse_network
 from proxy.config_model import (
+    CLIENT_IP_SOURCES,
     DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_CONNECT_TIMEOUT_S,
     DEFAULT_GRACE_PERIOD_S,
@@ -34,6 +36,7 @@ from proxy.config_model import (
     ESCAPED_SLASH_ACTIONS,
     UNDERSCORE_ACTIONS,
     AdminConfig,
+    ClientIpConfig,
     Config,
     EndpointConfig,
     HeaderMatch,
@@ -55,7 +58,7 @@ from proxy.config_model import (
     UpstreamTls,
     WebSocketConfig,
 )
-from proxy.config_reader import Reported, describe
+from proxy.config_reader import Fields, Reported, describe
 from proxy.config_routes import RouteSections
 from proxy.config_upstream import UpstreamSections
 from proxy.config_values import (
@@ -77,6 +80,7 @@ __all__ = [
     "DEFAULT_POOL_WAIT_TIMEOUT_S",
     "DEFAULT_READ_TIMEOUT_S",
     "AdminConfig",
+    "ClientIpConfig",
     "Config",
     "ConfigError",
     "EndpointConfig",
@@ -103,7 +107,8 @@ __all__ = [
 
 _TOP_KEYS = ("listeners", "admin", "upstreams", "middleware", "global_middleware", "routes",
              "limits", "http2", "http1_parser", "workers", "shutdown", "reload",
-             "metrics", "path_normalization", "headers_with_underscores")  # fmt: skip
+             "metrics", "path_normalization", "headers_with_underscores",
+             "client_ip")  # fmt: skip
 _HTTP1_PARSERS = ("auto", "httptools", "h11")
 _TLS_VERSIONS = ("1.2", "1.3")
 _MAX_H2_WINDOW = 2**31 - 1  # RFC 9113 section 6.9.1
@@ -185,6 +190,7 @@ class _ConfigLoader(RouteSections, UpstreamSections):
         self._upstream_protocols: dict[str, str] = {}
         self._binds: dict[tuple[str, int], str] = {}
         self._path_normalization_config = PathNormalization()
+        self._proxy_protocol_listeners: list[Fields] = []  # checked against client_ip
 
     def config(self, root: Node | None) -> Config | None:
         """The Config of the document `root`; check `errors` before using it."""
@@ -208,6 +214,14 @@ class _ConfigLoader(RouteSections, UpstreamSections):
         # Before the routes: their path matchers must be in the form requests are put in.
         paths = top.get("path_normalization", self._path_normalization, PathNormalization())
         self._path_normalization_config = paths
+        client_ip: ClientIpConfig | None = top.get("client_ip", self._client_ip, None)
+        if client_ip is None and "client_ip" not in top:
+            for fields in self._proxy_protocol_listeners:
+                fields.error(
+                    "proxy_protocol",
+                    "needs client_ip.trusted_proxies: the load balancers whose PROXY headers"
+                    " are believed",
+                )
         return Config(
             listeners=listeners,
             upstreams=upstreams,
@@ -226,6 +240,7 @@ class _ConfigLoader(RouteSections, UpstreamSections):
             headers_with_underscores=top.get(
                 "headers_with_underscores", self._headers_with_underscores, "drop"
             ),
+            client_ip=client_ip,
             source=self.source,
         )
 
@@ -273,7 +288,7 @@ class _ConfigLoader(RouteSections, UpstreamSections):
         names: dict[str, str] = {}
         for item, item_path in self.nonempty_items(node, path, "at least one listener is required"):
             with suppress(Reported):
-                keys = ("bind", "name", "tls", "http2")
+                keys = ("bind", "name", "tls", "http2", "proxy_protocol")
                 fields = self.mapping(item, item_path, keys, ("bind",))
                 host, port = fields.get("bind", self._bind, ("", 0))
                 name = fields.get("name", self.name, item_path)
@@ -282,8 +297,64 @@ class _ConfigLoader(RouteSections, UpstreamSections):
                 names[name] = item_path
                 tls = fields.get("tls", self._listener_tls, None)
                 http2 = fields.get("http2", self.boolean, True)
-                listeners.append(ListenerConfig(host, port, name, tls, http2))
+                proxy_protocol = fields.get("proxy_protocol", self.boolean, False)
+                if proxy_protocol:
+                    self._proxy_protocol_listeners.append(fields)
+                listeners.append(ListenerConfig(host, port, name, tls, http2, proxy_protocol))
         return tuple(listeners)
+
+    # --- client_ip ---
+
+    def _client_ip(self, node: Node, path: str) -> ClientIpConfig:
+        fields = self.mapping(node, path, ("trusted_proxies", "source"))
+        source = fields.get("source", self._client_ip_source, "x-forwarded-for")
+        if "trusted_proxies" not in fields:
+            # As nginx's real_ip needs set_real_ip_from: a source believed from anyone
+            # would let every client choose its own address.
+            raise self.error(
+                node,
+                path,
+                "missing required key 'trusted_proxies' (the proxies whose word about the"
+                " client is believed)",
+            )
+        no_networks: tuple[Network, ...] = ()
+        trusted = fields.get("trusted_proxies", self._networks, no_networks)
+        if not trusted:
+            raise Reported
+        if source == "proxy_protocol" and not self._proxy_protocol_listeners:
+            raise fields.error(
+                "source", "proxy_protocol needs a listener with 'proxy_protocol: true'"
+            )
+        return ClientIpConfig(trusted, source)
+
+    def _client_ip_source(self, node: Node, path: str) -> str:
+        return self.choice(node, path, CLIENT_IP_SOURCES, "source")
+
+    def _networks(self, node: Node, path: str) -> tuple[Network, ...]:
+        """A list of addresses and CIDR ranges (one string reads as a list of one), each
+        checked with its own line; an empty list is an error (it would trust no one,
+        which is what leaving the key out says)."""
+        items: list[tuple[Node, str]]
+        if isinstance(node, ScalarNode) and self.value(node, path) is not None:
+            items = [(node, path)]
+        else:
+            items = [
+                (item, f"{path}[{index}]") for index, item in enumerate(self.sequence(node, path))
+            ]
+        if not items:
+            raise self.error(node, path, "must list at least one address or CIDR range")
+        networks: list[Network] = []
+        failed = False
+        for item, item_path in items:
+            try:
+                networks.append(
+                    self.convert(item, item_path, parse_network, "an IP address or CIDR range")
+                )
+            except Reported:
+                failed = True
+        if failed:
+            raise Reported
+        return tuple(networks)
 
     def _listener_tls(self, node: Node, path: str) -> ListenerTls:
         fields = self.mapping(node, path, ("cert", "key", "min_version"), ("cert", "key"))

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from proxy.addresses import Network
+
 DEFAULT_CONNECT_TIMEOUT_S = 2.0
 DEFAULT_READ_TIMEOUT_S = 30.0
 DEFAULT_POOL_MAX_CONNECTIONS = 256
@@ -53,13 +55,30 @@ class ListenerTls:
 class ListenerConfig:
     """One client-facing socket (`listeners[i]`). Plaintext listeners speak HTTP/1.1 and
     h2c with prior knowledge (told apart by the connection preface); TLS listeners pick
-    h2 or HTTP/1.1 by ALPN. `http2: false` turns HTTP/2 off on this listener."""
+    h2 or HTTP/1.1 by ALPN. `http2: false` turns HTTP/2 off on this listener.
+    `proxy_protocol: true`: every connection must begin with a PROXY protocol header (v1
+    or v2), read before TLS or HTTP; see proxy/proxy_listener.py."""
 
     host: str
     port: int
     name: str  # "listeners[0]" unless given with `name:`; used as a metrics label
     tls: ListenerTls | None = None
     http2: bool = True
+    proxy_protocol: bool = False
+
+
+CLIENT_IP_SOURCES = ("x-forwarded-for", "forwarded", "proxy_protocol")
+
+
+@dataclass(frozen=True, slots=True)
+class ClientIpConfig:
+    """`client_ip`: who is believed about the client's address (proxy/client_ip.py).
+    `trusted_proxies` are the proxies in front of the gateway; `source` is what they
+    tell: `x-forwarded-for` (the rightmost untrusted entry), `forwarded` (RFC 7239
+    `for=`) or `proxy_protocol` (the PROXY header of `proxy_protocol` listeners)."""
+
+    trusted_proxies: tuple[Network, ...]
+    source: str = "x-forwarded-for"
 
 
 @dataclass(frozen=True, slots=True)
@@ -422,4 +441,5 @@ class Config:
     # Upstreams such as WSGI and CGI servers fold "_" into "-", so "X_Consumer" would
     # reach them as the "X-Consumer" a middleware sets (nginx drops them too).
     headers_with_underscores: str = "drop"  # drop | reject | allow
+    client_ip: ClientIpConfig | None = None  # None: the client is the connection's peer
     source: str = "<string>"

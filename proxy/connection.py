@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 from proxy.config_model import Http2Config, LimitsConfig, ListenerConfig, PathNormalization
 
 if TYPE_CHECKING:
+    from proxy.client_ip import ClientResolver
     from proxy.errors import ProxyError
     from proxy.models import Request, Response
     from proxy.tunnel import Tunnel
@@ -58,6 +59,7 @@ class ServerContext(Protocol):
     http2: Http2Config
     path_normalization: PathNormalization
     headers_with_underscores: str
+    client_ip: ClientResolver | None  # None: no `client_ip` section, the peer is the client
     draining: bool
     connections: set[ClientConnection]
     tunnels: set[Tunnel]
@@ -90,20 +92,24 @@ class FrontEnd(Protocol):
 
 
 class ClientConnection(asyncio.Protocol):
-    """One accepted client socket."""
+    """One accepted client socket. `peer`, when given, is the client's address as a
+    believed PROXY protocol header gave it (proxy/proxy_listener.py); otherwise the
+    socket's peer is the client."""
 
     def __init__(
         self,
         server: ServerContext,
         listener: ListenerConfig,
         front_end_factory: Callable[[ClientConnection], FrontEnd],
+        peer: tuple[str, int] | None = None,
     ) -> None:
         self.server = server
         self.listener = listener
         self.scheme = "https" if listener.tls is not None else "http"
         self.limits = server.limits
         self.transport: asyncio.Transport | None = None
-        self.client: tuple[str, int] = ("", 0)
+        self.client: tuple[str, int] = peer or ("", 0)
+        self._peer_given = peer is not None
         self.phase = ConnectionPhase.HEAD
         self.deadline = 0.0
         self.write_paused = False
@@ -121,7 +127,7 @@ class ClientConnection(asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
-        if isinstance(peer, tuple):
+        if isinstance(peer, tuple) and not self._peer_given:
             self.client = (str(peer[0]), int(peer[1]))
         self.server.connections.add(self)
         self.set_phase(ConnectionPhase.HEAD)

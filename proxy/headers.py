@@ -6,11 +6,27 @@ nominates are removed when the request comes in (`proxy/canonical.py`), before a
 middleware runs, so that a client can never nominate away a field the gateway itself
 sets (X-Consumer, say); here only the fixed set is dropped. Framing (Content-Length,
 Transfer-Encoding) is re-derived for the upstream hop; `Expect` is answered by us.
-X-Forwarded-For/-Proto/-Host are appended to (a list, like Via, RFC 9110 section 7.6.3).
+
+Where a request came from (`_forwarding_values`): Via is always appended to (RFC 9110
+section 7.6.3). X-Forwarded-For, -Proto and -Host, Forwarded (RFC 7239) and X-Real-IP
+are what earlier proxies say about the client, and are believed only from a peer in
+`client_ip.trusted_proxies` (`Request.peer_trusted`, proxy/client_ip.py):
+- from a trusted peer they are kept, and this hop appended to X-Forwarded-For, -Proto,
+  -Host (the peer, the scheme, the Host) and to a Forwarded that came with the request
+  (its `for`/`host`/`proto` element); X-Real-IP, a single value, passes as it is. The
+  X-Forwarded-* lists then stay aligned hop for hop, which is how their readers count
+  trusted hops from the right (Werkzeug's ProxyFix, Rails, Express `trust proxy`).
+- from anyone else they are the client's own claims: X-Forwarded-For becomes the peer
+  alone, -Proto the scheme, -Host the Host, and Forwarded and X-Real-IP are removed (the
+  gateway does not write them of its own, as nginx, Envoy, Traefik and Caddy do not).
+  A client cannot make an upstream believe another address (X-Forwarded-For, X-Real-IP,
+  Forwarded `for`), that plain HTTP was HTTPS (-Proto: secure cookies, HTTPS-only
+  checks) or another host (-Host: the host of links in password-reset mails).
 """
 
 from __future__ import annotations
 
+from proxy.forwarded import forwarded_element
 from proxy.models import RawHeaders, Request
 from proxy.protocol.h1serialize import UnsafeHeader, request_head
 
@@ -32,12 +48,12 @@ REQUEST_HOP_BY_HOP = frozenset(
         "via",
     }
 )
+# What a request says about where it came from, besides the X-Forwarded-* fields: kept
+# only from a trusted peer (see the module docstring).
+_CLIENT_STATEMENTS = frozenset({"forwarded", "x-real-ip"})
+_MANAGED = REQUEST_HOP_BY_HOP | _CLIENT_STATEMENTS
 VIA_TOKEN = "gatehouse"
 _VIA_HOPS = {version: f"{version} {VIA_TOKEN}".encode() for version in ("1.0", "1.1", "2")}
-
-
-def _append(existing: str | None, value: str) -> str:
-    return f"{existing}, {value}" if existing else value
 
 
 def upstream_headers(
@@ -50,27 +66,28 @@ def upstream_headers(
     """
     headers = request.headers
     out: list[tuple[str, str]] = [("Host", host)]
-    forwarded_for = forwarded_proto = forwarded_host = via = None
+    forwarded: list[bytes | None] = [None] * len(_FORWARDED)
     for name, value in headers.items():
         lower = name.lower()
-        if lower in REQUEST_HOP_BY_HOP:
-            if lower == "x-forwarded-for":
-                forwarded_for = _append(forwarded_for, value)
-            elif lower == "x-forwarded-proto":
-                forwarded_proto = _append(forwarded_proto, value)
-            elif lower == "x-forwarded-host":
-                forwarded_host = _append(forwarded_host, value)
-            elif lower == "via":
-                via = _append(via, value)
+        if lower in _MANAGED:
+            slot = _FORWARDED.get(lower.encode())
+            if slot is not None:
+                previous, raw_value = forwarded[slot], value.encode("latin-1")
+                forwarded[slot] = raw_value if previous is None else previous + b", " + raw_value
             elif lower == "te" and value.strip().lower() == "trailers":
                 out.append(("TE", "trailers"))  # the one TE value that must pass (gRPC)
             continue
         out.append((name, value))
-    out.append(("X-Forwarded-For", _append(forwarded_for, request.client[0])))
-    out.append(("X-Forwarded-Proto", _append(forwarded_proto, request.scheme)))
-    if request.host:
-        out.append(("X-Forwarded-Host", _append(forwarded_host, request.host)))
-    out.append(("Via", _append(via, f"{request.http_version} {VIA_TOKEN}")))
+    xff, proto, fhost, via, fwd, real_ip = _forwarding_values(request, forwarded)
+    out.append(("X-Forwarded-For", xff.decode("latin-1")))
+    out.append(("X-Forwarded-Proto", proto.decode("latin-1")))
+    if fhost is not None:
+        out.append(("X-Forwarded-Host", fhost.decode("latin-1")))
+    if fwd is not None:
+        out.append(("Forwarded", fwd.decode("latin-1")))
+    if real_ip is not None:
+        out.append(("X-Real-IP", real_ip.decode("latin-1")))
+    out.append(("Via", via.decode("latin-1")))
     if chunked:
         out.append(("Transfer-Encoding", "chunked"))
     elif body_length is not None and (body_length or request.method not in _BODYLESS):
@@ -82,9 +99,12 @@ def upstream_headers(
 _BODYLESS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"})
 
 
-_RAW_HOP_BY_HOP = frozenset(name.encode() for name in REQUEST_HOP_BY_HOP)
-# Connection values that name nothing beyond the fields dropped anyway.
-USUAL_CONNECTION_TOKENS = _RAW_HOP_BY_HOP | {b"close"}
+_RAW_HOP_BY_HOP = frozenset(name.encode() for name in _MANAGED)
+# Connection values that name nothing beyond the fields always dropped (the forwarding
+# fields are not: a trusted proxy's are kept), so nothing need be removed for them.
+USUAL_CONNECTION_TOKENS = frozenset(
+    name.encode() for name in REQUEST_HOP_BY_HOP if not name.startswith(("x-", "via"))
+) | {b"close"}
 _CONNECTION_TOKENS: dict[bytes, frozenset[bytes]] = {}
 _CONNECTION_TOKENS_CACHED = 256
 
@@ -107,15 +127,18 @@ _FORWARDED = {
     b"x-forwarded-proto": 1,
     b"x-forwarded-host": 2,
     b"via": 3,
+    b"forwarded": 4,
+    b"x-real-ip": 5,
 }
 
 
 def _end_to_end(pairs: RawHeaders) -> tuple[RawHeaders, list[bytes | None], bool]:
     """Split raw request fields for the upstream hop: the end-to-end ones (as received),
-    the values of X-Forwarded-For/-Proto/-Host and Via to be appended to, and whether
-    the client sent `TE: trailers` (the one TE value that passes, for gRPC)."""
+    the values of the `_FORWARDED` fields (X-Forwarded-For/-Proto/-Host, Via, Forwarded,
+    X-Real-IP; each field's lines joined), and whether the client sent `TE: trailers`
+    (the one TE value that passes, for gRPC)."""
     kept: RawHeaders = []
-    forwarded: list[bytes | None] = [None, None, None, None]
+    forwarded: list[bytes | None] = [None] * len(_FORWARDED)
     te_trailers = False
     for name, value in pairs:
         lower = name.lower()
@@ -133,25 +156,32 @@ def _end_to_end(pairs: RawHeaders) -> tuple[RawHeaders, list[bytes | None], bool
 
 def _forwarding_values(
     request: Request, forwarded: list[bytes | None]
-) -> tuple[bytes, bytes, bytes | None, bytes]:
-    """X-Forwarded-For, -Proto, -Host (None without a Host) and Via for the upstream
-    hop: what the client sent, with this hop appended (RFC 9110 section 7.6.3)."""
-    xff, proto, fhost, via = forwarded
-    client = request.client[0].encode()
+) -> tuple[bytes, bytes, bytes | None, bytes, bytes | None, bytes | None]:
+    """X-Forwarded-For, -Proto, -Host (None without a Host), Via, Forwarded and X-Real-IP
+    (None: not sent) for the upstream hop, from what the request carried (`forwarded`, in
+    `_FORWARDED` order): kept with this hop appended from a trusted peer, replaced from
+    anyone else (see the module docstring)."""
+    xff, proto, fhost, via, fwd, real_ip = forwarded
+    peer = request.peer[0].encode()
     scheme = request.scheme.encode()
-    host: bytes | None = None
-    if request.host:
-        original = request.host.encode("latin-1")
-        host = original if fhost is None else fhost + b", " + original
+    host: bytes | None = request.host.encode("latin-1") if request.host else None
     hop = _VIA_HOPS.get(request.http_version) or b"%s %s" % (
         request.http_version.encode(),
         VIA_TOKEN.encode(),
     )
+    via = hop if via is None else via + b", " + hop
+    if not request.peer_trusted:
+        return peer, scheme, host, via, None, None
+    if fwd is not None:
+        element = forwarded_element(request.peer[0], request.scheme, request.host)
+        fwd += b", " + element.encode("latin-1")
     return (
-        client if xff is None else xff + b", " + client,
+        peer if xff is None else xff + b", " + peer,
         scheme if proto is None else proto + b", " + scheme,
-        host,
-        hop if via is None else via + b", " + hop,
+        host if fhost is None or host is None else fhost + b", " + host,
+        via,
+        fwd,
+        real_ip,
     )
 
 
@@ -190,7 +220,7 @@ def _raw_head(
     parts = [request.method.encode(), b" ", target, b" HTTP/1.1\r\nHost: ", host.encode("latin-1")]
     # `_end_to_end`'s rule, inline: this is the HTTP/1.1 hot path, and building the list
     # of kept fields first costs ~1 us per request (3%) here.
-    forwarded: list[bytes | None] = [None, None, None, None]
+    forwarded: list[bytes | None] = [None, None, None, None, None, None]  # _FORWARDED's
     for name, value in raw:
         lower = name.lower()
         if lower in _RAW_HOP_BY_HOP:
@@ -202,10 +232,14 @@ def _raw_head(
                 parts.append(b"\r\nTE: trailers")
             continue
         parts += (b"\r\n", name, b": ", value)
-    xff, proto, fhost, via = _forwarding_values(request, forwarded)
+    xff, proto, fhost, via, fwd, real_ip = _forwarding_values(request, forwarded)
     parts += (b"\r\nX-Forwarded-For: ", xff, b"\r\nX-Forwarded-Proto: ", proto)
     if fhost is not None:
         parts += (b"\r\nX-Forwarded-Host: ", fhost)
+    if fwd is not None:
+        parts += (b"\r\nForwarded: ", fwd)
+    if real_ip is not None:
+        parts += (b"\r\nX-Real-IP: ", real_ip)
     parts += (b"\r\nVia: ", via)
     if chunked:
         parts.append(b"\r\nTransfer-Encoding: chunked")
@@ -229,9 +263,10 @@ def upstream_h2_headers(
     request's fields, lower-cased (section 8.2.1), without the connection-specific ones
     (section 8.2.2: Connection and what it names, Keep-Alive, Proxy-Connection,
     Transfer-Encoding, Upgrade, and TE unless it is "trailers"), without Host (carried
-    by `:authority`, section 8.3.1), with X-Forwarded-For/-Proto/-Host and Via appended
-    to as `upstream_headers` does. `content-length` is added when `body_length` is known;
-    an unknown length needs no framing in HTTP/2 (END_STREAM ends the body).
+    by `:authority`, section 8.3.1), with the forwarding fields kept or replaced as
+    `upstream_headers` does (`_forwarding_values`). `content-length` is added when
+    `body_length` is known; an unknown length needs no framing in HTTP/2 (END_STREAM ends
+    the body).
 
     Raises:
         UnsafeHeader: a field set by middleware (or the rewritten target) holds CR, LF
@@ -259,10 +294,14 @@ def upstream_h2_headers(
     if te_trailers:
         out.append((b"te", b"trailers"))  # the one TE value HTTP/2 allows (gRPC)
     out += [(name.lower(), value) for name, value in kept]
-    xff, proto, fhost, via = _forwarding_values(request, forwarded)
+    xff, proto, fhost, via, fwd, real_ip = _forwarding_values(request, forwarded)
     out += ((b"x-forwarded-for", xff), (b"x-forwarded-proto", proto))
     if fhost is not None:
         out.append((b"x-forwarded-host", fhost))
+    if fwd is not None:
+        out.append((b"forwarded", fwd))
+    if real_ip is not None:
+        out.append((b"x-real-ip", real_ip))
     out.append((b"via", via))
     if body_length is not None and (body_length or request.method not in _BODYLESS):
         out.append((b"content-length", b"%d" % body_length))

@@ -414,6 +414,8 @@ class Request(_Message):
         "method",
         "params",
         "path",
+        "peer",
+        "peer_trusted",
         "query",
         "raw_target",
         "received_at",
@@ -454,7 +456,14 @@ class Request(_Message):
         self._init_headers(headers)
         self.body = body
         self.http_version = http_version
+        # The client's address: the connection's peer until proxy/client_ip.py decides
+        # otherwise (`client_ip:`), which every consumer of "the client" reads. `peer` is
+        # the address the request came from (the TCP peer, or the source a believed PROXY
+        # header gave), and `peer_trusted` whether it is one of `client_ip.trusted_proxies`
+        # (what it forwarded is then kept, proxy/headers.py).
         self.client = client
+        self.peer = client
+        self.peer_trusted = False
         self.scheme = scheme
         self.keep_alive = keep_alive
         self.host = host if host is not None else self.headers.get("host", "")

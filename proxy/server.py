@@ -28,6 +28,7 @@ from proxy.config_model import Config, ListenerConfig, ListenerTls
 from proxy.connection import ClientConnection
 from proxy.protocol.h1codec import resolve_codec
 from proxy.protocol.select import plaintext_front_end, tls_front_end
+from proxy.proxy_listener import ProxyProtocolServer, create_proxy_protocol_server
 from proxy.stream import FastStart, Handler, Runtime
 from proxy.tunnel import Tunnel
 
@@ -64,11 +65,15 @@ class ReloadRefused(Exception):
         self.errors = errors
 
 
+# A bound listener: asyncio's own server, or one that reads PROXY headers first.
+Listening = asyncio.Server | ProxyProtocolServer
+
+
 @dataclass
 class _PendingReload:
     config: Config
     runtime: Runtime
-    bound: dict[ListenerConfig, asyncio.Server] = field(default_factory=dict)
+    bound: dict[ListenerConfig, Listening] = field(default_factory=dict)
     removed: list[ListenerConfig] = field(default_factory=list)
     # Listeners whose address an old one holds (no SO_REUSEPORT): bound at commit, after
     # the old one closes.
@@ -88,11 +93,12 @@ class Server:
         self.runtime = Runtime(config, self.codec)
         self._entry_points = entry_points
         self.handle, self.try_fast = entry_points(self.runtime)
+        self.client_ip = self.runtime.client_ip
         self.connections: set[ClientConnection] = set()
         self.tunnels: set[Tunnel] = set()  # WebSocket tunnels (their sockets left `connections`)
         self.draining = False
         self.addresses: list[tuple[str, int]] = []
-        self._listening: dict[ListenerConfig, asyncio.Server] = {}
+        self._listening: dict[ListenerConfig, Listening] = {}
         self._tls_contexts: dict[ListenerConfig, tuple[ListenerTls, ssl.SSLContext]] = {}
         self._reuse_port = False
         self._pending: _PendingReload | None = None
@@ -120,23 +126,37 @@ class Server:
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
         attach_server(self)
 
-    async def _bind(self, listener: ListenerConfig, *, serve: bool = True) -> asyncio.Server:
+    async def _bind(self, listener: ListenerConfig, *, serve: bool = True) -> Listening:
         """A listening socket for `listener` (accepting at once unless `serve` is false)."""
         context = self._tls_context(listener)
         front_end = tls_front_end if context is not None else plaintext_front_end
-        server = await asyncio.get_running_loop().create_server(
-            lambda: ClientConnection(self, listener, front_end),
-            listener.host,
-            listener.port,
-            reuse_address=True,
-            reuse_port=self._reuse_port or None,
-            backlog=LISTEN_BACKLOG,
-            ssl=context,
-            start_serving=serve,
-        )
+        server: Listening
+        if listener.proxy_protocol:
+            server = await create_proxy_protocol_server(
+                self,
+                listener,
+                context,
+                front_end,
+                reuse_port=self._reuse_port,
+                backlog=LISTEN_BACKLOG,
+                start_serving=serve,
+            )
+        else:
+            server = await asyncio.get_running_loop().create_server(
+                lambda: ClientConnection(self, listener, front_end),
+                listener.host,
+                listener.port,
+                reuse_address=True,
+                reuse_port=self._reuse_port or None,
+                backlog=LISTEN_BACKLOG,
+                ssl=context,
+                start_serving=serve,
+            )
         host, port = server.sockets[0].getsockname()[:2]
         scheme = "https" if context is not None else "http"
         protocols = "HTTP/1.1" + (" and HTTP/2" if listener.http2 else "")
+        if listener.proxy_protocol:
+            protocols = f"PROXY protocol, then {protocols}"
         log.info(
             "listening on %s://%s:%d (%s: %s, %s codec)",
             *(scheme, host, port, listener.name, protocols, self.codec),
@@ -230,6 +250,7 @@ class Server:
         config = self.config = pending.config
         self.runtime = pending.runtime
         self.handle, self.try_fast = self._entry_points(self.runtime)
+        self.client_ip = self.runtime.client_ip
         self.codec = self.runtime.codec
         self.limits = config.limits
         self.http2 = config.http2

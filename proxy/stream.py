@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 
 from middleware.chain import build_chain, close_all, start_all
 from proxy.canonical import spelling, without_spellings
+from proxy.client_ip import ClientResolver
 from proxy.config_model import Config, MiddlewareSpec, RouteConfig
 from proxy.eager import EagerRun, ToTask
 from proxy.errors import BodyTooLarge, InternalError, NoRoute, ProxyError, UpgradeNotAllowed
@@ -108,6 +109,8 @@ class Runtime:
     def __init__(self, config: Config, codec: str, previous: Runtime | None = None) -> None:
         self.config = config
         self.codec = codec
+        # Who the client of each request is (None: the connection's peer, no work at all).
+        self.client_ip = ClientResolver(config.client_ip) if config.client_ip else None
         self.table = RouteTable(config.routes)
         kept_specs = _kept_middleware(previous)
         self.kept: set[int] = set()  # ids of the instances taken over from `previous`

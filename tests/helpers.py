@@ -22,6 +22,7 @@ from typing import Any
 import h11
 from multidict import CIMultiDict
 
+from proxy.client_ip import ClientResolver
 from proxy.config_model import Http2Config, LimitsConfig, PathNormalization
 from proxy.connection import ConnectionPhase, ReadPause
 from proxy.errors import ProxyError
@@ -64,6 +65,7 @@ class FakeServer:
     http2: Http2Config = field(default_factory=Http2Config)
     path_normalization: PathNormalization = field(default_factory=PathNormalization)
     headers_with_underscores: str = "drop"
+    client_ip: ClientResolver | None = None
     draining: bool = False
     handler: Handler = echo_handler
     fast: FastResponder | None = None

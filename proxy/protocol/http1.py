@@ -184,6 +184,9 @@ class Http1Protocol:
             query=query,
             raw_target=raw_target,
         )
+        resolve_client = self._server.client_ip
+        if resolve_client is not None:
+            resolve_client(request)  # `client_ip:` (proxy/client_ip.py)
         self._dispatch(request)
 
     def on_body(self, data: bytes) -> None:

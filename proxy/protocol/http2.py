@@ -209,6 +209,9 @@ class Http2Protocol:
             query=query,
             raw_target=raw_target,
         )
+        resolve_client = self._server.client_ip
+        if resolve_client is not None:
+            resolve_client(request)  # `client_ip:` (proxy/client_ip.py)
         stream.request = request
         if event.stream_ended and self._server.try_fast(
             request, functools.partial(self._on_fast_response, stream)

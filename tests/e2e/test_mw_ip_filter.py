@@ -1,5 +1,6 @@
 """ip_filter through real sockets: the test client is 127.0.0.1, so other addresses come
-in through `trusted_proxies` and X-Forwarded-For, as they would behind a load balancer."""
+in through `client_ip.trusted_proxies` and X-Forwarded-For, as they would behind a load
+balancer."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from tests.upstream import UpstreamServer
 pytestmark = pytest.mark.socket
 
 
-async def start(gateway_factory: GatewayFactory, upstream: UpstreamServer, options: str) -> Server:
+async def start(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, options: str, extra: str = ""
+) -> Server:
     """A gateway whose catch-all route runs one ip_filter with `options`."""
     route = f"    middleware: [{{type: ip_filter, {options}}}]"
-    return await gateway_factory(simple_config(upstream.url, "httptools", route=route))
+    return await gateway_factory(simple_config(upstream.url, "httptools", route=route, extra=extra))
 
 
 async def get(server: Server, forwarded_for: str | None = None) -> httpx.Response:
@@ -75,7 +78,8 @@ async def test_behind_a_trusted_proxy_the_rightmost_untrusted_entry_decides(
     server = await start(
         gateway_factory,
         upstream,
-        "allow: [198.51.100.0/24], trusted_proxies: [127.0.0.1, 10.0.0.0/8]",
+        "allow: [198.51.100.0/24]",
+        "client_ip: {trusted_proxies: [127.0.0.1, 10.0.0.0/8]}",
     )
     allowed = await get(server, "198.51.100.9")
     assert allowed.status_code == 200
@@ -94,8 +98,9 @@ async def test_a_named_filter_as_global_middleware(
     gateway_factory: GatewayFactory, upstream: UpstreamServer
 ) -> None:
     extra = """
+client_ip: {trusted_proxies: [127.0.0.1]}
 middleware:
-  office: {type: ip_filter, allow: [192.168.0.0/16], trusted_proxies: [127.0.0.1]}
+  office: {type: ip_filter, allow: [192.168.0.0/16]}
 global_middleware: [office]
 """
     server = await gateway_factory(simple_config(upstream.url, "httptools", extra=extra))

@@ -419,24 +419,55 @@ async def test_forwarding_headers_are_added(gateway: Server, upstream: UpstreamS
     assert seen.header("via") == "1.1 gatehouse"
 
 
-async def test_forwarding_headers_are_appended_to_existing_values(
+SPOOFED_FORWARDING = (
+    b"X-Forwarded-For: 203.0.113.7, 10.0.0.1\r\n"
+    b"X-Forwarded-Proto: https\r\n"
+    b"X-Forwarded-Host: public.example.com\r\n"
+    b"Forwarded: for=203.0.113.7;proto=https\r\n"
+    b"X-Real-IP: 203.0.113.7\r\n"
+    b"Via: 1.1 edge\r\n"
+)
+
+
+async def test_a_client_s_forwarding_headers_are_replaced(
     gateway: Server, upstream: UpstreamServer
 ) -> None:
     async with await RawClient.connect(gateway.addresses[0]) as client:
         await client.send(
-            b"GET /echo/fwd HTTP/1.1\r\nHost: api.example.com\r\n"
-            b"X-Forwarded-For: 203.0.113.7, 10.0.0.1\r\n"
-            b"X-Forwarded-Proto: https\r\n"
-            b"X-Forwarded-Host: public.example.com\r\n"
-            b"Via: 1.1 edge\r\n\r\n"
+            b"GET /echo/fwd HTTP/1.1\r\nHost: api.example.com\r\n" + SPOOFED_FORWARDING + b"\r\n"
+        )
+        await client.response()
+    seen = upstream.requests[0]
+    assert seen.header("x-forwarded-for") == "127.0.0.1"
+    assert seen.header("x-forwarded-proto") == "http"
+    assert seen.header("x-forwarded-host") == "api.example.com"
+    assert seen.header("forwarded") is None
+    assert seen.header("x-real-ip") is None
+    assert seen.header("via") == "1.1 edge, 1.1 gatehouse"
+    for name in ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "via"):
+        assert len([k for k, _ in seen.headers if k.lower() == name]) == 1
+
+
+async def test_forwarding_headers_from_a_trusted_proxy_are_appended_to(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+) -> None:
+    extra = "client_ip: {trusted_proxies: [127.0.0.1]}"
+    server = await gateway_factory(simple_config(upstream.url, codec, extra=extra))
+    async with await RawClient.connect(server.addresses[0]) as client:
+        await client.send(
+            b"GET /echo/fwd HTTP/1.1\r\nHost: api.example.com\r\n" + SPOOFED_FORWARDING + b"\r\n"
         )
         await client.response()
     seen = upstream.requests[0]
     assert seen.header("x-forwarded-for") == "203.0.113.7, 10.0.0.1, 127.0.0.1"
     assert seen.header("x-forwarded-proto") == "https, http"
     assert seen.header("x-forwarded-host") == "public.example.com, api.example.com"
+    assert seen.header("forwarded") == (
+        "for=203.0.113.7;proto=https, for=127.0.0.1;host=api.example.com;proto=http"
+    )
+    assert seen.header("x-real-ip") == "203.0.113.7"
     assert seen.header("via") == "1.1 edge, 1.1 gatehouse"
-    for name in ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "via"):
+    for name in ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "via", "forwarded"):
         assert len([k for k, _ in seen.headers if k.lower() == name]) == 1
 
 

@@ -22,7 +22,13 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from metrics.definitions import ACCESS_LOG_DROPPED, REGISTRY
-from middleware.access_log import FIELDS, AccessLog, LineWriter, write_whole_lines
+from middleware.access_log import (
+    DEFAULT_FIELDS,
+    FIELDS,
+    AccessLog,
+    LineWriter,
+    write_whole_lines,
+)
 from proxy.config import ConfigError, parse_config
 from proxy.errors import UpstreamTimeout
 from proxy.models import Body, Request, Response
@@ -137,7 +143,7 @@ async def test_the_line_is_written_once_the_response_body_is_sent(
     await log.close()
 
     (line,) = read_lines(read_fd)
-    assert list(line) == list(FIELDS)
+    assert list(line) == list(DEFAULT_FIELDS)
     assert RFC3339_MS.fullmatch(str(line.pop("time")))
     assert re.fullmatch(r"[0-9a-f]{32}", str(line["request_id"]))
     assert line.pop("request_id") == request.request_id  # the id error replies would use
@@ -173,6 +179,23 @@ async def test_fields_choose_and_order_the_keys(pipe: Pipe) -> None:
     await log.close()
 
     assert read_lines(read_fd) == [{"status": 201, "path": "/users/7", "method": "POST"}]
+
+
+async def test_the_peer_is_logged_apart_from_the_client_when_asked(pipe: Pipe) -> None:
+    read_fd, write_fd = pipe.read_fd, pipe.write_fd
+    log = to_pipe(load("{type: access_log, fields: [client_ip, peer_ip]}"), write_fd)
+
+    async def endpoint(request: Request) -> Response:
+        return Response(204)
+
+    request = make_request()
+    request.client = ("203.0.113.9", 0)  # what client_ip found behind the peer 10.1.2.3
+    (await log(request, endpoint)).body.take_all()
+    await log.close()
+
+    assert read_lines(read_fd) == [{"client_ip": "203.0.113.9", "peer_ip": "10.1.2.3"}]
+    assert "peer_ip" in FIELDS
+    assert "peer_ip" not in DEFAULT_FIELDS  # a default line keeps its shape
 
 
 async def test_a_proxy_error_is_answered_here_and_logged_with_its_status_and_size(
@@ -296,7 +319,7 @@ def test_option_errors_have_lines_and_did_you_mean() -> None:
 
 def test_defaults() -> None:
     log = load()
-    assert log.fields == FIELDS
+    assert log.fields == DEFAULT_FIELDS
     assert log.sample == 1.0
     assert log.output == "stdout"
     assert log.writer.fd == 1

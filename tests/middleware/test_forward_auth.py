@@ -152,6 +152,18 @@ def test_errors_in_tls_are_all_reported() -> None:
 # -- the auth request --------------------------------------------------------------------
 
 
+CLIENT_CLAIMS = [
+    ("X-Forwarded-Uri", "/spoofed"),
+    ("X-Forwarded-Method", "DELETE"),
+    ("X-Forwarded-Proto", "ftp"),
+    ("X-Forwarded-Host", "evil"),
+    ("X-Forwarded-For", "192.0.2.1"),
+    ("X-Forwarded-For", "192.0.2.2"),
+    ("Forwarded", "for=192.0.2.1"),
+    ("X-Real-IP", "192.0.2.1"),
+]
+
+
 def test_every_end_to_end_header_is_forwarded_by_default() -> None:
     auth = build("url: 'http://auth:9000/check'")
     request = client_request(
@@ -161,17 +173,14 @@ def test_every_end_to_end_header_is_forwarded_by_default() -> None:
             ("Connection", "keep-alive"),
             ("Content-Length", "0"),
             ("Transfer-Encoding", "chunked"),
-            ("X-Forwarded-Uri", "/spoofed"),
-            ("X-Forwarded-Method", "DELETE"),
-            ("X-Forwarded-Proto", "ftp"),
-            ("X-Forwarded-Host", "evil"),
-            ("X-Forwarded-For", "192.0.2.1"),
-            ("X-Forwarded-For", "192.0.2.2"),
+            *CLIENT_CLAIMS,
             ("Via", "1.1 other"),
             ("Cookie", "a=1"),
             ("Cookie", "b=2"),
         ]
     )
+    # The peer is not a trusted proxy: what it says about where it came from is dropped,
+    # and X-Forwarded-For names the peer alone, as the upstream will get it.
     assert auth._auth_headers(request, request.headers) == [
         ("Host", "auth:9000"),
         ("Authorization", "Bearer t"),
@@ -181,8 +190,24 @@ def test_every_end_to_end_header_is_forwarded_by_default() -> None:
         ("X-Forwarded-Proto", "https"),
         ("X-Forwarded-Host", "app.example.com"),
         ("X-Forwarded-Uri", "/app?x=1"),
-        ("X-Forwarded-For", "192.0.2.1, 192.0.2.2, 198.51.100.7"),
+        ("X-Forwarded-For", "198.51.100.7"),
     ]
+
+
+def test_a_trusted_proxy_s_chain_and_claims_reach_the_service() -> None:
+    everything = build("url: 'http://auth:9000/check'")
+    listed = build("url: 'http://auth/', forward_headers: [Forwarded, X-Real-IP]")
+    request = client_request([("Host", "app.example.com"), *CLIENT_CLAIMS])
+    request.peer_trusted = True
+    for auth in (everything, listed):
+        headers = auth._auth_headers(request, request.headers)
+        assert ("Forwarded", "for=192.0.2.1") in headers
+        assert ("X-Real-IP", "192.0.2.1") in headers
+        assert ("X-Forwarded-For", "192.0.2.1, 192.0.2.2, 198.51.100.7") in headers
+        assert ("X-Forwarded-Proto", "https") in headers  # the gateway's own, always
+    request.peer_trusted = False
+    headers = listed._auth_headers(request, request.headers)
+    assert [name for name, _ in headers if name in ("Forwarded", "X-Real-IP")] == []
 
 
 def test_no_x_forwarded_host_without_a_host() -> None:

@@ -99,20 +99,86 @@ def test_te_trailers_is_kept_for_grpc() -> None:
     assert (b"content-type", b"application/grpc") in headers
 
 
-def test_forwarding_headers_are_appended_to() -> None:
-    request = h1_request(
-        [
-            (b"X-Forwarded-For", b"1.2.3.4"),
-            (b"X-Forwarded-Proto", b"https"),
-            (b"X-Forwarded-Host", b"edge.test"),
-            (b"Via", b"1.1 edge"),
+CLAIMS: RawHeaders = [
+    (b"X-Forwarded-For", b"1.2.3.4"),
+    (b"X-Forwarded-Proto", b"https"),
+    (b"X-Forwarded-Host", b"edge.test"),
+    (b"Forwarded", b'for=1.2.3.4;proto=https, for="[2001:db8::7]:80"'),
+    (b"X-Real-IP", b"1.2.3.4"),
+    (b"Via", b"1.1 edge"),
+]
+
+
+def upstream_fields(request: Request, path: str) -> dict[bytes, bytes]:
+    """The forwarding fields as each serializer sends them upstream, lower-cased; every
+    path must agree, and each field must come once."""
+    if path == "h2":
+        fields = [
+            (name, value)
+            for name, value in upstream_h2_headers(request, b"/a", "api.test", "http", None)
+            if not name.startswith(b":")
         ]
-    )
-    headers = dict(upstream_h2_headers(request, b"/a", "api.test", "http", None))
+    else:
+        if path == "h1-text":
+            request.headers  # noqa: B018 - a middleware read them: the checked text path
+        head = upstream_request_head(request, b"/a", "api.test", None, chunked=False)
+        lines = head.split(b"\r\n")[1:]
+        fields = [tuple(line.split(b": ", 1)) for line in lines if b": " in line]  # type: ignore[misc]
+    names = [name.lower() for name, _ in fields]
+    assert len(names) == len(set(names)), names
+    return {name.lower(): value for name, value in fields}
+
+
+SERIALIZERS = ["h1-raw", "h1-text", "h2"]
+
+
+@pytest.mark.parametrize("path", SERIALIZERS)
+def test_a_trusted_peer_keeps_the_chain_and_this_hop_is_appended(path: str) -> None:
+    request = h1_request(CLAIMS)
+    request.peer_trusted = True
+    headers = upstream_fields(request, path)
     assert headers[b"x-forwarded-for"] == b"1.2.3.4, 10.0.0.9"
     assert headers[b"x-forwarded-proto"] == b"https, http"
     assert headers[b"x-forwarded-host"] == b"edge.test, api.test"
+    assert headers[b"forwarded"] == (
+        b'for=1.2.3.4;proto=https, for="[2001:db8::7]:80", for=10.0.0.9;host=api.test;proto=http'
+    )
+    assert headers[b"x-real-ip"] == b"1.2.3.4"
     assert headers[b"via"] == b"1.1 edge, 1.1 gatehouse"
+
+
+@pytest.mark.parametrize("path", SERIALIZERS)
+def test_an_untrusted_peer_s_claims_are_replaced(path: str) -> None:
+    headers = upstream_fields(h1_request(CLAIMS), path)
+    assert headers[b"x-forwarded-for"] == b"10.0.0.9"
+    assert headers[b"x-forwarded-proto"] == b"http"
+    assert headers[b"x-forwarded-host"] == b"api.test"
+    assert b"forwarded" not in headers
+    assert b"x-real-ip" not in headers
+    assert headers[b"via"] == b"1.1 edge, 1.1 gatehouse"  # a list of hops, not a claim
+
+
+@pytest.mark.parametrize("path", SERIALIZERS)
+def test_the_hop_appended_is_the_peer_not_the_client_the_chain_named(path: str) -> None:
+    request = h1_request([(b"X-Forwarded-For", b"203.0.113.5"), (b"Forwarded", b"for=x")])
+    request.peer_trusted = True
+    request.client = ("203.0.113.5", 0)  # what proxy/client_ip.py decided
+    headers = upstream_fields(request, path)
+    assert headers[b"x-forwarded-for"] == b"203.0.113.5, 10.0.0.9"
+    assert headers[b"forwarded"] == b"for=x, for=10.0.0.9;host=api.test;proto=http"
+    assert b"x-real-ip" not in headers
+
+
+def test_an_ipv6_peer_is_bracketed_and_quoted_in_forwarded() -> None:
+    request = h1_request([(b"Forwarded", b"for=unknown")])
+    request.peer = ("2001:db8::9", 443)
+    request.peer_trusted = True
+    request.host = "api.test:8443"
+    headers = upstream_fields(request, "h2")
+    assert headers[b"forwarded"] == (
+        b'for=unknown, for="[2001:db8::9]";host="api.test:8443";proto=http'
+    )
+    assert headers[b"x-forwarded-for"] == b"2001:db8::9"
 
 
 def test_request_from_the_http2_front_end() -> None:
