@@ -1,13 +1,25 @@
 # Gatehouse container image.
 #
 #   docker build -t gatehouse .
-#   docker run --rm -p 8080:8080 -p 127.0.0.1:9901:9901 gatehouse
+#   export GATEHOUSE_ADMIN_TOKEN=$(openssl rand -hex 32)
+#   docker run --rm -p 8080:8080 -p 127.0.0.1:9901:9901 -e GATEHOUSE_ADMIN_TOKEN \
+#     -v "$PWD/routes.yaml:/etc/gatehouse/routes.yaml:ro" gatehouse
 #
 # Ports: 8080 is the proxy listener of the bundled routes.yaml (HTTP/1.1 and h2c), 9901 the
-# admin listener (/metrics /healthz /readyz /config). The config is read from
+# admin listener (/metrics /healthz /readyz /config, POST /reload). The config is read from
 # /etc/gatehouse/routes.yaml: mount your own file there, or mount it elsewhere and pass its
 # path as the command (`docker run ... gatehouse /config/routes.yaml --workers 2`).
 # SIGTERM (docker stop) drains in-flight requests within shutdown.grace_period and exits 0.
+#
+# The admin listener binds 0.0.0.0:9901 here (below), so it leaves loopback: every
+# container on the same network reaches it. The config you mount should require a token
+# for it, from the environment, as the run above passes it:
+#
+#   admin:
+#     bind: "${GATEHOUSE_ADMIN_BIND:-127.0.0.1:9901}"
+#     token: "${GATEHOUSE_ADMIN_TOKEN}"   # all but /healthz and /readyz need it
+#
+# The bundled routes.yaml, a loopback demo, has none (the gateway warns about it at start).
 
 # --- builder: the project and its dependencies in a venv at /opt/gatehouse -------------
 FROM python:3.11-slim AS builder
@@ -44,7 +56,8 @@ COPY routes.yaml /etc/gatehouse/routes.yaml
 
 # routes.yaml binds the admin listener to ${GATEHOUSE_ADMIN_BIND:-127.0.0.1:9901}: inside a
 # container it must listen on every interface for Prometheus in another container (publish
-# it with -p 127.0.0.1:9901:9901 to keep it off the outside network).
+# it with -p 127.0.0.1:9901:9901 to keep it off the outside network, and give it
+# admin.token: see the top of this file).
 ENV PATH=/opt/gatehouse/bin:$PATH \
     GATEHOUSE_ADMIN_BIND=0.0.0.0:9901
 
@@ -59,6 +72,7 @@ STOPSIGNAL SIGTERM
 
 # Slim images have no curl: python's urllib asks the admin listener's /healthz (any answer
 # other than 2xx raises, so the check fails). It follows GATEHOUSE_ADMIN_BIND's port.
+# /healthz needs no token, and 127.0.0.1 is a Host the admin listener always answers.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request as u; port = os.environ.get('GATEHOUSE_ADMIN_BIND', '').rpartition(':')[2] or '9901'; u.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=2)"]
 

@@ -9,6 +9,10 @@
 - POST /reload: reload the config file now (like SIGHUP); 200, or 422 with the errors
   while the old config keeps serving.
 
+Before any of that, each request passes the Host allow-list, the bearer token
+(`admin.token`, except for /healthz and /readyz) and, for POST, the cross-site check
+(metrics/admin_access.py says what each stops and why).
+
 Operators point probes and Prometheus here, never at the traffic listeners, and keep it
 off the public network (the example binds 127.0.0.1). It is a small HTTP/1.1 server on
 h11: few requests, so clarity matters more than speed here.
@@ -26,7 +30,9 @@ from typing import Any, Protocol
 import h11
 from prometheus_client.metrics_core import Metric
 
+from metrics.admin_access import SAFE_METHODS, AdminAccess, Refusal, admit, cross_site
 from metrics.aggregate import exposition
+from metrics.gateway import ADMIN_REFUSALS
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +53,12 @@ class AdminApp(Protocol):
 
 
 class AdminServer:
-    """Serves an AdminApp on one address."""
+    """Serves an AdminApp on one address, to the requests `access` lets through
+    (metrics/admin_access.py); `access` may be replaced while it serves (a reload)."""
 
-    def __init__(self, app: AdminApp) -> None:
+    def __init__(self, app: AdminApp, access: AdminAccess | None = None) -> None:
         self._app = app
+        self.access = access if access is not None else AdminAccess()
         self._server: asyncio.Server | None = None
         self._clients: set[asyncio.Task[None]] = set()
         self._closing = False
@@ -155,12 +163,19 @@ class AdminServer:
     async def _answer(self, request: h11.Request) -> tuple[int, list[tuple[str, str]], bytes]:
         path = request.target.split(b"?", 1)[0].decode("ascii", "replace")
         method = request.method.decode("ascii", "replace")
+        refusal = admit(self.access, path, request.headers)
+        if refusal is not None:
+            return _refused(refusal, method, path)
         allowed = _ROUTES.get(path)
         if allowed is None:
             return _json(404, {"error": "not_found", "paths": sorted(_ROUTES)})
         if method not in allowed and not (method == "HEAD" and "GET" in allowed):
             status, headers, body = _json(405, {"error": "method_not_allowed"})
             return status, [*headers, ("allow", ", ".join(allowed))], body
+        if method not in SAFE_METHODS:
+            refusal = cross_site(request.headers)
+            if refusal is not None:
+                return _refused(refusal, method, path)
         app = self._app
         if path == "/healthz":
             return 200, [("content-type", "text/plain")], b"ok\n"
@@ -186,6 +201,17 @@ _ROUTES: dict[str, tuple[str, ...]] = {
     "/config": ("GET",),
     "/reload": ("POST",),
 }
+
+
+def _refused(refusal: Refusal, method: str, path: str) -> tuple[int, list[tuple[str, str]], bytes]:
+    ADMIN_REFUSALS.labels(refusal.reason).inc()
+    # info, not warning: anyone who reaches the port can cause these; the metric is what
+    # to alert on.
+    log.info("refused %s %s (%d): %s", method, path, refusal.status, refusal.message)
+    status, headers, body = _json(
+        refusal.status, {"error": refusal.error, "message": refusal.message}
+    )
+    return status, [*headers, *refusal.headers], body
 
 
 def _json(status: int, payload: object) -> tuple[int, list[tuple[str, str]], bytes]:

@@ -51,3 +51,13 @@ WORKERS = Gauge(
     "Worker processes running now",
     registry=GATEWAY_REGISTRY,
 )
+ADMIN_REFUSALS = Counter(
+    "gatehouse_admin_refusals",
+    "Requests the admin listener refused, by reason: host (a Host that is not an IP "
+    "literal, localhost or in admin.hosts), unauthorized (admin.token missing or wrong), "
+    "cross_site (a state-changing request that a browser page could have sent)",
+    ["reason"],
+    registry=GATEWAY_REGISTRY,
+)
+for _reason in ("host", "unauthorized", "cross_site"):
+    ADMIN_REFUSALS.labels(_reason)

@@ -61,12 +61,29 @@ def _timed_endpoint(endpoint: Handler) -> Handler:
     return forward
 
 
+class MiddlewareStartFailed(Exception):
+    """A middleware's `start()` hook raised; `spec` is the instance (its name and the
+    line it is written on), the exception it raised is the cause."""
+
+    def __init__(self, spec: MiddlewareSpec, cause: Exception) -> None:
+        self.spec = spec
+        self.cause = cause
+        super().__init__(f"middleware {spec.name!r} cannot start: {type(cause).__name__}: {cause}")
+
+
 async def start_all(specs: Iterable[MiddlewareSpec]) -> None:
-    """Await each instance's `start()` hook once (instances shared by chains are one)."""
+    """Await each instance's `start()` hook once (instances shared by chains are one).
+
+    Raises:
+        MiddlewareStartFailed: a hook raised; the instances after it are not started.
+    """
     for spec in _unique(specs):
         start = getattr(spec.instance, "start", None)
         if start is not None:
-            await start()
+            try:
+                await start()
+            except Exception as exc:
+                raise MiddlewareStartFailed(spec, exc) from exc
 
 
 async def close_all(specs: Iterable[MiddlewareSpec]) -> None:

@@ -174,7 +174,7 @@ def read_header_ops(options: Options | None, managed: frozenset[str]) -> HeaderO
 def _read_values(
     options: Options, key: str, managed: frozenset[str]
 ) -> tuple[tuple[str, str | tuple[Part, ...]], ...]:
-    values = options.string_map(key)
+    values = options.header_values(key)  # hidden in /config: often credentials
     compiled: list[tuple[str, str | tuple[Part, ...]]] = []
     seen: dict[str, str] = {}
     problems: list[tuple[str, str]] = []

@@ -136,6 +136,22 @@ class Options:
 
         return self._get(key, parse, {})
 
+    def header_values(self, key: str) -> dict[str, str]:
+        """A mapping of header names to the values the middleware sends (string_map); the
+        values are hidden in the admin listener's /config, as they often carry
+        credentials for the upstream."""
+        found = self.node(key)
+        if found is not None:
+            self._reader.conceal(found[0])
+        return self.string_map(key)
+
+    def conceal(self, key: str) -> None:
+        """Hide option `key`'s value (each scalar in it) in /config, whatever the key is
+        called: for a plugin's options that are credentials or values it sends."""
+        found = self.node(key)
+        if found is not None:
+            self._reader.conceal(found[0])
+
     def converted(self, key: str, parse: Callable[[str], _T], expected: str, default: _T) -> _T:
         """A string passed through `parse`, which raises ConfigValueError with the reason
         (a rate like `100/s`, a CIDR list entry...)."""

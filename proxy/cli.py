@@ -1,8 +1,9 @@
 """`gatehouse run FILE`, `gatehouse check FILE` (like `nginx -t`) and
 `gatehouse reload FILE` (like `nginx -s reload`).
 
-Exit codes: 0 success; 1 invalid configuration (or a reload refused); 2 usage error;
-3 could not start (a listener failed to bind).
+Exit codes: 0 success; 1 invalid configuration (or a reload refused); 2 usage error
+(including an admin listener that cannot be reached or will not take the request: no or a
+wrong token, a Host it does not answer for); 3 could not start (a listener failed to bind).
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ import shutil
 import signal
 import sys
 import tempfile
+import traceback
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import replace
 
+from metrics.admin_access import CSRF_HEADER
 from middleware.rate_limit_local import SHARED_DIR_ENV
-from proxy.config import ConfigError, load_config, parse_config
+from proxy.config import Config, ConfigError, load_config, parse_config, read_config_file
 from proxy.cpus import usable_cpus
 
 log = logging.getLogger("proxy")
@@ -105,12 +108,8 @@ def _shared_dir() -> str:
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        with open(args.config, encoding="utf-8") as file:
-            text = file.read()
+        text = read_config_file(args.config)
         config = parse_config(text, source=args.config)
-    except OSError as exc:
-        log.error("%s: cannot read: %s", args.config, exc.strerror or exc)
-        return EXIT_CONFIG
     except ConfigError as exc:
         for line in exc.errors:
             log.error("%s", line)
@@ -139,6 +138,10 @@ def _check(path: str) -> int:
         for line in exc.errors:
             print(line, file=sys.stderr)  # noqa: T201 - the command's output
         print(f"{path}: {len(exc.errors)} error(s)", file=sys.stderr)  # noqa: T201
+        return EXIT_CONFIG
+    except Exception as exc:  # a bug: still one `file:line` error, then the traceback
+        print(f"{path}:1: cannot load the config (a bug): {exc!r}", file=sys.stderr)  # noqa: T201
+        traceback.print_exc()
         return EXIT_CONFIG
     routes, upstreams = len(config.routes), len(config.upstreams)
     print(f"{path}: ok ({routes} routes, {upstreams} upstreams)")  # noqa: T201
@@ -172,30 +175,48 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _reload(path: str, admin: str | None) -> int:
-    """POST /reload to the gateway's admin listener; print what it answered."""
-    if admin is None:
-        try:
-            config = load_config(path)
-        except ConfigError as exc:
+    """POST /reload to the gateway's admin listener; print what it answered. The address
+    is admin.bind's (or --admin), the bearer token admin.token's, both read from `path`."""
+    try:
+        config: Config | None = load_config(path)
+    except ConfigError as exc:
+        if admin is None:
             for line in exc.errors:
                 print(line, file=sys.stderr)  # noqa: T201
             print(f"{path}: not reloading an invalid file", file=sys.stderr)  # noqa: T201
             return EXIT_CONFIG
-        if config.admin is None:
+        config = None  # --admin: the gateway reports what is wrong with the file
+    settings = config.admin if config is not None else None
+    if admin is None:
+        if settings is None:
             print(  # noqa: T201
                 f"{path}: no admin listener (admin.bind) to ask; send SIGHUP to the "
                 "gateway's parent process instead",
                 file=sys.stderr,
             )
             return EXIT_USAGE
-        host = "127.0.0.1" if config.admin.host in ("0.0.0.0", "", "::") else config.admin.host
-        admin = f"{host}:{config.admin.port}"
-    request = urllib.request.Request(f"http://{admin}/reload", method="POST", data=b"")
+        host = "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host
+        host = "::1" if host == "::" else host
+        admin = f"[{host}]:{settings.port}" if ":" in host else f"{host}:{settings.port}"
+    # A header no browser page can send: the admin listener takes no POST without one.
+    headers = {CSRF_HEADER: "gatehouse reload"}
+    if settings is not None and settings.token is not None:
+        headers["Authorization"] = f"Bearer {settings.token}"
+    request = urllib.request.Request(
+        f"http://{admin}/reload", method="POST", data=b"", headers=headers
+    )
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             json.load(response)
     except urllib.error.HTTPError as exc:
         answer = json.load(exc)
+        if exc.code in (401, 403, 421):  # the listener would not take it: not the file's fault
+            print(  # noqa: T201
+                f"the admin listener at {admin} refused the request ({exc.code}): "
+                f"{answer.get('message', answer.get('error'))}",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
         for line in answer.get("errors", []):
             print(line, file=sys.stderr)  # noqa: T201
         print(f"reload refused ({exc.code}); the running config stays", file=sys.stderr)  # noqa: T201

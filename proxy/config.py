@@ -8,13 +8,21 @@ so `from proxy.config import RouteConfig` keeps working.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Mapping
 from contextlib import suppress
+from dataclasses import replace
 
-import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode
 
 from proxy.addresses import Network, parse_network
+from proxy.config_document import (
+    MAX_CONFIG_BYTES,
+    MAX_NESTING_DEPTH,
+    ConfigError,
+    compose_document,
+    read_config_file,
+)
 from proxy.config_model import (
     CLIENT_IP_SOURCES,
     DEFAULT_BODY_TIMEOUT_S,
@@ -79,6 +87,8 @@ __all__ = [
     "DEFAULT_POOL_MAX_IDLE",
     "DEFAULT_POOL_WAIT_TIMEOUT_S",
     "DEFAULT_READ_TIMEOUT_S",
+    "MAX_CONFIG_BYTES",
+    "MAX_NESTING_DEPTH",
     "AdminConfig",
     "ClientIpConfig",
     "Config",
@@ -101,6 +111,7 @@ __all__ = [
     "WebSocketConfig",
     "load_config",
     "parse_config",
+    "read_config_file",
 ]
 
 # --- Loader ---------------------------------------------------------------------------------
@@ -114,36 +125,26 @@ _TLS_VERSIONS = ("1.2", "1.3")
 _MAX_H2_WINDOW = 2**31 - 1  # RFC 9113 section 6.9.1
 _MAX_H2_SETTING = 2**32 - 1  # RFC 9113 section 6.5.1: SETTINGS values are 32-bit
 
+# admin.token: a sanity floor, not an entropy check (`openssl rand -hex 32` gives 64).
+MIN_ADMIN_TOKEN_CHARS = 16
+_BEARER_TOKEN_RE = re.compile(r"[A-Za-z0-9._~+/-]+=*")  # RFC 6750 section 2.1, b64token
+# admin.hosts: DNS names (RFC 1123 labels); IP literals and localhost are always allowed.
+_HOST_NAME_RE = re.compile(
+    r"(?=.{1,253}$)([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*"
+)
+
 _MAX_HEAD_BYTES = DEFAULT_MAX_HEAD_BYTES
 _KEEPALIVE_S = DEFAULT_KEEPALIVE_TIMEOUT_S
-
-
-class ConfigError(Exception):
-    """The config is invalid. `errors` holds every problem found, one line each, sorted by
-    line, as `{source}:{line}: {keypath}: {message}`."""
-
-    def __init__(self, errors: Sequence[str]) -> None:
-        self.errors: list[str] = list(errors)
-        super().__init__("\n".join(self.errors))
-
-    def __str__(self) -> str:
-        return "\n".join(self.errors)
 
 
 def load_config(path: str, env: Mapping[str, str] | None = None) -> Config:
     """Read and validate the YAML file at `path` (see parse_config).
 
     Raises:
-        ConfigError: the file cannot be read, or it is invalid. Any other exception is a bug.
+        ConfigError: the file cannot be read (or is over MAX_CONFIG_BYTES, or not UTF-8),
+            or it is invalid. Any other exception is a bug.
     """
-    try:
-        with open(path, encoding="utf-8") as file:
-            text = file.read()
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError([f"{path}: cannot read: not UTF-8 ({exc.reason})"]) from exc
-    return parse_config(text, source=path, env=env)
+    return parse_config(read_config_file(path), source=path, env=env)
 
 
 def parse_config(
@@ -156,28 +157,20 @@ def parse_config(
     then typed like a plain YAML scalar where a number or boolean is expected, so
     `workers: "${WORKERS:-2}"` is an int. YAML anchors, aliases and `<<` merges work.
 
+    The document is at most MAX_CONFIG_BYTES long and MAX_NESTING_DEPTH levels deep with
+    aliases expanded (proxy/config_document.py); `!public` marks a string value that
+    /config may show in clear (proxy/config_view.py).
+
     Raises:
         ConfigError: with every problem found, each naming `source`, the line and the key
             path. Any other exception is a bug.
     """
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        message = exc.problem or exc.context or "syntax error"
-        if exc.context and exc.problem and not exc.context.startswith("while"):
-            message = f"{exc.context}, {exc.problem}"  # "expected a single document..., but"
-        line = mark.line + 1 if mark else 1
-        raise ConfigError([f"{source}:{line}: invalid YAML: {message}"]) from None
-    except yaml.YAMLError as exc:  # ReaderError: a character that YAML does not allow
-        line = text.count("\n", 0, getattr(exc, "position", 0)) + 1
-        reason = str(exc).splitlines()[0]
-        raise ConfigError([f"{source}:{line}: invalid YAML: {reason}"]) from None
+    document = compose_document(text, source)
     loader = _ConfigLoader(source, os.environ if env is None else env)
-    config = loader.config(root)
+    config = loader.config(document.root)
     if config is None or loader.errors:
         raise ConfigError(loader.errors)
-    return config
+    return replace(config, concealed=frozenset(loader.concealed))
 
 
 class _ConfigLoader(RouteSections, UpstreamSections):
@@ -300,7 +293,10 @@ class _ConfigLoader(RouteSections, UpstreamSections):
                 proxy_protocol = fields.get("proxy_protocol", self.boolean, False)
                 if proxy_protocol:
                     self._proxy_protocol_listeners.append(fields)
-                listeners.append(ListenerConfig(host, port, name, tls, http2, proxy_protocol))
+                line = item.start_mark.line + 1
+                listeners.append(
+                    ListenerConfig(host, port, name, tls, http2, proxy_protocol, line=line)
+                )
         return tuple(listeners)
 
     # --- client_ip ---
@@ -398,8 +394,47 @@ class _ConfigLoader(RouteSections, UpstreamSections):
         return host, port
 
     def _admin(self, node: Node, path: str) -> AdminConfig:
-        fields = self.mapping(node, path, ("bind",), ("bind",))
-        return AdminConfig(*fields.get("bind", self._bind, ("", 0)))
+        fields = self.mapping(node, path, ("bind", "token", "hosts"), ("bind",))
+        host, port = fields.get("bind", self._bind, ("", 0))
+        token = fields.get("token", self._admin_token, None)
+        no_hosts: tuple[str, ...] = ()
+        hosts = fields.get("hosts", self._admin_hosts, no_hosts)
+        where = fields.nodes.get("bind", node)  # a listener that cannot bind names this line
+        return AdminConfig(host, port, token, hosts, line=where.start_mark.line + 1)
+
+    def _admin_token(self, node: Node, path: str) -> str:
+        # Read with the substitution done: an unset ${VAR} is already an error, and one set
+        # to "" must not turn authentication off without a word.
+        token = self.string(node, path)
+        if not token:
+            raise self.error(node, path, "empty (is the variable it names set?)")
+        if len(token) < MIN_ADMIN_TOKEN_CHARS:
+            message = (
+                f"at least {MIN_ADMIN_TOKEN_CHARS} characters, got {len(token)} "
+                "(make one with: openssl rand -hex 32)"
+            )
+            raise self.error(node, path, message)
+        if not _BEARER_TOKEN_RE.fullmatch(token):
+            message = (
+                "a bearer token is letters, digits and -._~+/ with optional trailing '=' "
+                "(RFC 6750 section 2.1)"
+            )
+            raise self.error(node, path, message)
+        return token
+
+    def _admin_hosts(self, node: Node, path: str) -> tuple[str, ...]:
+        names: list[str] = []
+        for index, item in enumerate(self.sequence(node, path)):
+            item_path = f"{path}[{index}]"
+            with suppress(Reported):
+                name = self.string(item, item_path).lower().removesuffix(".")
+                if not _HOST_NAME_RE.fullmatch(name):
+                    message = f"expected a host name like 'gatehouse-admin.internal', got {name!r}"
+                    raise self.error(
+                        item, item_path, message + " (any port is accepted)" * (":" in name)
+                    )
+                names.append(name)
+        return tuple(names)
 
     # --- limits ---
 

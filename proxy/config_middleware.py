@@ -72,7 +72,8 @@ class MiddlewareSections(NodeReader):
             raise self.error(node, path, message) from None
         if not callable(instance):
             raise self.error(node, path, f"type {type_name!r} did not build a middleware")
-        return MiddlewareSpec(instance_name, type_name, instance, yaml.serialize(node))
+        line = node.start_mark.line + 1
+        return MiddlewareSpec(instance_name, type_name, instance, yaml.serialize(node), line)
 
     def _chain(self, node: Node, path: str) -> tuple[MiddlewareSpec, ...]:
         """A list of middleware: names of `middleware` entries, or inline `{type: ...}`."""

@@ -65,6 +65,8 @@ class ListenerConfig:
     tls: ListenerTls | None = None
     http2: bool = True
     proxy_protocol: bool = False
+    # Where it is written (reload errors name it); not part of what the listener is.
+    line: int = field(default=1, compare=False)
 
 
 CLIENT_IP_SOURCES = ("x-forwarded-for", "forwarded", "proxy_protocol")
@@ -89,6 +91,13 @@ class AdminConfig:
 
     host: str
     port: int
+    # `token`: when set, every path but /healthz and /readyz needs
+    # `Authorization: Bearer <token>` (metrics/admin_access.py).
+    token: str | None = None
+    # `hosts`: names the Host header may carry besides IP literals and localhost (DNS
+    # rebinding: a browser sends the attacker's name, which is not listed).
+    hosts: tuple[str, ...] = ()
+    line: int = field(default=1, compare=False)  # where `admin.bind` is written
 
 
 DEFAULT_RELOAD_WATCH_INTERVAL_S = 1.0
@@ -325,6 +334,7 @@ class MiddlewareSpec:
     # its state (rate-limit tables, key caches, connections), when name, type and this
     # are unchanged.
     options: str = ""
+    line: int = 1  # where the instance is written: errors starting it name it
 
 
 @dataclass(frozen=True, slots=True)
@@ -443,3 +453,6 @@ class Config:
     headers_with_underscores: str = "drop"  # drop | reject | allow
     client_ip: ClientIpConfig | None = None  # None: the client is the connection's peer
     source: str = "<string>"
+    # Start offsets, in the file's text, of the values /config hides by where they are
+    # (header values a middleware sends, route matcher values): proxy/config_view.py.
+    concealed: frozenset[int] = frozenset()

@@ -36,6 +36,9 @@ _CONSTRUCTORS: dict[str, Callable[[ScalarNode], object]] = {
     _TAG + "null": lambda node: None,
 }
 _PLAIN_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
+MAX_KEY_SHOWN = 64  # characters of a key in a key path
+# An error is one line of a report: a value or key quoted whole in it is cut past this.
+MAX_ERROR_CHARS = 1000
 
 _T = TypeVar("_T")
 Parse = Callable[[Node, str], _T]
@@ -46,7 +49,11 @@ class Reported(Exception):
 
 
 def join_path(path: str, key: str) -> str:
-    """`routes[0]` + `upstream` -> `routes[0].upstream`; odd keys are quoted: `x['a.b']`."""
+    """`routes[0]` + `upstream` -> `routes[0].upstream`; odd keys are quoted: `x['a.b']`,
+    and a key past MAX_KEY_SHOWN characters is cut (`x['aaaa...']`), so that the paths of
+    what lies under it do not each repeat it whole."""
+    if len(key) > MAX_KEY_SHOWN:
+        return f"{path}[{key[:MAX_KEY_SHOWN]!r}...]"
     if not _PLAIN_KEY_RE.fullmatch(key):
         return f"{path}[{key!r}]"
     return f"{path}.{key}" if path else key
@@ -88,6 +95,8 @@ class NodeReader:
         self.source = source
         self.env = env
         self._errors: list[tuple[int, int, str]] = []
+        # Start offsets of the scalars /config hides by position (see `conceal`).
+        self.concealed: set[int] = set()
 
     @property
     def errors(self) -> list[str]:
@@ -99,8 +108,29 @@ class NodeReader:
         if it must."""
         line = node.start_mark.line + 1 if node is not None else 1
         where = f"{path}: " if path else ""
-        self._errors.append((line, len(self._errors), f"{self.source}:{line}: {where}{message}"))
+        text = f"{self.source}:{line}: {where}{message}"
+        if len(text) > MAX_ERROR_CHARS:
+            text = f"{text[:MAX_ERROR_CHARS]}... ({len(text) - MAX_ERROR_CHARS} more characters)"
+        self._errors.append((line, len(self._errors), text))
         return Reported()
+
+    def conceal(self, node: Node) -> None:
+        """Have /config show `node`'s value as `<redacted>` wherever it appears, whatever
+        its key is called: a header value a middleware sends, a value a route matches on.
+        For a list or mapping, every scalar value in it (mapping keys stay shown). A value
+        tagged `!public` is shown all the same (proxy/config_view.py)."""
+        pending, seen = [node], set()
+        while pending:  # iterative: the document's depth is bounded, but aliases repeat
+            current = pending.pop()
+            if id(current) in seen:
+                continue
+            seen.add(id(current))
+            if isinstance(current, ScalarNode):
+                self.concealed.add(current.start_mark.index)
+            elif isinstance(current, SequenceNode):
+                pending += current.value
+            elif isinstance(current, MappingNode):
+                pending += [value for _, value in current.value]
 
     # --- shapes ---
 
@@ -137,11 +167,10 @@ class NodeReader:
         found = describe(node, self.value(node, path))
         return self.error(node, path, f"expected {expected}, got {found}{hint}")
 
-    def entries(
-        self, node: Node, path: str, _merging: frozenset[int] = frozenset()
-    ) -> list[tuple[Node, str, Node]]:
+    def entries(self, node: Node, path: str) -> list[tuple[Node, str, Node]]:
         """(key node, key, value node) of a mapping, with `<<` merges expanded (explicit keys
-        win, then earlier merges). Duplicate and non-scalar keys are errors."""
+        win, then earlier merges). Duplicate and non-scalar keys are errors. (A merge
+        cannot loop: proxy/config_document.py refuses an alias inside its own anchor.)"""
         if not isinstance(node, MappingNode):
             raise self.type_error(node, path, "a mapping")
         explicit: dict[str, tuple[Node, str, Node]] = {}
@@ -153,8 +182,8 @@ class NodeReader:
                 for source in sources:
                     if not isinstance(source, MappingNode):
                         self.type_error(source, path, "a mapping to merge with '<<'")
-                    elif id(source) not in _merging:  # an alias can make a cycle
-                        merged += self.entries(source, path, _merging | {id(node)})
+                    else:
+                        merged += self.entries(source, path)
             elif not isinstance(key_node, ScalarNode):
                 self.error(key_node, path, f"expected a string key, got {describe(key_node, 0)}")
             elif key in explicit:

@@ -236,11 +236,16 @@ class RouteSections(MiddlewareSections):
         return tuple(matches)
 
     def _value_match(self, node: Node, path: str) -> tuple[str | None, str | None]:
-        """(value, regex) of a header or query match: a scalar is an exact value."""
+        """(value, regex) of a header or query match: a scalar is an exact value. Both are
+        hidden in /config (a match on a secret header value is a credential)."""
         if self.value(node, path) is not node:
+            self.conceal(node)
             return self.text(node, path), None
         errors_before = len(self._errors)
         fields = self.mapping(node, path, ("value", "regex", "present"))
+        for key in ("value", "regex"):
+            if key in fields:
+                self.conceal(fields.nodes[key])
         if not fields.nodes and len(self._errors) > errors_before:
             raise Reported  # only unknown keys, already reported
         if len(fields.nodes) != 1:

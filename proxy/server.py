@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from metrics.definitions import TunnelClose, forget_series, set_enabled
 from metrics.live import attach_server
+from middleware.chain import MiddlewareStartFailed
 from proxy.config_model import Config, ListenerConfig, ListenerTls
 from proxy.connection import ClientConnection
 from proxy.protocol.h1codec import resolve_codec
@@ -117,12 +118,19 @@ class Server:
 
         Raises:
             OSError: a listener could not bind (address in use, permission).
+            Exception: what a middleware's start() hook raised, with a note naming it.
         """
         self._reuse_port = reuse_port
         for listener in self.config.listeners:
             self._listening[listener] = await self._bind(listener)
         self._note_addresses()
-        await self.runtime.start()
+        try:
+            await self.runtime.start()
+        except MiddlewareStartFailed as exc:
+            # Its own exception, so that a worker that cannot reach a backend at start-up
+            # stops as one that cannot bind does (OSError: EXIT_START).
+            exc.cause.add_note(str(exc))
+            raise exc.cause from None
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
         attach_server(self)
 
@@ -214,11 +222,13 @@ class Server:
         if self._pending is not None:
             await self.abort_reload()
         if self.draining:
-            raise ReloadRefused(["draining: a reload is not taken any more"])
+            raise ReloadRefused([f"{config.source}:1: draining: a reload is not taken any more"])
         runtime = Runtime(config, resolve_codec(config.http1_parser), previous=self.runtime)
         pending = _PendingReload(config, runtime)
         pending.removed = [old for old in self._listening if old not in config.listeners]
         held = {(old.host, old.port) for old in pending.removed}
+        # Each refusal names the file and the line to blame (line 1 when none is).
+        source = config.source
         try:
             for listener in config.listeners:
                 if listener in self._listening:
@@ -228,17 +238,29 @@ class Server:
                     continue
                 try:
                     pending.bound[listener] = await self._bind(listener, serve=False)
-                except OSError as exc:
+                except (OSError, ssl.SSLError) as exc:
                     where = f"{listener.host}:{listener.port}"
-                    raise OSError(f"{listener.name}: cannot listen on {where}: {exc}") from None
+                    raise ReloadRefused(
+                        [
+                            f"{source}:{listener.line}: cannot start the new config: "
+                            f"{listener.name}: cannot listen on {where}: {exc}"
+                        ]
+                    ) from None
             await runtime.start()
+        except ReloadRefused:
+            await self._discard(pending)
+            raise
+        except MiddlewareStartFailed as exc:
+            await self._discard(pending)
+            line = exc.spec.line
+            raise ReloadRefused([f"{source}:{line}: cannot start the new config: {exc}"]) from None
         except (OSError, ssl.SSLError) as exc:
             await self._discard(pending)
-            raise ReloadRefused([f"cannot start the new config: {exc}"]) from None
+            raise ReloadRefused([f"{source}:1: cannot start the new config: {exc}"]) from None
         except Exception as exc:
             log.exception("bug while preparing a reload")
             await self._discard(pending)
-            raise ReloadRefused([f"cannot start the new config: {exc!r}"]) from None
+            raise ReloadRefused([f"{source}:1: cannot start the new config: {exc!r}"]) from None
         self._pending = pending
 
     async def commit_reload(self) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import signal
@@ -32,6 +33,7 @@ from typing import Any
 from prometheus_client.metrics_core import Metric
 
 from metrics.admin import AdminServer
+from metrics.admin_access import AdminAccess
 from metrics.aggregate import Snapshot, counters_only, merge, prune, snapshot
 from metrics.gateway import (
     CONFIG_LAST_RELOAD_SUCCESS,
@@ -40,8 +42,8 @@ from metrics.gateway import (
     WORKER_RESTARTS,
     WORKERS,
 )
-from proxy.config import ConfigError, parse_config
-from proxy.config_model import Config, ListenerConfig
+from proxy.config import ConfigError, parse_config, read_config_file
+from proxy.config_model import AdminConfig, Config, ListenerConfig
 from proxy.config_view import config_view
 from proxy.control import ChannelClosed, Message, WorkerChannel
 
@@ -81,6 +83,44 @@ def _free_port(listener: ListenerConfig) -> int:
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.bind((listener.host, 0))
         return int(probe.getsockname()[1])
+
+
+def admin_access(admin: AdminConfig) -> AdminAccess:
+    """The admin listener's access settings: `admin.token`, and `admin.hosts` with the
+    name `admin.bind` listens on (when it is a name, clients ask by it)."""
+    hosts = list(admin.hosts)
+    if admin.host and not _is_ip(admin.host):
+        hosts.append(admin.host)
+    return AdminAccess.of(admin.token, hosts)
+
+
+def _warn_if_open(admin: AdminConfig) -> None:
+    """An admin listener beyond loopback with no token: whoever reaches it can read
+    /metrics and /config and make the gateway reload (say so once per start or reload)."""
+    if admin.token is None and not _is_loopback(admin.host):
+        log.warning(
+            "the admin listener on %s:%d leaves loopback without admin.token: anyone who "
+            "reaches it can read /config and /metrics and reload the gateway",
+            admin.host,
+            admin.port,
+        )
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _file_signature(path: str) -> tuple[int, int, int, int] | None:
@@ -137,13 +177,14 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGINT, self._stop, "SIGINT")
         loop.add_signal_handler(signal.SIGHUP, self._spawn_task, self.reload, "SIGHUP")
         if self.config.admin is not None:
-            admin = AdminServer(self)
+            admin = AdminServer(self, admin_access(self.config.admin))
             try:
                 await admin.start(self.config.admin.host, self.config.admin.port)
             except OSError as exc:
                 log.error("cannot start: admin listener: %s", exc)
                 return EXIT_CANNOT_START
             self._admin = admin
+            _warn_if_open(self.config.admin)
         CONFIG_LAST_RELOAD_SUCCESS.set(time.time())
         for _ in range(self.workers):
             self._spawn()
@@ -280,13 +321,20 @@ class Supervisor:
     async def reload(self, reason: str) -> tuple[bool, list[str]]:
         """Load the config file again and switch every worker to it, or none.
 
-        Returns whether it was taken, and the errors (each `file:line: key: message`)."""
+        Returns whether it was taken, and the errors (each `file:line: key: message`, line
+        1 when no line is to blame). Every refusal, whatever its cause, is counted in
+        `gatehouse_config_reloads_total{result="failure"}`."""
         assert self._reload_lock is not None
         async with self._reload_lock:
-            if self._stopping:
-                return False, ["draining: a reload is not taken any more"]
             log.info("reloading %s (%s)", self.path, reason)
-            ok, errors = await self._reload()
+            if self._stopping:
+                ok, errors = False, [f"{self.path}:1: draining: a reload is not taken any more"]
+            else:
+                try:
+                    ok, errors = await self._reload()
+                except Exception as exc:  # a bug: refused and counted like any refusal
+                    log.exception("bug while reloading %s", self.path)
+                    ok, errors = False, [f"{self.path}:1: cannot load the config: {exc!r}"]
             CONFIG_RELOADS.labels("success" if ok else "failure").inc()
             if ok:
                 CONFIG_LAST_RELOAD_SUCCESS.set(time.time())
@@ -299,22 +347,29 @@ class Supervisor:
     async def _reload(self) -> tuple[bool, list[str]]:
         signature = _file_signature(self.path)
         try:
-            with open(self.path, encoding="utf-8") as file:  # noqa: ASYNC230 - small, local
-                text = file.read()
-            config = pin_ephemeral_ports(parse_config(text, source=self.path), self.config)
-        except OSError as exc:
-            return False, [f"{self.path}: cannot read: {exc.strerror or exc}"]
-        except UnicodeDecodeError as exc:
-            return False, [f"{self.path}: cannot read: not UTF-8 ({exc.reason})"]
+            text = read_config_file(self.path)  # small and local: no thread needed
+        except ConfigError as exc:
+            return False, exc.errors  # tried again at the next change
+        try:
+            config = parse_config(text, source=self.path)
         except ConfigError as exc:
             self._refused_signature = signature
             return False, exc.errors
+        try:
+            config = pin_ephemeral_ports(config, self.config)
+        except OSError as exc:
+            return False, [f"{self.path}:1: cannot pick a port for a ':0' listener: {exc}"]
         admin = await self._new_admin(config)
         if isinstance(admin, str):
             return False, [admin]
         # Workers still starting take part when they are ready (`_catch_up`).
         workers = [worker for worker in self._children.values() if worker.ready]
-        errors = await self._switch_workers(config, text, workers)
+        try:
+            errors = await self._switch_workers(config, text, workers)
+        except BaseException:
+            if admin is not None:  # a bug, or the parent stopping: not left listening
+                await admin.close()
+            raise
         if errors:
             if admin is not None:
                 await admin.close()
@@ -324,6 +379,10 @@ class Supervisor:
             old, self._admin = self._admin, admin
             if old is not None:
                 await old.close()
+        elif self._admin is not None and config.admin is not None:
+            self._admin.access = admin_access(config.admin)  # a new token holds at once
+        if self._admin is not None and config.admin is not None:
+            _warn_if_open(config.admin)
         if config.workers is not None and config.workers != self.config.workers:
             log.warning("workers: %d -> %d takes a restart", self.workers, config.workers)
         self.config, self.text = config, text
@@ -338,13 +397,16 @@ class Supervisor:
     async def _new_admin(self, config: Config) -> AdminServer | str | None:
         """A new admin listener when the reload moves it (bound before anything else
         switches); a str is why it cannot bind."""
-        if config.admin == self.config.admin or config.admin is None:
+        new, running = config.admin, self.config.admin
+        if new is None or (
+            running is not None and (new.host, new.port) == (running.host, running.port)
+        ):
             return None
-        admin = AdminServer(self)
+        admin = AdminServer(self, admin_access(new))
         try:
-            await admin.start(config.admin.host, config.admin.port)
+            await admin.start(new.host, new.port)
         except OSError as exc:
-            return f"{self.path}: admin.bind: cannot listen: {exc}"
+            return f"{self.path}:{new.line}: admin.bind: cannot listen: {exc}"
         return admin
 
     async def _switch_workers(self, config: Config, text: str, workers: list[_Worker]) -> list[str]:
@@ -364,11 +426,12 @@ class Supervisor:
         for worker, reply in zip(workers, replies, strict=True):
             if isinstance(reply, ChannelClosed):
                 if worker.pid in self._children:  # a worker that died meanwhile is no veto
-                    errors.append(f"worker {worker.pid}: {reply}")
+                    errors.append(f"{self.path}:1: worker {worker.pid}: {reply}")
             elif isinstance(reply, BaseException):
                 raise reply
             elif not reply.get("ok"):
-                errors += [str(line) for line in reply.get("errors", ["refused"])]
+                refused = [f"{self.path}:1: worker {worker.pid} refused the config"]
+                errors += [str(line) for line in reply.get("errors", refused)]
         step = "abort" if errors else "commit"
         await asyncio.gather(
             *(worker.channel.request(step, COMMIT_TIMEOUT_S) for worker in workers),
@@ -426,7 +489,7 @@ class Supervisor:
         return merge([snapshot(GATEWAY_REGISTRY), *current, *self._retired])
 
     def config_view(self) -> dict[str, Any]:
-        view = config_view(self.text, self.path)
+        view = config_view(self.text, self.path, self.config.concealed)
         view["generation"] = self._generation
         view["workers"] = sorted(self._children)
         return view

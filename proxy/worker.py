@@ -114,10 +114,14 @@ async def _answer_parent(server: Server, control: socket.socket, stop: asyncio.E
 async def _prepare(server: Server, request: Message) -> Message:
     """Parse the text the parent validated (this process builds its own middleware and
     pools from it) and prepare the switch."""
+    source = request["source"]
     try:
-        config = parse_config(request["text"], source=request["source"])
+        config = parse_config(request["text"], source=source)
     except ConfigError as exc:
         return {"ok": False, "errors": exc.errors}
+    except Exception as exc:  # a bug: refused and logged, never a worker gone quiet
+        log.exception("bug while loading the config for a reload")
+        return {"ok": False, "errors": [f"{source}:1: cannot load the config: {exc!r}"]}
     ports = request.get("ports") or []
     if len(ports) == len(config.listeners):
         listeners = tuple(

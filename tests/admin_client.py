@@ -39,8 +39,16 @@ def admin_get(admin: int, path: str, **kwargs: object) -> httpx.Response:
     return httpx.get(f"http://127.0.0.1:{admin}{path}", timeout=CLIENT_TIMEOUT_S, **kwargs)  # type: ignore[arg-type]
 
 
-def admin_reload(admin: int) -> httpx.Response:
-    return httpx.post(f"http://127.0.0.1:{admin}/reload", timeout=60.0)
+# What a client that is not a browser sends with a POST (metrics/admin_access.py).
+WRITE_HEADERS = {"X-Gatehouse-Admin": "1"}
+
+
+def admin_reload(admin: int, token: str | None = None) -> httpx.Response:
+    """POST /reload as `gatehouse reload` does (with a bearer token when given)."""
+    headers = dict(WRITE_HEADERS)
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    return httpx.post(f"http://127.0.0.1:{admin}/reload", headers=headers, timeout=60.0)
 
 
 def wait_ready(admin: int, workers: int = 2) -> None:

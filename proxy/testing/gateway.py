@@ -393,7 +393,7 @@ class _AdminApp:
 
     def config_view(self) -> dict[str, Any]:
         gateway = self._gateway
-        return config_view(gateway.text, gateway.source_name)
+        return config_view(gateway.text, gateway.source_name, gateway.config.concealed)
 
     async def reload(self, reason: str) -> tuple[bool, list[str]]:
         try:

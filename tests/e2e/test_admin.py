@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.admin_client import Samples, admin_config, scrape, value, wait_ready
+from tests.admin_client import Samples, admin_config, admin_reload, scrape, value, wait_ready
 from tests.gateway_process import child_pids, free_port, run_gateway, wait_until
 from tests.upstream import UpstreamServer, serve_in_thread
 
@@ -188,7 +188,7 @@ def test_series_of_a_route_removed_by_a_reload_disappear(
         assert requests_total(before, "api") == 10
         assert value(before, "gatehouse_request_duration_seconds_count", route="api") == 10
         gw.config_path.write_text(text.replace("name: api", "name: renamed"))
-        reloaded = httpx.post(f"http://127.0.0.1:{admin}/reload", timeout=30)
+        reloaded = admin_reload(admin)
         assert reloaded.status_code == 200
         send_fresh(gw.url, 4)
         after = scrape(admin)

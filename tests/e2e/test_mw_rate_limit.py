@@ -19,6 +19,7 @@ import pytest
 from middleware.base import Handler
 from middleware.options import Options
 from proxy.models import Request, Response
+from tests.admin_client import admin_reload
 from tests.conftest import GatewayFactory, base_url
 from tests.gateway_process import (
     child_pids,
@@ -305,7 +306,7 @@ shutdown: {{grace_period: 5s}}
         for worker in workers:
             wait_until(functools.partial(listening, worker, port), 10.0, f"{worker} to bind")
         gw.config_path.write_text(config_with(4))
-        reloaded = httpx.post(f"http://127.0.0.1:{admin}/reload", timeout=60.0)
+        reloaded = admin_reload(admin)
         assert reloaded.status_code == 200, reloaded.text
         assert child_pids(gw.pid) == workers  # the same workers built the new instance
 

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from metrics.definitions import REGISTRY
+from proxy import worker
 from proxy.config import parse_config
 from proxy.server import ReloadRefused, Server
 from tests.conftest import UpstreamFactory, base_url
@@ -178,11 +179,34 @@ async def test_a_listener_that_cannot_bind_refuses_the_reload(upstream: Upstream
         )
         with pytest.raises(ReloadRefused) as refused:
             await server.prepare_reload(parse_config(text))
-        assert f"cannot listen on 127.0.0.1:{taken}" in refused.value.errors[0]
+        # The line of the listener that cannot bind (the text starts with a newline).
+        assert refused.value.errors[0].startswith(
+            f"<string>:4: cannot start the new config: listeners[1]: "
+            f"cannot listen on 127.0.0.1:{taken}: "
+        )
         assert len(server.addresses) == 1
         assert stamp.EVENTS == ["start:mark"]  # the new chain never started
     finally:
         blocker.close()
+        await server.shutdown(grace_period=1.0)
+
+
+async def test_a_middleware_that_cannot_start_refuses_the_reload_at_its_line(
+    upstream: UpstreamServer,
+) -> None:
+    server = await started(config_text(upstream))
+    try:
+        failing = config_text(upstream, stamp_value="two, fail_start: true")
+        with pytest.raises(ReloadRefused) as refused:
+            await server.prepare_reload(parse_config(failing))
+        assert refused.value.errors == [
+            "<string>:9: cannot start the new config: middleware 'mark' cannot start: "
+            "ConnectionRefusedError: the stamp backend is not there"
+        ]
+        assert stamp.EVENTS == ["start:mark", "start:mark", "close:mark"]  # tried, let go
+        async with httpx.AsyncClient(base_url=base_url(server)) as client:
+            assert (await client.get("/stamped")).headers["x-stamp"] == "one"
+    finally:
         await server.shutdown(grace_period=1.0)
 
 
@@ -298,5 +322,23 @@ async def test_a_reload_drops_the_metric_series_of_an_endpoint_it_removed(
             assert (await client.get("/stamped/b")).status_code == 200
         assert old_endpoint not in endpoints_counted()
         assert other.url.removeprefix("http://") in endpoints_counted()
+    finally:
+        await server.shutdown(grace_period=1.0)
+
+
+async def test_a_bug_while_a_worker_loads_a_reload_is_a_refusal_with_a_line(
+    upstream: UpstreamServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await started(config_text(upstream))
+    buggy = config_text(upstream).replace(
+        "  limit:", "  bad: {type: 'tests.plugins.stamp:Misdeclared'}\n  limit:"
+    )
+    try:
+        answer = await worker._prepare(server, {"text": buggy, "source": "routes.yaml"})
+        assert answer["ok"] is False
+        assert answer["errors"][0].startswith("routes.yaml:1: cannot load the config: TypeError(")
+        assert "bug while loading the config for a reload" in caplog.text  # with its traceback
+        async with httpx.AsyncClient(base_url=base_url(server)) as client:
+            assert (await client.get("/stamped")).headers["x-stamp"] == "one"
     finally:
         await server.shutdown(grace_period=1.0)

@@ -2,7 +2,8 @@
 (`type: tests.plugins.stamp:Stamp`) and through a `gatehouse.middleware` entry point.
 
 It stamps a header on the request and on the response, can refuse requests carrying a
-header, and records its lifecycle hooks so tests can see them run.
+header, can fail to start (`fail_start: true`), and records its lifecycle hooks so tests
+can see them run.
 """
 
 from __future__ import annotations
@@ -26,21 +27,25 @@ class Refused(ProxyError):
 class Stamp:
     """Adds `header: value` upstream and on the response; refuses `refuse_header`."""
 
-    OPTIONS = ("header", "value", "refuse_header", "explode")
+    OPTIONS = ("header", "value", "refuse_header", "explode", "fail_start")
     REQUIRED = ("value",)
 
     def __init__(self, options: Options) -> None:
         self.name = options.name
         self.header = options.string("header", "X-Stamp")
         self.value = options.string("value")
+        options.conceal("value")  # a header value it sends: /config shows it <redacted>
         if not self.value:
             options.error("value", "must not be empty")
         self.refuse_header = options.optional_string("refuse_header")
         if options.boolean("explode", False):
             raise RuntimeError("the plugin blew up while reading its options")
+        self.fail_start = options.boolean("fail_start", False)
 
     async def start(self) -> None:
         EVENTS.append(f"start:{self.name}")
+        if self.fail_start:
+            raise ConnectionRefusedError("the stamp backend is not there")
 
     async def close(self) -> None:
         EVENTS.append(f"close:{self.name}")
@@ -63,3 +68,13 @@ class EagerStamp(Stamp):
     """The same, declaring that it awaits nothing but call_next (proxy/eager.py)."""
 
     EAGER = True
+
+
+class Misdeclared:
+    """A plugin with a bug in its declaration (OPTIONS is not a list of names): loading it
+    fails inside the loader itself, which is how a bug there shows."""
+
+    OPTIONS = 5
+
+    def __init__(self, options: Options) -> None:  # pragma: no cover - never reached
+        pass

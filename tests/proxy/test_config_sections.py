@@ -67,6 +67,83 @@ def test_admin_requires_bind() -> None:
     )
 
 
+TOKEN = "0123456789abcdef0123456789abcdef"
+
+
+def test_admin_token_and_hosts_are_read_after_substitution() -> None:
+    text = BASE + "routes: []\nadmin:\n  bind: 127.0.0.1:9901\n  token: ${ADMIN_TOKEN}\n"
+    text += "  hosts: [Gatehouse-Admin.Internal, metrics.example.com.]\n"
+
+    admin = parse(text, env={"ADMIN_TOKEN": TOKEN}).admin
+
+    assert admin is not None
+    assert (admin.token, admin.hosts) == (
+        TOKEN,
+        ("gatehouse-admin.internal", "metrics.example.com"),
+    )
+    assert admin.line == 6  # admin.bind's: an address that cannot be bound names it
+
+
+def test_admin_without_token_or_hosts_is_open_on_ip_literals_and_localhost() -> None:
+    admin = parse(BASE + "routes: []\nadmin: {bind: 127.0.0.1:9901}\n").admin
+
+    assert admin is not None
+    assert (admin.token, admin.hosts) == (None, ())
+
+
+@pytest.mark.parametrize(
+    ("token", "env", "message"),
+    [
+        ('"${ADMIN_TOKEN}"', {"ADMIN_TOKEN": ""}, "empty (is the variable it names set?)"),
+        ('"${ADMIN_TOKEN:-}"', {}, "empty (is the variable it names set?)"),
+        ('"${ADMIN_TOKEN}"', {}, "environment variable 'ADMIN_TOKEN' is not set"),
+        (
+            "short-token",
+            {},
+            "at least 16 characters, got 11 (make one with: openssl rand -hex 32)",
+        ),
+        (
+            '"0123456789abcdef 0123"',
+            {},
+            "a bearer token is letters, digits and -._~+/ with optional trailing '=' "
+            "(RFC 6750 section 2.1)",
+        ),
+        (
+            "12345678901234567890",
+            {},
+            "expected a string, got an integer (12345678901234567890); quote it to use it as text",
+        ),
+    ],
+)
+def test_an_admin_token_that_would_not_protect_is_an_error(
+    token: str, env: dict[str, str], message: str
+) -> None:
+    text = BASE + f"routes: []\nadmin:\n  bind: 127.0.0.1:9901\n  token: {token}\n"
+
+    assert one_error(text, env=env) == f"routes.yaml:7: admin.token: {message}"
+
+
+@pytest.mark.parametrize(
+    ("host", "hint"),
+    [
+        ("admin.internal:9901", " (any port is accepted)"),
+        ("evil example", ""),
+        ("http://admin.internal", " (any port is accepted)"),
+        ("*.internal", ""),
+        ("", ""),
+    ],
+)
+def test_an_admin_host_must_be_a_name(host: str, hint: str) -> None:
+    text = (
+        BASE + f"routes: []\nadmin:\n  bind: 127.0.0.1:9901\n  hosts: ['ok.internal', '{host}']\n"
+    )
+
+    assert one_error(text) == (
+        f"routes.yaml:7: admin.hosts[1]: expected a host name like "
+        f"'gatehouse-admin.internal', got {host!r}{hint}"
+    )
+
+
 # --- upstreams ---
 
 

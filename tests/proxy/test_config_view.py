@@ -31,17 +31,30 @@ upstreams:
 """
 
 
+class _PublicLoader(yaml.SafeLoader):
+    """SafeLoader that reads `!public` strings (to list the instance names)."""
+
+
+def _public(loader: _PublicLoader, node: yaml.ScalarNode) -> str:
+    return loader.construct_scalar(node)
+
+
+_PublicLoader.add_constructor("!public", _public)
+
+
 def view(text: str, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """The /config document for `text`, after checking that `text` is a valid config."""
+    """The /config document for `text`, after checking that `text` is a valid config, with
+    the positions its loading marked hidden (as the supervisor shows it)."""
     text = dedent(text)
-    parse_config(text, source=SOURCE, env=ENV if env is None else env)
-    shown: dict[str, Any] = json.loads(json.dumps(config_view(text, SOURCE), allow_nan=False))
+    config = parse_config(text, source=SOURCE, env=ENV if env is None else env)
+    answer = config_view(text, SOURCE, config.concealed)
+    shown: dict[str, Any] = json.loads(json.dumps(answer, allow_nan=False))
     return shown
 
 
 def middleware_of(text: str) -> dict[str, Any]:
     """The view of `HEAD` + a `middleware:` section + a route using every instance."""
-    names = list(yaml.safe_load(dedent(text)))
+    names = list(yaml.load(dedent(text), Loader=_PublicLoader))
     route = f"{{name: r, match: {{path_prefix: /}}, upstream: app, middleware: {names}}}"
     document = (
         HEAD
@@ -120,46 +133,126 @@ def test_jwt_secret_is_redacted() -> None:
     }
 
 
-def test_credentials_a_route_sends_in_headers_are_redacted() -> None:
+def test_every_header_value_the_headers_middleware_sends_is_hidden() -> None:
     shown = middleware_of("""
         inject:
           type: headers
           request:
             set:
               Authorization: "Bearer upstream-token-1"
-              X-API-Key: upstream-api-key-2
-              Proxy-Authorization: "Basic cHJveHk6cGFzcw=="
-              X-Auth-Token: upstream-token-3
-              Cookie: "session=upstream-cookie-4"
-              X-Env: prod
+              X-Internal-Secret: upstream-secret-2
+              X-Env: prod-3
+              X-Region: !public eu-west-1
+            add: {X-Tenant-Signature: tenant-sig-4, X-Via: !public gatehouse}
             remove: [Authorization, X-API-Key]
           response:
-            set: {Set-Cookie: "sid=response-cookie-5", X-Served-By: gatehouse}
+            set: {Set-Cookie: "sid=response-cookie-5", X-Served-By: node-6}
+            add: {X-Debug: !public "on"}
     """)
     request = shown["inject"]["request"]
+    # By position, whatever the header is called; !public values as written.
     assert request["set"] == {
         "Authorization": REDACTED,
-        "X-API-Key": REDACTED,
-        "Proxy-Authorization": REDACTED,
-        "X-Auth-Token": REDACTED,
-        "Cookie": REDACTED,
-        "X-Env": "prod",
+        "X-Internal-Secret": REDACTED,
+        "X-Env": REDACTED,
+        "X-Region": "eu-west-1",
     }
+    assert request["add"] == {"X-Tenant-Signature": REDACTED, "X-Via": "gatehouse"}
     assert request["remove"] == ["Authorization", "X-API-Key"]  # names, not values
-    assert shown["inject"]["response"]["set"] == {
-        "Set-Cookie": REDACTED,
-        "X-Served-By": "gatehouse",
+    assert shown["inject"]["response"] == {
+        "set": {"Set-Cookie": REDACTED, "X-Served-By": REDACTED},
+        "add": {"X-Debug": "on"},
     }
+    assert leaked(shown, "upstream-token-1", "upstream-secret-2", "prod-3", "tenant-sig-4") == []
+    assert leaked(shown, "response-cookie-5", "node-6") == []
 
 
-def test_a_route_matching_on_a_secret_header_value_hides_it() -> None:
+def test_route_matcher_values_and_regexes_are_hidden() -> None:
     shown = view(
         HEAD
-        + "routes:\n  - name: internal\n    upstream: app\n"
-        + "    match: {path_prefix: /, headers: {X-Internal-Token: s3cr3t-match, X-Env: prod}}\n"
+        + dedent("""
+        routes:
+          - name: internal
+            upstream: app
+            match:
+              path_prefix: /
+              headers:
+                X-Internal-Token: s3cr3t-match-1
+                X-Signature: {regex: "^sig-2-[0-9a-f]+$"}
+                X-Tenant: {value: tenant-3}
+                X-Env: !public prod
+                X-Debug: {present: true}
+              query:
+                access_token: query-token-4
+                sig: {regex: "^query-sig-5"}
+                lang: !public en
+        """)
     )
     match = shown["config"]["routes"][0]["match"]
-    assert match["headers"] == {"X-Internal-Token": REDACTED, "X-Env": "prod"}
+    assert match["headers"] == {
+        "X-Internal-Token": REDACTED,
+        "X-Signature": {"regex": REDACTED},
+        "X-Tenant": {"value": REDACTED},
+        "X-Env": "prod",
+        "X-Debug": {"present": True},
+    }
+    assert match["query"] == {"access_token": REDACTED, "sig": {"regex": REDACTED}, "lang": "en"}
+    assert match["path_prefix"] == "/"
+    assert (
+        leaked(shown, "s3cr3t-match-1", "sig-2", "tenant-3", "query-token-4", "query-sig-5") == []
+    )
+
+
+def test_a_hidden_value_stays_hidden_where_an_alias_repeats_it() -> None:
+    shown = view(
+        HEAD
+        + dedent("""
+        middleware:
+          inject: {type: headers, request: {set: {X-Upstream-Key: &key upstream-key-1}}}
+        routes:
+          - {name: *key, upstream: app, match: {path_prefix: /}, middleware: [inject]}
+        """)
+    )
+    # The alias shares the node: hidden in a place that shows its values otherwise.
+    assert shown["config"]["routes"][0]["name"] == REDACTED
+    assert leaked(shown, "upstream-key-1") == []
+
+
+def test_references_in_hidden_positions_are_shown_as_written() -> None:
+    shown = middleware_of("""
+        inject:
+          type: headers
+          request: {set: {X-Upstream-Key: "${UPSTREAM_TOKEN}", X-Other: "${UNSET:-a-default-6}"}}
+    """)
+    assert shown["inject"]["request"]["set"] == {
+        "X-Upstream-Key": "${UPSTREAM_TOKEN}",
+        "X-Other": "${UNSET:-" + REDACTED + "}",
+    }
+
+
+def test_a_plugin_hides_the_options_it_conceals() -> None:
+    shown = middleware_of("""
+        stamp:
+          type: tests.plugins.stamp:Stamp
+          header: X-Stamp
+          value: stamp-credential-7
+    """)
+    assert shown["stamp"] == {
+        "type": "tests.plugins.stamp:Stamp",
+        "header": "X-Stamp",
+        "value": REDACTED,
+    }
+
+
+def test_public_shows_a_value_under_a_secret_key_and_a_whole_url() -> None:
+    shown = middleware_of("""
+        demo-keys: {type: api_key, keys: [!public demo-key-everyone-knows, sk-live-eeeeeeee]}
+        auth:
+          type: forward_auth
+          url: !public "http://auth.internal:9000/check?tenant=demo"
+    """)
+    assert shown["demo-keys"]["keys"] == ["demo-key-everyone-knows", REDACTED]
+    assert shown["auth"]["url"] == "http://auth.internal:9000/check?tenant=demo"
 
 
 def test_the_tls_private_key_is_redacted(tls_files: TlsFiles) -> None:
@@ -174,7 +267,7 @@ def test_the_tls_private_key_is_redacted(tls_files: TlsFiles) -> None:
     assert shown["config"]["listeners"][0]["tls"] == {"cert": str(tls_files.cert), "key": REDACTED}
 
 
-def test_the_redis_password_in_a_url_is_redacted() -> None:
+def test_the_userinfo_of_a_url_is_redacted() -> None:
     shown = middleware_of("""
         shared:
           type: rate_limit
@@ -198,7 +291,7 @@ def test_the_redis_password_in_a_url_is_redacted() -> None:
           redis: {url: "redis://:${REDIS_PASSWORD:-dev-redis-pass}@redis.internal:6379/0"}
     """)
     assert shown["shared"]["redis"] == {
-        "url": f"redis://gatehouse:{REDACTED}@redis.internal:6379/0",
+        "url": f"redis://{REDACTED}:{REDACTED}@redis.internal:6379/0",
         "timeout": "50ms",
     }
     assert shown["anonymous"]["redis"]["url"] == f"rediss://:{REDACTED}@redis.internal:6380/1"
@@ -206,6 +299,33 @@ def test_the_redis_password_in_a_url_is_redacted() -> None:
     assert shown["by-env-or-default"]["redis"]["url"] == (
         "redis://:${REDIS_PASSWORD:-" + REDACTED + "}@redis.internal:6379/0"
     )
+
+
+def test_query_strings_of_urls_are_redacted_everywhere() -> None:
+    shown = view(
+        dedent("""
+        listeners: [{bind: ":0"}]
+        upstreams:
+          app: {endpoints: ["http://10.0.0.5:8000"]}
+        middleware:
+          auth:
+            type: forward_auth
+            url: "http://auth.internal:9000/check?token=fa-token-1&mode=strict"
+          idp:
+            type: jwt
+            algorithms: [RS256]
+            jwks_url: "https://idp.example.com/jwks?access_token=jwks-token-2"
+        routes:
+          - {name: r, match: {path_prefix: /}, upstream: app, middleware: [auth, idp]}
+        """)
+    )["config"]
+    middleware = shown["middleware"]
+    assert middleware["auth"]["url"] == (
+        f"http://auth.internal:9000/check?token={REDACTED}&mode={REDACTED}"
+    )
+    assert middleware["idp"]["jwks_url"] == f"https://idp.example.com/jwks?access_token={REDACTED}"
+    assert shown["upstreams"]["app"]["endpoints"] == ["http://10.0.0.5:8000"]
+    assert leaked(shown, "fa-token-1", "strict", "jwks-token-2") == []
 
 
 def test_names_chosen_for_upstreams_and_middleware_are_not_taken_for_secrets() -> None:
@@ -313,8 +433,7 @@ def test_a_config_without_secrets_is_shown_unchanged() -> None:
             timeouts: {connect: 1.5s, read: 1h}
         routes:
           - name: api
-            match: {host: api.example.com, path_prefix: /v1, methods: [GET, POST],
-                    query: {debug: "1"}}
+            match: {host: api.example.com, path_prefix: /v1, methods: [GET, POST]}
             upstream: app
             rewrite: {strip_prefix: /v1, regex: "^/old/(.*)$", replacement: "/new/\\\\1"}
             max_body_size: 1MiB
@@ -322,16 +441,16 @@ def test_a_config_without_secrets_is_shown_unchanged() -> None:
     assert view(text)["config"] == yaml.safe_load(dedent(text))
 
 
-def test_dates_in_the_file_are_shown_as_the_text_written() -> None:
+def test_dates_in_the_file_are_still_json() -> None:
     # The config reader takes a date for text ("a date is just text to us"), so a header
-    # value like this is valid; the view must still be JSON.
+    # value like this is valid; hidden or marked public, the view must still be JSON.
     shown = middleware_of("""
         stamp:
           type: headers
-          response: {set: {X-Release: 2024-01-31, X-Built: 2024-01-31T10:20:30Z}}
+          response: {set: {X-Release: 2024-01-31, X-Built: !public 2024-01-31T10:20:30Z}}
     """)
     assert shown["stamp"]["response"]["set"] == {
-        "X-Release": "2024-01-31",
+        "X-Release": REDACTED,
         "X-Built": "2024-01-31T10:20:30Z",
     }
 
@@ -367,12 +486,15 @@ def test_redact_reaches_into_nested_lists_and_mappings() -> None:
     }
 
 
-def test_redact_hides_only_the_password_of_a_urls_userinfo() -> None:
+def test_redact_hides_the_userinfo_and_query_values_of_urls() -> None:
     urls = {
-        "redis://u:pw@h:6379/0?x=1": f"redis://u:{REDACTED}@h:6379/0?x=1",
+        "redis://u:pw@h:6379/0?x=1": f"redis://{REDACTED}:{REDACTED}@h:6379/0?x={REDACTED}",
         "redis://:p%40ss@h": f"redis://:{REDACTED}@h",
-        "redis://only-a-user@h/0": "redis://only-a-user@h/0",
-        "https://h/path/a:b@c?d=e:f@g#h:i@j": "https://h/path/a:b@c?d=e:f@g#h:i@j",
+        "https://ghp-token@h/repo.git": f"https://{REDACTED}@h/repo.git",
+        "redis://u:@h": f"redis://{REDACTED}:@h",
+        "https://h/path/a:b@c?d=e:f@g#h:i@j": f"https://h/path/a:b@c?d={REDACTED}#h:i@j",
+        "https://h/?bare-secret&empty=&a=${A}": f"https://h/?{REDACTED}&empty=&a=${{A}}",
+        "https://h/?": "https://h/?",
         "http://h:8080": "http://h:8080",
         "not a url: a:b@c://": "not a url: a:b@c://",
     }

@@ -217,7 +217,9 @@ async def test_reload(gatehouse, upstream, tmp_path):
     assert gateway.metric("gatehouse_config_reloads_total", result="failure") == 1
     assert gateway.metric("gatehouse_requests_total", route="new") == 2
     assert gateway.metric("gatehouse_request_duration_seconds_count", route="new") == 2
-    async with httpx.AsyncClient(base_url=gateway.admin_url) as admin:
+    # X-Gatehouse-Admin: the admin listener takes no POST a browser could have sent.
+    headers = {"X-Gatehouse-Admin": "1"}
+    async with httpx.AsyncClient(base_url=gateway.admin_url, headers=headers) as admin:
         assert (await admin.get("/readyz")).status_code == 200
         assert (await admin.get("/config")).json()["config"]["routes"][0]["name"] == "new"
         path.write_text(BEFORE.replace("routes:", "routez:"))
