@@ -33,8 +33,9 @@ VIA_TOKEN = "gatehouse"
 _VIA_HOPS = {version: f"{version} {VIA_TOKEN}".encode() for version in ("1.0", "1.1", "2")}
 
 
-def _append(existing: str | None, value: str) -> str:
-    return f"{existing}, {value}" if existing else value
+def _append(existing: list[str] | None, value: str) -> str:
+    joined = ", ".join(existing) if existing else ""
+    return f"{joined}, {value}" if joined else value
 
 
 def upstream_headers(
@@ -51,34 +52,33 @@ def upstream_headers(
     if connection is None and request.connection is not None:
         connection = request.connection.decode("latin-1")
     named = {token.strip().lower() for token in connection.split(",")} if connection else None
-    forwarded_for = forwarded_proto = forwarded_host = via = None
+    # The values of each forwarding field, joined once at the end: joining as they come
+    # would cost time quadratic in the number of fields a client repeats.
+    forwarded: dict[str, list[str]] = {}
     for name, value in headers.items():
         lower = name.lower()
         if lower in REQUEST_HOP_BY_HOP:
-            if lower == "x-forwarded-for":
-                forwarded_for = _append(forwarded_for, value)
-            elif lower == "x-forwarded-proto":
-                forwarded_proto = _append(forwarded_proto, value)
-            elif lower == "x-forwarded-host":
-                forwarded_host = _append(forwarded_host, value)
-            elif lower == "via":
-                via = _append(via, value)
+            if lower in _FORWARDING_FIELDS:
+                forwarded.setdefault(lower, []).append(value)
             elif lower == "te" and value.strip().lower() == "trailers":
                 out.append(("TE", "trailers"))  # the one TE value that must pass (gRPC)
             continue
         if named is not None and lower in named:
             continue
         out.append((name, value))
-    out.append(("X-Forwarded-For", _append(forwarded_for, request.client[0])))
-    out.append(("X-Forwarded-Proto", _append(forwarded_proto, request.scheme)))
+    out.append(("X-Forwarded-For", _append(forwarded.get("x-forwarded-for"), request.client[0])))
+    out.append(("X-Forwarded-Proto", _append(forwarded.get("x-forwarded-proto"), request.scheme)))
     if request.host:
-        out.append(("X-Forwarded-Host", _append(forwarded_host, request.host)))
-    out.append(("Via", _append(via, f"{request.http_version} {VIA_TOKEN}")))
+        out.append(("X-Forwarded-Host", _append(forwarded.get("x-forwarded-host"), request.host)))
+    out.append(("Via", _append(forwarded.get("via"), f"{request.http_version} {VIA_TOKEN}")))
     if chunked:
         out.append(("Transfer-Encoding", "chunked"))
     elif body_length is not None and (body_length or request.method not in _BODYLESS):
         out.append(("Content-Length", str(body_length)))
     return out
+
+
+_FORWARDING_FIELDS = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "via"})
 
 
 # Methods whose requests normally carry no body: no "Content-Length: 0" is added for them.
@@ -113,23 +113,32 @@ _FORWARDED = {
 }
 
 
+# The values a client sent of each forwarding field (`_FORWARDED` order), kept as lists and
+# joined once (`_forwarding_values`): joining them field by field would cost time
+# quadratic in the number of fields a client repeats.
+Forwarded = list[list[bytes] | None]
+
+
 def _end_to_end(
     pairs: RawHeaders, named: frozenset[bytes] | None
-) -> tuple[RawHeaders, list[bytes | None], bool]:
+) -> tuple[RawHeaders, Forwarded, bool]:
     """Split raw request fields for the upstream hop: the end-to-end ones (as received),
     the values of X-Forwarded-For/-Proto/-Host and Via to be appended to, and whether
     the client sent `TE: trailers` (the one TE value that passes, for gRPC). `named` is
     the set of fields the client's Connection header names (dropped as hop-by-hop)."""
     kept: RawHeaders = []
-    forwarded: list[bytes | None] = [None, None, None, None]
+    forwarded: Forwarded = [None, None, None, None]
     te_trailers = False
     for name, value in pairs:
         lower = name.lower()
         if lower in _RAW_HOP_BY_HOP:
             slot = _FORWARDED.get(lower)
             if slot is not None:
-                previous = forwarded[slot]
-                forwarded[slot] = value if previous is None else previous + b", " + value
+                values = forwarded[slot]
+                if values is None:
+                    forwarded[slot] = [value]
+                else:
+                    values.append(value)
             elif lower == b"te" and value.strip().lower() == b"trailers":
                 te_trailers = True
             continue
@@ -140,27 +149,32 @@ def _end_to_end(
 
 
 def _forwarding_values(
-    request: Request, forwarded: list[bytes | None]
+    request: Request, forwarded: Forwarded
 ) -> tuple[bytes, bytes, bytes | None, bytes]:
     """X-Forwarded-For, -Proto, -Host (None without a Host) and Via for the upstream
     hop: what the client sent, with this hop appended (RFC 9110 section 7.6.3)."""
     xff, proto, fhost, via = forwarded
-    client = request.client[0].encode()
-    scheme = request.scheme.encode()
     host: bytes | None = None
     if request.host:
-        original = request.host.encode("latin-1")
-        host = original if fhost is None else fhost + b", " + original
+        host = _appended(fhost, request.host.encode("latin-1"))
     hop = _VIA_HOPS.get(request.http_version) or b"%s %s" % (
         request.http_version.encode(),
         VIA_TOKEN.encode(),
     )
     return (
-        client if xff is None else xff + b", " + client,
-        scheme if proto is None else proto + b", " + scheme,
+        _appended(xff, request.client[0].encode()),
+        _appended(proto, request.scheme.encode()),
         host,
-        hop if via is None else via + b", " + hop,
+        _appended(via, hop),
     )
+
+
+def _appended(values: list[bytes] | None, value: bytes) -> bytes:
+    """The list field whose client-sent values are `values`, with `value` appended."""
+    if values is None:
+        return value
+    values.append(value)
+    return b", ".join(values)
 
 
 def upstream_request_head(
@@ -201,14 +215,17 @@ def _raw_head(
         named = None  # "keep-alive", "close": nothing beyond the usual set
     # `_end_to_end`'s rule, inline: this is the HTTP/1.1 hot path, and building the list
     # of kept fields first costs ~1 us per request (3%) here.
-    forwarded: list[bytes | None] = [None, None, None, None]
+    forwarded: Forwarded = [None, None, None, None]
     for name, value in raw:
         lower = name.lower()
         if lower in _RAW_HOP_BY_HOP:
             slot = _FORWARDED.get(lower)
             if slot is not None:
-                previous = forwarded[slot]
-                forwarded[slot] = value if previous is None else previous + b", " + value
+                values = forwarded[slot]
+                if values is None:
+                    forwarded[slot] = [value]
+                else:
+                    values.append(value)
             elif lower == b"te" and value.strip().lower() == b"trailers":
                 parts.append(b"\r\nTE: trailers")
             continue

@@ -155,6 +155,9 @@ def scan_head(head: MessageHead, *, request: bool) -> None:
     te_seen = False
     hosts = 0
     upgrade_header = False
+    # Repeated Connection fields are joined once at the end: joining as they come would
+    # cost time quadratic in their number.
+    connections: list[bytes] = []
     for name, value in head.headers:
         size = len(name)
         # Compare lower-cased names only when the length could match (cheap filter).
@@ -179,14 +182,14 @@ def scan_head(head: MessageHead, *, request: bool) -> None:
                 chunked = True
         elif size == 10:
             if name.lower() == b"connection":
-                head.connection = (
-                    value if head.connection is None else head.connection + b"," + value
-                )
+                connections.append(value)
         elif size == 6:
             if name.lower() == b"expect":
                 head.expect_continue = value.lower() == b"100-continue"
         elif size == 7 and name.lower() == b"upgrade":
             upgrade_header = True
+    if connections:
+        head.connection = connections[0] if len(connections) == 1 else b",".join(connections)
     if request:
         # RFC 9112 section 3.2: exactly one Host in HTTP/1.1, at most one in HTTP/1.0.
         if hosts > 1:
