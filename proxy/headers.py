@@ -290,9 +290,14 @@ def upstream_h2_headers(
     if request.connection:
         named = connection_tokens(request.connection)
     if raw is None:
+        # One set for every Connection field: a union per field would cost time quadratic
+        # in the number of fields.
+        tokens = set(named or ())
         for name, value in pairs:
             if name.lower() == b"connection":
-                named = (named or frozenset()) | connection_tokens(value)
+                tokens.update(connection_tokens(value))
+        if tokens:
+            named = frozenset(tokens)
     if named is not None and named <= _USUAL_CONNECTION_TOKENS:
         named = None
     kept, forwarded, te_trailers = _end_to_end(pairs, named)

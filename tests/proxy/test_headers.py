@@ -130,6 +130,34 @@ def test_content_length_only_when_known() -> None:
     assert b"content-length" not in names(upstream_h2_headers(get, b"/", "h", "http", 0))
 
 
+def test_repeated_forwarding_fields_are_joined_in_order_by_every_builder() -> None:
+    """Each builder (raw HTTP/1.1 head, HTTP/2 list, the checked text path) joins the
+    values of repeated fields once, in order, and appends this hop."""
+    fields: RawHeaders = [(b"X-Forwarded-For", b"10.0.0.%d" % i) for i in range(1, 4)]
+    fields += [(b"Via", b"1.1 a"), (b"Via", b"1.1 b")]
+    expected_for = b"10.0.0.1, 10.0.0.2, 10.0.0.3, 10.0.0.9"
+    raw_head = upstream_request_head(h1_request(fields), b"/a", "api.test", None, False)
+    assert b"\r\nX-Forwarded-For: " + expected_for + b"\r\n" in raw_head
+    assert b"\r\nVia: 1.1 a, 1.1 b, 1.1 gatehouse\r\n" in raw_head
+    h2_fields = dict(upstream_h2_headers(h1_request(fields), b"/a", "api.test", "http", None))
+    assert h2_fields[b"x-forwarded-for"] == expected_for
+    assert h2_fields[b"via"] == b"1.1 a, 1.1 b, 1.1 gatehouse"
+    text = h1_request(fields)
+    text.headers.add("X-Added", "yes")  # the headers are a CIMultiDict from now on
+    text_head = upstream_request_head(text, b"/a", "api.test", None, False)
+    assert b"\r\nX-Forwarded-For: " + expected_for + b"\r\n" in text_head
+    assert b"\r\nVia: 1.1 a, 1.1 b, 1.1 gatehouse\r\n" in text_head
+
+
+def test_every_connection_field_names_hop_by_hop_fields_on_the_text_path() -> None:
+    request = h1_request([(b"X-One", b"1")])
+    request.headers = CIMultiDict(
+        [("Connection", "X-One"), ("X-One", "1"), ("Connection", "X-Two"), ("X-Two", "2")]
+    )
+    headers = upstream_h2_headers(request, b"/a", "api.test", "http", None)
+    assert not {b"x-one", b"x-two"} & set(names(headers))
+
+
 def test_headers_set_by_middleware_are_used_and_checked() -> None:
     request = h1_request([(b"Connection", b"X-Gone"), (b"X-Gone", b"1")])
     request.headers = CIMultiDict([("X-Added", "yes"), ("Connection", "X-Gone"), ("X-Gone", "1")])
