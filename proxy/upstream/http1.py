@@ -260,7 +260,7 @@ class Http1UpstreamConnection(asyncio.Protocol):
             while True:
                 # Waiting for the client is the client's timeout (body_timeout), not ours.
                 self._sender_waits_on_client = True
-                data = await body.read()
+                data = await body.read_joined()
                 self._sender_waits_on_client = False
                 if not data:
                     break

@@ -422,7 +422,7 @@ class H2UpstreamConnection(asyncio.Protocol):
                 while True:
                     # Waiting for the client is the client's timeout, not the upstream's.
                     stream.waits_on_client = True
-                    data = await body.read()
+                    data = await body.read_joined()
                     stream.waits_on_client = False
                     if not data:
                         break
