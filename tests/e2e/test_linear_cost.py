@@ -5,9 +5,9 @@ pipelined requests, WebSocket frames, cookies, query parameters, Connection toke
 X-Forwarded-For fields), a test sends N units and then 10N to a one-worker gateway
 process and compares the worker's CPU time for the two batches (tests/linear_cost.py):
 linear work gives about 10x, work that grows with what came before about 100x; the bound
-is MAX_RATIO. Each N makes the N batch cost tens of milliseconds, so fixed per-request
-work does not hide growth. The gateway's limits are raised (head size, HTTP/2 header
-list and windows) so that 10N fits.
+is MAX_RATIO. Each N makes the N batch cost well above the fixed work of a request, so
+that work does not hide growth (see H1_CLASSES for the sizes). The gateway's limits are
+raised (head size, HTTP/2 header list and windows) so that 10N fits.
 
 Each batch also proves that the worker serves others meanwhile: the upstream holds the
 big request's answer until a probe on another connection has been answered.
