@@ -66,14 +66,13 @@ def upstream_headers(
     """
     headers = request.headers
     out: list[tuple[str, str]] = [("Host", host)]
-    forwarded: list[bytes | None] = [None] * len(_FORWARDED)
+    forwarded: Forwarded = [None] * len(_FORWARDED)
     for name, value in headers.items():
         lower = name.lower()
         if lower in _MANAGED:
             slot = _FORWARDED.get(lower.encode())
             if slot is not None:
-                previous, raw_value = forwarded[slot], value.encode("latin-1")
-                forwarded[slot] = raw_value if previous is None else previous + b", " + raw_value
+                _collect(forwarded, slot, value.encode("latin-1"))
             elif lower == "te" and value.strip().lower() == "trailers":
                 out.append(("TE", "trailers"))  # the one TE value that must pass (gRPC)
             continue
@@ -130,23 +129,41 @@ _FORWARDED = {
     b"forwarded": 4,
     b"x-real-ip": 5,
 }
+# The lines a request carried of each `_FORWARDED` field, in that order (None: none),
+# joined once in `_forwarding_values`: joining them as they come would cost time
+# quadratic in the number of lines a client repeats.
+Forwarded = list[list[bytes] | None]
+_NOTHING_FORWARDED: Forwarded = [None] * len(_FORWARDED)
 
 
-def _end_to_end(pairs: RawHeaders) -> tuple[RawHeaders, list[bytes | None], bool]:
+def _collect(forwarded: Forwarded, slot: int, value: bytes) -> None:
+    lines = forwarded[slot]
+    if lines is None:
+        forwarded[slot] = [value]
+    else:
+        lines.append(value)
+
+
+def _joined(lines: list[bytes] | None) -> bytes | None:
+    if lines is None:
+        return None
+    return lines[0] if len(lines) == 1 else b", ".join(lines)
+
+
+def _end_to_end(pairs: RawHeaders) -> tuple[RawHeaders, Forwarded, bool]:
     """Split raw request fields for the upstream hop: the end-to-end ones (as received),
     the values of the `_FORWARDED` fields (X-Forwarded-For/-Proto/-Host, Via, Forwarded,
     X-Real-IP; each field's lines joined), and whether the client sent `TE: trailers`
     (the one TE value that passes, for gRPC)."""
     kept: RawHeaders = []
-    forwarded: list[bytes | None] = [None] * len(_FORWARDED)
+    forwarded: Forwarded = [None] * len(_FORWARDED)
     te_trailers = False
     for name, value in pairs:
         lower = name.lower()
         if lower in _RAW_HOP_BY_HOP:
             slot = _FORWARDED.get(lower)
             if slot is not None:
-                previous = forwarded[slot]
-                forwarded[slot] = value if previous is None else previous + b", " + value
+                _collect(forwarded, slot, value)
             elif lower == b"te" and value.strip().lower() == b"trailers":
                 te_trailers = True
             continue
@@ -155,13 +172,16 @@ def _end_to_end(pairs: RawHeaders) -> tuple[RawHeaders, list[bytes | None], bool
 
 
 def _forwarding_values(
-    request: Request, forwarded: list[bytes | None]
+    request: Request, forwarded: Forwarded
 ) -> tuple[bytes, bytes, bytes | None, bytes, bytes | None, bytes | None]:
     """X-Forwarded-For, -Proto, -Host (None without a Host), Via, Forwarded and X-Real-IP
-    (None: not sent) for the upstream hop, from what the request carried (`forwarded`, in
-    `_FORWARDED` order): kept with this hop appended from a trusted peer, replaced from
-    anyone else (see the module docstring)."""
-    xff, proto, fhost, via, fwd, real_ip = forwarded
+    (None: not sent) for the upstream hop, from what the request carried (`forwarded`):
+    kept with this hop appended from a trusted peer, replaced from anyone else (see the
+    module docstring)."""
+    if forwarded == _NOTHING_FORWARDED:  # most requests: none of them came
+        xff = proto = fhost = via = fwd = real_ip = None
+    else:
+        xff, proto, fhost, via, fwd, real_ip = [_joined(lines) for lines in forwarded]
     peer = request.peer[0].encode()
     scheme = request.scheme.encode()
     host: bytes | None = request.host.encode("latin-1") if request.host else None
@@ -220,14 +240,13 @@ def _raw_head(
     parts = [request.method.encode(), b" ", target, b" HTTP/1.1\r\nHost: ", host.encode("latin-1")]
     # `_end_to_end`'s rule, inline: this is the HTTP/1.1 hot path, and building the list
     # of kept fields first costs ~1 us per request (3%) here.
-    forwarded: list[bytes | None] = [None, None, None, None, None, None]  # _FORWARDED's
+    forwarded: Forwarded = [None, None, None, None, None, None]  # _FORWARDED's
     for name, value in raw:
         lower = name.lower()
         if lower in _RAW_HOP_BY_HOP:
             slot = _FORWARDED.get(lower)
             if slot is not None:
-                previous = forwarded[slot]
-                forwarded[slot] = value if previous is None else previous + b", " + value
+                _collect(forwarded, slot, value)
             elif lower == b"te" and value.strip().lower() == b"trailers":
                 parts.append(b"\r\nTE: trailers")
             continue

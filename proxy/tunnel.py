@@ -240,7 +240,7 @@ class StreamEnd(TunnelEnd):
         assert tunnel is not None
         try:
             while True:
-                data = await self.incoming.read()
+                data = await self.incoming.read_joined()
                 if not data:
                     break
                 self.received += len(data)

@@ -24,6 +24,7 @@ class _LlhttpCallbacks:
         "_headers",
         "_in_head",
         "_max_head_bytes",
+        "_quiet_bytes",
         "_sink",
         "_trailers",
     )
@@ -35,6 +36,9 @@ class _LlhttpCallbacks:
         self._trailers: Headers | None = None
         self._in_head = True
         self._head_bytes = 0
+        # Bytes of a message's body section fed since the last body data: chunk framing,
+        # and the trailer section (see HttptoolsRequestParser.feed).
+        self._quiet_bytes = 0
         self._error: BaseException | None = None
 
     def _kept_error(self) -> BaseException:
@@ -55,6 +59,7 @@ class _LlhttpCallbacks:
             self._trailers.append((name, value))
 
     def on_body(self, body: bytes) -> None:
+        self._quiet_bytes = 0
         try:
             self._sink.on_body(body)
         except BaseException as exc:
@@ -70,7 +75,9 @@ class HttptoolsRequestParser(_LlhttpCallbacks):
     def __init__(self, sink: H1Sink, max_head_bytes: int) -> None:
         super().__init__(sink, max_head_bytes)
         self._parser = httptools.HttpRequestParser(self)
-        self._url = b""
+        # The pieces of the request target as llhttp reports them (one per feed it
+        # spans), joined once: joining as they come costs O(pieces^2).
+        self._url: list[bytes] = []
         self._in_message = False  # llhttp has seen the first byte of a message
 
     @property
@@ -78,7 +85,13 @@ class HttptoolsRequestParser(_LlhttpCallbacks):
         return not self._in_message
 
     def feed(self, data: bytes) -> bytes | None:
-        if self._in_head:
+        in_body = self._in_message and not self._in_head
+        if in_body:
+            # llhttp keeps the trailer section (RFC 9112 section 7.1.2) without a bound of
+            # its own: what comes between body data counts against max_head_bytes, as h11
+            # bounds it (and as the head is). A feed with body data in it starts again.
+            self._quiet_bytes += len(data)
+        else:
             # A head that never ends (one endless header line) is caught after this feed;
             # completed heads are measured exactly in on_headers_complete.
             self._head_bytes += len(data)
@@ -92,26 +105,30 @@ class HttptoolsRequestParser(_LlhttpCallbacks):
             raise H1Error(str(exc)) from None
         if self._in_head and self._head_bytes > self._max_head_bytes:
             raise H1Error("request head too large", too_large=True)
+        if in_body and self._in_message and self._quiet_bytes > self._max_head_bytes:
+            raise H1Error("request trailer section too large", too_large=True)
         return None
 
     # llhttp callbacks -------------------------------------------------------------
     def on_message_begin(self) -> None:
         self._in_message = True
-        self._url = b""
+        self._url = []
         self._headers = []
         self._trailers = None
         self._in_head = True
         self._head_bytes = 0
+        self._quiet_bytes = 0
 
     def on_url(self, url: bytes) -> None:
-        self._url += url
+        self._url.append(url)
 
     def on_headers_complete(self) -> None:
         try:
             self._in_head = False
             parser = self._parser
             headers = self._headers
-            size = len(self._url) + sum(len(n) + len(v) + 4 for n, v in headers)
+            url = self._url[0] if len(self._url) == 1 else b"".join(self._url)
+            size = len(url) + sum(len(n) + len(v) + 4 for n, v in headers)
             if size > self._max_head_bytes:
                 raise H1Error("request head too large", too_large=True)
             version = parser.get_http_version()
@@ -120,7 +137,7 @@ class HttptoolsRequestParser(_LlhttpCallbacks):
                 version,
                 parser.should_keep_alive(),
                 method=parser.get_method(),
-                target=self._url,
+                target=url,
                 upgrade=parser.should_upgrade(),
             )
             scan_head(head, request=True)

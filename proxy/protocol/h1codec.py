@@ -163,6 +163,9 @@ def scan_head(head: MessageHead, *, request: bool) -> None:
     authorizations = proxy_authorizations = content_types = 0
     upgrade_header = False
     underscore = False
+    # Repeated Connection fields are joined once at the end: joining as they come would
+    # cost time quadratic in their number.
+    connections: list[bytes] | None = None
     for name, value in head.headers:
         size = len(name)
         if _UNDERSCORE in name:  # an int: memchr (a bytes needle costs several times more)
@@ -198,14 +201,17 @@ def scan_head(head: MessageHead, *, request: bool) -> None:
                 chunked = True
         elif size == 10:
             if name.lower() == b"connection":
-                head.connection = (
-                    value if head.connection is None else head.connection + b"," + value
-                )
+                if connections is None:
+                    connections = [value]
+                else:
+                    connections.append(value)
         elif size == 6:
             if name.lower() == b"expect":
                 head.expect_continue = value.lower() == b"100-continue"
         elif size == 7 and name.lower() == b"upgrade":
             upgrade_header = True
+    if connections:
+        head.connection = connections[0] if len(connections) == 1 else b",".join(connections)
     if request:
         # RFC 9112 section 3.2: exactly one Host in HTTP/1.1, at most one in HTTP/1.0.
         if hosts > 1:

@@ -18,6 +18,7 @@ from metrics.definitions import count_request
 from proxy.config_model import Http2Config
 from proxy.models import Body, Request, Trailers
 from proxy.protocol.hpack_cache import memoise_hpack
+from proxy.protocol.hpack_literal import linear_literals
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # RFC 9113 section 3.4
 DEFAULT_WINDOW_BYTES = 65_535  # RFC 9113 section 6.9.2
@@ -82,7 +83,8 @@ def server_connection(settings: Http2Config) -> h2.connection.H2Connection:
 
     Field validation is left to h2fields (one pass; h2's generator chain costs more than
     the rest of a request) and outbound fields are built lower-cased, so h2's own
-    validation and normalisation are off. HPACK is memoised (hpack_cache).
+    validation and normalisation are off. HPACK is memoised (hpack_cache), and literal
+    fields decode in linear time (hpack_literal).
     """
     config = FrontEndConfig(
         client_side=False,
@@ -94,6 +96,7 @@ def server_connection(settings: Http2Config) -> h2.connection.H2Connection:
     )
     conn = h2.connection.H2Connection(config=config)
     memoise_hpack(conn)
+    linear_literals(conn.decoder)
     conn.local_settings = _settings(settings, settings.max_concurrent_streams)
     conn.initiate_connection()
     # The SETTINGS frame above advertises max_concurrent_streams. h2 would treat a stream

@@ -260,14 +260,19 @@ class Http1UpstreamConnection(asyncio.Protocol):
             while True:
                 # Waiting for the client is the client's timeout (body_timeout), not ours.
                 self._sender_waits_on_client = True
-                data = await body.read()
+                data = await body.read_joined()
                 self._sender_waits_on_client = False
                 if not data:
                     break
                 transport.write(chunk(data) if chunked else data)
                 if copy is not None:
+                    # Appended in place: rebuilding the list per chunk made a body of many
+                    # small chunks cost time quadratic in their number.
                     copied += len(data)
-                    copy = [*copy, data] if copied <= REPLAY_BODY_LIMIT_BYTES else None
+                    if copied <= REPLAY_BODY_LIMIT_BYTES:
+                        copy.append(data)
+                    else:
+                        copy = None
                 if self._write_paused:
                     # The upstream reads slower than the client sends: wait, and the
                     # client's body buffer fills and pauses the client in turn. An

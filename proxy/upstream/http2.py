@@ -40,6 +40,7 @@ from proxy.errors import (
 )
 from proxy.models import Body, RawHeaders, Response
 from proxy.protocol.h2fields import trailer_fields
+from proxy.protocol.hpack_literal import linear_literals
 from proxy.upstream.h2stream import (
     CONNECTION_ACK_BYTES,
     CONNECTION_WINDOW_BYTES,
@@ -75,6 +76,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         self._read_timeout = pool.read_timeout
         config = h2.config.H2Configuration(client_side=True, header_encoding=None)
         self._h2 = h2.connection.H2Connection(config=config)
+        linear_literals(self._h2.decoder)  # a response head's cost is linear in its fields
         # Settled when the peer's SETTINGS arrive (its preface, RFC 9113 section 3.4).
         self.ready: asyncio.Future[None] = self._loop.create_future()
         self._conn_unacked = 0
@@ -420,7 +422,7 @@ class H2UpstreamConnection(asyncio.Protocol):
                 while True:
                     # Waiting for the client is the client's timeout, not the upstream's.
                     stream.waits_on_client = True
-                    data = await body.read()
+                    data = await body.read_joined()
                     stream.waits_on_client = False
                     if not data:
                         break

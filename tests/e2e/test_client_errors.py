@@ -100,6 +100,25 @@ async def test_head_over_limit_sent_slowly_gives_431(
     assert upstream.requests == []
 
 
+async def test_trailer_section_over_the_head_limit_gives_431(
+    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+) -> None:
+    """Trailers are bounded like the head (RFC 9112 section 7.1.2): ~600 KB of them, more
+    than two reads of the gateway's, cannot all arrive with the head."""
+    server = await start(gateway_factory, upstream.url, codec, extra=SMALL_HEAD)
+    trailers = b"".join(b"X-T%d: %s\r\n" % (i, b"t" * 90) for i in range(6000))
+    async with await RawClient.connect(server.addresses[0]) as client:
+        await client.send(
+            b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n"
+        )
+        with contextlib.suppress(ConnectionError):  # the gateway may answer before the end
+            await client.send(b"0\r\n" + trailers + b"\r\n")
+        response = await client.response()
+    assert_local_reply(response, 431, "head_too_large")
+    assert upstream.requests == []
+    await assert_still_serves(server)
+
+
 async def test_head_just_under_limit_is_served(
     gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
 ) -> None:

@@ -197,6 +197,41 @@ def test_content_length_only_when_known() -> None:
     assert b"content-length" not in names(upstream_h2_headers(get, b"/", "h", "http", 0))
 
 
+def test_repeated_forwarding_fields_are_joined_in_order_by_every_builder() -> None:
+    """Each builder (raw HTTP/1.1 head, HTTP/2 list, the checked text path) joins the
+    values of repeated fields once, in order, and appends this hop."""
+    fields: RawHeaders = [(b"X-Forwarded-For", b"10.0.0.%d" % i) for i in range(1, 4)]
+    fields += [(b"Via", b"1.1 a"), (b"Via", b"1.1 b")]
+    expected_for = b"10.0.0.1, 10.0.0.2, 10.0.0.3, 10.0.0.9"
+
+    def trusted(fields: RawHeaders) -> Request:  # from a trusted proxy: its lists kept
+        request = h1_request(fields)
+        request.peer_trusted = True
+        return request
+
+    raw_head = upstream_request_head(trusted(fields), b"/a", "api.test", None, False)
+    assert b"\r\nX-Forwarded-For: " + expected_for + b"\r\n" in raw_head
+    assert b"\r\nVia: 1.1 a, 1.1 b, 1.1 gatehouse\r\n" in raw_head
+    h2_fields = dict(upstream_h2_headers(trusted(fields), b"/a", "api.test", "http", None))
+    assert h2_fields[b"x-forwarded-for"] == expected_for
+    assert h2_fields[b"via"] == b"1.1 a, 1.1 b, 1.1 gatehouse"
+    text = trusted(fields)
+    text.headers.add("X-Added", "yes")  # the headers are a CIMultiDict from now on
+    text_head = upstream_request_head(text, b"/a", "api.test", None, False)
+    assert b"\r\nX-Forwarded-For: " + expected_for + b"\r\n" in text_head
+    assert b"\r\nVia: 1.1 a, 1.1 b, 1.1 gatehouse\r\n" in text_head
+
+
+def test_every_connection_field_of_the_client_nominates_its_fields() -> None:
+    # scan_head joins the values of every Connection field into one (h1codec.py).
+    request = h1_request(
+        [(b"Connection", b"X-One"), (b"X-One", b"1"), (b"Connection", b"X-Two"), (b"X-Two", b"2")],
+        connection=b"X-One,X-Two",
+    )
+    headers = upstream_h2_headers(request, b"/a", "api.test", "http", None)
+    assert not {b"x-one", b"x-two", b"connection"} & set(names(headers))
+
+
 def test_headers_set_by_middleware_are_used_and_checked() -> None:
     request = h1_request([(b"Connection", b"X-Gone"), (b"X-Gone", b"1")], connection=b"X-Gone")
     assert request.header("x-gone") is None  # the client's nominated field: gone on arrival
