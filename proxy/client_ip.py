@@ -56,6 +56,9 @@ if TYPE_CHECKING:
 # Entries walked at most: a legitimate chain has a handful of proxies, and a client can
 # pad the header with addresses it knows are trusted to make us walk it all.
 MAX_FORWARDED_HOPS = 32
+# Forwarded chains longer than this are walked every time, not remembered: the table's
+# keys must not hold megabytes a padded header brought.
+MAX_REMEMBERED_VALUE_CHARS = 1024
 # The client when it cannot be known (see the module docstring).
 UNKNOWN_CLIENT = ("", 0)
 
@@ -109,13 +112,16 @@ class ClientResolver:
         value = _field_value(request, field, self._name or "")
         if value is None:
             return  # a trusted proxy's own request (a health check, say)
-        key = (peer, value)
-        chains = self._chains
-        if key in chains:
-            client = chains[key]
+        if len(value) > MAX_REMEMBERED_VALUE_CHARS:
+            client = self._walk(value)  # too long to keep as a key (a padded header)
         else:
-            client = self._walk(value)
-            remember(chains, key, client)
+            key = (peer, value)
+            chains = self._chains
+            if key in chains:
+                client = chains[key]
+            else:
+                client = self._walk(value)
+                remember(chains, key, client)
         if client is not None:
             request.client = client
 
@@ -169,10 +175,10 @@ def _field_value(request: Request, field: bytes, name: str) -> str | None:
         if not values:
             return None
         return values[0] if len(values) == 1 else ",".join(values)
-    found: str | None = None
     size = len(field)
-    for key, value in raw:
-        if len(key) == size and key.lower() == field:
-            text = value.decode("latin-1")
-            found = text if found is None else f"{found},{text}"
-    return found
+    # The lines are joined once: joining as they come would cost time quadratic in the
+    # number of lines a proxy (or a client behind it) repeats.
+    lines = [value for key, value in raw if len(key) == size and key.lower() == field]
+    if not lines:
+        return None
+    return (lines[0] if len(lines) == 1 else b",".join(lines)).decode("latin-1")

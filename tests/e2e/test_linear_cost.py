@@ -67,6 +67,8 @@ limits:
 http2:
   max_header_list_size: 16MiB
   initial_window_size: 64MiB
+# The test client is a trusted proxy: its X-Forwarded-For fields are read and kept.
+client_ip: {{trusted_proxies: [127.0.0.1]}}
 upstreams:
   app:
     endpoints: [{upstream_url}]
@@ -74,6 +76,14 @@ upstreams:
     endpoints: [{upstream_url}]
     balance: {{hash: {{cookie: session}}}}
 routes:
+  - name: streamed  # bodies stream from their first byte
+    match: {{path_prefix: /held}}
+    upstream: app
+    request_buffering: false
+  - name: buffered  # bodies are read whole before an upstream connection is taken
+    match: {{path_prefix: /held-buffered}}
+    upstream: app
+    request_buffering: {{max_size: 64MiB}}
   - name: query
     match: {{path_prefix: /held/query, query: {{last: "yes"}}}}
     upstream: app
@@ -210,6 +220,15 @@ def chunked_body(gateway: Gateway, upstream: HeldUpstream, n: int) -> None:
     assert got.body == n
 
 
+def buffered_chunked_body(gateway: Gateway, upstream: HeldUpstream, n: int) -> None:
+    # Request buffering: the whole body is read before the upstream gets the head.
+    payload = (
+        b"POST /held-buffered/chunks HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    got = h1_exchange(gateway, upstream, payload + b"1\r\na\r\n" * n + b"0\r\n\r\n")
+    assert got.body == n
+
+
 def trailer_fields(gateway: Gateway, upstream: HeldUpstream, n: int) -> None:
     head = b"POST /held/trailers HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
     trailers = b"".join(b"X-T%d: v\r\n" % i for i in range(n))
@@ -332,6 +351,22 @@ def h2_data_frames(gateway: Gateway, upstream: HeldUpstream, n: int) -> None:
     assert got.body == n
 
 
+def h2_buffered_data_frames(gateway: Gateway, upstream: HeldUpstream, n: int) -> None:
+    # Request buffering: the whole body is read before the upstream gets the head.
+    frames = frame(DATA_FRAME, 0, 1, b"a") * (n - 1) + frame(DATA_FRAME, END_STREAM, 1, b"a")
+    fields = [*H2_REQUEST, (b":path", b"/held-buffered/data")]
+    client = H2Client(gateway.port)
+    try:
+        client.send_headers(1, fields, end=False)
+        with sending(client.sock, frames):
+            meanwhile(gateway, upstream)
+            status, body = client.response(1)
+    finally:
+        client.close()
+    assert status == 200, body
+    assert received(body).body == n
+
+
 def h2_header_fields(gateway: Gateway, upstream: HeldUpstream, n: int) -> None:
     fields = [(b"x-f%d" % i, b"v") for i in range(n)]
     got = h2_exchange(gateway, upstream, [*H2_REQUEST, (b":path", b"/held/fields"), *fields], b"")
@@ -389,6 +424,7 @@ def h2_websocket_frames(gateway: Gateway, upstream: HeldUpstream, n: int) -> Non
 # at these N with ratios of 30 to 200.
 H1_CLASSES = {
     "chunks": (chunked_body, 20_000),
+    "buffered chunks": (buffered_chunked_body, 20_000),
     "trailer fields": (trailer_fields, 6_000),
     "header fields": (h1_header_fields, 6_000),
     "Connection tokens": (connection_tokens, 4_000),
@@ -400,6 +436,7 @@ H1_CLASSES = {
 }
 H2_CLASSES = {
     "DATA frames": (h2_data_frames, 3_000),
+    "buffered DATA frames": (h2_buffered_data_frames, 3_000),
     "header fields": (h2_header_fields, 6_000),
     "cookie crumbs": (h2_cookie_crumbs, 6_000),
     "X-Forwarded-For fields": (h2_forwarded_for_fields, 6_000),
