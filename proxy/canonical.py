@@ -29,8 +29,16 @@ HTTP/2) passes its request through here, so they all route, and forward, the sam
   `GET`. A method equal to a registered one only when case is ignored is refused: 400 on
   HTTP/1.1, a stream error on HTTP/2.
 
-The common request (a plain path, a known method, a Host seen before) pays one regex
-match and two dictionary lookups; the rest is done only for what needs it.
+- **Header fields.** A second Authorization, Proxy-Authorization, Host or Content-Type is
+  refused (the gateway and the upstream could each believe a different one). The fields
+  the client's Connection nominates are removed on arrival, never later from what the
+  gateway sets (RFC 9110 section 7.6.1). Names holding "_" follow
+  `headers_with_underscores` (WSGI servers fold them into "-"), and every spelling of a
+  field a route's middleware sets for the upstream is removed before its chain runs.
+
+The common request (a plain path, a known method, a Host seen before, no "_" and no
+unusual Connection) pays one regex match and two set lookups; the rest is done only for
+what needs it.
 """
 
 from __future__ import annotations

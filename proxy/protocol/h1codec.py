@@ -40,6 +40,7 @@ class MessageHead:
         "keep_alive",
         "method",
         "reason",
+        "repeated_singleton",
         "status",
         "target",
         "underscore",
@@ -74,6 +75,8 @@ class MessageHead:
         self.connection: bytes | None = None  # the Connection header's value
         self.expect_continue = False
         self.underscore = False  # a field name holds "_" (headers_with_underscores)
+        # A request repeats Authorization, Proxy-Authorization or Content-Type.
+        self.repeated_singleton = False
 
     def __repr__(self) -> str:
         first = f"{self.method.decode()} {self.target!r}" if self.method else str(self.status)
@@ -152,9 +155,7 @@ def scan_head(head: MessageHead, *, request: bool) -> None:
     Raises:
         H1Error: duplicate or invalid Content-Length, Transfer-Encoding other than exactly
             `chunked`, both together (RFC 9112 section 6.3), or TE on an HTTP/1.0 request;
-            in a request, a second Host, Authorization, Proxy-Authorization or
-            Content-Type (fields that hold one value: two would let the gateway and the
-            upstream each believe a different one).
+            in a request, a second Host or none in HTTP/1.1.
     """
     chunked = False
     content_length: int | None = None
@@ -218,8 +219,9 @@ def scan_head(head: MessageHead, *, request: bool) -> None:
             raise H1Error("more than one Host header")
         if hosts == 0 and head.version == "1.1":
             raise H1Error("missing Host header")
-        if authorizations > 1 or proxy_authorizations > 1 or content_types > 1:
-            raise H1Error("more than one Authorization, Proxy-Authorization or Content-Type")
+        head.repeated_singleton = (
+            authorizations > 1 or proxy_authorizations > 1 or content_types > 1
+        )
         if upgrade_header and head.connection and b"upgrade" in head.connection.lower():
             head.upgrade = True
     if chunked and content_length is not None:

@@ -16,7 +16,13 @@ from collections import deque
 from collections.abc import Container
 
 from metrics.definitions import count_request
-from proxy.canonical import canonical_target, check_authority, check_method, client_fields
+from proxy.canonical import (
+    InvalidHeader,
+    canonical_target,
+    check_authority,
+    check_method,
+    client_fields,
+)
 from proxy.connection import ClientConnection, ConnectionPhase, ReadPause
 from proxy.errors import BadRequest, BodyTooLarge, HeadTooLarge, ProxyError, RequestTimeout
 from proxy.local_reply import local_reply
@@ -131,6 +137,8 @@ class Http1Protocol:
             head.target, method, server.path_normalization
         )
         check_authority(head.host)
+        if head.repeated_singleton:
+            raise InvalidHeader("more than one Authorization, Proxy-Authorization or Content-Type")
         headers = head.headers
         if head.connection is not None or head.underscore:
             headers = client_fields(

@@ -251,6 +251,8 @@ async def test_a_repeated_singleton_field_is_refused(
     server = await gateway_factory(config(wsgi, codec))
     answer = await send(server, b"GET /x HTTP/1.1\r\nHost: t\r\n" + fields + b"\r\n")
     assert answer.status == 400
+    if b"Host" not in fields:  # (a second Host is a framing error: bad_request)
+        assert json.loads(answer.body)["error"] == "invalid_header"
 
 
 @pytest.mark.parametrize(
@@ -268,7 +270,9 @@ async def test_http2_refuses_a_repeated_singleton_field_and_a_host_unlike_author
     host, port = server.addresses[0]
     async with await H2Client.connect(host, port) as client:
         client.conn.config.validate_outbound_headers = False  # h2 would refuse to send them
-        assert (await client.request("/x", headers=fields)).status == 400
+        answer = await client.request("/x", headers=fields)
+    assert answer.status == 400
+    assert json.loads(answer.body)["error"] in ("invalid_header", "invalid_host")
 
 
 @pytest.mark.parametrize("host", [b"a b", b"evil.com/x@y", b"user@evil.com", b"ev%il.com", b"[::1"])
