@@ -9,6 +9,8 @@ Paths:
   /status/CODE      that status, small body
   /slow/MS          answers after MS milliseconds
   /slowbody/MS      head at once, body after MS milliseconds
+  /held             answers 200 once the test calls `release_held()` (never, if it does not)
+  /heldbody         head at once, body once the test calls `release_held()`
   /close            answers with Connection: close and no Content-Length (read to EOF)
   /drop             closes the connection without answering
   /garbage          answers bytes that are not HTTP
@@ -74,6 +76,7 @@ class UpstreamServer:
     dropped: int = 0
     _server: asyncio.Server | None = None
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
+    _held: list[asyncio.Future[None]] = field(default_factory=list)
 
     async def start(self, port: int = 0) -> UpstreamServer:
         self._server = await asyncio.start_server(self._serve, self.host, port)
@@ -84,8 +87,23 @@ class UpstreamServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    def release_held(self) -> None:
+        """Let every /held and /heldbody request waiting now be answered."""
+        held, self._held = self._held, []
+        for future in held:
+            if not future.done():
+                future.set_result(None)
+
+    async def _hold(self) -> None:
+        future = asyncio.get_running_loop().create_future()
+        self._held.append(future)
+        await future
+
     async def stop(self) -> None:
-        """Stop listening and close every open connection."""
+        """Stop listening and close every open connection (held requests unanswered)."""
+        held, self._held = self._held, []
+        for future in held:
+            future.cancel()
         if self._server is not None:
             self._server.close()
         for writer in list(self._writers):
@@ -207,6 +225,18 @@ class UpstreamServer:
         elif parts[0] == "slow":
             await asyncio.sleep(int(parts[1]) / 1000)
             await send(200, b"slow")
+        elif parts[0] == "held":
+            await self._hold()
+            await send(200, b"held")
+        elif parts[0] == "heldbody":
+            writer.write(
+                conn.send(h11.Response(status_code=200, headers=[("Content-Length", "4")]))
+            )
+            await writer.drain()
+            await self._hold()
+            writer.write(conn.send(h11.Data(data=b"late")))
+            writer.write(conn.send(h11.EndOfMessage()))
+            await writer.drain()
         elif parts[0] == "slowbody":
             writer.write(
                 conn.send(h11.Response(status_code=200, headers=[("Content-Length", "4")]))
