@@ -35,30 +35,32 @@ class Gate:
     the test knows what is in flight at each step instead of guessing from timing."""
 
     def __init__(self) -> None:
-        self._waiting: list[asyncio.Future[None]] = []
+        self._waiting: list[asyncio.Future[bool]] = []
 
     @property
     def held(self) -> int:
         return len(self._waiting)
 
-    async def wait(self) -> None:
-        future = asyncio.get_running_loop().create_future()
+    async def wait(self) -> bool:
+        """Until the gate opens (True) or closes (False: leave unanswered)."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiting.append(future)
-        await future
+        return await future
 
     def open(self) -> int:
         """Let every held request be answered; how many there were."""
+        return self._end(True)
+
+    def close(self) -> None:
+        """Let the held requests' handlers end unanswered (at the end of a test)."""
+        self._end(False)
+
+    def _end(self, opened: bool) -> int:
         waiting, self._waiting = self._waiting, []
         for future in waiting:
             if not future.done():
-                future.set_result(None)
+                future.set_result(opened)
         return len(waiting)
-
-    def close(self) -> None:
-        """End the held requests' handlers unanswered (at the end of a test)."""
-        waiting, self._waiting = self._waiting, []
-        for future in waiting:
-            future.cancel()
 
 
 @dataclass
@@ -106,8 +108,8 @@ class StatusServer:
                 if length:
                     await reader.readexactly(length)
                 self.hits.append(time.monotonic())
-                if self.gate is not None:
-                    await self.gate.wait()
+                if self.gate is not None and not await self.gate.wait():
+                    return
                 body = f"status {self.status}".encode()
                 writer.write(
                     f"HTTP/1.1 {self.status} X\r\nContent-Length: {len(body)}\r\n\r\n".encode()
