@@ -111,18 +111,19 @@ def test_limit_is_exact_across_two_gateway_processes(
     headers: dict[str, str] | None,
 ) -> None:
     with two_gateways(tmp_path, upstream, redis_server, key=key, on_error="deny") as gateways:
-        responses = spread(gateways, REQUESTS, headers)
+        # One admitted by each gateway first (in a concurrent burst, a busy machine could
+        # let one gateway decide all ten), then the rest of the burst over both at once.
+        first = [get(gateway, "/echo/first", headers) for gateway in gateways]
+        assert [response.status_code for response in first] == [200, 200]
+        responses = first + spread(gateways, REQUESTS - 2, headers)
         assert statuses(responses) == {200: 10, 429: REQUESTS - 10}
-        admitted_by = {gw.port: 0 for gw in gateways}
-        for i, response in enumerate(responses):
+        for response in responses:
             if response.status_code == 200:
-                admitted_by[gateways[i % 2].port] += 1
                 assert response.headers["RateLimit-Limit"] == "10"
             else:
                 assert response.json()["error"] == "rate_limited"
                 assert response.headers["RateLimit-Remaining"] == "0"
                 assert 1 <= int(response.headers["Retry-After"]) <= 360  # an emission
-        assert all(count > 0 for count in admitted_by.values()), admitted_by
         assert len(upstream.requests) == 10
         if headers is not None:  # another tenant has its own budget
             other = spread(gateways, 12, {"X-Tenant": "globex"})
