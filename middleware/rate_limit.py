@@ -20,7 +20,6 @@ decision counts in `gatehouse_rate_limit_decisions_total{middleware,result}`.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from typing import Protocol
 from metrics.definitions import RATE_LIMIT_DECISIONS, RATE_LIMIT_EVICTIONS
 from middleware.base import Handler
 from middleware.options import Options
-from middleware.rate_limit_core import Decision, RateLimitBackendError
+from middleware.rate_limit_core import Decision, RateLimitBackendError, whole_seconds
 from middleware.rate_limit_local import (
     DEFAULT_MAX_KEYS,
     MAX_MAX_KEYS,
@@ -274,7 +273,7 @@ class RateLimit:
         response = await call_next(request)
         if self.headers:
             remaining = str(decision.remaining)
-            reset = str(math.ceil(decision.reset_after_s))
+            reset = str(whole_seconds(decision.reset_after_s))
             raw = response.raw_headers
             if raw is not None:
                 # Still the upstream's bytes: ours replace any it sent and are added as
@@ -294,14 +293,14 @@ class RateLimit:
         return response
 
     def _limited(self, request: Request, decision: Decision) -> Response:
-        retry_after = str(max(1, math.ceil(decision.retry_after_s)))
+        retry_after = str(max(1, whole_seconds(decision.retry_after_s)))
         error = RateLimited(f"rate limit exceeded: retry in {retry_after}s")
         response = local_reply(error, request)
         headers = response.headers
         headers["Retry-After"] = retry_after
         headers["RateLimit-Limit"] = self._limit_header  # on a 429 whatever `headers` says
         headers["RateLimit-Remaining"] = "0"
-        headers["RateLimit-Reset"] = str(math.ceil(decision.reset_after_s))
+        headers["RateLimit-Reset"] = str(whole_seconds(decision.reset_after_s))
         return response
 
 

@@ -34,6 +34,14 @@ class Decision:
     retry_after_s: float  # until the next request would be allowed (0 when allowed)
 
 
+def whole_seconds(seconds: float) -> int:
+    """`seconds` rounded up to whole seconds, as RateLimit-Reset and Retry-After give
+    them, to within SLACK_S: a time worked out as `(now + 60) - now` lands a hair above
+    60 when the sum crosses a power of two (a monotonic clock near 2048 s, 4096 s, ...),
+    and a plain ceil() would tell a client 61 where its reset is 60 s away."""
+    return math.ceil(seconds - SLACK_S)
+
+
 def gcra(tat: float, now: float, emission_s: float, tolerance_s: float) -> tuple[Decision, float]:
     """Decide a request at `now` for a key whose theoretical arrival time is `tat` (0 for
     a new key); the decision and the new `tat` to store (unchanged when denied)."""

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import httpx
 import pytest
 import uvloop
+from hypothesis import HealthCheck, settings
 
 from metrics.definitions import set_enabled
 from proxy.config import parse_config
@@ -17,6 +18,13 @@ from tests.upstream import UpstreamServer
 
 GatewayFactory = Callable[..., Awaitable[Server]]
 UpstreamFactory = Callable[..., Awaitable[UpstreamServer]]
+
+# Hypothesis holds each example to a deadline (200 ms) and its data generation to a pace,
+# and fails a test that misses either once as flaky: that is a busy machine's scheduling,
+# not the code. pytest-timeout still bounds a hang. (Loaded here, before the test modules
+# whose @settings take it as their base.)
+settings.register_profile("gatehouse", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("gatehouse")
 
 
 def pytest_asyncio_loop_factories(

@@ -79,7 +79,7 @@ class _SocketClient:
             self._changed.set()
 
     async def wait_for(
-        self, what: str, predicate: Callable[[], bool], timeout_s: float = 5.0
+        self, what: str, predicate: Callable[[], bool], timeout_s: float = 10.0
     ) -> None:
         """Wait until `predicate()` is true (re-checked as input arrives).
 
@@ -130,7 +130,7 @@ class _SocketClient:
             await after_read()
             self._changed.set()
 
-    async def wait_closed(self, timeout_s: float = 5.0) -> None:
+    async def wait_closed(self, timeout_s: float = 10.0) -> None:
         """Wait until the gateway closes the connection (EOF or reset)."""
         async with asyncio.timeout(timeout_s):
             while not self.closed:
@@ -256,7 +256,7 @@ class H2Client(_SocketClient):
         headers: list[tuple[str, str]] | None = None,
         body: bytes = b"",
         trailers: list[tuple[str, str]] | None = None,
-        timeout_s: float = 5.0,
+        timeout_s: float = 10.0,
     ) -> StreamResult:
         """One whole exchange: send, then wait for the stream to end or be reset."""
         stream_id = self.send_request(
@@ -390,7 +390,7 @@ class RawH2Client(_SocketClient):
                 return int(value)
         return None
 
-    async def wait_goaway(self, timeout_s: float = 5.0) -> hyperframe.frame.GoAwayFrame:
+    async def wait_goaway(self, timeout_s: float = 10.0) -> hyperframe.frame.GoAwayFrame:
         """Wait for the gateway's GOAWAY (it may close right after).
 
         Raises:

@@ -10,6 +10,8 @@ Paths (the response body is sent as the client's window allows):
   /status/CODE      that status, small body
   /slow/MS          answers after MS milliseconds
   /slowbody/MS      head at once, body after MS milliseconds
+  /held             answers 200 once the test has called `release_held()` (never, if not)
+  /heldbody         head at once, body once the test has called `release_held()`
   /trailers         gRPC-style: content-type application/grpc, a body, then trailers
                     grpc-status: 0, grpc-message: ok
   /trailers-only    gRPC-style error: one HEADERS frame with END_STREAM carrying :status
@@ -255,6 +257,13 @@ class _Connection(asyncio.Protocol):
         if parts[0] == "slow":
             await asyncio.sleep(int(parts[1]) / 1000)
             await self.answer(stream, 200, [b"slow"])
+        elif parts[0] == "held":
+            await self.server.released.wait()
+            await self.answer(stream, 200, [b"held"])
+        elif parts[0] == "heldbody":
+            self.send_head(stream, 200, [(b"content-length", b"4")])
+            await self.server.released.wait()
+            await self.send_body(stream, [b"late"])
         elif parts[0] == "slowbody":
             self.send_head(stream, 200, [(b"content-length", b"4")])
             await asyncio.sleep(int(parts[1]) / 1000)
@@ -355,7 +364,12 @@ class H2UpstreamServer:
     resets_received: list[int] = field(default_factory=list)
     open: set[_Connection] = field(default_factory=set)
     port: int = 0
+    released: asyncio.Event = field(default_factory=asyncio.Event)  # see /held
     _server: asyncio.Server | None = None
+
+    def release_held(self) -> None:
+        """Let /held requests be answered, those waiting and any later ones."""
+        self.released.set()
 
     async def start(self, port: int = 0) -> H2UpstreamServer:
         loop = asyncio.get_running_loop()
@@ -393,6 +407,7 @@ class TlsUpstreamServer(UpstreamServer):
     context: ssl.SSLContext | None = None
 
     async def start(self, port: int = 0) -> TlsUpstreamServer:
+        self._hold_on_this_loop()
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", port, ssl=self.context)
         self.port = self._server.sockets[0].getsockname()[1]
         return self

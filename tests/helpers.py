@@ -189,7 +189,7 @@ def make_protocol(
     return protocol, conn, server
 
 
-async def settle(protocol: Http1Protocol, *, wait_s: float = 2.0) -> None:
+async def settle(protocol: Http1Protocol, *, wait_s: float = 10.0) -> None:
     """Run the loop until the protocol's serving task and fast-path exchange (if any)
     have finished.
 
@@ -407,7 +407,8 @@ class RawClient:
 
     Built on a plain non-blocking socket rather than StreamReader, which raises a reset
     before handing over the bytes that arrived ahead of it: a test must see a response
-    the gateway sent just before it closed.
+    the gateway sent just before it closed. Its waits (`wait_s`) bound a hang, not how
+    fast a busy machine answers: 10 s by default.
     """
 
     def __init__(self, sock: socket.socket) -> None:
@@ -453,7 +454,7 @@ class RawClient:
             self.eof = True
         self.buffer += data
 
-    async def response(self, *, head: bool = False, wait_s: float = 3.0) -> RawResponse:
+    async def response(self, *, head: bool = False, wait_s: float = 10.0) -> RawResponse:
         """The next response.
 
         Raises:
@@ -473,7 +474,7 @@ class RawClient:
                 del self.buffer[:used]
                 return response
 
-    async def read_exactly(self, size: int, *, wait_s: float = 3.0) -> bytes:
+    async def read_exactly(self, size: int, *, wait_s: float = 10.0) -> bytes:
         """The next `size` raw bytes (fewer if the connection ends first)."""
         async with asyncio.timeout(wait_s):
             while len(self.buffer) < size and not self.eof:
@@ -482,7 +483,7 @@ class RawClient:
         del self.buffer[:size]
         return data
 
-    async def read_until_closed(self, wait_s: float = 3.0) -> bytes:
+    async def read_until_closed(self, wait_s: float = 10.0) -> bytes:
         """Everything until the gateway closes (raises TimeoutError if it does not)."""
         async with asyncio.timeout(wait_s):
             while not self.eof:
@@ -491,7 +492,7 @@ class RawClient:
         self.buffer.clear()
         return data
 
-    async def closed(self, wait_s: float = 3.0) -> bool:
+    async def closed(self, wait_s: float = 10.0) -> bool:
         """True when the peer closes within `wait_s` with no further bytes; False when
         it stays open. Raises AssertionError when unexpected bytes arrive first."""
         try:
@@ -507,9 +508,10 @@ class RawClient:
         self.sock.close()
 
 
-async def eventually(predicate: Callable[[], bool], what: str, within_s: float = 5.0) -> None:
+async def eventually(predicate: Callable[[], bool], what: str, within_s: float = 10.0) -> None:
     """Wait for `predicate` to hold: for state the gateway changes on its own (a socket
-    closing, a pool emptying), which no event of ours announces."""
+    closing, a pool emptying), which no event of ours announces. `within_s` bounds a
+    hang, not how fast a busy machine gets there."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within_s
     while not predicate():

@@ -71,7 +71,7 @@ class JwksServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 2)
 
-    async def wait_for_fetches(self, count: int, timeout_s: float = 5.0) -> None:
+    async def wait_for_fetches(self, count: int, timeout_s: float = 10.0) -> None:
         """Until `fetches` reaches `count` (TimeoutError after `timeout_s`)."""
         async with asyncio.timeout(timeout_s):
             while self.fetches < count:

@@ -9,6 +9,8 @@ Paths:
   /status/CODE      that status, small body
   /slow/MS          answers after MS milliseconds
   /slowbody/MS      head at once, body after MS milliseconds
+  /held             answers 200 once the test has called `release_held()` (never, if not)
+  /heldbody         head at once, body once the test has called `release_held()`
   /close            answers with Connection: close and no Content-Length (read to EOF)
   /drop             closes the connection without answering
   /garbage          answers bytes that are not HTTP
@@ -74,8 +76,12 @@ class UpstreamServer:
     dropped: int = 0
     _server: asyncio.Server | None = None
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
+    _loop: asyncio.AbstractEventLoop | None = None
+    _released: asyncio.Event | None = None  # see /held
+    _stopping: bool = False
 
     async def start(self, port: int = 0) -> UpstreamServer:
+        self._hold_on_this_loop()
         self._server = await asyncio.start_server(self._serve, self.host, port)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -84,8 +90,31 @@ class UpstreamServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    def _hold_on_this_loop(self) -> None:
+        """Make /held wait on the running loop (the one that serves)."""
+        self._loop = asyncio.get_running_loop()
+        self._released = asyncio.Event()
+        self._stopping = False
+
+    def release_held(self) -> None:
+        """Let /held and /heldbody requests be answered, those waiting and any later ones
+        (from any thread: the server's loop does it)."""
+        loop, released = self._loop, self._released
+        assert loop is not None, "not started"
+        assert released is not None, "not started"
+        loop.call_soon_threadsafe(released.set)
+
+    async def _hold(self) -> bool:
+        """Wait for `release_held`; False when the server stops first (no answer then)."""
+        assert self._released is not None
+        await self._released.wait()
+        return not self._stopping
+
     async def stop(self) -> None:
-        """Stop listening and close every open connection."""
+        """Stop listening and close every open connection (held requests unanswered)."""
+        if self._released is not None:
+            self._stopping = True
+            self._released.set()
         if self._server is not None:
             self._server.close()
         for writer in list(self._writers):
@@ -207,6 +236,20 @@ class UpstreamServer:
         elif parts[0] == "slow":
             await asyncio.sleep(int(parts[1]) / 1000)
             await send(200, b"slow")
+        elif parts[0] == "held":
+            if not await self._hold():
+                return False
+            await send(200, b"held")
+        elif parts[0] == "heldbody":
+            writer.write(
+                conn.send(h11.Response(status_code=200, headers=[("Content-Length", "4")]))
+            )
+            await writer.drain()
+            if not await self._hold():
+                return False
+            writer.write(conn.send(h11.Data(data=b"late")))
+            writer.write(conn.send(h11.EndOfMessage()))
+            await writer.drain()
         elif parts[0] == "slowbody":
             writer.write(
                 conn.send(h11.Response(status_code=200, headers=[("Content-Length", "4")]))

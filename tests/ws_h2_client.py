@@ -98,7 +98,9 @@ class WsStream:
         return None
 
     # -- sending ---------------------------------------------------------------------
-    async def send(self, message: str | bytes, *, fin: bool = True, timeout_s: float = 5) -> None:
+    async def send(
+        self, message: str | bytes, *, fin: bool = True, timeout_s: float = 10.0
+    ) -> None:
         """Send a text (str) or binary (bytes) message, or with `fin=False` one fragment
         of it (the next `send` calls are its continuation frames, RFC 6455 section 5.4)."""
         if isinstance(message, str):
@@ -107,7 +109,7 @@ class WsStream:
             data = self.ws.send(BytesMessage(message, message_finished=fin))
         await self.send_bytes(data, timeout_s=timeout_s)
 
-    async def ping(self, payload: bytes, timeout_s: float = 5.0) -> None:
+    async def ping(self, payload: bytes, timeout_s: float = 10.0) -> None:
         """Send a ping and wait for the pong that echoes `payload`."""
         await self.send_bytes(self.ws.send(Ping(payload)))
         await self.client.wait_for(
@@ -116,7 +118,7 @@ class WsStream:
         assert payload in self.pongs, f"no pong on {self!r}"
 
     async def close_websocket(
-        self, code: int, reason: str = "", *, end_first: bool = False, timeout_s: float = 5.0
+        self, code: int, reason: str = "", *, end_first: bool = False, timeout_s: float = 10.0
     ) -> CloseConnection:
         """The closing handshake started here: our close frame, the peer's answer (which
         is returned), then END_STREAM; with `end_first`, END_STREAM goes right after our
@@ -131,7 +133,7 @@ class WsStream:
         await self.end()
         return self.close
 
-    async def send_bytes(self, data: bytes, *, timeout_s: float = 5.0) -> None:
+    async def send_bytes(self, data: bytes, *, timeout_s: float = 10.0) -> None:
         """Queue raw WebSocket bytes and wait until h2 has taken them all (the windows
         allowed it): backpressure for the caller."""
         assert not self.local_ended, f"{self!r} already ended"
@@ -157,7 +159,7 @@ class WsStream:
         await self.client.flush()
 
     # -- receiving -------------------------------------------------------------------
-    async def receive(self, timeout_s: float = 5.0) -> str | bytes:
+    async def receive(self, timeout_s: float = 10.0) -> str | bytes:
         """The next whole message.
 
         Raises:
@@ -173,7 +175,7 @@ class WsStream:
             return self.messages.popleft()
         raise TunnelEnded(f"no message: {self!r} close={self.close}")
 
-    async def wait_close(self, timeout_s: float = 5.0) -> CloseConnection:
+    async def wait_close(self, timeout_s: float = 10.0) -> CloseConnection:
         """Wait for the peer's close frame."""
         await self.client.wait_for(
             f"a close frame on {self!r}", lambda: self.close is not None or self.gone, timeout_s
@@ -181,7 +183,7 @@ class WsStream:
         assert self.close is not None, f"no close frame on {self!r}"
         return self.close
 
-    async def wait_gone(self, timeout_s: float = 5.0) -> None:
+    async def wait_gone(self, timeout_s: float = 10.0) -> None:
         """Wait for the gateway's END_STREAM or RST_STREAM."""
         await self.client.wait_for(f"the end of {self!r}", lambda: self.gone, timeout_s)
 
@@ -310,7 +312,7 @@ class WsH2Client(_SocketClient):
         client._reader_task = asyncio.get_running_loop().create_task(client._read_forever())
         return client
 
-    async def wait_settings(self, timeout_s: float = 5.0) -> dict[int, int]:
+    async def wait_settings(self, timeout_s: float = 10.0) -> dict[int, int]:
         """The server's first SETTINGS (as changed from the defaults)."""
         await self.wait_for("the server's SETTINGS", lambda: self.settings_received, timeout_s)
         return self.remote_settings
@@ -323,7 +325,7 @@ class WsH2Client(_SocketClient):
         subprotocols: Iterable[str] = (),
         headers: Iterable[tuple[str, str]] = (),
         auto_close: bool = True,
-        timeout_s: float = 5.0,
+        timeout_s: float = 10.0,
     ) -> WsStream:
         """An extended CONNECT (RFC 8441 section 4) for `path`, once the server has said
         it supports it; returns when the response head (or the stream's end) arrived.
@@ -353,7 +355,7 @@ class WsH2Client(_SocketClient):
         *,
         end_stream: bool = False,
         auto_close: bool = True,
-        timeout_s: float = 5.0,
+        timeout_s: float = 10.0,
     ) -> WsStream:
         """A stream with the request head `fields` as given; returns once the response
         head arrived or the stream ended or was reset."""
@@ -382,7 +384,7 @@ class WsH2Client(_SocketClient):
         await self.flush()
 
     async def wait_for(
-        self, what: str, predicate: Callable[[], bool], timeout_s: float = 5.0
+        self, what: str, predicate: Callable[[], bool], timeout_s: float = 10.0
     ) -> None:
         """As `_SocketClient.wait_for`, and a bug in this client's reader fails the wait
         at once instead of leaving it to time out."""

@@ -76,8 +76,8 @@ class WsUpstream:
                 async with asyncio.timeout(5):
                     await self.server.wait_closed()
 
-    async def wait_ended(self, count: int, within_s: float = 5.0) -> None:
-        """Wait until `count` connections have ended."""
+    async def wait_ended(self, count: int, within_s: float = 10.0) -> None:
+        """Wait until `count` connections have ended (`within_s` bounds a hang)."""
         async with asyncio.timeout(within_s):
             while len(self.close_codes) < count:
                 self.ended.clear()

@@ -37,16 +37,16 @@ routes:
 """
 
 
-async def wait_for(condition: object, timeout_s: float = 2.0) -> None:
+async def wait_for(condition: object, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():  # type: ignore[operator]
         assert time.monotonic() < deadline, "condition not reached"
         await asyncio.sleep(0.005)
 
 
-# How long the requests that fill a limit hold it. A refused request must be answered
-# while they still do: a request queued behind them would be answered only after.
-HOLD_MS = 1500
+# The requests that fill a limit are held by the upstream (its /held path) until the
+# test lets them go, after the refused request was answered: a request queued behind
+# them would not be answered at all (the client would time out).
 
 
 async def overloaded_at_once(
@@ -70,10 +70,11 @@ async def test_max_requests_refuses_the_third_concurrent_request_at_once(
     upstream = await upstream_factory()
     server = await gateway_factory(config(upstream, "circuit_breaker: {max_requests: 2}"))
     async with httpx.AsyncClient(base_url=base_url(server), timeout=5) as client:
-        slow = [asyncio.create_task(client.get(f"/slow/{HOLD_MS}?n={n}")) for n in range(2)]
+        held = [asyncio.create_task(client.get(f"/held?n={n}")) for n in range(2)]
         await wait_for(lambda: len(upstream.requests) == 2)
-        await overloaded_at_once(server, "max_requests", slow)
-        assert [(await task).status_code for task in slow] == [200, 200]
+        await overloaded_at_once(server, "max_requests", held)
+        upstream.release_held()
+        assert [(await task).status_code for task in held] == [200, 200]
         # The limit counts requests in flight, not requests ever made.
         assert (await client.get("/echo/after")).status_code == 200
 
@@ -86,11 +87,12 @@ async def test_max_pending_refuses_a_request_that_would_wait_past_it(
     server = await gateway_factory(config(upstream, options))
     pool = server.runtime.upstreams["app"].pools[0]
     async with httpx.AsyncClient(base_url=base_url(server), timeout=5) as client:
-        first = asyncio.create_task(client.get(f"/slow/{HOLD_MS}?n=1"))
+        first = asyncio.create_task(client.get("/held?n=1"))
         await wait_for(lambda: len(upstream.requests) == 1)
         second = asyncio.create_task(client.get("/slow/1?n=2"))  # waits for the connection
         await wait_for(lambda: pool.occupancy().waiting == 1)
         await overloaded_at_once(server, "max_pending", [first, second])
+        upstream.release_held()
         assert (await first).status_code == 200
         assert (await second).status_code == 200  # the one waiting within the limit
 
@@ -101,9 +103,10 @@ async def test_max_connections_refuses_a_request_that_needs_one_more(
     upstream = await upstream_factory()
     server = await gateway_factory(config(upstream, "circuit_breaker: {max_connections: 1}"))
     async with httpx.AsyncClient(base_url=base_url(server), timeout=5) as client:
-        first = asyncio.create_task(client.get(f"/slow/{HOLD_MS}"))
+        first = asyncio.create_task(client.get("/held"))
         await wait_for(lambda: len(upstream.requests) == 1)
         await overloaded_at_once(server, "max_connections", [first])
+        upstream.release_held()
         assert (await first).status_code == 200
         # Its connection is idle again: the next request reuses it, within the limit.
         assert (await client.get("/echo/reuse")).status_code == 200
@@ -116,9 +119,10 @@ async def test_max_requests_on_an_http2_upstream(gateway_factory: GatewayFactory
         yaml = config(upstream, "circuit_breaker: {max_requests: 1}", protocol="h2c")
         server = await gateway_factory(yaml)
         async with httpx.AsyncClient(base_url=base_url(server), timeout=5) as client:
-            slow = asyncio.create_task(client.get(f"/slow/{HOLD_MS}"))
+            held = asyncio.create_task(client.get("/held"))
             await wait_for(lambda: len(upstream.requests) == 1)
-            await overloaded_at_once(server, "max_requests", [slow])
-            assert (await slow).status_code == 200
+            await overloaded_at_once(server, "max_requests", [held])
+            upstream.release_held()
+            assert (await held).status_code == 200
     finally:
         await upstream.stop()

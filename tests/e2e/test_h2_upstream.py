@@ -176,7 +176,7 @@ async def test_silent_upstream_is_a_504(
     keys = upstream_keys(mode, tls_files).replace("read: 5s", "read: 200ms")
     gateway = await gateway_factory(gateway_yaml(h2_upstream, keys))
     async with httpx.AsyncClient(timeout=10) as client:
-        response = await client.get(base_url(gateway) + "/slow/3000")
+        response = await client.get(base_url(gateway) + "/held")  # never answered
     assert response.status_code == 504
     assert response.json()["error"] == "upstream_timeout"
 

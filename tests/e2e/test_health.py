@@ -18,6 +18,7 @@ from proxy.server import Server
 from proxy.testing import ScriptedUpstream, start_upstream
 from tests.conftest import GatewayFactory, base_url
 from tests.helpers import eventually
+from tests.proxy.upstream.test_outlier import Clock
 
 pytestmark = pytest.mark.socket
 
@@ -105,8 +106,10 @@ routes:
 """
 
 
+# Checks come every 30 ms, but a healthy endpoint's check has 5 s to answer: a busy
+# machine that kept two answers waiting would otherwise take it out of rotation.
 HEALTH = """
-    health_check: {path: /healthz, interval: 30ms, timeout: 200ms, jitter: "10%",
+    health_check: {path: /healthz, interval: 30ms, timeout: 5s, jitter: "10%",
                    healthy_threshold: 2, unhealthy_threshold: 2}
     outlier: false
 """
@@ -186,8 +189,11 @@ async def test_all_endpoints_failing_checks_is_panic_mode_and_requests_are_still
     assert UPSTREAM_PANIC.labels("app").value >= 6
 
 
+# Ejections no test waits out, so that an endpoint stays out for the requests a test
+# sends however slowly a busy machine sends them; the tests that see an ejection end
+# move a clock of their own.
 OUTLIER = """
-    outlier: {consecutive_failures: 3, base_ejection: 300ms, max_ejection: 1s}
+    outlier: {consecutive_failures: 3, base_ejection: 10s, max_ejection: 60s}
 """
 
 
@@ -199,23 +205,20 @@ async def test_endpoint_refusing_connections_is_ejected_and_returns_after_the_ej
     a, b, c = endpoints
     gateway = await gateway_factory(_config(endpoints, OUTLIER))
     upstream = gateway.runtime.upstreams["app"]
+    assert upstream.outlier is not None
+    # The ejection on a clock the test moves: it ends when the test says, not when the
+    # requests below have taken a busy machine long enough.
+    clock = Clock()
+    upstream.now = upstream.outlier.now = clock
     await c.stop()
     with caplog.at_level(logging.INFO, logger="proxy.upstream.outlier"):
         answers = await _send(gateway, 9)  # c's 3rd failure ejects it
     assert answers == {(200, str(a.port)): 3, (200, str(b.port)): 3, (502, ""): 3}
-    assert f"upstream app endpoint 127.0.0.1:{c.port} ejected for 0.3s (ejection 1)" in (
-        caplog.text
-    )
+    assert f"upstream app endpoint 127.0.0.1:{c.port} ejected for 10s (ejection 1)" in (caplog.text)
     assert await _send(gateway, 10) == {(200, str(a.port)): 5, (200, str(b.port)): 5}
-    ejected_until = upstream.endpoints[2].ejected_until
-    assert [e.eligible(asyncio.get_running_loop().time()) for e in upstream.endpoints] == [
-        True,
-        True,
-        False,
-    ]
+    assert [e.eligible(clock()) for e in upstream.endpoints] == [True, True, False]
     await c.start()
-    loop = asyncio.get_running_loop()
-    await eventually(lambda: loop.time() >= ejected_until, "the ejection time to pass")
+    clock.time = upstream.endpoints[2].ejected_until  # the ejection runs out
     assert set(await _send(gateway, 6)) == _ok(a, b, c)
     await eventually(lambda: upstream.all_eligible, "the sweeper to see c back")
     series = dict(UPSTREAM_EJECTIONS.children())
@@ -226,20 +229,22 @@ async def test_repeated_ejections_last_longer(
     gateway_factory: GatewayFactory, endpoints: list[Switchable]
 ) -> None:
     c = endpoints[2]
-    gateway = await gateway_factory(_config(endpoints, OUTLIER))
+    short = OUTLIER.replace("10s, max_ejection: 60s", "300ms, max_ejection: 1s")
+    gateway = await gateway_factory(_config(endpoints, short))
     upstream = gateway.runtime.upstreams["app"]
+    assert upstream.outlier is not None
+    # Ejections on a clock the test moves: on the loop's, the time a busy machine takes
+    # to send the requests that eject c again counts as time back in rotation, which
+    # takes a step off the next ejection (outlier.py) and kept this test going round.
+    clock = Clock()
+    upstream.now = upstream.outlier.now = clock
     state = upstream.endpoints[2]
-    loop = asyncio.get_running_loop()
     await c.stop()
-    durations = []
-    for ejection in (1, 2):
+    for ejection, length in ((1, 0.3), (2, 0.6)):
         while state.ejections < ejection:
             await _send(gateway, 1)
-        durations.append(state.ejected_until - loop.time())
-        # The ejection runs out (with a margin: uvloop's clock can land a hair short).
-        await asyncio.sleep(state.ejected_until - loop.time() + 0.01)
-    assert durations[0] == pytest.approx(0.3, abs=0.05)
-    assert durations[1] == pytest.approx(0.6, abs=0.05)
+        assert state.ejected_until == pytest.approx(clock.time + length)
+        clock.time += length  # the ejection runs out, and c is back at once
     assert state.ejections == 2
 
 

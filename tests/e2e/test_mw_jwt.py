@@ -35,7 +35,6 @@ RSA_1 = SigningKey.rsa("rsa-1")
 RSA_2 = SigningKey.rsa("rsa-2")
 EC = SigningKey.ec()
 ED = SigningKey.ed25519("ed-1")
-PROMPT_S = 1.0  # "promptly": far below any fetch timeout, far above a loaded machine's jitter
 
 
 class Clock:
@@ -92,7 +91,11 @@ routes:
 
 
 def jwks_config(
-    upstream: UpstreamServer, jwks: JwksServer, extra: str = "", wait: str = "200ms"
+    upstream: UpstreamServer,
+    jwks: JwksServer,
+    extra: str = "",
+    wait: str = "200ms",
+    timeout: str = "3s",
 ) -> str:
     return config(
         upstream,
@@ -102,7 +105,7 @@ def jwks_config(
     algorithms: [RS256, EdDSA]
     jwks_url: {jwks.url}
     jwks_wait: {wait}
-    jwks_timeout: 3s
+    jwks_timeout: {timeout}
     forward_claims: {{sub: X-User-Id}}
 {extra}""",
         "  - {match: {path_prefix: /}, upstream: app, middleware: [auth]}",
@@ -345,10 +348,13 @@ async def test_key_rotation_is_picked_up_by_an_unknown_kid_and_refreshes_are_rat
 async def test_a_jwks_server_that_is_down_never_holds_up_requests(
     upstream: UpstreamServer, jwks: JwksServer
 ) -> None:
+    # The wait, the fetch timeout and a busy machine's delays far apart, so that the time
+    # a request took says which of them it waited for: none (well under 3 s), the wait
+    # (3 s and more), or the fetch (30 s).
     clock = Clock()
     async with (
-        gateway(jwks_config(upstream, jwks, wait="1s"), clock) as server,
-        httpx.AsyncClient(timeout=5) as client,
+        gateway(jwks_config(upstream, jwks, wait="3s", timeout="30s"), clock) as server,
+        httpx.AsyncClient(timeout=60) as client,
     ):
         url = base_url(server) + "/echo"
         known = bearer(RSA_1.sign({"sub": "known"}))
@@ -363,10 +369,10 @@ async def test_a_jwks_server_that_is_down_never_holds_up_requests(
             started = time.monotonic()
             response = await client.get(url, headers=headers)
             assert response.status_code == status
-            assert time.monotonic() - started < PROMPT_S
+            assert time.monotonic() - started < 3.0  # not held for the wait
         assert refreshes("auth", "unreachable") == unreachable + 1  # then rate limited
 
-        # Black-holed: the fetch hangs; the unknown kid waits jwks_wait (1s), no more, and
+        # Black-holed: the fetch hangs; the unknown kid waits jwks_wait (3s), no more, and
         # a known kid sent meanwhile does not wait at all.
         jwks.hang = True
         await jwks.start()
@@ -381,8 +387,7 @@ async def test_a_jwks_server_that_is_down_never_holds_up_requests(
         assert response.status_code == 401
         assert 'error_description="unknown key id"' in response.headers["WWW-Authenticate"]
         elapsed = time.monotonic() - started
-        assert elapsed >= 1.0
-        assert elapsed < 1.0 + PROMPT_S
+        assert 3.0 - 0.001 <= elapsed < 30.0  # (uvloop's clock counts milliseconds)
     # Shutting the gateway down cancelled the hanging fetch (the block above returned).
 
 

@@ -18,7 +18,10 @@ import pytest
 
 from middleware.base import Handler
 from middleware.options import Options
+from middleware.rate_limit import RateLimit
+from middleware.rate_limit_local import LocalBackend
 from proxy.models import Request, Response
+from proxy.server import Server
 from tests.admin_client import admin_reload
 from tests.conftest import GatewayFactory, base_url
 from tests.gateway_process import (
@@ -31,6 +34,7 @@ from tests.gateway_process import (
     wait_until,
 )
 from tests.h2_client import H2Client
+from tests.middleware.test_rate_limit_local import FakeClock
 from tests.upstream import UpstreamServer, serve_in_thread
 
 pytestmark = pytest.mark.socket
@@ -64,6 +68,15 @@ routes:
 """
 
 
+def stop_the_clock(server: Server) -> None:
+    """The `limit` instance of `server` decides on a clock that stands still: the exact
+    RateLimit-Reset and Retry-After values hold for requests at one logical time, which
+    a busy machine can spread over more than a second of the real clock (119, not 120)."""
+    limit = server.config.middleware["limit"].instance
+    assert isinstance(limit, RateLimit)
+    limit.use_backend(LocalBackend(64, now=FakeClock()))
+
+
 async def statuses(
     client: httpx.AsyncClient, url: str, count: int, headers: dict[str, str] | None = None
 ) -> list[int]:
@@ -76,6 +89,7 @@ async def test_the_burst_passes_then_429_with_retry_after_and_ratelimit_headers(
     server = await gateway_factory(
         config(upstream, "middleware: {limit: {type: rate_limit, rate: 1/min, burst: 2}}")
     )
+    stop_the_clock(server)
     url = base_url(server) + "/a/echo"
     async with httpx.AsyncClient(timeout=CLIENT_TIMEOUT_S) as client:
         allowed = [await client.get(url) for _ in range(3)]
@@ -179,6 +193,7 @@ async def test_http2_gets_the_same_answers(
     server = await gateway_factory(
         config(upstream, "middleware: {limit: {type: rate_limit, rate: 1/min}}")
     )
+    stop_the_clock(server)
     host, port = server.addresses[0]
     async with await H2Client.connect(host, port) as client:
         allowed = await client.request("/a/echo")

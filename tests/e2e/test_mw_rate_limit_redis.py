@@ -23,9 +23,12 @@ pytestmark = pytest.mark.socket
 
 CLIENT_TIMEOUT_S = 10.0
 REQUESTS = 60
-REDIS_TIMEOUT_S = 0.2  # the configs' redis.timeout
-# How much longer than the Redis timeout a request may take (the upstream, the client).
-MARGIN_S = 0.5
+# The configs' redis.timeout: what a frozen Redis costs each request, and long enough
+# that a busy machine's Redis is never taken for a frozen one (an outage logged too many).
+REDIS_TIMEOUT_S = 1.0
+# How much longer than the Redis timeout a request may take (the upstream, the client,
+# a busy machine's scheduling).
+MARGIN_S = 4.0
 
 
 @pytest.fixture
@@ -49,11 +52,11 @@ def limit_config(port: int, upstream_url: str, redis_url: str, *, key: str, on_e
 middleware:
   limit:
     type: rate_limit
-    rate: 10/min
+    rate: 10/h
     burst: 9
     key: "{key}"
     backend: redis
-    redis: {{url: "{redis_url}", timeout: 200ms, on_redis_error: {on_error}}}
+    redis: {{url: "{redis_url}", timeout: {REDIS_TIMEOUT_S}s, on_redis_error: {on_error}}}
 global_middleware: [limit]
 """,
     )
@@ -108,18 +111,19 @@ def test_limit_is_exact_across_two_gateway_processes(
     headers: dict[str, str] | None,
 ) -> None:
     with two_gateways(tmp_path, upstream, redis_server, key=key, on_error="deny") as gateways:
-        responses = spread(gateways, REQUESTS, headers)
+        # One admitted by each gateway first (in a concurrent burst, a busy machine could
+        # let one gateway decide all ten), then the rest of the burst over both at once.
+        first = [get(gateway, "/echo/first", headers) for gateway in gateways]
+        assert [response.status_code for response in first] == [200, 200]
+        responses = first + spread(gateways, REQUESTS - 2, headers)
         assert statuses(responses) == {200: 10, 429: REQUESTS - 10}
-        admitted_by = {gw.port: 0 for gw in gateways}
-        for i, response in enumerate(responses):
+        for response in responses:
             if response.status_code == 200:
-                admitted_by[gateways[i % 2].port] += 1
                 assert response.headers["RateLimit-Limit"] == "10"
             else:
                 assert response.json()["error"] == "rate_limited"
                 assert response.headers["RateLimit-Remaining"] == "0"
-                assert 1 <= int(response.headers["Retry-After"]) <= 6
-        assert all(count > 0 for count in admitted_by.values()), admitted_by
+                assert 1 <= int(response.headers["Retry-After"]) <= 360  # an emission
         assert len(upstream.requests) == 10
         if headers is not None:  # another tenant has its own budget
             other = spread(gateways, 12, {"X-Tenant": "globex"})
@@ -134,7 +138,7 @@ def test_redis_outage_follows_on_redis_error_and_the_limit_returns_with_redis(
     on_error: str,
     down_status: int,
 ) -> None:
-    """Frozen (every call times out after 200ms), then killed (refused at once): either
+    """Frozen (every call times out after the Redis timeout), then killed (refused at once): either
     way on_redis_error answers, each outage is logged once at each end, and when Redis is
     back the limit holds again."""
     tenant = {"X-Tenant": "acme"}

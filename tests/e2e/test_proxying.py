@@ -304,7 +304,7 @@ async def test_http10_keep_alive_request_with_streamed_response_is_closed_at_its
         await client.send(
             b"GET /chunked/100/10000 HTTP/1.0\r\nHost: t\r\nConnection: keep-alive\r\n\r\n"
         )
-        response = await client.response(wait_s=1)
+        response = await client.response()
     assert response.status == 200
     assert response.body == b"y" * 1_000_000
 
@@ -567,7 +567,7 @@ async def test_upgrade_request_with_body_is_not_truncated_or_hung(
             b"POST /echo/up HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
             b"Content-Length: 5\r\n\r\nhello"
         )
-        response = await client.response(wait_s=1)
+        response = await client.response()
     if response.status == 200:
         assert response.json()["body"] == "hello"
         assert upstream.requests[0].header("upgrade") is None
@@ -612,9 +612,11 @@ async def test_client_leaving_before_the_response_releases_the_upstream_connecti
 ) -> None:
     host, port = gateway.addresses[0]
     _, writer = await asyncio.open_connection(host, port)
-    writer.write(b"GET /slowbody/300 HTTP/1.1\r\nHost: t\r\n\r\n")
-    await asyncio.sleep(0.1)
+    # Its head at once, its body when the test says: the gateway waits for that small
+    # body before it answers, so the client leaves before any response.
+    writer.write(b"GET /heldbody HTTP/1.1\r\nHost: t\r\n\r\n")
+    await eventually(lambda: len(upstream.requests) == 1, "the request to reach the upstream")
     writer.transport.abort()
-    await asyncio.sleep(0.5)  # the upstream answers after the client has gone
+    upstream.release_held()  # the upstream answers after the client has gone
     pool = gateway.runtime.upstreams["app"].pools[0]
     await eventually(lambda: "active=0" in repr(pool), "no exchange left on the upstream")

@@ -30,13 +30,47 @@ def closed_port() -> int:
     return port
 
 
+class Gate:
+    """Holds the requests that reach the upstreams sharing it until the test opens it, so
+    the test knows what is in flight at each step instead of guessing from timing."""
+
+    def __init__(self) -> None:
+        self._waiting: list[asyncio.Future[bool]] = []
+
+    @property
+    def held(self) -> int:
+        return len(self._waiting)
+
+    async def wait(self) -> bool:
+        """Until the gate opens (True) or closes (False: leave unanswered)."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiting.append(future)
+        return await future
+
+    def open(self) -> int:
+        """Let every held request be answered; how many there were."""
+        return self._end(True)
+
+    def close(self) -> None:
+        """Let the held requests' handlers end unanswered (at the end of a test)."""
+        self._end(False)
+
+    def _end(self, opened: bool) -> int:
+        waiting, self._waiting = self._waiting, []
+        for future in waiting:
+            if not future.done():
+                future.set_result(opened)
+        return len(waiting)
+
+
 @dataclass
 class StatusServer:
-    """An HTTP/1.1 upstream answering every request with `status` after `delay_s`
-    (keep-alive), recording when each request arrived."""
+    """An HTTP/1.1 upstream answering every request with `status` (keep-alive), once
+    `gate` lets it through (never, for a gate the test does not open), recording when
+    each request arrived."""
 
     status: int = 503
-    delay_s: float = 0.0
+    gate: Gate | None = None
     hits: list[float] = field(default_factory=list)
     port: int = 0
     _server: asyncio.Server | None = None
@@ -52,6 +86,8 @@ class StatusServer:
         return f"http://127.0.0.1:{self.port}"
 
     async def stop(self) -> None:
+        if self.gate is not None:
+            self.gate.close()
         if self._server is not None:
             self._server.close()
             for writer in list(self._writers):
@@ -72,8 +108,8 @@ class StatusServer:
                 if length:
                     await reader.readexactly(length)
                 self.hits.append(time.monotonic())
-                if self.delay_s:
-                    await asyncio.sleep(self.delay_s)
+                if self.gate is not None and not await self.gate.wait():
+                    return
                 body = f"status {self.status}".encode()
                 writer.write(
                     f"HTTP/1.1 {self.status} X\r\nContent-Length: {len(body)}\r\n\r\n".encode()
@@ -226,17 +262,17 @@ async def test_per_try_timeout_then_success_on_the_other_endpoint(
     status_servers: contextlib.AsyncExitStack,
     upstream_factory: UpstreamFactory,
 ) -> None:
-    slow = await status_server(status_servers, status=200, delay_s=5.0)
+    # The slow endpoint never answers: an answer at all means its try was cut.
+    slow = await status_server(status_servers, status=200, gate=Gate())
     live = await upstream_factory()
     retries = "{attempts: 2, on: [timeout], per_try_timeout: 100ms, backoff: {base: 1ms}}"
     server = await gateway_factory(config([slow.url, live.url], retries))
     before = retries_counted("timeout")
-    async with httpx.AsyncClient(base_url=base_url(server), timeout=5) as client:
+    async with httpx.AsyncClient(base_url=base_url(server), timeout=20) as client:
         for _ in range(4):
-            started = time.monotonic()
             response = await client.get("/echo/x")
             assert response.status_code == 200
-            assert time.monotonic() - started < 1.0  # one 100 ms try at most, not 5 s
+            assert response.json()["target"] == "/echo/x"  # the live endpoint's echo
     assert len(live.requests) == 4
     assert len(slow.hits) >= 1
     assert retries_counted("timeout") - before == len(slow.hits)
@@ -245,16 +281,20 @@ async def test_per_try_timeout_then_success_on_the_other_endpoint(
 async def test_per_try_timeout_on_the_last_try_is_a_504(
     gateway_factory: GatewayFactory, status_servers: contextlib.AsyncExitStack
 ) -> None:
-    first = await status_server(status_servers, status=200, delay_s=5.0)
-    second = await status_server(status_servers, status=200, delay_s=5.0)
+    # Neither endpoint ever answers: only the per-try timer can end the tries.
+    silent = Gate()
+    first = await status_server(status_servers, status=200, gate=silent)
+    second = await status_server(status_servers, status=200, gate=silent)
     retries = "{attempts: 2, on: [timeout], per_try_timeout: 100ms, backoff: {base: 1ms}}"
     server = await gateway_factory(config([first.url, second.url], retries))
     started = time.monotonic()
-    async with httpx.AsyncClient(base_url=base_url(server), timeout=5) as client:
+    async with httpx.AsyncClient(base_url=base_url(server), timeout=20) as client:
         response = await client.get("/x")
     assert response.status_code == 504
     assert response.json()["error"] == "upstream_timeout"
-    assert 0.2 <= time.monotonic() - started < 1.0
+    # After both 100 ms tries (less uvloop's millisecond clock rounding, once per try);
+    # no upper bound: how much later a busy machine answers is not the point.
+    assert time.monotonic() - started >= 0.2 - 0.002 * 2
     assert (len(first.hits), len(second.hits)) == (1, 1)
     # Each cut try is counted as a timeout of its endpoint, not as the client leaving.
     for slow in (first, second):
@@ -267,7 +307,7 @@ async def test_per_try_timeout_cuts_an_h2c_try_and_counts_it_as_a_timeout(
 ) -> None:
     slow = await start_upstream("slow", protocol="h2c")
     status_servers.push_async_callback(slow.stop)
-    slow.reply(200, delay=5.0)
+    slow.reply(200, delay=120.0)  # never within the test: only the timer ends its tries
     fast = await start_upstream("fast", protocol="h2c")
     status_servers.push_async_callback(fast.stop)
     retries = "{attempts: 2, on: [timeout], per_try_timeout: 100ms, backoff: {base: 1ms}}"
@@ -275,7 +315,7 @@ async def test_per_try_timeout_cuts_an_h2c_try_and_counts_it_as_a_timeout(
         "    retries:", "    protocol: h2c\n    retries:"
     )
     server = await gateway_factory(text)
-    async with httpx.AsyncClient(base_url=base_url(server), timeout=5) as client:
+    async with httpx.AsyncClient(base_url=base_url(server), timeout=20) as client:
         answers = [(await client.get(f"/{n}")).status_code for n in range(4)]
     assert answers == [200] * 4
     assert len(fast.requests) == 4
@@ -287,8 +327,10 @@ async def test_per_try_timeout_cuts_an_h2c_try_and_counts_it_as_a_timeout(
 async def test_a_client_leaving_during_a_timed_try_is_a_client_abort(
     gateway_factory: GatewayFactory, status_servers: contextlib.AsyncExitStack
 ) -> None:
-    slow = await status_server(status_servers, status=200, delay_s=5.0)
-    retries = "{attempts: 2, on: [timeout], per_try_timeout: 3s}"
+    # The try is timed, but its timer never fires within the test: the client's reset is
+    # the only thing that ends it, however slowly a busy machine gets there.
+    slow = await status_server(status_servers, status=200, gate=Gate())
+    retries = "{attempts: 2, on: [timeout], per_try_timeout: 120s}"
     server = await gateway_factory(config([slow.url], retries))
     async with await H2Client.connect(*server.addresses[0]) as client:
         stream_id = client.send_request("/x")
@@ -316,34 +358,58 @@ async def test_backoff_waits_a_jittered_time_before_each_retry(
     assert len(hits) == 15
     gaps = [hits[i + 1] - hits[i] for i in range(0, 15, 3) for i in (i, i + 1)]
     # Each wait is uniform in [0, 100 ms]: ten of them sum to 0.5 s on average, and
-    # less than 0.15 s with odds of about 1e-5; none is far above the ceiling (the
-    # allowance is for a gap's round trip on a busy machine, not for the wait).
+    # less than 0.15 s with odds of about 1e-5 (a busy machine only adds to a gap). The
+    # ceiling is pinned by test_retry.py with an injected jitter; here a wait is of its
+    # order, not seconds (the bound leaves a busy machine's round trips room).
     assert sum(gaps) > 0.15
-    assert max(gaps) < 0.1 + 0.25
+    assert max(gaps) < 2.0
     assert len({round(gap, 3) for gap in gaps}) > 1  # jittered, not a fixed delay
 
 
 async def test_the_budget_caps_amplification_when_every_endpoint_fails(
     gateway_factory: GatewayFactory, status_servers: contextlib.AsyncExitStack
 ) -> None:
-    first = await status_server(status_servers, status=503)
-    second = await status_server(status_servers, status=503)
+    # The upstreams hold every try until the test opens the gate, one wave at a time:
+    # each wave is opened once every request is either answered or held (none in a
+    # back-off or on the wire), so what is in flight when each try fails is known, and
+    # so is the budget, whatever the machine's load.
+    gate = Gate()
+    first = await status_server(status_servers, status=503, gate=gate)
+    second = await status_server(status_servers, status=503, gate=gate)
     retries = "{attempts: 5, on: [503], backoff: {base: 10ms, max: 50ms}}"
     server = await gateway_factory(config([first.url, second.url], retries))
     exhausted = UPSTREAM_RETRY_BUDGET_EXHAUSTED.labels("app")
     refused_before = exhausted.value
     clients = 50
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=base_url(server), timeout=10, limits=limits) as client:
-        responses = await asyncio.gather(*(client.get(f"/x/{n}") for n in range(clients)))
+    responses: list[httpx.Response] = []
+    waves: list[int] = []
+    async with httpx.AsyncClient(base_url=base_url(server), timeout=20, limits=limits) as client:
+
+        async def get(n: int) -> None:
+            responses.append(await client.get(f"/x/{n}"))
+
+        async with asyncio.TaskGroup() as group:
+            for n in range(clients):
+                group.create_task(get(n))
+            while True:
+                await eventually(
+                    lambda: gate.held + len(responses) == clients,
+                    "every request answered or held by an upstream",
+                    within_s=20,
+                )
+                if not gate.held:
+                    break
+                waves.append(gate.open())
     assert all(response.status_code == 503 for response in responses)
-    attempts = len(first.hits) + len(second.hits)
-    # Without the budget every request would be tried 5 times (250 attempts). With it,
-    # retries in flight stay under max(3, 20% of the 50 in flight): the first wave of
-    # retries is 10 (1.2x), and once most requests have failed, the minimum of 3 lets
-    # the last few go on through their attempts (observed: 62 on uvloop, 69 on asyncio).
-    assert clients <= attempts <= 1.2 * clients + 3 * 4, attempts
-    assert exhausted.value - refused_before >= clients - 10 - 3
+    # Retries in flight stay under max(budget_min 3, budget_percent 20% of the requests in
+    # flight). The 50 first tries fail together: 10 retries (20% of 50), 40 refused and
+    # answered. Those 10 fail with 10 requests in flight (20% is 2): the minimum of 3 goes
+    # on, 7 are refused; the 3 then go through their 5 attempts. Without the budget every
+    # request would be tried 5 times: [50, 50, 50, 50, 50].
+    assert waves == [50, 10, 3, 3, 3]
+    assert len(first.hits) + len(second.hits) == sum(waves)
+    assert exhausted.value - refused_before == 40 + 7
 
 
 async def test_killing_one_of_three_endpoints_under_load_loses_no_idempotent_request(
@@ -371,12 +437,16 @@ async def test_killing_one_of_three_endpoints_under_load_loses_no_idempotent_req
     async with asyncio.TaskGroup() as group:
         for n in range(4):
             group.create_task(client_loop(n))
-        await asyncio.sleep(0.3)
-        served_before = len(servers[0].requests)
+        # Killed once it has had its share, and watched for 100 answers after: counted in
+        # requests, not in seconds a busy machine may spend on fewer.
+        await eventually(
+            lambda: len(servers[0].requests) >= 20, "the endpoint to serve", within_s=20
+        )
         await servers[0].stop()
-        await asyncio.sleep(0.5)
+        killed_at = len(outcomes)
+        await eventually(
+            lambda: len(outcomes) >= killed_at + 100, "100 answers after the kill", within_s=20
+        )
         stop.set()
-    assert served_before > 0  # the killed endpoint had its share before
-    assert len(outcomes) > 100
     assert [status for status in outcomes if status != 200] == []
     assert len(servers[1].requests) + len(servers[2].requests) > len(outcomes) // 2

@@ -335,6 +335,23 @@ async def test_the_429_has_retry_after_and_ratelimit_headers() -> None:
     assert (await limit(request(), upstream)).headers["Retry-After"] == "1"  # 0.1s -> 1
 
 
+async def test_the_headers_count_whole_seconds_on_a_clock_just_below_a_power_of_two() -> None:
+    # At 2047.3 s, 2047.3 + 60 crosses 2048 and rounds up: (now + 60) - now is
+    # 60.00000000000023, which a plain ceil() reported as a reset 61 s away (seen in CI
+    # whenever the monotonic clock was within a minute below 1024 s, 2048 s, 4096 s...).
+    clock = FakeClock(2047.3)
+    assert (clock() + 60.0) - clock() > 60.0
+    limit = limiter("rate: 1/min, burst: 2", clock)
+    upstream = Upstream(headers=CIMultiDict())
+    allowed = [await limit(request(), upstream) for _ in range(3)]
+    refused = await limit(request(), upstream)
+    assert [r.headers["RateLimit-Reset"] for r in allowed] == ["60", "120", "180"]
+    assert refused.headers["RateLimit-Reset"] == "180"
+    assert refused.headers["Retry-After"] == "60"
+    clock.advance(59.0)  # one second from the next emission, whatever the rounding
+    assert (await limit(request(), upstream)).headers["Retry-After"] == "1"
+
+
 async def test_retry_after_is_at_least_one_second() -> None:
     clock = FakeClock()
     limit = limiter("rate: 100/s", clock)

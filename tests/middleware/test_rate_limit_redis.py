@@ -24,9 +24,15 @@ from tests.redis_server import RedisServer, running_redis
 
 pytestmark = pytest.mark.socket
 
-TIMEOUT_S = 0.2
-# How much later than its timeout a failing decision may end (scheduling on a busy CI box).
-MARGIN_S = 0.3
+# The backends' timeout where Redis is meant to answer: a busy machine may keep a Redis
+# call waiting for far longer than production's 50 ms, and a spurious timeout would fail
+# the test.
+ANSWERS_WITHIN_S = 10.0
+# The timeout where only it can end a call (a frozen Redis).
+TIMEOUT_S = 1.0
+# How much later than its timeout a failing decision may end (a busy machine's
+# scheduling), and the bound on a failure that must not wait for the timeout at all.
+MARGIN_S = 2.0
 PREFIX = "gatehouse:rl:test:"
 LOGGER = "middleware.rate_limit_redis"
 EPOCH_S = 1_700_000_000.25  # a realistic `now`: its doubles are as coarse as production's
@@ -66,7 +72,10 @@ async def backends() -> AsyncIterator[list[RedisBackend]]:
 
 
 async def started(
-    made: list[RedisBackend], url: str, clock: Clock | None = None, timeout_s: float = TIMEOUT_S
+    made: list[RedisBackend],
+    url: str,
+    clock: Clock | None = None,
+    timeout_s: float = ANSWERS_WITHIN_S,
 ) -> RedisBackend:
     backend = RedisBackend(url, timeout_s, PREFIX, now=clock)
     made.append(backend)
@@ -201,8 +210,8 @@ async def test_concurrent_decisions_are_atomic(
 ) -> None:
     """60 decisions at once over several pooled connections and two backends: each is
     one script, so exactly burst + 1 are admitted."""
-    first = await started(backends, redis_server.url, timeout_s=5.0)
-    second = await started(backends, redis_server.url, timeout_s=5.0)
+    first = await started(backends, redis_server.url)
+    second = await started(backends, redis_server.url)
     results = await asyncio.gather(
         *((first, second)[i % 2].decide("hot", 6.0, 54.0) for i in range(60))
     )
@@ -218,12 +227,14 @@ async def test_allowed_decision_sets_expiry_when_key_is_full_again(
     clock = Clock()
     backend = await started(backends, redis_server.url, clock)
     await backend.decide("k", 6.0, 54.0)  # tat = now + 6: full again in 6 + 54 s
+    # Redis counts the TTL down in real time: what it reads is its expiry less the time
+    # since (seconds, on a busy machine), and never more.
     ttl_ms = await inspector.pttl(PREFIX + "k")
-    assert 60_000 - 1_000 < ttl_ms <= 60_000
+    assert 60_000 - 5_000 < ttl_ms <= 60_000
     for _ in range(9):
         await backend.decide("k", 6.0, 54.0)
     ttl_ms = await inspector.pttl(PREFIX + "k")  # tat = now + 60: full in 114 s
-    assert 114_000 - 1_000 < ttl_ms <= 114_000
+    assert 114_000 - 5_000 < ttl_ms <= 114_000
 
 
 async def test_denied_decision_leaves_key_and_expiry_alone(
@@ -245,7 +256,10 @@ async def test_idle_key_expires(
 ) -> None:
     backend = await started(backends, redis_server.url)  # Redis' clock, real expiry
     await backend.decide("idle", 0.05, 0.05)  # 20/s, burst 1: full again after 100 ms
-    assert 0 < await inspector.pttl(PREFIX + "idle") <= 100
+    # At most 100 ms left, or gone already (a busy machine may read it that late; -1,
+    # a key without expiry, fails both).
+    ttl_ms = await inspector.pttl(PREFIX + "idle")
+    assert ttl_ms == -2 or 0 < ttl_ms <= 100, ttl_ms
     await asyncio.sleep(0.15)
     assert not await inspector.exists(PREFIX + "idle")
     decision = await backend.decide("idle", 0.05, 0.05)
@@ -266,8 +280,8 @@ async def test_killed_redis_fails_fast_and_recovers_after_restart(
     # several pooled connections, all of which the kill breaks
     await asyncio.gather(*(backend.decide(f"k{i}", 6.0, 54.0) for i in range(8)))
     redis_server.kill()
-    for _ in range(5):
-        await assert_fails_within(backend, "k0", TIMEOUT_S + MARGIN_S)
+    for _ in range(5):  # refused: at once, not after the backend's timeout
+        await assert_fails_within(backend, "k0", MARGIN_S)
     assert state(backend) is BackendState.DOWN
     redis_server.start()  # same port, empty: no keys, no scripts (NOSCRIPT path)
     results = await asyncio.gather(*(backend.decide(f"k{i}", 6.0, 54.0) for i in range(8)))
@@ -291,7 +305,7 @@ async def test_frozen_redis_times_out_within_timeout_then_recovers(
     answer to the next decision)."""
     caplog.set_level(logging.WARNING, logger=LOGGER)
     clock = Clock()
-    backend = await started(backends, redis_server.url, clock)
+    backend = await started(backends, redis_server.url, clock, timeout_s=TIMEOUT_S)
     await backend.decide("k", 6.0, 54.0)
     redis_server.freeze()
     try:
@@ -314,7 +328,7 @@ async def test_frozen_redis_times_out_within_timeout_then_recovers(
     assert await backend.decide("k", 6.0, 54.0) == gcra(stored, clock.now, 6.0, 54.0)[0]
     down, up = outage_logs(caplog)
     assert (len(down), len(up)) == (1, 1), (down, up)
-    assert "no answer within 200ms" in down[0]
+    assert "no answer within 1000ms" in down[0]
 
 
 async def test_redis_down_at_start_is_an_outage_not_an_error(
@@ -325,7 +339,7 @@ async def test_redis_down_at_start_is_an_outage_not_an_error(
     try:
         backend = await started(backends, server.url)
         assert state(backend) is BackendState.DOWN
-        await assert_fails_within(backend, "k", TIMEOUT_S + MARGIN_S)
+        await assert_fails_within(backend, "k", MARGIN_S)  # refused: at once
         server.start()
         assert (await backend.decide("k", 6.0, 54.0)).allowed
     finally:
@@ -361,7 +375,7 @@ async def test_key_of_another_type_is_a_backend_error(
 async def test_decide_without_start_makes_the_client(
     redis_server: RedisServer, backends: list[RedisBackend]
 ) -> None:
-    backend = RedisBackend(redis_server.url, TIMEOUT_S, PREFIX)
+    backend = RedisBackend(redis_server.url, ANSWERS_WITHIN_S, PREFIX)
     backends.append(backend)
     assert (await backend.decide("k", 6.0, 54.0)).allowed
     assert state(backend) is BackendState.UP
@@ -370,7 +384,7 @@ async def test_decide_without_start_makes_the_client(
 async def test_closed_backend_refuses_and_leaves_no_connection(
     redis_server: RedisServer, inspector: redis.asyncio.Redis
 ) -> None:
-    backend = RedisBackend(redis_server.url, TIMEOUT_S, PREFIX)
+    backend = RedisBackend(redis_server.url, ANSWERS_WITHIN_S, PREFIX)
     await backend.start()
     await asyncio.gather(*(backend.decide(f"k{i}", 6.0, 54.0) for i in range(4)))
     await backend.close()

@@ -118,7 +118,7 @@ async def _feed_all(
         await asyncio.sleep(0)
     if eof and not conn.closed:
         protocol.on_eof()  # the client is done: whatever is pending must now finish
-    await settle(protocol, wait_s=2.0)
+    await settle(protocol)
     return conn, [request.method for request in server.seen]
 
 

@@ -189,7 +189,7 @@ async def _feed_all(
         await asyncio.sleep(0)
     if eof and not conn.closed:
         protocol.on_eof()  # the client is done: every stream must now finish
-    await settle(protocol, wait_s=2.0)
+    await settle(protocol)
     await asyncio.sleep(0)  # on_close, scheduled by the close
     return protocol, conn, [request.method for request in server.seen]
 

@@ -27,7 +27,7 @@ from proxy.control import (
 
 pytestmark = pytest.mark.socket
 
-WAIT_S = 5.0  # an upper bound for things that happen at once; never reached when correct
+WAIT_S = 10.0  # an upper bound for things that happen at once; never reached when correct
 
 
 @dataclass

@@ -58,7 +58,7 @@ def feed(protocol: Http2Protocol, data: bytes, split: int | None = None) -> None
         protocol.feed(data[start : start + step])
 
 
-async def settle(protocol: Http2Protocol, *, wait_s: float = 2.0) -> None:
+async def settle(protocol: Http2Protocol, *, wait_s: float = 10.0) -> None:
     """Run the loop until every stream task has finished and queued frames are flushed.
 
     Raises:

@@ -173,7 +173,11 @@ async def test_max_concurrent_streams_is_honoured_with_a_second_connection(
     server = await start(servers, max_concurrent_streams=2)
     pool = await make_pool(server)
     await get(pool, "/echo")  # learn the limit first
-    responses = await asyncio.gather(*(get(pool, "/slow/200") for _ in range(4)))
+    # Held until all four are in: none can free its stream for another.
+    requests = asyncio.gather(*(get(pool, "/held") for _ in range(4)))
+    await eventually(lambda: len(server.requests) == 5, "the four streams open")
+    server.release_held()
+    responses = await requests
     assert [r.status for r in responses] == [200] * 4
     assert server.connections == 2
     per_connection = [r.connection for r in server.requests[1:]]
@@ -184,7 +188,7 @@ async def test_full_pool_waits_for_a_free_stream(
     servers: list[H2UpstreamServer], make_pool: PoolFactory
 ) -> None:
     server = await start(servers, max_concurrent_streams=1)
-    pool = await make_pool(server, max_connections=1, wait_timeout=3.0)
+    pool = await make_pool(server, max_connections=1, wait_timeout=20.0)
     await get(pool, "/echo")
     responses = await asyncio.gather(*(get(pool, "/slow/100") for _ in range(3)))
     assert [r.status for r in responses] == [200] * 3
@@ -197,12 +201,13 @@ async def test_full_pool_times_out_with_503(
     server = await start(servers, max_concurrent_streams=1)
     pool = await make_pool(server, max_connections=1, wait_timeout=0.2)
     await get(pool, "/echo")
-    slow = asyncio.ensure_future(get(pool, "/slow/1000"))
+    held = asyncio.ensure_future(get(pool, "/held"))  # its stream is freed after the wait
     await eventually(lambda: len(server.requests) == 2, "the expected state")
     with pytest.raises(PoolTimeout) as caught:
         await get(pool, "/echo")
     assert caught.value.status == 503
-    assert (await slow).status == 200
+    server.release_held()
+    assert (await held).status == 200
     assert "waiting=0" in repr(pool)
 
 
@@ -228,15 +233,16 @@ async def test_goaway_lets_streams_below_last_stream_id_finish(
     server = await start(servers)
     pool = await make_pool(server)
     await get(pool, "/echo")  # stream 1
-    slow = asyncio.ensure_future(get(pool, "/slow/300"))  # stream 3
+    held = asyncio.ensure_future(get(pool, "/held"))  # stream 3, open until released
     await eventually(lambda: len(server.requests) == 2, "the expected state")
     first = pool.connections[0]
     refused = await get(pool, "/goaway")  # stream 5: GOAWAY last_stream_id=3
     assert refused.status == 200
-    assert first.state in (H2ConnState.DRAINING, H2ConnState.CLOSED)
-    done = await slow
+    assert first.state is H2ConnState.DRAINING  # stream 3 still runs on it
+    server.release_held()
+    done = await held
     assert done.status == 200
-    assert await read_all(done) == b"slow"
+    assert await read_all(done) == b"held"
     # The GOAWAY'd connection closes once its last stream ended.
     await eventually(lambda: first.state is H2ConnState.CLOSED, "the expected state")
     assert pool.connections != [first]
@@ -348,12 +354,15 @@ async def test_download_is_held_back_while_the_client_does_not_read(
     pool = await make_pool(server)
     total = 8 * 1024 * 1024
     response = await get(pool, f"/download/{total}")
-    await asyncio.sleep(0.3)
-    # Acknowledgements stop at the Body's high watermark: at most one stream window more.
-    held = server.response_bytes_sent
+    # What the server sent stops growing (two readings 0.1 s apart agree, however long a
+    # busy machine takes to get there) ...
+    held = -1
+    async with asyncio.timeout(10):
+        while server.response_bytes_sent != held:
+            held = server.response_bytes_sent
+            await asyncio.sleep(0.1)
+    # ... at the Body's high watermark: at most one stream window more.
     assert held <= BODY_HIGH_WATER_BYTES + STREAM_WINDOW_BYTES + 64 * 1024
-    await asyncio.sleep(0.1)
-    assert server.response_bytes_sent == held
     digest = hashlib.sha256(await read_all(response)).hexdigest()
     assert digest == pattern_sha256(total)
 
@@ -382,7 +391,7 @@ async def test_silent_upstream_times_out_with_504_and_only_its_stream_is_reset(
     server = await start(servers)
     pool = await make_pool(server, read=0.2)
     with pytest.raises(UpstreamTimeout):
-        await get(pool, "/slow/3000")
+        await get(pool, "/held")  # never answered
     await eventually(lambda: ErrorCodes.CANCEL in server.resets_received, "the expected state")
     assert (await get(pool, "/echo")).status == 200
     assert server.connections == 1
@@ -393,7 +402,7 @@ async def test_gap_in_the_body_times_out(
 ) -> None:
     server = await start(servers)
     pool = await make_pool(server, read=0.2)
-    response = await get(pool, "/slowbody/3000")
+    response = await get(pool, "/heldbody")  # the body never comes
     assert response.status == 200
     with pytest.raises(UpstreamTimeout):
         await read_all(response)
@@ -505,11 +514,12 @@ async def test_closed_pool_lets_busy_connections_finish(
 ) -> None:
     server = await start(servers)
     pool = await make_pool(server)
-    slow = asyncio.ensure_future(get(pool, "/slow/200"))
+    held = asyncio.ensure_future(get(pool, "/held"))
     await eventually(lambda: len(server.requests) == 1, "the expected state")
     pool.close()
-    response = await slow
-    assert await read_all(response) == b"slow"
+    server.release_held()  # answered only after the pool closed
+    response = await held
+    assert await read_all(response) == b"held"
     await eventually(lambda: not pool.connections, "the expected state")
 
 
