@@ -196,17 +196,32 @@ def canonical_target(raw: bytes, method: str, policy: PathNormalization) -> Cano
             path, a scheme other than http(s)), or a path `normalize_path` refuses.
         InvalidHost: an absolute-form target with a bad authority or userinfo.
     """
+    known = _PLAIN_TARGETS.get(raw)
+    if known is not None:
+        return known
     if raw[:1] == b"/" and _HASH not in raw:
         raw_path, _, raw_query = raw.partition(b"?")
         path = raw_path.decode("latin-1")
-        if (
-            _PLAIN_PATH.fullmatch(path) is not None
-            and "/." not in path
-            and not (policy.merge_slashes and "//" in path)
-        ):
+        if _PLAIN_PATH.fullmatch(path) is not None and "/." not in path:
             # Canonical as it stands: most requests end here.
-            return raw, path, raw_query.decode("latin-1") if raw_query else "", raw, None
+            found = raw, path, raw_query.decode("latin-1") if raw_query else "", raw, None
+            if "//" not in path:
+                # The same under every policy and method: remembered.
+                if len(raw) <= _PLAIN_TARGET_CACHED_BYTES:
+                    if len(_PLAIN_TARGETS) >= _PLAIN_TARGETS_CACHED:
+                        _PLAIN_TARGETS.clear()
+                    _PLAIN_TARGETS[raw] = found
+                return found
+            if not policy.merge_slashes:
+                return found
     return _rebuilt_target(raw, method, policy)
+
+
+# Targets found canonical as they stand (a client repeats its few paths), by their bytes.
+# Bounded, as they come from the network: short ones only, and started over when full.
+_PLAIN_TARGETS: dict[bytes, CanonicalTarget] = {}
+_PLAIN_TARGETS_CACHED = 4096
+_PLAIN_TARGET_CACHED_BYTES = 256
 
 
 def _rebuilt_target(raw: bytes, method: str, policy: PathNormalization) -> CanonicalTarget:
@@ -244,9 +259,10 @@ def _rebuilt_target(raw: bytes, method: str, policy: PathNormalization) -> Canon
 _AUTHORITY = re.compile(
     rb"(?:\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?"
 )
-# Authorities already checked; bounded, since they come from the network.
-_GOOD_AUTHORITIES: set[bytes] = set()
-_GOOD_AUTHORITIES_CACHED = 4096
+# Authorities already checked (a front end tests membership before calling
+# `check_authority`); bounded, since they come from the network.
+KNOWN_AUTHORITIES: set[bytes] = set()
+_KNOWN_AUTHORITIES_CACHED = 4096
 
 
 def check_authority(authority: bytes) -> None:
@@ -256,13 +272,13 @@ def check_authority(authority: bytes) -> None:
     Raises:
         InvalidHost: anything else (whitespace, `/`, `@`, a bad escape).
     """
-    if authority in _GOOD_AUTHORITIES:
+    if authority in KNOWN_AUTHORITIES:
         return
     if _AUTHORITY.fullmatch(authority) is None:
         raise InvalidHost(f"invalid host {authority.decode('latin-1')!r}")
-    if len(_GOOD_AUTHORITIES) >= _GOOD_AUTHORITIES_CACHED:
-        _GOOD_AUTHORITIES.clear()
-    _GOOD_AUTHORITIES.add(authority)
+    if len(KNOWN_AUTHORITIES) >= _KNOWN_AUTHORITIES_CACHED:
+        KNOWN_AUTHORITIES.clear()
+    KNOWN_AUTHORITIES.add(authority)
 
 
 # -- the method --------------------------------------------------------------------------

@@ -169,22 +169,11 @@ def scan_head(head: MessageHead, *, request: bool) -> None:
     connections: list[bytes] | None = None
     for name, value in head.headers:
         size = len(name)
-        if _UNDERSCORE in name:  # an int: memchr (a bytes needle costs several times more)
-            underscore = True
         # Compare lower-cased names only when the length could match (cheap filter).
         if size == 4:
             if name.lower() == b"host":
                 head.host = value
                 hosts += 1
-        elif size == 13:
-            if name.lower() == b"authorization":
-                authorizations += 1
-        elif size == 19:
-            if name.lower() == b"proxy-authorization":
-                proxy_authorizations += 1
-        elif size == 12:
-            if name.lower() == b"content-type":
-                content_types += 1
         elif size == 14:
             if name.lower() == b"content-length":
                 if content_length is not None:
@@ -209,8 +198,20 @@ def scan_head(head: MessageHead, *, request: bool) -> None:
         elif size == 6:
             if name.lower() == b"expect":
                 head.expect_continue = value.lower() == b"100-continue"
-        elif size == 7 and name.lower() == b"upgrade":
-            upgrade_header = True
+        elif size == 7:
+            if name.lower() == b"upgrade":
+                upgrade_header = True
+        elif request and (size == 13 or size == 19 or size == 12):
+            lower = name.lower()
+            if lower == b"authorization":
+                authorizations += 1
+            elif lower == b"proxy-authorization":
+                proxy_authorizations += 1
+            elif lower == b"content-type":
+                content_types += 1
+        # An int: memchr (a one-byte bytes needle costs several times more).
+        if request and _UNDERSCORE in name:
+            underscore = True
     if connections:
         head.connection = connections[0] if len(connections) == 1 else b",".join(connections)
     if request:

@@ -17,6 +17,8 @@ from collections.abc import Container
 
 from metrics.definitions import count_request
 from proxy.canonical import (
+    KNOWN_AUTHORITIES,
+    REGISTERED_METHODS,
     InvalidHeader,
     canonical_target,
     check_authority,
@@ -129,14 +131,16 @@ class Http1Protocol:
         if head.version != "1.1" and head.version != "1.0":
             raise BadRequest(f"unsupported HTTP version {head.version}")
         method = head.method.decode("ascii")
-        check_method(method)
+        if method not in REGISTERED_METHODS:
+            check_method(method)
         if method == "CONNECT":
             raise BadRequest("CONNECT is not supported by a reverse proxy")
         server = self._server
         target, path, query, raw_target, authority = canonical_target(
             head.target, method, server.path_normalization
         )
-        check_authority(head.host)
+        if head.host not in KNOWN_AUTHORITIES:
+            check_authority(head.host)
         if head.repeated_singleton:
             raise InvalidHeader("more than one Authorization, Proxy-Authorization or Content-Type")
         headers = head.headers
