@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Container
+from collections.abc import Awaitable, Callable, Container, Iterator
 
 import h2.events
 import h2.exceptions
@@ -32,7 +32,7 @@ from proxy.local_reply import local_reply
 from proxy.models import Body, Request, Response
 from proxy.protocol.h2conn import (
     H2Exchange,
-    connection_window,
+    ReceiveWindows,
     hard_header_cap,
     server_connection,
 )
@@ -64,11 +64,7 @@ class Http2Protocol:
         self._dead = False  # terminated: nothing more is read or sent
         self._last_stream_id = 0  # the highest stream we took (for our GOAWAY)
         self._idle_deadline = conn.loop.time() + conn.limits.keepalive_timeout
-        # Request body bytes received and not yet taken by their exchanges (what the
-        # connection's flow-control window holds), for request buffering.
-        self._unread = 0
-        self._connection_window = connection_window(settings)
-        self._windows_spent = False  # bodies have been told the connection's is spent
+        self._windows = ReceiveWindows(settings)  # for request buffering
         self._writer.flush()
 
     def __repr__(self) -> str:
@@ -240,9 +236,8 @@ class Http2Protocol:
                 self._malformed_body(stream, "more DATA than content-length")
                 return
             stream.body_deadline = self._conn.loop.time() + self._conn.limits.body_timeout
-            self._unread += len(data)
             body.feed(data)  # acknowledged when the exchange reads it (on_consumed)
-            self._check_windows(body)
+            self._windows.fed(body, len(data), self._bodies())
 
     def _on_trailers(self, event: h2.events.TrailersReceived) -> None:
         stream = self._streams.get(event.stream_id)
@@ -504,9 +499,7 @@ class Http2Protocol:
     def _on_consumed(self, stream_id: int, size: int) -> None:
         """The exchange took `size` bytes of a request body: re-open the window, and if
         it has caught up, the stream now waits on the client (its deadline restarts)."""
-        self._unread -= size
-        if self._windows_spent and self._unread * 2 < self._connection_window:
-            self._windows_spent = False
+        self._windows.taken(size)
         stream = self._streams.get(stream_id)
         if stream is not None and stream.body is not None:
             body = stream.body
@@ -520,7 +513,7 @@ class Http2Protocol:
         stream = self._streams.get(stream_id)
         if stream is not None and stream.body is not None:
             self._waits_on_client(stream)
-            self._check_windows(stream.body)
+            self._windows.check(stream.body, self._bodies())
 
     def _waits_on_client(self, stream: H2Exchange) -> None:
         conn = self._conn
@@ -528,17 +521,8 @@ class Http2Protocol:
         if conn.phase is ConnectionPhase.BUSY:
             self._update_phase()
 
-    def _check_windows(self, body: Body) -> None:
-        """End request buffering where the client can send no more before we read: a
-        stream holding half its window unread, or streams holding half the connection's
-        (the client may stop at either; waiting on would deadlock until body_timeout)."""
-        if (body.bytes_fed - body.bytes_read) * 2 >= self._settings.initial_window_size:
-            body.window_full()
-        if not self._windows_spent and self._unread * 2 >= self._connection_window:
-            self._windows_spent = True
-            for stream in self._streams.values():
-                if stream.body is not None:
-                    stream.body.window_full()
+    def _bodies(self) -> Iterator[Body]:
+        return (stream.body for stream in self._streams.values() if stream.body is not None)
 
     @staticmethod
     def _wake(stream: H2Exchange) -> None:
