@@ -5,11 +5,10 @@ asking it once per request made a read of n requests cost O(n^2)."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from proxy.protocol.h1codec import H1Error, MessageHead, make_request_parser
+from tests.cost import least_cpu
 
 # 10x the requests may cost at most this many times the CPU time (linear: ~10).
 MAX_RATIO = 20.0
@@ -37,18 +36,16 @@ class CountingSink:
 
 
 def parse_cost(codec: str, request: bytes, count: int) -> float:
-    """CPU seconds to parse `count` copies of `request` fed in one piece (the least of
-    two runs: other work on the machine only ever adds to it)."""
-    costs = []
-    for _ in range(2):
+    """CPU seconds to parse `count` copies of `request` fed in one piece (tests/cost.py)."""
+    data = request * count
+
+    def parse() -> None:
         sink = CountingSink()
         parser = make_request_parser(codec, sink, 64 * 1024)
-        data = request * count
-        started = time.process_time()
         assert parser.feed(data) is None
-        costs.append(time.process_time() - started)
         assert sink.heads == sink.ends == count
-    return min(costs)
+
+    return least_cpu(parse)
 
 
 @pytest.mark.parametrize("version", [b"1.1", b"1.0"])
@@ -63,17 +60,16 @@ def test_pipelined_requests_in_one_read_cost_time_linear_in_their_number(
 
 
 def pieces_cost(codec: str, pieces: list[bytes]) -> float:
-    """CPU seconds to feed `pieces` one by one (the least of two runs)."""
-    costs = []
-    for _ in range(2):
+    """CPU seconds to feed `pieces` one by one (tests/cost.py)."""
+
+    def feed() -> None:
         sink = CountingSink()
         parser = make_request_parser(codec, sink, 4 * 1024 * 1024)
-        started = time.process_time()
         for piece in pieces:
             assert parser.feed(piece) is None
-        costs.append(time.process_time() - started)
         assert sink.heads == sink.ends == 1
-    return min(costs)
+
+    return least_cpu(feed)
 
 
 def test_a_request_target_in_many_pieces_costs_time_linear_in_their_number(
