@@ -39,4 +39,3 @@ def least_cpu(work: Callable[[], Any], runs: int = RUNS) -> float:
             work()
             costs.append(time.process_time() - started)
     return min(costs)
-
