@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
 
 from metrics.local import LocalCounter, LocalCounterChild, LocalHistogram, LocalHistogramChild
-from proxy.errors import (
+from proxy.core.errors import (
     PoolTimeout,
     ProxyError,
     UpstreamConnectError,
@@ -34,7 +34,7 @@ from proxy.errors import (
 )
 
 if TYPE_CHECKING:
-    from proxy.models import Request
+    from proxy.core.models import Request
 
 # A `_created` sample per series is a per-process timestamp: it cannot be summed across
 # workers, so no family here exports one.
@@ -347,7 +347,7 @@ def count_local_reply(reason: str) -> None:
     child.value += 1.0
 
 
-# -- upstream resilience: retries and the circuit breaker (proxy/retry.py) -------------
+# -- upstream resilience: retries and the circuit breaker (proxy/exchange/retry.py) -------------
 
 UPSTREAM_RETRIES = LocalCounter(
     "gatehouse_upstream_retries",
@@ -401,7 +401,7 @@ _FAILURE_CODES: tuple[tuple[type[ProxyError], str], ...] = (
 )
 CLIENT_ABORT = "client_abort"  # the client left, or its body failed, before the head
 # The message of the cancellation that ends a try at `retries.per_try_timeout`
-# (proxy/forward.py), which tells it from the client's going away.
+# (proxy/exchange/forward.py), which tells it from the client's going away.
 PER_TRY_TIMEOUT = "gatehouse: per_try_timeout"
 
 

@@ -35,10 +35,10 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from metrics.definitions import REGISTRY, set_enabled, set_route_check
-from proxy.protocol.http2 import Http2Protocol
+from proxy.frontend.h2.protocol import Http2Protocol
 
 if TYPE_CHECKING:
-    from proxy.server import Server
+    from proxy.process.server import Server
 
 PROTOCOLS = ("http1", "h2", "websocket")
 

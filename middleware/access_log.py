@@ -47,10 +47,10 @@ from metrics.definitions import ACCESS_LOG_DROPPED
 from middleware.base import Handler
 from middleware.headers import error_reply
 from middleware.options import Options
-from proxy.config_reader import did_you_mean
-from proxy.errors import ProxyError
-from proxy.local_reply import request_id_of
-from proxy.models import Request, Response
+from proxy.config.reader import did_you_mean
+from proxy.core.errors import ProxyError
+from proxy.core.local_reply import request_id_of
+from proxy.core.models import Request, Response
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ class AccessLog:
     """Log one JSON line per request."""
 
     OPTIONS = ("fields", "sample", "output", "queue_size")
-    EAGER = True  # awaits nothing but call_next (proxy/eager.py)
+    EAGER = True  # awaits nothing but call_next (proxy/exchange/eager.py)
 
     def __init__(self, options: Options) -> None:
         fields = options.strings("fields", DEFAULT_FIELDS)

@@ -42,9 +42,9 @@ from middleware.auth_common import (
 )
 from middleware.base import Handler
 from middleware.options import Options
-from proxy.config_reader import Reported
-from proxy.errors import Forbidden, Unauthorized
-from proxy.models import Request, Response
+from proxy.config.reader import Reported
+from proxy.core.errors import Forbidden, Unauthorized
+from proxy.core.models import Request, Response
 
 DEFAULT_HEADER = "X-API-Key"
 _QUERY_NAME_RE = re.compile(r"[A-Za-z0-9._~-]+")  # RFC 3986 unreserved characters
@@ -82,7 +82,7 @@ class ApiKey:
 
     OPTIONS = ("header", "query", "keys", "keys_file", "consumer_header", "realm")
     # It awaits nothing but `call_next`, so its chain may run without a task (see the
-    # EAGER protocol of proxy/eager.py).
+    # EAGER protocol of proxy/exchange/eager.py).
     EAGER = True
 
     def __init__(self, options: Options) -> None:

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from yaml.nodes import Node, ScalarNode
 
 from middleware.options import Options
-from proxy.config_reader import NodeReader, Reported
-from proxy.models import Request
+from proxy.config.reader import NodeReader, Reported
+from proxy.core.models import Request
 
 DEFAULT_REALM = "gatehouse"
 DEFAULT_CONSUMER_HEADER = "X-Consumer"

@@ -20,11 +20,11 @@ Optional `identity_headers()` returns the names of the request fields it sets fo
 upstream to rely on (the consumer, a user, token claims, values `headers` sets): the
 gateway removes every spelling of them that the client sent (any case, `_` for `-`)
 before the chain runs, so that whether or not the middleware sets one, the upstream never
-sees a client's copy (proxy/canonical.py `without_spellings`).
+sees a client's copy (proxy/core/canonical.py `without_spellings`).
 
 Optional `EAGER = True` (a class or instance attribute) promises that the middleware
 awaits nothing but `call_next`: a chain made only of such middleware runs without a task
-(proxy/eager.py), which is most of what a chain costs. Do not set it on a middleware that
+(proxy/exchange/eager.py), which is most of what a chain costs. Do not set it on a middleware that
 awaits I/O, a lock or a thread.
 """
 
@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 if TYPE_CHECKING:
     from middleware.options import Options
-    from proxy.models import Request, Response
+    from proxy.core.models import Request, Response
 
 Handler = Callable[["Request"], Awaitable["Response"]]
 

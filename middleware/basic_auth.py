@@ -57,9 +57,9 @@ from middleware.auth_common import (
 )
 from middleware.base import Handler
 from middleware.options import Options
-from proxy.config_reader import Reported, join_path
-from proxy.errors import Unauthorized
-from proxy.models import Request, Response
+from proxy.config.reader import Reported, join_path
+from proxy.core.errors import Unauthorized
+from proxy.core.models import Request, Response
 
 DEFAULT_CACHE_TTL_S = 60.0
 DEFAULT_CACHE_SIZE = 1024

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 from middleware.base import Handler
 from middleware.options import Options
-from proxy.errors import BodyTooLarge
-from proxy.models import Request, Response
+from proxy.core.errors import BodyTooLarge
+from proxy.core.models import Request, Response
 
 
 class BodyLimit:
     """Refuse request bodies larger than `max` bytes with 413."""
 
     OPTIONS = ("max",)
-    EAGER = True  # awaits nothing but call_next (proxy/eager.py)
+    EAGER = True  # awaits nothing but call_next (proxy/exchange/eager.py)
     REQUIRED = ("max",)
 
     def __init__(self, options: Options) -> None:

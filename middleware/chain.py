@@ -15,8 +15,8 @@ from time import perf_counter
 
 from metrics.definitions import MIDDLEWARE_SECONDS
 from middleware.base import Handler
-from proxy.config_model import MiddlewareSpec
-from proxy.models import Request, Response
+from proxy.config.model import MiddlewareSpec
+from proxy.core.models import Request, Response
 
 log = logging.getLogger(__name__)
 

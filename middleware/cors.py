@@ -30,8 +30,8 @@ from multidict import CIMultiDict
 from middleware.base import Handler
 from middleware.headers import error_reply
 from middleware.options import Options
-from proxy.errors import CorsPreflightRefused, ProxyError
-from proxy.models import Body, Request, Response
+from proxy.core.errors import CorsPreflightRefused, ProxyError
+from proxy.core.models import Body, Request, Response
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # scheme "://" host [":" port]; host a DNS name (optionally "*." first), IPv4 or [IPv6].
@@ -97,7 +97,7 @@ class Cors:
         "max_age",
     )
     REQUIRED = ("allow_origins",)
-    EAGER = True  # awaits nothing but call_next (proxy/eager.py)
+    EAGER = True  # awaits nothing but call_next (proxy/exchange/eager.py)
 
     def __init__(self, options: Options) -> None:
         self.any_origin = False

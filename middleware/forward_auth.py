@@ -6,7 +6,7 @@ listed in `forward_headers`; never hop-by-hop ones or the client's own forwardin
 headers) and, set by the gateway alone, X-Forwarded-Method, -Proto, -Host, -Uri (the
 request target in canonical form, as the upstream gets it) and X-Forwarded-For (as the
 upstream gets it: the list a trusted proxy forwarded with its address appended, or the
-peer alone; proxy/headers.py). A client's Forwarded and X-Real-IP go only when its peer
+peer alone; proxy/core/headers.py). A client's Forwarded and X-Real-IP go only when its peer
 is a trusted proxy (`client_ip.trusted_proxies`). The request body is not sent.
 
 - A 2xx answer lets the request on. The response headers named in `copy_headers` are
@@ -40,7 +40,9 @@ from multidict import CIMultiDict
 from metrics.definitions import count_auth_failure
 from middleware.base import Handler
 from middleware.options import Options
-from proxy.config_model import (
+from proxy.codec.h1 import resolve_codec
+from proxy.codec.h1serialize import UnsafeHeader, request_head
+from proxy.config.model import (
     DEFAULT_MAX_HEAD_BYTES,
     EndpointConfig,
     PoolConfig,
@@ -48,8 +50,8 @@ from proxy.config_model import (
     UpstreamTimeouts,
     UpstreamTls,
 )
-from proxy.config_values import ConfigValueError, ca_bundle_problem, parse_endpoint_url
-from proxy.errors import (
+from proxy.config.values import ConfigValueError, ca_bundle_problem, parse_endpoint_url
+from proxy.core.errors import (
     AuthBadResponse,
     AuthTimeout,
     AuthUnavailable,
@@ -60,11 +62,9 @@ from proxy.errors import (
     UpstreamConnectTimeout,
     UpstreamTimeout,
 )
-from proxy.headers import REQUEST_HOP_BY_HOP
-from proxy.models import Body, Request, Response
-from proxy.protocol.h1codec import resolve_codec
-from proxy.protocol.h1serialize import UnsafeHeader, request_head
-from proxy.upstream.http1 import RESPONSE_HOP_BY_HOP, StaleConnection
+from proxy.core.headers import REQUEST_HOP_BY_HOP
+from proxy.core.models import Body, Request, Response
+from proxy.upstream.h1 import RESPONSE_HOP_BY_HOP, StaleConnection
 from proxy.upstream.pool import UpstreamPool
 from proxy.upstream.tls import client_context, server_hostname
 
@@ -252,7 +252,7 @@ class ForwardAuth:
             for name in wanted:
                 if trusted or name.lower() not in _CLIENT_STATEMENTS:
                     out += [(name, value) for value in headers.getall(name, ())]
-        # As the upstream gets it (proxy/headers.py): a trusted proxy's list, this hop
+        # As the upstream gets it (proxy/core/headers.py): a trusted proxy's list, this hop
         # appended; from anyone else, the peer alone.
         forwarded_for = ", ".join(headers.getall("x-forwarded-for", ())) if trusted else ""
         peer = request.peer[0]

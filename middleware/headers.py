@@ -31,10 +31,10 @@ from multidict import CIMultiDict
 
 from middleware.base import Handler
 from middleware.options import Options
-from proxy.config_reader import did_you_mean
-from proxy.errors import ProxyError
-from proxy.local_reply import local_reply, request_id_of
-from proxy.models import Request, Response
+from proxy.config.reader import did_you_mean
+from proxy.core.errors import ProxyError
+from proxy.core.local_reply import local_reply, request_id_of
+from proxy.core.models import Request, Response
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ class Headers:
     """Change request and response headers."""
 
     OPTIONS = ("request", "response")
-    EAGER = True  # awaits nothing but call_next (proxy/eager.py)
+    EAGER = True  # awaits nothing but call_next (proxy/exchange/eager.py)
 
     def __init__(self, options: Options) -> None:
         allowed = ("set", "add", "remove")

@@ -7,7 +7,7 @@ matching rule wins; here a narrower deny inside a wider allow is the usual way t
 hole, and it works whichever is written first).
 
 The client address is `Request.client`, decided once per request for every consumer by
-the top-level `client_ip` section (proxy/client_ip.py): the connection's peer, or behind
+the top-level `client_ip` section (proxy/core/client_ip.py): the connection's peer, or behind
 `client_ip.trusted_proxies` the address they forwarded. When it cannot be known (a
 trusted proxy forwarded something that is not an address) the request is refused. A
 refusal is a 403 local reply with reason `ip_forbidden`.
@@ -23,7 +23,8 @@ import logging
 
 from middleware.base import Handler
 from middleware.options import Options
-from proxy.addresses import (
+from proxy.config.reader import Reported
+from proxy.core.addresses import (
     ADDRESS_CACHE_ENTRIES,
     Address,
     AddressSet,
@@ -31,9 +32,8 @@ from proxy.addresses import (
     parse_address,
     parse_network,
 )
-from proxy.config_reader import Reported
-from proxy.errors import IpForbidden
-from proxy.models import Request, Response
+from proxy.core.errors import IpForbidden
+from proxy.core.models import Request, Response
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class IpFilter:
     """Refuses requests whose client address is denied, or not allowed."""
 
     OPTIONS = ("allow", "deny", "trusted_proxies")  # trusted_proxies: refused, see above
-    EAGER = True  # awaits nothing but call_next (proxy/eager.py)
+    EAGER = True  # awaits nothing but call_next (proxy/exchange/eager.py)
 
     def __init__(self, options: Options) -> None:
         self.name = options.name

@@ -36,7 +36,7 @@ from jwt import PyJWK
 from jwt.exceptions import PyJWTError
 
 from metrics.definitions import count_jwks_refresh
-from proxy.config_values import ConfigValueError
+from proxy.config.values import ConfigValueError
 
 log = logging.getLogger(__name__)
 

@@ -56,9 +56,9 @@ from middleware.jwks import (
     parse_jwks_url,
 )
 from middleware.options import Options
-from proxy.config_reader import did_you_mean
-from proxy.errors import Unauthorized
-from proxy.models import Request, Response
+from proxy.config.reader import did_you_mean
+from proxy.core.errors import Unauthorized
+from proxy.core.models import Request, Response
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from typing import TypeVar
 
 from yaml.nodes import Node, ScalarNode
 
-from proxy.config_reader import Fields, NodeReader, Reported
-from proxy.config_values import ConfigValueError
+from proxy.config.reader import Fields, NodeReader, Reported
+from proxy.config.values import ConfigValueError
 
 _T = TypeVar("_T")
 _MISSING = object()

@@ -36,10 +36,10 @@ from middleware.rate_limit_local import (
     LocalBackend,
     SharedTableError,
 )
-from proxy.config_values import ConfigValueError
-from proxy.errors import RateLimited, RateLimitUnavailable
-from proxy.local_reply import local_reply
-from proxy.models import Request, Response
+from proxy.config.values import ConfigValueError
+from proxy.core.errors import RateLimited, RateLimitUnavailable
+from proxy.core.local_reply import local_reply
+from proxy.core.models import Request, Response
 
 DEFAULT_REDIS_TIMEOUT_S = 0.05
 REDIS_KEY_PREFIX = "gatehouse:rate_limit:"  # + instance name + ":" + key

@@ -202,7 +202,7 @@ class RedisBackend:
         now = b"" if self._now is None else repr(self._now()).encode()
         full_key = (self.key_prefix + key).encode("utf-8", "surrogatepass")
         if asyncio.current_task() is None:
-            # Driven by hand outside a task (proxy/eager.py; a chain should not be, since
+            # Driven by hand outside a task (proxy/exchange/eager.py; a chain should not be, since
             # this awaits I/O and is no EAGER middleware, but then this still holds):
             # asyncio.timeout needs a task, so yield a bare turn and resume inside one.
             await asyncio.sleep(0)

@@ -13,7 +13,7 @@ import re
 
 from middleware.base import Handler
 from middleware.options import Options
-from proxy.models import Request, Response
+from proxy.core.models import Request, Response
 
 # What an incoming id may look like: short, printable, no separators that could smuggle
 # another header or break a log line.
@@ -24,7 +24,7 @@ class RequestId:
     """Generate or propagate the request id header."""
 
     OPTIONS = ("header", "trust_incoming", "response")
-    EAGER = True  # awaits nothing but call_next (proxy/eager.py)
+    EAGER = True  # awaits nothing but call_next (proxy/exchange/eager.py)
 
     def __init__(self, options: Options) -> None:
         self.header = options.string("header", "X-Request-ID")

@@ -11,8 +11,8 @@ import uvloop
 from hypothesis import HealthCheck, settings
 
 from metrics.definitions import set_enabled
-from proxy.config import parse_config
-from proxy.server import Server
+from proxy.config.load import parse_config
+from proxy.process.server import Server
 from tests.tls import TlsFiles, make_tls_files
 from tests.upstream import UpstreamServer
 

@@ -1,6 +1,6 @@
 """Test fakes and small HTTP/1.1 tools shared by the protocol, property and e2e tests.
 
-- `RecordingConnection`: stands in for `proxy.connection.ClientConnection` under an
+- `RecordingConnection`: stands in for `proxy.frontend.connection.ClientConnection` under an
   `Http1Protocol`, recording what the protocol writes and does to the socket.
 - `FakeServer`: the `server` such a connection belongs to; its `handle` answers each
   request with a canned `Response` (reading the request body first, as forwarding does).
@@ -22,13 +22,13 @@ from typing import Any
 import h11
 from multidict import CIMultiDict
 
-from proxy.client_ip import ClientResolver
-from proxy.config_model import Http2Config, LimitsConfig, PathNormalization
-from proxy.connection import ConnectionPhase, ReadPause
-from proxy.errors import ProxyError
-from proxy.local_reply import local_reply
-from proxy.models import Body, Request, Response
-from proxy.protocol.http1 import Http1Protocol
+from proxy.config.model import Http2Config, LimitsConfig, PathNormalization
+from proxy.core.client_ip import ClientResolver
+from proxy.core.errors import ProxyError
+from proxy.core.local_reply import local_reply
+from proxy.core.models import Body, Request, Response
+from proxy.frontend.connection import ConnectionPhase, ReadPause
+from proxy.frontend.h1 import Http1Protocol
 
 # ------------------------------------------------------------------------ protocol fakes
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from proxy.config import ConfigError, load_config
+from proxy.config.document import ConfigError
+from proxy.config.load import load_config
 
 COMPOSE = Path(__file__).resolve().parent.parent / "examples" / "compose"
 ENV = {"GATEHOUSE_ADMIN_TOKEN": "f" * 64, "GATEHOUSE_WORKERS": "2"}

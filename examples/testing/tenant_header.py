@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from middleware.base import Handler
 from middleware.options import Options
-from proxy.errors import ProxyError
-from proxy.models import Request, Response
+from proxy.core.errors import ProxyError
+from proxy.core.models import Request, Response
 
 
 class UnknownTenant(ProxyError):

@@ -15,7 +15,7 @@ What changes from the file, so that the same routes.yaml runs in a test:
   `http://users`) goes to that upstream, and `upstreams={"users": users}` sends every
   endpoint of the config's upstream `users` there: a production file needs no edit. Such
   an upstream speaks the kit upstream's protocol (http1 or h2c), over plain TCP;
-- `workers` is ignored: one Server runs in this process (proxy/server.py), marked in test
+- `workers` is ignored: one Server runs in this process (proxy/process/server.py), marked in test
   mode (proxy/testing/trace.py).
 """
 
@@ -33,10 +33,11 @@ from prometheus_client.metrics_core import Metric
 
 from metrics.admin import AdminServer
 from metrics.gateway import CONFIG_LAST_RELOAD_SUCCESS, CONFIG_RELOADS
-from proxy.config import ConfigError, parse_config
-from proxy.config_model import AdminConfig, Config, EndpointConfig, UpstreamConfig
-from proxy.config_view import config_view
-from proxy.server import ReloadRefused, Server
+from proxy.config.document import ConfigError
+from proxy.config.load import parse_config
+from proxy.config.model import AdminConfig, Config, EndpointConfig, UpstreamConfig
+from proxy.config.view import config_view
+from proxy.process.server import ReloadRefused, Server
 from proxy.testing.metrics import Baseline, current
 from proxy.testing.trace import EXCHANGE_HEADER, Exchange, Tracer
 from proxy.testing.upstream import ReceivedRequest, ScriptedUpstream

@@ -15,7 +15,7 @@ from prometheus_client.metrics_core import Metric
 from metrics.aggregate import Snapshot, merge, snapshot
 from metrics.definitions import REGISTRY
 from metrics.gateway import GATEWAY_REGISTRY
-from proxy.config_reader import did_you_mean
+from proxy.config.reader import did_you_mean
 
 _CUMULATIVE = ("counter", "histogram", "summary")
 

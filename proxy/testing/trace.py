@@ -19,11 +19,11 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from proxy.errors import ProxyError
-from proxy.local_reply import local_reply
-from proxy.models import Request, Response
-from proxy.stream import FastStart, Handler, ResponseCallback, Runtime
-from proxy.upstream.http1 import StaleConnection
+from proxy.core.errors import ProxyError
+from proxy.core.local_reply import local_reply
+from proxy.core.models import Request, Response
+from proxy.exchange.runtime import FastStart, Handler, ResponseCallback, Runtime
+from proxy.upstream.h1 import StaleConnection
 
 EXCHANGE_HEADER = "x-gatehouse-exchange"
 ROUTE_HEADER = "x-gatehouse-route"

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 from metrics.definitions import panic_counter
 from metrics.local import LocalCounterChild
-from proxy.config_model import EndpointConfig, UpstreamConfig
-from proxy.upstream.h2pool import H2Pool
+from proxy.config.model import EndpointConfig, UpstreamConfig
+from proxy.upstream.h2.pool import H2Pool
 from proxy.upstream.health import HealthChecker
 from proxy.upstream.outlier import OutlierDetector
 from proxy.upstream.policies import Policy, make_policy
@@ -35,7 +35,7 @@ from proxy.upstream.resolver import DnsRefresh
 from proxy.upstream.tls import client_context, server_hostname
 
 if TYPE_CHECKING:
-    from proxy.models import Request
+    from proxy.core.models import Request
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from math import gcd
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from proxy.models import Request
+    from proxy.core.models import Request
     from proxy.upstream.balancer import EndpointState
 
 # Points on the ring per unit of weight. With 160 the share of keys an endpoint owns

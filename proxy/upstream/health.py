@@ -35,8 +35,8 @@ import h2.events
 import h2.exceptions
 
 from metrics.definitions import count_health_check
-from proxy.config_model import EndpointConfig, HealthCheckConfig
-from proxy.errors import ProxyError
+from proxy.config.model import EndpointConfig, HealthCheckConfig
+from proxy.core.errors import ProxyError
 from proxy.upstream.transport import open_connection
 
 if TYPE_CHECKING:

@@ -31,8 +31,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from metrics.definitions import count_ejection
-from proxy.config_model import OutlierConfig
-from proxy.errors import (
+from proxy.config.model import OutlierConfig
+from proxy.core.errors import (
     UpstreamConnectError,
     UpstreamConnectTimeout,
     UpstreamProtocolError,

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from itertools import accumulate
 from typing import TYPE_CHECKING, Protocol
 
-from proxy.config_model import BalanceConfig
+from proxy.config.model import BalanceConfig
 from proxy.upstream.hashing import (
     HashRing,
     cookie_value,
@@ -28,7 +28,7 @@ from proxy.upstream.hashing import (
 )
 
 if TYPE_CHECKING:
-    from proxy.models import Request, Response
+    from proxy.core.models import Request, Response
     from proxy.upstream.balancer import EndpointState
 
 

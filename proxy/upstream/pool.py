@@ -16,9 +16,9 @@ from collections.abc import Callable
 from typing import NamedTuple, TypeVar
 
 from metrics.definitions import failure_code, upstream_series
-from proxy.config_model import EndpointConfig, PoolConfig, UpstreamTimeouts
-from proxy.errors import PoolTimeout, ProxyError, UpstreamReset
-from proxy.upstream.http1 import Http1UpstreamConnection, UpstreamConnState
+from proxy.config.model import EndpointConfig, PoolConfig, UpstreamTimeouts
+from proxy.core.errors import PoolTimeout, ProxyError, UpstreamReset
+from proxy.upstream.h1 import Http1UpstreamConnection, UpstreamConnState
 from proxy.upstream.transport import open_connection
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ import ssl
 from collections.abc import Callable
 from typing import TypeVar
 
-from proxy.errors import UpstreamConnectError, UpstreamConnectTimeout
+from proxy.core.errors import UpstreamConnectError, UpstreamConnectTimeout
 
 P = TypeVar("P", bound=asyncio.Protocol)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from proxy.server import Server
+from proxy.process.server import Server
 from tests.conftest import GatewayFactory, simple_config
 from tests.helpers import RawClient, RawResponse
 

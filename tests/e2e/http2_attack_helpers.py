@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import httpx
 
 from metrics.definitions import REGISTRY
-from proxy.server import Server
+from proxy.process.server import Server
 from tests.conftest import GatewayFactory, assert_still_serves, base_url, simple_config
 from tests.h2_client import H2Client
 from tests.tls import TlsFiles

@@ -13,7 +13,7 @@ from collections import Counter
 import httpx
 import pytest
 
-from proxy.server import Server
+from proxy.process.server import Server
 from tests.conftest import GatewayFactory, UpstreamFactory, base_url
 from tests.upstream import UpstreamServer
 

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from metrics.definitions import UPSTREAM_OVERLOADED
-from proxy.server import Server
+from proxy.process.server import Server
 from tests.conftest import GatewayFactory, UpstreamFactory, base_url
 from tests.h2_upstream import H2UpstreamServer
 from tests.upstream import UpstreamServer

@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from proxy.server import Server
+from proxy.process.server import Server
 from tests.conftest import GatewayFactory, assert_still_serves, base_url, simple_config
 from tests.e2e.error_helpers import assert_local_reply, refused, send_once, start
 from tests.helpers import RawClient, eventually

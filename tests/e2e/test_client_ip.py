@@ -15,8 +15,8 @@ from collections import Counter
 import httpx
 import pytest
 
-from proxy.config import parse_config
-from proxy.server import Server
+from proxy.config.load import parse_config
+from proxy.process.server import Server
 from tests.conftest import GatewayFactory, UpstreamFactory, base_url
 from tests.h2_client import H2Client
 from tests.upstream import UpstreamServer

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from proxy.config_document import MAX_CONFIG_BYTES
+from proxy.config.document import MAX_CONFIG_BYTES
 from tests.admin_client import admin_config, admin_reload, metric, wait_ready
 from tests.gateway_process import free_port, run_cli, run_gateway
 from tests.upstream import UpstreamServer, serve_in_thread

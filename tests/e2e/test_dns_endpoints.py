@@ -7,8 +7,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from proxy.config import parse_config
-from proxy.server import Server
+from proxy.config.load import parse_config
+from proxy.process.server import Server
 from proxy.upstream.resolver import resolve_endpoints
 from tests.conftest import base_url
 from tests.helpers import eventually

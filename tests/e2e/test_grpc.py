@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from proxy.config import parse_config
-from proxy.server import Server
+from proxy.config.load import parse_config
+from proxy.process.server import Server
 from tests import grpc_service
 from tests.conftest import GatewayFactory
 from tests.grpc_service import EchoClient, echo_client, echo_server

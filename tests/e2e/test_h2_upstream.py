@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from proxy.server import Server
+from proxy.process.server import Server
 from tests.conftest import GatewayFactory, base_url, raw_request
 from tests.h2_upstream import H2UpstreamServer, TlsUpstreamServer
 from tests.helpers import parse_response

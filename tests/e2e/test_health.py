@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from metrics.definitions import UPSTREAM_EJECTIONS, UPSTREAM_HEALTH_CHECKS, UPSTREAM_PANIC
-from proxy.config import parse_config
-from proxy.server import Server
+from proxy.config.load import parse_config
+from proxy.process.server import Server
 from proxy.testing import ScriptedUpstream, start_upstream
 from tests.conftest import GatewayFactory, base_url
 from tests.helpers import eventually

@@ -13,8 +13,8 @@ import pytest
 from websockets.asyncio.client import connect
 
 from metrics.definitions import REQUESTS, UPSTREAM_REQUESTS, forget_series
-from proxy.config import parse_config
-from proxy.stream import Runtime
+from proxy.config.load import parse_config
+from proxy.exchange.runtime import Runtime
 from tests.conftest import GatewayFactory, base_url
 from tests.h2_client import H2Client
 from tests.h2_upstream import H2UpstreamServer

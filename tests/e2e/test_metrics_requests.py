@@ -12,9 +12,9 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from proxy.errors import ProxyError
-from proxy.forward import Forwarder
-from proxy.models import Request, Response
+from proxy.core.errors import ProxyError
+from proxy.core.models import Request, Response
+from proxy.exchange.forward import Forwarder
 from tests.conftest import GatewayFactory, base_url, raw_request
 from tests.h2_client import H2Client
 from tests.h2_upstream import H2UpstreamServer

@@ -10,7 +10,7 @@ import json
 import httpx
 import pytest
 
-from proxy.server import Server
+from proxy.process.server import Server
 from tests.conftest import GatewayFactory, base_url, simple_config
 from tests.h2_client import H2Client
 from tests.helpers import eventually

@@ -13,7 +13,7 @@ import pytest
 from metrics.definitions import REGISTRY
 from middleware.base import Handler
 from middleware.options import Options
-from proxy.models import Request, Response
+from proxy.core.models import Request, Response
 from tests.conftest import GatewayFactory, base_url, simple_config
 from tests.upstream import Recorded, UpstreamServer
 

@@ -1,4 +1,4 @@
-"""Chains of middleware that declare `EAGER = True` run without a task (proxy/eager.py):
+"""Chains of middleware that declare `EAGER = True` run without a task (proxy/exchange/eager.py):
 the same answers as a task would give, on the fast path when an idle connection is
 there, handed to a task when it is not, and retried after the keep-alive race."""
 
@@ -12,9 +12,9 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from proxy.errors import ProxyError
-from proxy.models import Request, Response
-from proxy.server import Server
+from proxy.core.errors import ProxyError
+from proxy.core.models import Request, Response
+from proxy.process.server import Server
 from tests.conftest import GatewayFactory, UpstreamFactory, base_url
 from tests.h2_client import H2Client
 from tests.helpers import eventually

@@ -11,7 +11,7 @@ import pytest
 
 from metrics.definitions import REGISTRY
 from middleware.forward_auth import DEFAULT_TIMEOUT_S
-from proxy.server import Server
+from proxy.process.server import Server
 from tests.auth_service import AuthAnswer, AuthService, unused_port
 from tests.conftest import GatewayFactory, base_url, simple_config
 from tests.tls import TlsFiles

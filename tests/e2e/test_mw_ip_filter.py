@@ -7,7 +7,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from proxy.server import Server
+from proxy.process.server import Server
 from tests.conftest import GatewayFactory, base_url, simple_config
 from tests.upstream import UpstreamServer
 

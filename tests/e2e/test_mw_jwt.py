@@ -20,9 +20,9 @@ from metrics.definitions import REGISTRY
 from middleware.base import Handler
 from middleware.jwt_auth import JwtAuth
 from middleware.options import Options
-from proxy.config import parse_config
-from proxy.models import Request, Response
-from proxy.server import Server
+from proxy.config.load import parse_config
+from proxy.core.models import Request, Response
+from proxy.process.server import Server
 from tests.conftest import base_url
 from tests.jwks_server import JwksServer, SigningKey
 from tests.upstream import UpstreamServer

@@ -20,8 +20,8 @@ from middleware.base import Handler
 from middleware.options import Options
 from middleware.rate_limit import RateLimit
 from middleware.rate_limit_local import LocalBackend
-from proxy.models import Request, Response
-from proxy.server import Server
+from proxy.core.models import Request, Response
+from proxy.process.server import Server
 from tests.admin_client import admin_reload
 from tests.conftest import GatewayFactory, base_url
 from tests.gateway_process import (

@@ -279,7 +279,7 @@ def test_readme_quick_start_proxies_to_the_demo_echo_service(tmp_path: Path) -> 
     config, replaced = re.subn(r"bind: 0\.0\.0\.0:8080", f"bind: 127.0.0.1:{gateway_port}", bundled)
     assert replaced == 1, "routes.yaml no longer listens on 0.0.0.0:8080"
     echo = subprocess.Popen(
-        [sys.executable, "-m", "proxy.echo", "--port", str(echo_port)],
+        [sys.executable, "-m", "proxy.tools.echo", "--port", str(echo_port)],
         cwd=REPO_ROOT,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,

@@ -24,8 +24,8 @@ import httpx
 import pytest
 
 from metrics.definitions import REGISTRY
-from proxy.config import parse_config
-from proxy.server import Server
+from proxy.config.load import parse_config
+from proxy.process.server import Server
 from tests.conftest import GatewayFactory, UpstreamFactory
 from tests.haproxy import HAProxy
 from tests.helpers import parse_response
@@ -381,7 +381,7 @@ async def test_a_failed_tls_handshake_after_the_header_is_that_connection_s_affa
     tls = f", tls: {{cert: {tls_files.cert}, key: {tls_files.key}}}"
     server = await gateway_factory(config(upstream, listener=tls))
     header = b"PROXY TCP4 198.51.100.7 127.0.0.1 4711 443\r\n"
-    with caplog.at_level("DEBUG", logger="proxy.proxy_listener"):
+    with caplog.at_level("DEBUG", logger="proxy.frontend.listener"):
         # Plain HTTP where the ClientHello should be: the handshake fails.
         assert await exchange(server, header + request()) == b""
     assert any("failed" in record.getMessage() for record in caplog.records)

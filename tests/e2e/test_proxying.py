@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from proxy.server import Server
+from proxy.process.server import Server
 from tests.conftest import GatewayFactory, base_url, simple_config
 from tests.helpers import RawClient, eventually, parse_all
 from tests.upstream import UpstreamServer

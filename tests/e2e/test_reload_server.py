@@ -11,9 +11,9 @@ import httpx
 import pytest
 
 from metrics.definitions import REGISTRY
-from proxy import worker
-from proxy.config import parse_config
-from proxy.server import ReloadRefused, Server
+from proxy.config.load import parse_config
+from proxy.process import worker
+from proxy.process.server import ReloadRefused, Server
 from tests.conftest import UpstreamFactory, base_url
 from tests.helpers import eventually
 from tests.plugins import stamp

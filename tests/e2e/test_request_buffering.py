@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from proxy.connection import ConnectionPhase
-from proxy.server import Server
+from proxy.frontend.connection import ConnectionPhase
+from proxy.process.server import Server
 from tests.conftest import GatewayFactory, base_url, simple_config
 from tests.h2_client import H2Client
 from tests.helpers import RawClient, eventually

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from h2.errors import ErrorCodes
 
-from proxy.server import Server
+from proxy.process.server import Server
 from tests.conftest import GatewayFactory
 from tests.h2_client import H2Client
 from tests.helpers import RawClient, RawResponse

@@ -417,7 +417,7 @@ async def test_killing_one_of_three_endpoints_under_load_loses_no_idempotent_req
 ) -> None:
     servers = [await upstream_factory() for _ in range(3)]
     # The default budget: the requests caught on the dying endpoint are retried (those
-    # refused a connection are not held to the budget, proxy/retry.py).
+    # refused a connection are not held to the budget, proxy/exchange/retry.py).
     retries = "{attempts: 3, on: [connect-failure, reset, 502, 503]}"
     server = await gateway_factory(
         config([s.url for s in servers], retries, outlier=True)  # as deployed

@@ -14,9 +14,9 @@ import socket
 
 import pytest
 
-from proxy.config_model import EndpointConfig, PoolConfig, UpstreamTimeouts
-from proxy.errors import PoolTimeout
-from proxy.server import Server
+from proxy.config.model import EndpointConfig, PoolConfig, UpstreamTimeouts
+from proxy.core.errors import PoolTimeout
+from proxy.process.server import Server
 from proxy.upstream.pool import UpstreamPool
 from tests.conftest import GatewayFactory
 from tests.helpers import RawClient, RawResponse, eventually

@@ -7,7 +7,7 @@ import uuid
 import httpx
 import pytest
 
-from proxy.server import Server
+from proxy.process.server import Server
 from tests.conftest import GatewayFactory, UpstreamFactory, base_url
 from tests.helpers import RawClient
 from tests.upstream import UpstreamServer

@@ -3,7 +3,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from proxy.server import Server
+from proxy.process.server import Server
 from tests.conftest import base_url
 from tests.upstream import UpstreamServer
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.server import Server
+from proxy.process.server import Server
 from tests.conftest import assert_still_serves
 from tests.helpers import RawClient, parse_all
 from tests.upstream import UpstreamServer

@@ -12,8 +12,8 @@ import time
 import httpx
 import pytest
 
-from proxy.config import parse_config
-from proxy.server import Server
+from proxy.config.load import parse_config
+from proxy.process.server import Server
 from tests.conftest import (
     GatewayFactory,
     UpstreamFactory,

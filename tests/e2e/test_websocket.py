@@ -17,8 +17,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Subprotocol
 
 from metrics.definitions import REGISTRY
-from proxy.models import Body, Request, Response
-from proxy.server import Server
+from proxy.core.models import Body, Request, Response
+from proxy.process.server import Server
 from tests.conftest import GatewayFactory, simple_config
 from tests.tls import TlsFiles
 from tests.ws_upstream import REFUSAL_BODY, WsUpstream

@@ -14,7 +14,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.typing import Subprotocol
 
 from metrics.definitions import REGISTRY
-from proxy.server import Server
+from proxy.process.server import Server
 from tests.conftest import GatewayFactory, simple_config
 from tests.tls import TlsFiles
 from tests.ws_h2_client import ENABLE_CONNECT_PROTOCOL, WsH2Client, WsStream

@@ -20,7 +20,7 @@ from metrics.definitions import (
     set_route_check,
     upstream_series,
 )
-from proxy.errors import (
+from proxy.core.errors import (
     BodyTooLarge,
     NoRoute,
     PoolTimeout,
@@ -31,10 +31,10 @@ from proxy.errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
-from proxy.local_reply import local_reply
-from proxy.models import Body, Request
-from proxy.upstream.h2stream import StreamRefused
-from proxy.upstream.http1 import StaleConnection
+from proxy.core.local_reply import local_reply
+from proxy.core.models import Body, Request
+from proxy.upstream.h1 import StaleConnection
+from proxy.upstream.h2.stream import StreamRefused
 from tests.metrics.scrape import Counts, metric, series
 
 

@@ -29,9 +29,10 @@ from middleware.access_log import (
     LineWriter,
     write_whole_lines,
 )
-from proxy.config import ConfigError, parse_config
-from proxy.errors import UpstreamTimeout
-from proxy.models import Body, Request, Response
+from proxy.config.document import ConfigError
+from proxy.config.load import parse_config
+from proxy.core.errors import UpstreamTimeout
+from proxy.core.models import Body, Request, Response
 
 HEAD = """\
 listeners: [{bind: 127.0.0.1:0}]

@@ -13,9 +13,10 @@ from multidict import CIMultiDict
 
 from metrics.definitions import REGISTRY
 from middleware.api_key import ApiKey, take_query_parameter
-from proxy.config import ConfigError, parse_config
-from proxy.errors import Forbidden, Unauthorized
-from proxy.models import Body, Request, Response
+from proxy.config.document import ConfigError
+from proxy.config.load import parse_config
+from proxy.core.errors import Forbidden, Unauthorized
+from proxy.core.models import Body, Request, Response
 
 HEAD = """\
 listeners: [{bind: 127.0.0.1:0}]

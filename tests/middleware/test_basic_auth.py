@@ -24,9 +24,10 @@ from middleware.basic_auth import (
     UnsupportedHash,
     parse_password_hash,
 )
-from proxy.config import ConfigError, parse_config
-from proxy.errors import Unauthorized
-from proxy.models import Body, Request, Response
+from proxy.config.document import ConfigError
+from proxy.config.load import parse_config
+from proxy.core.errors import Unauthorized
+from proxy.core.models import Body, Request, Response
 
 # Published by their tools' documentation, so the formats are checked against what those
 # tools write: PHP's password_hash()/crypt() ($2y$) and passlib's pbkdf2_sha256.

@@ -11,9 +11,10 @@ import pytest
 from multidict import CIMultiDict
 
 from middleware.body_limit import BodyLimit
-from proxy.config import ConfigError, parse_config
-from proxy.errors import BodyTooLarge
-from proxy.models import Body, Request, Response
+from proxy.config.document import ConfigError
+from proxy.config.load import parse_config
+from proxy.core.errors import BodyTooLarge
+from proxy.core.models import Body, Request, Response
 
 HEAD = """\
 listeners: [{bind: 127.0.0.1:0}]

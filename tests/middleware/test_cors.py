@@ -10,9 +10,10 @@ import pytest
 from multidict import CIMultiDict
 
 from middleware.cors import Cors, parse_origin
-from proxy.config import ConfigError, parse_config
-from proxy.errors import CorsPreflightRefused, RequestTimeout
-from proxy.models import Body, Request, Response
+from proxy.config.document import ConfigError
+from proxy.config.load import parse_config
+from proxy.core.errors import CorsPreflightRefused, RequestTimeout
+from proxy.core.models import Body, Request, Response
 
 HEAD = """\
 listeners: [{bind: 127.0.0.1:0}]

@@ -9,9 +9,10 @@ import pytest
 from multidict import CIMultiDict
 
 from middleware.forward_auth import AUTH_BODY_LIMIT_BYTES, ForwardAuth, _read_body
-from proxy.config import ConfigError, parse_config
-from proxy.errors import BadRequest
-from proxy.models import Body, Request, Response
+from proxy.config.document import ConfigError
+from proxy.config.load import parse_config
+from proxy.core.errors import BadRequest
+from proxy.core.models import Body, Request, Response
 from tests.auth_service import AuthAnswer, AuthService
 from tests.tls import TlsFiles
 

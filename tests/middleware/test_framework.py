@@ -10,8 +10,9 @@ import pytest
 
 from middleware.chain import build_chain
 from middleware.request_id import RequestId
-from proxy.config import ConfigError, parse_config
-from proxy.models import Body, Request, Response
+from proxy.config.document import ConfigError
+from proxy.config.load import parse_config
+from proxy.core.models import Body, Request, Response
 from tests.plugins.stamp import Stamp
 
 HEAD = """\
@@ -208,7 +209,7 @@ async def test_build_chain_runs_links_in_order_and_times_each() -> None:
         order.append("endpoint")
         return Response(204)
 
-    from proxy.config_model import MiddlewareSpec
+    from proxy.config.model import MiddlewareSpec
 
     specs = [
         MiddlewareSpec("first", "t", Note("first")),

@@ -9,9 +9,10 @@ import pytest
 from multidict import CIMultiDict
 
 from middleware.headers import Headers, compile_template
-from proxy.config import ConfigError, parse_config
-from proxy.errors import UpstreamConnectError
-from proxy.models import Body, Request, Response
+from proxy.config.document import ConfigError
+from proxy.config.load import parse_config
+from proxy.core.errors import UpstreamConnectError
+from proxy.core.models import Body, Request, Response
 
 HEAD = """\
 listeners: [{bind: 127.0.0.1:0}]

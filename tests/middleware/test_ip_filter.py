@@ -1,5 +1,5 @@
 """ip_filter without sockets: the deny-then-allow verdict on `Request.client` (decided by
-proxy/client_ip.py before any middleware runs), its bounded verdict cache, and the config
+proxy/core/client_ip.py before any middleware runs), its bounded verdict cache, and the config
 errors with their lines, among them `trusted_proxies`, which moved to `client_ip`."""
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ import pytest
 from multidict import CIMultiDict
 
 from middleware.ip_filter import VERDICT_CACHE_ENTRIES, IpFilter
-from proxy.client_ip import UNKNOWN_CLIENT
-from proxy.config import ConfigError, parse_config
-from proxy.errors import IpForbidden
-from proxy.models import Body, Request, Response
+from proxy.config.document import ConfigError
+from proxy.config.load import parse_config
+from proxy.core.client_ip import UNKNOWN_CLIENT
+from proxy.core.errors import IpForbidden
+from proxy.core.models import Body, Request, Response
 
 HEAD = """\
 listeners: [{bind: 127.0.0.1:0}]
@@ -40,7 +41,7 @@ def errors_of(middleware_lines: str) -> list[str]:
 
 
 def request_from(client: str) -> Request:
-    """A request whose client (as proxy/client_ip.py decided it) is `client`."""
+    """A request whose client (as proxy/core/client_ip.py decided it) is `client`."""
     headers: CIMultiDict[str] = CIMultiDict([("Host", "t")])
     return Request("GET", b"/", headers, Body.from_bytes(b""), client=(client, 40000))
 

@@ -20,9 +20,10 @@ from multidict import CIMultiDict
 
 from metrics.definitions import REGISTRY
 from middleware.jwt_auth import JwtAuth
-from proxy.config import ConfigError, parse_config
-from proxy.errors import Unauthorized
-from proxy.models import Body, Request, Response
+from proxy.config.document import ConfigError
+from proxy.config.load import parse_config
+from proxy.core.errors import Unauthorized
+from proxy.core.models import Body, Request, Response
 from tests.jwks_server import SigningKey
 from tests.tls import TlsFiles
 

@@ -11,7 +11,8 @@ import pytest
 from middleware.jwks import (
     parse_jwks_url,
 )
-from proxy.config import ConfigError, parse_config
+from proxy.config.document import ConfigError
+from proxy.config.load import parse_config
 from tests.jwks_server import SigningKey
 from tests.middleware.test_jwt import HEAD, SECRET, errors_of, make_auth, rsa_key
 

@@ -24,9 +24,10 @@ from middleware.rate_limit import (
 )
 from middleware.rate_limit_local import LocalBackend
 from middleware.rate_limit_redis import BackendState, RedisBackend
-from proxy.config import ConfigError, parse_config
-from proxy.config_values import ConfigValueError
-from proxy.models import Body, Request, Response
+from proxy.config.document import ConfigError
+from proxy.config.load import parse_config
+from proxy.config.values import ConfigValueError
+from proxy.core.models import Body, Request, Response
 from tests.gateway_process import REPO_ROOT, free_port
 from tests.middleware.test_rate_limit_local import FakeClock
 
@@ -277,7 +278,7 @@ def test_a_local_config_does_not_import_redis() -> None:
     """The redis backend (and redis-py) are imported only for `backend: redis`."""
     script = textwrap.dedent(f"""
         import json, sys
-        from proxy.config import parse_config
+        from proxy.config.load import parse_config
         parse_config({config_text("rate: 1/s")!r})
         print(json.dumps([m in sys.modules for m in ("middleware.rate_limit_redis", "redis")]))
     """)

@@ -418,7 +418,7 @@ async def test_decide_begun_outside_a_task_moves_into_one(
     redis_server: RedisServer, backends: list[RedisBackend]
 ) -> None:
     """A chain may be driven by hand from a loop callback until it first waits
-    (proxy/eager.py): asyncio.timeout would raise there, so decide first yields a bare
+    (proxy/exchange/eager.py): asyncio.timeout would raise there, so decide first yields a bare
     turn, which hands it to a task, and decides from there."""
     backend = await started(backends, redis_server.url)
     loop = asyncio.get_running_loop()
@@ -440,7 +440,7 @@ async def test_decide_begun_outside_a_task_moves_into_one(
 
 async def carry_on(coroutine: Coroutine[Any, Any, Decision]) -> Decision:
     """Resume a coroutine that yielded a bare turn outside a task, inside this task (as
-    proxy/eager.py's `_continue` does): wait for what it waits for, send, repeat."""
+    proxy/exchange/eager.py's `_continue` does): wait for what it waits for, send, repeat."""
     awaited: Any = None
     while True:
         if awaited is None:

@@ -29,7 +29,8 @@ from middleware.rate_limit_local import (
     table_file_name,
     table_slots,
 )
-from proxy.config import ConfigError, parse_config
+from proxy.config.document import ConfigError
+from proxy.config.load import parse_config
 
 CHILD_TIMEOUT_S = 10.0
 KEY = "middleware.limit:0123456789abcdef"

@@ -12,8 +12,8 @@ import asyncio
 
 from middleware.base import Handler
 from middleware.options import Options
-from proxy.errors import ProxyError
-from proxy.models import Request, Response
+from proxy.core.errors import ProxyError
+from proxy.core.models import Request, Response
 
 EVENTS: list[str] = []  # "start:NAME" / "close:NAME" / "cancelled:NAME", in order
 
@@ -65,7 +65,7 @@ class Stamp:
 
 
 class EagerStamp(Stamp):
-    """The same, declaring that it awaits nothing but call_next (proxy/eager.py)."""
+    """The same, declaring that it awaits nothing but call_next (proxy/exchange/eager.py)."""
 
     EAGER = True
 

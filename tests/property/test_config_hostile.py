@@ -17,7 +17,8 @@ import time
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.config import ConfigError, parse_config
+from proxy.config.document import ConfigError
+from proxy.config.load import parse_config
 from tests.property.test_config_property import VALID
 
 SOURCE = "routes.yaml"

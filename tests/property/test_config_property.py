@@ -15,8 +15,9 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from yaml.nodes import MappingNode, Node, SequenceNode
 
-from proxy.config import ConfigError, parse_config
-from proxy.config_values import (
+from proxy.config.document import ConfigError
+from proxy.config.load import parse_config
+from proxy.config.values import (
     format_duration,
     format_size,
     parse_bind,

@@ -12,8 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from proxy.config import Config, MiddlewareSpec, parse_config
-from proxy.config_document import PUBLIC_TAG
+from proxy.config.document import PUBLIC_TAG
+from proxy.config.load import parse_config
+from proxy.config.model import Config, MiddlewareSpec
 from tests.property.test_config_property import VALID
 
 SOURCE = "routes.yaml"

@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from proxy.config_model import LimitsConfig
-from proxy.errors import ProxyError
-from proxy.models import Body, Request, Response
+from proxy.config.model import LimitsConfig
+from proxy.core.errors import ProxyError
+from proxy.core.models import Body, Request, Response
 from tests.helpers import RecordingConnection, decode_responses, make_protocol, settle
 
 # Hypothesis' failure explanation imports mypy_extensions, whose DeprecationWarning would turn a

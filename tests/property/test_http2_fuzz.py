@@ -21,11 +21,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from proxy.config_model import Http2Config, LimitsConfig
-from proxy.errors import ProxyError
-from proxy.local_reply import local_reply
-from proxy.models import Body, Request, Response
-from proxy.protocol.http2 import Http2Protocol
+from proxy.config.model import Http2Config, LimitsConfig
+from proxy.core.errors import ProxyError
+from proxy.core.local_reply import local_reply
+from proxy.core.models import Body, Request, Response
+from proxy.frontend.h2.protocol import Http2Protocol
 from tests.proxy.protocol.http2_helpers import (
     H2RecordingConnection,
     make_h2_protocol,

@@ -1,7 +1,7 @@
 """RouteTable.match agrees with a brute-force reference on random route sets and requests.
 
 The reference knows nothing of the table's indexes: it sorts every route by the
-specificity rule of proxy/routing.py's docstring, written out again here, and returns the
+specificity rule of proxy/exchange/routing.py's docstring, written out again here, and returns the
 first route whose matchers all accept the request.
 """
 
@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from proxy.config_model import HeaderMatch, MatchConfig, QueryMatch, RouteConfig
-from proxy.routing import RouteTable
+from proxy.config.model import HeaderMatch, MatchConfig, QueryMatch, RouteConfig
+from proxy.exchange.routing import RouteTable
 
 # Small alphabets, so that random routes and requests collide often.
 LABELS = ["a", "b", "api", "example", "com"]

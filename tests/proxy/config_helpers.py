@@ -6,8 +6,9 @@ from textwrap import dedent
 
 import pytest
 
-from proxy.config import ConfigError, parse_config
-from proxy.config_model import Config
+from proxy.config.document import ConfigError
+from proxy.config.load import parse_config
+from proxy.config.model import Config
 
 SOURCE = "routes.yaml"
 

@@ -1,4 +1,4 @@
-"""Addresses as the gateway compares them (proxy/addresses.py): parsing to a canonical
+"""Addresses as the gateway compares them (proxy/core/addresses.py): parsing to a canonical
 form, X-Forwarded-For entries and Forwarded nodes, CIDR ranges and merged address sets."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.addresses import (
+from proxy.config.values import ConfigValueError
+from proxy.core.addresses import (
     AddressSet,
     canonical,
     format_address,
@@ -17,7 +18,6 @@ from proxy.addresses import (
     parse_forwarded_entry,
     parse_network,
 )
-from proxy.config_values import ConfigValueError
 
 
 def a(text: str) -> tuple[int, int]:

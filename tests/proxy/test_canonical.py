@@ -1,4 +1,4 @@
-"""The canonical request (proxy/canonical.py), without sockets: paths, targets, hosts,
+"""The canonical request (proxy/core/canonical.py), without sockets: paths, targets, hosts,
 methods and the client's header fields."""
 
 from __future__ import annotations
@@ -10,7 +10,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from proxy.canonical import (
+from proxy.config.document import ConfigError
+from proxy.config.load import parse_config
+from proxy.config.model import PathNormalization
+from proxy.core.canonical import (
     InvalidHeader,
     InvalidHost,
     InvalidMethod,
@@ -23,9 +26,7 @@ from proxy.canonical import (
     spelling,
     without_spellings,
 )
-from proxy.config import ConfigError, parse_config
-from proxy.config_model import PathNormalization
-from proxy.models import Body, Request
+from proxy.core.models import Body, Request
 
 DEFAULT = PathNormalization()
 UNESCAPE = PathNormalization(escaped_slashes="unescape")

@@ -1,4 +1,4 @@
-"""The client of a request, decided once (proxy/client_ip.py), without sockets: who is
+"""The client of a request, decided once (proxy/core/client_ip.py), without sockets: who is
 believed, the rightmost-untrusted walk of X-Forwarded-For and of Forwarded `for=` nodes,
 unknown clients, the bounded tables, raw headers left raw."""
 
@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 from multidict import CIMultiDict
 
-from proxy.addresses import ADDRESS_CACHE_ENTRIES, parse_network
-from proxy.client_ip import MAX_FORWARDED_HOPS, UNKNOWN_CLIENT, ClientResolver
-from proxy.config_model import ClientIpConfig
-from proxy.models import Body, Request
+from proxy.config.model import ClientIpConfig
+from proxy.core.addresses import ADDRESS_CACHE_ENTRIES, parse_network
+from proxy.core.client_ip import MAX_FORWARDED_HOPS, UNKNOWN_CLIENT, ClientResolver
+from proxy.core.models import Body, Request
 
 TRUSTED = (parse_network("10.0.0.0/8"), parse_network("fd00::/8"))
 
@@ -171,4 +171,4 @@ def test_with_source_proxy_protocol_no_header_is_read() -> None:
     request = request_from("10.0.0.2", "203.0.113.9")
     request.raw_headers.append((b"Forwarded", b"for=203.0.113.9"))  # type: ignore[union-attr]
     assert client_of(resolver("proxy_protocol"), request) == "10.0.0.2"
-    assert request.peer_trusted is True  # its forwarding headers are kept (proxy/headers.py)
+    assert request.peer_trusted is True  # its forwarding headers are kept (proxy/core/headers.py)

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import ConfigError, load_config
-from proxy.config_model import (
+from proxy.config.document import ConfigError
+from proxy.config.load import load_config
+from proxy.config.model import (
     DEFAULT_GRACE_PERIOD_S,
     AdminConfig,
     BalanceConfig,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ipaddress
 from textwrap import dedent
 
-from proxy.config_model import ClientIpConfig
+from proxy.config.model import ClientIpConfig
 from tests.proxy.config_helpers import errors_of, one_error, parse
 
 ROUTES = """\

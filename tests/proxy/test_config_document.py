@@ -1,4 +1,4 @@
-"""proxy.config_document: the file before its schema. A file that cannot be read, is too
+"""proxy.config.document: the file before its schema. A file that cannot be read, is too
 big, is not UTF-8, nests too deeply or expands too far through aliases is a ConfigError
 naming `file:line`, never a RecursionError or a long wait; `!public` is read."""
 
@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import ConfigError, load_config, parse_config
-from proxy.config_document import (
+from proxy.config.document import (
     MAX_CONFIG_BYTES,
     MAX_EXPANDED_NODES,
     MAX_NESTING_DEPTH,
+    ConfigError,
     compose_document,
 )
+from proxy.config.load import load_config, parse_config
 
 SOURCE = "routes.yaml"
 VALID = """\

@@ -10,7 +10,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from proxy.config_model import (
+from proxy.config.model import (
     DEFAULT_H2_INITIAL_WINDOW_BYTES,
     DEFAULT_H2_MAX_CONCURRENT_STREAMS,
     DEFAULT_H2_MAX_CONTROL_FRAMES_PER_SECOND,

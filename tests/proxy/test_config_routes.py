@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.config_model import HeaderMatch, QueryMatch
+from proxy.config.model import HeaderMatch, QueryMatch
 from tests.proxy.config_helpers import errors_of, one_error, parse, route_error, routes
 
 # --- routes ---

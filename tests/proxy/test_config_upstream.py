@@ -1,11 +1,11 @@
-"""The resilience settings of `upstreams.X` (proxy/config_upstream.py): balance,
+"""The resilience settings of `upstreams.X` (proxy/config/upstream.py): balance,
 health_check, outlier, retries, circuit_breaker; their defaults and their errors."""
 
 from __future__ import annotations
 
 import pytest
 
-from proxy.config_model import (
+from proxy.config.model import (
     BalanceConfig,
     CircuitBreakerConfig,
     HealthCheckConfig,

@@ -1,4 +1,4 @@
-"""The values inside routes.yaml (proxy/config_values.py): ${VAR} substitution, durations
+"""The values inside routes.yaml (proxy/config/values.py): ${VAR} substitution, durations
 and sizes, bind addresses, endpoint URLs and host patterns, on their own and in a file."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from proxy.config import parse_config
-from proxy.config_model import AdminConfig
-from proxy.config_values import (
+from proxy.config.load import parse_config
+from proxy.config.model import AdminConfig
+from proxy.config.values import (
     ConfigValueError,
     format_duration,
     format_size,

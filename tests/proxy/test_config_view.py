@@ -1,4 +1,4 @@
-"""proxy.config_view: what the admin listener's /config shows. Every file here is a valid
+"""proxy.config.view: what the admin listener's /config shows. Every file here is a valid
 routes.yaml (checked with parse_config first, since only a running config is shown) and
 the view is read back through JSON, as a client of /config gets it."""
 
@@ -12,8 +12,8 @@ from typing import Any
 
 import yaml
 
-from proxy.config import parse_config
-from proxy.config_view import REDACTED, config_view, redact
+from proxy.config.load import parse_config
+from proxy.config.view import REDACTED, config_view, redact
 from tests.tls import TlsFiles
 
 SOURCE = "/etc/gatehouse/routes.yaml"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.config_model import WebSocketConfig
+from proxy.config.model import WebSocketConfig
 from tests.proxy.config_helpers import errors_of, one_error, parse
 
 # One upstream per protocol (lines 3, 4 and 5); the route under test is on line 7.

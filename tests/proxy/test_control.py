@@ -1,4 +1,4 @@
-"""proxy.control: length-prefixed JSON messages between the parent and a worker over a
+"""proxy.process.control: length-prefixed JSON messages between the parent and a worker over a
 real socketpair; the parent's WorkerChannel matches replies to requests by id, times out,
 fails what is pending when the worker goes away and hands events on; the worker's
 serve_requests answers one request at a time and survives a handler's bug."""
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from proxy import control
-from proxy.control import (
+from proxy.process import control
+from proxy.process.control import (
     ChannelClosed,
     Message,
     WorkerChannel,
@@ -328,7 +328,7 @@ async def test_serve_requests_answers_a_handlers_bug_and_keeps_serving(
     serving = asyncio.ensure_future(serve_requests(worker.reader, worker.writer, handle))
     for request_id, op in ((1, "metrics"), (2, "boom"), (3, "commit")):
         write_message(parent.writer, {"id": request_id, "op": op})
-    with caplog.at_level(logging.ERROR, logger="proxy.control"):
+    with caplog.at_level(logging.ERROR, logger="proxy.process.control"):
         async with asyncio.timeout(WAIT_S):
             replies = [await read_message(parent.reader) for _ in range(3)]
     assert replies == [
@@ -357,7 +357,7 @@ async def test_serve_requests_answers_a_reply_that_is_not_json_as_an_error(
     serving = asyncio.ensure_future(serve_requests(worker.reader, worker.writer, handle))
     write_message(parent.writer, {"id": 1, "op": "odd"})
     write_message(parent.writer, {"id": 2, "op": "metrics"})
-    with caplog.at_level(logging.ERROR, logger="proxy.control"):
+    with caplog.at_level(logging.ERROR, logger="proxy.process.control"):
         async with asyncio.timeout(WAIT_S):
             replies = [await read_message(parent.reader) for _ in range(2)]
     assert replies[0]["id"] == 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from proxy.cpus import cgroup_cpu_quota, usable_cpus
+from proxy.process.cpus import cgroup_cpu_quota, usable_cpus
 
 
 def test_cgroup_v2_quota_is_read_in_cpus(tmp_path: Path) -> None:

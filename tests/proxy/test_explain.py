@@ -1,4 +1,4 @@
-"""`gatehouse explain` and `gatehouse routes` (proxy/explain.py): the route a request
+"""`gatehouse explain` and `gatehouse routes` (proxy/tools/explain.py): the route a request
 takes and why, checked against the gateway's own route table."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from proxy.config import parse_config
-from proxy.explain import explain, mismatches, render_explanation, render_routes
-from proxy.routing import RouteTable
+from proxy.config.load import parse_config
+from proxy.exchange.routing import RouteTable
+from proxy.tools.explain import explain, mismatches, render_explanation, render_routes
 from tests.gateway_process import run_cli
 
 CONFIG = """

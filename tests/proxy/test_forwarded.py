@@ -1,4 +1,4 @@
-"""The Forwarded header (RFC 7239, proxy/forwarded.py): the `for=` nodes of a value, and
+"""The Forwarded header (RFC 7239, proxy/core/forwarded.py): the `for=` nodes of a value, and
 the element this hop appends."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.forwarded import MalformedForwarded, forwarded_element, forwarded_for_nodes
+from proxy.core.forwarded import MalformedForwarded, forwarded_element, forwarded_for_nodes
 
 
 @pytest.mark.parametrize(

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 from multidict import CIMultiDict
 
-from proxy.canonical import client_fields
-from proxy.headers import upstream_h2_headers, upstream_request_head
-from proxy.models import Body, RawHeaders, Request
-from proxy.protocol.h1serialize import UnsafeHeader
+from proxy.codec.h1serialize import UnsafeHeader
+from proxy.core.canonical import client_fields
+from proxy.core.headers import upstream_h2_headers, upstream_request_head
+from proxy.core.models import Body, RawHeaders, Request
 
 
 def h1_request(
@@ -162,7 +162,7 @@ def test_an_untrusted_peer_s_claims_are_replaced(path: str) -> None:
 def test_the_hop_appended_is_the_peer_not_the_client_the_chain_named(path: str) -> None:
     request = h1_request([(b"X-Forwarded-For", b"203.0.113.5"), (b"Forwarded", b"for=x")])
     request.peer_trusted = True
-    request.client = ("203.0.113.5", 0)  # what proxy/client_ip.py decided
+    request.client = ("203.0.113.5", 0)  # what proxy/core/client_ip.py decided
     headers = upstream_fields(request, path)
     assert headers[b"x-forwarded-for"] == b"203.0.113.5, 10.0.0.9"
     assert headers[b"forwarded"] == b"for=x, for=10.0.0.9;host=api.test;proto=http"

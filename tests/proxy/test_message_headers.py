@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 from multidict import CIMultiDict
 
-from proxy.models import Body, Request, Response
-from proxy.protocol.h1serialize import UnsafeHeader
+from proxy.codec.h1serialize import UnsafeHeader
+from proxy.core.models import Body, Request, Response
 
 
 def raw_request() -> Request:

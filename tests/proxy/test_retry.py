@@ -15,8 +15,8 @@ from metrics.definitions import (
     forget_series,
 )
 from metrics.local import LocalCounter, LocalHistogram
-from proxy.config_model import RetryConfig
-from proxy.errors import (
+from proxy.config.model import RetryConfig
+from proxy.core.errors import (
     BodyTooLarge,
     PoolTimeout,
     ProxyError,
@@ -26,8 +26,8 @@ from proxy.errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
-from proxy.models import Body
-from proxy.retry import (
+from proxy.core.models import Body
+from proxy.exchange.retry import (
     CONNECT_FAILURE,
     REFUSED_STREAM,
     ReplayBody,
@@ -35,8 +35,8 @@ from proxy.retry import (
     UpstreamLoad,
     failure_condition,
 )
-from proxy.upstream.h2stream import StreamRefused
-from proxy.upstream.http1 import StaleConnection
+from proxy.upstream.h1 import StaleConnection
+from proxy.upstream.h2.stream import StreamRefused
 
 ALL = frozenset({"connect-failure", "refused-stream", "reset", "timeout", "502", "503", "504"})
 

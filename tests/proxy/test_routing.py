@@ -8,9 +8,9 @@ from urllib.parse import parse_qsl
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-import proxy.routing
-from proxy.config_model import HeaderMatch, MatchConfig, QueryMatch, RouteConfig
-from proxy.routing import RouteMatch, RouteTable, normalize_host
+import proxy.exchange.routing
+from proxy.config.model import HeaderMatch, MatchConfig, QueryMatch, RouteConfig
+from proxy.exchange.routing import RouteMatch, RouteTable, normalize_host
 
 _counter = iter(range(1_000_000))
 
@@ -327,7 +327,7 @@ def test_query_string_is_not_parsed_when_no_candidate_has_query_matchers(
     def refuse(*args: object, **kwargs: object) -> list[tuple[str, str]]:
         raise AssertionError("parse_qsl called on the hot path")
 
-    monkeypatch.setattr(proxy.routing, "parse_qsl", refuse)
+    monkeypatch.setattr(proxy.exchange.routing, "parse_qsl", refuse)
     table = RouteTable(
         [
             route("api", host="api.example.com", path_prefix="/"),
@@ -344,7 +344,7 @@ def test_query_string_is_parsed_once_per_request(monkeypatch: pytest.MonkeyPatch
         calls.append(query)
         return parse_qsl(query, keep_blank_values=keep_blank_values)
 
-    monkeypatch.setattr(proxy.routing, "parse_qsl", counting)
+    monkeypatch.setattr(proxy.exchange.routing, "parse_qsl", counting)
     table = RouteTable(
         [
             route("a", path="/x", query=(QueryMatch("a"),)),

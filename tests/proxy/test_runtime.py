@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from proxy.config import parse_config
-from proxy.stream import Runtime
+from proxy.config.load import parse_config
+from proxy.exchange.runtime import Runtime
 
 CONFIG = """
 listeners: [{bind: 127.0.0.1:0}]

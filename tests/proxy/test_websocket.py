@@ -1,4 +1,4 @@
-"""proxy/websocket.py: the handshake's key and accept values, the Upgrade field check, the
+"""proxy/websocket/protocol.py: the handshake's key and accept values, the Upgrade field check, the
 1001 close frame, and above all `FrameScanner`, which must find every frame boundary of a
 byte stream however it is cut into chunks. Frames are serialized (and the close frame parsed
 back) by wsproto, so the scanner is checked against an independent implementation of
@@ -21,7 +21,7 @@ from wsproto import frame_protocol
 from wsproto.frame_protocol import CloseReason, FrameProtocol, Opcode
 from wsproto.utilities import generate_accept_token
 
-from proxy.websocket import (
+from proxy.websocket.protocol import (
     GOING_AWAY,
     FrameScanner,
     accept_value,

@@ -15,10 +15,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.config import parse_config
-from proxy.explain import explain
+from proxy.config.load import parse_config
 from proxy.testing import ReceivedRequest, ScriptedUpstream, running_gateway
 from proxy.testing.trace import EXCHANGE_HEADER, MIDDLEWARE_HEADER, ROUTE_HEADER
+from proxy.tools.explain import explain
 from tests.proxy.test_explain import CONFIG, HEADERS, METHODS, PATHS, QUERIES
 
 config = parse_config(CONFIG)

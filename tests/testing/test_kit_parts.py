@@ -11,8 +11,8 @@ import pytest
 
 from middleware.base import Handler
 from middleware.options import Options
-from proxy.config import ConfigError
-from proxy.models import Request, Response
+from proxy.config.document import ConfigError
+from proxy.core.models import Request, Response
 from proxy.testing import (
     ReceivedRequest,
     Reply,

@@ -192,7 +192,7 @@ def test_reload_metrics_and_admin(pytester: pytest.Pytester) -> None:
     code = """
 import httpx
 import pytest
-from proxy.config import ConfigError
+from proxy.config.document import ConfigError
 
 BEFORE = '''
 listeners: [{bind: 127.0.0.1:1}]

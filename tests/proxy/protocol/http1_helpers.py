@@ -7,7 +7,7 @@ import asyncio
 
 from multidict import CIMultiDict
 
-from proxy.models import Body, Request, Response
+from proxy.core.models import Body, Request, Response
 from tests.helpers import (
     Handler,
     RecordingConnection,

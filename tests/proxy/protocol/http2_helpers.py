@@ -15,9 +15,9 @@ from h2.errors import ErrorCodes
 from hyperframe.frame import Frame, GoAwayFrame
 from multidict import CIMultiDict
 
-from proxy.config_model import Http2Config, LimitsConfig, ListenerConfig
-from proxy.models import Body, Request, Response
-from proxy.protocol.http2 import Http2Protocol
+from proxy.config.model import Http2Config, LimitsConfig, ListenerConfig
+from proxy.core.models import Body, Request, Response
+from proxy.frontend.h2.protocol import Http2Protocol
 from tests.helpers import FakeServer, FastResponder, Handler, RecordingConnection, echo_handler
 
 LISTENER = ListenerConfig(host="127.0.0.1", port=0, name="test")

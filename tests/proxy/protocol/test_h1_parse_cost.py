@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.protocol.h1codec import H1Error, MessageHead, make_request_parser
+from proxy.codec.h1 import H1Error, MessageHead, make_request_parser
 from tests.cost import least_cpu
 
 # 10x the requests may cost at most this many times the CPU time (linear: ~10).

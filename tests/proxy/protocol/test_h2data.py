@@ -7,7 +7,7 @@ import h2.config
 import h2.connection
 import h2.events
 
-from proxy.protocol.h2data import complete_response, frame_data
+from proxy.frontend.h2.data import complete_response, frame_data
 
 
 def open_stream() -> tuple[h2.connection.H2Connection, h2.connection.H2Connection, int]:

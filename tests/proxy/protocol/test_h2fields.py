@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from multidict import CIMultiDict
 
-from proxy.errors import HeadTooLarge
-from proxy.models import Response
-from proxy.protocol.h2fields import (
+from proxy.core.errors import HeadTooLarge
+from proxy.core.models import Response
+from proxy.frontend.h2.fields import (
     MalformedRequest,
     request_fields,
     response_fields,

@@ -1,4 +1,4 @@
-"""Linear literal decoding (proxy/protocol/hpack_literal.py) decodes exactly what hpack's
+"""Linear literal decoding (proxy/codec/hpack_literal.py) decodes exactly what hpack's
 own method decodes, fails where it fails, and costs time linear in the block."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from hpack import Decoder, Encoder, HPACKDecodingError, NeverIndexedHeaderTuple
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.protocol.hpack_literal import linear_literals
+from proxy.codec.hpack_literal import linear_literals
 from tests.cost import least_cpu
 
 names = st.sampled_from([b"content-type", b"x-a", b"x-b", b"cookie", b"authorization", b"x-" * 70])

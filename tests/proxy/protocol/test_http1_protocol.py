@@ -10,10 +10,10 @@ import asyncio
 import pytest
 from multidict import CIMultiDict
 
-from proxy.connection import ConnectionPhase
-from proxy.errors import ProxyError, UpstreamReset
-from proxy.models import Body, Request, Response
-from proxy.upstream.http1 import StaleConnection
+from proxy.core.errors import ProxyError, UpstreamReset
+from proxy.core.models import Body, Request, Response
+from proxy.frontend.connection import ConnectionPhase
+from proxy.upstream.h1 import StaleConnection
 from tests.helpers import decode_responses, echo_handler, make_protocol, settle
 from tests.proxy.protocol.http1_helpers import GET, canned, echo_after, run, streaming
 

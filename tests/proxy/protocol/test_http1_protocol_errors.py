@@ -9,10 +9,10 @@ import logging
 
 import pytest
 
-from proxy.config_model import LimitsConfig
-from proxy.connection import ConnectionPhase
-from proxy.errors import UpstreamReset
-from proxy.models import Body, Request, Response
+from proxy.config.model import LimitsConfig
+from proxy.core.errors import UpstreamReset
+from proxy.core.models import Body, Request, Response
+from proxy.frontend.connection import ConnectionPhase
 from tests.helpers import decode_responses, make_protocol, settle
 from tests.proxy.protocol.http1_helpers import GET, canned, echo_after, run, streaming
 

@@ -20,10 +20,10 @@ from hyperframe.frame import (
 )
 from multidict import CIMultiDict
 
-from proxy.config_model import Http2Config, LimitsConfig
-from proxy.connection import ConnectionPhase
-from proxy.errors import ProxyError, UpstreamReset
-from proxy.models import Body, Request, Response
+from proxy.config.model import Http2Config, LimitsConfig
+from proxy.core.errors import ProxyError, UpstreamReset
+from proxy.core.models import Body, Request, Response
+from proxy.frontend.connection import ConnectionPhase
 from tests.proxy.protocol.http2_helpers import (
     H2Peer,
     blocked,

@@ -17,10 +17,10 @@ from hyperframe.frame import (
     RstStreamFrame,
 )
 
-from proxy.config_model import Http2Config
-from proxy.connection import ConnectionPhase
-from proxy.errors import BadRequest, ProxyError, UpstreamReset
-from proxy.models import Request, Response
+from proxy.config.model import Http2Config
+from proxy.core.errors import BadRequest, ProxyError, UpstreamReset
+from proxy.core.models import Request, Response
+from proxy.frontend.connection import ConnectionPhase
 from tests.helpers import echo_handler
 from tests.proxy.protocol.http2_helpers import (
     H2Peer,
@@ -54,7 +54,7 @@ async def test_fast_path_error_becomes_a_local_reply() -> None:
 
 async def test_handler_returning_a_local_reply_gets_its_status() -> None:
     async def handler(request: Request) -> Response:
-        from proxy.local_reply import local_reply
+        from proxy.core.local_reply import local_reply
 
         return local_reply(BadRequest("nope"), request)
 

@@ -11,12 +11,12 @@ import pytest
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
-from proxy.config_model import Http2Config
-from proxy.connection import ConnectionPhase
-from proxy.errors import BadRequest
-from proxy.local_reply import local_reply
-from proxy.models import Request, Response
-from proxy.protocol.h2conn import server_connection
+from proxy.config.model import Http2Config
+from proxy.core.errors import BadRequest
+from proxy.core.local_reply import local_reply
+from proxy.core.models import Request, Response
+from proxy.frontend.connection import ConnectionPhase
+from proxy.frontend.h2.conn import server_connection
 from tests.proxy.protocol.http2_helpers import blocked, connected, parse_frames, settle, spin
 
 

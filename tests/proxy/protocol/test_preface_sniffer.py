@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.config_model import ListenerConfig
-from proxy.connection import ConnectionPhase
-from proxy.protocol.h2conn import PREFACE
-from proxy.protocol.http1 import Http1Protocol
-from proxy.protocol.http2 import Http2Protocol
-from proxy.protocol.select import PrefaceSniffer, plaintext_front_end
+from proxy.config.model import ListenerConfig
+from proxy.frontend.connection import ConnectionPhase
+from proxy.frontend.h1 import Http1Protocol
+from proxy.frontend.h2.conn import PREFACE
+from proxy.frontend.h2.protocol import Http2Protocol
+from proxy.frontend.select import PrefaceSniffer, plaintext_front_end
 from tests.helpers import FakeServer, decode_responses
 from tests.helpers import settle as settle_http1
 from tests.proxy.protocol.http2_helpers import (

@@ -8,9 +8,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-from proxy.config_model import EndpointConfig, PoolConfig, UpstreamTimeouts
-from proxy.models import Body
-from proxy.upstream.http1 import (
+from proxy.config.model import EndpointConfig, PoolConfig, UpstreamTimeouts
+from proxy.core.models import Body
+from proxy.upstream.h1 import (
     REPLAY_BODY_LIMIT_BYTES,
     Http1UpstreamConnection,
     UpstreamConnState,

@@ -13,23 +13,23 @@ from dataclasses import replace
 import pytest
 from h2.errors import ErrorCodes
 
-from proxy.config_model import (
+from proxy.config.model import (
     EndpointConfig,
     PoolConfig,
     UpstreamConfig,
     UpstreamTimeouts,
     UpstreamTls,
 )
-from proxy.errors import (
+from proxy.core.errors import (
     PoolTimeout,
     UpstreamConnectError,
     UpstreamProtocolError,
     UpstreamReset,
     UpstreamTimeout,
 )
-from proxy.models import BODY_HIGH_WATER_BYTES, Body, RawHeaders, Response
-from proxy.upstream.h2pool import H2Pool
-from proxy.upstream.h2stream import STREAM_WINDOW_BYTES, H2ConnState
+from proxy.core.models import BODY_HIGH_WATER_BYTES, Body, RawHeaders, Response
+from proxy.upstream.h2.pool import H2Pool
+from proxy.upstream.h2.stream import STREAM_WINDOW_BYTES, H2ConnState
 from proxy.upstream.tls import client_context, server_hostname
 from tests.h2_upstream import H2UpstreamServer
 from tests.helpers import eventually

@@ -9,8 +9,8 @@ from collections import Counter
 import pytest
 
 from metrics.definitions import UPSTREAM_EJECTIONS, UPSTREAM_PANIC, forget_series
-from proxy.config_model import EndpointConfig, OutlierConfig, UpstreamConfig
-from proxy.errors import (
+from proxy.config.model import EndpointConfig, OutlierConfig, UpstreamConfig
+from proxy.core.errors import (
     BadRequest,
     PoolTimeout,
     UpstreamConnectError,
@@ -20,8 +20,8 @@ from proxy.errors import (
     UpstreamTimeout,
 )
 from proxy.upstream.balancer import EndpointState, Upstream
-from proxy.upstream.h2stream import StreamRefused
-from proxy.upstream.http1 import StaleConnection
+from proxy.upstream.h1 import StaleConnection
+from proxy.upstream.h2.stream import StreamRefused
 from proxy.upstream.outlier import is_endpoint_failure
 
 REFUSED = UpstreamConnectError("connect to 10.0.0.1:80 failed: Connection refused")

@@ -12,8 +12,8 @@ from typing import cast
 import pytest
 from multidict import CIMultiDict
 
-from proxy.config_model import BalanceConfig
-from proxy.models import Body, Request, Response
+from proxy.config.model import BalanceConfig
+from proxy.core.models import Body, Request, Response
 from proxy.upstream.balancer import EndpointPool, EndpointState
 from proxy.upstream.hashing import cookie_value, stable_hash
 from proxy.upstream.policies import (

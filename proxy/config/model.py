@@ -1,0 +1,458 @@
+"""The configuration model: the frozen, typed objects that routes.yaml becomes.
+
+Runtime code only ever sees these objects: everything is validated once, at load time
+(STYLE.md 1.4), by `proxy.config.load`. Durations are float seconds, sizes are int bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy.core.addresses import Network
+
+DEFAULT_CONNECT_TIMEOUT_S = 2.0
+DEFAULT_READ_TIMEOUT_S = 30.0
+DEFAULT_POOL_MAX_CONNECTIONS = 256
+DEFAULT_POOL_MAX_IDLE = 64
+# Below the usual upstream keep-alive timeouts (nginx 75 s, Node.js 5 s, gunicorn 2 s is the
+# outlier) so that we, not the upstream, normally close an idle connection.
+DEFAULT_POOL_IDLE_TIMEOUT_S = 4.0
+DEFAULT_POOL_WAIT_TIMEOUT_S = 5.0
+DEFAULT_MAX_HEAD_BYTES = 32 * 1024
+DEFAULT_HEADER_TIMEOUT_S = 10.0
+DEFAULT_BODY_TIMEOUT_S = 60.0
+DEFAULT_KEEPALIVE_TIMEOUT_S = 75.0
+DEFAULT_GRACE_PERIOD_S = 30.0
+DEFAULT_HEALTH_INTERVAL_S = 5.0
+DEFAULT_HEALTH_TIMEOUT_S = 1.0
+DEFAULT_BASE_EJECTION_S = 30.0
+DEFAULT_MAX_EJECTION_S = 300.0
+DEFAULT_RETRY_BACKOFF_BASE_S = 0.025
+DEFAULT_RETRY_BACKOFF_MAX_S = 0.25
+DEFAULT_RETRY_BODY_LIMIT = 64 * 1024
+# Request bodies up to this size are read whole before an upstream connection is taken.
+DEFAULT_REQUEST_BUFFER_BYTES = 1024 * 1024
+# HTTP/2 defences (see Http2Config for the attack each one stops).
+DEFAULT_H2_MAX_CONCURRENT_STREAMS = 100
+DEFAULT_H2_INITIAL_WINDOW_BYTES = 1024 * 1024
+DEFAULT_H2_MAX_RESETS_PER_SECOND = 200
+DEFAULT_H2_MAX_CONTROL_FRAMES_PER_SECOND = 500
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerTls:
+    """`listeners[i].tls`: the certificate chain and key (PEM files), re-read on reload.
+    ALPN offers h2 and http/1.1; TLS 1.2 is the oldest version accepted unless
+    `min_version` asks for 1.3."""
+
+    cert: str
+    key: str
+    min_version: str = "1.2"
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    """One client-facing socket (`listeners[i]`). Plaintext listeners speak HTTP/1.1 and
+    h2c with prior knowledge (told apart by the connection preface); TLS listeners pick
+    h2 or HTTP/1.1 by ALPN. `http2: false` turns HTTP/2 off on this listener.
+    `proxy_protocol: true`: every connection must begin with a PROXY protocol header (v1
+    or v2), read before TLS or HTTP; see proxy/frontend/listener.py."""
+
+    host: str
+    port: int
+    name: str  # "listeners[0]" unless given with `name:`; used as a metrics label
+    tls: ListenerTls | None = None
+    http2: bool = True
+    proxy_protocol: bool = False
+    # Where it is written (reload errors name it); not part of what the listener is.
+    line: int = field(default=1, compare=False)
+
+
+CLIENT_IP_SOURCES = ("x-forwarded-for", "forwarded", "proxy_protocol")
+
+
+@dataclass(frozen=True, slots=True)
+class ClientIpConfig:
+    """`client_ip`: who is believed about the client's address (proxy/core/client_ip.py).
+    `trusted_proxies` are the proxies in front of the gateway; `source` is what they
+    tell: `x-forwarded-for` (the rightmost untrusted entry), `forwarded` (RFC 7239
+    `for=`) or `proxy_protocol` (the PROXY header of `proxy_protocol` listeners)."""
+
+    trusted_proxies: tuple[Network, ...]
+    source: str = "x-forwarded-for"
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """The admin listener (`admin.bind`): /metrics, /healthz, /readyz, /config and
+    POST /reload. Served by the supervising parent, never by a worker, so it answers
+    for the whole gateway (metrics summed over the workers)."""
+
+    host: str
+    port: int
+    # `token`: when set, every path but /healthz and /readyz needs
+    # `Authorization: Bearer <token>` (metrics/admin_access.py).
+    token: str | None = None
+    # `hosts`: names the Host header may carry besides IP literals and localhost (DNS
+    # rebinding: a browser sends the attacker's name, which is not listed).
+    hosts: tuple[str, ...] = ()
+    line: int = field(default=1, compare=False)  # where `admin.bind` is written
+
+
+DEFAULT_RELOAD_WATCH_INTERVAL_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadConfig:
+    """`reload`: besides SIGHUP and `gatehouse reload`, the config file is watched (its
+    size, mtime and inode polled every `interval`) and reloaded once a change has held
+    still for one interval, so a half-written file is not loaded."""
+
+    watch: bool = True
+    interval: float = DEFAULT_RELOAD_WATCH_INTERVAL_S
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """`metrics`: `enabled: false` turns off the per-request counting on the data path
+    (for measuring what it costs); /metrics then shows only what needs no counting."""
+
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTimeouts:
+    """`upstreams.X.timeouts`. `read` bounds the wait for the response head and each gap
+    between body chunks (like nginx proxy_read_timeout); there is no total deadline."""
+
+    connect: float = DEFAULT_CONNECT_TIMEOUT_S
+    read: float = DEFAULT_READ_TIMEOUT_S
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    """`upstreams.X.pool`: per-endpoint connection pool limits."""
+
+    max_connections: int = DEFAULT_POOL_MAX_CONNECTIONS
+    max_idle: int = DEFAULT_POOL_MAX_IDLE
+    idle_timeout: float = DEFAULT_POOL_IDLE_TIMEOUT_S
+    wait_timeout: float = DEFAULT_POOL_WAIT_TIMEOUT_S
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTls:
+    """`upstreams.X.tls`, for https:// endpoints: the server certificate is verified
+    against `ca` (a PEM bundle; the system store when None) and `sni` (the endpoint's
+    host when None). `verify: false` must be written out to turn verification off."""
+
+    ca: str | None = None
+    verify: bool = True
+    sni: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointConfig:
+    """One upstream server: `http://host:port` or `https://host:port`."""
+
+    url: str
+    scheme: str
+    host: str
+    port: int
+    weight: int = 1
+    # The host name an address came from, when `resolve` expanded one (SNI and the
+    # certificate check use it); "" for an endpoint as written.
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class BalanceConfig:
+    """`upstreams.X.balance`: how an endpoint is chosen among the eligible ones.
+
+    - `round_robin`: smooth weighted round robin (nginx's).
+    - `least_request`: power of two choices: two endpoints drawn at random (by weight),
+      the one with fewer requests in flight wins.
+    - `random`: weighted random.
+    - `{hash: {header: NAME} | {cookie: NAME} | ip | path}`: consistent hashing of that
+      key (a key lacking falls back to round robin), so adding an endpoint moves ~1/N
+      of the keys.
+    - `{sticky: {cookie: NAME, ttl: DURATION}}`: the gateway sets a cookie naming the
+      endpoint it chose and sends later requests carrying it to the same endpoint while
+      that one is eligible (round robin otherwise)."""
+
+    policy: str = "round_robin"  # round_robin | least_request | random | hash | sticky
+    hash_on: str | None = None  # hash: header | cookie | ip | path
+    hash_key: str | None = None  # hash: the header or cookie name
+    cookie: str = "gatehouse_sticky"  # sticky: the cookie's name
+    cookie_ttl: float | None = None  # sticky: Max-Age; None: a session cookie
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheckConfig:
+    """`upstreams.X.health_check`: active checks of every endpoint, each `interval`
+    (give or take `jitter`, a fraction of it). An endpoint leaves rotation after
+    `unhealthy_threshold` failed checks in a row and comes back after `healthy_threshold`
+    passed ones. `type: http` GETs `path` and expects a status in `expect`; `type: tcp`
+    only connects."""
+
+    type: str = "http"  # http | tcp
+    path: str = "/"
+    expect: tuple[tuple[int, int], ...] = ((200, 399),)  # inclusive status ranges
+    interval: float = DEFAULT_HEALTH_INTERVAL_S
+    timeout: float = DEFAULT_HEALTH_TIMEOUT_S
+    healthy_threshold: int = 2
+    unhealthy_threshold: int = 3
+    jitter: float = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierConfig:
+    """`upstreams.X.outlier`: passive health. An endpoint that fails
+    `consecutive_failures` requests in a row (cannot connect, reset, timed out), or
+    answers `consecutive_5xx` 5xx in a row (None: 5xx never eject), is ejected for
+    `base_ejection` times the number of times it has been ejected (at most
+    `max_ejection`). At most `max_ejection_percent` of an upstream's endpoints are out
+    at once (the rest keep serving); if no endpoint is left eligible, all are tried
+    (panic mode) rather than failing every request."""
+
+    consecutive_failures: int = 5
+    consecutive_5xx: int | None = None
+    base_ejection: float = DEFAULT_BASE_EJECTION_S
+    max_ejection: float = DEFAULT_MAX_EJECTION_S
+    max_ejection_percent: int = 50
+
+
+RETRY_CONDITIONS = ("connect-failure", "refused-stream", "reset", "timeout", "502", "503", "504")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryConfig:
+    """`upstreams.X.retries`. `attempts` is the total number of tries (1: no retry).
+    A request is retried only when it is safe: nothing of it reached the upstream
+    (connect-failure, refused-stream), or its method is idempotent and its body, if any,
+    was at most `body_limit` bytes (kept to be sent again). A retry goes to another
+    endpoint when there is one, after a jittered exponential back-off, and only while
+    retries in flight stay under `budget_percent` of the upstream's requests in flight
+    (`budget_min` retries are always allowed): retries never multiply an outage."""
+
+    attempts: int = 2
+    on: frozenset[str] = frozenset({"connect-failure", "refused-stream"})
+    per_try_timeout: float | None = None  # None: the upstream's read timeout bounds a try
+    backoff_base: float = DEFAULT_RETRY_BACKOFF_BASE_S
+    backoff_max: float = DEFAULT_RETRY_BACKOFF_MAX_S
+    budget_percent: float = 20.0
+    budget_min: int = 3
+    body_limit: int = DEFAULT_RETRY_BODY_LIMIT
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitBreakerConfig:
+    """`upstreams.X.circuit_breaker`: limits for the whole upstream (all endpoints).
+    Past one, a request gets 503 at once (`upstream_overloaded`) instead of queueing
+    without bound. None: no limit beyond each pool's own."""
+
+    max_connections: int | None = None  # connections open to the upstream
+    max_pending: int | None = None  # requests waiting for a connection
+    max_requests: int | None = None  # requests in flight
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    """`upstreams.NAME`."""
+
+    name: str
+    endpoints: tuple[EndpointConfig, ...]
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+    timeouts: UpstreamTimeouts = field(default_factory=UpstreamTimeouts)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    # http1, h2c (HTTP/2 with prior knowledge on http:// endpoints) or h2 (HTTP/2 chosen
+    # by ALPN on https:// endpoints).
+    protocol: str = "http1"
+    tls: UpstreamTls = field(default_factory=UpstreamTls)
+    health_check: HealthCheckConfig | None = None  # None: no active checks
+    outlier: OutlierConfig | None = field(default_factory=OutlierConfig)  # None: off
+    retries: RetryConfig = field(default_factory=RetryConfig)
+    circuit_breaker: CircuitBreakerConfig = field(default_factory=CircuitBreakerConfig)
+    # Re-resolve endpoint host names this often; every A/AAAA record is an endpoint and
+    # one that disappears drains. None: names are resolved when connecting, as given.
+    resolve_interval: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMatch:
+    """`match.headers[i]`: exactly one of `value` (exact), `regex` (full match), or neither
+    (the header must be present). `name` is lower-cased (header names are case-insensitive)."""
+
+    name: str
+    value: str | None = None
+    regex: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QueryMatch:
+    """`match.query[i]`: same rules as HeaderMatch, on a query parameter."""
+
+    name: str
+    value: str | None = None
+    regex: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MatchConfig:
+    """`routes[i].match`. At most one of path / path_prefix / path_regex."""
+
+    host: str | None = None  # "api.example.com" or "*.example.com", lower-cased
+    path: str | None = None
+    path_prefix: str | None = None
+    path_regex: str | None = None  # full match, named groups allowed
+    methods: tuple[str, ...] | None = None  # upper-cased
+    headers: tuple[HeaderMatch, ...] = ()
+    query: tuple[QueryMatch, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RewriteConfig:
+    """`routes[i].rewrite`: applied to the path in this order: regex, strip_prefix,
+    add_prefix. `host` replaces the Host header (preserved when None)."""
+
+    strip_prefix: str | None = None
+    add_prefix: str | None = None
+    regex: str | None = None
+    replacement: str | None = None  # with regex; `\\g<name>` / `\\1` references
+    host: str | None = None
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class MiddlewareSpec:
+    """One middleware instance: `middleware.NAME` (shared by every chain naming it) or an
+    entry written inline in a chain (named after its type)."""
+
+    name: str  # the metrics label and log name
+    type: str  # as written: a built-in name, `package.module:Factory` or an entry point
+    instance: Any  # what the type's factory built from the options (middleware/base.py)
+    # The options as written (canonical YAML): a reload keeps the running instance, and
+    # its state (rate-limit tables, key caches, connections), when name, type and this
+    # are unchanged.
+    options: str = ""
+    line: int = 1  # where the instance is written: errors starting it name it
+
+
+@dataclass(frozen=True, slots=True)
+class WebSocketConfig:
+    """`routes[i].websocket`: whether the route tunnels WebSocket upgrades (HTTP/1.1
+    Upgrade and HTTP/2 extended CONNECT), and the tunnels' deadlines. On by default for
+    routes whose upstream speaks HTTP/1.1 (the upstream hop is an HTTP/1.1 Upgrade);
+    upgrade requests on a route without it get 403."""
+
+    enabled: bool = True
+    idle_timeout: float | None = None  # no byte either way for this long: 1001, closed
+    max_duration: float | None = None  # open for this long: 1001, closed
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    """`routes[i]`."""
+
+    name: str
+    match: MatchConfig
+    upstream: str
+    rewrite: RewriteConfig = field(default_factory=RewriteConfig)
+    max_body_size: int | None = None  # None: the server-wide limit applies
+    websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
+    middleware: tuple[MiddlewareSpec, ...] = ()  # after global_middleware, in order
+    # Forward the path as the client sent it rather than in canonical form (for
+    # upstreams that need the raw bytes); routing still uses the canonical form.
+    forward_raw_path: bool = False
+    # `request_buffering.max_size`: a request body up to this size is read whole before
+    # an upstream connection is taken, so a slow client holds only its own socket (as
+    # nginx's proxy_request_buffering); a larger one streams once this much has come.
+    # None (`request_buffering: false`): bodies stream from the first byte (big
+    # uploads, client-streaming RPCs). gRPC requests always stream.
+    request_buffering: int | None = DEFAULT_REQUEST_BUFFER_BYTES
+    index: int = 0  # position in the file: ties in specificity go to the earlier route
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """`limits`: server-wide defences, each mapped to one status (DESIGN.md, errors)."""
+
+    max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES  # 431
+    max_body_size: int | None = None  # 413; None = unlimited
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT_S  # 408
+    body_timeout: float = DEFAULT_BODY_TIMEOUT_S  # 408, idle gap between body chunks
+    keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT_S
+
+
+ESCAPED_SLASH_ACTIONS = ("reject", "unescape", "keep")
+UNDERSCORE_ACTIONS = ("drop", "reject", "allow")
+
+
+@dataclass(frozen=True, slots=True)
+class PathNormalization:
+    """`path_normalization`: how request paths are put in canonical form before routing
+    (proxy/core/canonical.py). `escaped_slashes` decides `%2F`, `%5C` and a raw backslash:
+    `reject` (400), `unescape` (`%2F` a separator, `%5C` a literal backslash) or `keep`
+    (left encoded); `merge_slashes` folds `//` into `/`, as nginx does."""
+
+    escaped_slashes: str = "reject"  # reject | unescape | keep
+    merge_slashes: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Http2Config:
+    """`http2`: the HTTP/2 front end's settings and the attacks each one stops.
+
+    - max_concurrent_streams: SETTINGS_MAX_CONCURRENT_STREAMS; a stream beyond it is
+      refused (RST_STREAM REFUSED_STREAM, counted with the resets), and beyond twice
+      it the connection is closed. Bounds the work one connection can start.
+    - max_header_list_size: a request whose decoded header list is larger gets 431 on its
+      stream; a block far beyond it (an HPACK bomb) is a connection error (GOAWAY).
+    - initial_window_size: per-stream receive window. A window is re-opened only after
+      the data was forwarded, so a slow upstream slows the client (bounded memory).
+    - max_resets_per_second: streams reset per second (cancelled by the client, or reset
+      by us for an error the client made) before GOAWAY ENHANCE_YOUR_CALM: rapid reset
+      (CVE-2023-44487) and its provoked-reset variant (CVE-2025-8671).
+    - max_control_frames_per_second: SETTINGS, PING and PRIORITY frames (and empty DATA
+      frames) per second before GOAWAY ENHANCE_YOUR_CALM: settings/ping floods, which
+      cost us work and replies without the client doing any.
+    CONTINUATION floods are bounded by h2 itself (64 frames per header block) and by
+    max_header_list_size; a frame declared larger than 16 KiB is refused from its header;
+    idle connections get GOAWAY after limits.keepalive_timeout; a stream whose request body
+    stops coming gets 408, and one whose response the client's window holds back is reset,
+    after limits.body_timeout.
+    """
+
+    max_concurrent_streams: int = DEFAULT_H2_MAX_CONCURRENT_STREAMS
+    max_header_list_size: int = DEFAULT_MAX_HEAD_BYTES
+    initial_window_size: int = DEFAULT_H2_INITIAL_WINDOW_BYTES
+    max_resets_per_second: int = DEFAULT_H2_MAX_RESETS_PER_SECOND
+    max_control_frames_per_second: int = DEFAULT_H2_MAX_CONTROL_FRAMES_PER_SECOND
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole validated file."""
+
+    listeners: tuple[ListenerConfig, ...]
+    upstreams: dict[str, UpstreamConfig]
+    routes: tuple[RouteConfig, ...]
+    admin: AdminConfig | None = None
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    http2: Http2Config = field(default_factory=Http2Config)
+    http1_parser: str = "auto"  # auto | httptools | h11
+    workers: int | None = None  # None: one per core
+    grace_period: float = DEFAULT_GRACE_PERIOD_S  # `shutdown.grace_period`
+    middleware: dict[str, MiddlewareSpec] = field(default_factory=dict)  # named instances
+    global_middleware: tuple[MiddlewareSpec, ...] = ()  # before every route's own chain
+    reload: ReloadConfig = field(default_factory=ReloadConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    path_normalization: PathNormalization = field(default_factory=PathNormalization)
+    # Client header fields whose name holds "_": dropped, refused (400) or passed on.
+    # Upstreams such as WSGI and CGI servers fold "_" into "-", so "X_Consumer" would
+    # reach them as the "X-Consumer" a middleware sets (nginx drops them too).
+    headers_with_underscores: str = "drop"  # drop | reject | allow
+    client_ip: ClientIpConfig | None = None  # None: the client is the connection's peer
+    source: str = "<string>"
+    # Start offsets, in the file's text, of the values /config hides by where they are
+    # (header values a middleware sends, route matcher values): proxy/config/view.py.
+    concealed: frozenset[int] = frozenset()

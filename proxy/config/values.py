@@ -1,0 +1,332 @@
+"""Values of routes.yaml: durations, sizes, `${VAR}` references, bind addresses, endpoint
+URLs and TLS files.
+
+Each `parse_*` function takes the text as written and either returns the typed value or raises
+ConfigValueError with a one-line message; NodeReader (`proxy/config/reader.py`) prefixes that
+message with the file, line and key path. Any other exception from these functions is a bug.
+The schema itself (which keys exist, what they mean) lives in `proxy/config/load.py`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+import ssl
+from collections.abc import Mapping
+from decimal import Decimal
+from fractions import Fraction
+from urllib.parse import urlsplit
+
+MAX_PORT = 65535
+
+_DURATION_UNITS_S = {
+    "ms": Fraction(1, 1000),
+    "s": Fraction(1),
+    "m": Fraction(60),
+    "h": Fraction(3600),
+}
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?|\.\d+)(ms|s|m|h)?")
+_DURATION_FORMS = "e.g. '250ms', '5s', '1.5s', '2m', '1h' or a number of seconds"
+
+_SIZE_UNITS_BYTES = {
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?|\.\d+)([A-Za-z]*)")
+_SIZE_FORMS = "e.g. '512B', '16KiB', '1MiB', '1GiB', '10KB', '10MB' or a number of bytes"
+# Largest first, so format_size() picks the shortest exact spelling.
+_SIZE_FORMAT_UNITS = (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024))
+
+# `$${` is an escaped literal `${`; `${...}` is a reference; a `${` without `}` is an error.
+_ENV_RE = re.compile(r"\$\$\{|\$\{([^}]*)\}|\$\{")
+_ENV_BODY_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?", re.DOTALL)
+
+_HOSTNAME_RE = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?")
+_HOST_PATTERN_RE = re.compile(r"(\*\.)?[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?")
+_BIND_FORMS = "expected 'host:port', '[ipv6]:port' or ':port'"
+
+
+class ConfigValueError(ValueError):
+    """A scalar value in the config is malformed; the message is one line."""
+
+
+def parse_duration(value: str | float) -> float:
+    """Parse `250ms`, `5s`, `1.5s`, `2m`, `1h` or a bare number of seconds into seconds.
+
+    Raises:
+        ConfigValueError: malformed, negative or not finite.
+    """
+    if isinstance(value, int | float):
+        if math.isnan(value) or math.isinf(value):
+            raise ConfigValueError(f"invalid duration {value!r}: must be a finite number")
+        if value < 0:
+            raise ConfigValueError(f"invalid duration {value!r}: must not be negative")
+        return float(value)
+    text = value.strip()
+    if text.startswith("-"):
+        raise ConfigValueError(f"invalid duration {value!r}: must not be negative")
+    match = _DURATION_RE.fullmatch(text)
+    if match is None:
+        raise ConfigValueError(f"invalid duration {value!r} ({_DURATION_FORMS})")
+    number, unit = match.groups()
+    try:
+        return float(Fraction(number) * _DURATION_UNITS_S[unit or "s"])
+    except OverflowError:
+        raise ConfigValueError(f"invalid duration {value!r}: too large") from None
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest of `1h`, `2m`, `5s`, `250ms` or `0.0125s` that parse_duration() reads
+    back as exactly `seconds` (which must be finite and not negative)."""
+    if seconds == int(seconds):
+        whole = int(seconds)
+        for unit, size in (("h", 3600), ("m", 60)):
+            if whole and whole % size == 0:
+                return f"{whole // size}{unit}"
+        return f"{whole}s"
+    millis = round(seconds * 1000)
+    if millis / 1000 == seconds:
+        return f"{millis}ms"
+    return f"{Decimal(repr(seconds)):f}s"  # repr() may use an exponent, which we do not parse
+
+
+def parse_size(value: str | int) -> int:
+    """Parse `512B`, `16KiB`, `1MiB`, `1GiB`, `10KB`/`10MB` (powers of 1000) or a bare
+    number of bytes into bytes. Units are case-insensitive; a fraction (`1.5KiB`) must come
+    to a whole number of bytes.
+
+    Raises:
+        ConfigValueError: malformed, negative or not a whole number of bytes.
+    """
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigValueError(f"invalid size {value!r}: must not be negative")
+        return value
+    text = value.strip()
+    if text.startswith("-"):
+        raise ConfigValueError(f"invalid size {value!r}: must not be negative")
+    match = _SIZE_RE.fullmatch(text)
+    if match is None:
+        raise ConfigValueError(f"invalid size {value!r} ({_SIZE_FORMS})")
+    number, unit = match.groups()
+    multiplier = _SIZE_UNITS_BYTES.get(unit.lower() or "b")
+    if multiplier is None:
+        raise ConfigValueError(f"invalid size {value!r}: unknown unit {unit!r} ({_SIZE_FORMS})")
+    size = Fraction(number) * multiplier
+    if size.denominator != 1:
+        raise ConfigValueError(f"invalid size {value!r}: not a whole number of bytes")
+    return int(size)
+
+
+def format_size(size: int) -> str:
+    """The shortest `1GiB` / `16KiB` / `1000B` spelling that parse_size() reads back as `size`."""
+    for unit, multiplier in _SIZE_FORMAT_UNITS:
+        if size and size % multiplier == 0:
+            return f"{size // multiplier}{unit}"
+    return f"{size}B"
+
+
+def substitute_env(text: str, env: Mapping[str, str]) -> tuple[str, list[str]]:
+    """Replace `${VAR}` and `${VAR:-default}` (default when VAR is unset or empty, as in
+    the shell) in `text`; `$${` is a literal `${`. Values are inserted as-is, never
+    substituted again.
+
+    Returns the new text and one message per problem (unset variable, malformed reference).
+    """
+    errors: list[str] = []
+
+    def replace(match: re.Match[str]) -> str:
+        whole = match.group(0)
+        if whole == "$${":
+            return "${"
+        body = match.group(1)
+        if body is None:
+            errors.append("unterminated '${' (write '$${' for a literal '${')")
+            return whole
+        ref = _ENV_BODY_RE.fullmatch(body)
+        if ref is None:
+            errors.append(f"invalid environment variable reference {whole!r}")
+            return whole
+        name, default = ref.groups()
+        if default is not None and "${" in default:
+            errors.append(f"nested '${{' in the default of {whole!r} is not supported")
+            return whole
+        found = env.get(name)
+        if default is not None and not found:
+            return default
+        if found is None:
+            errors.append(f"environment variable {name!r} is not set")
+            return whole
+        return found
+
+    return _ENV_RE.sub(replace, text), errors
+
+
+def _parse_port(text: str, *, allow_zero: bool) -> int:
+    if not text.isascii() or not text.isdigit():
+        raise ConfigValueError(f"invalid port {text!r}")
+    port = int(text)
+    low = 0 if allow_zero else 1
+    if not low <= port <= MAX_PORT:
+        raise ConfigValueError(f"port {port} is out of range {low}..{MAX_PORT}")
+    return port
+
+
+def parse_bind(text: str) -> tuple[str, int]:
+    """Parse a listen address: `host:port`, `[::1]:port` or `:port` (all IPv4 interfaces).
+    Port 0 asks the OS for an ephemeral port. IPv6 hosts are returned without brackets.
+
+    Raises:
+        ConfigValueError: malformed address or port out of 0..65535.
+    """
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or not rest.startswith(":"):
+            raise ConfigValueError(f"invalid bind address {text!r} ({_BIND_FORMS})")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigValueError(f"invalid IPv6 address {host!r} in {text!r}") from None
+        return host, _parse_port(rest[1:], allow_zero=True)
+    host, colon, port_text = text.rpartition(":")
+    if not colon:
+        raise ConfigValueError(f"invalid bind address {text!r} ({_BIND_FORMS})")
+    if ":" in host:
+        raise ConfigValueError(
+            f"invalid bind address {text!r}: write IPv6 addresses in brackets, as '[::1]:8080'"
+        )
+    if host and _HOSTNAME_RE.fullmatch(host) is None:
+        raise ConfigValueError(f"invalid host {host!r} in bind address {text!r}")
+    return host or "0.0.0.0", _parse_port(port_text, allow_zero=True)
+
+
+def _valid_host(host: str) -> bool:
+    if ":" not in host:
+        return _HOSTNAME_RE.fullmatch(host) is not None
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_host_pattern(text: str) -> str | None:
+    """Parse a route's `match.host`: an exact host (`api.example.com`, `[::1]`), a wildcard
+    (`*.example.com`), or `*` for any host (None). Lower-cased, one trailing dot dropped, as
+    the router normalises the request's Host (proxy/exchange/routing.py).
+
+    Raises:
+        ConfigValueError: empty, has a port, or a `*` anywhere but a leading `*.` label.
+    """
+    host = text.lower()
+    if host == "*":
+        return None
+    host = host.removesuffix(".")
+    if host.startswith("["):  # an IPv6 literal
+        if host.endswith("]") and ":" in host and _valid_host(host[1:-1]):
+            return host
+        raise ConfigValueError(f"invalid host {text!r} (expected an IPv6 address like '[::1]')")
+    if not _HOST_PATTERN_RE.fullmatch(host):
+        if ":" in host:
+            raise ConfigValueError(f"invalid host {text!r}: a route host has no port")
+        forms = "'api.example.com', '*.example.com' or '*'"
+        raise ConfigValueError(f"invalid host {text!r} (expected {forms})")
+    return host
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class _PassphraseAsked(Exception):
+    """Raised from the password callback: the key is encrypted."""
+
+
+def _refuse_passphrase() -> bytes:
+    # Without a callback OpenSSL prompts on the terminal, so `gatehouse check` would hang.
+    raise _PassphraseAsked
+
+
+def _holds_pem_certificate(path: str) -> bool:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_verify_locations(cafile=path)
+    except (ssl.SSLError, OSError):
+        return False
+    return True
+
+
+def tls_pair_problem(cert: str, key: str) -> tuple[str | None, str] | None:
+    """Why the PEM certificate chain `cert` and private key `key` cannot serve TLS, as
+    (the key that is at fault, `cert` or `key`, or None for the pair; a message), or None
+    when they load together. An encrypted key is a problem: it would need a passphrase."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key, password=_refuse_passphrase)
+    except _PassphraseAsked:
+        return "key", f"the key {key!r} is encrypted (a passphrase-less key is needed)"
+    except ssl.SSLError as exc:
+        if not _holds_pem_certificate(cert):
+            return "cert", f"{cert!r} holds no PEM certificate"
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            return None, f"the certificate {cert!r} does not match the key {key!r}"
+        return "key", f"cannot load the key {key!r}: {exc.reason or 'not a PEM private key'}"
+    except OSError as exc:  # the files were readable a moment ago
+        return None, f"cannot load {cert!r} and {key!r}: {exc.strerror or exc}"
+    return None
+
+
+def ca_bundle_problem(ca: str) -> str | None:
+    """Why the file `ca` is not a bundle of PEM CA certificates, or None when it loads."""
+    if not _holds_pem_certificate(ca):
+        return f"{ca!r} holds no PEM certificate"
+    return None
+
+
+def parse_endpoint_url(text: str) -> tuple[str, str, int, str]:
+    """Parse an upstream endpoint `http://host[:port]` or `https://host[:port]` (port 80 or
+    443 by default; a trailing `/` is allowed, any other path is not). Returns (scheme,
+    host, port, normalised URL), host lower-cased and, for IPv6, without brackets.
+
+    Raises:
+        ConfigValueError: not an http:// or https:// URL, or it has a path, query,
+            fragment or userinfo.
+    """
+    if "://" not in text:
+        raise ConfigValueError(f"invalid endpoint {text!r}: expected a URL like 'http://host:port'")
+    try:
+        parts = urlsplit(text)
+    except ValueError as exc:  # e.g. an unbalanced "[" in the host
+        raise ConfigValueError(f"invalid endpoint {text!r}: {exc}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise ConfigValueError(
+            f"unsupported scheme {parts.scheme!r} in {text!r} (http:// or https://)"
+        )
+    if parts.username is not None or parts.password is not None:
+        raise ConfigValueError(f"invalid endpoint {text!r}: credentials in the URL are not allowed")
+    if parts.path not in ("", "/"):
+        raise ConfigValueError(
+            f"invalid endpoint {text!r}: a path is not allowed (use the route's rewrite.add_prefix)"
+        )
+    if parts.query or parts.fragment:
+        raise ConfigValueError(f"invalid endpoint {text!r}: a query or fragment is not allowed")
+    host = parts.hostname or ""
+    if not host:
+        raise ConfigValueError(f"invalid endpoint {text!r}: missing host")
+    if not _valid_host(host):
+        raise ConfigValueError(f"invalid host {host!r} in endpoint {text!r}")
+    # parts.port raises for garbage; read the text after the host ourselves for a clear error.
+    netloc = parts.netloc
+    port_text = netloc.rpartition("]")[2] if netloc.startswith("[") else netloc
+    _, colon, port_text = port_text.rpartition(":")
+    port = _parse_port(port_text, allow_zero=False) if colon else _DEFAULT_PORTS[scheme]
+    url_host = f"[{host}]" if ":" in host else host
+    return scheme, host, port, f"{scheme}://{url_host}:{port}"

@@ -1,0 +1,284 @@
+"""One exchange: route the request, run the route's chain, turn errors into local replies.
+
+`Runtime` is everything built from one Config: the route table, each route's chain and
+the upstreams with their pools. A reload builds a new Runtime and swaps it in; requests
+already running keep the one they started with.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from middleware.chain import build_chain, close_all, start_all
+from proxy.config.model import Config, MiddlewareSpec, RouteConfig
+from proxy.core.canonical import spelling, without_spellings
+from proxy.core.client_ip import ClientResolver
+from proxy.core.errors import BodyTooLarge, InternalError, NoRoute, ProxyError, UpgradeNotAllowed
+from proxy.core.local_reply import local_reply
+from proxy.core.models import Request, Response
+from proxy.exchange.eager import EagerRun, ToTask
+from proxy.exchange.forward import Forwarder
+from proxy.exchange.routing import RouteTable
+from proxy.upstream.balancer import Upstream
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Request], Awaitable[Response]]
+ResponseCallback = Callable[[Response | None, ProxyError | None], None]
+FastStart = Callable[[Request, ResponseCallback], bool]  # Runtime.try_fast's shape
+
+
+class RouteRuntime:
+    """A route's compiled state: its config and the handler its requests run through."""
+
+    __slots__ = (
+        "chain",
+        "config",
+        "eager",
+        "forwarder",
+        "handler",
+        "identity_fields",
+        "name",
+        "websocket",
+    )
+
+    def __init__(
+        self, config: RouteConfig, forwarder: Forwarder, chain: tuple[MiddlewareSpec, ...] = ()
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.forwarder = forwarder
+        self.chain = chain  # global_middleware, then the route's own
+        # No middleware: the forwarder itself, which `try_fast` recognises to start the
+        # exchange synchronously (no EagerRun, no coroutine).
+        self.handler: Handler = build_chain(chain, _chain_end(forwarder)) if chain else forwarder
+        # Run without a task when every middleware only ever awaits call_next (eager.py).
+        self.eager = all(getattr(spec.instance, "EAGER", False) for spec in chain)
+        self.websocket = config.websocket
+        # The fields the chain sets for the upstream to believe: a client's copies, in any
+        # spelling, are removed before the chain runs (middleware/base.py).
+        self.identity_fields = frozenset(
+            spelling(name)
+            for spec in chain
+            if (declared := getattr(spec.instance, "identity_headers", None)) is not None
+            for name in declared()
+        )
+
+
+def _spec_key(spec: MiddlewareSpec) -> tuple[str, str, str]:
+    return (spec.name, spec.type, spec.options)
+
+
+def _kept_middleware(previous: Runtime | None) -> dict[tuple[str, str, str], MiddlewareSpec]:
+    """The running instances a new Runtime may take over, by name, type and options."""
+    if previous is None:
+        return {}
+    return {_spec_key(spec): spec for spec in previous.middleware() if spec.options}
+
+
+def _chain_end(forwarder: Forwarder) -> Handler:
+    """What a chain's last `call_next` does: the fast path when the chain runs eagerly
+    (proxy/exchange/eager.py) and an idle connection is there, the forwarder otherwise."""
+
+    def forward(request: Request) -> Awaitable[Response]:
+        run = request.eager
+        if run is not None and run.eager:
+            pending = run.forward(request, forwarder)
+            if pending is not None:
+                return pending
+            return ToTask(lambda: forwarder(request))
+        return forwarder(request)
+
+    return forward
+
+
+async def _no_route(request: Request) -> Response:
+    raise NoRoute(f"no route for {request.method} {request.path}")
+
+
+class Runtime:
+    """Everything one Config compiles to.
+
+    Built from a reload, it takes over from `previous` what the reload left unchanged: an
+    upstream whose config is equal keeps its pools (and their idle connections), and a
+    middleware instance whose name, type and options are equal is kept as it runs (its
+    rate-limit table, key cache, Redis client). `retire` then closes what was not kept.
+    """
+
+    def __init__(self, config: Config, codec: str, previous: Runtime | None = None) -> None:
+        self.config = config
+        self.codec = codec
+        # Who the client of each request is (None: the connection's peer, no work at all).
+        self.client_ip = ClientResolver(config.client_ip) if config.client_ip else None
+        self.table = RouteTable(config.routes)
+        kept_specs = _kept_middleware(previous)
+        self.kept: set[int] = set()  # ids of the instances taken over from `previous`
+
+        def chain(specs: tuple[MiddlewareSpec, ...]) -> tuple[MiddlewareSpec, ...]:
+            taken = tuple(kept_specs.get(_spec_key(spec), spec) for spec in specs)
+            self.kept.update(id(spec.instance) for spec in taken if _spec_key(spec) in kept_specs)
+            return taken
+
+        global_middleware = chain(config.global_middleware)
+        # A request no route matches still passes through global_middleware (an access
+        # log line, a request id, global auth before the 404), whose end answers 404.
+        self.no_route: Handler | None = (
+            build_chain(global_middleware, _no_route) if global_middleware else None
+        )
+        self._no_route_chain = global_middleware
+        max_head = config.limits.max_head_bytes
+        old_upstreams = previous.upstreams if previous is not None else {}
+        self.upstreams: dict[str, Upstream] = {}
+        self.new_upstreams: list[Upstream] = []  # built here, not taken over (start())
+        for name, upstream in config.upstreams.items():
+            old = old_upstreams.get(name)
+            if (
+                old is not None
+                and previous is not None
+                and old.config == upstream
+                and (previous.codec, previous.config.limits.max_head_bytes) == (codec, max_head)
+            ):
+                self.upstreams[name] = old
+                continue
+            self.upstreams[name] = Upstream(upstream, codec, max_head)
+            self.new_upstreams.append(self.upstreams[name])
+        self.routes = {
+            route.name: RouteRuntime(
+                route,
+                Forwarder(
+                    self.upstreams[route.upstream],
+                    route.rewrite,
+                    config.limits.max_head_bytes,
+                    route.websocket,
+                    route.forward_raw_path,
+                    route.request_buffering,
+                ),
+                chain((*config.global_middleware, *route.middleware)),
+            )
+            for route in config.routes
+        }
+
+    def middleware(self) -> list[MiddlewareSpec]:
+        """Every middleware instance in the chains (shared ones once per chain)."""
+        specs = [spec for route in self.routes.values() for spec in route.chain]
+        return [*self._no_route_chain, *specs]
+
+    async def start(self) -> None:
+        """Start the middleware that need the event loop (clients, refresh tasks); those
+        taken over from the previous Runtime are running already. The same goes for the
+        upstreams' active health checks."""
+        await start_all(spec for spec in self.middleware() if id(spec.instance) not in self.kept)
+        for upstream in self.new_upstreams:
+            upstream.start_health()
+
+    async def aclose(self) -> None:
+        """Close idle upstream connections, the health checks and the middleware's
+        resources."""
+        self.close()
+        for upstream in self.upstreams.values():
+            await upstream.aclose_health()
+        await close_all(self.middleware())
+
+    async def discard(self, previous: Runtime) -> None:
+        """A prepared reload was abandoned: close what this Runtime made that `previous`
+        does not use (it was never swapped in, so no request ran on it)."""
+        await self.retire(previous)
+
+    async def retire(self, successor: Runtime) -> None:
+        """This Runtime was replaced by `successor`: close the upstreams and middleware it
+        does not use. Upstream pools close their idle connections now and the busy ones
+        as their exchanges end; callers delay this for middleware, whose in-flight
+        requests may still be using them."""
+        for name, upstream in self.upstreams.items():
+            if successor.upstreams.get(name) is not upstream:
+                upstream.close()
+                await upstream.aclose_health()
+        kept = {id(spec.instance) for spec in successor.middleware()}
+        await close_all(spec for spec in self.middleware() if id(spec.instance) not in kept)
+
+    async def handle(self, request: Request) -> Response:
+        """Run one exchange. Never raises: failures become local replies."""
+        try:
+            match = self.table.match(
+                request.method, request.host, request.path, request.get_headers, request.query
+            )
+            if match is None:
+                if self.no_route is None:
+                    raise NoRoute(f"no route for {request.method} {request.path}")
+                return await self._run(self.no_route, request)
+            route = self.routes[match.route.name]
+            request.route_name = route.name
+            request.params = match.params
+            if route.identity_fields:
+                without_spellings(request, route.identity_fields)
+            limit = match.route.max_body_size
+            if request.upgrade:
+                if not route.websocket.enabled:
+                    raise UpgradeNotAllowed(f"route {route.name!r} does not allow WebSocket")
+            elif limit is not None:
+                body = request.body
+                if (body.length or 0) > limit or body.bytes_fed > limit:
+                    raise BodyTooLarge()
+                body.limit = limit if body.limit is None else min(body.limit, limit)
+        except ProxyError as exc:
+            return local_reply(exc, request)
+        except Exception:
+            log.exception("bug while routing %r", request)
+            return local_reply(InternalError(), request)
+        return await self._run(route.handler, request)
+
+    async def _run(self, handler: Handler, request: Request) -> Response:
+        """A route's chain (or just its forwarder); failures become local replies."""
+        try:
+            return await handler(request)
+        except ProxyError as exc:
+            if exc.status >= 500:
+                log.info(
+                    "%s %s -> %d %s: %s",
+                    request.method,
+                    request.path,
+                    exc.status,
+                    exc.reason,
+                    exc.message,
+                )
+            return local_reply(exc, request)
+        except Exception:
+            log.exception("bug while handling %r", request)
+            return local_reply(InternalError(), request)
+
+    def try_fast(self, request: Request, on_response: ResponseCallback) -> bool:
+        """Start a bodiless exchange without a task, when nothing in it can wait: the
+        route has no middleware and its endpoint has an idle connection. True when
+        started (`on_response` will be called exactly once); False leaves the request
+        untouched for `handle`."""
+        match = self.table.match(
+            request.method, request.host, request.path, request.get_headers, request.query
+        )
+        if match is None:
+            return False
+        route = self.routes[match.route.name]
+        forwarder = route.forwarder
+        if route.handler is forwarder:
+            return forwarder.try_start(request, route.name, match.params, on_response)
+        limit = match.route.max_body_size
+        if not route.eager or request.upgrade:
+            return False
+        if limit is not None and (request.body.length or 0) > limit:
+            return False  # the general path answers 413
+        request.route_name = route.name
+        request.params = match.params
+        if route.identity_fields:
+            without_spellings(request, route.identity_fields)
+        EagerRun(request, self._run(route.handler, request), on_response).start()
+        return True
+
+    def expire(self, now: float) -> None:
+        """Sweeper tick for every upstream pool."""
+        for upstream in self.upstreams.values():
+            upstream.expire(now)
+
+    def close(self) -> None:
+        """Close idle upstream connections."""
+        for upstream in self.upstreams.values():
+            upstream.close()

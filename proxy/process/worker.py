@@ -1,0 +1,137 @@
+"""A worker process: serves its share of the traffic until told to stop, and answers
+its supervising parent (proxy/process/control.py).
+
+The parent asks for:
+- `metrics`: a snapshot of this process's registry (metrics/aggregate.py);
+- `prepare` (the config file's text, as the parent validated it) then `commit` or
+  `abort`: a reload, in two steps so that every worker switches or none does
+  (proxy/process/server.py).
+The worker tells the parent `ready` once its listeners are bound. SIGTERM or SIGINT, or
+the parent going away, drains it and ends it with exit code 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import signal
+import socket
+from dataclasses import replace
+
+from metrics.aggregate import snapshot
+from metrics.definitions import REGISTRY
+from proxy.config.document import ConfigError
+from proxy.config.load import parse_config
+from proxy.config.model import Config
+from proxy.process.control import Message, open_channel, serve_requests, write_message
+from proxy.process.server import ReloadRefused, Server
+
+log = logging.getLogger("proxy")
+
+EXIT_OK, EXIT_START = 0, 3
+
+# Young-generation collections every GC_GEN0_THRESHOLD allocations instead of CPython's 700:
+# a request allocates ~100 short-lived objects, so the default ran a collection every few
+# requests. Measured with h2load on `/` (h2c): 55.5 -> 52.5 us CPU per request.
+GC_GEN0_THRESHOLD = 50_000
+
+
+def tune_gc() -> None:
+    """For a serving worker: what start-up allocated (modules, config, route tables) is
+    moved out of the collector's sight, and young collections run far less often."""
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+
+
+def run_worker(
+    config: Config,
+    control: socket.socket | None = None,
+    *,
+    loop: str = "uvloop",
+    reuse_port: bool = False,
+) -> int:
+    """Serve `config` in this process until SIGTERM/SIGINT (or the parent's channel
+    closing); returns the exit code."""
+    if loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+            return asyncio.run(_serve(config, control, reuse_port))
+        return int(uvloop.run(_serve(config, control, reuse_port)))
+    return asyncio.run(_serve(config, control, reuse_port))
+
+
+async def _serve(config: Config, control: socket.socket | None, reuse_port: bool) -> int:
+    server = Server(config)
+    try:
+        await server.start(reuse_port=reuse_port)
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return EXIT_START
+    tune_gc()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    link = None
+    if control is not None:
+        link = loop.create_task(_answer_parent(server, control, stop))
+    await stop.wait()
+    log.info("draining (grace period %.1fs)", server.config.grace_period)
+    await server.shutdown()
+    if link is not None:
+        link.cancel()
+    return EXIT_OK
+
+
+async def _answer_parent(server: Server, control: socket.socket, stop: asyncio.Event) -> None:
+    reader, writer = await open_channel(control)
+    write_message(writer, {"event": "ready"})
+
+    async def handle(request: Message) -> Message:
+        op = request.get("op")
+        if op == "metrics":
+            return {"ok": True, "families": snapshot(REGISTRY)}
+        if op == "prepare":
+            return await _prepare(server, request)
+        if op == "commit":
+            await server.commit_reload()
+            return {"ok": True}
+        if op == "abort":
+            await server.abort_reload()
+            return {"ok": True}
+        return {"ok": False, "errors": [f"unknown op {op!r}"]}
+
+    try:
+        await serve_requests(reader, writer, handle)
+    finally:
+        if not stop.is_set():
+            log.error("the supervising parent went away: draining")
+            stop.set()
+
+
+async def _prepare(server: Server, request: Message) -> Message:
+    """Parse the text the parent validated (this process builds its own middleware and
+    pools from it) and prepare the switch."""
+    source = request["source"]
+    try:
+        config = parse_config(request["text"], source=source)
+    except ConfigError as exc:
+        return {"ok": False, "errors": exc.errors}
+    except Exception as exc:  # a bug: refused and logged, never a worker gone quiet
+        log.exception("bug while loading the config for a reload")
+        return {"ok": False, "errors": [f"{source}:1: cannot load the config: {exc!r}"]}
+    ports = request.get("ports") or []
+    if len(ports) == len(config.listeners):
+        listeners = tuple(
+            replace(listener, port=port)
+            for listener, port in zip(config.listeners, ports, strict=True)
+        )
+        config = replace(config, listeners=listeners)
+    try:
+        await server.prepare_reload(config)
+    except ReloadRefused as exc:
+        return {"ok": False, "errors": exc.errors}
+    return {"ok": True}

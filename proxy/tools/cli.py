@@ -1,0 +1,230 @@
+"""`gatehouse run FILE`, `gatehouse check FILE` (like `nginx -t`) and
+`gatehouse reload FILE` (like `nginx -s reload`).
+
+Exit codes: 0 success; 1 invalid configuration (or a reload refused); 2 usage error
+(including an admin listener that cannot be reached or will not take the request: no or a
+wrong token, a Host it does not answer for); 3 could not start (a listener failed to bind).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import glob
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import traceback
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import replace
+
+from metrics.admin_access import CSRF_HEADER
+from middleware.rate_limit_local import SHARED_DIR_ENV
+from proxy.config.document import ConfigError, read_config_file
+from proxy.config.load import load_config, parse_config
+from proxy.config.model import Config
+from proxy.process.cpus import usable_cpus
+
+log = logging.getLogger("proxy")
+
+EXIT_OK, EXIT_CONFIG, EXIT_USAGE, EXIT_START = 0, 1, 2, 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gatehouse", description="Gatehouse API gateway")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="serve a routes.yaml")
+    run.add_argument("config", help="path to routes.yaml")
+    run.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes (default: from the file, else one per usable CPU)",
+    )
+    run.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    check = commands.add_parser("check", help="validate a routes.yaml and exit")
+    check.add_argument("config", help="path to routes.yaml")
+    reload = commands.add_parser(
+        "reload", help="make a running gateway reload its routes.yaml (via its admin listener)"
+    )
+    reload.add_argument("config", help="path to the routes.yaml the gateway runs")
+    reload.add_argument("--admin", help="the admin listener, HOST:PORT (default: admin.bind)")
+    explain = commands.add_parser(
+        "explain", help="which route a request takes, and why (no traffic is sent)"
+    )
+    explain.add_argument("config", help="path to routes.yaml")
+    explain.add_argument("method", help="GET, POST, ...")
+    explain.add_argument("url", help="http://host/path?query, or /path (host from -H Host)")
+    explain.add_argument(
+        "-H", "--header", action="append", default=[], help="'Name: value' (repeatable)"
+    )
+    routes = commands.add_parser("routes", help="the route table, in the order routes are tried")
+    routes.add_argument("config", help="path to routes.yaml")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `gatehouse` console script."""
+    args = _parser().parse_args(argv)
+    if args.command == "check":
+        return _check(args.config)
+    if args.command == "reload":
+        return _reload(args.config, args.admin)
+    if args.command in ("explain", "routes"):
+        return _explain(args)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
+    )
+    # A SIGHUP (reload) before the supervisor's handler is in place must not kill the
+    # gateway with the default action; there is nothing to reload yet anyway.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # Shared state that every process of this gateway opens by name (the local rate-limit
+    # tables), made before the config is loaded: its middleware are built at load.
+    shared_dir = _shared_dir()
+    os.environ[SHARED_DIR_ENV] = shared_dir
+    try:
+        return _run(args)
+    finally:
+        shutil.rmtree(shared_dir, ignore_errors=True)
+        os.environ.pop(SHARED_DIR_ENV, None)
+
+
+def _shared_dir() -> str:
+    """A private directory named after this process; those of gateways that died
+    without cleaning up (SIGKILL) are removed first."""
+    parent = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+    for stale in glob.glob(os.path.join(parent, "gatehouse-*-*")):
+        pid = os.path.basename(stale).split("-")[1]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(stale, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"gatehouse-{os.getpid()}-", dir=parent)
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        text = read_config_file(args.config)
+        config = parse_config(text, source=args.config)
+    except ConfigError as exc:
+        for line in exc.errors:
+            log.error("%s", line)
+        return EXIT_CONFIG
+    workers = args.workers if args.workers is not None else config.workers or usable_cpus()
+    if workers < 1:
+        log.error("--workers must be at least 1")
+        return EXIT_USAGE
+    from proxy.process.supervisor import Supervisor
+    from proxy.process.worker import run_worker
+
+    supervisor = Supervisor(
+        replace(config, workers=workers),
+        text,
+        args.config,
+        workers,
+        lambda cfg, control: run_worker(cfg, control, loop=args.loop, reuse_port=True),
+    )
+    return asyncio.run(supervisor.run())
+
+
+def _check(path: str) -> int:
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)  # noqa: T201 - the command's output
+        print(f"{path}: {len(exc.errors)} error(s)", file=sys.stderr)  # noqa: T201
+        return EXIT_CONFIG
+    except Exception as exc:  # a bug: still one `file:line` error, then the traceback
+        print(f"{path}:1: cannot load the config (a bug): {exc!r}", file=sys.stderr)  # noqa: T201
+        traceback.print_exc()
+        return EXIT_CONFIG
+    routes, upstreams = len(config.routes), len(config.upstreams)
+    print(f"{path}: ok ({routes} routes, {upstreams} upstreams)")  # noqa: T201
+    return EXIT_OK
+
+
+def _explain(args: argparse.Namespace) -> int:
+    """`gatehouse explain` and `gatehouse routes`: exit 0, or 1 for an invalid file, or 2
+    for a header that is not `Name: value`."""
+    from proxy.tools.explain import explain, render_explanation, render_routes
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)  # noqa: T201
+        return EXIT_CONFIG
+    if args.command == "routes":
+        print(render_routes(config))  # noqa: T201 - the command's output
+        return EXIT_OK
+    headers = []
+    for raw in args.header:
+        name, colon, value = raw.partition(":")
+        if not colon or not name.strip():
+            print(f"-H {raw!r}: expected 'Name: value'", file=sys.stderr)  # noqa: T201
+            return EXIT_USAGE
+        headers.append((name.strip(), value.strip()))
+    found = explain(config, args.method.upper(), args.url, headers)
+    print(render_explanation(config, found))  # noqa: T201 - the command's output
+    return EXIT_OK
+
+
+def _reload(path: str, admin: str | None) -> int:
+    """POST /reload to the gateway's admin listener; print what it answered. The address
+    is admin.bind's (or --admin), the bearer token admin.token's, both read from `path`."""
+    try:
+        config: Config | None = load_config(path)
+    except ConfigError as exc:
+        if admin is None:
+            for line in exc.errors:
+                print(line, file=sys.stderr)  # noqa: T201
+            print(f"{path}: not reloading an invalid file", file=sys.stderr)  # noqa: T201
+            return EXIT_CONFIG
+        config = None  # --admin: the gateway reports what is wrong with the file
+    settings = config.admin if config is not None else None
+    if admin is None:
+        if settings is None:
+            print(  # noqa: T201
+                f"{path}: no admin listener (admin.bind) to ask; send SIGHUP to the "
+                "gateway's parent process instead",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        host = "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host
+        host = "::1" if host == "::" else host
+        admin = f"[{host}]:{settings.port}" if ":" in host else f"{host}:{settings.port}"
+    # A header no browser page can send: the admin listener takes no POST without one.
+    headers = {CSRF_HEADER: "gatehouse reload"}
+    if settings is not None and settings.token is not None:
+        headers["Authorization"] = f"Bearer {settings.token}"
+    request = urllib.request.Request(
+        f"http://{admin}/reload", method="POST", data=b"", headers=headers
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            json.load(response)
+    except urllib.error.HTTPError as exc:
+        answer = json.load(exc)
+        if exc.code in (401, 403, 421):  # the listener would not take it: not the file's fault
+            print(  # noqa: T201
+                f"the admin listener at {admin} refused the request ({exc.code}): "
+                f"{answer.get('message', answer.get('error'))}",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        for line in answer.get("errors", []):
+            print(line, file=sys.stderr)  # noqa: T201
+        print(f"reload refused ({exc.code}); the running config stays", file=sys.stderr)  # noqa: T201
+        return EXIT_CONFIG
+    except OSError as exc:
+        print(f"cannot reach the admin listener at {admin}: {exc}", file=sys.stderr)  # noqa: T201
+        return EXIT_USAGE
+    print(f"reloaded {path}")  # noqa: T201
+    return EXIT_OK
