@@ -316,8 +316,8 @@ def count_request(request: Request | None, status: int) -> None:
         key = (NO_ROUTE, OTHER_METHOD, status)
         started = 0.0
     else:
-        key = (request.route_name, _METHODS.get(request.method, OTHER_METHOD), status)
-        started = request.received_at
+        key = (request.exchange.route_name, _METHODS.get(request.method, OTHER_METHOD), status)
+        started = request.exchange.received_at
     series = _REQUEST_SERIES.get(key)
     if series is None:
         series = _request_series(key)

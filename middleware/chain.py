@@ -38,14 +38,14 @@ def _link(spec: MiddlewareSpec, call_next: Handler) -> Handler:
 
     async def run(request: Request) -> Response:
         start = perf_counter()
-        request.chain_inner_s = 0.0
+        request.exchange.chain_inner_s = 0.0
         try:
             response: Response = await middleware(request, call_next)
             return response
         finally:
             total = perf_counter() - start
-            observe(total - request.chain_inner_s)
-            request.chain_inner_s = total
+            observe(total - request.exchange.chain_inner_s)
+            request.exchange.chain_inner_s = total
 
     return run
 
@@ -56,7 +56,7 @@ def _timed_endpoint(endpoint: Handler) -> Handler:
         try:
             return await endpoint(request)
         finally:
-            request.upstream_s = request.chain_inner_s = perf_counter() - start
+            request.exchange.upstream_s = request.exchange.chain_inner_s = perf_counter() - start
 
     return forward
 

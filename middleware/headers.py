@@ -66,7 +66,7 @@ VARIABLES: dict[str, Callable[[Request], str]] = {
     "method": lambda request: request.method,
     "path": lambda request: request.path,
     "scheme": lambda request: request.scheme,
-    "route": lambda request: request.route_name,
+    "route": lambda request: request.exchange.route_name,
     "consumer": lambda request: request.consumer,
 }
 

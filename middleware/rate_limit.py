@@ -122,7 +122,7 @@ def key_function(spec: KeySpec) -> Callable[[Request], str]:
     if spec.kind == "ip":
         return lambda request: request.client[0]
     if spec.kind == "route":
-        return lambda request: request.route_name
+        return lambda request: request.exchange.route_name
     if spec.kind == "consumer":
         return lambda request: (
             "c:" + request.consumer if request.consumer else "ip:" + request.client[0]

@@ -17,6 +17,7 @@ import json
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import h11
@@ -27,6 +28,7 @@ from proxy.core.client_ip import ClientResolver
 from proxy.core.errors import ProxyError
 from proxy.core.local_reply import local_reply
 from proxy.core.models import Body, Request, Response
+from proxy.exchange.dispatch import Reply, Run
 from proxy.frontend.connection import ConnectionPhase, ReadPause
 from proxy.frontend.h1 import Http1Protocol
 
@@ -34,7 +36,6 @@ from proxy.frontend.h1 import Http1Protocol
 
 
 Handler = Callable[[Request], Awaitable[Response]]
-FastCallback = Callable[[Response | None, ProxyError | None], None]
 FastResponder = Callable[[Request], tuple[Response | None, ProxyError | None]]
 
 
@@ -69,26 +70,26 @@ class FakeServer:
     draining: bool = False
     handler: Handler = echo_handler
     fast: FastResponder | None = None
-    requests: list[Request] = field(default_factory=list)  # through `handle`
-    fast_requests: list[Request] = field(default_factory=list)  # taken by `try_fast`
+    requests: list[Request] = field(default_factory=list)  # through `handler`
+    fast_requests: list[Request] = field(default_factory=list)  # answered without a task
     seen: list[Request] = field(default_factory=list)  # both, in the order they came
 
-    async def handle(self, request: Request) -> Response:
-        self.requests.append(request)
+    def start_exchange(self, request: Request, reply: Reply) -> Run | None:
+        """The dispatcher's entry (`Dispatcher.start`): with `fast` set, a bodiless
+        request runs without a task: `reply` is called on a later loop iteration with
+        what `fast` returns (an error as its local reply); anything else goes through
+        `handler`, run by the front end's task."""
         self.seen.append(request)
-        return await self.handler(request)
-
-    def try_fast(self, request: Request, on_response: FastCallback) -> bool:
-        """The fast path (`Runtime.try_fast`): when `fast` is set, the request is taken
-        and `on_response(response, error)` is called on a later loop iteration with what
-        `fast` returns; otherwise every request goes through `handle`."""
-        if self.fast is None:
-            return False
+        if self.fast is None or request.body.length != 0 or request.upgrade:
+            self.requests.append(request)
+            return partial(self.handler, request)
         self.fast_requests.append(request)
-        self.seen.append(request)
         response, error = self.fast(request)
-        asyncio.get_running_loop().call_soon(on_response, response, error)
-        return True
+        if response is None:
+            assert error is not None
+            response = local_reply(error, request)
+        asyncio.get_running_loop().call_soon(reply, response)
+        return None
 
 
 class RecordingConnection:

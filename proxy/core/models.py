@@ -11,7 +11,7 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 from time import perf_counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from multidict import CIMultiDict
 
@@ -20,10 +20,6 @@ from proxy.core.errors import BodyTooLarge
 
 if TYPE_CHECKING:
     from yarl import URL
-
-    from proxy.exchange.eager import EagerRun
-    from proxy.upstream.balancer import EndpointState
-    from proxy.websocket.upstream import UpstreamHandshake
 
 BODY_HIGH_WATER_BYTES = 256 * 1024
 BODY_LOW_WATER_BYTES = 64 * 1024
@@ -418,6 +414,44 @@ def _checked_field(name: str, value: str) -> tuple[bytes, bytes]:
     return name.encode("latin-1"), value.encode("latin-1")
 
 
+class ExchangeRecord:
+    """What is known of one exchange besides its two messages: the route it took, the
+    endpoint it went to and its timings. The exchange pipeline fills it in; metrics, the
+    access log and the test kit's tracing read it. Every `Request` has one
+    (`request.exchange`), so a request answered before routing (a 400, a 404) still has
+    its arrival time and an empty route name.
+    """
+
+    __slots__ = (
+        "chain_inner_s",
+        "endpoint",
+        "params",
+        "received_at",
+        "retries",
+        "route_name",
+        "upstream_s",
+    )
+
+    def __init__(self, received_at: float) -> None:
+        self.received_at = received_at  # the request head was complete (duration metric)
+        self.route_name = ""
+        self.params: dict[str, str] = {}  # the route path's named parameters
+        self.endpoint = ""  # host:port of the upstream endpoint the request went to
+        self.retries = 0  # tries after the first (proxy/exchange/retry.py); endpoint is the last's
+        self.upstream_s = 0.0  # the upstream's part: sending until the response head
+        self.chain_inner_s = 0.0  # (middleware/chain.py: what the links after one took)
+
+    def cancel(self) -> None:
+        """The client went away: stop what still works on the exchange (nothing here;
+        the dispatcher's context cancels its chain run or its retry task)."""
+
+
+class Upgraded(Protocol):
+    """An upstream connection that answered 101 and waits to become a tunnel."""
+
+    def close(self) -> None: ...
+
+
 class Request(_Message):
     """One request, as every front end produces it.
 
@@ -429,31 +463,23 @@ class Request(_Message):
 
     __slots__ = (
         "_url",
-        "balanced",
         "body",
-        "chain_inner_s",
         "client",
         "consumer",
-        "eager",
-        "endpoint",
+        "exchange",
         "host",
         "http_version",
         "keep_alive",
         "method",
-        "params",
         "path",
         "peer",
         "peer_trusted",
         "query",
         "raw_target",
-        "received_at",
         "request_id",
-        "retries",
-        "route_name",
         "scheme",
         "target",
         "upgrade",
-        "upstream_s",
     )
 
     def __init__(
@@ -498,21 +524,11 @@ class Request(_Message):
         # "websocket" when the client asks for a tunnel (HTTP/1.1 Upgrade, or HTTP/2's
         # extended CONNECT, RFC 8441); "" for an ordinary request.
         self.upgrade = upgrade
-        self.received_at = perf_counter()  # the head is complete (request duration metric)
-        self.params: dict[str, str] = {}
         self.request_id = ""
-        self.route_name = ""
         self.consumer = ""  # who an auth middleware found the caller to be
-        self.endpoint = ""  # host:port of the upstream endpoint the request went to
-        self.retries = 0  # tries after the first (proxy/exchange/retry.py); endpoint is the last's
-        # The endpoint the fast path chose but could not use (no idle connection): the
-        # general path's first try goes there rather than asking the policy again.
-        self.balanced: EndpointState | None = None
-        self.upstream_s = 0.0  # the upstream's part: sending until the response head
-        self.chain_inner_s = 0.0  # (middleware/chain.py: what the links after one took)
-        self.eager: EagerRun | None = (
-            None  # (proxy/exchange/eager.py: its chain runs without a task)
-        )
+        # What the pipeline learns of this exchange (route, endpoint, timings); the
+        # dispatcher replaces it with its own context (proxy/exchange/dispatch.py).
+        self.exchange = ExchangeRecord(perf_counter())
         self._url: URL | None = None
 
     def set_target(self, target: bytes) -> None:
@@ -577,8 +593,9 @@ class Response(_Message):
         self._init_headers(headers)
         self.body = body if body is not None else Body.from_bytes(b"")
         self.reason = reason
-        # A 101 from the upstream: its connection, waiting to become a tunnel.
-        self.upgrade: UpstreamHandshake | None = None
+        # A 101 from the upstream: its connection, waiting to become a tunnel
+        # (proxy/websocket/upstream.py's UpstreamHandshake).
+        self.upgrade: Upgraded | None = None
 
     def __repr__(self) -> str:
         return f"<Response {self.status}>"

@@ -28,14 +28,14 @@ from typing import TYPE_CHECKING, Any
 from proxy.core.errors import InternalError, ProxyError
 from proxy.core.local_reply import local_reply
 from proxy.core.models import Request, Response
-from proxy.upstream.h1 import StaleConnection
 
 if TYPE_CHECKING:
+    from proxy.exchange.context import Exchange
     from proxy.exchange.forward import Forwarder
 
 log = logging.getLogger(__name__)
 
-ResponseCallback = Callable[[Response | None, ProxyError | None], None]
+Reply = Callable[[Response], None]
 RouteCoroutine = Coroutine[Any, Any, Response]
 
 
@@ -43,20 +43,16 @@ class FastForward:
     """What `call_next` returns at the end of an eagerly run chain once the request went
     out on the fast path: awaiting it suspends the chain until the response arrives."""
 
-    __slots__ = ("done", "error", "fallback", "response")
+    __slots__ = ("done", "error", "response")
 
     def __init__(self) -> None:
         self.done = False
         self.response: Response | None = None
         self.error: ProxyError | None = None
-        # The keep-alive race: the general forwarder retries on a fresh connection.
-        self.fallback: Awaitable[Response] | None = None
 
     def __await__(self) -> Generator[Any, None, Response]:
         if not self.done:
             yield self  # to EagerRun._step, which resumes us when the response is in
-        if self.fallback is not None:
-            return (yield from self.fallback.__await__())
         if self.error is not None:
             raise self.error
         assert self.response is not None
@@ -83,22 +79,22 @@ class EagerRun:
 
     __slots__ = (
         "_coroutine",
-        "_forwarder",
-        "_on_response",
+        "_exchange",
         "_pending",
+        "_reply",
         "_request",
         "_task",
         "finished",
     )
 
     def __init__(
-        self, request: Request, coroutine: RouteCoroutine, on_response: ResponseCallback
+        self, request: Request, exchange: Exchange, coroutine: RouteCoroutine, reply: Reply
     ) -> None:
         self._request = request
+        self._exchange = exchange
         self._coroutine = coroutine
-        self._on_response = on_response
+        self._reply = reply
         self._pending: FastForward | None = None
-        self._forwarder: Forwarder | None = None
         self._task: asyncio.Task[Response] | None = None  # once a task carries the chain
         self.finished = False  # answered or cancelled: nothing more will happen
 
@@ -109,7 +105,7 @@ class EagerRun:
 
     def start(self) -> None:
         """Run the chain until it finishes or has to wait."""
-        self._request.eager = self
+        self._exchange.eager = self
         self._step()
 
     def cancel(self) -> None:
@@ -135,14 +131,14 @@ class EagerRun:
         """The chain's end: send on the fast path; None when it cannot (no idle
         connection), and the caller awaits the general forwarder instead."""
         pending = FastForward()
-        if not forwarder.try_start(request, request.route_name, request.params, self._answered):
+        if not forwarder.try_start(request, self._exchange, self._answered):
             return None
         self._pending = pending
-        self._forwarder = forwarder
         return pending
 
     def _answered(self, response: Response | None, error: ProxyError | None) -> None:
-        # Called from the upstream connection's data_received.
+        # Called from the upstream connection's data_received (or, after the keep-alive
+        # race, from the forwarder's retry task ending).
         pending = self._pending
         if pending is None:  # cancelled meanwhile: nobody takes the answer
             if response is not None:
@@ -150,12 +146,7 @@ class EagerRun:
             return
         self._pending = None
         pending.done = True
-        if response is None and isinstance(error, StaleConnection):
-            forwarder, request = self._forwarder, self._request
-            assert forwarder is not None
-            pending.fallback = ToTask(lambda: forwarder(request))  # retried in a task
-        else:
-            pending.response, pending.error = response, error
+        pending.response, pending.error = response, error
         self._step()
 
     def _step(self) -> None:
@@ -190,7 +181,8 @@ class EagerRun:
             response.body.discard()
             return
         self.finished = True
-        self._on_response(response, None)
+        self._exchange.eager = None
+        self._reply(response)
 
 
 async def _continue(coroutine: RouteCoroutine, awaited: Any) -> Response:

@@ -8,9 +8,9 @@ try is tried again on another endpoint, and the circuit breaker (proxy/exchange/
 refuse a request or a try at once with 503 `upstream_overloaded`.
 
 The synchronous fast path (`try_start`) sends a bodiless request on an idle HTTP/1.1
-connection and has no retry loop: a failure reaches the front end through its callback,
-and only the keep-alive race comes back here (the front ends call the forwarder again).
-So a route takes the fast path only while the retry policy needs nothing more: its `on`
+connection and has no retry loop: a failure reaches the dispatcher through its callback,
+except the keep-alive race, which `try_start` retries itself by running this whole path
+in a task. So a route takes the fast path only while the retry policy needs nothing more: its `on`
 holds only connect-failure and refused-stream (which cannot happen on an idle HTTP/1.1
 connection) and no `per_try_timeout` is set; otherwise every request takes this path.
 """
@@ -18,6 +18,7 @@ connection) and no `per_try_timeout` is set; otherwise every request takes this 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import Callable
 from time import perf_counter
@@ -26,18 +27,27 @@ from typing import cast
 from metrics.definitions import PER_TRY_TIMEOUT, failure_code
 from proxy.codec.h1serialize import UnsafeHeader
 from proxy.config.model import RewriteConfig, WebSocketConfig
-from proxy.core.errors import BadRequest, ProxyError, UpstreamProtocolError, UpstreamTimeout
+from proxy.core.errors import (
+    BadRequest,
+    InternalError,
+    ProxyError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
 from proxy.core.headers import upstream_h2_headers, upstream_request_head
 from proxy.core.models import Body, Request, Response
 from proxy.exchange.circuit import CircuitBreaker
+from proxy.exchange.context import Exchange
 from proxy.exchange.retry import ReplayBody, RetryPolicy, load_of
 from proxy.upstream.balancer import EndpointState, Upstream
-from proxy.upstream.h1 import Http1UpstreamConnection, StaleConnection
+from proxy.upstream.h1 import Http1UpstreamConnection, ResponseCallback, StaleConnection
 from proxy.upstream.h2.pool import H2Pool
 from proxy.upstream.h2.stream import StreamRefused
 from proxy.upstream.pool import UpstreamPool
 from proxy.websocket.protocol import accept_value, new_key
 from proxy.websocket.upstream import UpstreamHandshake
+
+log = logging.getLogger(__name__)
 
 PathRewrite = Callable[[str], str]
 
@@ -115,6 +125,12 @@ class Forwarder:
         self._breaker = CircuitBreaker(upstream, upstream.config.circuit_breaker, load)
         self._fast = not upstream.http2 and self._retry.fast_path_ok
 
+    def _host_of(self, request: Request, pool: UpstreamPool | H2Pool) -> str:
+        """The Host to send: the route's `rewrite.host`, else the client's, else the
+        endpoint's own address."""
+        endpoint = pool.endpoint
+        return self._host_rewrite or request.host or f"{endpoint.host}:{endpoint.port}"
+
     def target_of(self, request: Request) -> bytes:
         """The request target to send: the canonical one (or, on a route with
         `forward_raw_path`, the client's own spelling), through the route's rewrite."""
@@ -129,16 +145,14 @@ class Forwarder:
         return target.encode("latin-1")
 
     def try_start(
-        self,
-        request: Request,
-        route_name: str,
-        params: dict[str, str],
-        on_response: Callable[[Response | None, ProxyError | None], None],
+        self, request: Request, exchange: Exchange, on_response: ResponseCallback
     ) -> bool:
-        """The synchronous fast path (see `Runtime.try_fast`): send a bodiless request on
-        an idle pooled connection; False when none is idle or anything is unusual (an
+        """The synchronous fast path (proxy/exchange/dispatch.py): send a bodiless request
+        on an idle pooled connection; False when none is idle or anything is unusual (an
         HTTP/2 upstream, a retry policy the fast path cannot follow, `max_requests`
-        reached: the general path answers 503)."""
+        reached: the task path answers 503). Once started, `on_response` is called
+        exactly once; a connection the upstream had closed meanwhile (the keep-alive
+        race) is retried here, in a task, before it is called."""
         if not self._fast:
             return False
         load = self._load
@@ -149,20 +163,17 @@ class Forwarder:
         pool = cast(UpstreamPool, state.pool)
         conn = pool.take_idle()
         if conn is None:
-            # Choosing again on the general path would advance round robin twice: an
+            # Choosing again on the task path would advance round robin twice: an
             # endpoint with no connection yet would be skipped every time and starve.
-            request.balanced = state
+            exchange.balanced = state
             return False
-        request.endpoint = pool.label
-        endpoint = pool.endpoint
-        host = self._host_rewrite or request.host or f"{endpoint.host}:{endpoint.port}"
+        exchange.endpoint = pool.label
+        host = self._host_of(request, pool)
         try:
             head = upstream_request_head(request, self.target_of(request), host, 0, chunked=False)
         except UnsafeHeader:
             pool.release(conn)
             return False
-        request.route_name = route_name
-        request.params = params
         state.in_flight += 1
         load.active += 1
 
@@ -172,10 +183,36 @@ class Forwarder:
             upstream.report(state, response.status if response is not None else None, error)
             if response is not None:
                 upstream.policy.on_response(request, response, state)
+            elif isinstance(error, StaleConnection):
+                exchange.balanced = state  # a fresh connection to the same endpoint
+                self._retry_stale(request, exchange, on_response)
+                return
             on_response(response, error)
 
         conn.start(request.method, head, answered)
         return True
+
+    def _retry_stale(
+        self, request: Request, exchange: Exchange, on_response: ResponseCallback
+    ) -> None:
+        """The fast path's keep-alive race: the whole forwarding again, in a task."""
+        retry = asyncio.get_running_loop().create_task(self(request))
+        exchange.retry = retry
+
+        def done(task: asyncio.Task[Response]) -> None:
+            exchange.retry = None
+            if task.cancelled():
+                return  # the client went away
+            error = task.exception()
+            if error is None:
+                on_response(task.result(), None)
+            elif isinstance(error, ProxyError):
+                on_response(None, error)
+            else:
+                log.error("bug while retrying a stale connection", exc_info=error)
+                on_response(None, InternalError())
+
+        retry.add_done_callback(done)
 
     async def __call__(self, request: Request) -> Response:
         """Forward `request` and return the upstream's response (body still streaming),
@@ -214,12 +251,13 @@ class Forwarder:
         granted = False  # this request holds a retry of the upstream's budget
         try:
             while True:
-                state = request.balanced if not tried else None
+                state = None
+                if not tried and isinstance(exchange := request.exchange, Exchange):
+                    state, exchange.balanced = exchange.balanced, None
                 if state is None:
                     state = upstream.choose(request, tried)
-                request.balanced = None
                 self._breaker.admit_try(state.pool)
-                request.retries = len(tried)
+                request.exchange.retries = len(tried)
                 tried.append(state.index)
                 state.in_flight += 1
                 response: Response | None = None
@@ -294,9 +332,8 @@ class Forwarder:
     async def _forward_h1(
         self, request: Request, pool: UpstreamPool, replay: ReplayBody, length: int | None
     ) -> Response:
-        request.endpoint = pool.label
-        endpoint = pool.endpoint
-        host = self._host_rewrite or request.host or f"{endpoint.host}:{endpoint.port}"
+        request.exchange.endpoint = pool.label
+        host = self._host_of(request, pool)
         try:
             head = upstream_request_head(
                 request, self.target_of(request), host, length, chunked=length is None
@@ -321,9 +358,9 @@ class Forwarder:
     async def _forward_h2(
         self, request: Request, pool: H2Pool, replay: ReplayBody, length: int | None
     ) -> Response:
-        request.endpoint = pool.label
+        request.exchange.endpoint = pool.label
         endpoint = pool.endpoint
-        host = self._host_rewrite or request.host or f"{endpoint.host}:{endpoint.port}"
+        host = self._host_of(request, pool)
         try:
             headers = upstream_h2_headers(
                 request, self.target_of(request), host, endpoint.scheme, length
@@ -349,9 +386,8 @@ class Forwarder:
             ProxyError: 502/504 when the upstream cannot be reached or answers badly.
         """
         pool = cast(UpstreamPool, self.upstream.choose(request).pool)
-        request.endpoint = pool.label
-        endpoint = pool.endpoint
-        host = self._host_rewrite or request.host or f"{endpoint.host}:{endpoint.port}"
+        request.exchange.endpoint = pool.label
+        host = self._host_of(request, pool)
         key: bytes | None = None
         if request.http_version == "2":
             key = new_key()

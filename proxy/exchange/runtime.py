@@ -1,32 +1,27 @@
-"""One exchange: route the request, run the route's chain, turn errors into local replies.
+"""What one Config compiles to: the route table, each route's chain and forwarder, the
+upstreams with their pools, and the dispatcher that starts exchanges on them
+(proxy/exchange/dispatch.py).
 
-`Runtime` is everything built from one Config: the route table, each route's chain and
-the upstreams with their pools. A reload builds a new Runtime and swaps it in; requests
-already running keep the one they started with.
+A reload builds a new Runtime and swaps it in; requests already running keep the one they
+started with.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 
 from middleware.chain import build_chain, close_all, start_all
 from proxy.config.model import Config, MiddlewareSpec, RouteConfig
-from proxy.core.canonical import spelling, without_spellings
+from proxy.core.canonical import spelling
 from proxy.core.client_ip import ClientResolver
-from proxy.core.errors import BodyTooLarge, InternalError, NoRoute, ProxyError, UpgradeNotAllowed
-from proxy.core.local_reply import local_reply
+from proxy.core.errors import NoRoute
 from proxy.core.models import Request, Response
-from proxy.exchange.eager import EagerRun, ToTask
+from proxy.exchange.context import Exchange
+from proxy.exchange.dispatch import Dispatcher, Handler
+from proxy.exchange.eager import ToTask
 from proxy.exchange.forward import Forwarder
 from proxy.exchange.routing import RouteTable
 from proxy.upstream.balancer import Upstream
-
-log = logging.getLogger(__name__)
-
-Handler = Callable[[Request], Awaitable[Response]]
-ResponseCallback = Callable[[Response | None, ProxyError | None], None]
-FastStart = Callable[[Request, ResponseCallback], bool]  # Runtime.try_fast's shape
 
 
 class RouteRuntime:
@@ -50,8 +45,8 @@ class RouteRuntime:
         self.name = config.name
         self.forwarder = forwarder
         self.chain = chain  # global_middleware, then the route's own
-        # No middleware: the forwarder itself, which `try_fast` recognises to start the
-        # exchange synchronously (no EagerRun, no coroutine).
+        # No middleware: the forwarder itself, which the dispatcher recognises to start
+        # the exchange synchronously (no EagerRun, no coroutine).
         self.handler: Handler = build_chain(chain, _chain_end(forwarder)) if chain else forwarder
         # Run without a task when every middleware only ever awaits call_next (eager.py).
         self.eager = all(getattr(spec.instance, "EAGER", False) for spec in chain)
@@ -82,7 +77,8 @@ def _chain_end(forwarder: Forwarder) -> Handler:
     (proxy/exchange/eager.py) and an idle connection is there, the forwarder otherwise."""
 
     def forward(request: Request) -> Awaitable[Response]:
-        run = request.eager
+        exchange = request.exchange
+        run = exchange.eager if isinstance(exchange, Exchange) else None
         if run is not None and run.eager:
             pending = run.forward(request, forwarder)
             if pending is not None:
@@ -158,6 +154,7 @@ class Runtime:
             )
             for route in config.routes
         }
+        self.dispatcher = Dispatcher(self.table, self.routes, self.no_route)
 
     def middleware(self) -> list[MiddlewareSpec]:
         """Every middleware instance in the chains (shared ones once per chain)."""
@@ -196,82 +193,6 @@ class Runtime:
                 await upstream.aclose_health()
         kept = {id(spec.instance) for spec in successor.middleware()}
         await close_all(spec for spec in self.middleware() if id(spec.instance) not in kept)
-
-    async def handle(self, request: Request) -> Response:
-        """Run one exchange. Never raises: failures become local replies."""
-        try:
-            match = self.table.match(
-                request.method, request.host, request.path, request.get_headers, request.query
-            )
-            if match is None:
-                if self.no_route is None:
-                    raise NoRoute(f"no route for {request.method} {request.path}")
-                return await self._run(self.no_route, request)
-            route = self.routes[match.route.name]
-            request.route_name = route.name
-            request.params = match.params
-            if route.identity_fields:
-                without_spellings(request, route.identity_fields)
-            limit = match.route.max_body_size
-            if request.upgrade:
-                if not route.websocket.enabled:
-                    raise UpgradeNotAllowed(f"route {route.name!r} does not allow WebSocket")
-            elif limit is not None:
-                body = request.body
-                if (body.length or 0) > limit or body.bytes_fed > limit:
-                    raise BodyTooLarge()
-                body.limit = limit if body.limit is None else min(body.limit, limit)
-        except ProxyError as exc:
-            return local_reply(exc, request)
-        except Exception:
-            log.exception("bug while routing %r", request)
-            return local_reply(InternalError(), request)
-        return await self._run(route.handler, request)
-
-    async def _run(self, handler: Handler, request: Request) -> Response:
-        """A route's chain (or just its forwarder); failures become local replies."""
-        try:
-            return await handler(request)
-        except ProxyError as exc:
-            if exc.status >= 500:
-                log.info(
-                    "%s %s -> %d %s: %s",
-                    request.method,
-                    request.path,
-                    exc.status,
-                    exc.reason,
-                    exc.message,
-                )
-            return local_reply(exc, request)
-        except Exception:
-            log.exception("bug while handling %r", request)
-            return local_reply(InternalError(), request)
-
-    def try_fast(self, request: Request, on_response: ResponseCallback) -> bool:
-        """Start a bodiless exchange without a task, when nothing in it can wait: the
-        route has no middleware and its endpoint has an idle connection. True when
-        started (`on_response` will be called exactly once); False leaves the request
-        untouched for `handle`."""
-        match = self.table.match(
-            request.method, request.host, request.path, request.get_headers, request.query
-        )
-        if match is None:
-            return False
-        route = self.routes[match.route.name]
-        forwarder = route.forwarder
-        if route.handler is forwarder:
-            return forwarder.try_start(request, route.name, match.params, on_response)
-        limit = match.route.max_body_size
-        if not route.eager or request.upgrade:
-            return False
-        if limit is not None and (request.body.length or 0) > limit:
-            return False  # the general path answers 413
-        request.route_name = route.name
-        request.params = match.params
-        if route.identity_fields:
-            without_spellings(request, route.identity_fields)
-        EagerRun(request, self._run(route.handler, request), on_response).start()
-        return True
 
     def expire(self, now: float) -> None:
         """Sweeper tick for every upstream pool."""

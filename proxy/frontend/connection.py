@@ -11,15 +11,15 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import Awaitable, Callable, Container
+from collections.abc import Callable, Container
 from typing import TYPE_CHECKING, Protocol, cast
 
 from proxy.config.model import Http2Config, LimitsConfig, ListenerConfig, PathNormalization
 
 if TYPE_CHECKING:
     from proxy.core.client_ip import ClientResolver
-    from proxy.core.errors import ProxyError
-    from proxy.core.models import Request, Response
+    from proxy.core.models import Request
+    from proxy.exchange.dispatch import Reply, Run
     from proxy.websocket.tunnel import Tunnel
 
 log = logging.getLogger(__name__)
@@ -64,11 +64,8 @@ class ServerContext(Protocol):
     connections: set[ClientConnection]
     tunnels: set[Tunnel]
 
-    def handle(self, request: Request) -> Awaitable[Response]: ...
-
-    def try_fast(
-        self, request: Request, on_response: Callable[[Response | None, ProxyError | None], None]
-    ) -> bool: ...
+    def start_exchange(self, request: Request, reply: Reply) -> Run | None:
+        """Begin an exchange (proxy/exchange/dispatch.py, `Dispatcher.start`)."""
 
     def forget(self, conn: ClientConnection) -> None: ...
 

@@ -36,8 +36,8 @@ from proxy.core.canonical import (
 from proxy.core.errors import BadRequest, BodyTooLarge, HeadTooLarge, ProxyError, RequestTimeout
 from proxy.core.local_reply import local_reply
 from proxy.core.models import Body, Request, Response
+from proxy.exchange.dispatch import Run
 from proxy.frontend.connection import ClientConnection, ConnectionPhase, ReadPause
-from proxy.upstream.h1 import StaleConnection
 from proxy.websocket.handover import start_h1_tunnel
 from proxy.websocket.protocol import is_websocket
 
@@ -75,7 +75,7 @@ class Http1Protocol:
         self._queue: deque[Request | ProxyError] = deque()
         self._receiving: Body | None = None  # the body the parser is filling
         self._task: asyncio.Task[None] | None = None
-        self._inflight: Request | None = None  # a fast-path exchange awaiting its response
+        self._inflight: Request | None = None  # an exchange started without a task
         self._serving: Request | None = None  # the exchange the task is answering
         self._closing = False  # answer what is queued, then close
         self._broken = False  # the byte stream is unusable: parse nothing more
@@ -238,8 +238,11 @@ class Http1Protocol:
             self._receiving = None
             body.fail(BadRequest("client went away"))
         inflight, self._inflight = self._inflight, None
-        if inflight is not None and inflight.eager is not None:
-            inflight.eager.cancel()  # a middleware chain running without a task
+        if inflight is not None:
+            inflight.exchange.cancel()  # a chain running without a task, a retry
+        serving = self._serving
+        if serving is not None:
+            serving.exchange.cancel()
         task = self._task
         if task is not None:
             task.cancel()
@@ -262,7 +265,7 @@ class Http1Protocol:
         """A reload removed `routes` and their grace period is over: an exchange still
         serving one is cut (HTTP/1.1 cannot end an exchange without its connection)."""
         request = self._serving or self._inflight
-        if request is not None and request.route_name in routes:
+        if request is not None and request.exchange.route_name in routes:
             self._conn.abort()
 
     def on_drain_request(self) -> None:
@@ -279,48 +282,40 @@ class Http1Protocol:
     def _dispatch(self, request: Request) -> None:
         """Start serving `request` now if nothing is ahead of it, else queue it."""
         if not self._busy and not self._queue and request.body.complete and not request.upgrade:
-            # The fast path: route, take an idle upstream connection and send, all
-            # synchronously; the answer comes back through `_on_fast_response` with no
-            # task or future. Anything unusual falls through to the general path.
+            # The exchange may run without a task (proxy/exchange/dispatch.py): its answer
+            # then comes back through `_on_response`, with no task or future.
             self._inflight = request
             self._conn.set_phase(ConnectionPhase.BUSY)
-            if self._server.try_fast(request, self._on_fast_response):
+            run = self._server.start_exchange(request, self._on_response)
+            if run is None:
                 return
             self._inflight = None
+            self._task = self._conn.loop.create_task(self._serve(request, run))
+            return
         self._queue.append(request)
         if len(self._queue) >= MAX_PIPELINED_REQUESTS:
             self._conn.pause_reading(ReadPause.PIPELINE)
         self._serve_soon()
 
-    def _on_fast_response(self, response: Response | None, error: ProxyError | None) -> None:
-        # Called from the upstream connection's data_received: nothing may escape into it.
+    def _on_response(self, response: Response) -> None:
+        # Called from an upstream connection's data_received: nothing may escape into it.
         try:
-            self._fast_response(response, error)
+            self._respond(response)
         except Exception:
-            log.exception("bug in the HTTP/1.1 front end's fast path")
+            log.exception("bug in the HTTP/1.1 front end answering without a task")
             self._conn.abort()
 
-    def _fast_response(self, response: Response | None, error: ProxyError | None) -> None:
+    def _respond(self, response: Response) -> None:
         request = self._inflight
         if request is None:
             # The client went away meanwhile: release what is still streaming.
-            if response is not None:
-                response.body.discard()
+            response.body.discard()
             return
         self._inflight = None
         conn = self._conn
         if conn.closed:
-            if response is not None:
-                response.body.discard()
+            response.body.discard()
             return
-        if response is None:
-            assert error is not None
-            if isinstance(error, StaleConnection):
-                # The keep-alive race: the general path retries on a fresh connection.
-                self._queue.appendleft(request)
-                self._serve_soon()
-                return
-            response = local_reply(error, request)
         keep_alive = self._keep_alive(request)
         if response.body.complete:
             if self._start_response(request, response, keep_alive) is not _Sent.DONE:
@@ -379,14 +374,21 @@ class Http1Protocol:
         if not self._busy:
             self._task = self._conn.loop.create_task(self._serve())
 
-    async def _serve(self) -> None:
+    async def _serve(self, first: Request | None = None, first_run: Run | None = None) -> None:
+        """Answer `first` (already started, its Run given), then whatever is queued."""
         conn = self._conn
         queue = self._queue
         try:
-            while queue and not conn.closed:
-                item = queue.popleft()
-                if len(queue) < MAX_PIPELINED_REQUESTS:
-                    conn.resume_reading(ReadPause.PIPELINE)
+            while not conn.closed:
+                if first is not None:
+                    item: Request | ProxyError = first
+                    run, first = first_run, None
+                elif queue:
+                    item, run = queue.popleft(), None
+                    if len(queue) < MAX_PIPELINED_REQUESTS:
+                        conn.resume_reading(ReadPause.PIPELINE)
+                else:
+                    break
                 if isinstance(item, ProxyError):
                     await self._write(None, local_reply(item, None), keep_alive=False)
                     self._close(None)
@@ -394,7 +396,7 @@ class Http1Protocol:
                 if conn.phase is not ConnectionPhase.BODY:
                     conn.set_phase(ConnectionPhase.BUSY)
                 self._serving = item
-                response = await self._server.handle(item)
+                response = await (run() if run is not None else self._exchange(item))
                 if response.upgrade is not None:
                     # The upstream said 101: the socket becomes a tunnel (or, with the
                     # client gone meanwhile, the upstream's connection is closed).
@@ -420,6 +422,22 @@ class Http1Protocol:
         finally:
             self._task = self._serving = None
         self._idle_or_next()
+
+    async def _exchange(self, request: Request) -> Response:
+        """Start a queued request's exchange from the serving task and wait for its
+        answer (which may come without the task's help, proxy/exchange/dispatch.py)."""
+        answer: asyncio.Future[Response] = self._conn.loop.create_future()
+
+        def reply(response: Response) -> None:
+            if answer.done():  # the client went away meanwhile
+                response.body.discard()
+            else:
+                answer.set_result(response)
+
+        run = self._server.start_exchange(request, reply)
+        if run is not None:
+            return await run()
+        return await answer
 
     def _send_continue(self) -> None:
         # RFC 9110 section 10.1.1: the client waits for this before sending the body; we

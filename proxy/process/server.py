@@ -27,7 +27,8 @@ from metrics.live import attach_server
 from middleware.chain import MiddlewareStartFailed
 from proxy.codec.h1 import resolve_codec
 from proxy.config.model import Config, ListenerConfig, ListenerTls
-from proxy.exchange.runtime import FastStart, Handler, Runtime
+from proxy.exchange.dispatch import Start
+from proxy.exchange.runtime import Runtime
 from proxy.frontend.connection import ClientConnection
 from proxy.frontend.listener import ProxyProtocolServer, create_proxy_protocol_server
 from proxy.frontend.select import plaintext_front_end, tls_front_end
@@ -49,13 +50,13 @@ def _no_passphrase() -> bytes:
     raise ssl.SSLError("the key is encrypted; a passphrase-less key is needed")
 
 
-# What a Server's connections call into, built from its Runtime: normally the Runtime's own
-# `handle` and `try_fast`; the test kit (proxy/testing/trace.py) wraps them to mark answers.
-EntryPoints = Callable[[Runtime], tuple[Handler, FastStart]]
+# What a Server's connections call to start an exchange, built from its Runtime: normally
+# its dispatcher's `start`; the test kit (proxy/testing/trace.py) wraps it to mark answers.
+EntryPoint = Callable[[Runtime], Start]
 
 
-def runtime_entry_points(runtime: Runtime) -> tuple[Handler, FastStart]:
-    return runtime.handle, runtime.try_fast
+def runtime_entry_point(runtime: Runtime) -> Start:
+    return runtime.dispatcher.start
 
 
 class ReloadRefused(Exception):
@@ -84,7 +85,7 @@ class _PendingReload:
 class Server:
     """Serves one Config on its listeners (one worker's share of the traffic)."""
 
-    def __init__(self, config: Config, entry_points: EntryPoints = runtime_entry_points) -> None:
+    def __init__(self, config: Config, entry_point: EntryPoint = runtime_entry_point) -> None:
         self.config = config
         self.codec = resolve_codec(config.http1_parser)
         self.limits = config.limits
@@ -92,8 +93,8 @@ class Server:
         self.path_normalization = config.path_normalization
         self.headers_with_underscores = config.headers_with_underscores
         self.runtime = Runtime(config, self.codec)
-        self._entry_points = entry_points
-        self.handle, self.try_fast = entry_points(self.runtime)
+        self._entry_point = entry_point
+        self.start_exchange = entry_point(self.runtime)
         self.client_ip = self.runtime.client_ip
         self.connections: set[ClientConnection] = set()
         self.tunnels: set[Tunnel] = set()  # WebSocket tunnels (their sockets left `connections`)
@@ -271,7 +272,7 @@ class Server:
         old = self.runtime
         config = self.config = pending.config
         self.runtime = pending.runtime
-        self.handle, self.try_fast = self._entry_points(self.runtime)
+        self.start_exchange = self._entry_point(self.runtime)
         self.client_ip = self.runtime.client_ip
         self.codec = self.runtime.codec
         self.limits = config.limits

@@ -167,7 +167,7 @@ class RunningGateway:
             self.text, self.source_name, fixtures=fixtures, upstreams=upstreams, env=env
         )
         self.tracer = Tracer()
-        self.server = Server(self.config, entry_points=self.tracer)
+        self.server = Server(self.config, entry_point=self.tracer)
         self._admin = AdminServer(_AdminApp(self))
         self._baseline = Baseline()
         self._clients: list[httpx.AsyncClient] = []

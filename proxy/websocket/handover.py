@@ -18,6 +18,7 @@ from proxy.codec.h1serialize import UnsafeHeader
 from proxy.core.models import Request, Response
 from proxy.frontend.connection import ClientConnection
 from proxy.websocket.tunnel import SocketEnd, StreamEnd, Tunnel, TunnelHost
+from proxy.websocket.upstream import UpstreamHandshake
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +33,9 @@ def start_h1_tunnel(
     the client is gone (the upstream connection is closed)."""
     from proxy.frontend.h1 import response_head_bytes  # (http1 imports this module)
 
-    handshake = response.upgrade
-    assert handshake is not None
-    assert handshake.transport is not None
+    handshake = _handshake(response)
+    upstream_transport = handshake.transport
+    assert upstream_transport is not None
     transport = conn.transport
     if conn.closed or transport is None or transport.is_closing():
         handshake.close()
@@ -48,8 +49,8 @@ def start_h1_tunnel(
     transport.write(head)
     count_request(request, response.status)  # a tunnel's request ends at its 101
     client = SocketEnd(transport, is_client=True)
-    upstream = SocketEnd(handshake.transport, is_client=False)
-    Tunnel(conn.server, request.route_name, handshake.settings, client, upstream)
+    upstream = SocketEnd(upstream_transport, is_client=False)
+    Tunnel(conn.server, request.exchange.route_name, handshake.settings, client, upstream)
     conn.hand_over()
     transport.set_protocol(client)
     handshake.take_over(upstream)
@@ -64,12 +65,12 @@ def start_h1_tunnel(
 def start_h2_tunnel(host: TunnelHost, request: Request, response: Response) -> Response:
     """Join an extended CONNECT stream to the upstream's socket; the response to send on
     the stream (200, then the upstream's bytes as DATA)."""
-    handshake = response.upgrade
-    assert handshake is not None
-    assert handshake.transport is not None
+    handshake = _handshake(response)
+    upstream_transport = handshake.transport
+    assert upstream_transport is not None
     client = StreamEnd(request.body)
-    upstream = SocketEnd(handshake.transport, is_client=False)
-    Tunnel(host, request.route_name, handshake.settings, client, upstream)
+    upstream = SocketEnd(upstream_transport, is_client=False)
+    Tunnel(host, request.exchange.route_name, handshake.settings, client, upstream)
     raw = response.raw_headers
     if raw is None:  # headers a middleware touched
         raw = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in response.headers.items()]
@@ -81,3 +82,10 @@ def start_h2_tunnel(host: TunnelHost, request: Request, response: Response) -> R
         upstream.data_received(handshake.rest)
     client.start()
     return Response(200, headers, client.outgoing)
+
+
+def _handshake(response: Response) -> UpstreamHandshake:
+    """The upstream connection a 101 holds (the forwarder put it there)."""
+    handshake = response.upgrade
+    assert isinstance(handshake, UpstreamHandshake)
+    return handshake

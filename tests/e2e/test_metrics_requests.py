@@ -7,14 +7,14 @@ and their failure codes, and the off switch."""
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
 
 import httpx
 import pytest
 
-from proxy.core.errors import ProxyError
-from proxy.core.models import Request, Response
+from proxy.core.models import Request
+from proxy.exchange.context import Exchange
 from proxy.exchange.forward import Forwarder
+from proxy.upstream.h1 import ResponseCallback
 from tests.conftest import GatewayFactory, base_url, raw_request
 from tests.h2_client import H2Client
 from tests.h2_upstream import H2UpstreamServer
@@ -75,13 +75,9 @@ def fast_path(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     try_start = Forwarder.try_start
 
     def spy(
-        self: Forwarder,
-        request: Request,
-        route_name: str,
-        params: dict[str, str],
-        on_response: Callable[[Response | None, ProxyError | None], None],
+        self: Forwarder, request: Request, exchange: Exchange, on_response: ResponseCallback
     ) -> bool:
-        result = try_start(self, request, route_name, params, on_response)
+        result = try_start(self, request, exchange, on_response)
         said.append(result)
         return result
 

@@ -7,13 +7,12 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-from collections.abc import Callable
 
 import httpx
 import pytest
 
-from proxy.core.errors import ProxyError
-from proxy.core.models import Request, Response
+from proxy.core.models import Request
+from proxy.exchange.dispatch import Reply, Run
 from proxy.process.server import Server
 from tests.conftest import GatewayFactory, UpstreamFactory, base_url
 from tests.h2_client import H2Client
@@ -40,18 +39,16 @@ routes:
 
 
 def count_eager_starts(server: Server) -> list[bool]:
-    """Record what the front end's `try_fast` said for each request."""
+    """Record, for each request, whether the dispatcher started it without a task."""
     started: list[bool] = []
-    try_fast = server.try_fast
+    start = server.start_exchange
 
-    def spy(
-        request: Request, on_response: Callable[[Response | None, ProxyError | None], None]
-    ) -> bool:
-        result = try_fast(request, on_response)
-        started.append(result)
-        return result
+    def spy(request: Request, reply: Reply) -> Run | None:
+        run = start(request, reply)
+        started.append(run is None)
+        return run
 
-    server.try_fast = spy
+    server.start_exchange = spy
     return started
 
 

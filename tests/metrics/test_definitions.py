@@ -48,7 +48,7 @@ def switched_on() -> Iterator[None]:
 
 def request(route: str, method: str = "GET") -> Request:
     req = Request(method, b"/x", [(b"host", b"gw.test")], Body.from_bytes(b""))
-    req.route_name = route
+    req.exchange.route_name = route
     return req
 
 

@@ -114,7 +114,7 @@ def make_request(
         Body.from_bytes(body),
         client=("10.1.2.3", 5555),
     )
-    request.route_name = "users"
+    request.exchange.route_name = "users"
     return request
 
 
@@ -128,8 +128,8 @@ async def test_the_line_is_written_once_the_response_body_is_sent(
 
     async def endpoint(request: Request) -> Response:
         request.body.take_all()  # the forwarder reads the request body
-        request.endpoint = "10.0.0.5:8000"
-        request.upstream_s = 0.002
+        request.exchange.endpoint = "10.0.0.5:8000"
+        request.exchange.upstream_s = 0.002
         request.consumer = "alice"
         request.path = "/7"  # a later rewrite does not change what is logged
         return Response(200, CIMultiDict(), streaming)

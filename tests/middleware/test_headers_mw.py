@@ -40,7 +40,7 @@ def make_request(headers: list[tuple[str, str]]) -> Request:
         "GET", b"/orders/1", CIMultiDict(headers), Body.from_bytes(b""), client=("10.9.8.7", 1)
     )
     request.host = "shop.test"
-    request.route_name = "orders"
+    request.exchange.route_name = "orders"
     return request
 
 

@@ -69,7 +69,7 @@ def request(
     made = Request("GET", b"/x", CIMultiDict(headers or {}), Body.from_bytes(b""))
     made.client = (ip, 40000)
     made.consumer = consumer
-    made.route_name = route
+    made.exchange.route_name = route
     return made
 
 

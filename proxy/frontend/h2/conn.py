@@ -256,8 +256,8 @@ class H2Exchange:
         if self.task is not None:
             self.task.cancel()
         request = self.request
-        if request is not None and request.eager is not None:
-            request.eager.cancel()
+        if request is not None:
+            request.exchange.cancel()
 
     def client_gone(self) -> None:
         """The client's connection ended (its request body has just been failed)."""

@@ -29,6 +29,7 @@ from proxy.core.canonical import canonical_target
 from proxy.core.errors import BadRequest, BodyTooLarge, HeadTooLarge, ProxyError, RequestTimeout
 from proxy.core.local_reply import local_reply
 from proxy.core.models import Body, Request, Response
+from proxy.exchange.dispatch import Run
 from proxy.frontend.connection import ClientConnection, ConnectionPhase
 from proxy.frontend.h2.conn import (
     H2Exchange,
@@ -39,7 +40,6 @@ from proxy.frontend.h2.conn import (
 from proxy.frontend.h2.fields import FieldsMemo, MalformedRequest, request_trailers
 from proxy.frontend.h2.limits import RateWindow
 from proxy.frontend.h2.send import ResponseWriter
-from proxy.upstream.h1 import StaleConnection
 from proxy.websocket.handover import start_h2_tunnel
 
 log = logging.getLogger(__name__)
@@ -209,11 +209,10 @@ class Http2Protocol:
         if resolve_client is not None:
             resolve_client(request)  # `client_ip:` (proxy/core/client_ip.py)
         stream.request = request
-        if event.stream_ended and self._server.try_fast(
-            request, functools.partial(self._on_fast_response, stream)
-        ):
-            return  # answered from the upstream connection's callback: no task
-        self._start_task(stream, request, None)
+        run = self._server.start_exchange(request, functools.partial(self._on_response, stream))
+        if run is None:
+            return  # answered without a task (proxy/exchange/dispatch.py)
+        self._start_task(stream, request, None, run)
 
     def _on_data(self, event: h2.events.DataReceived) -> None:
         stream = self._streams.get(event.stream_id)
@@ -299,7 +298,7 @@ class Http2Protocol:
         serving one are reset with CANCEL (WebSocket tunnels end on their own)."""
         for stream in list(self._streams.values()):
             request = stream.request
-            if request is not None and request.route_name in routes and not stream.tunnel:
+            if request is not None and request.exchange.route_name in routes and not stream.tunnel:
                 self._writer.reset(stream.id, ErrorCodes.CANCEL)
                 self._drop(stream.id, "its route was removed by a reload")
 
@@ -362,29 +361,23 @@ class Http2Protocol:
 
     # -- serving --------------------------------------------------------------------
     def _start_task(
-        self, stream: H2Exchange, request: Request | None, error: ProxyError | None
+        self,
+        stream: H2Exchange,
+        request: Request | None,
+        error: ProxyError | None,
+        run: Run | None = None,
     ) -> None:
         stream.task = self._conn.loop.create_task(
-            self._guarded(stream, self._serve, stream, request, error)
+            self._guarded(stream, self._serve, stream, request, error, run)
         )
 
-    def _on_fast_response(
-        self, stream: H2Exchange, response: Response | None, error: ProxyError | None
-    ) -> None:
-        # Called from the upstream connection's data_received: nothing may escape.
+    def _on_response(self, stream: H2Exchange, response: Response) -> None:
+        # Called from an upstream connection's data_received: nothing may escape.
         try:
             request = stream.request
             if self._streams.get(stream.id) is not stream or self._dead:
-                if response is not None:
-                    response.body.discard()  # the client reset the stream meanwhile
+                response.body.discard()  # the client reset the stream meanwhile
                 return
-            if response is None:
-                if isinstance(error, StaleConnection):
-                    # The keep-alive race: the general path retries on a fresh connection.
-                    self._start_task(stream, request, None)
-                    return
-                assert error is not None
-                response = local_reply(error, request)
             rest = self._writer.begin(stream, request, response)
             if rest is not None:
                 # The response did not fit the windows, or is still streaming.
@@ -414,13 +407,17 @@ class Http2Protocol:
             self._stream_done(stream)
 
     async def _serve(
-        self, stream: H2Exchange, request: Request | None, error: ProxyError | None
+        self,
+        stream: H2Exchange,
+        request: Request | None,
+        error: ProxyError | None,
+        run: Run | None,
     ) -> None:
-        if request is None:
+        if run is None:
             assert error is not None
-            response = local_reply(error, None)
+            response = local_reply(error, request)
         else:
-            response = await self._server.handle(request)
+            response = await run()
         if self._streams.get(stream.id) is not stream:
             if response.upgrade is not None:
                 response.upgrade.close()
