@@ -170,7 +170,7 @@ class _ConfigLoader(RouteSections, UpstreamSections):
             limits=top.get("limits", self._limits, LimitsConfig()),
             http2=top.get("http2", self._http2, Http2Config()),
             http1_parser=top.get("http1_parser", self._http1_parser, "auto"),
-            workers=top.get("workers", self.optional(self._at_least_1), None),
+            workers=top.get("workers", self.optional(self.positive_integer), None),
             grace_period=top.get("shutdown", self._shutdown, DEFAULT_GRACE_PERIOD_S),
             reload=top.get("reload", self._reload, ReloadConfig()),
             metrics=top.get("metrics", self._metrics, MetricsConfig()),
@@ -198,12 +198,6 @@ class _ConfigLoader(RouteSections, UpstreamSections):
     def _http1_parser(self, node: Node, path: str) -> str:
         return self.choice(node, path, _HTTP1_PARSERS, "parser")
 
-    def _at_least_1(self, node: Node, path: str) -> int:
-        return self.integer(node, path, minimum=1)
-
-    def _timeout(self, node: Node, path: str) -> float:
-        return self.duration(node, path, positive=True)
-
     def _shutdown(self, node: Node, path: str) -> float:
         fields = self.mapping(node, path, ("grace_period",))
         return fields.get("grace_period", self.duration, DEFAULT_GRACE_PERIOD_S)
@@ -212,7 +206,9 @@ class _ConfigLoader(RouteSections, UpstreamSections):
         fields = self.mapping(node, path, ("watch", "interval"))
         return ReloadConfig(
             watch=fields.get("watch", self.boolean, True),
-            interval=fields.get("interval", self._timeout, DEFAULT_RELOAD_WATCH_INTERVAL_S),
+            interval=fields.get(
+                "interval", self.positive_duration, DEFAULT_RELOAD_WATCH_INTERVAL_S
+            ),
         )
 
     def _metrics(self, node: Node, path: str) -> MetricsConfig:
@@ -299,8 +295,8 @@ class _ConfigLoader(RouteSections, UpstreamSections):
 
     def _listener_tls(self, node: Node, path: str) -> ListenerTls:
         fields = self.mapping(node, path, ("cert", "key", "min_version"), ("cert", "key"))
-        cert = fields.get("cert", self._readable_file, "")
-        key = fields.get("key", self._readable_file, "")
+        cert = fields.get("cert", self.readable_file, "")
+        key = fields.get("key", self.readable_file, "")
         min_version = fields.get("min_version", self._tls_version, "1.2")
         if cert and key:
             # Like `nginx -t`: a pair that does not load is a config error, not a crash
@@ -321,15 +317,6 @@ class _ConfigLoader(RouteSections, UpstreamSections):
             message = f"unsupported TLS version {version!r} (supported: {supported})"
             raise self.error(node, path, message)
         return version
-
-    def _readable_file(self, node: Node, path: str) -> str:
-        name = self.string(node, path)
-        try:
-            with open(name, "rb"):
-                pass
-        except OSError as exc:
-            raise self.error(node, path, f"cannot read {name!r}: {exc.strerror or exc}") from None
-        return name
 
     def _bind(self, node: Node, path: str) -> tuple[str, int]:
         host, port = self.convert(node, path, parse_bind, "an address like '0.0.0.0:8080'")
@@ -387,10 +374,12 @@ class _ConfigLoader(RouteSections, UpstreamSections):
         keys = ("max_head_bytes", "max_body_size", "header_timeout", "body_timeout")
         fields = self.mapping(node, path, (*keys, "keepalive_timeout"))
         return LimitsConfig(
-            max_head_bytes=fields.get("max_head_bytes", self._positive_size, _MAX_HEAD_BYTES),
+            max_head_bytes=fields.get("max_head_bytes", self.positive_size, _MAX_HEAD_BYTES),
             max_body_size=fields.get("max_body_size", self.optional(self.size), None),
-            header_timeout=fields.get("header_timeout", self._timeout, DEFAULT_HEADER_TIMEOUT_S),
-            body_timeout=fields.get("body_timeout", self._timeout, DEFAULT_BODY_TIMEOUT_S),
+            header_timeout=fields.get(
+                "header_timeout", self.positive_duration, DEFAULT_HEADER_TIMEOUT_S
+            ),
+            body_timeout=fields.get("body_timeout", self.positive_duration, DEFAULT_BODY_TIMEOUT_S),
             keepalive_timeout=fields.get("keepalive_timeout", self.duration, _KEEPALIVE_S),
         )
 
@@ -406,14 +395,14 @@ class _ConfigLoader(RouteSections, UpstreamSections):
                 "max_header_list_size", self._h2_size_setting, DEFAULT_MAX_HEAD_BYTES
             ),
             initial_window_size=fields.get(
-                "initial_window_size", self._positive_size, DEFAULT_H2_INITIAL_WINDOW_BYTES
+                "initial_window_size", self.positive_size, DEFAULT_H2_INITIAL_WINDOW_BYTES
             ),
             max_resets_per_second=fields.get(
-                "max_resets_per_second", self._at_least_1, DEFAULT_H2_MAX_RESETS_PER_SECOND
+                "max_resets_per_second", self.positive_integer, DEFAULT_H2_MAX_RESETS_PER_SECOND
             ),
             max_control_frames_per_second=fields.get(
                 "max_control_frames_per_second",
-                self._at_least_1,
+                self.positive_integer,
                 DEFAULT_H2_MAX_CONTROL_FRAMES_PER_SECOND,
             ),
         )
@@ -422,10 +411,10 @@ class _ConfigLoader(RouteSections, UpstreamSections):
         return config
 
     def _h2_count_setting(self, node: Node, path: str) -> int:
-        return self._h2_setting(node, path, self._at_least_1(node, path), "")
+        return self._h2_setting(node, path, self.positive_integer(node, path), "")
 
     def _h2_size_setting(self, node: Node, path: str) -> int:
-        return self._h2_setting(node, path, self._positive_size(node, path), " bytes")
+        return self._h2_setting(node, path, self.positive_size(node, path), " bytes")
 
     def _h2_setting(self, node: Node, path: str, value: int, unit: str) -> int:
         # h2 packs SETTINGS values into 32 bits: a larger one would fail at the first
@@ -433,6 +422,3 @@ class _ConfigLoader(RouteSections, UpstreamSections):
         if value > _MAX_H2_SETTING:
             raise self.error(node, path, f"at most {_MAX_H2_SETTING}{unit} (2^32-1)")
         return value
-
-    def _positive_size(self, node: Node, path: str) -> int:
-        return self.size(node, path, positive=True)

@@ -103,6 +103,12 @@ class NodeReader:
         """Every error so far, sorted by line (then in the order found)."""
         return [text for _, _, text in sorted(self._errors)]
 
+    @property
+    def error_count(self) -> int:
+        """How many errors were recorded so far: a reader compares it before and after a
+        part, to tell whether that part added any."""
+        return len(self._errors)
+
     def error(self, node: Node | None, path: str, message: str) -> Reported:
         """Record an error at `node` (None: line 1); returns Reported for the caller to raise
         if it must."""
@@ -309,6 +315,33 @@ class NodeReader:
         if positive and size == 0:
             raise self.error(node, path, "must be greater than 0")
         return size
+
+    # The common bounds as readers of their own, so that `Fields.get`, which takes a reader
+    # of (node, path), can be given them as they are.
+
+    def positive_integer(self, node: Node, path: str) -> int:
+        """An integer >= 1: a count (workers, attempts, thresholds, weights)."""
+        return self.integer(node, path, minimum=1)
+
+    def positive_duration(self, node: Node, path: str) -> float:
+        """A duration greater than 0: a timeout or an interval."""
+        return self.duration(node, path, positive=True)
+
+    def positive_size(self, node: Node, path: str) -> int:
+        """A size greater than 0."""
+        return self.size(node, path, positive=True)
+
+    def readable_file(self, node: Node, path: str) -> str:
+        """The name of a file that can be opened for reading (a certificate, a key, a CA
+        bundle): like `nginx -t`, one that cannot is a config error, not a failure at the
+        first connection."""
+        name = self.string(node, path)
+        try:
+            with open(name, "rb"):
+                pass
+        except OSError as exc:
+            raise self.error(node, path, f"cannot read {name!r}: {exc.strerror or exc}") from None
+        return name
 
     def choice(self, node: Node, path: str, choices: Sequence[str], what: str) -> str:
         """One of `choices`; otherwise `unsupported {what} 'x' (supported: ...)`."""

@@ -80,10 +80,10 @@ class RouteSections(MiddlewareSections):
         keys = ("name", "match", "upstream", "middleware", "rewrite", "max_body_size", "websocket",
                 "forward_raw_path", "request_buffering")  # fmt: skip
         fields = self.mapping(node, path, keys, ("match", "upstream"))
-        errors_before = len(self._errors)
+        errors_before = self.error_count
         match = fields.get("match", self._match, MatchConfig())
         name = fields.get("name", self.name, "")
-        if "name" not in fields and len(self._errors) == errors_before:
+        if "name" not in fields and self.error_count == errors_before:
             name = _derive_route_name(match)  # (a name derived from a bad match is noise)
         if name in names:
             key_path, hint = fields.key_path("name"), ""
@@ -125,7 +125,7 @@ class RouteSections(MiddlewareSections):
                 raise self.type_error(node, path, "true, false or a mapping")
             return WebSocketConfig(enabled=enabled)
         fields = self.mapping(node, path, ("enabled", "idle_timeout", "max_duration"))
-        positive = self.optional(self._positive_duration)
+        positive = self.optional(self.positive_duration)
         return WebSocketConfig(
             enabled=fields.get("enabled", self.boolean, True),
             idle_timeout=fields.get("idle_timeout", positive, None),
@@ -140,13 +140,7 @@ class RouteSections(MiddlewareSections):
                 raise self.type_error(node, path, "true, false or a mapping")
             return DEFAULT_REQUEST_BUFFER_BYTES if enabled else None
         fields = self.mapping(node, path, ("max_size",), ("max_size",))
-        return fields.get("max_size", self._positive_size, DEFAULT_REQUEST_BUFFER_BYTES)
-
-    def _positive_size(self, node: Node, path: str) -> int:
-        return self.size(node, path, positive=True)
-
-    def _positive_duration(self, node: Node, path: str) -> float:
-        return self.duration(node, path, positive=True)
+        return fields.get("max_size", self.positive_size, DEFAULT_REQUEST_BUFFER_BYTES)
 
     def _upstream_ref(self, node: Node, path: str) -> str:
         name = self.string(node, path)
@@ -241,12 +235,12 @@ class RouteSections(MiddlewareSections):
         if self.value(node, path) is not node:
             self.conceal(node)
             return self.text(node, path), None
-        errors_before = len(self._errors)
+        errors_before = self.error_count
         fields = self.mapping(node, path, ("value", "regex", "present"))
         for key in ("value", "regex"):
             if key in fields:
                 self.conceal(fields.nodes[key])
-        if not fields.nodes and len(self._errors) > errors_before:
+        if not fields.nodes and self.error_count > errors_before:
             raise Reported  # only unknown keys, already reported
         if len(fields.nodes) != 1:
             raise self.error(node, path, "expected exactly one of value, regex, present: true")

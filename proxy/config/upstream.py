@@ -51,16 +51,6 @@ class UpstreamSections(NodeReader):
     _upstream_names: set[str] | None = None
     _upstream_protocols: dict[str, str]
 
-    # Shared readers the loader defines (listeners use them too).
-    def _readable_file(self, node: Node, path: str) -> str:
-        raise NotImplementedError
-
-    def _at_least_1(self, node: Node, path: str) -> int:
-        return self.integer(node, path, minimum=1)
-
-    def _timeout(self, node: Node, path: str) -> float:
-        return self.duration(node, path, positive=True)
-
     def _upstreams(self, node: Node, path: str) -> dict[str, UpstreamConfig]:
         entries = self.entries(node, path)
         self._upstream_names = {name for _, name, _ in entries}
@@ -114,7 +104,7 @@ class UpstreamSections(NodeReader):
         )
 
     def _ca_bundle(self, node: Node, path: str) -> str:
-        ca = self._readable_file(node, path)
+        ca = self.readable_file(node, path)
         problem = ca_bundle_problem(ca)
         if problem is not None:
             raise self.error(node, path, problem)
@@ -136,7 +126,7 @@ class UpstreamSections(NodeReader):
         url_node, url_path, weight = node, path, 1
         if self.value(node, path) is node:  # a mapping (or, wrongly, a list)
             fields = self.mapping(node, path, ("url", "weight"), ("url",))
-            weight = fields.get("weight", self._at_least_1, 1)
+            weight = fields.get("weight", self.positive_integer, 1)
             if "url" not in fields:
                 raise Reported
             url_node, url_path = fields.nodes["url"], fields.key_path("url")
@@ -147,14 +137,14 @@ class UpstreamSections(NodeReader):
     def _timeouts(self, node: Node, path: str) -> UpstreamTimeouts:
         fields = self.mapping(node, path, ("connect", "read"))
         return UpstreamTimeouts(
-            connect=fields.get("connect", self._timeout, DEFAULT_CONNECT_TIMEOUT_S),
-            read=fields.get("read", self._timeout, DEFAULT_READ_TIMEOUT_S),
+            connect=fields.get("connect", self.positive_duration, DEFAULT_CONNECT_TIMEOUT_S),
+            read=fields.get("read", self.positive_duration, DEFAULT_READ_TIMEOUT_S),
         )
 
     def _pool(self, node: Node, path: str) -> PoolConfig:
         keys = ("max_connections", "max_idle", "idle_timeout", "wait_timeout")
         fields = self.mapping(node, path, keys)
-        max_connections = fields.get("max_connections", self._at_least_1, _MAX_CONNECTIONS)
+        max_connections = fields.get("max_connections", self.positive_integer, _MAX_CONNECTIONS)
         pool = PoolConfig(
             max_connections=max_connections,
             # Left out, the idle cap follows a smaller max_connections down.
@@ -200,7 +190,7 @@ class UpstreamSections(NodeReader):
         return BalanceConfig(
             policy="sticky",
             cookie=sticky.get("cookie", self.name, "gatehouse_sticky"),
-            cookie_ttl=sticky.get("ttl", self._timeout, None),
+            cookie_ttl=sticky.get("ttl", self.positive_duration, None),
         )
 
     def _hash(self, node: Node, path: str) -> BalanceConfig:
@@ -224,10 +214,10 @@ class UpstreamSections(NodeReader):
             type=fields.get("type", self._health_type, "http"),
             path=fields.get("path", self._health_path, "/"),
             expect=fields.get("expect", self._statuses, ((200, 399),)),
-            interval=fields.get("interval", self._timeout, DEFAULT_HEALTH_INTERVAL_S),
-            timeout=fields.get("timeout", self._timeout, DEFAULT_HEALTH_TIMEOUT_S),
-            healthy_threshold=fields.get("healthy_threshold", self._at_least_1, 2),
-            unhealthy_threshold=fields.get("unhealthy_threshold", self._at_least_1, 3),
+            interval=fields.get("interval", self.positive_duration, DEFAULT_HEALTH_INTERVAL_S),
+            timeout=fields.get("timeout", self.positive_duration, DEFAULT_HEALTH_TIMEOUT_S),
+            healthy_threshold=fields.get("healthy_threshold", self.positive_integer, 2),
+            unhealthy_threshold=fields.get("unhealthy_threshold", self.positive_integer, 3),
             jitter=fields.get("jitter", self._fraction, 0.1),
         )
         if check.type == "tcp" and ("path" in fields.nodes or "expect" in fields.nodes):
@@ -279,10 +269,14 @@ class UpstreamSections(NodeReader):
                 "max_ejection_percent")  # fmt: skip
         fields = self.mapping(node, path, keys)
         outlier = OutlierConfig(
-            consecutive_failures=fields.get("consecutive_failures", self._at_least_1, 5),
-            consecutive_5xx=fields.get("consecutive_5xx", self.optional(self._at_least_1), None),
-            base_ejection=fields.get("base_ejection", self._timeout, DEFAULT_BASE_EJECTION_S),
-            max_ejection=fields.get("max_ejection", self._timeout, DEFAULT_MAX_EJECTION_S),
+            consecutive_failures=fields.get("consecutive_failures", self.positive_integer, 5),
+            consecutive_5xx=fields.get(
+                "consecutive_5xx", self.optional(self.positive_integer), None
+            ),
+            base_ejection=fields.get(
+                "base_ejection", self.positive_duration, DEFAULT_BASE_EJECTION_S
+            ),
+            max_ejection=fields.get("max_ejection", self.positive_duration, DEFAULT_MAX_EJECTION_S),
             max_ejection_percent=fields.get("max_ejection_percent", self._percent, 50),
         )
         if outlier.max_ejection < outlier.base_ejection:
@@ -303,8 +297,8 @@ class UpstreamSections(NodeReader):
             backoff = self.mapping(
                 fields.nodes["backoff"], fields.key_path("backoff"), ("base", "max")
             )
-            base = backoff.get("base", self._timeout, base)
-            most = backoff.get("max", self._timeout, max(most, base))
+            base = backoff.get("base", self.positive_duration, base)
+            most = backoff.get("max", self.positive_duration, max(most, base))
             if most < base:
                 backoff.error("max", "must be at least base")
         percent, minimum = 20.0, 3
@@ -315,9 +309,9 @@ class UpstreamSections(NodeReader):
             percent = float(budget.get("percent", self._percent, 20))
             minimum = budget.get("min", self.integer, 3)
         return RetryConfig(
-            attempts=fields.get("attempts", self._at_least_1, 2),
+            attempts=fields.get("attempts", self.positive_integer, 2),
             on=fields.get("on", self._retry_on, RetryConfig().on),
-            per_try_timeout=fields.get("per_try_timeout", self._timeout, None),
+            per_try_timeout=fields.get("per_try_timeout", self.positive_duration, None),
             backoff_base=base,
             backoff_max=most,
             budget_percent=percent,
@@ -344,7 +338,7 @@ class UpstreamSections(NodeReader):
 
     def _circuit_breaker(self, node: Node, path: str) -> CircuitBreakerConfig:
         fields = self.mapping(node, path, ("max_connections", "max_pending", "max_requests"))
-        limit = self.optional(self._at_least_1)
+        limit = self.optional(self.positive_integer)
         return CircuitBreakerConfig(
             max_connections=fields.get("max_connections", limit, None),
             max_pending=fields.get("max_pending", self.optional(self.integer), None),
@@ -353,7 +347,7 @@ class UpstreamSections(NodeReader):
 
     def _resolve(self, node: Node, path: str) -> float:
         fields = self.mapping(node, path, ("interval",), ("interval",))
-        return fields.get("interval", self._timeout, 30.0)
+        return fields.get("interval", self.positive_duration, 30.0)
 
 
 def _status_range(text: str) -> tuple[int, int]:
