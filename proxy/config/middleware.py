@@ -93,8 +93,7 @@ def read_chain(
         Reported: not a list (recorded).
     """
     chain: list[MiddlewareSpec] = []
-    for index, item in enumerate(reader.sequence(node, path)):
-        item_path = f"{path}[{index}]"
+    for item, item_path in reader.items(node, path):
         with suppress(Reported):
             if isinstance(item, ScalarNode):
                 chain.append(_named(reader, context, item, item_path))

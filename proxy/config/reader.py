@@ -41,6 +41,8 @@ MAX_KEY_SHOWN = 64  # characters of a key in a key path
 MAX_ERROR_CHARS = 1000
 
 _T = TypeVar("_T")
+_V = TypeVar("_V")
+_N = TypeVar("_N", int, float)
 Parse = Callable[[Node, str], _T]
 
 
@@ -233,12 +235,17 @@ class NodeReader:
             raise self.type_error(node, path, "a list")
         return list(node.value)
 
+    def items(self, node: Node, path: str) -> list[tuple[Node, str]]:
+        """(node, key path) of each item of a list: `routes[2]`, so that an error in one
+        names it."""
+        return [(item, f"{path}[{index}]") for index, item in enumerate(self.sequence(node, path))]
+
     def nonempty_items(self, node: Node, path: str, if_empty: str) -> list[tuple[Node, str]]:
         """(node, path) of each item of a list that must not be empty."""
-        items = self.sequence(node, path)
+        items = self.items(node, path)
         if not items:
             raise self.error(node, path, if_empty)
-        return [(item, f"{path}[{index}]") for index, item in enumerate(items)]
+        return items
 
     def name(self, node: Node, path: str) -> str:
         """A non-empty string, stripped."""
@@ -295,26 +302,27 @@ class NodeReader:
         value = self.value(node, path)
         if not isinstance(value, str | int | float) or isinstance(value, bool):
             raise self.type_error(node, path, "a duration like '5s' or '250ms'")
-        try:
-            seconds = parse_duration(value)
-        except ConfigValueError as exc:
-            raise self.error(node, path, str(exc)) from None
-        if positive and seconds == 0:
-            raise self.error(node, path, "must be greater than 0")
-        return seconds
+        return self._amount(node, path, parse_duration, value, positive)
 
     def size(self, node: Node, path: str, positive: bool = False) -> int:
         """Bytes, from `16KiB`, `1MiB`, `10MB`, `512B` or an integer (see parse_size)."""
         value = self.value(node, path)
         if not isinstance(value, str | int) or isinstance(value, bool):
             raise self.type_error(node, path, "a size like '16KiB' or '10MB'")
+        return self._amount(node, path, parse_size, value, positive)
+
+    def _amount(
+        self, node: Node, path: str, parse: Callable[[_V], _N], value: _V, positive: bool
+    ) -> _N:
+        """`parse(value)`, a duration or size, with its ConfigValueError recorded; 0 is an
+        error when `positive`."""
         try:
-            size = parse_size(value)
+            amount = parse(value)
         except ConfigValueError as exc:
             raise self.error(node, path, str(exc)) from None
-        if positive and size == 0:
+        if positive and amount == 0:
             raise self.error(node, path, "must be greater than 0")
-        return size
+        return amount
 
     # The common bounds as readers of their own, so that `Fields.get`, which takes a reader
     # of (node, path), can be given them as they are.

@@ -73,9 +73,9 @@ def read_routes(
     """
     routes: list[RouteConfig] = []
     names: dict[str, str] = {}
-    for index, item in enumerate(reader.sequence(node, path)):
+    for index, (item, item_path) in enumerate(reader.items(node, path)):
         with suppress(Reported):
-            routes.append(_route(reader, context, item, f"{path}[{index}]", index, names))
+            routes.append(_route(reader, context, item, item_path, index, names))
     return tuple(routes)
 
 
@@ -132,10 +132,8 @@ def _route(
 
 def _websocket(reader: NodeReader, node: Node, path: str) -> WebSocketConfig:
     """`websocket: true|false`, or a mapping of the tunnels' deadlines (on)."""
-    if not isinstance(node, MappingNode):
-        enabled = reader.value(node, path)
-        if not isinstance(enabled, bool):
-            raise reader.type_error(node, path, "true, false or a mapping")
+    enabled = _switch(reader, node, path)
+    if enabled is not None:
         return WebSocketConfig(enabled=enabled)
     fields = reader.mapping(node, path, ("enabled", "idle_timeout", "max_duration"))
     positive = reader.optional(reader.positive_duration)
@@ -148,13 +146,26 @@ def _websocket(reader: NodeReader, node: Node, path: str) -> WebSocketConfig:
 
 def _request_buffering(reader: NodeReader, node: Node, path: str) -> int | None:
     """`request_buffering: true|false`, or `{max_size: SIZE}` (on)."""
-    if not isinstance(node, MappingNode):
-        enabled = reader.value(node, path)
-        if not isinstance(enabled, bool):
-            raise reader.type_error(node, path, "true, false or a mapping")
+    enabled = _switch(reader, node, path)
+    if enabled is not None:
         return DEFAULT_REQUEST_BUFFER_BYTES if enabled else None
     fields = reader.mapping(node, path, ("max_size",), ("max_size",))
     return fields.get("max_size", reader.positive_size, DEFAULT_REQUEST_BUFFER_BYTES)
+
+
+def _switch(reader: NodeReader, node: Node, path: str) -> bool | None:
+    """A setting written `true`/`false`, or as a mapping of its options (which turns it
+    on): the boolean, or None for a mapping.
+
+    Raises:
+        Reported: neither (recorded).
+    """
+    if isinstance(node, MappingNode):
+        return None
+    enabled = reader.value(node, path)
+    if not isinstance(enabled, bool):
+        raise reader.type_error(node, path, "true, false or a mapping")
+    return enabled
 
 
 def _upstream_ref(reader: NodeReader, context: LoadContext, node: Node, path: str) -> str:

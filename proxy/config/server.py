@@ -221,15 +221,9 @@ def _networks(reader: NodeReader, node: Node, path: str) -> tuple[Network, ...]:
     """A list of addresses and CIDR ranges (one string reads as a list of one), each
     checked with its own line; an empty list is an error (it would trust no one,
     which is what leaving the key out says)."""
-    items: list[tuple[Node, str]]
-    if isinstance(node, ScalarNode) and reader.value(node, path) is not None:
-        items = [(node, path)]
-    else:
-        items = [
-            (item, f"{path}[{index}]") for index, item in enumerate(reader.sequence(node, path))
-        ]
-    if not items:
-        raise reader.error(node, path, "must list at least one address or CIDR range")
+    items = [(node, path)]
+    if not isinstance(node, ScalarNode) or reader.value(node, path) is None:
+        items = reader.nonempty_items(node, path, "must list at least one address or CIDR range")
     networks: list[Network] = []
     failed = False
     for item, item_path in items:
@@ -317,8 +311,7 @@ def _admin_token(reader: NodeReader, node: Node, path: str) -> str:
 
 def _admin_hosts(reader: NodeReader, node: Node, path: str) -> tuple[str, ...]:
     names: list[str] = []
-    for index, item in enumerate(reader.sequence(node, path)):
-        item_path = f"{path}[{index}]"
+    for item, item_path in reader.items(node, path):
         with suppress(Reported):
             name = reader.string(item, item_path).lower().removesuffix(".")
             if not _HOST_NAME_RE.fullmatch(name):

@@ -345,8 +345,7 @@ def _retries(reader: NodeReader, node: Node, path: str) -> RetryConfig:
 def _retry_on(reader: NodeReader, node: Node, path: str) -> frozenset[str]:
     """Conditions by name; statuses may be written as numbers (`[reset, 502, 503]`)."""
     conditions: set[str] = set()
-    for index, item in enumerate(reader.sequence(node, path)):
-        item_path = f"{path}[{index}]"
+    for item, item_path in reader.items(node, path):
         with suppress(Reported):
             value = reader.value(item, item_path)
             if isinstance(value, int) and not isinstance(value, bool):
