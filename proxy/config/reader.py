@@ -41,6 +41,8 @@ MAX_KEY_SHOWN = 64  # characters of a key in a key path
 MAX_ERROR_CHARS = 1000
 
 _T = TypeVar("_T")
+_V = TypeVar("_V")
+_N = TypeVar("_N", int, float)
 Parse = Callable[[Node, str], _T]
 
 
@@ -102,6 +104,12 @@ class NodeReader:
     def errors(self) -> list[str]:
         """Every error so far, sorted by line (then in the order found)."""
         return [text for _, _, text in sorted(self._errors)]
+
+    @property
+    def error_count(self) -> int:
+        """How many errors were recorded so far: a reader compares it before and after a
+        part, to tell whether that part added any."""
+        return len(self._errors)
 
     def error(self, node: Node | None, path: str, message: str) -> Reported:
         """Record an error at `node` (None: line 1); returns Reported for the caller to raise
@@ -227,12 +235,17 @@ class NodeReader:
             raise self.type_error(node, path, "a list")
         return list(node.value)
 
+    def items(self, node: Node, path: str) -> list[tuple[Node, str]]:
+        """(node, key path) of each item of a list: `routes[2]`, so that an error in one
+        names it."""
+        return [(item, f"{path}[{index}]") for index, item in enumerate(self.sequence(node, path))]
+
     def nonempty_items(self, node: Node, path: str, if_empty: str) -> list[tuple[Node, str]]:
         """(node, path) of each item of a list that must not be empty."""
-        items = self.sequence(node, path)
+        items = self.items(node, path)
         if not items:
             raise self.error(node, path, if_empty)
-        return [(item, f"{path}[{index}]") for index, item in enumerate(items)]
+        return items
 
     def name(self, node: Node, path: str) -> str:
         """A non-empty string, stripped."""
@@ -289,26 +302,54 @@ class NodeReader:
         value = self.value(node, path)
         if not isinstance(value, str | int | float) or isinstance(value, bool):
             raise self.type_error(node, path, "a duration like '5s' or '250ms'")
-        try:
-            seconds = parse_duration(value)
-        except ConfigValueError as exc:
-            raise self.error(node, path, str(exc)) from None
-        if positive and seconds == 0:
-            raise self.error(node, path, "must be greater than 0")
-        return seconds
+        return self._amount(node, path, parse_duration, value, positive)
 
     def size(self, node: Node, path: str, positive: bool = False) -> int:
         """Bytes, from `16KiB`, `1MiB`, `10MB`, `512B` or an integer (see parse_size)."""
         value = self.value(node, path)
         if not isinstance(value, str | int) or isinstance(value, bool):
             raise self.type_error(node, path, "a size like '16KiB' or '10MB'")
+        return self._amount(node, path, parse_size, value, positive)
+
+    def _amount(
+        self, node: Node, path: str, parse: Callable[[_V], _N], value: _V, positive: bool
+    ) -> _N:
+        """`parse(value)`, a duration or size, with its ConfigValueError recorded; 0 is an
+        error when `positive`."""
         try:
-            size = parse_size(value)
+            amount = parse(value)
         except ConfigValueError as exc:
             raise self.error(node, path, str(exc)) from None
-        if positive and size == 0:
+        if positive and amount == 0:
             raise self.error(node, path, "must be greater than 0")
-        return size
+        return amount
+
+    # The common bounds as readers of their own, so that `Fields.get`, which takes a reader
+    # of (node, path), can be given them as they are.
+
+    def positive_integer(self, node: Node, path: str) -> int:
+        """An integer >= 1: a count (workers, attempts, thresholds, weights)."""
+        return self.integer(node, path, minimum=1)
+
+    def positive_duration(self, node: Node, path: str) -> float:
+        """A duration greater than 0: a timeout or an interval."""
+        return self.duration(node, path, positive=True)
+
+    def positive_size(self, node: Node, path: str) -> int:
+        """A size greater than 0."""
+        return self.size(node, path, positive=True)
+
+    def readable_file(self, node: Node, path: str) -> str:
+        """The name of a file that can be opened for reading (a certificate, a key, a CA
+        bundle): like `nginx -t`, one that cannot is a config error, not a failure at the
+        first connection."""
+        name = self.string(node, path)
+        try:
+            with open(name, "rb"):
+                pass
+        except OSError as exc:
+            raise self.error(node, path, f"cannot read {name!r}: {exc.strerror or exc}") from None
+        return name
 
     def choice(self, node: Node, path: str, choices: Sequence[str], what: str) -> str:
         """One of `choices`; otherwise `unsupported {what} 'x' (supported: ...)`."""

@@ -1,28 +1,30 @@
 """The `routes` section of routes.yaml: each route's match (host, path, methods, headers,
-query), its upstream, rewrite and body limit. `_ConfigLoader` in `proxy/config/load.py` reads
-the other sections and inherits this one."""
+query), its upstream, rewrite and body limit. `read_routes` is the section; it checks each
+route against what `upstreams`, `middleware` and `path_normalization` recorded in the
+`LoadContext`, so `proxy/config/load.py` reads those first."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
 from contextlib import suppress
+from functools import partial
 from typing import TypeVar
 
 from yaml.nodes import MappingNode, Node
 
-from proxy.config.middleware import MiddlewareSections
+from proxy.config.context import LoadContext
+from proxy.config.middleware import read_chain
 from proxy.config.model import (
     DEFAULT_REQUEST_BUFFER_BYTES,
     HeaderMatch,
     MatchConfig,
-    PathNormalization,
     QueryMatch,
     RewriteConfig,
     RouteConfig,
     WebSocketConfig,
 )
-from proxy.config.reader import Reported, did_you_mean, join_path
+from proxy.config.reader import NodeReader, Reported, did_you_mean, join_path
 from proxy.config.values import parse_host_pattern
 from proxy.core.canonical import InvalidTarget, normalize_path
 
@@ -60,225 +62,258 @@ def _replacement_problem(regex: str, replacement: str) -> str | None:
     return None
 
 
-class RouteSections(MiddlewareSections):
-    """Reads `routes`; `_upstream_names` (set by the upstreams section, None when it was
-    unreadable) lets a route's upstream be checked."""
+def read_routes(
+    reader: NodeReader, context: LoadContext, node: Node, path: str
+) -> tuple[RouteConfig, ...]:
+    """`routes`, in file order (the first that matches a request wins). A route with an
+    error is left out, and the others are still read.
 
-    _upstream_names: set[str] | None
-    _upstream_protocols: dict[str, str]  # of the upstreams that were read
-    _path_normalization_config: PathNormalization  # what request paths are matched in
+    Raises:
+        Reported: not a list (recorded).
+    """
+    routes: list[RouteConfig] = []
+    names: dict[str, str] = {}
+    for index, (item, item_path) in enumerate(reader.items(node, path)):
+        with suppress(Reported):
+            routes.append(_route(reader, context, item, item_path, index, names))
+    return tuple(routes)
 
-    def _routes(self, node: Node, path: str) -> tuple[RouteConfig, ...]:
-        routes: list[RouteConfig] = []
-        names: dict[str, str] = {}
-        for index, item in enumerate(self.sequence(node, path)):
-            with suppress(Reported):
-                routes.append(self._route(item, f"{path}[{index}]", index, names))
-        return tuple(routes)
 
-    def _route(self, node: Node, path: str, index: int, names: dict[str, str]) -> RouteConfig:
-        keys = ("name", "match", "upstream", "middleware", "rewrite", "max_body_size", "websocket",
-                "forward_raw_path", "request_buffering")  # fmt: skip
-        fields = self.mapping(node, path, keys, ("match", "upstream"))
-        errors_before = len(self._errors)
-        match = fields.get("match", self._match, MatchConfig())
-        name = fields.get("name", self.name, "")
-        if "name" not in fields and len(self._errors) == errors_before:
-            name = _derive_route_name(match)  # (a name derived from a bad match is noise)
-        if name in names:
-            key_path, hint = fields.key_path("name"), ""
-            if "name" not in fields:
-                key_path, hint = path, " (derived from its match: give the route a name)"
-            message = f"duplicate route name {name!r} (also {names[name]}){hint}"
-            self.error(fields.nodes.get("name", node), key_path, message)
-        elif name:
-            names[name] = path
-        upstream = fields.get("upstream", self._upstream_ref, "")
-        protocol = self._upstream_protocols.get(upstream, "http1")
-        # On by default where the upstream hop can be an HTTP/1.1 Upgrade.
-        websocket = fields.get(
-            "websocket", self._websocket, WebSocketConfig(enabled=protocol == "http1")
+def _route(
+    reader: NodeReader,
+    context: LoadContext,
+    node: Node,
+    path: str,
+    index: int,
+    names: dict[str, str],
+) -> RouteConfig:
+    keys = ("name", "match", "upstream", "middleware", "rewrite", "max_body_size", "websocket",
+            "forward_raw_path", "request_buffering")  # fmt: skip
+    fields = reader.mapping(node, path, keys, ("match", "upstream"))
+    errors_before = reader.error_count
+    match = fields.get("match", partial(_match, reader, context), MatchConfig())
+    name = fields.get("name", reader.name, "")
+    if "name" not in fields and reader.error_count == errors_before:
+        name = _derive_route_name(match)  # (a name derived from a bad match is noise)
+    if name in names:
+        key_path, hint = fields.key_path("name"), ""
+        if "name" not in fields:
+            key_path, hint = path, " (derived from its match: give the route a name)"
+        message = f"duplicate route name {name!r} (also {names[name]}){hint}"
+        reader.error(fields.nodes.get("name", node), key_path, message)
+    elif name:
+        names[name] = path
+    upstream = fields.get("upstream", partial(_upstream_ref, reader, context), "")
+    protocol = context.upstream_protocols.get(upstream, "http1")
+    # On by default where the upstream hop can be an HTTP/1.1 Upgrade.
+    websocket = fields.get(
+        "websocket", partial(_websocket, reader), WebSocketConfig(enabled=protocol == "http1")
+    )
+    if "websocket" in fields and websocket.enabled and protocol != "http1":
+        fields.error(
+            "websocket",
+            f"WebSocket needs an HTTP/1.1 upstream (upstream {upstream!r} is {protocol})",
         )
-        if "websocket" in fields and websocket.enabled and protocol != "http1":
-            fields.error(
-                "websocket",
-                f"WebSocket needs an HTTP/1.1 upstream (upstream {upstream!r} is {protocol})",
-            )
-        return RouteConfig(
-            name=name,
-            match=match,
-            upstream=upstream,
-            rewrite=fields.get("rewrite", self._rewrite, RewriteConfig()),
-            max_body_size=fields.get("max_body_size", self.optional(self.size), None),
-            websocket=websocket,
-            middleware=fields.get("middleware", self._chain, ()),
-            forward_raw_path=fields.get("forward_raw_path", self.boolean, False),
-            request_buffering=fields.get("request_buffering", self._request_buffering, _BUFFER),
-            index=index,
+    return RouteConfig(
+        name=name,
+        match=match,
+        upstream=upstream,
+        rewrite=fields.get("rewrite", partial(_rewrite, reader), RewriteConfig()),
+        max_body_size=fields.get("max_body_size", reader.optional(reader.size), None),
+        websocket=websocket,
+        middleware=fields.get("middleware", partial(read_chain, reader, context), ()),
+        forward_raw_path=fields.get("forward_raw_path", reader.boolean, False),
+        request_buffering=fields.get(
+            "request_buffering", partial(_request_buffering, reader), _BUFFER
+        ),
+        index=index,
+    )
+
+
+def _websocket(reader: NodeReader, node: Node, path: str) -> WebSocketConfig:
+    """`websocket: true|false`, or a mapping of the tunnels' deadlines (on)."""
+    enabled = _switch(reader, node, path)
+    if enabled is not None:
+        return WebSocketConfig(enabled=enabled)
+    fields = reader.mapping(node, path, ("enabled", "idle_timeout", "max_duration"))
+    positive = reader.optional(reader.positive_duration)
+    return WebSocketConfig(
+        enabled=fields.get("enabled", reader.boolean, True),
+        idle_timeout=fields.get("idle_timeout", positive, None),
+        max_duration=fields.get("max_duration", positive, None),
+    )
+
+
+def _request_buffering(reader: NodeReader, node: Node, path: str) -> int | None:
+    """`request_buffering: true|false`, or `{max_size: SIZE}` (on)."""
+    enabled = _switch(reader, node, path)
+    if enabled is not None:
+        return DEFAULT_REQUEST_BUFFER_BYTES if enabled else None
+    fields = reader.mapping(node, path, ("max_size",), ("max_size",))
+    return fields.get("max_size", reader.positive_size, DEFAULT_REQUEST_BUFFER_BYTES)
+
+
+def _switch(reader: NodeReader, node: Node, path: str) -> bool | None:
+    """A setting written `true`/`false`, or as a mapping of its options (which turns it
+    on): the boolean, or None for a mapping.
+
+    Raises:
+        Reported: neither (recorded).
+    """
+    if isinstance(node, MappingNode):
+        return None
+    enabled = reader.value(node, path)
+    if not isinstance(enabled, bool):
+        raise reader.type_error(node, path, "true, false or a mapping")
+    return enabled
+
+
+def _upstream_ref(reader: NodeReader, context: LoadContext, node: Node, path: str) -> str:
+    name = reader.string(node, path)
+    known = context.upstream_names
+    if known is not None and name not in known:
+        hint = did_you_mean(name, sorted(known)) if known else " (no upstreams are defined)"
+        raise reader.error(node, path, f"unknown upstream {name!r}{hint}")
+    return name
+
+
+def _match(reader: NodeReader, context: LoadContext, node: Node, path: str) -> MatchConfig:
+    keys = ("host", "path", "path_prefix", "path_regex", "methods", "headers", "query")
+    fields = reader.mapping(node, path, keys)
+    given = [key for key in _PATH_KEYS if key in fields]
+    for extra in given[1:]:
+        fields.error(extra, f"give at most one of path, path_prefix, path_regex ({given[0]})")
+    return MatchConfig(
+        host=fields.get("host", partial(_host_pattern, reader), None),
+        path=fields.get("path", partial(_match_path, reader, context), None),
+        path_prefix=fields.get("path_prefix", partial(_match_path, reader, context), None),
+        path_regex=fields.get("path_regex", reader.regex, None),
+        methods=fields.get("methods", partial(_methods, reader), None),
+        headers=fields.get("headers", partial(_headers, reader), ()),
+        query=fields.get("query", partial(_query, reader), ()),
+    )
+
+
+def _host_pattern(reader: NodeReader, node: Node, path: str) -> str | None:
+    return reader.convert(node, path, parse_host_pattern, "a host like 'api.example.com'")
+
+
+def _path(reader: NodeReader, node: Node, path: str) -> str:
+    value = reader.string(node, path)
+    if not value.startswith("/"):
+        raise reader.error(node, path, f"must start with '/', got {value!r}")
+    return value
+
+
+def _match_path(reader: NodeReader, context: LoadContext, node: Node, path: str) -> str:
+    """A `path` or `path_prefix`: requests are routed on their canonical path
+    (proxy/core/canonical.py), so a matcher in any other form could never match as
+    written."""
+    value = _path(reader, node, path)
+    try:
+        canonical = normalize_path(value, context.path_normalization)
+    except InvalidTarget as exc:
+        raise reader.error(node, path, f"{value!r} can never match: {exc}") from None
+    if canonical != value:
+        message = (
+            f"{value!r} can never match: requests are routed on their canonical path"
+            f" (write {canonical!r})"
         )
+        raise reader.error(node, path, message)
+    return value
 
-    def _websocket(self, node: Node, path: str) -> WebSocketConfig:
-        """`websocket: true|false`, or a mapping of the tunnels' deadlines (on)."""
-        if not isinstance(node, MappingNode):
-            enabled = self.value(node, path)
-            if not isinstance(enabled, bool):
-                raise self.type_error(node, path, "true, false or a mapping")
-            return WebSocketConfig(enabled=enabled)
-        fields = self.mapping(node, path, ("enabled", "idle_timeout", "max_duration"))
-        positive = self.optional(self._positive_duration)
-        return WebSocketConfig(
-            enabled=fields.get("enabled", self.boolean, True),
-            idle_timeout=fields.get("idle_timeout", positive, None),
-            max_duration=fields.get("max_duration", positive, None),
-        )
 
-    def _request_buffering(self, node: Node, path: str) -> int | None:
-        """`request_buffering: true|false`, or `{max_size: SIZE}` (on)."""
-        if not isinstance(node, MappingNode):
-            enabled = self.value(node, path)
-            if not isinstance(enabled, bool):
-                raise self.type_error(node, path, "true, false or a mapping")
-            return DEFAULT_REQUEST_BUFFER_BYTES if enabled else None
-        fields = self.mapping(node, path, ("max_size",), ("max_size",))
-        return fields.get("max_size", self._positive_size, DEFAULT_REQUEST_BUFFER_BYTES)
+def _methods(reader: NodeReader, node: Node, path: str) -> tuple[str, ...]:
+    methods: dict[str, None] = {}  # ordered set: duplicates are harmless
+    for item, item_path in reader.nonempty_items(
+        node, path, "must not be empty (leave it out for any method)"
+    ):
+        with suppress(Reported):
+            method = reader.string(item, item_path).upper()
+            if not _TOKEN_RE.fullmatch(method):
+                raise reader.error(item, item_path, f"invalid method {method!r}")
+            methods[method] = None
+    return tuple(methods)
 
-    def _positive_size(self, node: Node, path: str) -> int:
-        return self.size(node, path, positive=True)
 
-    def _positive_duration(self, node: Node, path: str) -> float:
-        return self.duration(node, path, positive=True)
+def _headers(reader: NodeReader, node: Node, path: str) -> tuple[HeaderMatch, ...]:
+    return _value_matches(reader, node, path, HeaderMatch, header=True)
 
-    def _upstream_ref(self, node: Node, path: str) -> str:
-        name = self.string(node, path)
-        known = self._upstream_names
-        if known is not None and name not in known:
-            hint = did_you_mean(name, sorted(known)) if known else " (no upstreams are defined)"
-            raise self.error(node, path, f"unknown upstream {name!r}{hint}")
-        return name
 
-    def _match(self, node: Node, path: str) -> MatchConfig:
-        keys = ("host", "path", "path_prefix", "path_regex", "methods", "headers", "query")
-        fields = self.mapping(node, path, keys)
-        given = [key for key in _PATH_KEYS if key in fields]
-        for extra in given[1:]:
-            fields.error(extra, f"give at most one of path, path_prefix, path_regex ({given[0]})")
-        return MatchConfig(
-            host=fields.get("host", self._host_pattern, None),
-            path=fields.get("path", self._match_path, None),
-            path_prefix=fields.get("path_prefix", self._match_path, None),
-            path_regex=fields.get("path_regex", self.regex, None),
-            methods=fields.get("methods", self._methods, None),
-            headers=fields.get("headers", self._headers, ()),
-            query=fields.get("query", self._query, ()),
-        )
+def _query(reader: NodeReader, node: Node, path: str) -> tuple[QueryMatch, ...]:
+    return _value_matches(reader, node, path, QueryMatch, header=False)
 
-    def _host_pattern(self, node: Node, path: str) -> str | None:
-        return self.convert(node, path, parse_host_pattern, "a host like 'api.example.com'")
 
-    def _path(self, node: Node, path: str) -> str:
-        value = self.string(node, path)
-        if not value.startswith("/"):
-            raise self.error(node, path, f"must start with '/', got {value!r}")
-        return value
+def _value_matches(
+    reader: NodeReader,
+    node: Node,
+    path: str,
+    kind: Callable[[str, str | None, str | None], _M],
+    header: bool,
+) -> tuple[_M, ...]:
+    matches: list[_M] = []
+    seen: dict[str, str] = {}
+    for key_node, key, value in reader.entries(node, path):
+        item_path = join_path(path, key)
+        name = key.lower() if header else key
+        if header and not _TOKEN_RE.fullmatch(key):
+            reader.error(key_node, item_path, f"invalid header name {key!r}")
+        elif not key:
+            reader.error(key_node, item_path, "the parameter name must not be empty")
+        elif name in seen:  # header names differ only in case
+            reader.error(key_node, item_path, f"duplicate header {key!r} (also {seen[name]})")
+        seen[name] = item_path
+        with suppress(Reported):
+            matches.append(kind(name, *_value_match(reader, value, item_path)))
+    return tuple(matches)
 
-    def _match_path(self, node: Node, path: str) -> str:
-        """A `path` or `path_prefix`: requests are routed on their canonical path
-        (proxy/core/canonical.py), so a matcher in any other form could never match as
-        written."""
-        value = self._path(node, path)
-        try:
-            canonical = normalize_path(value, self._path_normalization_config)
-        except InvalidTarget as exc:
-            raise self.error(node, path, f"{value!r} can never match: {exc}") from None
-        if canonical != value:
-            message = (
-                f"{value!r} can never match: requests are routed on their canonical path"
-                f" (write {canonical!r})"
-            )
-            raise self.error(node, path, message)
-        return value
 
-    def _methods(self, node: Node, path: str) -> tuple[str, ...]:
-        methods: dict[str, None] = {}  # ordered set: duplicates are harmless
-        for item, item_path in self.nonempty_items(
-            node, path, "must not be empty (leave it out for any method)"
-        ):
-            with suppress(Reported):
-                method = self.string(item, item_path).upper()
-                if not _TOKEN_RE.fullmatch(method):
-                    raise self.error(item, item_path, f"invalid method {method!r}")
-                methods[method] = None
-        return tuple(methods)
+def _value_match(reader: NodeReader, node: Node, path: str) -> tuple[str | None, str | None]:
+    """(value, regex) of a header or query match: a scalar is an exact value. Both are
+    hidden in /config (a match on a secret header value is a credential)."""
+    if reader.value(node, path) is not node:
+        reader.conceal(node)
+        return reader.text(node, path), None
+    errors_before = reader.error_count
+    fields = reader.mapping(node, path, ("value", "regex", "present"))
+    for key in ("value", "regex"):
+        if key in fields:
+            reader.conceal(fields.nodes[key])
+    if not fields.nodes and reader.error_count > errors_before:
+        raise Reported  # only unknown keys, already reported
+    if len(fields.nodes) != 1:
+        raise reader.error(node, path, "expected exactly one of value, regex, present: true")
+    if not fields.get("present", reader.boolean, True):
+        raise fields.error("present", "only 'present: true' is supported")
+    value = fields.get("value", reader.text, None)
+    regex = fields.get("regex", reader.regex, None)
+    if value is None and regex is None and "present" not in fields:
+        raise Reported  # the error is recorded
+    return value, regex
 
-    def _headers(self, node: Node, path: str) -> tuple[HeaderMatch, ...]:
-        return self._value_matches(node, path, HeaderMatch, header=True)
 
-    def _query(self, node: Node, path: str) -> tuple[QueryMatch, ...]:
-        return self._value_matches(node, path, QueryMatch, header=False)
+def _rewrite(reader: NodeReader, node: Node, path: str) -> RewriteConfig:
+    keys = ("strip_prefix", "add_prefix", "regex", "replacement", "host")
+    fields = reader.mapping(node, path, keys)
+    rewrite = RewriteConfig(
+        strip_prefix=fields.get("strip_prefix", partial(_path, reader), None),
+        add_prefix=fields.get("add_prefix", partial(_path, reader), None),
+        regex=fields.get("regex", reader.regex, None),
+        replacement=fields.get("replacement", reader.string, None),
+        host=fields.get("host", partial(_rewrite_host, reader), None),
+    )
+    for given, needs in (("regex", "replacement"), ("replacement", "regex")):
+        if given in fields and needs not in fields:
+            fields.error(given, f"{given} needs {needs} (give both or neither)")
+    if rewrite.regex is not None and rewrite.replacement is not None:
+        problem = _replacement_problem(rewrite.regex, rewrite.replacement)
+        if problem:
+            fields.error("replacement", f"invalid replacement: {problem}")
+    return rewrite
 
-    def _value_matches(
-        self, node: Node, path: str, kind: Callable[[str, str | None, str | None], _M], header: bool
-    ) -> tuple[_M, ...]:
-        matches: list[_M] = []
-        seen: dict[str, str] = {}
-        for key_node, key, value in self.entries(node, path):
-            item_path = join_path(path, key)
-            name = key.lower() if header else key
-            if header and not _TOKEN_RE.fullmatch(key):
-                self.error(key_node, item_path, f"invalid header name {key!r}")
-            elif not key:
-                self.error(key_node, item_path, "the parameter name must not be empty")
-            elif name in seen:  # header names differ only in case
-                self.error(key_node, item_path, f"duplicate header {key!r} (also {seen[name]})")
-            seen[name] = item_path
-            with suppress(Reported):
-                matches.append(kind(name, *self._value_match(value, item_path)))
-        return tuple(matches)
 
-    def _value_match(self, node: Node, path: str) -> tuple[str | None, str | None]:
-        """(value, regex) of a header or query match: a scalar is an exact value. Both are
-        hidden in /config (a match on a secret header value is a credential)."""
-        if self.value(node, path) is not node:
-            self.conceal(node)
-            return self.text(node, path), None
-        errors_before = len(self._errors)
-        fields = self.mapping(node, path, ("value", "regex", "present"))
-        for key in ("value", "regex"):
-            if key in fields:
-                self.conceal(fields.nodes[key])
-        if not fields.nodes and len(self._errors) > errors_before:
-            raise Reported  # only unknown keys, already reported
-        if len(fields.nodes) != 1:
-            raise self.error(node, path, "expected exactly one of value, regex, present: true")
-        if not fields.get("present", self.boolean, True):
-            raise fields.error("present", "only 'present: true' is supported")
-        value = fields.get("value", self.text, None)
-        regex = fields.get("regex", self.regex, None)
-        if value is None and regex is None and "present" not in fields:
-            raise Reported  # the error is recorded
-        return value, regex
-
-    def _rewrite(self, node: Node, path: str) -> RewriteConfig:
-        keys = ("strip_prefix", "add_prefix", "regex", "replacement", "host")
-        fields = self.mapping(node, path, keys)
-        rewrite = RewriteConfig(
-            strip_prefix=fields.get("strip_prefix", self._path, None),
-            add_prefix=fields.get("add_prefix", self._path, None),
-            regex=fields.get("regex", self.regex, None),
-            replacement=fields.get("replacement", self.string, None),
-            host=fields.get("host", self._rewrite_host, None),
-        )
-        for given, needs in (("regex", "replacement"), ("replacement", "regex")):
-            if given in fields and needs not in fields:
-                fields.error(given, f"{given} needs {needs} (give both or neither)")
-        if rewrite.regex is not None and rewrite.replacement is not None:
-            problem = _replacement_problem(rewrite.regex, rewrite.replacement)
-            if problem:
-                fields.error("replacement", f"invalid replacement: {problem}")
-        return rewrite
-
-    def _rewrite_host(self, node: Node, path: str) -> str:
-        host = self.string(node, path)
-        if not _REWRITE_HOST_RE.fullmatch(host):
-            raise self.error(node, path, f"invalid host {host!r}")
-        return host
+def _rewrite_host(reader: NodeReader, node: Node, path: str) -> str:
+    host = reader.string(node, path)
+    if not _REWRITE_HOST_RE.fullmatch(host):
+        raise reader.error(node, path, f"invalid host {host!r}")
+    return host

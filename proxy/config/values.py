@@ -4,7 +4,8 @@ URLs and TLS files.
 Each `parse_*` function takes the text as written and either returns the typed value or raises
 ConfigValueError with a one-line message; NodeReader (`proxy/config/reader.py`) prefixes that
 message with the file, line and key path. Any other exception from these functions is a bug.
-The schema itself (which keys exist, what they mean) lives in `proxy/config/load.py`.
+The schema itself (which keys exist, what they mean) lives in the section readers that
+`proxy/config/load.py` calls.
 """
 
 from __future__ import annotations
@@ -70,13 +71,7 @@ def parse_duration(value: str | float) -> float:
         if value < 0:
             raise ConfigValueError(f"invalid duration {value!r}: must not be negative")
         return float(value)
-    text = value.strip()
-    if text.startswith("-"):
-        raise ConfigValueError(f"invalid duration {value!r}: must not be negative")
-    match = _DURATION_RE.fullmatch(text)
-    if match is None:
-        raise ConfigValueError(f"invalid duration {value!r} ({_DURATION_FORMS})")
-    number, unit = match.groups()
+    number, unit = _number_and_unit(value, _DURATION_RE, "duration", _DURATION_FORMS)
     try:
         return float(Fraction(number) * _DURATION_UNITS_S[unit or "s"])
     except OverflowError:
@@ -110,13 +105,7 @@ def parse_size(value: str | int) -> int:
         if value < 0:
             raise ConfigValueError(f"invalid size {value!r}: must not be negative")
         return value
-    text = value.strip()
-    if text.startswith("-"):
-        raise ConfigValueError(f"invalid size {value!r}: must not be negative")
-    match = _SIZE_RE.fullmatch(text)
-    if match is None:
-        raise ConfigValueError(f"invalid size {value!r} ({_SIZE_FORMS})")
-    number, unit = match.groups()
+    number, unit = _number_and_unit(value, _SIZE_RE, "size", _SIZE_FORMS)
     multiplier = _SIZE_UNITS_BYTES.get(unit.lower() or "b")
     if multiplier is None:
         raise ConfigValueError(f"invalid size {value!r}: unknown unit {unit!r} ({_SIZE_FORMS})")
@@ -124,6 +113,21 @@ def parse_size(value: str | int) -> int:
     if size.denominator != 1:
         raise ConfigValueError(f"invalid size {value!r}: not a whole number of bytes")
     return int(size)
+
+
+def _number_and_unit(text: str, pattern: re.Pattern[str], what: str, forms: str) -> tuple[str, str]:
+    """The number and the unit ("" when left out) of a duration or size written as text.
+
+    Raises:
+        ConfigValueError: negative, or not in the form of `pattern` (`forms` says which).
+    """
+    stripped = text.strip()
+    if stripped.startswith("-"):
+        raise ConfigValueError(f"invalid {what} {text!r}: must not be negative")
+    match = pattern.fullmatch(stripped)
+    if match is None:
+        raise ConfigValueError(f"invalid {what} {text!r} ({forms})")
+    return match.group(1), match.group(2) or ""
 
 
 def format_size(size: int) -> str:

@@ -1,0 +1,396 @@
+"""The sections of routes.yaml about the gateway's own server, as opposed to what it routes
+to: `listeners` (with their TLS and PROXY protocol), `admin`, `client_ip`, `limits`,
+`http2`, `http1_parser`, `workers`, `shutdown`, `reload`, `metrics`, `path_normalization`
+and `headers_with_underscores`. Each is a `read_X(reader, context, node, path)` that
+`proxy/config/load.py` calls; the listeners and the admin listener record their addresses
+in the `LoadContext`, so that two sockets on one address are an error.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import suppress
+from functools import partial
+
+from yaml.nodes import Node, ScalarNode
+
+from proxy.config.context import LoadContext
+from proxy.config.model import (
+    CLIENT_IP_SOURCES,
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_GRACE_PERIOD_S,
+    DEFAULT_H2_INITIAL_WINDOW_BYTES,
+    DEFAULT_H2_MAX_CONCURRENT_STREAMS,
+    DEFAULT_H2_MAX_CONTROL_FRAMES_PER_SECOND,
+    DEFAULT_H2_MAX_RESETS_PER_SECOND,
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_KEEPALIVE_TIMEOUT_S,
+    DEFAULT_MAX_HEAD_BYTES,
+    DEFAULT_RELOAD_WATCH_INTERVAL_S,
+    ESCAPED_SLASH_ACTIONS,
+    UNDERSCORE_ACTIONS,
+    AdminConfig,
+    ClientIpConfig,
+    Http2Config,
+    LimitsConfig,
+    ListenerConfig,
+    ListenerTls,
+    MetricsConfig,
+    PathNormalization,
+    ReloadConfig,
+)
+from proxy.config.reader import NodeReader, Reported
+from proxy.config.values import parse_bind, tls_pair_problem
+from proxy.core.addresses import Network, parse_network
+
+_HTTP1_PARSERS = ("auto", "httptools", "h11")
+_TLS_VERSIONS = ("1.2", "1.3")
+_MAX_H2_WINDOW = 2**31 - 1  # RFC 9113 section 6.9.1
+_MAX_H2_SETTING = 2**32 - 1  # RFC 9113 section 6.5.1: SETTINGS values are 32-bit
+
+# admin.token: a sanity floor, not an entropy check (`openssl rand -hex 32` gives 64).
+MIN_ADMIN_TOKEN_CHARS = 16
+_BEARER_TOKEN_RE = re.compile(r"[A-Za-z0-9._~+/-]+=*")  # RFC 6750 section 2.1, b64token
+# admin.hosts: DNS names (RFC 1123 labels); IP literals and localhost are always allowed.
+_HOST_NAME_RE = re.compile(
+    r"(?=.{1,253}$)([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*"
+)
+
+_MAX_HEAD_BYTES = DEFAULT_MAX_HEAD_BYTES
+_KEEPALIVE_S = DEFAULT_KEEPALIVE_TIMEOUT_S
+
+
+def read_path_normalization(
+    reader: NodeReader, context: LoadContext, node: Node, path: str
+) -> PathNormalization:
+    """`path_normalization`: how request paths are put in canonical form; recorded in
+    `context` for the routes' path matchers.
+
+    Raises:
+        Reported: not a mapping (recorded).
+    """
+    fields = reader.mapping(node, path, ("escaped_slashes", "merge_slashes"))
+    context.path_normalization = PathNormalization(
+        escaped_slashes=fields.get("escaped_slashes", partial(_escaped_slashes, reader), "reject"),
+        merge_slashes=fields.get("merge_slashes", reader.boolean, True),
+    )
+    return context.path_normalization
+
+
+def _escaped_slashes(reader: NodeReader, node: Node, path: str) -> str:
+    return reader.choice(node, path, ESCAPED_SLASH_ACTIONS, "action")
+
+
+def read_headers_with_underscores(
+    reader: NodeReader, context: LoadContext, node: Node, path: str
+) -> str:
+    """`headers_with_underscores`: drop, reject or allow.
+
+    Raises:
+        Reported: not one of them (recorded).
+    """
+    return reader.choice(node, path, UNDERSCORE_ACTIONS, "action")
+
+
+def read_http1_parser(reader: NodeReader, context: LoadContext, node: Node, path: str) -> str:
+    """`http1_parser`: auto, httptools or h11.
+
+    Raises:
+        Reported: not one of them (recorded).
+    """
+    return reader.choice(node, path, _HTTP1_PARSERS, "parser")
+
+
+def read_workers(reader: NodeReader, context: LoadContext, node: Node, path: str) -> int | None:
+    """`workers`: how many worker processes; null is None (one per core), as leaving it
+    out is.
+
+    Raises:
+        Reported: not null or an integer of at least 1 (recorded).
+    """
+    return reader.optional(reader.positive_integer)(node, path)
+
+
+def read_shutdown(reader: NodeReader, context: LoadContext, node: Node, path: str) -> float:
+    """`shutdown`: the grace period, in seconds.
+
+    Raises:
+        Reported: not a mapping (recorded).
+    """
+    fields = reader.mapping(node, path, ("grace_period",))
+    return fields.get("grace_period", reader.duration, DEFAULT_GRACE_PERIOD_S)
+
+
+def read_reload(reader: NodeReader, context: LoadContext, node: Node, path: str) -> ReloadConfig:
+    """`reload`: whether the file is watched for changes, and how often it is polled.
+
+    Raises:
+        Reported: not a mapping (recorded).
+    """
+    fields = reader.mapping(node, path, ("watch", "interval"))
+    return ReloadConfig(
+        watch=fields.get("watch", reader.boolean, True),
+        interval=fields.get("interval", reader.positive_duration, DEFAULT_RELOAD_WATCH_INTERVAL_S),
+    )
+
+
+def read_metrics(reader: NodeReader, context: LoadContext, node: Node, path: str) -> MetricsConfig:
+    """`metrics`: whether requests are counted on the data path.
+
+    Raises:
+        Reported: not a mapping (recorded).
+    """
+    fields = reader.mapping(node, path, ("enabled",))
+    return MetricsConfig(enabled=fields.get("enabled", reader.boolean, True))
+
+
+# --- listeners ---
+
+
+def read_listeners(
+    reader: NodeReader, context: LoadContext, node: Node, path: str
+) -> tuple[ListenerConfig, ...]:
+    """`listeners`: at least one. Records in `context` each address bound (the admin
+    listener must not take one) and the listeners that take PROXY headers (client_ip must
+    say whose to believe).
+
+    Raises:
+        Reported: not a list, or an empty one (recorded).
+    """
+    listeners: list[ListenerConfig] = []
+    names: dict[str, str] = {}
+    for item, item_path in reader.nonempty_items(node, path, "at least one listener is required"):
+        with suppress(Reported):
+            keys = ("bind", "name", "tls", "http2", "proxy_protocol")
+            fields = reader.mapping(item, item_path, keys, ("bind",))
+            host, port = fields.get("bind", partial(_bind, reader, context), ("", 0))
+            name = fields.get("name", reader.name, item_path)
+            if name in names:
+                fields.error("name", f"duplicate listener name {name!r} (also {names[name]})")
+            names[name] = item_path
+            tls = fields.get("tls", partial(_listener_tls, reader), None)
+            http2 = fields.get("http2", reader.boolean, True)
+            proxy_protocol = fields.get("proxy_protocol", reader.boolean, False)
+            if proxy_protocol:
+                context.proxy_protocol_listeners.append(fields)
+            line = item.start_mark.line + 1
+            listeners.append(
+                ListenerConfig(host, port, name, tls, http2, proxy_protocol, line=line)
+            )
+    return tuple(listeners)
+
+
+# --- client_ip ---
+
+
+def read_client_ip(
+    reader: NodeReader, context: LoadContext, node: Node, path: str
+) -> ClientIpConfig:
+    """`client_ip`: which proxies' word about the client address is believed, and where
+    it is read (a header, or the PROXY header of a listener with proxy_protocol).
+
+    Raises:
+        Reported: not a mapping, without trusted_proxies, or with an invalid one
+            (recorded).
+    """
+    fields = reader.mapping(node, path, ("trusted_proxies", "source"))
+    source = fields.get("source", partial(_client_ip_source, reader), "x-forwarded-for")
+    if "trusted_proxies" not in fields:
+        # As nginx's real_ip needs set_real_ip_from: a source believed from anyone
+        # would let every client choose its own address.
+        raise reader.error(
+            node,
+            path,
+            "missing required key 'trusted_proxies' (the proxies whose word about the"
+            " client is believed)",
+        )
+    no_networks: tuple[Network, ...] = ()
+    trusted = fields.get("trusted_proxies", partial(_networks, reader), no_networks)
+    if not trusted:
+        raise Reported
+    if source == "proxy_protocol" and not context.proxy_protocol_listeners:
+        raise fields.error("source", "proxy_protocol needs a listener with 'proxy_protocol: true'")
+    return ClientIpConfig(trusted, source)
+
+
+def _client_ip_source(reader: NodeReader, node: Node, path: str) -> str:
+    return reader.choice(node, path, CLIENT_IP_SOURCES, "source")
+
+
+def _networks(reader: NodeReader, node: Node, path: str) -> tuple[Network, ...]:
+    """A list of addresses and CIDR ranges (one string reads as a list of one), each
+    checked with its own line; an empty list is an error (it would trust no one,
+    which is what leaving the key out says)."""
+    items = [(node, path)]
+    if not isinstance(node, ScalarNode) or reader.value(node, path) is None:
+        items = reader.nonempty_items(node, path, "must list at least one address or CIDR range")
+    networks: list[Network] = []
+    failed = False
+    for item, item_path in items:
+        try:
+            networks.append(
+                reader.convert(item, item_path, parse_network, "an IP address or CIDR range")
+            )
+        except Reported:
+            failed = True
+    if failed:
+        raise Reported
+    return tuple(networks)
+
+
+def _listener_tls(reader: NodeReader, node: Node, path: str) -> ListenerTls:
+    fields = reader.mapping(node, path, ("cert", "key", "min_version"), ("cert", "key"))
+    cert = fields.get("cert", reader.readable_file, "")
+    key = fields.get("key", reader.readable_file, "")
+    min_version = fields.get("min_version", partial(_tls_version, reader), "1.2")
+    if cert and key:
+        # Like `nginx -t`: a pair that does not load is a config error, not a crash
+        # at the first handshake.
+        problem = tls_pair_problem(cert, key)
+        if problem is not None:
+            culprit, message = problem
+            if culprit is None:
+                raise reader.error(node, path, message)
+            raise fields.error(culprit, message)
+    return ListenerTls(cert, key, min_version)
+
+
+def _tls_version(reader: NodeReader, node: Node, path: str) -> str:
+    # `min_version: 1.3` is a YAML float; read it as written, as `"1.3"` is.
+    version = reader.text(node, path)
+    if version not in _TLS_VERSIONS:
+        supported = ", ".join(_TLS_VERSIONS)
+        message = f"unsupported TLS version {version!r} (supported: {supported})"
+        raise reader.error(node, path, message)
+    return version
+
+
+def _bind(reader: NodeReader, context: LoadContext, node: Node, path: str) -> tuple[str, int]:
+    host, port = reader.convert(node, path, parse_bind, "an address like '0.0.0.0:8080'")
+    if port and (host, port) in context.binds:
+        raise reader.error(node, path, f"address already used by {context.binds[host, port]}")
+    context.binds[host, port] = path
+    return host, port
+
+
+def read_admin(reader: NodeReader, context: LoadContext, node: Node, path: str) -> AdminConfig:
+    """`admin`: the admin listener's address, bearer token and allowed Host names.
+
+    Raises:
+        Reported: not a mapping (recorded).
+    """
+    fields = reader.mapping(node, path, ("bind", "token", "hosts"), ("bind",))
+    host, port = fields.get("bind", partial(_bind, reader, context), ("", 0))
+    token = fields.get("token", partial(_admin_token, reader), None)
+    no_hosts: tuple[str, ...] = ()
+    hosts = fields.get("hosts", partial(_admin_hosts, reader), no_hosts)
+    where = fields.nodes.get("bind", node)  # a listener that cannot bind names this line
+    return AdminConfig(host, port, token, hosts, line=where.start_mark.line + 1)
+
+
+def _admin_token(reader: NodeReader, node: Node, path: str) -> str:
+    # Read with the substitution done: an unset ${VAR} is already an error, and one set
+    # to "" must not turn authentication off without a word.
+    token = reader.string(node, path)
+    if not token:
+        raise reader.error(node, path, "empty (is the variable it names set?)")
+    if len(token) < MIN_ADMIN_TOKEN_CHARS:
+        message = (
+            f"at least {MIN_ADMIN_TOKEN_CHARS} characters, got {len(token)} "
+            "(make one with: openssl rand -hex 32)"
+        )
+        raise reader.error(node, path, message)
+    if not _BEARER_TOKEN_RE.fullmatch(token):
+        message = (
+            "a bearer token is letters, digits and -._~+/ with optional trailing '=' "
+            "(RFC 6750 section 2.1)"
+        )
+        raise reader.error(node, path, message)
+    return token
+
+
+def _admin_hosts(reader: NodeReader, node: Node, path: str) -> tuple[str, ...]:
+    names: list[str] = []
+    for item, item_path in reader.items(node, path):
+        with suppress(Reported):
+            name = reader.string(item, item_path).lower().removesuffix(".")
+            if not _HOST_NAME_RE.fullmatch(name):
+                message = f"expected a host name like 'gatehouse-admin.internal', got {name!r}"
+                raise reader.error(
+                    item, item_path, message + " (any port is accepted)" * (":" in name)
+                )
+            names.append(name)
+    return tuple(names)
+
+
+# --- limits ---
+
+
+def read_limits(reader: NodeReader, context: LoadContext, node: Node, path: str) -> LimitsConfig:
+    """`limits`: the server-wide head and body sizes and timeouts.
+
+    Raises:
+        Reported: not a mapping (recorded).
+    """
+    keys = ("max_head_bytes", "max_body_size", "header_timeout", "body_timeout")
+    fields = reader.mapping(node, path, (*keys, "keepalive_timeout"))
+    return LimitsConfig(
+        max_head_bytes=fields.get("max_head_bytes", reader.positive_size, _MAX_HEAD_BYTES),
+        max_body_size=fields.get("max_body_size", reader.optional(reader.size), None),
+        header_timeout=fields.get(
+            "header_timeout", reader.positive_duration, DEFAULT_HEADER_TIMEOUT_S
+        ),
+        body_timeout=fields.get("body_timeout", reader.positive_duration, DEFAULT_BODY_TIMEOUT_S),
+        keepalive_timeout=fields.get("keepalive_timeout", reader.duration, _KEEPALIVE_S),
+    )
+
+
+def read_http2(reader: NodeReader, context: LoadContext, node: Node, path: str) -> Http2Config:
+    """`http2`: the SETTINGS the gateway sends, and the flood limits.
+
+    Raises:
+        Reported: not a mapping (recorded).
+    """
+    keys = ("max_concurrent_streams", "max_header_list_size", "initial_window_size",
+            "max_resets_per_second", "max_control_frames_per_second")  # fmt: skip
+    fields = reader.mapping(node, path, keys)
+    config = Http2Config(
+        max_concurrent_streams=fields.get(
+            "max_concurrent_streams",
+            partial(_h2_count_setting, reader),
+            DEFAULT_H2_MAX_CONCURRENT_STREAMS,
+        ),
+        max_header_list_size=fields.get(
+            "max_header_list_size", partial(_h2_size_setting, reader), DEFAULT_MAX_HEAD_BYTES
+        ),
+        initial_window_size=fields.get(
+            "initial_window_size", reader.positive_size, DEFAULT_H2_INITIAL_WINDOW_BYTES
+        ),
+        max_resets_per_second=fields.get(
+            "max_resets_per_second", reader.positive_integer, DEFAULT_H2_MAX_RESETS_PER_SECOND
+        ),
+        max_control_frames_per_second=fields.get(
+            "max_control_frames_per_second",
+            reader.positive_integer,
+            DEFAULT_H2_MAX_CONTROL_FRAMES_PER_SECOND,
+        ),
+    )
+    if config.initial_window_size > _MAX_H2_WINDOW:
+        fields.error("initial_window_size", f"at most {_MAX_H2_WINDOW} bytes (2^31-1)")
+    return config
+
+
+def _h2_count_setting(reader: NodeReader, node: Node, path: str) -> int:
+    return _h2_setting(reader, node, path, reader.positive_integer(node, path), "")
+
+
+def _h2_size_setting(reader: NodeReader, node: Node, path: str) -> int:
+    return _h2_setting(reader, node, path, reader.positive_size(node, path), " bytes")
+
+
+def _h2_setting(reader: NodeReader, node: Node, path: str, value: int, unit: str) -> int:
+    # h2 packs SETTINGS values into 32 bits: a larger one would fail at the first
+    # connection instead of here.
+    if value > _MAX_H2_SETTING:
+        raise reader.error(node, path, f"at most {_MAX_H2_SETTING}{unit} (2^32-1)")
+    return value
