@@ -32,6 +32,7 @@ from proxy.core.errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
+from proxy.core.local_reply import count_with
 
 if TYPE_CHECKING:
     from proxy.core.models import Request
@@ -345,6 +346,9 @@ def count_local_reply(reason: str) -> None:
     if child is None:
         child = _LOCAL_REPLY_SERIES[reason] = LOCAL_REPLIES.labels(reason)
     child.value += 1.0
+
+
+count_with(count_local_reply)  # proxy/core/local_reply.py counts with it
 
 
 # -- upstream resilience: retries and the circuit breaker (proxy/exchange/retry.py) -------------

@@ -21,73 +21,94 @@ this worker holds, so the parent's sum over workers is the gateway's total, exce
 - `gatehouse_upstream_healthy{upstream,endpoint}`: 1 when the balancer considers the
   endpoint healthy (`Upstream.endpoint_health`), else 0.
 
-The upstreams are those of `server.runtime`, read at each scrape: a reload that swaps
-the Runtime is seen at once.
+The collector reads a `LiveSource`, a shape this module declares and the worker's server
+provides (proxy/process/gauges.py), so metrics import nothing of the gateway but its
+core. The upstreams are those of the running config, read at each scrape: a reload that
+swaps the Runtime is seen at once.
 """
 
 from __future__ import annotations
 
 import weakref
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import NamedTuple, Protocol
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from metrics.definitions import REGISTRY, set_enabled, set_route_check
-from proxy.frontend.h2.protocol import Http2Protocol
-
-if TYPE_CHECKING:
-    from proxy.process.server import Server
 
 PROTOCOLS = ("http1", "h2", "websocket")
 
 
-def attach_server(server: Server) -> None:
-    """Point this process's scrape-time gauges at `server` (the latest attached wins;
-    one per worker), register them on `REGISTRY` the first time, and apply the config's
-    `metrics.enabled` switch (`set_enabled`; a reload that changes it calls that)."""
-    _COLLECTOR.attach(server)
-    set_enabled(server.runtime.config.metrics.enabled)
+class PoolOccupancy(NamedTuple):
+    """One upstream pool as a scrape sees it."""
+
+    upstream: str
+    endpoint: str
+    open: int
+    idle: int
+    waiting: int
+
+
+class LiveSource(Protocol):
+    """What the gauges read from a worker's server at scrape time."""
+
+    def has_route(self, route: str) -> bool: ...
+
+    def connection_counts(self) -> dict[tuple[str, str], int]: ...
+
+    def pools(self) -> Iterator[PoolOccupancy]: ...
+
+    def endpoint_health(self) -> Iterator[tuple[str, str, bool]]: ...
+
+
+def attach_source(source: LiveSource, enabled: bool) -> None:
+    """Point this process's scrape-time gauges at `source` (the latest attached wins;
+    one per worker; held weakly), register them on `REGISTRY` the first time, and apply
+    the config's `metrics.enabled` switch (`set_enabled`; a reload that changes it calls
+    that)."""
+    _COLLECTOR.attach(source)
+    set_enabled(enabled)
 
 
 class LiveCollector(Collector):
-    """The scrape-time gauges of one server (see the module docstring)."""
+    """The scrape-time gauges of one worker (see the module docstring)."""
 
     def __init__(self) -> None:
-        self._server: weakref.ref[Server] | None = None
+        self._source: weakref.ref[LiveSource] | None = None
         self._registered = False
 
     def __repr__(self) -> str:
-        server = self.server
-        return f"<LiveCollector {server!r}>"
+        return f"<LiveCollector {self.source!r}>"
 
     @property
-    def server(self) -> Server | None:
-        """The attached server, while it exists."""
-        return self._server() if self._server is not None else None
+    def source(self) -> LiveSource | None:
+        """The attached source, while it exists."""
+        return self._source() if self._source is not None else None
 
-    def attach(self, server: Server) -> None:
-        """Read `server` from now on (and register on REGISTRY, once per process)."""
-        self._server = weakref.ref(server)
+    def attach(self, source: LiveSource) -> None:
+        """Read `source` from now on (and register on REGISTRY, once per process)."""
+        self._source = weakref.ref(source)
         set_route_check(self._has_route)
         if not self._registered:
             REGISTRY.register(self)
             self._registered = True
 
     def _has_route(self, route: str) -> bool:
-        server = self.server
-        return server is not None and route in server.runtime.routes
+        source = self.source
+        return source is not None and source.has_route(route)
 
     def describe(self) -> Iterator[Metric]:
         return iter(_families())
 
     def collect(self) -> Iterator[Metric]:
         families = _families()
-        server = self.server
-        if server is not None:
-            _add_connections(server, families[0])
-            _add_upstreams(server, *families[1:])
+        source = self.source
+        if source is not None:
+            for (listener, protocol), count in source.connection_counts().items():
+                families[0].add_metric([listener, protocol], count)
+            _add_upstreams(source, *families[1:])
         return iter(families)
 
 
@@ -125,56 +146,20 @@ def _families() -> list[GaugeMetricFamily]:
     ]
 
 
-def _add_connections(server: Server, family: GaugeMetricFamily) -> None:
-    counts: dict[tuple[str, str], int] = {}
-    listeners = server.config.listeners
-    by_port = {listener.port: listener.name for listener in listeners if listener.port}
-    by_address: dict[tuple[str, int], str] = {}
-    if len(server.addresses) == len(listeners):  # in listener order (port 0: as bound)
-        for listener, address in zip(listeners, server.addresses, strict=True):
-            by_address[(str(address[0]), int(address[1]))] = listener.name
-            by_port.setdefault(int(address[1]), listener.name)
-    for listener in listeners:
-        for protocol in PROTOCOLS:
-            if protocol != "h2" or listener.http2:
-                counts[(listener.name, protocol)] = 0  # present before its first connection
-    for conn in list(server.connections):
-        protocol = "h2" if isinstance(conn.front_end, Http2Protocol) else "http1"
-        key = (conn.listener.name, protocol)
-        counts[key] = counts.get(key, 0) + 1
-    for tunnel in list(server.tunnels):
-        transport = getattr(tunnel.client, "transport", None)
-        if transport is None:
-            continue  # HTTP/2 (RFC 8441): a stream of a connection counted as h2
-        # The client's socket left `connections` with the hand-over; its local address
-        # tells which listener accepted it.
-        sockname = transport.get_extra_info("sockname")
-        if not isinstance(sockname, tuple):
-            continue
-        address = (str(sockname[0]), int(sockname[1]))
-        name = by_address.get(address) or by_port.get(address[1], "")
-        key = (name, "websocket")
-        counts[key] = counts.get(key, 0) + 1
-    for (listener_name, protocol), count in counts.items():
-        family.add_metric([listener_name, protocol], count)
-
-
 def _add_upstreams(
-    server: Server,
+    source: LiveSource,
     open_family: GaugeMetricFamily,
     idle_family: GaugeMetricFamily,
     waiting_family: GaugeMetricFamily,
     healthy_family: GaugeMetricFamily,
 ) -> None:
-    for name, upstream in list(server.runtime.upstreams.items()):
-        for pool in upstream.all_pools:
-            labels = [name, pool.label]
-            occupancy = pool.occupancy()
-            open_family.add_metric(labels, occupancy.open)
-            idle_family.add_metric(labels, occupancy.idle)
-            waiting_family.add_metric(labels, occupancy.waiting)
-        for endpoint, healthy in upstream.endpoint_health():
-            healthy_family.add_metric([name, endpoint], 1.0 if healthy else 0.0)
+    for pool in source.pools():
+        labels = [pool.upstream, pool.endpoint]
+        open_family.add_metric(labels, pool.open)
+        idle_family.add_metric(labels, pool.idle)
+        waiting_family.add_metric(labels, pool.waiting)
+    for upstream, endpoint, healthy in source.endpoint_health():
+        healthy_family.add_metric([upstream, endpoint], 1.0 if healthy else 0.0)
 
 
 _COLLECTOR = LiveCollector()

@@ -1,15 +1,32 @@
-"""Local replies: the small JSON answers the gateway gives itself (DESIGN.md, errors)."""
+"""Local replies: the small JSON answers the gateway gives itself (docs/errors.md).
+
+Each is counted by reason; the counter is the metrics package's, which installs it here
+when it is imported (`count_with`), so the core imports nothing of metrics.
+"""
 
 from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 
 from multidict import CIMultiDict
 
-from metrics.definitions import count_local_reply
 from proxy.core.errors import ProxyError
 from proxy.core.models import Body, Request, Response
+
+
+def _not_counted(reason: str) -> None:
+    """No metrics loaded (a tool or a unit test that uses the core alone)."""
+
+
+_count: Callable[[str], None] = _not_counted
+
+
+def count_with(counter: Callable[[str], None]) -> None:
+    """Count every local reply from now on with `counter(reason)`."""
+    global _count
+    _count = counter
 
 
 def request_id_of(request: Request | None) -> str:
@@ -24,7 +41,7 @@ def request_id_of(request: Request | None) -> str:
 def local_reply(error: ProxyError, request: Request | None) -> Response:
     """`{"error": reason, "message": ..., "request_id": ...}` with the error's status
     (counted in `gatehouse_local_replies_total{reason}`)."""
-    count_local_reply(error.reason)
+    _count(error.reason)
     request_id = request_id_of(request)
     payload = {"error": error.reason, "message": error.message, "request_id": request_id}
     data = json.dumps(payload).encode()

@@ -38,7 +38,7 @@ from proxy.core.local_reply import local_reply
 from proxy.core.models import Body, Request, Response
 from proxy.exchange.dispatch import Run
 from proxy.frontend.connection import ClientConnection, ConnectionPhase, ReadPause
-from proxy.websocket.handover import start_h1_tunnel
+from proxy.frontend.handover import start_h1_tunnel
 from proxy.websocket.protocol import is_websocket
 
 log = logging.getLogger(__name__)

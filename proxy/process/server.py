@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from metrics.definitions import TunnelClose, forget_series, set_enabled
-from metrics.live import attach_server
+from metrics.live import attach_source
 from middleware.chain import MiddlewareStartFailed
 from proxy.codec.h1 import resolve_codec
 from proxy.config.model import Config, ListenerConfig, ListenerTls
@@ -32,6 +32,7 @@ from proxy.exchange.runtime import Runtime
 from proxy.frontend.connection import ClientConnection
 from proxy.frontend.listener import ProxyProtocolServer, create_proxy_protocol_server
 from proxy.frontend.select import plaintext_front_end, tls_front_end
+from proxy.process.gauges import ServerGauges
 from proxy.websocket.tunnel import Tunnel
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ class Server:
         self.start_exchange = entry_point(self.runtime)
         self.client_ip = self.runtime.client_ip
         self.connections: set[ClientConnection] = set()
+        self._gauges = ServerGauges(self)  # what metrics/live.py reads when scraped
         self.tunnels: set[Tunnel] = set()  # WebSocket tunnels (their sockets left `connections`)
         self.draining = False
         self.addresses: list[tuple[str, int]] = []
@@ -133,7 +135,7 @@ class Server:
             exc.cause.add_note(str(exc))
             raise exc.cause from None
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
-        attach_server(self)
+        attach_source(self._gauges, self.runtime.config.metrics.enabled)
 
     async def _bind(self, listener: ListenerConfig, *, serve: bool = True) -> Listening:
         """A listening socket for `listener` (accepting at once unless `serve` is false)."""

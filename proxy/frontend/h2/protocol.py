@@ -40,7 +40,7 @@ from proxy.frontend.h2.conn import (
 from proxy.frontend.h2.fields import FieldsMemo, MalformedRequest, request_trailers
 from proxy.frontend.h2.limits import RateWindow
 from proxy.frontend.h2.send import ResponseWriter
-from proxy.websocket.handover import start_h2_tunnel
+from proxy.frontend.handover import start_h2_tunnel
 
 log = logging.getLogger(__name__)
 
