@@ -15,7 +15,7 @@ import h2.settings
 from h2.stream import H2Stream, StreamState
 
 from metrics.definitions import count_request
-from proxy.codec.hpack_cache import memoise_hpack
+from proxy.codec.h2compat import memoise_hpack
 from proxy.codec.hpack_literal import linear_literals
 from proxy.config.model import Http2Config
 from proxy.core.models import Body, Request, Trailers
