@@ -30,7 +30,7 @@ import h2.settings
 from h2.errors import ErrorCodes
 
 from metrics.definitions import cancelled_code, failure_code
-from proxy.codec.hpack_literal import linear_literals
+from proxy.codec.h2compat import linear_literals, reopen_after_goaway
 from proxy.core.errors import (
     BadRequest,
     ProxyError,
@@ -76,7 +76,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         self._read_timeout = pool.read_timeout
         config = h2.config.H2Configuration(client_side=True, header_encoding=None)
         self._h2 = h2.connection.H2Connection(config=config)
-        linear_literals(self._h2.decoder)  # a response head's cost is linear in its fields
+        linear_literals(self._h2)  # a response head's cost is linear in its fields
         # Settled when the peer's SETTINGS arrive (its preface, RFC 9113 section 3.4).
         self.ready: asyncio.Future[None] = self._loop.create_future()
         self._conn_unacked = 0
@@ -332,7 +332,7 @@ class H2UpstreamConnection(asyncio.Protocol):
             # RFC 9113 section 6.8: streams up to last_stream_id may still complete, but
             # h2 closes its state machine on any GOAWAY (python-hyper/h2 issue #1181).
             # Re-open it for them; this connection opens no new stream (DRAINING).
-            self._h2.state_machine.state = h2.connection.ConnectionState.CLIENT_OPEN
+            reopen_after_goaway(self._h2)
         self.pool.on_draining(self)
         self._close_if_drained()
 
