@@ -31,6 +31,7 @@ from h2.errors import ErrorCodes
 
 from metrics.definitions import cancelled_code, failure_code
 from proxy.codec.h2compat import linear_literals, reopen_after_goaway
+from proxy.codec.h2fields import trailer_fields
 from proxy.core.errors import (
     BadRequest,
     ProxyError,
@@ -40,7 +41,6 @@ from proxy.core.errors import (
     UpstreamTimeout,
 )
 from proxy.core.models import Body, RawHeaders, Response
-from proxy.frontend.h2.fields import trailer_fields
 from proxy.upstream.h2.stream import (
     CONNECTION_ACK_BYTES,
     CONNECTION_WINDOW_BYTES,

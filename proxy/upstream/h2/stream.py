@@ -1,7 +1,7 @@
 """The upstream HTTP/2 client's vocabulary: its windows and limits, the states of a
 connection and of a stream, the error for a stream the upstream never processed, and the
 per-stream state the connection keeps (`UpstreamStream`). Request trailers are filtered
-by `proxy.frontend.h2.fields.trailer_fields`, as the front end's response trailers are."""
+by `proxy.codec.h2fields.trailer_fields`, as the front end's response trailers are."""
 
 from __future__ import annotations
 
