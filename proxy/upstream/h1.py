@@ -182,13 +182,7 @@ class Http1UpstreamConnection(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         assert self.state is UpstreamConnState.ACTIVE
-        self.requests += 1
-        self._received = False
-        self._head_only = method == "HEAD"
-        self._parser.begin(method.encode("ascii"))
-        self._awaiting_response = True
-        self.deadline = self._loop.time() + self._read_timeout
-        self._sent_at = perf_counter()
+        self._begin(method)
         waiter: asyncio.Future[Response] = self._loop.create_future()
 
         def settle(response: Response | None, error: ProxyError | None) -> None:
@@ -231,6 +225,14 @@ class Http1UpstreamConnection(asyncio.Protocol):
         so a small response arrives complete."""
         transport = self.transport
         assert transport is not None
+        self._begin(method)
+        self._callback = on_response
+        self._request_sent = True
+        transport.write(head)
+
+    def _begin(self, method: str) -> None:
+        """Ready the connection for the response to a request of `method` being sent now
+        (`exchange` and `start`): the parser, the read deadline, the counters."""
         self.requests += 1
         self._received = False
         self._head_only = method == "HEAD"
@@ -238,9 +240,6 @@ class Http1UpstreamConnection(asyncio.Protocol):
         self._awaiting_response = True
         self.deadline = self._loop.time() + self._read_timeout
         self._sent_at = perf_counter()
-        self._callback = on_response
-        self._request_sent = True
-        transport.write(head)
 
     def _deliver(self) -> None:
         pending = self._pending
