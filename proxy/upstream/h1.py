@@ -21,6 +21,7 @@ from proxy.codec.h1serialize import chunk, last_chunk
 from proxy.core.errors import ProxyError, UpstreamProtocolError, UpstreamReset, UpstreamTimeout
 from proxy.core.headers import connection_tokens
 from proxy.core.models import Body, Response
+from proxy.upstream.replay import BodyCopy
 
 if TYPE_CHECKING:
     from proxy.upstream.pool import UpstreamPool
@@ -48,9 +49,6 @@ _USUAL_CONNECTION_TOKENS = _RAW_HOP_BY_HOP | {b"close"}
 
 # In callback mode, a response body up to this size is gathered before delivery.
 FAST_BUFFER_BYTES = 64 * 1024
-# Streamed request bodies up to this size are kept until the response head arrives, so the
-# keep-alive race can be retried (larger ones are not worth the memory).
-REPLAY_BODY_LIMIT_BYTES = 64 * 1024
 ResponseCallback = Callable[[Response | None, ProxyError | None], None]
 
 
@@ -252,8 +250,8 @@ class Http1UpstreamConnection(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         chunked = body.length is None
-        copy: list[bytes] | None = []
-        copied = 0
+        # Kept until the response head arrives, so that the keep-alive race can be retried.
+        copy = BodyCopy()
         self.sent_body = None
         try:
             while True:
@@ -264,14 +262,7 @@ class Http1UpstreamConnection(asyncio.Protocol):
                 if not data:
                     break
                 transport.write(chunk(data) if chunked else data)
-                if copy is not None:
-                    # Appended in place: rebuilding the list per chunk made a body of many
-                    # small chunks cost time quadratic in their number.
-                    copied += len(data)
-                    if copied <= REPLAY_BODY_LIMIT_BYTES:
-                        copy.append(data)
-                    else:
-                        copy = None
+                copy.add(data)
                 if self._write_paused:
                     # The upstream reads slower than the client sends: wait, and the
                     # client's body buffer fills and pauses the client in turn. An
@@ -285,8 +276,7 @@ class Http1UpstreamConnection(asyncio.Protocol):
             if chunked:
                 transport.write(last_chunk(body.trailers))
             self._request_sent = True
-            if copy is not None:
-                self.sent_body = b"".join(copy)
+            self.sent_body = copy.joined()
             self.deadline = self._loop.time() + self._read_timeout
             if (
                 self._parser.reusable

@@ -47,7 +47,6 @@ from proxy.upstream.h2.stream import (
     DEFAULT_WINDOW_BYTES,
     DROPPED_RESPONSE_FIELDS,
     LAST_STREAM_ID,
-    REPLAY_BODY_LIMIT_BYTES,
     STREAM_ACK_BYTES,
     STREAM_WINDOW_BYTES,
     H2ConnState,
@@ -412,13 +411,9 @@ class H2UpstreamConnection(asyncio.Protocol):
         consumed = stream.consumed
         try:
             if prefix:
-                if consumed is not None and len(prefix) <= REPLAY_BODY_LIMIT_BYTES:
-                    consumed.append(prefix)
-                else:
-                    stream.consumed = consumed = None
+                consumed.add(prefix)
                 await self._send_data(stream, prefix)
             if body is not None:
-                kept = len(prefix)
                 while True:
                     # Waiting for the client is the client's timeout, not the upstream's.
                     stream.waits_on_client = True
@@ -426,12 +421,7 @@ class H2UpstreamConnection(asyncio.Protocol):
                     stream.waits_on_client = False
                     if not data:
                         break
-                    if consumed is not None:
-                        kept += len(data)
-                        if kept <= REPLAY_BODY_LIMIT_BYTES:
-                            consumed.append(data)
-                        else:
-                            stream.consumed = consumed = None
+                    consumed.add(data)
                     await self._send_data(stream, data)
                 trailers = body.trailers
             else:
@@ -497,8 +487,7 @@ class H2UpstreamConnection(asyncio.Protocol):
     def _replay(self, stream: UpstreamStream) -> bytes | None:
         """The body to resend after a refusal: everything consumed from the client."""
         # A chunk read but not yet (wholly) sent is in `consumed` too: nothing is lost.
-        consumed = stream.consumed
-        return b"".join(consumed) if consumed is not None else None
+        return stream.consumed.joined()
 
     # -- ending streams --------------------------------------------------------------
     def _reset(
