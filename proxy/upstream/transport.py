@@ -7,6 +7,7 @@ import asyncio
 import socket
 import ssl
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from proxy.core.errors import UpstreamConnectError, UpstreamConnectTimeout
@@ -82,33 +83,18 @@ async def open_connection(
     return protocol
 
 
+@dataclass(frozen=True, slots=True)
 class Dialer:
     """How a pool opens connections to its endpoint: `open_connection` with the endpoint's
     host and port, the connect timeout, the TLS context and the name sent as SNI (None:
     plaintext), and the ALPN protocol the handshake must select (HTTP/2 over TLS)."""
 
-    __slots__ = ("connect_timeout", "host", "port", "require_alpn", "server_hostname", "tls")
-
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        connect_timeout: float,
-        *,
-        tls: ssl.SSLContext | None = None,
-        server_hostname: str | None = None,
-        require_alpn: str | None = None,
-    ) -> None:
-        self.host = host
-        self.port = port
-        self.connect_timeout = connect_timeout
-        self.tls = tls
-        self.server_hostname = server_hostname
-        self.require_alpn = require_alpn
-
-    def __repr__(self) -> str:
-        scheme = "tls" if self.tls is not None else "tcp"
-        return f"<Dialer {scheme}://{self.host}:{self.port}>"
+    host: str
+    port: int
+    connect_timeout: float
+    tls: ssl.SSLContext | None = field(default=None, repr=False)
+    server_hostname: str | None = None
+    require_alpn: str | None = None
 
     async def open(self, protocol_factory: Callable[[], P]) -> P:
         """A new connection, its protocol made by `protocol_factory`.
