@@ -14,8 +14,8 @@ Written against h2 4.4.1 and hpack 4.2.0 (pyproject allows h2 4.3 and hpack 4.1 
   peer's graceful GOAWAY (python-hyper/h2 #1181).
 - `buffered_frame_bytes`: `H2Connection.incoming_buffer._data`; an oversized frame is
   refused from its header.
-- `enforce_local_settings`: `H2Connection.local_settings`, replaced after the preface;
-  limits looser than the advertised ones.
+- `initiate_with_settings`: `H2Connection.local_settings`, set for the preface and
+  replaced after it; limits looser than the advertised ones.
 - `set_header_list_cap`: `H2Connection.decoder.max_header_list_size`; the HPACK-bomb cap.
 - `half_closed_local`: `H2Connection.streams`, `H2Stream.state_machine`; the RFC 8441
   half-close.
@@ -82,18 +82,23 @@ def buffered_frame_bytes(conn: h2.connection.H2Connection) -> int:
     return len(conn.incoming_buffer._data)
 
 
-def enforce_local_settings(
-    conn: h2.connection.H2Connection, settings: h2.settings.Settings
+def initiate_with_settings(
+    conn: h2.connection.H2Connection,
+    advertised: h2.settings.Settings,
+    enforced: h2.settings.Settings,
 ) -> None:
-    """Make h2 enforce `settings` on the peer from now on, without advertising them.
+    """Queue the connection preface with a SETTINGS frame of `advertised`, and make h2
+    enforce `enforced` on the peer from then on (limits looser than the advertised ones).
 
-    Assigning `local_settings` before `initiate_connection` chooses the SETTINGS that the
-    preface advertises. Replacing it afterwards relies on h2 4.x reading the limits it
-    enforces (e.g. SETTINGS_MAX_CONCURRENT_STREAMS when a stream opens) from that object
-    each time, and on a fresh `Settings` having nothing pending, so that the peer's ACK of
-    the advertised SETTINGS changes none of them.
+    `initiate_connection` serialises `H2Connection.local_settings`, so assigning it first
+    chooses what is advertised. Replacing it afterwards relies on h2 4.x reading the
+    limits it enforces (e.g. SETTINGS_MAX_CONCURRENT_STREAMS when a stream opens) from
+    that object each time, and on a fresh `Settings` having nothing pending, so that the
+    peer's ACK of the advertised SETTINGS changes none of them.
     """
-    conn.local_settings = settings
+    conn.local_settings = advertised
+    conn.initiate_connection()
+    conn.local_settings = enforced
 
 
 def set_header_list_cap(conn: h2.connection.H2Connection, size: int) -> None:

@@ -15,8 +15,8 @@ import h2.settings
 from metrics.definitions import count_request
 from proxy.codec.h2compat import (
     PerStreamContentLength,
-    enforce_local_settings,
     half_closed_local,
+    initiate_with_settings,
     linear_literals,
     memoise_hpack,
     set_header_list_cap,
@@ -75,14 +75,14 @@ def server_connection(settings: Http2Config) -> h2.connection.H2Connection:
     conn = h2.connection.H2Connection(config=config)
     memoise_hpack(conn)
     linear_literals(conn)
-    conn.local_settings = _settings(settings, settings.max_concurrent_streams)
-    conn.initiate_connection()
-    # The SETTINGS frame above advertises max_concurrent_streams. h2 would treat a stream
-    # beyond it as a connection error, killing the streams in flight; RFC 9113 section
-    # 5.1.2 asks for a stream error, so h2 gets a looser limit and the front end refuses
-    # the extra stream itself (REFUSED_STREAM: safe to retry).
-    enforce_local_settings(
-        conn, _settings(settings, settings.max_concurrent_streams * STREAM_HARD_CAP_FACTOR)
+    # The SETTINGS frame advertises max_concurrent_streams. h2 would treat a stream beyond
+    # it as a connection error, killing the streams in flight; RFC 9113 section 5.1.2 asks
+    # for a stream error, so h2 gets a looser limit and the front end refuses the extra
+    # stream itself (REFUSED_STREAM: safe to retry).
+    initiate_with_settings(
+        conn,
+        _settings(settings, settings.max_concurrent_streams),
+        _settings(settings, settings.max_concurrent_streams * STREAM_HARD_CAP_FACTOR),
     )
     set_header_list_cap(conn, hard_header_cap(settings))
     window = connection_window(settings)

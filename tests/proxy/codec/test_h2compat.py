@@ -205,7 +205,7 @@ def test_an_oversized_frame_header_alone_is_buffered_not_refused() -> None:
     assert h2compat.buffered_frame_bytes(server) == 109 > 9
 
 
-# -- enforce_local_settings ---------------------------------------------------------------
+# -- initiate_with_settings ---------------------------------------------------------------
 
 
 def settings_frame(server_preface: bytes) -> SettingsFrame:
@@ -215,20 +215,20 @@ def settings_frame(server_preface: bytes) -> SettingsFrame:
     return frame
 
 
+def streams_settings(count: int) -> h2.settings.Settings:
+    return h2.settings.Settings(
+        client=False, initial_values={SettingCodes.MAX_CONCURRENT_STREAMS: count}
+    )
+
+
 def test_looser_local_settings_are_enforced_and_not_advertised() -> None:
     server = h2.connection.H2Connection(
         h2.config.H2Configuration(client_side=False, header_encoding=None)
     )
-    advertised = {SettingCodes.MAX_CONCURRENT_STREAMS: 1}
-    server.local_settings = h2.settings.Settings(client=False, initial_values=advertised)
-    server.initiate_connection()
+
+    h2compat.initiate_with_settings(server, streams_settings(1), streams_settings(2))
+
     preface = server.data_to_send()
-    loose = {SettingCodes.MAX_CONCURRENT_STREAMS: 2}
-
-    h2compat.enforce_local_settings(
-        server, h2.settings.Settings(client=False, initial_values=loose)
-    )
-
     assert settings_frame(preface).settings[SettingCodes.MAX_CONCURRENT_STREAMS] == 1
     client = h2.connection.H2Connection(
         h2.config.H2Configuration(client_side=True, header_encoding=None)
@@ -245,14 +245,12 @@ def test_looser_local_settings_are_enforced_and_not_advertised() -> None:
 
 
 def test_without_the_looser_settings_the_extra_stream_is_a_connection_error() -> None:
-    """The reason for enforce_local_settings (RFC 9113 section 5.1.2 asks for a stream
+    """The reason for initiate_with_settings (RFC 9113 section 5.1.2 asks for a stream
     error)."""
     server = h2.connection.H2Connection(
         h2.config.H2Configuration(client_side=False, header_encoding=None)
     )
-    advertised = {SettingCodes.MAX_CONCURRENT_STREAMS: 1}
-    server.local_settings = h2.settings.Settings(client=False, initial_values=advertised)
-    server.initiate_connection()
+    h2compat.initiate_with_settings(server, streams_settings(1), streams_settings(1))
     client = h2.connection.H2Connection(
         h2.config.H2Configuration(client_side=True, header_encoding=None)
     )
