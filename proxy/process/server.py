@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -452,15 +451,3 @@ class Server:
         await self.runtime.aclose()
         self._stopped.set()
         log.info("stopped")
-
-    async def serve_until_signalled(self) -> None:
-        """Run until SIGTERM or SIGINT, then drain (the worker's main loop)."""
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        # Reload arrives with the operations work; until then SIGHUP must not kill us.
-        loop.add_signal_handler(signal.SIGHUP, log.warning, "SIGHUP: reload is not implemented yet")
-        await stop.wait()
-        log.info("draining (grace period %.1fs)", self.config.grace_period)
-        await self.shutdown()

@@ -270,14 +270,6 @@ class Upstream:
                     "upstream %s: out of panic mode, %d endpoints in rotation", self.name, eligible
                 )
 
-    def pick(self) -> UpstreamPool:
-        """The next endpoint's pool (HTTP/1.1 upstreams)."""
-        return cast(UpstreamPool, self.choose().pool)
-
-    def pick_h2(self) -> H2Pool:
-        """The next endpoint's pool (h2c and h2 upstreams)."""
-        return cast(H2Pool, self.choose().pool)
-
     def endpoint_health(self) -> list[tuple[str, bool]]:
         """Each endpoint's label and whether it is in rotation (healthy and not ejected;
         `gatehouse_upstream_healthy`, read when metrics are scraped)."""

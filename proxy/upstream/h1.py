@@ -21,6 +21,7 @@ from proxy.codec.h1serialize import chunk, last_chunk
 from proxy.core.errors import ProxyError, UpstreamProtocolError, UpstreamReset, UpstreamTimeout
 from proxy.core.headers import connection_tokens
 from proxy.core.models import Body, Response
+from proxy.upstream.replay import BodyCopy
 
 if TYPE_CHECKING:
     from proxy.upstream.pool import UpstreamPool
@@ -48,9 +49,6 @@ _USUAL_CONNECTION_TOKENS = _RAW_HOP_BY_HOP | {b"close"}
 
 # In callback mode, a response body up to this size is gathered before delivery.
 FAST_BUFFER_BYTES = 64 * 1024
-# Streamed request bodies up to this size are kept until the response head arrives, so the
-# keep-alive race can be retried (larger ones are not worth the memory).
-REPLAY_BODY_LIMIT_BYTES = 64 * 1024
 ResponseCallback = Callable[[Response | None, ProxyError | None], None]
 
 
@@ -182,13 +180,7 @@ class Http1UpstreamConnection(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         assert self.state is UpstreamConnState.ACTIVE
-        self.requests += 1
-        self._received = False
-        self._head_only = method == "HEAD"
-        self._parser.begin(method.encode("ascii"))
-        self._awaiting_response = True
-        self.deadline = self._loop.time() + self._read_timeout
-        self._sent_at = perf_counter()
+        self._begin(method)
         waiter: asyncio.Future[Response] = self._loop.create_future()
 
         def settle(response: Response | None, error: ProxyError | None) -> None:
@@ -231,6 +223,14 @@ class Http1UpstreamConnection(asyncio.Protocol):
         so a small response arrives complete."""
         transport = self.transport
         assert transport is not None
+        self._begin(method)
+        self._callback = on_response
+        self._request_sent = True
+        transport.write(head)
+
+    def _begin(self, method: str) -> None:
+        """Ready the connection for the response to a request of `method` being sent now
+        (`exchange` and `start`): the parser, the read deadline, the counters."""
         self.requests += 1
         self._received = False
         self._head_only = method == "HEAD"
@@ -238,9 +238,6 @@ class Http1UpstreamConnection(asyncio.Protocol):
         self._awaiting_response = True
         self.deadline = self._loop.time() + self._read_timeout
         self._sent_at = perf_counter()
-        self._callback = on_response
-        self._request_sent = True
-        transport.write(head)
 
     def _deliver(self) -> None:
         pending = self._pending
@@ -253,8 +250,8 @@ class Http1UpstreamConnection(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         chunked = body.length is None
-        copy: list[bytes] | None = []
-        copied = 0
+        # Kept until the response head arrives, so that the keep-alive race can be retried.
+        copy = BodyCopy()
         self.sent_body = None
         try:
             while True:
@@ -265,14 +262,7 @@ class Http1UpstreamConnection(asyncio.Protocol):
                 if not data:
                     break
                 transport.write(chunk(data) if chunked else data)
-                if copy is not None:
-                    # Appended in place: rebuilding the list per chunk made a body of many
-                    # small chunks cost time quadratic in their number.
-                    copied += len(data)
-                    if copied <= REPLAY_BODY_LIMIT_BYTES:
-                        copy.append(data)
-                    else:
-                        copy = None
+                copy.add(data)
                 if self._write_paused:
                     # The upstream reads slower than the client sends: wait, and the
                     # client's body buffer fills and pauses the client in turn. An
@@ -286,8 +276,7 @@ class Http1UpstreamConnection(asyncio.Protocol):
             if chunked:
                 transport.write(last_chunk(body.trailers))
             self._request_sent = True
-            if copy is not None:
-                self.sent_body = b"".join(copy)
+            self.sent_body = copy.joined()
             self.deadline = self._loop.time() + self._read_timeout
             if (
                 self._parser.reusable

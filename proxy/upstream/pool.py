@@ -19,7 +19,7 @@ from metrics.definitions import failure_code, upstream_series
 from proxy.config.model import EndpointConfig, PoolConfig, UpstreamTimeouts
 from proxy.core.errors import PoolTimeout, ProxyError, UpstreamReset
 from proxy.upstream.h1 import Http1UpstreamConnection, UpstreamConnState
-from proxy.upstream.transport import open_connection
+from proxy.upstream.transport import Dialer
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +53,12 @@ class UpstreamPool:
         self.label = f"{endpoint.host}:{endpoint.port}"  # Request.endpoint, logs
         # The upstream's series for this endpoint (None: a pool no upstream owns).
         self.metrics = upstream_series(upstream, self.label)
-        self._tls = tls  # https:// endpoints: HTTP/1.1 over TLS
-        self._server_hostname = server_hostname
         self.limits = pool
         self.read_timeout = timeouts.read
-        self._connect_timeout = timeouts.connect
+        # `tls` for https:// endpoints: HTTP/1.1 over TLS.
+        self._dialer = Dialer(
+            endpoint.host, endpoint.port, timeouts.connect, tls=tls, server_hostname=server_hostname
+        )
         self._codec = codec
         self._max_head_bytes = max_head_bytes
         self._idle: list[Http1UpstreamConnection] = []  # a stack: LIFO reuse
@@ -139,13 +140,8 @@ class UpstreamPool:
         endpoint = self.endpoint
         self._connecting += 1
         try:
-            conn = await open_connection(
-                lambda: Http1UpstreamConnection(self, self._codec, self._max_head_bytes),
-                endpoint.host,
-                endpoint.port,
-                self._connect_timeout,
-                tls=self._tls,
-                server_hostname=self._server_hostname,
+            conn = await self._dialer.open(
+                lambda: Http1UpstreamConnection(self, self._codec, self._max_head_bytes)
             )
         except BaseException as exc:
             self._connecting -= 1
@@ -169,15 +165,7 @@ class UpstreamPool:
         Raises:
             UpstreamConnectError, UpstreamConnectTimeout: as `open_connection`.
         """
-        endpoint = self.endpoint
-        return await open_connection(
-            protocol_factory,
-            endpoint.host,
-            endpoint.port,
-            self._connect_timeout,
-            tls=self._tls,
-            server_hostname=self._server_hostname,
-        )
+        return await self._dialer.open(protocol_factory)
 
     def release(self, conn: Http1UpstreamConnection) -> None:
         """An exchange ended cleanly on a reusable connection."""

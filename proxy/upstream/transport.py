@@ -7,6 +7,7 @@ import asyncio
 import socket
 import ssl
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from proxy.core.errors import UpstreamConnectError, UpstreamConnectTimeout
@@ -80,3 +81,33 @@ async def open_connection(
         # Requests are written whole; Nagle would only hold the last segment back.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Dialer:
+    """How a pool opens connections to its endpoint: `open_connection` with the endpoint's
+    host and port, the connect timeout, the TLS context and the name sent as SNI (None:
+    plaintext), and the ALPN protocol the handshake must select (HTTP/2 over TLS)."""
+
+    host: str
+    port: int
+    connect_timeout: float
+    tls: ssl.SSLContext | None = field(default=None, repr=False)
+    server_hostname: str | None = None
+    require_alpn: str | None = None
+
+    async def open(self, protocol_factory: Callable[[], P]) -> P:
+        """A new connection, its protocol made by `protocol_factory`.
+
+        Raises:
+            UpstreamConnectError, UpstreamConnectTimeout: as `open_connection`.
+        """
+        return await open_connection(
+            protocol_factory,
+            self.host,
+            self.port,
+            self.connect_timeout,
+            tls=self.tls,
+            server_hostname=self.server_hostname,
+            require_alpn=self.require_alpn,
+        )

@@ -1,22 +1,26 @@
 """The h2 connection the HTTP/2 front end drives: its configuration, the SETTINGS it
 advertises, and the two places h2's behaviour is adjusted for a server facing the
-internet. Also the per-stream state the front end keeps (`H2Exchange`).
+internet (through proxy/codec/h2compat.py, like every use of h2's internals). Also the
+per-stream state the front end keeps (`H2Exchange`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
-import h2.config
 import h2.connection
 import h2.settings
-from h2.stream import H2Stream, StreamState
 
 from metrics.definitions import count_request
-from proxy.codec.hpack_cache import memoise_hpack
-from proxy.codec.hpack_literal import linear_literals
+from proxy.codec.h2compat import (
+    PerStreamContentLength,
+    half_closed_local,
+    initiate_with_settings,
+    linear_literals,
+    memoise_hpack,
+    set_header_list_cap,
+)
 from proxy.config.model import Http2Config
 from proxy.core.models import Body, Request, Trailers
 
@@ -32,34 +36,6 @@ HEADER_LIST_HARD_CAP_FACTOR = 4
 # h2 itself enforces this multiple of max_concurrent_streams as a connection error; up
 # to it, streams beyond the advertised limit are refused one by one.
 STREAM_HARD_CAP_FACTOR = 2
-
-
-class FrontEndConfig(h2.config.H2Configuration):
-    """The front end's h2 configuration. It also marks the front end's streams, whose
-    content-length h2 must leave to us: h2 treats a mismatch (or a non-number) as a
-    connection error, killing every stream in flight, where RFC 9113 section 8.1.1 asks
-    for a stream error; the front end checks it per stream instead."""
-
-
-def _unless_front_end(method: Callable[..., None]) -> Callable[..., None]:
-    @functools.wraps(method)
-    def checked(stream: H2Stream, *args: object) -> None:
-        if isinstance(stream.config, FrontEndConfig):
-            return None
-        return method(stream, *args)
-
-    return checked
-
-
-if not getattr(H2Stream, "_gatehouse_content_length", False):
-    # Upstream (client) connections keep h2's own check; see FrontEndConfig.
-    H2Stream._initialize_content_length = _unless_front_end(  # type: ignore[method-assign]
-        H2Stream._initialize_content_length
-    )
-    H2Stream._track_content_length = _unless_front_end(  # type: ignore[method-assign]
-        H2Stream._track_content_length
-    )
-    H2Stream._gatehouse_content_length = True  # type: ignore[attr-defined]
 
 
 def _settings(settings: Http2Config, max_streams: int) -> h2.settings.Settings:
@@ -81,12 +57,14 @@ def server_connection(settings: Http2Config) -> h2.connection.H2Connection:
     """A server-side h2 connection that has queued its preface (SETTINGS advertising
     `settings`, a larger connection window).
 
-    Field validation is left to h2fields (one pass; h2's generator chain costs more than
-    the rest of a request) and outbound fields are built lower-cased, so h2's own
-    validation and normalisation are off. HPACK is memoised (hpack_cache), and literal
-    fields decode in linear time (hpack_literal).
+    Field validation is left to proxy/frontend/h2/fields.py (one pass; h2's generator
+    chain costs more than the rest of a request) and outbound fields are built
+    lower-cased, so h2's own validation and normalisation are off; so is its
+    content-length check, which the front end makes per stream (RFC 9113 section 8.1.1:
+    a stream error, where h2 kills the connection). HPACK is memoised, and literal fields
+    decode in linear time (all three: proxy/codec/h2compat.py).
     """
-    config = FrontEndConfig(
+    config = PerStreamContentLength(
         client_side=False,
         header_encoding=None,
         validate_inbound_headers=False,
@@ -96,17 +74,17 @@ def server_connection(settings: Http2Config) -> h2.connection.H2Connection:
     )
     conn = h2.connection.H2Connection(config=config)
     memoise_hpack(conn)
-    linear_literals(conn.decoder)
-    conn.local_settings = _settings(settings, settings.max_concurrent_streams)
-    conn.initiate_connection()
-    # The SETTINGS frame above advertises max_concurrent_streams. h2 would treat a stream
-    # beyond it as a connection error, killing the streams in flight; RFC 9113 section
-    # 5.1.2 asks for a stream error, so h2 gets a looser limit and the front end refuses
-    # the extra stream itself (REFUSED_STREAM: safe to retry).
-    conn.local_settings = _settings(
-        settings, settings.max_concurrent_streams * STREAM_HARD_CAP_FACTOR
+    linear_literals(conn)
+    # The SETTINGS frame advertises max_concurrent_streams. h2 would treat a stream beyond
+    # it as a connection error, killing the streams in flight; RFC 9113 section 5.1.2 asks
+    # for a stream error, so h2 gets a looser limit and the front end refuses the extra
+    # stream itself (REFUSED_STREAM: safe to retry).
+    initiate_with_settings(
+        conn,
+        _settings(settings, settings.max_concurrent_streams),
+        _settings(settings, settings.max_concurrent_streams * STREAM_HARD_CAP_FACTOR),
     )
-    conn.decoder.max_header_list_size = hard_header_cap(settings)
+    set_header_list_cap(conn, hard_header_cap(settings))
     window = connection_window(settings)
     if window > DEFAULT_WINDOW_BYTES:
         conn.increment_flow_control_window(window - DEFAULT_WINDOW_BYTES)
@@ -233,10 +211,7 @@ class H2Exchange:
         stream at once reset it, and left the tunnel waiting for DATA that never came
         and the upstream's socket open after every closing handshake it began.
         """
-        h2_stream = conn.streams.get(self.id)
-        if self.body is None or h2_stream is None:
-            return
-        if h2_stream.state_machine.state is not StreamState.HALF_CLOSED_LOCAL:
+        if self.body is None or not half_closed_local(conn, self.id):
             return  # reset, or the response has not ended
         self.client_done = loop.create_future()
         try:

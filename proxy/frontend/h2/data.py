@@ -14,8 +14,9 @@ would leave it:
   SEND_DATA, SEND_END_STREAM), the windows are charged, and the header block comes from
   the connection's own HPACK encoder, so the compression context stays in step.
 
-These use h2's stream objects (`H2Connection.streams`, `H2Stream.state_machine`), which
-h2 4.x keeps stable; pyproject pins h2 below 5 for that reason.
+h2's bookkeeping (its stream objects, state machines, send windows and HPACK encoder) is
+reached only through proxy/codec/h2compat.py, whose test checks it against the installed
+h2; this module makes the frames.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ import struct
 from collections.abc import Sequence
 
 import h2.connection
-from h2.connection import ConnectionInputs
-from h2.stream import StreamInputs
+
+from proxy.codec.h2compat import account_whole_response, charge_send_windows, encode_fields
 
 # RFC 9113 section 4.1: 24-bit length, type (DATA = 0), flags, reserved bit + stream id.
 _FRAME_HEADER = struct.Struct(">BHBBL")
@@ -46,9 +47,7 @@ def frame_data(
     windows (h2's `local_flow_control_window`).
     """
     size = len(data)
-    stream = conn.streams[stream_id]
-    stream.outbound_flow_control_window -= size
-    conn.outbound_flow_control_window -= size
+    charge_send_windows(conn, stream_id, size)
     parts: list[bytes | memoryview] = []
     pack = _FRAME_HEADER.pack
     for offset in range(0, size, frame_size):
@@ -72,27 +71,13 @@ def complete_response(
 
     `fields` must already be valid and lower-cased (h2fields.response_fields).
     """
-    stream = conn.streams.get(stream_id)
     size = len(data)
     frame_size = conn.max_outbound_frame_size
-    if (
-        stream is None
-        or size > frame_size
-        or (size and size > conn.local_flow_control_window(stream_id))
-    ):
+    # h2's state first, as its send_headers and send_data would leave it, before the
+    # irreversible HPACK encoding; an invalid state raises there, with nothing encoded.
+    if size > frame_size or not account_whole_response(conn, stream_id, size):
         return None
-    # The same transitions h2's send_headers and send_data make, before the irreversible
-    # HPACK encoding; an invalid state raises here, with nothing encoded or sent.
-    conn.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
-    machine = stream.state_machine
-    machine.process_input(StreamInputs.SEND_HEADERS)
-    if size:
-        conn.state_machine.process_input(ConnectionInputs.SEND_DATA)
-        machine.process_input(StreamInputs.SEND_DATA)
-        stream.outbound_flow_control_window -= size
-        conn.outbound_flow_control_window -= size
-    machine.process_input(StreamInputs.SEND_END_STREAM)
-    block = conn.encoder.encode(fields)
+    block = encode_fields(conn, fields)
     pack = _FRAME_HEADER.pack
     end_on_headers = 0 if size else END_STREAM
     parts: list[bytes] = []

@@ -1,5 +1,6 @@
-"""HTTP/2 field sections <-> the exchange model: request header validation (RFC 9113
-sections 8.2 and 8.3) and response/trailer field lists.
+"""HTTP/2 field sections <-> the exchange model: request header and trailer validation
+(RFC 9113 sections 8.2 and 8.3) and response field lists (response trailers:
+proxy/codec/h2fields.py, shared with the upstream client).
 
 The h2 library can validate and normalise fields itself, but does it through a chain of
 generators that cost more than the rest of a request together; these checks are the same
@@ -14,6 +15,7 @@ import logging
 import re
 from dataclasses import dataclass
 
+from proxy.codec.h2fields import CONNECTION_SPECIFIC, FORBIDDEN_TRAILERS
 from proxy.core.canonical import (
     SINGLETON_FIELDS,
     InvalidHeader,
@@ -40,10 +42,6 @@ _BAD_VALUE_RE = re.compile(rb"[\x00\r\n]|^[ \t]|[ \t]$")
 _METHOD_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _TARGET_RE = re.compile(rb"[\x21-\x7e\x80-\xff]*")
 _PSEUDO_REQUEST_FIELDS = frozenset({b":method", b":scheme", b":authority", b":path", b":protocol"})
-# RFC 9113 section 8.2.2: fields that only mean something for one HTTP/1.1 hop.
-CONNECTION_SPECIFIC = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
-)
 
 
 class MalformedRequest(Exception):
@@ -163,10 +161,6 @@ def request_fields(
     )
 
 
-# RFC 9110 section 6.5.1: fields a trailer section must not carry (framing, routing).
-_FORBIDDEN_TRAILERS = CONNECTION_SPECIFIC | {b"content-length", b"host", b"te", b"trailer"}
-
-
 # Distinct request field lists validated once per connection (see `FieldsMemo`).
 MAX_MEMOISED_FIELD_LISTS = 32
 
@@ -208,7 +202,7 @@ def request_trailers(fields: list[tuple[bytes, bytes]]) -> Trailers:
     """
     out: Trailers = []
     for name, value in fields:
-        if _NAME_RE.fullmatch(name) is None or name in _FORBIDDEN_TRAILERS:
+        if _NAME_RE.fullmatch(name) is None or name in FORBIDDEN_TRAILERS:
             raise MalformedRequest(f"invalid trailer field {name!r}")
         if _BAD_VALUE_RE.search(value) is not None:
             raise MalformedRequest(f"invalid value for trailer field {name!r}")
@@ -243,21 +237,4 @@ def response_fields(response: Response, content_length: int | None) -> list[tupl
             out.append((lower, value))
     if content_length is not None:
         out.append((b"content-length", b"%d" % content_length))
-    return out
-
-
-def trailer_fields(trailers: Trailers) -> list[tuple[bytes, bytes]]:
-    """Trailers as an HTTP/2 field list: lower-cased names; fields a trailer section must
-    not carry, and values with CR, LF or NUL, are dropped (an h2 client would treat the
-    whole response as malformed)."""
-    out: list[tuple[bytes, bytes]] = []
-    for name, value in trailers:
-        lower = name.lower().encode("latin-1")
-        encoded = value.encode("latin-1")
-        if lower in _FORBIDDEN_TRAILERS or lower[:1] == b":":
-            continue
-        if b"\r" in encoded or b"\n" in encoded or b"\0" in encoded:
-            log.warning("dropping trailer %r: CR, LF or NUL in its value", name)
-            continue
-        out.append((lower, encoded))
     return out

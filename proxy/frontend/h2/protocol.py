@@ -19,11 +19,11 @@ from collections.abc import Awaitable, Callable, Container, Iterator
 
 import h2.events
 import h2.exceptions
-from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
 from metrics.definitions import Http2Limit, count_http2_limit
+from proxy.codec.h2compat import buffered_frame_bytes, reopen_after_goaway, set_header_list_cap
 from proxy.config.model import Http2Config
 from proxy.core.canonical import canonical_target
 from proxy.core.errors import BadRequest, BodyTooLarge, HeadTooLarge, ProxyError, RequestTimeout
@@ -89,8 +89,7 @@ class Http2Protocol:
             return
         # RFC 9113 section 4.2: h2 checks a frame's length only once all of it is here;
         # the 9-byte header already tells, so an oversized frame is never buffered.
-        # (h2 4.x keeps the partial frame in `incoming_buffer._data`.)
-        if len(h2conn.incoming_buffer._data) > h2conn.max_inbound_frame_size + 9:
+        if buffered_frame_bytes(h2conn) > h2conn.max_inbound_frame_size + 9:
             count_http2_limit(Http2Limit.CONNECTION_ERROR)
             self._terminate(ErrorCodes.FRAME_SIZE_ERROR)
             return
@@ -323,7 +322,7 @@ class Http2Protocol:
         # h2 makes the advertised MAX_HEADER_LIST_SIZE its decoder's limit once acked, and
         # would tear the connection down at it; we keep the hard cap there and answer
         # the advertised limit per stream with 431.
-        self._h2.decoder.max_header_list_size = self._hard_header_cap
+        set_header_list_cap(self._h2, self._hard_header_cap)
 
     def _on_control_frame(self, event: h2.events.Event) -> None:
         if self._control.exceeded():
@@ -340,7 +339,7 @@ class Http2Protocol:
         else:
             # h2 closes its state machine on any GOAWAY (python-hyper/h2 #1181), but a
             # graceful one lets the streams already open finish (RFC 9113 section 6.8).
-            self._h2.state_machine.state = ConnectionState.SERVER_OPEN
+            reopen_after_goaway(self._h2)
 
     def _calm_down(self, reason: Http2Limit) -> None:
         log.info("HTTP/2 %s from %s: GOAWAY", reason.value, self._conn.client[0])

@@ -14,12 +14,13 @@ import h2.connection
 import h2.exceptions
 from h2.errors import ErrorCodes
 
+from proxy.codec.h2fields import trailer_fields
 from proxy.core.errors import ProxyError
 from proxy.core.models import Body, Request, Response
 from proxy.frontend.connection import ClientConnection
 from proxy.frontend.h2.conn import H2Exchange
 from proxy.frontend.h2.data import complete_response, frame_data
-from proxy.frontend.h2.fields import response_fields, trailer_fields
+from proxy.frontend.h2.fields import response_fields
 
 log = logging.getLogger(__name__)
 

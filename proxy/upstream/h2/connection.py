@@ -30,7 +30,8 @@ import h2.settings
 from h2.errors import ErrorCodes
 
 from metrics.definitions import cancelled_code, failure_code
-from proxy.codec.hpack_literal import linear_literals
+from proxy.codec.h2compat import linear_literals, reopen_after_goaway
+from proxy.codec.h2fields import trailer_fields
 from proxy.core.errors import (
     BadRequest,
     ProxyError,
@@ -40,14 +41,12 @@ from proxy.core.errors import (
     UpstreamTimeout,
 )
 from proxy.core.models import Body, RawHeaders, Response
-from proxy.frontend.h2.fields import trailer_fields
 from proxy.upstream.h2.stream import (
     CONNECTION_ACK_BYTES,
     CONNECTION_WINDOW_BYTES,
     DEFAULT_WINDOW_BYTES,
     DROPPED_RESPONSE_FIELDS,
     LAST_STREAM_ID,
-    REPLAY_BODY_LIMIT_BYTES,
     STREAM_ACK_BYTES,
     STREAM_WINDOW_BYTES,
     H2ConnState,
@@ -76,7 +75,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         self._read_timeout = pool.read_timeout
         config = h2.config.H2Configuration(client_side=True, header_encoding=None)
         self._h2 = h2.connection.H2Connection(config=config)
-        linear_literals(self._h2.decoder)  # a response head's cost is linear in its fields
+        linear_literals(self._h2)  # a response head's cost is linear in its fields
         # Settled when the peer's SETTINGS arrive (its preface, RFC 9113 section 3.4).
         self.ready: asyncio.Future[None] = self._loop.create_future()
         self._conn_unacked = 0
@@ -332,7 +331,7 @@ class H2UpstreamConnection(asyncio.Protocol):
             # RFC 9113 section 6.8: streams up to last_stream_id may still complete, but
             # h2 closes its state machine on any GOAWAY (python-hyper/h2 issue #1181).
             # Re-open it for them; this connection opens no new stream (DRAINING).
-            self._h2.state_machine.state = h2.connection.ConnectionState.CLIENT_OPEN
+            reopen_after_goaway(self._h2)
         self.pool.on_draining(self)
         self._close_if_drained()
 
@@ -412,13 +411,9 @@ class H2UpstreamConnection(asyncio.Protocol):
         consumed = stream.consumed
         try:
             if prefix:
-                if consumed is not None and len(prefix) <= REPLAY_BODY_LIMIT_BYTES:
-                    consumed.append(prefix)
-                else:
-                    stream.consumed = consumed = None
+                consumed.add(prefix)
                 await self._send_data(stream, prefix)
             if body is not None:
-                kept = len(prefix)
                 while True:
                     # Waiting for the client is the client's timeout, not the upstream's.
                     stream.waits_on_client = True
@@ -426,12 +421,7 @@ class H2UpstreamConnection(asyncio.Protocol):
                     stream.waits_on_client = False
                     if not data:
                         break
-                    if consumed is not None:
-                        kept += len(data)
-                        if kept <= REPLAY_BODY_LIMIT_BYTES:
-                            consumed.append(data)
-                        else:
-                            stream.consumed = consumed = None
+                    consumed.add(data)
                     await self._send_data(stream, data)
                 trailers = body.trailers
             else:
@@ -497,8 +487,7 @@ class H2UpstreamConnection(asyncio.Protocol):
     def _replay(self, stream: UpstreamStream) -> bytes | None:
         """The body to resend after a refusal: everything consumed from the client."""
         # A chunk read but not yet (wholly) sent is in `consumed` too: nothing is lost.
-        consumed = stream.consumed
-        return b"".join(consumed) if consumed is not None else None
+        return stream.consumed.joined()
 
     # -- ending streams --------------------------------------------------------------
     def _reset(

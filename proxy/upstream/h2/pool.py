@@ -23,7 +23,7 @@ from proxy.upstream.h2.connection import H2UpstreamConnection
 from proxy.upstream.h2.stream import H2ConnState, StreamRefused
 from proxy.upstream.pool import PoolOccupancy
 from proxy.upstream.tls import ALPN_H2
-from proxy.upstream.transport import open_connection
+from proxy.upstream.transport import Dialer
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,14 @@ class H2Pool:
         self.limits = pool
         self.read_timeout = timeouts.read
         self._connect_timeout = timeouts.connect
-        self._tls = tls
-        self._server_hostname = server_hostname
+        self._dialer = Dialer(
+            endpoint.host,
+            endpoint.port,
+            timeouts.connect,
+            tls=tls,
+            server_hostname=server_hostname,
+            require_alpn=ALPN_H2 if tls is not None else None,
+        )
         self._connections: list[H2UpstreamConnection] = []  # oldest first
         self._connecting = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
@@ -168,15 +174,7 @@ class H2Pool:
         endpoint = self.endpoint
         self._connecting += 1
         try:
-            conn = await open_connection(
-                lambda: H2UpstreamConnection(self),
-                endpoint.host,
-                endpoint.port,
-                self._connect_timeout,
-                tls=self._tls,
-                server_hostname=self._server_hostname,
-                require_alpn=ALPN_H2 if self._tls is not None else None,
-            )
+            conn = await self._dialer.open(lambda: H2UpstreamConnection(self))
             # The peer's preface (its SETTINGS) says how many streams it takes.
             try:
                 async with asyncio.timeout(self._connect_timeout):

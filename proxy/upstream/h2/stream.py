@@ -1,7 +1,7 @@
 """The upstream HTTP/2 client's vocabulary: its windows and limits, the states of a
 connection and of a stream, the error for a stream the upstream never processed, and the
 per-stream state the connection keeps (`UpstreamStream`). Request trailers are filtered
-by `proxy.frontend.h2.fields.trailer_fields`, as the front end's response trailers are."""
+by `proxy.codec.h2fields.trailer_fields`, as the front end's response trailers are."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from time import perf_counter
 
 from proxy.core.errors import UpstreamReset
 from proxy.core.models import Body, Response, Trailers
+from proxy.upstream.replay import BodyCopy
 
 # Our receive windows. A stream's window bounds what a paused (slow-client) stream can hold
 # beyond the Body's high watermark; the connection window is re-opened on receipt.
@@ -20,8 +21,6 @@ DEFAULT_WINDOW_BYTES = 65_535  # RFC 9113 section 6.9.2
 # Window updates are batched: sent once this share of the window was consumed.
 STREAM_ACK_BYTES = STREAM_WINDOW_BYTES // 4
 CONNECTION_ACK_BYTES = CONNECTION_WINDOW_BYTES // 4
-# Streamed request bodies up to this size are kept, so a refused stream can be replayed.
-REPLAY_BODY_LIMIT_BYTES = 64 * 1024
 # Stream ids are 31 bits (RFC 9113 section 5.1.1); a connection near the end takes no more.
 LAST_STREAM_ID = 2**31 - 1
 # Response fields that describe the connection, not the message (RFC 9113 section 8.2.2;
@@ -105,8 +104,8 @@ class UpstreamStream:
         self.unacked = 0  # received bytes not yet given back to the stream window
         self.waits_on_client = False  # the sender waits for the client's body
         self.window_waiter: asyncio.Future[None] | None = None
-        # What was read of the client's body, for a replay after a refusal (None: too big).
-        self.consumed: list[bytes] | None = []
+        # What was read of the client's body, for a replay after a refusal.
+        self.consumed = BodyCopy()
 
     def __repr__(self) -> str:
         return f"<UpstreamStream {self.stream_id} {self.state.name}>"

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 from multidict import CIMultiDict
 
+from proxy.codec.h2fields import trailer_fields
 from proxy.core.errors import HeadTooLarge
 from proxy.core.models import Response
 from proxy.frontend.h2.fields import (
     MalformedRequest,
     request_fields,
     response_fields,
-    trailer_fields,
 )
 
 BASE = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"a.test"), (b":path", b"/x")]

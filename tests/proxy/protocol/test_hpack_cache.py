@@ -9,7 +9,7 @@ from hpack import Decoder, Encoder
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.codec.hpack_cache import memoise_hpack
+from proxy.codec.h2compat import memoise_hpack
 
 Fields = list[tuple[bytes, bytes]]
 

@@ -1,4 +1,4 @@
-"""Linear literal decoding (proxy/codec/hpack_literal.py) decodes exactly what hpack's
+"""Linear literal decoding (proxy/codec/h2compat.py) decodes exactly what hpack's
 own method decodes, fails where it fails, and costs time linear in the block."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from hpack import Decoder, Encoder, HPACKDecodingError, NeverIndexedHeaderTuple
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.codec.hpack_literal import linear_literals
+from proxy.codec.h2compat import decode_literals_linearly
 from tests.cost import least_cpu
 
 names = st.sampled_from([b"content-type", b"x-a", b"x-b", b"cookie", b"authorization", b"x-" * 70])
@@ -22,7 +22,7 @@ sections = st.lists(st.lists(fields, min_size=1, max_size=8), min_size=1, max_si
 def decoders() -> tuple[Decoder, Decoder]:
     """(hpack's decoder, one with linear literals)."""
     linear = Decoder()
-    linear_literals(linear)
+    decode_literals_linearly(linear)
     return Decoder(), linear
 
 
@@ -82,7 +82,7 @@ def test_decoding_literal_fields_costs_time_linear_in_their_number(huffman: bool
         block = Encoder().encode([(b"x-f%d" % i, b"v") for i in range(count)], huffman=huffman)
         decoder = Decoder()
         decoder.max_header_list_size = 1 << 30
-        linear_literals(decoder)
+        decode_literals_linearly(decoder)
 
         def decode(block: bytes = block, decoder: Decoder = decoder, count: int = count) -> None:
             assert len(list(decoder.decode(block, raw=True))) == count

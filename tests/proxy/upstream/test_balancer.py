@@ -17,7 +17,7 @@ def _upstream(*weights: int) -> Upstream:
 
 
 def _picks(upstream: Upstream, count: int) -> list[str]:
-    return [upstream.pick().endpoint.host for _ in range(count)]
+    return [upstream.choose().pool.endpoint.host for _ in range(count)]
 
 
 async def test_equal_weights_rotate_in_order() -> None:

@@ -10,12 +10,9 @@ import time
 
 from proxy.config.model import EndpointConfig, PoolConfig, UpstreamTimeouts
 from proxy.core.models import Body
-from proxy.upstream.h1 import (
-    REPLAY_BODY_LIMIT_BYTES,
-    Http1UpstreamConnection,
-    UpstreamConnState,
-)
+from proxy.upstream.h1 import Http1UpstreamConnection, UpstreamConnState
 from proxy.upstream.pool import UpstreamPool
+from proxy.upstream.replay import REPLAY_BODY_LIMIT_BYTES
 from tests.cost import RUNS, collector_off
 
 # 10x the chunks may cost at most this many times the CPU time (linear: ~10).
