@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import logging
 
-from proxy.core.models import Trailers
-
 log = logging.getLogger(__name__)
 
 # RFC 9113 section 8.2.2: fields that only mean something for one HTTP/1.1 hop.
@@ -20,7 +18,7 @@ CONNECTION_SPECIFIC = frozenset(
 FORBIDDEN_TRAILERS = CONNECTION_SPECIFIC | {b"content-length", b"host", b"te", b"trailer"}
 
 
-def trailer_fields(trailers: Trailers) -> list[tuple[bytes, bytes]]:
+def trailer_fields(trailers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
     """Trailers as an HTTP/2 field list: lower-cased names; fields a trailer section must
     not carry, and values with CR, LF or NUL, are dropped (an h2 client would treat the
     whole response as malformed)."""

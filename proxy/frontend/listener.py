@@ -1,5 +1,5 @@
 """Listeners with `proxy_protocol: true`: each connection begins with a PROXY protocol
-header (proxy/codec/proxy_header.py), read before TLS or HTTP.
+header (proxy/frontend/proxy_header.py), read before TLS or HTTP.
 
 The header comes before the TLS ClientHello, and asyncio's TLS transport reads the socket
 from the start: a listener made by `create_server(ssl=...)` would hand the header to the
@@ -33,9 +33,9 @@ import ssl
 from collections.abc import Callable
 
 from metrics.definitions import ProxyHeaderRefusal, count_proxy_header_refused
-from proxy.codec.proxy_header import ProxyHeader, ProxyHeaderError, ProxyHeaderReader
 from proxy.config.model import ListenerConfig
 from proxy.frontend.connection import ClientConnection, FrontEnd, ServerContext
+from proxy.frontend.proxy_header import ProxyHeader, ProxyHeaderError, ProxyHeaderReader
 
 log = logging.getLogger(__name__)
 

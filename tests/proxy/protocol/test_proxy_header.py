@@ -1,4 +1,4 @@
-"""The PROXY protocol header reader (proxy/codec/proxy_header.py) without sockets: both
+"""The PROXY protocol header reader (proxy/frontend/proxy_header.py) without sockets: both
 versions fed whole and byte by byte, never a byte of what follows taken, the headers that
 name no client, every refusal, and random bytes."""
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.codec.proxy_header import (
+from proxy.frontend.proxy_header import (
     V1_MAX_BYTES,
     V2_FIXED_BYTES,
     V2_MAX_PAYLOAD_BYTES,
