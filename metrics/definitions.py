@@ -1,4 +1,4 @@
-"""Every metric a worker exports, declared in one place (DESIGN.md, operations).
+"""Every metric a worker exports, declared in one place (docs/operations.md).
 
 Metrics live on an explicit registry (not prometheus-client's global one), in base units,
 with bounded labels. Each worker counts in its own memory; the supervising parent sums
@@ -285,7 +285,7 @@ UPSTREAM_SECONDS = LocalHistogram(
 )
 LOCAL_REPLIES = LocalCounter(
     "gatehouse_local_replies",
-    "Answers the gateway gave itself (DESIGN.md, errors), by reason code "
+    "Answers the gateway gave itself (docs/errors.md), by reason code "
     "(no_route, upstream_connect_failed, upstream_timeout, rate_limited, ...)",
     ["reason"],
     registry=REGISTRY,

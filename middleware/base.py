@@ -1,4 +1,4 @@
-"""The middleware interface (DESIGN.md): what a `type:` in routes.yaml names.
+"""The middleware interface (docs/architecture.md): what a `type:` in routes.yaml names.
 
 A middleware is an object with `async def __call__(self, request, call_next) -> Response`:
 it passes the request on (`await call_next(request)`, possibly after changing it, and

@@ -245,7 +245,7 @@ def run_gateway(
         yield gateway
     finally:
         kill_process_group(process)
-    # A bug is logged with its traceback (DESIGN.md, errors): none may have happened.
+    # A bug is logged with its traceback (docs/errors.md): none may have happened.
     assert "Traceback" not in gateway.stderr(), gateway.stderr()
 
 

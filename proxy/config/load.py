@@ -1,6 +1,6 @@
 """routes.yaml -> the frozen, typed configuration of `proxy.config.model`.
 
-The loader checks everything once, at load time (STYLE.md 1.4), and reports every problem
+The loader checks everything once, at load time (CONTRIBUTING.md, style), and reports every problem
 together, each as `file:line: key.path: message`. The model lives in `proxy.config.model`,
 the document limits and `ConfigError` in `proxy.config.document`.
 

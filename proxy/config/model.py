@@ -1,7 +1,7 @@
 """The configuration model: the frozen, typed objects that routes.yaml becomes.
 
 Runtime code only ever sees these objects: everything is validated once, at load time
-(STYLE.md 1.4), by `proxy.config.load`. Durations are float seconds, sizes are int bytes.
+(CONTRIBUTING.md, style), by `proxy.config.load`. Durations are float seconds, sizes are int bytes.
 """
 
 from __future__ import annotations
@@ -374,7 +374,7 @@ class RouteConfig:
 
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
-    """`limits`: server-wide defences, each mapped to one status (DESIGN.md, errors)."""
+    """`limits`: server-wide defences, each mapped to one status (docs/errors.md)."""
 
     max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES  # 431
     max_body_size: int | None = None  # 413; None = unlimited

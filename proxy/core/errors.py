@@ -1,7 +1,7 @@
 """The ProxyError tree: every failure the gateway answers itself.
 
 Each class carries the HTTP status it maps to and a stable reason code used in logs,
-metrics (`gatehouse_local_replies_total{reason}`) and the JSON error body (DESIGN.md, errors).
+metrics (`gatehouse_local_replies_total{reason}`) and the JSON error body (docs/errors.md).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The exchange model shared by every front end, the middleware chain and forwarding.
 
-`Request` and `Response` never know which protocol carried them (STYLE.md 1.2). Bodies are
+`Request` and `Response` never know which protocol carried them (CONTRIBUTING.md, style). Bodies are
 `Body` streams: a connection produces chunks, the other side consumes them, and a bounded
 buffer with high/low watermarks pauses the producer, so backpressure crosses every hop.
 """

@@ -1,6 +1,6 @@
 """The circuit breaker (`upstreams.X.circuit_breaker`): limits for a whole upstream,
 past which a request is refused at once with 503 `upstream_overloaded` instead of
-queueing without bound (DESIGN.md, errors).
+queueing without bound (docs/errors.md).
 
 - `max_requests`: requests in flight on the upstream (entered the forwarder, response
   head not yet come; the response body streaming afterwards is not counted).

@@ -31,7 +31,7 @@ LINGER_S = 5.0
 
 
 class ConnectionPhase(enum.Enum):
-    """What the connection waits for; each phase has its own timeout (DESIGN.md)."""
+    """What the connection waits for; each phase has its own timeout (docs/architecture.md)."""
 
     IDLE = "idle"  # keep-alive wait for the next request: keepalive_timeout, then close
     HEAD = "head"  # reading a request head: header_timeout, then 408

@@ -1,5 +1,5 @@
 """Shared by the error tests through real sockets: start a gateway, send one request, and
-check the JSON local reply (DESIGN.md's error table) that comes back."""
+check the JSON local reply (docs/errors.md) that comes back."""
 
 from __future__ import annotations
 

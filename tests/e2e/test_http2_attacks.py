@@ -209,7 +209,7 @@ def many_small_headers(path: str, total: int) -> list[tuple[str, str]]:
 async def test_many_small_headers_just_over_the_limit_get_431_and_the_connection_lives_on(
     gateway_factory: GatewayFactory, upstream: UpstreamServer
 ) -> None:
-    """Defence: max_header_list_size per stream (431, DESIGN.md), counted as RFC 9113
+    """Defence: max_header_list_size per stream (431, docs/errors.md), counted as RFC 9113
     section 6.5.2 does (name + value + 32 per field). ~30 small fields weighing exactly
     the limit pass; one byte more is a 431 on that stream only, and the connection goes
     on serving (the hard cap, 4x, is far away)."""

@@ -250,7 +250,7 @@ async def test_graceful_shutdown_finishes_the_stream_in_flight_and_refuses_new_o
 async def test_a_stalled_request_body_gets_408_while_the_connections_other_streams_work(
     gateway_factory: GatewayFactory, upstream: UpstreamServer
 ) -> None:
-    """Defence: limits.body_timeout on an HTTP/2 stream (slowloris on a body; DESIGN.md:
+    """Defence: limits.body_timeout on an HTTP/2 stream (slowloris on a body; docs/architecture.md:
     client too slow sending the body -> 408). A POST announces 1000 bytes, sends 100 and
     stops: after its 300 ms (not the 60 s default) its stream must be answered 408 or
     reset, while the same connection's other streams are served.

@@ -1,5 +1,5 @@
-"""An HTTP/2 upload through the gateway in bounded memory (DESIGN.md: streaming, never
-buffering; STYLE.md: acknowledge h2 DATA only after forwarding it).
+"""An HTTP/2 upload through the gateway in bounded memory (docs/architecture.md: streaming, never
+buffering; CONTRIBUTING.md: acknowledge h2 DATA only after forwarding it).
 
 The gateway runs as a one-worker subprocess (tests/gateway_process.py), so the kernel's
 peak-RSS mark (`VmHWM`) covers its whole run. The client is the h2 library over a

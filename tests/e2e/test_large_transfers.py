@@ -1,4 +1,4 @@
-"""1 GiB through the gateway in bounded memory (DESIGN.md: streaming, never buffering).
+"""1 GiB through the gateway in bounded memory (docs/architecture.md: streaming, never buffering).
 
 The gateway runs as a subprocess with one worker, so its memory is its own: the kernel's
 peak-RSS mark (`VmHWM` in /proc/PID/status) covers the whole run, start-up included, with

@@ -126,7 +126,7 @@ class ResponseWriter:
             self.flush_soon()
         except (ProxyError, ConnectionError) as exc:
             # After the head, a broken response can only be signalled by a reset
-            # (DESIGN.md, errors).
+            # (docs/errors.md).
             log.debug("response body on stream %d broke off: %r", stream_id, exc)
             body.discard()
             self.reset(stream_id, ErrorCodes.INTERNAL_ERROR)

@@ -107,7 +107,7 @@ async def test_response_stalled_on_a_zero_window_has_a_client_deadline() -> None
     # `_send_data` waits on `window_waiter` with no deadline, and `_update_phase` keeps
     # the connection BUSY ("no client-side deadline"), so the sweeper never calls
     # on_timeout. HTTP/1.1's equivalent, a client that does not read, is bounded by
-    # ClientConnection.drain (WRITE phase, body_timeout, then abort); DESIGN.md: "no
+    # ClientConnection.drain (WRITE phase, body_timeout, then abort); docs/architecture.md: "no
     # total deadline ... idle timeouts instead". While every stream waits on the client,
     # the connection should carry a deadline (WRITE, body_timeout) like HTTP/1.1.
     protocol, conn, _server, peer = await connected()
