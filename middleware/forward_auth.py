@@ -23,34 +23,23 @@ is a trusted proxy (`client_ip.trusted_proxies`). The request body is not sent.
 Every refusal and failure counts in `gatehouse_auth_failures_total{middleware,reason}`
 with reason `denied`, `unavailable`, `timeout` or `bad_response`.
 
-The HTTP client is the gateway's own upstream pool (keep-alive, LIFO reuse, the
-keep-alive race retried once); it is created in `start()` once the loop runs.
+The HTTP client is the gateway's own (proxy/upstream/fetch.py: the upstream pool and
+codec, keep-alive with LIFO reuse, the keep-alive race retried once); its pool is made in
+`start()` once the loop runs.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import ssl
-from urllib.parse import urlsplit
 
 from multidict import CIMultiDict
 
 from metrics.definitions import count_auth_failure
 from middleware.base import Handler
 from middleware.options import Options
-from proxy.codec.h1 import resolve_codec
-from proxy.codec.h1serialize import UnsafeHeader, request_head
-from proxy.config.model import (
-    DEFAULT_MAX_HEAD_BYTES,
-    EndpointConfig,
-    PoolConfig,
-    UpstreamConfig,
-    UpstreamTimeouts,
-    UpstreamTls,
-)
-from proxy.config.values import ConfigValueError, ca_bundle_problem, parse_endpoint_url
+from proxy.config.values import ConfigValueError, ca_bundle_problem
 from proxy.core.errors import (
     AuthBadResponse,
     AuthTimeout,
@@ -64,9 +53,8 @@ from proxy.core.errors import (
 )
 from proxy.core.headers import REQUEST_HOP_BY_HOP
 from proxy.core.models import Body, Request, Response
-from proxy.upstream.h1 import RESPONSE_HOP_BY_HOP, StaleConnection
-from proxy.upstream.pool import UpstreamPool
-from proxy.upstream.tls import client_context, server_hostname
+from proxy.upstream.fetch import FetchResponse, FetchUrl, HttpClient, parse_url, tls_context
+from proxy.upstream.h1 import RESPONSE_HOP_BY_HOP
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +70,6 @@ _FORWARDING = ("X-Forwarded-Method", "X-Forwarded-Proto", "X-Forwarded-Host", "X
 _NOT_FORWARDED = REQUEST_HOP_BY_HOP | {name.lower() for name in _FORWARDING}
 # What a client says about where it came from: sent only from a trusted peer.
 _CLIENT_STATEMENTS = frozenset({"forwarded", "x-real-ip"})
-_EMPTY_BODY = Body.from_bytes(b"")  # the auth request has none (sent with the head)
 
 
 class ForwardAuth:
@@ -95,23 +82,22 @@ class ForwardAuth:
         self.name = options.name
         self.timeout = options.duration("timeout", DEFAULT_TIMEOUT_S, positive=True)
         self.url = options.string("url")
-        self.endpoint, self._target, self._host = self._parse_url(options)
+        self.target = self._parse_url(options)  # where the auth requests go
         listed = options.strings("forward_headers") if "forward_headers" in options else None
         # None: every end-to-end header of the client's (Traefik's default).
         self.forward_headers = self._header_names(options, "forward_headers", listed)
         copied = options.strings("copy_headers")
         self.copy_headers = self._header_names(options, "copy_headers", copied) or ()
-        self._tls, self._server_hostname = self._tls_context(options)
-        self._codec = resolve_codec("auto")
-        self._pool: UpstreamPool | None = None
+        tls, sni = self._tls_options(options)
+        self.client = HttpClient(self.target, timeout_s=self.timeout, tls=tls, sni=sni)
 
     def __repr__(self) -> str:
-        return f"<ForwardAuth {self.name} {self.url} pool={self._pool!r}>"
+        return f"<ForwardAuth {self.name} {self.url} {self.client!r}>"
 
     # -- config load -----------------------------------------------------------------
-    def _parse_url(self, options: Options) -> tuple[EndpointConfig, bytes, str]:
-        """`url` as the endpoint, the request target and the Host header to send."""
-        fallback = (EndpointConfig("http://localhost:80", "http", "localhost", 80), b"/", "")
+    def _parse_url(self, options: Options) -> FetchUrl:
+        """`url` as the origin to connect to, the request target and the Host to send."""
+        fallback = FetchUrl("http", "localhost", 80)
         if not self.url:
             if "url" in options and not options.failed:
                 options.error("url", "must not be empty")
@@ -119,31 +105,11 @@ class ForwardAuth:
         if "://" not in self.url:
             options.error("url", f"expected a URL like 'http://auth:9000/check', got {self.url!r}")
             return fallback
-        url = self.url
         try:
-            parts = urlsplit(url)
-        except ValueError as exc:  # an unbalanced "[" in the host
-            options.error("url", f"invalid url {url!r}: {exc}")
-            return fallback
-        origin = f"{parts.scheme}://{parts.netloc}"
-        try:
-            if parts.fragment:
-                raise ConfigValueError(f"{url!r}: a fragment is not allowed")
-            scheme, host, port, normal = parse_endpoint_url(origin)
+            return parse_url(self.url)
         except ConfigValueError as exc:
-            # The endpoint parser names the origin it was given: name the whole url.
-            message = str(exc).replace("invalid endpoint", "invalid url")
-            options.error("url", message.replace(repr(origin), repr(url)))
+            options.error("url", str(exc))
             return fallback
-        path = parts.path or "/"
-        target = f"{path}?{parts.query}" if parts.query else path
-        if any(c in target for c in " \r\n\x00"):
-            options.error("url", f"{self.url!r}: the path must be percent-encoded")
-            return fallback
-        default_port = 443 if scheme == "https" else 80
-        bracketed = f"[{host}]" if ":" in host else host
-        host_header = bracketed if port == default_port else f"{bracketed}:{port}"
-        return EndpointConfig(normal, scheme, host, port), target.encode("latin-1"), host_header
 
     @staticmethod
     def _header_names(
@@ -165,30 +131,27 @@ class ForwardAuth:
                 options.error(key, f"{name!r} is hop-by-hop or framing and cannot be copied")
         return names
 
-    def _tls_context(self, options: Options) -> tuple[ssl.SSLContext | None, str | None]:
+    def _tls_options(self, options: Options) -> tuple[ssl.SSLContext | None, str | None]:
+        """The TLS context and SNI name for an https:// url (None, None otherwise)."""
         tls_options = options.nested("tls", ("ca", "verify", "sni"))
-        tls = UpstreamTls()
+        ca: str | None = None
+        verify, sni = True, None
         if tls_options is not None:
             ca = tls_options.optional_string("ca")
             if ca is not None and (problem := ca_bundle_problem(ca)) is not None:
                 tls_options.error("ca", problem)
                 ca = None
-            tls = UpstreamTls(
-                ca=ca,
-                verify=tls_options.boolean("verify", True),
-                sni=tls_options.optional_string("sni"),
-            )
-            if self.endpoint.scheme != "https":
+            verify = tls_options.boolean("verify", True)
+            sni = tls_options.optional_string("sni")
+            if self.target.scheme != "https":
                 options.error("tls", "only applies to an https:// url")
-        if self.endpoint.scheme != "https":
+        if self.target.scheme != "https":
             return None, None
-        config = UpstreamConfig(f"forward_auth:{self.name}", (self.endpoint,), tls=tls)
         try:
-            context = client_context(config)
+            return tls_context(ca, verify=verify), sni
         except (OSError, ssl.SSLError) as exc:  # pragma: no cover - the CA was checked above
             options.error("tls", f"cannot load the TLS settings: {exc}")  # (it changed since)
             return None, None
-        return context, server_hostname(self.endpoint, config)
 
     # -- lifecycle -------------------------------------------------------------------
     def identity_headers(self) -> tuple[str, ...]:
@@ -196,27 +159,12 @@ class ForwardAuth:
         return tuple(self.copy_headers)
 
     async def start(self) -> None:
-        """Create the connection pool to the auth service (needs the running loop)."""
-        if self._pool is None:
-            self._pool = self._new_pool()
+        """Make the connection pool to the auth service (needs the running loop)."""
+        self.client.open()
 
     async def close(self) -> None:
         """Close idle connections to the auth service."""
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
-
-    def _new_pool(self) -> UpstreamPool:
-        timeout = self.timeout
-        return UpstreamPool(
-            self.endpoint,
-            PoolConfig(wait_timeout=timeout),
-            UpstreamTimeouts(connect=timeout, read=timeout),
-            self._codec,
-            DEFAULT_MAX_HEAD_BYTES,
-            tls=self._tls,
-            server_hostname=self._server_hostname,
-        )
+        self.client.close()
 
     # -- per request -----------------------------------------------------------------
     async def __call__(self, request: Request, call_next: Handler) -> Response:
@@ -224,22 +172,19 @@ class ForwardAuth:
         copy = self.copy_headers
         for name in copy:
             headers.popall(name, None)  # only the auth service may set these
-        try:
-            head = request_head("GET", self._target, self._auth_headers(request, headers))
-        except UnsafeHeader as exc:  # set by an earlier middleware (the parser checked ours)
-            raise BadRequest(f"cannot send the auth request: {exc}") from None
-        status, answer_headers, body, reason = await self._ask(head)
+        answer = await self._ask(self._auth_headers(request, headers))
+        status = answer.status
         if 200 <= status < 300:
             for name in copy:
-                for value in answer_headers.getall(name, ()):
+                for value in answer.headers.getall(name, ()):
                     headers.add(name, value)
             return await call_next(request)
         count_auth_failure(self.name, "denied")
         log.debug("%s: auth service answered %d", self.name, status)
-        return Response(status, answer_headers, Body.from_bytes(body), reason)
+        return Response(status, answer.headers, Body.from_bytes(answer.body or b""), answer.reason)
 
     def _auth_headers(self, request: Request, headers: CIMultiDict[str]) -> list[tuple[str, str]]:
-        out = [("Host", self._host)]
+        out = [("Host", self.target.host_header)]
         wanted = self.forward_headers
         trusted = request.peer_trusted
         if wanted is None:
@@ -265,73 +210,32 @@ class ForwardAuth:
         )
         return out
 
-    async def _ask(self, head: bytes) -> tuple[int, CIMultiDict[str], bytes, str]:
-        """Send the auth request; the answer's status, headers, body and reason phrase.
+    async def _ask(self, headers: list[tuple[str, str]]) -> FetchResponse:
+        """Send the auth request; the answer, with its body unless it is a 2xx's (a
+        refusal's body is at most AUTH_BODY_LIMIT_BYTES).
 
         Raises:
+            BadRequest: an earlier middleware set a header that cannot be sent.
             AuthUnavailable, AuthTimeout, AuthBadResponse: as the module docstring says.
         """
-        pool = self._pool
-        if pool is None:  # used without the server's start() (a plugin host, a test)
-            pool = self._pool = self._new_pool()
-        response: Response | None = None
         try:
-            async with asyncio.timeout(self.timeout):
-                conn = await pool.acquire()
-                try:
-                    response = await conn.exchange("GET", head, _EMPTY_BODY, b"")
-                except StaleConnection:
-                    # The keep-alive race: the service closed the idle connection as we
-                    # sent on it. A GET without a body is safe to send again.
-                    conn = await pool.acquire(fresh=True)
-                    response = await conn.exchange("GET", head, _EMPTY_BODY, b"")
-                body = await _read_body(response.body)
-        except (TimeoutError, UpstreamConnectTimeout, UpstreamTimeout):
+            answer = await self.client.fetch("GET", headers=headers, max_body=AUTH_BODY_LIMIT_BYTES)
+        except ValueError as exc:  # set by an earlier middleware (the parser checked ours)
+            raise BadRequest(f"cannot send the auth request: {exc}") from None
+        except (UpstreamConnectTimeout, UpstreamTimeout):
             # Ours, or the pool's connect timeout (the same length: whichever fires first).
-            self._failed("timeout", response)
+            count_auth_failure(self.name, "timeout")
             raise AuthTimeout(f"auth service {self.url} did not answer in time") from None
         except (UpstreamConnectError, PoolTimeout) as exc:
-            self._failed("unavailable", response)
+            count_auth_failure(self.name, "unavailable")
             raise AuthUnavailable(f"auth service unavailable: {exc.message}") from None
         except ProxyError as exc:  # reset, malformed response
-            self._failed("bad_response", response)
+            count_auth_failure(self.name, "bad_response")
             raise AuthBadResponse(f"auth service {self.url}: {exc.message}") from None
-        except BaseException:
-            if response is not None:
-                response.body.discard()  # cancelled (the client left): drop the connection
-            raise
-        status = response.status
-        if body is None:
-            if 200 <= status < 300:
-                return status, response.headers, b"", response.reason  # the body is not needed
-            self._failed("bad_response", None)
+        if answer.body is None and not 200 <= answer.status < 300:  # a 2xx's is not needed
+            count_auth_failure(self.name, "bad_response")
             raise AuthBadResponse(
-                f"auth service answered {status} with a body over {AUTH_BODY_LIMIT_BYTES} bytes"
+                f"auth service answered {answer.status} with a body over "
+                f"{AUTH_BODY_LIMIT_BYTES} bytes"
             )
-        return status, response.headers, body, response.reason
-
-    def _failed(self, reason: str, response: Response | None) -> None:
-        if response is not None:
-            response.body.discard()  # the rest of it would never be read: close
-        count_auth_failure(self.name, reason)
-
-
-async def _read_body(body: Body) -> bytes | None:
-    """The whole body, or None (discarded, the connection closed) when it is larger than
-    AUTH_BODY_LIMIT_BYTES."""
-    if body.complete:
-        data = body.take_all()
-    else:
-        if body.length is not None and body.length > AUTH_BODY_LIMIT_BYTES:
-            body.discard()
-            return None
-        parts: list[bytes] = []
-        size = 0
-        while chunk := await body.read():
-            size += len(chunk)
-            if size > AUTH_BODY_LIMIT_BYTES:
-                body.discard()
-                return None
-            parts.append(chunk)
-        data = b"".join(parts)
-    return data if len(data) <= AUTH_BODY_LIMIT_BYTES else None
+        return answer

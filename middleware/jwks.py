@@ -1,10 +1,11 @@
 """The keys of the `jwt` middleware: PEM public keys, and a JSON Web Key Set (RFC 7517)
 fetched over the gateway's own event loop, turned into verification keys and kept fresh.
 
-The fetch is a minimal HTTP/1.1 GET over `asyncio.open_connection` (TLS for https), framed
-by h11 (already a runtime dependency): one request with `Connection: close`, a timeout on
-the whole exchange, a 200 required (redirects are not followed), a size cap on the body.
-It runs on the gateway's loop, so it needs no thread and is cancelled cleanly at shutdown.
+The fetch is one GET through the gateway's own HTTP client (proxy/upstream/fetch.py: the
+upstream codec, transport and TLS; TLS for https): a connection of its own with
+`Connection: close`, a timeout on the whole exchange, a 200 required (redirects are not
+followed), a size cap on the body. It runs on the gateway's loop, so it needs no thread
+and is cancelled cleanly at shutdown.
 
 `JwksCache` holds the last good key set. A background task refreshes it every
 `refresh_s`; a token with an unknown `kid` may trigger one more refresh, but at most one
@@ -28,7 +29,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import h11
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
@@ -37,12 +37,19 @@ from jwt.exceptions import PyJWTError
 
 from metrics.definitions import count_jwks_refresh
 from proxy.config.values import ConfigValueError
+from proxy.core.errors import (
+    ProxyError,
+    UpstreamConnectTimeout,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
+from proxy.upstream.fetch import FetchUrl
+from proxy.upstream.fetch import fetch as http_fetch
 
 log = logging.getLogger(__name__)
 
 JWKS_MAX_BYTES = 1024 * 1024  # a key set is a few KiB; anything this big is not one
 JWKS_MAX_KEYS = 100  # keys past this are ignored (each kid-less token may try them all)
-READ_CHUNK_BYTES = 64 * 1024
 FAILED_RETRY_MIN_S = 1.0  # the background task never retries faster than this
 RSA_MIN_BITS = 2048  # NIST SP 800-131A; PyJWT refuses smaller keys too
 
@@ -222,6 +229,15 @@ class JwksUrl:
     authority: str  # the Host header
     target: str  # path and query
 
+    def fetch_url(self) -> FetchUrl:
+        """Where the HTTP client sends the GET.
+
+        Raises:
+            ValueError: the path is not ASCII (it must be percent-encoded).
+        """
+        scheme = "https" if self.tls else "http"
+        return FetchUrl(scheme, self.host, self.port, self.target.encode("ascii"), self.authority)
+
 
 def parse_jwks_url(value: str) -> JwksUrl:
     """Split an http(s) URL.
@@ -245,69 +261,43 @@ def parse_jwks_url(value: str) -> JwksUrl:
     return JwksUrl(value, tls, parts.hostname, port or (443 if tls else 80), parts.netloc, target)
 
 
+_REQUEST_HEADERS = (
+    ("Accept", "application/json, application/jwk-set+json"),
+    ("User-Agent", "gatehouse-jwks"),
+)
+
+
 async def fetch(url: JwksUrl, timeout_s: float, ssl_context: ssl.SSLContext | None) -> bytes:
-    """GET `url` and return the body of its 200 response.
+    """GET `url` and return the body of its 200 response (`ssl_context`: for an https
+    url, the system's trust store when None).
 
     Raises:
         JwksError: `timeout` (the whole exchange took over `timeout_s`), `unreachable`
-            (connect, TLS or a broken connection), `bad_status` (not 200, or not HTTP).
+            (connect, TLS or a broken connection), `bad_status` (not 200, or not HTTP),
+            `invalid` (a body over JWKS_MAX_BYTES).
     """
     try:
-        async with asyncio.timeout(timeout_s):
-            return await _get(url, ssl_context)
-    except TimeoutError:
-        raise JwksError("timeout", f"no answer within {timeout_s:g}s") from None
-    except (OSError, ssl.SSLError, EOFError) as exc:
-        raise JwksError("unreachable", f"{type(exc).__name__}: {exc}") from None
-    except h11.ProtocolError as exc:
-        raise JwksError("bad_status", f"not an HTTP response: {exc}") from None
-
-
-async def _get(url: JwksUrl, ssl_context: ssl.SSLContext | None) -> bytes:
-    context = (ssl_context or ssl.create_default_context()) if url.tls else None
-    reader, writer = await asyncio.open_connection(
-        url.host, url.port, ssl=context, server_hostname=url.host if context else None
-    )
-    try:
-        conn = h11.Connection(h11.CLIENT)
-        request = h11.Request(
-            method="GET",
-            target=url.target,
-            headers=[
-                ("Host", url.authority),
-                ("Accept", "application/json, application/jwk-set+json"),
-                ("User-Agent", "gatehouse-jwks"),
-                ("Connection", "close"),
-            ],
+        answer = await http_fetch(
+            "GET",
+            url.fetch_url(),
+            _REQUEST_HEADERS,
+            timeout_s=timeout_s,
+            max_body=JWKS_MAX_BYTES,
+            tls=ssl_context,
         )
-        writer.write(conn.send(request) + conn.send(h11.EndOfMessage()))
-        await writer.drain()
-        body = bytearray()
-        status = 0
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await reader.read(READ_CHUNK_BYTES))
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-                if status != 200:
-                    raise JwksError("bad_status", f"HTTP {status}")
-            elif isinstance(event, h11.Data):
-                body += event.data
-                if len(body) > JWKS_MAX_BYTES:
-                    raise JwksError("invalid", f"larger than {JWKS_MAX_BYTES} bytes")
-            elif isinstance(event, h11.EndOfMessage):
-                return bytes(body)
-            elif isinstance(event, h11.InformationalResponse):
-                continue
-            elif isinstance(event, h11.ConnectionClosed):
-                raise EOFError("the connection closed before the response ended")
-            else:
-                raise h11.RemoteProtocolError(f"unexpected {type(event).__name__}")
-    finally:
-        # The answer is read (or given up on) and we said `Connection: close`: drop the
-        # connection at once, without waiting for a TLS goodbye from a peer that may hang.
-        writer.transport.abort()
+    except (UpstreamTimeout, UpstreamConnectTimeout):
+        raise JwksError("timeout", f"no answer within {timeout_s:g}s") from None
+    except UpstreamProtocolError as exc:
+        raise JwksError("bad_status", f"not an HTTP response: {exc.message}") from None
+    except ProxyError as exc:  # refused, unreachable, TLS refused, reset
+        raise JwksError("unreachable", exc.message) from None
+    except ValueError as exc:  # a path the request line cannot carry
+        raise JwksError("bad_status", f"cannot send the request: {exc}") from None
+    if answer.status != 200:
+        raise JwksError("bad_status", f"HTTP {answer.status}")
+    if answer.body is None:
+        raise JwksError("invalid", f"larger than {JWKS_MAX_BYTES} bytes")
+    return answer.body
 
 
 # -- the cache --------------------------------------------------------------------------

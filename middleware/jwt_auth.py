@@ -59,6 +59,7 @@ from middleware.options import Options
 from proxy.config.reader import did_you_mean
 from proxy.core.errors import Unauthorized
 from proxy.core.models import Request, Response
+from proxy.upstream.fetch import tls_context
 
 log = logging.getLogger(__name__)
 
@@ -518,7 +519,7 @@ def _jwks(options: Options) -> JwksCache | None:
     context: ssl.SSLContext | None = None
     if url is not None and url.tls:
         try:
-            context = ssl.create_default_context(cafile=ca_file or None)
+            context = tls_context(ca_file or None)
         except (OSError, ssl.SSLError) as exc:
             options.error("jwks_ca_file", f"cannot load {ca_file!r}: {exc}")
     elif url is not None and ca_file is not None:

@@ -7,12 +7,12 @@ give or take `jitter` (a fraction of the interval, drawn anew each round, so wor
 upstreams drift apart instead of probing in step). The first round runs within
 `jitter * interval` of the start.
 
-- `type: http`: a fresh connection (TLS for https:// endpoints, with the upstream's
-  trust settings, SNI and ALPN) and one GET of `path` in the upstream's protocol:
-  `GET path HTTP/1.1` with `Host: host:port` and `Connection: close` for http1
-  upstreams, a stream on an HTTP/2 connection (prior knowledge for h2c, ALPN h2 for h2)
-  for the others. Only the status is read. It passes when the status is in one of the
-  `expect` ranges.
+- `type: http`: one GET of `path` on a fresh connection, through the gateway's own client
+  (fetch.py) in the upstream's protocol: HTTP/1.1 with `Host: host:port` and
+  `Connection: close` for http1 upstreams, a stream on an HTTP/2 connection (prior
+  knowledge for h2c, ALPN h2 for h2) for the others; TLS for https:// endpoints with the
+  upstream's trust settings and SNI. Only the status is read (the body is not: the
+  connection closes). It passes when the status is in one of the `expect` ranges.
 - `type: tcp`: a TCP connect (no TLS) that succeeds within `timeout`.
 
 Endpoints start healthy, so a new upstream serves at once; `unhealthy_threshold` failed
@@ -27,16 +27,12 @@ import logging
 import random
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, cast
-
-import h2.config
-import h2.connection
-import h2.events
-import h2.exceptions
+from typing import TYPE_CHECKING
 
 from metrics.definitions import count_health_check
-from proxy.config.model import EndpointConfig, HealthCheckConfig
-from proxy.core.errors import ProxyError
+from proxy.config.model import DEFAULT_MAX_HEAD_BYTES, EndpointConfig, HealthCheckConfig
+from proxy.core.errors import ProxyError, UpstreamProtocolError, UpstreamReset, UpstreamTimeout
+from proxy.upstream.fetch import FetchUrl, fetch
 from proxy.upstream.transport import open_connection
 
 if TYPE_CHECKING:
@@ -44,97 +40,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# A status line longer than this is not one (RFC 9112 section 4: "HTTP/1.1 200 OK").
-MAX_STATUS_LINE_BYTES = 8 * 1024
 USER_AGENT = "gatehouse-health-check"
+# What the codec says about a malformed response starts with this (proxy/upstream/h1.py).
+_MALFORMED = "malformed response: "
 
 
 class HealthCheckFailed(Exception):
     """One check failed; the message says why (logged when the endpoint leaves)."""
-
-
-class _StatusLineProtocol(asyncio.Protocol):
-    """Sends one request and resolves `status` with the response's status code."""
-
-    def __init__(self, request: bytes) -> None:
-        self.request = request
-        self.status: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.Transport subclasses, only alike.
-        self.transport = cast(asyncio.Transport, transport)
-        self.transport.write(self.request)
-
-    def data_received(self, data: bytes) -> None:
-        if self.status.done():
-            return
-        self.buffer += data
-        end = self.buffer.find(b"\r\n")
-        if end < 0:
-            if len(self.buffer) > MAX_STATUS_LINE_BYTES:
-                self.status.set_exception(HealthCheckFailed("status line too long"))
-            return
-        line = bytes(self.buffer[:end])
-        # RFC 9112 section 4: status-line = HTTP-version SP status-code SP [reason-phrase]
-        parts = line.split(b" ", 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
-            shown = line[:60].decode("latin-1")
-            self.status.set_exception(HealthCheckFailed(f"not an HTTP response: {shown!r}"))
-            return
-        self.status.set_result(int(parts[1]))
-
-    closed_early = "connection closed before a status line"
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.status.done():
-            self.status.set_exception(HealthCheckFailed(self.closed_early))
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-        if not self.status.done():
-            self.status.cancel()
-
-
-class _H2StatusProtocol(_StatusLineProtocol):
-    """Sends one GET on a new HTTP/2 connection and resolves `status` with the status of
-    its response (RFC 9113 section 8.3.2: the `:status` pseudo-header)."""
-
-    closed_early = "connection closed before an HTTP/2 response (does it speak HTTP/2?)"
-
-    def __init__(self, authority: str, path: str, scheme: str) -> None:
-        super().__init__(b"")
-        config = h2.config.H2Configuration(client_side=True, header_encoding=None)
-        self.conn = h2.connection.H2Connection(config)
-        self.conn.initiate_connection()
-        headers = [(":method", "GET"), (":scheme", scheme), (":authority", authority),
-                   (":path", path), ("user-agent", USER_AGENT)]  # fmt: skip
-        self.conn.send_headers(1, headers, end_stream=True)
-        self.request = self.conn.data_to_send()
-
-    def data_received(self, data: bytes) -> None:
-        if self.status.done():
-            return
-        try:
-            events = self.conn.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
-            self.status.set_exception(HealthCheckFailed(f"not an HTTP/2 answer: {exc}"))
-            return
-        for event in events:
-            if isinstance(event, h2.events.ResponseReceived) and event.stream_id == 1:
-                status = dict(event.headers or []).get(b":status", b"")
-                if not status.isdigit():
-                    self.status.set_exception(HealthCheckFailed("response without a status"))
-                else:
-                    self.status.set_result(int(status))
-                return
-            if isinstance(event, h2.events.StreamReset | h2.events.ConnectionTerminated):
-                self.status.set_exception(HealthCheckFailed(f"refused: {type(event).__name__}"))
-                return
-        if self.transport is not None:
-            self.transport.write(self.conn.data_to_send())  # SETTINGS acknowledged
 
 
 class _ConnectProtocol(asyncio.Protocol):
@@ -159,49 +71,65 @@ async def check_endpoint(
     server_hostname: str | None = None,
     *,
     http2: bool = False,
+    codec: str = "auto",
+    max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES,
 ) -> None:
-    """Check `endpoint` once (see the module docstring).
+    """Check `endpoint` once (see the module docstring). `tls` and `server_hostname`
+    apply to an https:// endpoint; `codec` and `max_head_bytes` parse an HTTP/1.1 answer.
 
     Raises:
         HealthCheckFailed: the check failed; its message says why.
     """
     host, port = endpoint.host, endpoint.port
-    try:
-        async with asyncio.timeout(config.timeout):
-            if config.type == "tcp":
+    if config.type == "tcp":
+        try:
+            async with asyncio.timeout(config.timeout):
                 connected = await open_connection(_ConnectProtocol, host, port, config.timeout)
-                if connected.transport is not None:
-                    connected.transport.close()
-                return
-            request = (
-                f"GET {config.path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-                f"User-Agent: {USER_AGENT}\r\nConnection: close\r\n\r\n"
-            ).encode("latin-1")
-            use_tls = tls if endpoint.scheme == "https" else None
-
-            def status_protocol() -> _StatusLineProtocol:
-                if http2:
-                    return _H2StatusProtocol(f"{host}:{port}", config.path, endpoint.scheme)
-                return _StatusLineProtocol(request)
-
-            protocol = await open_connection(
-                status_protocol,
-                host,
-                port,
-                config.timeout,
-                tls=use_tls,
-                server_hostname=server_hostname if use_tls is not None else None,
-            )
-            try:
-                status = await protocol.status
-            finally:
-                protocol.close()
-    except TimeoutError:
+        except TimeoutError:
+            raise HealthCheckFailed(f"no answer within {config.timeout:g}s") from None
+        except ProxyError as exc:  # connect refused, unreachable
+            raise HealthCheckFailed(exc.message) from None
+        if connected.transport is not None:
+            connected.transport.close()
+        return
+    bracketed = f"[{host}]" if ":" in host else host
+    url = FetchUrl(
+        endpoint.scheme, host, port, config.path.encode("latin-1"), f"{bracketed}:{port}"
+    )
+    try:
+        answer = await fetch(
+            "GET",
+            url,
+            [("User-Agent", USER_AGENT)],
+            timeout_s=config.timeout,
+            max_body=0,  # the status is all a check reads
+            tls=tls,
+            sni=server_hostname,
+            http2=http2,
+            codec=codec,
+            max_head_bytes=max_head_bytes,
+        )
+    except UpstreamTimeout:
         raise HealthCheckFailed(f"no answer within {config.timeout:g}s") from None
-    except ProxyError as exc:  # connect refused, unreachable, TLS refused
-        raise HealthCheckFailed(exc.message) from None
-    if not status_expected(status, config.expect):
-        raise HealthCheckFailed(f"status {status}")
+    except ProxyError as exc:  # connect refused, unreachable, TLS refused, a bad answer
+        raise HealthCheckFailed(_failure(exc, http2)) from None
+    except ValueError as exc:  # a path the request line cannot carry
+        raise HealthCheckFailed(f"cannot send the check: {exc}") from None
+    if not status_expected(answer.status, config.expect):
+        raise HealthCheckFailed(f"status {answer.status}")
+
+
+def _failure(error: ProxyError, http2: bool) -> str:
+    """Why a check failed, from the error the client raised."""
+    if http2:
+        if isinstance(error, UpstreamProtocolError):
+            return f"not an HTTP/2 answer: {error.message}"
+        return error.message
+    if isinstance(error, UpstreamReset):
+        return "connection closed before a status line"
+    if isinstance(error, UpstreamProtocolError):
+        return f"not an HTTP response: {error.message.removeprefix(_MALFORMED)}"
+    return error.message
 
 
 class HealthChecker:
@@ -223,6 +151,8 @@ class HealthChecker:
         tls: ssl.SSLContext | None = None,
         server_hostname: Callable[[EndpointState], str | None] | None = None,
         http2: bool = False,
+        codec: str = "auto",
+        max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES,
         rng: Callable[[], float] = random.random,
     ) -> None:
         self.upstream = upstream
@@ -232,6 +162,8 @@ class HealthChecker:
         self._tls = tls
         self._server_hostname = server_hostname
         self._http2 = http2  # the upstream speaks h2 or h2c: so do the checks
+        self._codec = codec  # an http1 upstream's answers are parsed as the forwarder does
+        self._max_head_bytes = max_head_bytes
         self._check = check or self._check_endpoint
         self._random = rng
         # Per endpoint: passed checks in a row (> 0) or failed ones (< 0).
@@ -343,5 +275,11 @@ class HealthChecker:
     async def _check_endpoint(self, endpoint: EndpointState) -> None:
         hostname = self._server_hostname(endpoint) if self._server_hostname else None
         await check_endpoint(
-            endpoint.pool.endpoint, self.config, self._tls, hostname, http2=self._http2
+            endpoint.pool.endpoint,
+            self.config,
+            self._tls,
+            hostname,
+            http2=self._http2,
+            codec=self._codec,
+            max_head_bytes=self._max_head_bytes,
         )

@@ -1,5 +1,6 @@
 """forward_auth without the gateway: its options and their errors, the auth request it
-builds, the bounded body read, and its lifecycle (one test talks to a real service)."""
+builds, and its lifecycle (one test talks to a real service). The bounded body read is
+the HTTP client's (tests/proxy/upstream/test_fetch.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import asyncio
 import pytest
 from multidict import CIMultiDict
 
-from middleware.forward_auth import AUTH_BODY_LIMIT_BYTES, ForwardAuth, _read_body
+from middleware.forward_auth import ForwardAuth
 from proxy.config.document import ConfigError
 from proxy.config.load import parse_config
 from proxy.core.errors import BadRequest
@@ -70,13 +71,13 @@ def test_the_url_becomes_an_endpoint_a_target_and_a_host(
     url: str, endpoint: str, target: bytes, host: str
 ) -> None:
     auth = build(f"url: '{url}'")
-    assert auth.endpoint.url == endpoint
-    assert auth._target == target
-    assert auth._host == host
+    assert auth.target.origin == endpoint
+    assert auth.target.target == target
+    assert auth.target.host_header == host
     assert auth.timeout == 2.0
     assert auth.forward_headers is None
     assert auth.copy_headers == ()
-    assert (auth._tls is not None) is url.startswith("https")
+    assert (auth.client.tls is not None) is url.startswith("https")
     assert url in repr(auth)
 
 
@@ -88,14 +89,14 @@ def test_options_are_read() -> None:
     assert auth.timeout == 0.25
     assert auth.forward_headers == ("Authorization", "Cookie")
     assert auth.copy_headers == ("X-User",)
-    assert auth._server_hostname == "auth.internal"
+    assert auth.client.server_hostname == "auth.internal"
     assert build("url: 'http://a/', forward_headers: []").forward_headers == ()
 
 
 def test_the_https_context_trusts_the_given_ca(tls_files: TlsFiles) -> None:
     auth = build(f"url: 'https://localhost/', tls: {{ca: '{tls_files.ca}'}}")
-    assert auth._tls is not None
-    assert auth._server_hostname == "localhost"
+    assert auth.client.tls is not None
+    assert auth.client.server_hostname == "localhost"
 
 
 @pytest.mark.parametrize(
@@ -245,38 +246,6 @@ async def test_a_header_an_earlier_middleware_broke_is_a_400() -> None:
 
     with pytest.raises(BadRequest, match="cannot send the auth request"):
         await auth(request, endpoint)
-
-
-# -- the bounded body read ---------------------------------------------------------------
-
-
-async def test_read_body_takes_a_complete_body_whole() -> None:
-    assert await _read_body(Body.from_bytes(b"denied")) == b"denied"
-    assert await _read_body(Body.from_bytes(b"x" * (AUTH_BODY_LIMIT_BYTES + 1))) is None
-
-
-async def test_read_body_reads_a_streamed_body_within_the_limit() -> None:
-    body = Body(None)
-    body.feed(b"a" * 1000)
-    reading = asyncio.create_task(_read_body(body))
-    await asyncio.sleep(0)  # the reader takes the first chunk and waits for more
-    body.feed(b"b" * 1000)
-    body.feed_eof()
-    async with asyncio.timeout(5):
-        assert await reading == b"a" * 1000 + b"b" * 1000
-
-
-async def test_read_body_gives_up_on_a_declared_or_streamed_excess() -> None:
-    abandoned: list[str] = []
-    declared = Body(AUTH_BODY_LIMIT_BYTES + 1)
-    declared.on_abandon = lambda: abandoned.append("declared")
-    assert await _read_body(declared) is None
-    streamed = Body(None)
-    streamed.on_abandon = lambda: abandoned.append("streamed")
-    streamed.feed(b"x" * AUTH_BODY_LIMIT_BYTES)
-    streamed.feed(b"x")
-    assert await _read_body(streamed) is None
-    assert abandoned == ["declared", "streamed"]  # the connection under each is dropped
 
 
 # -- lifecycle ---------------------------------------------------------------------------
