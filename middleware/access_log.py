@@ -44,13 +44,8 @@ from time import perf_counter
 from typing import Any
 
 from metrics.definitions import ACCESS_LOG_DROPPED
-from middleware.base import Handler
 from middleware.headers import error_reply
-from middleware.options import Options
-from proxy.config.reader import did_you_mean
-from proxy.core.errors import ProxyError
-from proxy.core.local_reply import request_id_of
-from proxy.core.models import Request, Response
+from proxy import Handler, Options, ProxyError, Request, Response, did_you_mean, request_id_of
 
 log = logging.getLogger(__name__)
 

@@ -40,11 +40,7 @@ from middleware.auth_common import (
     realm,
     set_consumer,
 )
-from middleware.base import Handler
-from middleware.options import Options
-from proxy.config.reader import Reported
-from proxy.core.errors import Forbidden, Unauthorized
-from proxy.core.models import Request, Response
+from proxy import Forbidden, Handler, Options, Reported, Request, Response, Unauthorized
 
 DEFAULT_HEADER = "X-API-Key"
 _QUERY_NAME_RE = re.compile(r"[A-Za-z0-9._~-]+")  # RFC 3986 unreserved characters

@@ -11,9 +11,7 @@ from collections.abc import Iterator
 
 from yaml.nodes import Node, ScalarNode
 
-from middleware.options import Options
-from proxy.config.reader import NodeReader, Reported
-from proxy.core.models import Request
+from proxy import NodeReader, Options, Reported, Request
 
 DEFAULT_REALM = "gatehouse"
 DEFAULT_CONSUMER_HEADER = "X-Consumer"

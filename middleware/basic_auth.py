@@ -55,11 +55,7 @@ from middleware.auth_common import (
     realm,
     set_consumer,
 )
-from middleware.base import Handler
-from middleware.options import Options
-from proxy.config.reader import Reported, join_path
-from proxy.core.errors import Unauthorized
-from proxy.core.models import Request, Response
+from proxy import Handler, Options, Reported, Request, Response, Unauthorized, join_path
 
 DEFAULT_CACHE_TTL_S = 60.0
 DEFAULT_CACHE_SIZE = 1024

@@ -12,10 +12,7 @@ global one wins. WebSocket handshakes are left alone: their "body" is the tunnel
 
 from __future__ import annotations
 
-from middleware.base import Handler
-from middleware.options import Options
-from proxy.core.errors import BodyTooLarge
-from proxy.core.models import Request, Response
+from proxy import BodyTooLarge, Handler, Options, Request, Response
 
 
 class BodyLimit:

@@ -12,13 +12,27 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from time import perf_counter
+from typing import Any, Protocol
 
 from metrics.definitions import MIDDLEWARE_SECONDS
-from middleware.base import Handler
-from proxy.config.model import MiddlewareSpec
-from proxy.core.models import Request, Response
+from proxy import Handler, Request, Response
 
 log = logging.getLogger(__name__)
+
+
+class MiddlewareSpec(Protocol):
+    """What the chain needs of a middleware instance as the config names it (it is
+    proxy/config/model.py's MiddlewareSpec, which this package does not import: it uses
+    only the plugin surface)."""
+
+    @property
+    def name(self) -> str: ...  # the metrics label and log name
+
+    @property
+    def instance(self) -> Any: ...  # the middleware
+
+    @property
+    def line(self) -> int: ...  # where it is written
 
 
 def build_chain(specs: Sequence[MiddlewareSpec], endpoint: Handler) -> Handler:

@@ -27,11 +27,8 @@ import re
 
 from multidict import CIMultiDict
 
-from middleware.base import Handler
 from middleware.headers import error_reply
-from middleware.options import Options
-from proxy.core.errors import CorsPreflightRefused, ProxyError
-from proxy.core.models import Body, Request, Response
+from proxy import Body, CorsPreflightRefused, Handler, Options, ProxyError, Request, Response
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # scheme "://" host [":" port]; host a DNS name (optionally "*." first), IPv4 or [IPv6].

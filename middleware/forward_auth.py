@@ -37,24 +37,31 @@ import ssl
 from multidict import CIMultiDict
 
 from metrics.definitions import count_auth_failure
-from middleware.base import Handler
-from middleware.options import Options
-from proxy.config.values import ConfigValueError, ca_bundle_problem
-from proxy.core.errors import (
+from proxy import (
+    REQUEST_HOP_BY_HOP,
+    RESPONSE_HOP_BY_HOP,
     AuthBadResponse,
     AuthTimeout,
     AuthUnavailable,
     BadRequest,
+    Body,
+    ConfigValueError,
+    FetchResponse,
+    FetchUrl,
+    Handler,
+    HttpClient,
+    Options,
     PoolTimeout,
     ProxyError,
+    Request,
+    Response,
     UpstreamConnectError,
     UpstreamConnectTimeout,
     UpstreamTimeout,
+    ca_bundle_problem,
+    parse_url,
+    tls_context,
 )
-from proxy.core.headers import REQUEST_HOP_BY_HOP
-from proxy.core.models import Body, Request, Response
-from proxy.upstream.fetch import FetchResponse, FetchUrl, HttpClient, parse_url, tls_context
-from proxy.upstream.h1 import RESPONSE_HOP_BY_HOP
 
 log = logging.getLogger(__name__)
 

@@ -29,12 +29,16 @@ from dataclasses import dataclass
 
 from multidict import CIMultiDict
 
-from middleware.base import Handler
-from middleware.options import Options
-from proxy.config.reader import did_you_mean
-from proxy.core.errors import ProxyError
-from proxy.core.local_reply import local_reply, request_id_of
-from proxy.core.models import Request, Response
+from proxy import (
+    Handler,
+    Options,
+    ProxyError,
+    Request,
+    Response,
+    did_you_mean,
+    local_reply,
+    request_id_of,
+)
 
 log = logging.getLogger(__name__)
 

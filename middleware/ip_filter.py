@@ -21,19 +21,20 @@ from __future__ import annotations
 
 import logging
 
-from middleware.base import Handler
-from middleware.options import Options
-from proxy.config.reader import Reported
-from proxy.core.addresses import (
+from proxy import (
     ADDRESS_CACHE_ENTRIES,
     Address,
     AddressSet,
+    Handler,
+    IpForbidden,
     Network,
+    Options,
+    Reported,
+    Request,
+    Response,
     parse_address,
     parse_network,
 )
-from proxy.core.errors import IpForbidden
-from proxy.core.models import Request, Response
 
 log = logging.getLogger(__name__)
 

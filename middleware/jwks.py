@@ -36,15 +36,15 @@ from jwt import PyJWK
 from jwt.exceptions import PyJWTError
 
 from metrics.definitions import count_jwks_refresh
-from proxy.config.values import ConfigValueError
-from proxy.core.errors import (
+from proxy import (
+    ConfigValueError,
+    FetchUrl,
     ProxyError,
     UpstreamConnectTimeout,
     UpstreamProtocolError,
     UpstreamTimeout,
 )
-from proxy.upstream.fetch import FetchUrl
-from proxy.upstream.fetch import fetch as http_fetch
+from proxy import fetch as http_fetch
 
 log = logging.getLogger(__name__)
 

@@ -43,7 +43,6 @@ from jwt.exceptions import (
 from multidict import CIMultiDict
 
 from metrics.definitions import count_auth_failure
-from middleware.base import Handler
 from middleware.jwks import (
     ASYMMETRIC_ALGORITHMS,
     HMAC_ALGORITHMS,
@@ -55,11 +54,7 @@ from middleware.jwks import (
     load_pem,
     parse_jwks_url,
 )
-from middleware.options import Options
-from proxy.config.reader import did_you_mean
-from proxy.core.errors import Unauthorized
-from proxy.core.models import Request, Response
-from proxy.upstream.fetch import tls_context
+from proxy import Handler, Options, Request, Response, Unauthorized, did_you_mean, tls_context
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,6 @@ from hashlib import blake2b
 from typing import Protocol
 
 from metrics.definitions import RATE_LIMIT_DECISIONS, RATE_LIMIT_EVICTIONS
-from middleware.base import Handler
-from middleware.options import Options
 from middleware.rate_limit_core import Decision, RateLimitBackendError, whole_seconds
 from middleware.rate_limit_local import (
     DEFAULT_MAX_KEYS,
@@ -36,10 +34,16 @@ from middleware.rate_limit_local import (
     LocalBackend,
     SharedTableError,
 )
-from proxy.config.values import ConfigValueError
-from proxy.core.errors import RateLimited, RateLimitUnavailable
-from proxy.core.local_reply import local_reply
-from proxy.core.models import Request, Response
+from proxy import (
+    ConfigValueError,
+    Handler,
+    Options,
+    RateLimited,
+    RateLimitUnavailable,
+    Request,
+    Response,
+    local_reply,
+)
 
 DEFAULT_REDIS_TIMEOUT_S = 0.05
 REDIS_KEY_PREFIX = "gatehouse:rate_limit:"  # + instance name + ":" + key

@@ -11,9 +11,7 @@ from __future__ import annotations
 import os
 import re
 
-from middleware.base import Handler
-from middleware.options import Options
-from proxy.core.models import Request, Response
+from proxy import Handler, Options, Request, Response
 
 # What an incoming id may look like: short, printable, no separators that could smuggle
 # another header or break a log line.

@@ -3,8 +3,8 @@
 
 `read_middleware` reads the named instances, `read_chain` a list of them. Each instance's
 `type` is resolved first (middleware/registry.py), because the type says which other keys
-are allowed; then its factory reads its options through `middleware.options.Options`, so a
-plugin's errors look like every other error in the file. A factory that raises (a plugin's
+are allowed; then its factory reads its options through `Options` (proxy/plugin/options.py),
+so a plugin's errors look like every other error in the file. A factory that raises (a plugin's
 bug, a key file it cannot read) is a config error naming the instance, not a crash.
 """
 
@@ -15,12 +15,12 @@ from contextlib import suppress
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode
 
-from middleware.base import required_options
-from middleware.options import Options
 from middleware.registry import UnknownType, known_types, resolve
 from proxy.config.context import LoadContext
 from proxy.config.model import MiddlewareSpec
 from proxy.config.reader import NodeReader, Reported, did_you_mean, join_path
+from proxy.plugin.base import required_options
+from proxy.plugin.options import Options
 
 
 def read_middleware(

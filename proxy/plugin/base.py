@@ -1,0 +1,60 @@
+"""The middleware interface: what a `type:` in routes.yaml names. Part of the plugin
+surface: import it from `proxy` (proxy/__init__.py).
+
+A middleware is an object with `async def __call__(self, request, call_next) -> Response`:
+it passes the request on (`await call_next(request)`, possibly after changing it, and
+possibly changing the response), answers itself, or raises a ProxyError (answered as a
+local reply). It never touches sockets.
+
+Its type is a *factory*: a class (or any callable) with
+
+- `OPTIONS`: the option keys it accepts (anything else is a config error with a
+  did-you-mean), and optionally `REQUIRED`: those that must be given;
+- a constructor taking an `Options` (proxy/plugin/options.py) that reads and validates its
+  options at config load, reporting problems with the file:line errors of the rest of
+  routes.yaml. It must not touch the event loop (`gatehouse check` constructs it too).
+
+Optional hooks, awaited by the server: `async def start(self)` once the event loop runs
+(open clients, start refresh tasks) and `async def close(self)` at shutdown.
+
+Optional `identity_headers()` returns the names of the request fields it sets for the
+upstream to rely on (the consumer, a user, token claims, values `headers` sets): the
+gateway removes every spelling of them that the client sent (any case, `_` for `-`)
+before the chain runs, so that whether or not the middleware sets one, the upstream never
+sees a client's copy (proxy/core/canonical.py `without_spellings`).
+
+Optional `EAGER = True` (a class or instance attribute) promises that the middleware
+awaits nothing but `call_next`: a chain made only of such middleware runs without a task
+(proxy/exchange/eager.py), which is most of what a chain costs. Do not set it on a middleware that
+awaits I/O, a lock or a thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+if TYPE_CHECKING:
+    from proxy.core.models import Request, Response
+    from proxy.plugin.options import Options
+
+Handler = Callable[["Request"], Awaitable["Response"]]
+
+
+class Middleware(Protocol):
+    """One link of a route's chain."""
+
+    async def __call__(self, request: Request, call_next: Handler) -> Response: ...
+
+
+class MiddlewareFactory(Protocol):
+    """What a `type:` resolves to: reads its options, returns the middleware."""
+
+    OPTIONS: ClassVar[Sequence[str]]
+
+    def __call__(self, options: Options) -> Middleware: ...
+
+
+def required_options(factory: Any) -> Sequence[str]:
+    """The factory's REQUIRED keys (none when it declares none)."""
+    return tuple(getattr(factory, "REQUIRED", ()))
