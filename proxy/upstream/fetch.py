@@ -69,8 +69,16 @@ DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 # The client writes these itself: a caller's copy would break the framing or the pool.
 _CLIENT_FIELDS = frozenset(
-    {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding"}
-    | {"upgrade", "content-length"}
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+    }
 )
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -127,9 +135,13 @@ def parse_url(url: str) -> FetchUrl:
         raise ConfigValueError(message.replace(repr(origin), repr(url))) from None
     path = parts.path or "/"
     target = f"{path}?{parts.query}" if parts.query else path
-    if any(c in target for c in " \r\n\x00") or not target.isascii():
-        raise ConfigValueError(f"{url!r}: the path must be percent-encoded")
-    return FetchUrl(scheme, host, port, target.encode("ascii"))
+    unsafe = ConfigValueError(f"{url!r}: the path must be percent-encoded")
+    if any(c in target for c in " \r\n\x00"):
+        raise unsafe
+    try:
+        return FetchUrl(scheme, host, port, target.encode("latin-1"))
+    except UnicodeEncodeError:
+        raise unsafe from None
 
 
 @dataclass(frozen=True, slots=True)

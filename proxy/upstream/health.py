@@ -138,7 +138,8 @@ class HealthChecker:
     `on_change` is called after an endpoint's `healthy` flipped (the upstream refreshes
     what is in rotation). `check` runs one check of an endpoint and raises
     HealthCheckFailed when it fails (tests give a scripted one); `random` draws the
-    jitter."""
+    jitter. `tls`, `server_hostname`, `http2`, `codec` and `max_head_bytes` are the
+    upstream's, so that a check talks to an endpoint as forwarding does."""
 
     def __init__(
         self,

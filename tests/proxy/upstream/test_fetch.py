@@ -154,7 +154,7 @@ def test_parse_url_gives_the_origin_the_target_and_the_host(
         ("http://[::1/", "invalid url 'http://[::1/': Invalid IPv6 URL"),
         ("http://auth:99999/", "port 99999 is out of range 1..65535"),
         ("http://auth/a b", "'http://auth/a b': the path must be percent-encoded"),
-        ("http://auth/caf\u00e9", "'http://auth/caf\u00e9': the path must be percent-encoded"),
+        ("http://auth/\u20ac", "'http://auth/\u20ac': the path must be percent-encoded"),
     ],
 )  # fmt: skip
 def test_parse_url_refuses_with_the_reason(url: str, error: str) -> None:
