@@ -7,10 +7,7 @@ upstream which tenant it serves in `X-Tenant-ID`, dropping the client's own copy
 
 from __future__ import annotations
 
-from middleware.base import Handler
-from middleware.options import Options
-from proxy.core.errors import ProxyError
-from proxy.core.models import Request, Response
+from proxy import Handler, Options, ProxyError, Request, Response
 
 
 class UnknownTenant(ProxyError):
