@@ -207,6 +207,8 @@ class Upstream:
             tls=self._tls,  # ALPN h2 for h2 upstreams: the checks speak their protocol
             server_hostname=lambda state: server_hostname(state.pool.endpoint, config),
             http2=config.protocol in ("h2", "h2c"),
+            codec=self._codec,  # the parser and head limit the forwarding uses
+            max_head_bytes=self._max_head_bytes,
         )
         if self._health_started:
             self.health.start()
