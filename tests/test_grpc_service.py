@@ -1,4 +1,4 @@
-"""The gRPC test kit (tests/grpc_service.py) checked on its own: every check that
+"""The gRPC test kit (tests/support/grpc_service.py) checked on its own: every check that
 tests/e2e/test_grpc.py runs through the gateway passes against the gRPC server directly,
 so a failure there is the gateway's."""
 
@@ -11,9 +11,9 @@ import grpc
 import grpc.aio
 import pytest
 
-from tests import grpc_service
-from tests.grpc_service import EchoClient, echo_client, echo_server
-from tests.tls import TlsFiles
+from tests.support import grpc_service
+from tests.support.grpc_service import EchoClient, echo_client, echo_server
+from tests.support.tls import TlsFiles
 
 CALL_BUDGET_S = 20.0
 

@@ -13,9 +13,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.admin_client import Samples, admin_config, admin_reload, scrape, value, wait_ready
-from tests.gateway_process import child_pids, free_port, run_gateway, wait_until
-from tests.upstream import UpstreamServer, serve_in_thread
+from tests.support.admin_client import (
+    Samples,
+    admin_config,
+    admin_reload,
+    scrape,
+    value,
+    wait_ready,
+)
+from tests.support.gateway_process import child_pids, free_port, run_gateway, wait_until
+from tests.support.upstreams import UpstreamServer, serve_in_thread
 
 pytestmark = pytest.mark.socket
 

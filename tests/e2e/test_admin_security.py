@@ -14,9 +14,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.admin_client import Samples, admin_config, value
-from tests.gateway_process import free_port, run_cli, run_gateway, wait_until
-from tests.upstream import UpstreamServer, serve_in_thread
+from tests.support.admin_client import Samples, admin_config, value
+from tests.support.gateway_process import free_port, run_cli, run_gateway, wait_until
+from tests.support.upstreams import UpstreamServer, serve_in_thread
 
 pytestmark = pytest.mark.socket
 

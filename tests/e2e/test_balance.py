@@ -14,8 +14,8 @@ import httpx
 import pytest
 
 from proxy.process.server import Server
-from tests.conftest import GatewayFactory, UpstreamFactory, base_url
-from tests.upstream import UpstreamServer
+from tests.support.gateway import GatewayFactory, UpstreamFactory, base_url
+from tests.support.upstreams import UpstreamServer
 
 pytestmark = pytest.mark.socket
 

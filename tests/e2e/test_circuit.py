@@ -12,9 +12,8 @@ import pytest
 
 from metrics.definitions import UPSTREAM_OVERLOADED
 from proxy.process.server import Server
-from tests.conftest import GatewayFactory, UpstreamFactory, base_url
-from tests.h2_upstream import H2UpstreamServer
-from tests.upstream import UpstreamServer
+from tests.support.gateway import GatewayFactory, UpstreamFactory, base_url
+from tests.support.upstreams import H2UpstreamServer, UpstreamServer
 
 pytestmark = pytest.mark.socket
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.gateway_process import free_port, gateway_config, run_cli, run_gateway
+from tests.support.gateway_process import free_port, gateway_config, run_cli, run_gateway
 
 EXIT_TIMEOUT_S = 8.0  # a gateway that cannot start must say so promptly
 

@@ -14,10 +14,10 @@ import httpx
 import pytest
 
 from proxy.process.server import Server
-from tests.conftest import GatewayFactory, assert_still_serves, base_url, simple_config
-from tests.e2e.error_helpers import assert_local_reply, refused, send_once, start
-from tests.helpers import RawClient, eventually
-from tests.upstream import UpstreamServer
+from tests.support.error_helpers import assert_local_reply, refused, send_once, start
+from tests.support.gateway import GatewayFactory, assert_still_serves, base_url, simple_config
+from tests.support.helpers import RawClient, eventually
+from tests.support.upstreams import UpstreamServer
 
 pytestmark = pytest.mark.socket
 

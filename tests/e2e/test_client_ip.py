@@ -17,9 +17,9 @@ import pytest
 
 from proxy.config.load import parse_config
 from proxy.process.server import Server
-from tests.conftest import GatewayFactory, UpstreamFactory, base_url
-from tests.h2_client import H2Client
-from tests.upstream import UpstreamServer
+from tests.support.gateway import GatewayFactory, UpstreamFactory, base_url
+from tests.support.h2_client import H2Client
+from tests.support.upstreams import UpstreamServer
 
 pytestmark = pytest.mark.socket
 

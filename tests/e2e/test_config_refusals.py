@@ -14,9 +14,9 @@ import httpx
 import pytest
 
 from proxy.config.document import MAX_CONFIG_BYTES
-from tests.admin_client import admin_config, admin_reload, metric, wait_ready
-from tests.gateway_process import free_port, run_cli, run_gateway
-from tests.upstream import UpstreamServer, serve_in_thread
+from tests.support.admin_client import admin_config, admin_reload, metric, wait_ready
+from tests.support.gateway_process import free_port, run_cli, run_gateway
+from tests.support.upstreams import UpstreamServer, serve_in_thread
 
 pytestmark = pytest.mark.socket
 
@@ -77,7 +77,7 @@ def test_every_refused_reload_names_a_line_is_counted_and_changes_nothing(
     good = admin_config(port, admin, upstream.url, ROUTE)
     failing_middleware = good.replace(
         "routes:\n",
-        "middleware:\n  stamp:\n    type: tests.plugins.stamp:Stamp\n    value: x\n"
+        "middleware:\n  stamp:\n    type: tests.support.plugins.stamp:Stamp\n    value: x\n"
         "    fail_start: true\nroutes:\n",
     ).replace(
         "rewrite: {strip_prefix: /stable",
@@ -143,7 +143,7 @@ def test_check_reports_a_bug_while_loading_as_a_file_line_error_then_its_traceba
     path = tmp_path / "buggy.yaml"
     path.write_text(
         "listeners: [{bind: ':0'}]\nupstreams: {app: {endpoints: [http://127.0.0.1:9]}}\n"
-        "middleware: {m: {type: 'tests.plugins.stamp:Misdeclared'}}\nroutes: []\n"
+        "middleware: {m: {type: 'tests.support.plugins.stamp:Misdeclared'}}\nroutes: []\n"
     )
 
     result = run_cli("check", str(path))

@@ -10,9 +10,9 @@ import pytest
 from proxy.config.load import parse_config
 from proxy.process.server import Server
 from proxy.upstream.resolver import resolve_endpoints
-from tests.conftest import base_url
-from tests.helpers import eventually
-from tests.upstream import UpstreamServer
+from tests.support.gateway import base_url
+from tests.support.helpers import eventually
+from tests.support.upstreams import UpstreamServer
 
 pytestmark = pytest.mark.socket
 

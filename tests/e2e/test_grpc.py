@@ -1,4 +1,4 @@
-"""gRPC through the gateway: a real grpcio client and server (tests/grpc_service.py), the
+"""gRPC through the gateway: a real grpcio client and server (tests/support/grpc_service.py), the
 gateway between them speaking HTTP/2 on both sides (h2c with prior knowledge towards the
 client and towards the upstream, `protocol: h2c`).
 
@@ -17,10 +17,10 @@ import pytest
 
 from proxy.config.load import parse_config
 from proxy.process.server import Server
-from tests import grpc_service
-from tests.conftest import GatewayFactory
-from tests.grpc_service import EchoClient, echo_client, echo_server
-from tests.tls import TlsFiles
+from tests.support import grpc_service
+from tests.support.gateway import GatewayFactory
+from tests.support.grpc_service import EchoClient, echo_client, echo_server
+from tests.support.tls import TlsFiles
 
 pytestmark = pytest.mark.socket
 

@@ -12,11 +12,10 @@ import httpx
 import pytest
 
 from proxy.process.server import Server
-from tests.conftest import GatewayFactory, base_url, raw_request
-from tests.h2_upstream import H2UpstreamServer, TlsUpstreamServer
-from tests.helpers import parse_response
-from tests.tls import TlsFiles
-from tests.upstream import pattern_chunks
+from tests.support.gateway import GatewayFactory, base_url, raw_request
+from tests.support.helpers import parse_response
+from tests.support.tls import TlsFiles
+from tests.support.upstreams import H2UpstreamServer, TlsUpstreamServer, pattern_chunks
 
 pytestmark = [pytest.mark.socket, pytest.mark.timeout(60)]
 

@@ -16,9 +16,9 @@ from metrics.definitions import UPSTREAM_EJECTIONS, UPSTREAM_HEALTH_CHECKS, UPST
 from proxy.config.load import parse_config
 from proxy.process.server import Server
 from proxy.testing import ScriptedUpstream, start_upstream
-from tests.conftest import GatewayFactory, base_url
-from tests.helpers import eventually
 from tests.proxy.upstream.test_outlier import Clock
+from tests.support.gateway import GatewayFactory, base_url
+from tests.support.helpers import eventually
 
 pytestmark = pytest.mark.socket
 

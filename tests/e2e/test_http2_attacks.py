@@ -1,6 +1,6 @@
 """The HTTP/2 front end under attack (issue #3): each known HTTP/2 denial-of-service
 shape is played against an in-process gateway over a real socket, frame by frame with
-hyperframe / hpack (tests/h2_client.py `RawH2Client`, which has no state machine to stop
+hyperframe / hpack (tests/support/h2_client.py `RawH2Client`, which has no state machine to stop
 the test from breaking the rules).
 
 For each attack three things are checked: the attacking connection is stopped the way
@@ -28,8 +28,9 @@ from hyperframe.frame import (
     WindowUpdateFrame,
 )
 
-from tests.conftest import GatewayFactory
-from tests.e2e.http2_attack_helpers import (
+from tests.support.gateway import GatewayFactory
+from tests.support.h2_client import H2Client, RawH2Client
+from tests.support.http2_attack_helpers import (
     FIELD_OVERHEAD,
     MAX_WINDOW,
     TEST_TIMEOUT_S,
@@ -40,8 +41,7 @@ from tests.e2e.http2_attack_helpers import (
     start_gateway,
     upstream_saw,
 )
-from tests.h2_client import H2Client, RawH2Client
-from tests.upstream import UpstreamServer
+from tests.support.upstreams import UpstreamServer
 
 pytestmark = pytest.mark.socket
 

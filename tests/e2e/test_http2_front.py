@@ -1,5 +1,5 @@
 """The HTTP/2 front end end to end: curl, httpx and a raw h2 client against an in-process
-gateway, in front of a real HTTP/1.1 upstream (tests/upstream.py)."""
+gateway, in front of a real HTTP/1.1 upstream (tests/support/upstreams/h1.py)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import httpx
 import pytest
 
 from proxy.process.server import Server
-from tests.conftest import GatewayFactory, base_url, simple_config
-from tests.h2_client import H2Client
-from tests.helpers import eventually
-from tests.tls import TlsFiles
-from tests.upstream import UpstreamServer
+from tests.support.gateway import GatewayFactory, base_url, simple_config
+from tests.support.h2_client import H2Client
+from tests.support.helpers import eventually
+from tests.support.tls import TlsFiles
+from tests.support.upstreams import UpstreamServer
 
 pytestmark = pytest.mark.socket
 
@@ -203,7 +203,7 @@ async def test_reloaded_certificate_is_served_to_new_connections(
     upstream: UpstreamServer,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    from tests.tls import make_tls_files
+    from tests.support.tls import make_tls_files
 
     first = make_tls_files(tmp_path_factory.mktemp("first"))
     second = make_tls_files(tmp_path_factory.mktemp("second"))
@@ -425,7 +425,7 @@ async def test_a_certificate_reload_with_a_mismatched_pair_keeps_the_old_certifi
     upstream: UpstreamServer,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    from tests.tls import make_tls_files
+    from tests.support.tls import make_tls_files
 
     first = make_tls_files(tmp_path_factory.mktemp("kept"))
     other = make_tls_files(tmp_path_factory.mktemp("other"))

@@ -18,8 +18,10 @@ from hyperframe.frame import (
     WindowUpdateFrame,
 )
 
-from tests.conftest import GatewayFactory
-from tests.e2e.http2_attack_helpers import (
+from tests.support.gateway import GatewayFactory
+from tests.support.h2_client import H2Client, RawH2Client
+from tests.support.helpers import eventually
+from tests.support.http2_attack_helpers import (
     MAX_WINDOW,
     TEST_TIMEOUT_S,
     address,
@@ -29,10 +31,8 @@ from tests.e2e.http2_attack_helpers import (
     start_gateway,
     upstream_saw,
 )
-from tests.h2_client import H2Client, RawH2Client
-from tests.helpers import eventually
-from tests.tls import TlsFiles
-from tests.upstream import UpstreamServer
+from tests.support.tls import TlsFiles
+from tests.support.upstreams import UpstreamServer
 
 pytestmark = pytest.mark.socket
 

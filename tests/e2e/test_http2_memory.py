@@ -1,7 +1,7 @@
 """An HTTP/2 upload through the gateway in bounded memory (docs/architecture.md: streaming, never
 buffering; CONTRIBUTING.md: acknowledge h2 DATA only after forwarding it).
 
-The gateway runs as a one-worker subprocess (tests/gateway_process.py), so the kernel's
+The gateway runs as a one-worker subprocess (tests/support/gateway_process.py), so the kernel's
 peak-RSS mark (`VmHWM`) covers its whole run. The client is the h2 library over a
 blocking socket (h2c with prior knowledge), sending as fast as the gateway's windows
 allow. The upstream is deliberately slow: it reads 1 MiB, then stops reading for 10 ms
@@ -24,20 +24,15 @@ import h2.connection
 import h2.events
 import pytest
 
-from tests.gateway_process import (
+from tests.support.gateway_process import (
     Gateway,
     free_port,
     gateway_config,
     peak_rss_bytes,
     run_gateway,
 )
-from tests.upstream import (
-    FastUpstream,
-    _FastConnection,
-    pattern_chunks,
-    pattern_sha256,
-    serve_in_thread,
-)
+from tests.support.upstreams import FastUpstream, pattern_chunks, pattern_sha256, serve_in_thread
+from tests.support.upstreams.h1 import _FastConnection
 
 pytestmark = pytest.mark.socket
 

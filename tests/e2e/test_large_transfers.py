@@ -2,7 +2,7 @@
 
 The gateway runs as a subprocess with one worker, so its memory is its own: the kernel's
 peak-RSS mark (`VmHWM` in /proc/PID/status) covers the whole run, start-up included, with
-no sampling gaps. The upstream is `FastUpstream` (tests/upstream.py), a head-only parser
+no sampling gaps. The upstream is `FastUpstream` (tests/support/upstreams/h1.py), a head-only parser
 that is far faster than the gateway; the client is a blocking raw socket. Bodies are a
 repeated 1 MiB pseudo-random block, checked by sha256 on the far side.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.gateway_process import (
+from tests.support.gateway_process import (
     Gateway,
     free_port,
     gateway_config,
@@ -29,7 +29,7 @@ from tests.gateway_process import (
     run_gateway,
     wait_until,
 )
-from tests.upstream import FastUpstream, pattern_chunks, pattern_sha256, serve_in_thread
+from tests.support.upstreams import FastUpstream, pattern_chunks, pattern_sha256, serve_in_thread
 
 pytestmark = [pytest.mark.slow, pytest.mark.socket]
 

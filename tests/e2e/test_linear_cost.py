@@ -3,7 +3,7 @@
 For each count a client controls (chunks, DATA frames, header fields, trailer fields,
 pipelined requests, WebSocket frames, cookies, query parameters, Connection tokens,
 X-Forwarded-For fields), a test sends N units and then 10N to a one-worker gateway
-process and compares the worker's CPU time for the two batches (tests/linear_cost.py):
+process and compares the worker's CPU time for the two batches (tests/support/linear_cost.py):
 linear work gives about 10x, work that grows with what came before about 100x; the bound
 is MAX_RATIO. Each N makes the N batch cost well above the fixed work of a request, so
 that work does not hide growth (see H1_CLASSES for the sizes). The gateway's limits are
@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.gateway_process import Gateway, free_port, run_gateway
-from tests.linear_cost import (
+from tests.support.gateway_process import Gateway, free_port, run_gateway
+from tests.support.linear_cost import (
     DATA_FRAME,
     END_STREAM,
     EVENT_TIMEOUT_S,
@@ -38,7 +38,7 @@ from tests.linear_cost import (
     sending,
     worker_pid,
 )
-from tests.upstream import serve_in_thread
+from tests.support.upstreams import serve_in_thread
 
 pytestmark = pytest.mark.socket
 

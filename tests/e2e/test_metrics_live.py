@@ -15,13 +15,11 @@ from websockets.asyncio.client import connect
 from metrics.definitions import REQUESTS, UPSTREAM_REQUESTS, forget_series
 from proxy.config.load import parse_config
 from proxy.exchange.runtime import Runtime
-from tests.conftest import GatewayFactory, base_url
-from tests.h2_client import H2Client
-from tests.h2_upstream import H2UpstreamServer
-from tests.metrics.scrape import Counts, eventually, metric, series
-from tests.upstream import UpstreamServer
-from tests.ws_h2_client import WsH2Client
-from tests.ws_upstream import WsUpstream
+from tests.support.gateway import GatewayFactory, base_url
+from tests.support.h2_client import H2Client
+from tests.support.metrics_scrape import Counts, eventually, metric, series
+from tests.support.upstreams import H2UpstreamServer, UpstreamServer, WsUpstream
+from tests.support.ws_h2_client import WsH2Client
 
 pytestmark = pytest.mark.socket
 

@@ -15,11 +15,10 @@ from proxy.core.models import Request
 from proxy.exchange.context import Exchange
 from proxy.exchange.forward import Forwarder
 from proxy.upstream.h1 import ResponseCallback
-from tests.conftest import GatewayFactory, base_url, raw_request
-from tests.h2_client import H2Client
-from tests.h2_upstream import H2UpstreamServer
-from tests.metrics.scrape import Counts, metric
-from tests.upstream import UpstreamServer
+from tests.support.gateway import GatewayFactory, base_url, raw_request
+from tests.support.h2_client import H2Client
+from tests.support.metrics_scrape import Counts, metric
+from tests.support.upstreams import H2UpstreamServer, UpstreamServer
 
 pytestmark = pytest.mark.socket
 
@@ -49,7 +48,7 @@ upstreams:
   deadh2: {{endpoints: [http://127.0.0.1:{closed_port()}], protocol: h2c}}
   slow: {{endpoints: [{upstream.url}], timeouts: {{read: 200ms}}}}
 middleware:
-  stamp: {{type: "tests.plugins.stamp:EagerStamp", value: s}}
+  stamp: {{type: "tests.support.plugins.stamp:EagerStamp", value: s}}
 routes:
   - {{name: api, match: {{path_prefix: /api}}, upstream: app, rewrite: {{strip_prefix: /api}}}}
   - name: eager

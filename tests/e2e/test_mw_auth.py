@@ -14,8 +14,8 @@ from metrics.definitions import REGISTRY
 from middleware.base import Handler
 from middleware.options import Options
 from proxy.core.models import Request, Response
-from tests.conftest import GatewayFactory, base_url, simple_config
-from tests.upstream import Recorded, UpstreamServer
+from tests.support.gateway import GatewayFactory, base_url, simple_config
+from tests.support.upstreams import Recorded, UpstreamServer
 
 pytestmark = pytest.mark.socket
 

@@ -14,16 +14,16 @@ import pytest
 from proxy.core.models import Request
 from proxy.exchange.dispatch import Reply, Run
 from proxy.process.server import Server
-from tests.conftest import GatewayFactory, UpstreamFactory, base_url
-from tests.h2_client import H2Client
-from tests.helpers import eventually
-from tests.plugins import stamp
-from tests.upstream import UpstreamServer
+from tests.support.gateway import GatewayFactory, UpstreamFactory, base_url
+from tests.support.h2_client import H2Client
+from tests.support.helpers import eventually
+from tests.support.plugins import stamp
+from tests.support.upstreams import UpstreamServer
 
 pytestmark = pytest.mark.socket
 
-EAGER = '"tests.plugins.stamp:EagerStamp"'
-TASKED = '"tests.plugins.stamp:Stamp"'
+EAGER = '"tests.support.plugins.stamp:EagerStamp"'
+TASKED = '"tests.support.plugins.stamp:Stamp"'
 
 
 def config(upstream: UpstreamServer, outer: str, inner: str) -> str:

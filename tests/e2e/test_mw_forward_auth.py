@@ -1,5 +1,5 @@
 """forward_auth through real sockets: a client (httpx), the gateway, a scripted external
-auth service (tests/auth_service.py) and the echo upstream, which shows what passed."""
+auth service (tests/support/auth_service.py) and the echo upstream, which shows what passed."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 from metrics.definitions import REGISTRY
 from middleware.forward_auth import DEFAULT_TIMEOUT_S
 from proxy.process.server import Server
-from tests.auth_service import AuthAnswer, AuthService, unused_port
-from tests.conftest import GatewayFactory, base_url, simple_config
-from tests.tls import TlsFiles
-from tests.upstream import UpstreamServer
+from tests.support.auth_service import AuthAnswer, AuthService, unused_port
+from tests.support.gateway import GatewayFactory, base_url, simple_config
+from tests.support.tls import TlsFiles
+from tests.support.upstreams import UpstreamServer
 
 pytestmark = pytest.mark.socket
 

@@ -10,10 +10,10 @@ import httpx
 import pytest
 
 from metrics.definitions import REGISTRY
-from tests.conftest import GatewayFactory, base_url
-from tests.middleware.test_framework import install_entry_point
-from tests.plugins import stamp
-from tests.upstream import UpstreamServer
+from tests.proxy.config.test_middleware import install_entry_point
+from tests.support.gateway import GatewayFactory, base_url
+from tests.support.plugins import stamp
+from tests.support.upstreams import UpstreamServer
 
 pytestmark = pytest.mark.socket
 
@@ -38,8 +38,8 @@ def upstream_headers(response: httpx.Response) -> dict[str, str]:
 
 SECTIONS = """
 middleware:
-  outer: {type: "tests.plugins.stamp:Stamp", value: global, refuse_header: X-Refuse}
-  inner: {type: "tests.plugins.stamp:Stamp", value: route}
+  outer: {type: "tests.support.plugins.stamp:Stamp", value: global, refuse_header: X-Refuse}
+  inner: {type: "tests.support.plugins.stamp:Stamp", value: route}
 global_middleware: [outer]
 """
 

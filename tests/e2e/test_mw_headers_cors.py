@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from tests.conftest import GatewayFactory, base_url, raw_request, simple_config
-from tests.helpers import parse_response
-from tests.upstream import UpstreamServer
+from tests.support.gateway import GatewayFactory, base_url, raw_request, simple_config
+from tests.support.helpers import parse_response
+from tests.support.upstreams import UpstreamServer
 
 pytestmark = pytest.mark.socket
 

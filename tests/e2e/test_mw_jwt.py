@@ -1,5 +1,5 @@
 """`jwt` through real sockets: an httpx client, the gateway, a real upstream that echoes
-what reached it, and a real JWKS server (tests/jwks_server.py) that the tests rotate,
+what reached it, and a real JWKS server (tests/support/jwks_server.py) that the tests rotate,
 flood with unknown kids, stop and black-hole. The JWKS rate limit runs on an injected
 clock, so no test sleeps to wait it out."""
 
@@ -23,9 +23,9 @@ from middleware.options import Options
 from proxy.config.load import parse_config
 from proxy.core.models import Request, Response
 from proxy.process.server import Server
-from tests.conftest import base_url
-from tests.jwks_server import JwksServer, SigningKey
-from tests.upstream import UpstreamServer
+from tests.support.gateway import base_url
+from tests.support.jwks_server import JwksServer, SigningKey
+from tests.support.upstreams import UpstreamServer
 
 pytestmark = pytest.mark.socket
 

@@ -22,9 +22,10 @@ from middleware.rate_limit import RateLimit
 from middleware.rate_limit_local import LocalBackend
 from proxy.core.models import Request, Response
 from proxy.process.server import Server
-from tests.admin_client import admin_reload
-from tests.conftest import GatewayFactory, base_url
-from tests.gateway_process import (
+from tests.middleware.test_rate_limit_local import FakeClock
+from tests.support.admin_client import admin_reload
+from tests.support.gateway import GatewayFactory, base_url
+from tests.support.gateway_process import (
     child_pids,
     free_port,
     gateway_config,
@@ -33,9 +34,8 @@ from tests.gateway_process import (
     run_gateway,
     wait_until,
 )
-from tests.h2_client import H2Client
-from tests.middleware.test_rate_limit_local import FakeClock
-from tests.upstream import UpstreamServer, serve_in_thread
+from tests.support.h2_client import H2Client
+from tests.support.upstreams import UpstreamServer, serve_in_thread
 
 pytestmark = pytest.mark.socket
 

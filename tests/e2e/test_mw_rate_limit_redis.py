@@ -15,9 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.gateway_process import Gateway, free_port, gateway_config, run_gateway
-from tests.redis_server import RedisServer, running_redis
-from tests.upstream import UpstreamServer, serve_in_thread
+from tests.support.gateway_process import Gateway, free_port, gateway_config, run_gateway
+from tests.support.redis_server import RedisServer, running_redis
+from tests.support.upstreams import UpstreamServer, serve_in_thread
 
 pytestmark = pytest.mark.socket
 

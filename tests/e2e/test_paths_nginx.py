@@ -25,9 +25,9 @@ from hypothesis import strategies as st
 
 from proxy.testing import RunningGateway, ScriptedUpstream, running_gateway
 from proxy.testing.trace import EXCHANGE_HEADER, ROUTE_HEADER
-from tests.h2_client import H2Client
-from tests.helpers import RawClient
-from tests.nginx_server import running_nginx
+from tests.support.h2_client import H2Client
+from tests.support.helpers import RawClient
+from tests.support.nginx_server import running_nginx
 
 pytestmark = pytest.mark.socket
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.gateway_process import (
+from tests.support.gateway_process import (
     REPO_ROOT,
     child_pids,
     connect_refused,
@@ -34,7 +34,7 @@ from tests.gateway_process import (
     run_gateway,
     wait_until,
 )
-from tests.upstream import UpstreamServer, serve_in_thread
+from tests.support.upstreams import UpstreamServer, serve_in_thread
 
 CLIENT_TIMEOUT_S = 10.0
 
@@ -44,8 +44,8 @@ pytestmark = pytest.mark.socket
 
 @pytest.fixture
 def upstream() -> Iterator[UpstreamServer]:
-    """The h11 test upstream (tests/upstream.py), on its own loop in a thread: these tests
-    are synchronous (this fixture overrides the async one in tests/conftest.py)."""
+    """The h11 test upstream (tests/support/upstreams/h1.py), on its own loop in a thread:
+    these tests are synchronous (this fixture overrides the async one in tests/conftest.py)."""
     with serve_in_thread(UpstreamServer()) as server:
         yield server
 

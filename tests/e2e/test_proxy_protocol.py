@@ -26,11 +26,11 @@ import pytest
 from metrics.definitions import REGISTRY
 from proxy.config.load import parse_config
 from proxy.process.server import Server
-from tests.conftest import GatewayFactory, UpstreamFactory
-from tests.haproxy import HAProxy
-from tests.helpers import parse_response
-from tests.tls import TlsFiles
-from tests.upstream import UpstreamServer
+from tests.support.gateway import GatewayFactory, UpstreamFactory
+from tests.support.haproxy import HAProxy
+from tests.support.helpers import parse_response
+from tests.support.tls import TlsFiles
+from tests.support.upstreams import UpstreamServer
 
 pytestmark = pytest.mark.socket
 

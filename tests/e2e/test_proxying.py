@@ -12,9 +12,9 @@ import httpx
 import pytest
 
 from proxy.process.server import Server
-from tests.conftest import GatewayFactory, base_url, simple_config
-from tests.helpers import RawClient, eventually, parse_all
-from tests.upstream import UpstreamServer
+from tests.support.gateway import GatewayFactory, base_url, simple_config
+from tests.support.helpers import RawClient, eventually, parse_all
+from tests.support.upstreams import UpstreamServer
 
 pytestmark = pytest.mark.socket
 

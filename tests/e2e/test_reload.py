@@ -21,8 +21,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
-from tests.admin_client import admin_config, admin_get, admin_reload, metric, wait_ready
-from tests.gateway_process import (
+from tests.support.admin_client import admin_config, admin_get, admin_reload, metric, wait_ready
+from tests.support.gateway_process import (
     child_pids,
     connect_refused,
     free_port,
@@ -30,8 +30,7 @@ from tests.gateway_process import (
     run_gateway,
     wait_until,
 )
-from tests.upstream import UpstreamServer, serve_in_thread
-from tests.ws_upstream import WsUpstream
+from tests.support.upstreams import UpstreamServer, WsUpstream, serve_in_thread
 
 pytestmark = pytest.mark.socket
 

@@ -14,11 +14,11 @@ from metrics.definitions import REGISTRY
 from proxy.config.load import parse_config
 from proxy.process import worker
 from proxy.process.server import ReloadRefused, Server
-from tests.conftest import UpstreamFactory, base_url
-from tests.helpers import eventually
-from tests.plugins import stamp
-from tests.tls import make_tls_files
-from tests.upstream import UpstreamServer
+from tests.support.gateway import UpstreamFactory, base_url
+from tests.support.helpers import eventually
+from tests.support.plugins import stamp
+from tests.support.tls import make_tls_files
+from tests.support.upstreams import UpstreamServer
 
 pytestmark = pytest.mark.socket
 
@@ -34,7 +34,7 @@ upstreams:
   app:
     endpoints: [{upstream.url}]
 middleware:
-  mark: {{type: tests.plugins.stamp:Stamp, value: {stamp_value}}}
+  mark: {{type: tests.support.plugins.stamp:Stamp, value: {stamp_value}}}
   limit: {{type: rate_limit, rate: 5/h, burst: 5, key: ip}}
 routes:
   - name: stamped
@@ -336,7 +336,7 @@ async def test_a_bug_while_a_worker_loads_a_reload_is_a_refusal_with_a_line(
 ) -> None:
     server = await started(config_text(upstream))
     buggy = config_text(upstream).replace(
-        "  limit:", "  bad: {type: 'tests.plugins.stamp:Misdeclared'}\n  limit:"
+        "  limit:", "  bad: {type: 'tests.support.plugins.stamp:Misdeclared'}\n  limit:"
     )
     try:
         answer = await worker._prepare(server, {"text": buggy, "source": "routes.yaml"})

@@ -16,10 +16,10 @@ import pytest
 
 from proxy.frontend.connection import ConnectionPhase
 from proxy.process.server import Server
-from tests.conftest import GatewayFactory, base_url, simple_config
-from tests.h2_client import H2Client
-from tests.helpers import RawClient, eventually
-from tests.upstream import UpstreamServer
+from tests.support.gateway import GatewayFactory, base_url, simple_config
+from tests.support.h2_client import H2Client
+from tests.support.helpers import RawClient, eventually
+from tests.support.upstreams import UpstreamServer
 
 pytestmark = pytest.mark.socket
 

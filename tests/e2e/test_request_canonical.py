@@ -1,6 +1,6 @@
 """The gateway decides access once, on one canonical request (issue 14, items 1-3), tried
 as an attacker would against an upstream that behaves like a real Python server
-(tests/wsgi_upstream.py: `_` folded into `-`, the method upper-cased, repeated fields
+(tests/support/upstreams/wsgi.py: `_` folded into `-`, the method upper-cased, repeated fields
 joined). Every case runs on both HTTP/1.1 codecs and both loops, and over HTTP/2 where
 it applies."""
 
@@ -14,10 +14,10 @@ import pytest
 from h2.errors import ErrorCodes
 
 from proxy.process.server import Server
-from tests.conftest import GatewayFactory
-from tests.h2_client import H2Client
-from tests.helpers import RawClient, RawResponse
-from tests.wsgi_upstream import WsgiUpstream
+from tests.support.gateway import GatewayFactory
+from tests.support.h2_client import H2Client
+from tests.support.helpers import RawClient, RawResponse
+from tests.support.upstreams import WsgiUpstream
 
 pytestmark = pytest.mark.socket
 

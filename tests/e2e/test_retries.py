@@ -15,10 +15,10 @@ import pytest
 
 from metrics.definitions import UPSTREAM_REQUESTS, UPSTREAM_RETRIES, UPSTREAM_RETRY_BUDGET_EXHAUSTED
 from proxy.testing import start_upstream
-from tests.conftest import GatewayFactory, UpstreamFactory, base_url
-from tests.h2_client import H2Client
-from tests.h2_upstream import H2UpstreamServer
-from tests.helpers import RawClient, eventually
+from tests.support.gateway import GatewayFactory, UpstreamFactory, base_url
+from tests.support.h2_client import H2Client
+from tests.support.helpers import RawClient, eventually
+from tests.support.upstreams import H2UpstreamServer
 
 pytestmark = pytest.mark.socket
 

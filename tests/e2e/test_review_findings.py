@@ -18,9 +18,9 @@ from proxy.config.model import EndpointConfig, PoolConfig, UpstreamTimeouts
 from proxy.core.errors import PoolTimeout
 from proxy.process.server import Server
 from proxy.upstream.pool import UpstreamPool
-from tests.conftest import GatewayFactory
-from tests.helpers import RawClient, RawResponse, eventually
-from tests.upstream import UpstreamServer
+from tests.support.gateway import GatewayFactory
+from tests.support.helpers import RawClient, RawResponse, eventually
+from tests.support.upstreams import UpstreamServer
 
 pytestmark = pytest.mark.socket
 

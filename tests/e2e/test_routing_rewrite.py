@@ -8,9 +8,9 @@ import httpx
 import pytest
 
 from proxy.process.server import Server
-from tests.conftest import GatewayFactory, UpstreamFactory, base_url
-from tests.helpers import RawClient
-from tests.upstream import UpstreamServer
+from tests.support.gateway import GatewayFactory, UpstreamFactory, base_url
+from tests.support.helpers import RawClient
+from tests.support.upstreams import UpstreamServer
 
 pytestmark = pytest.mark.socket
 

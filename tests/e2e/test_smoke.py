@@ -4,8 +4,8 @@ import httpx
 import pytest
 
 from proxy.process.server import Server
-from tests.conftest import base_url
-from tests.upstream import UpstreamServer
+from tests.support.gateway import base_url
+from tests.support.upstreams import UpstreamServer
 
 pytestmark = pytest.mark.socket
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 
 from proxy.process.server import Server
-from tests.conftest import assert_still_serves
-from tests.helpers import RawClient, parse_all
-from tests.upstream import UpstreamServer
+from tests.support.gateway import assert_still_serves
+from tests.support.helpers import RawClient, parse_all
+from tests.support.upstreams import UpstreamServer
 
 pytestmark = pytest.mark.socket
 

@@ -14,21 +14,21 @@ import pytest
 
 from proxy.config.load import parse_config
 from proxy.process.server import Server
-from tests.conftest import (
+from tests.support.error_helpers import (
+    assert_local_reply,
+    assert_serves_next,
+    send_once,
+    upstream_config,
+)
+from tests.support.gateway import (
     GatewayFactory,
     UpstreamFactory,
     assert_still_serves,
     base_url,
     simple_config,
 )
-from tests.e2e.error_helpers import (
-    assert_local_reply,
-    assert_serves_next,
-    send_once,
-    upstream_config,
-)
-from tests.helpers import RawClient, eventually
-from tests.upstream import UpstreamServer
+from tests.support.helpers import RawClient, eventually
+from tests.support.upstreams import UpstreamServer
 
 pytestmark = pytest.mark.socket
 

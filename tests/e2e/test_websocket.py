@@ -1,5 +1,5 @@
 """WebSocket through the gateway over HTTP/1.1 Upgrade: the `websockets` library as the
-client and as the upstream (tests/ws_upstream.py), real sockets on 127.0.0.1."""
+client and as the upstream (tests/support/upstreams/websocket.py), real sockets on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from websockets.typing import Subprotocol
 from metrics.definitions import REGISTRY
 from proxy.core.models import Body, Request, Response
 from proxy.process.server import Server
-from tests.conftest import GatewayFactory, simple_config
-from tests.tls import TlsFiles
-from tests.ws_upstream import REFUSAL_BODY, WsUpstream
+from tests.support.gateway import GatewayFactory, simple_config
+from tests.support.tls import TlsFiles
+from tests.support.upstreams import REFUSAL_BODY, WsUpstream
 
 pytestmark = [pytest.mark.socket]
 

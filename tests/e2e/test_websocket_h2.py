@@ -1,6 +1,6 @@
 """WebSocket over HTTP/2 (RFC 8441) end to end: extended CONNECT streams from an h2 +
-wsproto client (tests/ws_h2_client.py) through an in-process gateway, to a real
-`websockets` upstream (tests/ws_upstream.py) reached by an HTTP/1.1 Upgrade."""
+wsproto client (tests/support/ws_h2_client.py) through an in-process gateway, to a real
+`websockets` upstream (tests/support/upstreams/websocket.py) reached by an HTTP/1.1 Upgrade."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from websockets.typing import Subprotocol
 
 from metrics.definitions import REGISTRY
 from proxy.process.server import Server
-from tests.conftest import GatewayFactory, simple_config
-from tests.tls import TlsFiles
-from tests.ws_h2_client import ENABLE_CONNECT_PROTOCOL, WsH2Client, WsStream
-from tests.ws_upstream import REFUSAL_BODY, WsUpstream
+from tests.support.gateway import GatewayFactory, simple_config
+from tests.support.tls import TlsFiles
+from tests.support.upstreams import REFUSAL_BODY, WsUpstream
+from tests.support.ws_h2_client import ENABLE_CONNECT_PROTOCOL, WsH2Client, WsStream
 
 pytestmark = pytest.mark.socket
 

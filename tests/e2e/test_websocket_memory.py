@@ -2,9 +2,9 @@
 client that never reads, an upstream that never stops sending, and the gateway's RSS
 must stay flat (the upstream is held back instead of buffered).
 
-The gateway runs as a one-worker subprocess (tests/gateway_process.py) so its RSS is
-its own; the upstream is the `websockets` flood server (tests/ws_upstream.py) in this
-process.
+The gateway runs as a one-worker subprocess (tests/support/gateway_process.py) so its RSS is
+its own; the upstream is the `websockets` flood server (tests/support/upstreams/websocket.py)
+in this process.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import cast
 
 import pytest
 
-from tests.gateway_process import free_port, gateway_config, rss_bytes, run_gateway
-from tests.ws_upstream import WsUpstream
+from tests.support.gateway_process import free_port, gateway_config, rss_bytes, run_gateway
+from tests.support.upstreams import WsUpstream
 
 pytestmark = pytest.mark.socket
 

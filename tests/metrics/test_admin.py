@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families as parse_pro
 from metrics import admin
 from metrics.admin import AdminServer
 from metrics.aggregate import merge, snapshot
-from tests.helpers import RawClient
+from tests.support.helpers import RawClient
 
 pytestmark = pytest.mark.socket
 

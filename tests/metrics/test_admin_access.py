@@ -13,8 +13,8 @@ import pytest
 from metrics.admin import AdminServer
 from metrics.admin_access import AdminAccess
 from metrics.gateway import GATEWAY_REGISTRY
-from tests.helpers import RawClient
 from tests.metrics.test_admin import App
+from tests.support.helpers import RawClient
 
 pytestmark = pytest.mark.socket
 

@@ -35,7 +35,7 @@ from proxy.core.local_reply import local_reply
 from proxy.core.models import Body, Request
 from proxy.upstream.h1 import StaleConnection
 from proxy.upstream.h2.stream import StreamRefused
-from tests.metrics.scrape import Counts, metric, series
+from tests.support.metrics_scrape import Counts, metric, series
 
 
 @pytest.fixture(autouse=True)

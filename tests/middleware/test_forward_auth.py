@@ -14,8 +14,8 @@ from proxy.config.document import ConfigError
 from proxy.config.load import parse_config
 from proxy.core.errors import BadRequest
 from proxy.core.models import Body, Request, Response
-from tests.auth_service import AuthAnswer, AuthService
-from tests.tls import TlsFiles
+from tests.support.auth_service import AuthAnswer, AuthService
+from tests.support.tls import TlsFiles
 
 HEAD = """\
 listeners: [{bind: 127.0.0.1:0}]

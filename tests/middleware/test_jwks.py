@@ -1,5 +1,5 @@
 """The jwt middleware's key set: JWKS parsing, and the cache against a real JWKS server
-(tests/jwks_server.py) with an injected clock: refresh limits, failures, hangs, https."""
+(tests/support/jwks_server.py) with an injected clock: refresh limits, failures, hangs, https."""
 
 from __future__ import annotations
 
@@ -18,8 +18,7 @@ from middleware.jwks import (
     parse_jwks,
     parse_jwks_url,
 )
-from tests.jwks_server import JwksServer, SigningKey
-from tests.middleware.test_jwt import (
+from tests.middleware.test_jwt_auth import (
     Clock,
     challenge,
     ec_key,
@@ -32,7 +31,8 @@ from tests.middleware.test_jwt import (
     rsa_key,
     rsa_key_2,
 )
-from tests.tls import TlsFiles
+from tests.support.jwks_server import JwksServer, SigningKey
+from tests.support.tls import TlsFiles
 
 # --- the key set --------------------------------------------------------------------------
 

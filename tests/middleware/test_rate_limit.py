@@ -28,8 +28,8 @@ from proxy.config.document import ConfigError
 from proxy.config.load import parse_config
 from proxy.config.values import ConfigValueError
 from proxy.core.models import Body, Request, Response
-from tests.gateway_process import REPO_ROOT, free_port
 from tests.middleware.test_rate_limit_local import FakeClock
+from tests.support.gateway_process import REPO_ROOT, free_port
 
 HEAD = """\
 listeners: [{bind: 127.0.0.1:0}]

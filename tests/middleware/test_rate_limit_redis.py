@@ -1,4 +1,4 @@
-"""The `redis` rate-limit backend against a real redis-server (tests/redis_server.py):
+"""The `redis` rate-limit backend against a real redis-server (tests/support/redis_server.py):
 decisions equal `gcra()` step by step, state shared between backends and atomic under
 concurrency, idle keys expire, every failure is a RateLimitBackendError within the timeout
 (server killed, server frozen, wrong key type), NOSCRIPT and restarts recover, and an
@@ -20,7 +20,7 @@ import redis.asyncio
 
 from middleware.rate_limit_core import Decision, RateLimitBackendError, gcra
 from middleware.rate_limit_redis import BackendState, RedisBackend
-from tests.redis_server import RedisServer, running_redis
+from tests.support.redis_server import RedisServer, running_redis
 
 pytestmark = pytest.mark.socket
 

@@ -30,8 +30,8 @@ from proxy.upstream.fetch import (
     tls_context,
 )
 from proxy.upstream.h1 import StaleConnection
-from tests.h2_upstream import H2UpstreamServer
-from tests.tls import TlsFiles
+from tests.support.tls import TlsFiles
+from tests.support.upstreams import H2UpstreamServer
 
 # Answers of the raw server: bytes to write, or one of these.
 HANG = "hang"  # read the request, never answer (until the client leaves or the server stops)

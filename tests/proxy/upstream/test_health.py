@@ -15,9 +15,9 @@ from proxy.config.model import EndpointConfig, HealthCheckConfig, UpstreamConfig
 from proxy.testing import start_upstream
 from proxy.upstream.balancer import EndpointState, Upstream
 from proxy.upstream.health import HealthChecker, HealthCheckFailed, check_endpoint, status_expected
-from tests.h2_upstream import H2UpstreamServer
-from tests.helpers import eventually
-from tests.tls import TlsFiles
+from tests.support.helpers import eventually
+from tests.support.tls import TlsFiles
+from tests.support.upstreams import H2UpstreamServer
 
 
 def _upstream(count: int, check: HealthCheckConfig, name: str = "app") -> Upstream:

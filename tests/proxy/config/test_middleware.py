@@ -1,0 +1,227 @@
+"""The middleware sections of routes.yaml: named instances, global and route chains, type
+resolution (built-in, dotted path, entry point) and the errors each mistake gets."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from middleware.chain import build_chain
+from middleware.request_id import RequestId
+from proxy.config.document import ConfigError
+from proxy.config.load import parse_config
+from proxy.core.models import Body, Request, Response
+from tests.support.plugins.stamp import Stamp
+
+HEAD = """\
+listeners: [{bind: 127.0.0.1:0}]
+upstreams: {app: {endpoints: ["http://127.0.0.1:9"]}}
+"""
+
+
+def config_with(body: str) -> str:
+    return HEAD + textwrap.dedent(body)
+
+
+def errors_of(body: str) -> list[str]:
+    with pytest.raises(ConfigError) as failed:
+        parse_config(config_with(body))
+    return str(failed.value).splitlines()
+
+
+def test_chain_is_global_then_route_and_named_instances_are_shared() -> None:
+    config = parse_config(
+        config_with("""\
+        middleware:
+          stamp-a: {type: "tests.support.plugins.stamp:Stamp", value: a}
+          rid: {type: request_id}
+        global_middleware: [rid]
+        routes:
+          - {name: one, match: {path: /one}, upstream: app, middleware: [stamp-a]}
+          - name: two
+            match: {path: /two}
+            upstream: app
+            middleware: [stamp-a, {type: "tests.support.plugins.stamp:Stamp", value: inline}]
+        """)
+    )
+    rid = config.middleware["rid"]
+    assert [spec.name for spec in config.global_middleware] == ["rid"]
+    assert isinstance(rid.instance, RequestId)
+    one, two = config.routes
+    assert [spec.name for spec in one.middleware] == ["stamp-a"]
+    assert one.middleware[0] is two.middleware[0]  # one instance, shared state
+    inline = two.middleware[1]
+    # Inline entries take their type's name.
+    assert inline.name == "tests.support.plugins.stamp:Stamp"
+    assert isinstance(inline.instance, Stamp)
+    assert inline.instance.value == "inline"
+
+
+def test_unknown_middleware_reference_gets_a_did_you_mean() -> None:
+    assert errors_of("""\
+        middleware:
+          keys: {type: request_id}
+        routes:
+          - {match: {path: /}, upstream: app, middleware: [kyes]}
+        """) == [
+        "<string>:6: routes[0].middleware[0]: unknown middleware 'kyes' (did you mean 'keys'?)"
+    ]
+
+
+def test_a_builtin_type_named_as_an_instance_says_how_to_use_it() -> None:
+    assert errors_of("""\
+        global_middleware: [request_id]
+        routes: [{match: {path: /}, upstream: app}]
+        """) == [
+        "<string>:3: global_middleware[0]: unknown middleware 'request_id' "
+        "(to use the built-in type, write {type: request_id})"
+    ]
+
+
+def test_unknown_type_gets_a_did_you_mean() -> None:
+    assert errors_of("""\
+        middleware:
+          ids: {type: request_idd}
+        routes: [{match: {path: /}, upstream: app, middleware: [ids]}]
+        """) == [
+        "<string>:4: middleware.ids.type: unknown middleware type 'request_idd' "
+        "(did you mean 'request_id'?)"
+    ]
+
+
+def test_unknown_and_missing_options_are_errors_with_lines() -> None:
+    assert errors_of("""\
+        middleware:
+          ids: {type: request_id, headr: X-Id}
+          stamp:
+            type: "tests.support.plugins.stamp:Stamp"
+            header: X-S
+        routes: [{match: {path: /}, upstream: app, middleware: [ids, stamp]}]
+        """) == [
+        "<string>:4: middleware.ids.headr: unknown key 'headr' (did you mean 'header'?)",
+        "<string>:6: middleware.stamp: missing required key 'value'",
+    ]
+
+
+def test_option_type_errors_and_the_factorys_own_checks() -> None:
+    assert errors_of("""\
+        middleware:
+          stamp: {type: "tests.support.plugins.stamp:Stamp", value: "", explode: maybe}
+          ids: {type: request_id, trust_incoming: 3}
+        routes: [{match: {path: /}, upstream: app, middleware: [stamp, ids]}]
+        """) == [
+        "<string>:4: middleware.stamp.value: must not be empty",
+        "<string>:4: middleware.stamp.explode: expected true or false, got a string ('maybe')",
+        "<string>:5: middleware.ids.trust_incoming: expected true or false, got an integer (3)",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("type_name", "message"),
+    [
+        (
+            "no.such.module:Thing",
+            "cannot import 'no.such.module' for type 'no.such.module:Thing': "
+            "ModuleNotFoundError: No module named 'no'",
+        ),
+        (
+            "tests.support.plugins.stamp:Nope",
+            "module 'tests.support.plugins.stamp' has no 'Nope' "
+            "(type 'tests.support.plugins.stamp:Nope')",
+        ),
+        (
+            "tests.support.plugins.stamp:",
+            "'tests.support.plugins.stamp:' is not 'package.module:Factory'",
+        ),
+    ],
+)
+def test_a_plugin_that_cannot_be_loaded_is_a_config_error(type_name: str, message: str) -> None:
+    assert errors_of(f"""\
+        middleware:
+          p: {{type: "{type_name}"}}
+        routes: [{{match: {{path: /}}, upstream: app, middleware: [p]}}]
+        """) == [f"<string>:4: middleware.p.type: {message}"]
+
+
+def test_a_plugin_that_raises_on_its_options_is_a_config_error() -> None:
+    assert errors_of("""\
+        middleware:
+          boom: {type: "tests.support.plugins.stamp:Stamp", value: x, explode: true}
+        routes: [{match: {path: /}, upstream: app, middleware: [boom]}]
+        """) == [
+        "<string>:4: middleware.boom: middleware 'tests.support.plugins.stamp:Stamp' "
+        "failed to load: RuntimeError: the plugin blew up while reading its options"
+    ]
+
+
+def test_a_chain_must_be_a_list_and_an_instance_a_mapping() -> None:
+    assert errors_of("""\
+        middleware:
+          odd: request_id
+        global_middleware: {type: request_id}
+        routes: [{match: {path: /}, upstream: app}]
+        """) == [
+        "<string>:4: middleware.odd: expected a mapping with a 'type', got a string ('request_id')",
+        "<string>:5: global_middleware: expected a list, got a mapping",
+    ]
+
+
+def test_a_plugin_found_through_an_entry_point(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    install_entry_point(tmp_path, monkeypatch)
+    config = parse_config(
+        config_with("""\
+        middleware:
+          s: {type: stamp-plugin, value: ep}
+        routes: [{match: {path: /}, upstream: app, middleware: [s]}]
+        """)
+    )
+    assert isinstance(config.middleware["s"].instance, Stamp)
+
+
+def install_entry_point(directory: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A distribution on sys.path that declares `stamp-plugin` in the
+    `gatehouse.middleware` group, as `pip install` of a plugin package would."""
+    dist_info = directory / "gatehouse_stamp_plugin-1.0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: gatehouse-stamp-plugin\nVersion: 1.0\n"
+    )
+    (dist_info / "entry_points.txt").write_text(
+        "[gatehouse.middleware]\nstamp-plugin = tests.support.plugins.stamp:Stamp\n"
+    )
+    monkeypatch.syspath_prepend(str(directory))
+
+
+async def test_build_chain_runs_links_in_order_and_times_each() -> None:
+    order: list[str] = []
+
+    class Note:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        async def __call__(self, request: Request, call_next: object) -> Response:
+            order.append(f"in:{self.name}")
+            assert callable(call_next)
+            response: Response = await call_next(request)
+            order.append(f"out:{self.name}")
+            return response
+
+    async def endpoint(request: Request) -> Response:
+        order.append("endpoint")
+        return Response(204)
+
+    from proxy.config.model import MiddlewareSpec
+
+    specs = [
+        MiddlewareSpec("first", "t", Note("first")),
+        MiddlewareSpec("second", "t", Note("second")),
+    ]
+    handler = build_chain(specs, endpoint)
+    response = await handler(Request("GET", b"/", [], Body.from_bytes(b"")))
+    assert response.status == 204
+    assert order == ["in:first", "in:second", "endpoint", "out:second", "out:first"]
+    assert build_chain([], endpoint) is endpoint  # no middleware: the forwarder itself

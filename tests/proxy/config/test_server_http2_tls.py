@@ -1,0 +1,430 @@
+"""routes.yaml for HTTP/2 and TLS: `listeners[].tls` and `listeners[].http2`, the top-level
+`http2` section, and an upstream's `protocol`, https:// endpoints and `tls`. Every error
+names the file, the line and the key path. The PEM files are real (tests/support/tls.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from proxy.config.model import (
+    DEFAULT_H2_INITIAL_WINDOW_BYTES,
+    DEFAULT_H2_MAX_CONCURRENT_STREAMS,
+    DEFAULT_H2_MAX_CONTROL_FRAMES_PER_SECOND,
+    DEFAULT_H2_MAX_RESETS_PER_SECOND,
+    DEFAULT_MAX_HEAD_BYTES,
+    Http2Config,
+    ListenerConfig,
+    ListenerTls,
+    UpstreamTls,
+)
+from tests.support.config_helpers import BASE, errors_of, one_error, parse
+from tests.support.tls import TlsFiles, make_tls_files
+
+NO_ROUTES = "upstreams: {}\nroutes: []\n"
+
+
+def listener_tls(tls: str, extra: str = "") -> str:
+    """A file whose one listener (line 3) has `tls` (a flow mapping) and `extra` keys."""
+    return f"listeners:\n  - bind: ':0'\n    tls: {tls}\n{extra}{NO_ROUTES}"
+
+
+def pair(cert: Path | str, key: Path | str, more: str = "") -> str:
+    return f"{{cert: '{cert}', key: '{key}'{more}}}"
+
+
+def upstream(lines: str) -> str:
+    """A file whose upstream `u` has the keys in `lines` (the first at line 4)."""
+    indented = "".join(f"    {line}\n" for line in lines.splitlines())
+    return f"listeners: [{{bind: ':0'}}]\nupstreams:\n  u:\n{indented}routes: []\n"
+
+
+@pytest.fixture
+def other_files(tmp_path: Path) -> TlsFiles:
+    """A second PKI: its key does not match `tls_files`' certificate."""
+    return make_tls_files(tmp_path / "other")
+
+
+# --- listeners[].tls and listeners[].http2 ---
+
+
+def test_a_listener_without_tls_is_plaintext_and_speaks_http2() -> None:
+    listener = parse(BASE + "routes: []\n").listeners[0]
+
+    assert listener == ListenerConfig("0.0.0.0", 0, "listeners[0]", tls=None, http2=True)
+
+
+def test_listener_tls_reads_the_pair_and_defaults_to_tls_1_2(tls_files: TlsFiles) -> None:
+    listener = parse(listener_tls(pair(tls_files.cert, tls_files.key))).listeners[0]
+
+    assert listener.tls == ListenerTls(str(tls_files.cert), str(tls_files.key), "1.2")
+    assert listener.http2 is True
+
+
+# Regression: an unquoted `min_version: 1.3` is a YAML float and was refused as "expected
+# a string"; it is read as written.
+@pytest.mark.parametrize(("written", "version"), [("'1.2'", "1.2"), ("1.3", "1.3"), ("1.2", "1.2")])
+def test_min_version_is_read_quoted_or_not(tls_files: TlsFiles, written: str, version: str) -> None:
+    text = listener_tls(pair(tls_files.cert, tls_files.key, f", min_version: {written}"))
+
+    tls = parse(text).listeners[0].tls
+
+    assert tls is not None
+    assert tls.min_version == version
+
+
+@pytest.mark.parametrize("written", ["1.1", "'1.0'", "TLSv1.3", "1.30"])
+def test_an_unsupported_min_version_is_an_error(tls_files: TlsFiles, written: str) -> None:
+    text = listener_tls(pair(tls_files.cert, tls_files.key, f", min_version: {written}"))
+    shown = written.strip("'")
+
+    assert one_error(text) == (
+        f"routes.yaml:3: listeners[0].tls.min_version: unsupported TLS version {shown!r} "
+        "(supported: 1.2, 1.3)"
+    )
+
+
+def test_unreadable_cert_and_key_files_are_each_an_error(tmp_path: Path) -> None:
+    text = """\
+        listeners:
+          - bind: ':0'
+            tls:
+              cert: {missing}
+              key: {directory}
+        upstreams: {{}}
+        routes: []
+    """.format(missing=tmp_path / "missing.pem", directory=tmp_path)
+
+    assert errors_of(text) == [
+        f"routes.yaml:4: listeners[0].tls.cert: cannot read '{tmp_path / 'missing.pem'}': "
+        "No such file or directory",
+        f"routes.yaml:5: listeners[0].tls.key: cannot read '{tmp_path}': Is a directory",
+    ]
+
+
+def test_a_key_that_does_not_match_the_certificate_is_an_error(
+    tls_files: TlsFiles, other_files: TlsFiles
+) -> None:
+    text = listener_tls(pair(tls_files.cert, other_files.key))
+
+    assert one_error(text) == (
+        f"routes.yaml:3: listeners[0].tls: the certificate '{tls_files.cert}' does not match "
+        f"the key '{other_files.key}'"
+    )
+
+
+def test_swapped_cert_and_key_blame_the_cert(tls_files: TlsFiles) -> None:
+    text = listener_tls(pair(tls_files.key, tls_files.cert))
+
+    assert one_error(text) == (
+        f"routes.yaml:3: listeners[0].tls.cert: '{tls_files.key}' holds no PEM certificate"
+    )
+
+
+def test_a_key_file_that_is_not_pem_is_an_error(tls_files: TlsFiles, tmp_path: Path) -> None:
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a key\n")
+
+    assert one_error(listener_tls(pair(tls_files.cert, junk))) == (
+        f"routes.yaml:3: listeners[0].tls.key: cannot load the key '{junk}': not a PEM private key"
+    )
+
+
+# Regression: an encrypted key made OpenSSL prompt for a passphrase on the terminal (so
+# `gatehouse check` could hang), then blamed the certificate.
+def test_an_encrypted_key_is_an_error_without_a_prompt(tls_files: TlsFiles, tmp_path: Path) -> None:
+    encrypted = tmp_path / "encrypted.pem"
+    key = ec.generate_private_key(ec.SECP256R1())
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+
+    assert one_error(listener_tls(pair(tls_files.cert, encrypted))) == (
+        f"routes.yaml:3: listeners[0].tls.key: the key '{encrypted}' is encrypted "
+        "(a passphrase-less key is needed)"
+    )
+
+
+def test_tls_needs_both_cert_and_key(tls_files: TlsFiles) -> None:
+    assert one_error(listener_tls(f"{{cert: '{tls_files.cert}'}}")) == (
+        "routes.yaml:3: listeners[0].tls: missing required key 'key'"
+    )
+
+
+def test_unknown_tls_keys_are_errors(tls_files: TlsFiles) -> None:
+    text = listener_tls(pair(tls_files.cert, tls_files.key, ", ciphers: HIGH, min_versoin: '1.3'"))
+
+    assert errors_of(text) == [
+        "routes.yaml:3: listeners[0].tls.ciphers: unknown key 'ciphers' "
+        "(expected one of: cert, key, min_version)",
+        "routes.yaml:3: listeners[0].tls.min_versoin: unknown key 'min_versoin' "
+        "(did you mean 'min_version'?)",
+    ]
+
+
+def test_a_misspelt_cert_key_is_reported_once(tls_files: TlsFiles) -> None:
+    text = listener_tls(f"{{crt: '{tls_files.cert}', key: '{tls_files.key}'}}")
+
+    assert one_error(text) == (
+        "routes.yaml:3: listeners[0].tls.crt: unknown key 'crt' (did you mean 'cert'?)"
+    )
+
+
+def test_tls_must_be_a_mapping() -> None:
+    assert one_error(listener_tls("cert.pem")) == (
+        "routes.yaml:3: listeners[0].tls: expected a mapping, got a string ('cert.pem')"
+    )
+
+
+@pytest.mark.parametrize(("written", "enabled"), [("false", False), ("true", True)])
+def test_listener_http2_switches_http2_on_and_off(written: str, enabled: bool) -> None:
+    text = f"listeners: [{{bind: ':0', http2: {written}}}]\n{NO_ROUTES}"
+
+    assert parse(text).listeners[0].http2 is enabled
+
+
+def test_listener_http2_must_be_a_boolean() -> None:
+    text = f"listeners:\n  - bind: ':0'\n    http2: h2c\n{NO_ROUTES}"
+
+    assert one_error(text) == (
+        "routes.yaml:3: listeners[0].http2: expected true or false, got a string ('h2c')"
+    )
+
+
+def test_a_misspelt_listener_key_suggests_http2() -> None:
+    text = f"listeners:\n  - bind: ':0'\n    htp2: false\n{NO_ROUTES}"
+
+    assert one_error(text) == (
+        "routes.yaml:3: listeners[0].htp2: unknown key 'htp2' (did you mean 'http2'?)"
+    )
+
+
+# --- the http2 section ---
+
+
+def test_http2_settings_default_when_the_section_is_absent() -> None:
+    assert parse(BASE + "routes: []\n").http2 == Http2Config(
+        max_concurrent_streams=DEFAULT_H2_MAX_CONCURRENT_STREAMS,
+        max_header_list_size=DEFAULT_MAX_HEAD_BYTES,
+        initial_window_size=DEFAULT_H2_INITIAL_WINDOW_BYTES,
+        max_resets_per_second=DEFAULT_H2_MAX_RESETS_PER_SECOND,
+        max_control_frames_per_second=DEFAULT_H2_MAX_CONTROL_FRAMES_PER_SECOND,
+    )
+
+
+def test_every_http2_key_is_read() -> None:
+    text = (
+        BASE
+        + """\
+routes: []
+http2:
+  max_concurrent_streams: 250
+  max_header_list_size: 16KiB
+  initial_window_size: 64KiB
+  max_resets_per_second: 50
+  max_control_frames_per_second: 1000
+"""
+    )
+
+    assert parse(text).http2 == Http2Config(
+        max_concurrent_streams=250,
+        max_header_list_size=16 * 1024,
+        initial_window_size=64 * 1024,
+        max_resets_per_second=50,
+        max_control_frames_per_second=1000,
+    )
+
+
+def test_http2_limits_have_minimums() -> None:
+    text = (
+        BASE
+        + """\
+routes: []
+http2:
+  max_concurrent_streams: 0
+  max_header_list_size: 0
+  initial_window_size: 0B
+  max_resets_per_second: 0
+  max_control_frames_per_second: -1
+"""
+    )
+
+    assert errors_of(text) == [
+        "routes.yaml:6: http2.max_concurrent_streams: must be at least 1, got 0",
+        "routes.yaml:7: http2.max_header_list_size: must be greater than 0",
+        "routes.yaml:8: http2.initial_window_size: must be greater than 0",
+        "routes.yaml:9: http2.max_resets_per_second: must be at least 1, got 0",
+        "routes.yaml:10: http2.max_control_frames_per_second: must be at least 1, got -1",
+    ]
+
+
+def test_the_initial_window_may_be_2_31_minus_1_bytes() -> None:
+    text = BASE + "routes: []\nhttp2: {initial_window_size: 2147483647}\n"
+
+    assert parse(text).http2.initial_window_size == 2**31 - 1
+
+
+@pytest.mark.parametrize("written", ["2147483648", "2GiB", "1TiB"])
+def test_an_initial_window_above_2_31_minus_1_is_an_error(written: str) -> None:
+    text = BASE + f"routes: []\nhttp2:\n  initial_window_size: {written}\n"
+
+    assert one_error(text) == (
+        "routes.yaml:6: http2.initial_window_size: at most 2147483647 bytes (2^31-1)"
+    )
+
+
+def test_settings_may_be_2_32_minus_1() -> None:
+    limits = "{max_concurrent_streams: 4294967295, max_header_list_size: 4294967295}"
+    text = BASE + f"routes: []\nhttp2: {limits}\n"
+
+    settings = parse(text).http2
+
+    assert settings.max_concurrent_streams == settings.max_header_list_size == 2**32 - 1
+
+
+# Regression: h2 packs SETTINGS values into 32 bits, so a larger value passed the check and
+# then failed (struct.error) at the first HTTP/2 connection.
+def test_settings_above_32_bits_are_errors() -> None:
+    text = (
+        BASE
+        + """\
+routes: []
+http2:
+  max_concurrent_streams: 4294967296
+  max_header_list_size: 4GiB
+"""
+    )
+
+    assert errors_of(text) == [
+        "routes.yaml:6: http2.max_concurrent_streams: at most 4294967295 (2^32-1)",
+        "routes.yaml:7: http2.max_header_list_size: at most 4294967295 bytes (2^32-1)",
+    ]
+
+
+def test_unknown_http2_keys_are_errors() -> None:
+    text = BASE + "routes: []\nhttp2:\n  max_streams: 10\n"
+
+    assert one_error(text) == (
+        "routes.yaml:6: http2.max_streams: unknown key 'max_streams' "
+        "(did you mean 'max_concurrent_streams'?)"
+    )
+
+
+def test_the_http2_section_must_be_a_mapping() -> None:
+    assert one_error(BASE + "routes: []\nhttp2: true\n") == (
+        "routes.yaml:5: http2: expected a mapping, got a boolean (true)"
+    )
+
+
+# --- upstream protocol, https:// endpoints and tls ---
+
+
+def test_an_upstream_speaks_http1_with_default_tls_settings() -> None:
+    parsed = parse(BASE + "routes: []\n").upstreams["users"]
+
+    assert parsed.protocol == "http1"
+    assert parsed.tls == UpstreamTls(ca=None, verify=True, sni=None)
+
+
+def test_https_endpoints_default_to_port_443() -> None:
+    text = upstream("endpoints: [https://Users.Internal, 'https://[::1]', https://b:8443/]")
+
+    endpoints = parse(text).upstreams["u"].endpoints
+
+    assert [(e.url, e.scheme, e.host, e.port) for e in endpoints] == [
+        ("https://users.internal:443", "https", "users.internal", 443),
+        ("https://[::1]:443", "https", "::1", 443),
+        ("https://b:8443", "https", "b", 8443),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("protocol", "url"),
+    [("http1", "http://a"), ("http1", "https://a"), ("h2c", "http://a"), ("h2", "https://a")],
+)
+def test_protocols_go_with_their_schemes(protocol: str, url: str) -> None:
+    text = upstream(f"endpoints: [{url}]\nprotocol: {protocol}")
+
+    assert parse(text).upstreams["u"].protocol == protocol
+
+
+def test_an_unknown_protocol_is_an_error() -> None:
+    assert one_error(upstream("endpoints: [http://a]\nprotocol: http2")) == (
+        "routes.yaml:5: upstreams.u.protocol: unsupported protocol 'http2' "
+        "(supported: http1, h2c, h2) (did you mean 'http1'?)"
+    )
+
+
+def test_h2c_with_an_https_endpoint_is_an_error() -> None:
+    assert one_error(upstream("endpoints: [http://a, https://b]\nprotocol: h2c")) == (
+        "routes.yaml:5: upstreams.u.protocol: h2c is cleartext: use h2 for https:// endpoints"
+    )
+
+
+def test_h2_with_an_http_endpoint_is_an_error() -> None:
+    assert one_error(upstream("endpoints: [https://a, http://b]\nprotocol: h2")) == (
+        "routes.yaml:5: upstreams.u.protocol: h2 needs TLS (https:// endpoints); "
+        "use h2c for http://"
+    )
+
+
+def test_upstream_tls_reads_every_key(tls_files: TlsFiles) -> None:
+    text = upstream(f"endpoints: [https://a]\ntls: {{ca: '{tls_files.ca}', sni: a.internal}}")
+
+    assert parse(text).upstreams["u"].tls == UpstreamTls(str(tls_files.ca), True, "a.internal")
+
+
+def test_upstream_tls_verify_can_be_turned_off() -> None:
+    text = upstream("endpoints: [https://a]\nprotocol: h2\ntls: {verify: false}")
+
+    assert parse(text).upstreams["u"].tls == UpstreamTls(ca=None, verify=False, sni=None)
+
+
+def test_upstream_tls_needs_https_endpoints() -> None:
+    assert one_error(upstream("endpoints: [http://a]\ntls: {verify: false}")) == (
+        "routes.yaml:5: upstreams.u.tls: tls settings need https:// endpoints"
+    )
+
+
+# Regression: an upstream whose endpoints were all invalid also got "tls settings need
+# https:// endpoints", which is noise: the endpoints' own errors say what is wrong.
+def test_upstream_tls_with_invalid_endpoints_reports_only_the_endpoints() -> None:
+    assert one_error(upstream("endpoints: [htps://a]\ntls: {verify: false}")) == (
+        "routes.yaml:4: upstreams.u.endpoints[0]: unsupported scheme 'htps' in 'htps://a' "
+        "(http:// or https://)"
+    )
+
+
+def test_an_unreadable_ca_is_an_error(tmp_path: Path) -> None:
+    missing = tmp_path / "ca.pem"
+
+    assert one_error(upstream(f"endpoints: [https://a]\ntls:\n  ca: '{missing}'")) == (
+        f"routes.yaml:6: upstreams.u.tls.ca: cannot read '{missing}': No such file or directory"
+    )
+
+
+# Regression: a readable `ca` that holds no certificate passed the check and failed at the
+# first connection to the upstream.
+def test_a_ca_file_without_a_certificate_is_an_error(tls_files: TlsFiles) -> None:
+    text = upstream(f"endpoints: [https://a]\ntls:\n  ca: '{tls_files.key}'")
+
+    assert one_error(text) == (
+        f"routes.yaml:6: upstreams.u.tls.ca: '{tls_files.key}' holds no PEM certificate"
+    )
+
+
+def test_upstream_tls_values_are_checked() -> None:
+    text = upstream("endpoints: [https://a]\ntls:\n  verify: 'no'\n  sni: ' '\n  verfy: x")
+
+    assert errors_of(text) == [
+        "routes.yaml:6: upstreams.u.tls.verify: expected true or false, got a string ('no')",
+        "routes.yaml:7: upstreams.u.tls.sni: must not be empty",
+        "routes.yaml:8: upstreams.u.tls.verfy: unknown key 'verfy' (did you mean 'verify'?)",
+    ]

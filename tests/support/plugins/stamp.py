@@ -1,0 +1,80 @@
+"""A middleware plugin as a user would write one, loaded by the tests by dotted path
+(`type: tests.support.plugins.stamp:Stamp`) and through a `gatehouse.middleware` entry point.
+
+It stamps a header on the request and on the response, can refuse requests carrying a
+header, can fail to start (`fail_start: true`), and records its lifecycle hooks so tests
+can see them run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from middleware.base import Handler
+from middleware.options import Options
+from proxy.core.errors import ProxyError
+from proxy.core.models import Request, Response
+
+EVENTS: list[str] = []  # "start:NAME" / "close:NAME" / "cancelled:NAME", in order
+
+
+class Refused(ProxyError):
+    """The stamp plugin said no."""
+
+    status, reason = 418, "stamp_refused"
+
+
+class Stamp:
+    """Adds `header: value` upstream and on the response; refuses `refuse_header`."""
+
+    OPTIONS = ("header", "value", "refuse_header", "explode", "fail_start")
+    REQUIRED = ("value",)
+
+    def __init__(self, options: Options) -> None:
+        self.name = options.name
+        self.header = options.string("header", "X-Stamp")
+        self.value = options.string("value")
+        options.conceal("value")  # a header value it sends: /config shows it <redacted>
+        if not self.value:
+            options.error("value", "must not be empty")
+        self.refuse_header = options.optional_string("refuse_header")
+        if options.boolean("explode", False):
+            raise RuntimeError("the plugin blew up while reading its options")
+        self.fail_start = options.boolean("fail_start", False)
+
+    async def start(self) -> None:
+        EVENTS.append(f"start:{self.name}")
+        if self.fail_start:
+            raise ConnectionRefusedError("the stamp backend is not there")
+
+    async def close(self) -> None:
+        EVENTS.append(f"close:{self.name}")
+
+    async def __call__(self, request: Request, call_next: Handler) -> Response:
+        if self.refuse_header and self.refuse_header in request.headers:
+            raise Refused(f"{self.refuse_header} is not welcome")
+        stamps = request.headers.get(self.header)
+        request.headers[self.header] = f"{stamps},{self.value}" if stamps else self.value
+        try:
+            response = await call_next(request)
+        except asyncio.CancelledError:
+            EVENTS.append(f"cancelled:{self.name}")  # the client went away meanwhile
+            raise
+        response.headers.add(self.header, self.value)
+        return response
+
+
+class EagerStamp(Stamp):
+    """The same, declaring that it awaits nothing but call_next (proxy/exchange/eager.py)."""
+
+    EAGER = True
+
+
+class Misdeclared:
+    """A plugin with a bug in its declaration (OPTIONS is not a list of names): loading it
+    fails inside the loader itself, which is how a bug there shows."""
+
+    OPTIONS = 5
+
+    def __init__(self, options: Options) -> None:  # pragma: no cover - never reached
+        pass

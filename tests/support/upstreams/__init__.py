@@ -1,0 +1,46 @@
+"""The upstream servers the tests run the gateway against: real servers on 127.0.0.1.
+
+- `UpstreamServer` (h1.py): HTTP/1.1 (h11), answers chosen by the request path; the
+  `upstream` fixture of tests/conftest.py is one.
+- `FastUpstream` (h1.py): an HTTP/1.1 source and sink for multi-GiB transfers.
+- `H2UpstreamServer` (h2.py): HTTP/2, h2c or over TLS, the same paths as `UpstreamServer`
+  and HTTP/2's own (resets, GOAWAY, trailers).
+- `WsUpstream` (websocket.py): a WebSocket server (the `websockets` library).
+- `WsgiUpstream` (wsgi.py): wsgiref, a Python server that folds header names as CGI does.
+
+`serve_in_thread` runs any of the asyncio ones on a loop of its own, for synchronous
+tests. The testing kit's `ScriptedUpstream` (proxy/testing/upstream.py, the `upstream`
+fixture) is the product's own, for users' tests; these are the test suite's.
+"""
+
+from tests.support.upstreams.h1 import (
+    FastExchange,
+    FastUpstream,
+    Recorded,
+    UpstreamServer,
+    pattern_block,
+    pattern_chunks,
+    pattern_sha256,
+    serve_in_thread,
+)
+from tests.support.upstreams.h2 import H2Recorded, H2UpstreamServer, TlsUpstreamServer
+from tests.support.upstreams.websocket import FLOOD_MESSAGE, REFUSAL_BODY, WsUpstream
+from tests.support.upstreams.wsgi import WsgiUpstream
+
+__all__ = [
+    "FLOOD_MESSAGE",
+    "REFUSAL_BODY",
+    "FastExchange",
+    "FastUpstream",
+    "H2Recorded",
+    "H2UpstreamServer",
+    "Recorded",
+    "TlsUpstreamServer",
+    "UpstreamServer",
+    "WsUpstream",
+    "WsgiUpstream",
+    "pattern_block",
+    "pattern_chunks",
+    "pattern_sha256",
+    "serve_in_thread",
+]
