@@ -1,4 +1,5 @@
-"""Shared fixtures: real upstream servers, in-process gateways, both loops, both codecs."""
+"""Shared fixtures: real upstream servers, in-process gateways, both loops, both codecs.
+What they are built from, and the tests' other support code, is in tests/support/."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from hypothesis import HealthCheck, settings
 from metrics.definitions import set_enabled
 from proxy.config.load import parse_config
 from proxy.process.server import Server
-from tests.support.gateway import GatewayFactory, UpstreamFactory, simple_config
+from tests.support.gateway import GatewayFactory, H1UpstreamFactory, simple_config
 from tests.support.tls import TlsFiles, make_tls_files
 from tests.support.upstreams import UpstreamServer
 
@@ -54,16 +55,18 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
 
 
 @pytest.fixture
-async def upstream() -> AsyncIterator[UpstreamServer]:
-    """A real HTTP/1.1 upstream on 127.0.0.1 (see tests/support/upstreams/h1.py)."""
+async def h1_upstream() -> AsyncIterator[UpstreamServer]:
+    """A real HTTP/1.1 upstream on 127.0.0.1 (tests/support/upstreams/h1.py). Not the
+    testing kit's `upstream` fixture (proxy/testing/plugin.py), a factory of scripted
+    upstreams, which tests here may use as its users do."""
     server = await UpstreamServer().start()
     yield server
     await server.stop()
 
 
 @pytest.fixture
-async def upstream_factory() -> AsyncIterator[UpstreamFactory]:
-    """Start more upstreams (`await upstream_factory(drop_reused=True)`); all stop at
+async def h1_upstream_factory() -> AsyncIterator[H1UpstreamFactory]:
+    """Start more upstreams (`await h1_upstream_factory(drop_reused=True)`); all stop at
     teardown."""
     servers: list[UpstreamServer] = []
 
@@ -94,6 +97,8 @@ async def gateway_factory() -> AsyncIterator[GatewayFactory]:
 
 
 @pytest.fixture
-async def gateway(gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str) -> Server:
-    """A gateway with one catch-all route to `upstream`."""
-    return await gateway_factory(simple_config(upstream.url, codec))
+async def gateway(
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
+) -> Server:
+    """A gateway with one catch-all route to `h1_upstream`."""
+    return await gateway_factory(simple_config(h1_upstream.url, codec))

@@ -30,7 +30,7 @@ CLIENT_TIMEOUT_S = 10.0
 
 
 @pytest.fixture
-def upstream() -> Iterator[UpstreamServer]:
+def h1_upstream() -> Iterator[UpstreamServer]:
     with serve_in_thread(UpstreamServer()) as server:
         yield server
 
@@ -64,10 +64,10 @@ def send_fresh(url: str, count: int) -> None:
 
 
 def test_a_scrape_after_n_requests_over_two_workers_reports_n(
-    tmp_path: Path, upstream: UpstreamServer
+    tmp_path: Path, h1_upstream: UpstreamServer
 ) -> None:
     port, admin = free_port(), free_port()
-    with run_gateway(config_text(port, admin, upstream.url), tmp_path, port=port) as gw:
+    with run_gateway(config_text(port, admin, h1_upstream.url), tmp_path, port=port) as gw:
         wait_ready(admin)
         send_fresh(gw.url, 60)
         samples = scrape(admin)
@@ -86,10 +86,10 @@ def test_a_scrape_after_n_requests_over_two_workers_reports_n(
 
 
 def test_openmetrics_is_served_when_the_scraper_asks_for_it(
-    tmp_path: Path, upstream: UpstreamServer
+    tmp_path: Path, h1_upstream: UpstreamServer
 ) -> None:
     port, admin = free_port(), free_port()
-    with run_gateway(config_text(port, admin, upstream.url), tmp_path, port=port) as gw:
+    with run_gateway(config_text(port, admin, h1_upstream.url), tmp_path, port=port) as gw:
         wait_ready(admin)
         send_fresh(gw.url, 3)
         accept = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
@@ -105,10 +105,10 @@ def test_openmetrics_is_served_when_the_scraper_asks_for_it(
 
 
 def test_a_killed_worker_is_restarted_counted_and_its_counts_are_kept(
-    tmp_path: Path, upstream: UpstreamServer
+    tmp_path: Path, h1_upstream: UpstreamServer
 ) -> None:
     port, admin = free_port(), free_port()
-    with run_gateway(config_text(port, admin, upstream.url), tmp_path, port=port) as gw:
+    with run_gateway(config_text(port, admin, h1_upstream.url), tmp_path, port=port) as gw:
         wait_ready(admin)
         send_fresh(gw.url, 40)
         assert requests_total(scrape(admin), "api") == 40  # every worker's count is seen
@@ -126,9 +126,9 @@ def test_a_killed_worker_is_restarted_counted_and_its_counts_are_kept(
         assert f"worker {victim} died" in gw.stderr()
 
 
-def test_probes_and_unknown_paths(tmp_path: Path, upstream: UpstreamServer) -> None:
+def test_probes_and_unknown_paths(tmp_path: Path, h1_upstream: UpstreamServer) -> None:
     port, admin = free_port(), free_port()
-    with run_gateway(config_text(port, admin, upstream.url), tmp_path, port=port):
+    with run_gateway(config_text(port, admin, h1_upstream.url), tmp_path, port=port):
         wait_ready(admin)
         with httpx.Client(base_url=f"http://127.0.0.1:{admin}", timeout=5) as client:
             assert client.get("/healthz").text == "ok\n"
@@ -143,10 +143,10 @@ def test_probes_and_unknown_paths(tmp_path: Path, upstream: UpstreamServer) -> N
 
 
 def test_workers_drain_and_exit_when_the_parent_is_killed(
-    tmp_path: Path, upstream: UpstreamServer
+    tmp_path: Path, h1_upstream: UpstreamServer
 ) -> None:
     port, admin = free_port(), free_port()
-    with run_gateway(config_text(port, admin, upstream.url), tmp_path, port=port) as gw:
+    with run_gateway(config_text(port, admin, h1_upstream.url), tmp_path, port=port) as gw:
         wait_ready(admin)
         workers = child_pids(gw.pid)
         os.kill(gw.pid, signal.SIGKILL)
@@ -159,7 +159,7 @@ def test_workers_drain_and_exit_when_the_parent_is_killed(
 
 
 def test_an_admin_address_in_use_stops_the_start_with_exit_3(
-    tmp_path: Path, upstream: UpstreamServer
+    tmp_path: Path, h1_upstream: UpstreamServer
 ) -> None:
     port = free_port()
     with socket.socket() as squatter:
@@ -167,7 +167,7 @@ def test_an_admin_address_in_use_stops_the_start_with_exit_3(
         squatter.listen()
         admin = squatter.getsockname()[1]
         with run_gateway(
-            config_text(port, admin, upstream.url), tmp_path, port=port, wait=False
+            config_text(port, admin, h1_upstream.url), tmp_path, port=port, wait=False
         ) as gw:
             assert gw.wait(10) == 3
             assert "admin listener" in gw.stderr()
@@ -184,10 +184,10 @@ def _alive(pid: int) -> bool:
 
 
 def test_series_of_a_route_removed_by_a_reload_disappear(
-    tmp_path: Path, upstream: UpstreamServer
+    tmp_path: Path, h1_upstream: UpstreamServer
 ) -> None:
     port, admin = free_port(), free_port()
-    text = config_text(port, admin, upstream.url)
+    text = config_text(port, admin, h1_upstream.url)
     with run_gateway(text, tmp_path, port=port) as gw:
         wait_ready(admin)
         send_fresh(gw.url, 10)

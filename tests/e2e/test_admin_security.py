@@ -33,7 +33,7 @@ ROUTES = """
 
 
 @pytest.fixture
-def upstream() -> Iterator[UpstreamServer]:
+def h1_upstream() -> Iterator[UpstreamServer]:
     with serve_in_thread(UpstreamServer()) as server:
         yield server
 
@@ -63,13 +63,15 @@ def wait_ready_with(url: str) -> None:
 
 
 def test_the_token_guards_everything_but_the_probes(
-    tmp_path: Path, upstream: UpstreamServer, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, h1_upstream: UpstreamServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     port, admin = free_port(), free_port()
     url = f"http://127.0.0.1:{admin}"
     bearer = {"Authorization": f"Bearer {TOKEN}"}
     env = {"GATEHOUSE_ADMIN_TOKEN": TOKEN}
-    with run_gateway(secured_config(port, admin, upstream.url), tmp_path, port=port, env=env) as gw:
+    with run_gateway(
+        secured_config(port, admin, h1_upstream.url), tmp_path, port=port, env=env
+    ) as gw:
         wait_ready_with(url)
         with httpx.Client(base_url=url, timeout=10) as client:
             assert client.get("/healthz").text == "ok\n"  # probes need no token
@@ -130,12 +132,12 @@ def scrape_with(client: httpx.Client, headers: dict[str, str]) -> Samples:
 
 
 def test_a_reload_that_changes_the_token_takes_effect_at_once(
-    tmp_path: Path, upstream: UpstreamServer
+    tmp_path: Path, h1_upstream: UpstreamServer
 ) -> None:
     port, admin = free_port(), free_port()
     url = f"http://127.0.0.1:{admin}"
     env = {"GATEHOUSE_ADMIN_TOKEN": TOKEN}
-    text = secured_config(port, admin, upstream.url)
+    text = secured_config(port, admin, h1_upstream.url)
     with run_gateway(text, tmp_path, port=port, env=env) as gw:
         wait_ready_with(url)
         new_token = "rotated-admin-token-9876543210"
@@ -151,12 +153,12 @@ def test_a_reload_that_changes_the_token_takes_effect_at_once(
 
 
 def test_config_hides_header_values_and_matchers_by_position(
-    tmp_path: Path, upstream: UpstreamServer
+    tmp_path: Path, h1_upstream: UpstreamServer
 ) -> None:
     port, admin = free_port(), free_port()
     url = f"http://127.0.0.1:{admin}"
     env = {"GATEHOUSE_ADMIN_TOKEN": TOKEN}
-    with run_gateway(secured_config(port, admin, upstream.url), tmp_path, port=port, env=env):
+    with run_gateway(secured_config(port, admin, h1_upstream.url), tmp_path, port=port, env=env):
         wait_ready_with(url)
         answer = httpx.get(f"{url}/config", headers={"Authorization": f"Bearer {TOKEN}"})
     shown = answer.json()["config"]
@@ -172,10 +174,10 @@ def test_config_hides_header_values_and_matchers_by_position(
 
 
 def test_an_admin_listener_beyond_loopback_without_a_token_is_warned_about(
-    tmp_path: Path, upstream: UpstreamServer
+    tmp_path: Path, h1_upstream: UpstreamServer
 ) -> None:
     port, admin = free_port(), free_port()
-    text = admin_config(port, admin, upstream.url, ROUTES).replace(
+    text = admin_config(port, admin, h1_upstream.url, ROUTES).replace(
         f"bind: 127.0.0.1:{admin}", f"bind: 0.0.0.0:{admin}"
     )
     with run_gateway(text, tmp_path, port=port) as gw:

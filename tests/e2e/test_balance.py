@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from proxy.process.server import Server
-from tests.support.gateway import GatewayFactory, UpstreamFactory, base_url
+from tests.support.gateway import GatewayFactory, H1UpstreamFactory, base_url
 from tests.support.upstreams import UpstreamServer
 
 pytestmark = pytest.mark.socket
@@ -42,7 +42,7 @@ routes:
 """
 
 
-async def three_upstreams(upstream_factory: UpstreamFactory) -> list[UpstreamServer]:
+async def three_upstreams(upstream_factory: H1UpstreamFactory) -> list[UpstreamServer]:
     return [await upstream_factory() for _ in range(3)]
 
 
@@ -83,9 +83,9 @@ def received(upstreams: list[UpstreamServer]) -> list[int]:
 
 @pytest.mark.parametrize("policy", ["round_robin", "random", "least_request"])
 async def test_requests_are_spread_by_weight(
-    gateway_factory: GatewayFactory, upstream_factory: UpstreamFactory, policy: str
+    gateway_factory: GatewayFactory, h1_upstream_factory: H1UpstreamFactory, policy: str
 ) -> None:
-    upstreams = await three_upstreams(upstream_factory)
+    upstreams = await three_upstreams(h1_upstream_factory)
     gateway = await gateway_factory(balanced_config(upstreams, [1, 2, 3], policy))
     total = 3000
     # least_request follows the weights only under equal load: one request at a time
@@ -103,9 +103,9 @@ async def test_requests_are_spread_by_weight(
 
 
 async def test_hash_on_a_header_keeps_each_key_on_one_endpoint(
-    gateway_factory: GatewayFactory, upstream_factory: UpstreamFactory
+    gateway_factory: GatewayFactory, h1_upstream_factory: H1UpstreamFactory
 ) -> None:
-    upstreams = await three_upstreams(upstream_factory)
+    upstreams = await three_upstreams(h1_upstream_factory)
     config = balanced_config(upstreams, [1, 1, 1], "{hash: {header: X-User}}")
     gateway = await gateway_factory(config)
     users = [f"user-{n}" for n in range(60)]
@@ -145,9 +145,9 @@ def which(upstreams: list[UpstreamServer], before: list[int]) -> int:
 
 
 async def test_sticky_cookie_is_set_then_honoured(
-    gateway_factory: GatewayFactory, upstream_factory: UpstreamFactory
+    gateway_factory: GatewayFactory, h1_upstream_factory: H1UpstreamFactory
 ) -> None:
-    upstreams = await three_upstreams(upstream_factory)
+    upstreams = await three_upstreams(h1_upstream_factory)
     gateway = await gateway_factory(sticky_config(upstreams))
     url = f"{base_url(gateway)}/echo/session"
     async with httpx.AsyncClient() as first, httpx.AsyncClient() as second:
@@ -172,9 +172,9 @@ async def test_sticky_cookie_is_set_then_honoured(
 
 
 async def test_sticky_falls_back_while_its_endpoint_is_out_of_rotation(
-    gateway_factory: GatewayFactory, upstream_factory: UpstreamFactory
+    gateway_factory: GatewayFactory, h1_upstream_factory: H1UpstreamFactory
 ) -> None:
-    upstreams = await three_upstreams(upstream_factory)
+    upstreams = await three_upstreams(h1_upstream_factory)
     gateway = await gateway_factory(sticky_config(upstreams))
     balancer = gateway.runtime.upstreams["app"]
     url = f"{base_url(gateway)}/echo/session"
@@ -206,9 +206,9 @@ async def test_sticky_falls_back_while_its_endpoint_is_out_of_rotation(
 
 
 async def test_sticky_falls_back_when_its_endpoint_is_gone(
-    gateway_factory: GatewayFactory, upstream_factory: UpstreamFactory
+    gateway_factory: GatewayFactory, h1_upstream_factory: H1UpstreamFactory
 ) -> None:
-    upstreams = await three_upstreams(upstream_factory)
+    upstreams = await three_upstreams(h1_upstream_factory)
     gateway = await gateway_factory(sticky_config(upstreams))
     url = f"{base_url(gateway)}/echo/session"
     async with httpx.AsyncClient() as client:
@@ -235,9 +235,9 @@ async def test_sticky_falls_back_when_its_endpoint_is_gone(
 
 
 async def test_balance_decisions_do_not_disturb_plain_proxying(
-    gateway_factory: GatewayFactory, upstream_factory: UpstreamFactory
+    gateway_factory: GatewayFactory, h1_upstream_factory: H1UpstreamFactory
 ) -> None:
-    upstreams = await three_upstreams(upstream_factory)
+    upstreams = await three_upstreams(h1_upstream_factory)
     config = balanced_config(upstreams, [1, 1, 1], "{hash: {cookie: sid}}")
     gateway: Server = await gateway_factory(config)
     async with httpx.AsyncClient(cookies={"sid": "abc"}) as client:
@@ -249,12 +249,12 @@ async def test_balance_decisions_do_not_disturb_plain_proxying(
 
 
 async def test_every_endpoint_gets_bodiless_requests_of_the_fast_path_by_weight(
-    gateway_factory: GatewayFactory, upstream_factory: UpstreamFactory
+    gateway_factory: GatewayFactory, h1_upstream_factory: H1UpstreamFactory
 ) -> None:
     """Regression: a GET that found no idle connection on the fast path was balanced a
     second time on the general path, so round robin skipped an endpoint that had no
     connection yet, for good (weights 1,2,3 gave 0, 24, 36 of 60)."""
-    upstreams = await three_upstreams(upstream_factory)
+    upstreams = await three_upstreams(h1_upstream_factory)
     gateway = await gateway_factory(balanced_config(upstreams, [1, 2, 3], "round_robin"))
     async with httpx.AsyncClient() as client:
         for n in range(60):

@@ -12,7 +12,7 @@ import pytest
 
 from metrics.definitions import UPSTREAM_OVERLOADED
 from proxy.process.server import Server
-from tests.support.gateway import GatewayFactory, UpstreamFactory, base_url
+from tests.support.gateway import GatewayFactory, H1UpstreamFactory, base_url
 from tests.support.upstreams import H2UpstreamServer, UpstreamServer
 
 pytestmark = pytest.mark.socket
@@ -64,9 +64,9 @@ async def overloaded_at_once(
 
 
 async def test_max_requests_refuses_the_third_concurrent_request_at_once(
-    gateway_factory: GatewayFactory, upstream_factory: UpstreamFactory
+    gateway_factory: GatewayFactory, h1_upstream_factory: H1UpstreamFactory
 ) -> None:
-    upstream = await upstream_factory()
+    upstream = await h1_upstream_factory()
     server = await gateway_factory(config(upstream, "circuit_breaker: {max_requests: 2}"))
     async with httpx.AsyncClient(base_url=base_url(server), timeout=5) as client:
         held = [asyncio.create_task(client.get(f"/held?n={n}")) for n in range(2)]
@@ -79,9 +79,9 @@ async def test_max_requests_refuses_the_third_concurrent_request_at_once(
 
 
 async def test_max_pending_refuses_a_request_that_would_wait_past_it(
-    gateway_factory: GatewayFactory, upstream_factory: UpstreamFactory
+    gateway_factory: GatewayFactory, h1_upstream_factory: H1UpstreamFactory
 ) -> None:
-    upstream = await upstream_factory()
+    upstream = await h1_upstream_factory()
     options = "pool: {max_connections: 1}\n    circuit_breaker: {max_pending: 1}"
     server = await gateway_factory(config(upstream, options))
     pool = server.runtime.upstreams["app"].pools[0]
@@ -97,9 +97,9 @@ async def test_max_pending_refuses_a_request_that_would_wait_past_it(
 
 
 async def test_max_connections_refuses_a_request_that_needs_one_more(
-    gateway_factory: GatewayFactory, upstream_factory: UpstreamFactory
+    gateway_factory: GatewayFactory, h1_upstream_factory: H1UpstreamFactory
 ) -> None:
-    upstream = await upstream_factory()
+    upstream = await h1_upstream_factory()
     server = await gateway_factory(config(upstream, "circuit_breaker: {max_connections: 1}"))
     async with httpx.AsyncClient(base_url=base_url(server), timeout=5) as client:
         first = asyncio.create_task(client.get("/held"))

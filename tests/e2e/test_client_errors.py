@@ -39,16 +39,16 @@ pytestmark = pytest.mark.socket
     ],
 )
 async def test_malformed_request_line_gives_400_and_close(
-    gateway: Server, upstream: UpstreamServer, request_line: bytes
+    gateway: Server, h1_upstream: UpstreamServer, request_line: bytes
 ) -> None:
     response, _ = await refused(gateway, request_line, 400, "bad_request")
     assert response.header("connection") == "close"
-    assert upstream.requests == []
+    assert h1_upstream.requests == []
     await assert_still_serves(gateway)
 
 
 async def test_bad_request_after_a_good_one_answers_both_in_order(
-    gateway: Server, upstream: UpstreamServer
+    gateway: Server, h1_upstream: UpstreamServer
 ) -> None:
     async with await RawClient.connect(gateway.addresses[0]) as client:
         await client.send(b"GET /echo/ok HTTP/1.1\r\nHost: t\r\n\r\nBROKEN LINE\r\n\r\n")
@@ -57,7 +57,7 @@ async def test_bad_request_after_a_good_one_answers_both_in_order(
         assert await client.closed()
     assert first.json()["target"] == "/echo/ok"
     assert_local_reply(second, 400, "bad_request")
-    assert [r.target for r in upstream.requests] == ["/echo/ok"]
+    assert [r.target for r in h1_upstream.requests] == ["/echo/ok"]
 
 
 # -- 431 ---------------------------------------------------------------------------------
@@ -77,18 +77,18 @@ SMALL_HEAD = "limits: {max_head_bytes: 4KiB}"
     ids=["huge-header", "many-headers", "huge-target"],
 )
 async def test_head_over_limit_gives_431(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str, head: bytes
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str, head: bytes
 ) -> None:
-    server = await start(gateway_factory, upstream.url, codec, extra=SMALL_HEAD)
+    server = await start(gateway_factory, h1_upstream.url, codec, extra=SMALL_HEAD)
     await refused(server, head, 431, "head_too_large")
-    assert upstream.requests == []
+    assert h1_upstream.requests == []
     await assert_still_serves(server)
 
 
 async def test_head_over_limit_sent_slowly_gives_431(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
-    server = await start(gateway_factory, upstream.url, codec, extra=SMALL_HEAD)
+    server = await start(gateway_factory, h1_upstream.url, codec, extra=SMALL_HEAD)
     async with await RawClient.connect(server.addresses[0]) as client:
         await client.send(b"GET / HTTP/1.1\r\nHost: t\r\n")
         with contextlib.suppress(ConnectionError):  # the gateway may answer before the end
@@ -98,15 +98,15 @@ async def test_head_over_limit_sent_slowly_gives_431(
             await client.send(b"\r\n")
         response = await client.response()
     assert_local_reply(response, 431, "head_too_large")
-    assert upstream.requests == []
+    assert h1_upstream.requests == []
 
 
 async def test_trailer_section_over_the_head_limit_gives_431(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
     """Trailers are bounded like the head (RFC 9112 section 7.1.2): ~600 KB of them, more
     than two reads of the gateway's, cannot all arrive with the head."""
-    server = await start(gateway_factory, upstream.url, codec, extra=SMALL_HEAD)
+    server = await start(gateway_factory, h1_upstream.url, codec, extra=SMALL_HEAD)
     trailers = b"".join(b"X-T%d: %s\r\n" % (i, b"t" * 90) for i in range(6000))
     async with await RawClient.connect(server.addresses[0]) as client:
         await client.send(
@@ -116,14 +116,14 @@ async def test_trailer_section_over_the_head_limit_gives_431(
             await client.send(b"0\r\n" + trailers + b"\r\n")
         response = await client.response()
     assert_local_reply(response, 431, "head_too_large")
-    assert upstream.requests == []
+    assert h1_upstream.requests == []
     await assert_still_serves(server)
 
 
 async def test_head_just_under_limit_is_served(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
-    server = await start(gateway_factory, upstream.url, codec, extra=SMALL_HEAD)
+    server = await start(gateway_factory, h1_upstream.url, codec, extra=SMALL_HEAD)
     response = await send_once(
         server, b"GET /echo HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 3000 + b"\r\n\r\n"
     )
@@ -147,9 +147,9 @@ async def assert_closed_or_serves(client: RawClient) -> None:
 
 
 async def test_content_length_over_route_limit_gives_413(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
-    server = await start(gateway_factory, upstream.url, codec, route=ROUTE_LIMIT)
+    server = await start(gateway_factory, h1_upstream.url, codec, route=ROUTE_LIMIT)
     async with await RawClient.connect(server.addresses[0]) as client:
         await client.send(
             b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 2000\r\n\r\n" + b"x" * 2000
@@ -158,16 +158,16 @@ async def test_content_length_over_route_limit_gives_413(
         assert_local_reply(response, 413, "body_too_large")
         # The whole body had arrived, so the connection may live on; if so, it works.
         await assert_closed_or_serves(client)
-    assert [r.method for r in upstream.requests if r.method == "POST"] == []
+    assert [r.method for r in h1_upstream.requests if r.method == "POST"] == []
     await assert_still_serves(server)
 
 
 async def test_large_content_length_over_route_limit_gives_413_and_close(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
     # Only the head is sent: the gateway must answer without reading 10 MB, then close
     # (the unread body would be parsed as the next request).
-    server = await start(gateway_factory, upstream.url, codec, route=ROUTE_LIMIT)
+    server = await start(gateway_factory, h1_upstream.url, codec, route=ROUTE_LIMIT)
     async with await RawClient.connect(server.addresses[0]) as client:
         await client.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 10000000\r\n\r\n")
         await client.send(b"x" * 1000)
@@ -175,25 +175,25 @@ async def test_large_content_length_over_route_limit_gives_413_and_close(
         assert_local_reply(response, 413, "body_too_large")
         assert response.header("connection") == "close"
         assert await client.closed()
-    assert upstream.requests == []
+    assert h1_upstream.requests == []
 
 
 async def test_content_length_over_route_limit_with_expect_gives_413_without_upload(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
-    server = await start(gateway_factory, upstream.url, codec, route=ROUTE_LIMIT)
+    server = await start(gateway_factory, h1_upstream.url, codec, route=ROUTE_LIMIT)
     response = await send_once(
         server,
         b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 2000\r\nExpect: 100-continue\r\n\r\n",
     )
     assert_local_reply(response, 413, "body_too_large")
-    assert upstream.requests == []
+    assert h1_upstream.requests == []
 
 
 async def test_body_within_route_limit_is_served(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
-    server = await start(gateway_factory, upstream.url, codec, route=ROUTE_LIMIT)
+    server = await start(gateway_factory, h1_upstream.url, codec, route=ROUTE_LIMIT)
     async with httpx.AsyncClient() as client:
         response = await client.post(base_url(server) + "/echo", content=b"x" * 1024)
     assert response.status_code == 200
@@ -201,9 +201,9 @@ async def test_body_within_route_limit_is_served(
 
 
 async def test_chunked_body_growing_past_route_limit_gives_413(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
-    server = await start(gateway_factory, upstream.url, codec, route=ROUTE_LIMIT)
+    server = await start(gateway_factory, h1_upstream.url, codec, route=ROUTE_LIMIT)
     async with await RawClient.connect(server.addresses[0]) as client:
         await client.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
         for _ in range(2):
@@ -213,14 +213,14 @@ async def test_chunked_body_growing_past_route_limit_gives_413(
         response = await client.response()
         assert_local_reply(response, 413, "body_too_large")
         assert await client.closed()
-    assert upstream.requests == []  # it never got a whole request
+    assert h1_upstream.requests == []  # it never got a whole request
     await assert_still_serves(server)
 
 
 async def test_chunked_body_past_route_limit_in_one_write_gives_413(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
-    server = await start(gateway_factory, upstream.url, codec, route=ROUTE_LIMIT)
+    server = await start(gateway_factory, h1_upstream.url, codec, route=ROUTE_LIMIT)
     response = await send_once(
         server,
         b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -228,23 +228,27 @@ async def test_chunked_body_past_route_limit_in_one_write_gives_413(
         + b"0\r\n\r\n",
     )
     assert_local_reply(response, 413, "body_too_large")
-    assert upstream.requests == []
+    assert h1_upstream.requests == []
 
 
 async def test_content_length_over_server_limit_gives_413(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
-    server = await start(gateway_factory, upstream.url, codec, extra="limits: {max_body_size: 100}")
+    server = await start(
+        gateway_factory, h1_upstream.url, codec, extra="limits: {max_body_size: 100}"
+    )
     head = b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 101\r\n\r\n"
     await refused(server, head, 413, "body_too_large")
-    assert upstream.requests == []
+    assert h1_upstream.requests == []
     await assert_still_serves(server)
 
 
 async def test_chunked_body_past_server_limit_gives_413(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
-    server = await start(gateway_factory, upstream.url, codec, extra="limits: {max_body_size: 100}")
+    server = await start(
+        gateway_factory, h1_upstream.url, codec, extra="limits: {max_body_size: 100}"
+    )
     async with await RawClient.connect(server.addresses[0]) as client:
         await client.send(
             b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -254,7 +258,7 @@ async def test_chunked_body_past_server_limit_gives_413(
         await client.send(b"40\r\n" + b"d" * 64 + b"\r\n0\r\n\r\n")
         response = await client.response()
     assert_local_reply(response, 413, "body_too_large")
-    assert upstream.requests == []
+    assert h1_upstream.requests == []
 
 
 # -- 408 and idle close ------------------------------------------------------------------
@@ -269,21 +273,21 @@ NOT_THE_DEFAULT_S = 5.0
 
 
 async def test_incomplete_head_gives_408_after_header_timeout(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
-    server = await start(gateway_factory, upstream.url, codec, extra=FAST_TIMEOUTS)
+    server = await start(gateway_factory, h1_upstream.url, codec, extra=FAST_TIMEOUTS)
     partial_head = b"GET /echo HTTP/1.1\r\nHost: t\r\n"
     _, elapsed = await refused(server, partial_head, 408, "request_timeout")
     assert NO_SOONER_S <= elapsed < NOT_THE_DEFAULT_S
-    assert upstream.requests == []
+    assert h1_upstream.requests == []
     await assert_still_serves(server)
 
 
 async def test_head_trickled_past_header_timeout_gives_408(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
     # The timeout bounds the whole head, not the gap between its bytes (slowloris).
-    server = await start(gateway_factory, upstream.url, codec, extra=FAST_TIMEOUTS)
+    server = await start(gateway_factory, h1_upstream.url, codec, extra=FAST_TIMEOUTS)
     async with await RawClient.connect(server.addresses[0]) as client:
         await client.send(b"GET /echo HTTP/1.1\r\n")
 
@@ -304,39 +308,39 @@ async def test_head_trickled_past_header_timeout_gives_408(
             with contextlib.suppress(asyncio.CancelledError):
                 await sender
     assert_local_reply(response, 408, "request_timeout")
-    assert upstream.requests == []
+    assert h1_upstream.requests == []
 
 
 async def test_stalled_body_gives_408_after_body_timeout(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
-    server = await start(gateway_factory, upstream.url, codec, extra=FAST_TIMEOUTS)
+    server = await start(gateway_factory, h1_upstream.url, codec, extra=FAST_TIMEOUTS)
     partial_body = b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc"
     _, elapsed = await refused(server, partial_body, 408, "request_timeout")
     assert NO_SOONER_S <= elapsed < NOT_THE_DEFAULT_S
-    assert upstream.requests == []
+    assert h1_upstream.requests == []
     await assert_still_serves(server)
 
 
 async def test_stalled_chunked_body_gives_408(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
-    server = await start(gateway_factory, upstream.url, codec, extra=FAST_TIMEOUTS)
+    server = await start(gateway_factory, h1_upstream.url, codec, extra=FAST_TIMEOUTS)
     response = await send_once(
         server,
         b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n",
     )
     assert_local_reply(response, 408, "request_timeout")
-    assert upstream.requests == []
+    assert h1_upstream.requests == []
 
 
 async def test_slow_but_steady_body_is_not_timed_out(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
     # body_timeout bounds the gap between chunks, not the whole body: eight gaps of at
     # least 100 ms outlast a 600 ms body_timeout, and each leaves a busy machine 500 ms.
     extra = FAST_TIMEOUTS.replace("body_timeout: 200ms", "body_timeout: 600ms")
-    server = await start(gateway_factory, upstream.url, codec, extra=extra)
+    server = await start(gateway_factory, h1_upstream.url, codec, extra=extra)
     pieces = [b"%d" % n for n in range(8)]
     async with await RawClient.connect(server.addresses[0]) as client:
         await client.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 8\r\n\r\n")
@@ -349,9 +353,9 @@ async def test_slow_but_steady_body_is_not_timed_out(
 
 
 async def test_idle_keep_alive_connection_is_closed_after_keepalive_timeout(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
-    server = await start(gateway_factory, upstream.url, codec, extra=FAST_TIMEOUTS)
+    server = await start(gateway_factory, h1_upstream.url, codec, extra=FAST_TIMEOUTS)
     async with await RawClient.connect(server.addresses[0]) as client:
         started = time.monotonic()  # before the response that starts the idle timer
         await client.send(b"GET /echo HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -363,12 +367,12 @@ async def test_idle_keep_alive_connection_is_closed_after_keepalive_timeout(
 
 
 async def test_keep_alive_connection_used_before_timeout_stays_open(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
     # Eight idle gaps of at least 100 ms outlast a 600 ms keepalive_timeout, and each
     # leaves a busy machine 500 ms: the timer restarts with every request.
     extra = FAST_TIMEOUTS.replace("keepalive_timeout: 200ms", "keepalive_timeout: 600ms")
-    server = await start(gateway_factory, upstream.url, codec, extra=extra)
+    server = await start(gateway_factory, h1_upstream.url, codec, extra=extra)
     async with await RawClient.connect(server.addresses[0]) as client:
         for i in range(8):
             await client.send(f"GET /echo/{i} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
@@ -379,10 +383,10 @@ async def test_keep_alive_connection_used_before_timeout_stays_open(
 
 
 async def test_slow_upstream_response_is_not_a_client_timeout(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
     # The client waits on us, not we on it: client-side timers must not fire.
-    server = await start(gateway_factory, upstream.url, codec, extra=FAST_TIMEOUTS)
+    server = await start(gateway_factory, h1_upstream.url, codec, extra=FAST_TIMEOUTS)
     async with await RawClient.connect(server.addresses[0]) as client:
         await client.send(b"GET /slow/500 HTTP/1.1\r\nHost: t\r\n\r\n")
         response = await client.response()
@@ -393,9 +397,9 @@ async def test_slow_upstream_response_is_not_a_client_timeout(
 
 
 async def test_every_error_leaves_no_connection_behind(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
-    server = await start(gateway_factory, upstream.url, codec, extra=FAST_TIMEOUTS)
+    server = await start(gateway_factory, h1_upstream.url, codec, extra=FAST_TIMEOUTS)
     payloads = [
         b"GARBAGE\r\n\r\n",
         b"GET /drop HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
@@ -411,13 +415,13 @@ async def test_every_error_leaves_no_connection_behind(
 
 
 async def test_early_413_reaches_a_client_that_is_still_uploading(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
     """nginx's lingering close: after answering early we half-close and drop the rest of
     the upload, so the kernel does not reset the connection under the unread upload and
     destroy the answer before the client has read it."""
     server = await gateway_factory(
-        simple_config(upstream.url, codec, route="    max_body_size: 1KiB")
+        simple_config(h1_upstream.url, codec, route="    max_body_size: 1KiB")
     )
     reader, writer = await asyncio.open_connection(*server.addresses[0])
     writer.write(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 50000000\r\n\r\n")
@@ -440,4 +444,4 @@ async def test_early_413_reaches_a_client_that_is_still_uploading(
         writer.close()
     assert answer.startswith(b"HTTP/1.1 413"), answer[:80]
     assert b'"error": "body_too_large"' in answer
-    assert upstream.requests == []
+    assert h1_upstream.requests == []

@@ -17,7 +17,7 @@ import pytest
 
 from proxy.config.load import parse_config
 from proxy.process.server import Server
-from tests.support.gateway import GatewayFactory, UpstreamFactory, base_url
+from tests.support.gateway import GatewayFactory, H1UpstreamFactory, base_url
 from tests.support.h2_client import H2Client
 from tests.support.upstreams import UpstreamServer
 
@@ -68,13 +68,13 @@ SOURCES = {
 @pytest.mark.parametrize("source", list(SOURCES))
 async def test_the_client_a_trusted_proxy_names_reaches_every_consumer(
     gateway_factory: GatewayFactory,
-    upstream: UpstreamServer,
+    h1_upstream: UpstreamServer,
     codec: str,
     source: str,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
     section = f"client_ip: {{trusted_proxies: [127.0.0.1, 10.0.0.0/8], source: {source}}}"
-    server = await gateway_factory(config(upstream, codec, section, log=True))
+    server = await gateway_factory(config(h1_upstream, codec, section, log=True))
     name, template = SOURCES[source]
     base = base_url(server)
 
@@ -90,7 +90,7 @@ async def test_the_client_a_trusted_proxy_names_reaches_every_consumer(
         # An entry a trusted hop could not vouch for: the client is unknown, and refused.
         unknown = {name: "for=unknown" if source == "forwarded" else "unknown"}
         assert (await client.get(base + "/office/x", headers=unknown)).status_code == 403
-    seen = upstream.requests[-1]  # OTHER on /limited/
+    seen = h1_upstream.requests[-1]  # OTHER on /limited/
     assert seen.header("x-client") == OTHER
     # A trusted proxy's chain is kept, this hop appended.
     if source == "x-forwarded-for":
@@ -115,10 +115,10 @@ async def test_the_client_a_trusted_proxy_names_reaches_every_consumer(
 
 
 async def test_over_http2_the_client_is_found_the_same_way(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
     section = "client_ip: {trusted_proxies: [127.0.0.1]}"
-    server = await gateway_factory(config(upstream, "auto", section))
+    server = await gateway_factory(config(h1_upstream, "auto", section))
     host, port = server.addresses[0]
     async with await H2Client.connect(host, port) as client:
         allowed = await client.request("/office/x", headers=[("x-forwarded-for", ALLOWED)])
@@ -126,15 +126,15 @@ async def test_over_http2_the_client_is_found_the_same_way(
         first = await client.request("/limited/x", headers=[("x-forwarded-for", OTHER)])
         second = await client.request("/limited/x", headers=[("x-forwarded-for", OTHER)])
     assert [allowed.status, other.status, first.status, second.status] == [200, 403, 200, 429]
-    seen = upstream.requests[-1]
+    seen = h1_upstream.requests[-1]
     assert seen.header("x-client") == OTHER
     assert seen.header("x-forwarded-for") == f"{OTHER}, 127.0.0.1"
 
 
 async def test_without_client_ip_a_client_cannot_name_itself(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
-    server = await gateway_factory(config(upstream, codec, ""))
+    server = await gateway_factory(config(h1_upstream, codec, ""))
     lies = {
         "X-Forwarded-For": ALLOWED,
         "Forwarded": f"for={ALLOWED};proto=https",
@@ -149,7 +149,7 @@ async def test_without_client_ip_a_client_cannot_name_itself(
         other = {**lies, "X-Forwarded-For": OTHER}
         # One budget: the peer's, whatever each request claims.
         assert (await client.get(base + "/limited/x", headers=other)).status_code == 429
-    seen = upstream.requests[-1]
+    seen = h1_upstream.requests[-1]
     assert seen.header("x-client") == "127.0.0.1"
     assert seen.header("x-forwarded-for") == "127.0.0.1"
     assert seen.header("x-forwarded-proto") == "http"
@@ -159,10 +159,10 @@ async def test_without_client_ip_a_client_cannot_name_itself(
 
 
 async def test_over_http2_an_untrusted_client_s_forwarding_headers_are_replaced(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
     section = "client_ip: {trusted_proxies: [10.0.0.0/8]}"  # not the test client
-    server = await gateway_factory(config(upstream, "auto", section))
+    server = await gateway_factory(config(h1_upstream, "auto", section))
     host, port = server.addresses[0]
     lies = [
         ("x-forwarded-for", ALLOWED),
@@ -173,7 +173,7 @@ async def test_over_http2_an_untrusted_client_s_forwarding_headers_are_replaced(
     async with await H2Client.connect(host, port) as client:
         assert (await client.request("/office/x", headers=lies)).status == 403
         assert (await client.request("/echo/x", headers=lies)).status == 200
-    seen = upstream.requests[-1]
+    seen = h1_upstream.requests[-1]
     assert seen.header("x-forwarded-for") == "127.0.0.1"
     assert seen.header("x-forwarded-proto") == "http"
     assert seen.header("forwarded") is None
@@ -181,9 +181,9 @@ async def test_over_http2_an_untrusted_client_s_forwarding_headers_are_replaced(
 
 
 async def test_hash_balancing_by_ip_uses_the_client_behind_the_proxy(
-    gateway_factory: GatewayFactory, upstream_factory: UpstreamFactory
+    gateway_factory: GatewayFactory, h1_upstream_factory: H1UpstreamFactory
 ) -> None:
-    upstreams = [await upstream_factory() for _ in range(2)]
+    upstreams = [await h1_upstream_factory() for _ in range(2)]
     endpoints = ", ".join(server.url for server in upstreams)
     server = await gateway_factory(f"""
 listeners: [{{bind: 127.0.0.1:0}}]
@@ -210,10 +210,10 @@ routes: [{{match: {{path_prefix: /}}, upstream: app}}]
 
 
 async def test_a_reload_changes_who_is_trusted(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
-    server = await gateway_factory(config(upstream, "auto", ""))
-    trusting = config(upstream, "auto", "client_ip: {trusted_proxies: [127.0.0.1]}")
+    server = await gateway_factory(config(h1_upstream, "auto", ""))
+    trusting = config(h1_upstream, "auto", "client_ip: {trusted_proxies: [127.0.0.1]}")
 
     async def office(server: Server) -> int:
         async with httpx.AsyncClient(timeout=CLIENT_TIMEOUT_S) as client:
@@ -224,6 +224,6 @@ async def test_a_reload_changes_who_is_trusted(
     await server.prepare_reload(parse_config(trusting))
     await server.commit_reload()
     assert await office(server) == 200
-    await server.prepare_reload(parse_config(config(upstream, "auto", "")))
+    await server.prepare_reload(parse_config(config(h1_upstream, "auto", "")))
     await server.commit_reload()
     assert await office(server) == 403

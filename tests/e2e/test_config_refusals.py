@@ -44,7 +44,7 @@ BAD_FILES: dict[str, tuple[bytes, int, str]] = {
 
 
 @pytest.fixture
-def upstream() -> Iterator[UpstreamServer]:
+def h1_upstream() -> Iterator[UpstreamServer]:
     with serve_in_thread(UpstreamServer()) as server:
         yield server
 
@@ -71,10 +71,10 @@ def test_check_reports_a_hostile_file_as_one_file_line_error(tmp_path: Path, kin
 
 
 def test_every_refused_reload_names_a_line_is_counted_and_changes_nothing(
-    tmp_path: Path, upstream: UpstreamServer
+    tmp_path: Path, h1_upstream: UpstreamServer
 ) -> None:
     port, admin = free_port(), free_port()
-    good = admin_config(port, admin, upstream.url, ROUTE)
+    good = admin_config(port, admin, h1_upstream.url, ROUTE)
     failing_middleware = good.replace(
         "routes:\n",
         "middleware:\n  stamp:\n    type: tests.support.plugins.stamp:Stamp\n    value: x\n"
@@ -121,10 +121,10 @@ def test_every_refused_reload_names_a_line_is_counted_and_changes_nothing(
 
 
 def test_gatehouse_reload_of_a_hostile_file_exits_1_with_its_line(
-    tmp_path: Path, upstream: UpstreamServer
+    tmp_path: Path, h1_upstream: UpstreamServer
 ) -> None:
     port, admin = free_port(), free_port()
-    with run_gateway(admin_config(port, admin, upstream.url, ROUTE), tmp_path, port=port) as gw:
+    with run_gateway(admin_config(port, admin, h1_upstream.url, ROUTE), tmp_path, port=port) as gw:
         wait_ready(admin)
         gw.config_path.write_text(DEEP)
         local = run_cli("reload", str(gw.config_path))  # refused before asking

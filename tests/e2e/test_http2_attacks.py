@@ -50,7 +50,7 @@ pytestmark = pytest.mark.socket
 
 
 async def test_rapid_reset_gets_goaway_enhance_your_calm_and_bounds_upstream_work(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
     """Defence: `max_resets_per_second` (`Http2Protocol._on_reset`). 1000 streams are
     opened and cancelled, HEADERS of a batch first (so their exchanges start) and the
@@ -58,7 +58,9 @@ async def test_rapid_reset_gets_goaway_enhance_your_calm_and_bounds_upstream_wor
     down, so far fewer than 1000 requests ever reach the upstream."""
     hits = limit_hits("rapid_reset")
     async with asyncio.timeout(TEST_TIMEOUT_S):
-        server = await start_gateway(gateway_factory, upstream, http2="max_resets_per_second: 50")
+        server = await start_gateway(
+            gateway_factory, h1_upstream, http2="max_resets_per_second: 50"
+        )
         async with (
             innocent_connection(server),
             await RawH2Client.connect(*address(server)) as attacker,
@@ -80,7 +82,7 @@ async def test_rapid_reset_gets_goaway_enhance_your_calm_and_bounds_upstream_wor
         await asyncio.sleep(0.2)  # requests the gateway had already forwarded land
 
         assert goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
-        reached = upstream_saw(upstream, "/slow/1000?rapid-reset=")
+        reached = upstream_saw(h1_upstream, "/slow/1000?rapid-reset=")
         assert reached < 200, f"{reached} of 1000 reset streams reached the upstream"
         await assert_healthy(server)
     assert limit_hits("rapid_reset") > hits  # counted
@@ -90,14 +92,14 @@ async def test_rapid_reset_gets_goaway_enhance_your_calm_and_bounds_upstream_wor
 
 
 async def test_continuation_flood_gets_goaway_protocol_error(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
     """Defence: the header block backlog is bounded (h2 accepts 64 CONTINUATION frames per
     block, Http2Config's docstring): a HEADERS without END_HEADERS followed by 500
     CONTINUATIONs is a connection error, promptly, and the request never starts."""
     hits = limit_hits("connection_error")
     async with asyncio.timeout(TEST_TIMEOUT_S):
-        server = await start_gateway(gateway_factory, upstream)
+        server = await start_gateway(gateway_factory, h1_upstream)
         fragment = hpack.Encoder().encode([("x-flood", "f" * 100)])
         async with (
             innocent_connection(server),
@@ -115,20 +117,20 @@ async def test_continuation_flood_gets_goaway_protocol_error(
         assert goaway.error_code == ErrorCodes.PROTOCOL_ERROR
         assert goaway.last_stream_id == 0
         assert elapsed < 10.0  # a bound on a hang, with room for a busy machine
-        assert upstream_saw(upstream, "/echo/continuation") == 0
+        assert upstream_saw(h1_upstream, "/echo/continuation") == 0
         await assert_healthy(server)
     assert limit_hits("connection_error") > hits  # counted
 
 
 async def test_continuation_flood_of_full_frames_is_cut_off_not_buffered(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
     """Defence: the same backlog bound, as a memory bound: 1000 full-size (16 KiB)
     CONTINUATION frames (16 MiB of header block) are never taken in: the gateway stops
     reading and closes after a bounded backlog (64 frames, 1 MiB), so the attacker's
     writes fail long before its 16 MiB are out (loopback buffers hold a few MiB)."""
     async with asyncio.timeout(TEST_TIMEOUT_S):
-        server = await start_gateway(gateway_factory, upstream)
+        server = await start_gateway(gateway_factory, h1_upstream)
         payload = b"\x00" * 16384  # the default SETTINGS_MAX_FRAME_SIZE
         async with await RawH2Client.connect(*address(server)) as attacker:
             await attacker.send_frames(attacker.headers_frame(1, "/echo/big", end_headers=False))
@@ -150,7 +152,7 @@ async def test_continuation_flood_of_full_frames_is_cut_off_not_buffered(
 
 
 async def test_hpack_bomb_gets_goaway_and_is_never_decoded_in_full(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
     """Defence: the hard cap on the decoded header list (max_header_list_size x
     HEADER_LIST_HARD_CAP_FACTOR, set on h2's HPACK decoder). One 4 KiB field is put in
@@ -160,7 +162,9 @@ async def test_hpack_bomb_gets_goaway_and_is_never_decoded_in_full(
     connection is closed (h2's DenialOfServiceError: ENHANCE_YOUR_CALM)."""
     hits = limit_hits("connection_error")
     async with asyncio.timeout(TEST_TIMEOUT_S):
-        server = await start_gateway(gateway_factory, upstream, http2="max_header_list_size: 8KiB")
+        server = await start_gateway(
+            gateway_factory, h1_upstream, http2="max_header_list_size: 8KiB"
+        )
         async with (
             innocent_connection(server),
             await RawH2Client.connect(*address(server)) as attacker,
@@ -174,7 +178,7 @@ async def test_hpack_bomb_gets_goaway_and_is_never_decoded_in_full(
 
         assert wire < 6000  # the block really is a bomb: 1000 one-byte indexed fields
         assert goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
-        assert upstream_saw(upstream, "/echo/bomb") == 0
+        assert upstream_saw(h1_upstream, "/echo/bomb") == 0
         await assert_healthy(server)
     assert limit_hits("connection_error") > hits  # counted
 
@@ -207,7 +211,7 @@ def many_small_headers(path: str, total: int) -> list[tuple[str, str]]:
 
 
 async def test_many_small_headers_just_over_the_limit_get_431_and_the_connection_lives_on(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
     """Defence: max_header_list_size per stream (431, docs/errors.md), counted as RFC 9113
     section 6.5.2 does (name + value + 32 per field). ~30 small fields weighing exactly
@@ -215,7 +219,9 @@ async def test_many_small_headers_just_over_the_limit_get_431_and_the_connection
     on serving (the hard cap, 4x, is far away)."""
     hits = limit_hits("header_list")
     async with asyncio.timeout(TEST_TIMEOUT_S):
-        server = await start_gateway(gateway_factory, upstream, http2="max_header_list_size: 2KiB")
+        server = await start_gateway(
+            gateway_factory, h1_upstream, http2="max_header_list_size: 2KiB"
+        )
         async with await H2Client.connect(*address(server)) as client:
             at_limit = await client.request("/echo/a", headers=many_small_headers("/echo/a", 2048))
             over = await client.request("/echo/b", headers=many_small_headers("/echo/b", 2049))
@@ -227,7 +233,7 @@ async def test_many_small_headers_just_over_the_limit_get_431_and_the_connection
         assert json.loads(over.body)["error"] == "head_too_large"
         assert after.status == 200
         assert client.goaway is None
-        assert upstream_saw(upstream, "/echo/b") == 0
+        assert upstream_saw(h1_upstream, "/echo/b") == 0
     assert limit_hits("header_list") > hits  # counted
 
 
@@ -245,7 +251,7 @@ def acks(client: RawH2Client) -> int:
 
 @pytest.mark.parametrize("kind", ["settings", "ping"])
 async def test_control_frame_flood_gets_goaway_enhance_your_calm(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, kind: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, kind: str
 ) -> None:
     """Defence: `max_control_frames_per_second` (`Http2Protocol._on_settings` and
     `_on_control_frame`): with a limit of 20, a flood of SETTINGS or PING frames (written
@@ -256,7 +262,7 @@ async def test_control_frame_flood_gets_goaway_enhance_your_calm(
     hits = limit_hits("control_flood")
     async with asyncio.timeout(TEST_TIMEOUT_S):
         server = await start_gateway(
-            gateway_factory, upstream, http2="max_control_frames_per_second: 20"
+            gateway_factory, h1_upstream, http2="max_control_frames_per_second: 20"
         )
         async with (
             innocent_connection(server),
@@ -284,13 +290,13 @@ async def test_control_frame_flood_gets_goaway_enhance_your_calm(
 
 
 async def test_a_client_below_the_control_frame_limit_is_served(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
     """The other side of the same limit: 10 PINGs and a SETTINGS (plus the connection's
     own SETTINGS) stay under 20 per second: every PING is answered, no GOAWAY."""
     async with asyncio.timeout(TEST_TIMEOUT_S):
         server = await start_gateway(
-            gateway_factory, upstream, http2="max_control_frames_per_second: 20"
+            gateway_factory, h1_upstream, http2="max_control_frames_per_second: 20"
         )
         async with await RawH2Client.connect(*address(server)) as client:
             await client.send_frames(
@@ -308,7 +314,7 @@ async def test_a_client_below_the_control_frame_limit_is_served(
 
 
 async def test_streams_the_client_makes_the_gateway_reset_count_as_rapid_resets(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
     """Defence: `max_resets_per_second` must also count the resets the client provokes
     (the "MadeYouReset" variant of rapid reset, CVE-2025-8671): here each stream is
@@ -321,7 +327,9 @@ async def test_streams_the_client_makes_the_gateway_reset_count_as_rapid_resets(
     streams without limit."""
     hits = limit_hits("rapid_reset")
     async with asyncio.timeout(TEST_TIMEOUT_S):
-        server = await start_gateway(gateway_factory, upstream, http2="max_resets_per_second: 50")
+        server = await start_gateway(
+            gateway_factory, h1_upstream, http2="max_resets_per_second: 50"
+        )
         async with await RawH2Client.connect(*address(server)) as attacker:
             batch = 50
             for first in range(0, 1000, batch):
@@ -338,7 +346,7 @@ async def test_streams_the_client_makes_the_gateway_reset_count_as_rapid_resets(
             try:
                 goaway = await attacker.wait_goaway()
             except AssertionError:
-                reached = upstream_saw(upstream, "/slow/1000?made-you-reset=")
+                reached = upstream_saw(h1_upstream, "/slow/1000?made-you-reset=")
                 raise AssertionError(
                     f"no GOAWAY after {len(attacker.resets)} streams reset by the gateway "
                     f"at the client's request; {reached} reached the upstream"
@@ -346,6 +354,6 @@ async def test_streams_the_client_makes_the_gateway_reset_count_as_rapid_resets(
         await asyncio.sleep(0.2)
 
         assert goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
-        assert upstream_saw(upstream, "/slow/1000?made-you-reset=") < 200
+        assert upstream_saw(h1_upstream, "/slow/1000?made-you-reset=") < 200
         await assert_healthy(server)
     assert limit_hits("rapid_reset") > hits  # counted

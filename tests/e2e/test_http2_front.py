@@ -56,9 +56,9 @@ async def curl(*args: str) -> tuple[int, str, str]:
 
 
 @pytest.fixture
-async def h2_gateway(gateway_factory: GatewayFactory, upstream: UpstreamServer) -> Server:
+async def h2_gateway(gateway_factory: GatewayFactory, h1_upstream: UpstreamServer) -> Server:
     """A plaintext gateway (HTTP/1.1 and h2c on one port) in front of `upstream`."""
-    return await gateway_factory(simple_config(upstream.url, "httptools"))
+    return await gateway_factory(simple_config(h1_upstream.url, "httptools"))
 
 
 def address(server: Server) -> tuple[str, int]:
@@ -71,7 +71,7 @@ def address(server: Server) -> tuple[str, int]:
 
 
 async def test_curl_with_prior_knowledge_gets_an_http2_answer_from_an_http1_upstream(
-    h2_gateway: Server, upstream: UpstreamServer
+    h2_gateway: Server, h1_upstream: UpstreamServer
 ) -> None:
     code, out, err = await curl(
         "--http2-prior-knowledge", "--include", f"{base_url(h2_gateway)}/api/items?x=1"
@@ -82,12 +82,12 @@ async def test_curl_with_prior_knowledge_gets_an_http2_answer_from_an_http1_upst
     payload = json.loads(out.split("\r\n\r\n", 1)[1])
     assert payload["method"] == "GET"
     assert payload["target"] == "/api/items?x=1"
-    seen = upstream.requests[-1]
+    seen = h1_upstream.requests[-1]
     assert seen.header("via") == "2 gatehouse"
     assert seen.header("host") == f"127.0.0.1:{h2_gateway.addresses[0][1]}"
 
 
-async def test_curl_posts_a_body_over_h2c(h2_gateway: Server, upstream: UpstreamServer) -> None:
+async def test_curl_posts_a_body_over_h2c(h2_gateway: Server, h1_upstream: UpstreamServer) -> None:
     code, out, err = await curl(
         "--http2-prior-knowledge", "--data-binary", "hello over h2", f"{base_url(h2_gateway)}/p"
     )
@@ -109,7 +109,7 @@ async def test_http1_and_h2c_share_the_plaintext_port(h2_gateway: Server) -> Non
 
 
 async def test_httpx_runs_many_concurrent_streams_on_one_connection(
-    h2_gateway: Server, upstream: UpstreamServer
+    h2_gateway: Server, h1_upstream: UpstreamServer
 ) -> None:
     async with httpx.AsyncClient(http1=False, http2=True, timeout=10) as client:
         responses = await asyncio.gather(
@@ -122,9 +122,9 @@ async def test_httpx_runs_many_concurrent_streams_on_one_connection(
 
 
 async def test_h2_listener_can_turn_http2_off(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
-    config = simple_config(upstream.url, "httptools").replace(
+    config = simple_config(h1_upstream.url, "httptools").replace(
         "  - bind: 127.0.0.1:0", "  - bind: 127.0.0.1:0\n    http2: false"
     )
     server = await gateway_factory(config)
@@ -138,9 +138,9 @@ async def test_h2_listener_can_turn_http2_off(
 
 
 async def test_curl_negotiates_h2_by_alpn_over_tls(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, tls_files: TlsFiles
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, tls_files: TlsFiles
 ) -> None:
-    server = await gateway_factory(tls_config(upstream, tls_files))
+    server = await gateway_factory(tls_config(h1_upstream, tls_files))
     port = server.addresses[0][1]
 
     code, out, err = await curl(
@@ -149,13 +149,13 @@ async def test_curl_negotiates_h2_by_alpn_over_tls(
 
     assert code == 0, err
     assert out.startswith("HTTP/2 200")
-    assert upstream.requests[-1].header("x-forwarded-proto") == "https"
+    assert h1_upstream.requests[-1].header("x-forwarded-proto") == "https"
 
 
 async def test_http1_over_tls_when_the_client_offers_only_http1(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, tls_files: TlsFiles
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, tls_files: TlsFiles
 ) -> None:
-    server = await gateway_factory(tls_config(upstream, tls_files))
+    server = await gateway_factory(tls_config(h1_upstream, tls_files))
     port = server.addresses[0][1]
 
     code, out, err = await curl(
@@ -164,13 +164,13 @@ async def test_http1_over_tls_when_the_client_offers_only_http1(
 
     assert code == 0, err
     assert out.startswith("HTTP/1.1 200")
-    assert upstream.requests[-1].header("x-forwarded-proto") == "https"
+    assert h1_upstream.requests[-1].header("x-forwarded-proto") == "https"
 
 
 async def test_httpx_http2_over_tls(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, tls_files: TlsFiles
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, tls_files: TlsFiles
 ) -> None:
-    server = await gateway_factory(tls_config(upstream, tls_files))
+    server = await gateway_factory(tls_config(h1_upstream, tls_files))
     port = server.addresses[0][1]
     context = tls_files.client_context(["h2", "http/1.1"])
 
@@ -182,11 +182,11 @@ async def test_httpx_http2_over_tls(
 
 
 async def test_tls_min_version_is_enforced(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, tls_files: TlsFiles
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, tls_files: TlsFiles
 ) -> None:
-    default = await gateway_factory(tls_config(upstream, tls_files))
+    default = await gateway_factory(tls_config(h1_upstream, tls_files))
     strict = await gateway_factory(
-        tls_config(upstream, tls_files).replace("key: ", "min_version: '1.3', key: ")
+        tls_config(h1_upstream, tls_files).replace("key: ", "min_version: '1.3', key: ")
     )
     tls12 = tls_files.client_context(["http/1.1"])
     tls12.maximum_version = ssl.TLSVersion.TLSv1_2
@@ -200,14 +200,14 @@ async def test_tls_min_version_is_enforced(
 
 async def test_reloaded_certificate_is_served_to_new_connections(
     gateway_factory: GatewayFactory,
-    upstream: UpstreamServer,
+    h1_upstream: UpstreamServer,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     from tests.support.tls import make_tls_files
 
     first = make_tls_files(tmp_path_factory.mktemp("first"))
     second = make_tls_files(tmp_path_factory.mktemp("second"))
-    server = await gateway_factory(tls_config(upstream, first))
+    server = await gateway_factory(tls_config(h1_upstream, first))
     _host, port = address(server)
     url = f"https://localhost:{port}/"
 
@@ -229,10 +229,10 @@ async def test_reloaded_certificate_is_served_to_new_connections(
 
 
 async def test_settings_advertise_the_configured_limits(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
     extra = "http2: {max_concurrent_streams: 7, max_header_list_size: 4KiB}"
-    server = await gateway_factory(simple_config(upstream.url, "httptools", extra=extra))
+    server = await gateway_factory(simple_config(h1_upstream.url, "httptools", extra=extra))
     async with await H2Client.connect(*address(server)) as client:
         await client.wait_for("settings", lambda: 3 in client.remote_settings)
 
@@ -253,7 +253,7 @@ async def test_response_trailers_from_an_http1_upstream_reach_the_h2_client(
 
 
 async def test_request_trailers_and_te_trailers_reach_the_upstream(
-    h2_gateway: Server, upstream: UpstreamServer
+    h2_gateway: Server, h1_upstream: UpstreamServer
 ) -> None:
     async with await H2Client.connect(*address(h2_gateway)) as client:
         result = await client.request(
@@ -266,14 +266,14 @@ async def test_request_trailers_and_te_trailers_reach_the_upstream(
 
     assert result.status == 200
     assert json.loads(result.body)["body"] == "payload"
-    assert upstream.requests[-1].header("te") == "trailers"
+    assert h1_upstream.requests[-1].header("te") == "trailers"
 
 
 async def test_oversized_header_list_gets_431_and_the_connection_lives_on(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
     extra = "http2: {max_header_list_size: 2KiB}"
-    server = await gateway_factory(simple_config(upstream.url, "httptools", extra=extra))
+    server = await gateway_factory(simple_config(h1_upstream.url, "httptools", extra=extra))
     async with await H2Client.connect(*address(server)) as client:
         big = await client.request("/big", headers=[("x-big", "v" * 3000)])
         small = await client.request("/small")
@@ -285,26 +285,26 @@ async def test_oversized_header_list_gets_431_and_the_connection_lives_on(
 
 
 async def test_each_stream_is_served_concurrently(
-    h2_gateway: Server, upstream: UpstreamServer
+    h2_gateway: Server, h1_upstream: UpstreamServer
 ) -> None:
     async with await H2Client.connect(*address(h2_gateway)) as client:
         requests = asyncio.gather(*(client.request(f"/held?{i}") for i in range(10)))
         # All ten reach the upstream while none has been answered: side by side, not one
         # after another (the upstream answers only when the test lets it).
-        await eventually(lambda: len(upstream.requests) == 10, "the ten exchanges at once")
-        upstream.release_held()
+        await eventually(lambda: len(h1_upstream.requests) == 10, "the ten exchanges at once")
+        h1_upstream.release_held()
         results = await requests
 
     assert [r.status for r in results] == [200] * 10
 
 
 async def test_a_client_reset_cancels_only_its_stream(
-    h2_gateway: Server, upstream: UpstreamServer
+    h2_gateway: Server, h1_upstream: UpstreamServer
 ) -> None:
     async with await H2Client.connect(*address(h2_gateway)) as client:
         slow = client.send_request("/held")  # never answered
         await client.flush()
-        await eventually(lambda: len(upstream.requests) == 1, "the exchange to be under way")
+        await eventually(lambda: len(h1_upstream.requests) == 1, "the exchange to be under way")
         client.conn.reset_stream(slow)
         await client.flush()
         other = await client.request("/after")
@@ -422,14 +422,14 @@ async def test_many_streams_waiting_on_a_client_that_reads_late_all_complete(
 
 async def test_a_certificate_reload_with_a_mismatched_pair_keeps_the_old_certificate(
     gateway_factory: GatewayFactory,
-    upstream: UpstreamServer,
+    h1_upstream: UpstreamServer,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     from tests.support.tls import make_tls_files
 
     first = make_tls_files(tmp_path_factory.mktemp("kept"))
     other = make_tls_files(tmp_path_factory.mktemp("other"))
-    server = await gateway_factory(tls_config(upstream, first))
+    server = await gateway_factory(tls_config(h1_upstream, first))
     url = f"https://localhost:{server.addresses[0][1]}/"
     first.cert.write_bytes(other.cert.read_bytes())  # half way through a renewal
 

@@ -41,13 +41,13 @@ pytestmark = pytest.mark.socket
 
 
 async def test_stream_window_update_overflow_resets_only_that_stream(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
     """Defence: RFC 9113 section 6.9.1 (h2's window guard, surfaced as a stream reset):
     a WINDOW_UPDATE that takes a stream's send window past 2^31-1 resets that stream with
     FLOW_CONTROL_ERROR; the connection and its other streams carry on."""
     async with asyncio.timeout(TEST_TIMEOUT_S):
-        server = await start_gateway(gateway_factory, upstream)
+        server = await start_gateway(gateway_factory, h1_upstream)
         async with await RawH2Client.connect(*address(server)) as attacker:
             await attacker.send_frames(
                 attacker.headers_frame(1, "/slow/1000"),
@@ -64,14 +64,14 @@ async def test_stream_window_update_overflow_resets_only_that_stream(
 
 
 async def test_connection_window_update_overflow_gets_goaway_flow_control_error(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
     """Defence: RFC 9113 section 6.9.1 at connection level: a WINDOW_UPDATE on stream 0
     that takes the connection's send window past 2^31-1 is a connection error
     FLOW_CONTROL_ERROR (GOAWAY, close); other connections are not affected."""
     hits = limit_hits("connection_error")
     async with asyncio.timeout(TEST_TIMEOUT_S):
-        server = await start_gateway(gateway_factory, upstream)
+        server = await start_gateway(gateway_factory, h1_upstream)
         async with (
             innocent_connection(server),
             await RawH2Client.connect(*address(server)) as attacker,
@@ -116,13 +116,13 @@ async def read_until_closed(
     ids=["whole", "split"],
 )
 async def test_a_wrong_preface_on_the_plaintext_port_gets_400_or_a_close_not_a_hang(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, pieces: list[bytes]
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, pieces: list[bytes]
 ) -> None:
     """Defence: the preface sniffer (`protocol/select.py`) hands anything that is not
     exactly the 24-byte preface to HTTP/1.1, whose parser rejects a `PRI * HTTP/2.0`
     request: 400 or a close, at once (header_timeout is 10 s: no waiting for it)."""
     async with asyncio.timeout(TEST_TIMEOUT_S):
-        server = await start_gateway(gateway_factory, upstream)
+        server = await start_gateway(gateway_factory, h1_upstream)
         reader, writer = await asyncio.open_connection(*address(server))
         try:
             for piece in pieces:
@@ -135,17 +135,17 @@ async def test_a_wrong_preface_on_the_plaintext_port_gets_400_or_a_close_not_a_h
 
         assert closed, f"the gateway hung after a wrong preface (sent {received!r})"
         assert received == b"" or received.startswith(b"HTTP/1.1 400 "), received
-        assert len(upstream.requests) == 0
+        assert len(h1_upstream.requests) == 0
         await assert_healthy(server)
 
 
 async def test_garbage_instead_of_the_preface_over_tls_h2_gets_goaway_protocol_error(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, tls_files: TlsFiles
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, tls_files: TlsFiles
 ) -> None:
     """Defence: h2's preamble check (RFC 9113 section 3.4) on a TLS connection that chose
     h2 by ALPN: anything but the preface is a connection error PROTOCOL_ERROR."""
     async with asyncio.timeout(TEST_TIMEOUT_S):
-        server = await start_gateway(gateway_factory, upstream, listener_tls=tls_files)
+        server = await start_gateway(gateway_factory, h1_upstream, listener_tls=tls_files)
         context = tls_files.client_context(["h2"])
         async with await RawH2Client.connect(
             *address(server), ssl_context=context, preface=False
@@ -167,7 +167,7 @@ async def test_garbage_instead_of_the_preface_over_tls_h2_gets_goaway_protocol_e
 
 
 async def test_an_idle_h2_connection_gets_goaway_and_pings_do_not_keep_it_open(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
     """Defence: limits.keepalive_timeout on HTTP/2 (`Http2Protocol._update_phase`: frames
     without streams do not extend the idle deadline). After one exchange the client only
@@ -176,7 +176,7 @@ async def test_an_idle_h2_connection_gets_goaway_and_pings_do_not_keep_it_open(
     deadline, it would never close)."""
     hits = limit_hits("idle_timeout")
     async with asyncio.timeout(TEST_TIMEOUT_S):
-        server = await start_gateway(gateway_factory, upstream, limits="keepalive_timeout: 1s")
+        server = await start_gateway(gateway_factory, h1_upstream, limits="keepalive_timeout: 1s")
         loop = asyncio.get_running_loop()
         async with await H2Client.connect(*address(server)) as client:
             idle_since = loop.time()  # before the exchange that starts the idle timer
@@ -213,18 +213,18 @@ async def test_an_idle_h2_connection_gets_goaway_and_pings_do_not_keep_it_open(
 
 
 async def test_graceful_shutdown_finishes_the_stream_in_flight_and_refuses_new_ones(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
     """Defence of the in-flight work on drain (`Http2Protocol.on_drain_request`, RFC 9113
     section 6.8): a graceful GOAWAY (NO_ERROR) whose last_stream_id covers the exchange
     in flight, which still completes 200; a stream opened after the GOAWAY is refused
     (REFUSED_STREAM) and never reaches the upstream; then the connection closes."""
     async with asyncio.timeout(TEST_TIMEOUT_S):
-        server = await start_gateway(gateway_factory, upstream)
+        server = await start_gateway(gateway_factory, h1_upstream)
         async with await RawH2Client.connect(*address(server)) as client:
             await client.send_frames(client.headers_frame(1, "/held"))
             await eventually(
-                lambda: upstream_saw(upstream, "/held") == 1, "the exchange to be under way"
+                lambda: upstream_saw(h1_upstream, "/held") == 1, "the exchange to be under way"
             )
             shutdown = asyncio.get_running_loop().create_task(server.shutdown(grace_period=30))
             try:
@@ -232,7 +232,7 @@ async def test_graceful_shutdown_finishes_the_stream_in_flight_and_refuses_new_o
                 await client.send_frames(client.headers_frame(3, "/echo/after-goaway"))
                 # The refusal comes before the in-flight answer, which waits for the test.
                 await client.wait_for("stream 3's refusal", lambda: 3 in client.resets)
-                upstream.release_held()
+                h1_upstream.release_held()
                 await client.wait_for("the in-flight answer", lambda: 1 in client.ended)
                 await client.wait_closed()
             finally:
@@ -244,11 +244,11 @@ async def test_graceful_shutdown_finishes_the_stream_in_flight_and_refuses_new_o
         assert bytes(client.data[1]) == b"held"
         assert client.resets.get(3) == ErrorCodes.REFUSED_STREAM
         assert client.status(3) is None
-        assert upstream_saw(upstream, "/echo/after-goaway") == 0
+        assert upstream_saw(h1_upstream, "/echo/after-goaway") == 0
 
 
 async def test_a_stalled_request_body_gets_408_while_the_connections_other_streams_work(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
     """Defence: limits.body_timeout on an HTTP/2 stream (slowloris on a body; docs/architecture.md:
     client too slow sending the body -> 408). A POST announces 1000 bytes, sends 100 and
@@ -259,7 +259,7 @@ async def test_a_stalled_request_body_gets_408_while_the_connections_other_strea
     fired and the exchange waited on the body forever (the upstream request too)."""
     hits = limit_hits("body_timeout")
     async with asyncio.timeout(TEST_TIMEOUT_S):
-        server = await start_gateway(gateway_factory, upstream, limits="body_timeout: 300ms")
+        server = await start_gateway(gateway_factory, h1_upstream, limits="body_timeout: 300ms")
         async with await H2Client.connect(*address(server)) as client:
             stalled = client.send_request(
                 "/echo/stalled",
@@ -292,7 +292,7 @@ async def test_a_stalled_request_body_gets_408_while_the_connections_other_strea
 
 
 async def test_a_stream_beyond_max_concurrent_streams_is_refused_and_the_others_complete(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
     """Defence: RFC 9113 section 5.1.2: a HEADERS that exceeds the advertised
     SETTINGS_MAX_CONCURRENT_STREAMS MUST be a stream error (PROTOCOL_ERROR or
@@ -303,22 +303,24 @@ async def test_a_stream_beyond_max_concurrent_streams_is_refused_and_the_others_
     gateway made it a connection error, cancelling the five exchanges in flight."""
     hits = limit_hits("refused_stream")
     async with asyncio.timeout(TEST_TIMEOUT_S):
-        server = await start_gateway(gateway_factory, upstream, http2="max_concurrent_streams: 5")
+        server = await start_gateway(
+            gateway_factory, h1_upstream, http2="max_concurrent_streams: 5"
+        )
         async with await RawH2Client.connect(*address(server)) as client:
             await client.wait_for("the gateway's SETTINGS", lambda: bool(client.frames))
             ids = [1, 3, 5, 7, 9]
             # Held by the upstream until the test lets them go: all five are open when the
             # sixth comes, however slow the machine.
             await client.send_frames(*(client.headers_frame(i, f"/held?n={i}") for i in ids))
-            await eventually(lambda: upstream_saw(upstream, "/held") == 5, "the five in flight")
+            await eventually(lambda: upstream_saw(h1_upstream, "/held") == 5, "the five in flight")
             await client.send_frames(client.headers_frame(11, "/held?n=11"))
             await client.wait_for("the sixth stream's reset", lambda: 11 in client.resets)
-            upstream.release_held()
+            h1_upstream.release_held()
             await client.wait_for("the five answers", lambda: all(i in client.ended for i in ids))
 
         assert client.resets[11] in (ErrorCodes.REFUSED_STREAM, ErrorCodes.PROTOCOL_ERROR)
         assert [client.status(i) for i in ids] == [200] * 5
         assert client.goaway is None
-        assert upstream_saw(upstream, "/held?n=11") == 0
+        assert upstream_saw(h1_upstream, "/held?n=11") == 0
         await assert_healthy(server)
     assert limit_hits("refused_stream") > hits  # counted

@@ -52,7 +52,7 @@ H2_FRAME_BYTES = 16 * 1024  # the largest DATA frame the gateway accepts (its de
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[HeldUpstream]:
+def held_upstream() -> Iterator[HeldUpstream]:
     with serve_in_thread(HeldUpstream()) as server:
         yield server
 
@@ -98,7 +98,7 @@ routes:
 
 @pytest.fixture(scope="module")
 def gateways(
-    upstream: HeldUpstream, tmp_path_factory: pytest.TempPathFactory
+    held_upstream: HeldUpstream, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Callable[[str, str], Gateway]]:
     """One-worker gateways by (loop, HTTP/1.1 codec), started on first use and shared by
     the module's tests (a batch's cost is the worker's CPU time between its ends, so what
@@ -112,7 +112,7 @@ def gateways(
                 port = free_port()
                 gateway = started[loop, codec] = stack.enter_context(
                     run_gateway(
-                        _config(port, upstream.url, codec),
+                        _config(port, held_upstream.url, codec),
                         tmp_path_factory.mktemp(f"gateway-{loop}-{codec}"),
                         port=port,
                         args=("--workers", "1", "--loop", loop, "--log-level", "warning"),
@@ -446,15 +446,15 @@ H2_CLASSES = {
 
 @pytest.mark.parametrize("what", list(H1_CLASSES))
 def test_http1_cost_is_linear_in_units(
-    h1_gateway: Gateway, upstream: HeldUpstream, what: str
+    h1_gateway: Gateway, held_upstream: HeldUpstream, what: str
 ) -> None:
     batch, n = H1_CLASSES[what]
-    assert_linear(h1_gateway, upstream, batch, n, f"HTTP/1.1 {what}")
+    assert_linear(h1_gateway, held_upstream, batch, n, f"HTTP/1.1 {what}")
 
 
 @pytest.mark.parametrize("what", list(H2_CLASSES))
 def test_http2_cost_is_linear_in_units(
-    h2_gateway: Gateway, upstream: HeldUpstream, what: str
+    h2_gateway: Gateway, held_upstream: HeldUpstream, what: str
 ) -> None:
     batch, n = H2_CLASSES[what]
-    assert_linear(h2_gateway, upstream, batch, n, f"HTTP/2 {what}")
+    assert_linear(h2_gateway, held_upstream, batch, n, f"HTTP/2 {what}")

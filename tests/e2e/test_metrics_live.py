@@ -41,13 +41,13 @@ def endpoint_of(url: str) -> str:
 
 
 async def test_open_connections_by_listener_and_protocol(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
     server = await gateway_factory(f"""
 listeners:
   - {{bind: 127.0.0.1:0, name: public}}
   - {{bind: 127.0.0.1:0, name: internal, http2: false}}
-upstreams: {{app: {{endpoints: [{upstream.url}]}}}}
+upstreams: {{app: {{endpoints: [{h1_upstream.url}]}}}}
 routes: [{{name: all, match: {{path_prefix: /}}, upstream: app}}]
 """)
     public, internal = (f"http://{host}:{port}" for host, port in server.addresses)
@@ -76,11 +76,11 @@ routes: [{{name: all, match: {{path_prefix: /}}, upstream: app}}]
 
 @pytest.mark.parametrize("protocol", ["http1", "h2c"])
 async def test_pool_gauges_follow_requests_in_flight(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, protocol: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, protocol: str
 ) -> None:
     h2_upstream = await H2UpstreamServer(max_concurrent_streams=1).start()
     try:
-        url = upstream.url if protocol == "http1" else h2_upstream.url
+        url = h1_upstream.url if protocol == "http1" else h2_upstream.url
         server = await gateway_factory(f"""
 listeners: [{{bind: 127.0.0.1:0}}]
 upstreams:
@@ -98,7 +98,7 @@ routes: [{{name: all, match: {{path_prefix: /}}, upstream: app}}]
             # one connection busy (for h2c: its one stream slot), the other request waits,
             # until the test lets the upstream answer
             await eventually("in flight", lambda: pool_gauges("app", endpoint) == (1, 0, 1))
-            upstream.release_held()
+            h1_upstream.release_held()
             h2_upstream.release_held()
             answers = await both
             assert [a.status_code for a in answers] == [200, 200]
@@ -127,11 +127,11 @@ routes: [{name: all, match: {path_prefix: /}, upstream: app}]
 
 
 async def test_the_gauges_read_the_runtime_a_reload_swaps_in(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
     server = await gateway_factory(f"""
 listeners: [{{bind: 127.0.0.1:0}}]
-upstreams: {{before: {{endpoints: [{upstream.url}]}}}}
+upstreams: {{before: {{endpoints: [{h1_upstream.url}]}}}}
 routes: [{{name: all, match: {{path_prefix: /}}, upstream: before}}]
 """)
     assert {s["upstream"] for s in series("gatehouse_upstream_healthy")} == {"before"}
@@ -139,7 +139,7 @@ routes: [{{name: all, match: {{path_prefix: /}}, upstream: before}}]
     new = Runtime(
         parse_config(f"""
 listeners: [{{bind: 127.0.0.1:0}}]
-upstreams: {{after: {{endpoints: [{upstream.url}]}}}}
+upstreams: {{after: {{endpoints: [{h1_upstream.url}]}}}}
 routes: [{{name: all, match: {{path_prefix: /}}, upstream: after}}]
 """),
         server.codec,
@@ -147,7 +147,7 @@ routes: [{{name: all, match: {{path_prefix: /}}, upstream: after}}]
     server.runtime = new
     try:
         assert {s["upstream"] for s in series("gatehouse_upstream_healthy")} == {"after"}
-        assert pool_gauges("after", endpoint_of(upstream.url)) == (0, 0, 0)
+        assert pool_gauges("after", endpoint_of(h1_upstream.url)) == (0, 0, 0)
     finally:
         server.runtime = old
         new.close()
@@ -217,13 +217,13 @@ routes: [{{name: chat, match: {{path_prefix: /}}, upstream: ws}}]
 
 
 async def test_forget_series_drops_a_removed_route_and_upstream(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
     server = await gateway_factory(f"""
 listeners: [{{bind: 127.0.0.1:0}}]
 upstreams:
-  kept: {{endpoints: [{upstream.url}]}}
-  gone: {{endpoints: [{upstream.url}]}}
+  kept: {{endpoints: [{h1_upstream.url}]}}
+  gone: {{endpoints: [{h1_upstream.url}]}}
 routes:
   - {{name: stays, match: {{path_prefix: /stays}}, upstream: kept}}
   - {{name: goes, match: {{path_prefix: /goes}}, upstream: gone}}

@@ -89,9 +89,9 @@ def endpoint_of(upstream: UpstreamServer) -> str:
 
 
 async def test_http1_requests_are_counted_by_route_method_and_code(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str, fast_path: list[bool]
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str, fast_path: list[bool]
 ) -> None:
-    server = await gateway_factory(config(upstream, codec))
+    server = await gateway_factory(config(h1_upstream, codec))
     counts = Counts()
 
     async with httpx.AsyncClient(base_url=base_url(server), timeout=5) as client:
@@ -111,7 +111,7 @@ async def test_http1_requests_are_counted_by_route_method_and_code(
     assert counts.delta(REQUESTS, route="api", method="GET", code="503") == 1
     assert counts.delta(DURATION_COUNT, route="api") == 5
     assert counts.delta("gatehouse_request_duration_seconds_sum", route="api") > 0
-    endpoint = {"upstream": "app", "endpoint": endpoint_of(upstream)}
+    endpoint = {"upstream": "app", "endpoint": endpoint_of(h1_upstream)}
     assert counts.delta(UPSTREAM, **endpoint, code="200") == 4
     assert counts.delta(UPSTREAM, **endpoint, code="503") == 1
     assert counts.delta(UPSTREAM_COUNT, **endpoint) == 5
@@ -119,9 +119,9 @@ async def test_http1_requests_are_counted_by_route_method_and_code(
 
 
 async def test_http2_requests_are_counted_by_route_method_and_code(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, fast_path: list[bool]
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, fast_path: list[bool]
 ) -> None:
-    server = await gateway_factory(config(upstream))
+    server = await gateway_factory(config(h1_upstream))
     counts = Counts()
     host, port = server.addresses[0]
 
@@ -142,7 +142,9 @@ async def test_http2_requests_are_counted_by_route_method_and_code(
     assert counts.delta(DURATION_COUNT, route="api") == 4
     assert counts.delta(REQUESTS, route="", method="GET", code="404") == 1
     assert counts.delta(LOCAL, reason="no_route") == 1
-    assert counts.delta(UPSTREAM, upstream="app", endpoint=endpoint_of(upstream), code="200") == 3
+    assert (
+        counts.delta(UPSTREAM, upstream="app", endpoint=endpoint_of(h1_upstream), code="200") == 3
+    )
 
 
 async def test_attempts_on_an_http2_upstream_are_counted_with_their_codes(
@@ -177,9 +179,12 @@ routes: [{{name: h2up, match: {{path_prefix: /}}, upstream: grpcish}}]
 
 @pytest.mark.parametrize("protocol", ["http1", "h2"])
 async def test_eager_middleware_chains_are_counted(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, protocol: str, fast_path: list[bool]
+    gateway_factory: GatewayFactory,
+    h1_upstream: UpstreamServer,
+    protocol: str,
+    fast_path: list[bool],
 ) -> None:
-    server = await gateway_factory(config(upstream))
+    server = await gateway_factory(config(h1_upstream))
     counts = Counts()
 
     if protocol == "http1":
@@ -198,9 +203,9 @@ async def test_eager_middleware_chains_are_counted(
 
 @pytest.mark.parametrize("protocol", ["http1", "h2"])
 async def test_a_request_no_route_matches_is_a_404_with_an_empty_route(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, protocol: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, protocol: str
 ) -> None:
-    server = await gateway_factory(config(upstream))
+    server = await gateway_factory(config(h1_upstream))
     counts = Counts()
 
     if protocol == "http1":
@@ -215,14 +220,16 @@ async def test_a_request_no_route_matches_is_a_404_with_an_empty_route(
     assert counts.delta(REQUESTS, route="", method="DELETE", code="404") == 1
     assert counts.delta(DURATION_COUNT, route="") == 1
     assert counts.delta(LOCAL, reason="no_route") == 1
-    assert counts.delta(UPSTREAM, upstream="app", endpoint=endpoint_of(upstream), code="200") == 0
+    assert (
+        counts.delta(UPSTREAM, upstream="app", endpoint=endpoint_of(h1_upstream), code="200") == 0
+    )
 
 
 @pytest.mark.parametrize("protocol", ["http1", "h2"])
 async def test_a_dead_upstream_is_a_502_and_a_connect_error(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, protocol: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, protocol: str
 ) -> None:
-    server = await gateway_factory(config(upstream))
+    server = await gateway_factory(config(h1_upstream))
     dead = server.runtime.upstreams["dead"].all_pools[0].label
     counts = Counts()
 
@@ -244,9 +251,9 @@ async def test_a_dead_upstream_is_a_502_and_a_connect_error(
 
 
 async def test_a_dead_http2_upstream_is_a_502_and_a_connect_error(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
-    server = await gateway_factory(config(upstream))
+    server = await gateway_factory(config(h1_upstream))
     dead = server.runtime.upstreams["deadh2"].all_pools[0].label
     counts = Counts()
 
@@ -260,9 +267,9 @@ async def test_a_dead_http2_upstream_is_a_502_and_a_connect_error(
 
 
 async def test_a_silent_upstream_is_a_504_and_a_timeout(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
-    server = await gateway_factory(config(upstream, codec))
+    server = await gateway_factory(config(h1_upstream, codec))
     counts = Counts()
 
     async with httpx.AsyncClient(base_url=base_url(server), timeout=5) as client:
@@ -271,14 +278,14 @@ async def test_a_silent_upstream_is_a_504_and_a_timeout(
     assert response.status_code == 504
     assert counts.delta(REQUESTS, route="slow", method="GET", code="504") == 1
     assert counts.delta(LOCAL, reason="upstream_timeout") == 1
-    endpoint = endpoint_of(upstream)
+    endpoint = endpoint_of(h1_upstream)
     assert counts.delta(UPSTREAM, upstream="slow", endpoint=endpoint, code="timeout") == 1
 
 
 async def test_a_malformed_request_is_counted_without_a_route_or_method(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
-    server = await gateway_factory(config(upstream, codec))
+    server = await gateway_factory(config(h1_upstream, codec))
     counts = Counts()
 
     answer = await raw_request(server, b"GET / HTTP/1.1\r\nHost: a\r\nbad header\r\n\r\n")
@@ -290,9 +297,9 @@ async def test_a_malformed_request_is_counted_without_a_route_or_method(
 
 @pytest.mark.parametrize("protocol", ["http1", "h2"])
 async def test_a_streamed_response_is_counted_once_it_has_ended(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, protocol: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, protocol: str
 ) -> None:
-    server = await gateway_factory(config(upstream))
+    server = await gateway_factory(config(h1_upstream))
     counts = Counts()
     size = 3 * 1024 * 1024  # larger than any buffer: streamed through a task
 
@@ -312,9 +319,9 @@ async def test_a_streamed_response_is_counted_once_it_has_ended(
 
 
 async def test_switched_off_the_data_path_counts_nothing(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
-    server = await gateway_factory(config(upstream, extra="metrics: {enabled: false}"))
+    server = await gateway_factory(config(h1_upstream, extra="metrics: {enabled: false}"))
     counts = Counts()
 
     async with httpx.AsyncClient(base_url=base_url(server), timeout=5) as client:
@@ -334,8 +341,12 @@ async def test_switched_off_the_data_path_counts_nothing(
         assert counts.delta(REQUESTS, route=route, method="GET", code=code) == 0
         assert counts.delta(DURATION_COUNT, route=route) == 0
     assert counts.delta(LOCAL, reason="no_route") == 0
-    assert counts.delta(UPSTREAM, upstream="app", endpoint=endpoint_of(upstream), code="200") == 0
+    assert (
+        counts.delta(UPSTREAM, upstream="app", endpoint=endpoint_of(h1_upstream), code="200") == 0
+    )
     dead = server.runtime.upstreams["dead"].all_pools[0].label
     assert counts.delta(UPSTREAM, upstream="dead", endpoint=dead, code="connect_error") == 0
     # what is read when scraped is still there
-    assert metric("gatehouse_upstream_healthy", upstream="app", endpoint=endpoint_of(upstream)) == 1
+    assert (
+        metric("gatehouse_upstream_healthy", upstream="app", endpoint=endpoint_of(h1_upstream)) == 1
+    )

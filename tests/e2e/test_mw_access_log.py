@@ -45,9 +45,9 @@ async def logged(
 
 
 async def test_a_proxied_request_is_one_line_with_every_field(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, capfd: pytest.CaptureFixture[str]
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    server = await gateway_factory(config(upstream.url))
+    server = await gateway_factory(config(h1_upstream.url))
     async with httpx.AsyncClient(timeout=5) as client:
         response = await client.post(
             base_url(server) + "/echo/users?token=secret",
@@ -64,7 +64,7 @@ async def test_a_proxied_request_is_one_line_with_every_field(
     assert line["path"] == "/echo/users"  # no query string
     assert line["protocol"] == "HTTP/1.1"
     assert line["route"] == "all"
-    assert line["endpoint"] == f"127.0.0.1:{upstream.port}"
+    assert line["endpoint"] == f"127.0.0.1:{h1_upstream.port}"
     assert line["status"] == 200
     assert line["bytes_in"] == 10
     assert line["bytes_out"] == len(response.content)
@@ -77,9 +77,9 @@ async def test_a_proxied_request_is_one_line_with_every_field(
 
 
 async def test_a_streamed_response_is_logged_when_its_body_ends(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, capfd: pytest.CaptureFixture[str]
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    server = await gateway_factory(config(upstream.url))
+    server = await gateway_factory(config(h1_upstream.url))
     async with httpx.AsyncClient(timeout=5) as client:
         chunked = await client.get(base_url(server) + "/chunked/5/1000")
         slow = await client.get(base_url(server) + "/slowbody/300")
@@ -95,13 +95,13 @@ async def test_a_streamed_response_is_logged_when_its_body_ends(
 
 
 async def test_error_replies_are_logged_with_their_status_and_size(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, capfd: pytest.CaptureFixture[str]
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    server = await gateway_factory(config(upstream.url, chain="[log, ids, small]"))
+    server = await gateway_factory(config(h1_upstream.url, chain="[log, ids, small]"))
     async with httpx.AsyncClient(timeout=5) as client:
         refused = await client.post(base_url(server) + "/echo/", content=b"x" * 101)
         head = await client.head(base_url(server) + "/bytes/50")
-    await upstream.stop()
+    await h1_upstream.stop()
     async with httpx.AsyncClient(timeout=5) as client:
         failed = await client.get(base_url(server) + "/echo/")
     assert (refused.status_code, head.status_code, failed.status_code) == (413, 200, 502)
@@ -120,9 +120,9 @@ async def test_error_replies_are_logged_with_their_status_and_size(
 
 
 async def test_http2_requests_are_logged_too(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, capfd: pytest.CaptureFixture[str]
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    server = await gateway_factory(config(upstream.url))
+    server = await gateway_factory(config(h1_upstream.url))
     async with httpx.AsyncClient(http1=False, http2=True, timeout=5) as client:
         response = await client.get(base_url(server) + "/bytes/1234")
     assert response.http_version == "HTTP/2"
@@ -132,9 +132,9 @@ async def test_http2_requests_are_logged_too(
 
 
 async def test_sampling_keeps_server_errors(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, capfd: pytest.CaptureFixture[str]
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    server = await gateway_factory(config(upstream.url, ", sample: 0, fields: [status, path]"))
+    server = await gateway_factory(config(h1_upstream.url, ", sample: 0, fields: [status, path]"))
     async with httpx.AsyncClient(timeout=5) as client:
         for path in ("/echo/a", "/status/404", "/status/503", "/echo/b", "/status/500"):
             await client.get(base_url(server) + path)
@@ -146,14 +146,14 @@ async def test_sampling_keeps_server_errors(
 
 
 async def test_a_client_that_leaves_before_the_answer_is_logged_as_499(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, capfd: pytest.CaptureFixture[str]
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, capfd: pytest.CaptureFixture[str]
 ) -> None:
     options = ", fields: [status, path, bytes_out, duration_s]"
-    server = await gateway_factory(config(upstream.url, options))
+    server = await gateway_factory(config(h1_upstream.url, options))
     async with await H2Client.connect(*server.addresses[0]) as client:
         stream_id = client.send_request("/held")  # never answered
         await client.flush()
-        await eventually(lambda: len(upstream.requests) == 1, "the request to wait on it")
+        await eventually(lambda: len(h1_upstream.requests) == 1, "the request to wait on it")
         client.conn.reset_stream(stream_id)  # the client gives up (RST_STREAM CANCEL)
         await client.flush()
         await asyncio.sleep(0.1)
@@ -168,9 +168,9 @@ async def test_a_client_that_leaves_before_the_answer_is_logged_as_499(
 
 
 async def test_output_stderr(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, capfd: pytest.CaptureFixture[str]
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    server = await gateway_factory(config(upstream.url, ", output: stderr, fields: [status]"))
+    server = await gateway_factory(config(h1_upstream.url, ", output: stderr, fields: [status]"))
     async with httpx.AsyncClient(timeout=5) as client:
         await client.get(base_url(server) + "/echo/")
 
@@ -178,9 +178,9 @@ async def test_output_stderr(
 
 
 async def test_shutdown_flushes_what_is_queued(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, capfd: pytest.CaptureFixture[str]
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    server = await gateway_factory(config(upstream.url, ", fields: [path]"))
+    server = await gateway_factory(config(h1_upstream.url, ", fields: [path]"))
     async with httpx.AsyncClient(timeout=5) as client:
         await asyncio.gather(*(client.get(f"{base_url(server)}/echo/{n}") for n in range(50)))
     await server.shutdown(grace_period=1.0)

@@ -65,7 +65,7 @@ def basic(user: str, password: str) -> dict[str, str]:
 
 async def test_api_key_missing_wrong_and_right(
     gateway_factory: GatewayFactory,
-    upstream: UpstreamServer,
+    h1_upstream: UpstreamServer,
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
 ) -> None:
@@ -81,7 +81,10 @@ middleware:
 """
     server = await gateway_factory(
         simple_config(
-            upstream.url, "auto", extra=extra, route=f"    middleware: [e2e-keys, {SHOW_CONSUMER}]"
+            h1_upstream.url,
+            "auto",
+            extra=extra,
+            route=f"    middleware: [e2e-keys, {SHOW_CONSUMER}]",
         )
     )
     url = base_url(server) + "/echo/k"
@@ -96,14 +99,14 @@ middleware:
         assert wrong.status_code == 403
         assert "WWW-Authenticate" not in wrong.headers
         assert wrong.json()["error"] == "forbidden"
-        assert upstream.requests == []  # nothing refused went upstream
+        assert h1_upstream.requests == []  # nothing refused went upstream
 
         for key, consumer in [("env-key-0123", "users-app"), ("file-key-4567", "partner-a")]:
             headers = [("X-API-Key", key), ("X-Consumer", "admin"), ("X-Consumer", "root")]
             right = await client.get(url, headers=headers)
             assert right.status_code == 200, right.text
             assert right.headers["X-Seen-Consumer"] == consumer
-            seen = upstream.requests[-1]
+            seen = h1_upstream.requests[-1]
             assert header_values(seen, "X-Consumer") == [consumer]
             assert header_values(seen, "X-API-Key") == []
     assert failures("e2e-keys", "missing") == missing + 1
@@ -112,14 +115,14 @@ middleware:
 
 @pytest.mark.parametrize("rewrite", [False, True])
 async def test_api_key_in_the_query_is_cut_from_the_target_the_upstream_sees(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, rewrite: bool
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, rewrite: bool
 ) -> None:
     route = "    middleware: [{type: api_key, query: api_key, keys: [{key: q1, consumer: q}]}]"
     prefix = ""
     if rewrite:  # the forwarder then rebuilds the target from path and query
         route += "\n    rewrite: {strip_prefix: /api}"
         prefix = "/api"
-    server = await gateway_factory(simple_config(upstream.url, "auto", route=route))
+    server = await gateway_factory(simple_config(h1_upstream.url, "auto", route=route))
     async with httpx.AsyncClient(timeout=10) as client:
         base = base_url(server) + prefix
         response = await client.get(base + "/echo/q?a=1&api_key=q1&b=%20two")
@@ -127,16 +130,16 @@ async def test_api_key_in_the_query_is_cut_from_the_target_the_upstream_sees(
         assert response.json()["target"] == "/echo/q?a=1&b=%20two"
         only = await client.get(base + "/echo/only?api_key=q1")
         assert only.json()["target"] == "/echo/only"
-        assert header_values(upstream.requests[-1], "X-Consumer") == ["q"]
+        assert header_values(h1_upstream.requests[-1], "X-Consumer") == ["q"]
         refused = await client.get(base + "/echo/q?api_key=nope")
         assert refused.status_code == 403
 
 
 async def test_api_key_over_http2(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
     route = "    middleware: [{type: api_key, keys: [{key: h2-key, consumer: mobile}]}]"
-    server = await gateway_factory(simple_config(upstream.url, "auto", route=route))
+    server = await gateway_factory(simple_config(h1_upstream.url, "auto", route=route))
     async with httpx.AsyncClient(http1=False, http2=True, timeout=10) as client:
         refused = await client.get(base_url(server) + "/echo/h2")
         assert (refused.http_version, refused.status_code) == ("HTTP/2", 401)
@@ -145,7 +148,7 @@ async def test_api_key_over_http2(
             base_url(server) + "/echo/h2", headers={"x-api-key": "h2-key", "x-consumer": "x"}
         )
         assert right.status_code == 200
-    seen = upstream.requests[-1]
+    seen = h1_upstream.requests[-1]
     assert header_values(seen, "X-Consumer") == ["mobile"]
     assert header_values(seen, "X-API-Key") == []
 
@@ -154,7 +157,7 @@ async def test_api_key_over_http2(
 
 
 async def test_basic_auth_with_an_htpasswd_file_of_every_hash_format(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, tmp_path: Path
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, tmp_path: Path
 ) -> None:
     htpasswd = tmp_path / "htpasswd"
     htpasswd.write_text(
@@ -168,7 +171,7 @@ middleware:
   e2e-basic: {{type: basic_auth, realm: staff, htpasswd_file: {htpasswd}}}
 """
     route = f"    middleware: [e2e-basic, {SHOW_CONSUMER}]"
-    server = await gateway_factory(simple_config(upstream.url, "auto", extra=extra, route=route))
+    server = await gateway_factory(simple_config(h1_upstream.url, "auto", extra=extra, route=route))
     url = base_url(server) + "/echo/b"
     challenge = 'Basic realm="staff", charset="UTF-8"'
     missing, invalid = failures("e2e-basic", "missing"), failures("e2e-basic", "invalid")
@@ -190,18 +193,18 @@ middleware:
                 )
                 assert right.status_code == 200, right.text
                 assert right.headers["X-Seen-Consumer"] == user
-                seen = upstream.requests[-1]
+                seen = h1_upstream.requests[-1]
                 assert header_values(seen, "X-Consumer") == [user]
                 assert header_values(seen, "Authorization") == []
         unknown = await client.get(url, headers=basic("nobody", "password"))
         assert unknown.status_code == 401
-    assert len(upstream.requests) == 6
+    assert len(h1_upstream.requests) == 6
     assert failures("e2e-basic", "missing") == missing + 1
     assert failures("e2e-basic", "invalid") == invalid + 4
 
 
 async def test_basic_auth_can_forward_authorization(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
     route = (
         "    middleware:\n"
@@ -210,11 +213,11 @@ async def test_basic_auth_can_forward_authorization(
         "        forward_authorization: true\n"
         "        consumer_header: X-User"
     )
-    server = await gateway_factory(simple_config(upstream.url, "auto", route=route))
+    server = await gateway_factory(simple_config(h1_upstream.url, "auto", route=route))
     credentials = basic("alice", "password")
     async with httpx.AsyncClient(timeout=10) as client:
         response = await client.get(base_url(server) + "/echo/fwd", headers=credentials)
     assert response.status_code == 200
-    seen = upstream.requests[-1]
+    seen = h1_upstream.requests[-1]
     assert header_values(seen, "Authorization") == [credentials["Authorization"]]
     assert header_values(seen, "X-User") == ["alice"]

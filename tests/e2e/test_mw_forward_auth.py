@@ -68,10 +68,12 @@ def failures(reason: str) -> float:
 
 
 async def test_a_2xx_lets_the_request_on_with_the_copied_headers(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, auth: AuthService
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, auth: AuthService
 ) -> None:
     auth.answer = AuthAnswer(200, [("X-User", "ada"), ("X-Email", "ada@example.com")], b"ok")
-    server = await start(gateway_factory, upstream, auth.url + "/check", "copy_headers: [X-User]")
+    server = await start(
+        gateway_factory, h1_upstream, auth.url + "/check", "copy_headers: [X-User]"
+    )
     headers = echoed(await get(server, X_User="mallory", X_Email="mallory@example.com"))
     assert headers["x-user"] == ["ada"]  # the client's copy is gone, the service's is there
     # Not in copy_headers: the client's own value passes untouched, the service's does not.
@@ -82,10 +84,10 @@ async def test_a_2xx_lets_the_request_on_with_the_copied_headers(
 
 
 async def test_a_spoofed_copy_is_removed_even_when_the_service_sends_none(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, auth: AuthService
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, auth: AuthService
 ) -> None:
     auth.answer = AuthAnswer(204)
-    server = await start(gateway_factory, upstream, auth.url, "copy_headers: [X-User, X-Groups]")
+    server = await start(gateway_factory, h1_upstream, auth.url, "copy_headers: [X-User, X-Groups]")
     headers = echoed(await get(server, X_User="root", X_Groups="admin"))
     assert "x-user" not in headers
     assert "x-groups" not in headers
@@ -94,9 +96,9 @@ async def test_a_spoofed_copy_is_removed_even_when_the_service_sends_none(
 
 
 async def test_the_request_body_still_reaches_the_upstream(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, auth: AuthService
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, auth: AuthService
 ) -> None:
-    server = await start(gateway_factory, upstream, auth.url)
+    server = await start(gateway_factory, h1_upstream, auth.url)
     async with httpx.AsyncClient(timeout=10) as client:
         response = await client.post(base_url(server) + "/echo/post", content=b"payload" * 1000)
     assert response.status_code == 200
@@ -107,9 +109,9 @@ async def test_the_request_body_still_reaches_the_upstream(
 
 
 async def test_connections_to_the_service_are_kept_alive_and_reused(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, auth: AuthService
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, auth: AuthService
 ) -> None:
-    server = await start(gateway_factory, upstream, auth.url)
+    server = await start(gateway_factory, h1_upstream, auth.url)
     for _ in range(5):
         assert (await get(server)).status_code == 200
     assert len(auth.requests) == 5
@@ -117,10 +119,10 @@ async def test_connections_to_the_service_are_kept_alive_and_reused(
 
 
 async def test_a_2xx_with_a_large_body_still_lets_the_request_on(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, auth: AuthService
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, auth: AuthService
 ) -> None:
     auth.answer = AuthAnswer(200, [("X-User", "ada")], b"x" * (200 * 1024))
-    server = await start(gateway_factory, upstream, auth.url, "copy_headers: X-User")
+    server = await start(gateway_factory, h1_upstream, auth.url, "copy_headers: X-User")
     assert echoed(await get(server))["x-user"] == ["ada"]
 
 
@@ -128,11 +130,11 @@ async def test_a_2xx_with_a_large_body_still_lets_the_request_on(
 
 
 async def test_the_service_sees_the_listed_headers_and_the_forwarding_headers(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, auth: AuthService
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, auth: AuthService
 ) -> None:
     server = await start(
         gateway_factory,
-        upstream,
+        h1_upstream,
         auth.url + "/verify?app=1",
         "forward_headers: [Authorization, Cookie]",
     )
@@ -166,9 +168,9 @@ async def test_the_service_sees_the_listed_headers_and_the_forwarding_headers(
 
 
 async def test_without_forward_headers_every_end_to_end_header_goes(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, auth: AuthService
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, auth: AuthService
 ) -> None:
-    server = await start(gateway_factory, upstream, auth.url)
+    server = await start(gateway_factory, h1_upstream, auth.url)
     response = await get(server, X_Other="yes", X_Hop="secret", Connection="X-Hop", TE="trailers")
     assert response.status_code == 200
     seen = auth.requests[0]
@@ -187,7 +189,7 @@ async def test_without_forward_headers_every_end_to_end_header_goes(
 
 
 async def test_a_401_comes_back_as_is_with_its_challenge_and_body(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, auth: AuthService
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, auth: AuthService
 ) -> None:
     body = b'{"error": "invalid_token", "detail": "expired"}'
     auth.answer = AuthAnswer(
@@ -202,7 +204,7 @@ async def test_a_401_comes_back_as_is_with_its_challenge_and_body(
         ],
         body,
     )
-    server = await start(gateway_factory, upstream, auth.url)
+    server = await start(gateway_factory, h1_upstream, auth.url)
     before = failures("denied")
     response = await get(server)
     assert response.status_code == 401
@@ -213,29 +215,29 @@ async def test_a_401_comes_back_as_is_with_its_challenge_and_body(
     assert response.headers["content-length"] == str(len(body))
     assert "x-auth-hop" not in response.headers
     assert "keep-alive" not in response.headers
-    assert upstream.requests == []
+    assert h1_upstream.requests == []
     assert failures("denied") == before + 1
 
 
 async def test_a_302_to_the_login_page_comes_back_with_its_location(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, auth: AuthService
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, auth: AuthService
 ) -> None:
     location = "https://login.example.com/?rd=http%3A%2F%2Fapp%2Fecho%2Fx"
     auth.answer = AuthAnswer(302, [("Location", location), ("Set-Cookie", "csrf=1; HttpOnly")])
-    server = await start(gateway_factory, upstream, auth.url)
+    server = await start(gateway_factory, h1_upstream, auth.url)
     response = await get(server)
     assert response.status_code == 302
     assert response.headers["location"] == location
     assert response.headers["set-cookie"] == "csrf=1; HttpOnly"
     assert response.content == b""
-    assert upstream.requests == []
+    assert h1_upstream.requests == []
 
 
 async def test_a_403_and_then_a_200_on_the_same_service_connection(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, auth: AuthService
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, auth: AuthService
 ) -> None:
     auth.answer = AuthAnswer(403, [("Content-Type", "text/plain")], b"no entry")
-    server = await start(gateway_factory, upstream, auth.url)
+    server = await start(gateway_factory, h1_upstream, auth.url)
     refused = await get(server)
     assert (refused.status_code, refused.text) == (403, "no entry")
     auth.answer = AuthAnswer(200)
@@ -252,25 +254,25 @@ def assert_local_reply(response: httpx.Response, status: int, error: str) -> Non
 
 
 async def test_a_service_that_is_not_running_gives_503_at_once(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
     url = f"http://127.0.0.1:{unused_port()}/check"
-    server = await start(gateway_factory, upstream, url, "timeout: 30s")
+    server = await start(gateway_factory, h1_upstream, url, "timeout: 30s")
     before = failures("unavailable")
     started = time.monotonic()
     response = await get(server)
     elapsed = time.monotonic() - started
     assert_local_reply(response, 503, "auth_unavailable")
     assert elapsed < 10.0  # at once, not after the 30 s timeout (room for a busy machine)
-    assert upstream.requests == []
+    assert h1_upstream.requests == []
     assert failures("unavailable") == before + 1
 
 
 async def test_a_silent_service_is_bounded_by_the_timeout_with_504(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, auth: AuthService
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, auth: AuthService
 ) -> None:
     auth.answer = AuthAnswer(hang=True)
-    server = await start(gateway_factory, upstream, auth.url, "timeout: 300ms")
+    server = await start(gateway_factory, h1_upstream, auth.url, "timeout: 300ms")
     before = failures("timeout")
     started = time.monotonic()
     response = await get(server)
@@ -279,7 +281,7 @@ async def test_a_silent_service_is_bounded_by_the_timeout_with_504(
     # After the 300 ms (to uvloop's millisecond clock), and before the 2 s default would
     # have ended it: the configured timeout did.
     assert 0.3 - 0.001 <= elapsed < DEFAULT_TIMEOUT_S
-    assert upstream.requests == []
+    assert h1_upstream.requests == []
     assert failures("timeout") == before + 1
     # The connection that timed out is not reused: the next request gets a fresh one.
     auth.answer = AuthAnswer(200)
@@ -288,10 +290,10 @@ async def test_a_silent_service_is_bounded_by_the_timeout_with_504(
 
 
 async def test_a_service_that_stalls_in_its_body_is_bounded_by_the_timeout_too(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, auth: AuthService
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, auth: AuthService
 ) -> None:
     auth.answer = AuthAnswer(401, body=b"partial", stall=True)
-    server = await start(gateway_factory, upstream, auth.url, "timeout: 300ms")
+    server = await start(gateway_factory, h1_upstream, auth.url, "timeout: 300ms")
     started = time.monotonic()
     response = await get(server)
     assert_local_reply(response, 504, "auth_timeout")
@@ -302,30 +304,30 @@ async def test_a_service_that_stalls_in_its_body_is_bounded_by_the_timeout_too(
 
 
 async def test_a_service_that_drops_the_connection_gives_502(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, auth: AuthService
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, auth: AuthService
 ) -> None:
     auth.answer = AuthAnswer(drop=True)
-    server = await start(gateway_factory, upstream, auth.url)
+    server = await start(gateway_factory, h1_upstream, auth.url)
     assert_local_reply(await get(server), 502, "auth_bad_response")
 
 
 async def test_a_refusal_too_large_to_relay_gives_502(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, auth: AuthService
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, auth: AuthService
 ) -> None:
     auth.answer = AuthAnswer(401, [("WWW-Authenticate", CHALLENGE)], b"x" * (65 * 1024))
-    server = await start(gateway_factory, upstream, auth.url)
+    server = await start(gateway_factory, h1_upstream, auth.url)
     before = failures("bad_response")
     assert_local_reply(await get(server), 502, "auth_bad_response")
     assert failures("bad_response") == before + 1
 
 
 async def test_the_keep_alive_race_with_the_service_is_retried(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
     # This service closes every connection after one answer, without saying so.
     service = await AuthService(drop_reused=True).start()
     try:
-        server = await start(gateway_factory, upstream, service.url)
+        server = await start(gateway_factory, h1_upstream, service.url)
         for _ in range(3):
             assert (await get(server)).status_code == 200
         assert len(service.requests) == 3
@@ -337,7 +339,7 @@ async def test_the_keep_alive_race_with_the_service_is_retried(
 
 
 async def test_an_https_service_verified_against_its_ca(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, tls_files: TlsFiles
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, tls_files: TlsFiles
 ) -> None:
     service = await AuthService(answer=AuthAnswer(200, [("X-User", "tls-ada")])).start(
         tls=tls_files.server_context(["http/1.1"])
@@ -345,11 +347,11 @@ async def test_an_https_service_verified_against_its_ca(
     try:
         url = f"https://localhost:{service.port}/check"
         options = f"copy_headers: [X-User], tls: {{ca: '{tls_files.ca}'}}"
-        server = await start(gateway_factory, upstream, url, options)
+        server = await start(gateway_factory, h1_upstream, url, options)
         assert echoed(await get(server))["x-user"] == ["tls-ada"]
         assert service.requests[0].header("host") == f"localhost:{service.port}"
         # Without the CA the certificate is not trusted: the service counts as unavailable.
-        untrusting = await start(gateway_factory, upstream, url)
+        untrusting = await start(gateway_factory, h1_upstream, url)
         assert_local_reply(await get(untrusting), 503, "auth_unavailable")
     finally:
         await service.stop()

@@ -45,9 +45,9 @@ global_middleware: [outer]
 
 
 async def test_global_runs_before_the_routes_own_and_both_see_the_response(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
-    server = await gateway_factory(config(upstream, SECTIONS, "    middleware: [inner]"))
+    server = await gateway_factory(config(h1_upstream, SECTIONS, "    middleware: [inner]"))
     async with httpx.AsyncClient() as client:
         response = await client.get(base_url(server) + "/echo/x")
     assert response.status_code == 200
@@ -56,35 +56,35 @@ async def test_global_runs_before_the_routes_own_and_both_see_the_response(
 
 
 async def test_a_middleware_raising_a_proxy_error_gets_a_local_reply(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
-    server = await gateway_factory(config(upstream, SECTIONS, "    middleware: [inner]"))
+    server = await gateway_factory(config(h1_upstream, SECTIONS, "    middleware: [inner]"))
     async with httpx.AsyncClient() as client:
         response = await client.get(base_url(server) + "/echo/x", headers={"X-Refuse": "1"})
     assert response.status_code == 418
     assert response.json()["error"] == "stamp_refused"
-    assert upstream.requests == []  # never forwarded
+    assert h1_upstream.requests == []  # never forwarded
 
 
 async def test_a_plugin_from_an_entry_point_runs(
     gateway_factory: GatewayFactory,
-    upstream: UpstreamServer,
+    h1_upstream: UpstreamServer,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     install_entry_point(tmp_path, monkeypatch)
     sections = "middleware:\n  s: {type: stamp-plugin, value: from-entry-point}"
-    server = await gateway_factory(config(upstream, sections, "    middleware: [s]"))
+    server = await gateway_factory(config(h1_upstream, sections, "    middleware: [s]"))
     async with httpx.AsyncClient() as client:
         response = await client.get(base_url(server) + "/echo/x")
     assert upstream_headers(response)["x-stamp"] == "from-entry-point"
 
 
 async def test_start_and_close_hooks_run_once_per_instance(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
     stamp.EVENTS.clear()
-    text = config(upstream, SECTIONS, "    middleware: [inner, outer]")  # outer twice
+    text = config(h1_upstream, SECTIONS, "    middleware: [inner, outer]")  # outer twice
     server = await gateway_factory(text)
     assert sorted(stamp.EVENTS) == ["start:inner", "start:outer"]
     await server.shutdown(grace_period=1.0)
@@ -92,7 +92,7 @@ async def test_start_and_close_hooks_run_once_per_instance(
 
 
 async def test_each_middleware_is_timed_on_its_own(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
     def count(name: str) -> float:
         labels = {"middleware": name}
@@ -103,7 +103,7 @@ async def test_each_middleware_is_timed_on_its_own(
         return REGISTRY.get_sample_value("gatehouse_middleware_duration_seconds_sum", labels) or 0
 
     before = count("outer"), count("inner"), total("outer")
-    server = await gateway_factory(config(upstream, SECTIONS, "    middleware: [inner]"))
+    server = await gateway_factory(config(h1_upstream, SECTIONS, "    middleware: [inner]"))
     async with httpx.AsyncClient() as client:
         for _ in range(3):
             # /slow answers after 200 ms: time spent upstream is not the middleware's
@@ -121,9 +121,9 @@ REQUEST_ID = "middleware:\n  rid: {type: request_id}\nglobal_middleware: [rid]"
 
 
 async def test_request_id_is_generated_sent_upstream_and_returned(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
-    server = await gateway_factory(config(upstream, REQUEST_ID))
+    server = await gateway_factory(config(h1_upstream, REQUEST_ID))
     async with httpx.AsyncClient() as client:
         first = await client.get(base_url(server) + "/echo/x")
         second = await client.get(base_url(server) + "/echo/x")
@@ -134,9 +134,9 @@ async def test_request_id_is_generated_sent_upstream_and_returned(
 
 
 async def test_a_sane_incoming_request_id_is_kept_an_unsafe_one_replaced(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
-    server = await gateway_factory(config(upstream, REQUEST_ID))
+    server = await gateway_factory(config(h1_upstream, REQUEST_ID))
     async with httpx.AsyncClient() as client:
         kept = await client.get(base_url(server) + "/echo/x", headers={"X-Request-ID": "trace-42"})
         unsafe = await client.get(
@@ -149,10 +149,10 @@ async def test_a_sane_incoming_request_id_is_kept_an_unsafe_one_replaced(
 
 
 async def test_request_id_is_in_the_gateways_error_bodies(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
-    server = await gateway_factory(config(upstream, REQUEST_ID))
-    await upstream.stop()  # the upstream is gone: a 502 local reply
+    server = await gateway_factory(config(h1_upstream, REQUEST_ID))
+    await h1_upstream.stop()  # the upstream is gone: a 502 local reply
     async with httpx.AsyncClient() as client:
         response = await client.get(base_url(server) + "/echo/x")
     assert response.status_code == 502
@@ -160,11 +160,11 @@ async def test_request_id_is_in_the_gateways_error_bodies(
 
 
 async def test_global_middleware_runs_for_requests_no_route_matches(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
     """An unknown path still passes through global_middleware (an access log line, global
     auth) before its 404; a route's own middleware does not run."""
-    text = config(upstream, SECTIONS, "    middleware: [inner]").replace(
+    text = config(h1_upstream, SECTIONS, "    middleware: [inner]").replace(
         "match: {path_prefix: /}", "match: {path_prefix: /known}"
     )
     server = await gateway_factory(text)
@@ -174,4 +174,4 @@ async def test_global_middleware_runs_for_requests_no_route_matches(
     assert refused.status_code == 418  # the global middleware saw it first
     assert missing.status_code == 404
     assert missing.json()["error"] == "no_route"
-    assert upstream.requests == []
+    assert h1_upstream.requests == []

@@ -53,9 +53,9 @@ def upstream_saw(response: httpx.Response) -> list[tuple[str, str]]:
 
 
 async def test_request_headers_reach_the_upstream_changed(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
-    server = await gateway_factory(config(upstream, codec))
+    server = await gateway_factory(config(h1_upstream, codec))
     async with httpx.AsyncClient(timeout=5) as client:
         response = await client.get(
             base_url(server) + "/echo/x",
@@ -72,9 +72,9 @@ async def test_request_headers_reach_the_upstream_changed(
 
 
 async def test_response_headers_reach_the_client_changed(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
-    server = await gateway_factory(config(upstream, codec))
+    server = await gateway_factory(config(h1_upstream, codec))
     async with httpx.AsyncClient(timeout=5) as client:
         response = await client.get(base_url(server) + "/hopheaders")
     assert response.status_code == 200
@@ -84,10 +84,10 @@ async def test_response_headers_reach_the_client_changed(
 
 
 async def test_error_replies_carry_the_response_headers(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
-    server = await gateway_factory(config(upstream))
-    await upstream.stop()
+    server = await gateway_factory(config(h1_upstream))
+    await h1_upstream.stop()
     async with httpx.AsyncClient(timeout=5) as client:
         response = await client.get(base_url(server) + "/echo/")
     assert response.status_code == 502
@@ -105,9 +105,9 @@ PREFLIGHT = {
 
 
 async def test_an_allowed_preflight_is_answered_by_the_gateway(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
-    server = await gateway_factory(config(upstream, codec))
+    server = await gateway_factory(config(h1_upstream, codec))
     async with httpx.AsyncClient(timeout=5) as client:
         response = await client.options(base_url(server) + "/echo/items/1", headers=PREFLIGHT)
     assert response.status_code == 204
@@ -119,7 +119,7 @@ async def test_an_allowed_preflight_is_answered_by_the_gateway(
     assert headers["Access-Control-Allow-Headers"] == "Content-Type, X-Token"
     assert headers["Access-Control-Max-Age"] == "3600"
     assert "Origin" in headers["Vary"]
-    assert upstream.requests == []  # never forwarded
+    assert h1_upstream.requests == []  # never forwarded
 
 
 @pytest.mark.parametrize(
@@ -131,9 +131,9 @@ async def test_an_allowed_preflight_is_answered_by_the_gateway(
     ],
 )
 async def test_a_refused_preflight_is_403_without_allow_headers(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, change: dict[str, str]
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, change: dict[str, str]
 ) -> None:
-    server = await gateway_factory(config(upstream))
+    server = await gateway_factory(config(h1_upstream))
     async with httpx.AsyncClient(timeout=5) as client:
         response = await client.options(
             base_url(server) + "/echo/items/1", headers={**PREFLIGHT, **change}
@@ -141,13 +141,13 @@ async def test_a_refused_preflight_is_403_without_allow_headers(
     assert response.status_code == 403
     assert response.json()["error"] == "cors_preflight_refused"
     assert not [name for name in response.headers if name.lower().startswith("access-control")]
-    assert upstream.requests == []
+    assert h1_upstream.requests == []
 
 
 async def test_actual_requests_from_allowed_origins_get_cors_headers(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
-    server = await gateway_factory(config(upstream))
+    server = await gateway_factory(config(h1_upstream))
     async with httpx.AsyncClient(timeout=5) as client:
         response = await client.post(
             base_url(server) + "/echo/items",
@@ -162,23 +162,23 @@ async def test_actual_requests_from_allowed_origins_get_cors_headers(
 
 
 async def test_other_origins_still_reach_the_upstream_but_get_no_cors_headers(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
-    server = await gateway_factory(config(upstream))
+    server = await gateway_factory(config(h1_upstream))
     async with httpx.AsyncClient(timeout=5) as client:
         response = await client.get(
             base_url(server) + "/echo/items", headers={"Origin": "https://evil.example.com"}
         )
     assert response.status_code == 200
-    assert [r.target for r in upstream.requests] == ["/echo/items"]
+    assert [r.target for r in h1_upstream.requests] == ["/echo/items"]
     assert "Access-Control-Allow-Origin" not in response.headers
     assert response.headers["Vary"] == "Origin"  # caches keep answers per origin
 
 
 async def test_preflights_over_http2(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
-    server = await gateway_factory(config(upstream))
+    server = await gateway_factory(config(h1_upstream))
     async with httpx.AsyncClient(http1=False, http2=True, timeout=5) as client:
         allowed = await client.options(base_url(server) + "/echo/", headers=PREFLIGHT)
         refused = await client.options(
@@ -189,16 +189,16 @@ async def test_preflights_over_http2(
         204,
         403,
     )
-    assert upstream.requests == []
+    assert h1_upstream.requests == []
 
 
 # --- body_limit ---
 
 
 async def test_a_declared_body_over_the_limit_is_413_and_never_forwarded(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
-    server = await gateway_factory(config(upstream, codec))
+    server = await gateway_factory(config(h1_upstream, codec))
     async with httpx.AsyncClient(timeout=5) as client:
         over = await client.post(base_url(server) + "/sink", content=b"x" * 1025)
         at_limit = await client.post(base_url(server) + "/sink", content=b"x" * 1024)
@@ -206,13 +206,13 @@ async def test_a_declared_body_over_the_limit_is_413_and_never_forwarded(
     assert over.json()["error"] == "body_too_large"
     assert at_limit.status_code == 200
     assert at_limit.json()["size"] == 1024
-    assert [r.body_size for r in upstream.requests] == [1024]
+    assert [r.body_size for r in h1_upstream.requests] == [1024]
 
 
 async def test_expect_100_continue_over_the_limit_gets_413_instead_of_100(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
-    server = await gateway_factory(config(upstream, codec))
+    server = await gateway_factory(config(h1_upstream, codec))
     head = (
         b"POST /sink HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\nExpect: 100-continue\r\n\r\n"
     )
@@ -220,7 +220,7 @@ async def test_expect_100_continue_over_the_limit_gets_413_instead_of_100(
     assert reply.startswith(b"HTTP/1.1 413 ")
     assert b"100 Continue" not in reply
     assert parse_response(reply)[0].json()["error"] == "body_too_large"
-    assert upstream.requests == []
+    assert h1_upstream.requests == []
 
 
 async def _chunks(count: int, size: int) -> AsyncIterator[bytes]:
@@ -229,9 +229,9 @@ async def _chunks(count: int, size: int) -> AsyncIterator[bytes]:
 
 
 async def test_a_streamed_body_is_cut_off_with_413_when_it_passes_the_limit(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
-    server = await gateway_factory(config(upstream, codec))
+    server = await gateway_factory(config(h1_upstream, codec))
     async with httpx.AsyncClient(timeout=5) as client:
         under = await client.post(base_url(server) + "/sink", content=_chunks(4, 256))
         over = await client.post(base_url(server) + "/sink", content=_chunks(64, 256))
@@ -242,9 +242,9 @@ async def test_a_streamed_body_is_cut_off_with_413_when_it_passes_the_limit(
 
 
 async def test_body_limit_over_http2(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
-    server = await gateway_factory(config(upstream))
+    server = await gateway_factory(config(h1_upstream))
     async with httpx.AsyncClient(http1=False, http2=True, timeout=5) as client:
         declared = await client.post(base_url(server) + "/sink", content=b"z" * 2000)
         streamed = await client.post(base_url(server) + "/sink", content=_chunks(16, 200))

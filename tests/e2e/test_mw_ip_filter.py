@@ -36,48 +36,48 @@ def assert_forbidden(response: httpx.Response) -> None:
 
 
 async def test_an_allowed_client_reaches_the_upstream(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
-    server = await start(gateway_factory, upstream, "allow: [127.0.0.0/8, '::1']")
+    server = await start(gateway_factory, h1_upstream, "allow: [127.0.0.0/8, '::1']")
     response = await get(server)
     assert response.status_code == 200
     assert response.json()["target"] == "/echo/x"
 
 
 async def test_a_client_outside_the_allow_list_gets_403_and_nothing_goes_upstream(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
-    server = await start(gateway_factory, upstream, "allow: [10.0.0.0/8]")
+    server = await start(gateway_factory, h1_upstream, "allow: [10.0.0.0/8]")
     assert_forbidden(await get(server))
-    assert upstream.requests == []
+    assert h1_upstream.requests == []
 
 
 async def test_deny_list_and_deny_winning_over_allow(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
-    denied = await start(gateway_factory, upstream, "deny: [127.0.0.1]")
+    denied = await start(gateway_factory, h1_upstream, "deny: [127.0.0.1]")
     assert_forbidden(await get(denied))
-    other = await start(gateway_factory, upstream, "deny: [10.0.0.0/8]")
+    other = await start(gateway_factory, h1_upstream, "deny: [10.0.0.0/8]")
     assert (await get(other)).status_code == 200
-    both = await start(gateway_factory, upstream, "allow: [127.0.0.0/8], deny: [127.0.0.1/32]")
+    both = await start(gateway_factory, h1_upstream, "allow: [127.0.0.0/8], deny: [127.0.0.1/32]")
     assert_forbidden(await get(both))
 
 
 async def test_a_spoofed_xff_is_ignored_without_trusted_proxies(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
-    server = await start(gateway_factory, upstream, "allow: [198.51.100.0/24]")
+    server = await start(gateway_factory, h1_upstream, "allow: [198.51.100.0/24]")
     assert_forbidden(await get(server, "198.51.100.9"))
-    denying = await start(gateway_factory, upstream, "deny: [127.0.0.1]")
+    denying = await start(gateway_factory, h1_upstream, "deny: [127.0.0.1]")
     assert_forbidden(await get(denying, "198.51.100.9"))
 
 
 async def test_behind_a_trusted_proxy_the_rightmost_untrusted_entry_decides(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
     server = await start(
         gateway_factory,
-        upstream,
+        h1_upstream,
         "allow: [198.51.100.0/24]",
         "client_ip: {trusted_proxies: [127.0.0.1, 10.0.0.0/8]}",
     )
@@ -95,7 +95,7 @@ async def test_behind_a_trusted_proxy_the_rightmost_untrusted_entry_decides(
 
 
 async def test_a_named_filter_as_global_middleware(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
     extra = """
 client_ip: {trusted_proxies: [127.0.0.1]}
@@ -103,7 +103,7 @@ middleware:
   office: {type: ip_filter, allow: [192.168.0.0/16]}
 global_middleware: [office]
 """
-    server = await gateway_factory(simple_config(upstream.url, "httptools", extra=extra))
+    server = await gateway_factory(simple_config(h1_upstream.url, "httptools", extra=extra))
     assert (await get(server, "192.168.7.7")).status_code == 200
     assert_forbidden(await get(server, "192.169.0.1"))
     assert_forbidden(await get(server))  # the proxy itself is not in the office

@@ -145,12 +145,12 @@ async def jwks() -> AsyncIterator[JwksServer]:
 
 
 async def test_valid_tokens_of_each_family_pass_and_their_claims_reach_the_upstream(
-    upstream: UpstreamServer, jwks: JwksServer, tmp_path: Path
+    h1_upstream: UpstreamServer, jwks: JwksServer, tmp_path: Path
 ) -> None:
     pem = tmp_path / "ec.pem"
     pem.write_text(EC.public_pem())
     text = config(
-        upstream,
+        h1_upstream,
         f"""\
   hs: {{type: jwt, algorithms: [HS256], secret: "{SECRET.decode()}",
         forward_claims: {{sub: X-User-Id, email: X-User-Email}}}}
@@ -183,7 +183,7 @@ async def test_valid_tokens_of_each_family_pass_and_their_claims_reach_the_upstr
             # Only `hs` forwards the email claim, so only there is a client's copy replaced.
             email = ["h@example.com"] if path == "/hs/echo" else ["root@evil"]
             assert echoed(response, "X-User-Email") == email
-    assert [r.header("X-User-Id") for r in upstream.requests] == [
+    assert [r.header("X-User-Id") for r in h1_upstream.requests] == [
         "hs-user",
         "es-user",
         "rs-user",
@@ -193,10 +193,10 @@ async def test_valid_tokens_of_each_family_pass_and_their_claims_reach_the_upstr
 
 
 async def test_refused_tokens_get_401_with_the_reason_and_never_reach_the_upstream(
-    upstream: UpstreamServer,
+    h1_upstream: UpstreamServer,
 ) -> None:
     text = config(
-        upstream,
+        h1_upstream,
         f"""\
   auth:
     type: jwt
@@ -252,7 +252,7 @@ async def test_refused_tokens_get_401_with_the_reason_and_never_reach_the_upstre
         token = HS.sign(good)  # once: signing adds an exp from the clock
         response = await client.get(url, headers=bearer(token))
         assert echoed(response, "Authorization") == [f"Bearer {token}"]
-    assert len(upstream.requests) == 1
+    assert len(h1_upstream.requests) == 1
 
 
 def unsigned(claims: dict[str, Any]) -> str:
@@ -260,10 +260,10 @@ def unsigned(claims: dict[str, Any]) -> str:
 
 
 async def test_the_token_can_come_from_a_cookie_and_be_kept_from_the_upstream(
-    upstream: UpstreamServer,
+    h1_upstream: UpstreamServer,
 ) -> None:
     text = config(
-        upstream,
+        h1_upstream,
         f"""\
   auth:
     type: jwt
@@ -286,10 +286,10 @@ async def test_the_token_can_come_from_a_cookie_and_be_kept_from_the_upstream(
 
 
 async def test_http2_requests_are_checked_the_same_way(
-    upstream: UpstreamServer, jwks: JwksServer
+    h1_upstream: UpstreamServer, jwks: JwksServer
 ) -> None:
     async with (
-        gateway(jwks_config(upstream, jwks)) as server,
+        gateway(jwks_config(h1_upstream, jwks)) as server,
         httpx.AsyncClient(http1=False, http2=True, timeout=5) as client,
     ):
         response = await client.get(
@@ -302,11 +302,11 @@ async def test_http2_requests_are_checked_the_same_way(
 
 
 async def test_key_rotation_is_picked_up_by_an_unknown_kid_and_refreshes_are_rate_limited(
-    upstream: UpstreamServer, jwks: JwksServer
+    h1_upstream: UpstreamServer, jwks: JwksServer
 ) -> None:
     clock = Clock()
     async with (
-        gateway(jwks_config(upstream, jwks), clock) as server,
+        gateway(jwks_config(h1_upstream, jwks), clock) as server,
         httpx.AsyncClient(timeout=5) as client,
     ):
         url = base_url(server) + "/echo"
@@ -346,14 +346,14 @@ async def test_key_rotation_is_picked_up_by_an_unknown_kid_and_refreshes_are_rat
 
 
 async def test_a_jwks_server_that_is_down_never_holds_up_requests(
-    upstream: UpstreamServer, jwks: JwksServer
+    h1_upstream: UpstreamServer, jwks: JwksServer
 ) -> None:
     # The wait, the fetch timeout and a busy machine's delays far apart, so that the time
     # a request took says which of them it waited for: none (well under 3 s), the wait
     # (3 s and more), or the fetch (30 s).
     clock = Clock()
     async with (
-        gateway(jwks_config(upstream, jwks, wait="3s", timeout="30s"), clock) as server,
+        gateway(jwks_config(h1_upstream, jwks, wait="3s", timeout="30s"), clock) as server,
         httpx.AsyncClient(timeout=60) as client,
     ):
         url = base_url(server) + "/echo"
@@ -392,12 +392,12 @@ async def test_a_jwks_server_that_is_down_never_holds_up_requests(
 
 
 async def test_a_jwks_server_down_at_startup_does_not_stop_the_gateway(
-    upstream: UpstreamServer, jwks: JwksServer
+    h1_upstream: UpstreamServer, jwks: JwksServer
 ) -> None:
     await jwks.stop()
     clock = Clock()
     async with (
-        gateway(jwks_config(upstream, jwks, "    jwks_min_refresh: 10s"), clock) as server,
+        gateway(jwks_config(h1_upstream, jwks, "    jwks_min_refresh: 10s"), clock) as server,
         httpx.AsyncClient(timeout=5) as client,
     ):
         url = base_url(server) + "/echo"

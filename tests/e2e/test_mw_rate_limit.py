@@ -84,10 +84,10 @@ async def statuses(
 
 
 async def test_the_burst_passes_then_429_with_retry_after_and_ratelimit_headers(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
     server = await gateway_factory(
-        config(upstream, "middleware: {limit: {type: rate_limit, rate: 1/min, burst: 2}}")
+        config(h1_upstream, "middleware: {limit: {type: rate_limit, rate: 1/min, burst: 2}}")
     )
     stop_the_clock(server)
     url = base_url(server) + "/a/echo"
@@ -98,7 +98,7 @@ async def test_the_burst_passes_then_429_with_retry_after_and_ratelimit_headers(
     assert [r.headers["RateLimit-Limit"] for r in allowed] == ["3", "3", "3"]
     assert [r.headers["RateLimit-Remaining"] for r in allowed] == ["2", "1", "0"]
     assert [r.headers["RateLimit-Reset"] for r in allowed] == ["60", "120", "180"]
-    assert len(upstream.requests) == 3  # the refused one never reached it
+    assert len(h1_upstream.requests) == 3  # the refused one never reached it
     assert refused.status_code == 429
     assert refused.headers["Retry-After"] == "60"
     assert refused.headers["RateLimit-Limit"] == "3"
@@ -113,10 +113,10 @@ async def test_the_burst_passes_then_429_with_retry_after_and_ratelimit_headers(
 
 
 async def test_a_post_body_refused_with_429_does_not_break_the_connection(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
     sections = f"http1_parser: {codec}\nmiddleware: {{limit: {{type: rate_limit, rate: 1/min}}}}"
-    server = await gateway_factory(config(upstream, sections))
+    server = await gateway_factory(config(h1_upstream, sections))
     url = base_url(server) + "/a/echo"
     async with httpx.AsyncClient(timeout=CLIENT_TIMEOUT_S) as client:
         first = await client.post(url, content=b"x" * 100_000)
@@ -127,13 +127,13 @@ async def test_a_post_body_refused_with_429_does_not_break_the_connection(
 
 
 async def test_header_key_gives_each_api_key_its_budget(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
     sections = """
 middleware:
   limit: {type: rate_limit, rate: 1/min, burst: 1, key: "header:X-API-Key", headers: false}
 """
-    server = await gateway_factory(config(upstream, sections))
+    server = await gateway_factory(config(h1_upstream, sections))
     url = base_url(server) + "/a/echo"
     async with httpx.AsyncClient(timeout=CLIENT_TIMEOUT_S) as client:
         one = await statuses(client, url, 3, {"X-API-Key": "one"})
@@ -142,7 +142,7 @@ middleware:
     assert one == two == [200, 200, 429]
     assert "RateLimit-Limit" not in allowed.headers  # headers: false
     # The upstream still gets the key: rate limiting reads it, never strips it.
-    assert [r.header("X-API-Key") for r in upstream.requests] == [
+    assert [r.header("X-API-Key") for r in h1_upstream.requests] == [
         "one",
         "one",
         "two",
@@ -152,14 +152,14 @@ middleware:
 
 
 async def test_consumer_key_uses_what_an_earlier_middleware_found(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
     sections = """
 middleware:
   who: {type: "tests.e2e.test_mw_rate_limit:SetConsumer"}
   limit: {type: rate_limit, rate: 1/min, key: consumer}
 """
-    server = await gateway_factory(config(upstream, sections, "[who, limit]"))
+    server = await gateway_factory(config(h1_upstream, sections, "[who, limit]"))
     url = base_url(server) + "/a/echo"
     async with httpx.AsyncClient(timeout=CLIENT_TIMEOUT_S) as client:
         alice = await statuses(client, url, 2, {"X-User": "alice"})
@@ -169,15 +169,15 @@ middleware:
 
 
 async def test_a_named_instance_on_two_routes_is_one_budget_unless_keyed_by_route(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
     sections = """
 middleware:
   per-ip: {type: rate_limit, rate: 1/min, burst: 1}
   per-route: {type: rate_limit, rate: 1/min, key: route}
 """
-    shared = await gateway_factory(config(upstream, sections, "[per-ip]"))
-    by_route = await gateway_factory(config(upstream, sections, "[per-route]"))
+    shared = await gateway_factory(config(h1_upstream, sections, "[per-ip]"))
+    by_route = await gateway_factory(config(h1_upstream, sections, "[per-route]"))
     async with httpx.AsyncClient(timeout=CLIENT_TIMEOUT_S) as client:
         a = await statuses(client, base_url(shared) + "/a/echo", 1)
         b = await statuses(client, base_url(shared) + "/b/echo", 2)
@@ -188,10 +188,10 @@ middleware:
 
 
 async def test_http2_gets_the_same_answers(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
     server = await gateway_factory(
-        config(upstream, "middleware: {limit: {type: rate_limit, rate: 1/min}}")
+        config(h1_upstream, "middleware: {limit: {type: rate_limit, rate: 1/min}}")
     )
     stop_the_clock(server)
     host, port = server.addresses[0]

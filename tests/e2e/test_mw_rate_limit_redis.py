@@ -32,7 +32,7 @@ MARGIN_S = 4.0
 
 
 @pytest.fixture
-def upstream() -> Iterator[UpstreamServer]:
+def h1_upstream() -> Iterator[UpstreamServer]:
     """The test upstream on its own loop in a thread (these tests are synchronous)."""
     with serve_in_thread(UpstreamServer()) as server:
         yield server
@@ -105,12 +105,12 @@ def statuses(responses: list[httpx.Response]) -> dict[int, int]:
 )
 def test_limit_is_exact_across_two_gateway_processes(
     tmp_path: Path,
-    upstream: UpstreamServer,
+    h1_upstream: UpstreamServer,
     redis_server: RedisServer,
     key: str,
     headers: dict[str, str] | None,
 ) -> None:
-    with two_gateways(tmp_path, upstream, redis_server, key=key, on_error="deny") as gateways:
+    with two_gateways(tmp_path, h1_upstream, redis_server, key=key, on_error="deny") as gateways:
         # One admitted by each gateway first (in a concurrent burst, a busy machine could
         # let one gateway decide all ten), then the rest of the burst over both at once.
         first = [get(gateway, "/echo/first", headers) for gateway in gateways]
@@ -124,7 +124,7 @@ def test_limit_is_exact_across_two_gateway_processes(
                 assert response.json()["error"] == "rate_limited"
                 assert response.headers["RateLimit-Remaining"] == "0"
                 assert 1 <= int(response.headers["Retry-After"]) <= 360  # an emission
-        assert len(upstream.requests) == 10
+        assert len(h1_upstream.requests) == 10
         if headers is not None:  # another tenant has its own budget
             other = spread(gateways, 12, {"X-Tenant": "globex"})
             assert statuses(other) == {200: 10, 429: 2}
@@ -133,7 +133,7 @@ def test_limit_is_exact_across_two_gateway_processes(
 @pytest.mark.parametrize(("on_error", "down_status"), [("allow", 200), ("deny", 503)])
 def test_redis_outage_follows_on_redis_error_and_the_limit_returns_with_redis(
     tmp_path: Path,
-    upstream: UpstreamServer,
+    h1_upstream: UpstreamServer,
     redis_server: RedisServer,
     on_error: str,
     down_status: int,
@@ -143,7 +143,7 @@ def test_redis_outage_follows_on_redis_error_and_the_limit_returns_with_redis(
     back the limit holds again."""
     tenant = {"X-Tenant": "acme"}
     with two_gateways(
-        tmp_path, upstream, redis_server, key="header:X-Tenant", on_error=on_error
+        tmp_path, h1_upstream, redis_server, key="header:X-Tenant", on_error=on_error
     ) as gateways:
         assert statuses(spread(gateways, 4, tenant)) == {200: 4}
 

@@ -43,7 +43,7 @@ pytestmark = pytest.mark.socket
 
 
 @pytest.fixture
-def upstream() -> Iterator[UpstreamServer]:
+def h1_upstream() -> Iterator[UpstreamServer]:
     """The h11 test upstream (tests/support/upstreams/h1.py), on its own loop in a thread:
     these tests are synchronous (this fixture overrides the async one in tests/conftest.py)."""
     with serve_in_thread(UpstreamServer()) as server:
@@ -83,10 +83,10 @@ LONG_GRACE = "shutdown: {grace_period: 60s}"
 
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 def test_single_worker_proxies_requests(
-    tmp_path: Path, upstream: UpstreamServer, loop: str
+    tmp_path: Path, h1_upstream: UpstreamServer, loop: str
 ) -> None:
     port = free_port()
-    config = gateway_config(port, upstream.url)
+    config = gateway_config(port, h1_upstream.url)
     with (
         run_gateway(config, tmp_path, port=port, args=("--workers", "1", "--loop", loop)) as gw,
         httpx.Client(timeout=CLIENT_TIMEOUT_S) as client,
@@ -101,10 +101,10 @@ def test_single_worker_proxies_requests(
 
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 def test_sigterm_lets_the_in_flight_request_finish_refuses_new_ones_and_exits_0(
-    tmp_path: Path, upstream: UpstreamServer, loop: str
+    tmp_path: Path, h1_upstream: UpstreamServer, loop: str
 ) -> None:
     port = free_port()
-    config = gateway_config(port, upstream.url, extra=LONG_GRACE)
+    config = gateway_config(port, h1_upstream.url, extra=LONG_GRACE)
     with (
         run_gateway(config, tmp_path, port=port, args=("--workers", "1", "--loop", loop)) as gw,
         concurrent.futures.ThreadPoolExecutor(1) as pool,
@@ -112,11 +112,11 @@ def test_sigterm_lets_the_in_flight_request_finish_refuses_new_ones_and_exits_0(
         # The upstream answers when the test says, so the request is in flight for as
         # long as the test needs, however slowly the gateway stops listening.
         in_flight = request_in_background(pool, f"{gw.url}/held")
-        wait_for_upstream_request(upstream, "/held")
+        wait_for_upstream_request(h1_upstream, "/held")
         gw.signal(signal.SIGTERM)
         wait_until(lambda: connect_refused(port), 10.0, "the listener to close after SIGTERM")
         assert not in_flight.done(), "the in-flight request should not have been cut"
-        upstream.release_held()
+        h1_upstream.release_held()
 
         response = in_flight.result(CLIENT_TIMEOUT_S)
         assert response.status_code == 200
@@ -127,10 +127,10 @@ def test_sigterm_lets_the_in_flight_request_finish_refuses_new_ones_and_exits_0(
 
 
 def test_sigterm_closes_idle_keep_alive_connections_and_exits_at_once(
-    tmp_path: Path, upstream: UpstreamServer
+    tmp_path: Path, h1_upstream: UpstreamServer
 ) -> None:
     port = free_port()
-    config = gateway_config(port, upstream.url, extra=LONG_GRACE)
+    config = gateway_config(port, h1_upstream.url, extra=LONG_GRACE)
     with (
         run_gateway(config, tmp_path, port=port, args=("--workers", "1")) as gw,
         socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT_S) as idle,
@@ -151,16 +151,16 @@ def test_sigterm_closes_idle_keep_alive_connections_and_exits_at_once(
 
 
 def test_request_still_running_when_a_short_grace_period_ends_is_cut_and_exit_is_0(
-    tmp_path: Path, upstream: UpstreamServer
+    tmp_path: Path, h1_upstream: UpstreamServer
 ) -> None:
     port = free_port()
-    config = gateway_config(port, upstream.url, extra="shutdown: {grace_period: 300ms}")
+    config = gateway_config(port, h1_upstream.url, extra="shutdown: {grace_period: 300ms}")
     with (
         run_gateway(config, tmp_path, port=port, args=("--workers", "1")) as gw,
         concurrent.futures.ThreadPoolExecutor(1) as pool,
     ):
         in_flight = request_in_background(pool, f"{gw.url}/held")  # never answered
-        wait_for_upstream_request(upstream, "/held")
+        wait_for_upstream_request(h1_upstream, "/held")
         gw.signal(signal.SIGTERM)
         assert gw.wait(10.0) == 0, gw.stderr()  # the grace period's end let it go
 
@@ -182,9 +182,9 @@ def wait_for_workers(parent: int, count: int) -> set[int]:
 
 
 def test_two_workers_share_fresh_connections_and_all_succeed(
-    tmp_path: Path, upstream: UpstreamServer
+    tmp_path: Path, h1_upstream: UpstreamServer
 ) -> None:
-    port, config = two_worker_config(upstream)
+    port, config = two_worker_config(h1_upstream)
     with (
         run_gateway(config, tmp_path, port=port, args=("--workers", "2")) as gw,
         fresh_connection_client() as client,
@@ -195,14 +195,14 @@ def test_two_workers_share_fresh_connections_and_all_succeed(
         statuses = [client.get(f"{gw.url}/echo/{i}").status_code for i in range(200)]
         assert statuses == [200] * 200
         # Both workers proxied: each holds a pooled keep-alive connection to the upstream.
-        assert pids_connected_to(upstream.port, workers) == workers
-        assert upstream.connections >= 2
+        assert pids_connected_to(h1_upstream.port, workers) == workers
+        assert h1_upstream.connections >= 2
 
 
 def test_a_killed_worker_is_restarted_and_traffic_keeps_flowing(
-    tmp_path: Path, upstream: UpstreamServer
+    tmp_path: Path, h1_upstream: UpstreamServer
 ) -> None:
-    port, config = two_worker_config(upstream)
+    port, config = two_worker_config(h1_upstream)
     with (
         run_gateway(config, tmp_path, port=port, args=("--workers", "2")) as gw,
         fresh_connection_client() as client,
@@ -236,9 +236,9 @@ def test_a_killed_worker_is_restarted_and_traffic_keeps_flowing(
 
 
 def test_sigterm_to_the_parent_stops_every_worker_and_exits_0(
-    tmp_path: Path, upstream: UpstreamServer
+    tmp_path: Path, h1_upstream: UpstreamServer
 ) -> None:
-    port, config = two_worker_config(upstream)
+    port, config = two_worker_config(h1_upstream)
     with run_gateway(config, tmp_path, port=port, args=("--workers", "2")) as gw:
         workers = wait_for_workers(gw.pid, 2)
         with httpx.Client(timeout=CLIENT_TIMEOUT_S) as client:
@@ -249,20 +249,22 @@ def test_sigterm_to_the_parent_stops_every_worker_and_exits_0(
         assert connect_refused(port)
 
 
-def test_ctrl_c_drains_every_worker_and_exits_0(tmp_path: Path, upstream: UpstreamServer) -> None:
+def test_ctrl_c_drains_every_worker_and_exits_0(
+    tmp_path: Path, h1_upstream: UpstreamServer
+) -> None:
     """A terminal's Ctrl-C sends SIGINT to the whole foreground process group: the parent
     and each worker get it at once. The in-flight request still completes."""
-    port, config = two_worker_config(upstream)
+    port, config = two_worker_config(h1_upstream)
     with (
         run_gateway(config, tmp_path, port=port, args=("--workers", "2")) as gw,
         concurrent.futures.ThreadPoolExecutor(1) as pool,
     ):
         workers = wait_for_workers(gw.pid, 2)
         in_flight = request_in_background(pool, f"{gw.url}/held")
-        wait_for_upstream_request(upstream, "/held")
+        wait_for_upstream_request(h1_upstream, "/held")
         os.killpg(gw.pid, signal.SIGINT)  # the group this test's gateway leads
         wait_until(lambda: connect_refused(port), 10.0, "the listeners to close after SIGINT")
-        upstream.release_held()  # answered only once every worker is draining
+        h1_upstream.release_held()  # answered only once every worker is draining
         response = in_flight.result(CLIENT_TIMEOUT_S)
         assert response.status_code == 200
         assert response.text == "held"
@@ -309,12 +311,12 @@ def test_readme_quick_start_proxies_to_the_demo_echo_service(tmp_path: Path) -> 
 
 
 def test_sighup_while_workers_start_does_not_kill_them(
-    tmp_path: Path, upstream: UpstreamServer
+    tmp_path: Path, h1_upstream: UpstreamServer
 ) -> None:
     """Regression: a worker unblocked signals right after fork but installed its SIGHUP
     handler only once its loop ran, so a SIGHUP in between killed it (the default
     action). Here SIGHUP arrives the moment the workers exist, before they listen."""
-    port, config = two_worker_config(upstream)
+    port, config = two_worker_config(h1_upstream)
     with run_gateway(config, tmp_path, port=port, args=("--workers", "2"), wait=False) as gw:
         workers = wait_for_workers(gw.pid, 2)
         gw.signal(signal.SIGHUP)
@@ -325,11 +327,11 @@ def test_sighup_while_workers_start_does_not_kill_them(
 
 
 def test_sighup_reloads_in_place_without_replacing_a_worker(
-    tmp_path: Path, upstream: UpstreamServer
+    tmp_path: Path, h1_upstream: UpstreamServer
 ) -> None:
     """SIGHUP is a reload inside the running workers (unlike nginx, which starts new
     ones): the same processes keep serving, and no signal reaches them by default."""
-    port, config = two_worker_config(upstream)
+    port, config = two_worker_config(h1_upstream)
     with (
         run_gateway(config, tmp_path, port=port, args=("--workers", "2")) as gw,
         fresh_connection_client() as client,

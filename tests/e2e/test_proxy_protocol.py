@@ -26,7 +26,7 @@ import pytest
 from metrics.definitions import REGISTRY
 from proxy.config.load import parse_config
 from proxy.process.server import Server
-from tests.support.gateway import GatewayFactory, UpstreamFactory
+from tests.support.gateway import GatewayFactory, H1UpstreamFactory
 from tests.support.haproxy import HAProxy
 from tests.support.helpers import parse_response
 from tests.support.tls import TlsFiles
@@ -113,14 +113,14 @@ def logged(out: str) -> list[dict[str, object]]:
 @pytest.mark.parametrize("version", [1, 2])
 async def test_the_client_behind_haproxy_reaches_every_consumer(
     gateway_factory: GatewayFactory,
-    upstream: UpstreamServer,
+    h1_upstream: UpstreamServer,
     codec: str,
     version: int,
     in_front: list[HAProxy],
     tmp_path: Path,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
-    server = await gateway_factory(config(upstream, codec))
+    server = await gateway_factory(config(h1_upstream, codec))
     haproxy = start_haproxy(in_front, tmp_path, server, version)
     host, port = haproxy.address
     base = f"http://{host}:{port}"
@@ -136,7 +136,7 @@ async def test_the_client_behind_haproxy_reaches_every_consumer(
         # forged X-Forwarded-For from the client is replaced (it is not a trusted proxy).
         response = await alice.get(base + "/echo/a", headers={"X-Forwarded-For": "10.9.9.9"})
     assert response.status_code == 200
-    seen = upstream.requests[-1]
+    seen = h1_upstream.requests[-1]
     assert seen.header("x-forwarded-for") == ALICE
     assert seen.header("x-client") == ALICE
     await server.shutdown(grace_period=1.0)
@@ -155,14 +155,14 @@ async def test_the_client_behind_haproxy_reaches_every_consumer(
 @pytest.mark.parametrize("version", [1, 2])
 async def test_a_tls_listener_reads_the_header_before_the_handshake(
     gateway_factory: GatewayFactory,
-    upstream: UpstreamServer,
+    h1_upstream: UpstreamServer,
     tls_files: TlsFiles,
     version: int,
     in_front: list[HAProxy],
     tmp_path: Path,
 ) -> None:
     tls = f", tls: {{cert: {tls_files.cert}, key: {tls_files.key}}}"
-    server = await gateway_factory(config(upstream, listener=tls))
+    server = await gateway_factory(config(h1_upstream, listener=tls))
     haproxy = start_haproxy(in_front, tmp_path, server, version)
     host, port = haproxy.address
     base = f"https://{host}:{port}"
@@ -179,18 +179,18 @@ async def test_a_tls_listener_reads_the_header_before_the_handshake(
     assert (response.status_code, response.http_version) == (200, "HTTP/2")
     assert office.status_code == 403
     assert limited.status_code == 200  # BOB's own budget
-    assert [r.header("x-forwarded-for") for r in upstream.requests[:2]] == [ALICE, ALICE]
-    assert upstream.requests[-1].header("x-forwarded-for") == BOB
-    assert upstream.requests[-1].header("x-forwarded-proto") == "https"
+    assert [r.header("x-forwarded-for") for r in h1_upstream.requests[:2]] == [ALICE, ALICE]
+    assert h1_upstream.requests[-1].header("x-forwarded-for") == BOB
+    assert h1_upstream.requests[-1].header("x-forwarded-proto") == "https"
 
 
 async def test_h2c_with_prior_knowledge_behind_haproxy(
     gateway_factory: GatewayFactory,
-    upstream: UpstreamServer,
+    h1_upstream: UpstreamServer,
     in_front: list[HAProxy],
     tmp_path: Path,
 ) -> None:
-    server = await gateway_factory(config(upstream))
+    server = await gateway_factory(config(h1_upstream))
     haproxy = start_haproxy(in_front, tmp_path, server, 2)
     host, port = haproxy.address
     async with client_from(BOB, http2=True, http1=False) as client:
@@ -198,8 +198,8 @@ async def test_h2c_with_prior_knowledge_behind_haproxy(
         office = await client.get(f"http://{host}:{port}/office/x")
     assert (response.status_code, response.http_version) == (200, "HTTP/2")
     assert office.status_code == 403
-    assert upstream.requests[-1].header("x-forwarded-for") == BOB
-    assert upstream.requests[-1].header("x-client") == BOB
+    assert h1_upstream.requests[-1].header("x-forwarded-for") == BOB
+    assert h1_upstream.requests[-1].header("x-client") == BOB
 
 
 # -- raw sockets: what no balancer sends ---------------------------------------------------
@@ -264,9 +264,9 @@ def request(path: str = "/echo/raw", extra: bytes = b"") -> bytes:
 
 
 async def test_headers_of_both_versions_name_the_client(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
-    server = await gateway_factory(config(upstream, codec))
+    server = await gateway_factory(config(h1_upstream, codec))
     cases = [
         (b"PROXY TCP4 198.51.100.7 127.0.0.1 4711 80\r\n", "198.51.100.7"),
         (b"PROXY TCP6 2001:db8::7 ::1 4711 80\r\n", "2001:db8::7"),
@@ -280,20 +280,20 @@ async def test_headers_of_both_versions_name_the_client(
         for pieces in (1, len(header) + 3):  # whole, or a segment per byte
             answer = status_of(await exchange(server, header + request(), pieces=pieces))
             assert answer == 200, header
-            assert upstream.requests[-1].header("x-forwarded-for") == client, header
+            assert h1_upstream.requests[-1].header("x-forwarded-for") == client, header
 
 
 async def test_a_header_from_an_untrusted_peer_is_read_and_ignored(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
     # Only ALICE's address is a trusted balancer; the connection from 127.0.0.1 is not.
-    text = config(upstream).replace("[127.0.0.1]", f"[{ALICE}]")
+    text = config(h1_upstream).replace("[127.0.0.1]", f"[{ALICE}]")
     server = await gateway_factory(text)
     header = b"PROXY TCP4 198.51.100.7 127.0.0.1 4711 80\r\n"
     assert status_of(await exchange(server, header + request())) == 200
-    assert upstream.requests[-1].header("x-forwarded-for") == "127.0.0.1"
+    assert h1_upstream.requests[-1].header("x-forwarded-for") == "127.0.0.1"
     assert status_of(await exchange(server, header + request(), source=ALICE)) == 200
-    assert upstream.requests[-1].header("x-forwarded-for") == "198.51.100.7"
+    assert h1_upstream.requests[-1].header("x-forwarded-for") == "198.51.100.7"
 
 
 @pytest.mark.parametrize(
@@ -311,9 +311,9 @@ async def test_a_header_from_an_untrusted_peer_is_read_and_ignored(
     ],
 )
 async def test_a_bad_header_closes_that_connection_and_is_counted(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, data: bytes, reason: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, data: bytes, reason: str
 ) -> None:
-    server = await gateway_factory(config(upstream))
+    server = await gateway_factory(config(h1_upstream))
     before = refused(reason)
     host, port = server.addresses[0]
     reader, writer = await asyncio.open_connection(host, port)
@@ -323,16 +323,16 @@ async def test_a_bad_header_closes_that_connection_and_is_counted(
         writer.write_eof()
     await assert_closed(reader, writer)
     assert refused(reason) == before + 1
-    assert upstream.requests == []
+    assert h1_upstream.requests == []
     # The worker is fine: the next connection is served.
     header = b"PROXY TCP4 198.51.100.7 127.0.0.1 4711 80\r\n"
     assert status_of(await exchange(server, header + request())) == 200
 
 
 async def test_a_header_that_does_not_come_in_time_is_refused(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
-    server = await gateway_factory(config(upstream, extra="limits: {header_timeout: 200ms}"))
+    server = await gateway_factory(config(h1_upstream, extra="limits: {header_timeout: 200ms}"))
     before = refused("timeout")
     host, port = server.addresses[0]
     reader, writer = await asyncio.open_connection(host, port)
@@ -345,9 +345,9 @@ async def test_a_header_that_does_not_come_in_time_is_refused(
 
 
 async def test_shutdown_drops_connections_still_sending_their_header(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
-    server = await gateway_factory(config(upstream))
+    server = await gateway_factory(config(h1_upstream))
     host, port = server.addresses[0]
     reader, writer = await asyncio.open_connection(host, port)
     writer.write(b"PROXY TCP4 ")
@@ -359,9 +359,9 @@ async def test_shutdown_drops_connections_still_sending_their_header(
 
 
 async def test_a_reload_brings_a_proxy_protocol_listener(
-    gateway_factory: GatewayFactory, upstream_factory: UpstreamFactory
+    gateway_factory: GatewayFactory, h1_upstream_factory: H1UpstreamFactory
 ) -> None:
-    upstream = await upstream_factory()
+    upstream = await h1_upstream_factory()
     plain = config(upstream).replace(", proxy_protocol: true", "")
     plain = plain.replace("source: proxy_protocol", "source: x-forwarded-for")
     server = await gateway_factory(plain)
@@ -374,12 +374,12 @@ async def test_a_reload_brings_a_proxy_protocol_listener(
 
 async def test_a_failed_tls_handshake_after_the_header_is_that_connection_s_affair(
     gateway_factory: GatewayFactory,
-    upstream: UpstreamServer,
+    h1_upstream: UpstreamServer,
     tls_files: TlsFiles,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     tls = f", tls: {{cert: {tls_files.cert}, key: {tls_files.key}}}"
-    server = await gateway_factory(config(upstream, listener=tls))
+    server = await gateway_factory(config(h1_upstream, listener=tls))
     header = b"PROXY TCP4 198.51.100.7 127.0.0.1 4711 443\r\n"
     with caplog.at_level("DEBUG", logger="proxy.frontend.listener"):
         # Plain HTTP where the ClientHello should be: the handshake fails.
@@ -395,11 +395,11 @@ async def test_a_failed_tls_handshake_after_the_header_is_that_connection_s_affa
     received = await reader.read()
     writer.close()
     assert status_of(received) == 200
-    assert upstream.requests[-1].header("x-forwarded-for") == "198.51.100.7"
+    assert h1_upstream.requests[-1].header("x-forwarded-for") == "198.51.100.7"
 
 
-async def test_an_ipv6_listener_with_reuse_port(upstream: UpstreamServer) -> None:
-    text = config(upstream).replace("bind: 127.0.0.1:0", "bind: '[::1]:0'")
+async def test_an_ipv6_listener_with_reuse_port(h1_upstream: UpstreamServer) -> None:
+    text = config(h1_upstream).replace("bind: 127.0.0.1:0", "bind: '[::1]:0'")
     text = text.replace("trusted_proxies: [127.0.0.1]", "trusted_proxies: ['::1']")
     server = Server(parse_config(text))
     await server.start(reuse_port=True)
@@ -411,15 +411,17 @@ async def test_an_ipv6_listener_with_reuse_port(upstream: UpstreamServer) -> Non
         received = await reader.read()
         writer.close()
         assert status_of(received) == 200
-        assert upstream.requests[-1].header("x-forwarded-for") == "2001:db8::9"
+        assert h1_upstream.requests[-1].header("x-forwarded-for") == "2001:db8::9"
     finally:
         await server.shutdown(grace_period=1.0)
 
 
-async def test_an_address_in_use_is_reported_with_the_address(upstream: UpstreamServer) -> None:
+async def test_an_address_in_use_is_reported_with_the_address(h1_upstream: UpstreamServer) -> None:
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        server = Server(parse_config(config(upstream).replace("127.0.0.1:0", f"127.0.0.1:{port}")))
+        server = Server(
+            parse_config(config(h1_upstream).replace("127.0.0.1:0", f"127.0.0.1:{port}"))
+        )
         with pytest.raises(
             OSError, match=rf"error while attempting to bind on address \('127.0.0.1', {port}\)"
         ):
@@ -428,11 +430,11 @@ async def test_an_address_in_use_is_reported_with_the_address(upstream: Upstream
 
 
 async def test_a_reload_that_is_abandoned_closes_its_new_listener(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
-    plain = config(upstream).replace(", proxy_protocol: true", "")
+    plain = config(h1_upstream).replace(", proxy_protocol: true", "")
     server = await gateway_factory(plain.replace("source: proxy_protocol", "source: forwarded"))
-    with_second = config(upstream).replace(
+    with_second = config(h1_upstream).replace(
         "listeners: [{bind: 127.0.0.1:0, proxy_protocol: true}]",
         "listeners: [{bind: 127.0.0.1:0}, {bind: 127.0.0.1:0, proxy_protocol: true}]",
     )

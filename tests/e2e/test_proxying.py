@@ -21,27 +21,27 @@ pytestmark = pytest.mark.socket
 
 @pytest.mark.parametrize("method", ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
 async def test_method_is_proxied_with_its_target(
-    gateway: Server, upstream: UpstreamServer, method: str
+    gateway: Server, h1_upstream: UpstreamServer, method: str
 ) -> None:
     async with httpx.AsyncClient() as client:
         response = await client.request(method, base_url(gateway) + "/echo/m?x=1")
     assert response.status_code == 200
     assert response.json()["method"] == method
     assert response.json()["target"] == "/echo/m?x=1"
-    assert [r.method for r in upstream.requests] == [method]
+    assert [r.method for r in h1_upstream.requests] == [method]
 
 
-async def test_head_is_proxied_without_body(gateway: Server, upstream: UpstreamServer) -> None:
+async def test_head_is_proxied_without_body(gateway: Server, h1_upstream: UpstreamServer) -> None:
     async with httpx.AsyncClient() as client:
         response = await client.head(base_url(gateway) + "/bytes/1234")
     assert response.status_code == 200
     assert response.headers["content-length"] == "1234"
     assert response.content == b""
-    assert upstream.requests[-1].method == "HEAD"
+    assert h1_upstream.requests[-1].method == "HEAD"
 
 
 async def test_content_length_body_reaches_upstream_intact(
-    gateway: Server, upstream: UpstreamServer
+    gateway: Server, h1_upstream: UpstreamServer
 ) -> None:
     payload = os.urandom(1024 * 1024 + 17)
     async with httpx.AsyncClient() as client:
@@ -50,15 +50,17 @@ async def test_content_length_body_reaches_upstream_intact(
     assert response.json() == {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
 
 
-async def test_small_body_is_echoed_by_upstream(gateway: Server, upstream: UpstreamServer) -> None:
+async def test_small_body_is_echoed_by_upstream(
+    gateway: Server, h1_upstream: UpstreamServer
+) -> None:
     async with httpx.AsyncClient() as client:
         response = await client.put(base_url(gateway) + "/echo", content=b"hello body")
     assert response.json()["body"] == "hello body"
-    assert upstream.requests[-1].header("content-length") == "10"
+    assert h1_upstream.requests[-1].header("content-length") == "10"
 
 
 async def test_chunked_request_body_reaches_upstream_intact(
-    gateway: Server, upstream: UpstreamServer
+    gateway: Server, h1_upstream: UpstreamServer
 ) -> None:
     pieces = [os.urandom(size) for size in (1, 1000, 65536, 300_000, 7)]
 
@@ -121,7 +123,7 @@ async def test_large_response_reaches_client_intact(gateway: Server, path: str) 
 
 
 async def test_keep_alive_reuses_one_client_and_one_upstream_connection(
-    gateway: Server, upstream: UpstreamServer
+    gateway: Server, h1_upstream: UpstreamServer
 ) -> None:
     async with httpx.AsyncClient() as client:
         for i in range(5):
@@ -131,12 +133,12 @@ async def test_keep_alive_reuses_one_client_and_one_upstream_connection(
         response = await client.post(base_url(gateway) + "/echo/post", content=b"abc")
         assert response.json()["body"] == "abc"
         assert len(gateway.connections) == 1
-    assert upstream.connections == 1
-    assert len(upstream.requests) == 6
+    assert h1_upstream.connections == 1
+    assert len(h1_upstream.requests) == 6
 
 
 async def test_raw_keep_alive_connection_serves_sequential_requests(
-    gateway: Server, upstream: UpstreamServer
+    gateway: Server, h1_upstream: UpstreamServer
 ) -> None:
     async with await RawClient.connect(gateway.addresses[0]) as client:
         for i in range(3):
@@ -146,11 +148,11 @@ async def test_raw_keep_alive_connection_serves_sequential_requests(
             assert response.json()["target"] == f"/echo/{i}"
             assert response.header("connection") is None
         assert not await client.closed(wait_s=0.05)
-    assert upstream.connections == 1
+    assert h1_upstream.connections == 1
 
 
 async def test_pipelined_requests_are_answered_in_order(
-    gateway: Server, upstream: UpstreamServer
+    gateway: Server, h1_upstream: UpstreamServer
 ) -> None:
     requests = (
         b"GET /echo/1 HTTP/1.1\r\nHost: t\r\n\r\n"
@@ -171,7 +173,7 @@ async def test_pipelined_requests_are_answered_in_order(
     assert responses[3].json()["target"] == "/echo/4"
     assert responses[3].json()["body"] == "abc"
     assert responses[4].json()["target"] == "/echo/5"
-    assert [r.target for r in upstream.requests] == [
+    assert [r.target for r in h1_upstream.requests] == [
         "/echo/1",
         "/echo/2",
         "/slow/100",
@@ -181,7 +183,7 @@ async def test_pipelined_requests_are_answered_in_order(
 
 
 async def test_pipelined_requests_then_half_close_are_all_answered(
-    gateway: Server, upstream: UpstreamServer
+    gateway: Server, h1_upstream: UpstreamServer
 ) -> None:
     # A client may send its last request and shut down its write side (RFC 9112 section
     # 9.6): every queued request is still answered, then the gateway closes.
@@ -193,7 +195,7 @@ async def test_pipelined_requests_then_half_close_are_all_answered(
         data = await client.read_until_closed()
     responses = parse_all(data)
     assert [r.json()["target"] for r in responses] == ["/echo/0", "/echo/1", "/echo/2"]
-    assert [r.target for r in upstream.requests] == ["/echo/0", "/echo/1", "/echo/2"]
+    assert [r.target for r in h1_upstream.requests] == ["/echo/0", "/echo/1", "/echo/2"]
 
 
 async def test_single_request_then_half_close_is_answered(gateway: Server) -> None:
@@ -217,7 +219,7 @@ async def test_pipelined_requests_split_byte_by_byte_are_answered_in_order(
 
 
 async def test_expect_100_continue_gets_interim_response_before_body(
-    gateway: Server, upstream: UpstreamServer
+    gateway: Server, h1_upstream: UpstreamServer
 ) -> None:
     async with await RawClient.connect(gateway.addresses[0]) as client:
         await client.send(
@@ -233,13 +235,13 @@ async def test_expect_100_continue_gets_interim_response_before_body(
         # The connection lives on.
         await client.send(b"GET /echo/after HTTP/1.1\r\nHost: t\r\n\r\n")
         assert (await client.response()).json()["target"] == "/echo/after"
-    assert upstream.requests[0].header("expect") is None
+    assert h1_upstream.requests[0].header("expect") is None
 
 
 async def test_expect_100_continue_refused_request_gets_final_status_without_interim(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
-    config = simple_config(upstream.url, codec).replace("path_prefix: /", "path_prefix: /only")
+    config = simple_config(h1_upstream.url, codec).replace("path_prefix: /", "path_prefix: /only")
     server = await gateway_factory(config)
     async with await RawClient.connect(server.addresses[0]) as client:
         await client.send(
@@ -248,11 +250,11 @@ async def test_expect_100_continue_refused_request_gets_final_status_without_int
         )
         response = await client.response()
     assert response.status == 404
-    assert upstream.requests == []
+    assert h1_upstream.requests == []
 
 
 async def test_http10_request_gets_response_and_close(
-    gateway: Server, upstream: UpstreamServer
+    gateway: Server, h1_upstream: UpstreamServer
 ) -> None:
     async with await RawClient.connect(gateway.addresses[0]) as client:
         await client.send(b"GET /echo/old HTTP/1.0\r\nHost: t\r\n\r\n")
@@ -279,7 +281,7 @@ async def test_http10_chunked_upstream_response_is_not_chunked_to_client(
 
 
 async def test_http10_keep_alive_request_keeps_connection_open(
-    gateway: Server, upstream: UpstreamServer
+    gateway: Server, h1_upstream: UpstreamServer
 ) -> None:
     async with await RawClient.connect(gateway.addresses[0]) as client:
         for i in range(2):
@@ -291,7 +293,7 @@ async def test_http10_keep_alive_request_keeps_connection_open(
             assert response.header("connection") == "keep-alive"
             assert response.header("content-length") == str(len(response.body))
         assert not await client.closed(wait_s=0.05)
-    assert len(upstream.requests) == 2
+    assert len(h1_upstream.requests) == 2
 
 
 async def test_http10_keep_alive_request_with_streamed_response_is_closed_at_its_end(
@@ -310,17 +312,17 @@ async def test_http10_keep_alive_request_with_streamed_response_is_closed_at_its
 
 
 async def test_http10_request_is_forwarded_as_http11(
-    gateway: Server, upstream: UpstreamServer
+    gateway: Server, h1_upstream: UpstreamServer
 ) -> None:
     async with await RawClient.connect(gateway.addresses[0]) as client:
         await client.send(b"POST /echo/b HTTP/1.0\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc")
         response = await client.response()
     assert response.json()["body"] == "abc"
-    assert upstream.requests[0].header("via") == "1.0 gatehouse"
+    assert h1_upstream.requests[0].header("via") == "1.0 gatehouse"
 
 
 async def test_connection_close_from_client_closes_after_response(
-    gateway: Server, upstream: UpstreamServer
+    gateway: Server, h1_upstream: UpstreamServer
 ) -> None:
     async with await RawClient.connect(gateway.addresses[0]) as client:
         await client.send(b"GET /echo/bye HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
@@ -331,7 +333,7 @@ async def test_connection_close_from_client_closes_after_response(
 
 
 async def test_connection_close_discards_pipelined_requests_after_it(
-    gateway: Server, upstream: UpstreamServer
+    gateway: Server, h1_upstream: UpstreamServer
 ) -> None:
     async with await RawClient.connect(gateway.addresses[0]) as client:
         await client.send(
@@ -341,11 +343,11 @@ async def test_connection_close_discards_pipelined_requests_after_it(
         response = await client.response()
         assert response.json()["target"] == "/echo/last"
         assert await client.closed()
-    assert [r.target for r in upstream.requests] == ["/echo/last"]
+    assert [r.target for r in h1_upstream.requests] == ["/echo/last"]
 
 
 async def test_head_returns_upstream_content_length_and_no_body(
-    gateway: Server, upstream: UpstreamServer
+    gateway: Server, h1_upstream: UpstreamServer
 ) -> None:
     async with await RawClient.connect(gateway.addresses[0]) as client:
         await client.send(b"HEAD /bytes/1000 HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -368,7 +370,7 @@ async def test_head_of_chunked_resource_has_no_body(gateway: Server) -> None:
 
 
 async def test_hop_by_hop_headers_do_not_reach_upstream(
-    gateway: Server, upstream: UpstreamServer
+    gateway: Server, h1_upstream: UpstreamServer
 ) -> None:
     async with await RawClient.connect(gateway.addresses[0]) as client:
         await client.send(
@@ -383,36 +385,36 @@ async def test_hop_by_hop_headers_do_not_reach_upstream(
         )
         response = await client.response()
     assert response.status == 200
-    names = {name.lower() for name, _ in upstream.requests[0].headers}
+    names = {name.lower() for name, _ in h1_upstream.requests[0].headers}
     for hop in ("connection", "keep-alive", "te", "proxy-connection"):
         assert hop not in names
     assert "x-private-hop" not in names
     assert "x-other-hop" not in names
-    assert upstream.requests[0].header("x-end-to-end") == "kept"
+    assert h1_upstream.requests[0].header("x-end-to-end") == "kept"
 
 
 async def test_upgrade_header_does_not_reach_upstream(
-    gateway: Server, upstream: UpstreamServer
+    gateway: Server, h1_upstream: UpstreamServer
 ) -> None:
     async with await RawClient.connect(gateway.addresses[0]) as client:
         await client.send(b"GET /echo/up HTTP/1.1\r\nHost: t\r\nUpgrade: foo/2\r\n\r\n")
         response = await client.response()
     assert response.status == 200
-    assert upstream.requests[0].header("upgrade") is None
+    assert h1_upstream.requests[0].header("upgrade") is None
 
 
-async def test_te_trailers_is_forwarded(gateway: Server, upstream: UpstreamServer) -> None:
+async def test_te_trailers_is_forwarded(gateway: Server, h1_upstream: UpstreamServer) -> None:
     async with await RawClient.connect(gateway.addresses[0]) as client:
         await client.send(b"GET /echo/te HTTP/1.1\r\nHost: t\r\nTE: trailers\r\n\r\n")
         await client.response()
-    assert upstream.requests[0].header("te") == "trailers"
+    assert h1_upstream.requests[0].header("te") == "trailers"
 
 
-async def test_forwarding_headers_are_added(gateway: Server, upstream: UpstreamServer) -> None:
+async def test_forwarding_headers_are_added(gateway: Server, h1_upstream: UpstreamServer) -> None:
     async with await RawClient.connect(gateway.addresses[0]) as client:
         await client.send(b"GET /echo/fwd HTTP/1.1\r\nHost: api.example.com\r\n\r\n")
         await client.response()
-    seen = upstream.requests[0]
+    seen = h1_upstream.requests[0]
     assert seen.header("x-forwarded-for") == "127.0.0.1"
     assert seen.header("x-forwarded-proto") == "http"
     assert seen.header("x-forwarded-host") == "api.example.com"
@@ -430,14 +432,14 @@ SPOOFED_FORWARDING = (
 
 
 async def test_a_client_s_forwarding_headers_are_replaced(
-    gateway: Server, upstream: UpstreamServer
+    gateway: Server, h1_upstream: UpstreamServer
 ) -> None:
     async with await RawClient.connect(gateway.addresses[0]) as client:
         await client.send(
             b"GET /echo/fwd HTTP/1.1\r\nHost: api.example.com\r\n" + SPOOFED_FORWARDING + b"\r\n"
         )
         await client.response()
-    seen = upstream.requests[0]
+    seen = h1_upstream.requests[0]
     assert seen.header("x-forwarded-for") == "127.0.0.1"
     assert seen.header("x-forwarded-proto") == "http"
     assert seen.header("x-forwarded-host") == "api.example.com"
@@ -449,16 +451,16 @@ async def test_a_client_s_forwarding_headers_are_replaced(
 
 
 async def test_forwarding_headers_from_a_trusted_proxy_are_appended_to(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
     extra = "client_ip: {trusted_proxies: [127.0.0.1]}"
-    server = await gateway_factory(simple_config(upstream.url, codec, extra=extra))
+    server = await gateway_factory(simple_config(h1_upstream.url, codec, extra=extra))
     async with await RawClient.connect(server.addresses[0]) as client:
         await client.send(
             b"GET /echo/fwd HTTP/1.1\r\nHost: api.example.com\r\n" + SPOOFED_FORWARDING + b"\r\n"
         )
         await client.response()
-    seen = upstream.requests[0]
+    seen = h1_upstream.requests[0]
     assert seen.header("x-forwarded-for") == "203.0.113.7, 10.0.0.1, 127.0.0.1"
     assert seen.header("x-forwarded-proto") == "https, http"
     assert seen.header("x-forwarded-host") == "public.example.com, api.example.com"
@@ -471,14 +473,14 @@ async def test_forwarding_headers_from_a_trusted_proxy_are_appended_to(
         assert len([k for k, _ in seen.headers if k.lower() == name]) == 1
 
 
-async def test_host_header_is_preserved(gateway: Server, upstream: UpstreamServer) -> None:
+async def test_host_header_is_preserved(gateway: Server, h1_upstream: UpstreamServer) -> None:
     async with httpx.AsyncClient() as client:
         response = await client.get(
             base_url(gateway) + "/echo/host", headers={"Host": "Api.Example.com:8443"}
         )
     assert response.status_code == 200
-    assert upstream.requests[0].header("host") == "Api.Example.com:8443"
-    assert len([k for k, _ in upstream.requests[0].headers if k.lower() == "host"]) == 1
+    assert h1_upstream.requests[0].header("host") == "Api.Example.com:8443"
+    assert len([k for k, _ in h1_upstream.requests[0].headers if k.lower() == "host"]) == 1
 
 
 @pytest.mark.parametrize(
@@ -494,17 +496,17 @@ async def test_host_header_is_preserved(gateway: Server, upstream: UpstreamServe
     ],
 )
 async def test_the_canonical_target_reaches_the_upstream(
-    gateway: Server, upstream: UpstreamServer, target: bytes, forwarded: bytes | None
+    gateway: Server, h1_upstream: UpstreamServer, target: bytes, forwarded: bytes | None
 ) -> None:
     async with await RawClient.connect(gateway.addresses[0]) as client:
         await client.send(b"GET " + target + b" HTTP/1.1\r\nHost: t\r\n\r\n")
         response = await client.response()
     if forwarded is None:
         assert response.status == 400
-        assert upstream.requests == []
+        assert h1_upstream.requests == []
         return
     assert response.status == 200
-    assert upstream.requests[0].target.encode() == forwarded
+    assert h1_upstream.requests[0].target.encode() == forwarded
 
 
 @pytest.mark.parametrize(
@@ -518,11 +520,11 @@ async def test_the_canonical_target_reaches_the_upstream(
     ],
 )
 async def test_a_route_with_forward_raw_path_forwards_the_target_byte_for_byte(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str, target: bytes
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str, target: bytes
 ) -> None:
     gateway = await gateway_factory(
         simple_config(
-            upstream.url,
+            h1_upstream.url,
             codec,
             route="    forward_raw_path: true",
             extra="path_normalization: {escaped_slashes: keep}",
@@ -532,7 +534,7 @@ async def test_a_route_with_forward_raw_path_forwards_the_target_byte_for_byte(
         await client.send(b"GET " + target + b" HTTP/1.1\r\nHost: t\r\n\r\n")
         response = await client.response()
     assert response.status == 200
-    assert upstream.requests[0].target.encode() == target
+    assert h1_upstream.requests[0].target.encode() == target
 
 
 async def test_response_headers_from_upstream_reach_client(gateway: Server) -> None:
@@ -557,7 +559,7 @@ async def test_close_delimited_upstream_response_reaches_client(gateway: Server)
 
 
 async def test_upgrade_request_with_body_is_not_truncated_or_hung(
-    gateway: Server, upstream: UpstreamServer
+    gateway: Server, h1_upstream: UpstreamServer
 ) -> None:
     # Tunnels are not supported yet. The gateway may serve the request as a plain one
     # (RFC 9110 section 7.8 lets a server ignore Upgrade) or refuse it, but it must not
@@ -570,10 +572,10 @@ async def test_upgrade_request_with_body_is_not_truncated_or_hung(
         response = await client.response()
     if response.status == 200:
         assert response.json()["body"] == "hello"
-        assert upstream.requests[0].header("upgrade") is None
+        assert h1_upstream.requests[0].header("upgrade") is None
     else:
         assert response.status in (400, 501)
-        assert upstream.requests == []
+        assert h1_upstream.requests == []
 
 
 async def test_hop_by_hop_response_headers_do_not_reach_client(gateway: Server) -> None:
@@ -594,7 +596,7 @@ async def test_hop_by_hop_response_headers_do_not_reach_client(gateway: Server) 
 
 @pytest.mark.socket
 async def test_client_leaving_mid_download_releases_the_upstream_connection(
-    gateway: Server, upstream: UpstreamServer
+    gateway: Server, h1_upstream: UpstreamServer
 ) -> None:
     host, port = gateway.addresses[0]
     reader, writer = await asyncio.open_connection(host, port)
@@ -608,15 +610,15 @@ async def test_client_leaving_mid_download_releases_the_upstream_connection(
 
 @pytest.mark.socket
 async def test_client_leaving_before_the_response_releases_the_upstream_connection(
-    gateway: Server, upstream: UpstreamServer
+    gateway: Server, h1_upstream: UpstreamServer
 ) -> None:
     host, port = gateway.addresses[0]
     _, writer = await asyncio.open_connection(host, port)
     # Its head at once, its body when the test says: the gateway waits for that small
     # body before it answers, so the client leaves before any response.
     writer.write(b"GET /heldbody HTTP/1.1\r\nHost: t\r\n\r\n")
-    await eventually(lambda: len(upstream.requests) == 1, "the request to reach the upstream")
+    await eventually(lambda: len(h1_upstream.requests) == 1, "the request to reach the upstream")
     writer.transport.abort()
-    upstream.release_held()  # the upstream answers after the client has gone
+    h1_upstream.release_held()  # the upstream answers after the client has gone
     pool = gateway.runtime.upstreams["app"].pools[0]
     await eventually(lambda: "active=0" in repr(pool), "no exchange left on the upstream")

@@ -39,7 +39,7 @@ LOAD_CONNECTIONS = 8
 
 
 @pytest.fixture
-def upstream() -> Iterator[UpstreamServer]:
+def h1_upstream() -> Iterator[UpstreamServer]:
     with serve_in_thread(UpstreamServer()) as server:
         yield server
 
@@ -114,10 +114,10 @@ class Load:
 
 
 def test_twenty_reloads_valid_and_invalid_under_load_lose_no_request(
-    tmp_path: Path, upstream: UpstreamServer
+    tmp_path: Path, h1_upstream: UpstreamServer
 ) -> None:
     port, admin = free_port(), free_port()
-    base = config_text(port, admin, upstream.url)
+    base = config_text(port, admin, h1_upstream.url)
     with run_gateway(base, tmp_path, port=port) as gw:
         wait_ready(admin)
         fresh = httpx.Client(
@@ -128,7 +128,7 @@ def test_twenty_reloads_valid_and_invalid_under_load_lose_no_request(
                 mark = load.sent
                 if number % 2 == 0:
                     gw.config_path.write_text(
-                        config_text(port, admin, upstream.url, routes=numbered_route(number))
+                        config_text(port, admin, h1_upstream.url, routes=numbered_route(number))
                     )
                     assert admin_reload(admin).status_code == 200
                     # New requests see the new route at once, on every worker.
@@ -162,19 +162,23 @@ def test_twenty_reloads_valid_and_invalid_under_load_lose_no_request(
 
 
 def test_sighup_reloads_and_an_invalid_file_is_logged_with_its_line(
-    tmp_path: Path, upstream: UpstreamServer
+    tmp_path: Path, h1_upstream: UpstreamServer
 ) -> None:
     port, admin = free_port(), free_port()
-    with run_gateway(config_text(port, admin, upstream.url), tmp_path, port=port) as gw:
+    with run_gateway(config_text(port, admin, h1_upstream.url), tmp_path, port=port) as gw:
         wait_ready(admin)
-        gw.config_path.write_text(config_text(port, admin, upstream.url, routes=numbered_route(1)))
+        gw.config_path.write_text(
+            config_text(port, admin, h1_upstream.url, routes=numbered_route(1))
+        )
         gw.signal(signal.SIGHUP)
         wait_until(
             lambda: httpx.get(f"{gw.url}/v1/x", timeout=CLIENT_TIMEOUT_S).status_code == 200,
             10.0,
             "the SIGHUP reload",
         )
-        broken = config_text(port, admin, upstream.url).replace("upstream: app", "upstream: nope")
+        broken = config_text(port, admin, h1_upstream.url).replace(
+            "upstream: app", "upstream: nope"
+        )
         gw.config_path.write_text(broken)
         gw.signal(signal.SIGHUP)
         wait_until(
@@ -188,11 +192,11 @@ def test_sighup_reloads_and_an_invalid_file_is_logged_with_its_line(
 
 
 def test_a_changed_file_is_reloaded_once_it_holds_still(
-    tmp_path: Path, upstream: UpstreamServer
+    tmp_path: Path, h1_upstream: UpstreamServer
 ) -> None:
     port, admin = free_port(), free_port()
     watched = "reload: {watch: true, interval: 100ms}"
-    text = config_text(port, admin, upstream.url).replace("reload: {watch: false}", watched)
+    text = config_text(port, admin, h1_upstream.url).replace("reload: {watch: false}", watched)
     with run_gateway(text, tmp_path, port=port) as gw:
         wait_ready(admin)
         before = metric(admin, "gatehouse_config_reloads_total", result="success")
@@ -220,12 +224,14 @@ def test_a_changed_file_is_reloaded_once_it_holds_still(
 
 
 def test_gatehouse_reload_command_reports_success_and_refusal(
-    tmp_path: Path, upstream: UpstreamServer
+    tmp_path: Path, h1_upstream: UpstreamServer
 ) -> None:
     port, admin = free_port(), free_port()
-    with run_gateway(config_text(port, admin, upstream.url), tmp_path, port=port) as gw:
+    with run_gateway(config_text(port, admin, h1_upstream.url), tmp_path, port=port) as gw:
         wait_ready(admin)
-        gw.config_path.write_text(config_text(port, admin, upstream.url, routes=numbered_route(2)))
+        gw.config_path.write_text(
+            config_text(port, admin, h1_upstream.url, routes=numbered_route(2))
+        )
 
         def reload_command(*args: str) -> subprocess.CompletedProcess[str]:
             return run_cli("reload", str(gw.config_path), *args)
@@ -238,7 +244,7 @@ def test_gatehouse_reload_command_reports_success_and_refusal(
         with socket.socket() as squatter:
             squatter.bind(("127.0.0.1", taken))
             squatter.listen()
-            text = config_text(port, admin, upstream.url).replace(
+            text = config_text(port, admin, h1_upstream.url).replace(
                 "    name: public\n", f"    name: public\n  - bind: 127.0.0.1:{taken}\n"
             )
             gw.config_path.write_text(text)
@@ -252,12 +258,12 @@ def test_gatehouse_reload_command_reports_success_and_refusal(
 
 
 def test_a_listener_moved_by_a_reload_is_rebound_and_the_other_keeps_serving(
-    tmp_path: Path, upstream: UpstreamServer
+    tmp_path: Path, h1_upstream: UpstreamServer
 ) -> None:
     port, admin, first, second = free_port(), free_port(), free_port(), free_port()
 
     def with_extra_listener(extra_port: int) -> str:
-        return config_text(port, admin, upstream.url).replace(
+        return config_text(port, admin, h1_upstream.url).replace(
             "    name: public\n",
             f"    name: public\n  - bind: 127.0.0.1:{extra_port}\n    name: extra\n",
         )
@@ -286,7 +292,7 @@ def read_until_closed(ws: ClientConnection) -> ConnectionClosed:
 
 
 def test_a_websocket_opened_before_a_reload_still_echoes_after_it(
-    tmp_path: Path, upstream: UpstreamServer
+    tmp_path: Path, h1_upstream: UpstreamServer
 ) -> None:
     port, admin = free_port(), free_port()
     with serve_in_thread(WsUpstream()) as ws_upstream:
@@ -298,7 +304,7 @@ def test_a_websocket_opened_before_a_reload_still_echoes_after_it(
     match: {path_prefix: /doomed}
     upstream: ws
 """
-        text = config_text(port, admin, upstream.url, routes=routes).replace(
+        text = config_text(port, admin, h1_upstream.url, routes=routes).replace(
             "upstreams:\n", f"upstreams:\n  ws:\n    endpoints: [{ws_upstream.url}]\n"
         )
         with run_gateway(text, tmp_path, port=port) as gw:
@@ -337,11 +343,11 @@ def test_a_websocket_opened_before_a_reload_still_echoes_after_it(
 
 
 def test_sigterm_flips_readyz_lets_slow_requests_finish_and_exits_0(
-    tmp_path: Path, upstream: UpstreamServer
+    tmp_path: Path, h1_upstream: UpstreamServer
 ) -> None:
     port, admin = free_port(), free_port()
     held_route = "  - name: held\n    match: {path_prefix: /held}\n    upstream: app\n"
-    text = config_text(port, admin, upstream.url, routes=held_route)
+    text = config_text(port, admin, h1_upstream.url, routes=held_route)
     # A grace period no test waits out: exiting within the bound below is exiting when
     # the requests ended.
     text = text.replace("grace_period: 2s", "grace_period: 60s")
@@ -357,12 +363,12 @@ def test_sigterm_flips_readyz_lets_slow_requests_finish_and_exits_0(
         clients = [threading.Thread(target=held_request) for _ in range(4)]
         for client in clients:
             client.start()
-        wait_until(lambda: len(upstream.requests) == 4, 10.0, "the four requests in flight")
+        wait_until(lambda: len(h1_upstream.requests) == 4, 10.0, "the four requests in flight")
         gw.signal(signal.SIGTERM)
         wait_until(
             lambda: admin_get(admin, "/readyz").status_code == 503, 10.0, "/readyz to turn 503"
         )
-        upstream.release_held()
+        h1_upstream.release_held()
         assert gw.wait(10) == 0  # well inside the grace period: it ended when they did
         for client in clients:
             client.join(10)
@@ -371,10 +377,10 @@ def test_sigterm_flips_readyz_lets_slow_requests_finish_and_exits_0(
 
 
 def test_config_endpoint_shows_the_running_file_with_secrets_redacted(
-    tmp_path: Path, upstream: UpstreamServer
+    tmp_path: Path, h1_upstream: UpstreamServer
 ) -> None:
     port, admin = free_port(), free_port()
-    text = config_text(port, admin, upstream.url).replace(
+    text = config_text(port, admin, h1_upstream.url).replace(
         "routes:\n",
         "middleware:\n  keys: {type: api_key, keys: [s3cret-key]}\nroutes:\n",
     )
@@ -389,12 +395,14 @@ def test_config_endpoint_shows_the_running_file_with_secrets_redacted(
 
 
 def test_a_reload_while_a_worker_restarts_reaches_the_new_worker_too(
-    tmp_path: Path, upstream: UpstreamServer
+    tmp_path: Path, h1_upstream: UpstreamServer
 ) -> None:
     port, admin = free_port(), free_port()
-    with run_gateway(config_text(port, admin, upstream.url), tmp_path, port=port) as gw:
+    with run_gateway(config_text(port, admin, h1_upstream.url), tmp_path, port=port) as gw:
         wait_ready(admin)
-        gw.config_path.write_text(config_text(port, admin, upstream.url, routes=numbered_route(5)))
+        gw.config_path.write_text(
+            config_text(port, admin, h1_upstream.url, routes=numbered_route(5))
+        )
         victim = min(child_pids(gw.pid))
         os.kill(victim, signal.SIGKILL)
         # The replacement is still starting (forked with the old config, or not yet):

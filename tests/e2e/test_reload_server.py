@@ -14,7 +14,7 @@ from metrics.definitions import REGISTRY
 from proxy.config.load import parse_config
 from proxy.process import worker
 from proxy.process.server import ReloadRefused, Server
-from tests.support.gateway import UpstreamFactory, base_url
+from tests.support.gateway import H1UpstreamFactory, base_url
 from tests.support.helpers import eventually
 from tests.support.plugins import stamp
 from tests.support.tls import make_tls_files
@@ -65,14 +65,16 @@ def clear_events() -> None:
     stamp.EVENTS.clear()
 
 
-async def test_unchanged_middleware_keeps_its_instance_and_state(upstream: UpstreamServer) -> None:
-    server = await started(config_text(upstream))
+async def test_unchanged_middleware_keeps_its_instance_and_state(
+    h1_upstream: UpstreamServer,
+) -> None:
+    server = await started(config_text(h1_upstream))
     try:
         mark = server.runtime.routes["stamped"].chain[0].instance
         async with httpx.AsyncClient(base_url=base_url(server)) as client:
             for _ in range(3):
                 assert (await client.get("/limited/x")).status_code == 200
-            await reload(server, config_text(upstream, routes=_route("extra")))
+            await reload(server, config_text(h1_upstream, routes=_route("extra")))
             assert server.runtime.routes["stamped"].chain[0].instance is mark
             # The rate limit's table came through: 3 of the 6 (burst 5 + 1) are left.
             statuses = [(await client.get("/limited/x")).status_code for _ in range(4)]
@@ -84,12 +86,12 @@ async def test_unchanged_middleware_keeps_its_instance_and_state(upstream: Upstr
 
 
 async def test_changed_middleware_is_replaced_and_the_old_one_closed_after_the_grace_period(
-    upstream: UpstreamServer,
+    h1_upstream: UpstreamServer,
 ) -> None:
-    server = await started(config_text(upstream))
+    server = await started(config_text(h1_upstream))
     try:
         old = server.runtime.routes["stamped"].chain[0].instance
-        await reload(server, config_text(upstream, stamp_value="two"))
+        await reload(server, config_text(h1_upstream, stamp_value="two"))
         new = server.runtime.routes["stamped"].chain[0].instance
         assert new is not old
         assert stamp.EVENTS == ["start:mark", "start:mark"]
@@ -104,64 +106,68 @@ async def test_changed_middleware_is_replaced_and_the_old_one_closed_after_the_g
     assert stamp.EVENTS[-1] == "close:mark"
 
 
-async def test_an_unchanged_upstream_keeps_its_pooled_connection(upstream: UpstreamServer) -> None:
-    server = await started(config_text(upstream))
+async def test_an_unchanged_upstream_keeps_its_pooled_connection(
+    h1_upstream: UpstreamServer,
+) -> None:
+    server = await started(config_text(h1_upstream))
     try:
         async with httpx.AsyncClient(base_url=base_url(server)) as client:
             assert (await client.get("/stamped/a")).status_code == 200
-            await reload(server, config_text(upstream, routes=_route("extra")))
+            await reload(server, config_text(h1_upstream, routes=_route("extra")))
             assert (await client.get("/extra/b")).status_code == 200
-        assert upstream.connections == 1  # the idle connection was reused after the swap
+        assert h1_upstream.connections == 1  # the idle connection was reused after the swap
     finally:
         await server.shutdown(grace_period=1.0)
 
 
 async def test_a_changed_upstream_gets_new_pools_and_the_old_idle_ones_close(
-    upstream: UpstreamServer, upstream_factory: object
+    h1_upstream: UpstreamServer, h1_upstream_factory: object
 ) -> None:
-    server = await started(config_text(upstream))
+    server = await started(config_text(h1_upstream))
     try:
         old_pool = server.runtime.upstreams["app"].pools[0]
         async with httpx.AsyncClient(base_url=base_url(server)) as client:
             assert (await client.get("/stamped/a")).status_code == 200
             assert old_pool.occupancy().idle == 1
-            changed = config_text(upstream).replace(
-                f"endpoints: [{upstream.url}]",
-                f"endpoints: [{upstream.url}]\n    timeouts: {{read: 5s}}",
+            changed = config_text(h1_upstream).replace(
+                f"endpoints: [{h1_upstream.url}]",
+                f"endpoints: [{h1_upstream.url}]\n    timeouts: {{read: 5s}}",
             )
             await reload(server, changed)
             assert server.runtime.upstreams["app"].pools[0] is not old_pool
             assert old_pool.occupancy().idle == 0
             assert (await client.get("/stamped/b")).status_code == 200
-        assert upstream.connections == 2
+        assert h1_upstream.connections == 2
     finally:
         await server.shutdown(grace_period=1.0)
 
 
 async def test_an_exchange_running_across_a_reload_finishes_on_its_route(
-    upstream: UpstreamServer,
+    h1_upstream: UpstreamServer,
 ) -> None:
     held = "  - name: held\n    match: {path_prefix: /held}\n    upstream: app\n"
     # A grace period no busy machine outlasts: the exchange ends when the test says.
-    server = await started(config_text(upstream, routes=held, grace="30s"))
+    server = await started(config_text(h1_upstream, routes=held, grace="30s"))
     try:
         async with httpx.AsyncClient(base_url=base_url(server)) as client:
             running = asyncio.create_task(client.get("/held"))
-            await eventually(lambda: len(upstream.requests) == 1, "the exchange to be under way")
-            await reload(server, config_text(upstream, grace="30s"))  # the route is gone
+            await eventually(lambda: len(h1_upstream.requests) == 1, "the exchange to be under way")
+            await reload(server, config_text(h1_upstream, grace="30s"))  # the route is gone
             assert (await client.get("/held")).status_code == 404
-            upstream.release_held()
+            h1_upstream.release_held()
             response = await running
         assert response.status_code == 200
     finally:
         await server.shutdown(grace_period=1.0)
 
 
-async def test_a_prepared_reload_that_is_aborted_changes_nothing(upstream: UpstreamServer) -> None:
-    server = await started(config_text(upstream))
+async def test_a_prepared_reload_that_is_aborted_changes_nothing(
+    h1_upstream: UpstreamServer,
+) -> None:
+    server = await started(config_text(h1_upstream))
     try:
         runtime = server.runtime
-        await server.prepare_reload(parse_config(config_text(upstream, stamp_value="two")))
+        await server.prepare_reload(parse_config(config_text(h1_upstream, stamp_value="two")))
         await server.abort_reload()
         assert server.runtime is runtime
         assert stamp.EVENTS == ["start:mark", "start:mark", "close:mark"]  # the new one
@@ -173,12 +179,12 @@ async def test_a_prepared_reload_that_is_aborted_changes_nothing(upstream: Upstr
         await server.shutdown(grace_period=1.0)
 
 
-async def test_a_listener_that_cannot_bind_refuses_the_reload(upstream: UpstreamServer) -> None:
-    server = await started(config_text(upstream))
+async def test_a_listener_that_cannot_bind_refuses_the_reload(h1_upstream: UpstreamServer) -> None:
+    server = await started(config_text(h1_upstream))
     blocker = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
     taken = blocker.sockets[0].getsockname()[1]
     try:
-        text = config_text(upstream).replace(
+        text = config_text(h1_upstream).replace(
             "  - bind: 127.0.0.1:0\n", f"  - bind: 127.0.0.1:0\n  - bind: 127.0.0.1:{taken}\n"
         )
         with pytest.raises(ReloadRefused) as refused:
@@ -196,11 +202,11 @@ async def test_a_listener_that_cannot_bind_refuses_the_reload(upstream: Upstream
 
 
 async def test_a_middleware_that_cannot_start_refuses_the_reload_at_its_line(
-    upstream: UpstreamServer,
+    h1_upstream: UpstreamServer,
 ) -> None:
-    server = await started(config_text(upstream))
+    server = await started(config_text(h1_upstream))
     try:
-        failing = config_text(upstream, stamp_value="two, fail_start: true")
+        failing = config_text(h1_upstream, stamp_value="two, fail_start: true")
         with pytest.raises(ReloadRefused) as refused:
             await server.prepare_reload(parse_config(failing))
         assert refused.value.errors == [
@@ -214,11 +220,11 @@ async def test_a_middleware_that_cannot_start_refuses_the_reload_at_its_line(
         await server.shutdown(grace_period=1.0)
 
 
-async def test_a_draining_server_refuses_a_reload(upstream: UpstreamServer) -> None:
-    server = await started(config_text(upstream))
+async def test_a_draining_server_refuses_a_reload(h1_upstream: UpstreamServer) -> None:
+    server = await started(config_text(h1_upstream))
     await server.shutdown(grace_period=0.1)
     with pytest.raises(ReloadRefused, match="draining"):
-        await server.prepare_reload(parse_config(config_text(upstream)))
+        await server.prepare_reload(parse_config(config_text(h1_upstream)))
 
 
 def _route(name: str) -> str:
@@ -226,7 +232,7 @@ def _route(name: str) -> str:
 
 
 async def test_a_reload_serves_a_renewed_certificate_to_new_connections(
-    upstream: UpstreamServer, tmp_path_factory: pytest.TempPathFactory
+    h1_upstream: UpstreamServer, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     first = make_tls_files(tmp_path_factory.mktemp("first"))
     second = make_tls_files(tmp_path_factory.mktemp("second"))
@@ -236,7 +242,7 @@ listeners:
     tls: {{cert: {first.cert}, key: {first.key}}}
 upstreams:
   app:
-    endpoints: [{upstream.url}]
+    endpoints: [{h1_upstream.url}]
 routes:
   - name: all
     match: {{path_prefix: /}}
@@ -266,15 +272,15 @@ HELD_ROUTE = "  - name: held\n    match: {path_prefix: /held}\n    upstream: app
 
 
 async def test_an_exchange_on_a_removed_route_still_running_after_the_grace_period_is_cut_h1(
-    upstream: UpstreamServer,
+    h1_upstream: UpstreamServer,
 ) -> None:
-    server = await started(config_text(upstream, routes=HELD_ROUTE))
+    server = await started(config_text(h1_upstream, routes=HELD_ROUTE))
     try:
         async with httpx.AsyncClient(base_url=base_url(server), timeout=10) as client:
             waiting = asyncio.create_task(client.get("/held"))  # never answered
-            await eventually(lambda: len(upstream.requests) == 1, "the exchange to be under way")
+            await eventually(lambda: len(h1_upstream.requests) == 1, "the exchange to be under way")
             started_at = asyncio.get_running_loop().time()
-            await reload(server, config_text(upstream))  # the held route is gone
+            await reload(server, config_text(h1_upstream))  # the held route is gone
             with pytest.raises(httpx.TransportError):
                 await waiting  # only the cut can end it
             elapsed = asyncio.get_running_loop().time() - started_at
@@ -285,16 +291,16 @@ async def test_an_exchange_on_a_removed_route_still_running_after_the_grace_peri
 
 
 async def test_an_exchange_on_a_removed_route_still_running_after_the_grace_period_is_reset_h2(
-    upstream: UpstreamServer,
+    h1_upstream: UpstreamServer,
 ) -> None:
-    server = await started(config_text(upstream, routes=HELD_ROUTE + _route("kept")))
+    server = await started(config_text(h1_upstream, routes=HELD_ROUTE + _route("kept")))
     try:
         async with httpx.AsyncClient(
             base_url=base_url(server), http1=False, http2=True, timeout=10
         ) as client:
             doomed = asyncio.create_task(client.get("/held"))  # never answered
-            await eventually(lambda: len(upstream.requests) == 1, "the exchange to be under way")
-            await reload(server, config_text(upstream, routes=_route("kept")))
+            await eventually(lambda: len(h1_upstream.requests) == 1, "the exchange to be under way")
+            await reload(server, config_text(h1_upstream, routes=_route("kept")))
             with pytest.raises(httpx.RemoteProtocolError):
                 await doomed  # its stream is reset at the end of the grace period
             # The connection it rode on serves on.
@@ -305,11 +311,11 @@ async def test_an_exchange_on_a_removed_route_still_running_after_the_grace_peri
 
 
 async def test_a_reload_drops_the_metric_series_of_an_endpoint_it_removed(
-    upstream: UpstreamServer, upstream_factory: UpstreamFactory
+    h1_upstream: UpstreamServer, h1_upstream_factory: H1UpstreamFactory
 ) -> None:
-    other = await upstream_factory()
-    server = await started(config_text(upstream))
-    old_endpoint = upstream.url.removeprefix("http://")
+    other = await h1_upstream_factory()
+    server = await started(config_text(h1_upstream))
+    old_endpoint = h1_upstream.url.removeprefix("http://")
 
     def endpoints_counted() -> set[str]:
         return {
@@ -323,7 +329,7 @@ async def test_a_reload_drops_the_metric_series_of_an_endpoint_it_removed(
         async with httpx.AsyncClient(base_url=base_url(server)) as client:
             assert (await client.get("/stamped/a")).status_code == 200
             assert old_endpoint in endpoints_counted()
-            await reload(server, config_text(upstream).replace(upstream.url, other.url))
+            await reload(server, config_text(h1_upstream).replace(h1_upstream.url, other.url))
             assert (await client.get("/stamped/b")).status_code == 200
         assert old_endpoint not in endpoints_counted()
         assert other.url.removeprefix("http://") in endpoints_counted()
@@ -332,10 +338,10 @@ async def test_a_reload_drops_the_metric_series_of_an_endpoint_it_removed(
 
 
 async def test_a_bug_while_a_worker_loads_a_reload_is_a_refusal_with_a_line(
-    upstream: UpstreamServer, caplog: pytest.LogCaptureFixture
+    h1_upstream: UpstreamServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    server = await started(config_text(upstream))
-    buggy = config_text(upstream).replace(
+    server = await started(config_text(h1_upstream))
+    buggy = config_text(h1_upstream).replace(
         "  limit:", "  bad: {type: 'tests.support.plugins.stamp:Misdeclared'}\n  limit:"
     )
     try:

@@ -66,28 +66,28 @@ async def probe(server: Server, count: int) -> list[int]:
 
 
 async def test_hundreds_of_slow_bodies_leave_the_pool_to_other_clients(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
-    server = await gateway_factory(buffered_config(upstream, codec))
+    server = await gateway_factory(buffered_config(h1_upstream, codec))
     async with slow_bodies(server, SLOW_CLIENTS) as clients:
         assert await probe(server, PROBES) == [200] * PROBES
         # No slow body reached the upstream, and the pool stayed small (the probes'
         # connections only, at most its limit).
-        assert [r.method for r in upstream.requests] == ["GET"] * PROBES
-        assert upstream.connections <= 4
+        assert [r.method for r in h1_upstream.requests] == ["GET"] * PROBES
+        assert h1_upstream.connections <= 4
         # A slow client that finishes is forwarded, whole, framed by its length.
         await clients[0].send(b"y" * (100000 - 10))
         answer = await clients[0].response()
     assert answer.status == 200
     assert json.loads(answer.body)["body"] == "x" * 10 + "y" * (100000 - 10)
-    assert upstream.requests[-1].header("content-length") == "100000"
+    assert h1_upstream.requests[-1].header("content-length") == "100000"
 
 
 async def test_a_body_that_stops_coming_is_refused_with_408_and_never_sent_upstream(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
     server = await gateway_factory(
-        buffered_config(upstream, codec, extra="limits: {body_timeout: 200ms}")
+        buffered_config(h1_upstream, codec, extra="limits: {body_timeout: 200ms}")
     )
     clients = [await RawClient.connect(server.addresses[0]) for _ in range(3)]
     try:
@@ -100,13 +100,13 @@ async def test_a_body_that_stops_coming_is_refused_with_408_and_never_sent_upstr
         for client in clients:
             client.close()
     assert [answer.status for answer in answers] == [408] * 3
-    assert (upstream.connections, upstream.requests) == (0, [])
+    assert (h1_upstream.connections, h1_upstream.requests) == (0, [])
 
 
 async def test_chunked_bodies_are_buffered_and_sent_with_their_length(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
-    server = await gateway_factory(buffered_config(upstream, codec))
+    server = await gateway_factory(buffered_config(h1_upstream, codec))
     async with await RawClient.connect(server.addresses[0]) as client:
         await client.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
         await eventually(
@@ -114,12 +114,12 @@ async def test_chunked_bodies_are_buffered_and_sent_with_their_length(
         )
         for piece in (b"ab", b"cde"):
             await client.send(b"%x\r\n%s\r\n" % (len(piece), piece))
-        assert upstream.connections == 0
+        assert h1_upstream.connections == 0
         await client.send(b"0\r\n\r\n")
         answer = await client.response()
     assert json.loads(answer.body)["body"] == "abcde"
-    assert upstream.requests[0].header("content-length") == "5"
-    assert upstream.requests[0].header("transfer-encoding") is None
+    assert h1_upstream.requests[0].header("content-length") == "5"
+    assert h1_upstream.requests[0].header("transfer-encoding") is None
 
 
 @pytest.mark.parametrize(
@@ -131,27 +131,27 @@ async def test_chunked_bodies_are_buffered_and_sent_with_their_length(
 )
 async def test_a_body_past_max_size_or_on_a_route_without_buffering_streams(
     gateway_factory: GatewayFactory,
-    upstream: UpstreamServer,
+    h1_upstream: UpstreamServer,
     codec: str,
     route: str,
     sent_first: int,
 ) -> None:
-    server = await gateway_factory(buffered_config(upstream, codec, route=route))
+    server = await gateway_factory(buffered_config(h1_upstream, codec, route=route))
     payload = os.urandom(200 * 1024)
     async with await RawClient.connect(server.addresses[0]) as client:
         head = b"POST /sink HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % len(payload)
         await client.send(head + payload[:sent_first])
         # The upstream is reached while the client is still sending.
-        await eventually(lambda: upstream.connections == 1, "an upstream connection")
+        await eventually(lambda: h1_upstream.connections == 1, "an upstream connection")
         await client.send(payload[sent_first:])
         answer = await client.response()
     assert json.loads(answer.body)["size"] == len(payload)
 
 
 async def test_a_chunked_body_with_trailers_keeps_them(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
-    server = await gateway_factory(buffered_config(upstream, codec))
+    server = await gateway_factory(buffered_config(h1_upstream, codec))
     async with await RawClient.connect(server.addresses[0]) as client:
         await client.send(
             b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -159,13 +159,13 @@ async def test_a_chunked_body_with_trailers_keeps_them(
         )
         answer = await client.response()
     assert json.loads(answer.body)["body"] == "abc"
-    assert upstream.requests[0].header("transfer-encoding") == "chunked"
+    assert h1_upstream.requests[0].header("transfer-encoding") == "chunked"
 
 
 async def test_http2_slow_bodies_leave_the_pool_to_other_clients(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
-    server = await gateway_factory(buffered_config(upstream, "httptools"))
+    server = await gateway_factory(buffered_config(h1_upstream, "httptools"))
     host, port = server.addresses[0]
     async with await H2Client.connect(host, port) as slow:
         streams = [
@@ -178,20 +178,20 @@ async def test_http2_slow_bodies_leave_the_pool_to_other_clients(
         for stream in streams:
             await slow.send_body(stream, b"x" * 10, end=False)
         assert await probe(server, PROBES) == [200] * PROBES
-        assert [r.method for r in upstream.requests] == ["GET"] * PROBES
+        assert [r.method for r in h1_upstream.requests] == ["GET"] * PROBES
         await slow.send_body(streams[0], b"y" * (100000 - 10))
         await slow.wait_for("the answer", lambda: slow.streams[streams[0]].ended)
     assert slow.streams[streams[0]].status == 200
-    assert upstream.requests[-1].header("content-length") == "100000"
+    assert h1_upstream.requests[-1].header("content-length") == "100000"
 
 
 async def test_http2_buffering_never_waits_on_a_window_the_client_cannot_send_past(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
     """Streams whose bodies outgrow the stream window, and together the connection's:
     buffering must hand them on rather than wait for bytes that cannot come."""
     server = await gateway_factory(
-        buffered_config(upstream, "httptools", extra="http2: {initial_window_size: 64KiB}")
+        buffered_config(h1_upstream, "httptools", extra="http2: {initial_window_size: 64KiB}")
     )
     host, port = server.addresses[0]
     payload = os.urandom(300 * 1024)

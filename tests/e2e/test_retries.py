@@ -15,7 +15,7 @@ import pytest
 
 from metrics.definitions import UPSTREAM_REQUESTS, UPSTREAM_RETRIES, UPSTREAM_RETRY_BUDGET_EXHAUSTED
 from proxy.testing import start_upstream
-from tests.support.gateway import GatewayFactory, UpstreamFactory, base_url
+from tests.support.gateway import GatewayFactory, H1UpstreamFactory, base_url
 from tests.support.h2_client import H2Client
 from tests.support.helpers import RawClient, eventually
 from tests.support.upstreams import H2UpstreamServer
@@ -164,9 +164,9 @@ def attempts_counted(endpoint_url: str, code: str) -> float:
 
 
 async def test_connect_failure_is_retried_on_the_other_endpoint_for_any_method(
-    gateway_factory: GatewayFactory, upstream_factory: UpstreamFactory
+    gateway_factory: GatewayFactory, h1_upstream_factory: H1UpstreamFactory
 ) -> None:
-    live = await upstream_factory()
+    live = await h1_upstream_factory()
     dead = f"http://127.0.0.1:{closed_port()}"
     server = await gateway_factory(config([dead, live.url], "{attempts: 2}"))
     before = retries_counted("connect-failure")
@@ -226,10 +226,10 @@ async def test_503_is_retried_for_get_but_not_for_post(
 async def test_503_then_success_on_the_other_endpoint(
     gateway_factory: GatewayFactory,
     status_servers: contextlib.AsyncExitStack,
-    upstream_factory: UpstreamFactory,
+    h1_upstream_factory: H1UpstreamFactory,
 ) -> None:
     failing = await status_server(status_servers, status=503)
-    live = await upstream_factory()
+    live = await h1_upstream_factory()
     server = await gateway_factory(
         config([failing.url, live.url], "{attempts: 2, on: [502, 503], backoff: {base: 1ms}}")
     )
@@ -260,11 +260,11 @@ async def test_a_body_over_body_limit_is_not_retried(
 async def test_per_try_timeout_then_success_on_the_other_endpoint(
     gateway_factory: GatewayFactory,
     status_servers: contextlib.AsyncExitStack,
-    upstream_factory: UpstreamFactory,
+    h1_upstream_factory: H1UpstreamFactory,
 ) -> None:
     # The slow endpoint never answers: an answer at all means its try was cut.
     slow = await status_server(status_servers, status=200, gate=Gate())
-    live = await upstream_factory()
+    live = await h1_upstream_factory()
     retries = "{attempts: 2, on: [timeout], per_try_timeout: 100ms, backoff: {base: 1ms}}"
     server = await gateway_factory(config([slow.url, live.url], retries))
     before = retries_counted("timeout")
@@ -413,9 +413,9 @@ async def test_the_budget_caps_amplification_when_every_endpoint_fails(
 
 
 async def test_killing_one_of_three_endpoints_under_load_loses_no_idempotent_request(
-    gateway_factory: GatewayFactory, upstream_factory: UpstreamFactory
+    gateway_factory: GatewayFactory, h1_upstream_factory: H1UpstreamFactory
 ) -> None:
-    servers = [await upstream_factory() for _ in range(3)]
+    servers = [await h1_upstream_factory() for _ in range(3)]
     # The default budget: the requests caught on the dying endpoint are retried (those
     # refused a connection are not held to the budget, proxy/exchange/retry.py).
     retries = "{attempts: 3, on: [connect-failure, reset, 502, 503]}"

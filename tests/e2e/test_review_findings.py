@@ -194,10 +194,10 @@ async def test_upload_to_upstream_that_stops_reading_is_answered_and_released(
 
 
 async def test_pool_waiter_cancelled_after_handoff_does_not_leak_the_connection(
-    upstream: UpstreamServer,
+    h1_upstream: UpstreamServer,
 ) -> None:
     pool = UpstreamPool(
-        EndpointConfig(upstream.url, "http", "127.0.0.1", upstream.port),
+        EndpointConfig(h1_upstream.url, "http", "127.0.0.1", h1_upstream.port),
         PoolConfig(max_connections=1, max_idle=1, wait_timeout=0.3),
         UpstreamTimeouts(),
         "httptools",
@@ -299,11 +299,11 @@ async def test_pipelining_client_that_never_reads_does_not_grow_gateway_buffers(
 
 
 async def test_expect_continue_request_waiting_for_a_pool_slot_is_not_timed_out(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
     server = await gateway_factory(
         config(
-            upstream.url,
+            h1_upstream.url,
             codec,
             upstream="    pool: {max_connections: 1, max_idle: 1, wait_timeout: 20s}",
             extra="limits: {body_timeout: 200ms}",
@@ -315,7 +315,7 @@ async def test_expect_continue_request_waiting_for_a_pool_slot_is_not_timed_out(
     ):
         await busy.send(b"GET /slow/700 HTTP/1.1\r\nHost: t\r\n\r\n")
         await eventually(
-            lambda: [r.target for r in upstream.requests] == ["/slow/700"],
+            lambda: [r.target for r in h1_upstream.requests] == ["/slow/700"],
             "the slow request to hold the only upstream connection",
         )
         # RFC 9110 section 10.1.1: the client waits for 100 Continue before the body.
@@ -338,11 +338,11 @@ async def test_expect_continue_request_waiting_for_a_pool_slot_is_not_timed_out(
 
 
 async def test_partial_pipelined_head_gets_408_after_header_timeout(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
     server = await gateway_factory(
         config(
-            upstream.url,
+            h1_upstream.url,
             codec,
             extra="limits: {header_timeout: 300ms, keepalive_timeout: 60s}",
         )

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from proxy.process.server import Server
-from tests.support.gateway import GatewayFactory, UpstreamFactory, base_url
+from tests.support.gateway import GatewayFactory, H1UpstreamFactory, base_url
 from tests.support.helpers import RawClient
 from tests.support.upstreams import UpstreamServer
 
@@ -72,10 +72,10 @@ ROUTES = r"""
 
 @pytest.fixture
 async def routed(
-    gateway_factory: GatewayFactory, upstream_factory: UpstreamFactory, codec: str
+    gateway_factory: GatewayFactory, h1_upstream_factory: H1UpstreamFactory, codec: str
 ) -> tuple[Server, UpstreamServer, UpstreamServer]:
-    a = await upstream_factory()
-    b = await upstream_factory()
+    a = await h1_upstream_factory()
+    b = await h1_upstream_factory()
     server = await gateway_factory(two_upstream_config(a.url, b.url, codec, ROUTES))
     return server, a, b
 
@@ -147,10 +147,12 @@ async def test_requests_on_one_connection_are_routed_independently(
 
 
 async def test_no_route_gives_404_json_with_request_id(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
     routes = "  - match: {path_prefix: /api/}\n    upstream: a\n"
-    server = await gateway_factory(two_upstream_config(upstream.url, upstream.url, codec, routes))
+    server = await gateway_factory(
+        two_upstream_config(h1_upstream.url, h1_upstream.url, codec, routes)
+    )
     async with httpx.AsyncClient() as client:
         response = await client.get(base_url(server) + "/nowhere")
         given = await client.get(base_url(server) + "/nowhere", headers={"X-Request-ID": "abc-1"})
@@ -164,14 +166,16 @@ async def test_no_route_gives_404_json_with_request_id(
     assert given.status_code == 404
     assert given.json()["request_id"] == "abc-1"
     assert ok.status_code == 200
-    assert [r.target for r in upstream.requests] == ["/api/x"]
+    assert [r.target for r in h1_upstream.requests] == ["/api/x"]
 
 
 async def test_no_route_request_ids_are_unique(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
     routes = "  - match: {path: /only}\n    upstream: a\n"
-    server = await gateway_factory(two_upstream_config(upstream.url, upstream.url, codec, routes))
+    server = await gateway_factory(
+        two_upstream_config(h1_upstream.url, h1_upstream.url, codec, routes)
+    )
     async with httpx.AsyncClient() as client:
         ids = {
             (await client.get(base_url(server) + f"/x{i}")).json()["request_id"] for i in range(5)
@@ -180,15 +184,17 @@ async def test_no_route_request_ids_are_unique(
 
 
 async def test_no_route_for_method_gives_404(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
     routes = "  - match: {path_prefix: /, methods: [GET]}\n    upstream: a\n"
-    server = await gateway_factory(two_upstream_config(upstream.url, upstream.url, codec, routes))
+    server = await gateway_factory(
+        two_upstream_config(h1_upstream.url, h1_upstream.url, codec, routes)
+    )
     async with httpx.AsyncClient() as client:
         response = await client.delete(base_url(server) + "/x")
     assert response.status_code == 404
     assert response.json()["error"] == "no_route"
-    assert upstream.requests == []
+    assert h1_upstream.requests == []
 
 
 REWRITE_ROUTES = r"""
@@ -220,10 +226,10 @@ REWRITE_ROUTES = r"""
 
 @pytest.fixture
 async def rewriting(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> Server:
     return await gateway_factory(
-        two_upstream_config(upstream.url, upstream.url, codec, REWRITE_ROUTES)
+        two_upstream_config(h1_upstream.url, h1_upstream.url, codec, REWRITE_ROUTES)
     )
 
 
@@ -246,24 +252,24 @@ async def rewriting(
     ],
 )
 async def test_rewrite_changes_forwarded_target(
-    rewriting: Server, upstream: UpstreamServer, sent: str, forwarded: str
+    rewriting: Server, h1_upstream: UpstreamServer, sent: str, forwarded: str
 ) -> None:
     async with await RawClient.connect(rewriting.addresses[0]) as client:
         await client.send(f"GET {sent} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
         response = await client.response()
     assert response.status == 200
-    assert upstream.requests[0].target == forwarded
+    assert h1_upstream.requests[0].target == forwarded
 
 
 async def test_rewrite_host_replaces_host_header(
-    rewriting: Server, upstream: UpstreamServer
+    rewriting: Server, h1_upstream: UpstreamServer
 ) -> None:
     async with httpx.AsyncClient() as client:
         response = await client.get(
             base_url(rewriting) + "/hosted/x", headers={"Host": "public.example.com"}
         )
     assert response.status_code == 200
-    seen = upstream.requests[0]
+    seen = h1_upstream.requests[0]
     assert seen.header("host") == "internal.svc:9000"
     assert len([k for k, _ in seen.headers if k.lower() == "host"]) == 1
     # The client's host is still reported to the upstream.
@@ -272,19 +278,19 @@ async def test_rewrite_host_replaces_host_header(
 
 
 async def test_route_without_host_rewrite_preserves_host(
-    rewriting: Server, upstream: UpstreamServer
+    rewriting: Server, h1_upstream: UpstreamServer
 ) -> None:
     async with httpx.AsyncClient() as client:
         await client.get(base_url(rewriting) + "/api/x", headers={"Host": "public.example.com"})
-    assert upstream.requests[0].header("host") == "public.example.com"
+    assert h1_upstream.requests[0].header("host") == "public.example.com"
 
 
 async def test_rewrite_keeps_request_body_and_method(
-    rewriting: Server, upstream: UpstreamServer
+    rewriting: Server, h1_upstream: UpstreamServer
 ) -> None:
     body = uuid.uuid4().hex.encode()
     async with httpx.AsyncClient() as client:
         response = await client.post(base_url(rewriting) + "/api/echo?z=1", content=body)
     assert response.json()["body"] == body.decode()
-    assert upstream.requests[0].method == "POST"
-    assert upstream.requests[0].target == "/echo?z=1"
+    assert h1_upstream.requests[0].method == "POST"
+    assert h1_upstream.requests[0].target == "/echo?z=1"

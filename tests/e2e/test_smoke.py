@@ -10,7 +10,7 @@ from tests.support.upstreams import UpstreamServer
 pytestmark = pytest.mark.socket
 
 
-async def test_get_is_proxied(gateway: Server, upstream: UpstreamServer) -> None:
+async def test_get_is_proxied(gateway: Server, h1_upstream: UpstreamServer) -> None:
     async with httpx.AsyncClient() as client:
         response = await client.get(base_url(gateway) + "/echo?x=1")
     assert response.status_code == 200

@@ -104,7 +104,7 @@ CASES = {
 
 @pytest.mark.parametrize("payload", list(CASES.values()), ids=list(CASES))
 async def test_ambiguous_request_gets_400_and_never_reaches_upstream(
-    gateway: Server, upstream: UpstreamServer, payload: bytes
+    gateway: Server, h1_upstream: UpstreamServer, payload: bytes
 ) -> None:
     async with await RawClient.connect(gateway.addresses[0]) as client:
         await client.send(payload)
@@ -116,12 +116,12 @@ async def test_ambiguous_request_gets_400_and_never_reaches_upstream(
     assert [r.status for r in responses] == [400], data[:300]
     assert responses[0].json()["error"] == "bad_request"
     assert responses[0].header("connection") == "close"
-    assert upstream.requests == []
+    assert h1_upstream.requests == []
     await assert_still_serves(gateway)
 
 
 async def test_valid_chunked_request_with_extension_and_trailer_is_accepted(
-    gateway: Server, upstream: UpstreamServer
+    gateway: Server, h1_upstream: UpstreamServer
 ) -> None:
     # The strict checks must not refuse what RFC 9112 section 7.1 allows.
     payload = post(
@@ -133,11 +133,11 @@ async def test_valid_chunked_request_with_extension_and_trailer_is_accepted(
         response = await client.response()
     assert response.status == 200
     assert response.json()["body"] == "hello0123456789"
-    assert len(upstream.requests) == 1
+    assert len(h1_upstream.requests) == 1
 
 
 async def test_content_length_with_surrounding_whitespace_is_accepted(
-    gateway: Server, upstream: UpstreamServer
+    gateway: Server, h1_upstream: UpstreamServer
 ) -> None:
     # RFC 9112 section 5.1: OWS around a field value is not part of it, so this is a
     # valid Content-Length of 2 (h11 accepts it; both codecs must agree).
@@ -150,11 +150,11 @@ async def test_content_length_with_surrounding_whitespace_is_accepted(
 
 
 async def test_header_value_whitespace_is_not_forwarded(
-    gateway: Server, upstream: UpstreamServer
+    gateway: Server, h1_upstream: UpstreamServer
 ) -> None:
     payload = b"GET /echo HTTP/1.1\r\nHost: t\r\nX-A: \t padded \t\r\n\r\n"
     async with await RawClient.connect(gateway.addresses[0]) as client:
         await client.send(payload)
         response = await client.response()
     assert response.status == 200
-    assert upstream.requests[0].header("x-a") == "padded"
+    assert h1_upstream.requests[0].header("x-a") == "padded"

@@ -22,7 +22,7 @@ from tests.support.error_helpers import (
 )
 from tests.support.gateway import (
     GatewayFactory,
-    UpstreamFactory,
+    H1UpstreamFactory,
     assert_still_serves,
     base_url,
     simple_config,
@@ -44,14 +44,14 @@ def unused_port() -> int:
 
 
 async def test_refused_upstream_gives_502(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
     dead = f"http://127.0.0.1:{unused_port()}"
     extra = f"""
   dead:
     endpoints: [{dead}]
 """
-    config = simple_config(upstream.url, codec, route="")
+    config = simple_config(h1_upstream.url, codec, route="")
     config = config.replace("upstreams:\n", "upstreams:" + extra, 1)
     config += "  - match: {path_prefix: /dead}\n    upstream: dead\n"
     server = await gateway_factory(config)
@@ -69,7 +69,7 @@ async def test_refused_upstream_gives_502(
     [("/drop", "upstream_reset"), ("/garbage", "upstream_bad_response")],
 )
 async def test_broken_upstream_answer_gives_502(
-    gateway: Server, upstream: UpstreamServer, path: str, error: str
+    gateway: Server, h1_upstream: UpstreamServer, path: str, error: str
 ) -> None:
     async with await RawClient.connect(gateway.addresses[0]) as client:
         await client.send(f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
@@ -80,7 +80,7 @@ async def test_broken_upstream_answer_gives_502(
 
 
 async def test_broken_upstream_answer_on_reused_connection_gives_502(
-    gateway: Server, upstream: UpstreamServer
+    gateway: Server, h1_upstream: UpstreamServer
 ) -> None:
     async with httpx.AsyncClient() as client:
         assert (await client.get(base_url(gateway) + "/echo/warm")).status_code == 200
@@ -91,9 +91,9 @@ async def test_broken_upstream_answer_on_reused_connection_gives_502(
 
 
 async def test_upstream_silent_past_read_timeout_gives_504(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
-    config = upstream_config(upstream.url, codec, "timeouts: {read: 200ms}")
+    config = upstream_config(h1_upstream.url, codec, "timeouts: {read: 200ms}")
     server = await gateway_factory(config)
     async with await RawClient.connect(server.addresses[0]) as client:
         started = time.monotonic()
@@ -109,10 +109,10 @@ async def test_upstream_silent_past_read_timeout_gives_504(
 
 
 async def test_upstream_answering_within_read_timeout_is_served(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
     # 50 ms against 2 s: room for a busy machine, which the read timeout also counts.
-    config = upstream_config(upstream.url, codec, "timeouts: {read: 2s}")
+    config = upstream_config(h1_upstream.url, codec, "timeouts: {read: 2s}")
     server = await gateway_factory(config)
     async with httpx.AsyncClient() as client:
         response = await client.get(base_url(server) + "/slow/50")
@@ -130,34 +130,34 @@ def test_pool_with_only_max_connections_set_is_accepted() -> None:
 
 
 async def test_pool_wait_timeout_gives_503(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
     config = upstream_config(
-        upstream.url, codec, "pool: {max_connections: 1, max_idle: 1, wait_timeout: 100ms}"
+        h1_upstream.url, codec, "pool: {max_connections: 1, max_idle: 1, wait_timeout: 100ms}"
     )
     server = await gateway_factory(config)
     async with httpx.AsyncClient(timeout=20) as client:
         held = asyncio.create_task(client.get(base_url(server) + "/held"))
         await eventually(
-            lambda: [r.target for r in upstream.requests] == ["/held"],
+            lambda: [r.target for r in h1_upstream.requests] == ["/held"],
             "the held request to take the only connection",
         )
         # The connection comes back only when the test lets it: the waiter can only have
         # given up at its wait_timeout.
         response = await client.get(base_url(server) + "/echo/waiting")
-        upstream.release_held()
+        h1_upstream.release_held()
         assert (await held).status_code == 200
     assert response.status_code == 503
     assert response.json()["error"] == "pool_timeout"
-    assert [r.target for r in upstream.requests] == ["/held"]
+    assert [r.target for r in h1_upstream.requests] == ["/held"]
     await assert_still_serves(server)
 
 
 async def test_pool_waiter_gets_released_connection(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
     config = upstream_config(
-        upstream.url, codec, "pool: {max_connections: 1, max_idle: 1, wait_timeout: 20s}"
+        h1_upstream.url, codec, "pool: {max_connections: 1, max_idle: 1, wait_timeout: 20s}"
     )
     server = await gateway_factory(config)
     async with httpx.AsyncClient(timeout=30) as client:
@@ -165,16 +165,16 @@ async def test_pool_waiter_gets_released_connection(
             *(client.get(base_url(server) + f"/slow/{50 + i}") for i in range(3))
         )
     assert [r.status_code for r in responses] == [200, 200, 200]
-    assert upstream.connections == 1
+    assert h1_upstream.connections == 1
 
 
 # -- the keep-alive race -----------------------------------------------------------------
 
 
 async def test_upstream_dropping_reused_connection_is_retried_on_fresh_one(
-    gateway_factory: GatewayFactory, upstream_factory: UpstreamFactory, codec: str
+    gateway_factory: GatewayFactory, h1_upstream_factory: H1UpstreamFactory, codec: str
 ) -> None:
-    racy = await upstream_factory(drop_reused=True)
+    racy = await h1_upstream_factory(drop_reused=True)
     server = await gateway_factory(simple_config(racy.url, codec))
     async with await RawClient.connect(server.addresses[0]) as client:
         for i in range(3):
@@ -195,12 +195,12 @@ async def test_upstream_dropping_reused_connection_is_retried_on_fresh_one(
 
 
 async def test_small_body_sent_after_its_head_is_retried_when_reused_connection_drops(
-    gateway_factory: GatewayFactory, upstream_factory: UpstreamFactory, codec: str
+    gateway_factory: GatewayFactory, h1_upstream_factory: H1UpstreamFactory, codec: str
 ) -> None:
     # Most clients (httpx, requests, browsers) write the head and the body separately, so
     # the body often arrives after forwarding began. The keep-alive race must not turn such
     # a POST into a 502: nothing of it reached the upstream's application.
-    racy = await upstream_factory(drop_reused=True)
+    racy = await h1_upstream_factory(drop_reused=True)
     server = await gateway_factory(simple_config(racy.url, codec))
     async with await RawClient.connect(server.addresses[0]) as client:
         await client.send(b"GET /echo/warm HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -215,18 +215,18 @@ async def test_small_body_sent_after_its_head_is_retried_when_reused_connection_
 
 
 async def test_upstream_closing_idle_connection_does_not_fail_next_request(
-    gateway: Server, upstream: UpstreamServer
+    gateway: Server, h1_upstream: UpstreamServer
 ) -> None:
     async with httpx.AsyncClient() as client:
         assert (await client.get(base_url(gateway) + "/thenclose")).status_code == 200
         await asyncio.sleep(0.02)  # the upstream's FIN reaches the idle pooled connection
         response = await client.get(base_url(gateway) + "/echo/after")
     assert response.status_code == 200
-    assert upstream.connections == 2
+    assert h1_upstream.connections == 2
 
 
 async def test_upstream_closing_idle_connection_at_once_does_not_fail_next_request(
-    gateway: Server, upstream: UpstreamServer
+    gateway: Server, h1_upstream: UpstreamServer
 ) -> None:
     # No pause: the next request may be sent on the connection as its FIN arrives.
     async with await RawClient.connect(gateway.addresses[0]) as client:
@@ -240,21 +240,21 @@ async def test_upstream_closing_idle_connection_at_once_does_not_fail_next_reque
 
 
 async def test_small_body_arriving_after_its_head_is_answered_whole(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
     # nginx sends a file's head and body in separate writes; the gateway gathers a small
     # body before answering, so the client gets one complete response.
-    server = await gateway_factory(simple_config(upstream.url, codec))
+    server = await gateway_factory(simple_config(h1_upstream.url, codec))
     response = await send_once(server, b"GET /slowbody/100 HTTP/1.1\r\nHost: t\r\n\r\n")
     assert response.status == 200
     assert response.body == b"late"
 
 
 async def test_small_body_stalling_past_read_timeout_is_a_504_not_a_cut_response(
-    gateway_factory: GatewayFactory, upstream: UpstreamServer, codec: str
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
     # Nothing was sent to the client yet, so the failure can still be a proper answer.
-    config = upstream_config(upstream.url, codec, "timeouts: {read: 200ms}")
+    config = upstream_config(h1_upstream.url, codec, "timeouts: {read: 200ms}")
     server = await gateway_factory(config)
     response = await send_once(server, b"GET /heldbody HTTP/1.1\r\nHost: t\r\n\r\n")
     assert_local_reply(response, 504, "upstream_timeout")

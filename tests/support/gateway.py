@@ -13,7 +13,7 @@ from proxy.process.server import Server
 from tests.support.upstreams import UpstreamServer
 
 GatewayFactory = Callable[..., Awaitable[Server]]
-UpstreamFactory = Callable[..., Awaitable[UpstreamServer]]
+H1UpstreamFactory = Callable[..., Awaitable[UpstreamServer]]
 
 
 def simple_config(upstream_url: str, codec: str, *, extra: str = "", route: str = "") -> str:

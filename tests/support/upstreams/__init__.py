@@ -1,7 +1,7 @@
 """The upstream servers the tests run the gateway against: real servers on 127.0.0.1.
 
 - `UpstreamServer` (h1.py): HTTP/1.1 (h11), answers chosen by the request path; the
-  `upstream` fixture of tests/conftest.py is one.
+  `h1_upstream` fixture (tests/conftest.py) is one.
 - `FastUpstream` (h1.py): an HTTP/1.1 source and sink for multi-GiB transfers.
 - `H2UpstreamServer` (h2.py): HTTP/2, h2c or over TLS, the same paths as `UpstreamServer`
   and HTTP/2's own (resets, GOAWAY, trailers).
