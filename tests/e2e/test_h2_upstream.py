@@ -15,14 +15,14 @@ from proxy.process.server import Server
 from tests.support.gateway import GatewayFactory, base_url, raw_request
 from tests.support.helpers import parse_response
 from tests.support.tls import TlsFiles
-from tests.support.upstreams import H2UpstreamServer, TlsUpstreamServer, pattern_chunks
+from tests.support.upstreams import H2UpstreamServer, UpstreamServer, pattern_chunks
 
 pytestmark = [pytest.mark.socket, pytest.mark.timeout(60)]
 
 MIB = 1024 * 1024
 
 
-def gateway_yaml(server: H2UpstreamServer | TlsUpstreamServer, upstream: str) -> str:
+def gateway_yaml(server: H2UpstreamServer | UpstreamServer, upstream: str) -> str:
     """A catch-all route to `server`; `upstream` adds keys to the upstream (indented)."""
     return f"""
 listeners:
@@ -232,7 +232,7 @@ async def test_verify_false_accepts_any_certificate(
 async def test_http1_over_tls_upstream(
     gateway_factory: GatewayFactory, tls_files: TlsFiles
 ) -> None:
-    upstream = await TlsUpstreamServer(context=tls_files.server_context(["http/1.1"])).start()
+    upstream = await UpstreamServer(tls=tls_files.server_context(["http/1.1"])).start()
     try:
         keys = f"    tls: {{ca: {tls_files.ca}}}\n"
         gateway = await gateway_factory(gateway_yaml(upstream, keys))

@@ -1,5 +1,6 @@
-"""A real external auth service for the forward_auth tests: tests/support/upstreams/h1.py's HTTP/1.1
-server (h11 over asyncio streams, on 127.0.0.1:0), answering what the test scripts.
+"""A real external auth service for the forward_auth tests: the suite's HTTP/1.1 upstream
+(tests/support/upstreams/h1.py: h11 over asyncio streams, on 127.0.0.1:0), answering what
+the test scripts.
 
 `service.answer` is what every request gets until changed: a status, headers and a
 body (`AuthAnswer(200, [("X-User", "ada")])`, `AuthAnswer(401, [("WWW-Authenticate",
@@ -43,24 +44,13 @@ class AuthService(UpstreamServer):
 
     answer: AuthAnswer = field(default_factory=AuthAnswer)
     stalled: asyncio.Event = field(default_factory=asyncio.Event)  # a `stall` answer began
-    _released: asyncio.Event = field(default_factory=asyncio.Event)
-    _tls: bool = False
 
     async def start(self, port: int = 0, tls: ssl.SSLContext | None = None) -> AuthService:
         """Listen on 127.0.0.1 (`port` 0: any free one); with `tls`, https."""
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", port, ssl=tls)
-        self.port = self._server.sockets[0].getsockname()[1]
-        self._tls = tls is not None
+        if tls is not None:
+            self.tls = tls
+        await super().start(port)
         return self
-
-    @property
-    def url(self) -> str:
-        return f"{'https' if self._tls else 'http'}://127.0.0.1:{self.port}"
-
-    async def stop(self) -> None:
-        """Release hanging handlers, then stop as the upstream does."""
-        self._released.set()
-        await super().stop()
 
     async def _respond(
         self,
@@ -74,7 +64,7 @@ class AuthService(UpstreamServer):
     ) -> bool:
         answer = self.answer
         if answer.hang:
-            await self._released.wait()
+            await self._hold()  # until the service stops
             return False
         if answer.drop:
             return False
@@ -87,7 +77,7 @@ class AuthService(UpstreamServer):
             writer.write(conn.send(h11.Data(data=answer.body)))
             await writer.drain()
             self.stalled.set()
-            await self._released.wait()
+            await self._hold()
             return False
         head = [("Content-Length", str(len(answer.body))), *answer.headers]
         writer.write(conn.send(h11.Response(status_code=answer.status, headers=head)))

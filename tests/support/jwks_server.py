@@ -1,8 +1,9 @@
 """A real HTTP/1.1 JWKS server for the jwt tests (asyncio streams + h11, 127.0.0.1:0), and
 signing keys to go with it.
 
-`JwksServer` answers every GET with `jwks` (a dict the test may replace at any time) and
-counts the requests in `fetches`. Modes: `status` (answer that status instead), `body`
+`JwksServer`, the suite's HTTP/1.1 upstream (tests/support/upstreams/h1.py) answering
+every request with `jwks` (a dict the test may replace at any time), counts the requests
+in `fetches`. Modes: `status` (answer that status instead), `body`
 (answer these bytes instead of the JSON), `hang` (read the request, never answer: an
 identity provider that black-holes us). `stop()` closes the listener and every connection
 (the provider is down: connections are refused); `start()` again on the same port brings
@@ -15,11 +16,10 @@ tokens with it; `jwk(kid)` is its public half as a JWK.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import ssl as ssl_module
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import h11
@@ -28,48 +28,34 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
+from tests.support.upstreams import UpstreamServer
 
-@dataclass
-class JwksServer:
+
+class JwksServer(UpstreamServer):
     """Start with `await server.start()`; `server.url` is then the JWKS URL."""
 
-    jwks: dict[str, Any] = field(default_factory=lambda: {"keys": []})
-    fetches: int = 0
-    status: int = 200
-    body: bytes | None = None
-    hang: bool = False
-    port: int = 0
-    path: str = "/.well-known/jwks.json"
-    _server: asyncio.Server | None = None
-    _ssl: ssl_module.SSLContext | None = None
-    _writers: set[asyncio.StreamWriter] = field(default_factory=set)
-    _fetched: asyncio.Event = field(default_factory=asyncio.Event)
+    def __init__(self, jwks: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.jwks: dict[str, Any] = jwks if jwks is not None else {"keys": []}
+        self.fetches = 0
+        self.status = 200
+        self.body: bytes | None = None
+        self.hang = False
+        self.path = "/.well-known/jwks.json"
+        self._fetched = asyncio.Event()
 
-    async def start(self, ssl: ssl_module.SSLContext | None = None) -> JwksServer:
-        """Listen (again on the same port after a `stop`)."""
-        self._ssl = ssl or self._ssl
-        self._server = await asyncio.start_server(
-            self._serve, "127.0.0.1", self.port, ssl=self._ssl
-        )
-        self.port = self._server.sockets[0].getsockname()[1]
+    async def start(self, port: int = 0, *, ssl: ssl_module.SSLContext | None = None) -> JwksServer:
+        """Listen (again on the same port after a `stop`); with `ssl`, https from then on."""
+        if ssl is not None:
+            self.tls = ssl
+        await super().start(port or self.port)
         return self
 
     @property
     def url(self) -> str:
-        scheme = "https" if self._ssl is not None else "http"
-        host = "localhost" if self._ssl is not None else "127.0.0.1"
+        scheme = "https" if self.tls is not None else "http"
+        host = "localhost" if self.tls is not None else "127.0.0.1"  # the certificate's name
         return f"{scheme}://{host}:{self.port}{self.path}"
-
-    async def stop(self) -> None:
-        """Stop listening and close every open connection (hanging ones too)."""
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
-        for writer in list(self._writers):
-            writer.close()
-        if server is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 2)
 
     async def wait_for_fetches(self, count: int, timeout_s: float = 10.0) -> None:
         """Until `fetches` reaches `count` (TimeoutError after `timeout_s`)."""
@@ -78,37 +64,30 @@ class JwksServer:
                 self._fetched.clear()
                 await self._fetched.wait()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.add(writer)
-        conn = h11.Connection(h11.SERVER)
-        try:
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    data = await reader.read(65536)
-                    if not data:
-                        return
-                    conn.receive_data(data)
-                elif isinstance(event, h11.EndOfMessage):
-                    break
-            self.fetches += 1
-            self._fetched.set()
-            if self.hang:
-                await reader.read()  # until the client gives up or we stop
-                return
-            body = self.body if self.body is not None else json.dumps(self.jwks).encode()
-            response = h11.Response(
-                status_code=self.status,
-                headers=[("Content-Type", "application/json"), ("Content-Length", str(len(body)))],
-            )
-            writer.write(conn.send(response) + conn.send(h11.Data(data=body)))
-            writer.write(conn.send(h11.EndOfMessage()))
-            await writer.drain()
-        except (ConnectionError, h11.ProtocolError, ssl_module.SSLError):
-            return
-        finally:
-            self._writers.discard(writer)
-            writer.close()
+    async def _respond(
+        self,
+        conn: h11.Connection,
+        writer: asyncio.StreamWriter,
+        request: h11.Request,
+        target: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        size: int,
+    ) -> bool:
+        self.fetches += 1
+        self._fetched.set()
+        if self.hang:
+            await self._hold()  # until the server stops
+            return False
+        data = self.body if self.body is not None else json.dumps(self.jwks).encode()
+        response = h11.Response(
+            status_code=self.status,
+            headers=[("Content-Type", "application/json"), ("Content-Length", str(len(data)))],
+        )
+        writer.write(conn.send(response) + conn.send(h11.Data(data=data)))
+        writer.write(conn.send(h11.EndOfMessage()))
+        await writer.drain()
+        return False  # one fetch per connection (the middleware asks for `Connection: close`)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from tests.support.upstreams.h1 import (
     pattern_sha256,
     serve_in_thread,
 )
-from tests.support.upstreams.h2 import H2Recorded, H2UpstreamServer, TlsUpstreamServer
+from tests.support.upstreams.h2 import H2Recorded, H2UpstreamServer
 from tests.support.upstreams.websocket import FLOOD_MESSAGE, REFUSAL_BODY, WsUpstream
 from tests.support.upstreams.wsgi import WsgiUpstream
 
@@ -35,7 +35,6 @@ __all__ = [
     "H2Recorded",
     "H2UpstreamServer",
     "Recorded",
-    "TlsUpstreamServer",
     "UpstreamServer",
     "WsUpstream",
     "WsgiUpstream",

@@ -18,7 +18,9 @@ Paths:
                     Keep-Alive, Proxy-Connection; and an end-to-end X-Kept
   /thenclose        200 with Content-Length (no Connection: close), then closes the
                     connection: the next request must find it gone while idle
-Modes (constructor flags):
+Modes (constructor options):
+  tls=CONTEXT       HTTP/1.1 over TLS (an https:// endpoint), with a server context from
+                    `TlsFiles.server_context`
   drop_reused=True  a request that arrives as the second (or later) on one connection is
                     not answered: the connection is closed (the keep-alive race, as an
                     upstream closing an idle connection just as the proxy reuses it). Such
@@ -35,6 +37,7 @@ import functools
 import hashlib
 import json
 import random
+import ssl
 import threading
 import typing
 from collections.abc import Iterator
@@ -63,6 +66,42 @@ class Recorded:
         return None
 
 
+class Gate:
+    """Where held requests wait (/held, /heldbody of both servers): `release` lets those
+    waiting and any later ones through, from any thread; `close` (the server stopping)
+    too, to go unanswered."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._open: asyncio.Event | None = None
+        self._closed = False
+
+    def bind(self) -> None:
+        """Shut the gate, on the running loop (the one that serves)."""
+        self._loop = asyncio.get_running_loop()
+        self._open = asyncio.Event()
+        self._closed = False
+
+    def release(self) -> None:
+        """Let the held requests be answered (the serving loop does it)."""
+        loop, opened = self._loop, self._open
+        assert loop is not None, "not started"
+        assert opened is not None, "not started"
+        loop.call_soon_threadsafe(opened.set)
+
+    async def wait(self) -> bool:
+        """Wait for `release`; False when the server stops first (no answer then)."""
+        assert self._open is not None, "not started"
+        await self._open.wait()
+        return not self._closed
+
+    def close(self) -> None:
+        """The server stops: every waiter gives up."""
+        if self._open is not None:
+            self._closed = True
+            self._open.set()
+
+
 @dataclass
 class UpstreamServer:
     """Start with `await server.start()`; `server.port` is then bound."""
@@ -73,48 +112,35 @@ class UpstreamServer:
     host: str = "127.0.0.1"  # any loopback address (127.0.0.2 for a second "host")
     keep_alive: bool = True
     drop_reused: bool = False
+    tls: ssl.SSLContext | None = None
     dropped: int = 0
     _server: asyncio.Server | None = None
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
-    _loop: asyncio.AbstractEventLoop | None = None
-    _released: asyncio.Event | None = None  # see /held
-    _stopping: bool = False
+    _gate: Gate = field(default_factory=Gate)  # see /held
 
     async def start(self, port: int = 0) -> UpstreamServer:
-        self._hold_on_this_loop()
-        self._server = await asyncio.start_server(self._serve, self.host, port)
+        self._gate.bind()
+        self._server = await asyncio.start_server(self._serve, self.host, port, ssl=self.tls)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def _hold_on_this_loop(self) -> None:
-        """Make /held wait on the running loop (the one that serves)."""
-        self._loop = asyncio.get_running_loop()
-        self._released = asyncio.Event()
-        self._stopping = False
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}"
 
     def release_held(self) -> None:
         """Let /held and /heldbody requests be answered, those waiting and any later ones
         (from any thread: the server's loop does it)."""
-        loop, released = self._loop, self._released
-        assert loop is not None, "not started"
-        assert released is not None, "not started"
-        loop.call_soon_threadsafe(released.set)
+        self._gate.release()
 
     async def _hold(self) -> bool:
         """Wait for `release_held`; False when the server stops first (no answer then)."""
-        assert self._released is not None
-        await self._released.wait()
-        return not self._stopping
+        return await self._gate.wait()
 
     async def stop(self) -> None:
         """Stop listening and close every open connection (held requests unanswered)."""
-        if self._released is not None:
-            self._stopping = True
-            self._released.set()
+        self._gate.close()
         if self._server is not None:
             self._server.close()
         for writer in list(self._writers):
@@ -145,7 +171,7 @@ class UpstreamServer:
                 if not keep or conn.our_state is not h11.DONE or not self.keep_alive:
                     return
                 conn.start_next_cycle()
-        except (ConnectionError, h11.ProtocolError, asyncio.IncompleteReadError):
+        except (ConnectionError, h11.ProtocolError, asyncio.IncompleteReadError, ssl.SSLError):
             return
         finally:
             self._writers.discard(writer)

@@ -48,7 +48,7 @@ import h2.settings
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
-from tests.support.upstreams.h1 import UpstreamServer, pattern_chunks
+from tests.support.upstreams.h1 import Gate, pattern_chunks
 
 SEND_CHUNK_BYTES = 16 * 1024
 Headers = list[tuple[bytes, bytes]]
@@ -258,12 +258,12 @@ class _Connection(asyncio.Protocol):
             await asyncio.sleep(int(parts[1]) / 1000)
             await self.answer(stream, 200, [b"slow"])
         elif parts[0] == "held":
-            await self.server.released.wait()
-            await self.answer(stream, 200, [b"held"])
+            if await self.server._gate.wait():
+                await self.answer(stream, 200, [b"held"])
         elif parts[0] == "heldbody":
             self.send_head(stream, 200, [(b"content-length", b"4")])
-            await self.server.released.wait()
-            await self.send_body(stream, [b"late"])
+            if await self.server._gate.wait():
+                await self.send_body(stream, [b"late"])
         elif parts[0] == "slowbody":
             self.send_head(stream, 200, [(b"content-length", b"4")])
             await asyncio.sleep(int(parts[1]) / 1000)
@@ -364,15 +364,17 @@ class H2UpstreamServer:
     resets_received: list[int] = field(default_factory=list)
     open: set[_Connection] = field(default_factory=set)
     port: int = 0
-    released: asyncio.Event = field(default_factory=asyncio.Event)  # see /held
+    _gate: Gate = field(default_factory=Gate)  # see /held
     _server: asyncio.Server | None = None
 
     def release_held(self) -> None:
-        """Let /held requests be answered, those waiting and any later ones."""
-        self.released.set()
+        """Let /held and /heldbody requests be answered, those waiting and any later ones
+        (from any thread: the server's loop does it)."""
+        self._gate.release()
 
     async def start(self, port: int = 0) -> H2UpstreamServer:
         loop = asyncio.get_running_loop()
+        self._gate.bind()
         self._server = await loop.create_server(
             lambda: _Connection(self), "127.0.0.1", port, ssl=self.tls
         )
@@ -385,7 +387,8 @@ class H2UpstreamServer:
         return f"{scheme}://127.0.0.1:{self.port}"
 
     async def stop(self) -> None:
-        """Stop listening and close every open connection."""
+        """Stop listening and close every open connection (held requests unanswered)."""
+        self._gate.close()
         if self._server is not None:
             self._server.close()
         for conn in list(self.open):
@@ -397,21 +400,3 @@ class H2UpstreamServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2)
         self._server = None
-
-
-@dataclass
-class TlsUpstreamServer(UpstreamServer):
-    """The HTTP/1.1 `UpstreamServer` behind TLS (an https:// endpoint with protocol
-    http1); `context` is a server context from `TlsFiles.server_context`."""
-
-    context: ssl.SSLContext | None = None
-
-    async def start(self, port: int = 0) -> TlsUpstreamServer:
-        self._hold_on_this_loop()
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", port, ssl=self.context)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    @property
-    def url(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
