@@ -445,3 +445,25 @@ async def test_early_413_reaches_a_client_that_is_still_uploading(
     assert answer.startswith(b"HTTP/1.1 413"), answer[:80]
     assert b'"error": "body_too_large"' in answer
     assert h1_upstream.requests == []
+
+
+# A partial head that arrived during an exchange gets the header timeout, not keepalive.
+async def test_partial_pipelined_head_gets_408_after_header_timeout(
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
+) -> None:
+    server = await gateway_factory(
+        simple_config(
+            h1_upstream.url,
+            codec,
+            extra="limits: {header_timeout: 300ms, keepalive_timeout: 60s}",
+        )
+    )
+    async with await RawClient.connect(server.addresses[0]) as client:
+        await client.send(b"GET /slow/100 HTTP/1.1\r\nHost: t\r\n\r\nGET /echo/2 HTTP/1.1\r\nHo")
+        first = await client.response()
+        assert first.status == 200
+        try:
+            second = await client.response(wait_s=20.0)
+        except TimeoutError:
+            pytest.fail("an incomplete head was left waiting for the keep-alive timeout")
+    assert second.status == 408

@@ -10,9 +10,8 @@ import httpx
 import pytest
 
 from metrics.definitions import REGISTRY
-from tests.proxy.config.test_middleware import install_entry_point
 from tests.support.gateway import GatewayFactory, base_url
-from tests.support.plugins import stamp
+from tests.support.plugins import install_entry_point, stamp
 from tests.support.upstreams import UpstreamServer
 
 pytestmark = pytest.mark.socket

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
+import socket
 from collections.abc import AsyncIterator
 
 import httpx
@@ -13,8 +15,8 @@ import pytest
 
 from proxy.process.server import Server
 from tests.support.gateway import GatewayFactory, base_url, simple_config
-from tests.support.helpers import RawClient, eventually, parse_all
-from tests.support.upstreams import UpstreamServer
+from tests.support.helpers import RawClient, RawResponse, eventually, parse_all, push
+from tests.support.upstreams import RawUpstream, UpstreamServer
 
 pytestmark = pytest.mark.socket
 
@@ -622,3 +624,83 @@ async def test_client_leaving_before_the_response_releases_the_upstream_connecti
     h1_upstream.release_held()  # the upstream answers after the client has gone
     pool = gateway.runtime.upstreams["app"].pools[0]
     await eventually(lambda: "active=0" in repr(pool), "no exchange left on the upstream")
+
+
+# Complete responses queued for a pipelining client that never reads stop the reading
+# (write backpressure), not grow the gateway's buffers.
+async def test_pipelining_client_that_never_reads_does_not_grow_gateway_buffers(
+    gateway_factory: GatewayFactory, codec: str
+) -> None:
+    body = b"b" * 32 * 1024
+    script = await RawUpstream(
+        {}, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    ).start()
+    requests = 1500
+    try:
+        server = await gateway_factory(simple_config(script.url, codec))
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, server.addresses[0])
+        client = RawClient(sock)
+        async with client:
+            pipeline = b"GET /r HTTP/1.1\r\nHost: t\r\n\r\n" * requests
+            sending = asyncio.create_task(push(sock, pipeline))  # never reads
+            peak = 0
+            deadline = loop.time() + 1.2
+            while loop.time() < deadline and len(script.targets) < requests:
+                buffered = [
+                    c.transport.get_write_buffer_size()
+                    for c in server.connections
+                    if c.transport is not None
+                ]
+                peak = max([peak, *buffered])
+                await asyncio.sleep(0.02)
+            sending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                await sending
+        assert peak < 4 * 1024 * 1024, (
+            f"{peak / 2**20:.1f} MiB queued for a client that reads nothing "
+            f"({len(script.targets)} of {requests} requests forwarded)"
+        )
+    finally:
+        await script.stop()
+
+
+# body_timeout does not run while the gateway itself has not asked for the body
+# (100-continue, waiting for a pool slot).
+async def test_expect_continue_request_waiting_for_a_pool_slot_is_not_timed_out(
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
+) -> None:
+    server = await gateway_factory(
+        simple_config(
+            h1_upstream.url,
+            codec,
+            upstream="    pool: {max_connections: 1, max_idle: 1, wait_timeout: 20s}",
+            extra="limits: {body_timeout: 200ms}",
+        )
+    )
+    async with (
+        await RawClient.connect(server.addresses[0]) as busy,
+        await RawClient.connect(server.addresses[0]) as client,
+    ):
+        await busy.send(b"GET /slow/700 HTTP/1.1\r\nHost: t\r\n\r\n")
+        await eventually(
+            lambda: [r.target for r in h1_upstream.requests] == ["/slow/700"],
+            "the slow request to hold the only upstream connection",
+        )
+        # RFC 9110 section 10.1.1: the client waits for 100 Continue before the body.
+        await client.send(
+            b"POST /echo/e HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+        )
+        interim = await client.response()
+        final: RawResponse | None = None
+        if interim.status == 100:
+            await client.send(b"hello")
+            final = await client.response()
+        else:
+            final = interim
+        assert (await busy.response()).status == 200
+    assert final.status == 200, f"{final.status} {final.body!r}"
+    assert final.json()["body"] == "hello"

@@ -6,6 +6,7 @@ test_client_errors.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 
@@ -25,10 +26,12 @@ from tests.support.gateway import (
     H1UpstreamFactory,
     assert_still_serves,
     base_url,
+    pool_counts,
+    pool_of,
     simple_config,
 )
-from tests.support.helpers import RawClient, eventually
-from tests.support.upstreams import UpstreamServer
+from tests.support.helpers import RawClient, eventually, push
+from tests.support.upstreams import FastUpstream, RawUpstream, UpstreamServer
 
 pytestmark = pytest.mark.socket
 
@@ -258,3 +261,77 @@ async def test_small_body_stalling_past_read_timeout_is_a_504_not_a_cut_response
     server = await gateway_factory(config)
     response = await send_once(server, b"GET /heldbody HTTP/1.1\r\nHost: t\r\n\r\n")
     assert_local_reply(response, 504, "upstream_timeout")
+
+
+# An upstream that stops reading an upload: a timeout must still answer the client and
+# release the connection (once nothing ever timed out).
+async def test_upload_to_upstream_that_stops_reading_is_answered_and_released(
+    gateway_factory: GatewayFactory, codec: str
+) -> None:
+    stall = await FastUpstream().start()  # /stall: reads the head, then never reads again
+    server: Server | None = None
+    try:
+        server = await gateway_factory(
+            simple_config(
+                stall.url,
+                codec,
+                upstream="    timeouts: {read: 300ms}",
+                extra="limits: {body_timeout: 300ms}",
+            )
+        )
+        async with await RawClient.connect(server.addresses[0]) as client:
+            client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+            await client.send(
+                b"POST /stall HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % (1 << 30)
+            )
+
+            async def upload() -> None:
+                await push(client.sock, b"u" * (64 << 20))
+
+            uploading = asyncio.create_task(upload())
+            try:
+                # The gateway stops reading (backpressure from the stalled upstream);
+                # then some timeout must end the exchange with an answer (the 300 ms
+                # ones, long before the 30 s read and 60 s body defaults).
+                response = await client.response()
+            finally:
+                uploading.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                    await uploading
+        assert response.status in (408, 502, 504), response
+        pool = pool_of(server)
+        await eventually(lambda: pool.size == 0, "the stalled upstream connection to close")
+    finally:
+        # Today the exchange is wedged: abort what it holds, or uvloop's loop.close()
+        # waits forever on the upstream transport's unflushed buffer.
+        for conn in list(pool_of(server)._connections) if server is not None else []:
+            if conn.transport is not None:
+                conn.transport.abort()
+        await stall.stop()
+
+
+# Bytes after a complete upstream response: never delivered to the next request, and
+# the connection never pooled twice.
+async def test_unsolicited_upstream_response_is_never_delivered_or_pooled_twice(
+    gateway_factory: GatewayFactory, codec: str
+) -> None:
+    double = (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nevil!"
+    )
+    script = await RawUpstream({"/double": double}, b"").start()
+    script.default = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    try:
+        server = await gateway_factory(simple_config(script.url, codec))
+        async with await RawClient.connect(server.addresses[0]) as client:
+            await client.send(b"GET /double HTTP/1.1\r\nHost: t\r\n\r\n")
+            first = await client.response()
+            assert first.body == b"hi"
+            active, idle = pool_counts(pool_of(server))
+            assert active >= 0, f"one connection pooled twice: {pool_of(server)!r}"
+            assert idle <= 1, f"one connection pooled twice: {pool_of(server)!r}"
+            await client.send(b"GET /next HTTP/1.1\r\nHost: t\r\n\r\n")
+            second = await client.response()
+        assert second.body == b"ok", "a response nobody asked for reached the next request"
+    finally:
+        await script.stop()

@@ -403,6 +403,19 @@ def parse_all(data: bytes, *, head: bool = False) -> list[RawResponse]:
     return responses
 
 
+async def push(sock: socket.socket, data: bytes) -> None:
+    """Send `data` without the loop's writer machinery (cancelling a pending sock_sendall
+    wedges uvloop's loop.close()): non-blocking sends, polling while the peer is full."""
+    view = memoryview(data)
+    while view:
+        try:
+            sent = sock.send(view[:65536])
+        except BlockingIOError:
+            await asyncio.sleep(0.005)
+            continue
+        view = view[sent:]
+
+
 class RawClient:
     """A raw TCP client: send bytes, read responses one at a time, observe the close.
 

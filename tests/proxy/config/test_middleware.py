@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from middleware.chain import build_chain
 from middleware.request_id import RequestId
 from proxy.config.document import ConfigError
 from proxy.config.load import parse_config
-from proxy.core.models import Body, Request, Response
+from tests.support.plugins import install_entry_point
 from tests.support.plugins.stamp import Stamp
 
 HEAD = """\
@@ -180,48 +179,3 @@ def test_a_plugin_found_through_an_entry_point(
         """)
     )
     assert isinstance(config.middleware["s"].instance, Stamp)
-
-
-def install_entry_point(directory: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A distribution on sys.path that declares `stamp-plugin` in the
-    `gatehouse.middleware` group, as `pip install` of a plugin package would."""
-    dist_info = directory / "gatehouse_stamp_plugin-1.0.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: gatehouse-stamp-plugin\nVersion: 1.0\n"
-    )
-    (dist_info / "entry_points.txt").write_text(
-        "[gatehouse.middleware]\nstamp-plugin = tests.support.plugins.stamp:Stamp\n"
-    )
-    monkeypatch.syspath_prepend(str(directory))
-
-
-async def test_build_chain_runs_links_in_order_and_times_each() -> None:
-    order: list[str] = []
-
-    class Note:
-        def __init__(self, name: str) -> None:
-            self.name = name
-
-        async def __call__(self, request: Request, call_next: object) -> Response:
-            order.append(f"in:{self.name}")
-            assert callable(call_next)
-            response: Response = await call_next(request)
-            order.append(f"out:{self.name}")
-            return response
-
-    async def endpoint(request: Request) -> Response:
-        order.append("endpoint")
-        return Response(204)
-
-    from proxy.config.model import MiddlewareSpec
-
-    specs = [
-        MiddlewareSpec("first", "t", Note("first")),
-        MiddlewareSpec("second", "t", Note("second")),
-    ]
-    handler = build_chain(specs, endpoint)
-    response = await handler(Request("GET", b"/", [], Body.from_bytes(b"")))
-    assert response.status == 204
-    assert order == ["in:first", "in:second", "endpoint", "out:second", "out:first"]
-    assert build_chain([], endpoint) is endpoint  # no middleware: the forwarder itself

@@ -389,11 +389,11 @@ class _FastConnection(asyncio.Protocol):
         self.paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = typing.cast(asyncio.Transport, transport)
         self.owner.connections.add(self)
         # Big writes, few wake-ups: this side must never be the bottleneck.
-        transport.set_write_buffer_limits(high=4 * FAST_WRITE_BYTES)
+        self.transport.set_write_buffer_limits(high=4 * FAST_WRITE_BYTES)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.owner.connections.discard(self)

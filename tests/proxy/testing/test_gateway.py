@@ -1,12 +1,12 @@
-"""The testing kit's parts used directly, without the pytest plugin: `start_upstream`,
-`running_gateway`, how a config is rewritten for a test, metric readings."""
+"""The testing kit's gateway used directly, without the pytest plugin (proxy/testing/
+gateway.py): `running_gateway` and `RunningGateway`, how a config is rewritten for a test,
+metric readings."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
 
-import httpx
 import pytest
 
 from middleware.base import Handler
@@ -14,15 +14,12 @@ from middleware.options import Options
 from proxy.config.document import ConfigError
 from proxy.core.models import Request, Response
 from proxy.testing import (
-    ReceivedRequest,
-    Reply,
     RunningGateway,
     ScriptedUpstream,
     running_gateway,
     start_upstream,
 )
 from proxy.testing.gateway import config_for_test
-from tests.support.helpers import eventually
 from tests.support.tls import TlsFiles
 
 pytestmark = pytest.mark.socket  # on uvloop too (tests/conftest.py): users run either loop
@@ -85,18 +82,6 @@ async def test_one_upstream_cannot_speak_two_protocols(users: ScriptedUpstream) 
         await h2.stop()
 
 
-def test_bad_arguments_are_refused_at_once() -> None:
-    with pytest.raises(ValueError, match="protocol must be one of http1, h2c, not 'h3'"):
-        ScriptedUpstream("x", protocol="h3")
-    with pytest.raises(ValueError, match=r"WebSocket upstreams speak HTTP/1\.1"):
-        ScriptedUpstream("x", protocol="h2c", websocket=True)
-    upstream = ScriptedUpstream("x")
-    with pytest.raises(ValueError, match="give path= or prefix=, not both"):
-        upstream.on(path="/a", prefix="/b")
-    with pytest.raises(ValueError, match="times must be at least 1, not 0"):
-        upstream.on().reply(200, times=0)
-
-
 async def test_running_gateway_outside_pytest_fixtures_with_named_listeners(
     users: ScriptedUpstream,
 ) -> None:
@@ -132,44 +117,6 @@ routes: [{{name: all, match: {{path_prefix: /}}, upstream: users}}]
         assert gateway.upstream_request(response).headers["x-forwarded-proto"] == "https"
 
 
-async def test_h2c_upstream_delays_drops_and_large_answers() -> None:
-    h2 = await start_upstream("app", protocol="h2c")
-    h2.on(path="/late").reply(200, body="late", delay=0.2)
-    h2.on(path="/gone").reply(drop=True)
-    h2.on(path="/big").call(lambda request: Reply(200, [], b"b" * 1_000_000))
-    text = """
-listeners: [{bind: 127.0.0.1:1}]
-upstreams: {app: {endpoints: [http://app], protocol: h2c, retries: {attempts: 1}}}
-routes: [{name: all, match: {path_prefix: /}, upstream: app}]
-"""
-    try:
-        async with running_gateway(text, fixtures={"app": h2}) as gateway:
-            client = gateway.client()
-            late, gone, big = await asyncio.gather(
-                client.get("/late"), client.get("/gone"), client.get("/big")
-            )
-            assert (late.status_code, late.text) == (200, "late")
-            assert gone.status_code == 502
-            assert len(big.content) == 1_000_000
-            h2.reset()
-            assert h2.requests == []
-            assert (await client.get("/late")).json()["path"] == "/late"  # rules gone: echo
-    finally:
-        await h2.stop()
-
-
-async def test_an_upstream_outside_any_gateway(users: ScriptedUpstream) -> None:
-    users.on("PUT", "/doc").reply(json={"saved": True}, times=1)
-    async with httpx.AsyncClient(base_url=users.url) as client:
-        saved = await client.put("/doc?v=2", content=b"text")
-        again = await client.put("/doc?v=2", content=b"text")
-    assert saved.json() == {"saved": True}
-    assert again.json()["query"] == "v=2"  # the rule was used up: the echo answers
-    assert users.last.exchange == ""  # not through a test gateway
-    assert users.last.body == b"text"
-    assert users.connections == 1
-
-
 class FailsToStart:
     """A middleware whose start() hook fails (a Redis that is not there, say)."""
 
@@ -188,7 +135,7 @@ class FailsToStart:
 async def test_a_gateway_that_cannot_start_closes_what_it_opened(users: ScriptedUpstream) -> None:
     text = TWO_LISTENERS.replace(
         "routes:",
-        "global_middleware: [{type: 'tests.proxy.testing.test_kit_parts:FailsToStart'}]\nroutes:",
+        "global_middleware: [{type: 'tests.proxy.testing.test_gateway:FailsToStart'}]\nroutes:",
     )
     gateway = RunningGateway(text, fixtures={"users": users})
     with pytest.raises(OSError, match="the backend is not there"):
@@ -199,28 +146,3 @@ async def test_a_gateway_that_cannot_start_closes_what_it_opened(users: Scripted
     for host, port in gateway.server.addresses:
         with pytest.raises(ConnectionRefusedError):
             await asyncio.open_connection(host, port)
-
-
-async def test_stopping_an_upstream_mid_reply_is_quiet(caplog: pytest.LogCaptureFixture) -> None:
-    upstream = await start_upstream("slow")
-    upstream.reply(200, delay=30)
-    reader, writer = await asyncio.open_connection(upstream.host, upstream.port)
-    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-    await eventually(lambda: bool(upstream.requests), "the request to arrive")
-    await upstream.stop()  # the handler is waiting out the delay: it is cancelled
-    assert await reader.read() == b""
-    writer.close()
-    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
-
-
-async def test_a_responder_that_raises_answers_500_and_logs_why(
-    users: ScriptedUpstream, caplog: pytest.LogCaptureFixture
-) -> None:
-    def buggy(request: ReceivedRequest) -> Reply:
-        return Reply(int(request.headers["x-missing"]))
-
-    users.on(path="/bug").call(buggy)
-    async with httpx.AsyncClient(base_url=users.url) as client:
-        response = await client.get("/bug")
-    assert (response.status_code, response.text) == (500, "responder failed: KeyError('x-missing')")
-    assert "upstream 'users': the responder for <Rule * /bug" in caplog.text
