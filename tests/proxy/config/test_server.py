@@ -1,11 +1,12 @@
-"""The listeners, admin and upstreams sections of routes.yaml, and the top-level settings
-(http1_parser, workers). Routes are in test_routes.py."""
+"""The listeners and admin sections of routes.yaml, and the top-level settings
+(http1_parser, workers): proxy/config/server.py. Routes are in test_routes.py, upstreams in
+test_upstream.py."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.support.config_helpers import BASE, errors_of, one_error, parse
+from tests.support.config_helpers import BASE, one_error, parse
 
 # --- listeners and admin ---
 
@@ -142,80 +143,6 @@ def test_an_admin_host_must_be_a_name(host: str, hint: str) -> None:
         f"routes.yaml:7: admin.hosts[1]: expected a host name like "
         f"'gatehouse-admin.internal', got {host!r}{hint}"
     )
-
-
-# --- upstreams ---
-
-
-def test_endpoint_errors_name_the_endpoint() -> None:
-    text = """\
-        listeners: [{bind: ':0'}]
-        upstreams:
-          users:
-            endpoints:
-              - ftp://a
-              - {url: http://b, weight: 0}
-              - {weight: 2}
-              - http://b:80
-        routes: []
-    """
-
-    assert errors_of(text) == [
-        "routes.yaml:5: upstreams.users.endpoints[0]: unsupported scheme 'ftp' in "
-        "'ftp://a' (http:// or https://)",
-        "routes.yaml:6: upstreams.users.endpoints[1].weight: must be at least 1, got 0",
-        "routes.yaml:7: upstreams.users.endpoints[2]: missing required key 'url'",
-        "routes.yaml:8: upstreams.users.endpoints[3]: duplicate endpoint 'http://b:80' "
-        "(also upstreams.users.endpoints[1]; use weight)",
-    ]
-
-
-def test_an_upstream_needs_endpoints() -> None:
-    assert one_error("listeners: [{bind: ':0'}]\nupstreams: {users: {}}\nroutes: []\n") == (
-        "routes.yaml:2: upstreams.users: missing required key 'endpoints'"
-    )
-
-
-def test_an_unknown_balance_policy_is_an_error_with_a_suggestion() -> None:
-    text = """\
-        listeners: [{bind: ':0'}]
-        upstreams: {u: {endpoints: [http://x], balance: randon}}
-        routes: []
-    """
-
-    assert one_error(text) == (
-        "routes.yaml:2: upstreams.u.balance: unsupported balance 'randon' (supported: "
-        "round_robin, least_request, random, hash, sticky) (did you mean 'random'?)"
-    )
-
-
-def test_max_idle_cannot_exceed_max_connections() -> None:
-    text = """\
-        listeners: [{bind: ':0'}]
-        upstreams:
-          u:
-            endpoints: [http://x]
-            pool: {max_connections: 2, max_idle: 3}
-        routes: []
-    """
-
-    assert one_error(text) == (
-        "routes.yaml:5: upstreams.u.pool.max_idle: max_idle (3) > max_connections (2): "
-        "idle connections are part of max_connections"
-    )
-
-
-def test_pool_limits_have_minimums() -> None:
-    text = """\
-        listeners: [{bind: ':0'}]
-        upstreams: {u: {endpoints: [http://x], pool: {max_connections: 0, max_idle: -1}}}
-        routes: []
-    """
-
-    assert errors_of(text) == [
-        "routes.yaml:2: upstreams.u.pool.max_connections: must be at least 1, got 0",
-        "routes.yaml:2: upstreams.u.pool.max_idle: must be at least 0, got -1",
-    ]
 
 
 # --- top-level settings ---

@@ -1,5 +1,6 @@
-"""The resilience settings of `upstreams.X` (proxy/config/upstream.py): balance,
-health_check, outlier, retries, circuit_breaker; their defaults and their errors."""
+"""The `upstreams` section (proxy/config/upstream.py): endpoints, the pool's limits, and the
+resilience settings (balance, health_check, outlier, retries, circuit_breaker), their
+defaults and their errors. Protocols and TLS are in test_upstream_tls.py."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from proxy.config.model import (
     RetryConfig,
     UpstreamConfig,
 )
-from tests.support.config_helpers import one_error, parse
+from tests.support.config_helpers import errors_of, one_error, parse
 
 
 def upstream_with(settings: str) -> str:
@@ -208,3 +209,77 @@ def test_circuit_breaker_limits() -> None:
     assert one_error(upstream_with("circuit_breaker: {max_requests: 0}")).startswith(
         "routes.yaml:2: upstreams.u.circuit_breaker.max_requests: "
     )
+
+
+# --- upstreams ---
+
+
+def test_endpoint_errors_name_the_endpoint() -> None:
+    text = """\
+        listeners: [{bind: ':0'}]
+        upstreams:
+          users:
+            endpoints:
+              - ftp://a
+              - {url: http://b, weight: 0}
+              - {weight: 2}
+              - http://b:80
+        routes: []
+    """
+
+    assert errors_of(text) == [
+        "routes.yaml:5: upstreams.users.endpoints[0]: unsupported scheme 'ftp' in "
+        "'ftp://a' (http:// or https://)",
+        "routes.yaml:6: upstreams.users.endpoints[1].weight: must be at least 1, got 0",
+        "routes.yaml:7: upstreams.users.endpoints[2]: missing required key 'url'",
+        "routes.yaml:8: upstreams.users.endpoints[3]: duplicate endpoint 'http://b:80' "
+        "(also upstreams.users.endpoints[1]; use weight)",
+    ]
+
+
+def test_an_upstream_needs_endpoints() -> None:
+    assert one_error("listeners: [{bind: ':0'}]\nupstreams: {users: {}}\nroutes: []\n") == (
+        "routes.yaml:2: upstreams.users: missing required key 'endpoints'"
+    )
+
+
+def test_an_unknown_balance_policy_is_an_error_with_a_suggestion() -> None:
+    text = """\
+        listeners: [{bind: ':0'}]
+        upstreams: {u: {endpoints: [http://x], balance: randon}}
+        routes: []
+    """
+
+    assert one_error(text) == (
+        "routes.yaml:2: upstreams.u.balance: unsupported balance 'randon' (supported: "
+        "round_robin, least_request, random, hash, sticky) (did you mean 'random'?)"
+    )
+
+
+def test_max_idle_cannot_exceed_max_connections() -> None:
+    text = """\
+        listeners: [{bind: ':0'}]
+        upstreams:
+          u:
+            endpoints: [http://x]
+            pool: {max_connections: 2, max_idle: 3}
+        routes: []
+    """
+
+    assert one_error(text) == (
+        "routes.yaml:5: upstreams.u.pool.max_idle: max_idle (3) > max_connections (2): "
+        "idle connections are part of max_connections"
+    )
+
+
+def test_pool_limits_have_minimums() -> None:
+    text = """\
+        listeners: [{bind: ':0'}]
+        upstreams: {u: {endpoints: [http://x], pool: {max_connections: 0, max_idle: -1}}}
+        routes: []
+    """
+
+    assert errors_of(text) == [
+        "routes.yaml:2: upstreams.u.pool.max_connections: must be at least 1, got 0",
+        "routes.yaml:2: upstreams.u.pool.max_idle: must be at least 0, got -1",
+    ]
