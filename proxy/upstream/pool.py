@@ -19,7 +19,7 @@ from metrics.definitions import failure_code, upstream_series
 from proxy.config.model import EndpointConfig, PoolConfig, UpstreamTimeouts
 from proxy.core.errors import PoolTimeout, ProxyError, UpstreamReset
 from proxy.upstream.h1 import Http1UpstreamConnection, UpstreamConnState
-from proxy.upstream.transport import Dialer
+from proxy.upstream.transport import Connector, Dialer, open_connection
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class UpstreamPool:
         tls: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
         upstream: str | None = None,
+        connector: Connector = open_connection,
     ) -> None:
         self.endpoint = endpoint
         self.label = f"{endpoint.host}:{endpoint.port}"  # Request.endpoint, logs
@@ -55,9 +56,15 @@ class UpstreamPool:
         self.metrics = upstream_series(upstream, self.label)
         self.limits = pool
         self.read_timeout = timeouts.read
-        # `tls` for https:// endpoints: HTTP/1.1 over TLS.
+        # `tls` for https:// endpoints: HTTP/1.1 over TLS. `connector`: open_connection, but
+        # for the pool's own tests (tests/support/memory_connector.py).
         self._dialer = Dialer(
-            endpoint.host, endpoint.port, timeouts.connect, tls=tls, server_hostname=server_hostname
+            endpoint.host,
+            endpoint.port,
+            timeouts.connect,
+            tls=tls,
+            server_hostname=server_hostname,
+            connector=connector,
         )
         self._codec = codec
         self._max_head_bytes = max_head_bytes

@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from proxy.core.errors import UpstreamConnectError, UpstreamConnectTimeout
 
@@ -83,6 +83,23 @@ async def open_connection(
     return protocol
 
 
+class Connector(Protocol):
+    """`open_connection`'s signature: what a Dialer connects with (the pools' tests pass
+    one without sockets, as httpcore's mock backend does)."""
+
+    def __call__(
+        self,
+        protocol_factory: Callable[[], P],
+        host: str,
+        port: int,
+        connect_timeout_s: float,
+        *,
+        tls: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+        require_alpn: str | None = None,
+    ) -> Awaitable[P]: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Dialer:
     """How a pool opens connections to its endpoint: `open_connection` with the endpoint's
@@ -95,6 +112,7 @@ class Dialer:
     tls: ssl.SSLContext | None = field(default=None, repr=False)
     server_hostname: str | None = None
     require_alpn: str | None = None
+    connector: Connector = field(default=open_connection, repr=False, compare=False)
 
     async def open(self, protocol_factory: Callable[[], P]) -> P:
         """A new connection, its protocol made by `protocol_factory`.
@@ -102,7 +120,7 @@ class Dialer:
         Raises:
             UpstreamConnectError, UpstreamConnectTimeout: as `open_connection`.
         """
-        return await open_connection(
+        return await self.connector(
             protocol_factory,
             self.host,
             self.port,
