@@ -18,8 +18,8 @@ requests it takes (bench/README.md):
 whose pooled connection turns out closed (the keep-alive race) is retried by the
 forwarder itself (`Forwarder.try_start`); an eager chain that has to wait moves itself
 to a task (proxy/exchange/eager.py); errors become local replies here. The exchange's
-own state (route, parameters, chosen endpoint, chain run, timings) is its `Exchange`
-context (proxy/exchange/context.py), set as `request.exchange`.
+own state (route, parameters, chosen endpoint, chain run, timings) is its context,
+`request.exchange` (`Exchange`, proxy/core/models.py).
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from proxy.core.canonical import without_spellings
 from proxy.core.errors import BodyTooLarge, InternalError, NoRoute, ProxyError, UpgradeNotAllowed
 from proxy.core.local_reply import local_reply
 from proxy.core.models import Request, Response
-from proxy.exchange.context import Exchange
 from proxy.exchange.eager import EagerRun
 
 if TYPE_CHECKING:
@@ -65,8 +64,7 @@ class Dispatcher:
         called exactly once with the response (possibly before `start` returns). Else
         the caller awaits the returned Run in a task; its response never raises, and
         cancelling the task (the client went away) cancels the exchange."""
-        exchange = Exchange(request.exchange.received_at)
-        request.exchange = exchange
+        exchange = request.exchange
         try:
             match = self._table.match(
                 request.method, request.host, request.path, request.get_headers, request.query

@@ -27,10 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 from proxy.core.errors import InternalError, ProxyError
 from proxy.core.local_reply import local_reply
-from proxy.core.models import Request, Response
+from proxy.core.models import Exchange, Request, Response
 
 if TYPE_CHECKING:
-    from proxy.exchange.context import Exchange
     from proxy.exchange.forward import Forwarder
 
 log = logging.getLogger(__name__)

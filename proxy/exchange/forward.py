@@ -35,9 +35,8 @@ from proxy.core.errors import (
     UpstreamTimeout,
 )
 from proxy.core.headers import upstream_h2_headers, upstream_request_head
-from proxy.core.models import Body, Request, Response
+from proxy.core.models import Body, Exchange, Request, Response
 from proxy.exchange.circuit import CircuitBreaker
-from proxy.exchange.context import Exchange
 from proxy.exchange.retry import ReplayBody, RetryPolicy, load_of
 from proxy.upstream.balancer import EndpointState, Upstream
 from proxy.upstream.h1 import Http1UpstreamConnection, ResponseCallback, StaleConnection
@@ -252,8 +251,10 @@ class Forwarder:
         try:
             while True:
                 state = None
-                if not tried and isinstance(exchange := request.exchange, Exchange):
-                    state, exchange.balanced = exchange.balanced, None
+                if not tried:
+                    exchange = request.exchange
+                    state = cast("EndpointState | None", exchange.balanced)
+                    exchange.balanced = None
                 if state is None:
                     state = upstream.choose(request, tried)
                 self._breaker.admit_try(state.pool)

@@ -9,6 +9,7 @@ started with.
 from __future__ import annotations
 
 from collections.abc import Awaitable
+from typing import cast
 
 from middleware.chain import build_chain, close_all, start_all
 from proxy.config.model import Config, MiddlewareSpec, RouteConfig
@@ -16,9 +17,8 @@ from proxy.core.canonical import spelling
 from proxy.core.client_ip import ClientResolver
 from proxy.core.errors import NoRoute
 from proxy.core.models import Request, Response
-from proxy.exchange.context import Exchange
 from proxy.exchange.dispatch import Dispatcher, Handler
-from proxy.exchange.eager import ToTask
+from proxy.exchange.eager import EagerRun, ToTask
 from proxy.exchange.forward import Forwarder
 from proxy.exchange.routing import RouteTable
 from proxy.upstream.balancer import Upstream
@@ -77,8 +77,7 @@ def _chain_end(forwarder: Forwarder) -> Handler:
     (proxy/exchange/eager.py) and an idle connection is there, the forwarder otherwise."""
 
     def forward(request: Request) -> Awaitable[Response]:
-        exchange = request.exchange
-        run = exchange.eager if isinstance(exchange, Exchange) else None
+        run = cast("EagerRun | None", request.exchange.eager)
         if run is not None and run.eager:
             pending = run.forward(request, forwarder)
             if pending is not None:

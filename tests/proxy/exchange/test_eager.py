@@ -14,8 +14,7 @@ from typing import Any
 import pytest
 
 from proxy.config.load import parse_config
-from proxy.core.models import Body, Request, Response
-from proxy.exchange.context import Exchange
+from proxy.core.models import Body, Exchange, Request, Response
 from proxy.exchange.eager import EagerRun, Reply
 from proxy.exchange.runtime import Runtime
 from tests.support.helpers import eventually
@@ -30,10 +29,8 @@ def bodiless(target: bytes = b"/echo/x") -> Request:
 
 
 def run_of(request: Request, chain: Coroutine[Any, Any, Response], reply: Reply) -> EagerRun:
-    """An EagerRun as the dispatcher makes one, with the request's Exchange context."""
-    exchange = Exchange(request.exchange.received_at)
-    request.exchange = exchange
-    return EagerRun(request, exchange, chain, reply)
+    """An EagerRun as the dispatcher makes one, on the request's Exchange context."""
+    return EagerRun(request, request.exchange, chain, reply)
 
 
 def recorder() -> tuple[Answers, Reply]:
@@ -48,8 +45,14 @@ async def answered(answers: Answers) -> Response:
 
 
 def exchange_of(request: Request) -> Exchange:
-    assert isinstance(request.exchange, Exchange)
     return request.exchange
+
+
+def eager_of(request: Request) -> EagerRun | None:
+    """The chain run the dispatcher left on the request's context, if any."""
+    run = request.exchange.eager
+    assert run is None or isinstance(run, EagerRun)
+    return run
 
 
 # -- EagerRun driving chains written here ---------------------------------------------
@@ -185,7 +188,7 @@ async def test_on_the_fast_path_the_chain_waits_for_the_upstream_without_a_task(
     answers, callback = recorder()
     request = bodiless(b"/echo/fast")
     assert runtime.dispatcher.start(request, callback) is None  # no task
-    run = exchange_of(request).eager
+    run = eager_of(request)
     assert run is not None
     assert run.eager  # suspended on the upstream's answer, no task
     response = await answered(answers)
@@ -202,7 +205,7 @@ async def test_without_an_idle_connection_the_chain_is_handed_to_a_task(
     answers, callback = recorder()
     request = bodiless()
     assert runtime.dispatcher.start(request, callback) is None  # no task
-    run = exchange_of(request).eager
+    run = eager_of(request)
     assert run is not None
     assert not run.eager  # handed to a task
     response = await answered(answers)
@@ -239,7 +242,7 @@ async def test_a_client_gone_while_the_chain_waits_eagerly_cancels_it_and_drops_
     answers, callback = recorder()
     request = bodiless(b"/slow/100")
     assert runtime.dispatcher.start(request, callback) is None  # no task
-    run = exchange_of(request).eager
+    run = eager_of(request)
     assert run is not None
     assert run.eager
     exchange_of(request).cancel()  # as a front end does when its client goes away
