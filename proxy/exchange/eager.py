@@ -26,8 +26,9 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any
 
 from proxy.core.errors import InternalError, ProxyError
+from proxy.core.exchange import Exchange
 from proxy.core.local_reply import local_reply
-from proxy.core.models import Exchange, Request, Response
+from proxy.core.models import Request, Response
 
 if TYPE_CHECKING:
     from proxy.exchange.forward import Forwarder

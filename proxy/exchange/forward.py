@@ -34,8 +34,9 @@ from proxy.core.errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
+from proxy.core.exchange import Exchange
 from proxy.core.headers import upstream_h2_headers, upstream_request_head
-from proxy.core.models import Body, Exchange, Request, Response
+from proxy.core.models import Body, Request, Response
 from proxy.exchange.circuit import CircuitBreaker
 from proxy.exchange.retry import ReplayBody, RetryPolicy, load_of
 from proxy.upstream.balancer import EndpointState, Upstream

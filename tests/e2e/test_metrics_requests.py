@@ -11,7 +11,8 @@ import socket
 import httpx
 import pytest
 
-from proxy.core.models import Exchange, Request
+from proxy.core.exchange import Exchange
+from proxy.core.models import Request
 from proxy.exchange.forward import Forwarder
 from proxy.upstream.h1 import ResponseCallback
 from tests.support.gateway import GatewayFactory, base_url, raw_request

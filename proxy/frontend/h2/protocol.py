@@ -25,7 +25,6 @@ from hyperframe.frame import GoAwayFrame
 from metrics.definitions import Http2Limit, count_http2_limit
 from proxy.codec.h2compat import buffered_frame_bytes, reopen_after_goaway, set_header_list_cap
 from proxy.config.model import Http2Config
-from proxy.core.canonical import canonical_target
 from proxy.core.errors import BadRequest, BodyTooLarge, HeadTooLarge, ProxyError, RequestTimeout
 from proxy.core.local_reply import local_reply
 from proxy.core.models import Body, Request, Response
@@ -39,6 +38,7 @@ from proxy.frontend.h2.conn import (
 )
 from proxy.frontend.h2.fields import FieldsMemo, MalformedRequest, request_trailers
 from proxy.frontend.h2.limits import RateWindow
+from proxy.frontend.h2.request import stream_request
 from proxy.frontend.h2.send import ResponseWriter
 from proxy.frontend.handover import start_h2_tunnel
 
@@ -170,43 +170,11 @@ class Http2Protocol:
             if limit is not None and (length or 0) > limit:
                 self._start_task(stream, None, BodyTooLarge())
                 return
-        method = fields.method.decode("ascii", "replace")
-        upgrade = ""
-        if fields.method == b"CONNECT":
-            if fields.protocol != b"websocket" or event.stream_ended:
-                error = BadRequest("CONNECT is only for WebSocket (RFC 8441) here")
-                self._start_task(stream, None, error)
-                return
-            # RFC 8441: WebSocket over this stream. Routed, and forwarded upstream, as
-            # the HTTP/1.1 GET with Upgrade it stands for; the stream's DATA is the
-            # tunnel, not a body, so no body limit or body timeout applies to it.
-            method, upgrade = "GET", "websocket"
-            body.limit = None
-            stream.tunnel = True
         try:
-            target, path, query, raw_target, _ = canonical_target(
-                fields.path, method, server.path_normalization
-            )
+            request = stream_request(fields, body, stream, conn, event.stream_ended is not None)
         except ProxyError as exc:
             self._start_task(stream, None, exc)
             return
-        request = Request(
-            method,
-            target,
-            list(fields.headers),  # the memo's list stays as validated
-            body,
-            http_version="2",
-            client=conn.client,
-            scheme=conn.scheme,
-            host=fields.authority.decode("latin-1"),
-            upgrade=upgrade,
-            path=path,
-            query=query,
-            raw_target=raw_target,
-        )
-        resolve_client = self._server.client_ip
-        if resolve_client is not None:
-            resolve_client(request)  # `client_ip:` (proxy/core/client_ip.py)
         stream.request = request
         run = self._server.start_exchange(request, functools.partial(self._on_response, stream))
         if run is None:

@@ -22,7 +22,8 @@ from proxy.config.model import (
     UpstreamConfig,
 )
 from proxy.core.errors import BadRequest, ProxyError, UpstreamProtocolError
-from proxy.core.models import Body, Exchange, RawHeaders, Request, Response
+from proxy.core.exchange import Exchange
+from proxy.core.models import Body, RawHeaders, Request, Response
 from proxy.exchange.forward import Forwarder, compile_rewrite
 from proxy.upstream.balancer import EndpointState, Upstream
 from tests.support.gateway import H1UpstreamFactory
