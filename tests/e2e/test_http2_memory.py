@@ -32,7 +32,7 @@ from tests.support.gateway_process import (
     run_gateway,
 )
 from tests.support.upstreams import FastUpstream, pattern_chunks, pattern_sha256, serve_in_thread
-from tests.support.upstreams.h1 import _FastConnection
+from tests.support.upstreams.fast import _FastConnection
 
 pytestmark = pytest.mark.socket
 

@@ -4,7 +4,7 @@
   request path; the `h1_upstream` fixture (tests/conftest.py) is one, and the forward_auth
   service and the JWKS server (tests/support/auth_service.py, jwks_server.py) are built
   on it.
-- `FastUpstream` (h1.py): an HTTP/1.1 source and sink for multi-GiB transfers, and an
+- `FastUpstream` (fast.py): an HTTP/1.1 source and sink for multi-GiB transfers, and an
   upstream that stops reading (/stall).
 - `H2UpstreamServer` (h2.py): HTTP/2, h2c or over TLS, the same paths as `UpstreamServer`
   and HTTP/2's own (resets, GOAWAY, trailers).
@@ -17,16 +17,14 @@ tests. The testing kit's `ScriptedUpstream` (proxy/testing/upstream.py, the `ups
 fixture) is the product's own, for users' tests; these are the test suite's.
 """
 
-from tests.support.upstreams.h1 import (
+from tests.support.upstreams.fast import (
     FastExchange,
     FastUpstream,
-    Recorded,
-    UpstreamServer,
     pattern_block,
     pattern_chunks,
     pattern_sha256,
-    serve_in_thread,
 )
+from tests.support.upstreams.h1 import Recorded, UpstreamServer, serve_in_thread
 from tests.support.upstreams.h2 import H2Recorded, H2UpstreamServer
 from tests.support.upstreams.raw import RawUpstream
 from tests.support.upstreams.websocket import FLOOD_MESSAGE, REFUSAL_BODY, WsUpstream

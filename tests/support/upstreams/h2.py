@@ -48,7 +48,8 @@ import h2.settings
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
-from tests.support.upstreams.h1 import Gate, pattern_chunks
+from tests.support.upstreams.fast import pattern_chunks
+from tests.support.upstreams.h1 import Gate
 
 SEND_CHUNK_BYTES = 16 * 1024
 Headers = list[tuple[bytes, bytes]]
