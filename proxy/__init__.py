@@ -38,70 +38,9 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__all__ = [  # noqa: RUF022 - grouped by purpose, as the docstring lists them
-    # the message
-    "Body",
-    "Request",
-    "Response",
-    # being a middleware
-    "Handler",
-    "Middleware",
-    "MiddlewareFactory",
-    "Options",
-    # reading options
-    "ConfigValueError",
-    "NodeReader",
-    "Reported",
-    "ca_bundle_problem",
-    "did_you_mean",
-    "join_path",
-    # errors and local replies
-    "ProxyError",
-    "AuthBadResponse",
-    "AuthTimeout",
-    "AuthUnavailable",
-    "BadRequest",
-    "BodyTooLarge",
-    "CorsPreflightRefused",
-    "Forbidden",
-    "HeadTooLarge",
-    "InternalError",
-    "IpForbidden",
-    "NoRoute",
-    "PoolTimeout",
-    "RateLimitUnavailable",
-    "RateLimited",
-    "RequestTimeout",
-    "Unauthorized",
-    "UpgradeNotAllowed",
-    "UpstreamConnectError",
-    "UpstreamConnectTimeout",
-    "UpstreamOverloaded",
-    "UpstreamProtocolError",
-    "UpstreamReset",
-    "UpstreamTimeout",
-    "local_reply",
-    "request_id_of",
-    # HTTP field sets
-    "REQUEST_HOP_BY_HOP",
-    "RESPONSE_HOP_BY_HOP",
-    # client addresses
-    "ADDRESS_CACHE_ENTRIES",
-    "Address",
-    "AddressSet",
-    "Network",
-    "parse_address",
-    "parse_network",
-    # asking another service
-    "FetchResponse",
-    "FetchUrl",
-    "HttpClient",
-    "fetch",
-    "parse_url",
-    "tls_context",
-]
-
-# Where each name is defined (kept equal to __all__ by tests/proxy/test_plugin_surface.py).
+# The surface, grouped by where each name is defined: `__all__` is these names, and the
+# block under TYPE_CHECKING says the same for the type checker (the `as` form marks a
+# re-export; tests/proxy/test_plugin_surface.py keeps the two equal).
 _SOURCES = {
     "proxy.core.models": ("Body", "Request", "Response"),
     "proxy.plugin.base": ("Handler", "Middleware", "MiddlewareFactory"),
@@ -155,58 +94,168 @@ _SOURCES = {
     ),
 }
 _MODULE_OF = {name: module for module, names in _SOURCES.items() for name in names}
+__all__ = list(_MODULE_OF)
 
 if TYPE_CHECKING:
-    from proxy.config.reader import NodeReader, Reported, did_you_mean, join_path
-    from proxy.config.values import ConfigValueError, ca_bundle_problem
+    from proxy.config.reader import (
+        NodeReader as NodeReader,
+    )
+    from proxy.config.reader import (
+        Reported as Reported,
+    )
+    from proxy.config.reader import (
+        did_you_mean as did_you_mean,
+    )
+    from proxy.config.reader import (
+        join_path as join_path,
+    )
+    from proxy.config.values import (
+        ConfigValueError as ConfigValueError,
+    )
+    from proxy.config.values import (
+        ca_bundle_problem as ca_bundle_problem,
+    )
     from proxy.core.addresses import (
-        ADDRESS_CACHE_ENTRIES,
-        Address,
-        AddressSet,
-        Network,
-        parse_address,
-        parse_network,
+        ADDRESS_CACHE_ENTRIES as ADDRESS_CACHE_ENTRIES,
+    )
+    from proxy.core.addresses import (
+        Address as Address,
+    )
+    from proxy.core.addresses import (
+        AddressSet as AddressSet,
+    )
+    from proxy.core.addresses import (
+        Network as Network,
+    )
+    from proxy.core.addresses import (
+        parse_address as parse_address,
+    )
+    from proxy.core.addresses import (
+        parse_network as parse_network,
     )
     from proxy.core.errors import (
-        AuthBadResponse,
-        AuthTimeout,
-        AuthUnavailable,
-        BadRequest,
-        BodyTooLarge,
-        CorsPreflightRefused,
-        Forbidden,
-        HeadTooLarge,
-        InternalError,
-        IpForbidden,
-        NoRoute,
-        PoolTimeout,
-        ProxyError,
-        RateLimited,
-        RateLimitUnavailable,
-        RequestTimeout,
-        Unauthorized,
-        UpgradeNotAllowed,
-        UpstreamConnectError,
-        UpstreamConnectTimeout,
-        UpstreamOverloaded,
-        UpstreamProtocolError,
-        UpstreamReset,
-        UpstreamTimeout,
+        AuthBadResponse as AuthBadResponse,
     )
-    from proxy.core.headers import REQUEST_HOP_BY_HOP
-    from proxy.core.local_reply import local_reply, request_id_of
-    from proxy.core.models import Body, Request, Response
-    from proxy.plugin.base import Handler, Middleware, MiddlewareFactory
-    from proxy.plugin.options import Options
+    from proxy.core.errors import (
+        AuthTimeout as AuthTimeout,
+    )
+    from proxy.core.errors import (
+        AuthUnavailable as AuthUnavailable,
+    )
+    from proxy.core.errors import (
+        BadRequest as BadRequest,
+    )
+    from proxy.core.errors import (
+        BodyTooLarge as BodyTooLarge,
+    )
+    from proxy.core.errors import (
+        CorsPreflightRefused as CorsPreflightRefused,
+    )
+    from proxy.core.errors import (
+        Forbidden as Forbidden,
+    )
+    from proxy.core.errors import (
+        HeadTooLarge as HeadTooLarge,
+    )
+    from proxy.core.errors import (
+        InternalError as InternalError,
+    )
+    from proxy.core.errors import (
+        IpForbidden as IpForbidden,
+    )
+    from proxy.core.errors import (
+        NoRoute as NoRoute,
+    )
+    from proxy.core.errors import (
+        PoolTimeout as PoolTimeout,
+    )
+    from proxy.core.errors import (
+        ProxyError as ProxyError,
+    )
+    from proxy.core.errors import (
+        RateLimited as RateLimited,
+    )
+    from proxy.core.errors import (
+        RateLimitUnavailable as RateLimitUnavailable,
+    )
+    from proxy.core.errors import (
+        RequestTimeout as RequestTimeout,
+    )
+    from proxy.core.errors import (
+        Unauthorized as Unauthorized,
+    )
+    from proxy.core.errors import (
+        UpgradeNotAllowed as UpgradeNotAllowed,
+    )
+    from proxy.core.errors import (
+        UpstreamConnectError as UpstreamConnectError,
+    )
+    from proxy.core.errors import (
+        UpstreamConnectTimeout as UpstreamConnectTimeout,
+    )
+    from proxy.core.errors import (
+        UpstreamOverloaded as UpstreamOverloaded,
+    )
+    from proxy.core.errors import (
+        UpstreamProtocolError as UpstreamProtocolError,
+    )
+    from proxy.core.errors import (
+        UpstreamReset as UpstreamReset,
+    )
+    from proxy.core.errors import (
+        UpstreamTimeout as UpstreamTimeout,
+    )
+    from proxy.core.headers import (
+        REQUEST_HOP_BY_HOP as REQUEST_HOP_BY_HOP,
+    )
+    from proxy.core.local_reply import (
+        local_reply as local_reply,
+    )
+    from proxy.core.local_reply import (
+        request_id_of as request_id_of,
+    )
+    from proxy.core.models import (
+        Body as Body,
+    )
+    from proxy.core.models import (
+        Request as Request,
+    )
+    from proxy.core.models import (
+        Response as Response,
+    )
+    from proxy.plugin.base import (
+        Handler as Handler,
+    )
+    from proxy.plugin.base import (
+        Middleware as Middleware,
+    )
+    from proxy.plugin.base import (
+        MiddlewareFactory as MiddlewareFactory,
+    )
+    from proxy.plugin.options import (
+        Options as Options,
+    )
     from proxy.upstream.fetch import (
-        FetchResponse,
-        FetchUrl,
-        HttpClient,
-        fetch,
-        parse_url,
-        tls_context,
+        FetchResponse as FetchResponse,
     )
-    from proxy.upstream.h1 import RESPONSE_HOP_BY_HOP
+    from proxy.upstream.fetch import (
+        FetchUrl as FetchUrl,
+    )
+    from proxy.upstream.fetch import (
+        HttpClient as HttpClient,
+    )
+    from proxy.upstream.fetch import (
+        fetch as fetch,
+    )
+    from proxy.upstream.fetch import (
+        parse_url as parse_url,
+    )
+    from proxy.upstream.fetch import (
+        tls_context as tls_context,
+    )
+    from proxy.upstream.h1 import (
+        RESPONSE_HOP_BY_HOP as RESPONSE_HOP_BY_HOP,
+    )
 else:
 
     def __getattr__(name: str) -> object:
