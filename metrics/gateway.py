@@ -5,27 +5,22 @@ of the workers' own (metrics/aggregate.py)."""
 from __future__ import annotations
 
 import platform
-from importlib import metadata
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from proxy.buildinfo import build_kind, version
 
 GATEWAY_REGISTRY = CollectorRegistry(auto_describe=True)
 
 
-def _version() -> str:
-    try:
-        return metadata.version("gatehouse")
-    except metadata.PackageNotFoundError:  # running from a source tree, not installed
-        return "unknown"
-
-
 BUILD_INFO = Gauge(
     "gatehouse_build_info",
-    "Always 1; the labels say which Gatehouse and Python run",
-    ["version", "python"],
+    "Always 1; the labels say which Gatehouse and Python run, and the build: compiled "
+    "(mypyc), pure (GATEHOUSE_PURE_PYTHON=1, or installed without a C compiler) or partial",
+    ["version", "python", "build"],
     registry=GATEWAY_REGISTRY,
 )
-BUILD_INFO.labels(_version(), platform.python_version()).set(1)
+BUILD_INFO.labels(version(), platform.python_version(), build_kind()).set(1)
 
 CONFIG_RELOADS = Counter(
     "gatehouse_config_reloads",

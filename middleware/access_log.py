@@ -41,7 +41,7 @@ from functools import partial
 from json.encoder import encode_basestring_ascii as _quote
 from random import random
 from time import perf_counter
-from typing import Any
+from typing import Any, ClassVar
 
 from metrics.definitions import ACCESS_LOG_DROPPED
 from middleware.headers import error_reply
@@ -229,8 +229,8 @@ def write_whole_lines(fd: int, data: bytes) -> None:
 class AccessLog:
     """Log one JSON line per request."""
 
-    OPTIONS = ("fields", "sample", "output", "queue_size")
-    EAGER = True  # awaits nothing but call_next (proxy/exchange/eager.py)
+    OPTIONS: ClassVar[tuple[str, ...]] = ("fields", "sample", "output", "queue_size")
+    EAGER: ClassVar[bool] = True  # awaits nothing but call_next (proxy/exchange/eager.py)
 
     def __init__(self, options: Options) -> None:
         fields = options.strings("fields", DEFAULT_FIELDS)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from typing import ClassVar
 from urllib.parse import unquote_to_bytes
 
 from yaml.nodes import MappingNode
@@ -76,10 +77,17 @@ def _form_decode(text: str) -> bytes:
 class ApiKey:
     """Refuse requests without a known API key; name their consumer upstream."""
 
-    OPTIONS = ("header", "query", "keys", "keys_file", "consumer_header", "realm")
+    OPTIONS: ClassVar[tuple[str, ...]] = (
+        "header",
+        "query",
+        "keys",
+        "keys_file",
+        "consumer_header",
+        "realm",
+    )
     # It awaits nothing but `call_next`, so its chain may run without a task (see the
     # EAGER protocol of proxy/exchange/eager.py).
-    EAGER = True
+    EAGER: ClassVar[bool] = True
 
     def __init__(self, options: Options) -> None:
         self.name = options.name

@@ -26,6 +26,7 @@ import re
 import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 from multidict import CIMultiDict
 
@@ -63,15 +64,44 @@ MANAGED_FIELDS = frozenset(
 _REQUEST_MANAGED = MANAGED_FIELDS | {"host"}
 _UNSAFE_CHARS = str.maketrans("", "", "\r\n\x00")
 
+
+def _client_ip(request: Request) -> str:
+    return request.client[0]
+
+
+def _host(request: Request) -> str:
+    return request.host
+
+
+def _method(request: Request) -> str:
+    return request.method
+
+
+def _path(request: Request) -> str:
+    return request.path
+
+
+def _scheme(request: Request) -> str:
+    return request.scheme
+
+
+def _route(request: Request) -> str:
+    return request.exchange.route_name
+
+
+def _consumer(request: Request) -> str:
+    return request.consumer
+
+
 VARIABLES: dict[str, Callable[[Request], str]] = {
     "request_id": request_id_of,
-    "client_ip": lambda request: request.client[0],
-    "host": lambda request: request.host,
-    "method": lambda request: request.method,
-    "path": lambda request: request.path,
-    "scheme": lambda request: request.scheme,
-    "route": lambda request: request.exchange.route_name,
-    "consumer": lambda request: request.consumer,
+    "client_ip": _client_ip,
+    "host": _host,
+    "method": _method,
+    "path": _path,
+    "scheme": _scheme,
+    "route": _route,
+    "consumer": _consumer,
 }
 
 Part = str | Callable[[Request], str]
@@ -220,8 +250,8 @@ def _report(
 class Headers:
     """Change request and response headers."""
 
-    OPTIONS = ("request", "response")
-    EAGER = True  # awaits nothing but call_next (proxy/exchange/eager.py)
+    OPTIONS: ClassVar[tuple[str, ...]] = ("request", "response")
+    EAGER: ClassVar[bool] = True  # awaits nothing but call_next (proxy/exchange/eager.py)
 
     def __init__(self, options: Options) -> None:
         allowed = ("set", "add", "remove")

@@ -24,7 +24,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from hashlib import blake2b
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from metrics.definitions import RATE_LIMIT_DECISIONS, RATE_LIMIT_EVICTIONS
 from middleware.rate_limit_core import Decision, RateLimitBackendError, whole_seconds
@@ -164,12 +164,20 @@ class Backend(Protocol):
 class RateLimit:
     """Admit requests at `rate` with `burst` per key; 429 beyond."""
 
-    OPTIONS = ("rate", "burst", "key", "backend", "redis", "headers", "max_keys")
-    REQUIRED = ("rate",)
-    REDIS_OPTIONS = ("url", "timeout", "on_redis_error")
+    OPTIONS: ClassVar[tuple[str, ...]] = (
+        "rate",
+        "burst",
+        "key",
+        "backend",
+        "redis",
+        "headers",
+        "max_keys",
+    )
+    REQUIRED: ClassVar[tuple[str, ...]] = ("rate",)
+    REDIS_OPTIONS: ClassVar[tuple[str, ...]] = ("url", "timeout", "on_redis_error")
     # With the local backend it awaits nothing but call_next (its decision is a
     # microseconds-long synchronous section), so its chain may run without a task.
-    EAGER = False
+    EAGER = False  # an instance attribute: use_backend sets it
 
     def __init__(self, options: Options) -> None:
         self.name = options.name
@@ -235,8 +243,8 @@ class RateLimit:
             return _Unconfigured()
         try:
             return RedisBackend(url, timeout_s, f"{REDIS_KEY_PREFIX}{self.name}:")
-        except ValueError as exc:
-            redis.error("url", f"invalid Redis URL: {exc}")
+        except ValueError as error:  # not `exc`: mypyc gives one name one type
+            redis.error("url", f"invalid Redis URL: {error}")
             return _Unconfigured()
 
     def __repr__(self) -> str:

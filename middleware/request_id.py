@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import ClassVar
 
 from proxy import Handler, Options, Request, Response
 
@@ -21,8 +22,8 @@ _SANE_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 class RequestId:
     """Generate or propagate the request id header."""
 
-    OPTIONS = ("header", "trust_incoming", "response")
-    EAGER = True  # awaits nothing but call_next (proxy/exchange/eager.py)
+    OPTIONS: ClassVar[tuple[str, ...]] = ("header", "trust_incoming", "response")
+    EAGER: ClassVar[bool] = True  # awaits nothing but call_next (proxy/exchange/eager.py)
 
     def __init__(self, options: Options) -> None:
         self.header = options.string("header", "X-Request-ID")

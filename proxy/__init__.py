@@ -38,6 +38,12 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from proxy.buildinfo import select_build
+
+# GATEHOUSE_PURE_PYTHON=1: the .py sources of the compiled modules, from here on (before
+# any of them can load). proxy/buildinfo.py.
+select_build()
+
 # The surface, grouped by where each name is defined: `__all__` is these names, and the
 # block under TYPE_CHECKING says the same for the type checker (the `as` form marks a
 # re-export; tests/proxy/test_plugin_surface.py keeps the two equal).

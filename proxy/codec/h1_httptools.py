@@ -101,8 +101,8 @@ class HttptoolsRequestParser(_LlhttpCallbacks):
             return data[exc.args[0] :]
         except httptools.HttpParserCallbackError:
             raise self._kept_error() from None
-        except httptools.HttpParserError as exc:
-            raise H1Error(str(exc)) from None
+        except httptools.HttpParserError as error:  # its own name: mypyc types it
+            raise H1Error(str(error)) from None
         if self._in_head and self._head_bytes > self._max_head_bytes:
             raise H1Error("request head too large", too_large=True)
         if in_body and self._in_message and self._quiet_bytes > self._max_head_bytes:

@@ -46,37 +46,12 @@ from __future__ import annotations
 import re
 
 from proxy.config.model import PathNormalization
-from proxy.core.errors import BadRequest
+from proxy.core.errors import InvalidHeader as InvalidHeader
+from proxy.core.errors import InvalidHost as InvalidHost
+from proxy.core.errors import InvalidMethod as InvalidMethod
+from proxy.core.errors import InvalidTarget as InvalidTarget
 from proxy.core.headers import USUAL_CONNECTION_TOKENS, connection_tokens
 from proxy.core.models import RawHeaders, Request
-
-
-class InvalidTarget(BadRequest):
-    """The request target cannot be put in canonical form, or names a path the gateway
-    will not forward (an escaped slash under `reject`, `..` above the root)."""
-
-    reason = "invalid_target"
-
-
-class InvalidHost(BadRequest):
-    """Host or `:authority` is not an RFC 3986 authority (or carries userinfo)."""
-
-    reason = "invalid_host"
-
-
-class InvalidMethod(BadRequest):
-    """A registered method in the wrong case (`post`, `dElEtE`)."""
-
-    reason = "invalid_method"
-
-
-class InvalidHeader(BadRequest):
-    """A header field the gateway refuses: a name with "_" under
-    `headers_with_underscores: reject`, or a second Authorization, Proxy-Authorization,
-    Host or Content-Type."""
-
-    reason = "invalid_header"
-
 
 # -- the path ----------------------------------------------------------------------------
 

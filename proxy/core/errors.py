@@ -168,3 +168,32 @@ class CorsPreflightRefused(ProxyError):
     not allow: answered here with no Access-Control-Allow-* headers, never forwarded."""
 
     status, reason = 403, "cors_preflight_refused"
+
+
+# The canonical form's refusals (proxy/core/canonical.py). Kept in this module, which is
+# never compiled: mypyc would drop the `reason` a compiled subclass sets.
+class InvalidTarget(BadRequest):
+    """The request target cannot be put in canonical form, or names a path the gateway
+    will not forward (an escaped slash under `reject`, `..` above the root)."""
+
+    reason = "invalid_target"
+
+
+class InvalidHost(BadRequest):
+    """Host or `:authority` is not an RFC 3986 authority (or carries userinfo)."""
+
+    reason = "invalid_host"
+
+
+class InvalidMethod(BadRequest):
+    """A registered method in the wrong case (`post`, `dElEtE`)."""
+
+    reason = "invalid_method"
+
+
+class InvalidHeader(BadRequest):
+    """A header field the gateway refuses: a name with "_" under
+    `headers_with_underscores: reject`, or a second Authorization, Proxy-Authorization,
+    Host or Content-Type."""
+
+    reason = "invalid_header"

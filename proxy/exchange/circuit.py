@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from metrics.definitions import count_overloaded
 from proxy.config.model import CircuitBreakerConfig
 from proxy.core.errors import UpstreamOverloaded
-from proxy.exchange.retry import UpstreamLoad
+from proxy.upstream.balancer import UpstreamLoad
 from proxy.upstream.h2.pool import H2Pool
 from proxy.upstream.pool import UpstreamPool
 

@@ -100,6 +100,7 @@ class Forwarder:
         "_retry",
         "_rewrite",
         "_websocket",
+        "fast_starts",
         "upstream",
     )
 
@@ -124,6 +125,7 @@ class Forwarder:
         self._retry = RetryPolicy(upstream.name, upstream.config.retries, load)
         self._breaker = CircuitBreaker(upstream, upstream.config.circuit_breaker, load)
         self._fast = not upstream.http2 and self._retry.fast_path_ok
+        self.fast_starts = 0  # requests try_start sent (the tests read it)
 
     def _host_of(self, request: Request, pool: UpstreamPool | H2Pool) -> str:
         """The Host to send: the route's `rewrite.host`, else the client's, else the
@@ -190,6 +192,7 @@ class Forwarder:
             on_response(response, error)
 
         conn.start(request.method, head, answered)
+        self.fast_starts += 1
         return True
 
     def _retry_stale(
@@ -371,8 +374,8 @@ class Forwarder:
             raise BadRequest(str(exc)) from None
         try:
             return await pool.exchange(headers, replay.body, replay.data)
-        except StreamRefused as exc:
-            replay.keep(exc.replay)  # the pool could not retry it: maybe another endpoint
+        except StreamRefused as refused:  # not `exc`: mypyc gives one name one type
+            replay.keep(refused.replay)  # the pool could not retry it: maybe another endpoint
             raise
 
     async def _upgrade(self, request: Request) -> Response:
@@ -410,8 +413,8 @@ class Forwarder:
             handshake = await pool.open_dedicated(lambda: UpstreamHandshake(max_head, settings))
             sent_at = perf_counter()
             await handshake.exchange(head, pool.read_timeout)
-        except ProxyError as exc:
-            pool.metrics.failure(failure_code(exc))
+        except ProxyError as error:  # not `exc`: mypyc gives one name one type
+            pool.metrics.failure(failure_code(error))
             raise
         pool.metrics.response(handshake.status, sent_at)
         reason = handshake.reason.decode("latin-1")
@@ -444,7 +447,9 @@ async def _exchange_h1(
     is kept in `replay` for a retry, whatever the outcome."""
     if replay.data is not None:
         return await conn.exchange(method, head, replay.body, replay.data)
-    conn.sent_body = None  # never a copy left from this connection's previous request
+    # Never a copy left from this connection's previous request. (A method, not an
+    # assignment here: mypy would take `conn.sent_body` below to be None, and mypyc checks.)
+    conn.forget_sent_body()
     try:
         return await conn.exchange(method, head, replay.body, None)
     finally:

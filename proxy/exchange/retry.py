@@ -25,7 +25,6 @@ n-th retry, n from 0) and goes to an endpoint not yet tried when one is eligible
 from __future__ import annotations
 
 import random
-import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -39,6 +38,7 @@ from proxy.core.errors import (
     UpstreamTimeout,
 )
 from proxy.core.models import Body
+from proxy.upstream.balancer import UpstreamLoad
 from proxy.upstream.h2.stream import StreamRefused
 
 if TYPE_CHECKING:
@@ -69,30 +69,10 @@ def failure_condition(error: ProxyError) -> str | None:
     return None
 
 
-class UpstreamLoad:
-    """What one upstream has in flight, shared by every route's forwarder to it: the
-    retry budget's and the circuit breaker's counts."""
-
-    __slots__ = ("__weakref__", "active", "retrying")
-
-    def __init__(self) -> None:
-        self.active = 0  # requests between entering the forwarder and their response head
-        self.retrying = 0  # of those, retries granted and not yet answered (back-off too)
-
-    def __repr__(self) -> str:
-        return f"<UpstreamLoad active={self.active} retrying={self.retrying}>"
-
-
-_LOADS: weakref.WeakKeyDictionary[Upstream, UpstreamLoad] = weakref.WeakKeyDictionary()
-
-
 def load_of(upstream: Upstream) -> UpstreamLoad:
     """The in-flight counts of `upstream` (one per Upstream object: a reload that builds
     a new one starts from zero while the old one's requests finish on the old counts)."""
-    load = _LOADS.get(upstream)
-    if load is None:
-        load = _LOADS[upstream] = UpstreamLoad()
-    return load
+    return upstream.load
 
 
 class ReplayBody:

@@ -14,6 +14,8 @@ import logging
 from collections.abc import Callable, Container
 from typing import TYPE_CHECKING, Protocol, cast
 
+from mypy_extensions import mypyc_attr
+
 from proxy.config.model import Http2Config, LimitsConfig, ListenerConfig, PathNormalization
 
 if TYPE_CHECKING:
@@ -28,6 +30,9 @@ log = logging.getLogger(__name__)
 # what it sends for up to this long before closing (nginx's lingering_close), so the
 # kernel does not answer the unread upload with a reset that destroys our reply.
 LINGER_S = 5.0
+# A body up to this size is copied after the head into one buffer; a larger one is written
+# beside it (`write_head_and_body`).
+COPY_BELOW_BYTES = 4096
 
 
 class ConnectionPhase(enum.Enum):
@@ -88,6 +93,8 @@ class FrontEnd(Protocol):
     def on_routes_removed(self, routes: Container[str]) -> None: ...
 
 
+# The front ends' unit tests drive them over a recording subclass (tests/support/helpers.py).
+@mypyc_attr(allow_interpreted_subclasses=True)
 class ClientConnection(asyncio.Protocol):
     """One accepted client socket. `peer`, when given, is the client's address as a
     believed PROXY protocol header gave it (proxy/frontend/listener.py); otherwise the
@@ -198,6 +205,16 @@ class ClientConnection(asyncio.Protocol):
         """Queue bytes for the client (see `drain`)."""
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
+
+    def write_head_and_body(self, head: bytes, body: bytes) -> None:
+        """Queue a message's head and body with one system call: a small body is joined
+        to the head (one copy of a few bytes is cheaper than a second buffer), a large one
+        goes beside it (writelines: one writev, no copy of the body)."""
+        if self.transport is not None and not self.transport.is_closing():
+            if len(body) <= COPY_BELOW_BYTES:
+                self.transport.write(head + body)
+            else:
+                self.transport.writelines((head, body))
 
     async def drain(self) -> None:
         """Wait while the transport's buffer is above its high-water mark. Any number of

@@ -95,8 +95,8 @@ class Http1Protocol:
         except H1Error as exc:
             self._fail_input(HeadTooLarge() if exc.too_large else BadRequest(str(exc)))
             return
-        except ProxyError as exc:
-            self._fail_input(exc)
+        except ProxyError as error:  # not `exc`: mypyc gives one name one type
+            self._fail_input(error)
             return
         if rest is not None:
             # Upgrade / CONNECT: the bytes after the head belong to a tunnel. A WebSocket
@@ -532,7 +532,7 @@ class Http1Protocol:
             conn.write(_UNSAFE_REPLY)
             count_request(request, 500)
             return _Sent.FAILED
-        conn.write(head + data if data else head)
+        conn.write_head_and_body(head, data)
         if streaming is _Sent.DONE:
             count_request(request, status)  # streamed bodies are counted by `_write`
         return streaming

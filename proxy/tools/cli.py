@@ -26,6 +26,7 @@ from dataclasses import replace
 
 from metrics.admin_access import CSRF_HEADER
 from middleware.rate_limit_local import SHARED_DIR_ENV
+from proxy.buildinfo import version_line
 from proxy.config.document import ConfigError, read_config_file
 from proxy.config.load import load_config, parse_config
 from proxy.config.model import Config
@@ -38,6 +39,12 @@ EXIT_OK, EXIT_CONFIG, EXIT_USAGE, EXIT_START = 0, 1, 2, 3
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gatehouse", description="Gatehouse API gateway")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=version_line(),
+        help="the version, and whether the compiled build runs (GATEHOUSE_PURE_PYTHON=1: not)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="serve a routes.yaml")
     run.add_argument("config", help="path to routes.yaml")

@@ -100,6 +100,20 @@ class EndpointState:
         return self.healthy and self.ejected_until <= now
 
 
+class UpstreamLoad:
+    """What one upstream has in flight, shared by every route's forwarder to it: the
+    retry budget's and the circuit breaker's counts (proxy/exchange/retry.py)."""
+
+    __slots__ = ("active", "retrying")
+
+    def __init__(self) -> None:
+        self.active = 0  # requests between entering the forwarder and their response head
+        self.retrying = 0  # of those, retries granted and not yet answered (back-off too)
+
+    def __repr__(self) -> str:
+        return f"<UpstreamLoad active={self.active} retrying={self.retrying}>"
+
+
 class Upstream:
     """An upstream's endpoints, each with its own pool, and their health.
 
@@ -116,6 +130,7 @@ class Upstream:
     ) -> None:
         self.name = config.name
         self.now = now
+        self.load = UpstreamLoad()  # in-flight counts for retry budgets and breakers
         self.config = config
         # h2c and h2 share one pool type; the scheme of each endpoint says whether TLS.
         self.http2 = config.protocol in ("h2c", "h2")

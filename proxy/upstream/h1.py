@@ -21,6 +21,7 @@ from proxy.codec.h1serialize import chunk, last_chunk
 from proxy.core.errors import ProxyError, UpstreamProtocolError, UpstreamReset, UpstreamTimeout
 from proxy.core.headers import connection_tokens
 from proxy.core.models import Body, Response
+from proxy.upstream.errors import StaleConnection as StaleConnection
 from proxy.upstream.replay import BodyCopy
 
 if TYPE_CHECKING:
@@ -49,16 +50,9 @@ _USUAL_CONNECTION_TOKENS = _RAW_HOP_BY_HOP | {b"close"}
 
 # In callback mode, a response body up to this size is gathered before delivery.
 FAST_BUFFER_BYTES = 64 * 1024
+# A body up to this size is sent joined to the head; a larger one beside it (writelines).
+COPY_BELOW_BYTES = 4096
 ResponseCallback = Callable[[Response | None, ProxyError | None], None]
-
-
-class StaleConnection(UpstreamReset):
-    """A reused connection failed before any response byte: the keep-alive race.
-
-    The upstream closed an idle connection as we sent on it; the request is retried on
-    a fresh connection when it can be replayed."""
-
-    metrics_code = "stale"  # gatehouse_upstream_requests_total{code}
 
 
 class UpstreamConnState(enum.Enum):
@@ -164,6 +158,10 @@ class Http1UpstreamConnection(asyncio.Protocol):
             waiter.set_result(None)
 
     # -- the exchange ----------------------------------------------------------------
+    def forget_sent_body(self) -> None:
+        """Drop the copy of the previous request's streamed body."""
+        self.sent_body = None
+
     async def exchange(
         self, method: str, head: bytes, body: Body, body_bytes: bytes | None
     ) -> Response:
@@ -195,7 +193,10 @@ class Http1UpstreamConnection(asyncio.Protocol):
         # The waiter is settled by the same delivery as the fast path's callback.
         self._callback = settle
         if body_bytes is not None:
-            transport.write(head + body_bytes if body_bytes else head)
+            if len(body_bytes) <= COPY_BELOW_BYTES:  # one buffer, one send
+                transport.write(head + body_bytes)
+            else:  # one writev, no copy of the body
+                transport.writelines((head, body_bytes))
             self._request_sent = True
         else:
             self._request_sent = False

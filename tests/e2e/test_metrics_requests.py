@@ -11,10 +11,7 @@ import socket
 import httpx
 import pytest
 
-from proxy.core.exchange import Exchange
-from proxy.core.models import Request
-from proxy.exchange.forward import Forwarder
-from proxy.upstream.h1 import ResponseCallback
+from proxy.process.server import Server
 from tests.support.gateway import GatewayFactory, base_url, raw_request
 from tests.support.h2_client import H2Client
 from tests.support.metrics_scrape import Counts, metric
@@ -66,22 +63,10 @@ routes:
 """
 
 
-@pytest.fixture
-def fast_path(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """What `Forwarder.try_start` said for each request (True: sent on an idle pooled
-    connection with no task, answered from the upstream connection's callback)."""
-    said: list[bool] = []
-    try_start = Forwarder.try_start
-
-    def spy(
-        self: Forwarder, request: Request, exchange: Exchange, on_response: ResponseCallback
-    ) -> bool:
-        result = try_start(self, request, exchange, on_response)
-        said.append(result)
-        return result
-
-    monkeypatch.setattr(Forwarder, "try_start", spy)
-    return said
+def fast_starts(server: Server, route: str) -> int:
+    """How many requests of `route` `Forwarder.try_start` sent: on an idle pooled
+    connection, with no task, answered from the upstream connection's callback."""
+    return server.runtime.routes[route].forwarder.fast_starts
 
 
 def endpoint_of(upstream: UpstreamServer) -> str:
@@ -89,14 +74,16 @@ def endpoint_of(upstream: UpstreamServer) -> str:
 
 
 async def test_http1_requests_are_counted_by_route_method_and_code(
-    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str, fast_path: list[bool]
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, codec: str
 ) -> None:
     server = await gateway_factory(config(h1_upstream, codec))
     counts = Counts()
 
     async with httpx.AsyncClient(base_url=base_url(server), timeout=5) as client:
         first = await client.get("/api/echo/a")  # opens the upstream connection: general
+        sent_fast = [fast_starts(server, "api")]
         second = await client.get("/api/echo/b")  # its idle connection: the fast path
+        sent_fast.append(fast_starts(server, "api"))
         posted = await client.post("/api/echo", content=b"body")
         purged = await client.request("PURGE", "/api/echo")
         failed = await client.get("/api/status/503")
@@ -104,7 +91,7 @@ async def test_http1_requests_are_counted_by_route_method_and_code(
     assert [r.status_code for r in (first, second, posted, purged, failed)] == [
         *(200, 200, 200, 200, 503)
     ]
-    assert fast_path[:2] == [False, True]  # the second on the idle connection, no task
+    assert sent_fast == [0, 1]  # the second on the idle connection, no task
     assert counts.delta(REQUESTS, route="api", method="GET", code="200") == 2
     assert counts.delta(REQUESTS, route="api", method="POST", code="200") == 1
     assert counts.delta(REQUESTS, route="api", method="other", code="200") == 1
@@ -119,7 +106,7 @@ async def test_http1_requests_are_counted_by_route_method_and_code(
 
 
 async def test_http2_requests_are_counted_by_route_method_and_code(
-    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, fast_path: list[bool]
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
 ) -> None:
     server = await gateway_factory(config(h1_upstream))
     counts = Counts()
@@ -127,7 +114,9 @@ async def test_http2_requests_are_counted_by_route_method_and_code(
 
     async with await H2Client.connect(host, port) as client:
         first = await client.request("/api/echo/a")
+        sent_fast = [fast_starts(server, "api")]
         second = await client.request("/api/echo/b")
+        sent_fast.append(fast_starts(server, "api"))
         posted = await client.request("/api/echo", method="POST", body=b"body")
         failed = await client.request("/api/status/503")
         missing = await client.request("/nowhere")
@@ -135,7 +124,7 @@ async def test_http2_requests_are_counted_by_route_method_and_code(
     assert [r.status for r in (first, second, posted, failed, missing)] == [
         *(200, 200, 200, 503, 404)
     ]
-    assert fast_path[:2] == [False, True]  # the second on the idle connection, no task
+    assert sent_fast == [0, 1]  # the second on the idle connection, no task
     assert counts.delta(REQUESTS, route="api", method="GET", code="200") == 2
     assert counts.delta(REQUESTS, route="api", method="POST", code="200") == 1
     assert counts.delta(REQUESTS, route="api", method="GET", code="503") == 1
@@ -182,7 +171,6 @@ async def test_eager_middleware_chains_are_counted(
     gateway_factory: GatewayFactory,
     h1_upstream: UpstreamServer,
     protocol: str,
-    fast_path: list[bool],
 ) -> None:
     server = await gateway_factory(config(h1_upstream))
     counts = Counts()
@@ -196,7 +184,7 @@ async def test_eager_middleware_chains_are_counted(
             statuses = [(await client.request(f"/eager/echo/{i}")).status for i in range(3)]
 
     assert statuses == [200, 200, 200]
-    assert fast_path == [False, True, True]  # the chain ran eagerly into the fast path
+    assert fast_starts(server, "eager") == 2  # the chain ran eagerly into the fast path
     assert counts.delta(REQUESTS, route="eager", method="GET", code="200") == 3
     assert counts.delta(DURATION_COUNT, route="eager") == 3
 

@@ -379,7 +379,7 @@ def test_the_parents_own_families_merge_with_the_workers() -> None:
     families = {f.name: f for f in parse_openmetrics(body.decode())}  # type: ignore[no-untyped-call]
     (build,) = families["gatehouse_build_info"].samples
     assert build.value == 1
-    assert set(build.labels) == {"version", "python"}
+    assert set(build.labels) == {"version", "python", "build"}
     reloads = families["gatehouse_config_reloads"]
     assert reloads.type == "counter"
     assert {s.labels["result"] for s in reloads.samples} == {"success", "failure"}

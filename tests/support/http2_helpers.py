@@ -52,7 +52,7 @@ def make_h2_protocol(
         limits=limits or LimitsConfig(), http2=http2 or Http2Config(), handler=handler, fast=fast
     )
     conn = H2RecordingConnection(server)
-    protocol = Http2Protocol(conn)  # type: ignore[arg-type]
+    protocol = Http2Protocol(conn)
     conn.front_end = protocol  # type: ignore[assignment]
     return protocol, conn, server
 

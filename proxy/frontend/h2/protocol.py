@@ -147,12 +147,12 @@ class Http2Protocol:
             count_http2_limit(Http2Limit.MALFORMED)
             self._writer.reset(stream_id, ErrorCodes.PROTOCOL_ERROR)
             return
-        except ProxyError as exc:  # 431, or 400 as HTTP/1.1 answers it (h2fields.py)
-            if isinstance(exc, HeadTooLarge):
+        except ProxyError as error:  # 431, or 400 as HTTP/1.1 answers it (h2fields.py)
+            if isinstance(error, HeadTooLarge):
                 count_http2_limit(Http2Limit.HEADER_LIST)
             stream = self._streams[stream_id] = H2Exchange(stream_id)
             stream.reset_when_done = not event.stream_ended
-            self._start_task(stream, None, exc)
+            self._start_task(stream, None, error)
             return
         stream = self._streams[stream_id] = H2Exchange(stream_id)
         conn = self._conn
@@ -172,8 +172,8 @@ class Http2Protocol:
                 return
         try:
             request = stream_request(fields, body, stream, conn, event.stream_ended is not None)
-        except ProxyError as exc:
-            self._start_task(stream, None, exc)
+        except ProxyError as refused:  # not `exc`: mypyc gives one name one type
+            self._start_task(stream, None, refused)
             return
         stream.request = request
         run = self._server.start_exchange(request, functools.partial(self._on_response, stream))

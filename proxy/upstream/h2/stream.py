@@ -9,8 +9,8 @@ import asyncio
 import enum
 from time import perf_counter
 
-from proxy.core.errors import UpstreamReset
 from proxy.core.models import Body, Response, Trailers
+from proxy.upstream.errors import StreamRefused as StreamRefused
 from proxy.upstream.replay import BodyCopy
 
 # Our receive windows. A stream's window bounds what a paused (slow-client) stream can hold
@@ -54,20 +54,6 @@ class H2StreamState(enum.Enum):
     AWAITING_HEAD = "awaiting_head"  # request sent or sending; no response head yet
     STREAMING = "streaming"  # head delivered; the body is arriving
     DONE = "done"  # ended, reset or failed; the stream slot is free
-
-
-class StreamRefused(UpstreamReset):
-    """The upstream did not process the stream (GOAWAY with a lower last_stream_id, or
-    RST_STREAM REFUSED_STREAM; RFC 9113 section 8.7): safe to retry, even for POST.
-
-    `replay` is the request body consumed from the client so far (None when it was too
-    large to keep: the retry is then impossible)."""
-
-    metrics_code = "refused"  # gatehouse_upstream_requests_total{code}
-
-    def __init__(self, message: str, replay: bytes | None) -> None:
-        super().__init__(message)
-        self.replay = replay
 
 
 class UpstreamStream:

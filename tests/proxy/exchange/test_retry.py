@@ -32,9 +32,9 @@ from proxy.exchange.retry import (
     REFUSED_STREAM,
     ReplayBody,
     RetryPolicy,
-    UpstreamLoad,
     failure_condition,
 )
+from proxy.upstream.balancer import UpstreamLoad
 from proxy.upstream.h1 import StaleConnection
 from proxy.upstream.h2.stream import StreamRefused
 

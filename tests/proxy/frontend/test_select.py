@@ -29,7 +29,7 @@ def sniffer_connection(*, http2: bool = True) -> tuple[H2RecordingConnection, Fa
     server = FakeServer()
     listener = ListenerConfig(host="127.0.0.1", port=0, name="test", http2=http2)
     conn = H2RecordingConnection(server, listener)
-    conn.front_end = plaintext_front_end(conn)  # type: ignore[arg-type,assignment]
+    conn.front_end = plaintext_front_end(conn)  # type: ignore[assignment]
     return conn, server
 
 
