@@ -393,6 +393,7 @@ def _exchange_both(
 
 HYPOTHESIS = settings(
     max_examples=60,
+    derandomize=True,  # the same examples on every run: CI fails only for a change
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )

@@ -146,6 +146,7 @@ class H2Exchange:
         "body",
         "body_deadline",
         "client_done",
+        "head_request",
         "id",
         "request",
         "reset_when_done",
@@ -161,6 +162,9 @@ class H2Exchange:
 
     def __init__(self, stream_id: int) -> None:
         self.id = stream_id
+        # A HEAD: its answer has no content, a local reply's included (known before the
+        # Request is, which a refused request never gets).
+        self.head_request = False
         self.body_deadline = 0.0  # while receiving: when the client's silence is a 408
         self.reset_when_done = False  # the client may still send: RST_STREAM at the end
         self.window_deadline = 0.0  # while waiting for WINDOW_UPDATE: when to give up

@@ -151,10 +151,12 @@ class Http2Protocol:
             if isinstance(error, HeadTooLarge):
                 count_http2_limit(Http2Limit.HEADER_LIST)
             stream = self._streams[stream_id] = H2Exchange(stream_id)
+            stream.head_request = (b":method", b"HEAD") in (event.headers or ())
             stream.reset_when_done = not event.stream_ended
             self._start_task(stream, None, error)
             return
         stream = self._streams[stream_id] = H2Exchange(stream_id)
+        stream.head_request = fields.method == b"HEAD"
         conn = self._conn
         if event.stream_ended:
             body = Body.from_bytes(b"")

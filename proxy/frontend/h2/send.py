@@ -63,7 +63,7 @@ class ResponseWriter:
         stream_id = stream.id
         body = response.body
         status = response.status
-        head_only = (request is not None and request.method == "HEAD") or status in (204, 304)
+        head_only = stream.head_request or status in (204, 304)
         stream.response_started = True
         stream.status = status
         if stream.tunnel_reading:

@@ -103,6 +103,27 @@ async def test_connect_gets_400() -> None:
     assert not server.requests
 
 
+@pytest.mark.parametrize(
+    ("path", "extra", "status"),
+    [(b"/..", [], 400), (b"/", [(b"x-big", b"a" * 2000)], 431)],
+    ids=["invalid-target", "header-list-too-large"],
+)
+async def test_a_refused_head_request_gets_its_status_without_content(
+    path: bytes, extra: list[tuple[bytes, bytes]], status: int
+) -> None:
+    """A HEAD's answer has no content (RFC 9110 section 9.3.2), a local reply's too: the
+    gateway once sent the JSON of a refusal as DATA, which clients reject (the
+    differential test of the two builds found it)."""
+    protocol, _conn, server, peer = await connected(http2=Http2Config(max_header_list_size=1024))
+    peer.request(1, method=b"HEAD", path=path, extra=extra)
+    peer.send()
+    await settle(protocol)
+    peer.receive()
+    answer = peer.responses[1]
+    assert (answer.status, answer.ended, bytes(answer.body)) == (status, True, b"")
+    assert not server.requests
+
+
 @pytest.mark.parametrize("split", SPLITS)
 async def test_oversized_header_list_gets_431_and_the_connection_keeps_working(
     split: int | None,
