@@ -78,7 +78,7 @@ COMPILED = (
     "middleware.headers",
 )
 
-_PACKAGES = ("proxy", "middleware", "metrics")
+_COMPILED_NAMES = frozenset(COMPILED)
 _SOURCES_ONLY = (
     (importlib.machinery.SourceFileLoader, importlib.machinery.SOURCE_SUFFIXES),
     (importlib.machinery.SourcelessFileLoader, importlib.machinery.BYTECODE_SUFFIXES),
@@ -86,7 +86,9 @@ _SOURCES_ONLY = (
 
 
 class _SourcesFirst(MetaPathFinder):
-    """Finds the modules of Gatehouse's packages as .py files, never as extensions."""
+    """Finds the compiled modules as .py files, never as extensions. It answers for those
+    alone: every other module (the packages themselves among them) is found as usual, so
+    that pytest's assertion rewriter still loads the packages its plugin lives in."""
 
     def find_spec(
         self,
@@ -94,7 +96,7 @@ class _SourcesFirst(MetaPathFinder):
         path: Sequence[str] | None,
         target: ModuleType | None = None,
     ) -> ModuleSpec | None:
-        if fullname.partition(".")[0] not in _PACKAGES:
+        if fullname not in _COMPILED_NAMES:
             return None
         for entry in path if path is not None else sys.path:
             finder = importlib.machinery.FileFinder(entry or ".", *_SOURCES_ONLY)
