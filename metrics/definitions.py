@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
 
-from metrics.local import LocalCounter, LocalCounterChild, LocalHistogram, LocalHistogramChild
+from metrics.children import LocalCounterChild, LocalHistogramChild
+from metrics.local import LocalCounter, LocalHistogram
 from proxy.core.errors import (
     PoolTimeout,
     ProxyError,
@@ -169,7 +170,7 @@ def count_jwks_refresh(middleware: str, result: str) -> None:
     JWKS_REFRESHES.labels(middleware, result).inc()
 
 
-RATE_LIMIT_DECISIONS = Counter(
+RATE_LIMIT_DECISIONS = LocalCounter(  # one per request through a rate_limit: no lock
     "gatehouse_rate_limit_decisions",
     "Requests a rate_limit middleware decided, by instance name and result (allowed, "
     "limited, backend_error)",

@@ -9,13 +9,14 @@ Prometheus families when scraped.
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from metrics.children import LocalCounterChild, LocalHistogramChild
 
 Child = TypeVar("Child")
 
@@ -76,18 +77,6 @@ class LocalCounter(_LocalFamily["LocalCounterChild"]):
         yield CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
 
-class LocalCounterChild:
-    """One label set of a LocalCounter."""
-
-    __slots__ = ("value",)
-
-    def __init__(self) -> None:
-        self.value = 0.0
-
-    def inc(self, amount: float = 1.0) -> None:
-        self.value += amount
-
-
 class LocalHistogram(_LocalFamily["LocalHistogramChild"]):
     """A histogram family; a child's `observe` is a bisect and two additions."""
 
@@ -125,18 +114,3 @@ class LocalHistogram(_LocalFamily["LocalHistogramChild"]):
 
     def describe(self) -> Iterator[Metric]:
         yield HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
-
-
-class LocalHistogramChild:
-    """One label set of a LocalHistogram: counts per bucket (the last is +Inf), and sum."""
-
-    __slots__ = ("buckets", "counts", "sum")
-
-    def __init__(self, buckets: tuple[float, ...]) -> None:
-        self.buckets = buckets
-        self.counts = [0] * (len(buckets) + 1)
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.buckets, value)] += 1
-        self.sum += value

@@ -71,7 +71,10 @@ def take_query_parameter(query: str, name: bytes) -> tuple[list[bytes], str | No
 
 def _form_decode(text: str) -> bytes:
     # The query is the target's bytes decoded as latin-1: encode back before unquoting.
-    return unquote_to_bytes(text.encode("latin-1").replace(b"+", b" "))
+    raw = text.encode("latin-1")
+    if b"%" not in raw and b"+" not in raw:
+        return raw  # nothing to decode (most names and keys): no unquoting pass
+    return unquote_to_bytes(raw.replace(b"+", b" "))
 
 
 class ApiKey:

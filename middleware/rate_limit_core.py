@@ -13,7 +13,6 @@ Backends (the local shared table, Redis) store `tat` and run `gcra` atomically p
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 # Decisions are made to within a microsecond (see gcra); the Redis script does the same.
 SLACK_S = 1e-6
@@ -23,15 +22,43 @@ class RateLimitBackendError(Exception):
     """The backend could not decide (Redis down or too slow); `on_redis_error` decides."""
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """One rate-limit decision, with what the RateLimit-* headers report."""
+_DECISION_FIELDS = ("allowed", "limit", "remaining", "reset_after_s", "retry_after_s")
 
-    allowed: bool
-    limit: int  # requests allowed in a burst: burst + 1
-    remaining: int  # requests that would still be allowed right now
-    reset_after_s: float  # until the bucket is full again (RateLimit-Reset)
-    retry_after_s: float  # until the next request would be allowed (0 when allowed)
+
+class Decision:
+    """One rate-limit decision, with what the RateLimit-* headers report. A value: compared
+    field by field, never changed once made. (A plain class rather than a dataclass: the
+    compiled build compiles its __init__, where a dataclass's stays interpreted, and one
+    is made per request.)"""
+
+    __slots__ = _DECISION_FIELDS
+
+    def __init__(
+        self,
+        allowed: bool,
+        limit: int,  # requests allowed in a burst: burst + 1
+        remaining: int,  # requests that would still be allowed right now
+        reset_after_s: float,  # until the bucket is full again (RateLimit-Reset)
+        retry_after_s: float,  # until the next request would be allowed (0 when allowed)
+    ) -> None:
+        self.allowed = allowed
+        self.limit = limit
+        self.remaining = remaining
+        self.reset_after_s = reset_after_s
+        self.retry_after_s = retry_after_s
+
+    def _fields(self) -> tuple[bool, int, int, float, float]:
+        return (self.allowed, self.limit, self.remaining, self.reset_after_s, self.retry_after_s)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Decision) and self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        values = zip(_DECISION_FIELDS, self._fields(), strict=True)
+        return "Decision({})".format(", ".join(f"{name}={value!r}" for name, value in values))
 
 
 def whole_seconds(seconds: float) -> int:

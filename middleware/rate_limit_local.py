@@ -32,6 +32,9 @@ whenever and wherever it constructs it:
 Keys are hashed with 8 bytes of BLAKE2b keyed with a secret, so a client cannot pick key
 values that land in another key's window to evict it. The secret is drawn once, by the
 process that creates the table, and kept in the header, so every process hashes alike.
+Each process remembers the hashes of the keys it saw last (up to `HASH_CACHE_KEYS`, then
+it starts over), so the requests of one client cost a dict lookup, not a BLAKE2b; a
+client sending ever new keys costs what every key cost before.
 `time.monotonic()` is CLOCK_MONOTONIC, one clock for every process on Linux.
 
 Layout: a `HEADER_BYTES` header (magic, slots, secret; the lock at `MUTEX_OFFSET`), then
@@ -76,8 +79,6 @@ operations in the same order; the Decision itself is then made by `gcra()` from 
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import errno
 import fcntl
 import logging
@@ -85,15 +86,17 @@ import mmap
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from hashlib import blake2b
 from struct import Struct
 
+from middleware import rate_limit_mutex
 from middleware.rate_limit_core import SLACK_S, Decision, RateLimitBackendError, gcra
 
 log = logging.getLogger(__name__)
 
 SHARED_DIR_ENV = "GATEHOUSE_SHARED_DIR"  # the parent's private directory for shared tables
+HASH_CACHE_KEYS = 4096  # key -> hash entries a process keeps (then it starts over)
 PROBE_SLOTS = 8  # records a key may occupy from its home: one unpack reads them all
 DEFAULT_MAX_KEYS = 65536
 MAX_MAX_KEYS = 1 << 24  # 512 MiB of address space at most (touched lazily)
@@ -104,7 +107,6 @@ LOCK_TIMEOUT_S = 0.25
 TABLE_MAGIC = b"GHRLT001"  # this layout; written last by the creator
 HEADER_BYTES = 128
 MUTEX_OFFSET = 64
-MUTEX_BYTES = 64  # room for any Linux pthread_mutex_t (40 bytes on x86-64, 48 on arm64)
 SECRET_BYTES = 16
 _HEADER = Struct(f"<8sQ{SECRET_BYTES}s")  # magic, slots, secret
 _SLOT = Struct("<Qd")  # key hash, tat
@@ -112,17 +114,9 @@ SLOT_BYTES = _SLOT.size
 _WINDOW = Struct("<" + "Qd" * PROBE_SLOTS)
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 
-# pthread_mutexattr_setpshared / setrobust values (the same in glibc and musl).
-_PTHREAD_PROCESS_SHARED = 1
-_PTHREAD_MUTEX_ROBUST = 1
-_libc = ctypes.CDLL(None)
-_mutex_trylock = _libc.pthread_mutex_trylock
-_mutex_unlock = _libc.pthread_mutex_unlock
-_MutexBuffer = ctypes.c_char * MUTEX_BYTES
-
-
-class _Timespec(ctypes.Structure):
-    _fields_ = (("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long))
+# The lock's own calls (ctypes: middleware/rate_limit_mutex.py). Tests take the lock by hand.
+_mutex_trylock = rate_limit_mutex.trylock
+_mutex_unlock = rate_limit_mutex.unlock
 
 
 class SharedTableError(Exception):
@@ -181,7 +175,8 @@ class LocalBackend:
             _initialize(mapping, self.slots)
         self._mapping = mapping
         self._secret: bytes = _HEADER.unpack_from(mapping)[2]
-        self._mutex = _MutexBuffer.from_buffer(mapping, MUTEX_OFFSET)
+        self._hashes: dict[str, int] = {}  # recent keys' hashes (HASH_CACHE_KEYS)
+        self._mutex = rate_limit_mutex.mutex_at(mapping, MUTEX_OFFSET)
         self._table = memoryview(mapping)[HEADER_BYTES:]
         self._now = now
         self._on_evict = on_evict
@@ -212,11 +207,18 @@ class LocalBackend:
             RateLimitBackendError: the lock stayed taken for `lock_timeout_s`. Any other
                 exception is a bug.
         """
-        hashed = self.key_hash(key)
+        known = self._hashes
+        hashed = known.get(key)
+        if hashed is None:
+            hashed = self.key_hash(key)
+            if len(known) >= HASH_CACHE_KEYS:
+                known.clear()
+            known[key] = hashed
         offset = (hashed & self._mask) * SLOT_BYTES
         table = self._table
         mutex = self._mutex
-        if error := _mutex_trylock(mutex):
+        error: int = _mutex_trylock(mutex)
+        if error:
             self._acquire_slowly(error)
         evicted = False
         try:
@@ -246,10 +248,9 @@ class LocalBackend:
         """Take the lock that trylock found busy (or recover it: `error` EOWNERDEAD)."""
         if error == errno.EBUSY:
             deadline = time.time() + self._lock_timeout_s  # timedlock's clock is REALTIME
-            until = _Timespec(int(deadline), int(deadline % 1 * 1e9))
-            error = _libc.pthread_mutex_timedlock(self._mutex, ctypes.byref(until))
+            error = rate_limit_mutex.timedlock(self._mutex, deadline)
         if error == errno.EOWNERDEAD:  # we hold it now; its holder died inside
-            _libc.pthread_mutex_consistent(self._mutex)
+            rate_limit_mutex.make_consistent(self._mutex)
             log.error("rate_limit: a process died holding the shared table's lock: recovered")
         elif error == errno.ETIMEDOUT:
             raise RateLimitBackendError(
@@ -260,15 +261,6 @@ class LocalBackend:
             raise RateLimitBackendError(
                 f"the shared rate-limit table's lock failed: {os.strerror(error)}"
             )
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        if error := _mutex_trylock(self._mutex):
-            self._acquire_slowly(error)
-        try:
-            yield
-        finally:
-            _mutex_unlock(self._mutex)
 
     def key_hash(self, key: str) -> int:
         """The 64-bit hash `key` is stored under."""
@@ -284,12 +276,17 @@ class LocalBackend:
         """Records holding a key whose `tat` is still ahead (a full scan: not for the
         request path)."""
         now = self._now()
-        with self._locked():
+        error: int = _mutex_trylock(self._mutex)
+        if error:
+            self._acquire_slowly(error)
+        try:
             return sum(
                 1
                 for _, tat in _SLOT.iter_unpack(self._table)
                 if tat > now  # free records and expired keys alike are behind `now`
             )
+        finally:
+            _mutex_unlock(self._mutex)
 
 
 def _open_shared(path: str, slots: int) -> mmap.mmap:
@@ -350,27 +347,8 @@ def _initialize(mapping: mmap.mmap, slots: int) -> None:
         SharedTableError: the mutex cannot be initialized.
     """
     _HEADER.pack_into(mapping, 0, bytes(len(TABLE_MAGIC)), slots, os.urandom(SECRET_BYTES))
-    attributes = ctypes.create_string_buffer(64)  # pthread_mutexattr_t: 4 bytes on Linux
-    mutex = _MutexBuffer.from_buffer(mapping, MUTEX_OFFSET)
     try:
-        _check("mutexattr_init", _libc.pthread_mutexattr_init(attributes))
-        try:
-            _check(
-                "mutexattr_setpshared",
-                _libc.pthread_mutexattr_setpshared(attributes, _PTHREAD_PROCESS_SHARED),
-            )
-            _check(
-                "mutexattr_setrobust",
-                _libc.pthread_mutexattr_setrobust(attributes, _PTHREAD_MUTEX_ROBUST),
-            )
-            _check("mutex_init", _libc.pthread_mutex_init(mutex, attributes))
-        finally:
-            _libc.pthread_mutexattr_destroy(attributes)
-    finally:
-        del mutex  # its export of the mapping, so that a caller may close the mapping
+        rate_limit_mutex.initialize(mapping, MUTEX_OFFSET)
+    except rate_limit_mutex.MutexInitError as failed:
+        raise SharedTableError(str(failed)) from failed
     mapping[: len(TABLE_MAGIC)] = TABLE_MAGIC
-
-
-def _check(step: str, error: int) -> None:
-    if error:
-        raise SharedTableError(f"pthread_{step}: {os.strerror(error)}")

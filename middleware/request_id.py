@@ -8,11 +8,10 @@ digits). The id is sent upstream in the same header, set on the response, and is
 
 from __future__ import annotations
 
-import os
 import re
 from typing import ClassVar
 
-from proxy import Handler, Options, Request, Response
+from proxy import Handler, Options, Request, Response, new_request_id
 
 # What an incoming id may look like: short, printable, no separators that could smuggle
 # another header or break a log line.
@@ -35,7 +34,7 @@ class RequestId:
         if incoming and _SANE_ID.fullmatch(incoming):
             request_id = incoming
         else:
-            request_id = os.urandom(16).hex()  # as random as uuid4, a quarter of the cost
+            request_id = new_request_id()
             request.set_header(self.header, request_id)  # replaces a missing or unsafe one
         request.request_id = request_id
         response = await call_next(request)

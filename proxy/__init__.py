@@ -18,7 +18,8 @@ What the surface holds:
   to `Options.converted`), `NodeReader` and `Reported` (`Options.reader`, `Options.node`),
   `did_you_mean`, `join_path`, `ca_bundle_problem`;
 - errors the gateway answers as local replies: `ProxyError` and its family; `local_reply`
-  to answer one without raising, `request_id_of` for the id it carries;
+  to answer one without raising, `request_id_of` for the id it carries, `new_request_id`
+  for a fresh one;
 - HTTP field sets: `REQUEST_HOP_BY_HOP` (never forwarded as sent, or set by the gateway),
   `RESPONSE_HOP_BY_HOP` (never relayed);
 - client addresses: `parse_address`, `parse_network`, `Address`, `Network`, `AddressSet`
@@ -80,6 +81,7 @@ _SOURCES = {
         "UpstreamTimeout",
     ),
     "proxy.core.local_reply": ("local_reply", "request_id_of"),
+    "proxy.core.ids": ("new_request_id",),
     "proxy.core.headers": ("REQUEST_HOP_BY_HOP",),
     "proxy.upstream.h1": ("RESPONSE_HOP_BY_HOP",),
     "proxy.core.addresses": (
@@ -213,6 +215,9 @@ if TYPE_CHECKING:
     )
     from proxy.core.headers import (
         REQUEST_HOP_BY_HOP as REQUEST_HOP_BY_HOP,
+    )
+    from proxy.core.ids import (
+        new_request_id as new_request_id,
     )
     from proxy.core.local_reply import (
         local_reply as local_reply,

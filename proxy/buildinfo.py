@@ -46,6 +46,7 @@ COMPILED = (
     "proxy.core.client_ip",
     "proxy.core.forwarded",
     "proxy.core.local_reply",
+    "proxy.core.ids",
     "proxy.frontend.connection",
     "proxy.frontend.h1",
     "proxy.frontend.h2.protocol",
@@ -73,9 +74,13 @@ COMPILED = (
     "middleware.access_log",
     "middleware.request_id",
     "middleware.api_key",
+    "middleware.auth_common",
     "middleware.rate_limit",
     "middleware.rate_limit_core",
+    "middleware.rate_limit_local",
     "middleware.headers",
+    "metrics.children",
+    "metrics.definitions",
 )
 
 _COMPILED_NAMES = frozenset(COMPILED)

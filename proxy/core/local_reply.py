@@ -7,12 +7,12 @@ when it is imported (`count_with`), so the core imports nothing of metrics.
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Callable
 
 from multidict import CIMultiDict
 
 from proxy.core.errors import ProxyError
+from proxy.core.ids import new_request_id
 from proxy.core.models import Body, Request, Response
 
 
@@ -32,9 +32,10 @@ def count_with(counter: Callable[[str], None]) -> None:
 def request_id_of(request: Request | None) -> str:
     """The request's id: set by middleware, else the client's X-Request-ID, else new."""
     if request is None:
-        return uuid.uuid4().hex
+        return new_request_id()
     if not request.request_id:
-        request.request_id = request.headers.get("x-request-id", "") or uuid.uuid4().hex
+        # `header`, not `headers`: reading the raw fields keeps them raw (models.py).
+        request.request_id = request.header("x-request-id") or new_request_id()
     return request.request_id
 
 

@@ -382,7 +382,8 @@ class _Message:
             return
         field = _checked_field(name, value)
         wanted = field[0].lower()
-        kept = [pair for pair in raw if pair[0].lower() != wanted]
+        size = len(wanted)
+        kept = [pair for pair in raw if len(pair[0]) != size or pair[0].lower() != wanted]
         kept.append(field)
         self.raw_headers = kept
 
@@ -407,11 +408,27 @@ class _Message:
             self._headers.popall(name, None)
             return
         wanted = name.lower().encode("latin-1")
-        self.raw_headers = [pair for pair in raw if pair[0].lower() != wanted]
+        size = len(wanted)
+        for field, _ in raw:
+            if len(field) == size and field.lower() == wanted:
+                break
+        else:
+            return  # absent: the list stays as it is (the common case: nothing to strip)
+        self.raw_headers = [
+            pair for pair in raw if len(pair[0]) != size or pair[0].lower() != wanted
+        ]
+
+
+# Names `_checked_field` found to be tokens (middleware set the same few on every request).
+_TOKEN_NAMES: set[str] = set()
+_TOKEN_NAMES_MAX = 1024
 
 
 def _checked_field(name: str, value: str) -> tuple[bytes, bytes]:
-    check_headers([(name, value)])
+    if name not in _TOKEN_NAMES or "\r" in value or "\n" in value or "\x00" in value:
+        check_headers([(name, value)])  # raises for an unsafe one
+        if len(_TOKEN_NAMES) < _TOKEN_NAMES_MAX:
+            _TOKEN_NAMES.add(name)
     return name.encode("latin-1"), value.encode("latin-1")
 
 

@@ -185,6 +185,27 @@ class EagerRun:
         self._reply(response)
 
 
+class ChainEnd:
+    """What a chain's last `call_next` does: the fast path when the chain runs eagerly and
+    an idle connection is there, the forwarder otherwise. (A class in this compiled
+    module rather than a closure in runtime.py: it runs once per request.)"""
+
+    __slots__ = ("_forwarder",)
+
+    def __init__(self, forwarder: Forwarder) -> None:
+        self._forwarder = forwarder
+
+    def __call__(self, request: Request) -> Awaitable[Response]:
+        forwarder = self._forwarder
+        run = request.exchange.eager
+        if isinstance(run, EagerRun) and run.eager:
+            pending = run.forward(request, forwarder)
+            if pending is not None:
+                return pending
+            return ToTask(lambda: forwarder(request))
+        return forwarder(request)
+
+
 async def _continue(coroutine: RouteCoroutine, awaited: Any) -> Response:
     """Carry on a coroutine that suspended on `awaited` outside a task, as a task would:
     wait for what it waits for, then resume it (it reads the outcome itself)."""

@@ -8,9 +8,6 @@ started with.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
-from typing import cast
-
 from middleware.chain import build_chain, close_all, start_all
 from proxy.config.model import Config, MiddlewareSpec, RouteConfig
 from proxy.core.canonical import spelling
@@ -18,7 +15,7 @@ from proxy.core.client_ip import ClientResolver
 from proxy.core.errors import NoRoute
 from proxy.core.models import Request, Response
 from proxy.exchange.dispatch import Dispatcher, Handler
-from proxy.exchange.eager import EagerRun, ToTask
+from proxy.exchange.eager import ChainEnd
 from proxy.exchange.forward import Forwarder
 from proxy.exchange.routing import RouteTable
 from proxy.upstream.balancer import Upstream
@@ -47,7 +44,7 @@ class RouteRuntime:
         self.chain = chain  # global_middleware, then the route's own
         # No middleware: the forwarder itself, which the dispatcher recognises to start
         # the exchange synchronously (no EagerRun, no coroutine).
-        self.handler: Handler = build_chain(chain, _chain_end(forwarder)) if chain else forwarder
+        self.handler: Handler = build_chain(chain, ChainEnd(forwarder)) if chain else forwarder
         # Run without a task when every middleware only ever awaits call_next (eager.py).
         self.eager = all(getattr(spec.instance, "EAGER", False) for spec in chain)
         self.websocket = config.websocket
@@ -70,22 +67,6 @@ def _kept_middleware(previous: Runtime | None) -> dict[tuple[str, str, str], Mid
     if previous is None:
         return {}
     return {_spec_key(spec): spec for spec in previous.middleware() if spec.options}
-
-
-def _chain_end(forwarder: Forwarder) -> Handler:
-    """What a chain's last `call_next` does: the fast path when the chain runs eagerly
-    (proxy/exchange/eager.py) and an idle connection is there, the forwarder otherwise."""
-
-    def forward(request: Request) -> Awaitable[Response]:
-        run = cast("EagerRun | None", request.exchange.eager)
-        if run is not None and run.eager:
-            pending = run.forward(request, forwarder)
-            if pending is not None:
-                return pending
-            return ToTask(lambda: forwarder(request))
-        return forwarder(request)
-
-    return forward
 
 
 async def _no_route(request: Request) -> Response:

@@ -15,6 +15,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -499,3 +500,42 @@ def test_a_line_is_the_json_of_its_values(
         "consumer": consumer,
         "retries": retries,
     }
+
+
+@pytest.mark.parametrize("to_a_file", [True, False])
+async def test_a_batch_is_one_write_to_a_file_and_pipe_buf_pieces_to_a_pipe(
+    to_a_file: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A regular file takes a whole batch at once; only a pipe needs PIPE_BUF pieces
+    # (each write is a GIL hand-over between the loop and the writer thread).
+    sizes: list[int] = []
+    real_write = os.write
+
+    def counting_write(fd: int, data: bytes | memoryview) -> int:
+        sizes.append(len(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", counting_write)
+    record = {"pad": "z" * 200}  # a line of about 210 bytes
+    path = tmp_path / "access.log"
+    read_fd = -1
+    if to_a_file:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    else:
+        read_fd, fd = os.pipe()  # 64 KiB by default: room for the whole batch
+    try:
+        writer = LineWriter(fd, 1000, lambda lines: None)
+        for _ in range(100):  # about 21 KB: more than PIPE_BUF
+            writer.put(record)
+        await writer.aclose()
+    finally:
+        os.close(fd)
+    assert sum(sizes) == 100 * (len(json.dumps(record, separators=(",", ":"))) + 1)
+    if to_a_file:
+        assert len(sizes) == 1
+        assert len(path.read_text().splitlines()) == 100
+    else:
+        assert len(sizes) > 1
+        assert max(sizes) <= select.PIPE_BUF
+        with os.fdopen(read_fd, "rb") as pipe:
+            assert len(pipe.read().splitlines()) == 100

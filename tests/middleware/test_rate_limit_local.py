@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from middleware.rate_limit_core import gcra
 from middleware.rate_limit_local import (
+    HASH_CACHE_KEYS,
     PROBE_SLOTS,
     SLOT_BYTES,
     LocalBackend,
@@ -116,6 +117,25 @@ async def test_decide_is_the_async_form_of_decide_now() -> None:
     await backend.start()
     await backend.close()
     assert backend.decide_now("a", 10.0, 0.0) == second  # close left the table usable
+
+
+def test_the_hash_cache_is_bounded_and_changes_no_decision() -> None:
+    # A key's hash is remembered, then forgotten when the cache starts over: the key
+    # keeps its record (and its spent budget) either way.
+    clock = FakeClock()
+    backend = LocalBackend(8 * HASH_CACHE_KEYS, now=clock)
+    emission, tolerance = 60.0, 60.0  # two at once, then one a minute
+    assert [backend.decide_now("spent", emission, tolerance).allowed for _ in range(3)] == [
+        True,
+        True,
+        False,
+    ]
+    assert backend._hashes["spent"] == backend.key_hash("spent")
+    for index in range(HASH_CACHE_KEYS + 10):  # a client sending ever new keys
+        backend.decide_now(f"other{index}", emission, tolerance)
+        assert len(backend._hashes) <= HASH_CACHE_KEYS
+    assert "spent" not in backend._hashes  # forgotten by the cache...
+    assert not backend.decide_now("spent", emission, tolerance).allowed  # ...not by the table
 
 
 def test_table_size_is_bounded_by_max_keys() -> None:

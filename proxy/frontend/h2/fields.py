@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
 
 from proxy.codec.h2fields import CONNECTION_SPECIFIC, FORBIDDEN_TRAILERS
 from proxy.core.canonical import (
@@ -48,17 +47,29 @@ class MalformedRequest(Exception):
     """The request's fields break RFC 9113 section 8: a stream error PROTOCOL_ERROR."""
 
 
-@dataclass(slots=True)
 class RequestFields:
-    """A request's pseudo-header fields and its regular fields (validated)."""
+    """A request's pseudo-header fields and its regular fields (validated). A plain class,
+    not a dataclass: the compiled build compiles its __init__ (one per request)."""
 
-    method: bytes
-    scheme: bytes
-    authority: bytes
-    path: bytes
-    protocol: bytes  # extended CONNECT (RFC 8441); b"" when absent
-    headers: RawHeaders
-    content_length: int | None
+    __slots__ = ("authority", "content_length", "headers", "method", "path", "protocol", "scheme")
+
+    def __init__(
+        self,
+        method: bytes,
+        scheme: bytes,
+        authority: bytes,
+        path: bytes,
+        protocol: bytes,  # extended CONNECT (RFC 8441); b"" when absent
+        headers: RawHeaders,
+        content_length: int | None,
+    ) -> None:
+        self.method = method
+        self.scheme = scheme
+        self.authority = authority
+        self.path = path
+        self.protocol = protocol
+        self.headers = headers
+        self.content_length = content_length
 
 
 def request_fields(

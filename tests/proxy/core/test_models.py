@@ -80,3 +80,37 @@ def test_set_target_keeps_path_query_and_url_in_step() -> None:
     assert str(request.url) == "http://example/a/b?x=1&y=2"
     request.set_target(b"/c")
     assert (request.path, request.query, str(request.url)) == ("/c", "", "http://example/c")
+
+
+@pytest.mark.parametrize("value", ["a\r\nInjected: yes", "a\nb", "nul\0"])
+def test_a_name_set_before_is_still_refused_an_unsafe_value(value: str) -> None:
+    # `set_header` remembers names it found to be tokens; the value is checked every time.
+    request = raw_request()
+    request.set_header("X-Remembered", "fine")
+    with pytest.raises(UnsafeHeader):
+        request.set_header("X-Remembered", value)
+    with pytest.raises(UnsafeHeader):
+        request.add_header("X-Remembered", value)
+    assert request.header("x-remembered") == "fine"
+
+
+def test_removing_an_absent_field_leaves_the_list_alone() -> None:
+    request = raw_request()
+    before = request.raw_headers
+    request.remove_header("X-Consumer")
+    assert request.raw_headers is before  # no copy for nothing to strip
+    request.remove_header("x-TAG")  # every spelling and every value of one that is there
+    assert request.raw_headers == [(b"Host", b"example")]
+
+
+def test_set_header_replaces_only_fields_of_that_name() -> None:
+    # The length is compared first: fields of the same length but another name stay.
+    request = Request(
+        "GET",
+        b"/",
+        [(b"X-Tag", b"1"), (b"X-Tab", b"2"), (b"x-tag", b"3"), (b"X-Tagg", b"4")],
+        Body.from_bytes(b""),
+        host="h",
+    )
+    request.set_header("X-TAG", "new")
+    assert request.raw_headers == [(b"X-Tab", b"2"), (b"X-Tagg", b"4"), (b"X-TAG", b"new")]
