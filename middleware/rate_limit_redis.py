@@ -13,8 +13,15 @@ drift apart: the script only has to pick the same branch and the same new `tat`,
 does with the same IEEE double operations in the same order (numbers cross the wire as
 shortest round-trip strings, never truncated).
 
-Every call is bounded by `timeout_s` (pool wait, connect, command, a NOSCRIPT reload):
-redis-py's socket timeouts plus an `asyncio.timeout` around the whole decision. A failure
+Decisions are pipelined: those asked for in one turn of the event loop wait together and
+go out as one redis-py pipeline (one write, one read of all the replies, one pooled
+connection), so the client's per-call work (pool, timeout, packing, parsing) is paid per
+batch, not per request. Under load a batch holds as many decisions as requests arrived
+in that turn; alone, a decision is a batch of one. Each reply is still its own script's
+answer: a NOSCRIPT in the batch loads the script once and repeats only those calls.
+
+Every batch is bounded by `timeout_s` (pool wait, connect, the round trip, a NOSCRIPT
+reload): redis-py's socket timeouts plus an `asyncio.timeout` around the whole batch. A failure
 of any kind is a `RateLimitBackendError`; the middleware's `on_redis_error` decides. An
 outage is logged once when it starts and once when Redis answers again, never per
 request. redis-py reconnects by itself: the pool checks a pooled connection before lending
@@ -35,13 +42,14 @@ import redis.exceptions
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError
 
 from middleware.rate_limit_core import Decision, RateLimitBackendError, gcra
 
 log = logging.getLogger(__name__)
 
-# Connections per backend (per worker): decisions are one short round trip each, so a few
-# are in flight at a time; past this many a decision waits for one (bounded by timeout_s).
+# Connections per backend (per worker): a batch of decisions is one short round trip, so a
+# few are in flight at a time; past this many a batch waits for one (bounded by timeout_s).
 POOL_MAX_CONNECTIONS = 64
 
 # KEYS[1] the key. ARGV[1] emission_s, ARGV[2] tolerance_s (Python's repr: exact doubles),
@@ -80,6 +88,10 @@ return {1, old, at}
 # (TimeoutError, from asyncio.timeout, is one), and ValueError/TypeError/IndexError from a
 # reply that is not the script's.
 _FAILURES = (redis.exceptions.RedisError, OSError, ValueError, TypeError, IndexError)
+
+
+# A decision waiting for its batch: its answer, and the script's keys and arguments.
+_Waiting = tuple["asyncio.Future[Any]", tuple[bytes, ...]]
 
 
 class BackendState(enum.Enum):
@@ -133,6 +145,9 @@ class RedisBackend:
         self._script = GCRA_SCRIPT.encode()
         self._outage_started = 0.0  # monotonic
         self._outage_failures = 0
+        # Decisions asked for in this turn of the loop, sent together after it.
+        self._waiting: list[_Waiting] = []
+        self._sending: dict[asyncio.Task[None], list[_Waiting]] = {}  # batches on their way
         # emission/tolerance as sent: the middleware asks with the same pair every time.
         self._rate: tuple[float, float] = (-1.0, -1.0)
         self._rate_args: tuple[bytes, bytes] = (b"", b"")
@@ -177,8 +192,17 @@ class RedisBackend:
             log.debug("%r: script loaded (%s)", self, self._sha)
 
     async def close(self) -> None:
-        """Close the client and its connections; later decisions raise."""
+        """Close the client and its connections; later decisions raise, and so do those
+        whose batch is still on its way."""
         self.state = BackendState.CLOSED
+        sending = dict(self._sending)
+        for task in sending:
+            task.cancel()
+        await asyncio.gather(*sending, return_exceptions=True)
+        # A batch cancelled before its task first ran never saw the cancellation.
+        closed = RateLimitBackendError(f"{self!r} closed during the decision")
+        for batch in sending.values():
+            self._answer(batch, [closed] * len(batch))
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
@@ -204,28 +228,81 @@ class RedisBackend:
         if asyncio.current_task() is None:
             # Driven by hand outside a task (proxy/exchange/eager.py; a chain should not be, since
             # this awaits I/O and is no EAGER middleware, but then this still holds):
-            # asyncio.timeout needs a task, so yield a bare turn and resume inside one.
+            # the batch's task is made by a loop callback, so yield a bare turn and go on
+            # inside a task as every other decision does.
             await asyncio.sleep(0)
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Any] = loop.create_future()
+        self._waiting.append((answer, (full_key, *self._rate_args, now)))
+        if len(self._waiting) == 1:  # the first of this turn: send them all after it
+            loop.call_soon(self._send_waiting, client)
+        reply = await answer  # a reply, or what failed (never raised into the batch)
+        if isinstance(reply, BaseException):
+            raise self._failed(reply) from reply
         try:
-            async with asyncio.timeout(self.timeout_s):
-                reply = await self._run(client, full_key, *self._rate_args, now)
             tat, at = float(reply[1]), float(reply[2])
-        except _FAILURES as exc:
-            raise self._failed(exc) from exc
+        except (ValueError, TypeError, IndexError) as malformed:
+            raise self._failed(malformed) from malformed
         if self.state is BackendState.DOWN:
             self._recovered()
         decision, _ = gcra(tat, at, emission_s, tolerance_s)
         return decision
 
-    async def _run(self, client: redis.asyncio.Redis, *args: bytes) -> list[Any]:
-        if self._sha:
-            try:
-                return await client.evalsha(self._sha, 1, *args)  # type: ignore[no-any-return]
-            except redis.exceptions.NoScriptError:
-                # Redis restarted or its script cache was flushed: load it again.
-                log.debug("%r: NOSCRIPT, loading the script again", self)
-        self._sha = str(await client.script_load(self._script))
-        return await client.evalsha(self._sha, 1, *args)  # type: ignore[no-any-return]
+    def _send_waiting(self, client: redis.asyncio.Redis) -> None:
+        """Send the decisions waiting since the last call as one batch (in a task)."""
+        batch, self._waiting = self._waiting, []
+        if self.state is BackendState.CLOSED:  # closed in the meantime
+            self._answer(batch, [RateLimitBackendError(f"{self!r} is closed")] * len(batch))
+        elif batch:
+            task = asyncio.get_running_loop().create_task(self._send(client, batch))
+            self._sending[task] = batch
+            task.add_done_callback(self._sending.pop)
+
+    async def _send(self, client: redis.asyncio.Redis, batch: list[_Waiting]) -> None:
+        """Run `batch` and give each decision its reply; a failure of the whole batch
+        (timeout, connection) is every decision's answer. Answers are results, never
+        exceptions set on the futures: one exception raised by many awaiters would
+        collect all their tracebacks."""
+        calls = [call for _, call in batch]
+        replies: list[Any]
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                replies = await self._run(client, calls)
+        except _FAILURES as exc:
+            replies = [exc] * len(batch)
+        # (Cancelled: `close` answers the batch.)
+        self._answer(batch, replies)
+
+    @staticmethod
+    def _answer(batch: list[_Waiting], replies: list[Any]) -> None:
+        for (answer, _), reply in zip(batch, replies, strict=True):
+            if not answer.done():  # a decision whose request went away is cancelled
+                answer.set_result(reply)
+
+    async def _run(self, client: redis.asyncio.Redis, calls: list[tuple[bytes, ...]]) -> list[Any]:
+        """The script's replies to `calls`, in order (an error reply in its place)."""
+        if not self._sha:
+            self._sha = str(await client.script_load(self._script))
+        replies = await self._pipeline(client, calls)
+        again = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if again:
+            # Redis restarted or its script cache was flushed: load it again, and repeat
+            # the calls that met the empty cache (the others ran).
+            log.debug("%r: NOSCRIPT, loading the script again", self)
+            self._sha = str(await client.script_load(self._script))
+            repeated = await self._pipeline(client, [calls[i] for i in again])
+            for index, reply in zip(again, repeated, strict=True):
+                replies[index] = reply
+        return replies
+
+    async def _pipeline(
+        self, client: redis.asyncio.Redis, calls: list[tuple[bytes, ...]]
+    ) -> list[Any]:
+        pipe = client.pipeline(transaction=False)
+        for call in calls:
+            pipe.evalsha(self._sha, 1, *call)  # type: ignore[unused-awaitable]  # queued: the pipeline returns itself
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
 
     def _failed(self, exc: BaseException) -> RateLimitBackendError:
         if isinstance(exc, TimeoutError) and not str(exc):

@@ -218,6 +218,74 @@ async def test_concurrent_decisions_are_atomic(
     assert sum(d.allowed for d in results) == 10
 
 
+# ------------------------------------------------------------------------- pipelining
+
+
+async def test_decisions_of_one_turn_go_out_as_one_batch_on_one_connection(
+    redis_server: RedisServer, inspector: redis.asyncio.Redis, backends: list[RedisBackend]
+) -> None:
+    """16 decisions asked for in one turn of the loop are one pipeline: one connection
+    (one call each would have taken up to 16), and each gets its own script's answer."""
+    clock = Clock()
+    backend = await started(backends, redis_server.url, clock)
+    results = await asyncio.gather(*(backend.decide(f"k{i % 4}", 6.0, 54.0) for i in range(16)))
+    assert [d.remaining for d in results] == [9] * 4 + [8] * 4 + [7] * 4 + [6] * 4
+    clients = await inspector.client_list()
+    assert len(clients) == 2  # the inspector and the backend's one connection
+
+
+async def test_a_batch_meeting_an_empty_script_cache_repeats_its_calls_once(
+    redis_server: RedisServer, inspector: redis.asyncio.Redis, backends: list[RedisBackend]
+) -> None:
+    clock = Clock()
+    backend = await started(backends, redis_server.url, clock)
+    await backend.decide("k", 6.0, 54.0)
+    await inspector.script_flush()
+    results = await asyncio.gather(*(backend.decide("k", 6.0, 54.0) for _ in range(5)))
+    assert [d.remaining for d in results] == [8, 7, 6, 5, 4]  # each ran exactly once
+    assert state(backend) is BackendState.UP
+
+
+async def test_a_cancelled_decision_leaves_its_batch_answered(
+    redis_server: RedisServer, backends: list[RedisBackend]
+) -> None:
+    """The request of one decision goes away while its batch is out: the others still
+    get their answers, and the cancelled one's script still ran (it was sent)."""
+    clock = Clock()
+    backend = await started(backends, redis_server.url, clock)
+    tasks = [asyncio.create_task(backend.decide("k", 6.0, 54.0)) for _ in range(4)]
+    await asyncio.sleep(0)  # every task is waiting for its answer: the batch is queued
+    tasks[1].cancel()
+    done = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(done[1], asyncio.CancelledError)
+    assert [d.remaining for d in done if isinstance(d, Decision)] == [9, 7, 6]
+    assert (await backend.decide("k", 6.0, 54.0)).remaining == 5
+
+
+@pytest.mark.parametrize("turns", [0, 1, 2, 3, 10])
+async def test_close_fails_the_decisions_still_on_their_way(
+    turns: int, redis_server: RedisServer, backends: list[RedisBackend]
+) -> None:
+    """Closed after `turns` turns of the loop: the decisions not yet batched, a batch
+    whose task has not run yet, and a batch waiting for Redis all fail as closed.
+    (TIMEOUT_S: redis-py's clean-up of a cancelled call on a frozen Redis waits for up
+    to the timeout; the close comes within a few turns of the loop, long before it.)"""
+    backend = await started(backends, redis_server.url, timeout_s=TIMEOUT_S)
+    redis_server.freeze()  # no answer can come first
+    try:
+        pending = asyncio.gather(
+            *(backend.decide(f"k{i}", 6.0, 54.0) for i in range(3)), return_exceptions=True
+        )
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        await backend.close()
+        outcomes = await pending
+    finally:
+        redis_server.thaw()
+    assert all(isinstance(o, RateLimitBackendError) for o in outcomes), outcomes
+    assert all("closed" in str(o) for o in outcomes), outcomes
+
+
 # ---------------------------------------------------------------------------- expiry
 
 
