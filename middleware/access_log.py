@@ -281,30 +281,47 @@ class AccessLog:
         await self.writer.aclose()
 
     async def __call__(self, request: Request, call_next: Handler) -> Response:
-        start = perf_counter()
-        wall = time.time()
-        path = request.path
+        state = self.request_phase(request)
         try:
             response = await call_next(request)
         except ProxyError as exc:
-            response = error_reply(exc, request)
+            return self.error_phase(request, exc, state)
         except asyncio.CancelledError:
-            self._log(request, CLIENT_CLOSED_STATUS, 0, start, wall, path)
+            self.abort_phase(request, state, CLIENT_CLOSED_STATUS)
             raise
         except Exception:
-            self._log(request, 500, 0, start, wall, path)  # Runtime.handle answers 500
+            self.abort_phase(request, state, 500)  # Runtime.handle answers 500
             raise
+        return self.response_phase(request, response, state)
+
+    # Phases (proxy/plugin/base.py): the state is when the request entered, and its path.
+    def request_phase(self, request: Request) -> _Entered:
+        """Note when the request entered and its path as the client sent it."""
+        return _Entered(perf_counter(), time.time(), request.path)
+
+    def response_phase(self, request: Request, response: Response, state: object) -> Response:
+        """Log the exchange once its response body is done with (or now: an upgrade)."""
+        assert isinstance(state, _Entered)
         sample = self.sample
         if sample < 1.0 and response.status < 500 and random() >= sample:
             return response
         if response.upgrade is not None:
-            self._log(request, response.status, 0, start, wall, path)
+            self._log(request, response.status, 0, state.start, state.wall, state.path)
             return response
         body = response.body
-        done = partial(self._done, request, response, start, wall, path)
+        done = partial(self._done, request, response, state.start, state.wall, state.path)
         previous = body.on_done
         body.on_done = done if previous is None else partial(_both, previous, done)
         return response
+
+    def error_phase(self, request: Request, error: ProxyError, state: object) -> Response:
+        """An error from further in: logged as the reply it becomes."""
+        return self.response_phase(request, error_reply(error, request), state)
+
+    def abort_phase(self, request: Request, state: object, status: int) -> None:
+        """No response reached us: the client went away (499), or a bug (500)."""
+        assert isinstance(state, _Entered)
+        self._log(request, status, 0, state.start, state.wall, state.path)
 
     def _done(
         self, request: Request, response: Response, start: float, wall: float, path: str
@@ -413,6 +430,18 @@ class AccessLog:
         self._millis = millis
         self._millis_text = text
         return text
+
+
+class _Entered:
+    """When a request entered the access log (perf_counter and wall clock), and its path
+    as the client sent it (a later middleware may rewrite it)."""
+
+    __slots__ = ("path", "start", "wall")
+
+    def __init__(self, start: float, wall: float, path: str) -> None:
+        self.start = start
+        self.wall = wall
+        self.path = path
 
 
 def _both(first: Callable[[], None], second: Callable[[], None]) -> None:

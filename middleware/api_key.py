@@ -187,7 +187,9 @@ class ApiKey:
                 options.error("keys_file", f"{path}:{number}: {problem}")
 
     # -- per request ----------------------------------------------------------------------
-    async def __call__(self, request: Request, call_next: Handler) -> Response:
+    def request_phase(self, request: Request) -> None:
+        """Admit the request (or raise Unauthorized / Forbidden) and name its consumer
+        (proxy/plugin/base.py, "Phases")."""
         presented: list[bytes] = []
         if self.header:
             values = header_values(request, self.header)
@@ -213,6 +215,13 @@ class ApiKey:
             raise Forbidden("API key not valid")
         request.consumer = consumer
         set_consumer(request, self.consumer_header, consumer)
+
+    def response_phase(self, request: Request, response: Response, state: object) -> Response:
+        """Nothing to do on the way back."""
+        return response
+
+    async def __call__(self, request: Request, call_next: Handler) -> Response:
+        self.request_phase(request)
         return await call_next(request)
 
 

@@ -264,44 +264,72 @@ class RateLimit:
         await self.backend.close()
 
     async def __call__(self, request: Request, call_next: Handler) -> Response:
-        key = self._key_of(request)
         local = self._local
-        try:
-            if local is not None:  # no coroutine to make: it never waits
-                decision = local.decide_now(key, self.emission_s, self.tolerance_s)
+        if local is not None:  # no coroutine to make: it never waits
+            state = self.request_phase(request)
+        else:
+            try:
+                decision = await self.backend.decide(
+                    self._key_of(request), self.emission_s, self.tolerance_s
+                )
+            except RateLimitBackendError:
+                state = self._backend_failed(request)
             else:
-                decision = await self.backend.decide(key, self.emission_s, self.tolerance_s)
+                state = self._decided(request, decision)
+        if isinstance(state, Response):
+            return state
+        response = await call_next(request)
+        return self.response_phase(request, response, state)
+
+    # Phases (proxy/plugin/base.py), with the local backend: the state is the Decision
+    # (None: the backend failed and `allow` let the request through without headers).
+    def request_phase(self, request: Request) -> Decision | Response | None:
+        """Decide (local backend only: a Redis decision is awaited in `__call__`)."""
+        local = self._local
+        assert local is not None, "phases run with the local backend only (EAGER)"
+        try:
+            decision = local.decide_now(self._key_of(request), self.emission_s, self.tolerance_s)
         except RateLimitBackendError:
-            self._count_backend_error()
-            if self.on_backend_error == "deny":
-                # Answered here rather than raised: the backend logged the outage once.
-                # The reason (a Redis address) stays in the log, not in the reply.
-                return local_reply(RateLimitUnavailable(), request)
-            return await call_next(request)
+            return self._backend_failed(request)
+        return self._decided(request, decision)
+
+    def _backend_failed(self, request: Request) -> Response | None:
+        self._count_backend_error()
+        if self.on_backend_error == "deny":
+            # Answered here rather than raised: the backend logged the outage once.
+            # The reason (a Redis address) stays in the log, not in the reply.
+            return local_reply(RateLimitUnavailable(), request)
+        return None
+
+    def _decided(self, request: Request, decision: Decision) -> Decision | Response:
         if not decision.allowed:
             self._count_limited()
             return self._limited(request, decision)
         self._count_allowed()
-        response = await call_next(request)
-        if self.headers:
-            remaining = str(decision.remaining)
-            reset = str(whole_seconds(decision.reset_after_s))
-            raw = response.raw_headers
-            if raw is not None:
-                # Still the upstream's bytes: ours replace any it sent and are added as
-                # bytes (digits: nothing to check), so no CIMultiDict is built and the
-                # response keeps the raw serializer.
-                response.raw_headers = [
-                    *[pair for pair in raw if len(pair[0]) not in (15, 19) or not _ours(pair)],
-                    self._raw_limit,
-                    (b"RateLimit-Remaining", remaining.encode()),
-                    (b"RateLimit-Reset", reset.encode()),
-                ]
-            else:
-                headers = response.headers
-                headers["RateLimit-Limit"] = self._limit_header
-                headers["RateLimit-Remaining"] = remaining
-                headers["RateLimit-Reset"] = reset
+        return decision
+
+    def response_phase(self, request: Request, response: Response, state: object) -> Response:
+        """The RateLimit-* headers of an allowed request's response."""
+        if not self.headers or not isinstance(state, Decision):
+            return response
+        remaining = str(state.remaining)
+        reset = str(whole_seconds(state.reset_after_s))
+        raw = response.raw_headers
+        if raw is not None:
+            # Still the upstream's bytes: ours replace any it sent and are added as
+            # bytes (digits: nothing to check), so no CIMultiDict is built and the
+            # response keeps the raw serializer.
+            response.raw_headers = [
+                *[pair for pair in raw if len(pair[0]) not in (15, 19) or not _ours(pair)],
+                self._raw_limit,
+                (b"RateLimit-Remaining", remaining.encode()),
+                (b"RateLimit-Reset", reset.encode()),
+            ]
+        else:
+            headers = response.headers
+            headers["RateLimit-Limit"] = self._limit_header
+            headers["RateLimit-Remaining"] = remaining
+            headers["RateLimit-Reset"] = reset
         return response
 
     def _limited(self, request: Request, decision: Decision) -> Response:

@@ -29,7 +29,9 @@ class RequestId:
         self.trust_incoming = options.boolean("trust_incoming", True)
         self.on_response = options.boolean("response", True)  # echo it to the client
 
-    async def __call__(self, request: Request, call_next: Handler) -> Response:
+    # Phases (proxy/plugin/base.py): what `__call__` does, as two plain calls.
+    def request_phase(self, request: Request) -> str:
+        """Give the request its id; the id is the phase's state."""
         incoming = request.header(self.header) if self.trust_incoming else None
         if incoming and _SANE_ID.fullmatch(incoming):
             request_id = incoming
@@ -37,7 +39,15 @@ class RequestId:
             request_id = new_request_id()
             request.set_header(self.header, request_id)  # replaces a missing or unsafe one
         request.request_id = request_id
-        response = await call_next(request)
+        return request_id
+
+    def response_phase(self, request: Request, response: Response, state: object) -> Response:
+        """Echo the id to the client."""
         if self.on_response:
-            response.set_header(self.header, request_id)
+            response.set_header(self.header, str(state))
         return response
+
+    async def __call__(self, request: Request, call_next: Handler) -> Response:
+        request_id = self.request_phase(request)
+        response = await call_next(request)
+        return self.response_phase(request, response, request_id)

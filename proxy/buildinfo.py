@@ -60,6 +60,7 @@ COMPILED = (
     "proxy.exchange.routing",
     "proxy.exchange.forward",
     "proxy.exchange.eager",
+    "proxy.exchange.phased",
     "proxy.exchange.retry",
     "proxy.exchange.circuit",
     "proxy.upstream.h1",

@@ -9,10 +9,11 @@ requests it takes (bench/README.md):
       fast                               eager                            task
       bodiless, no middleware, an idle   bodiless, every middleware       anything else
       HTTP/1.1 connection: sent from     EAGER (awaits only call_next):   (bodies, upgrades,
-      the front end's data_received,     EagerRun drives the chain by     middleware that
-      answered from the upstream's       hand; its end takes the fast     wait): a Run the
-      callback                           path when it can                 front end awaits
-      -> reply(response)                 -> reply(response)               in its task
+      the front end's data_received,     as one function when each        middleware that
+      answered from the upstream's       offers phases (PhasedRun),       wait): a Run the
+      callback                           else EagerRun drives the chain   front end awaits
+                                         by hand; its end takes the fast  in its task
+      -> reply(response)                 path when it can -> reply(...)
 
 `start` owns every fallback, so a front end only ever sees a response: a fast start
 whose pooled connection turns out closed (the keep-alive race) is retried by the
@@ -98,6 +99,9 @@ class Dispatcher:
             if route.handler is forwarder:
                 if forwarder.try_start(request, exchange, partial(_reply, request, reply)):
                     return None
+            elif route.phased is not None:
+                route.phased.start(request, exchange, reply)
+                return None
             elif route.eager:
                 EagerRun(request, exchange, run_chain(route.handler, request), reply).start()
                 return None

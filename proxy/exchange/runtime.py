@@ -8,6 +8,7 @@ started with.
 
 from __future__ import annotations
 
+from metrics.definitions import MIDDLEWARE_SECONDS
 from middleware.chain import build_chain, close_all, start_all
 from proxy.config.model import Config, MiddlewareSpec, RouteConfig
 from proxy.core.canonical import spelling
@@ -17,6 +18,7 @@ from proxy.core.models import Request, Response
 from proxy.exchange.dispatch import Dispatcher, Handler
 from proxy.exchange.eager import ChainEnd
 from proxy.exchange.forward import Forwarder
+from proxy.exchange.phased import PhasedChain, PhasedLink, offers_phases
 from proxy.exchange.routing import RouteTable
 from proxy.upstream.balancer import Upstream
 
@@ -32,6 +34,7 @@ class RouteRuntime:
         "handler",
         "identity_fields",
         "name",
+        "phased",
         "websocket",
     )
 
@@ -47,6 +50,14 @@ class RouteRuntime:
         self.handler: Handler = build_chain(chain, ChainEnd(forwarder)) if chain else forwarder
         # Run without a task when every middleware only ever awaits call_next (eager.py).
         self.eager = all(getattr(spec.instance, "EAGER", False) for spec in chain)
+        # And as one function when every one offers phases too (phased.py).
+        self.phased: PhasedChain | None = None
+        if chain and all(offers_phases(spec.instance) for spec in chain):
+            links = [
+                PhasedLink(spec.instance, MIDDLEWARE_SECONDS.labels(spec.name).observe)
+                for spec in chain
+            ]
+            self.phased = PhasedChain(links, forwarder)
         self.websocket = config.websocket
         # The fields the chain sets for the upstream to believe: a client's copies, in any
         # spelling, are removed before the chain runs (middleware/base.py).

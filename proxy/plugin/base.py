@@ -27,6 +27,20 @@ Optional `EAGER = True` (a class or instance attribute) promises that the middle
 awaits nothing but `call_next`: a chain made only of such middleware runs without a task
 (proxy/exchange/eager.py), which is most of what a chain costs. Do not set it on a middleware that
 awaits I/O, a lock or a thread.
+
+Phases. An EAGER middleware may also offer its work as plain calls, and a chain made only
+of such middleware then runs as one function, without a coroutine per link
+(proxy/exchange/phased.py). `__call__` must do exactly what the phases do (the built-in
+middleware write `__call__` with them):
+
+- `request_phase(request) -> state`: the work before `call_next`. The state (anything)
+  is handed back to the other phases; a `Response` is the answer, and the request goes no
+  further. A ProxyError it raises is answered as it would be from `__call__`.
+- `response_phase(request, response, state) -> Response`: the work after `call_next`.
+- `error_phase(request, error, state) -> Response`, optional: `call_next` raised the
+  ProxyError `error` and the middleware answers it (without it, the error passes on).
+- `abort_phase(request, state, status)`, optional: no response will come (the client
+  went away: 499; a bug further in: 500).
 """
 
 from __future__ import annotations

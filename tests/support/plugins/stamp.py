@@ -27,7 +27,7 @@ class Refused(ProxyError):
 class Stamp:
     """Adds `header: value` upstream and on the response; refuses `refuse_header`."""
 
-    OPTIONS = ("header", "value", "refuse_header", "explode", "fail_start")
+    OPTIONS: tuple[str, ...] = ("header", "value", "refuse_header", "explode", "fail_start")
     REQUIRED = ("value",)
 
     def __init__(self, options: Options) -> None:
@@ -78,3 +78,48 @@ class Misdeclared:
 
     def __init__(self, options: Options) -> None:  # pragma: no cover - never reached
         pass
+
+
+class Answered(ProxyError):
+    """An error a PhasedStamp's error phase answered."""
+
+
+class PhasedStamp(EagerStamp):
+    """The same as EagerStamp, offering its work as phases too (proxy/exchange/phased.py),
+    and recording each: `request:NAME`, `response:NAME`, `error:NAME:STATUS`,
+    `abort:NAME:STATUS`. `X-Answer-At: NAME` makes its request phase answer 203 itself,
+    `X-Bug-At: NAME` makes it raise what is no ProxyError; with `answer_errors: true` its
+    error phase turns an error from further in into a 299 carrying the error's reason."""
+
+    OPTIONS = (*Stamp.OPTIONS, "answer_errors")
+
+    def __init__(self, options: Options) -> None:
+        super().__init__(options)
+        self.answer_errors = options.boolean("answer_errors", False)
+        if not self.answer_errors:
+            self.error_phase = None  # type: ignore[assignment]  # then errors pass on
+
+    def request_phase(self, request: Request) -> object:
+        EVENTS.append(f"request:{self.name}")
+        if request.header("X-Bug-At") == self.name:
+            raise RuntimeError(f"{self.name} has a bug")
+        if request.header("X-Answer-At") == self.name:
+            return Response(203, [(b"X-Answered-By", self.name.encode())])
+        if self.refuse_header and request.header(self.refuse_header) is not None:
+            raise Refused(f"{self.refuse_header} is not welcome")
+        stamps = request.header(self.header)
+        request.set_header(self.header, f"{stamps},{self.value}" if stamps else self.value)
+        return self.value
+
+    def response_phase(self, request: Request, response: Response, state: object) -> Response:
+        EVENTS.append(f"response:{self.name}")
+        response.add_header(self.header, str(state))
+        return response
+
+    def error_phase(self, request: Request, error: ProxyError, state: object) -> Response:
+        EVENTS.append(f"error:{self.name}:{error.status}")
+        answer = Response(299, [(b"X-Error", error.reason.encode())])
+        return self.response_phase(request, answer, state)
+
+    def abort_phase(self, request: Request, state: object, status: int) -> None:
+        EVENTS.append(f"abort:{self.name}:{status}")
