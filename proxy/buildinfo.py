@@ -66,6 +66,7 @@ COMPILED = (
     "proxy.upstream.h1",
     "proxy.upstream.pool",
     "proxy.upstream.balancer",
+    "proxy.upstream.policies",
     "proxy.upstream.h2.connection",
     "proxy.upstream.h2.pool",
     "proxy.upstream.h2.stream",

@@ -69,12 +69,19 @@ _PATH_EXACT, _PATH_REGEX, _PATH_PREFIX, _PATH_ANY = 0, 1, 2, 3
 _NO_VALUES: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
 class RouteMatch:
-    """The route chosen for a request, with the named groups of its `path_regex`."""
+    """The route chosen for a request, with the named groups of its `path_regex`. (A plain
+    class: one is made per request, and a dataclass's __init__ stays interpreted in the
+    compiled build.)"""
 
-    route: RouteConfig
-    params: dict[str, str]  # named groups of path_regex that took part; empty otherwise
+    __slots__ = ("params", "route")
+
+    def __init__(self, route: RouteConfig, params: dict[str, str]) -> None:
+        self.route = route
+        self.params = params  # named groups of path_regex that took part; empty otherwise
+
+    def __repr__(self) -> str:
+        return f"RouteMatch(route={self.route.name!r}, params={self.params!r})"
 
 
 def normalize_host(host: str) -> str:
