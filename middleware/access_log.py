@@ -239,6 +239,7 @@ class AccessLog:
 
     OPTIONS: ClassVar[tuple[str, ...]] = ("fields", "sample", "output", "queue_size")
     EAGER: ClassVar[bool] = True  # awaits nothing but call_next (proxy/exchange/eager.py)
+    PHASES: ClassVar[bool] = True  # request_phase, response_phase (proxy/exchange/phased.py)
 
     def __init__(self, options: Options) -> None:
         fields = options.strings("fields", DEFAULT_FIELDS)

@@ -91,6 +91,7 @@ class ApiKey:
     # It awaits nothing but `call_next`, so its chain may run without a task (see the
     # EAGER protocol of proxy/exchange/eager.py).
     EAGER: ClassVar[bool] = True
+    PHASES: ClassVar[bool] = True  # request_phase, response_phase (proxy/exchange/phased.py)
 
     def __init__(self, options: Options) -> None:
         self.name = options.name

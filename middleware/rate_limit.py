@@ -24,7 +24,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from hashlib import blake2b
-from typing import ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from metrics.definitions import RATE_LIMIT_DECISIONS, RATE_LIMIT_EVICTIONS
 from middleware.rate_limit_core import Decision, RateLimitBackendError, whole_seconds
@@ -38,12 +38,16 @@ from proxy import (
     ConfigValueError,
     Handler,
     Options,
+    Pending,
     RateLimited,
     RateLimitUnavailable,
     Request,
     Response,
     local_reply,
 )
+
+if TYPE_CHECKING:
+    from middleware.rate_limit_redis import RedisBackend  # imported only when configured
 
 DEFAULT_REDIS_TIMEOUT_S = 0.05
 REDIS_KEY_PREFIX = "gatehouse:rate_limit:"  # + instance name + ":" + key
@@ -178,6 +182,8 @@ class RateLimit:
     # With the local backend it awaits nothing but call_next (its decision is a
     # microseconds-long synchronous section), so its chain may run without a task.
     EAGER = False  # an instance attribute: use_backend sets it
+    # Phases with either backend: a Redis decision is a Pending (proxy/exchange/phased.py).
+    PHASES: ClassVar[bool] = True
 
     def __init__(self, options: Options) -> None:
         self.name = options.name
@@ -198,6 +204,7 @@ class RateLimit:
         self._count_backend_error = RATE_LIMIT_DECISIONS.labels(self.name, "backend_error").inc
         self.backend: Backend
         self._local: LocalBackend | None = None
+        self._redis: RedisBackend | None = None  # the redis backend, when it is the one
         if self.backend_name == "redis":
             self.backend = self._redis_backend(options)
             if "max_keys" in options:
@@ -242,7 +249,8 @@ class RateLimit:
             options.error("backend", f"the redis backend cannot be loaded: {exc}")
             return _Unconfigured()
         try:
-            return RedisBackend(url, timeout_s, f"{REDIS_KEY_PREFIX}{self.name}:")
+            self._redis = RedisBackend(url, timeout_s, f"{REDIS_KEY_PREFIX}{self.name}:")
+            return self._redis
         except ValueError as error:  # not `exc`: mypyc gives one name one type
             redis.error("url", f"invalid Redis URL: {error}")
             return _Unconfigured()
@@ -281,14 +289,34 @@ class RateLimit:
         response = await call_next(request)
         return self.response_phase(request, response, state)
 
-    # Phases (proxy/plugin/base.py), with the local backend: the state is the Decision
-    # (None: the backend failed and `allow` let the request through without headers).
-    def request_phase(self, request: Request) -> Decision | Response | None:
-        """Decide (local backend only: a Redis decision is awaited in `__call__`)."""
+    # Phases (proxy/plugin/base.py): the state is the Decision (None: the backend failed
+    # and `allow` let the request through without headers).
+    def request_phase(self, request: Request) -> Decision | Response | Pending | None:
+        """Decide: at once with the local backend, as a Pending with Redis (the decision
+        joins the batch of its loop turn: rate_limit_redis.py)."""
+        key = self._key_of(request)
         local = self._local
-        assert local is not None, "phases run with the local backend only (EAGER)"
+        if local is None:
+            redis = self._redis
+            if redis is None:  # no backend: the config failed (never served)
+                return self._backend_failed(request)
+            try:
+                future = redis.submit(key, self.emission_s, self.tolerance_s)
+            except RateLimitBackendError:  # closed
+                return self._backend_failed(request)
+            return Pending(future, self._answered)
         try:
-            decision = local.decide_now(self._key_of(request), self.emission_s, self.tolerance_s)
+            decision = local.decide_now(key, self.emission_s, self.tolerance_s)
+        except RateLimitBackendError:
+            return self._backend_failed(request)
+        return self._decided(request, decision)
+
+    def _answered(self, request: Request, reply: object) -> Decision | Response | None:
+        """The outcome of a Redis decision's reply (Pending.then)."""
+        redis = self._redis
+        assert redis is not None
+        try:
+            decision = redis.finish(reply, self.emission_s, self.tolerance_s)
         except RateLimitBackendError:
             return self._backend_failed(request)
         return self._decided(request, decision)

@@ -214,6 +214,21 @@ class RedisBackend:
             RateLimitBackendError: Redis failed, was unreachable or slower than `timeout_s`,
                 or the backend is closed. Any other exception is a bug.
         """
+        if asyncio.current_task() is None:
+            # Driven by hand outside a task (proxy/exchange/eager.py; a chain should not be, since
+            # this awaits I/O and is no EAGER middleware, but then this still holds):
+            # yield a bare turn and go on inside a task as every other decision does.
+            await asyncio.sleep(0)
+        reply = await self.submit(key, emission_s, tolerance_s)
+        return self.finish(reply, emission_s, tolerance_s)
+
+    def submit(self, key: str, emission_s: float, tolerance_s: float) -> asyncio.Future[Any]:
+        """Queue a decision for `key` in this loop turn's batch; the future's result is its
+        reply, or what failed (`finish` reads either). Needs a running loop, not a task.
+
+        Raises:
+            RateLimitBackendError: the backend is closed.
+        """
         client = self._client
         if client is None:
             if self.state is BackendState.CLOSED:
@@ -225,18 +240,19 @@ class RedisBackend:
             self._rate_args = (repr(emission_s).encode(), repr(tolerance_s).encode())
         now = b"" if self._now is None else repr(self._now()).encode()
         full_key = (self.key_prefix + key).encode("utf-8", "surrogatepass")
-        if asyncio.current_task() is None:
-            # Driven by hand outside a task (proxy/exchange/eager.py; a chain should not be, since
-            # this awaits I/O and is no EAGER middleware, but then this still holds):
-            # the batch's task is made by a loop callback, so yield a bare turn and go on
-            # inside a task as every other decision does.
-            await asyncio.sleep(0)
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[Any] = loop.create_future()
         self._waiting.append((answer, (full_key, *self._rate_args, now)))
         if len(self._waiting) == 1:  # the first of this turn: send them all after it
             loop.call_soon(self._send_waiting, client)
-        reply = await answer  # a reply, or what failed (never raised into the batch)
+        return answer
+
+    def finish(self, reply: Any, emission_s: float, tolerance_s: float) -> Decision:
+        """The Decision of a submitted decision's reply.
+
+        Raises:
+            RateLimitBackendError: the reply is a failure (logged once per outage).
+        """
         if isinstance(reply, BaseException):
             raise self._failed(reply) from reply
         try:

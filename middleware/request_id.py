@@ -23,6 +23,7 @@ class RequestId:
 
     OPTIONS: ClassVar[tuple[str, ...]] = ("header", "trust_incoming", "response")
     EAGER: ClassVar[bool] = True  # awaits nothing but call_next (proxy/exchange/eager.py)
+    PHASES: ClassVar[bool] = True  # request_phase, response_phase (proxy/exchange/phased.py)
 
     def __init__(self, options: Options) -> None:
         self.header = options.string("header", "X-Request-ID")

@@ -50,7 +50,7 @@ select_build()
 # re-export; tests/proxy/test_plugin_surface.py keeps the two equal).
 _SOURCES = {
     "proxy.core.models": ("Body", "Request", "Response"),
-    "proxy.plugin.base": ("Handler", "Middleware", "MiddlewareFactory"),
+    "proxy.plugin.base": ("Handler", "Middleware", "MiddlewareFactory", "Pending"),
     "proxy.plugin.options": ("Options",),
     "proxy.config.values": ("ConfigValueError", "ca_bundle_problem"),
     "proxy.config.reader": ("NodeReader", "Reported", "did_you_mean", "join_path"),
@@ -242,6 +242,9 @@ if TYPE_CHECKING:
     )
     from proxy.plugin.base import (
         MiddlewareFactory as MiddlewareFactory,
+    )
+    from proxy.plugin.base import (
+        Pending as Pending,
     )
     from proxy.plugin.options import (
         Options as Options,

@@ -3,13 +3,15 @@
 A middleware may offer its work as synchronous phases besides its `__call__`
 (proxy/plugin/base.py, "Phases"):
 
-    request_phase(request) -> state         before forwarding; a Response is the answer
+    request_phase(request) -> state         before forwarding; a Response is the answer,
+                                            a Pending a wait (the chain resumes from
+                                            its future's callback)
     response_phase(request, response, state) -> Response
     error_phase(request, error, state) -> Response     optional: it answers a ProxyError
     abort_phase(request, state, status) -> None        optional: no response reaches it
                                                        (499 client gone, 500 a bug)
 
-When every middleware of a route offers them (and is EAGER), a bodiless request runs the
+When every middleware of a route offers them (`PHASES`), a bodiless request runs the
 whole chain as one loop (`PhasedRun`): the request phases in order, the request sent on
 the fast path (`Forwarder.try_start`) or, with no idle connection, by the forwarder in a
 task, then the response phases in reverse order from the upstream connection's callback.
@@ -41,6 +43,7 @@ from proxy.core.errors import InternalError, ProxyError
 from proxy.core.exchange import Exchange
 from proxy.core.local_reply import local_reply
 from proxy.core.models import Request, Response
+from proxy.plugin.base import Pending
 
 if TYPE_CHECKING:
     from proxy.exchange.forward import Forwarder
@@ -53,10 +56,10 @@ BUG_STATUS = 500
 
 
 def offers_phases(middleware: object) -> bool:
-    """Whether `middleware` can run in a PhasedChain: it offers both phases and is EAGER
-    (rate_limit with the redis backend has phases it cannot use: it is not EAGER)."""
+    """Whether `middleware` can run in a PhasedChain: it says so (`PHASES`) and has both
+    phases."""
     return (
-        bool(getattr(middleware, "EAGER", False))
+        bool(getattr(middleware, "PHASES", False))
         and hasattr(middleware, "request_phase")
         and hasattr(middleware, "response_phase")
     )
@@ -107,6 +110,7 @@ class PhasedRun:
         "_spent",
         "_states",
         "_task",
+        "_waiting",
         "finished",
     )
 
@@ -121,32 +125,70 @@ class PhasedRun:
         self._spent: list[float] = []  # each one's time in its phases so far
         self._sent_at = 0.0
         self._task: asyncio.Task[Response] | None = None  # the forwarder, without fast path
+        self._waiting: Pending | None = None  # what a request phase waits for
         self.finished = False  # answered or cancelled: nothing more will happen
 
     def begin(self) -> None:
+        self._enter(0)
+
+    def _enter(self, first: int) -> None:
+        """The request phases from link `first` on, then the forwarding."""
         request = self._request
-        states = self._states
-        spent = self._spent
-        for link in self._chain.links:
+        links = self._chain.links
+        for index in range(first, len(links)):
+            link = links[index]
             started = perf_counter()
             try:
                 state = link.request_phase(request)
             except ProxyError as error:
                 link.observe(perf_counter() - started)  # it ran: it counts
-                self._unwind(len(states) - 1, error)
+                self._unwind(index - 1, error)
                 return
             except Exception:
                 link.observe(perf_counter() - started)
-                self._bug(len(states) - 1)
+                self._bug(index - 1)
                 return
-            states.append(state)
-            spent.append(perf_counter() - started)
-            if isinstance(state, Response):  # it answered: the later ones never run
-                states.pop()
-                link.observe(spent.pop())
-                self._leave(len(states) - 1, state)
+            if isinstance(state, Pending):  # resumed by _resumed
+                self._waiting = state
+                self._spent.append(started)  # (a start until it resumes)
+                self._exchange.eager = self  # a client going away cancels the wait
+                state.future.add_done_callback(self._resumed)
+                return
+            if not self._entered(index, state, perf_counter() - started):
                 return
         self._forward()
+
+    def _entered(self, index: int, state: object, spent: float) -> bool:
+        """Keep link `index`'s state; False when it answered (the answer is on its way)."""
+        if isinstance(state, Response):  # it answered: the later ones never run
+            self._chain.links[index].observe(spent)
+            self._leave(index - 1, state)
+            return False
+        self._states.append(state)
+        self._spent.append(spent)
+        return True
+
+    def _resumed(self, future: asyncio.Future[Any]) -> None:
+        pending = self._waiting
+        if self.finished or pending is None or future.cancelled():
+            return  # the client went away: cancel() has aborted the chain
+        self._waiting = None
+        self._exchange.eager = None
+        index = len(self._states)
+        link = self._chain.links[index]
+        started = self._spent.pop()
+        try:
+            state = pending.then(self._request, future.result())
+        except ProxyError as error:
+            link.observe(perf_counter() - started)
+            self._unwind(index - 1, error)
+            return
+        except Exception:
+            link.observe(perf_counter() - started)
+            self._bug(index - 1)
+            return
+        if self._entered(index, state, perf_counter() - started):
+            self._enter(index + 1)
 
     def _forward(self) -> None:
         exchange = self._exchange
@@ -272,6 +314,11 @@ class PhasedRun:
         self._exchange.eager = None
         if self._task is not None:
             self._task.cancel()
+        waiting = self._waiting
+        if waiting is not None:  # a request phase's wait: it hears nothing, as a
+            self._waiting = None  # coroutine cancelled in its await would not
+            waiting.future.cancel()
+            self._chain.links[len(self._states)].observe(perf_counter() - self._spent.pop())
         self._abort(len(self._states) - 1, CLIENT_CLOSED_STATUS)
 
     def _finish(self, response: Response) -> None:

@@ -23,19 +23,26 @@ gateway removes every spelling of them that the client sent (any case, `_` for `
 before the chain runs, so that whether or not the middleware sets one, the upstream never
 sees a client's copy (proxy/core/canonical.py `without_spellings`).
 
+`PHASES = True` (a class or instance attribute) says that the phases below may be used.
+
 Optional `EAGER = True` (a class or instance attribute) promises that the middleware
 awaits nothing but `call_next`: a chain made only of such middleware runs without a task
 (proxy/exchange/eager.py), which is most of what a chain costs. Do not set it on a middleware that
 awaits I/O, a lock or a thread.
 
-Phases. An EAGER middleware may also offer its work as plain calls, and a chain made only
-of such middleware then runs as one function, without a coroutine per link
+Phases. A middleware may also offer its work as plain calls (and say so with `PHASES`),
+and a bodiless request on a chain made only of such middleware runs as one function,
+without a coroutine per link or a task
 (proxy/exchange/phased.py). `__call__` must do exactly what the phases do (the built-in
 middleware write `__call__` with them):
 
 - `request_phase(request) -> state`: the work before `call_next`. The state (anything)
   is handed back to the other phases; a `Response` is the answer, and the request goes no
-  further. A ProxyError it raises is answered as it would be from `__call__`.
+  further. A ProxyError it raises is answered as it would be from `__call__`. A phase
+  that must wait for something (a Redis answer) returns `Pending(future, then)`: the
+  chain goes on when the future is done, with `then(request, result)` as the phase's
+  outcome (a state, a Response, or a raised ProxyError). The future is cancelled if the
+  client goes away meanwhile.
 - `response_phase(request, response, state) -> Response`: the work after `call_next`.
 - `error_phase(request, error, state) -> Response`, optional: `call_next` raised the
   ProxyError `error` and the middleware answers it (without it, the error passes on).
@@ -45,6 +52,7 @@ middleware write `__call__` with them):
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -59,6 +67,18 @@ class Middleware(Protocol):
     """One link of a route's chain."""
 
     async def __call__(self, request: Request, call_next: Handler) -> Response: ...
+
+
+class Pending:
+    """What a request phase returns when it has to wait (see "Phases" above): `future`,
+    and `then(request, result)`, which makes the phase's outcome from the future's
+    result once it is done."""
+
+    __slots__ = ("future", "then")
+
+    def __init__(self, future: asyncio.Future[Any], then: Callable[[Request, Any], object]) -> None:
+        self.future = future
+        self.then = then
 
 
 class MiddlewareFactory(Protocol):

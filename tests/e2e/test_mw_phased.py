@@ -1,12 +1,15 @@
 """The built-in middleware offer phases (proxy/exchange/phased.py): a route whose chain
-is access_log, request_id, api_key and a local rate_limit runs as one function. The same
+is access_log, request_id, api_key and a rate_limit (local, or in Redis: a waiting phase)
+runs as one function. The same
 chain with one more middleware that has no phases runs through coroutines. Both routes of
 one gateway must answer every request alike (status, headers, body) and send the same
 request upstream, and log the same access-log fields."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from pathlib import Path
 
 import httpx
 import pytest
@@ -14,6 +17,7 @@ import pytest
 from proxy.exchange.runtime import Runtime
 from tests.support.gateway import GatewayFactory, base_url
 from tests.support.helpers import eventually
+from tests.support.redis_server import running_redis
 from tests.support.upstreams import UpstreamServer
 
 pytestmark = pytest.mark.socket
@@ -24,9 +28,11 @@ ROUNDS = 3  # the third request of a key is over its rate limit on either route
 VOLATILE = {"date", "x-request-id", "ratelimit-reset", "content-length"}
 
 
-def config(upstream: UpstreamServer) -> str:
+def config(upstream: UpstreamServer, redis_url: str | None = None) -> str:
     # One limiter per route, alike: each route's requests spend their own budget. The
     # coroutine route has one more middleware, EAGER without phases (EagerRun drives it).
+    # With `redis_url`, the limiters decide in Redis: the phased route waits on a Pending.
+    backend = f"backend: redis, redis: {{url: '{redis_url}', timeout: 10s}}" if redis_url else ""
     return f"""
 listeners: [{{bind: 127.0.0.1:0}}]
 upstreams: {{app: {{endpoints: [{upstream.url}]}}}}
@@ -34,8 +40,8 @@ middleware:
   log: {{type: access_log, fields: [method, path, route, status, consumer]}}
   ids: {{type: request_id}}
   keys: {{type: api_key, query: api_key, keys: [{{key: k1, consumer: alice}}]}}
-  limit_p: {{type: rate_limit, rate: 3/min, burst: 1, key: consumer}}
-  limit_c: {{type: rate_limit, rate: 3/min, burst: 1, key: consumer}}
+  limit_p: {{type: rate_limit, rate: 3/min, burst: 1, key: consumer, {backend}}}
+  limit_c: {{type: rate_limit, rate: 3/min, burst: 1, key: consumer, {backend}}}
   stamp: {{type: "tests.support.plugins.stamp:EagerStamp", value: s, header: X-Stamp}}
 routes:
   - {{name: phased, match: {{path_prefix: /p/}}, upstream: app,
@@ -65,6 +71,7 @@ def comparable(response: httpx.Response) -> tuple[int, list[tuple[str, str]], by
     return response.status_code, headers, body
 
 
+@pytest.mark.parametrize("backend", ["local", "redis"])
 @pytest.mark.parametrize(
     "target",
     [
@@ -76,16 +83,30 @@ def comparable(response: httpx.Response) -> tuple[int, list[tuple[str, str]], by
     ],
 )
 async def test_the_phased_chain_answers_as_the_coroutine_chain_does(
+    backend: str,
     target: str,
     gateway_factory: GatewayFactory,
     h1_upstream: UpstreamServer,
     capfd: pytest.CaptureFixture[str],
+    tmp_path: Path,
 ) -> None:
-    server = await gateway_factory(config(h1_upstream))
+    with contextlib.ExitStack() as stack:
+        redis_url = stack.enter_context(running_redis(tmp_path)).url if backend == "redis" else None
+        await compare_routes(target, gateway_factory, h1_upstream, capfd, redis_url)
+
+
+async def compare_routes(
+    target: str,
+    gateway_factory: GatewayFactory,
+    h1_upstream: UpstreamServer,
+    capfd: pytest.CaptureFixture[str],
+    redis_url: str | None,
+) -> None:
+    server = await gateway_factory(config(h1_upstream, redis_url))
     runtime: Runtime = server.runtime
     assert runtime.routes["phased"].phased is not None
     assert runtime.routes["coroutines"].phased is None
-    assert runtime.routes["coroutines"].eager
+    assert runtime.routes["coroutines"].eager is (redis_url is None)
     statuses = []
     async with httpx.AsyncClient() as client:
         # The first round finds no idle upstream connection, the next ones do.

@@ -204,3 +204,67 @@ async def test_a_client_gone_while_the_forwarder_task_runs_cancels_it(
     assert stamp.EVENTS[-2:] == ["abort:inner:499", "abort:outer:499"]
     await asyncio.sleep(0.3)
     assert answers == []
+
+
+# -- a request phase that waits (Pending) ---------------------------------------------------
+
+
+async def test_a_waiting_phase_resumes_the_chain_from_its_future(
+    runtime_for: Callable[..., Runtime], h1_upstream: UpstreamServer
+) -> None:
+    runtime = runtime_for(h1_upstream)
+    await warm(runtime)
+    stamp.EVENTS.clear()
+    answers: Answers = []
+    request = bodiless(headers=[(b"X-Wait-At", b"inner")])
+    tasks = len(asyncio.all_tasks())
+    assert runtime.dispatcher.start(request, answers.append) is None
+    assert stamp.EVENTS == ["request:outer", "request:inner"]  # waiting, without a task
+    assert len(asyncio.all_tasks()) == tasks
+    stamp.WAITS["inner"].set_result("go")
+    await eventually(lambda: bool(answers), "the chain's answer")
+    assert (answers[0].status, stamps(answers[0])) == (200, ["inner", "outer"])
+    assert stamp.EVENTS == [
+        "request:outer",
+        "request:inner",
+        "resumed:inner:go",
+        "response:inner",
+        "response:outer",
+    ]
+    assert h1_upstream.requests[-1].header("X-Stamp") == "outer,inner"
+
+
+async def test_a_refusal_after_a_wait_passes_outwards(
+    runtime_for: Callable[..., Runtime], h1_upstream: UpstreamServer
+) -> None:
+    runtime = runtime_for(h1_upstream, outer_answers_errors=True)
+    stamp.EVENTS.clear()
+    answers: Answers = []
+    assert (
+        runtime.dispatcher.start(bodiless(headers=[(b"X-Wait-At", b"inner")]), answers.append)
+        is None
+    )
+    stamp.WAITS["inner"].set_result("refuse")
+    await eventually(lambda: bool(answers), "the chain's answer")
+    assert (answers[0].status, answers[0].header("X-Error")) == (299, "stamp_refused")
+    assert stamp.EVENTS[-2:] == ["error:outer:418", "response:outer"]
+    assert h1_upstream.requests == []
+
+
+async def test_a_client_gone_during_a_wait_cancels_it_and_aborts_the_ones_before(
+    runtime_for: Callable[..., Runtime], h1_upstream: UpstreamServer
+) -> None:
+    runtime = runtime_for(h1_upstream)
+    stamp.EVENTS.clear()
+    answers: Answers = []
+    request = bodiless(headers=[(b"X-Wait-At", b"inner")])
+    assert runtime.dispatcher.start(request, answers.append) is None
+    waited = stamp.WAITS["inner"]
+    request.exchange.cancel()
+    assert waited.cancelled()
+    # The waiting one hears nothing (as a coroutine cancelled in its await), the one
+    # before it hears 499; nothing resumes.
+    assert stamp.EVENTS == ["request:outer", "request:inner", "abort:outer:499"]
+    await asyncio.sleep(0.01)
+    assert answers == []
+    assert h1_upstream.requests == []

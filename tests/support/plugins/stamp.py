@@ -12,10 +12,12 @@ import asyncio
 
 from middleware.base import Handler
 from middleware.options import Options
+from proxy import Pending
 from proxy.core.errors import ProxyError
 from proxy.core.models import Request, Response
 
 EVENTS: list[str] = []  # "start:NAME" / "close:NAME" / "cancelled:NAME", in order
+WAITS: dict[str, asyncio.Future[str]] = {}  # what a PhasedStamp's request phase waits for
 
 
 class Refused(ProxyError):
@@ -87,11 +89,13 @@ class Answered(ProxyError):
 class PhasedStamp(EagerStamp):
     """The same as EagerStamp, offering its work as phases too (proxy/exchange/phased.py),
     and recording each: `request:NAME`, `response:NAME`, `error:NAME:STATUS`,
-    `abort:NAME:STATUS`. `X-Answer-At: NAME` makes its request phase answer 203 itself,
+    `abort:NAME:STATUS`. `X-Wait-At: NAME` makes its request phase wait for a future that
+    `WAITS[NAME]` holds (a test resolves it), `X-Answer-At: NAME` makes it answer 203 itself,
     `X-Bug-At: NAME` makes it raise what is no ProxyError; with `answer_errors: true` its
     error phase turns an error from further in into a 299 carrying the error's reason."""
 
     OPTIONS = (*Stamp.OPTIONS, "answer_errors")
+    PHASES = True
 
     def __init__(self, options: Options) -> None:
         super().__init__(options)
@@ -103,10 +107,22 @@ class PhasedStamp(EagerStamp):
         EVENTS.append(f"request:{self.name}")
         if request.header("X-Bug-At") == self.name:
             raise RuntimeError(f"{self.name} has a bug")
+        if request.header("X-Wait-At") == self.name:
+            waited: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+            WAITS[self.name] = waited
+            return Pending(waited, self._waited)
         if request.header("X-Answer-At") == self.name:
             return Response(203, [(b"X-Answered-By", self.name.encode())])
         if self.refuse_header and request.header(self.refuse_header) is not None:
             raise Refused(f"{self.refuse_header} is not welcome")
+        stamps = request.header(self.header)
+        request.set_header(self.header, f"{stamps},{self.value}" if stamps else self.value)
+        return self.value
+
+    def _waited(self, request: Request, result: str) -> object:
+        EVENTS.append(f"resumed:{self.name}:{result}")
+        if result == "refuse":
+            raise Refused("refused after waiting")
         stamps = request.header(self.header)
         request.set_header(self.header, f"{stamps},{self.value}" if stamps else self.value)
         return self.value
