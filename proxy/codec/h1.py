@@ -9,9 +9,11 @@ the other accepts too. Nothing here does I/O; serialization lives in `h1serializ
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import re
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 # The implementations live in h1_httptools.py and h1_h11.py.
 HTTPTOOLS_AVAILABLE = importlib.util.find_spec("httptools") is not None
@@ -265,21 +267,31 @@ def resolve_codec(name: str) -> str:
 
 def make_request_parser(codec: str, sink: H1Sink, max_head_bytes: int) -> RequestParser:
     """A server-side parser of the named codec ("httptools" or "h11")."""
-    if codec == "httptools":
-        from proxy.codec.h1_httptools import HttptoolsRequestParser
-
-        return HttptoolsRequestParser(sink, max_head_bytes)
-    from proxy.codec.h1_h11 import H11RequestParser
-
-    return H11RequestParser(sink, max_head_bytes)
+    request_parser: Callable[[H1Sink, int], RequestParser] = _parsers(codec)[0]
+    return request_parser(sink, max_head_bytes)
 
 
 def make_response_parser(codec: str, sink: H1Sink, max_head_bytes: int) -> ResponseParser:
     """A client-side parser of the named codec ("httptools" or "h11")."""
-    if codec == "httptools":
-        from proxy.codec.h1_httptools import HttptoolsResponseParser
+    response_parser: Callable[[H1Sink, int], ResponseParser] = _parsers(codec)[1]
+    return response_parser(sink, max_head_bytes)
 
-        return HttptoolsResponseParser(sink, max_head_bytes)
-    from proxy.codec.h1_h11 import H11ResponseParser
 
-    return H11ResponseParser(sink, max_head_bytes)
+# codec -> its (request parser, response parser) classes, imported on first use (the
+# adapters import this module; httptools may be missing). Kept here rather than looked
+# up in sys.modules on each call: a test harness that restores sys.modules (pytester)
+# must not take them away from a running gateway.
+_PARSERS: dict[str, tuple[Any, Any]] = {}
+
+
+def _parsers(codec: str) -> tuple[Any, Any]:
+    found = _PARSERS.get(codec)
+    if found is None:
+        if codec == "httptools":
+            module = importlib.import_module("proxy.codec.h1_httptools")
+            found = (module.HttptoolsRequestParser, module.HttptoolsResponseParser)
+        else:
+            module = importlib.import_module("proxy.codec.h1_h11")
+            found = (module.H11RequestParser, module.H11ResponseParser)
+        _PARSERS[codec] = found
+    return found
