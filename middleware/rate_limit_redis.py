@@ -286,7 +286,12 @@ class RedisBackend:
                 replies = await self._run(client, calls)
         except _FAILURES as exc:
             replies = [exc] * len(batch)
+        except Exception as bug:  # no Redis failure: a bug; the decisions still get answers
+            log.exception("%r: a batch of decisions failed", self)
+            replies = [bug] * len(batch)
         # (Cancelled: `close` answers the batch.)
+        if len(replies) != len(batch):  # never from Redis; but no decision may wait forever
+            replies = [ValueError(f"{len(replies)} replies to {len(batch)} calls")] * len(batch)
         self._answer(batch, replies)
 
     @staticmethod

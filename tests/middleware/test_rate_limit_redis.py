@@ -262,6 +262,25 @@ async def test_a_cancelled_decision_leaves_its_batch_answered(
     assert (await backend.decide("k", 6.0, 54.0)).remaining == 5
 
 
+async def test_a_bug_in_a_batch_fails_its_decisions_instead_of_leaving_them_waiting(
+    redis_server: RedisServer,
+    backends: list[RedisBackend],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    backend = await started(backends, redis_server.url)
+
+    async def broken(*args: object) -> list[Any]:
+        raise RuntimeError("a bug in the batch")
+
+    monkeypatch.setattr(backend, "_pipeline", broken)
+    outcomes = await asyncio.gather(
+        *(backend.decide(f"k{i}", 6.0, 54.0) for i in range(3)), return_exceptions=True
+    )
+    assert all(isinstance(o, RateLimitBackendError) for o in outcomes), outcomes
+    assert "a batch of decisions failed" in caplog.text
+
+
 @pytest.mark.parametrize("turns", [0, 1, 2, 3, 10])
 async def test_close_fails_the_decisions_still_on_their_way(
     turns: int, redis_server: RedisServer, backends: list[RedisBackend]
