@@ -113,7 +113,7 @@ async def run_chain(handler: Handler, request: Request) -> Response:
     try:
         return await handler(request)
     except ProxyError as exc:
-        return _failed(exc, request)
+        return failed_reply(exc, request)
     except Exception:
         log.exception("bug while handling %r", request)
         return local_reply(InternalError(), request)
@@ -129,11 +129,12 @@ def _reply(
     """The fast path's answer, from the upstream connection's callback."""
     if response is None:
         assert error is not None
-        response = _failed(error, request)
+        response = failed_reply(error, request)
     reply(response)
 
 
-def _failed(error: ProxyError, request: Request) -> Response:
+def failed_reply(error: ProxyError, request: Request) -> Response:
+    """The local reply to an exchange that failed with `error` (logged when it is a 5xx)."""
     if error.status >= 500:
         log.info(
             "%s %s -> %d %s: %s",

@@ -43,6 +43,7 @@ from proxy.core.errors import InternalError, ProxyError
 from proxy.core.exchange import Exchange
 from proxy.core.local_reply import local_reply
 from proxy.core.models import Request, Response
+from proxy.exchange.dispatch import failed_reply
 from proxy.plugin.base import Pending
 
 if TYPE_CHECKING:
@@ -273,16 +274,7 @@ class PhasedRun:
             link.observe(self._spent[index] + perf_counter() - started)
             self._leave(index - 1, response)
             return
-        if error.status >= 500:
-            log.info(
-                "%s %s -> %d %s: %s",
-                request.method,
-                request.path,
-                error.status,
-                error.reason,
-                error.message,
-            )
-        self._finish(local_reply(error, request))
+        self._finish(failed_reply(error, request))
 
     def _bug(self, depth: int, failed: int = -1, error: BaseException | None = None) -> None:
         """A middleware (at `failed`, if any) or the forwarder raised what is no

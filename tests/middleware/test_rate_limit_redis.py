@@ -277,6 +277,7 @@ async def test_a_bug_in_a_batch_fails_its_decisions_instead_of_leaving_them_wait
     outcomes = await asyncio.gather(
         *(backend.decide(f"k{i}", 6.0, 54.0) for i in range(3)), return_exceptions=True
     )
+    assert len(outcomes) == 3
     assert all(isinstance(o, RateLimitBackendError) for o in outcomes), outcomes
     assert "a batch of decisions failed" in caplog.text
 
@@ -301,6 +302,7 @@ async def test_close_fails_the_decisions_still_on_their_way(
         outcomes = await pending
     finally:
         redis_server.thaw()
+    assert len(outcomes) == 3
     assert all(isinstance(o, RateLimitBackendError) for o in outcomes), outcomes
     assert all("closed" in str(o) for o in outcomes), outcomes
 
