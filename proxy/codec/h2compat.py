@@ -19,6 +19,10 @@ Written against h2 4.4.1 and hpack 4.2.0 (pyproject allows h2 4.3 and hpack 4.1 
 - `set_header_list_cap`: `H2Connection.decoder.max_header_list_size`; the HPACK-bomb cap.
 - `half_closed_local`: `H2Connection.streams`, `H2Stream.state_machine`; the RFC 8441
   half-close.
+- `takes_whole_frames`, `open_stream_directly`: `H2Connection.incoming_buffer`,
+  `_begin_new_stream`, `highest_inbound_stream_id`, both state machines, h2's
+  `_decode_headers`; a request's HEADERS frame read without h2's generic receive path
+  (proxy/frontend/h2/protocol.py).
 - `charge_send_windows`, `account_whole_response`, `encode_fields`: `H2Connection.streams`,
   both state machines, the send windows, `H2Connection.encoder`; frames made without h2
   (proxy/frontend/h2/data.py).
@@ -47,8 +51,8 @@ from typing import Any
 import h2.config
 import h2.connection
 import h2.settings
-from h2.connection import ConnectionInputs, ConnectionState
-from h2.stream import H2Stream, StreamInputs, StreamState
+from h2.connection import AllowedStreamIDs, ConnectionInputs, ConnectionState, _decode_headers
+from h2.stream import H2Stream, StreamClosedBy, StreamInputs, StreamState
 from hpack import HeaderTuple, HPACKDecodingError, NeverIndexedHeaderTuple
 from hpack.hpack import Decoder, decode_integer
 from hpack.huffman_table import decode_huffman
@@ -115,6 +119,73 @@ def set_header_list_cap(conn: h2.connection.H2Connection, size: int) -> None:
 # -- streams ----------------------------------------------------------------------------
 
 
+def takes_whole_frames(conn: h2.connection.H2Connection) -> bool:
+    """True when a server connection's next input may be read frame by frame without h2:
+    the client's preface has been read, h2 holds no part of a frame, no header block
+    waits for its CONTINUATION frames, and the connection is idle or open (no GOAWAY
+    either way).
+
+    Then a whole frame may be handled by `open_stream_directly`, provided every frame
+    before it has gone to h2 (`receive_data`) first and every frame after it goes later:
+    h2 sees the rest of the input in order. h2 4.x keeps the preface still expected, the
+    partial frame and the open header block in its FrameBuffer (`incoming_buffer`:
+    `_preamble_len`, `_data`, `_headers_buffer`).
+    """
+    buffer = conn.incoming_buffer
+    return (
+        not buffer._preamble_len
+        and not buffer._data
+        and not buffer._headers_buffer
+        and conn.state_machine.state in _OPEN_TO_REQUESTS
+    )
+
+
+# A server connection is IDLE until its first request, then SERVER_OPEN (h2 4.x).
+_OPEN_TO_REQUESTS = frozenset({ConnectionState.IDLE, ConnectionState.SERVER_OPEN})
+
+
+def open_stream_directly(
+    conn: h2.connection.H2Connection, stream_id: int, block: bytes, end_stream: bool
+) -> list[tuple[bytes, bytes]] | None:
+    """Receive a HEADERS frame that opens a new stream as h2 would: its header block
+    (complete, END_HEADERS; neither padded nor with a priority) decoded by the
+    connection's HPACK decoder, the stream created and moved to open (half-closed
+    (remote) with `end_stream`). Returns the fields, which are what h2's RequestReceived
+    would carry under the front end's configuration (validation and normalisation off).
+
+    None, with nothing changed, when h2 might answer the frame otherwise: a stream id
+    that is not new or not odd (trailers, or a protocol error), or as many streams known
+    as h2's limit on open ones (h2 counts them, forgetting the closed ones as it does).
+    The caller hands such a frame to h2. Call only when `takes_whole_frames` holds.
+
+    Raises:
+        h2.exceptions.ProtocolError: the header block does not decode, or decodes past
+            the header list cap (DenialOfServiceError), as h2 raises it: a connection
+            error.
+
+    h2 4.x: `_decode_headers`, `_begin_new_stream`, `highest_inbound_stream_id`,
+    `local_settings.max_concurrent_streams`, and the stream state machine's `state`,
+    `client` and `headers_received`, which its RECV_HEADERS input sets. The connection's
+    own machine goes to (or stays in) SERVER_OPEN on RECV_HEADERS, with no other effect,
+    and the content-length h2 would note is left to the front end
+    (`PerStreamContentLength`).
+    """
+    if (
+        stream_id <= conn.highest_inbound_stream_id
+        or not stream_id & 1
+        or len(conn.streams) >= conn.local_settings.max_concurrent_streams
+    ):
+        return None
+    fields = list(_decode_headers(conn.decoder, block))
+    stream = conn._begin_new_stream(stream_id, AllowedStreamIDs.ODD)
+    conn.state_machine.state = ConnectionState.SERVER_OPEN
+    machine = stream.state_machine
+    machine.client = False
+    machine.headers_received = True
+    machine.state = StreamState.HALF_CLOSED_REMOTE if end_stream else StreamState.OPEN
+    return fields
+
+
 def half_closed_local(conn: h2.connection.H2Connection, stream_id: int) -> bool:
     """True when h2 holds the stream as half-closed (local): our END_STREAM has gone and
     the peer may still send (RFC 9113 section 5.1). False for a stream in any other state,
@@ -149,17 +220,34 @@ def account_whole_response(conn: h2.connection.H2Connection, stream_id: int, siz
             would raise it, before anything is encoded).
     """
     stream = conn.streams.get(stream_id)
-    if stream is None or (size and size > conn.local_flow_control_window(stream_id)):
+    if stream is None:
         return False
-    conn.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
+    window = min(stream.outbound_flow_control_window, conn.outbound_flow_control_window)
+    if size > window:
+        return False
     machine = stream.state_machine
-    machine.process_input(StreamInputs.SEND_HEADERS)
+    if (
+        conn.state_machine.state is ConnectionState.SERVER_OPEN
+        and machine.state is StreamState.HALF_CLOSED_REMOTE
+        and machine.client is False
+        and not machine.headers_sent
+    ):
+        # The common case, a whole request answered: what the inputs below do from
+        # these states (SEND_HEADERS sets headers_sent, SEND_END_STREAM closes the
+        # stream and notes why), without the machines' table lookups.
+        machine.headers_sent = True
+        machine.state = StreamState.CLOSED
+        machine.stream_closed_by = StreamClosedBy.SEND_END_STREAM
+    else:
+        conn.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
+        machine.process_input(StreamInputs.SEND_HEADERS)
+        if size:
+            conn.state_machine.process_input(ConnectionInputs.SEND_DATA)
+            machine.process_input(StreamInputs.SEND_DATA)
+        machine.process_input(StreamInputs.SEND_END_STREAM)
     if size:
-        conn.state_machine.process_input(ConnectionInputs.SEND_DATA)
-        machine.process_input(StreamInputs.SEND_DATA)
         stream.outbound_flow_control_window -= size
         conn.outbound_flow_control_window -= size
-    machine.process_input(StreamInputs.SEND_END_STREAM)
     return True
 
 

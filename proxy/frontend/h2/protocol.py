@@ -16,6 +16,7 @@ import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Container, Iterator
+from typing import Final
 
 import h2.events
 import h2.exceptions
@@ -23,7 +24,13 @@ from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
 from metrics.definitions import Http2Limit, count_http2_limit
-from proxy.codec.h2compat import buffered_frame_bytes, reopen_after_goaway, set_header_list_cap
+from proxy.codec.h2compat import (
+    buffered_frame_bytes,
+    open_stream_directly,
+    reopen_after_goaway,
+    set_header_list_cap,
+    takes_whole_frames,
+)
 from proxy.config.model import Http2Config
 from proxy.core.errors import BadRequest, BodyTooLarge, HeadTooLarge, ProxyError, RequestTimeout
 from proxy.core.local_reply import local_reply
@@ -43,6 +50,19 @@ from proxy.frontend.h2.send import ResponseWriter
 from proxy.frontend.handover import start_h2_tunnel
 
 log = logging.getLogger(__name__)
+
+# RFC 9113 section 4.1 (the frame header), 6.2 (HEADERS) and 6.6 (PUSH_PROMISE).
+FRAME_HEADER_BYTES: Final = 9
+HEADERS_FRAME: Final = 0x1
+PUSH_PROMISE_FRAME: Final = 0x5
+CONTINUATION_FRAME: Final = 0x9
+END_STREAM: Final = 0x1
+END_HEADERS: Final = 0x4
+PADDED: Final = 0x8
+PRIORITY: Final = 0x20
+# A HEADERS frame read without h2 has END_HEADERS and neither of the others.
+_DIRECT_FLAGS_MASK: Final = END_HEADERS | PADDED | PRIORITY
+_HEADER_BLOCK_FRAMES: Final = (HEADERS_FRAME, PUSH_PROMISE_FRAME)
 
 
 class Http2Protocol:
@@ -65,6 +85,7 @@ class Http2Protocol:
         self._last_stream_id = 0  # the highest stream we took (for our GOAWAY)
         self._idle_deadline = conn.loop.time() + conn.limits.keepalive_timeout
         self._windows = ReceiveWindows(settings)  # for request buffering
+        self.streams_read_directly = 0  # opened by _read_directly, not through h2
         self._writer.flush()
 
     def __repr__(self) -> str:
@@ -82,6 +103,72 @@ class Http2Protocol:
             # Kept apart from what h2 queues while reading, which a connection error
             # replaces with our own GOAWAY.
             self._writer.out.append(pending)
+        if not self._closing and takes_whole_frames(h2conn):
+            data = self._read_directly(data)
+            if self._stopped():
+                return
+        if data:
+            self._receive_through_h2(data)
+            if self._stopped():
+                return
+        self._writer.flush()
+        self._update_phase()
+
+    def _read_directly(self, data: bytes) -> bytes:
+        """Open the streams of the whole HEADERS frames in `data` without h2's generic
+        receive path (its frame objects, event objects and the walk over every stream
+        cost more than the rest of a request); the frames between them go to h2 in
+        order. Returns what is left for h2: the frames after the last one read here and
+        a partial frame.
+
+        Only a HEADERS frame that is complete (END_HEADERS), unpadded and without a
+        priority, on a new stream, outside another header block, is read here
+        (`open_stream_directly`); h2 takes anything else, which keeps every error it
+        finds where it was.
+        """
+        h2conn = self._h2
+        size = len(data)
+        limit = h2conn.max_inbound_frame_size
+        handed = 0  # data[:handed] has been read, here or by h2
+        position = 0
+        in_block = False  # within a header block that CONTINUATION frames carry on
+        while position + FRAME_HEADER_BYTES <= size:
+            length = (data[position] << 16) | (data[position + 1] << 8) | data[position + 2]
+            end = position + FRAME_HEADER_BYTES + length
+            if end > size or length > limit:
+                break  # h2 buffers the partial frame, or refuses the oversized one
+            kind = data[position + 3]
+            flags = data[position + 4]
+            if kind == HEADERS_FRAME and flags & _DIRECT_FLAGS_MASK == END_HEADERS and not in_block:
+                if handed < position:
+                    self._receive_through_h2(data[handed:position])
+                    handed = position
+                    if self._stopped() or self._closing or not takes_whole_frames(h2conn):
+                        break
+                stream_id = int.from_bytes(data[position + 5 : position + 9], "big") & 0x7FFFFFFF
+                try:
+                    fields = open_stream_directly(
+                        h2conn, stream_id, data[position + 9 : end], bool(flags & END_STREAM)
+                    )
+                except h2.exceptions.ProtocolError as exc:
+                    self._connection_error(exc)
+                    return b""
+                if fields is not None:
+                    self.streams_read_directly += 1
+                    self._open_stream(stream_id, fields, bool(flags & END_STREAM))
+                    handed = end
+                    if self._stopped():
+                        return b""
+            elif kind in _HEADER_BLOCK_FRAMES and not flags & END_HEADERS:
+                in_block = True  # h2 joins the block (or refuses what interrupts it)
+            elif kind == CONTINUATION_FRAME and flags & END_HEADERS:
+                in_block = False
+            position = end
+        return data[handed:] if handed else data
+
+    def _receive_through_h2(self, data: bytes) -> None:
+        """Hand client bytes to h2 and serve the events they make."""
+        h2conn = self._h2
         try:
             events = h2conn.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
@@ -103,8 +190,6 @@ class Http2Protocol:
             handler(self, event)
             if self._stopped():
                 return
-        self._writer.flush()
-        self._update_phase()
 
     def _stopped(self) -> bool:
         return self._dead or self._conn.closed
@@ -128,7 +213,11 @@ class Http2Protocol:
         self._cancel_all()
 
     def _on_request(self, event: h2.events.RequestReceived) -> None:
-        stream_id = event.stream_id
+        self._open_stream(event.stream_id, event.headers or [], event.stream_ended is not None)
+
+    def _open_stream(self, stream_id: int, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
+        """The client opened stream `stream_id` with request `headers` (and no body when
+        `ended`): refuse it, answer it locally, or start its exchange."""
         if self._closing:
             # After our GOAWAY: RFC 9113 section 6.8, streams above last_stream_id are
             # ignored; telling the client it may retry them elsewhere is kinder.
@@ -140,7 +229,7 @@ class Http2Protocol:
             return
         server = self._server
         try:
-            fields = self._request_fields(event.headers or [], server.headers_with_underscores)
+            fields = self._request_fields(headers, server.headers_with_underscores)
         except MalformedRequest as exc:
             # RFC 9113 section 8.1.1: a malformed request is a stream error.
             log.debug("malformed HTTP/2 request on stream %d: %s", stream_id, exc)
@@ -151,14 +240,14 @@ class Http2Protocol:
             if isinstance(error, HeadTooLarge):
                 count_http2_limit(Http2Limit.HEADER_LIST)
             stream = self._streams[stream_id] = H2Exchange(stream_id)
-            stream.head_request = (b":method", b"HEAD") in (event.headers or ())
-            stream.reset_when_done = not event.stream_ended
+            stream.head_request = (b":method", b"HEAD") in headers
+            stream.reset_when_done = not ended
             self._start_task(stream, None, error)
             return
         stream = self._streams[stream_id] = H2Exchange(stream_id)
         stream.head_request = fields.method == b"HEAD"
         conn = self._conn
-        if event.stream_ended:
+        if ended:
             body = Body.from_bytes(b"")
         else:
             stream.body_deadline = conn.loop.time() + conn.limits.body_timeout
@@ -173,7 +262,7 @@ class Http2Protocol:
                 self._start_task(stream, None, BodyTooLarge())
                 return
         try:
-            request = stream_request(fields, body, stream, conn, event.stream_ended is not None)
+            request = stream_request(fields, body, stream, conn, ended)
         except ProxyError as refused:  # not `exc`: mypyc gives one name one type
             self._start_task(stream, None, refused)
             return

@@ -135,13 +135,31 @@ async def test_connection_error_sends_one_goaway() -> None:
     # with the exception, i.e. that we never processed: its last_stream_id is h2's, not
     # `_last_stream_id`. One GOAWAY, with our last_stream_id, is what `_terminate` means.
     protocol, conn, _server, peer = await connected()
-    peer.request(1)  # parsed by h2 in the same batch as the error: never processed
+    # Parsed by h2 in the same batch as the error, so never processed: its priority keeps
+    # it from being read before h2 (`_read_directly`), which would take the stream.
+    fields = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"a"), (b":path", b"/")]
+    peer.h2.send_headers(1, fields, end_stream=True, priority_weight=16)
     data = peer.h2.data_to_send() + b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x"  # DATA, stream 0
     protocol.feed(data)
     await settle(protocol)
     goaways = [f for f in parse_frames(peer.new_output()) if isinstance(f, GoAwayFrame)]
     assert conn.closed_by == "close"
     assert [(f.error_code, f.last_stream_id) for f in goaways] == [(ErrorCodes.PROTOCOL_ERROR, 0)]
+
+
+async def test_a_request_taken_before_a_connection_error_is_named_in_the_goaway() -> None:
+    # Read directly (`_read_directly`), the request is taken before h2 sees the bad frame
+    # after it: the GOAWAY names it, and its exchange is cancelled with the connection.
+    protocol, conn, _server, peer = await connected()
+    peer.request(1)
+    data = peer.h2.data_to_send() + b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x"  # DATA, stream 0
+    protocol.feed(data)
+    await settle(protocol)
+    goaways = [f for f in parse_frames(peer.new_output()) if isinstance(f, GoAwayFrame)]
+    assert conn.closed_by == "close"
+    assert [(f.error_code, f.last_stream_id) for f in goaways] == [(ErrorCodes.PROTOCOL_ERROR, 1)]
+    assert protocol.streams_read_directly == 1
+    assert not protocol._streams
 
 
 async def test_a_response_stalled_on_a_shut_window_is_reset_at_its_deadline() -> None:
