@@ -201,7 +201,7 @@ class ClientConnection(asyncio.Protocol):
             timeout = limits.body_timeout
         self.deadline = self.loop.time() + timeout
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         """Queue bytes for the client (see `drain`)."""
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
@@ -215,6 +215,12 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.write(head + body)
             else:
                 self.transport.writelines((head, body))
+
+    def write_pieces(self, pieces: list[bytes | memoryview]) -> None:
+        """Queue `pieces` with one system call (writelines: one writev, none of them
+        copied; the caller must not change what they view afterwards)."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(pieces)
 
     async def drain(self) -> None:
         """Wait while the transport's buffer is above its high-water mark. Any number of

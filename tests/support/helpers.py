@@ -111,6 +111,7 @@ class RecordingConnection(ClientConnection):
         self.phases: list[ConnectionPhase] = []
         self.write_paused = False
         self.output = bytearray()
+        self.pieces_writes = 0  # write_pieces calls (one writev each on a real connection)
         self.reading = True
         self.paused_for: set[ReadPause] = set()
         self.pauses = 0
@@ -133,9 +134,14 @@ class RecordingConnection(ClientConnection):
         self.phase = phase
         self.phases.append(phase)
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         if not self.closed:
             self.output += data
+
+    def write_pieces(self, pieces: list[bytes | memoryview]) -> None:
+        self.pieces_writes += 1
+        for piece in pieces:
+            self.write(piece)
 
     def write_head_and_body(self, head: bytes, body: bytes) -> None:
         self.write(head + body)

@@ -7,8 +7,11 @@ HTTP/2 front end's cost per request). Two cases are framed here instead (RFC 911
 sections 4.1, 6.1, 6.2, 6.10), with h2's bookkeeping kept exactly as its own calls
 would leave it:
 
-- the middle DATA frames of a response chunk (`frame_data`): nothing changes in the state
-  machines (the stream is open and stays open), only the flow-control windows are charged;
+- the DATA frames of a response chunk that does not end the stream (`frame_data`):
+  nothing changes in the state machines (the stream is open and stays open), only the
+  flow-control windows are charged; the frames are headers beside views of the chunk,
+  which go out with one writev (a 1 MiB response's bytes were copied twice more, by
+  the framing and by the write buffer, 9% of the gateway's CPU on h2c /1m);
 - a whole small response (`complete_response`): the stream's state machine is driven
   through the same inputs h2's send_headers/send_data would give it (SEND_HEADERS,
   SEND_DATA, SEND_END_STREAM), the windows are charged, and the header block comes from
@@ -39,9 +42,11 @@ END_HEADERS = 0x4
 
 def frame_data(
     conn: h2.connection.H2Connection, stream_id: int, data: memoryview, frame_size: int
-) -> bytes:
+) -> list[bytes | memoryview]:
     """DATA frames (no flags) carrying all of `data`, each at most `frame_size` bytes,
-    charged to the stream's and the connection's send windows.
+    charged to the stream's and the connection's send windows: a list of pieces, each
+    frame's header then a view of its part of `data` (written as they are, with one
+    writev: the body is not copied here).
 
     The caller makes sure the stream is open on our side and that `data` fits both
     windows (h2's `local_flow_control_window`).
@@ -55,7 +60,7 @@ def frame_data(
         length = len(piece)
         parts.append(pack(length >> 16, length & 0xFFFF, DATA_TYPE, 0, stream_id))
         parts.append(piece)
-    return b"".join(parts)
+    return parts
 
 
 def complete_response(

@@ -405,7 +405,7 @@ class Http2Protocol:
         count_http2_limit(reason)
         # Replies h2 queued for the flood (PING and SETTINGS acks) are not sent.
         self._h2.clear_outbound_data_buffer()
-        self._writer.out.clear()
+        self._writer.discard_queued()
         self._terminate(ErrorCodes.ENHANCE_YOUR_CALM)
 
     def _refuse(self, stream_id: int) -> None:

@@ -17,7 +17,7 @@ from h2.errors import ErrorCodes
 from proxy.codec.h2fields import trailer_fields
 from proxy.core.errors import ProxyError
 from proxy.core.models import Body, Request, Response
-from proxy.frontend.connection import ClientConnection
+from proxy.frontend.connection import COPY_BELOW_BYTES, ClientConnection
 from proxy.frontend.h2.conn import H2Exchange
 from proxy.frontend.h2.data import complete_response, frame_data
 from proxy.frontend.h2.fields import response_fields
@@ -46,7 +46,9 @@ class ResponseWriter:
         self._streams = streams
         self._on_wait = on_wait
         self._scheduled = False
-        self.out: list[bytes] = []  # frames we made, in order after what h2 had queued
+        self._queued_bytes = 0  # in `out`, apart from what h2 had queued
+        # Frames we made, in order after what h2 had queued; DATA as views of the body.
+        self.out: list[bytes | memoryview] = []
 
     def __repr__(self) -> str:
         return f"<ResponseWriter queued={len(self.out)} scheduled={self._scheduled}>"
@@ -160,13 +162,16 @@ class ResponseWriter:
                 continue
             frame_limit = h2conn.max_outbound_frame_size
             sent = min(len(view), window)
-            # All but the last frame of what fits are framed here (h2data); the last goes
-            # through h2, which sets END_STREAM and keeps its stream state in step.
-            middle = (sent - 1) // frame_limit * frame_limit
-            if middle:
-                self.queue_frames(frame_data(h2conn, stream_id, view[:middle], frame_limit))
             last = sent == len(view)
-            h2conn.send_data(stream_id, view[middle:sent].tobytes(), end_stream=end and last)
+            if end and last:
+                # All but the last frame are framed here (data.py); the last goes through
+                # h2, which sets END_STREAM and keeps its stream state in step.
+                middle = (sent - 1) // frame_limit * frame_limit
+                if middle:
+                    self.queue_frames(frame_data(h2conn, stream_id, view[:middle], frame_limit))
+                h2conn.send_data(stream_id, view[middle:sent].tobytes(), end_stream=True)
+            else:
+                self.queue_frames(frame_data(h2conn, stream_id, view[:sent], frame_limit))
             view = view[sent:]
             if sent >= FLUSH_NOW_BYTES or conn.write_paused:
                 self.flush()
@@ -200,17 +205,35 @@ class ResponseWriter:
         if out:
             if data:
                 out.append(data)
-            data = b"".join(out)
-            out.clear()
-        if data:
+            if len(out) == 1:
+                self._conn.write(out[0])
+            elif self._queued_bytes > COPY_BELOW_BYTES:
+                self._conn.write_pieces(out)  # one writev: the body is not copied again
+            else:
+                self._conn.write(b"".join(out))
+            self.out = []
+            self._queued_bytes = 0
+        elif data:
             self._conn.write(data)
 
-    def queue_frames(self, frames: bytes) -> None:
-        """Queue frames made outside h2 (h2data) behind what h2 has queued already."""
+    def discard_queued(self) -> None:
+        """Drop what is queued and not yet written (the connection is being torn down)."""
+        self.out = []
+        self._queued_bytes = 0
+
+    def queue_frames(self, frames: bytes | list[bytes | memoryview]) -> None:
+        """Queue frames made outside h2 (data.py) behind what h2 has queued already."""
         pending = self._h2.data_to_send()
+        out = self.out
         if pending:
-            self.out.append(pending)
-        self.out.append(frames)
+            out.append(pending)
+        if isinstance(frames, bytes):
+            out.append(frames)
+            self._queued_bytes += len(frames)
+        else:
+            out.extend(frames)
+            for piece in frames:
+                self._queued_bytes += len(piece)
         self.flush_soon()
 
     def flush_soon(self) -> None:

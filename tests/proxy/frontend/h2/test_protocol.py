@@ -321,6 +321,32 @@ async def test_streamed_response_failing_after_the_head_resets_the_stream() -> N
     assert not conn.closed
 
 
+async def test_streamed_chunks_go_out_as_views_in_one_write_each() -> None:
+    # A chunk that does not end the stream is framed as headers beside views of it and
+    # written with one writev (write_pieces); the end comes through h2.
+    body = Body()
+    protocol, conn, _server, peer = await connected(handler=returning(body))
+    peer.h2.increment_flow_control_window(2**20)
+    peer.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**20})
+    peer.request(1)
+    peer.send()
+    await spin()
+    peer.receive()
+    chunks = [bytes([n]) * 40_000 for n in range(3)]
+    for chunk in chunks:
+        body.feed(chunk)
+        await spin()
+    body.feed_eof()
+    await settle(protocol)
+    peer.receive()
+    assert bytes(peer.responses[1].body) == b"".join(chunks)
+    assert peer.responses[1].ended
+    assert conn.pieces_writes == 3
+    frames = stream_frames(parse_frames(bytes(conn.output)), 1)
+    sizes = [len(f.data) for f in frames if isinstance(f, DataFrame)]
+    assert sizes == [16384, 16384, 7232] * 3 + [0]
+
+
 async def test_large_response_waits_for_the_clients_window() -> None:
     data = bytes(range(256)) * 400  # 102400 bytes: more than the default 65535 window
     protocol, _conn, _server, peer = await connected(handler=returning(Body.from_bytes(data)))
