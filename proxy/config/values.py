@@ -21,28 +21,51 @@ from urllib.parse import urlsplit
 
 MAX_PORT = 65535
 
+# Go's time.ParseDuration units (as Traefik, Caddy and Envoy users write them), and days.
 _DURATION_UNITS_S = {
+    "ns": Fraction(1, 10**9),
+    "us": Fraction(1, 10**6),
+    "\u00b5s": Fraction(1, 10**6),  # micro sign
+    "\u03bcs": Fraction(1, 10**6),  # Greek mu
     "ms": Fraction(1, 1000),
     "s": Fraction(1),
     "m": Fraction(60),
     "h": Fraction(3600),
+    "d": Fraction(86400),
 }
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?|\.\d+)(ms|s|m|h)?")
-_DURATION_FORMS = "e.g. '250ms', '5s', '1.5s', '2m', '1h' or a number of seconds"
+_NUMBER = r"(?:\d+(?:\.\d+)?|\.\d+)"
+# One term of a duration: a number and its unit (the unit left out only when alone).
+_DURATION_TERM_RE = re.compile(rf"({_NUMBER})(ns|us|\u00b5s|\u03bcs|ms|s|m|h|d)?")
+_DURATION_FORMS = "e.g. '250ms', '5s', '1.5s', '2m', '1m30s', '1h', '1d' or a number of seconds"
 
+# Case does not matter, except that a one-letter m, g or t is refused as ambiguous (below).
 _SIZE_UNITS_BYTES = {
     "b": 1,
+    "k": 1000,  # Kubernetes' k, M, G, T: powers of 1000, as kB, MB, GB, TB
+    "m": 1000**2,
+    "g": 1000**3,
+    "t": 1000**4,
     "kb": 1000,
     "mb": 1000**2,
     "gb": 1000**3,
     "tb": 1000**4,
+    "ki": 1024,  # Kubernetes' Ki, Mi, Gi, Ti: powers of 1024, as KiB, MiB, GiB, TiB
+    "mi": 1024**2,
+    "gi": 1024**3,
+    "ti": 1024**4,
     "kib": 1024,
     "mib": 1024**2,
     "gib": 1024**3,
     "tib": 1024**4,
 }
-_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?|\.\d+)([A-Za-z]*)")
-_SIZE_FORMS = "e.g. '512B', '16KiB', '1MiB', '1GiB', '10KB', '10MB' or a number of bytes"
+# nginx reads `10m` as 10 MiB and Kubernetes `M` as 10^6 bytes: a lower-case one-letter m,
+# g or t could mean either, so it is refused and the message names both spellings.
+_AMBIGUOUS_SIZE_UNITS = frozenset({"m", "g", "t"})
+_SIZE_RE = re.compile(rf"({_NUMBER})([A-Za-z]*)")
+_SIZE_FORMS = (
+    "e.g. '512B', '16KiB' or '16Ki', '1MiB' or '1Mi', '1GiB', '10KB' or '10k', '10MB' or "
+    "'10M', or a number of bytes"
+)
 # Largest first, so format_size() picks the shortest exact spelling.
 _SIZE_FORMAT_UNITS = (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024))
 
@@ -60,7 +83,9 @@ class ConfigValueError(ValueError):
 
 
 def parse_duration(value: str | float) -> float:
-    """Parse `250ms`, `5s`, `1.5s`, `2m`, `1h` or a bare number of seconds into seconds.
+    """Parse a duration into seconds: `250ms`, `5s`, `1.5s`, `2m`, `1h`, `1d`, Go-style
+    compounds from the largest unit to the smallest (`1m30s`, `1h30m`, `2h45m10.5s`), or
+    a bare number of seconds. Units: `ns`, `us` (or `µs`), `ms`, `s`, `m`, `h`, `d`.
 
     Raises:
         ConfigValueError: malformed, negative or not finite.
@@ -71,9 +96,35 @@ def parse_duration(value: str | float) -> float:
         if value < 0:
             raise ConfigValueError(f"invalid duration {value!r}: must not be negative")
         return float(value)
-    number, unit = _number_and_unit(value, _DURATION_RE, "duration", _DURATION_FORMS)
+    text = value.strip()
+    if text.startswith("-"):
+        raise ConfigValueError(f"invalid duration {value!r}: must not be negative")
+    total = Fraction(0)
+    previous: Fraction | None = None  # the last term's unit: each must be smaller
+    position = 0
+    while True:
+        match = _DURATION_TERM_RE.match(text, position)
+        if match is None:
+            raise ConfigValueError(f"invalid duration {value!r} ({_DURATION_FORMS})")
+        number, unit = match.group(1), match.group(2)
+        position = match.end()
+        if unit is None:
+            if previous is not None or position < len(text):
+                raise ConfigValueError(
+                    f"invalid duration {value!r}: {number!r} has no unit ({_DURATION_FORMS})"
+                )
+            unit = "s"
+        size = _DURATION_UNITS_S[unit]
+        if previous is not None and size >= previous:
+            raise ConfigValueError(
+                f"invalid duration {value!r}: units must go from the largest to the smallest"
+            )
+        previous = size
+        total += Fraction(number) * size
+        if position == len(text):
+            break
     try:
-        return float(Fraction(number) * _DURATION_UNITS_S[unit or "s"])
+        return float(total)
     except OverflowError:
         raise ConfigValueError(f"invalid duration {value!r}: too large") from None
 
@@ -94,9 +145,12 @@ def format_duration(seconds: float) -> str:
 
 
 def parse_size(value: str | int) -> int:
-    """Parse `512B`, `16KiB`, `1MiB`, `1GiB`, `10KB`/`10MB` (powers of 1000) or a bare
-    number of bytes into bytes. Units are case-insensitive; a fraction (`1.5KiB`) must come
-    to a whole number of bytes.
+    """Parse a size into bytes: `512B`; powers of 1024 as `16KiB`, `1MiB`, `1GiB`, `1TiB`
+    or Kubernetes' `16Ki`, `1Mi`, `1Gi`, `1Ti`; powers of 1000 as `10KB`, `10MB`, `1GB`,
+    `1TB` or `10k`, `10M`, `1G`, `1T`; or a bare number of bytes. Units are
+    case-insensitive, except that a lower-case `m`, `g` or `t` alone is ambiguous (nginx
+    reads `10m` as MiB) and refused. A fraction (`1.5KiB`) must come to a whole number
+    of bytes.
 
     Raises:
         ConfigValueError: malformed, negative or not a whole number of bytes.
@@ -106,6 +160,12 @@ def parse_size(value: str | int) -> int:
             raise ConfigValueError(f"invalid size {value!r}: must not be negative")
         return value
     number, unit = _number_and_unit(value, _SIZE_RE, "size", _SIZE_FORMS)
+    if unit in _AMBIGUOUS_SIZE_UNITS:
+        big = unit.upper()
+        raise ConfigValueError(
+            f"invalid size {value!r}: ambiguous unit {unit!r}: write {number}{big} for "
+            f"powers of 1000 or {number}{big}i for powers of 1024 (nginx's {unit!r})"
+        )
     multiplier = _SIZE_UNITS_BYTES.get(unit.lower() or "b")
     if multiplier is None:
         raise ConfigValueError(f"invalid size {value!r}: unknown unit {unit!r} ({_SIZE_FORMS})")

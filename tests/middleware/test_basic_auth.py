@@ -258,7 +258,7 @@ def test_other_option_errors() -> None:
         consumer_header: "X Consumer"
         """) == [
         "<string>:8: middleware.auth.cache_ttl: invalid duration 'soon' (e.g. '250ms', '5s', "
-        "'1.5s', '2m', '1h' or a number of seconds)",
+        "'1.5s', '2m', '1m30s', '1h', '1d' or a number of seconds)",
         "<string>:9: middleware.auth.cache_size: must be at least 1, got 0",
         "<string>:10: middleware.auth.forward_authorization: expected true or false, got a "
         "string ('no')",

@@ -131,7 +131,8 @@ def test_option_errors() -> None:
     assert str(failed.value).splitlines() == [
         "<string>:5: middleware.a: missing required key 'max'",
         "<string>:6: middleware.b.max: invalid size '1XB': unknown unit 'XB' (e.g. '512B', "
-        "'16KiB', '1MiB', '1GiB', '10KB', '10MB' or a number of bytes)",
+        "'16KiB' or '16Ki', '1MiB' or '1Mi', '1GiB', '10KB' or '10k', '10MB' or '10M', or a "
+        "number of bytes)",
         "<string>:7: middleware.c.max: invalid size -1: must not be negative",
         "<string>:8: middleware.d.min: unknown key 'min' (expected one of: type, max)",
     ]

@@ -256,6 +256,6 @@ def test_load_errors() -> None:
         "<string>:12: middleware.c.expose_headers: '*' is a literal header name when "
         "credentials are allowed (Fetch standard): list the headers to expose",
         "<string>:14: middleware.c.max_age: invalid duration 'forever' (e.g. '250ms', '5s', "
-        "'1.5s', '2m', '1h' or a number of seconds)",
+        "'1.5s', '2m', '1m30s', '1h', '1d' or a number of seconds)",
         "<string>:15: middleware.d.allow_origins: at least one origin is required",
     ]

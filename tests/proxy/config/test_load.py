@@ -212,8 +212,9 @@ def test_a_file_with_several_mistakes_reports_all_of_them_in_line_order() -> Non
     assert errors_of(text) == [
         "routes.yaml:2: listeners[0].bind: port 99999 is out of range 0..65535",
         "routes.yaml:3: admin.tls: unknown key 'tls' (expected one of: bind, token, hosts)",
-        "routes.yaml:7: upstreams.users.timeouts.connect: invalid duration '2 seconds' (e.g. "
-        "'250ms', '5s', '1.5s', '2m', '1h' or a number of seconds)",
+        "routes.yaml:7: upstreams.users.timeouts.connect: invalid duration '2 seconds': '2' "
+        "has no unit (e.g. '250ms', '5s', '1.5s', '2m', '1m30s', '1h', '1d' or a number of "
+        "seconds)",
         "routes.yaml:9: upstreams.orders.endpoints: at least one endpoint is required",
         "routes.yaml:10: limits.max_body_size: invalid size '-1MiB': must not be negative",
         "routes.yaml:14: routes[2].upstream: unknown upstream 'usres' (did you mean 'users'?)",

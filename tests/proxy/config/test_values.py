@@ -161,6 +161,19 @@ def test_substitute_env_returns_text_and_problems() -> None:
         ("0", 0.0),
         (".5s", 0.5),
         ("1ms", 0.001),
+        # Go-style compounds, from the largest unit to the smallest, and days.
+        ("1m30s", 90.0),
+        ("1h30m", 5400.0),
+        ("2h45m10.5s", 9910.5),
+        ("1d", 86400.0),
+        ("1d12h", 129600.0),
+        ("1s500ms", 1.5),
+        ("1500us", 0.0015),
+        ("1500\u00b5s", 0.0015),
+        ("1500\u03bcs", 0.0015),
+        ("2000000ns", 0.002),
+        ("1.5h", 5400.0),
+        (" 1m30s ", 90.0),
         (3, 3.0),
         (0.75, 0.75),
     ],
@@ -174,12 +187,17 @@ def test_parse_duration_reads_units_and_bare_seconds(text: str | float, seconds:
     [
         ("-1s", "invalid duration '-1s': must not be negative"),
         (-1, "invalid duration -1: must not be negative"),
-        ("5x", "invalid duration '5x' (e.g."),
+        ("5x", "invalid duration '5x': '5' has no unit (e.g."),
         ("s", "invalid duration 's' (e.g."),
         ("", "invalid duration '' (e.g."),
-        ("1 s", "invalid duration '1 s' (e.g."),
-        ("1e3", "invalid duration '1e3' (e.g."),
-        ("1h30m", "invalid duration '1h30m' (e.g."),
+        ("1 s", "invalid duration '1 s': '1' has no unit"),
+        ("1e3", "invalid duration '1e3': '1' has no unit"),
+        ("1m30", "invalid duration '1m30': '30' has no unit"),
+        ("1m 30s", "invalid duration '1m 30s' (e.g."),
+        ("30s1m", "invalid duration '30s1m': units must go from the largest to the smallest"),
+        ("1m1m", "invalid duration '1m1m': units must go from the largest to the smallest"),
+        ("1M", "invalid duration '1M': '1' has no unit"),
+        ("1h-30m", "invalid duration '1h-30m' (e.g."),
         (math.inf, "invalid duration inf: must be a finite number"),
         (math.nan, "invalid duration nan: must be a finite number"),
         ("9" * 400 + "h", "too large"),
@@ -204,6 +222,18 @@ def test_parse_duration_rejects_malformed_values(text: str | float, message: str
         ("16kib", 16 * 1024),
         ("1.5KiB", 1536),
         ("0.5KB", 500),
+        # Kubernetes' quantities: k, M, G, T (powers of 1000) and Ki, Mi, Gi, Ti.
+        ("10k", 10_000),
+        ("10K", 10_000),
+        ("1M", 10**6),
+        ("2G", 2 * 10**9),
+        ("1T", 10**12),
+        ("16Ki", 16 * 1024),
+        ("1Mi", 1024**2),
+        ("4Gi", 4 * 1024**3),
+        ("1Ti", 1024**4),
+        ("1mi", 1024**2),
+        ("1.5Mi", 1536 * 1024),
         (100, 100),
         (0, 0),
     ],
@@ -221,6 +251,10 @@ def test_parse_size_reads_binary_and_decimal_units(text: str | int, size: int) -
         ("KiB", "invalid size 'KiB' (e.g."),
         ("1.1B", "invalid size '1.1B': not a whole number of bytes"),
         ("1 KiB", "invalid size '1 KiB' (e.g."),
+        ("10m", "invalid size '10m': ambiguous unit 'm': write 10M for powers of 1000 or 10Mi"),
+        ("1g", "invalid size '1g': ambiguous unit 'g': write 1G for powers of 1000 or 1Gi"),
+        ("1t", "ambiguous unit 't'"),
+        ("1Kx", "invalid size '1Kx': unknown unit 'Kx'"),
     ],
 )
 def test_parse_size_rejects_malformed_values(text: str | int, message: str) -> None:
@@ -259,6 +293,31 @@ def test_durations_and_sizes_accept_bare_numbers_in_yaml() -> None:
     limits = parse(text).limits
 
     assert (limits.header_timeout, limits.body_timeout, limits.max_body_size) == (3.0, 0.5, 2048)
+
+
+def test_go_durations_and_kubernetes_sizes_are_read_from_yaml() -> None:
+    text = BASE + (
+        "routes: []\n"
+        "limits: {header_timeout: 1m30s, keepalive_timeout: 1h, body_timeout: 1d, "
+        "max_body_size: 10Mi, max_head_bytes: 64k}\n"
+    )
+
+    limits = parse(text).limits
+
+    assert (limits.header_timeout, limits.keepalive_timeout, limits.body_timeout) == (
+        90.0,
+        3600.0,
+        86400.0,
+    )
+    assert (limits.max_body_size, limits.max_head_bytes) == (10 * 1024**2, 64_000)
+
+
+def test_an_ambiguous_size_in_yaml_names_its_line_and_both_spellings() -> None:
+    message = one_error(BASE + "routes: []\nlimits:\n  max_body_size: 10m\n")
+
+    assert "limits.max_body_size: invalid size '10m': ambiguous unit 'm'" in message
+    assert "10M" in message
+    assert "10Mi" in message
 
 
 @pytest.mark.parametrize(
