@@ -191,15 +191,32 @@ def describe() -> str:
     return "pure Python (installed without the compiled modules)"
 
 
+DISTRIBUTION = "gatehouse-proxy"  # the name pip knows it by (pyproject.toml)
+
+
 def version() -> str:
     """The installed distribution's version ('unknown' in a source tree never installed)."""
     try:
-        return metadata.version("gatehouse")
+        return metadata.version(DISTRIBUTION)
     except metadata.PackageNotFoundError:
         return "unknown"
 
 
+# The libraries whose versions decide how the data path behaves, for `--version`.
+REPORTED_LIBRARIES = ("h2", "httptools", "uvloop")
+
+
+def library_version(name: str) -> str:
+    """The installed version of distribution `name`, or 'not installed'."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def version_line() -> str:
-    """`gatehouse --version`: 'gatehouse 0.1.0, compiled (mypyc: ...), CPython 3.11.7'."""
+    """`gatehouse --version`: 'gatehouse 0.1.0, compiled (mypyc: ...), CPython 3.11.7,
+    h2 4.3.0, httptools 0.6.4, uvloop 0.21.0'."""
     python = f"{platform.python_implementation()} {platform.python_version()}"
-    return f"gatehouse {version()}, {describe()}, {python}"
+    libraries = ", ".join(f"{name} {library_version(name)}" for name in REPORTED_LIBRARIES)
+    return f"gatehouse {version()}, {describe()}, {python}, {libraries}"

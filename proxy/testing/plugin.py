@@ -35,7 +35,9 @@ if TYPE_CHECKING:
 UpstreamFactory = Callable[..., Awaitable["ScriptedUpstream"]]
 GatewayFactory = Callable[..., Awaitable["RunningGateway"]]
 _GATEWAYS = pytest.StashKey[list["RunningGateway"]]()  # a test's gateways, for its report
-_NEEDS_ASYNCIO = "the gatehouse fixtures need pytest-asyncio: pip install 'gatehouse[testing]'"
+_NEEDS_ASYNCIO = (
+    "the gatehouse fixtures need pytest-asyncio: pip install 'gatehouse-proxy[testing]'"
+)
 Fixture = TypeVar("Fixture", bound=Callable[..., Any])
 
 

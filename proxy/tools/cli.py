@@ -31,19 +31,32 @@ from proxy.config.document import ConfigError, read_config_file
 from proxy.config.load import load_config, parse_config
 from proxy.config.model import Config
 from proxy.process.cpus import usable_cpus
+from proxy.tools.passwords import DEFAULT_COST, MAX_COST, MIN_COST, hash_password_command
 
 log = logging.getLogger("proxy")
 
 EXIT_OK, EXIT_CONFIG, EXIT_USAGE, EXIT_START = 0, 1, 2, 3
 
 
+class _PrintVersion(argparse.Action):
+    """`--version`: the one line as it is (argparse's own version action re-wraps it at
+    the terminal's width, splitting a library's name from its version)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object, **kwargs: object) -> None:
+        sys.stdout.write(version_line() + "\n")
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gatehouse", description="Gatehouse API gateway")
     parser.add_argument(
         "--version",
-        action="version",
-        version=version_line(),
-        help="the version, and whether the compiled build runs (GATEHOUSE_PURE_PYTHON=1: not)",
+        action=_PrintVersion,
+        nargs=0,
+        help=(
+            "the version, whether the compiled build runs (GATEHOUSE_PURE_PYTHON=1: not), "
+            "Python's, and h2's, httptools' and uvloop's"
+        ),
     )
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="serve a routes.yaml")
@@ -73,6 +86,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     routes = commands.add_parser("routes", help="the route table, in the order routes are tried")
     routes.add_argument("config", help="path to routes.yaml")
+    hashing = commands.add_parser(
+        "hash-password",
+        help="a bcrypt hash for basic_auth (the password from the terminal, or stdin's first line)",
+    )
+    hashing.add_argument("--user", help="print an htpasswd line, USER:HASH")
+    hashing.add_argument(
+        "--cost",
+        type=int,
+        default=DEFAULT_COST,
+        help=f"bcrypt's cost factor, {MIN_COST}-{MAX_COST} (default {DEFAULT_COST})",
+    )
     return parser
 
 
@@ -85,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _reload(args.config, args.admin)
     if args.command in ("explain", "routes"):
         return _explain(args)
+    if args.command == "hash-password":
+        return hash_password_command(args.user, args.cost)
     logging.basicConfig(
         level=args.log_level.upper(),
         stream=sys.stderr,

@@ -4,7 +4,9 @@ the password), the consumer on the request as later middleware see it, and the m
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import sys
 from pathlib import Path
 
 import httpx
@@ -154,6 +156,29 @@ async def test_api_key_over_http2(
 
 
 # -- basic_auth -----------------------------------------------------------------------------
+
+
+async def test_basic_auth_accepts_a_hash_from_gatehouse_hash_password(
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
+) -> None:
+    command = [sys.executable, "-m", "proxy", "hash-password", "--user", "ops", "--cost", "4"]
+    process = await asyncio.create_subprocess_exec(
+        *command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+    )
+    async with asyncio.timeout(60):
+        out, _ = await process.communicate(b"made by the cli\n")
+    assert process.returncode == 0
+    line = out.decode().strip()
+    extra = f"""
+middleware:
+  e2e-basic: {{type: basic_auth, users: ['{line}']}}
+"""
+    route = "    middleware: [e2e-basic]"
+    server = await gateway_factory(simple_config(h1_upstream.url, "auto", extra=extra, route=route))
+    url = base_url(server) + "/echo/cli"
+    async with httpx.AsyncClient(timeout=10) as client:
+        assert (await client.get(url, headers=basic("ops", "made by the cli"))).status_code == 200
+        assert (await client.get(url, headers=basic("ops", "made by the CLI"))).status_code == 401
 
 
 async def test_basic_auth_with_an_htpasswd_file_of_every_hash_format(

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import ast
 import importlib.machinery
+import importlib.metadata
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -81,10 +83,19 @@ def test_pure_python_env_imports_every_compiled_module_from_its_source() -> None
     ]
 
 
-def test_version_line_names_the_build_and_python() -> None:
+def test_version_line_names_the_build_python_and_the_data_path_libraries() -> None:
     line = _run("import proxy.buildinfo as b; print(b.version_line())", GATEHOUSE_PURE_PYTHON="1")
-    assert line.startswith("gatehouse ")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    # The installed distribution is found under its own name (not PyPI's other gatehouse).
+    assert project["name"] == buildinfo.DISTRIBUTION
+    assert line.startswith(f"gatehouse {project['version']}, ")
     assert ", pure Python (GATEHOUSE_PURE_PYTHON=1), CPython 3." in line
+    for name in ("h2", "httptools", "uvloop"):
+        assert f", {name} {importlib.metadata.version(name)}" in line
+
+
+def test_the_version_of_a_library_not_installed_says_so() -> None:
+    assert buildinfo.library_version("no-such-distribution-here") == "not installed"
 
 
 def test_an_edited_checkout_runs_its_sources_and_says_why(tmp_path: Path) -> None:
@@ -110,3 +121,21 @@ def test_an_edited_checkout_runs_its_sources_and_says_why(tmp_path: Path) -> Non
     assert done.stdout.strip() == "pure Python (the compiled modules are older than their sources)"
     assert "older than their source" in done.stderr
     assert "pip install -e ." in done.stderr
+
+
+def test_gatehouse_version_prints_the_line_whole_at_any_terminal_width() -> None:
+    # argparse's own version action re-wrapped it at COLUMNS, splitting "h2" from its
+    # version on an 80-column terminal.
+    env = {**os.environ, "COLUMNS": "40", "GATEHOUSE_PURE_PYTHON": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "--version"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=True,
+    )
+    expected = _run(
+        "import proxy.buildinfo as b; print(b.version_line())", GATEHOUSE_PURE_PYTHON="1"
+    )
+    assert done.stdout == expected + "\n"

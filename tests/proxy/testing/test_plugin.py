@@ -402,5 +402,5 @@ def test_kit(gatehouse):
     result = pytester.runpytest_subprocess("-p", "no:asyncio", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, errors=1)
     result.stdout.fnmatch_lines(
-        ["*the gatehouse fixtures need pytest-asyncio: pip install 'gatehouse[[]testing]'*"]
+        ["*the gatehouse fixtures need pytest-asyncio: pip install 'gatehouse-proxy[[]testing]'*"]
     )
