@@ -53,6 +53,7 @@ from proxy.config.server import (
     read_http2,
     read_limits,
     read_listeners,
+    read_logging,
     read_metrics,
     read_path_normalization,
     read_reload,
@@ -66,7 +67,7 @@ __all__ = ["load_config", "parse_config"]
 _TOP_KEYS = ("listeners", "admin", "upstreams", "middleware", "global_middleware", "routes",
              "limits", "http2", "http1_parser", "workers", "shutdown", "reload",
              "metrics", "path_normalization", "headers_with_underscores",
-             "client_ip")  # fmt: skip
+             "client_ip", "logging")  # fmt: skip
 _T = TypeVar("_T")
 
 
@@ -159,5 +160,6 @@ def _read_config(reader: NodeReader, context: LoadContext, root: Node | None) ->
             "headers_with_underscores", read_headers_with_underscores, "drop"
         ),
         client_ip=client_ip,
+        log_format=section("logging", read_logging, "text"),
         source=reader.source,
     )

@@ -40,6 +40,9 @@ DEFAULT_H2_MAX_RESETS_PER_SECOND = 200
 DEFAULT_H2_MAX_CONTROL_FRAMES_PER_SECOND = 500
 
 
+LOG_FORMATS = ("text", "json")  # `logging.format`, `--log-format`
+
+
 @dataclass(frozen=True, slots=True)
 class ListenerTls:
     """`listeners[i].tls`: the certificate chain and key (PEM files), re-read on reload.
@@ -452,6 +455,9 @@ class Config:
     # reach them as the "X-Consumer" a middleware sets (nginx drops them too).
     headers_with_underscores: str = "drop"  # drop | reject | allow
     client_ip: ClientIpConfig | None = None  # None: the client is the connection's peer
+    # `logging.format`: the process logs as "text" or "json" (--log-format overrides it;
+    # read at start, a reload does not change it).
+    log_format: str = "text"
     source: str = "<string>"
     # Start offsets, in the file's text, of the values /config hides by where they are
     # (header values a middleware sends, route matcher values): proxy/config/view.py.

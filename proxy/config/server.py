@@ -28,6 +28,7 @@ from proxy.config.model import (
     DEFAULT_MAX_HEAD_BYTES,
     DEFAULT_RELOAD_WATCH_INTERVAL_S,
     ESCAPED_SLASH_ACTIONS,
+    LOG_FORMATS,
     UNDERSCORE_ACTIONS,
     AdminConfig,
     ClientIpConfig,
@@ -142,6 +143,16 @@ def read_metrics(reader: NodeReader, context: LoadContext, node: Node, path: str
     """
     fields = reader.mapping(node, path, ("enabled",))
     return MetricsConfig(enabled=fields.get("enabled", reader.boolean, True))
+
+
+def read_logging(reader: NodeReader, context: LoadContext, node: Node, path: str) -> str:
+    """`logging`: `format`, the process logs as text lines or JSON objects.
+
+    Raises:
+        Reported: not a mapping (recorded).
+    """
+    fields = reader.mapping(node, path, ("format",))
+    return fields.get("format", partial(reader.choice, choices=LOG_FORMATS, what="format"), "text")
 
 
 # --- listeners ---

@@ -386,6 +386,12 @@ class Supervisor:
             _warn_if_open(config.admin)
         if config.workers is not None and config.workers != self.config.workers:
             log.warning("workers: %d -> %d takes a restart", self.workers, config.workers)
+        if config.log_format != self.config.log_format:
+            log.warning(
+                "logging.format: %s -> %s takes a restart",
+                self.config.log_format,
+                config.log_format,
+            )
         self.config, self.text = config, text
         self._generation += 1
         for worker in workers:

@@ -31,6 +31,7 @@ from proxy.config.document import ConfigError, read_config_file
 from proxy.config.load import load_config, parse_config
 from proxy.config.model import Config
 from proxy.process.cpus import usable_cpus
+from proxy.process.logs import LOG_FORMATS, configure_logging
 from proxy.tools.passwords import DEFAULT_COST, MAX_COST, MIN_COST, hash_password_command
 
 log = logging.getLogger("proxy")
@@ -68,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        help="process logs as text lines or one JSON object per line (default: routes.yaml's "
+        "logging.format, else text)",
+    )
     check = commands.add_parser("check", help="validate a routes.yaml and exit")
     check.add_argument("config", help="path to routes.yaml")
     reload = commands.add_parser(
@@ -111,11 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _explain(args)
     if args.command == "hash-password":
         return hash_password_command(args.user, args.cost)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
-    )
+    # The format routes.yaml asks for (`logging.format`) is applied once it is read
+    # (_run); until then, and whenever --log-format is given, the flag's (text by default).
+    configure_logging(args.log_level, args.log_format or "text")
     # A SIGHUP (reload) before the supervisor's handler is in place must not kill the
     # gateway with the default action; there is nothing to reload yet anyway.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -149,6 +154,8 @@ def _run(args: argparse.Namespace) -> int:
         for line in exc.errors:
             log.error("%s", line)
         return EXIT_CONFIG
+    if args.log_format is None and config.log_format != "text":
+        configure_logging(args.log_level, config.log_format)
     workers = args.workers if args.workers is not None else config.workers or usable_cpus()
     if workers < 1:
         log.error("--workers must be at least 1")
