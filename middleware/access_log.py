@@ -69,6 +69,11 @@ FIELDS = (
     "user_agent",
     "consumer",  # who an auth middleware found the caller to be
     "retries",  # tries after the first (upstreams.X.retries); endpoint is the last try's
+    # The gateway's own error code when it answered instead of an upstream
+    # ("upstream_timeout", "unauthorized", ... as in the reply's JSON body); "" when the
+    # status is the upstream's: a 504 of ours is told from an upstream's.
+    "error",
+    "tls",  # the client connection's TLS version ("TLSv1.3"); "" without TLS
     # Written only when `fields` names it: the address the request came from before
     # `client_ip` looked behind it (the load balancer; on a proxy_protocol listener, the
     # client its PROXY header named). The same as client_ip without a client_ip section.
@@ -80,6 +85,9 @@ OUTPUTS = {"stdout": 1, "stderr": 2}
 DEFAULT_QUEUE_LINES = 10_000
 CLOSE_FLUSH_S = 5.0
 CLIENT_CLOSED_STATUS = 499
+# The `error` of a request logged without a response: the client left, or a bug (the
+# 500 it gets is the local reply "internal_error").
+CLIENT_CLOSED_ERROR, INTERNAL_ERROR = "client_closed", "internal_error"
 _WRITE_WAIT_S = 1.0  # a non-blocking fd that is full: wait this long, then try again
 _PROTOCOLS = {version: f'"HTTP/{version}"' for version in ("1.0", "1.1", "2")}  # quoted
 
@@ -322,6 +330,9 @@ class AccessLog:
     def abort_phase(self, request: Request, state: object, status: int) -> None:
         """No response reached us: the client went away (499), or a bug (500)."""
         assert isinstance(state, _Entered)
+        if not request.exchange.error:
+            gone = status == CLIENT_CLOSED_STATUS
+            request.exchange.error = CLIENT_CLOSED_ERROR if gone else INTERNAL_ERROR
         self._log(request, status, 0, state.start, state.wall, state.path)
 
     def _done(
@@ -353,6 +364,8 @@ class AccessLog:
                 request.header("user-agent") or "",
                 request.consumer,
                 request.exchange.retries,
+                request.exchange.error,
+                request.tls_version,
                 request.peer[0],
             )
         )
@@ -404,6 +417,10 @@ class AccessLog:
                 _quote(v[15]),
                 ',"retries":',
                 str(v[16]),
+                ',"error":',
+                _quote(v[17]),
+                ',"tls":',
+                _quote(v[18]),
                 "}",
             )
         )

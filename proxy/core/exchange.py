@@ -29,6 +29,7 @@ class Exchange:
         "chain_inner_s",
         "eager",
         "endpoint",
+        "error",
         "params",
         "received_at",
         "retries",
@@ -44,6 +45,10 @@ class Exchange:
         self.endpoint = ""  # host:port of the upstream endpoint the request went to
         self.retries = 0  # tries after the first (proxy/exchange/retry.py); endpoint is the last's
         self.upstream_s = 0.0  # the upstream's part: sending until the response head
+        # The gateway's own error code when it answered instead of an upstream (the
+        # `error` of its local reply: "upstream_timeout", "unauthorized"...); "" when the
+        # response is the upstream's, so that a 504 of ours is told from an upstream's.
+        self.error = ""
         self.chain_inner_s = 0.0  # (middleware/chain.py: what the links after one took)
         # The upstream endpoint (an EndpointState) the fast path chose but could not use
         # (no idle connection): the task path's first try goes there rather than asking

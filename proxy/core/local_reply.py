@@ -43,6 +43,8 @@ def local_reply(error: ProxyError, request: Request | None) -> Response:
     """`{"error": reason, "message": ..., "request_id": ...}` with the error's status
     (counted in `gatehouse_local_replies_total{reason}`)."""
     _count(error.reason)
+    if request is not None:
+        request.exchange.error = error.reason
     request_id = request_id_of(request)
     payload = {"error": error.reason, "message": error.message, "request_id": request_id}
     data = json.dumps(payload).encode()

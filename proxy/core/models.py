@@ -465,6 +465,7 @@ class Request(_Message):
         "request_id",
         "scheme",
         "target",
+        "tls_version",
         "upgrade",
     )
 
@@ -484,6 +485,7 @@ class Request(_Message):
         path: str | None = None,
         query: str = "",
         raw_target: bytes | None = None,
+        tls_version: str = "",
     ) -> None:
         self.method = method
         self.target = target
@@ -505,6 +507,7 @@ class Request(_Message):
         self.peer = client
         self.peer_trusted = False
         self.scheme = scheme
+        self.tls_version = tls_version  # the client connection's: "TLSv1.3", "" without TLS
         self.keep_alive = keep_alive
         self.host = host if host is not None else self.headers.get("host", "")
         # "websocket" when the client asks for a tunnel (HTTP/1.1 Upgrade, or HTTP/2's

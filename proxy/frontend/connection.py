@@ -110,6 +110,7 @@ class ClientConnection(asyncio.Protocol):
         self.server = server
         self.listener = listener
         self.scheme = "https" if listener.tls is not None else "http"
+        self.tls_version = ""  # "TLSv1.3" on a TLS listener, once connected
         self.limits = server.limits
         self.transport: asyncio.Transport | None = None
         self.client: tuple[str, int] = peer or ("", 0)
@@ -133,6 +134,11 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and not self._peer_given:
             self.client = (str(peer[0]), int(peer[1]))
+        if self.listener.tls is not None:
+            # The protocol is connected once the handshake is done: the version is known.
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None:
+                self.tls_version = ssl_object.version() or ""
         self.server.connections.add(self)
         self.set_phase(ConnectionPhase.HEAD)
         self.front_end = self._front_end_factory(self)

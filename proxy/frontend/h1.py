@@ -189,6 +189,7 @@ class Http1Protocol:
             http_version=head.version,
             client=conn.client,
             scheme=conn.scheme,
+            tls_version=conn.tls_version,
             keep_alive=head.keep_alive and not head.upgrade,
             host=host.decode("latin-1"),
             upgrade=upgrade,

@@ -129,7 +129,11 @@ async def test_hash_on_a_header_keeps_each_key_on_one_endpoint(
     assert all(len(home) == 1 for home in homes.values()), homes
     per_endpoint = Counter(next(iter(home)) for home in homes.values())
     assert sorted(per_endpoint) == [0, 1, 2]  # the keys are spread over all three
-    assert min(per_endpoint.values()) >= 8
+    # Each endpoint's share of the ring is about a third, but the ring is placed by the
+    # endpoints' names (host:port, with ports that change every run), so a share can be
+    # a quarter; 60 keys then leave fewer than 3 on one endpoint with a chance below
+    # 1e-5 (one run in CI had 6 on one of them, which `>= 8` refused).
+    assert min(per_endpoint.values()) >= 3
     assert [a - b for a, b in zip(received(upstreams), before, strict=True)] == [1, 1, 1]
 
 

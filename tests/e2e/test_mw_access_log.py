@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 
 import httpx
 import pytest
@@ -14,6 +15,7 @@ from proxy.process.server import Server
 from tests.support.gateway import GatewayFactory, base_url, simple_config
 from tests.support.h2_client import H2Client
 from tests.support.helpers import eventually
+from tests.support.tls import TlsFiles
 from tests.support.upstreams import UpstreamServer
 
 pytestmark = pytest.mark.socket
@@ -188,3 +190,57 @@ async def test_shutdown_flushes_what_is_queued(
     out, _ = capfd.readouterr()  # no waiting: close() wrote everything before returning
     paths = sorted(json.loads(line)["path"] for line in out.splitlines() if line.startswith("{"))
     assert paths == sorted(f"/echo/{n}" for n in range(50))
+
+
+async def test_error_tells_a_gateway_reply_from_the_upstreams_own_status(
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer, capfd: pytest.CaptureFixture[str]
+) -> None:
+    options = ", fields: [status, path, error, endpoint]"
+    server = await gateway_factory(config(h1_upstream.url, options))
+    async with httpx.AsyncClient(timeout=5) as client:
+        theirs = await client.get(base_url(server) + "/status/502")
+        await h1_upstream.stop()
+        ours = await client.get(base_url(server) + "/status/502")
+    assert theirs.status_code == ours.status_code == 502
+
+    first, second = await logged(server, capfd)
+    assert first == {
+        "status": 502,
+        "path": "/status/502",
+        "error": "",  # the upstream's own 502
+        "endpoint": f"127.0.0.1:{h1_upstream.port}",
+    }
+    assert second["status"] == 502
+    assert second["error"] == ours.json()["error"]  # the gateway's: what its reply says
+    assert second["error"] != ""
+
+
+async def test_tls_names_the_client_connections_version(
+    gateway_factory: GatewayFactory,
+    h1_upstream: UpstreamServer,
+    capfd: pytest.CaptureFixture[str],
+    tls_files: TlsFiles,
+) -> None:
+    listeners = f"""
+listeners:
+  - bind: 127.0.0.1:0
+  - bind: 127.0.0.1:0
+    tls: {{cert: {tls_files.cert}, key: {tls_files.key}}}
+"""
+    text = config(h1_upstream.url, ", fields: [protocol, tls]").replace(
+        "\nlisteners:\n  - bind: 127.0.0.1:0\n", listeners, 1
+    )
+    server = await gateway_factory(text)
+    (plain_host, plain_port), (tls_host, tls_port) = server.addresses[:2]
+    context = ssl.create_default_context(cafile=str(tls_files.ca))
+    async with httpx.AsyncClient(verify=context, timeout=5) as client:
+        await client.get(f"http://{plain_host}:{plain_port}/echo/")
+        await client.get(f"https://{tls_host}:{tls_port}/echo/")
+    async with httpx.AsyncClient(verify=context, http1=False, http2=True, timeout=5) as client:
+        await client.get(f"https://{tls_host}:{tls_port}/echo/")
+
+    assert await logged(server, capfd) == [
+        {"protocol": "HTTP/1.1", "tls": ""},
+        {"protocol": "HTTP/1.1", "tls": "TLSv1.3"},
+        {"protocol": "HTTP/2", "tls": "TLSv1.3"},
+    ]

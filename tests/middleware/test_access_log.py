@@ -167,6 +167,8 @@ async def test_the_line_is_written_once_the_response_body_is_sent(
         "user_agent": "curl/8.5",
         "consumer": "alice",
         "retries": 0,
+        "error": "",
+        "tls": "",
     }
 
 
@@ -224,7 +226,7 @@ async def test_a_client_gone_before_the_response_is_logged_as_499(
     pipe: Pipe,
 ) -> None:
     read_fd, write_fd = pipe.read_fd, pipe.write_fd
-    log = to_pipe(load("{type: access_log, fields: [status, bytes_out]}"), write_fd)
+    log = to_pipe(load("{type: access_log, fields: [status, bytes_out, error]}"), write_fd)
 
     async def endpoint(request: Request) -> Response:
         await asyncio.sleep(10)
@@ -237,7 +239,21 @@ async def test_a_client_gone_before_the_response_is_logged_as_499(
         await task
     await log.close()
 
-    assert read_lines(read_fd) == [{"status": 499, "bytes_out": 0}]
+    assert read_lines(read_fd) == [{"status": 499, "bytes_out": 0, "error": "client_closed"}]
+
+
+async def test_a_bug_further_in_is_logged_as_500_internal_error(pipe: Pipe) -> None:
+    read_fd, write_fd = pipe.read_fd, pipe.write_fd
+    log = to_pipe(load("{type: access_log, fields: [status, error]}"), write_fd)
+
+    async def endpoint(request: Request) -> Response:
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError):
+        await log(make_request(), endpoint)
+    await log.close()
+
+    assert read_lines(read_fd) == [{"status": 500, "error": "internal_error"}]
 
 
 async def test_a_head_response_sends_no_body_bytes(pipe: Pipe) -> None:
@@ -449,14 +465,14 @@ _TEXT = st.text(max_size=40)  # any text: quotes, backslashes, controls, non-ASC
 
 
 @given(
-    strings=st.tuples(*[_TEXT] * 10),
+    strings=st.tuples(*[_TEXT] * 12),
     numbers=st.tuples(*[st.integers(0, 10**12)] * 4),
     seconds=st.tuples(*[st.floats(0, 1e5)] * 2),
 )
 def test_a_line_is_the_json_of_its_values(
     strings: tuple[str, ...], numbers: tuple[int, ...], seconds: tuple[float, ...]
 ) -> None:
-    rid, ip, method, host, path, route, endpoint, agent, consumer, _ = strings
+    rid, ip, method, host, path, route, endpoint, agent, consumer, error, tls, _ = strings
     status, bytes_in, bytes_out, retries = numbers
     values = (
         1_790_000_000.25,
@@ -475,6 +491,8 @@ def test_a_line_is_the_json_of_its_values(
         agent,
         consumer,
         retries,
+        error,
+        tls,
     )
     log = load()
     line = log.encode(values)
@@ -499,6 +517,8 @@ def test_a_line_is_the_json_of_its_values(
         "user_agent": agent,
         "consumer": consumer,
         "retries": retries,
+        "error": error,
+        "tls": tls,
     }
 
 

@@ -106,6 +106,7 @@ class RecordingConnection(ClientConnection):
         self.limits = server.limits
         self.client = client
         self.scheme = "http"
+        self.tls_version = ""
         self.deadline = 0.0
         self.phase = ConnectionPhase.HEAD
         self.phases: list[ConnectionPhase] = []

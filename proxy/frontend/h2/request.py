@@ -48,6 +48,7 @@ def stream_request(
         http_version="2",
         client=conn.client,
         scheme=conn.scheme,
+        tls_version=conn.tls_version,
         host=fields.authority.decode("latin-1"),
         upgrade=upgrade,
         path=path,
