@@ -36,27 +36,29 @@ def json_lines(stderr: str) -> list[dict[str, object]]:
     return lines
 
 
-@pytest.mark.socket
-def test_logging_format_json_in_the_file_makes_every_line_json(tmp_path: Path) -> None:
+def served_and_stopped(tmp_path: Path, *args: str) -> tuple[int, str]:
+    """Start a gateway whose file asks for JSON logs (with `args`), stop it with SIGTERM
+    once it listens: (the supervisor's pid, what it logged)."""
     port = free_port()
     config = gateway_config(port, "http://127.0.0.1:9", extra="logging: {format: json}\n")
-    with run_gateway(config, tmp_path, port=port, args=("--workers", "2")) as gateway:
+    with run_gateway(config, tmp_path, port=port, args=args) as gateway:
         gateway.signal(15)
         assert gateway.wait(10) == 0, gateway.stderr()
-        lines = json_lines(gateway.stderr())
-    supervisor = [line for line in lines if line["pid"] == gateway.pid]
+        return gateway.pid, gateway.stderr()
+
+
+@pytest.mark.socket
+def test_logging_format_json_in_the_file_makes_every_line_json(tmp_path: Path) -> None:
+    pid, stderr = served_and_stopped(tmp_path, "--workers", "2")
+    lines = json_lines(stderr)
+    supervisor = [line for line in lines if line["pid"] == pid]
     assert any("supervising 2 workers" in str(line["message"]) for line in supervisor)
     assert {line["level"] for line in lines} <= {"INFO", "WARNING"}
 
 
 @pytest.mark.socket
 def test_the_flag_wins_over_the_file(tmp_path: Path) -> None:
-    port = free_port()
-    config = gateway_config(port, "http://127.0.0.1:9", extra="logging: {format: json}\n")
-    with run_gateway(config, tmp_path, port=port, args=("--log-format", "text")) as gateway:
-        gateway.signal(15)
-        assert gateway.wait(10) == 0, gateway.stderr()
-        stderr = gateway.stderr()
+    _, stderr = served_and_stopped(tmp_path, "--log-format", "text")
     assert "supervising" in stderr
     for line in stderr.splitlines():
         assert not line.startswith("{"), line

@@ -41,10 +41,10 @@ def parameters(function: Callable[..., Any]) -> list[tuple[str, object]]:
     return [(p.name, p.default) for p in signature.parameters.values()]
 
 
-def pair(
+def initiated(
     server_config: h2.config.H2Configuration | None = None,
 ) -> tuple[h2.connection.H2Connection, h2.connection.H2Connection]:
-    """(client, server), prefaces exchanged."""
+    """(client, server), each with its preface queued and nothing exchanged yet."""
     client = h2.connection.H2Connection(
         h2.config.H2Configuration(client_side=True, header_encoding=None)
     )
@@ -53,6 +53,14 @@ def pair(
     )
     client.initiate_connection()
     server.initiate_connection()
+    return client, server
+
+
+def pair(
+    server_config: h2.config.H2Configuration | None = None,
+) -> tuple[h2.connection.H2Connection, h2.connection.H2Connection]:
+    """(client, server), prefaces exchanged."""
+    client, server = initiated(server_config)
     server.receive_data(client.data_to_send())
     client.receive_data(server.data_to_send())
     server.receive_data(client.data_to_send())
@@ -597,14 +605,7 @@ def test_a_block_that_does_not_decode_raises_as_h2_does() -> None:
 
 
 def test_whole_frames_are_taken_only_with_nothing_of_the_input_held_by_h2() -> None:
-    client = h2.connection.H2Connection(
-        h2.config.H2Configuration(client_side=True, header_encoding=None)
-    )
-    server = h2.connection.H2Connection(
-        h2.config.H2Configuration(client_side=False, header_encoding=None)
-    )
-    client.initiate_connection()
-    server.initiate_connection()
+    client, server = initiated()
     preface = client.data_to_send()
     server.receive_data(preface[:10])
     assert not h2compat.takes_whole_frames(server)  # the preface is not all here

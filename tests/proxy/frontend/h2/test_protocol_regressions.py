@@ -17,7 +17,8 @@ from proxy.core.local_reply import local_reply
 from proxy.core.models import Request, Response
 from proxy.frontend.connection import ConnectionPhase
 from proxy.frontend.h2.conn import server_connection
-from tests.support.http2_helpers import blocked, connected, parse_frames, settle, spin
+from proxy.frontend.h2.protocol import Http2Protocol
+from tests.support.http2_helpers import H2Peer, blocked, connected, parse_frames, settle, spin
 
 
 @pytest.mark.parametrize(
@@ -139,12 +140,18 @@ async def test_connection_error_sends_one_goaway() -> None:
     # it from being read before h2 (`_read_directly`), which would take the stream.
     fields = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"a"), (b":path", b"/")]
     peer.h2.send_headers(1, fields, end_stream=True, priority_weight=16)
+    assert await goaways_after_a_bad_frame(protocol, peer) == [(ErrorCodes.PROTOCOL_ERROR, 0)]
+    assert conn.closed_by == "close"
+
+
+async def goaways_after_a_bad_frame(protocol: Http2Protocol, peer: H2Peer) -> list[tuple[int, int]]:
+    """Feed what the client queued and, in the same read, DATA on stream 0 (a connection
+    error): (error code, last stream id) of each GOAWAY written."""
     data = peer.h2.data_to_send() + b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x"  # DATA, stream 0
     protocol.feed(data)
     await settle(protocol)
-    goaways = [f for f in parse_frames(peer.new_output()) if isinstance(f, GoAwayFrame)]
-    assert conn.closed_by == "close"
-    assert [(f.error_code, f.last_stream_id) for f in goaways] == [(ErrorCodes.PROTOCOL_ERROR, 0)]
+    frames = parse_frames(peer.new_output())
+    return [(f.error_code, f.last_stream_id) for f in frames if isinstance(f, GoAwayFrame)]
 
 
 async def test_a_request_taken_before_a_connection_error_is_named_in_the_goaway() -> None:
@@ -152,12 +159,8 @@ async def test_a_request_taken_before_a_connection_error_is_named_in_the_goaway(
     # after it: the GOAWAY names it, and its exchange is cancelled with the connection.
     protocol, conn, _server, peer = await connected()
     peer.request(1)
-    data = peer.h2.data_to_send() + b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x"  # DATA, stream 0
-    protocol.feed(data)
-    await settle(protocol)
-    goaways = [f for f in parse_frames(peer.new_output()) if isinstance(f, GoAwayFrame)]
+    assert await goaways_after_a_bad_frame(protocol, peer) == [(ErrorCodes.PROTOCOL_ERROR, 1)]
     assert conn.closed_by == "close"
-    assert [(f.error_code, f.last_stream_id) for f in goaways] == [(ErrorCodes.PROTOCOL_ERROR, 1)]
     assert protocol.streams_read_directly == 1
     assert not protocol._streams
 
