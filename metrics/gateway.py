@@ -4,11 +4,16 @@ of the workers' own (metrics/aggregate.py)."""
 
 from __future__ import annotations
 
+import logging
 import platform
+from collections.abc import Iterable
 
+from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from proxy.buildinfo import build_kind, version
+
+log = logging.getLogger(__name__)
 
 GATEWAY_REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -56,3 +61,51 @@ ADMIN_REFUSALS = Counter(
 )
 for _reason in ("host", "unauthorized", "cross_site"):
     ADMIN_REFUSALS.labels(_reason)
+
+CERTIFICATE_EXPIRY = Gauge(
+    "gatehouse_certificate_expiry_timestamp_seconds",
+    "When each TLS listener's certificate expires (its leaf's notAfter), Unix time: "
+    "alert on `gatehouse_certificate_expiry_timestamp_seconds - time() < 14 * 86400`",
+    ["listener", "names"],
+    registry=GATEWAY_REGISTRY,
+)
+
+
+def record_certificates(certificates: Iterable[tuple[str, str]]) -> None:
+    """Set CERTIFICATE_EXPIRY from the running config's (listener name, certificate file)
+    pairs (`Config.tls_certificates()`, at start and after each successful reload, which
+    re-reads the files): one series per listener, labelled with the names its
+    certificate is for, and none left of listeners gone."""
+    CERTIFICATE_EXPIRY.clear()
+    for listener, path in certificates:
+        leaf = leaf_certificate(path)
+        if leaf is not None:
+            CERTIFICATE_EXPIRY.labels(listener, certificate_names(leaf)).set(
+                leaf.not_valid_after_utc.timestamp()
+            )
+
+
+def leaf_certificate(path: str) -> x509.Certificate | None:
+    """The first certificate of the PEM chain at `path` (the leaf: the config requires it
+    first), or None, with a warning, when it cannot be read any more."""
+    try:
+        with open(path, "rb") as file:
+            return x509.load_pem_x509_certificates(file.read())[0]
+    except (OSError, ValueError) as exc:
+        log.warning("cannot read the certificate %s for its expiry: %s", path, exc)
+        return None
+
+
+def certificate_names(certificate: x509.Certificate) -> str:
+    """The DNS names (and IP addresses) a certificate is for, comma-separated; its
+    common name when it has no subjectAltName."""
+    try:
+        alternatives = certificate.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        ).value
+    except x509.ExtensionNotFound:
+        common = certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        return ",".join(str(attribute.value) for attribute in common)
+    names = [str(name) for name in alternatives.get_values_for_type(x509.DNSName)]
+    names += [str(address) for address in alternatives.get_values_for_type(x509.IPAddress)]
+    return ",".join(names)

@@ -462,3 +462,7 @@ class Config:
     # Start offsets, in the file's text, of the values /config hides by where they are
     # (header values a middleware sends, route matcher values): proxy/config/view.py.
     concealed: frozenset[int] = frozenset()
+
+    def tls_certificates(self) -> list[tuple[str, str]]:
+        """(listener name, certificate chain file) of each TLS listener."""
+        return [(item.name, item.tls.cert) for item in self.listeners if item.tls is not None]

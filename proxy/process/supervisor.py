@@ -41,6 +41,7 @@ from metrics.gateway import (
     GATEWAY_REGISTRY,
     WORKER_RESTARTS,
     WORKERS,
+    record_certificates,
 )
 from proxy.config.document import ConfigError, read_config_file
 from proxy.config.load import parse_config
@@ -187,6 +188,7 @@ class Supervisor:
             self._admin = admin
             _warn_if_open(self.config.admin)
         CONFIG_LAST_RELOAD_SUCCESS.set(time.time())
+        record_certificates(self.config.tls_certificates())
         for _ in range(self.workers):
             self._spawn()
         log.info("supervising %d workers (pids %s)", self.workers, sorted(self._children))
@@ -339,6 +341,7 @@ class Supervisor:
             CONFIG_RELOADS.labels("success" if ok else "failure").inc()
             if ok:
                 CONFIG_LAST_RELOAD_SUCCESS.set(time.time())
+                record_certificates(self.config.tls_certificates())
                 log.info("reload done: %d routes", len(self.config.routes))
             else:
                 for line in errors:

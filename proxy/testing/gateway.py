@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client.metrics_core import Metric
 
 from metrics.admin import AdminServer
-from metrics.gateway import CONFIG_LAST_RELOAD_SUCCESS, CONFIG_RELOADS
+from metrics.gateway import CONFIG_LAST_RELOAD_SUCCESS, CONFIG_RELOADS, record_certificates
 from proxy.config.document import ConfigError
 from proxy.config.load import parse_config
 from proxy.config.model import AdminConfig, Config, EndpointConfig, UpstreamConfig
@@ -376,6 +376,7 @@ class RunningGateway:
             self._source, self.text, self.source_name = source, text, name
             CONFIG_RELOADS.labels("success").inc()
             CONFIG_LAST_RELOAD_SUCCESS.set_to_current_time()
+            record_certificates(config.tls_certificates())
 
 
 class _AdminApp:
