@@ -118,6 +118,17 @@ _WEBSOCKET_CLOSE_CHILDREN = {
 }
 
 
+# Spans of the gateway's traces (metrics/traces.py): exported, dropped when the queue to
+# the export thread is full, or failed (the collector refused or could not be reached).
+# A prometheus-client Counter, locked: the export thread counts too.
+TRACING_SPANS = Counter(
+    "gatehouse_tracing_spans",
+    "Spans of the gateway's traces: exported, dropped (queue full) or failed (export)",
+    ["result"],
+    registry=REGISTRY,
+)
+
+
 def count_tunnel_bytes(direction: TunnelDirection, size: int) -> None:
     """`size` more bytes tunnelled `direction` (added in batches, not per chunk)."""
     if size:

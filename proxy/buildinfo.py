@@ -47,6 +47,7 @@ COMPILED = (
     "proxy.core.forwarded",
     "proxy.core.local_reply",
     "proxy.core.ids",
+    "proxy.core.tracing",
     "proxy.frontend.connection",
     "proxy.frontend.h1",
     "proxy.frontend.h2.protocol",

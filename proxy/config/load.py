@@ -58,6 +58,7 @@ from proxy.config.server import (
     read_path_normalization,
     read_reload,
     read_shutdown,
+    read_tracing,
     read_workers,
 )
 from proxy.config.upstream import read_upstreams
@@ -67,7 +68,7 @@ __all__ = ["load_config", "parse_config"]
 _TOP_KEYS = ("listeners", "admin", "upstreams", "middleware", "global_middleware", "routes",
              "limits", "http2", "http1_parser", "workers", "shutdown", "reload",
              "metrics", "path_normalization", "headers_with_underscores",
-             "client_ip", "logging")  # fmt: skip
+             "client_ip", "logging", "tracing")  # fmt: skip
 _T = TypeVar("_T")
 
 
@@ -161,5 +162,6 @@ def _read_config(reader: NodeReader, context: LoadContext, root: Node | None) ->
         ),
         client_ip=client_ip,
         log_format=section("logging", read_logging, "text"),
+        tracing=section("tracing", read_tracing, None),
         source=reader.source,
     )

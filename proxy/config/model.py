@@ -125,6 +125,19 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """`tracing`: W3C trace propagation always happens; with `otlp_endpoint`, sampled
+    exchanges are exported as OpenTelemetry spans (proxy/core/tracing.py,
+    metrics/traces.py)."""
+
+    otlp_endpoint: str | None = None  # the collector's base URL (spans go to /v1/traces)
+    sample_ratio: float = 1.0  # of traces that start here (or all, without parent_based)
+    parent_based: bool = True  # follow the caller's sampled flag when it sends one
+    service_name: str = "gatehouse"  # the `service.name` resource attribute
+    headers: tuple[tuple[str, str], ...] = ()  # sent with every export (credentials)
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamTimeouts:
     """`upstreams.X.timeouts`. `read` bounds the wait for the response head and each gap
     between body chunks (like nginx proxy_read_timeout); there is no total deadline."""
@@ -458,6 +471,7 @@ class Config:
     # `logging.format`: the process logs as "text" or "json" (--log-format overrides it;
     # read at start, a reload does not change it).
     log_format: str = "text"
+    tracing: TracingConfig | None = None  # None: propagation only, no spans
     source: str = "<string>"
     # Start offsets, in the file's text, of the values /config hides by where they are
     # (header values a middleware sends, route matcher values): proxy/config/view.py.

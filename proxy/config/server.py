@@ -39,9 +39,10 @@ from proxy.config.model import (
     MetricsConfig,
     PathNormalization,
     ReloadConfig,
+    TracingConfig,
 )
 from proxy.config.reader import NodeReader, Reported
-from proxy.config.values import parse_bind, tls_pair_problem
+from proxy.config.values import parse_bind, parse_collector_url, tls_pair_problem
 from proxy.core.addresses import Network, parse_network
 
 _HTTP1_PARSERS = ("auto", "httptools", "h11")
@@ -153,6 +154,58 @@ def read_logging(reader: NodeReader, context: LoadContext, node: Node, path: str
     """
     fields = reader.mapping(node, path, ("format",))
     return fields.get("format", partial(reader.choice, choices=LOG_FORMATS, what="format"), "text")
+
+
+def read_tracing(reader: NodeReader, context: LoadContext, node: Node, path: str) -> TracingConfig:
+    """`tracing`: where spans go, how many, and under which service name.
+
+    Raises:
+        Reported: not a mapping (recorded).
+    """
+    fields = reader.mapping(
+        node, path, ("otlp_endpoint", "sample_ratio", "parent_based", "service_name", "headers")
+    )
+
+    def collector(value: Node, where: str) -> str:
+        return reader.convert(value, where, parse_collector_url, "a URL")
+
+    def ratio(value: Node, where: str) -> float:
+        found = reader.value(value, where)
+        if isinstance(found, bool) or not isinstance(found, int | float):
+            raise reader.type_error(value, where, "a number from 0 to 1")
+        if not 0.0 <= float(found) <= 1.0:
+            raise reader.error(value, where, f"must be from 0 to 1, not {found}")
+        return float(found)
+
+    def service(value: Node, where: str) -> str:
+        name = reader.string(value, where)
+        if not name.strip():
+            raise reader.error(value, where, "must not be empty")
+        return name
+
+    def headers(value: Node, where: str) -> tuple[tuple[str, str], ...]:
+        pairs: list[tuple[str, str]] = []
+        for key_node, key, item in reader.entries(value, where):
+            here = f"{where}.{key}"
+            if not _TOKEN.fullmatch(key):
+                raise reader.error(key_node, here, f"{key!r} is not a valid header name")
+            text = reader.string(item, here)
+            if any(bad in text for bad in "\r\n\x00"):
+                raise reader.error(item, here, "a header value must not hold CR, LF or NUL")
+            reader.conceal(item)  # an API key or token, hidden from /config
+            pairs.append((key, text))
+        return tuple(pairs)
+
+    return TracingConfig(
+        otlp_endpoint=fields.get("otlp_endpoint", collector, None),
+        sample_ratio=fields.get("sample_ratio", ratio, 1.0),
+        parent_based=fields.get("parent_based", reader.boolean, True),
+        service_name=fields.get("service_name", service, "gatehouse"),
+        headers=fields.get("headers", headers, ()),
+    )
+
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 section 5.6.2
 
 
 # --- listeners ---

@@ -394,3 +394,35 @@ def parse_endpoint_url(text: str) -> tuple[str, str, int, str]:
     port = _parse_port(port_text, allow_zero=False) if colon else _DEFAULT_PORTS[scheme]
     url_host = f"[{host}]" if ":" in host else host
     return scheme, host, port, f"{scheme}://{url_host}:{port}"
+
+
+def parse_collector_url(text: str) -> str:
+    """An OpenTelemetry collector's base URL, `http(s)://host[:port][/path]`, as
+    OTEL_EXPORTER_OTLP_ENDPOINT takes it (traces go to its `/v1/traces`). Returns it
+    without a trailing `/`.
+
+    Raises:
+        ConfigValueError: not an http:// or https:// URL with a host, or it has
+            userinfo, a query or a fragment.
+    """
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 (raises for a port that is not a number in range)
+    except ValueError as exc:
+        raise ConfigValueError(f"invalid collector URL {text!r}: {exc}") from None
+    if parts.scheme.lower() not in ("http", "https") or "://" not in text:
+        raise ConfigValueError(
+            f"invalid collector URL {text!r}: expected http://host:port or https://host:port"
+        )
+    if not parts.hostname or not _valid_host(parts.hostname):
+        raise ConfigValueError(f"invalid collector URL {text!r}: missing or invalid host")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigValueError(
+            f"invalid collector URL {text!r}: credentials in the URL are not allowed"
+            " (use tracing.headers)"
+        )
+    if parts.query or parts.fragment:
+        raise ConfigValueError(
+            f"invalid collector URL {text!r}: a query or fragment is not allowed"
+        )
+    return text.rstrip("/")

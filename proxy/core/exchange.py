@@ -3,7 +3,10 @@ the pipeline keeps for it on the way (`request.exchange`, proxy/core/models.py).
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from proxy.core.tracing import TraceContext
 
 
 class Cancellable(Protocol):
@@ -35,6 +38,7 @@ class Exchange:
         "retries",
         "retry",
         "route_name",
+        "trace",
         "upstream_s",
     )
 
@@ -49,6 +53,9 @@ class Exchange:
         # `error` of its local reply: "upstream_timeout", "unauthorized"...); "" when the
         # response is the upstream's, so that a 504 of ours is told from an upstream's.
         self.error = ""
+        # The W3C trace the exchange belongs to (proxy/core/tracing.py): from its arrival
+        # when the gateway traces, else from its first upstream try (propagation only).
+        self.trace: TraceContext | None = None
         self.chain_inner_s = 0.0  # (middleware/chain.py: what the links after one took)
         # The upstream endpoint (an EndpointState) the fast path chose but could not use
         # (no idle connection): the task path's first try goes there rather than asking
@@ -66,3 +73,6 @@ class Exchange:
             self.eager.cancel()
         if self.retry is not None:
             self.retry.cancel()
+        trace = self.trace
+        if trace is not None and trace.sink is not None:
+            trace.finish(499, "client_closed")

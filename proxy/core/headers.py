@@ -29,6 +29,7 @@ from __future__ import annotations
 from proxy.codec.h1serialize import UnsafeHeader, request_head
 from proxy.core.forwarded import forwarded_element
 from proxy.core.models import RawHeaders, Request
+from proxy.core.tracing import TRACEPARENT, TRACESTATE, propagation_only
 
 REQUEST_HOP_BY_HOP = frozenset(
     {
@@ -51,7 +52,10 @@ REQUEST_HOP_BY_HOP = frozenset(
 # What a request says about where it came from, besides the X-Forwarded-* fields: kept
 # only from a trusted peer (see the module docstring).
 _CLIENT_STATEMENTS = frozenset({"forwarded", "x-real-ip"})
-_MANAGED = REQUEST_HOP_BY_HOP | _CLIENT_STATEMENTS
+# W3C Trace Context: the gateway writes its own traceparent for each upstream try, and
+# passes tracestate on only with the trace it continues (proxy/core/tracing.py).
+_TRACE_FIELDS = frozenset({TRACEPARENT, TRACESTATE})
+_MANAGED = REQUEST_HOP_BY_HOP | _CLIENT_STATEMENTS | _TRACE_FIELDS
 VIA_TOKEN = "gatehouse"
 _VIA_HOPS = {version: f"{version} {VIA_TOKEN}".encode() for version in ("1.0", "1.1", "2")}
 
@@ -87,6 +91,10 @@ def upstream_headers(
     if real_ip is not None:
         out.append(("X-Real-IP", real_ip.decode("latin-1")))
     out.append(("Via", via.decode("latin-1")))
+    traceparent, tracestate = _trace_fields(request, forwarded)
+    out.append(("traceparent", traceparent.decode()))
+    if tracestate is not None:
+        out.append(("tracestate", tracestate.decode("latin-1")))
     if chunked:
         out.append(("Transfer-Encoding", "chunked"))
     elif body_length is not None and (body_length or request.method not in _BODYLESS):
@@ -128,12 +136,16 @@ _FORWARDED = {
     b"via": 3,
     b"forwarded": 4,
     b"x-real-ip": 5,
+    b"traceparent": 6,
+    b"tracestate": 7,
 }
 # The lines a request carried of each `_FORWARDED` field, in that order (None: none),
 # joined once in `_forwarding_values`: joining them as they come would cost time
 # quadratic in the number of lines a client repeats.
 Forwarded = list[list[bytes] | None]
 _NOTHING_FORWARDED: Forwarded = [None] * len(_FORWARDED)
+_TRACEPARENT_SLOT = 6
+_TRACESTATE_SLOT = 7
 
 
 def _collect(forwarded: Forwarded, slot: int, value: bytes) -> None:
@@ -181,7 +193,7 @@ def _forwarding_values(
     if forwarded == _NOTHING_FORWARDED:  # most requests: none of them came
         xff = proto = fhost = via = fwd = real_ip = None
     else:
-        xff, proto, fhost, via, fwd, real_ip = [_joined(lines) for lines in forwarded]
+        xff, proto, fhost, via, fwd, real_ip = [_joined(lines) for lines in forwarded[:6]]
     peer = request.peer[0].encode()
     scheme = request.scheme.encode()
     host: bytes | None = request.host.encode("latin-1") if request.host else None
@@ -203,6 +215,24 @@ def _forwarding_values(
         fwd,
         real_ip,
     )
+
+
+def _trace_fields(request: Request, forwarded: Forwarded) -> tuple[bytes, bytes | None]:
+    """`traceparent` for this upstream try and the `tracestate` to pass on (None: none).
+    A gateway that traces gave the exchange its TraceContext on arrival; otherwise the
+    first try makes one from the lines the request carried (`forwarded`'s trace slots),
+    and the tries after it keep it."""
+    exchange = request.exchange
+    trace = exchange.trace
+    if trace is None:
+        parents = forwarded[_TRACEPARENT_SLOT]
+        states = forwarded[_TRACESTATE_SLOT]
+        trace = exchange.trace = propagation_only(
+            [line.decode("latin-1") for line in parents] if parents is not None else [],
+            [line.decode("latin-1") for line in states] if states is not None else [],
+        )
+    state = trace.tracestate
+    return trace.new_hop(), state.encode("latin-1") if state is not None else None
 
 
 def upstream_request_head(
@@ -240,7 +270,7 @@ def _raw_head(
     parts = [request.method.encode(), b" ", target, b" HTTP/1.1\r\nHost: ", host.encode("latin-1")]
     # `_end_to_end`'s rule, inline: this is the HTTP/1.1 hot path, and building the list
     # of kept fields first costs ~1 us per request (3%) here.
-    forwarded: Forwarded = [None, None, None, None, None, None]  # _FORWARDED's
+    forwarded: Forwarded = [None, None, None, None, None, None, None, None]  # _FORWARDED's
     for name, value in raw:
         lower = name.lower()
         if lower in _RAW_HOP_BY_HOP:
@@ -260,6 +290,10 @@ def _raw_head(
     if real_ip is not None:
         parts += (b"\r\nX-Real-IP: ", real_ip)
     parts += (b"\r\nVia: ", via)
+    traceparent, tracestate = _trace_fields(request, forwarded)
+    parts += (b"\r\ntraceparent: ", traceparent)
+    if tracestate is not None:
+        parts += (b"\r\ntracestate: ", tracestate)
     if chunked:
         parts.append(b"\r\nTransfer-Encoding: chunked")
     elif body_length is not None and (body_length or request.method not in _BODYLESS):
@@ -322,6 +356,10 @@ def upstream_h2_headers(
     if real_ip is not None:
         out.append((b"x-real-ip", real_ip))
     out.append((b"via", via))
+    traceparent, tracestate = _trace_fields(request, forwarded)
+    out.append((b"traceparent", traceparent))
+    if tracestate is not None:
+        out.append((b"tracestate", tracestate))
     if body_length is not None and (body_length or request.method not in _BODYLESS):
         out.append((b"content-length", b"%d" % body_length))
     return out

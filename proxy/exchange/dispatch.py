@@ -37,6 +37,7 @@ from proxy.core.models import Request, Response
 from proxy.exchange.eager import EagerRun
 
 if TYPE_CHECKING:
+    from proxy.core.tracing import Tracer
     from proxy.exchange.routing import RouteTable
     from proxy.exchange.runtime import RouteRuntime
 
@@ -51,14 +52,19 @@ Start = Callable[[Request, Reply], "Run | None"]  # `Dispatcher.start`'s shape
 class Dispatcher:
     """Starts the exchanges of one Runtime (its route table and compiled routes)."""
 
-    __slots__ = ("_no_route", "_routes", "_table")
+    __slots__ = ("_no_route", "_routes", "_table", "_tracer")
 
     def __init__(
-        self, table: RouteTable, routes: dict[str, RouteRuntime], no_route: Handler | None
+        self,
+        table: RouteTable,
+        routes: dict[str, RouteRuntime],
+        no_route: Handler | None,
+        tracer: Tracer | None = None,
     ) -> None:
         self._table = table
         self._routes = routes
         self._no_route = no_route  # global_middleware ending in a 404, if any
+        self._tracer = tracer  # `tracing:` (None: propagation only, at the upstream hop)
 
     def start(self, request: Request, reply: Reply) -> Run | None:
         """Begin `request`'s exchange. None: it runs without a task, and `reply` is
@@ -66,6 +72,9 @@ class Dispatcher:
         the caller awaits the returned Run in a task; its response never raises, and
         cancelling the task (the client went away) cancels the exchange."""
         exchange = request.exchange
+        tracer = self._tracer
+        if tracer is not None:
+            exchange.trace = tracer.begin(request)
         try:
             match = self._table.match(
                 request.method, request.host, request.path, request.get_headers, request.query

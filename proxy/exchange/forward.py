@@ -96,6 +96,7 @@ class Forwarder:
         "_http2",
         "_load",
         "_max_head_bytes",
+        "_protocol",
         "_raw_path",
         "_retry",
         "_rewrite",
@@ -125,6 +126,7 @@ class Forwarder:
         self._retry = RetryPolicy(upstream.name, upstream.config.retries, load)
         self._breaker = CircuitBreaker(upstream, upstream.config.circuit_breaker, load)
         self._fast = not upstream.http2 and self._retry.fast_path_ok
+        self._protocol = "2" if upstream.http2 else "1.1"  # the upstream hop's, for traces
         self.fast_starts = 0  # requests try_start sent (the tests read it)
 
     def _host_of(self, request: Request, pool: UpstreamPool | H2Pool) -> str:
@@ -185,10 +187,13 @@ class Forwarder:
             upstream.report(state, response.status if response is not None else None, error)
             if response is not None:
                 upstream.policy.on_response(request, response, state)
+                _traced_try(request, upstream.name, response, None, "1.1")
             elif isinstance(error, StaleConnection):
                 exchange.balanced = state  # a fresh connection to the same endpoint
                 self._retry_stale(request, exchange, on_response)
                 return
+            else:
+                _traced_try(request, upstream.name, None, error, "1.1")
             on_response(response, error)
 
         conn.start(request.method, head, answered)
@@ -273,6 +278,7 @@ class Forwarder:
                     error = exc
                 finally:
                     state.in_flight -= 1
+                    _traced_try(request, upstream.name, response, error, self._protocol)
                     if granted:
                         granted = False
                         policy.release()
@@ -415,8 +421,12 @@ class Forwarder:
             await handshake.exchange(head, pool.read_timeout)
         except ProxyError as error:  # not `exc`: mypyc gives one name one type
             pool.metrics.failure(failure_code(error))
+            _traced_try(request, self.upstream.name, None, error, "1.1")
             raise
         pool.metrics.response(handshake.status, sent_at)
+        trace = request.exchange.trace
+        if trace is not None and trace.sink is not None:
+            trace.end_hop(request, self.upstream.name, pool.label, handshake.status, "", 0, "1.1")
         reason = handshake.reason.decode("latin-1")
         if handshake.status != 101:
             handshake.close()
@@ -431,6 +441,29 @@ class Forwarder:
         response = Response(101, handshake.headers, reason=reason)
         response.upgrade = handshake
         return response
+
+
+def _traced_try(
+    request: Request,
+    upstream: str,
+    response: Response | None,
+    error: ProxyError | None,
+    protocol: str,
+) -> None:
+    """An upstream try ended (its response head came, or it failed): its client span is
+    recorded when the exchange's trace is (proxy/core/tracing.py)."""
+    exchange = request.exchange
+    trace = exchange.trace
+    if trace is not None and trace.sink is not None:
+        trace.end_hop(
+            request,
+            upstream,
+            exchange.endpoint,
+            response.status if response is not None else None,
+            error.reason if error is not None else "",
+            exchange.retries,
+            protocol,
+        )
 
 
 def _streams(request: Request) -> bool:

@@ -9,12 +9,15 @@ started with.
 from __future__ import annotations
 
 from metrics.definitions import MIDDLEWARE_SECONDS
+from metrics.traces import SpanExport
 from middleware.chain import build_chain, close_all, start_all
-from proxy.config.model import Config, MiddlewareSpec, RouteConfig
+from proxy.buildinfo import version
+from proxy.config.model import Config, MiddlewareSpec, RouteConfig, TracingConfig
 from proxy.core.canonical import spelling
 from proxy.core.client_ip import ClientResolver
 from proxy.core.errors import NoRoute
 from proxy.core.models import Request, Response
+from proxy.core.tracing import Tracer
 from proxy.exchange.dispatch import Dispatcher, Handler
 from proxy.exchange.eager import ChainEnd
 from proxy.exchange.forward import Forwarder
@@ -78,6 +81,22 @@ def _kept_middleware(previous: Runtime | None) -> dict[tuple[str, str, str], Mid
     if previous is None:
         return {}
     return {_spec_key(spec): spec for spec in previous.middleware() if spec.options}
+
+
+def _tracer(config: TracingConfig | None, previous: Runtime | None) -> Tracer | None:
+    """The `tracing:` section's Tracer; its export (thread and queue) is taken over from
+    `previous` when the collector settings are the same."""
+    if config is None:
+        return None
+    export: SpanExport | None = None
+    if config.otlp_endpoint is not None:
+        settings = (config.otlp_endpoint, config.headers, config.service_name)
+        old = previous.tracer if previous is not None else None
+        if old is not None and isinstance(old.sink, SpanExport) and old.sink.settings == settings:
+            export = old.sink
+        else:
+            export = SpanExport(*settings, version())
+    return Tracer(config.sample_ratio, config.parent_based, export)
 
 
 async def _no_route(request: Request) -> Response:
@@ -145,7 +164,8 @@ class Runtime:
             )
             for route in config.routes
         }
-        self.dispatcher = Dispatcher(self.table, self.routes, self.no_route)
+        self.tracer = _tracer(config.tracing, previous)
+        self.dispatcher = Dispatcher(self.table, self.routes, self.no_route, self.tracer)
 
     def middleware(self) -> list[MiddlewareSpec]:
         """Every middleware instance in the chains (shared ones once per chain)."""
@@ -167,6 +187,17 @@ class Runtime:
         for upstream in self.upstreams.values():
             await upstream.aclose_health()
         await close_all(self.middleware())
+        await self._close_export(None)
+
+    async def _close_export(self, successor: Runtime | None) -> None:
+        """Send the queued spans and stop the export thread, unless `successor` took
+        the export over."""
+        export = self.tracer.sink if self.tracer is not None else None
+        if not isinstance(export, SpanExport):
+            return
+        taken = successor.tracer.sink if successor is not None and successor.tracer else None
+        if taken is not export:
+            await export.aclose()
 
     async def discard(self, previous: Runtime) -> None:
         """A prepared reload was abandoned: close what this Runtime made that `previous`
@@ -184,6 +215,7 @@ class Runtime:
                 await upstream.aclose_health()
         kept = {id(spec.instance) for spec in successor.middleware()}
         await close_all(spec for spec in self.middleware() if id(spec.instance) not in kept)
+        await self._close_export(successor)
 
     def expire(self, now: float) -> None:
         """Sweeper tick for every upstream pool."""

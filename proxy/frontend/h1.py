@@ -36,6 +36,7 @@ from proxy.core.canonical import (
 from proxy.core.errors import BadRequest, BodyTooLarge, HeadTooLarge, ProxyError, RequestTimeout
 from proxy.core.local_reply import local_reply
 from proxy.core.models import Body, Request, Response
+from proxy.core.tracing import end_exchange
 from proxy.exchange.dispatch import Run
 from proxy.frontend.connection import ClientConnection, ConnectionPhase, ReadPause
 from proxy.frontend.handover import start_h1_tunnel
@@ -479,6 +480,7 @@ class Http1Protocol:
             raise
         finally:
             count_request(request, response.status)  # ended, or broke off after the head
+            end_exchange(request, response.status)
         return True
 
     def _start_response(
@@ -532,10 +534,12 @@ class Http1Protocol:
             body.discard()
             conn.write(_UNSAFE_REPLY)
             count_request(request, 500)
+            end_exchange(request, 500)
             return _Sent.FAILED
         conn.write_head_and_body(head, data)
         if streaming is _Sent.DONE:
             count_request(request, status)  # streamed bodies are counted by `_write`
+            end_exchange(request, status)
         return streaming
 
 

@@ -16,6 +16,7 @@ import logging
 from metrics.definitions import count_request
 from proxy.codec.h1serialize import UnsafeHeader
 from proxy.core.models import Request, Response
+from proxy.core.tracing import end_exchange
 from proxy.frontend.connection import ClientConnection
 from proxy.websocket.tunnel import SocketEnd, StreamEnd, Tunnel, TunnelHost
 from proxy.websocket.upstream import UpstreamHandshake
@@ -48,6 +49,7 @@ def start_h1_tunnel(
         return False
     transport.write(head)
     count_request(request, response.status)  # a tunnel's request ends at its 101
+    end_exchange(request, response.status)
     client = SocketEnd(transport, is_client=True)
     upstream = SocketEnd(upstream_transport, is_client=False)
     Tunnel(conn.server, request.exchange.route_name, handshake.settings, client, upstream)

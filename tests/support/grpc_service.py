@@ -121,11 +121,13 @@ def _echo_handler() -> Any:
 
 
 @asynccontextmanager
-async def echo_server(tls: TlsFiles | None = None) -> AsyncIterator[int]:
+async def echo_server(
+    tls: TlsFiles | None = None, interceptors: Sequence[Any] = ()
+) -> AsyncIterator[int]:
     """Serve `test.Echo` on 127.0.0.1 and yield its port: insecure (h2c with prior
-    knowledge), or over TLS with `tls`' certificate. The server stops, cancelling open
-    calls, on exit."""
-    server = grpc.aio.server()
+    knowledge), or over TLS with `tls`' certificate; `interceptors` see every call. The
+    server stops, cancelling open calls, on exit."""
+    server = grpc.aio.server(interceptors=list(interceptors))
     server.add_generic_rpc_handlers((_echo_handler(),))
     if tls is None:
         port = int(server.add_insecure_port("127.0.0.1:0"))

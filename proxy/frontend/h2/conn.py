@@ -23,6 +23,7 @@ from proxy.codec.h2compat import (
 )
 from proxy.config.model import Http2Config
 from proxy.core.models import Body, Request, Trailers
+from proxy.core.tracing import end_exchange
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # RFC 9113 section 3.4
 DEFAULT_WINDOW_BYTES = 65_535  # RFC 9113 section 6.9.2
@@ -193,6 +194,7 @@ class H2Exchange:
         if status:
             self.status = 0
             count_request(self.request, status)
+            end_exchange(self.request, status)
 
     def tunnel_started(self, body: Body) -> None:
         """A tunnel now reads the client's DATA from `body` until it drops it."""
