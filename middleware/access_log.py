@@ -46,7 +46,16 @@ from typing import Any, ClassVar
 
 from metrics.definitions import ACCESS_LOG_DROPPED
 from middleware.headers import error_reply
-from proxy import Handler, Options, ProxyError, Request, Response, did_you_mean, request_id_of
+from proxy import (
+    Handler,
+    Option,
+    Options,
+    ProxyError,
+    Request,
+    Response,
+    did_you_mean,
+    request_id_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +254,27 @@ def write_whole_lines(fd: int, data: bytes, piece: int = select.PIPE_BUF) -> Non
 class AccessLog:
     """Log one JSON line per request."""
 
-    OPTIONS: ClassVar[tuple[str, ...]] = ("fields", "sample", "output", "queue_size")
+    OPTIONS: ClassVar[dict[str, Option]] = {
+        "fields": Option.raw(
+            "the fields of each line, in order",
+            {
+                "anyOf": [
+                    {"enum": list(FIELDS)},
+                    {"type": "array", "items": {"enum": list(FIELDS)}, "minItems": 1},
+                ]
+            },
+            list(DEFAULT_FIELDS),
+        ),
+        "sample": Option.raw(
+            "the share of requests logged, 0 to 1",
+            {"type": "number", "minimum": 0, "maximum": 1},
+            1.0,
+        ),
+        "output": Option.choice(tuple(OUTPUTS), "where lines go", "stdout"),
+        "queue_size": Option.integer(
+            "lines waiting to be written; more are dropped and counted", DEFAULT_QUEUE_LINES, 1
+        ),
+    }
     EAGER: ClassVar[bool] = True  # awaits nothing but call_next (proxy/exchange/eager.py)
     PHASES: ClassVar[bool] = True  # request_phase, response_phase (proxy/exchange/phased.py)
 

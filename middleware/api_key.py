@@ -33,6 +33,7 @@ from metrics.definitions import count_auth_failure
 from middleware.auth_common import (
     CONSUMER_RE,
     DEFAULT_CONSUMER_HEADER,
+    DEFAULT_REALM,
     challenge,
     header_name,
     header_values,
@@ -41,9 +42,14 @@ from middleware.auth_common import (
     realm,
     set_consumer,
 )
-from proxy import Forbidden, Handler, Options, Reported, Request, Response, Unauthorized
+from proxy import Forbidden, Handler, Option, Options, Reported, Request, Response, Unauthorized
 
 DEFAULT_HEADER = "X-API-Key"
+# An entry of `keys` written as a mapping.
+KEY_ENTRY: dict[str, Option] = {
+    "key": Option.text("the key", required=True),
+    "consumer": Option.string("the consumer it names", ""),
+}
 _QUERY_NAME_RE = re.compile(r"[A-Za-z0-9._~-]+")  # RFC 3986 unreserved characters
 
 
@@ -80,14 +86,34 @@ def _form_decode(text: str) -> bytes:
 class ApiKey:
     """Refuse requests without a known API key; name their consumer upstream."""
 
-    OPTIONS: ClassVar[tuple[str, ...]] = (
-        "header",
-        "query",
-        "keys",
-        "keys_file",
-        "consumer_header",
-        "realm",
-    )
+    OPTIONS: ClassVar[dict[str, Option]] = {
+        "header": Option.string(
+            "the request header that carries the key (empty: none)", DEFAULT_HEADER
+        ),
+        "query": Option.string("the query parameter that carries the key (default none)", ""),
+        "keys": Option.raw(
+            "the keys: strings, or {key, consumer} mappings",
+            {
+                "anyOf": [
+                    {"type": ["string", "number"]},
+                    {
+                        "type": "array",
+                        "items": {
+                            "anyOf": [
+                                {"type": ["string", "number"]},
+                                Option.mapping(KEY_ENTRY, "a key and its consumer").json_schema(),
+                            ]
+                        },
+                    },
+                ]
+            },
+        ),
+        "keys_file": Option.string("a file of keys, one 'key' or 'key consumer' a line"),
+        "consumer_header": Option.string(
+            "the header that names the consumer upstream (empty: none)", DEFAULT_CONSUMER_HEADER
+        ),
+        "realm": Option.string("the realm of the WWW-Authenticate challenge", DEFAULT_REALM),
+    }
     # It awaits nothing but `call_next`, so its chain may run without a task (see the
     # EAGER protocol of proxy/exchange/eager.py).
     EAGER: ClassVar[bool] = True
@@ -149,7 +175,7 @@ class ApiKey:
         for reader, node, path in items(options, "keys"):
             try:
                 if isinstance(node, MappingNode):
-                    fields = reader.mapping(node, path, ("key", "consumer"), ("key",))
+                    fields = reader.mapping(node, path, tuple(KEY_ENTRY), ("key",))
                     key_node = fields.nodes.get("key")
                     if key_node is None:  # reported by `mapping`
                         options.failed = True

@@ -38,7 +38,7 @@ import secrets
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import NoReturn
+from typing import ClassVar, NoReturn
 
 import bcrypt
 from yaml.nodes import MappingNode
@@ -46,6 +46,7 @@ from yaml.nodes import MappingNode
 from metrics.definitions import count_auth_failure
 from middleware.auth_common import (
     DEFAULT_CONSUMER_HEADER,
+    DEFAULT_REALM,
     challenge,
     header_name,
     header_values,
@@ -55,7 +56,7 @@ from middleware.auth_common import (
     realm,
     set_consumer,
 )
-from proxy import Handler, Options, Reported, Request, Response, Unauthorized, join_path
+from proxy import Handler, Option, Options, Reported, Request, Response, Unauthorized, join_path
 
 DEFAULT_CACHE_TTL_S = 60.0
 DEFAULT_CACHE_SIZE = 1024
@@ -191,15 +192,31 @@ def parse_password_hash(hashed: str) -> PasswordHash:
 class BasicAuth:
     """Refuse requests without valid Basic credentials; name the user upstream."""
 
-    OPTIONS = (
-        "users",
-        "htpasswd_file",
-        "realm",
-        "forward_authorization",
-        "consumer_header",
-        "cache_ttl",
-        "cache_size",
-    )
+    OPTIONS: ClassVar[dict[str, Option]] = {
+        "users": Option.raw(
+            "the users: {name: hash}, or a list of 'name:hash' (bcrypt, as htpasswd -B"
+            " writes; gatehouse hash-password makes one)",
+            {
+                "anyOf": [
+                    {"type": "object", "additionalProperties": {"type": "string"}},
+                    {"type": "string"},
+                    {"type": "array", "items": {"type": "string"}},
+                ]
+            },
+        ),
+        "htpasswd_file": Option.string("an htpasswd file of 'name:hash' lines"),
+        "realm": Option.string("the realm of the WWW-Authenticate challenge", DEFAULT_REALM),
+        "forward_authorization": Option.boolean(
+            "pass the client's Authorization header upstream", False
+        ),
+        "consumer_header": Option.string(
+            "the header that names the user upstream (empty: none)", DEFAULT_CONSUMER_HEADER
+        ),
+        "cache_ttl": Option.duration(
+            "how long a verified password is remembered", DEFAULT_CACHE_TTL_S
+        ),
+        "cache_size": Option.integer("verified passwords remembered", DEFAULT_CACHE_SIZE, 1),
+    }
 
     def __init__(self, options: Options, now: Callable[[], float] = time.monotonic) -> None:
         self.name = options.name

@@ -12,13 +12,17 @@ global one wins. WebSocket handshakes are left alone: their "body" is the tunnel
 
 from __future__ import annotations
 
-from proxy import BodyTooLarge, Handler, Options, Request, Response
+from typing import ClassVar
+
+from proxy import BodyTooLarge, Handler, Option, Options, Request, Response
 
 
 class BodyLimit:
     """Refuse request bodies larger than `max` bytes with 413."""
 
-    OPTIONS = ("max",)
+    OPTIONS: ClassVar[dict[str, Option]] = {
+        "max": Option.size("the largest request body, in bytes (413 beyond)", required=True),
+    }
     EAGER = True  # awaits nothing but call_next (proxy/exchange/eager.py)
     REQUIRED = ("max",)
 

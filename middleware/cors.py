@@ -24,11 +24,21 @@ allow whatever the preflight asks for (the request is echoed back, which also co
 from __future__ import annotations
 
 import re
+from typing import ClassVar
 
 from multidict import CIMultiDict
 
 from middleware.headers import error_reply
-from proxy import Body, CorsPreflightRefused, Handler, Options, ProxyError, Request, Response
+from proxy import (
+    Body,
+    CorsPreflightRefused,
+    Handler,
+    Option,
+    Options,
+    ProxyError,
+    Request,
+    Response,
+)
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # scheme "://" host [":" port]; host a DNS name (optionally "*." first), IPv4 or [IPv6].
@@ -85,14 +95,19 @@ def _vary_origin(headers: CIMultiDict[str]) -> None:
 class Cors:
     """Answer CORS preflights and add CORS headers to responses for allowed origins."""
 
-    OPTIONS = (
-        "allow_origins",
-        "allow_methods",
-        "allow_headers",
-        "expose_headers",
-        "allow_credentials",
-        "max_age",
-    )
+    OPTIONS: ClassVar[dict[str, Option]] = {
+        "allow_origins": Option.strings(
+            "origins allowed: https://app.example.com, https://*.example.com, or *",
+            required=True,
+        ),
+        "allow_methods": Option.strings(
+            "methods a preflight may ask for (* for any)", DEFAULT_METHODS
+        ),
+        "allow_headers": Option.strings("request headers a preflight may ask for (* for any)", ()),
+        "expose_headers": Option.strings("response headers the browser may show the page", ()),
+        "allow_credentials": Option.boolean("allow cookies and credentials", False),
+        "max_age": Option.duration("how long a browser may cache a preflight (default: not said)"),
+    }
     REQUIRED = ("allow_origins",)
     EAGER = True  # awaits nothing but call_next (proxy/exchange/eager.py)
 

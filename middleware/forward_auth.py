@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import re
 import ssl
+from typing import ClassVar
 
 from multidict import CIMultiDict
 
@@ -50,6 +51,7 @@ from proxy import (
     FetchUrl,
     Handler,
     HttpClient,
+    Option,
     Options,
     PoolTimeout,
     ProxyError,
@@ -66,6 +68,11 @@ from proxy import (
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 2.0
+TLS_OPTIONS: dict[str, Option] = {
+    "ca": Option.string("PEM bundle to verify the auth service (default: the system store)"),
+    "verify": Option.boolean("false turns certificate checks off", True),
+    "sni": Option.string("the name sent and verified (default: the url's host)"),
+}
 # The body of an auth answer is read whole (a refusal's is relayed to the client, a 2xx's
 # is dropped): a login page or a JSON error fits; anything larger is refused with a 502.
 AUTH_BODY_LIMIT_BYTES = 64 * 1024
@@ -82,7 +89,17 @@ _CLIENT_STATEMENTS = frozenset({"forwarded", "x-real-ip"})
 class ForwardAuth:
     """Lets a request on only when the auth service at `url` answers 2xx."""
 
-    OPTIONS = ("url", "timeout", "forward_headers", "copy_headers", "tls")
+    OPTIONS: ClassVar[dict[str, Option]] = {
+        "url": Option.string("the auth service: http(s)://host[:port]/path", required=True),
+        "timeout": Option.duration(
+            "the whole auth exchange; slower: 504", DEFAULT_TIMEOUT_S, positive=True
+        ),
+        "forward_headers": Option.strings(
+            "request headers sent to the auth service (default: all but hop-by-hop ones)"
+        ),
+        "copy_headers": Option.strings("headers of a 2xx answer copied onto the request", ()),
+        "tls": Option.mapping(TLS_OPTIONS, "TLS to an https:// auth service"),
+    }
     REQUIRED = ("url",)
 
     def __init__(self, options: Options) -> None:
@@ -140,7 +157,7 @@ class ForwardAuth:
 
     def _tls_options(self, options: Options) -> tuple[ssl.SSLContext | None, str | None]:
         """The TLS context and SNI name for an https:// url (None, None otherwise)."""
-        tls_options = options.nested("tls", ("ca", "verify", "sni"))
+        tls_options = options.nested("tls", TLS_OPTIONS)
         ca: str | None = None
         verify, sni = True, None
         if tls_options is not None:

@@ -32,6 +32,7 @@ from multidict import CIMultiDict
 
 from proxy import (
     Handler,
+    Option,
     Options,
     ProxyError,
     Request,
@@ -62,6 +63,14 @@ MANAGED_FIELDS = frozenset(
     }
 )
 _REQUEST_MANAGED = MANAGED_FIELDS | {"host"}
+# What `request` and `response` hold.
+OPERATIONS: dict[str, Option] = {
+    "set": Option.string_map(
+        "fields set, replacing any of the same name ({client_ip}, {request_id}... expand)"
+    ),
+    "add": Option.string_map("fields added beside any of the same name"),
+    "remove": Option.strings("fields removed", ()),
+}
 _UNSAFE_CHARS = str.maketrans("", "", "\r\n\x00")
 
 
@@ -250,13 +259,15 @@ def _report(
 class Headers:
     """Change request and response headers."""
 
-    OPTIONS: ClassVar[tuple[str, ...]] = ("request", "response")
+    OPTIONS: ClassVar[dict[str, Option]] = {
+        "request": Option.mapping(OPERATIONS, "changes to the request before it goes upstream"),
+        "response": Option.mapping(OPERATIONS, "changes to the response before the client"),
+    }
     EAGER: ClassVar[bool] = True  # awaits nothing but call_next (proxy/exchange/eager.py)
 
     def __init__(self, options: Options) -> None:
-        allowed = ("set", "add", "remove")
-        self.request_ops = read_header_ops(options.nested("request", allowed), _REQUEST_MANAGED)
-        self.response_ops = read_header_ops(options.nested("response", allowed), MANAGED_FIELDS)
+        self.request_ops = read_header_ops(options.nested("request", OPERATIONS), _REQUEST_MANAGED)
+        self.response_ops = read_header_ops(options.nested("response", OPERATIONS), MANAGED_FIELDS)
         if "request" not in options and "response" not in options:
             options.error(None, "expected 'request' or 'response' (or both)")
 

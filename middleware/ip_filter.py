@@ -20,6 +20,7 @@ the filter and everything else disagree about who the client is.
 from __future__ import annotations
 
 import logging
+from typing import ClassVar
 
 from proxy import (
     ADDRESS_CACHE_ENTRIES,
@@ -28,6 +29,7 @@ from proxy import (
     Handler,
     IpForbidden,
     Network,
+    Option,
     Options,
     Reported,
     Request,
@@ -72,7 +74,14 @@ def read_networks(options: Options, key: str) -> AddressSet | None:
 class IpFilter:
     """Refuses requests whose client address is denied, or not allowed."""
 
-    OPTIONS = ("allow", "deny", "trusted_proxies")  # trusted_proxies: refused, see above
+    OPTIONS: ClassVar[dict[str, Option]] = {
+        "allow": Option.strings("addresses and CIDR ranges allowed (others: 403)"),
+        "deny": Option.strings("addresses and CIDR ranges refused (403), checked first"),
+        # Refused, see above: accepted as a key only to say where it went.
+        "trusted_proxies": Option.raw(
+            "moved to the top-level client_ip.trusted_proxies (an error here)", {"not": {}}
+        ),
+    }
     EAGER = True  # awaits nothing but call_next (proxy/exchange/eager.py)
 
     def __init__(self, options: Options) -> None:

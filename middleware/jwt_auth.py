@@ -22,7 +22,7 @@ import json
 import logging
 import re
 import ssl
-from typing import Any
+from typing import Any, ClassVar
 
 import jwt
 from jwt.algorithms import HMACAlgorithm
@@ -54,7 +54,16 @@ from middleware.jwks import (
     load_pem,
     parse_jwks_url,
 )
-from proxy import Handler, Options, Request, Response, Unauthorized, did_you_mean, tls_context
+from proxy import (
+    Handler,
+    Option,
+    Options,
+    Request,
+    Response,
+    Unauthorized,
+    did_you_mean,
+    tls_context,
+)
 
 log = logging.getLogger(__name__)
 
@@ -107,24 +116,39 @@ class _Refused(Exception):
 class JwtAuth:
     """Verify a JWT on every request; forward its claims (see the module doc)."""
 
-    OPTIONS = (
-        "algorithms",
-        "secret",
-        "secret_file",
-        "public_key",
-        "public_key_file",
-        "jwks_url",
-        *_JWKS_OPTIONS,
-        "issuer",
-        "audience",
-        "leeway",
-        "required_claims",
-        "forward_claims",
-        "consumer_claim",
-        "cookie",
-        "forward_token",
-        "realm",
-    )
+    OPTIONS: ClassVar[dict[str, Option]] = {
+        "algorithms": Option.strings(
+            "the algorithms accepted (RS256, ES256, HS256...)", required=True
+        ),
+        "secret": Option.string("the HMAC secret (HS256, HS384, HS512)"),
+        "secret_file": Option.string("a file holding the HMAC secret"),
+        "public_key": Option.string("a PEM public key (RS, PS, ES, EdDSA)"),
+        "public_key_file": Option.string("a file holding a PEM public key"),
+        "jwks_url": Option.string("an http(s) URL of a JSON Web Key Set"),
+        "jwks_refresh": Option.duration(
+            "how often the key set is fetched again", DEFAULT_JWKS_REFRESH_S, positive=True
+        ),
+        "jwks_min_refresh": Option.duration(
+            "the shortest time between fetches, when a token names an unknown key",
+            DEFAULT_JWKS_MIN_REFRESH_S,
+        ),
+        "jwks_timeout": Option.duration(
+            "a fetch slower than this fails", DEFAULT_JWKS_TIMEOUT_S, positive=True
+        ),
+        "jwks_wait": Option.duration(
+            "how long a request waits for the first key set", DEFAULT_JWKS_WAIT_S, positive=True
+        ),
+        "jwks_ca_file": Option.string("PEM bundle to verify an https jwks_url against"),
+        "issuer": Option.strings("accepted iss values (default: any)", ()),
+        "audience": Option.strings("accepted aud values (default: any)", ()),
+        "leeway": Option.duration("clock skew allowed for exp and nbf", DEFAULT_LEEWAY_S),
+        "required_claims": Option.strings("claims a token must carry", ()),
+        "forward_claims": Option.string_map("claims sent upstream: {claim: header}"),
+        "consumer_claim": Option.string("the claim that names the consumer", "sub"),
+        "cookie": Option.string("read the token from this cookie when there is no Authorization"),
+        "forward_token": Option.boolean("pass the Authorization header upstream", True),
+        "realm": Option.string("the realm of the WWW-Authenticate challenge", DEFAULT_REALM),
+    }
     REQUIRED = ("algorithms",)
 
     def __init__(self, options: Options) -> None:

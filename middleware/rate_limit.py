@@ -37,6 +37,7 @@ from middleware.rate_limit_local import (
 from proxy import (
     ConfigValueError,
     Handler,
+    Option,
     Options,
     Pending,
     RateLimited,
@@ -168,17 +169,41 @@ class Backend(Protocol):
 class RateLimit:
     """Admit requests at `rate` with `burst` per key; 429 beyond."""
 
-    OPTIONS: ClassVar[tuple[str, ...]] = (
-        "rate",
-        "burst",
-        "key",
-        "backend",
-        "redis",
-        "headers",
-        "max_keys",
-    )
+    REDIS_OPTIONS: ClassVar[dict[str, Option]] = {
+        "url": Option.string("redis://host:port/db or rediss://...", required=True),
+        "timeout": Option.duration(
+            "a decision slower than this is a Redis error", DEFAULT_REDIS_TIMEOUT_S, True
+        ),
+        "on_redis_error": Option.choice(
+            ("allow", "deny"), "what a Redis error does to the request (deny: 503)", "allow"
+        ),
+    }
+    OPTIONS: ClassVar[dict[str, Option]] = {
+        "rate": Option.raw(
+            "requests admitted per period: 100/s, 1000/min, 10/h, 5/10s (units s, m or min, h, d)",
+            {"type": "string", "pattern": r"^\s*\d+\s*/"},
+        ),
+        "burst": Option.integer("requests beyond the rate admitted at once", 0),
+        "key": Option.raw(
+            "what is limited: ip, header:NAME, consumer or route",
+            {
+                "anyOf": [
+                    {"enum": ["ip", "consumer", "route"]},
+                    {"type": "string", "pattern": "^header:."},
+                ]
+            },
+            "ip",
+        ),
+        "backend": Option.choice(
+            ("local", "redis"), "one table per host, or shared through Redis", "local"
+        ),
+        "redis": Option.mapping(REDIS_OPTIONS, "the Redis backend (backend: redis)"),
+        "headers": Option.boolean("send RateLimit and Retry-After headers", True),
+        "max_keys": Option.integer(
+            f"keys the local table holds (at most {MAX_MAX_KEYS})", DEFAULT_MAX_KEYS, 1
+        ),
+    }
     REQUIRED: ClassVar[tuple[str, ...]] = ("rate",)
-    REDIS_OPTIONS: ClassVar[tuple[str, ...]] = ("url", "timeout", "on_redis_error")
     # With the local backend it awaits nothing but call_next (its decision is a
     # microseconds-long synchronous section), so its chain may run without a task.
     EAGER = False  # an instance attribute: use_backend sets it
@@ -233,7 +258,7 @@ class RateLimit:
         self.EAGER = self._local is not None
 
     def _redis_backend(self, options: Options) -> Backend:
-        redis = options.nested("redis", self.REDIS_OPTIONS, required=("url",))
+        redis = options.nested("redis", self.REDIS_OPTIONS)
         if redis is None:
             if "redis" not in options:
                 options.error("redis", "backend: redis needs a 'redis: {url: ...}' mapping")

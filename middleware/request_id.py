@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import ClassVar
 
-from proxy import Handler, Options, Request, Response, new_request_id
+from proxy import Handler, Option, Options, Request, Response, new_request_id
 
 # What an incoming id may look like: short, printable, no separators that could smuggle
 # another header or break a log line.
@@ -21,7 +21,11 @@ _SANE_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 class RequestId:
     """Generate or propagate the request id header."""
 
-    OPTIONS: ClassVar[tuple[str, ...]] = ("header", "trust_incoming", "response")
+    OPTIONS: ClassVar[dict[str, Option]] = {
+        "header": Option.string("the header that carries the id", "X-Request-ID"),
+        "trust_incoming": Option.boolean("keep a sane id the client sent", True),
+        "response": Option.boolean("echo the id to the client", True),
+    }
     EAGER: ClassVar[bool] = True  # awaits nothing but call_next (proxy/exchange/eager.py)
     PHASES: ClassVar[bool] = True  # request_phase, response_phase (proxy/exchange/phased.py)
 

@@ -13,7 +13,8 @@ What the surface holds:
 - the message: `Request`, `Response`, `Body`;
 - being a middleware: `Handler`, `Middleware`, `MiddlewareFactory` (proxy/plugin/base.py
   says what a factory and its optional hooks are) and `Options`, through which a factory
-  reads its options at config load;
+  reads its options at config load; `Option`, with which a factory declares them (each
+  key's type, default and meaning: proxy/config/spec.py);
 - reading options beyond the typed readers: `ConfigValueError` (raised by a parser given
   to `Options.converted`), `NodeReader` and `Reported` (`Options.reader`, `Options.node`),
   `did_you_mean`, `join_path`, `ca_bundle_problem`;
@@ -52,6 +53,7 @@ _SOURCES = {
     "proxy.core.models": ("Body", "Request", "Response"),
     "proxy.plugin.base": ("Handler", "Middleware", "MiddlewareFactory", "Pending"),
     "proxy.plugin.options": ("Options",),
+    "proxy.config.spec": ("Option",),
     "proxy.config.values": ("ConfigValueError", "ca_bundle_problem"),
     "proxy.config.reader": ("NodeReader", "Reported", "did_you_mean", "join_path"),
     "proxy.core.errors": (
@@ -116,6 +118,9 @@ if TYPE_CHECKING:
     )
     from proxy.config.reader import (
         join_path as join_path,
+    )
+    from proxy.config.spec import (
+        Option as Option,
     )
     from proxy.config.values import (
         ConfigValueError as ConfigValueError,

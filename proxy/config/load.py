@@ -28,6 +28,7 @@ from proxy.config.document import (
     compose_document,
     read_config_file,
 )
+from proxy.config.keys import TOP
 from proxy.config.middleware import read_chain, read_middleware
 from proxy.config.model import (
     DEFAULT_GRACE_PERIOD_S,
@@ -61,14 +62,11 @@ from proxy.config.server import (
     read_tracing,
     read_workers,
 )
+from proxy.config.spec import keys_of, required_of
 from proxy.config.upstream import read_upstreams
 
 __all__ = ["load_config", "parse_config"]
 
-_TOP_KEYS = ("listeners", "admin", "upstreams", "middleware", "global_middleware", "routes",
-             "limits", "http2", "http1_parser", "workers", "shutdown", "reload",
-             "metrics", "path_normalization", "headers_with_underscores",
-             "client_ip", "logging", "tracing")  # fmt: skip
 _T = TypeVar("_T")
 
 
@@ -120,7 +118,7 @@ def _read_config(reader: NodeReader, context: LoadContext, root: Node | None) ->
             found = describe(root, reader.value(root, ""))
             reader.error(root, "", f"the top level must be a mapping (listeners, ...), not {found}")
         return None
-    top = reader.mapping(root, "", _TOP_KEYS, ("listeners", "upstreams", "routes"))
+    top = reader.mapping(root, "", keys_of(TOP), required_of(TOP))
 
     def section(key: str, read: Section[_T], default: _T) -> _T:
         return top.get(key, partial(read, reader, context), default)

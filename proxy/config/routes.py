@@ -14,6 +14,14 @@ from typing import TypeVar
 from yaml.nodes import MappingNode, Node
 
 from proxy.config.context import LoadContext
+from proxy.config.keys import (
+    MATCH,
+    MATCH_VALUE,
+    REQUEST_BUFFERING,
+    REWRITE,
+    ROUTE,
+    WEBSOCKET,
+)
 from proxy.config.middleware import read_chain
 from proxy.config.model import (
     DEFAULT_REQUEST_BUFFER_BYTES,
@@ -25,6 +33,7 @@ from proxy.config.model import (
     WebSocketConfig,
 )
 from proxy.config.reader import NodeReader, Reported, did_you_mean, join_path
+from proxy.config.spec import keys_of, required_of
 from proxy.config.values import parse_host_pattern
 from proxy.core.canonical import InvalidTarget, normalize_path
 
@@ -87,9 +96,7 @@ def _route(
     index: int,
     names: dict[str, str],
 ) -> RouteConfig:
-    keys = ("name", "match", "upstream", "middleware", "rewrite", "max_body_size", "websocket",
-            "forward_raw_path", "request_buffering")  # fmt: skip
-    fields = reader.mapping(node, path, keys, ("match", "upstream"))
+    fields = reader.mapping(node, path, keys_of(ROUTE), required_of(ROUTE))
     errors_before = reader.error_count
     match = fields.get("match", partial(_match, reader, context), MatchConfig())
     name = fields.get("name", reader.name, "")
@@ -135,7 +142,7 @@ def _websocket(reader: NodeReader, node: Node, path: str) -> WebSocketConfig:
     enabled = _switch(reader, node, path)
     if enabled is not None:
         return WebSocketConfig(enabled=enabled)
-    fields = reader.mapping(node, path, ("enabled", "idle_timeout", "max_duration"))
+    fields = reader.mapping(node, path, keys_of(WEBSOCKET))
     positive = reader.optional(reader.positive_duration)
     return WebSocketConfig(
         enabled=fields.get("enabled", reader.boolean, True),
@@ -149,7 +156,7 @@ def _request_buffering(reader: NodeReader, node: Node, path: str) -> int | None:
     enabled = _switch(reader, node, path)
     if enabled is not None:
         return DEFAULT_REQUEST_BUFFER_BYTES if enabled else None
-    fields = reader.mapping(node, path, ("max_size",), ("max_size",))
+    fields = reader.mapping(node, path, keys_of(REQUEST_BUFFERING), required_of(REQUEST_BUFFERING))
     return fields.get("max_size", reader.positive_size, DEFAULT_REQUEST_BUFFER_BYTES)
 
 
@@ -178,8 +185,7 @@ def _upstream_ref(reader: NodeReader, context: LoadContext, node: Node, path: st
 
 
 def _match(reader: NodeReader, context: LoadContext, node: Node, path: str) -> MatchConfig:
-    keys = ("host", "path", "path_prefix", "path_regex", "methods", "headers", "query")
-    fields = reader.mapping(node, path, keys)
+    fields = reader.mapping(node, path, keys_of(MATCH))
     given = [key for key in _PATH_KEYS if key in fields]
     for extra in given[1:]:
         fields.error(extra, f"give at most one of path, path_prefix, path_regex ({given[0]})")
@@ -275,7 +281,7 @@ def _value_match(reader: NodeReader, node: Node, path: str) -> tuple[str | None,
         reader.conceal(node)
         return reader.text(node, path), None
     errors_before = reader.error_count
-    fields = reader.mapping(node, path, ("value", "regex", "present"))
+    fields = reader.mapping(node, path, keys_of(MATCH_VALUE))
     for key in ("value", "regex"):
         if key in fields:
             reader.conceal(fields.nodes[key])
@@ -293,8 +299,7 @@ def _value_match(reader: NodeReader, node: Node, path: str) -> tuple[str | None,
 
 
 def _rewrite(reader: NodeReader, node: Node, path: str) -> RewriteConfig:
-    keys = ("strip_prefix", "add_prefix", "regex", "replacement", "host")
-    fields = reader.mapping(node, path, keys)
+    fields = reader.mapping(node, path, keys_of(REWRITE))
     rewrite = RewriteConfig(
         strip_prefix=fields.get("strip_prefix", partial(_path, reader), None),
         add_prefix=fields.get("add_prefix", partial(_path, reader), None),

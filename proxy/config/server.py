@@ -15,6 +15,24 @@ from functools import partial
 from yaml.nodes import Node, ScalarNode
 
 from proxy.config.context import LoadContext
+from proxy.config.keys import (
+    ADMIN,
+    CLIENT_IP,
+    HTTP1_PARSERS,
+    HTTP2,
+    LIMITS,
+    LISTENER,
+    LISTENER_TLS,
+    LOGGING,
+    MAX_H2_SETTING,
+    MAX_H2_WINDOW,
+    METRICS,
+    PATH_NORMALIZATION,
+    RELOAD,
+    SHUTDOWN,
+    TLS_VERSIONS,
+    TRACING,
+)
 from proxy.config.model import (
     CLIENT_IP_SOURCES,
     DEFAULT_BODY_TIMEOUT_S,
@@ -42,13 +60,9 @@ from proxy.config.model import (
     TracingConfig,
 )
 from proxy.config.reader import NodeReader, Reported
+from proxy.config.spec import keys_of, required_of
 from proxy.config.values import parse_bind, parse_collector_url, tls_pair_problem
 from proxy.core.addresses import Network, parse_network
-
-_HTTP1_PARSERS = ("auto", "httptools", "h11")
-_TLS_VERSIONS = ("1.2", "1.3")
-_MAX_H2_WINDOW = 2**31 - 1  # RFC 9113 section 6.9.1
-_MAX_H2_SETTING = 2**32 - 1  # RFC 9113 section 6.5.1: SETTINGS values are 32-bit
 
 # admin.token: a sanity floor, not an entropy check (`openssl rand -hex 32` gives 64).
 MIN_ADMIN_TOKEN_CHARS = 16
@@ -71,7 +85,7 @@ def read_path_normalization(
     Raises:
         Reported: not a mapping (recorded).
     """
-    fields = reader.mapping(node, path, ("escaped_slashes", "merge_slashes"))
+    fields = reader.mapping(node, path, keys_of(PATH_NORMALIZATION))
     context.path_normalization = PathNormalization(
         escaped_slashes=fields.get("escaped_slashes", partial(_escaped_slashes, reader), "reject"),
         merge_slashes=fields.get("merge_slashes", reader.boolean, True),
@@ -100,7 +114,7 @@ def read_http1_parser(reader: NodeReader, context: LoadContext, node: Node, path
     Raises:
         Reported: not one of them (recorded).
     """
-    return reader.choice(node, path, _HTTP1_PARSERS, "parser")
+    return reader.choice(node, path, HTTP1_PARSERS, "parser")
 
 
 def read_workers(reader: NodeReader, context: LoadContext, node: Node, path: str) -> int | None:
@@ -119,7 +133,7 @@ def read_shutdown(reader: NodeReader, context: LoadContext, node: Node, path: st
     Raises:
         Reported: not a mapping (recorded).
     """
-    fields = reader.mapping(node, path, ("grace_period",))
+    fields = reader.mapping(node, path, keys_of(SHUTDOWN))
     return fields.get("grace_period", reader.duration, DEFAULT_GRACE_PERIOD_S)
 
 
@@ -129,7 +143,7 @@ def read_reload(reader: NodeReader, context: LoadContext, node: Node, path: str)
     Raises:
         Reported: not a mapping (recorded).
     """
-    fields = reader.mapping(node, path, ("watch", "interval"))
+    fields = reader.mapping(node, path, keys_of(RELOAD))
     return ReloadConfig(
         watch=fields.get("watch", reader.boolean, True),
         interval=fields.get("interval", reader.positive_duration, DEFAULT_RELOAD_WATCH_INTERVAL_S),
@@ -142,7 +156,7 @@ def read_metrics(reader: NodeReader, context: LoadContext, node: Node, path: str
     Raises:
         Reported: not a mapping (recorded).
     """
-    fields = reader.mapping(node, path, ("enabled",))
+    fields = reader.mapping(node, path, keys_of(METRICS))
     return MetricsConfig(enabled=fields.get("enabled", reader.boolean, True))
 
 
@@ -152,7 +166,7 @@ def read_logging(reader: NodeReader, context: LoadContext, node: Node, path: str
     Raises:
         Reported: not a mapping (recorded).
     """
-    fields = reader.mapping(node, path, ("format",))
+    fields = reader.mapping(node, path, keys_of(LOGGING))
     return fields.get("format", partial(reader.choice, choices=LOG_FORMATS, what="format"), "text")
 
 
@@ -162,9 +176,7 @@ def read_tracing(reader: NodeReader, context: LoadContext, node: Node, path: str
     Raises:
         Reported: not a mapping (recorded).
     """
-    fields = reader.mapping(
-        node, path, ("otlp_endpoint", "sample_ratio", "parent_based", "service_name", "headers")
-    )
+    fields = reader.mapping(node, path, keys_of(TRACING))
 
     def collector(value: Node, where: str) -> str:
         return reader.convert(value, where, parse_collector_url, "a URL")
@@ -225,8 +237,7 @@ def read_listeners(
     names: dict[str, str] = {}
     for item, item_path in reader.nonempty_items(node, path, "at least one listener is required"):
         with suppress(Reported):
-            keys = ("bind", "name", "tls", "http2", "proxy_protocol")
-            fields = reader.mapping(item, item_path, keys, ("bind",))
+            fields = reader.mapping(item, item_path, keys_of(LISTENER), required_of(LISTENER))
             host, port = fields.get("bind", partial(_bind, reader, context), ("", 0))
             name = fields.get("name", reader.name, item_path)
             if name in names:
@@ -257,7 +268,8 @@ def read_client_ip(
         Reported: not a mapping, without trusted_proxies, or with an invalid one
             (recorded).
     """
-    fields = reader.mapping(node, path, ("trusted_proxies", "source"))
+    # trusted_proxies is required, with a message of its own (below).
+    fields = reader.mapping(node, path, keys_of(CLIENT_IP))
     source = fields.get("source", partial(_client_ip_source, reader), "x-forwarded-for")
     if "trusted_proxies" not in fields:
         # As nginx's real_ip needs set_real_ip_from: a source believed from anyone
@@ -303,7 +315,7 @@ def _networks(reader: NodeReader, node: Node, path: str) -> tuple[Network, ...]:
 
 
 def _listener_tls(reader: NodeReader, node: Node, path: str) -> ListenerTls:
-    fields = reader.mapping(node, path, ("cert", "key", "min_version"), ("cert", "key"))
+    fields = reader.mapping(node, path, keys_of(LISTENER_TLS), required_of(LISTENER_TLS))
     cert = fields.get("cert", reader.readable_file, "")
     key = fields.get("key", reader.readable_file, "")
     min_version = fields.get("min_version", partial(_tls_version, reader), "1.2")
@@ -322,8 +334,8 @@ def _listener_tls(reader: NodeReader, node: Node, path: str) -> ListenerTls:
 def _tls_version(reader: NodeReader, node: Node, path: str) -> str:
     # `min_version: 1.3` is a YAML float; read it as written, as `"1.3"` is.
     version = reader.text(node, path)
-    if version not in _TLS_VERSIONS:
-        supported = ", ".join(_TLS_VERSIONS)
+    if version not in TLS_VERSIONS:
+        supported = ", ".join(TLS_VERSIONS)
         message = f"unsupported TLS version {version!r} (supported: {supported})"
         raise reader.error(node, path, message)
     return version
@@ -343,7 +355,7 @@ def read_admin(reader: NodeReader, context: LoadContext, node: Node, path: str) 
     Raises:
         Reported: not a mapping (recorded).
     """
-    fields = reader.mapping(node, path, ("bind", "token", "hosts"), ("bind",))
+    fields = reader.mapping(node, path, keys_of(ADMIN), required_of(ADMIN))
     host, port = fields.get("bind", partial(_bind, reader, context), ("", 0))
     token = fields.get("token", partial(_admin_token, reader), None)
     no_hosts: tuple[str, ...] = ()
@@ -396,8 +408,7 @@ def read_limits(reader: NodeReader, context: LoadContext, node: Node, path: str)
     Raises:
         Reported: not a mapping (recorded).
     """
-    keys = ("max_head_bytes", "max_body_size", "header_timeout", "body_timeout")
-    fields = reader.mapping(node, path, (*keys, "keepalive_timeout"))
+    fields = reader.mapping(node, path, keys_of(LIMITS))
     return LimitsConfig(
         max_head_bytes=fields.get("max_head_bytes", reader.positive_size, _MAX_HEAD_BYTES),
         max_body_size=fields.get("max_body_size", reader.optional(reader.size), None),
@@ -415,9 +426,7 @@ def read_http2(reader: NodeReader, context: LoadContext, node: Node, path: str) 
     Raises:
         Reported: not a mapping (recorded).
     """
-    keys = ("max_concurrent_streams", "max_header_list_size", "initial_window_size",
-            "max_resets_per_second", "max_control_frames_per_second")  # fmt: skip
-    fields = reader.mapping(node, path, keys)
+    fields = reader.mapping(node, path, keys_of(HTTP2))
     config = Http2Config(
         max_concurrent_streams=fields.get(
             "max_concurrent_streams",
@@ -439,8 +448,8 @@ def read_http2(reader: NodeReader, context: LoadContext, node: Node, path: str) 
             DEFAULT_H2_MAX_CONTROL_FRAMES_PER_SECOND,
         ),
     )
-    if config.initial_window_size > _MAX_H2_WINDOW:
-        fields.error("initial_window_size", f"at most {_MAX_H2_WINDOW} bytes (2^31-1)")
+    if config.initial_window_size > MAX_H2_WINDOW:
+        fields.error("initial_window_size", f"at most {MAX_H2_WINDOW} bytes (2^31-1)")
     return config
 
 
@@ -455,6 +464,6 @@ def _h2_size_setting(reader: NodeReader, node: Node, path: str) -> int:
 def _h2_setting(reader: NodeReader, node: Node, path: str, value: int, unit: str) -> int:
     # h2 packs SETTINGS values into 32 bits: a larger one would fail at the first
     # connection instead of here.
-    if value > _MAX_H2_SETTING:
-        raise reader.error(node, path, f"at most {_MAX_H2_SETTING}{unit} (2^32-1)")
+    if value > MAX_H2_SETTING:
+        raise reader.error(node, path, f"at most {MAX_H2_SETTING}{unit} (2^32-1)")
     return value

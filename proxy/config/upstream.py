@@ -12,6 +12,28 @@ from functools import partial
 from yaml.nodes import Node, ScalarNode
 
 from proxy.config.context import LoadContext
+from proxy.config.keys import (
+    BACKOFF,
+    BALANCE,
+    BUDGET,
+    CIRCUIT_BREAKER,
+    DEFAULT_RESOLVE_INTERVAL_S,
+    DEFAULT_STICKY_COOKIE,
+    ENDPOINT,
+    HASH_ON,
+    HEALTH_CHECK,
+    HEALTH_CHECK_TYPES,
+    OUTLIER,
+    POOL,
+    RESOLVE,
+    RETRIES,
+    SIMPLE_POLICIES,
+    STICKY,
+    TIMEOUTS,
+    UPSTREAM,
+    UPSTREAM_PROTOCOLS,
+    UPSTREAM_TLS,
+)
 from proxy.config.model import (
     DEFAULT_BASE_EJECTION_S,
     DEFAULT_CONNECT_TIMEOUT_S,
@@ -39,11 +61,9 @@ from proxy.config.model import (
     UpstreamTls,
 )
 from proxy.config.reader import NodeReader, Reported, did_you_mean, join_path
+from proxy.config.spec import keys_of, required_of
 from proxy.config.values import ca_bundle_problem, parse_endpoint_url
 
-_UPSTREAM_PROTOCOLS = ("http1", "h2c", "h2")
-_SIMPLE_POLICIES = ("round_robin", "least_request", "random")
-_HEALTH_TYPES = ("http", "tcp")
 _MAX_CONNECTIONS = DEFAULT_POOL_MAX_CONNECTIONS
 
 
@@ -68,9 +88,7 @@ def read_upstreams(
 
 
 def _upstream(reader: NodeReader, node: Node, path: str, name: str) -> UpstreamConfig:
-    keys = ("endpoints", "balance", "timeouts", "pool", "protocol", "tls", "health_check",
-            "outlier", "retries", "circuit_breaker", "resolve")  # fmt: skip
-    fields = reader.mapping(node, path, keys, ("endpoints",))
+    fields = reader.mapping(node, path, keys_of(UPSTREAM), required_of(UPSTREAM))
     default_outlier: OutlierConfig | None = OutlierConfig()
     upstream = UpstreamConfig(
         name=name,
@@ -100,11 +118,11 @@ def _upstream(reader: NodeReader, node: Node, path: str, name: str) -> UpstreamC
 
 
 def _upstream_protocol(reader: NodeReader, node: Node, path: str) -> str:
-    return reader.choice(node, path, _UPSTREAM_PROTOCOLS, "protocol")
+    return reader.choice(node, path, UPSTREAM_PROTOCOLS, "protocol")
 
 
 def _upstream_tls(reader: NodeReader, node: Node, path: str) -> UpstreamTls:
-    fields = reader.mapping(node, path, ("ca", "verify", "sni"))
+    fields = reader.mapping(node, path, keys_of(UPSTREAM_TLS))
     return UpstreamTls(
         ca=fields.get("ca", partial(_ca_bundle, reader), None),
         verify=fields.get("verify", reader.boolean, True),
@@ -136,7 +154,7 @@ def _endpoints(reader: NodeReader, node: Node, path: str) -> tuple[EndpointConfi
 def _endpoint(reader: NodeReader, node: Node, path: str) -> EndpointConfig:
     url_node, url_path, weight = node, path, 1
     if reader.value(node, path) is node:  # a mapping (or, wrongly, a list)
-        fields = reader.mapping(node, path, ("url", "weight"), ("url",))
+        fields = reader.mapping(node, path, keys_of(ENDPOINT), required_of(ENDPOINT))
         weight = fields.get("weight", reader.positive_integer, 1)
         if "url" not in fields:
             raise Reported
@@ -147,7 +165,7 @@ def _endpoint(reader: NodeReader, node: Node, path: str) -> EndpointConfig:
 
 
 def _timeouts(reader: NodeReader, node: Node, path: str) -> UpstreamTimeouts:
-    fields = reader.mapping(node, path, ("connect", "read"))
+    fields = reader.mapping(node, path, keys_of(TIMEOUTS))
     return UpstreamTimeouts(
         connect=fields.get("connect", reader.positive_duration, DEFAULT_CONNECT_TIMEOUT_S),
         read=fields.get("read", reader.positive_duration, DEFAULT_READ_TIMEOUT_S),
@@ -155,8 +173,7 @@ def _timeouts(reader: NodeReader, node: Node, path: str) -> UpstreamTimeouts:
 
 
 def _pool(reader: NodeReader, node: Node, path: str) -> PoolConfig:
-    keys = ("max_connections", "max_idle", "idle_timeout", "wait_timeout")
-    fields = reader.mapping(node, path, keys)
+    fields = reader.mapping(node, path, keys_of(POOL))
     max_connections = fields.get("max_connections", reader.positive_integer, _MAX_CONNECTIONS)
     pool = PoolConfig(
         max_connections=max_connections,
@@ -180,7 +197,7 @@ def _pool(reader: NodeReader, node: Node, path: str) -> PoolConfig:
 def _balance(reader: NodeReader, node: Node, path: str) -> BalanceConfig:
     """`round_robin` | `least_request` | `random` | `{hash: ...}` | `{sticky: ...}`."""
     if isinstance(node, ScalarNode):
-        policies = (*_SIMPLE_POLICIES, "hash", "sticky")
+        policies = (*SIMPLE_POLICIES, "hash", "sticky")
         policy = reader.choice(node, path, policies, "balance")
         if policy == "hash":
             raise reader.error(
@@ -192,7 +209,7 @@ def _balance(reader: NodeReader, node: Node, path: str) -> BalanceConfig:
         if policy == "sticky":
             return BalanceConfig(policy="sticky")
         return BalanceConfig(policy=policy)
-    fields = reader.mapping(node, path, ("hash", "sticky"))
+    fields = reader.mapping(node, path, keys_of(BALANCE))
     if len(fields.nodes) != 1:
         raise reader.error(node, path, "expected one of: hash, sticky")
     if "hash" in fields.nodes:
@@ -201,10 +218,10 @@ def _balance(reader: NodeReader, node: Node, path: str) -> BalanceConfig:
     sticky_path = fields.key_path("sticky")
     if isinstance(sticky_node, ScalarNode) and not reader.value(sticky_node, sticky_path):
         return BalanceConfig(policy="sticky")
-    sticky = reader.mapping(sticky_node, sticky_path, ("cookie", "ttl"))
+    sticky = reader.mapping(sticky_node, sticky_path, keys_of(STICKY))
     return BalanceConfig(
         policy="sticky",
-        cookie=sticky.get("cookie", reader.name, "gatehouse_sticky"),
+        cookie=sticky.get("cookie", reader.name, DEFAULT_STICKY_COOKIE),
         cookie_ttl=sticky.get("ttl", reader.positive_duration, None),
     )
 
@@ -213,7 +230,7 @@ def _hash(reader: NodeReader, node: Node, path: str) -> BalanceConfig:
     if isinstance(node, ScalarNode):
         on = reader.choice(node, path, ("ip", "path"), "hash key")
         return BalanceConfig(policy="hash", hash_on=on)
-    fields = reader.mapping(node, path, ("header", "cookie"))
+    fields = reader.mapping(node, path, keys_of(HASH_ON))
     if len(fields.nodes) != 1:
         raise reader.error(node, path, "expected one of: header, cookie (or ip, path)")
     on = next(iter(fields.nodes))
@@ -222,9 +239,7 @@ def _hash(reader: NodeReader, node: Node, path: str) -> BalanceConfig:
 
 
 def _health_check(reader: NodeReader, node: Node, path: str) -> HealthCheckConfig:
-    keys = ("type", "path", "expect", "interval", "timeout", "healthy_threshold",
-            "unhealthy_threshold", "jitter")  # fmt: skip
-    fields = reader.mapping(node, path, keys)
+    fields = reader.mapping(node, path, keys_of(HEALTH_CHECK))
     check = HealthCheckConfig(
         type=fields.get("type", partial(_health_type, reader), "http"),
         path=fields.get("path", partial(_health_path, reader), "/"),
@@ -241,7 +256,7 @@ def _health_check(reader: NodeReader, node: Node, path: str) -> HealthCheckConfi
 
 
 def _health_type(reader: NodeReader, node: Node, path: str) -> str:
-    return reader.choice(node, path, _HEALTH_TYPES, "health check type")
+    return reader.choice(node, path, HEALTH_CHECK_TYPES, "health check type")
 
 
 def _health_path(reader: NodeReader, node: Node, path: str) -> str:
@@ -285,9 +300,7 @@ def _jitter(reader: NodeReader, node: Node, path: str) -> float:
 def _outlier(reader: NodeReader, node: Node, path: str) -> OutlierConfig | None:
     if isinstance(node, ScalarNode) and reader.value(node, path) is False:
         return None  # `outlier: false`: no passive ejection
-    keys = ("consecutive_failures", "consecutive_5xx", "base_ejection", "max_ejection",
-            "max_ejection_percent")  # fmt: skip
-    fields = reader.mapping(node, path, keys)
+    fields = reader.mapping(node, path, keys_of(OUTLIER))
     outlier = OutlierConfig(
         consecutive_failures=fields.get("consecutive_failures", reader.positive_integer, 5),
         consecutive_5xx=fields.get(
@@ -312,12 +325,11 @@ def _percent(reader: NodeReader, node: Node, path: str) -> int:
 
 
 def _retries(reader: NodeReader, node: Node, path: str) -> RetryConfig:
-    keys = ("attempts", "on", "per_try_timeout", "backoff", "budget", "body_limit")
-    fields = reader.mapping(node, path, keys)
+    fields = reader.mapping(node, path, keys_of(RETRIES))
     base, most = DEFAULT_RETRY_BACKOFF_BASE_S, DEFAULT_RETRY_BACKOFF_MAX_S
     if "backoff" in fields.nodes:
         backoff = reader.mapping(
-            fields.nodes["backoff"], fields.key_path("backoff"), ("base", "max")
+            fields.nodes["backoff"], fields.key_path("backoff"), keys_of(BACKOFF)
         )
         base = backoff.get("base", reader.positive_duration, base)
         most = backoff.get("max", reader.positive_duration, max(most, base))
@@ -325,9 +337,7 @@ def _retries(reader: NodeReader, node: Node, path: str) -> RetryConfig:
             backoff.error("max", "must be at least base")
     percent, minimum = 20.0, 3
     if "budget" in fields.nodes:
-        budget = reader.mapping(
-            fields.nodes["budget"], fields.key_path("budget"), ("percent", "min")
-        )
+        budget = reader.mapping(fields.nodes["budget"], fields.key_path("budget"), keys_of(BUDGET))
         percent = float(budget.get("percent", partial(_percent, reader), 20))
         minimum = budget.get("min", reader.integer, 3)
     return RetryConfig(
@@ -360,7 +370,7 @@ def _retry_on(reader: NodeReader, node: Node, path: str) -> frozenset[str]:
 
 
 def _circuit_breaker(reader: NodeReader, node: Node, path: str) -> CircuitBreakerConfig:
-    fields = reader.mapping(node, path, ("max_connections", "max_pending", "max_requests"))
+    fields = reader.mapping(node, path, keys_of(CIRCUIT_BREAKER))
     limit = reader.optional(reader.positive_integer)
     return CircuitBreakerConfig(
         max_connections=fields.get("max_connections", limit, None),
@@ -370,8 +380,8 @@ def _circuit_breaker(reader: NodeReader, node: Node, path: str) -> CircuitBreake
 
 
 def _resolve(reader: NodeReader, node: Node, path: str) -> float:
-    fields = reader.mapping(node, path, ("interval",), ("interval",))
-    return fields.get("interval", reader.positive_duration, 30.0)
+    fields = reader.mapping(node, path, keys_of(RESOLVE), required_of(RESOLVE))
+    return fields.get("interval", reader.positive_duration, DEFAULT_RESOLVE_INTERVAL_S)
 
 
 def _status_range(text: str) -> tuple[int, int]:

@@ -4,8 +4,8 @@ URLs and TLS files.
 Each `parse_*` function takes the text as written and either returns the typed value or raises
 ConfigValueError with a one-line message; NodeReader (`proxy/config/reader.py`) prefixes that
 message with the file, line and key path. Any other exception from these functions is a bug.
-The schema itself (which keys exist, what they mean) lives in the section readers that
-`proxy/config/load.py` calls.
+Which keys exist and what they mean is in the key tables of `proxy/config/keys.py`, which
+the section readers that `proxy/config/load.py` calls take their keys from.
 """
 
 from __future__ import annotations
@@ -37,6 +37,15 @@ _NUMBER = r"(?:\d+(?:\.\d+)?|\.\d+)"
 # One term of a duration: a number and its unit (the unit left out only when alone).
 _DURATION_TERM_RE = re.compile(rf"({_NUMBER})(ns|us|\u00b5s|\u03bcs|ms|s|m|h|d)?")
 _DURATION_FORMS = "e.g. '250ms', '5s', '1.5s', '2m', '1m30s', '1h', '1d' or a number of seconds"
+# The same forms as a JSON Schema `pattern` (ECMA 262, which Python's `re` also reads), for
+# `gatehouse schema`: the terms in the one order parse_duration() accepts them, each at most
+# once, or a bare number. tests/proxy/tools/test_schema.py holds the two to each other.
+_DURATION_TERM = r"(?:\d+(?:\.\d+)?|\.\d+)"
+DURATION_PATTERN = (
+    rf"^\s*(?=[0-9.])(?:{_DURATION_TERM}|(?:{_DURATION_TERM}d)?(?:{_DURATION_TERM}h)?"
+    rf"(?:{_DURATION_TERM}m(?!s))?(?:{_DURATION_TERM}s)?(?:{_DURATION_TERM}ms)?"
+    rf"(?:{_DURATION_TERM}(?:us|\u00b5s|\u03bcs))?(?:{_DURATION_TERM}ns)?)\s*$"
+)
 
 # Case does not matter, except that a one-letter m, g or t is refused as ambiguous (below).
 _SIZE_UNITS_BYTES = {
@@ -62,6 +71,10 @@ _SIZE_UNITS_BYTES = {
 # g or t could mean either, so it is refused and the message names both spellings.
 _AMBIGUOUS_SIZE_UNITS = frozenset({"m", "g", "t"})
 _SIZE_RE = re.compile(rf"({_NUMBER})([A-Za-z]*)")
+# parse_size()'s forms as a JSON Schema `pattern`: a number and one of the units, in any
+# case but the ambiguous lower-case m, g and t alone. (That a fraction comes to whole bytes
+# is left to the loader.)
+SIZE_PATTERN = rf"^\s*{_DURATION_TERM}(?:[bBkKMGT]|[kKmMgGtT][bB]|[kKmMgGtT][iI][bB]?)?\s*$"
 _SIZE_FORMS = (
     "e.g. '512B', '16KiB' or '16Ki', '1MiB' or '1Mi', '1GiB', '10KB' or '10k', '10MB' or "
     "'10M', or a number of bytes"

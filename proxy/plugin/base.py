@@ -9,7 +9,9 @@ local reply). It never touches sockets.
 Its type is a *factory*: a class (or any callable) with
 
 - `OPTIONS`: the option keys it accepts (anything else is a config error with a
-  did-you-mean), and optionally `REQUIRED`: those that must be given;
+  did-you-mean), and optionally `REQUIRED`: those that must be given. `OPTIONS` is a
+  list of names, or a key table `{name: Option}` (proxy/config/spec.py) that also says
+  each option's type, default and meaning, which `gatehouse schema` prints for editors;
 - a constructor taking an `Options` (proxy/plugin/options.py) that reads and validates its
   options at config load, reporting problems with the file:line errors of the rest of
   routes.yaml. It must not touch the event loop (`gatehouse check` constructs it too).
@@ -53,7 +55,7 @@ middleware write `__call__` with them):
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 if TYPE_CHECKING:
@@ -84,7 +86,7 @@ class Pending:
 class MiddlewareFactory(Protocol):
     """What a `type:` resolves to: reads its options, returns the middleware."""
 
-    OPTIONS: ClassVar[Sequence[str]]
+    OPTIONS: ClassVar[Collection[str]]  # names, or a key table {name: Option}
 
     def __call__(self, options: Options) -> Middleware: ...
 

@@ -10,12 +10,13 @@ itself (a key file that does not exist, two options that exclude each other).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 from yaml.nodes import Node, ScalarNode
 
 from proxy.config.reader import Fields, NodeReader, Reported
+from proxy.config.spec import Option, required_of
 
 _T = TypeVar("_T")
 _MISSING = object()
@@ -188,14 +189,22 @@ class Options:
         return [(child, f"{path}[{index}]") for index, child in enumerate(children)]
 
     def nested(
-        self, key: str, allowed: Sequence[str], required: Sequence[str] = ()
+        self,
+        key: str,
+        allowed: Sequence[str] | Mapping[str, Option],
+        required: Sequence[str] = (),
     ) -> Options | None:
-        """A sub-mapping read the same way (None when absent or not a mapping)."""
+        """A sub-mapping read the same way (None when absent or not a mapping): `allowed`
+        is its keys, or its key table (whose required keys are then required too)."""
         node = self._fields.nodes.get(key)
         if node is None:
             return None
+        if isinstance(allowed, Mapping):
+            required = (*required, *required_of(allowed))
         try:
-            fields = self._reader.mapping(node, self._fields.key_path(key), allowed, required)
+            fields = self._reader.mapping(
+                node, self._fields.key_path(key), tuple(allowed), required
+            )
         except Reported:
             self.failed = True
             return None

@@ -1,5 +1,6 @@
-"""`gatehouse run FILE`, `gatehouse check FILE` (like `nginx -t`) and
-`gatehouse reload FILE` (like `nginx -s reload`).
+"""`gatehouse run FILE`, `gatehouse check FILE` (like `nginx -t`),
+`gatehouse reload FILE` (like `nginx -s reload`) and `gatehouse schema` (routes.yaml's
+JSON Schema, for editors).
 
 Exit codes: 0 success; 1 invalid configuration (or a reload refused); 2 usage error
 (including an admin listener that cannot be reached or will not take the request: no or a
@@ -33,6 +34,7 @@ from proxy.config.model import Config
 from proxy.process.cpus import usable_cpus
 from proxy.process.logs import LOG_FORMATS, configure_logging
 from proxy.tools.passwords import DEFAULT_COST, MAX_COST, MIN_COST, hash_password_command
+from proxy.tools.schema import build_schema
 
 log = logging.getLogger("proxy")
 
@@ -97,6 +99,11 @@ def _parser() -> argparse.ArgumentParser:
         "hash-password",
         help="a bcrypt hash for basic_auth (the password from the terminal, or stdin's first line)",
     )
+    commands.add_parser(
+        "schema",
+        help="print the JSON Schema of routes.yaml, for editors "
+        "(gatehouse schema > gatehouse.schema.json)",
+    )
     hashing.add_argument("--user", help="print an htpasswd line, USER:HASH")
     hashing.add_argument(
         "--cost",
@@ -118,6 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _explain(args)
     if args.command == "hash-password":
         return hash_password_command(args.user, args.cost)
+    if args.command == "schema":
+        sys.stdout.write(json.dumps(build_schema(), indent=2, ensure_ascii=False) + "\n")
+        return EXIT_OK
     # The format routes.yaml asks for (`logging.format`) is applied once it is read
     # (_run); until then, and whenever --log-format is given, the flag's (text by default).
     configure_logging(args.log_level, args.log_format or "text")

@@ -161,7 +161,7 @@ def test_aliases_within_the_limit_are_shared_not_refused() -> None:
         f"{SOURCE}:6: x-shared: unknown key 'x-shared' (expected one of: listeners, admin, "
         "upstreams, middleware, global_middleware, routes, limits, http2, http1_parser, "
         "workers, shutdown, reload, metrics, path_normalization, headers_with_underscores, "
-        "client_ip, logging)"
+        "client_ip, logging, tracing)"
     ]
 
 

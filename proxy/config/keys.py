@@ -1,0 +1,539 @@
+"""The key tables of routes.yaml's own sections: every key the loader accepts, with its
+type, default and meaning (proxy/config/spec.py says what an `Option` is).
+
+The section readers (`server.py`, `upstream.py`, `routes.py`, `load.py`) take the keys
+they accept, and those they require, from these tables, so that a key cannot be read
+without being listed here; `gatehouse schema` prints the tables as a JSON Schema, with
+each middleware's options from its own `OPTIONS` (proxy/tools/schema.py).
+tests/proxy/tools/test_schema.py checks what the readers accept against the tables, and
+their defaults against the ones the readers use.
+"""
+
+from __future__ import annotations
+
+from proxy.config.model import (
+    CLIENT_IP_SOURCES,
+    DEFAULT_BASE_EJECTION_S,
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_CONNECT_TIMEOUT_S,
+    DEFAULT_GRACE_PERIOD_S,
+    DEFAULT_H2_INITIAL_WINDOW_BYTES,
+    DEFAULT_H2_MAX_CONCURRENT_STREAMS,
+    DEFAULT_H2_MAX_CONTROL_FRAMES_PER_SECOND,
+    DEFAULT_H2_MAX_RESETS_PER_SECOND,
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_HEALTH_INTERVAL_S,
+    DEFAULT_HEALTH_TIMEOUT_S,
+    DEFAULT_KEEPALIVE_TIMEOUT_S,
+    DEFAULT_MAX_EJECTION_S,
+    DEFAULT_MAX_HEAD_BYTES,
+    DEFAULT_POOL_IDLE_TIMEOUT_S,
+    DEFAULT_POOL_MAX_CONNECTIONS,
+    DEFAULT_POOL_MAX_IDLE,
+    DEFAULT_POOL_WAIT_TIMEOUT_S,
+    DEFAULT_READ_TIMEOUT_S,
+    DEFAULT_RELOAD_WATCH_INTERVAL_S,
+    DEFAULT_REQUEST_BUFFER_BYTES,
+    DEFAULT_RETRY_BACKOFF_BASE_S,
+    DEFAULT_RETRY_BACKOFF_MAX_S,
+    DEFAULT_RETRY_BODY_LIMIT,
+    ESCAPED_SLASH_ACTIONS,
+    LOG_FORMATS,
+    RETRY_CONDITIONS,
+    UNDERSCORE_ACTIONS,
+    RetryConfig,
+)
+from proxy.config.spec import (
+    KeyTable,
+    any_of,
+    boolean,
+    choice,
+    duration,
+    integer,
+    list_of,
+    mapping,
+    named,
+    nullable,
+    raw,
+    size,
+    string,
+    strings,
+    text,
+)
+from proxy.config.values import format_size
+
+HTTP1_PARSERS = ("auto", "httptools", "h11")
+TLS_VERSIONS = ("1.2", "1.3")
+UPSTREAM_PROTOCOLS = ("http1", "h2c", "h2")
+SIMPLE_POLICIES = ("round_robin", "least_request", "random")
+HEALTH_CHECK_TYPES = ("http", "tcp")
+MAX_H2_WINDOW = 2**31 - 1  # RFC 9113 section 6.9.1
+MAX_H2_SETTING = 2**32 - 1  # RFC 9113 section 6.5.1: SETTINGS values are 32-bit
+
+DEFAULT_RESOLVE_INTERVAL_S = 30.0
+DEFAULT_STICKY_COOKIE = "gatehouse_sticky"
+
+# Where the middleware go: proxy/tools/schema.py defines these from the registry.
+MIDDLEWARE_ENTRY_REF = "#/$defs/middleware"
+MIDDLEWARE_CHAIN_REF = "#/$defs/middleware_chain"
+
+_BIND = "the address to listen on: host:port, [ipv6]:port or :port (all IPv4 interfaces)"
+
+# --- the server's own sections (proxy/config/server.py) ---
+
+LISTENER_TLS: KeyTable = {
+    "cert": string("PEM certificate chain, leaf first", required=True),
+    "key": string("PEM private key, not passphrase-protected", required=True),
+    "min_version": raw(
+        "the oldest TLS version accepted",
+        {"enum": [*TLS_VERSIONS, *(float(version) for version in TLS_VERSIONS)]},
+        TLS_VERSIONS[0],
+    ),
+}
+
+LISTENER: KeyTable = {
+    "bind": string(_BIND, required=True),
+    "name": string("the listener's name in logs and metrics (default listeners[N])"),
+    "tls": mapping(LISTENER_TLS, "serve TLS on this listener (ALPN offers h2 and http/1.1)"),
+    "http2": boolean("false: HTTP/1.1 only on this listener", True),
+    "proxy_protocol": boolean(
+        "every connection begins with a PROXY protocol header (v1 or v2) from a load"
+        " balancer; needs client_ip",
+        False,
+    ),
+}
+
+CLIENT_IP: KeyTable = {
+    "trusted_proxies": strings(
+        "addresses or CIDR ranges of the proxies whose word about the client is believed",
+        required=True,
+    ),
+    "source": choice(
+        CLIENT_IP_SOURCES, "where a trusted proxy tells the client's address", CLIENT_IP_SOURCES[0]
+    ),
+}
+
+ADMIN: KeyTable = {
+    "bind": string(
+        "the admin listener's address (/metrics /healthz /readyz /config)", required=True
+    ),
+    "token": string(
+        "bearer token required for all but /healthz and /readyz; 16+ characters"
+        " (openssl rand -hex 32)"
+    ),
+    "hosts": list_of(
+        string("a host name"),
+        "Host names accepted besides IP literals, localhost and bind's own name",
+    ),
+}
+
+LIMITS: KeyTable = {
+    "max_head_bytes": size(
+        "request line and headers (and, apart, a chunked request's trailers); larger: 431",
+        DEFAULT_MAX_HEAD_BYTES,
+        positive=True,
+    ),
+    "max_body_size": nullable(size("request body; larger: 413 (default unlimited)", None)),
+    "header_timeout": duration(
+        "the head not complete in time: 408", DEFAULT_HEADER_TIMEOUT_S, positive=True
+    ),
+    "body_timeout": duration(
+        "idle gap between request body chunks: 408; also a client that stops reading the"
+        " response is dropped after it",
+        DEFAULT_BODY_TIMEOUT_S,
+        positive=True,
+    ),
+    "keepalive_timeout": duration(
+        "idle keep-alive connections are closed after this", DEFAULT_KEEPALIVE_TIMEOUT_S
+    ),
+}
+
+HTTP2: KeyTable = {
+    "max_concurrent_streams": integer(
+        "SETTINGS_MAX_CONCURRENT_STREAMS; more streams are refused (REFUSED_STREAM)",
+        DEFAULT_H2_MAX_CONCURRENT_STREAMS,
+        minimum=1,
+        maximum=MAX_H2_SETTING,
+    ),
+    "max_header_list_size": size(
+        f"decoded request headers; larger: 431 on the stream (at most {MAX_H2_SETTING} bytes)",
+        DEFAULT_MAX_HEAD_BYTES,
+        positive=True,
+    ),
+    "initial_window_size": size(
+        f"each stream's receive window (at most {MAX_H2_WINDOW} bytes)",
+        DEFAULT_H2_INITIAL_WINDOW_BYTES,
+        positive=True,
+    ),
+    "max_resets_per_second": integer(
+        "stream resets a client may cause per second before GOAWAY (rapid reset)",
+        DEFAULT_H2_MAX_RESETS_PER_SECOND,
+        minimum=1,
+    ),
+    "max_control_frames_per_second": integer(
+        "PING, SETTINGS and other control frames a client may send per second before GOAWAY",
+        DEFAULT_H2_MAX_CONTROL_FRAMES_PER_SECOND,
+        minimum=1,
+    ),
+}
+
+SHUTDOWN: KeyTable = {
+    "grace_period": duration(
+        "how long in-flight requests get to finish on SIGTERM", DEFAULT_GRACE_PERIOD_S
+    ),
+}
+
+RELOAD: KeyTable = {
+    "watch": boolean("reload when the file changes", True),
+    "interval": duration(
+        "how often the file is polled", DEFAULT_RELOAD_WATCH_INTERVAL_S, positive=True
+    ),
+}
+
+METRICS: KeyTable = {
+    "enabled": boolean("false: no per-request counting on the data path", True),
+}
+
+LOGGING: KeyTable = {
+    "format": choice(
+        LOG_FORMATS,
+        "process logs as text lines or one JSON object a line (the --log-format flag wins)",
+        LOG_FORMATS[0],
+    ),
+}
+
+TRACING: KeyTable = {
+    "otlp_endpoint": string(
+        "the OpenTelemetry collector's base URL, as OTEL_EXPORTER_OTLP_ENDPOINT: spans go to"
+        " its /v1/traces over OTLP/HTTP (default none: trace context is propagated, no spans)"
+    ),
+    "sample_ratio": raw(
+        "the share of traces starting here that are recorded, 0 to 1",
+        {"type": "number", "minimum": 0, "maximum": 1},
+        1.0,
+    ),
+    "parent_based": boolean(
+        "follow the sampled flag of the caller's traceparent when there is one", True
+    ),
+    "service_name": string("the service.name of the gateway's spans", "gatehouse"),
+    "headers": raw(
+        "fields sent with every export (a collector's credentials; hidden from /config)",
+        {"type": "object", "additionalProperties": {"type": "string"}},
+    ),
+}
+
+PATH_NORMALIZATION: KeyTable = {
+    "escaped_slashes": choice(
+        ESCAPED_SLASH_ACTIONS,
+        "%2F, %5C and a raw backslash: reject (400), unescape, or keep them encoded",
+        ESCAPED_SLASH_ACTIONS[0],
+    ),
+    "merge_slashes": boolean('"//" in a path is "/"', True),
+}
+
+# --- upstreams (proxy/config/upstream.py) ---
+
+UPSTREAM_TLS: KeyTable = {
+    "ca": string("PEM bundle to verify the upstream against (default: the system store)"),
+    "verify": boolean("false turns certificate checks off", True),
+    "sni": string("the name sent (SNI) and verified (default: the endpoint's host)"),
+}
+
+ENDPOINT: KeyTable = {
+    "url": string("http://host[:port] or https://host[:port]", required=True),
+    "weight": integer("the endpoint's share of requests", 1, minimum=1),
+}
+
+TIMEOUTS: KeyTable = {
+    "connect": duration("a connect slower than this: 504", DEFAULT_CONNECT_TIMEOUT_S, True),
+    "read": duration(
+        "wait for the response head, and each gap between response body chunks: 504"
+        " (no total deadline)",
+        DEFAULT_READ_TIMEOUT_S,
+        positive=True,
+    ),
+}
+
+POOL: KeyTable = {
+    "max_connections": integer(
+        "connections per endpoint; requests beyond wait for wait_timeout",
+        DEFAULT_POOL_MAX_CONNECTIONS,
+        minimum=1,
+    ),
+    "max_idle": integer(
+        "idle keep-alive connections kept per endpoint (at most max_connections; left"
+        " out, the smaller of the two)",
+        DEFAULT_POOL_MAX_IDLE,
+    ),
+    "idle_timeout": duration(
+        "idle connections are closed after this; keep it below the upstream's own",
+        DEFAULT_POOL_IDLE_TIMEOUT_S,
+    ),
+    "wait_timeout": duration(
+        "how long a request waits for a connection, then 503", DEFAULT_POOL_WAIT_TIMEOUT_S
+    ),
+}
+
+STICKY: KeyTable = {
+    "cookie": string("the cookie that names the endpoint", DEFAULT_STICKY_COOKIE),
+    "ttl": duration("the cookie's Max-Age (default: a session cookie)", positive=True),
+}
+
+HASH_ON: KeyTable = {
+    "header": string("hash this request header"),
+    "cookie": string("hash this cookie"),
+}
+
+BALANCE: KeyTable = {
+    "hash": any_of(
+        "consistent hashing: ip, path, {header: NAME} or {cookie: NAME}",
+        choice(("ip", "path"), "hash the client address or the path"),
+        raw("hash a header or a cookie", {**mapping(HASH_ON, "").schema, "maxProperties": 1}),
+    ),
+    "sticky": any_of(
+        "a cookie pins each client to an endpoint",
+        raw("the default cookie", {"enum": [None, False]}),
+        mapping(STICKY, "the cookie's name and lifetime"),
+    ),
+}
+
+HEALTH_CHECK: KeyTable = {
+    "type": choice(HEALTH_CHECK_TYPES, "an HTTP request, or a TCP connect", "http"),
+    "path": string("the path requested (type http)", "/"),
+    "expect": list_of(
+        raw(
+            "a status, or a range 'A-B'",
+            {"anyOf": [{"type": "integer", "minimum": 100, "maximum": 599},
+                       {"type": "string", "pattern": r"^\d{3}(-\d{3})?$"}]},
+        ),
+        "statuses that count as healthy (type http)",
+        min_items=1,
+        default=["200-399"],
+    ),
+    "interval": duration("time between checks", DEFAULT_HEALTH_INTERVAL_S, positive=True),
+    "timeout": duration("a check slower than this fails", DEFAULT_HEALTH_TIMEOUT_S, True),
+    "healthy_threshold": integer("passes in a row that make an endpoint healthy", 2, 1),
+    "unhealthy_threshold": integer("failures in a row that make it unhealthy", 3, 1),
+    "jitter": raw(
+        "spread of the interval: a fraction (0.1) or a percentage ('10%')",
+        {"anyOf": [{"type": "number", "minimum": 0, "maximum": 1},
+                   {"type": "string", "pattern": r"^\s*\d+(\.\d+)?%$"}]},
+        0.1,
+    ),
+}  # fmt: skip
+
+OUTLIER: KeyTable = {
+    "consecutive_failures": integer(
+        "connect failures, resets and timeouts in a row that eject an endpoint", 5, 1
+    ),
+    "consecutive_5xx": nullable(
+        integer("5xx answers in a row that eject it (default off)", None, 1)
+    ),
+    "base_ejection": duration(
+        "the first ejection's length; each next one is longer",
+        DEFAULT_BASE_EJECTION_S,
+        positive=True,
+    ),
+    "max_ejection": duration("the longest ejection", DEFAULT_MAX_EJECTION_S, positive=True),
+    "max_ejection_percent": integer("at most this share of endpoints is ejected", 50, 0, 100),
+}
+
+BACKOFF: KeyTable = {
+    "base": duration("the first back-off", DEFAULT_RETRY_BACKOFF_BASE_S, positive=True),
+    "max": duration("the longest back-off", DEFAULT_RETRY_BACKOFF_MAX_S, positive=True),
+}
+
+BUDGET: KeyTable = {
+    "percent": integer("retries in flight, as a percentage of requests in flight", 20, 0, 100),
+    "min": integer("retries always allowed", 3),
+}
+
+RETRIES: KeyTable = {
+    "attempts": integer("total tries (1: no retry)", 2, minimum=1),
+    "on": raw(
+        "what is retried",
+        {"type": "array", "items": {"enum": [
+            *RETRY_CONDITIONS, *(int(c) for c in RETRY_CONDITIONS if c.isdigit())
+        ]}},
+        sorted(RetryConfig().on),
+    ),
+    "per_try_timeout": duration("a deadline for each try", positive=True),
+    "backoff": mapping(BACKOFF, "jittered exponential back-off between tries"),
+    "budget": mapping(BUDGET, "retries stay under this share of the upstream's requests"),
+    "body_limit": size(
+        "largest request body kept to be sent again", DEFAULT_RETRY_BODY_LIMIT
+    ),
+}  # fmt: skip
+
+CIRCUIT_BREAKER: KeyTable = {
+    "max_connections": nullable(integer("open connections to the upstream", None, 1)),
+    "max_pending": nullable(integer("requests waiting for a connection", None)),
+    "max_requests": nullable(integer("requests in flight", None, 1)),
+}
+
+RESOLVE: KeyTable = {
+    "interval": duration(
+        "how often the endpoints' names are resolved again (each address is an endpoint)",
+        DEFAULT_RESOLVE_INTERVAL_S,
+        positive=True,
+        required=True,
+    ),
+}
+
+UPSTREAM: KeyTable = {
+    "endpoints": list_of(
+        any_of(
+            "an endpoint",
+            string("http://host[:port] or https://host[:port]"),
+            mapping(ENDPOINT, "an endpoint with a weight"),
+        ),
+        "the upstream's endpoints",
+        min_items=1,
+        required=True,
+    ),
+    "balance": any_of(
+        "how an endpoint is chosen",
+        choice((*SIMPLE_POLICIES, "sticky"), "a policy"),
+        raw(
+            "hash or sticky, with their settings",
+            {**mapping(BALANCE, "").schema, "minProperties": 1, "maxProperties": 1},
+        ),
+        default=SIMPLE_POLICIES[0],
+    ),
+    "timeouts": mapping(TIMEOUTS, "connect and read timeouts"),
+    "pool": mapping(POOL, "connection pool, per endpoint"),
+    "protocol": choice(
+        UPSTREAM_PROTOCOLS,
+        "http1, h2c (HTTP/2 cleartext) or h2 (HTTP/2 over TLS, https:// endpoints)",
+        UPSTREAM_PROTOCOLS[0],
+    ),
+    "tls": mapping(UPSTREAM_TLS, "TLS to https:// endpoints"),
+    "health_check": mapping(HEALTH_CHECK, "active health checks (default none)"),
+    "outlier": any_of(
+        "passive ejection of failing endpoints; false: none",
+        raw("no passive ejection", {"const": False}),
+        mapping(OUTLIER, "ejection settings"),
+    ),
+    "retries": mapping(RETRIES, "the retry policy"),
+    "circuit_breaker": mapping(CIRCUIT_BREAKER, "limits past which requests fail fast (503)"),
+    "resolve": mapping(RESOLVE, "re-resolve the endpoints' host names (DNS)"),
+}
+
+# --- routes (proxy/config/routes.py) ---
+
+MATCH_VALUE: KeyTable = {
+    "value": text("an exact value"),
+    "regex": string("a regular expression the whole value must match"),
+    "present": raw("the field or parameter is present, with any value", {"const": True}),
+}
+
+_MATCH_VALUES = named(
+    any_of(
+        "an exact value, or exactly one of value, regex, present",
+        text("an exact value"),
+        raw(
+            "one of value, regex, present",
+            {**mapping(MATCH_VALUE, "").schema, "minProperties": 1, "maxProperties": 1},
+        ),
+    ),
+    "",
+)
+
+MATCH: KeyTable = {
+    "host": string("exact (api.example.com), a wildcard (*.example.com) or * (any)"),
+    "path": string("an exact path, in canonical form"),
+    "path_prefix": string("a path prefix, in canonical form (/users also matches /users-x)"),
+    "path_regex": string("a regular expression the whole path must match; named groups are"
+                         " the route's parameters"),
+    "methods": list_of(string("a method"), "methods matched exactly (HEAD is not GET)", 1),
+    "headers": raw("header fields to match, by name", dict(_MATCH_VALUES.schema)),
+    "query": raw("query parameters to match, by name", dict(_MATCH_VALUES.schema)),
+}  # fmt: skip
+
+REWRITE: KeyTable = {
+    "strip_prefix": string("removed from the path at a segment boundary"),
+    "add_prefix": string("then put in front of the path"),
+    "regex": string("applied first: re.sub of the first match (needs replacement)"),
+    "replacement": string("the replacement of regex; \\1 and named groups work"),
+    "host": string("replaces the Host header (kept as the client sent it by default)"),
+}
+
+WEBSOCKET: KeyTable = {
+    "enabled": boolean("whether WebSocket upgrades are allowed", True),
+    "idle_timeout": nullable(
+        duration("no byte either way for this long: closed with 1001 (default off)", None, True)
+    ),
+    "max_duration": nullable(
+        duration("open this long: closed with 1001 (default off)", None, positive=True)
+    ),
+}
+
+REQUEST_BUFFERING: KeyTable = {
+    "max_size": size(
+        "request bodies up to this size are read before an upstream connection is taken",
+        DEFAULT_REQUEST_BUFFER_BYTES,
+        positive=True,
+        required=True,
+    ),
+}
+
+_CHAIN_DESCRIPTION = "names of middleware entries, or inline {type: ...} entries"
+
+ROUTE: KeyTable = {
+    "name": string("the route's label in logs and metrics (default: derived from the match)"),
+    "match": mapping(MATCH, "what requests the route takes", required=True),
+    "upstream": string("the upstream requests go to", required=True),
+    "middleware": raw(f"the route's chain: {_CHAIN_DESCRIPTION}", {"$ref": MIDDLEWARE_CHAIN_REF}),
+    "rewrite": mapping(REWRITE, "how the path and Host are rewritten"),
+    "max_body_size": nullable(size("overrides limits.max_body_size for this route", None)),
+    "websocket": any_of(
+        "WebSocket upgrades: true, false, or their deadlines (default true with an http1 upstream)",
+        boolean("on or off"),
+        mapping(WEBSOCKET, "on, with deadlines"),
+    ),
+    "forward_raw_path": boolean(
+        "forward the client's own spelling of the path (routing uses the canonical one)", False
+    ),
+    "request_buffering": any_of(
+        "read bodies up to max_size before taking a connection; false: stream at once",
+        boolean("on (1MiB) or off"),
+        mapping(REQUEST_BUFFERING, "on, up to max_size"),
+        default={"max_size": format_size(DEFAULT_REQUEST_BUFFER_BYTES)},
+    ),
+}
+
+# --- the top level (proxy/config/load.py) ---
+
+TOP: KeyTable = {
+    "listeners": list_of(
+        mapping(LISTENER, "a listener"), "the client-facing sockets", 1, required=True
+    ),
+    "admin": mapping(ADMIN, "the admin listener (default none)"),
+    "upstreams": named(mapping(UPSTREAM, "an upstream"), "upstreams by name", required=True),
+    "middleware": named(
+        raw("a middleware entry", {"$ref": MIDDLEWARE_ENTRY_REF}),
+        "named, reusable middleware entries: {type: ..., options}",
+    ),
+    "global_middleware": raw(
+        f"the chain every request runs first: {_CHAIN_DESCRIPTION}", {"$ref": MIDDLEWARE_CHAIN_REF}
+    ),
+    "routes": list_of(
+        mapping(ROUTE, "a route"), "the routes; the most specific match wins", required=True
+    ),
+    "limits": mapping(LIMITS, "the client connections' size and time limits"),
+    "http2": mapping(HTTP2, "the HTTP/2 front end, per connection"),
+    "http1_parser": choice(HTTP1_PARSERS, "auto: httptools, else h11", HTTP1_PARSERS[0]),
+    "workers": nullable(
+        integer("worker processes; default one per usable CPU (restart to change)", None, 1)
+    ),
+    "shutdown": mapping(SHUTDOWN, "graceful shutdown"),
+    "reload": mapping(RELOAD, "reloading when the file changes"),
+    "metrics": mapping(METRICS, "per-request metrics"),
+    "path_normalization": mapping(PATH_NORMALIZATION, "the canonical path requests are routed on"),
+    "headers_with_underscores": choice(
+        UNDERSCORE_ACTIONS, "client header fields named with '_'", UNDERSCORE_ACTIONS[0]
+    ),
+    "client_ip": mapping(CLIENT_IP, "the load balancers in front, and what they tell"),
+    "logging": mapping(LOGGING, "process logs (restart to change)"),
+    "tracing": mapping(TRACING, "W3C trace propagation and OpenTelemetry spans"),
+}
