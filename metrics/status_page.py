@@ -35,8 +35,8 @@ MIN_WINDOW_S = 1.0  # a rate over less time than this is noise; an older view is
 KEEP_S = 300.0
 MAX_SAMPLES = 64
 CONTENT_SECURITY_POLICY = (
-    "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'; "
-    "frame-ancestors 'none'"
+    "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; "
+    "form-action 'none'; frame-ancestors 'none'"
 )
 PAGE_HEADERS = [
     ("content-type", "text/html; charset=utf-8"),
@@ -180,6 +180,8 @@ def render_page(status: dict[str, Any], rates: Rates, now: float) -> bytes:
         '<html lang="en"><head><meta charset="utf-8">',
         f'<meta http-equiv="refresh" content="{REFRESH_S}">',
         '<meta name="viewport" content="width=device-width,initial-scale=1">',
+        # An empty icon of its own: no request for /favicon.ico, which would be a 404.
+        '<link rel="icon" href="data:,">',
         "<title>Gatehouse status</title>",
         f"<style>{_STYLE}</style></head><body>",
         "<header><h1>Gatehouse status</h1>",
