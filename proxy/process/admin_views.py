@@ -264,3 +264,23 @@ def _endpoint(label: str, gauges: dict[str, float], states: list[dict[str, Any]]
         "pool": {field: int(gauges.get(field, 0.0)) for field in ("open", "idle", "waiting")},
         "workers": len(states),
     }
+
+
+def status_view(
+    config: Config,
+    view: dict[str, Any],
+    metrics: Sequence[Metric],
+    workers: Sequence[EndpointStates],
+    certificates: list[dict[str, Any]],
+    generation: int,
+) -> dict[str, Any]:
+    """What the status page shows (metrics/status_page.py `render_page`): the upstreams,
+    routes and certificates as their endpoints give them, and the config's identity."""
+    return {
+        "upstreams": upstreams_view(config, metrics, workers),
+        "routes": routes_view(config, view),
+        "certificates": certificates,
+        "workers": len(workers),
+        "generation": generation,
+        "sha256": view.get("sha256", ""),
+    }

@@ -55,6 +55,7 @@ from proxy.process.admin_views import (
     certificates_view,
     middleware_view,
     routes_view,
+    status_view,
     upstreams_view,
     with_expiry,
 )
@@ -538,15 +539,10 @@ class Supervisor:
     async def status_page(self) -> bytes:
         """/: the status page, from a fresh collection (metrics/status_page.py)."""
         merged = await self.metrics()
-        view = self.config_view()
-        status = {
-            "upstreams": self._upstreams(merged),
-            "routes": routes_view(self.config, view),
-            "certificates": self.certificates(),
-            "workers": len(self._children),
-            "generation": self._generation,
-            "sha256": view["sha256"],
-        }
+        states = [worker.last_endpoints for worker in self._children.values()]
+        status = status_view(
+            self.config, self.config_view(), merged, states, self.certificates(), self._generation
+        )
         return render_page(status, self._rates.observe(merged), time.time())
 
     def config_view(self) -> dict[str, Any]:

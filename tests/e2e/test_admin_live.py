@@ -280,27 +280,30 @@ def test_the_new_paths_need_the_token_and_an_allowed_host(
         f'admin:\n  bind: 127.0.0.1:{admin}\n  token: "{TOKEN}"\n',
     )
     bearer = {"Authorization": f"Bearer {TOKEN}"}
-    with run_gateway(text, tmp_path, port=port):
-        with httpx.Client(base_url=f"http://127.0.0.1:{admin}", timeout=CLIENT_TIMEOUT_S) as client:
-            wait_until(lambda: "2 of 2" in client.get("/readyz").text, 10.0, "ready")
-            for path in NEW_PATHS:
-                missing = client.get(path)
-                assert missing.status_code == 401, path
-                assert missing.headers["www-authenticate"] == 'Bearer realm="gatehouse-admin"'
-                wrong = client.get(path, headers={"Authorization": "Bearer not-the-token"})
-                assert wrong.status_code == 401, path
-                rebound = client.get(path, headers={**bearer, "Host": "evil.example"})
-                assert rebound.status_code == 421, path
-                assert client.get(path, headers=bearer).status_code == 200, path
-                assert client.post(path, headers=bearer).status_code == 405, path
-            page = client.get("/", headers=bearer)
-            assert page.headers["content-type"] == "text/html; charset=utf-8"
-            policy = page.headers["content-security-policy"]
-            assert "default-src 'none'" in policy
-            assert "script-src" not in policy  # no script may run at all
-            assert page.headers["cache-control"] == "no-store"
-            assert '<meta http-equiv="refresh"' in page.text
-            assert 'data-route="all"' in page.text
-            metrics = client.get("/metrics", headers=bearer).text
+    base = f"http://127.0.0.1:{admin}"
+    with (
+        run_gateway(text, tmp_path, port=port),
+        httpx.Client(base_url=base, timeout=CLIENT_TIMEOUT_S) as client,
+    ):
+        wait_until(lambda: "2 of 2" in client.get("/readyz").text, 10.0, "ready")
+        for path in NEW_PATHS:
+            missing = client.get(path)
+            assert missing.status_code == 401, path
+            assert missing.headers["www-authenticate"] == 'Bearer realm="gatehouse-admin"'
+            wrong = client.get(path, headers={"Authorization": "Bearer not-the-token"})
+            assert wrong.status_code == 401, path
+            rebound = client.get(path, headers={**bearer, "Host": "evil.example"})
+            assert rebound.status_code == 421, path
+            assert client.get(path, headers=bearer).status_code == 200, path
+            assert client.post(path, headers=bearer).status_code == 405, path
+        page = client.get("/", headers=bearer)
+        assert page.headers["content-type"] == "text/html; charset=utf-8"
+        policy = page.headers["content-security-policy"]
+        assert "default-src 'none'" in policy
+        assert "script-src" not in policy  # no script may run at all
+        assert page.headers["cache-control"] == "no-store"
+        assert '<meta http-equiv="refresh"' in page.text
+        assert 'data-route="all"' in page.text
+        metrics = client.get("/metrics", headers=bearer).text
     assert 'gatehouse_admin_refusals_total{reason="unauthorized"} 10.0' in metrics
     assert 'gatehouse_admin_refusals_total{reason="host"} 5.0' in metrics
