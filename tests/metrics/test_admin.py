@@ -26,7 +26,18 @@ from tests.support.helpers import RawClient
 
 pytestmark = pytest.mark.socket
 
-PATHS = ["/config", "/healthz", "/metrics", "/readyz", "/reload"]
+PATHS = [
+    "/",
+    "/certificates",
+    "/config",
+    "/healthz",
+    "/metrics",
+    "/middleware",
+    "/readyz",
+    "/reload",
+    "/routes",
+    "/upstreams",
+]
 WRITE = {"X-Gatehouse-Admin": "1"}  # what a non-browser client sends with a POST
 
 
@@ -238,7 +249,7 @@ async def test_head_answers_like_get_without_a_body(
     assert (after.status, after.body) == (200, b"ok\n")
 
 
-@pytest.mark.parametrize("path", ["/", "/nope", "/healthz/", "/metrics/x", "/HEALTHZ"])
+@pytest.mark.parametrize("path", ["/index.html", "/nope", "/healthz/", "/metrics/x", "/HEALTHZ"])
 async def test_unknown_paths_get_404_with_the_list_of_paths(
     client: httpx.AsyncClient, path: str
 ) -> None:
