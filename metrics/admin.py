@@ -8,6 +8,10 @@
 - GET /config: the running config as JSON, secrets redacted.
 - POST /reload: reload the config file now (like SIGHUP); 200, or 422 with the errors
   while the old config keeps serving.
+- GET /upstreams, /routes, /middleware, /certificates: the live state as JSON (each
+  endpoint's state over the workers; the route table in match order with its chains;
+  the middleware instances with redacted options; the TLS listeners' certificates).
+- GET /: the status page, HTML that reloads itself (metrics/status_page.py).
 
 Before any of that, each request passes the Host allow-list, the bearer token
 (`admin.token`, except for /healthz and /readyz) and, for POST, the cross-site check
@@ -33,6 +37,7 @@ from prometheus_client.metrics_core import Metric
 from metrics.admin_access import SAFE_METHODS, AdminAccess, Refusal, admit, cross_site
 from metrics.aggregate import exposition
 from metrics.gateway import ADMIN_REFUSALS
+from metrics.status_page import PAGE_HEADERS
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +55,16 @@ class AdminApp(Protocol):
     def config_view(self) -> dict[str, Any]: ...
 
     async def reload(self, reason: str) -> tuple[bool, list[str]]: ...
+
+    async def upstreams(self) -> list[dict[str, Any]]: ...
+
+    def routes(self) -> list[dict[str, Any]]: ...
+
+    def middleware(self) -> list[dict[str, Any]]: ...
+
+    def certificates(self) -> list[dict[str, Any]]: ...
+
+    async def status_page(self) -> bytes: ...
 
 
 class AdminServer:
@@ -188,6 +203,16 @@ class AdminServer:
             return 200, [("content-type", content_type)], body
         if path == "/config":
             return _json(200, app.config_view())
+        if path == "/upstreams":
+            return _json(200, {"upstreams": await app.upstreams()})
+        if path == "/routes":
+            return _json(200, {"routes": app.routes()})
+        if path == "/middleware":
+            return _json(200, {"middleware": app.middleware()})
+        if path == "/certificates":
+            return _json(200, {"certificates": app.certificates()})
+        if path == "/":
+            return 200, list(PAGE_HEADERS), await app.status_page()
         ok, errors = await app.reload("admin API")
         if ok:
             return _json(200, {"ok": True})
@@ -195,11 +220,16 @@ class AdminServer:
 
 
 _ROUTES: dict[str, tuple[str, ...]] = {
+    "/": ("GET",),
     "/healthz": ("GET",),
     "/readyz": ("GET",),
     "/metrics": ("GET",),
     "/config": ("GET",),
     "/reload": ("POST",),
+    "/upstreams": ("GET",),
+    "/routes": ("GET",),
+    "/middleware": ("GET",),
+    "/certificates": ("GET",),
 }
 
 

@@ -1,12 +1,15 @@
 """What a worker's server has open now, as the scrape-time gauges read it
 (metrics/live.py): the metrics package knows only the `LiveSource` shape, and this is
-the server's side of it.
+the server's side of it. `endpoint_states` is the rest of what the admin listener's
+/upstreams shows (what the balancer knows of each endpoint beyond the gauges), sent to
+the parent with each metrics snapshot (proxy/process/worker.py).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from metrics.live import PROTOCOLS, PoolOccupancy
 from proxy.frontend.h2.protocol import Http2Protocol
@@ -79,3 +82,31 @@ class ServerGauges:
         for name, upstream in list(self._server.runtime.upstreams.items()):
             for endpoint, healthy in upstream.endpoint_health():
                 yield name, endpoint, healthy
+
+    def endpoint_states(self) -> list[dict[str, Any]]:
+        """What the balancers know of each endpoint beyond the gauges, as JSON-able data:
+        the active check's verdict (`healthy`), the outlier ejection's end as Unix time
+        (`ejected_until`, None when not ejected), the requests in flight, and whether the
+        upstream is in panic mode. Read when the parent asks, never kept up to date."""
+        states: list[dict[str, Any]] = []
+        for name, upstream in list(self._server.runtime.upstreams.items()):
+            endpoints = list(upstream.endpoints)
+            if not endpoints:
+                continue
+            now = upstream.now()  # the loop's clock, which ejections are timed on
+            wall = time.time()
+            for endpoint in endpoints:
+                ejected = endpoint.ejected_until > now
+                states.append(
+                    {
+                        "upstream": name,
+                        "endpoint": endpoint.label,
+                        "healthy": endpoint.healthy,
+                        "ejected_until": (
+                            wall + (endpoint.ejected_until - now) if ejected else None
+                        ),
+                        "in_flight": endpoint.in_flight,
+                        "panic": upstream.panic,
+                    }
+                )
+        return states

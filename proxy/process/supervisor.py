@@ -13,7 +13,9 @@ connections evenly over them; the parent serves no traffic. It runs an asyncio l
   have, commits it (proxy/process/server.py). An invalid file, or a worker that cannot prepare,
   leaves every worker on the old config; the errors are logged and counted.
 - The admin listener (metrics/admin.py): the workers' metrics are collected over each
-  worker's channel (proxy/process/control.py) and summed (metrics/aggregate.py).
+  worker's channel (proxy/process/control.py) and summed (metrics/aggregate.py). The
+  same reply carries each worker's endpoint states, which with the merged gauges make
+  /upstreams and the status page (proxy/process/admin_views.py, metrics/status_page.py).
 """
 
 from __future__ import annotations
@@ -43,10 +45,20 @@ from metrics.gateway import (
     WORKERS,
     record_certificates,
 )
+from metrics.status_page import RequestRates, render_page
 from proxy.config.document import ConfigError, read_config_file
 from proxy.config.load import parse_config
 from proxy.config.model import AdminConfig, Config, ListenerConfig
 from proxy.config.view import config_view
+from proxy.process.admin_views import (
+    EndpointStates,
+    certificates_view,
+    middleware_view,
+    routes_view,
+    status_view,
+    upstreams_view,
+    with_expiry,
+)
 from proxy.process.control import ChannelClosed, Message, WorkerChannel
 
 log = logging.getLogger(__name__)
@@ -142,6 +154,7 @@ class _Worker:
     started: float = field(default_factory=time.monotonic)
     ready: bool = False
     last_metrics: Snapshot = field(default_factory=list)
+    last_endpoints: EndpointStates = field(default_factory=list)  # with its last snapshot
 
 
 class Supervisor:
@@ -167,6 +180,8 @@ class Supervisor:
         self._refused_signature: tuple[int, int, int, int] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.restarts = 0
+        self._certificates = certificates_view(self.config)
+        self._rates = RequestRates(time.monotonic())
 
     # -- the parent's loop -------------------------------------------------------------
     async def run(self) -> int:
@@ -342,6 +357,7 @@ class Supervisor:
             if ok:
                 CONFIG_LAST_RELOAD_SUCCESS.set(time.time())
                 record_certificates(self.config.tls_certificates())
+                self._certificates = certificates_view(self.config)
                 log.info("reload done: %d routes", len(self.config.routes))
             else:
                 for line in errors:
@@ -494,9 +510,40 @@ class Supervisor:
         for worker, reply in zip(workers, replies, strict=True):
             if isinstance(reply, dict) and reply.get("ok"):
                 worker.last_metrics = reply["families"]
+                worker.last_endpoints = reply.get("endpoints", [])
             # else: busy or gone; its last snapshot stands in (counts never go backwards)
         current = [worker.last_metrics for worker in workers]
         return merge([snapshot(GATEWAY_REGISTRY), *current, *self._retired])
+
+    async def upstreams(self) -> list[dict[str, Any]]:
+        """/upstreams: each endpoint's state over the workers (a fresh collection)."""
+        merged = await self.metrics()
+        return self._upstreams(merged)
+
+    def _upstreams(self, merged: list[Metric]) -> list[dict[str, Any]]:
+        states = [worker.last_endpoints for worker in self._children.values()]
+        return upstreams_view(self.config, merged, states)
+
+    def routes(self) -> list[dict[str, Any]]:
+        """/routes: the route table in match order, with each route's chain."""
+        return routes_view(self.config, self.config_view())
+
+    def middleware(self) -> list[dict[str, Any]]:
+        """/middleware: every middleware instance, its routes and redacted options."""
+        return middleware_view(self.config, self.config_view())
+
+    def certificates(self) -> list[dict[str, Any]]:
+        """/certificates: each TLS listener's certificate as last loaded."""
+        return with_expiry(self._certificates, time.time())
+
+    async def status_page(self) -> bytes:
+        """/: the status page, from a fresh collection (metrics/status_page.py)."""
+        merged = await self.metrics()
+        states = [worker.last_endpoints for worker in self._children.values()]
+        status = status_view(
+            self.config, self.config_view(), merged, states, self.certificates(), self._generation
+        )
+        return render_page(status, self._rates.observe(merged), time.time())
 
     def config_view(self) -> dict[str, Any]:
         view = config_view(self.text, self.path, self.config.concealed)

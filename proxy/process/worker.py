@@ -2,7 +2,10 @@
 its supervising parent (proxy/process/control.py).
 
 The parent asks for:
-- `metrics`: a snapshot of this process's registry (metrics/aggregate.py);
+- `metrics`: a snapshot of this process's registry (metrics/aggregate.py), and
+  `endpoints`, what the balancers know of each endpoint that no metric says (an
+  ejection's end, requests in flight: `ServerGauges.endpoint_states`), for the admin
+  listener's /upstreams and status page;
 - `prepare` (the config file's text, as the parent validated it) then `commit` or
   `abort`: a reload, in two steps so that every worker switches or none does
   (proxy/process/server.py).
@@ -26,6 +29,7 @@ from proxy.config.document import ConfigError
 from proxy.config.load import parse_config
 from proxy.config.model import Config
 from proxy.process.control import Message, open_channel, serve_requests, write_message
+from proxy.process.gauges import ServerGauges
 from proxy.process.server import ReloadRefused, Server
 
 log = logging.getLogger("proxy")
@@ -121,7 +125,11 @@ async def _answer_parent(server: Server, control: socket.socket, stop: asyncio.E
     async def handle(request: Message) -> Message:
         op = request.get("op")
         if op == "metrics":
-            return {"ok": True, "families": snapshot(REGISTRY)}
+            return {
+                "ok": True,
+                "families": snapshot(REGISTRY),
+                "endpoints": ServerGauges(server).endpoint_states(),
+            }
         if op == "prepare":
             return await _prepare(server, request)
         if op == "commit":

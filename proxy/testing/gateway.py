@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -33,10 +34,21 @@ from prometheus_client.metrics_core import Metric
 
 from metrics.admin import AdminServer
 from metrics.gateway import CONFIG_LAST_RELOAD_SUCCESS, CONFIG_RELOADS, record_certificates
+from metrics.status_page import RequestRates, render_page
 from proxy.config.document import ConfigError
 from proxy.config.load import parse_config
 from proxy.config.model import AdminConfig, Config, EndpointConfig, UpstreamConfig
 from proxy.config.view import config_view
+from proxy.process.admin_views import (
+    EndpointStates,
+    certificates_view,
+    middleware_view,
+    routes_view,
+    status_view,
+    upstreams_view,
+    with_expiry,
+)
+from proxy.process.gauges import ServerGauges
 from proxy.process.server import ReloadRefused, Server
 from proxy.testing.metrics import Baseline, current
 from proxy.testing.trace import EXCHANGE_HEADER, Exchange, Tracer
@@ -384,6 +396,7 @@ class _AdminApp:
 
     def __init__(self, gateway: RunningGateway) -> None:
         self._gateway = gateway
+        self._rates = RequestRates(time.monotonic())
 
     def ready(self) -> tuple[bool, str]:
         if self._gateway.server.draining:
@@ -396,6 +409,33 @@ class _AdminApp:
     def config_view(self) -> dict[str, Any]:
         gateway = self._gateway
         return config_view(gateway.text, gateway.source_name, gateway.config.concealed)
+
+    def _states(self) -> list[EndpointStates]:
+        return [ServerGauges(self._gateway.server).endpoint_states()]
+
+    async def upstreams(self) -> list[dict[str, Any]]:
+        return upstreams_view(self._gateway.config, current(), self._states())
+
+    def routes(self) -> list[dict[str, Any]]:
+        return routes_view(self._gateway.config, self.config_view())
+
+    def middleware(self) -> list[dict[str, Any]]:
+        return middleware_view(self._gateway.config, self.config_view())
+
+    def certificates(self) -> list[dict[str, Any]]:
+        return with_expiry(certificates_view(self._gateway.config), time.time())
+
+    async def status_page(self) -> bytes:
+        merged = current()
+        status = status_view(
+            self._gateway.config,
+            self.config_view(),
+            merged,
+            self._states(),
+            self.certificates(),
+            generation=0,
+        )
+        return render_page(status, self._rates.observe(merged), time.time())
 
     async def reload(self, reason: str) -> tuple[bool, list[str]]:
         try:

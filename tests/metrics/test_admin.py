@@ -26,7 +26,18 @@ from tests.support.helpers import RawClient
 
 pytestmark = pytest.mark.socket
 
-PATHS = ["/config", "/healthz", "/metrics", "/readyz", "/reload"]
+PATHS = [
+    "/",
+    "/certificates",
+    "/config",
+    "/healthz",
+    "/metrics",
+    "/middleware",
+    "/readyz",
+    "/reload",
+    "/routes",
+    "/upstreams",
+]
 WRITE = {"X-Gatehouse-Admin": "1"}  # what a non-browser client sends with a POST
 
 
@@ -61,6 +72,21 @@ class App:
     async def reload(self, reason: str) -> tuple[bool, list[str]]:
         self.reloads.append(reason)
         return self.reload_result
+
+    async def upstreams(self) -> list[dict[str, Any]]:
+        return [{"name": "app", "endpoints": []}]
+
+    def routes(self) -> list[dict[str, Any]]:
+        return [{"name": "users"}]
+
+    def middleware(self) -> list[dict[str, Any]]:
+        return [{"name": "cors"}]
+
+    def certificates(self) -> list[dict[str, Any]]:
+        return []
+
+    async def status_page(self) -> bytes:
+        return b"<!DOCTYPE html><title>status</title>"
 
 
 class Admin:
@@ -115,6 +141,29 @@ async def test_readyz_follows_the_app(running: Admin, client: httpx.AsyncClient)
     assert (draining.status_code, draining.text) == (503, "draining\n")
     assert draining.reason_phrase == "Service Unavailable"
     assert draining.headers["content-type"] == "text/plain"
+
+
+async def test_the_live_views_are_json_and_the_status_page_html(
+    client: httpx.AsyncClient,
+) -> None:
+    for path, key, expected in (
+        ("/upstreams", "upstreams", [{"name": "app", "endpoints": []}]),
+        ("/routes", "routes", [{"name": "users"}]),
+        ("/middleware", "middleware", [{"name": "cors"}]),
+        ("/certificates", "certificates", []),
+    ):
+        response = await client.get(path)
+        assert response.status_code == 200, path
+        assert response.headers["content-type"] == "application/json"
+        assert response.json() == {key: expected}
+    page = await client.get("/")
+    assert page.status_code == 200
+    assert page.headers["content-type"] == "text/html; charset=utf-8"
+    assert "script-src" not in page.headers["content-security-policy"]
+    assert page.headers["x-content-type-options"] == "nosniff"
+    assert page.text == "<!DOCTYPE html><title>status</title>"
+    head = await client.head("/")
+    assert (head.status_code, head.content) == (200, b"")
 
 
 async def test_metrics_are_prometheus_text_by_default(client: httpx.AsyncClient) -> None:
@@ -200,7 +249,7 @@ async def test_head_answers_like_get_without_a_body(
     assert (after.status, after.body) == (200, b"ok\n")
 
 
-@pytest.mark.parametrize("path", ["/", "/nope", "/healthz/", "/metrics/x", "/HEALTHZ"])
+@pytest.mark.parametrize("path", ["/index.html", "/nope", "/healthz/", "/metrics/x", "/HEALTHZ"])
 async def test_unknown_paths_get_404_with_the_list_of_paths(
     client: httpx.AsyncClient, path: str
 ) -> None:
