@@ -83,6 +83,12 @@ FIELDS = (
     # status is the upstream's: a 504 of ours is told from an upstream's.
     "error",
     "tls",  # the client connection's TLS version ("TLSv1.3"); "" without TLS
+    # The W3C trace the request belongs to (32 hex digits) and the gateway's span in it:
+    # its server span when the trace is recorded (`tracing:`), else the span id the last
+    # upstream try was sent with. "" when neither exists (answered before any try,
+    # without tracing).
+    "trace_id",
+    "span_id",
     # Written only when `fields` names it: the address the request came from before
     # `client_ip` looked behind it (the load balancer; on a proxy_protocol listener, the
     # client its PROXY header named). The same as client_ip without a client_ip section.
@@ -395,6 +401,7 @@ class AccessLog:
                 request.exchange.retries,
                 request.exchange.error,
                 request.tls_version,
+                *_trace_ids(request),
                 request.peer[0],
             )
         )
@@ -450,7 +457,11 @@ class AccessLog:
                 _quote(v[17]),
                 ',"tls":',
                 _quote(v[18]),
-                "}",
+                ',"trace_id":"',
+                v[19],
+                '","span_id":"',
+                v[20],
+                '"}',
             )
         )
 
@@ -489,6 +500,14 @@ class _Entered:
         self.start = start
         self.wall = wall
         self.path = path
+
+
+def _trace_ids(request: Request) -> tuple[str, str]:
+    """(trace id, span id) for the line: see FIELDS. Both are hex digits (no quoting)."""
+    trace = request.exchange.trace
+    if trace is None:
+        return "", ""
+    return trace.trace_id, trace.span_id or trace.hop_id
 
 
 def _both(first: Callable[[], None], second: Callable[[], None]) -> None:

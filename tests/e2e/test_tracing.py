@@ -11,6 +11,7 @@ first (one worker exports its spans in the order they ended).
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 
 import httpx
@@ -402,3 +403,41 @@ async def test_without_tracing_the_callers_trace_is_continued(plain_gateway: Ser
             await client.get(f"{base_url(plain_gateway)}/", headers={"traceparent": future})
         ).json()
     assert seen["traceparent"].startswith(f"00-{CALLER_TRACE}-")
+
+
+def with_access_log(config: str) -> str:
+    return config + "middleware:\n  log: {type: access_log}\nglobal_middleware: [log]\n"
+
+
+async def logged_lines(
+    server: Server, capfd: pytest.CaptureFixture[str]
+) -> list[dict[str, object]]:
+    await server.shutdown(grace_period=1.0)  # flushes the access log's writer
+    out, _ = capfd.readouterr()
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+async def test_the_access_log_names_the_trace_and_the_gateways_span(
+    gateway_factory: GatewayFactory,
+    receiver: OtlpReceiver,
+    backend: TracedHttpUpstream,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    gateway = await gateway_factory(with_access_log(tracing_config(backend.url, receiver)))
+    async with httpx.AsyncClient(timeout=10) as client:
+        await client.get(f"{base_url(gateway)}/", headers={"traceparent": caller()})
+    spans = await spans_of(receiver, CALLER_TRACE, 3)
+    (line,) = await logged_lines(gateway, capfd)
+    assert line["trace_id"] == CALLER_TRACE
+    assert line["span_id"] == one(spans, "edge", "server").span_id
+
+
+async def test_without_tracing_the_access_log_names_the_hop_the_upstream_saw(
+    gateway_factory: GatewayFactory, backend: TracedHttpUpstream, capfd: pytest.CaptureFixture[str]
+) -> None:
+    gateway = await gateway_factory(with_access_log(tracing_config(backend.url, None)))
+    async with httpx.AsyncClient(timeout=10) as client:
+        seen = (await client.get(f"{base_url(gateway)}/")).json()
+    (line,) = await logged_lines(gateway, capfd)
+    _, trace_id, span_id, _ = seen["traceparent"].split("-")
+    assert (line["trace_id"], line["span_id"]) == (trace_id, span_id)

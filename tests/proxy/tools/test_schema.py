@@ -96,7 +96,12 @@ shutdown: {{grace_period: 1m30s}}
 reload: {{watch: true, interval: 1s}}
 metrics: {{enabled: true}}
 logging: {{format: text}}
-tracing: {{otlp_endpoint: "http://127.0.0.1:4318", sample_ratio: 1.0, parent_based: true, service_name: gatehouse, headers: {{X-Key: v}}}}
+tracing:
+  otlp_endpoint: "http://127.0.0.1:4318"
+  sample_ratio: 1.0
+  parent_based: true
+  service_name: gatehouse
+  headers: {{X-Key: v}}
 path_normalization: {{escaped_slashes: reject, merge_slashes: true}}
 headers_with_underscores: drop
 upstreams:
