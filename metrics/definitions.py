@@ -262,20 +262,39 @@ _METHODS = {
     for method in ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
 }
 
+# The protocol label of client-side traffic: as `gatehouse_open_connections` has it.
+HTTP1 = "http1"
+HTTP2 = "h2"
+
 REQUESTS = LocalCounter(
     "gatehouse_requests",
-    "Requests answered to clients (proxied and local replies, HTTP/1.1 and HTTP/2), by "
-    'route name ("" when no route matched), method (other for non-standard ones) and '
-    "status code; counted when the response ends or breaks off",
-    ["route", "method", "code"],
+    'Requests answered to clients (proxied and local replies), by route name ("" when '
+    "no route matched), method (other for non-standard ones), status code and protocol "
+    "(http1, h2); counted when the response ends or breaks off",
+    ["route", "method", "code", "protocol"],
     registry=REGISTRY,
 )
 REQUEST_SECONDS = LocalHistogram(
     "gatehouse_request_duration_seconds",
     "From the request head received to the response's last byte handed to the socket "
-    "(a WebSocket: to its 101/200), by route",
-    ["route"],
+    "(a WebSocket: to its 101/200), by route and code_class (2xx, 4xx, 5xx...: a latency "
+    "objective can leave errors out)",
+    ["route", "code_class"],
     buckets=DURATION_BUCKETS,
+    registry=REGISTRY,
+)
+REQUEST_BYTES = LocalCounter(
+    "gatehouse_request_body_bytes",
+    "Request body bytes read from clients (what the exchange took: forwarded upstream or "
+    "read by a middleware), by route and protocol; counted when the response ends",
+    ["route", "protocol"],
+    registry=REGISTRY,
+)
+RESPONSE_BYTES = LocalCounter(
+    "gatehouse_response_body_bytes",
+    "Response body bytes taken for sending to clients (none for HEAD), by route and "
+    "protocol; counted when the response ends or breaks off",
+    ["route", "protocol"],
     registry=REGISTRY,
 )
 UPSTREAM_REQUESTS = LocalCounter(
@@ -303,9 +322,10 @@ LOCAL_REPLIES = LocalCounter(
     registry=REGISTRY,
 )
 
-_RequestSeries = tuple[LocalCounterChild, LocalHistogramChild]
-# (route, method label, status) -> its children: one dict lookup per request.
-_REQUEST_SERIES: dict[tuple[str, str, int], _RequestSeries] = {}
+# A request's children: its count, its duration, its body bytes in and out.
+_RequestSeries = tuple[LocalCounterChild, LocalHistogramChild, LocalCounterChild, LocalCounterChild]
+# (route, method label, status, protocol) -> its children: one dict lookup per request.
+_REQUEST_SERIES: dict[tuple[str, str, int, str], _RequestSeries] = {}
 _LOCAL_REPLY_SERIES: dict[str, LocalCounterChild] = {}
 _gone_routes: set[str] = set()  # routes whose series forget_series dropped
 _route_check: Callable[[str], bool] | None = None
@@ -319,33 +339,57 @@ def set_route_check(check: Callable[[str], bool] | None) -> None:
     _route_check = check
 
 
-def count_request(request: Request | None, status: int) -> None:
-    """One more request answered with `status` (its response ended or broke off).
-    `request` is None for an answer to bytes that never made a request (a malformed or
-    oversized head): counted with route "" and method other, and not timed."""
+def count_request(request: Request | None, status: int, sent: int, protocol: str) -> None:
+    """One more request answered with `status` (its response ended or broke off), on a
+    client connection speaking `protocol` (HTTP1 or HTTP2), after `sent` response body
+    bytes were taken for sending. `request` is None for an answer to bytes that never
+    made a request (a malformed or oversized head): counted with route "" and method
+    other, and not timed."""
     if not _enabled:
         return
     if request is None:
-        key = (NO_ROUTE, OTHER_METHOD, status)
+        key = (NO_ROUTE, OTHER_METHOD, status, protocol)
         started = 0.0
+        received = 0
     else:
-        key = (request.exchange.route_name, _METHODS.get(request.method, OTHER_METHOD), status)
-        started = request.exchange.received_at
+        exchange = request.exchange
+        key = (exchange.route_name, _METHODS.get(request.method, OTHER_METHOD), status, protocol)
+        started = exchange.received_at
+        received = request.body.bytes_read
     series = _REQUEST_SERIES.get(key)
     if series is None:
         series = _request_series(key)
     series[0].value += 1.0
     if started:
         series[1].observe(perf_counter() - started)
+    if received:
+        series[2].value += received
+    if sent:
+        series[3].value += sent
 
 
-def _request_series(key: tuple[str, str, int]) -> _RequestSeries:
-    route, method, status = key
+def code_class(status: int) -> str:
+    """The code_class label of `status`: "2xx", "5xx"..."""
+    return f"{status // 100}xx"
+
+
+def _request_series(key: tuple[str, str, int, str]) -> _RequestSeries:
+    route, method, status, protocol = key
     if route in _gone_routes and (_route_check is None or not _route_check(route)):
         # A request of a route a reload removed, ending after its series were dropped:
         # counted into children nobody exports, so the series does not come back.
-        return LocalCounterChild(), LocalHistogramChild(REQUEST_SECONDS.buckets)
-    series = (REQUESTS.labels(route, method, str(status)), REQUEST_SECONDS.labels(route))
+        return (
+            LocalCounterChild(),
+            LocalHistogramChild(REQUEST_SECONDS.buckets),
+            LocalCounterChild(),
+            LocalCounterChild(),
+        )
+    series = (
+        REQUESTS.labels(route, method, str(status), protocol),
+        REQUEST_SECONDS.labels(route, code_class(status)),
+        REQUEST_BYTES.labels(route, protocol),
+        RESPONSE_BYTES.labels(route, protocol),
+    )
     _REQUEST_SERIES[key] = series
     return series
 
@@ -567,7 +611,13 @@ def forget_series(
             return False
         return live_endpoints is None or (upstream, endpoint) in live_endpoints
 
-    for family in (REQUESTS, REQUEST_SECONDS):
+    route_families: tuple[LocalCounter | LocalHistogram, ...] = (
+        REQUESTS,
+        REQUEST_SECONDS,
+        REQUEST_BYTES,
+        RESPONSE_BYTES,
+    )
+    for family in route_families:
         for values, _ in family.children():
             if not keep_route(values[0]):
                 _gone_routes.add(values[0])

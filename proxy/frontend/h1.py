@@ -15,7 +15,7 @@ import logging
 from collections import deque
 from collections.abc import Container
 
-from metrics.definitions import count_request
+from metrics.definitions import HTTP1, count_request
 from proxy.codec.h1 import H1Error, Headers, MessageHead, make_request_parser
 from proxy.codec.h1serialize import (
     UnsafeHeader,
@@ -479,7 +479,8 @@ class Http1Protocol:
             body.discard()  # the client went away: the upstream must not wait on us
             raise
         finally:
-            count_request(request, response.status)  # ended, or broke off after the head
+            # Ended, or broke off after the head.
+            count_request(request, response.status, body.bytes_read, HTTP1)
             end_exchange(request, response.status)
         return True
 
@@ -533,12 +534,13 @@ class Http1Protocol:
             log.exception("refusing to send an unsafe response header")
             body.discard()
             conn.write(_UNSAFE_REPLY)
-            count_request(request, 500)
+            count_request(request, 500, 0, HTTP1)
             end_exchange(request, 500)
             return _Sent.FAILED
         conn.write_head_and_body(head, data)
         if streaming is _Sent.DONE:
-            count_request(request, status)  # streamed bodies are counted by `_write`
+            # Streamed bodies are counted by `_write`.
+            count_request(request, status, 0 if head_only else body.bytes_read, HTTP1)
             end_exchange(request, status)
         return streaming
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 
-from metrics.definitions import count_request
+from metrics.definitions import HTTP1, count_request
 from proxy.codec.h1serialize import UnsafeHeader
 from proxy.core.models import Request, Response
 from proxy.core.tracing import end_exchange
@@ -48,7 +48,7 @@ def start_h1_tunnel(
         handshake.close()
         return False
     transport.write(head)
-    count_request(request, response.status)  # a tunnel's request ends at its 101
+    count_request(request, response.status, 0, HTTP1)  # a tunnel's request ends at its 101
     end_exchange(request, response.status)
     client = SocketEnd(transport, is_client=True)
     upstream = SocketEnd(upstream_transport, is_client=False)

@@ -136,6 +136,47 @@ async def test_http2_requests_are_counted_by_route_method_and_code(
     )
 
 
+RECEIVED = "gatehouse_request_body_bytes_total"
+SENT = "gatehouse_response_body_bytes_total"
+
+
+async def test_body_bytes_and_protocol_are_counted_on_both_front_ends(
+    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
+) -> None:
+    server = await gateway_factory(config(h1_upstream))
+    counts = Counts()
+    host, port = server.addresses[0]
+    upload = b"u" * 5000
+
+    async with httpx.AsyncClient(base_url=base_url(server), timeout=5) as client:
+        h1 = [
+            await client.post("/api/sink", content=upload),
+            await client.get("/api/bytes/100"),  # whole: written with its head
+            await client.get("/api/download/300000"),  # streamed
+            await client.head("/api/bytes/100"),  # no content
+            await client.get("/api/status/503"),
+        ]
+    async with await H2Client.connect(host, port) as h2:
+        h2_answers = [
+            await h2.request("/api/sink", method="POST", body=upload),
+            await h2.request("/api/bytes/100"),
+            await h2.request("/api/download/300000"),
+            await h2.request("/api/bytes/100", method="HEAD"),
+            await h2.request("/api/status/503"),
+        ]
+
+    assert [r.status_code for r in h1] == [200, 200, 200, 200, 503]
+    assert [r.status for r in h2_answers] == [200, 200, 200, 200, 503]
+    for protocol, sink_answer in (("http1", len(h1[0].content)), ("h2", len(h2_answers[0].body))):
+        assert counts.delta(RECEIVED, route="api", protocol=protocol) == len(upload)
+        expected = sink_answer + 100 + 300000 + 0 + len(b"status 503")
+        assert counts.delta(SENT, route="api", protocol=protocol) == expected
+        assert counts.delta(REQUESTS, route="api", protocol=protocol) == 5
+        assert counts.delta(REQUESTS, route="api", code="503", protocol=protocol) == 1
+    assert counts.delta(DURATION_COUNT, route="api", code_class="2xx") == 8
+    assert counts.delta(DURATION_COUNT, route="api", code_class="5xx") == 2
+
+
 async def test_attempts_on_an_http2_upstream_are_counted_with_their_codes(
     gateway_factory: GatewayFactory,
 ) -> None:

@@ -9,9 +9,12 @@ import pytest
 from prometheus_client import generate_latest
 
 from metrics.definitions import (
+    HTTP1,
+    HTTP2,
     REGISTRY,
     REQUESTS,
     UPSTREAM_REQUESTS,
+    code_class,
     count_request,
     failure_code,
     forget_series,
@@ -46,8 +49,8 @@ def switched_on() -> Iterator[None]:
     set_enabled(True)
 
 
-def request(route: str, method: str = "GET") -> Request:
-    req = Request(method, b"/x", [(b"host", b"gw.test")], Body.from_bytes(b""))
+def request(route: str, method: str = "GET", body: bytes = b"") -> Request:
+    req = Request(method, b"/x", [(b"host", b"gw.test")], Body.from_bytes(body))
     req.exchange.route_name = route
     return req
 
@@ -63,10 +66,10 @@ def forget_only(routes: set[str], upstreams: set[str]) -> None:
 def test_request_counted_by_route_normalised_method_and_status() -> None:
     counts = Counts()
 
-    count_request(request("unit-a"), 200)
-    count_request(request("unit-a"), 200)
-    count_request(request("unit-a", "PURGE"), 200)  # not a standard method
-    count_request(request("unit-a", "POST"), 503)
+    count_request(request("unit-a"), 200, 0, HTTP1)
+    count_request(request("unit-a"), 200, 0, HTTP1)
+    count_request(request("unit-a", "PURGE"), 200, 0, HTTP1)  # not a standard method
+    count_request(request("unit-a", "POST"), 503, 0, HTTP1)
 
     requests = "gatehouse_requests_total"
     assert counts.delta(requests, route="unit-a", method="GET", code="200") == 2
@@ -79,10 +82,55 @@ def test_request_counted_by_route_normalised_method_and_status() -> None:
     assert counts.delta(f"{duration}_bucket", route="unit-a", le="+Inf") == 4
 
 
+def test_requests_are_counted_by_protocol_and_timed_by_code_class() -> None:
+    counts = Counts()
+
+    count_request(request("unit-p"), 200, 0, HTTP1)
+    count_request(request("unit-p"), 204, 0, HTTP2)
+    count_request(request("unit-p"), 404, 0, HTTP2)
+    count_request(request("unit-p"), 502, 0, HTTP2)
+
+    requests = "gatehouse_requests_total"
+    assert counts.delta(requests, route="unit-p", method="GET", code="200", protocol="http1") == 1
+    assert counts.delta(requests, route="unit-p", method="GET", code="204", protocol="h2") == 1
+    assert counts.delta(requests, route="unit-p", protocol="h2") == 3
+    duration = "gatehouse_request_duration_seconds_count"
+    assert counts.delta(duration, route="unit-p", code_class="2xx") == 2
+    assert counts.delta(duration, route="unit-p", code_class="4xx") == 1
+    assert counts.delta(duration, route="unit-p", code_class="5xx") == 1
+    assert {"route", "code_class", "le"} == set(
+        series("gatehouse_request_duration_seconds_bucket")[0]
+    )
+
+
+def test_body_bytes_are_counted_by_route_and_protocol() -> None:
+    counts = Counts()
+    upload = request("unit-bytes", "POST", b"x" * 300)
+    upload.body.take_all()  # the exchange read it (forwarded it upstream)
+    unread = request("unit-bytes", "POST", b"y" * 50)  # answered without reading its body
+
+    count_request(upload, 201, 20, HTTP1)
+    count_request(unread, 401, 70, HTTP1)
+    count_request(request("unit-bytes"), 200, 1000, HTTP2)
+
+    received, sent = "gatehouse_request_body_bytes_total", "gatehouse_response_body_bytes_total"
+    assert counts.delta(received, route="unit-bytes", protocol="http1") == 300
+    assert counts.delta(received, route="unit-bytes", protocol="h2") == 0
+    assert counts.delta(sent, route="unit-bytes", protocol="http1") == 90
+    assert counts.delta(sent, route="unit-bytes", protocol="h2") == 1000
+
+
+@pytest.mark.parametrize(
+    ("status", "label"), [(101, "1xx"), (200, "2xx"), (304, "3xx"), (499, "4xx"), (503, "5xx")]
+)
+def test_code_class_is_the_status_hundreds(status: int, label: str) -> None:
+    assert code_class(status) == label
+
+
 def test_an_answer_without_a_request_is_counted_but_not_timed() -> None:
     counts = Counts()
 
-    count_request(None, 400)
+    count_request(None, 400, 0, HTTP1)
 
     assert counts.delta("gatehouse_requests_total", route="", method="other", code="400") == 1
     assert counts.delta("gatehouse_request_duration_seconds_count", route="") == 0
@@ -141,13 +189,13 @@ def test_switched_off_nothing_is_counted() -> None:
     endpoint = upstream_series("unit-off", "10.0.0.2:80")
 
     set_enabled(False)
-    count_request(request("unit-off"), 200)
+    count_request(request("unit-off"), 200, 0, HTTP1)
     local_reply(NoRoute(), None)
     endpoint.response(200, 1.0)
     endpoint.failure("reset")
     assert not metrics_enabled()
     set_enabled(True)
-    count_request(request("unit-off"), 200)
+    count_request(request("unit-off"), 200, 0, HTTP1)
 
     assert counts.delta("gatehouse_requests_total", route="unit-off", method="GET", code="200") == 1
     assert counts.delta("gatehouse_local_replies_total", reason="no_route") == 0
@@ -157,9 +205,9 @@ def test_switched_off_nothing_is_counted() -> None:
 
 
 def test_forget_series_drops_removed_routes_and_upstreams() -> None:
-    count_request(request("unit-kept"), 200)
-    count_request(request("unit-removed"), 200)
-    count_request(request(""), 404)
+    count_request(request("unit-kept"), 200, 0, HTTP1)
+    count_request(request("unit-removed"), 200, 0, HTTP1)
+    count_request(request(""), 404, 0, HTTP1)
     kept = upstream_series("unit-kept-up", "10.0.0.3:80")
     removed = upstream_series("unit-removed-up", "10.0.0.4:80")
     kept.response(200, 1.0)
@@ -174,6 +222,8 @@ def test_forget_series_drops_removed_routes_and_upstreams() -> None:
     durations = {labels["route"] for labels in series("gatehouse_request_duration_seconds_count")}
     assert "unit-removed" not in durations
     assert "unit-kept" in durations
+    for name in ("gatehouse_request_body_bytes_total", "gatehouse_response_body_bytes_total"):
+        assert "unit-removed" not in {labels["route"] for labels in series(name)}
     upstreams = {labels["upstream"] for labels in series("gatehouse_upstream_requests_total")}
     assert "unit-kept-up" in upstreams
     assert "unit-removed-up" not in upstreams
@@ -205,12 +255,12 @@ def test_forget_series_drops_the_endpoints_an_upstream_no_longer_has() -> None:
 
 
 def test_a_late_request_of_a_removed_route_does_not_bring_its_series_back() -> None:
-    count_request(request("unit-late"), 200)
+    count_request(request("unit-late"), 200, 0, HTTP1)
     endpoint = upstream_series("unit-late-up", "10.0.0.5:80")
     endpoint.response(200, 1.0)
     forget_only({"unit-late"}, {"unit-late-up"})
 
-    count_request(request("unit-late"), 200)  # still running on the old config
+    count_request(request("unit-late"), 200, 0, HTTP1)  # still running on the old config
     endpoint.response(200, 1.0)  # its old pool
 
     assert metric("gatehouse_requests_total", route="unit-late", method="GET", code="200") == 0
@@ -225,11 +275,11 @@ def test_a_late_request_of_a_removed_route_does_not_bring_its_series_back() -> N
 
 
 def test_a_removed_route_that_comes_back_counts_before_the_next_forget() -> None:
-    count_request(request("unit-back"), 200)
+    count_request(request("unit-back"), 200, 0, HTTP1)
     forget_only({"unit-back"}, set())
     try:
         set_route_check(lambda route: route == "unit-back")  # the new config has it again
-        count_request(request("unit-back"), 200)
+        count_request(request("unit-back"), 200, 0, HTTP1)
     finally:
         set_route_check(None)
 
@@ -237,7 +287,7 @@ def test_a_removed_route_that_comes_back_counts_before_the_next_forget() -> None
 
 
 def test_no_created_samples_are_exported() -> None:
-    count_request(request("unit-created"), 200)
+    count_request(request("unit-created"), 200, 0, HTTP1)
 
     text = generate_latest(REGISTRY).decode()
 

@@ -76,10 +76,16 @@ def scrape(admin: int) -> Samples:
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
-    """One sample (0 when absent)."""
-    return samples.get((name, frozenset(labels.items())), 0.0)
+    """The sum of the samples called `name` whose labels include `labels` (0 when there
+    is none)."""
+    wanted = frozenset(labels.items())
+    return sum(
+        sample
+        for (sample_name, sample_labels), sample in samples.items()
+        if sample_name == name and wanted <= sample_labels
+    )
 
 
 def metric(admin: int, name: str, **labels: str) -> float:
-    """One sample of a fresh scrape (0 when absent)."""
+    """`value` of a fresh scrape."""
     return value(scrape(admin), name, **labels)

@@ -12,9 +12,21 @@ from prometheus_client.parser import text_string_to_metric_families
 from metrics.definitions import REGISTRY
 
 
+def _matching(name: str, labels: dict[str, str]) -> dict[tuple[tuple[str, str], ...], float]:
+    """The samples called `name` whose labels include `labels`, by their whole label set."""
+    found = {}
+    for family in REGISTRY.collect():
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                found[tuple(sorted(sample.labels.items()))] = sample.value
+    return found
+
+
 def metric(name: str, **labels: str) -> float:
-    """One sample of the process-wide registry (0 when the series does not exist)."""
-    return REGISTRY.get_sample_value(name, labels) or 0.0
+    """The sum of the samples of the process-wide registry called `name` whose labels
+    include `labels` (0 when there is none): `metric("gatehouse_requests_total",
+    route="api")` counts every method, code and protocol."""
+    return sum(_matching(name, labels).values())
 
 
 def series(name: str) -> list[dict[str, str]]:
@@ -40,9 +52,12 @@ class Counts:
                 self._before[key] = sample.value
 
     def delta(self, name: str, **labels: str) -> float:
-        """How much the sample moved since this snapshot."""
-        before = self._before.get((name, tuple(sorted(labels.items()))), 0.0)
-        return metric(name, **labels) - before
+        """How much the samples called `name` whose labels include `labels` moved, in
+        sum, since this snapshot."""
+        return sum(
+            value - self._before.get((name, key), 0.0)
+            for key, value in _matching(name, labels).items()
+        )
 
 
 async def eventually(what: str, predicate: Callable[[], bool], within_s: float = 10.0) -> None:

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import h2.connection
 import h2.settings
 
-from metrics.definitions import count_request
+from metrics.definitions import HTTP2, count_request
 from proxy.codec.h2compat import (
     PerStreamContentLength,
     half_closed_local,
@@ -151,6 +151,7 @@ class H2Exchange:
         "id",
         "request",
         "reset_when_done",
+        "response_body",
         "response_started",
         "status",
         "task",
@@ -176,6 +177,9 @@ class H2Exchange:
         self.window_waiter: asyncio.Future[None] | None = None
         self.response_started = False
         self.status = 0  # of the response begun, until counted (`record_response`)
+        # The body of the response begun, whose bytes taken for sending are counted with
+        # it (none for an answer without content: a HEAD's, a 204, a tunnel's 200).
+        self.response_body: Body | None = None
         # A WebSocket tunnel (RFC 8441): the client's silence is no body timeout.
         self.tunnel = False
         # The tunnel started and still reads the client's DATA (it owns the request body).
@@ -193,7 +197,8 @@ class H2Exchange:
         status = self.status
         if status:
             self.status = 0
-            count_request(self.request, status)
+            body = self.response_body
+            count_request(self.request, status, 0 if body is None else body.bytes_read, HTTP2)
             end_exchange(self.request, status)
 
     def tunnel_started(self, body: Body) -> None:

@@ -70,6 +70,8 @@ class ResponseWriter:
         stream.status = status
         if stream.tunnel_reading:
             stream.record_response()
+        elif not head_only:
+            stream.response_body = body
         if not body.complete:
             if head_only:
                 body.discard()

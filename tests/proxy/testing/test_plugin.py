@@ -289,7 +289,7 @@ async def test_two_upstreams_of_one_name(upstream):
             "*LookupError: no metric named 'gatehouse_request_total' "
             "(did you mean 'gatehouse_requests_total'?)",
             "*LookupError: gatehouse_requests_total has no label 'rout'; its labels: code, "
-            "method, route",
+            "method, protocol, route",
             "*ConfigError: <test config>:3: routes[[]0]: missing required key*",
             "*ConfigError: no-such-routes.yaml: cannot read: No such file or directory*",
             "*ConfigError: routes.yaml: upstreams={'userz': ...} names no upstream of the "
