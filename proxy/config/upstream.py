@@ -313,7 +313,14 @@ def _outlier(reader: NodeReader, node: Node, path: str) -> OutlierConfig | None:
         max_ejection_percent=fields.get("max_ejection_percent", partial(_percent, reader), 50),
     )
     if outlier.max_ejection < outlier.base_ejection:
-        fields.error("max_ejection", "must be at least base_ejection")
+        if "max_ejection" in fields:
+            fields.error("max_ejection", "must be at least base_ejection")
+        else:  # the default 5m: the key to point at is base_ejection
+            fields.error(
+                "base_ejection",
+                f"must be at most max_ejection (default {DEFAULT_MAX_EJECTION_S:g}s);"
+                " set max_ejection too",
+            )
     return outlier
 
 

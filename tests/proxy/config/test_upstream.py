@@ -151,6 +151,10 @@ def test_outlier_settings_and_off() -> None:
             "{base_ejection: 10s, max_ejection: 5s}",
             "outlier.max_ejection: must be at least base_ejection",
         ),
+        (  # above the default max_ejection, which the file does not write
+            "{base_ejection: 10m}",
+            "outlier.base_ejection: must be at most max_ejection (default 300s)",
+        ),
         ("{consecutive_failures: 0}", "outlier.consecutive_failures: "),
     ],
 )
