@@ -3,7 +3,7 @@
 The data path records a finished span as a plain `SpanRecord` (proxy/core/tracing.py)
 and hands it to `SpanExport.put`, which only appends it to a bounded queue: the event
 loop never formats, encodes or sends anything. A thread of the exporter's own wakes
-when a batch is full or a second has passed, turns the records into the SDK's
+when a batch is full or 200 ms have passed, turns the records into the SDK's
 `ReadableSpan`s (with the service's resource) and sends them with the SDK's
 `OTLPSpanExporter` to the collector's `/v1/traces`, as the SDK's BatchSpanProcessor
 would. Spans that do not fit the queue are dropped and counted, as the SDK drops them:
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 from collections import deque
 from typing import Any
@@ -28,8 +29,12 @@ from proxy.core.tracing import SERVER, SpanRecord
 log = logging.getLogger(__name__)
 
 MAX_QUEUE = 2048  # spans waiting for the thread (the SDK's default max_queue_size)
-MAX_BATCH = 512  # spans per export request (the SDK's max_export_batch_size)
-SCHEDULE_DELAY_S = 1.0  # the longest a span waits for a batch to fill
+# Spans per export request. Smaller than the SDK's 512: the SDK encodes a batch in one
+# go (about 40 us a span), holding the GIL all along but at the interpreter's switch
+# interval, so that a large batch stalls the event loop in 5 ms slices (bench/README.md).
+MAX_BATCH = 64
+SWITCH_INTERVAL_S = 0.0005  # the GIL switch interval of a worker that exports spans
+SCHEDULE_DELAY_S = 0.2  # the longest a span waits for a batch to fill
 EXPORT_TIMEOUT_S = 10.0  # one export request, the SDK's retries included
 CLOSE_TIMEOUT_S = 5.0  # what closing waits for the last export
 
@@ -76,6 +81,11 @@ class SpanExport:
             return
         queue.append(span)
         if self._thread is None:
+            # The event loop gives up the GIL at every poll and then waits for the export
+            # thread to give it back, up to the switch interval: 5 ms by default, a stall
+            # of every request in flight (the convoy effect). A shorter interval bounds
+            # that wait while the thread encodes (bench/README.md, tracing).
+            sys.setswitchinterval(SWITCH_INTERVAL_S)
             self._thread = threading.Thread(
                 target=self._run, name="gatehouse-span-export", daemon=True
             )

@@ -504,9 +504,11 @@ class _Entered:
 
 def _trace_ids(request: Request) -> tuple[str, str]:
     """(trace id, span id) for the line: see FIELDS. Both are hex digits (no quoting)."""
-    trace = request.exchange.trace
+    exchange = request.exchange
+    trace = exchange.trace
     if trace is None:
-        return "", ""
+        sent = exchange.traceparent  # b"00-<trace id>-<span id>-00", or b""
+        return (sent[3:35].decode(), sent[36:52].decode()) if sent else ("", "")
     return trace.trace_id, trace.span_id or trace.hop_id
 
 

@@ -39,6 +39,7 @@ class Exchange:
         "retry",
         "route_name",
         "trace",
+        "traceparent",
         "upstream_s",
     )
 
@@ -54,8 +55,13 @@ class Exchange:
         # response is the upstream's, so that a 504 of ours is told from an upstream's.
         self.error = ""
         # The W3C trace the exchange belongs to (proxy/core/tracing.py): from its arrival
-        # when the gateway traces, else from its first upstream try (propagation only).
+        # when the gateway traces, else from its first upstream try if the request came
+        # with a traceparent (propagation only).
         self.trace: TraceContext | None = None
+        # Without either: the traceparent the last upstream try was sent with (the usual
+        # request, with no trace of its own on a gateway that does not trace, costs no
+        # TraceContext), b"" before any.
+        self.traceparent = b""
         self.chain_inner_s = 0.0  # (middleware/chain.py: what the links after one took)
         # The upstream endpoint (an EndpointState) the fast path chose but could not use
         # (no idle connection): the task path's first try goes there rather than asking

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from proxy.codec.h1serialize import UnsafeHeader, request_head
 from proxy.core.forwarded import forwarded_element
+from proxy.core.ids import new_traceparent
 from proxy.core.models import RawHeaders, Request
 from proxy.core.tracing import TRACEPARENT, TRACESTATE, propagation_only
 
@@ -219,16 +220,22 @@ def _forwarding_values(
 
 def _trace_fields(request: Request, forwarded: Forwarded) -> tuple[bytes, bytes | None]:
     """`traceparent` for this upstream try and the `tracestate` to pass on (None: none).
-    A gateway that traces gave the exchange its TraceContext on arrival; otherwise the
-    first try makes one from the lines the request carried (`forwarded`'s trace slots),
-    and the tries after it keep it."""
+
+    A gateway that traces gave the exchange its TraceContext on arrival. Otherwise a
+    request that came with trace fields (`forwarded`'s trace slots) gets one at its
+    first try; one that came without any, the usual case, gets a new unsampled trace
+    kept as the header alone (`Exchange.traceparent`), and its retries stay in it."""
     exchange = request.exchange
     trace = exchange.trace
     if trace is None:
         parents = forwarded[_TRACEPARENT_SLOT]
+        if parents is None:
+            last = exchange.traceparent
+            header = exchange.traceparent = new_traceparent(last[3:35] if last else b"")
+            return header, None
         states = forwarded[_TRACESTATE_SLOT]
         trace = exchange.trace = propagation_only(
-            [line.decode("latin-1") for line in parents] if parents is not None else [],
+            [line.decode("latin-1") for line in parents],
             [line.decode("latin-1") for line in states] if states is not None else [],
         )
     state = trace.tracestate

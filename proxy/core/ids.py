@@ -1,4 +1,5 @@
-"""Request ids: 32 hex digits from the kernel's random source, as random as uuid4.
+"""Request ids (32 hex digits) and trace and span ids (32 and 16, proxy/core/tracing.py)
+from the kernel's random source, as random as uuid4.
 
 Ids are cut from a pool of random bytes read 4 KiB at a time, so that making one is a
 slice and a hex conversion rather than a `getrandom` system call per request. The pool
@@ -8,8 +9,10 @@ is emptied in a child after `fork`: two workers never hand out the same bytes.
 from __future__ import annotations
 
 import os
+from binascii import hexlify
 
 ID_BYTES = 16
+SPAN_ID_BYTES = 8
 POOL_BYTES = 4096  # 256 ids per read of the random source
 
 
@@ -38,3 +41,43 @@ def new_request_id() -> str:
         start = 0
     pool.offset = start + ID_BYTES
     return pool.data[start : start + ID_BYTES].hex()
+
+
+def new_traceparent(trace: bytes = b"") -> bytes:
+    """A W3C `traceparent` value, unsampled, with a new random span id: in the trace
+    `trace` (32 hex digits) when given, else in a new random one. (The chance that a new
+    id is all zeros, which the specification forbids, is 2**-64 for a span id and less
+    for a trace id: they are not checked.)"""
+    size = SPAN_ID_BYTES if trace else ID_BYTES + SPAN_ID_BYTES
+    pool = _pool
+    start = pool.offset
+    if start + size > len(pool.data):
+        pool.data = os.urandom(POOL_BYTES)
+        start = 0
+    pool.offset = start + size
+    digits = hexlify(pool.data[start : start + size])
+    if trace:
+        return b"00-" + trace + b"-" + digits + b"-00"
+    return b"00-" + digits[:32] + b"-" + digits[32:] + b"-00"
+
+
+def new_span_id() -> str:
+    """A new random W3C span id: 16 lowercase hex digits, never all zeros."""
+    pool = _pool
+    while True:
+        start = pool.offset
+        if start + SPAN_ID_BYTES > len(pool.data):
+            pool.data = os.urandom(POOL_BYTES)
+            start = 0
+        pool.offset = start + SPAN_ID_BYTES
+        span = pool.data[start : start + SPAN_ID_BYTES].hex()
+        if span != "0000000000000000":
+            return span
+
+
+def new_trace_id() -> str:
+    """A new random W3C trace id: 32 lowercase hex digits, never all zeros."""
+    while True:
+        trace = new_request_id()
+        if trace != "00000000000000000000000000000000":
+            return trace

@@ -28,11 +28,11 @@ service deciding by ratio decides alike for one trace id.
 
 from __future__ import annotations
 
-import random
 import re
 from time import time_ns
 from typing import Protocol
 
+from proxy.core.ids import new_span_id, new_trace_id, new_traceparent
 from proxy.core.models import Request
 
 TRACEPARENT = "traceparent"
@@ -50,23 +50,8 @@ SAMPLED = 0x01
 SERVER = "server"
 CLIENT = "client"
 
-_getrandbits = random.getrandbits  # reseeded in a forked child by the random module
-
-
-def new_trace_id() -> int:
-    """A random, non-zero 128-bit trace id."""
-    while True:
-        value = _getrandbits(128)
-        if value:
-            return value
-
-
-def new_span_id() -> str:
-    """A random, non-zero 64-bit span id as 16 lowercase hex digits."""
-    while True:
-        value = _getrandbits(64)
-        if value:
-            return f"{value:016x}"
+# The flags field as sent upstream: only the sampled bit is the gateway's to set.
+_FLAGS = (b"-00", b"-01")
 
 
 def parse_traceparent(values: list[str]) -> tuple[str, str, int] | None:
@@ -185,7 +170,8 @@ class TraceContext:
         self.hop_id = hop = new_span_id()
         if self.sink is not None:
             self.hop_start_ns = time_ns()
-        return b"00-%s-%s-%02x" % (self.trace_id.encode(), hop.encode(), self.flags & SAMPLED)
+        flags = _FLAGS[self.flags & SAMPLED]
+        return b"".join((b"00-", self.trace_id.encode(), b"-", hop.encode(), flags))
 
     def end_hop(
         self,
@@ -322,7 +308,7 @@ def continue_or_start(
     new one with no parent (flags 00, tracestate dropped)."""
     parsed = parse_traceparent(traceparents)
     if parsed is None:
-        return f"{new_trace_id():032x}", "", 0, None
+        return new_trace_id(), "", 0, None
     trace_id, parent_id, flags = parsed
     return trace_id, parent_id, flags, ", ".join(tracestates) if tracestates else None
 
@@ -353,12 +339,23 @@ class Tracer:
             return bool(parent_flags & SAMPLED)
         return int(trace_id[16:], 16) < self._bound
 
-    def begin(self, request: Request) -> TraceContext:
-        """The context of an exchange that has just arrived."""
+    def begin(self, request: Request) -> TraceContext | None:
+        """The context of an exchange that has just arrived; None for the common case of
+        a trace that starts here and is not sampled: the exchange then carries only the
+        `traceparent` its upstream tries continue (`Exchange.traceparent`), as on a
+        gateway that does not trace, and costs nothing more."""
         parents = _header_lines(request, TRACEPARENT)
-        states = _header_lines(request, TRACESTATE) if parents else []
-        trace_id, parent_id, flags, state = continue_or_start(parents, states)
         sink = self.sink
+        if not parents:
+            if sink is None:
+                return None  # the first upstream try starts the trace (headers.py)
+            header = new_traceparent()  # b"00-<trace id>-<span id>-00"
+            if int(header[19:35], 16) >= self._bound:
+                request.exchange.traceparent = header
+                return None
+            return TraceContext(header[3:35].decode(), "", SAMPLED, None, sink, request)
+        states = _header_lines(request, TRACESTATE)
+        trace_id, parent_id, flags, state = continue_or_start(parents, states)
         if sink is None:  # no collector: propagate the caller's decision as it came
             return TraceContext(trace_id, parent_id, flags, state)
         if self.sampled(trace_id, flags if parent_id else None):

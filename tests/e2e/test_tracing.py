@@ -441,3 +441,26 @@ async def test_without_tracing_the_access_log_names_the_hop_the_upstream_saw(
     (line,) = await logged_lines(gateway, capfd)
     _, trace_id, span_id, _ = seen["traceparent"].split("-")
     assert (line["trace_id"], line["span_id"]) == (trace_id, span_id)
+
+
+async def test_without_tracing_the_tries_of_a_request_stay_in_one_trace(
+    gateway_factory: GatewayFactory, receiver: OtlpReceiver
+) -> None:
+    failing = TracedHttpUpstream(receiver, status=503)
+    working = TracedHttpUpstream(receiver)
+    try:
+        retries = "    retries: {attempts: 2, on: [503], backoff: {base: 1ms}}\n"
+        config = tracing_config(working.url, None, endpoints=f"{failing.url}, ", retries=retries)
+        gateway = await gateway_factory(config)
+        async with httpx.AsyncClient(timeout=10) as client:
+            response = await client.get(f"{base_url(gateway)}/")
+        assert response.status_code == 200
+        (first,), (second,) = failing.seen, working.seen
+        _, first_trace, first_span, flags = first["traceparent"].split("-")
+        _, second_trace, second_span, _ = second["traceparent"].split("-")
+        assert first_trace == second_trace
+        assert first_span != second_span
+        assert flags == "00"
+    finally:
+        failing.stop()
+        working.stop()

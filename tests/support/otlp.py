@@ -184,7 +184,7 @@ class TracedHttpUpstream:
     """An HTTP/1.1 service traced with the SDK: every request records a server span under
     its `traceparent` and is answered with the trace fields it saw, as JSON."""
 
-    def __init__(self, receiver: OtlpReceiver, service: str = "backend") -> None:
+    def __init__(self, receiver: OtlpReceiver, service: str = "backend", status: int = 200) -> None:
         self._tracer, self._provider = sdk_tracer(receiver, service)
         self.seen: list[dict[str, str]] = []  # each request's trace fields
         upstream = self
@@ -201,7 +201,6 @@ class TracedHttpUpstream:
                 lowered = {name.lower(): value for name, value in fields.items()}
                 upstream.seen.append(lowered)
                 record_server_span(upstream._tracer, f"GET {self.path}", lowered)
-                status = 503 if self.path.startswith("/fail") else 200
                 payload = json.dumps(lowered).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
