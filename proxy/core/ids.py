@@ -32,15 +32,20 @@ _pool = _Pool()
 os.register_at_fork(after_in_child=_pool.empty)
 
 
-def new_request_id() -> str:
-    """A new random id: 32 lowercase hex digits."""
+def _random_bytes(size: int) -> bytes:
+    """The next `size` bytes of the pool (refilled from the kernel when it runs out)."""
     pool = _pool
     start = pool.offset
-    if start + ID_BYTES > len(pool.data):
+    if start + size > len(pool.data):
         pool.data = os.urandom(POOL_BYTES)
         start = 0
-    pool.offset = start + ID_BYTES
-    return pool.data[start : start + ID_BYTES].hex()
+    pool.offset = start + size
+    return pool.data[start : start + size]
+
+
+def new_request_id() -> str:
+    """A new random id: 32 lowercase hex digits."""
+    return _random_bytes(ID_BYTES).hex()
 
 
 def new_traceparent(trace: bytes = b"") -> bytes:
@@ -48,29 +53,16 @@ def new_traceparent(trace: bytes = b"") -> bytes:
     `trace` (32 hex digits) when given, else in a new random one. (The chance that a new
     id is all zeros, which the specification forbids, is 2**-64 for a span id and less
     for a trace id: they are not checked.)"""
-    size = SPAN_ID_BYTES if trace else ID_BYTES + SPAN_ID_BYTES
-    pool = _pool
-    start = pool.offset
-    if start + size > len(pool.data):
-        pool.data = os.urandom(POOL_BYTES)
-        start = 0
-    pool.offset = start + size
-    digits = hexlify(pool.data[start : start + size])
     if trace:
-        return b"00-" + trace + b"-" + digits + b"-00"
+        return b"00-" + trace + b"-" + hexlify(_random_bytes(SPAN_ID_BYTES)) + b"-00"
+    digits = hexlify(_random_bytes(ID_BYTES + SPAN_ID_BYTES))
     return b"00-" + digits[:32] + b"-" + digits[32:] + b"-00"
 
 
 def new_span_id() -> str:
     """A new random W3C span id: 16 lowercase hex digits, never all zeros."""
-    pool = _pool
     while True:
-        start = pool.offset
-        if start + SPAN_ID_BYTES > len(pool.data):
-            pool.data = os.urandom(POOL_BYTES)
-            start = 0
-        pool.offset = start + SPAN_ID_BYTES
-        span = pool.data[start : start + SPAN_ID_BYTES].hex()
+        span = _random_bytes(SPAN_ID_BYTES).hex()
         if span != "0000000000000000":
             return span
 

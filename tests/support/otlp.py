@@ -56,6 +56,16 @@ class ReceivedSpan:
     end_ns: int
 
 
+def _answer(
+    handler: BaseHTTPRequestHandler, status: int, content_type: str, payload: bytes
+) -> None:
+    handler.send_response(status)
+    handler.send_header("Content-Type", content_type)
+    handler.send_header("Content-Length", str(len(payload)))
+    handler.end_headers()
+    handler.wfile.write(payload)
+
+
 def _value(any_value: Any) -> Any:
     kind = any_value.WhichOneof("value")
     return getattr(any_value, kind) if kind is not None else None
@@ -90,13 +100,8 @@ class OtlpReceiver:
                 if self.headers.get("Content-Encoding") == "gzip":
                     body = gzip.decompress(body)
                 receiver._received(body, {k.lower(): v for k, v in self.headers.items()})
-                status = receiver.answer_status
                 payload = ExportTraceServiceResponse().SerializeToString()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
+                _answer(self, receiver.answer_status, "application/x-protobuf", payload)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -201,12 +206,7 @@ class TracedHttpUpstream:
                 lowered = {name.lower(): value for name, value in fields.items()}
                 upstream.seen.append(lowered)
                 record_server_span(upstream._tracer, f"GET {self.path}", lowered)
-                payload = json.dumps(lowered).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
+                _answer(self, status, "application/json", json.dumps(lowered).encode())
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
