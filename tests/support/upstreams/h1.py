@@ -114,6 +114,7 @@ class UpstreamServer:
     _server: asyncio.Server | None = None
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
     _gate: Gate = field(default_factory=Gate)  # see /held
+    _stopping: bool = False  # `stop` has begun: a connection accepted now is closed at once
 
     async def start(self, port: int = 0) -> UpstreamServer:
         self._gate.bind()
@@ -137,6 +138,7 @@ class UpstreamServer:
 
     async def stop(self) -> None:
         """Stop listening and close every open connection (held requests unanswered)."""
+        self._stopping = True
         self._gate.close()
         if self._server is not None:
             self._server.close()
@@ -148,6 +150,11 @@ class UpstreamServer:
         self._server = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._stopping:
+            # Accepted as the server stopped (handed over a loop turn after `stop` closed
+            # the open ones): closed here, not leaked.
+            writer.close()
+            return
         self.connections += 1
         self._writers.add(writer)
         conn = h11.Connection(h11.SERVER)

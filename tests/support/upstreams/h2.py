@@ -101,6 +101,11 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = typing.cast(asyncio.Transport, transport)
+        if self.server.stopping:
+            # Accepted as the server stopped (asyncio hands an accepted socket over a loop
+            # turn later, after `stop` closed the open ones): closed here, not leaked.
+            self.transport.abort()
+            return
         self.server.connections += 1
         self.index = self.server.connections
         self.server.open.add(self)
@@ -364,6 +369,7 @@ class H2UpstreamServer:
     response_bytes_sent: int = 0
     resets_received: list[int] = field(default_factory=list)
     open: set[_Connection] = field(default_factory=set)
+    stopping: bool = False  # `stop` has begun: a connection accepted now is closed at once
     port: int = 0
     _gate: Gate = field(default_factory=Gate)  # see /held
     _server: asyncio.Server | None = None
@@ -389,6 +395,7 @@ class H2UpstreamServer:
 
     async def stop(self) -> None:
         """Stop listening and close every open connection (held requests unanswered)."""
+        self.stopping = True
         self._gate.close()
         if self._server is not None:
             self._server.close()
