@@ -117,6 +117,7 @@ class UpstreamServer:
     _stopping: bool = False  # `stop` has begun: a connection accepted now is closed at once
 
     async def start(self, port: int = 0) -> UpstreamServer:
+        self._stopping = False  # (started again after a stop: the tests that restart one)
         self._gate.bind()
         self._server = await asyncio.start_server(self._serve, self.host, port, ssl=self.tls)
         self.port = self._server.sockets[0].getsockname()[1]

@@ -381,6 +381,7 @@ class H2UpstreamServer:
 
     async def start(self, port: int = 0) -> H2UpstreamServer:
         loop = asyncio.get_running_loop()
+        self.stopping = False  # (started again after a stop: the tests that restart one)
         self._gate.bind()
         self._server = await loop.create_server(
             lambda: _Connection(self), "127.0.0.1", port, ssl=self.tls
