@@ -405,9 +405,13 @@ def test_the_schemas_defaults_are_the_loaders(recorded: _Recorder) -> None:
 
 
 def _configs() -> Iterator[tuple[str, str]]:
+    """routes.yaml, every gatehouse config among the examples' YAML files (the others are
+    compose, Prometheus and Grafana files), and the bench templates filled in."""
     yield "routes.yaml", (ROOT / "routes.yaml").read_text()
     for path in sorted((ROOT / "examples").rglob("*.yaml")):
-        yield str(path.relative_to(ROOT)), path.read_text()
+        document = _document(path.read_text())
+        if isinstance(document, dict) and "listeners" in document:
+            yield str(path.relative_to(ROOT)), path.read_text()
     for path in sorted((ROOT / "bench").glob("*.tmpl")):
         text = path.read_text()
         for name, value in (
@@ -421,10 +425,7 @@ def _configs() -> Iterator[tuple[str, str]]:
 
 @pytest.mark.parametrize(("name", "text"), list(_configs()), ids=[n for n, _ in _configs()])
 def test_the_bundled_configs_validate(name: str, text: str) -> None:
-    document = _document(text)
-    if not isinstance(document, dict) or "listeners" not in document:
-        pytest.skip(f"{name} is not a gatehouse config")
-    assert _errors(document) == []
+    assert _errors(_document(text)) == []
 
 
 _BASE = """
