@@ -109,3 +109,21 @@ def certificate_names(certificate: x509.Certificate) -> str:
     names = [str(name) for name in alternatives.get_values_for_type(x509.DNSName)]
     names += [str(address) for address in alternatives.get_values_for_type(x509.IPAddress)]
     return ",".join(names)
+
+ACME_ORDERS = Counter(
+    "gatehouse_acme_orders",
+    "ACME certificate orders by result: success (a new or renewed certificate is served) "
+    "or failure (refused, a validation failed, the server unreachable: the current "
+    "certificate, if any, stays, and the name is tried again after a back-off)",
+    ["result"],
+    registry=GATEWAY_REGISTRY,
+)
+for _result in ("success", "failure"):
+    ACME_ORDERS.labels(_result)
+ACME_NEXT_ORDER = Gauge(
+    "gatehouse_acme_next_order_timestamp_seconds",
+    "When each ACME name is next ordered, Unix time: its certificate's renewal time, or "
+    "the end of the back-off after a failure (in the past: ordering now)",
+    ["name"],
+    registry=GATEWAY_REGISTRY,
+)

@@ -43,6 +43,27 @@ DEFAULT_H2_MAX_CONTROL_FRAMES_PER_SECOND = 500
 LOG_FORMATS = ("text", "json")  # `logging.format`, `--log-format`
 
 
+ACME_CHALLENGES = ("http-01", "tls-alpn-01")  # `tls.acme.challenge`
+DEFAULT_ACME_RENEW_BEFORE_S = 30 * 86400.0
+
+
+@dataclass(frozen=True, slots=True)
+class AcmeConfig:
+    """`listeners[i].tls.acme`: a certificate per name of `domains`, obtained from the
+    ACME server (RFC 8555) whose directory URL is `directory`, kept in `storage` and
+    renewed `renew_before` its expiry (proxy/acme/). `challenge` is how the names are
+    proved: http-01 on the plaintext listeners, tls-alpn-01 on this one. `ca`: a PEM
+    bundle that verifies the directory's HTTPS instead of the system's roots."""
+
+    directory: str
+    domains: tuple[str, ...]
+    storage: str
+    email: str | None = None
+    challenge: str = ACME_CHALLENGES[0]
+    ca: str | None = None
+    renew_before: float = DEFAULT_ACME_RENEW_BEFORE_S
+
+
 @dataclass(frozen=True, slots=True)
 class ListenerTls:
     """`listeners[i].tls`: the certificate chain and key (PEM files), re-read on reload.
@@ -52,6 +73,7 @@ class ListenerTls:
     cert: str
     key: str
     min_version: str = "1.2"
+    acme: AcmeConfig | None = None  # certificates obtained for `acme.domains` (proxy/acme/)
 
 
 @dataclass(frozen=True, slots=True)
