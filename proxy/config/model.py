@@ -54,6 +54,21 @@ class ListenerTls:
     min_version: str = "1.2"
 
 
+REDIRECT_STATUSES = (301, 302, 303, 307, 308)
+# The path prefix of RFC 8555 HTTP-01 challenges, which `redirect_https` leaves alone.
+ACME_CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
+
+
+@dataclass(frozen=True, slots=True)
+class HttpsRedirect:
+    """`listeners[i].redirect_https`: every request on this plaintext listener is answered
+    with a redirect to the same host and target over HTTPS on `port` (left out of the URL
+    when 443), except ACME HTTP-01 challenges, which go on to be answered."""
+
+    port: int = 443
+    status: int = 308  # keeps the method and body, as 301 does not promise to
+
+
 @dataclass(frozen=True, slots=True)
 class ListenerConfig:
     """One client-facing socket (`listeners[i]`). Plaintext listeners speak HTTP/1.1 and
@@ -68,6 +83,7 @@ class ListenerConfig:
     tls: ListenerTls | None = None
     http2: bool = True
     proxy_protocol: bool = False
+    redirect_https: HttpsRedirect | None = None
     # Where it is written (reload errors name it); not part of what the listener is.
     line: int = field(default=1, compare=False)
 
@@ -365,9 +381,36 @@ class WebSocketConfig:
     max_duration: float | None = None  # open for this long: 1001, closed
 
 
+# A redirect's `to`, parsed (proxy/config/values.py, parse_redirect_template): literal
+# text, and the names of the placeholders between them, in order.
+RedirectTemplate = tuple[tuple[str, bool], ...]  # (text, True for a placeholder name)
+
+
+@dataclass(frozen=True, slots=True)
+class RedirectConfig:
+    """`routes[i].redirect`: the route answers with `status` and a Location made from
+    the template `to` (`{scheme}`, `{host}`, `{port}`, `{path}`, `{query}`, `{uri}`,
+    and the named groups of the route's `path_regex`)."""
+
+    to: str
+    template: RedirectTemplate
+    status: int = 302
+
+
+@dataclass(frozen=True, slots=True)
+class RespondConfig:
+    """`routes[i].respond`: the route answers itself with `status`, `body` and `headers`
+    (a maintenance page, a health stub, robots.txt); no upstream is involved."""
+
+    status: int = 200
+    body: bytes = b""
+    headers: tuple[tuple[str, str], ...] = ()
+
+
 @dataclass(frozen=True, slots=True)
 class RouteConfig:
-    """`routes[i]`."""
+    """`routes[i]`. Exactly one of `upstream`, `redirect` and `respond` says what
+    answers; `upstream` is "" for a route that answers itself."""
 
     name: str
     match: MatchConfig
@@ -386,6 +429,8 @@ class RouteConfig:
     # uploads, client-streaming RPCs). gRPC requests always stream.
     request_buffering: int | None = DEFAULT_REQUEST_BUFFER_BYTES
     index: int = 0  # position in the file: ties in specificity go to the earlier route
+    redirect: RedirectConfig | None = None
+    respond: RespondConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ from functools import partial
 
 from yaml.nodes import Node, ScalarNode
 
+from proxy.config.answers import read_https_redirect
 from proxy.config.context import LoadContext
 from proxy.config.keys import (
     ADMIN,
@@ -246,11 +247,18 @@ def read_listeners(
             tls = fields.get("tls", partial(_listener_tls, reader), None)
             http2 = fields.get("http2", reader.boolean, True)
             proxy_protocol = fields.get("proxy_protocol", reader.boolean, False)
+            redirect_https = fields.get(
+                "redirect_https", partial(read_https_redirect, reader), None
+            )
+            if redirect_https is not None and tls is not None:
+                fields.error("redirect_https", "redirect_https is for a plaintext listener")
             if proxy_protocol:
                 context.proxy_protocol_listeners.append(fields)
             line = item.start_mark.line + 1
             listeners.append(
-                ListenerConfig(host, port, name, tls, http2, proxy_protocol, line=line)
+                ListenerConfig(
+                    host, port, name, tls, http2, proxy_protocol, redirect_https, line=line
+                )
             )
     return tuple(listeners)
 

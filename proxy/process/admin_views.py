@@ -48,7 +48,10 @@ def routes_view(config: Config, view: dict[str, Any]) -> list[dict[str, Any]]:
                 "name": route.name,
                 "index": route.index,
                 "match": entry.get("match", {}),
-                "upstream": route.upstream,
+                "upstream": route.upstream or None,
+                # A route that answers itself: its `redirect` or `respond`, as written.
+                "redirect": entry.get("redirect"),
+                "respond": entry.get("respond"),
                 "rewrite": entry.get("rewrite"),
                 "websocket": route.websocket.enabled,
                 "middleware": [
