@@ -81,11 +81,11 @@ def url_of(server: Server, listener: int) -> str:
     return f"http://{host}:{port}"
 
 
-async def get(server: Server, path: str, listener: int = 0, **kwargs: object) -> httpx.Response:
+async def get(
+    server: Server, path: str, listener: int = 0, headers: dict[str, str] | None = None
+) -> httpx.Response:
     async with httpx.AsyncClient(follow_redirects=False) as client:
-        return await client.request(
-            str(kwargs.pop("method", "GET")), url_of(server, listener) + path, **kwargs
-        )
+        return await client.get(url_of(server, listener) + path, headers=headers)
 
 
 REDIRECTS = [
