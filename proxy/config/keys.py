@@ -83,9 +83,21 @@ _BIND = "the address to listen on: host:port, [ipv6]:port or :port (all IPv4 int
 
 # --- the server's own sections (proxy/config/server.py) ---
 
-LISTENER_TLS: KeyTable = {
+TLS_CERTIFICATE: KeyTable = {
     "cert": string("PEM certificate chain, leaf first", required=True),
     "key": string("PEM private key, not passphrase-protected", required=True),
+}
+
+LISTENER_TLS: KeyTable = {
+    "certificates": list_of(
+        mapping(TLS_CERTIFICATE, "one certificate and its key"),
+        "the certificates served, each for the names of its subjectAltName (chosen by"
+        " SNI; exact names before *.wildcards); the first also for clients that send no"
+        " name or an unknown one",
+        min_items=1,
+    ),
+    "cert": string("PEM certificate chain, leaf first (one certificate: instead of certificates)"),
+    "key": string("PEM private key of cert, not passphrase-protected"),
     "min_version": raw(
         "the oldest TLS version accepted",
         {"enum": [*TLS_VERSIONS, *(float(version) for version in TLS_VERSIONS)]},

@@ -44,13 +44,21 @@ LOG_FORMATS = ("text", "json")  # `logging.format`, `--log-format`
 
 
 @dataclass(frozen=True, slots=True)
-class ListenerTls:
-    """`listeners[i].tls`: the certificate chain and key (PEM files), re-read on reload.
-    ALPN offers h2 and http/1.1; TLS 1.2 is the oldest version accepted unless
-    `min_version` asks for 1.3."""
+class TlsCertificate:
+    """One certificate of a TLS listener: its PEM chain (leaf first) and private key."""
 
     cert: str
     key: str
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerTls:
+    """`listeners[i].tls`: the certificates (PEM files, re-read on reload), chosen by the
+    name the client sends (SNI), the first for a client that sends none or an unknown
+    one (proxy/frontend/certificates.py). ALPN offers h2 and http/1.1; TLS 1.2 is the
+    oldest version accepted unless `min_version` asks for 1.3."""
+
+    certificates: tuple[TlsCertificate, ...]
     min_version: str = "1.2"
 
 
@@ -523,5 +531,11 @@ class Config:
     concealed: frozenset[int] = frozenset()
 
     def tls_certificates(self) -> list[tuple[str, str]]:
-        """(listener name, certificate chain file) of each TLS listener."""
-        return [(item.name, item.tls.cert) for item in self.listeners if item.tls is not None]
+        """(listener name, certificate chain file) of each certificate of each TLS
+        listener, in the listeners' order and each listener's."""
+        return [
+            (item.name, certificate.cert)
+            for item in self.listeners
+            if item.tls is not None
+            for certificate in item.tls.certificates
+        ]

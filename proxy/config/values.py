@@ -19,6 +19,8 @@ from decimal import Decimal
 from fractions import Fraction
 from urllib.parse import urlsplit
 
+from cryptography import x509
+
 MAX_PORT = 65535
 
 # Go's time.ParseDuration units (as Traefik, Caddy and Envoy users write them), and days.
@@ -357,6 +359,16 @@ def tls_pair_problem(cert: str, key: str) -> tuple[str | None, str] | None:
         return "key", f"cannot load the key {key!r}: {exc.reason or 'not a PEM private key'}"
     except OSError as exc:  # the files were readable a moment ago
         return None, f"cannot load {cert!r} and {key!r}: {exc.strerror or exc}"
+    try:
+        # The names it is chosen for (SNI) are read from its leaf: a PEM form OpenSSL
+        # takes and cryptography does not (BEGIN TRUSTED CERTIFICATE) is refused here
+        # rather than when a worker starts.
+        with open(cert, "rb") as file:
+            x509.load_pem_x509_certificates(file.read())
+    except ValueError:
+        return "cert", f"{cert!r}: the leaf must be a 'BEGIN CERTIFICATE' PEM block"
+    except OSError as exc:
+        return "cert", f"cannot read {cert!r}: {exc.strerror or exc}"
     return None
 
 

@@ -85,6 +85,9 @@ listeners:
       redirect_https: {{port: 8443, status: 308}}}}
   - bind: "127.0.0.1:0"
     tls: {{cert: "{tls.cert}", key: "{tls.key}", min_version: "1.2"}}
+  - bind: "127.0.0.1:0"
+    tls:
+      certificates: [{{cert: "{tls.cert}", key: "{tls.key}"}}]
 client_ip: {{trusted_proxies: [10.0.0.0/8], source: x-forwarded-for}}
 admin: {{bind: "127.0.0.1:0", token: "0123456789abcdef0123", hosts: [admin.internal]}}
 limits: {{max_head_bytes: 32KiB, max_body_size: 1Mi, header_timeout: 10s,
