@@ -64,7 +64,7 @@ for _reason in ("host", "unauthorized", "cross_site"):
 
 CERTIFICATE_EXPIRY = Gauge(
     "gatehouse_certificate_expiry_timestamp_seconds",
-    "When each TLS listener's certificate expires (its leaf's notAfter), Unix time: "
+    "When each certificate of each TLS listener expires (its leaf's notAfter), Unix time: "
     "alert on `gatehouse_certificate_expiry_timestamp_seconds - time() < 14 * 86400`",
     ["listener", "names"],
     registry=GATEWAY_REGISTRY,
@@ -74,8 +74,8 @@ CERTIFICATE_EXPIRY = Gauge(
 def record_certificates(certificates: Iterable[tuple[str, str]]) -> None:
     """Set CERTIFICATE_EXPIRY from the running config's (listener name, certificate file)
     pairs (`Config.tls_certificates()`, at start and after each successful reload, which
-    re-reads the files): one series per listener, labelled with the names its
-    certificate is for, and none left of listeners gone."""
+    re-reads the files): one series per certificate, labelled with its listener and the
+    names it is for, and none left of certificates gone."""
     CERTIFICATE_EXPIRY.clear()
     for listener, path in certificates:
         leaf = leaf_certificate(path)

@@ -39,6 +39,7 @@ from proxy.config.model import (
     DEFAULT_RETRY_BODY_LIMIT,
     ESCAPED_SLASH_ACTIONS,
     LOG_FORMATS,
+    REDIRECT_STATUSES,
     RETRY_CONDITIONS,
     UNDERSCORE_ACTIONS,
     RetryConfig,
@@ -57,6 +58,7 @@ from proxy.config.spec import (
     raw,
     size,
     string,
+    string_map,
     strings,
     text,
 )
@@ -81,14 +83,31 @@ _BIND = "the address to listen on: host:port, [ipv6]:port or :port (all IPv4 int
 
 # --- the server's own sections (proxy/config/server.py) ---
 
-LISTENER_TLS: KeyTable = {
+TLS_CERTIFICATE: KeyTable = {
     "cert": string("PEM certificate chain, leaf first", required=True),
     "key": string("PEM private key, not passphrase-protected", required=True),
+}
+
+LISTENER_TLS: KeyTable = {
+    "certificates": list_of(
+        mapping(TLS_CERTIFICATE, "one certificate and its key"),
+        "the certificates served, each for the names of its subjectAltName (chosen by"
+        " SNI; exact names before *.wildcards); the first also for clients that send no"
+        " name or an unknown one",
+        min_items=1,
+    ),
+    "cert": string("PEM certificate chain, leaf first (one certificate: instead of certificates)"),
+    "key": string("PEM private key of cert, not passphrase-protected"),
     "min_version": raw(
         "the oldest TLS version accepted",
         {"enum": [*TLS_VERSIONS, *(float(version) for version in TLS_VERSIONS)]},
         TLS_VERSIONS[0],
     ),
+}
+
+HTTPS_REDIRECT: KeyTable = {
+    "port": integer("the HTTPS port redirected to (left out of the URL when 443)", 443, 1, 65535),
+    "status": raw("the redirect's status", {"enum": [301, 302, 307, 308]}, 308),
 }
 
 LISTENER: KeyTable = {
@@ -100,6 +119,12 @@ LISTENER: KeyTable = {
         "every connection begins with a PROXY protocol header (v1 or v2) from a load"
         " balancer; needs client_ip",
         False,
+    ),
+    "redirect_https": any_of(
+        "a plaintext listener: answer every request but ACME challenges with a redirect to"
+        " HTTPS (true: port 443, status 308; default off)",
+        boolean("on or off"),
+        mapping(HTTPS_REDIRECT, "on, to this port, with this status"),
     ),
 }
 
@@ -479,10 +504,27 @@ REQUEST_BUFFERING: KeyTable = {
 
 _CHAIN_DESCRIPTION = "names of middleware entries, or inline {type: ...} entries"
 
+REDIRECT: KeyTable = {
+    "to": string(
+        "the Location, a template: {scheme} {host} {port} {path} {query} {uri} and the"
+        " route's path_regex groups; {{ and }} for braces",
+        required=True,
+    ),
+    "status": raw("the redirect's status", {"enum": list(REDIRECT_STATUSES)}, 302),
+}
+
+RESPOND: KeyTable = {
+    "status": integer("the answer's status", 200, 200, 599),
+    "body": string("the answer's body (text/plain unless headers give a Content-Type)", ""),
+    "headers": string_map("header fields of the answer"),
+}
+
 ROUTE: KeyTable = {
     "name": string("the route's label in logs and metrics (default: derived from the match)"),
     "match": mapping(MATCH, "what requests the route takes", required=True),
-    "upstream": string("the upstream requests go to", required=True),
+    "upstream": string("the upstream requests go to (or give redirect or respond)"),
+    "redirect": mapping(REDIRECT, "answer with a redirect instead of forwarding"),
+    "respond": mapping(RESPOND, "answer with a fixed response instead of forwarding"),
     "middleware": raw(f"the route's chain: {_CHAIN_DESCRIPTION}", {"$ref": MIDDLEWARE_CHAIN_REF}),
     "rewrite": mapping(REWRITE, "how the path and Host are rewritten"),
     "max_body_size": nullable(size("overrides limits.max_body_size for this route", None)),

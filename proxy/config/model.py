@@ -65,15 +65,38 @@ class AcmeConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class ListenerTls:
-    """`listeners[i].tls`: the certificate chain and key (PEM files), re-read on reload.
-    ALPN offers h2 and http/1.1; TLS 1.2 is the oldest version accepted unless
-    `min_version` asks for 1.3."""
+class TlsCertificate:
+    """One certificate of a TLS listener: its PEM chain (leaf first) and private key."""
 
     cert: str
     key: str
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerTls:
+    """`listeners[i].tls`: the certificates (PEM files, re-read on reload), chosen by the
+    name the client sends (SNI), the first for a client that sends none or an unknown
+    one (proxy/frontend/certificates.py). ALPN offers h2 and http/1.1; TLS 1.2 is the
+    oldest version accepted unless `min_version` asks for 1.3."""
+
+    certificates: tuple[TlsCertificate, ...]
     min_version: str = "1.2"
     acme: AcmeConfig | None = None  # certificates obtained for `acme.domains` (proxy/acme/)
+
+
+REDIRECT_STATUSES = (301, 302, 303, 307, 308)
+# The path prefix of RFC 8555 HTTP-01 challenges, which `redirect_https` leaves alone.
+ACME_CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
+
+
+@dataclass(frozen=True, slots=True)
+class HttpsRedirect:
+    """`listeners[i].redirect_https`: every request on this plaintext listener is answered
+    with a redirect to the same host and target over HTTPS on `port` (left out of the URL
+    when 443), except ACME HTTP-01 challenges, which go on to be answered."""
+
+    port: int = 443
+    status: int = 308  # keeps the method and body, as 301 does not promise to
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +113,7 @@ class ListenerConfig:
     tls: ListenerTls | None = None
     http2: bool = True
     proxy_protocol: bool = False
+    redirect_https: HttpsRedirect | None = None
     # Where it is written (reload errors name it); not part of what the listener is.
     line: int = field(default=1, compare=False)
 
@@ -387,9 +411,36 @@ class WebSocketConfig:
     max_duration: float | None = None  # open for this long: 1001, closed
 
 
+# A redirect's `to`, parsed (proxy/config/values.py, parse_redirect_template): literal
+# text, and the names of the placeholders between them, in order.
+RedirectTemplate = tuple[tuple[str, bool], ...]  # (text, True for a placeholder name)
+
+
+@dataclass(frozen=True, slots=True)
+class RedirectConfig:
+    """`routes[i].redirect`: the route answers with `status` and a Location made from
+    the template `to` (`{scheme}`, `{host}`, `{port}`, `{path}`, `{query}`, `{uri}`,
+    and the named groups of the route's `path_regex`)."""
+
+    to: str
+    template: RedirectTemplate
+    status: int = 302
+
+
+@dataclass(frozen=True, slots=True)
+class RespondConfig:
+    """`routes[i].respond`: the route answers itself with `status`, `body` and `headers`
+    (a maintenance page, a health stub, robots.txt); no upstream is involved."""
+
+    status: int = 200
+    body: bytes = b""
+    headers: tuple[tuple[str, str], ...] = ()
+
+
 @dataclass(frozen=True, slots=True)
 class RouteConfig:
-    """`routes[i]`."""
+    """`routes[i]`. Exactly one of `upstream`, `redirect` and `respond` says what
+    answers; `upstream` is "" for a route that answers itself."""
 
     name: str
     match: MatchConfig
@@ -408,6 +459,8 @@ class RouteConfig:
     # uploads, client-streaming RPCs). gRPC requests always stream.
     request_buffering: int | None = DEFAULT_REQUEST_BUFFER_BYTES
     index: int = 0  # position in the file: ties in specificity go to the earlier route
+    redirect: RedirectConfig | None = None
+    respond: RespondConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -500,5 +553,11 @@ class Config:
     concealed: frozenset[int] = frozenset()
 
     def tls_certificates(self) -> list[tuple[str, str]]:
-        """(listener name, certificate chain file) of each TLS listener."""
-        return [(item.name, item.tls.cert) for item in self.listeners if item.tls is not None]
+        """(listener name, certificate chain file) of each certificate of each TLS
+        listener, in the listeners' order and each listener's."""
+        return [
+            (item.name, certificate.cert)
+            for item in self.listeners
+            if item.tls is not None
+            for certificate in item.tls.certificates
+        ]

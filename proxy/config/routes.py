@@ -5,6 +5,7 @@ route against what `upstreams`, `middleware` and `path_normalization` recorded i
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Callable
 from contextlib import suppress
@@ -13,6 +14,7 @@ from typing import TypeVar
 
 from yaml.nodes import MappingNode, Node
 
+from proxy.config.answers import read_redirect, read_respond
 from proxy.config.context import LoadContext
 from proxy.config.keys import (
     MATCH,
@@ -38,10 +40,19 @@ from proxy.config.values import parse_host_pattern
 from proxy.core.canonical import InvalidTarget, normalize_path
 
 _PATH_KEYS = ("path", "path_prefix", "path_regex")
+_ANSWER_KEYS = ("upstream", "redirect", "respond")  # what answers a route's requests
+_FORWARDING_KEYS = ("rewrite", "websocket", "forward_raw_path", "request_buffering")
 _BUFFER: int | None = DEFAULT_REQUEST_BUFFER_BYTES  # request_buffering's default
 _TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 5.6.2: methods, field names
 _REWRITE_HOST_RE = re.compile(r"[^\s/?#@]+")
 _M = TypeVar("_M", HeaderMatch, QueryMatch)
+
+
+def _misspelt(node: Node, keys: tuple[str, ...]) -> bool:
+    """Whether a key of mapping `node` is a misspelling of one of `keys` (which the
+    reader has reported with a did-you-mean)."""
+    written = [key.value for key, _ in node.value if isinstance(key.value, str)]
+    return any(key not in keys and difflib.get_close_matches(key, keys, n=1) for key in written)
 
 
 def _derive_route_name(match: MatchConfig) -> str:
@@ -111,11 +122,26 @@ def _route(
     elif name:
         names[name] = path
     upstream = fields.get("upstream", partial(_upstream_ref, reader, context), "")
+    answers = [key for key in _ANSWER_KEYS if key in fields]
+    if not answers and not _misspelt(node, _ANSWER_KEYS):  # (a misspelling is reported)
+        reader.error(node, path, "missing required key 'upstream' (or give redirect or respond)")
+    for extra in answers[1:]:
+        fields.error(extra, f"give one of upstream, redirect, respond (also {answers[0]})")
+    params = tuple(re.compile(match.path_regex).groupindex) if match.path_regex else ()
+    redirect = fields.get("redirect", partial(read_redirect, reader, params=params), None)
+    respond = fields.get("respond", partial(read_respond, reader), None)
     protocol = context.upstream_protocols.get(upstream, "http1")
-    # On by default where the upstream hop can be an HTTP/1.1 Upgrade.
+    # On by default where the upstream hop can be an HTTP/1.1 Upgrade (never on a route
+    # that answers itself).
     websocket = fields.get(
-        "websocket", partial(_websocket, reader), WebSocketConfig(enabled=protocol == "http1")
+        "websocket",
+        partial(_websocket, reader),
+        WebSocketConfig(enabled=protocol == "http1" and "upstream" in fields),
     )
+    if "upstream" not in fields:
+        for key in _FORWARDING_KEYS:
+            if key in fields and (key != "websocket" or websocket.enabled):
+                fields.error(key, f"{key} is about forwarding: this route answers itself")
     if "websocket" in fields and websocket.enabled and protocol != "http1":
         fields.error(
             "websocket",
@@ -134,6 +160,8 @@ def _route(
             "request_buffering", partial(_request_buffering, reader), _BUFFER
         ),
         index=index,
+        redirect=redirect,
+        respond=respond,
     )
 
 

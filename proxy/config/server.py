@@ -8,12 +8,14 @@ in the `LoadContext`, so that two sockets on one address are an error.
 
 from __future__ import annotations
 
+import difflib
 import re
 from contextlib import suppress
 from functools import partial
 
 from yaml.nodes import Node, ScalarNode
 
+from proxy.config.answers import read_https_redirect
 from proxy.config.context import LoadContext
 from proxy.config.keys import (
     ADMIN,
@@ -30,6 +32,7 @@ from proxy.config.keys import (
     PATH_NORMALIZATION,
     RELOAD,
     SHUTDOWN,
+    TLS_CERTIFICATE,
     TLS_VERSIONS,
     TRACING,
 )
@@ -57,10 +60,11 @@ from proxy.config.model import (
     MetricsConfig,
     PathNormalization,
     ReloadConfig,
+    TlsCertificate,
     TracingConfig,
 )
-from proxy.config.reader import NodeReader, Reported
-from proxy.config.spec import keys_of, required_of
+from proxy.config.reader import Fields, NodeReader, Reported
+from proxy.config.spec import KeyTable, keys_of, required_of
 from proxy.config.values import parse_bind, parse_collector_url, tls_pair_problem
 from proxy.core.addresses import Network, parse_network
 
@@ -246,11 +250,18 @@ def read_listeners(
             tls = fields.get("tls", partial(_listener_tls, reader), None)
             http2 = fields.get("http2", reader.boolean, True)
             proxy_protocol = fields.get("proxy_protocol", reader.boolean, False)
+            redirect_https = fields.get(
+                "redirect_https", partial(read_https_redirect, reader), None
+            )
+            if redirect_https is not None and tls is not None:
+                fields.error("redirect_https", "redirect_https is for a plaintext listener")
             if proxy_protocol:
                 context.proxy_protocol_listeners.append(fields)
             line = item.start_mark.line + 1
             listeners.append(
-                ListenerConfig(host, port, name, tls, http2, proxy_protocol, line=line)
+                ListenerConfig(
+                    host, port, name, tls, http2, proxy_protocol, redirect_https, line=line
+                )
             )
     return tuple(listeners)
 
@@ -315,10 +326,51 @@ def _networks(reader: NodeReader, node: Node, path: str) -> tuple[Network, ...]:
 
 
 def _listener_tls(reader: NodeReader, node: Node, path: str) -> ListenerTls:
-    fields = reader.mapping(node, path, keys_of(LISTENER_TLS), required_of(LISTENER_TLS))
+    """`tls`: `certificates: [{cert, key}, ...]`, or `cert` and `key` for one."""
+    fields = reader.mapping(node, path, keys_of(LISTENER_TLS))
+    min_version = fields.get("min_version", partial(_tls_version, reader), "1.2")
+    if "certificates" in fields:
+        if "cert" in fields or "key" in fields:
+            shorthand = "cert" if "cert" in fields else "key"
+            raise fields.error(shorthand, "give certificates, or cert and key, not both")
+        no_certificates: tuple[TlsCertificate, ...] = ()
+        certificates = fields.get("certificates", partial(_certificates, reader), no_certificates)
+    elif "cert" in fields or "key" in fields:
+        for needed in ("cert", "key"):
+            if needed not in fields and not _misspelt(node, needed, LISTENER_TLS):
+                raise reader.error(node, path, f"missing required key {needed!r}")
+        certificates = (_certificate(reader, fields, node, path),)
+    else:
+        raise reader.error(
+            node, path, "missing required key 'certificates' (or 'cert' and 'key' for one)"
+        )
+    return ListenerTls(certificates, min_version)
+
+
+def _certificates(reader: NodeReader, node: Node, path: str) -> tuple[TlsCertificate, ...]:
+    """A non-empty list of {cert, key}, each pair checked with its own line."""
+    certificates: list[TlsCertificate] = []
+    failed = False
+    for item, item_path in reader.nonempty_items(node, path, "must list at least one certificate"):
+        try:
+            fields = reader.mapping(
+                item, item_path, keys_of(TLS_CERTIFICATE), required_of(TLS_CERTIFICATE)
+            )
+            certificates.append(_certificate(reader, fields, item, item_path))
+        except Reported:
+            failed = True
+    if failed:
+        raise Reported
+    return tuple(certificates)
+
+
+def _certificate(reader: NodeReader, fields: Fields, node: Node, path: str) -> TlsCertificate:
+    """The `cert` and `key` of `fields` (a missing one was reported), both readable and
+    loading together."""
+    if "cert" not in fields or "key" not in fields:
+        raise Reported
     cert = fields.get("cert", reader.readable_file, "")
     key = fields.get("key", reader.readable_file, "")
-    min_version = fields.get("min_version", partial(_tls_version, reader), "1.2")
     if cert and key:
         # Like `nginx -t`: a pair that does not load is a config error, not a crash
         # at the first handshake.
@@ -328,7 +380,18 @@ def _listener_tls(reader: NodeReader, node: Node, path: str) -> ListenerTls:
             if culprit is None:
                 raise reader.error(node, path, message)
             raise fields.error(culprit, message)
-    return ListenerTls(cert, key, min_version)
+    return TlsCertificate(cert, key)
+
+
+def _misspelt(node: Node, key: str, table: KeyTable) -> bool:
+    """Whether `node` has an unknown key that `key` was suggested for (as
+    `NodeReader.mapping` does, so that a misspelt key is reported once)."""
+    written = [item.value for item, _ in node.value if isinstance(item, ScalarNode)]
+    return any(
+        difflib.get_close_matches(name, list(table), n=1) == [key]
+        for name in written
+        if name not in table
+    )
 
 
 def _tls_version(reader: NodeReader, node: Node, path: str) -> str:

@@ -14,10 +14,12 @@ import ipaddress
 import math
 import re
 import ssl
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from decimal import Decimal
 from fractions import Fraction
 from urllib.parse import urlsplit
+
+from cryptography import x509
 
 MAX_PORT = 65535
 
@@ -357,6 +359,16 @@ def tls_pair_problem(cert: str, key: str) -> tuple[str | None, str] | None:
         return "key", f"cannot load the key {key!r}: {exc.reason or 'not a PEM private key'}"
     except OSError as exc:  # the files were readable a moment ago
         return None, f"cannot load {cert!r} and {key!r}: {exc.strerror or exc}"
+    try:
+        # The names it is chosen for (SNI) are read from its leaf: a PEM form OpenSSL
+        # takes and cryptography does not (BEGIN TRUSTED CERTIFICATE) is refused here
+        # rather than when a worker starts.
+        with open(cert, "rb") as file:
+            x509.load_pem_x509_certificates(file.read())
+    except ValueError:
+        return "cert", f"{cert!r}: the leaf must be a 'BEGIN CERTIFICATE' PEM block"
+    except OSError as exc:
+        return "cert", f"cannot read {cert!r}: {exc.strerror or exc}"
     return None
 
 
@@ -439,3 +451,57 @@ def parse_collector_url(text: str) -> str:
             f"invalid collector URL {text!r}: a query or fragment is not allowed"
         )
     return text.rstrip("/")
+
+
+# What a route's `redirect.to` may name besides its path_regex's named groups.
+REDIRECT_PLACEHOLDERS = ("scheme", "host", "port", "path", "query", "uri")
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}|\{\{|\}\}|[{}]")
+# A Location is a URI reference: visible ASCII, no spaces (RFC 3986 appendix C).
+_URI_TEXT = re.compile(r"[!-~]*")
+
+
+def parse_redirect_template(text: str, params: Iterable[str] = ()) -> tuple[tuple[str, bool], ...]:
+    """A redirect's `to`: literal text and `{name}` placeholders, in order, as
+    (text, False) and (name, True). `{{` and `}}` are literal braces. `params` are the
+    extra names allowed (the route's path_regex groups).
+
+    Raises:
+        ConfigValueError: empty, a brace that opens or closes nothing, an unknown name,
+            or literal text that cannot be in a URL (spaces, control or non-ASCII
+            characters: percent-encode them).
+    """
+    if not text:
+        raise ConfigValueError("an empty redirect target")
+    known = (*REDIRECT_PLACEHOLDERS, *params)
+    parts: list[tuple[str, bool]] = []
+    literal: list[str] = []
+    position = 0
+    for found in _PLACEHOLDER.finditer(text):
+        literal.append(text[position : found.start()])
+        position = found.end()
+        token = found.group(0)
+        if token in ("{{", "}}"):
+            literal.append(token[0])
+            continue
+        name = found.group(1)
+        if name is None:
+            raise ConfigValueError(
+                f"unmatched {token!r} at offset {found.start()} (write {token * 2} for a brace)"
+            )
+        if name not in known:
+            names = ", ".join("{" + option + "}" for option in known)
+            raise ConfigValueError(f"unknown placeholder {{{name}}} (known: {names})")
+        if text_before := "".join(literal):
+            parts.append((text_before, False))
+        literal = []
+        parts.append((name, True))
+    literal.append(text[position:])
+    if "".join(literal):
+        parts.append(("".join(literal), False))
+    for part, is_name in parts:
+        if not is_name and not _URI_TEXT.fullmatch(part):
+            raise ConfigValueError(
+                f"{part!r} cannot be part of a URL: percent-encode spaces, control and"
+                " non-ASCII characters"
+            )
+    return tuple(parts)

@@ -22,6 +22,8 @@ from proxy.core.exchange import Exchange
 if TYPE_CHECKING:
     from yarl import URL
 
+    from proxy.config.model import ListenerConfig
+
 BODY_HIGH_WATER_BYTES = 256 * 1024
 BODY_LOW_WATER_BYTES = 64 * 1024
 READ_JOINED_BYTES = 64 * 1024  # what `Body.read_joined` gathers at most
@@ -456,6 +458,7 @@ class Request(_Message):
         "host",
         "http_version",
         "keep_alive",
+        "listener",
         "method",
         "path",
         "peer",
@@ -486,6 +489,7 @@ class Request(_Message):
         query: str = "",
         raw_target: bytes | None = None,
         tls_version: str = "",
+        listener: ListenerConfig | None = None,
     ) -> None:
         self.method = method
         self.target = target
@@ -508,6 +512,9 @@ class Request(_Message):
         self.peer_trusted = False
         self.scheme = scheme
         self.tls_version = tls_version  # the client connection's: "TLSv1.3", "" without TLS
+        # The listener the request came in on (None for a request built by hand): what
+        # it says about every request on it (`redirect_https`) is applied by the dispatcher.
+        self.listener = listener
         self.keep_alive = keep_alive
         self.host = host if host is not None else self.headers.get("host", "")
         # "websocket" when the client asks for a tunnel (HTTP/1.1 Upgrade, or HTTP/2's

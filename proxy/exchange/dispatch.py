@@ -35,6 +35,7 @@ from proxy.core.errors import BodyTooLarge, InternalError, NoRoute, ProxyError, 
 from proxy.core.local_reply import local_reply
 from proxy.core.models import Request, Response
 from proxy.exchange.eager import EagerRun
+from proxy.exchange.local_answers import https_redirect
 
 if TYPE_CHECKING:
     from proxy.core.tracing import Tracer
@@ -76,6 +77,11 @@ class Dispatcher:
         if tracer is not None:
             exchange.trace = tracer.begin(request)
         try:
+            listener = request.listener
+            if listener is not None and listener.redirect_https is not None:
+                answer = https_redirect(request, listener.redirect_https)
+                if answer is not None:
+                    return partial(_answered, answer)
             match = self._table.match(
                 request.method, request.host, request.path, request.get_headers, request.query
             )

@@ -21,6 +21,7 @@ from proxy.core.tracing import Tracer
 from proxy.exchange.dispatch import Dispatcher, Handler
 from proxy.exchange.eager import ChainEnd
 from proxy.exchange.forward import Forwarder
+from proxy.exchange.local_answers import LocalAnswer
 from proxy.exchange.phased import PhasedChain, PhasedLink, offers_phases
 from proxy.exchange.routing import RouteTable
 from proxy.upstream.balancer import Upstream
@@ -42,20 +43,29 @@ class RouteRuntime:
     )
 
     def __init__(
-        self, config: RouteConfig, forwarder: Forwarder, chain: tuple[MiddlewareSpec, ...] = ()
+        self,
+        config: RouteConfig,
+        forwarder: Forwarder | None,
+        chain: tuple[MiddlewareSpec, ...] = (),
     ) -> None:
         self.config = config
         self.name = config.name
-        self.forwarder = forwarder
+        self.forwarder = forwarder  # None: the route answers itself (`redirect`, `respond`)
         self.chain = chain  # global_middleware, then the route's own
-        # No middleware: the forwarder itself, which the dispatcher recognises to start
-        # the exchange synchronously (no EagerRun, no coroutine).
-        self.handler: Handler = build_chain(chain, ChainEnd(forwarder)) if chain else forwarder
-        # Run without a task when every middleware only ever awaits call_next (eager.py).
-        self.eager = all(getattr(spec.instance, "EAGER", False) for spec in chain)
-        # And as one function when every one offers phases too (phased.py).
         self.phased: PhasedChain | None = None
-        if chain and all(offers_phases(spec.instance) for spec in chain):
+        if forwarder is None:
+            # Rare answers, run in a task after the route's middleware like a forwarder.
+            answer = LocalAnswer(config.redirect, config.respond)
+            self.handler: Handler = build_chain(chain, answer) if chain else answer
+            self.eager = False
+        else:
+            # No middleware: the forwarder itself, which the dispatcher recognises to start
+            # the exchange synchronously (no EagerRun, no coroutine).
+            self.handler = build_chain(chain, ChainEnd(forwarder)) if chain else forwarder
+            # Run without a task when every middleware only ever awaits call_next (eager.py).
+            self.eager = all(getattr(spec.instance, "EAGER", False) for spec in chain)
+        # And as one function when every one offers phases too (phased.py).
+        if forwarder is not None and chain and all(offers_phases(spec.instance) for spec in chain):
             links = [
                 PhasedLink(spec.instance, MIDDLEWARE_SECONDS.labels(spec.name).observe)
                 for spec in chain
@@ -159,7 +169,9 @@ class Runtime:
                     route.websocket,
                     route.forward_raw_path,
                     route.request_buffering,
-                ),
+                )
+                if route.upstream
+                else None,
                 chain((*config.global_middleware, *route.middleware)),
             )
             for route in config.routes

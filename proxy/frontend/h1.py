@@ -191,6 +191,7 @@ class Http1Protocol:
             client=conn.client,
             scheme=conn.scheme,
             tls_version=conn.tls_version,
+            listener=conn.listener,
             keep_alive=head.keep_alive and not head.upgrade,
             host=host.decode("latin-1"),
             upgrade=upgrade,

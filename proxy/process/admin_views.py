@@ -7,9 +7,9 @@ parent: `/routes`, `/middleware`, `/certificates` from the running config, and
   and `rewrite`, and a middleware's options, are shown as `/config` shows them, so what
   `/config` hides (header values a middleware sends, the values a route matches headers
   and query parameters on, credentials, URL userinfo) stays hidden here too.
-- Certificates are read when the config is loaded (start, each successful reload), as
-  `gatehouse_certificate_expiry_timestamp_seconds` is: what is shown is what the
-  listeners serve, not a file renewed since.
+- Certificates (every one of each TLS listener) are read when the config is loaded
+  (start, each successful reload), as `gatehouse_certificate_expiry_timestamp_seconds`
+  is: what is shown is what the listeners serve, not a file renewed since.
 - Upstreams combine each worker's metrics snapshot (pool gauges summed,
   `gatehouse_upstream_healthy` merged by min, as the metrics are) with the endpoint
   states the workers send beside it (`ServerGauges.endpoint_states`): the active check's
@@ -48,7 +48,10 @@ def routes_view(config: Config, view: dict[str, Any]) -> list[dict[str, Any]]:
                 "name": route.name,
                 "index": route.index,
                 "match": entry.get("match", {}),
-                "upstream": route.upstream,
+                "upstream": route.upstream or None,
+                # A route that answers itself: its `redirect` or `respond`, as written.
+                "redirect": entry.get("redirect"),
+                "respond": entry.get("respond"),
                 "rewrite": entry.get("rewrite"),
                 "websocket": route.websocket.enabled,
                 "middleware": [
@@ -132,34 +135,37 @@ def _options(written: object) -> dict[str, Any]:
 
 
 def certificates_view(config: Config) -> list[dict[str, Any]]:
-    """Each TLS listener's certificate (the leaf of its chain): the names it is for, its
-    subject and issuer, when it is valid; or why it cannot be read."""
+    """Every certificate of each TLS listener (the leaf of its chain), in the order
+    listed (`default`: the first, served without SNI or for an unknown name): the names
+    it is for, its subject and issuer, when it is valid; or why it cannot be read."""
     certificates = []
     for listener in config.listeners:
         if listener.tls is None:
             continue
-        entry: dict[str, Any] = {
-            "listener": listener.name,
-            "address": f"{listener.host}:{listener.port}",
-            "file": listener.tls.cert,
-        }
-        leaf = leaf_certificate(listener.tls.cert)
-        if leaf is None:
-            entry["error"] = "cannot read the certificate"
-        else:
-            names = certificate_names(leaf)
-            entry.update(
-                {
-                    "names": names.split(",") if names else [],
-                    "subject": leaf.subject.rfc4514_string(),
-                    "issuer": leaf.issuer.rfc4514_string(),
-                    "serial": format(leaf.serial_number, "x"),
-                    "not_before": leaf.not_valid_before_utc.isoformat(),
-                    "not_after": leaf.not_valid_after_utc.isoformat(),
-                    "expires_at": leaf.not_valid_after_utc.timestamp(),
-                }
-            )
-        certificates.append(entry)
+        for position, files in enumerate(listener.tls.certificates):
+            entry: dict[str, Any] = {
+                "listener": listener.name,
+                "address": f"{listener.host}:{listener.port}",
+                "file": files.cert,
+                "default": position == 0,
+            }
+            leaf = leaf_certificate(files.cert)
+            if leaf is None:
+                entry["error"] = "cannot read the certificate"
+            else:
+                names = certificate_names(leaf)
+                entry.update(
+                    {
+                        "names": names.split(",") if names else [],
+                        "subject": leaf.subject.rfc4514_string(),
+                        "issuer": leaf.issuer.rfc4514_string(),
+                        "serial": format(leaf.serial_number, "x"),
+                        "not_before": leaf.not_valid_before_utc.isoformat(),
+                        "not_after": leaf.not_valid_after_utc.isoformat(),
+                        "expires_at": leaf.not_valid_after_utc.timestamp(),
+                    }
+                )
+            certificates.append(entry)
     return certificates
 
 

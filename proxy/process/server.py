@@ -25,9 +25,10 @@ from metrics.definitions import TunnelClose, forget_series, set_enabled
 from metrics.live import attach_source
 from middleware.chain import MiddlewareStartFailed
 from proxy.codec.h1 import resolve_codec
-from proxy.config.model import Config, ListenerConfig, ListenerTls
+from proxy.config.model import Config, ListenerConfig
 from proxy.exchange.dispatch import Start
 from proxy.exchange.runtime import Runtime
+from proxy.frontend.certificates import Certificate, CertificateSet, TlsSettings
 from proxy.frontend.connection import ClientConnection
 from proxy.frontend.listener import ProxyProtocolServer, create_proxy_protocol_server
 from proxy.frontend.select import plaintext_front_end, tls_front_end
@@ -43,11 +44,6 @@ MAX_SWEEP_INTERVAL_S = 1.0
 LISTEN_BACKLOG = 1024
 # After the grace period: how long WebSocket tunnels get to deliver their 1001 close frames.
 TUNNEL_GOING_AWAY_S = 1.0
-
-
-def _no_passphrase() -> bytes:
-    # Without a callback OpenSSL would prompt on the terminal for an encrypted key.
-    raise ssl.SSLError("the key is encrypted; a passphrase-less key is needed")
 
 
 # What a Server's connections call to start an exchange, built from its Runtime: normally
@@ -102,7 +98,9 @@ class Server:
         self.draining = False
         self.addresses: list[tuple[str, int]] = []
         self._listening: dict[ListenerConfig, Listening] = {}
-        self._tls_contexts: dict[ListenerConfig, tuple[ListenerTls, ssl.SSLContext]] = {}
+        # Each TLS listener's certificates (proxy/frontend/certificates.py), bound or
+        # being bound by a reload.
+        self.certificate_sets: dict[ListenerConfig, CertificateSet] = {}
         self._reuse_port = False
         self._pending: _PendingReload | None = None
         self._retiring: set[asyncio.Task[None]] = set()
@@ -182,36 +180,36 @@ class Server:
         ]
 
     def _tls_context(self, listener: ListenerConfig) -> ssl.SSLContext | None:
-        """The listener's server context: TLS 1.2+ (or 1.3), ALPN h2 and http/1.1."""
+        """The listener's server context, which hands each handshake to the context of
+        the certificate for the name the client sent (proxy/frontend/certificates.py).
+
+        Raises:
+            OSError, ssl.SSLError: a certificate cannot be loaded.
+        """
         tls = listener.tls
         if tls is None:
             return None
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = (
-            ssl.TLSVersion.TLSv1_3 if tls.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
-        )
-        # Compression (CRIME) and renegotiation have no place on a modern listener.
-        context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
-        context.load_cert_chain(tls.cert, tls.key, password=_no_passphrase)
-        context.set_alpn_protocols(["h2", "http/1.1"] if listener.http2 else ["http/1.1"])
-        self._tls_contexts[listener] = (tls, context)
-        return context
+        pairs = [(item.cert, item.key) for item in tls.certificates]
+        certificates = CertificateSet(TlsSettings.of(tls, listener.http2), pairs)
+        self.certificate_sets[listener] = certificates
+        return certificates.context
 
     def reload_certificates(self) -> None:
         """Re-read every listener's certificate and key files: new handshakes use them,
         connections already open keep theirs (how a renewed certificate goes live).
+        Every file is read before any is served, so all listeners switch or none does.
 
         Raises:
-            ssl.SSLError, OSError: a file is missing or the pair does not load; the
-                listener keeps the certificate it had.
+            ssl.SSLError, OSError: a file is missing or a pair does not load; every
+                listener keeps the certificates it had.
         """
-        for tls, context in self._tls_contexts.values():
-            # Loaded into a scratch context first: a pair that does not match (say, half
-            # way through a renewal) must not leave the live one with a cert and no key.
-            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(
-                tls.cert, tls.key, password=_no_passphrase
-            )
-            context.load_cert_chain(tls.cert, tls.key, password=_no_passphrase)
+        reloaded: list[tuple[CertificateSet, tuple[Certificate, ...]]] = [
+            (certificates, certificates.prepare_reload())
+            for listener, certificates in self.certificate_sets.items()
+            if listener in self._listening
+        ]
+        for certificates, loaded in reloaded:
+            certificates.install(loaded)
 
     # -- reload ------------------------------------------------------------------------
     async def prepare_reload(self, config: Config) -> None:
@@ -283,7 +281,7 @@ class Server:
         for listener in pending.removed:
             # Stops accepting; connections it accepted carry on until they end.
             self._listening.pop(listener).close()
-            self._tls_contexts.pop(listener, None)
+            self.certificate_sets.pop(listener, None)
         for listener, server in pending.bound.items():
             self._listening[listener] = server
             await server.start_serving()
@@ -324,7 +322,7 @@ class Server:
         for server in pending.bound.values():
             server.close()
         for listener in pending.bound:
-            self._tls_contexts.pop(listener, None)
+            self.certificate_sets.pop(listener, None)
         await pending.runtime.discard(self.runtime)
 
     def _drain_tunnels_of_removed_routes(self) -> None:

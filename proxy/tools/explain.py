@@ -175,6 +175,9 @@ def render_explanation(config: Config, found: Explanation) -> str:
         names = " -> ".join(f"{spec.name} ({spec.type})" for spec in found.middleware)
         names = names or "(none)"
         lines.append(f"middleware: {names}")
+        if not route.upstream:
+            lines.append(f"answered by the gateway: {describe_answer(route)}")
+            return _with_passed_over(lines, found, route)
         upstream = config.upstreams[route.upstream]
         endpoints = ", ".join(
             e.url + (f" weight {e.weight}" if e.weight != 1 else "") for e in upstream.endpoints
@@ -187,6 +190,10 @@ def render_explanation(config: Config, found: Explanation) -> str:
         target = f"{forwarded}?{found.query}" if found.query else forwarded
         host_note = f", Host: {route.rewrite.host}" if route.rewrite.host else ""
         lines.append(f"forwarded as: {found.method} {target}{host_note}")
+    return _with_passed_over(lines, found, route)
+
+
+def _with_passed_over(lines: list[str], found: Explanation, route: RouteConfig | None) -> str:
     if found.passed_over:
         title = "tried first, did not match:" if route is not None else "routes that did not match:"
         lines.append(title)
@@ -195,13 +202,23 @@ def render_explanation(config: Config, found: Explanation) -> str:
     return "\n".join(lines)
 
 
+def describe_answer(route: RouteConfig) -> str:
+    """What a route without an upstream answers: `redirect 301 https://{host}{uri}`,
+    `respond 503`."""
+    if route.redirect is not None:
+        return f"redirect {route.redirect.status} {route.redirect.to}"
+    assert route.respond is not None
+    return f"respond {route.respond.status}"
+
+
 def render_routes(config: Config) -> str:
     """The text `gatehouse routes` prints: the table, in the order routes are tried."""
     lines = []
     for position, route in enumerate(RouteTable(config.routes).ordered(), 1):
         chain = [spec.name for spec in (*config.global_middleware, *route.middleware)]
         lines.append(
-            f"{position:>3}. {route.name}: {describe_match(route)} -> {route.upstream}"
+            f"{position:>3}. {route.name}: {describe_match(route)} -> "
+            f"{route.upstream or describe_answer(route)}"
             + (f" [{', '.join(chain)}]" if chain else "")
         )
     return "\n".join(lines)

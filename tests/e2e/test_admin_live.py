@@ -1,8 +1,9 @@
 """The admin listener's live API on a real gateway process with two workers and real
 upstreams: /upstreams (in flight and pools summed over the workers, health as the
 active checks see it, an outlier ejection and until when), /routes and /middleware (the
-running config in match order, redacted as /config is), /certificates (a TLS listener's
-certificate), and the token and Host checks on every new path and the status page.
+running config in match order, redacted as /config is), /certificates (every
+certificate of each TLS listener), and the token and Host checks on every new path and
+the status page.
 """
 
 from __future__ import annotations
@@ -237,27 +238,30 @@ def test_routes_and_middleware_show_the_running_config_in_match_order_redacted(
     assert headers["routes"] == ["exact <b>"]
 
 
-def test_certificates_shows_each_tls_listeners_certificate(
+def test_certificates_shows_every_certificate_of_each_tls_listener(
     tmp_path: Path, h1_upstream: UpstreamServer
 ) -> None:
     files = make_tls_files(tmp_path / "tls", ("api.example.com",))
+    other = make_tls_files(tmp_path / "other", ("www.example.com",))
     port, admin, tls_port = free_port(), free_port(), free_port()
     routes = "  - name: all\n    match: {path_prefix: /}\n    upstream: app\n"
     text = admin_config(port, admin, h1_upstream.url, routes).replace(
         "    name: public\n",
         "    name: public\n"
-        f"  - bind: 127.0.0.1:{tls_port}\n    name: secure\n"
-        f"    tls: {{cert: {files.cert}, key: {files.key}}}\n",
+        f"  - bind: 127.0.0.1:{tls_port}\n    name: secure\n    tls:\n      certificates:\n"
+        f"        - {{cert: {files.cert}, key: {files.key}}}\n"
+        f"        - {{cert: {other.cert}, key: {other.key}}}\n",
     )
     with run_gateway(text, tmp_path, port=port):
         wait_ready(admin)
         answer = admin_get(admin, "/certificates")
     assert answer.status_code == 200
-    (certificate,) = answer.json()["certificates"]
+    certificate, second = answer.json()["certificates"]
     leaf = x509.load_pem_x509_certificates(files.cert.read_bytes())[0]
     assert certificate["listener"] == "secure"
     assert certificate["address"] == f"127.0.0.1:{tls_port}"
     assert certificate["file"] == str(files.cert)
+    assert certificate["default"] is True
     assert certificate["names"] == ["api.example.com", "127.0.0.1"]
     assert certificate["issuer"] == leaf.issuer.rfc4514_string()
     assert certificate["subject"] == leaf.subject.rfc4514_string()
@@ -265,6 +269,12 @@ def test_certificates_shows_each_tls_listeners_certificate(
     assert certificate["expires_at"] == leaf.not_valid_after_utc.timestamp()
     left = leaf.not_valid_after_utc.timestamp() - time.time()
     assert abs(certificate["expires_in_seconds"] - left) < 60
+    assert (second["listener"], second["file"], second["default"]) == (
+        "secure",
+        str(other.cert),
+        False,
+    )
+    assert second["names"] == ["www.example.com", "127.0.0.1"]
 
 
 TOKEN = "live-admin-token-0123456789abcdef"

@@ -66,7 +66,9 @@ routes:
 def fast_starts(server: Server, route: str) -> int:
     """How many requests of `route` `Forwarder.try_start` sent: on an idle pooled
     connection, with no task, answered from the upstream connection's callback."""
-    return server.runtime.routes[route].forwarder.fast_starts
+    forwarder = server.runtime.routes[route].forwarder
+    assert forwarder is not None
+    return forwarder.fast_starts
 
 
 def endpoint_of(upstream: UpstreamServer) -> str:

@@ -253,6 +253,7 @@ class H2Client(_SocketClient):
         path: str,
         *,
         method: str = "GET",
+        authority: str = "gateway.test",
         headers: list[tuple[str, str]] | None = None,
         body: bytes = b"",
         trailers: list[tuple[str, str]] | None = None,
@@ -260,7 +261,11 @@ class H2Client(_SocketClient):
     ) -> StreamResult:
         """One whole exchange: send, then wait for the stream to end or be reset."""
         stream_id = self.send_request(
-            path, method=method, headers=headers, end_stream=not body and not trailers
+            path,
+            method=method,
+            authority=authority,
+            headers=headers,
+            end_stream=not body and not trailers,
         )
         await self.flush()
         if body:

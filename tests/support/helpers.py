@@ -107,6 +107,7 @@ class RecordingConnection(ClientConnection):
         self.client = client
         self.scheme = "http"
         self.tls_version = ""
+        self.listener = None  # type: ignore[assignment]  # no listener: nothing it says applies
         self.deadline = 0.0
         self.phase = ConnectionPhase.HEAD
         self.phases: list[ConnectionPhase] = []

@@ -49,6 +49,7 @@ def stream_request(
         client=conn.client,
         scheme=conn.scheme,
         tls_version=conn.tls_version,
+        listener=conn.listener,
         host=fields.authority.decode("latin-1"),
         upgrade=upgrade,
         path=path,

@@ -407,7 +407,7 @@ def test_missing_top_level_keys_are_reported_at_line_1() -> None:
 
 def test_a_missing_key_is_reported_at_its_mapping() -> None:
     assert route_error("name: r\nmatch: {path: /}\n") == (
-        "routes.yaml:5: routes[0]: missing required key 'upstream'"
+        "routes.yaml:5: routes[0]: missing required key 'upstream' (or give redirect or respond)"
     )
 
 

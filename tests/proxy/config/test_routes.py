@@ -106,7 +106,7 @@ def test_an_empty_route_name_is_an_error() -> None:
 def test_a_route_needs_match_and_upstream() -> None:
     assert errors_of(routes("  - {name: r}\n")) == [
         "routes.yaml:5: routes[0]: missing required key 'match'",
-        "routes.yaml:5: routes[0]: missing required key 'upstream'",
+        "routes.yaml:5: routes[0]: missing required key 'upstream' (or give redirect or respond)",
     ]
 
 

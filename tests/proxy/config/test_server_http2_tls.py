@@ -20,6 +20,7 @@ from proxy.config.model import (
     Http2Config,
     ListenerConfig,
     ListenerTls,
+    TlsCertificate,
 )
 from tests.support.config_helpers import BASE, errors_of, one_error, parse
 from tests.support.tls import TlsFiles, make_tls_files
@@ -54,7 +55,9 @@ def test_a_listener_without_tls_is_plaintext_and_speaks_http2() -> None:
 def test_listener_tls_reads_the_pair_and_defaults_to_tls_1_2(tls_files: TlsFiles) -> None:
     listener = parse(listener_tls(pair(tls_files.cert, tls_files.key))).listeners[0]
 
-    assert listener.tls == ListenerTls(str(tls_files.cert), str(tls_files.key), "1.2")
+    assert listener.tls == ListenerTls(
+        (TlsCertificate(str(tls_files.cert), str(tls_files.key)),), "1.2"
+    )
     assert listener.http2 is True
 
 
@@ -157,7 +160,7 @@ def test_unknown_tls_keys_are_errors(tls_files: TlsFiles) -> None:
 
     assert errors_of(text) == [
         "routes.yaml:3: listeners[0].tls.ciphers: unknown key 'ciphers' "
-        "(expected one of: cert, key, min_version)",
+        "(expected one of: certificates, cert, key, min_version)",
         "routes.yaml:3: listeners[0].tls.min_versoin: unknown key 'min_versoin' "
         "(did you mean 'min_version'?)",
     ]
@@ -174,6 +177,145 @@ def test_a_misspelt_cert_key_is_reported_once(tls_files: TlsFiles) -> None:
 def test_tls_must_be_a_mapping() -> None:
     assert one_error(listener_tls("cert.pem")) == (
         "routes.yaml:3: listeners[0].tls: expected a mapping, got a string ('cert.pem')"
+    )
+
+
+# --- listeners[].tls.certificates ---
+
+
+def certificates(*pairs: str, extra: str = "") -> str:
+    """A file whose listener (line 3) lists `pairs` under tls.certificates (line 5 on,
+    one pair a line)."""
+    items = "".join(f"        - {item}\n" for item in pairs)
+    return f"listeners:\n  - bind: ':0'\n    tls:\n      certificates:\n{items}{extra}{NO_ROUTES}"
+
+
+def test_certificates_are_read_in_order(tls_files: TlsFiles, other_files: TlsFiles) -> None:
+    text = certificates(
+        pair(tls_files.cert, tls_files.key),
+        pair(other_files.cert, other_files.key),
+        extra="      min_version: '1.3'\n",
+    )
+
+    assert parse(text).listeners[0].tls == ListenerTls(
+        (
+            TlsCertificate(str(tls_files.cert), str(tls_files.key)),
+            TlsCertificate(str(other_files.cert), str(other_files.key)),
+        ),
+        "1.3",
+    )
+
+
+def test_tls_certificates_lists_every_certificate_of_every_listener(
+    tls_files: TlsFiles, other_files: TlsFiles
+) -> None:
+    text = certificates(
+        pair(tls_files.cert, tls_files.key), pair(other_files.cert, other_files.key)
+    ).replace(
+        "upstreams:",
+        f"  - bind: ':1'\n    name: second\n    tls: {pair(other_files.cert, other_files.key)}\n"
+        "  - bind: ':2'\nupstreams:",
+    )
+
+    assert parse(text).tls_certificates() == [
+        ("listeners[0]", str(tls_files.cert)),
+        ("listeners[0]", str(other_files.cert)),
+        ("second", str(other_files.cert)),
+    ]
+
+
+def test_each_bad_certificate_is_an_error_at_its_own_line(
+    tls_files: TlsFiles, other_files: TlsFiles, tmp_path: Path
+) -> None:
+    missing = tmp_path / "missing.pem"
+    text = certificates(
+        pair(tls_files.cert, tls_files.key),
+        pair(tls_files.cert, other_files.key),
+        pair(missing, tls_files.key),
+        pair(tls_files.key, tls_files.cert),
+        f"{{cert: '{tls_files.cert}'}}",
+        f"{{cert: '{tls_files.cert}', key: '{tls_files.key}', ca: x}}",
+    )
+
+    assert errors_of(text) == [
+        f"routes.yaml:6: listeners[0].tls.certificates[1]: the certificate '{tls_files.cert}' "
+        f"does not match the key '{other_files.key}'",
+        f"routes.yaml:7: listeners[0].tls.certificates[2].cert: cannot read '{missing}': "
+        "No such file or directory",
+        f"routes.yaml:8: listeners[0].tls.certificates[3].cert: '{tls_files.key}' holds no "
+        "PEM certificate",
+        "routes.yaml:9: listeners[0].tls.certificates[4]: missing required key 'key'",
+        "routes.yaml:10: listeners[0].tls.certificates[5].ca: unknown key 'ca' "
+        "(expected one of: cert, key)",
+    ]
+
+
+def test_an_encrypted_key_in_the_list_is_an_error(tls_files: TlsFiles, tmp_path: Path) -> None:
+    encrypted = tmp_path / "encrypted.pem"
+    key = ec.generate_private_key(ec.SECP256R1())
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    text = certificates(pair(tls_files.cert, tls_files.key), pair(tls_files.cert, encrypted))
+
+    assert one_error(text) == (
+        f"routes.yaml:6: listeners[0].tls.certificates[1].key: the key '{encrypted}' is "
+        "encrypted (a passphrase-less key is needed)"
+    )
+
+
+def test_a_certificate_in_a_form_whose_names_cannot_be_read_is_an_error(
+    tls_files: TlsFiles, tmp_path: Path
+) -> None:
+    trusted = tmp_path / "trusted.pem"
+    trusted.write_text(tls_files.cert.read_text().replace("CERTIFICATE", "TRUSTED CERTIFICATE"))
+
+    assert one_error(listener_tls(pair(trusted, tls_files.key))) == (
+        f"routes.yaml:3: listeners[0].tls.cert: '{trusted}': the leaf must be a "
+        "'BEGIN CERTIFICATE' PEM block"
+    )
+
+
+def test_certificates_and_the_shorthand_together_are_an_error(tls_files: TlsFiles) -> None:
+    text = certificates(
+        pair(tls_files.cert, tls_files.key), extra=f"      cert: {tls_files.cert}\n"
+    )
+
+    assert one_error(text) == (
+        "routes.yaml:6: listeners[0].tls.cert: give certificates, or cert and key, not both"
+    )
+
+
+def test_tls_without_any_certificate_is_an_error() -> None:
+    assert one_error(listener_tls("{min_version: '1.3'}")) == (
+        "routes.yaml:3: listeners[0].tls: missing required key 'certificates' "
+        "(or 'cert' and 'key' for one)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("written", "message"),
+    [
+        ("[]", "must list at least one certificate"),
+        ("x.pem", "expected a list, got a string ('x.pem')"),
+    ],
+)
+def test_certificates_must_be_a_nonempty_list(written: str, message: str) -> None:
+    text = listener_tls(f"{{certificates: {written}}}")
+
+    assert one_error(text) == f"routes.yaml:3: listeners[0].tls.certificates: {message}"
+
+
+def test_a_certificate_must_be_a_mapping(tls_files: TlsFiles) -> None:
+    text = certificates(pair(tls_files.cert, tls_files.key), "x.pem")
+
+    assert one_error(text) == (
+        "routes.yaml:6: listeners[0].tls.certificates[1]: expected a mapping, "
+        "got a string ('x.pem')"
     )
 
 

@@ -200,3 +200,31 @@ def test_the_commands_print_and_exit(tmp_path: Path) -> None:
     assert table.stdout.splitlines()[0].startswith("  1. users-admin:")
     path.write_text("routes: nope\n")
     assert run_cli("routes", str(path)).returncode == 1
+
+
+def test_routes_that_answer_themselves_say_what_they_answer() -> None:
+    answering = parse_config(
+        """
+listeners: [{bind: 127.0.0.1:0}]
+upstreams: {u: {endpoints: [http://10.0.0.1:8000]}}
+routes:
+  - name: moved
+    match: {path_prefix: /old/}
+    redirect: {to: "https://{host}{uri}", status: 301}
+  - name: down
+    match: {path_prefix: /down}
+    respond: {status: 503, body: later}
+  - name: rest
+    match: {path_prefix: /}
+    upstream: u
+"""
+    )
+    moved = render_explanation(answering, explain(answering, "GET", "/old/a"))
+    down = render_explanation(answering, explain(answering, "GET", "/down"))
+    assert "answered by the gateway: redirect 301 https://{host}{uri}" in moved
+    assert "upstream:" not in moved
+    assert "answered by the gateway: respond 503" in down
+    table = render_routes(answering).splitlines()
+    assert table[0].endswith("-> redirect 301 https://{host}{uri}")
+    assert table[1].endswith("-> respond 503")
+    assert table[2].endswith("-> u")

@@ -81,9 +81,13 @@ def _everything(tmp: Path) -> str:
     hashed = bcrypt.hashpw(b"secret", bcrypt.gensalt(4)).decode()
     return f"""
 listeners:
-  - {{bind: "127.0.0.1:0", name: plain, http2: true, proxy_protocol: true}}
+  - {{bind: "127.0.0.1:0", name: plain, http2: true, proxy_protocol: true,
+      redirect_https: {{port: 8443, status: 308}}}}
   - bind: "127.0.0.1:0"
     tls: {{cert: "{tls.cert}", key: "{tls.key}", min_version: "1.2"}}
+  - bind: "127.0.0.1:0"
+    tls:
+      certificates: [{{cert: "{tls.cert}", key: "{tls.key}"}}]
 client_ip: {{trusted_proxies: [10.0.0.0/8], source: x-forwarded-for}}
 admin: {{bind: "127.0.0.1:0", token: "0123456789abcdef0123", hosts: [admin.internal]}}
 limits: {{max_head_bytes: 32KiB, max_body_size: 1Mi, header_timeout: 10s,
@@ -214,6 +218,12 @@ routes:
   - name: hashed
     match: {{path: /h}}
     upstream: hashed
+  - name: moved
+    match: {{path_regex: "^/old/(?P<rest>.*)$"}}
+    redirect: {{to: "https://{{{{host}}}}/new/{{{{rest}}}}{{{{query}}}}", status: 301}}
+  - name: down
+    match: {{path: /down}}
+    respond: {{status: 503, body: "back soon", headers: {{Retry-After: "120"}}}}
 """
 
 
