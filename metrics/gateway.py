@@ -122,8 +122,8 @@ for _result in ("success", "failure"):
     ACME_ORDERS.labels(_result)
 ACME_NEXT_ORDER = Gauge(
     "gatehouse_acme_next_order_timestamp_seconds",
-    "When each ACME name is next ordered, Unix time: its certificate's renewal time, or "
+    "When each ACME domain's certificate is next ordered, Unix time: its renewal time, or "
     "the end of the back-off after a failure (in the past: ordering now)",
-    ["name"],
+    ["domain"],
     registry=GATEWAY_REGISTRY,
 )

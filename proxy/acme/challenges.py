@@ -23,7 +23,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 HTTP_01 = "http-01"
 TLS_ALPN_01 = "tls-alpn-01"
-ACME_TLS_ALPN_PROTOCOL = "acme-tls/1"  # RFC 8737 section 6.2
 # id-pe-acmeIdentifier (RFC 8737 section 6.1)
 ACME_IDENTIFIER_OID = x509.ObjectIdentifier("1.3.6.1.5.5.7.1.31")
 # The challenge certificate only has to outlive its validation.

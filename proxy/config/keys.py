@@ -12,7 +12,9 @@ their defaults against the ones the readers use.
 from __future__ import annotations
 
 from proxy.config.model import (
+    ACME_CHALLENGES,
     CLIENT_IP_SOURCES,
+    DEFAULT_ACME_RENEW_BEFORE_S,
     DEFAULT_BASE_EJECTION_S,
     DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_CONNECT_TIMEOUT_S,
@@ -88,6 +90,38 @@ TLS_CERTIFICATE: KeyTable = {
     "key": string("PEM private key, not passphrase-protected", required=True),
 }
 
+ACME: KeyTable = {
+    "directory": string(
+        "the ACME server's directory URL, https:// (Let's Encrypt:"
+        " https://acme-v02.api.letsencrypt.org/directory)",
+        required=True,
+    ),
+    "domains": strings(
+        "the DNS names to obtain certificates for, one certificate each", required=True
+    ),
+    "storage": string(
+        "the directory that keeps the account key and the certificates (a volume in a"
+        " container); a restart reuses them",
+        required=True,
+    ),
+    "email": string("the account's contact address, for the CA's notices"),
+    "challenge": choice(
+        ACME_CHALLENGES,
+        "how the names are proved: http-01 (port 80, a plaintext listener) or tls-alpn-01"
+        " (this listener, port 443)",
+        ACME_CHALLENGES[0],
+    ),
+    "ca": string(
+        "a PEM bundle that verifies the directory's HTTPS (a private or test ACME server);"
+        " default: the system's roots"
+    ),
+    "renew_before": duration(
+        "renew this long before expiry (at most a third of the certificate's lifetime)",
+        DEFAULT_ACME_RENEW_BEFORE_S,
+        positive=True,
+    ),
+}
+
 LISTENER_TLS: KeyTable = {
     "certificates": list_of(
         mapping(TLS_CERTIFICATE, "one certificate and its key"),
@@ -98,6 +132,9 @@ LISTENER_TLS: KeyTable = {
     ),
     "cert": string("PEM certificate chain, leaf first (one certificate: instead of certificates)"),
     "key": string("PEM private key of cert, not passphrase-protected"),
+    "acme": mapping(
+        ACME, "obtain and renew certificates from an ACME server (Let's Encrypt), RFC 8555"
+    ),
     "min_version": raw(
         "the oldest TLS version accepted",
         {"enum": [*TLS_VERSIONS, *(float(version) for version in TLS_VERSIONS)]},

@@ -15,6 +15,8 @@ from functools import partial
 
 from yaml.nodes import Node, ScalarNode
 
+from proxy.config.acme import check_listeners as check_acme_listeners
+from proxy.config.acme import read_acme
 from proxy.config.answers import read_https_redirect
 from proxy.config.context import LoadContext
 from proxy.config.keys import (
@@ -238,6 +240,7 @@ def read_listeners(
         Reported: not a list, or an empty one (recorded).
     """
     listeners: list[ListenerConfig] = []
+    read: list[tuple[ListenerConfig, Node, str]] = []
     names: dict[str, str] = {}
     for item, item_path in reader.nonempty_items(node, path, "at least one listener is required"):
         with suppress(Reported):
@@ -263,6 +266,8 @@ def read_listeners(
                     host, port, name, tls, http2, proxy_protocol, redirect_https, line=line
                 )
             )
+            read.append((listeners[-1], item, item_path))
+    check_acme_listeners(reader, read)
     return tuple(listeners)
 
 
@@ -326,9 +331,11 @@ def _networks(reader: NodeReader, node: Node, path: str) -> tuple[Network, ...]:
 
 
 def _listener_tls(reader: NodeReader, node: Node, path: str) -> ListenerTls:
-    """`tls`: `certificates: [{cert, key}, ...]`, or `cert` and `key` for one."""
+    """`tls`: `certificates: [{cert, key}, ...]`, or `cert` and `key` for one, and/or
+    `acme` (proxy/config/acme.py)."""
     fields = reader.mapping(node, path, keys_of(LISTENER_TLS))
     min_version = fields.get("min_version", partial(_tls_version, reader), "1.2")
+    acme = fields.get("acme", partial(read_acme, reader), None)
     if "certificates" in fields:
         if "cert" in fields or "key" in fields:
             shorthand = "cert" if "cert" in fields else "key"
@@ -340,11 +347,17 @@ def _listener_tls(reader: NodeReader, node: Node, path: str) -> ListenerTls:
             if needed not in fields and not _misspelt(node, needed, LISTENER_TLS):
                 raise reader.error(node, path, f"missing required key {needed!r}")
         certificates = (_certificate(reader, fields, node, path),)
+    elif "acme" in fields:
+        certificates = ()  # every certificate from ACME
     else:
         raise reader.error(
-            node, path, "missing required key 'certificates' (or 'cert' and 'key' for one)"
+            node,
+            path,
+            "missing required key 'certificates' (or 'cert' and 'key' for one, or 'acme')",
         )
-    return ListenerTls(certificates, min_version)
+    if "acme" in fields and acme is None:
+        raise Reported
+    return ListenerTls(certificates, min_version, acme)
 
 
 def _certificates(reader: NodeReader, node: Node, path: str) -> tuple[TlsCertificate, ...]:

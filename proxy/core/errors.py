@@ -48,6 +48,13 @@ class NoRoute(ProxyError):
     status, reason = 404, "no_route"
 
 
+class AcmeChallengeUnknown(ProxyError):
+    """An ACME HTTP-01 challenge path for a name the gateway obtains certificates for,
+    with a token it is not answering (proxy/exchange/acme_http01.py)."""
+
+    status, reason = 404, "acme_challenge_unknown"
+
+
 class UpgradeNotAllowed(ProxyError):
     """A WebSocket upgrade on a route whose `websocket` is off (not a silent downgrade)."""
 

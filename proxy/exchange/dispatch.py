@@ -39,6 +39,7 @@ from proxy.exchange.local_answers import https_redirect
 
 if TYPE_CHECKING:
     from proxy.core.tracing import Tracer
+    from proxy.exchange.acme_http01 import Http01Responder
     from proxy.exchange.routing import RouteTable
     from proxy.exchange.runtime import RouteRuntime
 
@@ -53,7 +54,7 @@ Start = Callable[[Request, Reply], "Run | None"]  # `Dispatcher.start`'s shape
 class Dispatcher:
     """Starts the exchanges of one Runtime (its route table and compiled routes)."""
 
-    __slots__ = ("_no_route", "_routes", "_table", "_tracer")
+    __slots__ = ("_http01", "_no_route", "_routes", "_table", "_tracer")
 
     def __init__(
         self,
@@ -61,11 +62,13 @@ class Dispatcher:
         routes: dict[str, RouteRuntime],
         no_route: Handler | None,
         tracer: Tracer | None = None,
+        http01: Http01Responder | None = None,
     ) -> None:
         self._table = table
         self._routes = routes
         self._no_route = no_route  # global_middleware ending in a 404, if any
         self._tracer = tracer  # `tracing:` (None: propagation only, at the upstream hop)
+        self._http01 = http01  # ACME HTTP-01 challenges (None: no name uses them)
 
     def start(self, request: Request, reply: Reply) -> Run | None:
         """Begin `request`'s exchange. None: it runs without a task, and `reply` is
@@ -77,6 +80,8 @@ class Dispatcher:
         if tracer is not None:
             exchange.trace = tracer.begin(request)
         try:
+            if self._http01 is not None and (answer := self._http01.answer(request)) is not None:
+                return partial(_answered, answer)
             listener = request.listener
             if listener is not None and listener.redirect_https is not None:
                 answer = https_redirect(request, listener.redirect_https)

@@ -18,6 +18,7 @@ from proxy.core.client_ip import ClientResolver
 from proxy.core.errors import NoRoute
 from proxy.core.models import Request, Response
 from proxy.core.tracing import Tracer
+from proxy.exchange.acme_http01 import Http01Responder, Http01Tokens, http01_hosts
 from proxy.exchange.dispatch import Dispatcher, Handler
 from proxy.exchange.eager import ChainEnd
 from proxy.exchange.forward import Forwarder
@@ -177,7 +178,13 @@ class Runtime:
             for route in config.routes
         }
         self.tracer = _tracer(config.tracing, previous)
-        self.dispatcher = Dispatcher(self.table, self.routes, self.no_route, self.tracer)
+        # The process's ACME HTTP-01 tokens, the same object from one Runtime to the next.
+        self.http01_tokens: Http01Tokens = (
+            previous.http01_tokens if previous is not None else Http01Tokens()
+        )
+        hosts = http01_hosts(config)
+        http01 = Http01Responder(hosts, self.http01_tokens) if hosts else None
+        self.dispatcher = Dispatcher(self.table, self.routes, self.no_route, self.tracer, http01)
 
     def middleware(self) -> list[MiddlewareSpec]:
         """Every middleware instance in the chains (shared ones once per chain)."""

@@ -1,5 +1,7 @@
-"""Listeners with `proxy_protocol: true`: each connection begins with a PROXY protocol
-header (proxy/frontend/proxy_header.py), read before TLS or HTTP.
+"""Listeners that accept connections themselves, to read ahead of TLS and HTTP: those with
+`proxy_protocol: true`, whose connections begin with a PROXY protocol header
+(proxy/frontend/proxy_header.py), and TLS listeners that answer ACME TLS-ALPN-01
+challenges, which look at each ClientHello first (proxy/frontend/client_hello.py).
 
 The header comes before the TLS ClientHello, and asyncio's TLS transport reads the socket
 from the start: a listener made by `create_server(ssl=...)` would hand the header to the
@@ -19,7 +21,12 @@ is handed to the loop with `connect_accepted_socket` (TLS included), where it be
   address then stands for the connection's peer (proxy/core/client_ip.py). From any other peer
   the header is read and ignored: the TCP peer is the client.
 
-`ProxyProtocolServer` offers what `Server` uses of an `asyncio.Server` (sockets,
+On a listener given `choose_context`, the ClientHello is then peeked at (never
+consumed), within `limits.header_timeout` too, and the TLS context the connection
+is handed over with is `choose_context(hello)` when that gives one (a TLS-ALPN-01
+challenge's), the listener's own otherwise, and for a ClientHello that cannot be read.
+
+`AcceptingServer` offers what `Server` uses of an `asyncio.Server` (sockets,
 start_serving, close, wait_closed), so reload and drain treat both alike.
 """
 
@@ -34,6 +41,7 @@ from collections.abc import Callable
 
 from metrics.definitions import ProxyHeaderRefusal, count_proxy_header_refused
 from proxy.config.model import ListenerConfig
+from proxy.frontend.client_hello import ClientHello, peek_client_hello
 from proxy.frontend.connection import ClientConnection, FrontEnd, ServerContext
 from proxy.frontend.proxy_header import ProxyHeader, ProxyHeaderError, ProxyHeaderReader
 
@@ -45,6 +53,9 @@ ACCEPT_RETRY_DELAY_S = 1.0
 # Connections accepted per wake-up of a listening socket (the rest at the next one).
 MAX_ACCEPTS_PER_WAKE = 64
 _ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+# Which TLS context a connection gets, from its ClientHello (None: the listener's own).
+ChooseContext = Callable[[ClientHello], ssl.SSLContext | None]
 
 
 class ProxyHeaderClosed(Exception):
@@ -93,7 +104,7 @@ def _wake(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
-async def create_proxy_protocol_server(
+async def create_accepting_server(
     server: ServerContext,
     listener: ListenerConfig,
     context: ssl.SSLContext | None,
@@ -102,7 +113,8 @@ async def create_proxy_protocol_server(
     reuse_port: bool,
     backlog: int,
     start_serving: bool,
-) -> ProxyProtocolServer:
+    choose_context: ChooseContext | None = None,
+) -> AcceptingServer:
     """Bind `listener`'s address as asyncio's `create_server` would (every address the
     host resolves to; SO_REUSEADDR, SO_REUSEPORT when asked, IPV6_V6ONLY) and serve it.
 
@@ -136,16 +148,16 @@ async def create_proxy_protocol_server(
         for sock in sockets:
             sock.close()
         raise
-    proxy_server = ProxyProtocolServer(server, listener, sockets, context, front_end)
+    accepting = AcceptingServer(server, listener, sockets, context, front_end, choose_context)
     if start_serving:
-        await proxy_server.start_serving()
-    return proxy_server
+        await accepting.start_serving()
+    return accepting
 
 
-class ProxyProtocolServer:
-    """Accepts the connections of one `proxy_protocol` listener (see the module
+class AcceptingServer:
+    """Accepts the connections of one listener that reads ahead (see the module
     docstring), as asyncio's own servers do: a reader callback on each listening socket
-    accepts what is queued, and each connection gets a task until its header is read."""
+    accepts what is queued, and each connection gets a task until it is handed over."""
 
     def __init__(
         self,
@@ -154,12 +166,14 @@ class ProxyProtocolServer:
         sockets: list[socket.socket],
         context: ssl.SSLContext | None,
         front_end: Callable[[ClientConnection], FrontEnd],
+        choose_context: ChooseContext | None = None,
     ) -> None:
         self._server = server
         self._listener = listener
         self._sockets = sockets
         self._context = context
         self._front_end = front_end
+        self._choose_context = choose_context if context is not None else None
         self._loop: asyncio.AbstractEventLoop | None = None  # set when serving
         # Connections whose header is being read: each task (the reference keeps it
         # alive) with its socket, None once handed over to the loop. A task cancelled
@@ -169,7 +183,7 @@ class ProxyProtocolServer:
 
     def __repr__(self) -> str:
         state = "CLOSED" if self._closed else "SERVING" if self._loop else "BOUND"
-        return f"<ProxyProtocolServer {self._listener.name} {state} pending={len(self._pending)}>"
+        return f"<AcceptingServer {self._listener.name} {state} pending={len(self._pending)}>"
 
     @property
     def sockets(self) -> tuple[socket.socket, ...]:
@@ -238,13 +252,18 @@ class ProxyProtocolServer:
             sock.close()  # not handed over: ours to close (again is harmless)
 
     async def _serve(self, sock: socket.socket, address: tuple[str, int]) -> None:
-        """Read the header of one connection, then hand the socket to the loop."""
+        """Read ahead on one connection, then hand the socket to the loop."""
         tcp_peer = (str(address[0]), int(address[1]))
         try:
             sock.setblocking(False)
-            peer = await self._header(sock, tcp_peer)
+            peer: tuple[str, int] | None = tcp_peer
+            if self._listener.proxy_protocol:
+                peer = await self._header(sock, tcp_peer)
             if peer is None:
                 return
+            context = self._context
+            if self._choose_context is not None:
+                context = await self._chosen_context(sock) or context
             server, listener, front_end = self._server, self._listener, self._front_end
             # From here the loop's transport owns the socket, and closes it on failure.
             task = asyncio.current_task()
@@ -253,7 +272,7 @@ class ProxyProtocolServer:
             await asyncio.get_running_loop().connect_accepted_socket(
                 lambda: ClientConnection(server, listener, front_end, peer),
                 sock,
-                ssl=self._context,
+                ssl=context,
             )
         except OSError as exc:
             # The TLS handshake failed (ssl.SSLError is an OSError) or timed out, or the
@@ -281,6 +300,17 @@ class ProxyProtocolServer:
         count_proxy_header_refused(reason)
         log.debug("%s: refused connection from %s: %s", name, tcp_peer[0], detail)
         return None
+
+    async def _chosen_context(self, sock: socket.socket) -> ssl.SSLContext | None:
+        """The context `choose_context` gives for the connection's ClientHello (None:
+        the listener's own, also when the ClientHello cannot be read in time)."""
+        assert self._choose_context is not None
+        try:
+            async with asyncio.timeout(self._server.limits.header_timeout):
+                hello = await peek_client_hello(sock)
+        except TimeoutError:
+            return None
+        return None if hello is None else self._choose_context(hello)
 
     def _believed(self, header: ProxyHeader, tcp_peer: tuple[str, int]) -> tuple[str, int]:
         """The peer to serve the connection as: the header's source when the TCP peer

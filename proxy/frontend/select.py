@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Container
 
+from proxy.frontend.client_hello import ACME_TLS_ALPN_PROTOCOL
 from proxy.frontend.connection import ClientConnection, ConnectionPhase, FrontEnd
 from proxy.frontend.h1 import Http1Protocol
 from proxy.frontend.h2.conn import PREFACE
@@ -77,4 +78,8 @@ def tls_front_end(conn: ClientConnection) -> FrontEnd:
     chosen = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
     if chosen == "h2":
         return Http2Protocol(conn)
+    if chosen == ACME_TLS_ALPN_PROTOCOL:
+        # An ACME TLS-ALPN-01 validation is the handshake alone (RFC 8737 section 3):
+        # closed once the handshake is over (not from inside it).
+        conn.loop.call_soon(conn.close)
     return Http1Protocol(conn)

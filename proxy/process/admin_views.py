@@ -134,22 +134,30 @@ def _options(written: object) -> dict[str, Any]:
     return {key: value for key, value in written.items() if key != "type"}
 
 
-def certificates_view(config: Config) -> list[dict[str, Any]]:
+def certificates_view(config: Config, acme: Sequence[tuple[str, str]] = ()) -> list[dict[str, Any]]:
     """Every certificate of each TLS listener (the leaf of its chain), in the order
-    listed (`default`: the first, served without SNI or for an unknown name): the names
-    it is for, its subject and issuer, when it is valid; or why it cannot be read."""
+    listed (`default`: the first, served without SNI or for an unknown name), then
+    those ACME obtained for it (`acme`: (listener name, chain file), `"source": "acme"`):
+    the names it is for, its subject and issuer, when it is valid; or why it cannot be
+    read."""
     certificates = []
     for listener in config.listeners:
         if listener.tls is None:
             continue
-        for position, files in enumerate(listener.tls.certificates):
+        files = [
+            (item.cert, position == 0) for position, item in enumerate(listener.tls.certificates)
+        ]
+        obtained = [path for owner, path in acme if owner == listener.name]
+        for path, default in [*files, *((path, False) for path in obtained)]:
             entry: dict[str, Any] = {
                 "listener": listener.name,
                 "address": f"{listener.host}:{listener.port}",
-                "file": files.cert,
-                "default": position == 0,
+                "file": path,
+                "default": default,
             }
-            leaf = leaf_certificate(files.cert)
+            if path in obtained:
+                entry["source"] = "acme"
+            leaf = leaf_certificate(path)
             if leaf is None:
                 entry["error"] = "cannot read the certificate"
             else:

@@ -20,6 +20,7 @@ import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from metrics.definitions import TunnelClose, forget_series, set_enabled
 from metrics.live import attach_source
@@ -30,8 +31,9 @@ from proxy.exchange.dispatch import Start
 from proxy.exchange.runtime import Runtime
 from proxy.frontend.certificates import Certificate, CertificateSet, TlsSettings
 from proxy.frontend.connection import ClientConnection
-from proxy.frontend.listener import ProxyProtocolServer, create_proxy_protocol_server
+from proxy.frontend.listener import AcceptingServer, create_accepting_server
 from proxy.frontend.select import plaintext_front_end, tls_front_end
+from proxy.process.acme_serving import AcmeServing
 from proxy.process.gauges import ServerGauges
 from proxy.websocket.tunnel import Tunnel
 
@@ -64,7 +66,7 @@ class ReloadRefused(Exception):
 
 
 # A bound listener: asyncio's own server, or one that reads PROXY headers first.
-Listening = asyncio.Server | ProxyProtocolServer
+Listening = asyncio.Server | AcceptingServer
 
 
 @dataclass
@@ -101,6 +103,7 @@ class Server:
         # Each TLS listener's certificates (proxy/frontend/certificates.py), bound or
         # being bound by a reload.
         self.certificate_sets: dict[ListenerConfig, CertificateSet] = {}
+        self.acme = AcmeServing()  # certificates and challenges of `tls.acme` listeners
         self._reuse_port = False
         self._pending: _PendingReload | None = None
         self._retiring: set[asyncio.Task[None]] = set()
@@ -139,8 +142,9 @@ class Server:
         context = self._tls_context(listener)
         front_end = tls_front_end if context is not None else plaintext_front_end
         server: Listening
-        if listener.proxy_protocol:
-            server = await create_proxy_protocol_server(
+        peeks = AcmeServing.peeks(listener)
+        if listener.proxy_protocol or peeks:
+            server = await create_accepting_server(
                 self,
                 listener,
                 context,
@@ -148,6 +152,7 @@ class Server:
                 reuse_port=self._reuse_port,
                 backlog=LISTEN_BACKLOG,
                 start_serving=serve,
+                choose_context=self.acme.choose_context if peeks else None,
             )
         else:
             server = await asyncio.get_running_loop().create_server(
@@ -192,6 +197,8 @@ class Server:
         pairs = [(item.cert, item.key) for item in tls.certificates]
         certificates = CertificateSet(TlsSettings.of(tls, listener.http2), pairs)
         self.certificate_sets[listener] = certificates
+        if tls.acme is not None:
+            self.acme.attach(listener, certificates)
         return certificates.context
 
     def reload_certificates(self) -> None:
@@ -210,6 +217,11 @@ class Server:
         ]
         for certificates, loaded in reloaded:
             certificates.install(loaded)
+
+    def apply_acme(self, state: dict[str, Any]) -> list[str]:
+        """Take the supervisor's ACME state: challenges to answer, and certificates to
+        load again from storage (proxy/process/acme_serving.py); what failed to load."""
+        return self.acme.apply(state, self.runtime.http01_tokens)
 
     # -- reload ------------------------------------------------------------------------
     async def prepare_reload(self, config: Config) -> None:
@@ -282,6 +294,7 @@ class Server:
             # Stops accepting; connections it accepted carry on until they end.
             self._listening.pop(listener).close()
             self.certificate_sets.pop(listener, None)
+            self.acme.detach(listener)
         for listener, server in pending.bound.items():
             self._listening[listener] = server
             await server.start_serving()
@@ -323,6 +336,7 @@ class Server:
             server.close()
         for listener in pending.bound:
             self.certificate_sets.pop(listener, None)
+            self.acme.detach(listener)
         await pending.runtime.discard(self.runtime)
 
     def _drain_tunnels_of_removed_routes(self) -> None:

@@ -12,6 +12,9 @@ connections evenly over them; the parent serves no traffic. It runs an asyncio l
   reads and validates the file, then every worker prepares the new config and, once all
   have, commits it (proxy/process/server.py). An invalid file, or a worker that cannot prepare,
   leaves every worker on the old config; the errors are logged and counted.
+- ACME (`tls.acme`): the parent orders and renews the certificates, in a thread, and
+  tells the workers over their channels about challenges and new certificates, which
+  every worker serves (proxy/process/acme_link.py, proxy/acme/manager.py).
 - The admin listener (metrics/admin.py): the workers' metrics are collected over each
   worker's channel (proxy/process/control.py) and summed (metrics/aggregate.py). The
   same reply carries each worker's endpoint states, which with the merged gauges make
@@ -50,6 +53,7 @@ from proxy.config.document import ConfigError, read_config_file
 from proxy.config.load import parse_config
 from proxy.config.model import AdminConfig, Config, ListenerConfig
 from proxy.config.view import config_view
+from proxy.process.acme_link import AcmeLink
 from proxy.process.admin_views import (
     EndpointStates,
     certificates_view,
@@ -182,6 +186,8 @@ class Supervisor:
         self.restarts = 0
         self._certificates = certificates_view(self.config)
         self._rates = RequestRates(time.monotonic())
+        # With `tls.acme`: orders certificates and tells the workers (proxy/acme/).
+        self._acme = AcmeLink(self._serving_channels, self.workers, self._record_certificates)
 
     # -- the parent's loop -------------------------------------------------------------
     async def run(self) -> int:
@@ -203,12 +209,14 @@ class Supervisor:
             self._admin = admin
             _warn_if_open(self.config.admin)
         CONFIG_LAST_RELOAD_SUCCESS.set(time.time())
-        record_certificates(self.config.tls_certificates())
+        self._acme.configure(self.config)
+        self._record_certificates()
         for _ in range(self.workers):
             self._spawn()
         log.info("supervising %d workers (pids %s)", self.workers, sorted(self._children))
         self._spawn_task(self._watch_file)
         await self._done.wait()
+        await self._acme.aclose()
         for task in list(self._tasks):
             task.cancel()
         if self._admin is not None:
@@ -270,6 +278,8 @@ class Supervisor:
         if worker is None or event.get("event") != "ready":
             return
         worker.ready = True
+        serving = sum(worker.ready for worker in self._children.values())
+        self._spawn_task(self._acme.worker_ready, pid, serving)
         if worker.generation != self._generation:
             # Forked before a reload it did not take part in: bring it up to date.
             self._spawn_task(self._catch_up, worker)
@@ -356,8 +366,8 @@ class Supervisor:
             CONFIG_RELOADS.labels("success" if ok else "failure").inc()
             if ok:
                 CONFIG_LAST_RELOAD_SUCCESS.set(time.time())
-                record_certificates(self.config.tls_certificates())
-                self._certificates = certificates_view(self.config)
+                self._acme.configure(self.config)
+                self._record_certificates()
                 log.info("reload done: %d routes", len(self.config.routes))
             else:
                 for line in errors:
@@ -464,6 +474,16 @@ class Supervisor:
             return_exceptions=True,
         )
         return sorted(set(errors), key=errors.index)
+
+    def _record_certificates(self) -> None:
+        """The expiry gauge and /certificates, from the config's certificates and the
+        ones ACME obtained."""
+        acme = self._acme.certificates()
+        record_certificates([*self.config.tls_certificates(), *acme])
+        self._certificates = certificates_view(self.config, acme)
+
+    def _serving_channels(self) -> list[tuple[int, WorkerChannel]]:
+        return [(pid, worker.channel) for pid, worker in self._children.items() if worker.ready]
 
     async def _catch_up(self, worker: _Worker) -> None:
         assert self._reload_lock is not None

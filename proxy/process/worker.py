@@ -8,7 +8,9 @@ The parent asks for:
   listener's /upstreams and status page;
 - `prepare` (the config file's text, as the parent validated it) then `commit` or
   `abort`: a reload, in two steps so that every worker switches or none does
-  (proxy/process/server.py).
+  (proxy/process/server.py);
+- `acme`: the challenges its ACME orders are waiting on, and a nudge to load the
+  certificates it stored (proxy/process/acme_serving.py).
 The worker tells the parent `ready` once its listeners are bound. SIGTERM or SIGINT, or
 the parent going away, drains it and ends it with exit code 0.
 """
@@ -138,6 +140,8 @@ async def _answer_parent(server: Server, control: socket.socket, stop: asyncio.E
         if op == "abort":
             await server.abort_reload()
             return {"ok": True}
+        if op == "acme":
+            return {"ok": True, "errors": server.apply_acme(request)}
         return {"ok": False, "errors": [f"unknown op {op!r}"]}
 
     try:

@@ -97,14 +97,15 @@ class TestCa:
         emails: tuple[str, ...] = (),
         expired: bool = False,
         client: bool = False,
+        validity: tuple[datetime.datetime, datetime.datetime] | None = None,
     ) -> IssuedFiles:
         """Write `<file_name>.pem` and `<file_name>.key`: a certificate for these names
         (subject: CN of the first DNS name unless given), valid now (or expired an hour
-        ago), for a server (or, `client`, a TLS client)."""
+        ago, or over `validity`), for a server (or, `client`, a TLS client)."""
         now = datetime.datetime.now(datetime.UTC)
-        if expired:
+        if validity is None and expired:
             validity = (now - datetime.timedelta(days=2), now - datetime.timedelta(hours=1))
-        else:
+        elif validity is None:
             validity = (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1))
         names: list[x509.GeneralName] = [x509.DNSName(name) for name in dns]
         names += [x509.IPAddress(ipaddress.ip_address(address)) for address in ips]
