@@ -175,13 +175,13 @@ class AcmeManager:
         names: dict[tuple[str, str, str], ManagedName] = {}
         for key, (settings, listeners) in wanted.items():
             managed = self._names.get(key)
-            if managed is None or managed.settings != settings:
+            if managed is None or not managed.settings.same_settings(settings):
                 storage = AcmeStorage(settings.storage, settings.directory)
                 managed = ManagedName(key[2], settings, storage, tuple(listeners))
                 managed.certificate = storage.stored(managed.name)
                 managed.next_order = self._planned(managed)
                 self._describe(managed)
-            managed.listeners = tuple(listeners)
+            managed.settings, managed.listeners = settings, tuple(listeners)
             names[key] = managed
         gone = {managed.name for managed in self._names.values()}
         gone -= {managed.name for managed in names.values()}

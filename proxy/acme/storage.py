@@ -192,6 +192,16 @@ def _public_der(key: PublicKeyTypes | CertificatePublicKeyTypes) -> bytes:
     )
 
 
+def _make_directories(directory: str) -> None:
+    """`directory` and those above it that are missing, each 0700 (os.makedirs gives
+    the mode to the last one only)."""
+    if os.path.isdir(directory):
+        return
+    _make_directories(os.path.dirname(directory))
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(directory, DIRECTORY_MODE)
+
+
 def write_atomically(path: str, data: bytes, mode: int) -> None:
     """Replace `path` with `data` in one rename, its directories made (0700) as needed.
 
@@ -199,7 +209,7 @@ def write_atomically(path: str, data: bytes, mode: int) -> None:
         OSError: it cannot be written (the old file, if any, stays).
     """
     directory = os.path.dirname(path)
-    os.makedirs(directory, mode=DIRECTORY_MODE, exist_ok=True)
+    _make_directories(directory)
     fd, temporary = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
         os.fchmod(fd, mode)

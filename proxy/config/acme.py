@@ -176,7 +176,7 @@ def check_listeners(reader: NodeReader, listeners: list[tuple[ListenerConfig, No
         for name in acme.domains:
             key = (acme.storage, acme.directory, name)
             other = settings.setdefault(key, (acme, acme_path))
-            if other[0] != acme:
+            if not other[0].same_settings(acme):
                 reader.error(
                     acme_node,
                     acme_path,

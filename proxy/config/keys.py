@@ -132,13 +132,13 @@ LISTENER_TLS: KeyTable = {
     ),
     "cert": string("PEM certificate chain, leaf first (one certificate: instead of certificates)"),
     "key": string("PEM private key of cert, not passphrase-protected"),
-    "acme": mapping(
-        ACME, "obtain and renew certificates from an ACME server (Let's Encrypt), RFC 8555"
-    ),
     "min_version": raw(
         "the oldest TLS version accepted",
         {"enum": [*TLS_VERSIONS, *(float(version) for version in TLS_VERSIONS)]},
         TLS_VERSIONS[0],
+    ),
+    "acme": mapping(
+        ACME, "obtain and renew certificates from an ACME server (Let's Encrypt), RFC 8555"
     ),
 }
 

@@ -6,7 +6,7 @@ Runtime code only ever sees these objects: everything is validated once, at load
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from proxy.core.addresses import Network
@@ -62,6 +62,10 @@ class AcmeConfig:
     challenge: str = ACME_CHALLENGES[0]
     ca: str | None = None
     renew_before: float = DEFAULT_ACME_RENEW_BEFORE_S
+
+    def same_settings(self, other: AcmeConfig) -> bool:
+        """Whether `other` obtains a name the same way (its `domains` aside)."""
+        return replace(self, domains=()) == replace(other, domains=())
 
 
 @dataclass(frozen=True, slots=True)

@@ -160,7 +160,7 @@ def test_unknown_tls_keys_are_errors(tls_files: TlsFiles) -> None:
 
     assert errors_of(text) == [
         "routes.yaml:3: listeners[0].tls.ciphers: unknown key 'ciphers' "
-        "(expected one of: certificates, cert, key, min_version)",
+        "(expected one of: certificates, cert, key, min_version, acme)",
         "routes.yaml:3: listeners[0].tls.min_versoin: unknown key 'min_versoin' "
         "(did you mean 'min_version'?)",
     ]
@@ -293,7 +293,7 @@ def test_certificates_and_the_shorthand_together_are_an_error(tls_files: TlsFile
 def test_tls_without_any_certificate_is_an_error() -> None:
     assert one_error(listener_tls("{min_version: '1.3'}")) == (
         "routes.yaml:3: listeners[0].tls: missing required key 'certificates' "
-        "(or 'cert' and 'key' for one)"
+        "(or 'cert' and 'key' for one, or 'acme')"
     )
 
 

@@ -88,6 +88,9 @@ listeners:
   - bind: "127.0.0.1:0"
     tls:
       certificates: [{{cert: "{tls.cert}", key: "{tls.key}"}}]
+      acme: {{directory: "https://acme.example/dir", domains: [www.example.com],
+              storage: "{tmp}/acme", email: ops@example.com, challenge: http-01,
+              ca: "{tls.ca}", renew_before: 30d}}
 client_ip: {{trusted_proxies: [10.0.0.0/8], source: x-forwarded-for}}
 admin: {{bind: "127.0.0.1:0", token: "0123456789abcdef0123", hosts: [admin.internal]}}
 limits: {{max_head_bytes: 32KiB, max_body_size: 1Mi, header_timeout: 10s,
