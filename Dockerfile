@@ -59,6 +59,9 @@ RUN groupadd --system --gid 10001 gatehouse \
 
 COPY --from=builder /opt/gatehouse /opt/gatehouse
 COPY routes.yaml /etc/gatehouse/routes.yaml
+# Where `tls.acme.storage` points in docs/tls.md's recipe: the gatehouse user's, so that a
+# named volume mounted there starts out writable by it (docker copies the owner).
+RUN install -d -o 10001 -g 10001 -m 0700 /var/lib/gatehouse/acme
 
 # routes.yaml binds the admin listener to ${GATEHOUSE_ADMIN_BIND:-127.0.0.1:9901}: inside a
 # container it must listen on every interface for Prometheus in another container (publish

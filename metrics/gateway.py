@@ -110,6 +110,7 @@ def certificate_names(certificate: x509.Certificate) -> str:
     names += [str(address) for address in alternatives.get_values_for_type(x509.IPAddress)]
     return ",".join(names)
 
+
 ACME_ORDERS = Counter(
     "gatehouse_acme_orders",
     "ACME certificate orders by result: success (a new or renewed certificate is served) "

@@ -263,7 +263,9 @@ class AcmeManager:
         loop = asyncio.get_running_loop()
         try:
             stored = await self._in_thread(self._obtain, managed, loop)
-        except OrderFailed as exc:
+        except Exception as exc:  # OrderFailed, or a bug
+            if not isinstance(exc, OrderFailed):  # a bug: it counts as a failure too
+                log.exception("acme: bug while ordering a certificate for %s", name)
             managed.failures += 1
             delay = retry_delay(managed.failures)
             managed.next_order = self._now() + delay

@@ -40,6 +40,7 @@ from acme import errors as acme_errors
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from josepy.b64 import b64encode
+from josepy.errors import Error as JoseError
 from josepy.jwa import ES256
 from josepy.jwk import JWKEC
 
@@ -56,6 +57,16 @@ MAX_POLL_S = 5.0
 BAD_NONCE_TRIES = 5
 
 T = TypeVar("T")
+# What the server, the network or the library may raise: an OrderFailed with the reason.
+# Anything else is a bug, and goes up with its traceback (the manager logs it).
+EXPECTED_FAILURES = (
+    messages.Error,
+    acme_errors.Error,
+    JoseError,
+    requests.RequestException,
+    OSError,
+    ValueError,
+)
 
 
 class _ChallengeAnswer(acme_challenges.KeyAuthorizationChallengeResponse):
@@ -98,9 +109,7 @@ class AcmeSession:
         """
         try:
             self._open()
-        except OrderFailed:
-            raise
-        except Exception as exc:
+        except EXPECTED_FAILURES as exc:
             raise OrderFailed(
                 f"cannot open the account at {self.settings.directory}: {_why(exc)}"
             ) from None
@@ -157,9 +166,7 @@ class AcmeSession:
             self.open()
         try:
             return self._obtain(name, kind, responder, time.monotonic() + ORDER_TIMEOUT_S)
-        except OrderFailed:
-            raise
-        except Exception as exc:
+        except EXPECTED_FAILURES as exc:
             self._client = None  # opened afresh next time (the account may be gone)
             raise OrderFailed(_why(exc)) from None
 

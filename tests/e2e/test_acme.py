@@ -316,8 +316,9 @@ def test_a_refused_order_keeps_the_current_certificate_and_backs_off(
             assert run.served(refused).serial_number == old.serial_number
             log = run.gateway.stderr()
             assert re.search(
-                rf"the order for {refused} failed \(1 in a row\): rejectedIdentifier: .*; the "
-                rf"current certificate \(serial {old.serial_number:x}, .*\) stays; next try in 60 s",
+                rf"the order for {refused} failed \(1 in a row\): rejectedIdentifier: .*; "
+                rf"the current certificate \(serial {old.serial_number:x}, .*\) stays; "
+                rf"next try in 60 s",
                 log,
             )
             assert re.search(

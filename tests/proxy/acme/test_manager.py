@@ -107,7 +107,7 @@ def test_a_reload_keeps_unchanged_names_as_they_are_and_forgets_removed_ones(
     manager = AcmeManager(
         config(storage, "a.example.com, b.example.com"), Workers().tell, now=lambda: NOW
     )
-    a, b = manager.names()
+    _, b = manager.names()
     b.failures, b.next_order = 3, NOW + 240  # backing off
 
     manager.configure(config(storage, "b.example.com, c.example.com"))

@@ -70,7 +70,7 @@ def test_a_certificate_whose_key_is_another_is_not_usable(
     first, second = ca.issue("a", ("a.example.com",)), ca.issue("b", ("a.example.com",))
     storage = AcmeStorage(str(tmp_path / "acme"), DIRECTORY)
     storage.save_certificate("a.example.com", first.cert.read_bytes(), first.key.read_bytes())
-    cert, key = storage.certificate_files("a.example.com")
+    _, key = storage.certificate_files("a.example.com")
     Path(key).write_bytes(second.key.read_bytes())  # as if caught half way through a write
 
     assert storage.stored("a.example.com") is None

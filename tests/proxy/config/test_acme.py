@@ -198,5 +198,6 @@ def test_one_name_in_one_storage_is_one_certificate(tmp_path: Path) -> None:
         "routes.yaml:10: listeners[2].tls.acme: 'api.example.com' is also obtained by"
         " listeners[0].tls.acme with other settings: one name in one storage is one certificate"
     )
-    elsewhere = f"  - bind: ':9443'\n    tls:\n      acme: {acme(tmp_path / 'b', ', email: a@example.com')}\n"
+    other_storage = acme(tmp_path / "b", ", email: a@example.com")
+    elsewhere = f"  - bind: ':9443'\n    tls:\n      acme: {other_storage}\n"
     parse(acme_config(acme(tmp_path), second=elsewhere))  # another storage: another one

@@ -129,7 +129,7 @@ async def test_challenges_go_to_the_validator_and_certificates_follow_storage(
 
     # A pair caught half way through a write is reported, and what was served stays.
     cert, _ = storage.certificate_files(NAME)
-    Path(cert).write_bytes(first.cert.read_bytes())
+    Path(cert).write_bytes(first.cert.read_bytes())  # noqa: ASYNC240 - a small file, in a test
     errors = server.apply_acme({"http01": {}, "tls_alpn01": {}})
     assert len(errors) == 1
     assert errors[0].startswith(f"listeners[0]: cannot load the certificate of {NAME}: ")
