@@ -309,8 +309,8 @@ def test_a_refused_order_keeps_the_current_certificate_and_backs_off(
     admin = free_port()
     try:
         text = config(site, admin, storage, (refused, unresolved))
+        before = time.time()  # the orders begin as soon as the workers are ready
         with running(site, tmp_path, admin, text) as run:
-            before = time.time()
             run.wait_orders("failure", 2)
             assert run.orders("success") == 0
             assert run.served(refused).serial_number == old.serial_number
