@@ -42,9 +42,11 @@ from middleware.jwt_verify import (
     TOKEN_RE,
     TokenRefused,
     TokenVerifier,
+    bearer_token,
     claim_header_value,
     consumer_of,
     forward_claims,
+    invalid_token_challenge,
 )
 from proxy import (
     Handler,
@@ -69,7 +71,6 @@ HMAC_MIN_SECRET_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}  # RFC 7518 sect
 
 # What a quoted-string in a challenge may hold without escapes (RFC 6750 section 3).
 _QUOTABLE_RE = re.compile(r"[ !#-\[\]-~]*")
-_NOT_QUOTABLE_RE = re.compile(r"[^ !#-\[\]-~]")
 
 _JWKS_OPTIONS = ("jwks_refresh", "jwks_min_refresh", "jwks_timeout", "jwks_wait", "jwks_ca_file")
 
@@ -193,13 +194,9 @@ class JwtAuth:
 
     def _token(self, headers: CIMultiDict[str]) -> tuple[str, bool]:
         """The token, and whether it came from the cookie ("" when there is none)."""
-        authorization = headers.get("authorization")
-        if authorization is not None:
-            scheme, _, credentials = authorization.strip().partition(" ")
-            if scheme.lower() == "bearer":  # auth-scheme is case-insensitive (RFC 9110 11.1)
-                token = credentials.strip()
-                if token:
-                    return token, False
+        token = bearer_token(headers.get("authorization"))
+        if token:
+            return token, False
         if self.cookie is not None:
             for line in headers.getall("cookie", ()):
                 for pair in line.split(";"):
@@ -214,11 +211,7 @@ class JwtAuth:
 
     def _refuse(self, reason: str, description: str) -> Unauthorized:
         count_auth_failure(self.name, reason)
-        description = _NOT_QUOTABLE_RE.sub("", description)
-        challenge = (
-            f'Bearer realm="{self.realm}", error="invalid_token", error_description="{description}"'
-        )
-        return Unauthorized(challenge, description)
+        return Unauthorized(invalid_token_challenge(self.realm, description), description)
 
 
 # -- per request helpers ----------------------------------------------------------------

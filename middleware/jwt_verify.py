@@ -48,6 +48,8 @@ TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 # A compact JWS (RFC 7515 section 7.1): three base64url segments; trailing "=" as PyJWT allows.
 _COMPACT_JWS_RE = re.compile(r"[A-Za-z0-9_=-]+\.[A-Za-z0-9_=-]*\.[A-Za-z0-9_=-]*")
+# What a quoted-string in a challenge may not hold without escapes (RFC 6750 section 3).
+_NOT_QUOTABLE_RE = re.compile(r"[^ !#-\[\]-~]")
 # Headers a claim must not set: the message's framing and routing are not the token's.
 _RESERVED_HEADERS = frozenset(
     {"host", "content-length", "transfer-encoding", "connection", "te", "upgrade", "trailer"}
@@ -238,6 +240,22 @@ def claim_header_value(claim: str, value: object) -> str:
         # Header values are held as latin-1 text of their bytes: send the UTF-8 bytes.
         text = text.encode("utf-8").decode("latin-1")
     return text
+
+
+def bearer_token(authorization: str | None) -> str:
+    """The token of an `Authorization: Bearer` value ("" when there is none)."""
+    if authorization is None:
+        return ""
+    scheme, _, credentials = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer":  # auth-scheme is case-insensitive (RFC 9110 11.1)
+        return ""
+    return credentials.strip()
+
+
+def invalid_token_challenge(realm: str, description: str) -> str:
+    """The WWW-Authenticate value of a refused bearer token (RFC 6750 section 3)."""
+    description = _NOT_QUOTABLE_RE.sub("", description)
+    return f'Bearer realm="{realm}", error="invalid_token", error_description="{description}"'
 
 
 def consumer_of(claims: dict[str, Any], claim: str) -> str:
