@@ -28,7 +28,7 @@ import logging
 import ssl
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote_plus, urlencode
 
 from middleware.jwks import (
     ASYMMETRIC_ALGORITHMS,
@@ -292,7 +292,7 @@ class OidcProvider:
         headers = list(_TOKEN_HEADERS)
         if self.auth_method == "client_secret_basic":
             # RFC 6749 section 2.3.1: each form-encoded before they are joined.
-            pair = f"{quote(self.client_id, safe='')}:{quote(self._secret, safe='')}"
+            pair = f"{quote_plus(self.client_id, safe='')}:{quote_plus(self._secret, safe='')}"
             headers.append(("Authorization", "Basic " + base64.b64encode(pair.encode()).decode()))
         else:
             fields["client_id"] = self.client_id
