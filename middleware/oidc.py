@@ -250,7 +250,10 @@ class Oidc(OptionsTable):
         """Set the forwarded claims, the consumer and the access token; remove the
         middleware's own cookies from what the upstream gets."""
         headers = request.headers
-        _set_claims(headers, self.settings.forward_claims, session.claims)
+        try:
+            _set_claims(headers, self.settings.forward_claims, session.claims)
+        except TokenRefused:  # pragma: no cover - checked when the session was made
+            log.warning("oidc %s: a sealed claim is no header value", self.name)
         consumer = consumer_of(session.claims, self.settings.consumer_claim)
         if consumer:
             request.consumer = consumer

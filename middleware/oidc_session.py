@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from metrics.definitions import count_auth_failure, count_oidc_session
-from middleware.jwt_verify import TokenRefused, TokenVerifier
+from middleware.jwt_verify import TokenRefused, TokenVerifier, claim_header_value
 from middleware.oidc_cookies import Session
 from middleware.oidc_options import OidcSettings
 from middleware.oidc_provider import (
@@ -181,7 +181,15 @@ class SessionKeeper:
         return last
 
     def _kept(self, claims: dict[str, Any]) -> dict[str, Any]:
-        """The claims a session keeps: those forwarded, and the consumer's."""
+        """The claims a session keeps: those forwarded, and the consumer's.
+
+        Raises:
+            TokenRefused: a forwarded claim that cannot be a header value (checked once
+                here, so that every request of the session can send it).
+        """
+        for claim, _ in self.settings.forward_claims:
+            if claims.get(claim) is not None:
+                claim_header_value(claim, claims[claim])
         wanted = {claim for claim, _ in self.settings.forward_claims}
         wanted.add(self.settings.consumer_claim)
         return {name: claims[name] for name in sorted(wanted) if name in claims}

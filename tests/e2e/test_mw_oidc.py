@@ -465,3 +465,19 @@ async def test_a_refused_refresh_token_sends_the_browser_to_log_in_again(
         # The second request reused the first one's answer: one refused renewal.
         assert failures("refresh_failed") - before == 2
         assert provider.requests()[asked:] == ["POST /token"]
+
+
+async def test_a_claim_that_cannot_be_a_header_fails_the_login_not_the_gateway(
+    gateway_for: object, provider: OidcProvider, h1_upstream: UpstreamServer
+) -> None:
+    server = await gateway_for()  # type: ignore[operator]
+    # The provider makes `sub` from the login typed into its form.
+    async with Browser("mallory\r\nX-Injected: 1") as browser:
+        before = failures("bad_token_answer")
+        response = await browser.navigate(base_url(server) + "/page")
+        assert response.status_code == 502
+        assert response.json()["error"] == "oidc_bad_response"
+        assert "claim sub is not a valid header value" in response.json()["message"]
+        assert browser.cookie("gatehouse_oidc") is None
+        assert failures("bad_token_answer") - before == 1
+    assert all(r.header("X-Injected") is None for r in h1_upstream.requests)
