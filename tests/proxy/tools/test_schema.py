@@ -168,6 +168,14 @@ middleware:
     jwks_timeout: 5s
     jwks_wait: 1s
     jwks_ca_file: "{tls.ca}"
+  sso:
+    type: oidc
+    issuer: https://idp.example
+    client_id: gateway
+    client_secret: a-client-secret
+    cookie_secret: [a-cookie-secret-of-32-bytes-or-more-0123]
+    forward_claims: {{email: X-Email}}
+    ca_file: "{tls.ca}"
   auth:
     type: forward_auth
     url: https://auth.example/check
