@@ -26,6 +26,7 @@ BUILTIN: dict[str, str] = {
     "cors": "middleware.cors:Cors",
     "ip_filter": "middleware.ip_filter:IpFilter",
     "body_limit": "middleware.body_limit:BodyLimit",
+    "client_cert": "middleware.client_cert:ClientCert",
 }
 
 
