@@ -169,7 +169,7 @@ def count_auth_failure(middleware: str, reason: str) -> None:
 
 JWKS_REFRESHES = Counter(
     "gatehouse_jwks_refreshes",
-    "JWKS fetches by the jwt middleware, by instance name and result (ok, timeout, "
+    "JWKS fetches by the jwt and oidc middleware, by instance name and result (ok, timeout, "
     "unreachable, bad_status, invalid, error)",
     ["middleware", "result"],
     registry=REGISTRY,
@@ -179,6 +179,20 @@ JWKS_REFRESHES = Counter(
 def count_jwks_refresh(middleware: str, result: str) -> None:
     """One more JWKS fetch by jwt middleware `middleware`, ending in `result`."""
     JWKS_REFRESHES.labels(middleware, result).inc()
+
+
+OIDC_SESSIONS = Counter(
+    "gatehouse_oidc_sessions",
+    "Sessions the oidc middleware began, renewed with a refresh token and ended, by "
+    "instance name and event (login, refresh, logout)",
+    ["middleware", "event"],
+    registry=REGISTRY,
+)
+
+
+def count_oidc_session(middleware: str, event: str) -> None:
+    """One more `login`, `refresh` or `logout` by oidc middleware `middleware`."""
+    OIDC_SESSIONS.labels(middleware, event).inc()
 
 
 RATE_LIMIT_DECISIONS = LocalCounter(  # one per request through a rate_limit: no lock

@@ -424,7 +424,7 @@ class JwksCache:
         except JwksError as exc:
             result, message = exc.result, str(exc)
         except Exception as exc:  # a bug: keep the old keys and say so
-            log.exception("jwt %s: JWKS refresh from %s failed", self.name, self.url.url)
+            log.exception("%s: JWKS refresh from %s failed", self.name, self.url.url)
             result, message = "error", f"{type(exc).__name__}: {exc}"
         else:
             self._keys = keys
@@ -432,8 +432,8 @@ class JwksCache:
                 self.state = JwksState.CURRENT
             count_jwks_refresh(self.name, "ok")
             for reason in keys.skipped:
-                log.warning("jwt %s: JWKS %s: skipped %s", self.name, self.url.url, reason)
-            log.debug("jwt %s: JWKS %s: %d keys", self.name, self.url.url, len(keys.all))
+                log.warning("%s: JWKS %s: skipped %s", self.name, self.url.url, reason)
+            log.debug("%s: JWKS %s: %d keys", self.name, self.url.url, len(keys.all))
             return True
         finally:
             if self._fetch is asyncio.current_task():
@@ -442,7 +442,7 @@ class JwksCache:
             self.state = JwksState.STALE
         count_jwks_refresh(self.name, result)
         log.warning(
-            "jwt %s: JWKS refresh from %s failed (%s): %s; keeping %d cached keys",
+            "%s: JWKS refresh from %s failed (%s): %s; keeping %d cached keys",
             *(self.name, self.url.url, result, message, len(self._keys.all)),
         )
         return False

@@ -5,9 +5,9 @@ Everything is decided at load: the allowed algorithms (`none` never is), the key
 (an HMAC `secret`, a PEM `public_key`, or the keys of a `jwks_url`, see middleware/jwks.py),
 the claim checks and the headers to set. Per request: find the token, read its header,
 pick the key by the token's `alg` (which must be one of ours: RFC 8725 section 3.1) and
-`kid`, verify the signature and the claims with PyJWT, then replace the forwarded headers
-(client-sent copies are always removed, so they cannot be spoofed) and set
-`request.consumer`.
+`kid`, verify the signature and the claims with PyJWT (middleware/jwt_verify.py, which
+`oidc` shares), then replace the forwarded headers (client-sent copies are always
+removed, so they cannot be spoofed) and set `request.consumer`.
 
 A refused token is a 401 whose `WWW-Authenticate` says why (RFC 6750 section 3:
 `error="invalid_token"` and an `error_description`; no error attribute when no token was
@@ -17,29 +17,13 @@ can make the answer a 500.
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import re
 import ssl
-from typing import Any, ClassVar
+from typing import ClassVar
 
-import jwt
 from jwt.algorithms import HMACAlgorithm
-from jwt.exceptions import (
-    DecodeError,
-    ExpiredSignatureError,
-    ImmatureSignatureError,
-    InvalidAlgorithmError,
-    InvalidAudienceError,
-    InvalidIssuedAtError,
-    InvalidIssuerError,
-    InvalidKeyError,
-    InvalidSignatureError,
-    InvalidTokenError,
-    MissingRequiredClaimError,
-    PyJWTError,
-)
+from jwt.exceptions import InvalidKeyError
 from multidict import CIMultiDict
 
 from metrics.definitions import count_auth_failure
@@ -53,6 +37,16 @@ from middleware.jwks import (
     describe_key,
     load_pem,
     parse_jwks_url,
+)
+from middleware.jwt_verify import (
+    TOKEN_RE,
+    TokenRefused,
+    TokenVerifier,
+    bearer_token,
+    claim_header_value,
+    consumer_of,
+    forward_claims,
+    invalid_token_challenge,
 )
 from proxy import (
     Handler,
@@ -75,42 +69,10 @@ DEFAULT_JWKS_TIMEOUT_S = 5.0
 DEFAULT_JWKS_WAIT_S = 1.0
 HMAC_MIN_SECRET_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}  # RFC 7518 section 3.2
 
-# RFC 9110 section 5.6.2: a field name (and a cookie name, RFC 6265) is a token.
-_TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-# A compact JWS (RFC 7515 section 7.1): three base64url segments; trailing "=" as PyJWT allows.
-_COMPACT_JWS_RE = re.compile(r"[A-Za-z0-9_=-]+\.[A-Za-z0-9_=-]*\.[A-Za-z0-9_=-]*")
 # What a quoted-string in a challenge may hold without escapes (RFC 6750 section 3).
 _QUOTABLE_RE = re.compile(r"[ !#-\[\]-~]*")
-_NOT_QUOTABLE_RE = re.compile(r"[^ !#-\[\]-~]")
-# Control characters other than tab cannot go into a header value (RFC 9110 section 5.5).
-_CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-# Headers a claim must not set: the message's framing and routing are not the token's.
-_RESERVED_HEADERS = frozenset(
-    {"host", "content-length", "transfer-encoding", "connection", "te", "upgrade", "trailer"}
-)
 
 _JWKS_OPTIONS = ("jwks_refresh", "jwks_min_refresh", "jwks_timeout", "jwks_wait", "jwks_ca_file")
-
-# Why a token was refused: its reason (the metric label) and the error_description.
-MALFORMED = ("malformed", "malformed token")
-ALG_NOT_ALLOWED = ("alg_not_allowed", "algorithm not allowed")
-UNKNOWN_KID = ("unknown_kid", "unknown key id")
-NO_KEY = ("unknown_kid", "no key for this token")
-KEY_MISMATCH = ("bad_signature", "the key does not fit the algorithm")
-BAD_SIGNATURE = ("bad_signature", "invalid signature")
-EXPIRED = ("expired", "token expired")
-NOT_YET_VALID = ("not_yet_valid", "token not yet valid")
-BAD_AUDIENCE = ("bad_audience", "invalid audience")
-BAD_ISSUER = ("bad_issuer", "invalid issuer")
-INVALID = ("invalid", "invalid token")
-
-
-class _Refused(Exception):
-    """Internal: the token is refused for `reason` (described by `description`)."""
-
-    def __init__(self, why: tuple[str, str]) -> None:
-        super().__init__(why[1])
-        self.reason, self.description = why
 
 
 class JwtAuth:
@@ -173,19 +135,19 @@ class JwtAuth:
         )
         self.leeway = options.duration("leeway", DEFAULT_LEEWAY_S)
         self.required_claims = options.strings("required_claims")
-        self.forward_claims = _forward_claims(options)
+        self.forward_claims = forward_claims(options)
         self.consumer_claim = options.string("consumer_claim", "sub")
         self.cookie = _cookie(options)
         self.forward_token = options.boolean("forward_token", True)
-        # Without an `audience` the aud claim is not checked (as Envoy and Kong do); PyJWT
-        # would otherwise refuse every token that has one. Short keys are refused, never
-        # warned about per request.
-        self._decoder = jwt.PyJWT(
-            {
-                "verify_aud": self.audience is not None,
-                "require": list(self.required_claims),
-                "enforce_minimum_key_length": True,
-            }
+        self._verifier = TokenVerifier(
+            self.algorithms,
+            secret=self.secret,
+            public_key=self.public_key,
+            jwks=self.jwks,
+            issuer=self.issuer,
+            audience=self.audience,
+            leeway=self.leeway,
+            required_claims=self.required_claims,
         )
         self._missing_challenge = f'Bearer realm="{self.realm}"'
 
@@ -215,33 +177,26 @@ class JwtAuth:
             count_auth_failure(self.name, "missing")
             raise Unauthorized(self._missing_challenge, "missing bearer token")
         try:
-            claims = await self._verify(token)
+            claims = await self._verifier.verify(token)
             for claim, header in self.forward_claims:
                 headers.popall(header, None)  # a client-sent copy is never forwarded
                 value = claims.get(claim)
                 if value is not None:
-                    headers[header] = _header_value(claim, value)
-        except _Refused as refused:
+                    headers[header] = claim_header_value(claim, value)
+        except TokenRefused as refused:
             raise self._refuse(refused.reason, refused.description) from None
-        if self.consumer_claim:
-            consumer = claims.get(self.consumer_claim)
-            if isinstance(consumer, int) and not isinstance(consumer, bool):
-                request.consumer = str(consumer)
-            elif isinstance(consumer, str) and not _CONTROL_RE.search(consumer):
-                request.consumer = consumer  # (it reaches logs and maybe headers: no CR/LF)
+        consumer = consumer_of(claims, self.consumer_claim)
+        if consumer:
+            request.consumer = consumer
         if not self.forward_token:
             _remove_token(headers, self.cookie if from_cookie else None)
         return await call_next(request)
 
     def _token(self, headers: CIMultiDict[str]) -> tuple[str, bool]:
         """The token, and whether it came from the cookie ("" when there is none)."""
-        authorization = headers.get("authorization")
-        if authorization is not None:
-            scheme, _, credentials = authorization.strip().partition(" ")
-            if scheme.lower() == "bearer":  # auth-scheme is case-insensitive (RFC 9110 11.1)
-                token = credentials.strip()
-                if token:
-                    return token, False
+        token = bearer_token(headers.get("authorization"))
+        if token:
+            return token, False
         if self.cookie is not None:
             for line in headers.getall("cookie", ()):
                 for pair in line.split(";"):
@@ -254,141 +209,12 @@ class JwtAuth:
                             return value, True
         return "", False
 
-    async def _verify(self, token: str) -> dict[str, Any]:
-        """The token's claims once its signature and claims check out.
-
-        Raises:
-            _Refused: why not. Any other exception is a bug.
-        """
-        header = _peek_header(token)
-        alg = header.get("alg")
-        if not isinstance(alg, str) or alg not in self.algorithms:
-            raise _Refused(ALG_NOT_ALLOWED)  # includes "none": it is never in the set
-        if alg in HMAC_ALGORITHMS:
-            keys: tuple[Any, ...] = (self.secret,)
-        else:
-            keys = await self._public_keys(header.get("kid"), alg)
-        refused = _Refused(BAD_SIGNATURE)
-        for key in keys:  # more than one only for a kid-less token checked against a JWKS
-            try:
-                claims: dict[str, Any] = self._decoder.decode(
-                    token,
-                    key,
-                    algorithms=self._algorithm_list,
-                    audience=self.audience,
-                    issuer=self.issuer,
-                    leeway=self.leeway,
-                )
-                return claims
-            except InvalidSignatureError:
-                continue
-            except PyJWTError as exc:
-                refused = _Refused(_why(exc))
-                break
-            except Exception:  # cryptography on a hostile token: refuse, never 500
-                log.debug("jwt %s: token verification raised", self.name, exc_info=True)
-                refused = _Refused(INVALID)
-                break
-        raise refused
-
-    async def _public_keys(self, kid: str | None, alg: str) -> tuple[Any, ...]:
-        """The keys that may have signed a token with this kid and alg."""
-        jwks = self.jwks
-        if jwks is None or (kid is None and self.public_key is not None):
-            static = self.public_key
-            if static is None or alg not in static.algorithms:
-                raise _Refused(KEY_MISMATCH)
-            return (static.key,)
-        found = jwks.find(kid) if kid is not None else jwks.candidates(alg)
-        # Rotated keys: the JWKS may have one we have not seen (refreshes are rate limited).
-        if not found and await jwks.refresh_for_unknown():
-            found = jwks.find(kid) if kid is not None else jwks.candidates(alg)
-        if not found:
-            raise _Refused(UNKNOWN_KID if kid is not None else NO_KEY)
-        keys = tuple(key.key for key in found if alg in key.algorithms)
-        if not keys:
-            raise _Refused(KEY_MISMATCH)
-        return keys
-
     def _refuse(self, reason: str, description: str) -> Unauthorized:
         count_auth_failure(self.name, reason)
-        description = _NOT_QUOTABLE_RE.sub("", description)
-        challenge = (
-            f'Bearer realm="{self.realm}", error="invalid_token", error_description="{description}"'
-        )
-        return Unauthorized(challenge, description)
+        return Unauthorized(invalid_token_challenge(self.realm, description), description)
 
 
 # -- per request helpers ----------------------------------------------------------------
-def _peek_header(token: str) -> dict[str, Any]:
-    """The token's JOSE header, read only to choose the key: PyJWT's decode reads the
-    whole token again, strictly. (PyJWT's own `get_unverified_header` would be a second
-    full parse: its per-character base64url checks cost ~45 us for an RS256 token.)
-
-    Raises:
-        _Refused: not three base64url segments, or a header that is not a JSON object
-            with a string kid.
-    """
-    if not _COMPACT_JWS_RE.fullmatch(token):
-        raise _Refused(MALFORMED)
-    segment = token[: token.index(".")]
-    try:
-        header = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
-    except (ValueError, RecursionError):  # binascii.Error and UnicodeDecodeError too
-        raise _Refused(MALFORMED) from None
-    if not isinstance(header, dict) or not isinstance(header.get("kid", ""), str):
-        raise _Refused(MALFORMED)
-    return header
-
-
-def _why(exc: PyJWTError) -> tuple[str, str]:
-    """The reason and description of a PyJWT refusal."""
-    if isinstance(exc, ExpiredSignatureError):
-        return EXPIRED
-    if isinstance(exc, ImmatureSignatureError):
-        return NOT_YET_VALID
-    if isinstance(exc, InvalidAudienceError):
-        return BAD_AUDIENCE
-    if isinstance(exc, InvalidIssuerError):
-        return BAD_ISSUER
-    if isinstance(exc, MissingRequiredClaimError):
-        return ("missing_claim", f"missing required claim {exc.claim}")
-    if isinstance(exc, InvalidIssuedAtError):
-        return ("bad_claim", "invalid claim iat")
-    if isinstance(exc, InvalidAlgorithmError):
-        return ALG_NOT_ALLOWED
-    if isinstance(exc, InvalidKeyError):
-        return KEY_MISMATCH
-    if isinstance(exc, DecodeError):
-        return MALFORMED
-    if isinstance(exc, InvalidTokenError):  # sub or jti not a string, bad crit header...
-        return INVALID
-    return INVALID
-
-
-def _header_value(claim: str, value: object) -> str:
-    """A claim as a header value: strings as they are (UTF-8 on the wire), numbers and
-    booleans as JSON, a list of those joined by commas, anything else as compact JSON.
-
-    Raises:
-        _Refused: a string with control characters (it could split the header).
-    """
-    if isinstance(value, str):
-        text = value
-    elif isinstance(value, list) and all(
-        isinstance(item, str | int | float) and not isinstance(item, bool) for item in value
-    ):
-        text = ",".join(item if isinstance(item, str) else json.dumps(item) for item in value)
-    else:
-        text = json.dumps(value, separators=(",", ":"))
-    if _CONTROL_RE.search(text):
-        raise _Refused(("bad_claim", f"claim {claim} is not a valid header value"))
-    if not text.isascii():
-        # Header values are held as latin-1 text of their bytes: send the UTF-8 bytes.
-        text = text.encode("utf-8").decode("latin-1")
-    return text
-
-
 def _remove_token(headers: CIMultiDict[str], cookie: str | None) -> None:
     """`forward_token: false`: drop the Authorization header, or the token's cookie."""
     if cookie is None:
@@ -585,28 +411,9 @@ def _check_asymmetric_keys(
         )
 
 
-def _forward_claims(options: Options) -> tuple[tuple[str, str], ...]:
-    pairs: list[tuple[str, str]] = []
-    seen: dict[str, str] = {}
-    for claim, header in options.string_map("forward_claims").items():
-        lowered = header.lower()
-        if not _TOKEN_RE.fullmatch(header):
-            options.error("forward_claims", f"{claim}: {header!r} is not a valid header name")
-        elif lowered in _RESERVED_HEADERS:
-            options.error("forward_claims", f"{claim}: a claim cannot set {header}")
-        elif lowered in seen:
-            options.error(
-                "forward_claims", f"{claim}: header {header} is already set by {seen[lowered]}"
-            )
-        else:
-            seen[lowered] = claim
-            pairs.append((claim, header))
-    return tuple(pairs)
-
-
 def _cookie(options: Options) -> str | None:
     name = options.optional_string("cookie")
-    if name is not None and not _TOKEN_RE.fullmatch(name):
+    if name is not None and not TOKEN_RE.fullmatch(name):
         options.error("cookie", f"{name!r} is not a valid cookie name")
         return None
     return name

@@ -18,6 +18,7 @@ BUILTIN: dict[str, str] = {
     "basic_auth": "middleware.basic_auth:BasicAuth",
     "jwt": "middleware.jwt_auth:JwtAuth",
     "forward_auth": "middleware.forward_auth:ForwardAuth",
+    "oidc": "middleware.oidc:Oidc",
     "rate_limit": "middleware.rate_limit:RateLimit",
     "access_log": "middleware.access_log:AccessLog",
     "request_id": "middleware.request_id:RequestId",
@@ -25,6 +26,7 @@ BUILTIN: dict[str, str] = {
     "cors": "middleware.cors:Cors",
     "ip_filter": "middleware.ip_filter:IpFilter",
     "body_limit": "middleware.body_limit:BodyLimit",
+    "client_cert": "middleware.client_cert:ClientCert",
 }
 
 

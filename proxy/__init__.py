@@ -10,7 +10,8 @@ modules (an import-linter contract in pyproject.toml, and tests/proxy/test_plugi
 
 What the surface holds:
 
-- the message: `Request`, `Response`, `Body`;
+- the message: `Request`, `Response`, `Body`, and `ClientCertificate` (what
+  `Request.client_cert` holds on a connection that verified one);
 - being a middleware: `Handler`, `Middleware`, `MiddlewareFactory` (proxy/plugin/base.py
   says what a factory and its optional hooks are) and `Options`, through which a factory
   reads its options at config load; `Option`, with which a factory declares them (each
@@ -51,6 +52,7 @@ select_build()
 # re-export; tests/proxy/test_plugin_surface.py keeps the two equal).
 _SOURCES = {
     "proxy.core.models": ("Body", "Request", "Response"),
+    "proxy.core.client_cert": ("ClientCertificate",),
     "proxy.plugin.base": ("Handler", "Middleware", "MiddlewareFactory", "Pending"),
     "proxy.plugin.options": ("Options",),
     "proxy.config.spec": ("Option",),
@@ -63,6 +65,8 @@ _SOURCES = {
         "AuthUnavailable",
         "BadRequest",
         "BodyTooLarge",
+        "ClientCertForbidden",
+        "ClientCertRequired",
         "CorsPreflightRefused",
         "Forbidden",
         "HeadTooLarge",
@@ -146,6 +150,9 @@ if TYPE_CHECKING:
     from proxy.core.addresses import (
         parse_network as parse_network,
     )
+    from proxy.core.client_cert import (
+        ClientCertificate as ClientCertificate,
+    )
     from proxy.core.errors import (
         AuthBadResponse as AuthBadResponse,
     )
@@ -160,6 +167,12 @@ if TYPE_CHECKING:
     )
     from proxy.core.errors import (
         BodyTooLarge as BodyTooLarge,
+    )
+    from proxy.core.errors import (
+        ClientCertForbidden as ClientCertForbidden,
+    )
+    from proxy.core.errors import (
+        ClientCertRequired as ClientCertRequired,
     )
     from proxy.core.errors import (
         CorsPreflightRefused as CorsPreflightRefused,

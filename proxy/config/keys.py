@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from proxy.config.model import (
     ACME_CHALLENGES,
+    CLIENT_AUTH_MODES,
     CLIENT_IP_SOURCES,
     DEFAULT_ACME_RENEW_BEFORE_S,
     DEFAULT_BASE_EJECTION_S,
@@ -122,6 +123,16 @@ ACME: KeyTable = {
     ),
 }
 
+CLIENT_AUTH: KeyTable = {
+    "ca": string("PEM bundle of the CAs client certificates must chain to", required=True),
+    "mode": choice(
+        CLIENT_AUTH_MODES,
+        "require: no valid certificate, no handshake; optional: a client may send none,"
+        " but one it sends must verify",
+        CLIENT_AUTH_MODES[0],
+    ),
+}
+
 LISTENER_TLS: KeyTable = {
     "certificates": list_of(
         mapping(TLS_CERTIFICATE, "one certificate and its key"),
@@ -137,6 +148,7 @@ LISTENER_TLS: KeyTable = {
         {"enum": [*TLS_VERSIONS, *(float(version) for version in TLS_VERSIONS)]},
         TLS_VERSIONS[0],
     ),
+    "client_auth": mapping(CLIENT_AUTH, "ask clients for a certificate (mutual TLS)"),
     "acme": mapping(
         ACME, "obtain and renew certificates from an ACME server (Let's Encrypt), RFC 8555"
     ),
@@ -299,6 +311,8 @@ UPSTREAM_TLS: KeyTable = {
     "ca": string("PEM bundle to verify the upstream against (default: the system store)"),
     "verify": boolean("false turns certificate checks off", True),
     "sni": string("the name sent (SNI) and verified (default: the endpoint's host)"),
+    "cert": string("PEM certificate chain presented to upstreams that ask for one (with key)"),
+    "key": string("PEM private key of cert, not passphrase-protected"),
 }
 
 ENDPOINT: KeyTable = {

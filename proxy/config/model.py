@@ -76,6 +76,20 @@ class TlsCertificate:
     key: str
 
 
+CLIENT_AUTH_MODES = ("require", "optional")
+
+
+@dataclass(frozen=True, slots=True)
+class ClientAuth:
+    """`listeners[i].tls.client_auth`: clients are asked for a certificate, verified
+    against the PEM bundle `ca`. `require`: a handshake without a valid one fails.
+    `optional`: a client may send none; one it sends must verify (as nginx's
+    `ssl_verify_client optional`)."""
+
+    ca: str
+    mode: str = "require"  # require | optional
+
+
 @dataclass(frozen=True, slots=True)
 class ListenerTls:
     """`listeners[i].tls`: the certificates (PEM files, re-read on reload), chosen by the
@@ -85,6 +99,7 @@ class ListenerTls:
 
     certificates: tuple[TlsCertificate, ...]
     min_version: str = "1.2"
+    client_auth: ClientAuth | None = None  # None: no client certificate is asked for
     acme: AcmeConfig | None = None  # certificates obtained for `acme.domains` (proxy/acme/)
 
 
@@ -210,11 +225,15 @@ class PoolConfig:
 class UpstreamTls:
     """`upstreams.X.tls`, for https:// endpoints: the server certificate is verified
     against `ca` (a PEM bundle; the system store when None) and `sni` (the endpoint's
-    host when None). `verify: false` must be written out to turn verification off."""
+    host when None). `verify: false` must be written out to turn verification off.
+    `cert`/`key`: the certificate the gateway presents to an upstream that asks for one
+    (mutual TLS; both or neither)."""
 
     ca: str | None = None
     verify: bool = True
     sni: str | None = None
+    cert: str | None = None
+    key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ from yaml.resolver import Resolver
 
 from proxy.config.values import (
     ConfigValueError,
+    ca_bundle_problem,
     parse_duration,
     parse_size,
     substitute_env,
@@ -350,6 +351,15 @@ class NodeReader:
         except OSError as exc:
             raise self.error(node, path, f"cannot read {name!r}: {exc.strerror or exc}") from None
         return name
+
+    def ca_bundle(self, node: Node, path: str) -> str:
+        """The name of a readable file of PEM CA certificates (a bundle to verify peers
+        against)."""
+        ca = self.readable_file(node, path)
+        problem = ca_bundle_problem(ca)
+        if problem is not None:
+            raise self.error(node, path, problem)
+        return ca
 
     def choice(self, node: Node, path: str, choices: Sequence[str], what: str) -> str:
         """One of `choices`; otherwise `unsupported {what} 'x' (supported: ...)`."""

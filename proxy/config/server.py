@@ -21,6 +21,7 @@ from proxy.config.answers import read_https_redirect
 from proxy.config.context import LoadContext
 from proxy.config.keys import (
     ADMIN,
+    CLIENT_AUTH,
     CLIENT_IP,
     HTTP1_PARSERS,
     HTTP2,
@@ -39,6 +40,7 @@ from proxy.config.keys import (
     TRACING,
 )
 from proxy.config.model import (
+    CLIENT_AUTH_MODES,
     CLIENT_IP_SOURCES,
     DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_GRACE_PERIOD_S,
@@ -54,6 +56,7 @@ from proxy.config.model import (
     LOG_FORMATS,
     UNDERSCORE_ACTIONS,
     AdminConfig,
+    ClientAuth,
     ClientIpConfig,
     Http2Config,
     LimitsConfig,
@@ -335,6 +338,7 @@ def _listener_tls(reader: NodeReader, node: Node, path: str) -> ListenerTls:
     `acme` (proxy/config/acme.py)."""
     fields = reader.mapping(node, path, keys_of(LISTENER_TLS))
     min_version = fields.get("min_version", partial(_tls_version, reader), "1.2")
+    client_auth = fields.get("client_auth", partial(_client_auth, reader), None)
     acme = fields.get("acme", partial(read_acme, reader), None)
     if "certificates" in fields:
         if "cert" in fields or "key" in fields:
@@ -357,7 +361,7 @@ def _listener_tls(reader: NodeReader, node: Node, path: str) -> ListenerTls:
         )
     if "acme" in fields and acme is None:
         raise Reported
-    return ListenerTls(certificates, min_version, acme)
+    return ListenerTls(certificates, min_version, client_auth, acme)
 
 
 def _certificates(reader: NodeReader, node: Node, path: str) -> tuple[TlsCertificate, ...]:
@@ -394,6 +398,21 @@ def _certificate(reader: NodeReader, fields: Fields, node: Node, path: str) -> T
                 raise reader.error(node, path, message)
             raise fields.error(culprit, message)
     return TlsCertificate(cert, key)
+
+
+def _client_auth(reader: NodeReader, node: Node, path: str) -> ClientAuth:
+    fields = reader.mapping(node, path, keys_of(CLIENT_AUTH), required_of(CLIENT_AUTH))
+    mode = fields.get("mode", partial(_client_auth_mode, reader), "require")
+    if "ca" not in fields:
+        raise Reported
+    ca = fields.get("ca", reader.ca_bundle, "")
+    if not ca:
+        raise Reported
+    return ClientAuth(ca, mode)
+
+
+def _client_auth_mode(reader: NodeReader, node: Node, path: str) -> str:
+    return reader.choice(node, path, CLIENT_AUTH_MODES, "mode")
 
 
 def _misspelt(node: Node, key: str, table: KeyTable) -> bool:

@@ -62,7 +62,7 @@ from proxy.config.model import (
 )
 from proxy.config.reader import NodeReader, Reported, did_you_mean, join_path
 from proxy.config.spec import keys_of, required_of
-from proxy.config.values import ca_bundle_problem, parse_endpoint_url
+from proxy.config.values import parse_endpoint_url, tls_pair_problem
 
 _MAX_CONNECTIONS = DEFAULT_POOL_MAX_CONNECTIONS
 
@@ -123,19 +123,26 @@ def _upstream_protocol(reader: NodeReader, node: Node, path: str) -> str:
 
 def _upstream_tls(reader: NodeReader, node: Node, path: str) -> UpstreamTls:
     fields = reader.mapping(node, path, keys_of(UPSTREAM_TLS))
+    cert = fields.get("cert", reader.readable_file, None)
+    key = fields.get("key", reader.readable_file, None)
+    if ("cert" in fields) != ("key" in fields):
+        missing = "key" if "cert" in fields else "cert"
+        reader.error(node, path, f"a client certificate needs both cert and key ({missing!r})")
+    elif cert is not None and key is not None:
+        problem = tls_pair_problem(cert, key)
+        if problem is not None:
+            culprit, message = problem
+            if culprit is None:
+                reader.error(node, path, message)
+            else:
+                fields.error(culprit, message)
     return UpstreamTls(
-        ca=fields.get("ca", partial(_ca_bundle, reader), None),
+        ca=fields.get("ca", reader.ca_bundle, None),
         verify=fields.get("verify", reader.boolean, True),
         sni=fields.get("sni", reader.name, None),
+        cert=cert,
+        key=key,
     )
-
-
-def _ca_bundle(reader: NodeReader, node: Node, path: str) -> str:
-    ca = reader.readable_file(node, path)
-    problem = ca_bundle_problem(ca)
-    if problem is not None:
-        raise reader.error(node, path, problem)
-    return ca
 
 
 def _endpoints(reader: NodeReader, node: Node, path: str) -> tuple[EndpointConfig, ...]:

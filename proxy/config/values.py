@@ -19,8 +19,6 @@ from decimal import Decimal
 from fractions import Fraction
 from urllib.parse import urlsplit
 
-from cryptography import x509
-
 MAX_PORT = 65535
 
 # Go's time.ParseDuration units (as Traefik, Caddy and Envoy users write them), and days.
@@ -359,6 +357,8 @@ def tls_pair_problem(cert: str, key: str) -> tuple[str | None, str] | None:
         return "key", f"cannot load the key {key!r}: {exc.reason or 'not a PEM private key'}"
     except OSError as exc:  # the files were readable a moment ago
         return None, f"cannot load {cert!r} and {key!r}: {exc.strerror or exc}"
+    from cryptography import x509  # (only a config with TLS pays for the import)
+
     try:
         # The names it is chosen for (SNI) are read from its leaf: a PEM form OpenSSL
         # takes and cryptography does not (BEGIN TRUSTED CERTIFICATE) is refused here

@@ -333,6 +333,7 @@ GATEWAY_FIELDS = frozenset(
         b"x-real-ip",
         b"forwarded",
         b"via",
+        b"x-forwarded-client-cert",
         b"host",
         b"content-length",
         b"transfer-encoding",

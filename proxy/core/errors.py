@@ -151,6 +151,19 @@ class IpForbidden(ProxyError):
     status, reason = 403, "ip_forbidden"
 
 
+class ClientCertRequired(ProxyError):
+    """A client_cert middleware found no verified client certificate: the client sent
+    none (`client_auth: {mode: optional}`) or the listener asks for none."""
+
+    status, reason = 403, "client_cert_required"
+
+
+class ClientCertForbidden(ProxyError):
+    """A client_cert middleware refused the client certificate: no `allow` rule matches."""
+
+    status, reason = 403, "client_cert_forbidden"
+
+
 class AuthUnavailable(ProxyError):
     """forward_auth could not reach its auth service (refused, unreachable, TLS failed)."""
 

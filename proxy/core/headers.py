@@ -22,6 +22,11 @@ are what earlier proxies say about the client, and are believed only from a peer
   A client cannot make an upstream believe another address (X-Forwarded-For, X-Real-IP,
   Forwarded `for`), that plain HTTP was HTTPS (-Proto: secure cookies, HTTPS-only
   checks) or another host (-Host: the host of links in password-reset mails).
+
+X-Forwarded-Client-Cert is never taken from a request, trusted peer or not (Envoy's
+`SANITIZE_SET`): the upstream gets the gateway's own value (Envoy's format,
+proxy/core/client_cert.py) when the connection verified a client certificate, and none
+otherwise, so no client can claim a certificate it did not present.
 """
 
 from __future__ import annotations
@@ -56,7 +61,10 @@ _CLIENT_STATEMENTS = frozenset({"forwarded", "x-real-ip"})
 # W3C Trace Context: the gateway writes its own traceparent for each upstream try, and
 # passes tracestate on only with the trace it continues (proxy/core/tracing.py).
 _TRACE_FIELDS = frozenset({TRACEPARENT, TRACESTATE})
-_MANAGED = REQUEST_HOP_BY_HOP | _CLIENT_STATEMENTS | _TRACE_FIELDS
+# The verified client certificate (proxy/core/client_cert.py): only the gateway's own
+# value reaches the upstream, whoever the peer is.
+CLIENT_CERT_FIELD = "x-forwarded-client-cert"
+_MANAGED = REQUEST_HOP_BY_HOP | _CLIENT_STATEMENTS | _TRACE_FIELDS | {CLIENT_CERT_FIELD}
 VIA_TOKEN = "gatehouse"
 _VIA_HOPS = {version: f"{version} {VIA_TOKEN}".encode() for version in ("1.0", "1.1", "2")}
 
@@ -92,6 +100,9 @@ def upstream_headers(
     if real_ip is not None:
         out.append(("X-Real-IP", real_ip.decode("latin-1")))
     out.append(("Via", via.decode("latin-1")))
+    client_cert = request.client_cert
+    if client_cert is not None:
+        out.append(("X-Forwarded-Client-Cert", client_cert.xfcc))
     traceparent, tracestate = _trace_fields(request, forwarded)
     out.append(("traceparent", traceparent.decode()))
     if tracestate is not None:
@@ -297,6 +308,9 @@ def _raw_head(
     if real_ip is not None:
         parts += (b"\r\nX-Real-IP: ", real_ip)
     parts += (b"\r\nVia: ", via)
+    client_cert = request.client_cert
+    if client_cert is not None:
+        parts += (b"\r\nX-Forwarded-Client-Cert: ", client_cert.xfcc.encode("latin-1"))
     traceparent, tracestate = _trace_fields(request, forwarded)
     parts += (b"\r\ntraceparent: ", traceparent)
     if tracestate is not None:
@@ -363,6 +377,9 @@ def upstream_h2_headers(
     if real_ip is not None:
         out.append((b"x-real-ip", real_ip))
     out.append((b"via", via))
+    client_cert = request.client_cert
+    if client_cert is not None:
+        out.append((b"x-forwarded-client-cert", client_cert.xfcc.encode("latin-1")))
     traceparent, tracestate = _trace_fields(request, forwarded)
     out.append((b"traceparent", traceparent))
     if tracestate is not None:

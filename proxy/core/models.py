@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 from multidict import CIMultiDict
 
 from proxy.codec.h1serialize import check_headers
+from proxy.core.client_cert import ClientCertificate
 from proxy.core.errors import BodyTooLarge
 from proxy.core.exchange import Exchange
 
@@ -453,6 +454,7 @@ class Request(_Message):
         "_url",
         "body",
         "client",
+        "client_cert",
         "consumer",
         "exchange",
         "host",
@@ -490,6 +492,7 @@ class Request(_Message):
         raw_target: bytes | None = None,
         tls_version: str = "",
         listener: ListenerConfig | None = None,
+        client_cert: ClientCertificate | None = None,
     ) -> None:
         self.method = method
         self.target = target
@@ -515,6 +518,8 @@ class Request(_Message):
         # The listener the request came in on (None for a request built by hand): what
         # it says about every request on it (`redirect_https`) is applied by the dispatcher.
         self.listener = listener
+        # The client certificate the connection verified (`tls.client_auth`), or None.
+        self.client_cert = client_cert
         self.keep_alive = keep_alive
         self.host = host if host is not None else self.headers.get("host", "")
         # "websocket" when the client asks for a tunnel (HTTP/1.1 Upgrade, or HTTP/2's

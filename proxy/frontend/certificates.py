@@ -25,7 +25,10 @@ addresses are indexed too, although RFC 6066 forbids them as SNI: a client that 
 SNI to an address gets the default, so put a certificate for the address first.
 
 Every context carries the same settings (`TlsSettings`): the oldest TLS version, ALPN,
-compression and renegotiation off.
+compression and renegotiation off and, with `client_auth`, the client certificate check.
+OpenSSL keeps a connection's verify mode from the context it began on (the listener's)
+but verifies the chain against the trust store of the context it moved to, so each
+context has both.
 
 The interface, for whoever brings certificates:
 
@@ -65,7 +68,7 @@ from dataclasses import dataclass
 
 from cryptography import x509
 
-from proxy.config.model import ListenerTls
+from proxy.config.model import ClientAuth, ListenerTls
 
 log = logging.getLogger(__name__)
 
@@ -85,21 +88,26 @@ def _no_passphrase() -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class TlsSettings:
-    """What every context of a listener shares: the oldest version ("1.2" or "1.3")
-    and the ALPN protocols offered."""
+    """What every context of a listener shares: the oldest version ("1.2" or "1.3"),
+    the ALPN protocols offered, and the client certificate check (None: none asked)."""
 
     min_version: str = "1.2"
     alpn: tuple[str, ...] = (ALPN_H2, ALPN_HTTP1)
+    client_auth: ClientAuth | None = None
 
     @classmethod
     def of(cls, tls: ListenerTls, http2: bool) -> TlsSettings:
         """The settings of a listener's `tls` section (`http2`: whether h2 is offered)."""
         alpn = (ALPN_H2, ALPN_HTTP1) if http2 else (ALPN_HTTP1,)
-        return cls(tls.min_version, alpn)
+        return cls(tls.min_version, alpn, tls.client_auth)
 
     def context(self, alpn: Sequence[str] | None = None) -> ssl.SSLContext:
         """A server context with these settings and no certificate (`alpn` instead of
-        the listener's protocols, for a context that must offer others)."""
+        the listener's protocols, for a context that must offer others).
+
+        Raises:
+            OSError, ssl.SSLError: the client CA bundle cannot be loaded.
+        """
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = (
             ssl.TLSVersion.TLSv1_3 if self.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
@@ -107,6 +115,13 @@ class TlsSettings:
         # Compression (CRIME) and renegotiation have no place on a modern listener.
         context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
         context.set_alpn_protocols(list(self.alpn if alpn is None else alpn))
+        client_auth = self.client_auth
+        if client_auth is not None:
+            context.load_verify_locations(cafile=client_auth.ca)
+            # `optional` still fails the handshake on a certificate that does not verify
+            # (OpenSSL does with CERT_OPTIONAL, as nginx's `ssl_verify_client optional`).
+            required = client_auth.mode == "require"
+            context.verify_mode = ssl.CERT_REQUIRED if required else ssl.CERT_OPTIONAL
         return context
 
 
@@ -216,7 +231,7 @@ class CertificateSet:
         """Load every (cert, key) pair of the config.
 
         Raises:
-            OSError, ssl.SSLError: a pair cannot be loaded.
+            OSError, ssl.SSLError: a pair cannot be loaded, or the client CA bundle.
         """
         self.settings = settings
         self.context = settings.context()

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 from mypy_extensions import mypyc_attr
 
 from proxy.config.model import Http2Config, LimitsConfig, ListenerConfig, PathNormalization
+from proxy.core.client_cert import ClientCertificate, verified_client_certificate
 
 if TYPE_CHECKING:
     from proxy.core.client_ip import ClientResolver
@@ -111,6 +112,9 @@ class ClientConnection(asyncio.Protocol):
         self.listener = listener
         self.scheme = "https" if listener.tls is not None else "http"
         self.tls_version = ""  # "TLSv1.3" on a TLS listener, once connected
+        # The certificate the client sent, verified (`tls.client_auth`), read once
+        # for every request on the connection; None without one.
+        self.client_cert: ClientCertificate | None = None
         self.limits = server.limits
         self.transport: asyncio.Transport | None = None
         self.client: tuple[str, int] = peer or ("", 0)
@@ -134,11 +138,15 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and not self._peer_given:
             self.client = (str(peer[0]), int(peer[1]))
-        if self.listener.tls is not None:
-            # The protocol is connected once the handshake is done: the version is known.
+        tls = self.listener.tls
+        if tls is not None:
+            # The protocol is connected once the handshake is done: the version is known,
+            # and the client's certificate verified.
             ssl_object = transport.get_extra_info("ssl_object")
             if ssl_object is not None:
                 self.tls_version = ssl_object.version() or ""
+                if tls.client_auth is not None:
+                    self.client_cert = verified_client_certificate(ssl_object)
         self.server.connections.add(self)
         self.set_phase(ConnectionPhase.HEAD)
         self.front_end = self._front_end_factory(self)

@@ -192,6 +192,7 @@ class Http1Protocol:
             scheme=conn.scheme,
             tls_version=conn.tls_version,
             listener=conn.listener,
+            client_cert=conn.client_cert,
             keep_alive=head.keep_alive and not head.upgrade,
             host=host.decode("latin-1"),
             upgrade=upgrade,

@@ -308,6 +308,11 @@ class Server:
             self.reload_certificates()
         except (OSError, ssl.SSLError) as exc:
             log.error("reload: certificates not reloaded, the old ones stay: %s", exc)
+        for name, upstream in self.runtime.upstreams.items():
+            try:
+                upstream.reload_client_certificate()
+            except (OSError, ssl.SSLError) as exc:
+                log.error("reload: upstream %s keeps its client certificate: %s", name, exc)
         self._drain_tunnels_of_removed_routes()
         removed = old.routes.keys() - self.runtime.routes.keys()
         if removed:

@@ -32,7 +32,7 @@ from proxy.upstream.outlier import OutlierDetector
 from proxy.upstream.policies import Policy, make_policy
 from proxy.upstream.pool import PoolOccupancy, UpstreamPool
 from proxy.upstream.resolver import DnsRefresh
-from proxy.upstream.tls import client_context, server_hostname
+from proxy.upstream.tls import client_context, reload_client_certificate, server_hostname
 
 if TYPE_CHECKING:
     from proxy.core.models import Request
@@ -148,6 +148,14 @@ class Upstream:
         self.endpoints: list[EndpointState] = []
         self.all_eligible = True  # False while some endpoint is out of rotation
         self.use_endpoints(config.endpoints)
+
+    def reload_client_certificate(self) -> None:
+        """Read the client certificate presented to the endpoints (`tls.cert`) again.
+
+        Raises:
+            OSError, ssl.SSLError: it does not load; the one in use stays.
+        """
+        reload_client_certificate(self._tls, self.config)
 
     def use_endpoints(self, endpoints: Sequence[EndpointConfig]) -> None:
         """Serve `endpoints` (at config load, and when `resolve` finds the addresses of a

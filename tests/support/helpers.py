@@ -108,6 +108,7 @@ class RecordingConnection(ClientConnection):
         self.scheme = "http"
         self.tls_version = ""
         self.listener = None  # type: ignore[assignment]  # no listener: nothing it says applies
+        self.client_cert = None
         self.deadline = 0.0
         self.phase = ConnectionPhase.HEAD
         self.phases: list[ConnectionPhase] = []

@@ -50,6 +50,7 @@ def stream_request(
         scheme=conn.scheme,
         tls_version=conn.tls_version,
         listener=conn.listener,
+        client_cert=conn.client_cert,
         host=fields.authority.decode("latin-1"),
         upgrade=upgrade,
         path=path,

@@ -17,6 +17,7 @@ from proxy.config.model import (
     DEFAULT_H2_MAX_CONTROL_FRAMES_PER_SECOND,
     DEFAULT_H2_MAX_RESETS_PER_SECOND,
     DEFAULT_MAX_HEAD_BYTES,
+    ClientAuth,
     Http2Config,
     ListenerConfig,
     ListenerTls,
@@ -160,7 +161,7 @@ def test_unknown_tls_keys_are_errors(tls_files: TlsFiles) -> None:
 
     assert errors_of(text) == [
         "routes.yaml:3: listeners[0].tls.ciphers: unknown key 'ciphers' "
-        "(expected one of: certificates, cert, key, min_version, acme)",
+        "(expected one of: certificates, cert, key, min_version, client_auth, acme)",
         "routes.yaml:3: listeners[0].tls.min_versoin: unknown key 'min_versoin' "
         "(did you mean 'min_version'?)",
     ]
@@ -316,6 +317,46 @@ def test_a_certificate_must_be_a_mapping(tls_files: TlsFiles) -> None:
     assert one_error(text) == (
         "routes.yaml:6: listeners[0].tls.certificates[1]: expected a mapping, "
         "got a string ('x.pem')"
+    )
+
+
+# --- listeners[].tls.client_auth ---
+
+
+@pytest.mark.parametrize(("written", "mode"), [("", "require"), (", mode: optional", "optional")])
+def test_client_auth_reads_the_ca_and_the_mode(
+    tls_files: TlsFiles, written: str, mode: str
+) -> None:
+    text = listener_tls(
+        pair(tls_files.cert, tls_files.key, f", client_auth: {{ca: '{tls_files.ca}'{written}}}")
+    )
+
+    tls = parse(text).listeners[0].tls
+
+    assert tls is not None
+    assert tls.client_auth == ClientAuth(str(tls_files.ca), mode)
+
+
+def test_client_auth_errors(tls_files: TlsFiles, tmp_path: Path) -> None:
+    missing = tmp_path / "ca.pem"
+
+    def with_client_auth(client_auth: str) -> str:
+        return listener_tls(pair(tls_files.cert, tls_files.key, f", client_auth: {client_auth}"))
+
+    assert one_error(with_client_auth(f"{{ca: '{tls_files.key}'}}")) == (
+        f"routes.yaml:3: listeners[0].tls.client_auth.ca: '{tls_files.key}' holds no PEM "
+        "certificate"
+    )
+    assert one_error(with_client_auth(f"{{ca: '{missing}'}}")) == (
+        f"routes.yaml:3: listeners[0].tls.client_auth.ca: cannot read '{missing}': "
+        "No such file or directory"
+    )
+    assert one_error(with_client_auth("{mode: optional}")) == (
+        "routes.yaml:3: listeners[0].tls.client_auth: missing required key 'ca'"
+    )
+    assert one_error(with_client_auth(f"{{ca: '{tls_files.ca}', mode: request}}")) == (
+        "routes.yaml:3: listeners[0].tls.client_auth.mode: unsupported mode 'request' "
+        "(supported: require, optional) (did you mean 'require'?)"
     )
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from proxy.config.model import UpstreamTls
 from tests.support.config_helpers import BASE, errors_of, one_error, parse
-from tests.support.tls import TlsFiles
+from tests.support.tls import TlsFiles, make_tls_files
 
 
 def upstream(lines: str) -> str:
@@ -122,3 +122,49 @@ def test_upstream_tls_values_are_checked() -> None:
         "routes.yaml:7: upstreams.u.tls.sni: must not be empty",
         "routes.yaml:8: upstreams.u.tls.verfy: unknown key 'verfy' (did you mean 'verify'?)",
     ]
+
+
+# --- the gateway's client certificate (mutual TLS to the upstream) ---
+
+
+def test_a_client_certificate_is_read_with_its_key(tls_files: TlsFiles) -> None:
+    text = upstream(
+        f"endpoints: [https://a]\ntls: {{cert: '{tls_files.cert}', key: '{tls_files.key}'}}"
+    )
+
+    assert parse(text).upstreams["u"].tls == UpstreamTls(
+        cert=str(tls_files.cert), key=str(tls_files.key)
+    )
+
+
+@pytest.mark.parametrize(("given", "missing"), [("cert", "key"), ("key", "cert")])
+def test_a_client_certificate_needs_both_files(
+    tls_files: TlsFiles, given: str, missing: str
+) -> None:
+    text = upstream(f"endpoints: [https://a]\ntls:\n  {given}: '{tls_files.cert}'")
+
+    assert one_error(text) == (
+        f"routes.yaml:6: upstreams.u.tls: a client certificate needs both cert and key "
+        f"('{missing}')"
+    )
+
+
+def test_a_client_certificate_that_does_not_load_is_an_error(
+    tls_files: TlsFiles, tmp_path: Path
+) -> None:
+    other = make_tls_files(tmp_path)
+    text = upstream(
+        f"endpoints: [https://a]\ntls:\n  cert: '{tls_files.cert}'\n  key: '{other.key}'"
+    )
+    unreadable = upstream(
+        f"endpoints: [https://a]\ntls:\n  cert: '{tmp_path / 'none.pem'}'\n  key: '{other.key}'"
+    )
+
+    assert one_error(text) == (
+        f"routes.yaml:6: upstreams.u.tls: the certificate '{tls_files.cert}' does not match "
+        f"the key '{other.key}'"
+    )
+    assert one_error(unreadable) == (
+        f"routes.yaml:6: upstreams.u.tls.cert: cannot read '{tmp_path / 'none.pem'}': "
+        "No such file or directory"
+    )

@@ -8,6 +8,7 @@ from multidict import CIMultiDict
 
 from proxy.codec.h1serialize import UnsafeHeader
 from proxy.core.canonical import client_fields
+from proxy.core.client_cert import ClientCertificate
 from proxy.core.headers import upstream_h2_headers, upstream_request_head
 from proxy.core.models import Body, RawHeaders, Request
 
@@ -220,6 +221,47 @@ def test_repeated_forwarding_fields_are_joined_in_order_by_every_builder() -> No
     text_head = upstream_request_head(text, b"/a", "api.test", None, False)
     assert b"\r\nX-Forwarded-For: " + expected_for + b"\r\n" in text_head
     assert b"\r\nVia: 1.1 a, 1.1 b, 1.1 gatehouse\r\n" in text_head
+
+
+CLIENT_CERT = ClientCertificate(
+    subject="CN=alice",
+    issuer="CN=CA",
+    common_name="alice",
+    dns=(),
+    uris=(),
+    emails=(),
+    fingerprint="ab" * 32,
+    pem="",
+    xfcc=f'Hash={"ab" * 32};Subject="CN=alice"',
+)
+
+
+@pytest.mark.parametrize("verified", [CLIENT_CERT, None])
+def test_xfcc_is_the_gateways_alone_in_every_builder(verified: ClientCertificate | None) -> None:
+    """A client's X-Forwarded-Client-Cert never passes, trusted peer or not; the verified
+    certificate's element does, once."""
+    forged: RawHeaders = [
+        (b"X-Forwarded-Client-Cert", b'Hash=00;Subject="CN=root"'),
+        (b"x-forwarded-client-cert", b"Hash=11"),
+    ]
+
+    def request() -> Request:
+        made = h1_request(forged)
+        made.peer_trusted = True
+        made.client_cert = verified
+        return made
+
+    expected = [verified.xfcc.encode()] if verified is not None else []
+    raw_head = upstream_request_head(request(), b"/a", "api.test", None, False)
+    text = request()
+    text.headers.add("X-Added", "yes")  # the checked text path
+    text_head = upstream_request_head(text, b"/a", "api.test", None, False)
+    for head in (raw_head, text_head):
+        lines = head.decode().split("\r\n")
+        xfcc = [line for line in lines if line.lower().startswith("x-forwarded-client-cert:")]
+        assert [line.split(": ", 1)[1].encode() for line in xfcc] == expected
+    h2_fields = upstream_h2_headers(request(), b"/a", "api.test", "https", None)
+    assert [v for n, v in h2_fields if n == b"x-forwarded-client-cert"] == expected
 
 
 def test_every_connection_field_of_the_client_nominates_its_fields() -> None:

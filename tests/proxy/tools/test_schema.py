@@ -88,6 +88,7 @@ listeners:
   - bind: "127.0.0.1:0"
     tls:
       certificates: [{{cert: "{tls.cert}", key: "{tls.key}"}}]
+      client_auth: {{ca: "{tls.ca}", mode: require}}
       acme: {{directory: "https://acme.example/dir", domains: [www.example.com],
               storage: "{tmp}/acme", email: ops@example.com, challenge: http-01,
               ca: "{tls.ca}", renew_before: 30d}}
@@ -131,7 +132,7 @@ upstreams:
     endpoints: ["https://127.0.0.1:8443"]
     balance: {{hash: {{header: X-User}}}}
     protocol: h2
-    tls: {{ca: "{tls.ca}", verify: true, sni: localhost}}
+    tls: {{ca: "{tls.ca}", verify: true, sni: localhost, cert: "{tls.cert}", key: "{tls.key}"}}
 middleware:
   ids: {{type: request_id, header: X-Request-ID, trust_incoming: true, response: true}}
   keys:
@@ -171,6 +172,14 @@ middleware:
     jwks_timeout: 5s
     jwks_wait: 1s
     jwks_ca_file: "{tls.ca}"
+  sso:
+    type: oidc
+    issuer: https://idp.example
+    client_id: gateway
+    client_secret: a-client-secret
+    cookie_secret: [a-cookie-secret-of-32-bytes-or-more-0123]
+    forward_claims: {{email: X-Email}}
+    ca_file: "{tls.ca}"
   auth:
     type: forward_auth
     url: https://auth.example/check
@@ -200,6 +209,11 @@ middleware:
           allow_headers: [X-A], expose_headers: [X-B], allow_credentials: false, max_age: 1h}}
   allow: {{type: ip_filter, allow: [10.0.0.0/8], deny: [10.0.0.1]}}
   cap: {{type: body_limit, max: 1Mi}}
+  mtls:
+    type: client_cert
+    allow:
+      - {{subject: "CN=a", issuer: "CN=ca", common_name: a, dns: "*.example.com",
+          uri: "spiffe://example.org/*", email: "*@example.com"}}
 global_middleware: [ids, log]
 routes:
   - name: all
@@ -211,7 +225,7 @@ routes:
       query: {{debug: {{value: "1"}}}}
     upstream: web
     middleware: [keys, users, tokens, keyset, auth, local, shared, hdrs, cors, allow, cap,
-                 {{type: request_id}}]
+                 mtls, {{type: request_id}}]
     rewrite: {{strip_prefix: /api, add_prefix: /v1, regex: "^/old/(.*)$",
                replacement: '/new/\\1', host: web.internal}}
     max_body_size: 1MiB
