@@ -12,6 +12,9 @@ renewal time otherwise, or the end of a back-off after a failure.
   the loop awaits its outcome. Orders run one at a time, and only once every worker
   started with the gateway is serving (a challenge must be answerable before it is
   answered). A stop does not wait for an order: its thread stops at its next request.
+  The supervisor may fork a worker (a restart) while an order's thread runs; the child
+  keeps only the forking thread, and nothing the order holds (the `requests` session,
+  the account key) is used by a worker.
 - **Challenges reach every worker before the server is told to check them.** The order's
   thread hands each challenge to the loop (`_Responder.offer`), which adds it to the
   state and sends the whole state to every serving worker over its channel (op `acme`,

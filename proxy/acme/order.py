@@ -222,9 +222,8 @@ class AcmeSession:
             fields = body.chall.to_partial_json()
             offered[str(fields.get("type"))] = (body, fields)
         if kind not in offered:
-            raise OrderFailed(
-                f"the server offers no {kind} challenge for {name}: {sorted(offered)}"
-            )
+            offers = ", ".join(sorted(offered))
+            raise OrderFailed(f"the server offers no {kind} challenge for {name} ({offers})")
         body, fields = offered[kind]
         token = str(fields["token"])
         assert self._key is not None

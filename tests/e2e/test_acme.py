@@ -139,8 +139,7 @@ admin: {{bind: "127.0.0.1:{admin}"}}
 workers: 2
 reload: {{watch: false}}
 shutdown: {{grace_period: 1s}}
-upstreams:
-  app: {{endpoints: ["http://127.0.0.1:9"]}}
+upstreams: {{}}
 routes:
   - name: hello
     match: {{path_prefix: /}}
