@@ -19,7 +19,9 @@ connection: proxy/core/client_cert.py). This middleware decides on it:
 challenge, and there is none for TLS; a certificate is asked for in the handshake, not
 by an HTTP answer. The two reason codes tell the cases apart in logs and metrics, and
 `gatehouse_auth_failures_total{middleware,reason}` counts them as `missing` and `invalid`.
-It offers phases, so a chain of phased middleware stays one function with it.
+A certificate let in names the request's consumer (`request.consumer`, which the access
+log shows): its common name, else its subject, unless an earlier auth middleware named
+one. It offers phases, so a chain of phased middleware stays one function with it.
 """
 
 from __future__ import annotations
@@ -219,6 +221,8 @@ class ClientCert:
             count_auth_failure(self.name, "invalid")
             log.debug("%s: refused client certificate %s", self.name, cert.subject)
             raise ClientCertForbidden("client certificate not allowed")
+        if not request.consumer:  # (an earlier auth middleware's word stands)
+            request.consumer = cert.common_name or cert.subject
 
     def response_phase(self, request: Request, response: Response, state: object) -> Response:
         """Nothing to do on the way back."""

@@ -5,6 +5,7 @@ tests/e2e/test_tls_client_auth.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 
 import pytest
@@ -141,4 +142,23 @@ def test_config_errors_name_their_lines() -> None:
         "subject, issuer, common_name, dns, uri, email)",
         "<string>:13: middleware.c.allow[5].subject: must not be empty",
         "<string>:14: middleware.d.allow: must list at least one rule (leave it out to allow any)",
+    ]
+
+
+async def test_a_certificate_let_in_names_the_consumer_unless_one_is_named() -> None:
+    async def endpoint(request: Request) -> Response:
+        return Response(204)
+
+    nameless = dataclasses.replace(ALICE, common_name="")
+    requests = [
+        Request("GET", b"/", [(b"host", b"t")], Body.from_bytes(b""), client_cert=cert)
+        for cert in (ALICE, nameless, ALICE)
+    ]
+    requests[2].consumer = "billing"  # named by an api_key before this middleware
+    for request in requests:
+        await build("")(request, endpoint)
+    assert [request.consumer for request in requests] == [
+        "alice",
+        "CN=alice,O=Example",
+        "billing",
     ]
