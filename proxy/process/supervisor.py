@@ -74,6 +74,8 @@ EXIT_CANNOT_START = 3
 PREPARE_TIMEOUT_S = 30.0  # a worker builds the new config (and starts middleware) within this
 COMMIT_TIMEOUT_S = 10.0
 METRICS_TIMEOUT_S = 2.0  # a busy worker's last snapshot is used instead
+# A cache purge walks Redis' keys under a prefix (bounded by the cache's own timeouts).
+CACHE_PURGE_TIMEOUT_S = 30.0
 KILL_AFTER_GRACE_S = 5.0  # past the grace period, a worker that has not exited is killed
 _SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
@@ -534,6 +536,48 @@ class Supervisor:
             # else: busy or gone; its last snapshot stands in (counts never go backwards)
         current = [worker.last_metrics for worker in workers]
         return merge([snapshot(GATEWAY_REGISTRY), *current, *self._retired])
+
+    async def purge_cache(
+        self, middleware: str, key: str, prefix: str | None
+    ) -> tuple[int, dict[str, Any]]:
+        """POST /cache/purge: every worker's `cache` instances (or the one named) forget
+        `key`, or every key under `prefix`, in memory and in Redis. 200 with the counts
+        summed per instance; 404 when no cache instance is named so; 502 when a worker
+        or a Redis failed (the others purged)."""
+        workers = list(self._children.values())
+        replies = await asyncio.gather(
+            *(
+                worker.channel.request(
+                    "cache_purge",
+                    CACHE_PURGE_TIMEOUT_S,
+                    middleware=middleware,
+                    key=key,
+                    prefix=prefix,
+                )
+                for worker in workers
+            ),
+            return_exceptions=True,
+        )
+        purged: dict[str, int] = {}
+        errors: list[str] = []
+        for worker, reply in zip(workers, replies, strict=True):
+            if not isinstance(reply, dict) or not reply.get("ok"):
+                errors.append(f"worker {worker.pid}: {reply}")
+                continue
+            for name, count in reply.get("purged", {}).items():
+                if isinstance(count, int):
+                    purged[name] = purged.get(name, 0) + count
+                else:
+                    purged.setdefault(name, 0)
+                    errors.append(f"worker {worker.pid}: {name}: {count}")
+        if not purged and not errors:
+            which = f"named {middleware!r}" if middleware else "in the running config"
+            return 404, {
+                "ok": False,
+                "error": "no_cache",
+                "message": f"no cache middleware {which}",
+            }
+        return (502 if errors else 200), {"ok": not errors, "purged": purged, "errors": errors}
 
     async def upstreams(self) -> list[dict[str, Any]]:
         """/upstreams: each endpoint's state over the workers (a fresh collection)."""
