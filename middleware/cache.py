@@ -65,13 +65,22 @@ class NotCached(ProxyError):
 class Facts:
     """What the cache works out of a stored response once (not on every hit)."""
 
-    __slots__ = ("initial_age", "lifetime", "must_validate", "raw", "stale_if_error", "swr")
+    __slots__ = (
+        "initial_age",
+        "lifetime",
+        "must_validate",
+        "raw",
+        "stale_if_error",
+        "stale_ok",
+        "swr",
+    )
 
     def __init__(self, entry: Entry, heuristic: float, max_stale: float | None) -> None:
         fields = entry.fields
         self.lifetime = rules.freshness_lifetime(fields, heuristic_fraction=heuristic)
         self.initial_age = rules.initial_age(fields, entry.request_time, entry.response_time)
         self.must_validate = rules.needs_validation(fields)
+        self.stale_ok = rules.may_serve_stale(fields)
         self.swr = rules.stale_window(fields, "stale-while-revalidate", max_stale)
         self.stale_if_error = rules.stale_window(fields, "stale-if-error", max_stale)
         # The stored fields as the response's raw headers, without the stored Age.
@@ -145,7 +154,10 @@ class Cache:
         ),
         "status_name": Option.string("this cache's name in Cache-Status", "gatehouse"),
     }
-    EAGER = False  # it awaits the store
+    # With the memory backend it awaits nothing but call_next, except a coalesced miss's
+    # wait for its leader (a plain future, which proxy/exchange/eager.py hands to a task):
+    # its hits then run without a task. Redis calls need a task (`asyncio.timeout`).
+    EAGER = False  # an instance attribute: __init__ sets it
 
     def __init__(self, options: Options) -> None:
         self.name = options.name
@@ -179,6 +191,7 @@ class Cache:
             if "redis" in options:
                 options.error("redis", "only used with backend: redis")
             self.store = MemoryStore(max_bytes, CACHE_EVICTIONS.labels(self.name).inc)
+            self.EAGER = True
         self._flights: dict[str, asyncio.Future[bool]] = {}  # key -> stored, of its leader
         self.waiting = 0  # coalesced misses waiting for their leader
         # Called with `waiting` whenever it changes (the tests' barrier: N clients wait).
@@ -272,8 +285,7 @@ class Cache:
         facts = self._facts(entry)
         now = self.clock()
         age = rules.current_age(facts.initial_age, entry.response_time, now)
-        stale_ok = rules.may_serve_stale(entry.fields)
-        if not facts.must_validate and demands.satisfied(facts.lifetime, age, stale_ok):
+        if not facts.must_validate and demands.satisfied(facts.lifetime, age, facts.stale_ok):
             self._counters["hit"]()
             return self._answer(
                 fields,
@@ -302,7 +314,10 @@ class Cache:
                     self.status_name, hit=True, ttl=-staleness, detail="stale-while-revalidate"
                 ),
             )
-        return await self._revalidate(request, call_next, key, fields, entry, facts)
+        # Forwarded because the entry is stale (or must be validated), or because the
+        # request asked for it (no-cache, max-age) though it is fresh.
+        fwd = "stale" if staleness >= 0 or facts.must_validate else "request"
+        return await self._revalidate(request, call_next, key, fields, entry, facts, fwd)
 
     async def _bypass(self, request: Request, call_next: Handler, why: str) -> Response:
         self._counters["bypass"]()
@@ -540,6 +555,7 @@ class Cache:
         fields: list[tuple[str, str]],
         entry: Entry,
         facts: Facts,
+        fwd: str,
     ) -> Response:
         """Ask the origin whether the stale (or must-validate) entry still holds."""
         for name in _CLIENT_CONDITIONS:
@@ -580,7 +596,7 @@ class Cache:
                     age,
                     rules.cache_status(
                         self.status_name,
-                        fwd="stale",
+                        fwd=fwd,
                         fwd_status=304,
                         ttl=updated_facts.lifetime - age,
                     ),
@@ -590,9 +606,9 @@ class Cache:
             for name, _ in rules.validators(entry.fields):
                 request.remove_header(name)
             self._counters["miss"]()
-            return await self._fetch(request, call_next, key, fields, "stale")
+            return await self._fetch(request, call_next, key, fields, fwd)
         self._counters["miss"]()
-        return self._keep(request, fields, key, response, request_time, "stale", None, True)
+        return self._keep(request, fields, key, response, request_time, fwd, None, True)
 
     def _stale_if_error(
         self, fields: list[tuple[str, str]], entry: Entry, facts: Facts, status: int

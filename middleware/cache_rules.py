@@ -123,10 +123,14 @@ def request_bypasses(method: str, fields: Fields) -> str:
     and Range and the conditionals the cache does not evaluate go to the origin."""
     if method != "GET":
         return "method"
-    for name in ("range", "if-match", "if-unmodified-since", "if-range"):
-        if first_value(fields, name) is not None:
-            return name
+    for name, _ in fields:
+        lowered = name.lower()
+        if lowered in _BYPASSING_FIELDS:
+            return lowered
     return ""
+
+
+_BYPASSING_FIELDS = frozenset(("range", "if-match", "if-unmodified-since", "if-range"))
 
 
 def storable(

@@ -100,8 +100,10 @@ def seen(origin: ScriptedUpstream, path: str) -> list[ReceivedRequest]:
 
 
 def dated(offset_s: float = 0.0, **fields: str) -> dict[str, str]:
-    """`fields` with a Date `offset_s` from now (negative: in the past)."""
-    return {"Date": format_http_date(time.time() + offset_s), **fields}
+    """`fields` (`_` for `-` in their names) with a Date `offset_s` from now (negative: in
+    the past)."""
+    named = {name.replace("_", "-"): value for name, value in fields.items()}
+    return {"Date": format_http_date(time.time() + offset_s), **named}
 
 
 # -- storing and freshness ---------------------------------------------------------------
@@ -432,3 +434,72 @@ async def test_an_unsafe_request_invalidates_the_stored_response(
     await _stored(server, 0)
     await get(server, "/doc")
     assert len(seen(origin, "/doc")) == 3
+
+
+async def test_a_worker_purges_its_memory_by_key_and_by_prefix(
+    gateway_factory: GatewayFactory, origin: ScriptedUpstream
+) -> None:
+    """What each worker does for POST /cache/purge (the supervisor's fan-out over the
+    control channel is tests/e2e/test_mw_cache_redis.py's)."""
+    origin.on("GET", prefix="/p/").reply(headers=dated(Cache_Control="max-age=600"))
+    server = await start(gateway_factory, origin)
+    for path in ("/p/1", "/p/2", "/p/3"):
+        await get(server, path)
+    await _stored(server, 3)
+    host, port = server.addresses[0]
+    assert await server.purge_caches("", f"GET {host}:{port}/p/1", None) == {"cache": 1}
+    await _stored(server, 2)
+    assert await server.purge_caches("nope", "", "") == {}
+    assert await server.purge_caches("", "", f"GET {host}:{port}/p/") == {"cache": 2}
+    await _stored(server, 0)
+    assert (await get(server, "/p/2")).cache_status.startswith("gatehouse; fwd=uri-miss")
+
+
+async def test_the_requests_own_directives(
+    gateway_factory: GatewayFactory, origin: ScriptedUpstream
+) -> None:
+    origin.on("GET", "/rd").reply(body="rd", headers=dated(Cache_Control="max-age=600"))
+    server = await start(gateway_factory, origin)
+    refused = await get(server, "/rd", {"Cache-Control": "only-if-cached"})
+    assert refused.status == 504
+    assert b'"not_cached"' in refused.body
+    await get(server, "/rd")
+    await _stored(server, 1)
+    assert (await get(server, "/rd", {"Cache-Control": "only-if-cached"})).body == b"rd"
+    forwarded = await get(server, "/rd", {"Cache-Control": "no-cache"})
+    assert forwarded.cache_status.startswith("gatehouse; fwd=request; fwd-status=200")
+    assert len(seen(origin, "/rd")) == 2
+    await _stored(server, 1)
+    old = await get(server, "/rd", {"Cache-Control": "max-age=0"})
+    assert old.cache_status.startswith("gatehouse; fwd=request")
+    assert len(seen(origin, "/rd")) == 3
+
+
+async def test_heuristic_freshness_is_off_unless_configured(
+    gateway_factory: GatewayFactory, origin: ScriptedUpstream
+) -> None:
+    modified = format_http_date(time.time() - 10 * HOUR_AGO)
+    origin.on("GET", "/h").reply(body="h", headers=dated(Last_Modified=modified))
+    plain = await start(gateway_factory, origin)
+    await get(plain, "/h")
+    await _stored(plain, 1)
+    assert (await get(plain, "/h")).cache_status.startswith("gatehouse; fwd=stale")
+    assert seen(origin, "/h")[-1].headers["If-Modified-Since"] == modified
+    heuristic = await start(gateway_factory, origin, "heuristic: 0.1")  # fresh for an hour
+    await get(heuristic, "/h")
+    await _stored(heuristic, 1)
+    assert (await get(heuristic, "/h")).cache_status.startswith("gatehouse; hit; ttl=")
+    assert len(seen(origin, "/h")) == 3
+
+
+async def test_age_counts_the_age_the_upstream_gave(
+    gateway_factory: GatewayFactory, origin: ScriptedUpstream
+) -> None:
+    origin.on("GET", "/aged").reply(headers=dated(Cache_Control="max-age=600", Age="100"))
+    server = await start(gateway_factory, origin)
+    await get(server, "/aged")
+    await _stored(server, 1)
+    hit = await get(server, "/aged")
+    assert int(hit.headers["age"]) >= 100
+    ttl = int(hit.cache_status.rpartition("ttl=")[2])
+    assert 0 < ttl <= 500
