@@ -28,7 +28,7 @@ def tee(source: Body, limit: int, on_end: OnEnd) -> tuple[Body, asyncio.Task[Non
     resume.set()
     copy = Body(source.length, on_pause=resume.clear, on_resume=resume.set)
     task = asyncio.get_running_loop().create_task(_pump(source, copy, resume, limit, on_end))
-    copy.on_abandon = task.cancel
+    copy.on_abandon = lambda: _cancel(task)
     return copy, task
 
 
@@ -60,3 +60,7 @@ async def _pump(source: Body, copy: Body, resume: asyncio.Event, limit: int, on_
     copy.feed_eof(source.trailers)
     if kept is not None:
         await on_end(b"".join(kept) if not source.trailers else None)
+
+
+def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()

@@ -162,7 +162,7 @@ class RedisStore:
             CacheBackendError: as `get`.
         """
         client = self._connected()
-        pattern = glob_escaped(self._full(prefix)) + "*"
+        pattern = (glob_escaped(self.key_prefix + prefix) + "*").encode("utf-8", "surrogatepass")
         removed = 0
         try:
             async with asyncio.timeout(self.timeout_s * PURGE_TIMEOUT_FACTOR):

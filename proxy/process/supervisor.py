@@ -58,6 +58,7 @@ from proxy.process.admin_views import (
     EndpointStates,
     certificates_view,
     middleware_view,
+    purge_reply,
     routes_view,
     status_view,
     upstreams_view,
@@ -558,26 +559,13 @@ class Supervisor:
             ),
             return_exceptions=True,
         )
-        purged: dict[str, int] = {}
-        errors: list[str] = []
-        for worker, reply in zip(workers, replies, strict=True):
-            if not isinstance(reply, dict) or not reply.get("ok"):
-                errors.append(f"worker {worker.pid}: {reply}")
-                continue
-            for name, count in reply.get("purged", {}).items():
-                if isinstance(count, int):
-                    purged[name] = purged.get(name, 0) + count
-                else:
-                    purged.setdefault(name, 0)
-                    errors.append(f"worker {worker.pid}: {name}: {count}")
-        if not purged and not errors:
-            which = f"named {middleware!r}" if middleware else "in the running config"
-            return 404, {
-                "ok": False,
-                "error": "no_cache",
-                "message": f"no cache middleware {which}",
-            }
-        return (502 if errors else 200), {"ok": not errors, "purged": purged, "errors": errors}
+        return purge_reply(
+            middleware,
+            [
+                (f"worker {worker.pid}", reply)
+                for worker, reply in zip(workers, replies, strict=True)
+            ],
+        )
 
     async def upstreams(self) -> list[dict[str, Any]]:
         """/upstreams: each endpoint's state over the workers (a fresh collection)."""

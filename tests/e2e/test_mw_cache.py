@@ -9,6 +9,7 @@ The Redis backend and the admin API's purge are tests/e2e/test_mw_cache_redis.py
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -23,7 +24,6 @@ from proxy.testing.upstream import ReceivedRequest, Reply, ScriptedUpstream, mak
 from tests.middleware.test_cache import until_waiting
 from tests.support.gateway import GatewayFactory, base_url, simple_config
 from tests.support.h2_client import H2Client
-from tests.support.upstreams import UpstreamServer
 
 pytestmark = pytest.mark.socket
 
@@ -404,21 +404,49 @@ async def test_a_body_past_max_object_size_streams_whole_and_is_not_stored(
 
 
 async def test_a_body_streams_to_the_client_while_it_is_stored(
-    gateway_factory: GatewayFactory, h1_upstream: UpstreamServer
+    gateway_factory: GatewayFactory,
 ) -> None:
-    # /heldbody sends its head at once and its body when released; with heuristic
-    # freshness on, a 200 without validators is storable.
-    server = await gateway_factory(cache_config(h1_upstream.url, "heuristic: 0.1"))
-    async with (
-        httpx.AsyncClient(timeout=CLIENT_TIMEOUT_S) as client,
-        client.stream("GET", base_url(server) + "/heldbody") as response,
-    ):
-        assert response.status_code == 200  # the head, before the body exists
-        assert response.headers["cache-status"].endswith("; stored")
-        h1_upstream.release_held()
-        body = await response.aread()
-    assert body
-    await _stored(server, 1)
+    # An upstream that sends its head and a first chunk, then the rest when released.
+    release = asyncio.Event()
+    writers: list[asyncio.StreamWriter] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n"
+        )
+        await release.wait()
+        writer.write(b"4\r\nlast\r\n0\r\n\r\n")
+        await writer.drain()
+
+    upstream = await asyncio.start_server(answer, "127.0.0.1", 0)
+    host, port = upstream.sockets[0].getsockname()[:2]
+    try:
+        server = await gateway_factory(cache_config(f"http://{host}:{port}"))
+        async with (
+            httpx.AsyncClient(timeout=CLIENT_TIMEOUT_S) as client,
+            client.stream("GET", base_url(server) + "/streamed") as response,
+        ):
+            assert response.headers["cache-status"].endswith("; stored")
+            chunks = response.aiter_raw()
+            assert await anext(chunks) == b"first"  # before the upstream sent the rest
+            assert cache_of(server).store.size == 0  # type: ignore[union-attr]
+            release.set()
+            rest = b"".join([chunk async for chunk in chunks])
+        assert rest == b"last"
+        await _stored(server, 1)
+        hit = await get(server, "/streamed")
+        assert (hit.body, hit.cache_status[:15]) == (b"firstlast", "gatehouse; hit;")
+    finally:
+        release.set()
+        upstream.close()
+        for writer in writers:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        await upstream.wait_closed()
 
 
 async def test_an_unsafe_request_invalidates_the_stored_response(

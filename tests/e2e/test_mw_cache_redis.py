@@ -54,7 +54,11 @@ listeners: [{{bind: 127.0.0.1:{port}}}]
 reload: {{watch: false}}
 upstreams: {{app: {{endpoints: [{upstream_url}]}}}}
 middleware:
-  shared: {{type: cache, backend: redis, redis: {{url: "{redis_url}", timeout: 1s}}}}
+  shared:
+    type: cache
+    backend: redis
+    redis: {{url: "{redis_url}", timeout: 1s}}
+    key: {{host: false}}  # the two gateways listen on different ports (Host)
 routes:
   - {{name: all, match: {{path_prefix: /}}, upstream: app, middleware: [shared]}}
 """

@@ -202,8 +202,8 @@ async def test_fresh_until_max_age_then_revalidated() -> None:
 async def test_stale_while_revalidate_answers_at_once_and_refreshes_once() -> None:
     clock = Clock()
     instance = cache(clock=clock)
-    fields = {"Cache_Control": "max-age=10, stale-while-revalidate=20", "ETag": '"v1"'}
-    origin = Origin(answer(**fields))
+    cache_control, etag = "max-age=10, stale-while-revalidate=20", '"v1"'
+    origin = Origin(answer(Cache_Control=cache_control, ETag=etag))
     await read(await instance(request(), origin))
     await settle(instance)
     clock.now += 15
@@ -222,7 +222,7 @@ async def test_stale_while_revalidate_answers_at_once_and_refreshes_once() -> No
     fresh = await instance(request(), origin)
     assert fresh.header("Cache-Status") == "gatehouse; hit; ttl=10"
     clock.now += 31  # past max-age and the window: revalidated in the foreground
-    origin.reply = answer(body=b"new", **fields)
+    origin.reply = answer(body=b"new", Cache_Control=cache_control, ETag=etag)
     assert await read(await instance(request(), origin)) == b"new"
 
 

@@ -38,7 +38,12 @@ def test_cache_control_reads_directives_case_and_quotes() -> None:
         (200, [("Authorization", "Bearer x")], [("Cache-Control", "max-age=60")], "authorization"),
         (200, [("Authorization", "Bearer x")], [("Cache-Control", "public, max-age=60")], ""),
         (200, [("Authorization", "Bearer x")], [("Cache-Control", "s-maxage=60")], ""),
-        (200, [("Authorization", "Bearer x")], [("Cache-Control", "must-revalidate")], ""),
+        (
+            200,
+            [("Authorization", "Bearer x")],
+            [("Cache-Control", "must-revalidate, max-age=9")],
+            "",
+        ),
         (200, [], [("ETag", '"v1"')], ""),  # stored stale, revalidated
         (200, [], [("Content-Type", "text/plain")], "no-freshness"),
         (206, [], [("Cache-Control", "max-age=60")], "status"),
