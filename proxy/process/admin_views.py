@@ -300,7 +300,9 @@ def status_view(
     }
 
 
-def purge_reply(middleware: str, replies: list[tuple[str, object]]) -> tuple[int, dict[str, Any]]:
+def purge_reply(
+    middleware: str, replies: Sequence[tuple[str, object]]
+) -> tuple[int, dict[str, Any]]:
     """POST /cache/purge's answer from each worker's reply to `cache_purge` (named by
     who answered; an exception when it did not): the entries purged, summed per cache
     instance; 404 when no worker has a cache instance so named, 502 when a worker or a
