@@ -124,7 +124,8 @@ def _route(
     elif name:
         names[name] = path
     upstream_ref = partial(_upstream_ref, reader, context)
-    upstream, split = fields.get("upstream", partial(_upstream, reader, context), ("", None))
+    no_upstream: tuple[str, SplitConfig | None] = ("", None)
+    upstream, split = fields.get("upstream", partial(_upstream, reader, context), no_upstream)
     answers = [key for key in _ANSWER_KEYS if key in fields]
     if not answers and not _misspelt(node, _ANSWER_KEYS):  # (a misspelling is reported)
         reader.error(node, path, "missing required key 'upstream' (or give redirect or respond)")

@@ -37,8 +37,10 @@ def read_split(reader: NodeReader, node: Node, path: str, upstream_ref: Upstream
         Reported: not a mapping, no usable side, or weights that sum to 0 (recorded).
     """
     fields = reader.mapping(node, path, keys_of(SPLIT), required_of(SPLIT))
-    sides = fields.get("split", partial(_sides, reader, upstream_ref), ())
-    sticky = fields.get("sticky", partial(_sticky, reader), (None, None))
+    no_sides: tuple[SplitSide, ...] = ()
+    sides = fields.get("split", partial(_sides, reader, upstream_ref), no_sides)
+    not_sticky: tuple[str | None, str | None] = (None, None)
+    sticky = fields.get("sticky", partial(_sticky, reader), not_sticky)
     if not sides:
         raise Reported  # missing, or each side had an error (recorded)
     return SplitConfig(sides=sides, sticky_cookie=sticky[0], sticky_header=sticky[1])

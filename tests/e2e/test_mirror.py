@@ -125,7 +125,7 @@ def shadow_protocol(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(params=["1.1", "2"])
 def client_http2(request: pytest.FixtureRequest) -> bool:
-    return request.param == "2"
+    return bool(request.param == "2")
 
 
 ShadowFactory = Callable[[str], Awaitable[Shadow]]
@@ -270,7 +270,8 @@ async def test_the_copy_is_the_request_marked_as_a_mirror(
     assert copy.headers.getall("x-gatehouse-mirror") == ["1"]
     assert sent.headers.getall("x-gatehouse-mirror") == ["forged"]  # (the client's own)
     assert copy.headers["x-client"] == "c"
-    assert copy.headers.get("host") or copy.headers.get(":authority")
+    if shadow_protocol == "http1":  # (h2c carries it as :authority, not recorded)
+        assert copy.headers["host"] == sent.headers["host"]
     await copies_done(gateway, route)
 
 
@@ -326,7 +327,7 @@ async def test_copies_beyond_max_in_flight_are_dropped(
         assert (await http.get(f"{base_url(gateway)}/b/again")).status_code == 201
         await shadow.arrived(3)
     await copies_done(gateway, "b")
-    assert [copy.target for copy in shadow.received] == ["/0", "/1", "/again"]
+    assert sorted(copy.target for copy in shadow.received) == ["/0", "/1", "/again"]
     assert added(before, "b") == {"dropped": 3.0, "sent": 3.0}
 
 

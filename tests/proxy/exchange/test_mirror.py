@@ -35,7 +35,9 @@ def test_percent_chooses_evenly(percent: float, chosen: list[bool]) -> None:
 
 def raw_request() -> Request:
     raw = [(b"Host", b"api"), (b"X-Gatehouse-Mirror", b"forged"), (b"X-A", b"1")]
-    request = Request("POST", b"/p?q=1", raw, Body.from_bytes(b"body"), client=("10.0.0.9", 5))
+    request = Request(
+        "POST", b"/p?q=1", raw, Body.from_bytes(b"body"), client=("10.0.0.9", 5), host="api"
+    )
     request.request_id = "rid"
     request.peer_trusted = True
     return request
