@@ -7,6 +7,7 @@ with HTTP/1.1 and h2c sides."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import httpx
@@ -164,3 +165,34 @@ async def test_routes_and_explain_show_the_sides(
         ],
         "sticky": {"cookie": "sid"},
     }
+
+
+async def test_a_split_route_mirrors_whichever_side_a_request_went_to(
+    gateway_factory: GatewayFactory, sides: list[ScriptedUpstream]
+) -> None:
+    shadow = await start_upstream("shadow")
+    try:
+        config = (
+            split_config(sides, "both") + "  - name: mirrored\n"
+            "    match: {path_prefix: /mirrored}\n"
+            "    upstream: {split: [{upstream: v1, weight: 9}, {upstream: v2, weight: 1}]}\n"
+            "    mirror: {upstream: shadow}\n"
+        ).replace("upstreams:\n", f"upstreams:\n  shadow: {{endpoints: [{shadow.url}]}}\n")
+        gateway = await gateway_factory(config)
+        async with httpx.AsyncClient(timeout=10) as http:
+            answers = [
+                (await http.get(f"{base_url(gateway)}/mirrored/{n}")).text for n in range(10)
+            ]
+        assert answers.count("v2") == 1
+        split = gateway.runtime.routes["mirrored"].split
+        assert split is not None
+        mirrors = {id(side.forwarder.mirror) for side in split.sides if side.forwarder}
+        assert len(mirrors) == 1  # one mirror, one bound, whichever side
+        mirror = split.sides[0].forwarder.mirror if split.sides[0].forwarder else None
+        assert mirror is not None
+        await asyncio.gather(*list(mirror.tasks))
+        assert sorted(request.path for request in shadow.requests) == sorted(
+            f"/mirrored/{n}" for n in range(10)
+        )
+    finally:
+        await shadow.stop()
