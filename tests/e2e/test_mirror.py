@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 import pytest
+from websockets.asyncio.client import connect
 
 from metrics.definitions import MIRROR_REQUESTS
 from proxy.exchange.mirror import Mirror
@@ -346,3 +347,29 @@ async def test_percent_copies_that_share_evenly(
     await copies_done(gateway, "p")
     assert sorted(copy.target for copy in copies) == ["/3", "/6", "/9"]
     assert len(shadow.received) == 3
+
+
+async def test_a_websocket_upgrade_is_never_copied(
+    gateway_factory: GatewayFactory,
+    shadow_factory: ShadowFactory,
+    shadow_protocol: str,
+) -> None:
+    tunnelled = await start_upstream("ws", websocket=True)
+    try:
+        shadow = await shadow_factory("ok")
+        gateway = await gateway_factory(mirror_config(tunnelled, shadow.url, shadow_protocol))
+        before = counts("m")
+        host, port = gateway.addresses[0]
+        async with connect(f"ws://{host}:{port}/m/chat") as socket_:
+            await socket_.send("hello")
+            assert await socket_.recv() == "hello"
+        # An ordinary request after it is copied, and is the only copy.
+        async with httpx.AsyncClient(timeout=10) as http:
+            assert (await http.get(f"{base_url(gateway)}/m/after")).status_code == 200
+        (copy,) = await shadow.arrived(1)
+        await copies_done(gateway, "m")
+        assert copy.target == "/after"
+        assert len(shadow.received) == 1
+        assert added(before, "m") == {"sent": 1.0}
+    finally:
+        await tunnelled.stop()
