@@ -461,6 +461,41 @@ UPSTREAM_OVERLOADED = LocalCounter(
 )
 
 
+# -- traffic shaping: weighted splits and mirrors (proxy/exchange/split.py, mirror.py) ----
+
+SPLIT_REQUESTS = LocalCounter(
+    "gatehouse_split_requests",
+    "Requests a split route sent to each of its sides, by route and upstream",
+    ["route", "upstream"],
+    registry=REGISTRY,
+)
+MIRROR_REQUESTS = LocalCounter(
+    "gatehouse_mirror_requests",
+    "Requests a route chose to copy to its mirror, by route and result: sent (the shadow "
+    "answered, any status), failed (no whole answer in time), dropped (max_in_flight "
+    "copies were out), too_large (the body was over max_body)",
+    ["route", "result"],
+    registry=REGISTRY,
+)
+
+
+def split_series(route: str, upstream: str) -> LocalCounterChild:
+    """The counter of one side of a split route, made once per Runtime."""
+    return SPLIT_REQUESTS.labels(route, upstream)
+
+
+def count_split(series: LocalCounterChild) -> None:
+    """One more request sent to the side `series` counts."""
+    if _enabled:
+        series.value += 1.0
+
+
+def count_mirror(route: str, result: str) -> None:
+    """One more request `route` chose to mirror, with its `result`."""
+    if _enabled:
+        MIRROR_REQUESTS.labels(route, result).value += 1.0
+
+
 def count_retry(upstream: str, reason: str) -> None:
     """One more retry to `upstream` after a try failed for `reason` (a retry condition)."""
     if _enabled:
@@ -645,6 +680,8 @@ def forget_series(
         REQUEST_SECONDS,
         REQUEST_BYTES,
         RESPONSE_BYTES,
+        SPLIT_REQUESTS,
+        MIRROR_REQUESTS,
     )
     for family in route_families:
         for values, _ in family.children():

@@ -30,6 +30,9 @@ from proxy.config.model import (
     DEFAULT_KEEPALIVE_TIMEOUT_S,
     DEFAULT_MAX_EJECTION_S,
     DEFAULT_MAX_HEAD_BYTES,
+    DEFAULT_MIRROR_MAX_BODY,
+    DEFAULT_MIRROR_MAX_IN_FLIGHT,
+    DEFAULT_MIRROR_TIMEOUT_S,
     DEFAULT_POOL_IDLE_TIMEOUT_S,
     DEFAULT_POOL_MAX_CONNECTIONS,
     DEFAULT_POOL_MAX_IDLE,
@@ -58,6 +61,7 @@ from proxy.config.spec import (
     mapping,
     named,
     nullable,
+    number,
     raw,
     size,
     string,
@@ -555,6 +559,43 @@ REQUEST_BUFFERING: KeyTable = {
 
 _CHAIN_DESCRIPTION = "names of middleware entries, or inline {type: ...} entries"
 
+# --- weighted splits and mirrors (proxy/config/traffic.py, docs/traffic.md) ---
+
+SPLIT_SIDE: KeyTable = {
+    "upstream": string("the upstream of this side", required=True),
+    "weight": integer("this side's share of the sum of the weights", required=True),
+}
+
+SPLIT_STICKY: KeyTable = {
+    "cookie": string("a request with this cookie goes to the side its value hashes to"),
+    "header": string("a request with this header goes to the side its value hashes to"),
+}
+
+SPLIT: KeyTable = {
+    "split": list_of(mapping(SPLIT_SIDE, "a side"), "the sides and their weights", 1,
+                     required=True),
+    "sticky": raw(
+        "keep a user on one side: {cookie: NAME} or {header: NAME} (default off)",
+        {**mapping(SPLIT_STICKY, "").schema, "minProperties": 1, "maxProperties": 1},
+    ),
+}  # fmt: skip
+
+MIRROR: KeyTable = {
+    "upstream": string("the shadow upstream the copies go to", required=True),
+    "percent": number("the share of the route's forwarded requests copied", 100),
+    "max_body": size("a request whose body is larger is not copied", DEFAULT_MIRROR_MAX_BODY),
+    "max_in_flight": integer(
+        "copies awaiting the shadow at once (per worker); more are dropped",
+        DEFAULT_MIRROR_MAX_IN_FLIGHT,
+        1,
+    ),
+    "timeout": duration(
+        "the whole copy's exchange, to the end of the shadow's answer",
+        DEFAULT_MIRROR_TIMEOUT_S,
+        positive=True,
+    ),
+}
+
 REDIRECT: KeyTable = {
     "to": string(
         "the Location, a template: {scheme} {host} {port} {path} {query} {uri} and the"
@@ -573,7 +614,12 @@ RESPOND: KeyTable = {
 ROUTE: KeyTable = {
     "name": string("the route's label in logs and metrics (default: derived from the match)"),
     "match": mapping(MATCH, "what requests the route takes", required=True),
-    "upstream": string("the upstream requests go to (or give redirect or respond)"),
+    "upstream": any_of(
+        "the upstream requests go to (or give redirect or respond)",
+        string("an upstream's name"),
+        mapping(SPLIT, "a weighted split between upstreams"),
+    ),
+    "mirror": mapping(MIRROR, "copy requests to a shadow upstream (default none)"),
     "redirect": mapping(REDIRECT, "answer with a redirect instead of forwarding"),
     "respond": mapping(RESPOND, "answer with a fixed response instead of forwarding"),
     "middleware": raw(f"the route's chain: {_CHAIN_DESCRIPTION}", {"$ref": MIDDLEWARE_CHAIN_REF}),

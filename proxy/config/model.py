@@ -33,6 +33,10 @@ DEFAULT_RETRY_BACKOFF_MAX_S = 0.25
 DEFAULT_RETRY_BODY_LIMIT = 64 * 1024
 # Request bodies up to this size are read whole before an upstream connection is taken.
 DEFAULT_REQUEST_BUFFER_BYTES = 1024 * 1024
+# A route's `mirror` (proxy/exchange/mirror.py, docs/traffic.md).
+DEFAULT_MIRROR_MAX_BODY = 64 * 1024
+DEFAULT_MIRROR_MAX_IN_FLIGHT = 64
+DEFAULT_MIRROR_TIMEOUT_S = 5.0
 # HTTP/2 defences (see Http2Config for the attack each one stops).
 DEFAULT_H2_MAX_CONCURRENT_STREAMS = 100
 DEFAULT_H2_INITIAL_WINDOW_BYTES = 1024 * 1024
@@ -461,9 +465,41 @@ class RespondConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SplitSide:
+    """One side of a weighted split: an upstream and its share (`weight` of the sum)."""
+
+    upstream: str
+    weight: int
+
+
+@dataclass(frozen=True, slots=True)
+class SplitConfig:
+    """A route's `upstream: {split: [...], sticky: ...}` (proxy/exchange/split.py): the
+    sides in file order; with `sticky_cookie` or `sticky_header`, a request carrying that
+    value goes to the side its hash falls on, others take turns by weight."""
+
+    sides: tuple[SplitSide, ...]
+    sticky_cookie: str | None = None
+    sticky_header: str | None = None  # lower case
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorConfig:
+    """A route's `mirror` (proxy/exchange/mirror.py): a copy of `percent` of its
+    forwarded requests goes to `upstream`, whose answers are read and dropped."""
+
+    upstream: str
+    percent: float = 100.0
+    max_body: int = DEFAULT_MIRROR_MAX_BODY  # a larger body is not copied
+    max_in_flight: int = DEFAULT_MIRROR_MAX_IN_FLIGHT  # copies beyond it are dropped
+    timeout: float = DEFAULT_MIRROR_TIMEOUT_S  # the whole copy's exchange
+
+
+@dataclass(frozen=True, slots=True)
 class RouteConfig:
     """`routes[i]`. Exactly one of `upstream`, `redirect` and `respond` says what
-    answers; `upstream` is "" for a route that answers itself."""
+    answers; `upstream` is "" for a route that answers itself. A split route's
+    `upstream` is its first side's (`split` has them all)."""
 
     name: str
     match: MatchConfig
@@ -484,6 +520,8 @@ class RouteConfig:
     index: int = 0  # position in the file: ties in specificity go to the earlier route
     redirect: RedirectConfig | None = None
     respond: RespondConfig | None = None
+    split: SplitConfig | None = None  # `upstream: {split: ...}`
+    mirror: MirrorConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)

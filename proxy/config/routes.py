@@ -12,7 +12,7 @@ from contextlib import suppress
 from functools import partial
 from typing import TypeVar
 
-from yaml.nodes import MappingNode, Node
+from yaml.nodes import MappingNode, Node, ScalarNode
 
 from proxy.config.answers import read_redirect, read_respond
 from proxy.config.context import LoadContext
@@ -32,16 +32,18 @@ from proxy.config.model import (
     QueryMatch,
     RewriteConfig,
     RouteConfig,
+    SplitConfig,
     WebSocketConfig,
 )
 from proxy.config.reader import NodeReader, Reported, did_you_mean, join_path
 from proxy.config.spec import keys_of, required_of
+from proxy.config.traffic import read_mirror, read_split
 from proxy.config.values import parse_host_pattern
 from proxy.core.canonical import InvalidTarget, normalize_path
 
 _PATH_KEYS = ("path", "path_prefix", "path_regex")
 _ANSWER_KEYS = ("upstream", "redirect", "respond")  # what answers a route's requests
-_FORWARDING_KEYS = ("rewrite", "websocket", "forward_raw_path", "request_buffering")
+_FORWARDING_KEYS = ("rewrite", "websocket", "forward_raw_path", "request_buffering", "mirror")
 _BUFFER: int | None = DEFAULT_REQUEST_BUFFER_BYTES  # request_buffering's default
 _TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 5.6.2: methods, field names
 _REWRITE_HOST_RE = re.compile(r"[^\s/?#@]+")
@@ -121,7 +123,9 @@ def _route(
         reader.error(fields.nodes.get("name", node), key_path, message)
     elif name:
         names[name] = path
-    upstream = fields.get("upstream", partial(_upstream_ref, reader, context), "")
+    upstream_ref = partial(_upstream_ref, reader, context)
+    no_upstream: tuple[str, SplitConfig | None] = ("", None)
+    upstream, split = fields.get("upstream", partial(_upstream, reader, context), no_upstream)
     answers = [key for key in _ANSWER_KEYS if key in fields]
     if not answers and not _misspelt(node, _ANSWER_KEYS):  # (a misspelling is reported)
         reader.error(node, path, "missing required key 'upstream' (or give redirect or respond)")
@@ -130,7 +134,10 @@ def _route(
     params = tuple(re.compile(match.path_regex).groupindex) if match.path_regex else ()
     redirect = fields.get("redirect", partial(read_redirect, reader, params=params), None)
     respond = fields.get("respond", partial(read_respond, reader), None)
-    protocol = context.upstream_protocols.get(upstream, "http1")
+    sides = [side.upstream for side in split.sides] if split is not None else [upstream]
+    # (A split route tunnels WebSocket only when every side can.)
+    protocols = [context.upstream_protocols.get(side, "http1") for side in sides]
+    protocol = next((found for found in protocols if found != "http1"), "http1")
     # On by default where the upstream hop can be an HTTP/1.1 Upgrade (never on a route
     # that answers itself).
     websocket = fields.get(
@@ -147,6 +154,7 @@ def _route(
             "websocket",
             f"WebSocket needs an HTTP/1.1 upstream (upstream {upstream!r} is {protocol})",
         )
+    mirror = fields.get("mirror", partial(read_mirror, reader, upstream_ref=upstream_ref), None)
     return RouteConfig(
         name=name,
         match=match,
@@ -162,6 +170,8 @@ def _route(
         index=index,
         redirect=redirect,
         respond=respond,
+        split=split,
+        mirror=mirror,
     )
 
 
@@ -201,6 +211,17 @@ def _switch(reader: NodeReader, node: Node, path: str) -> bool | None:
     if not isinstance(enabled, bool):
         raise reader.type_error(node, path, "true, false or a mapping")
     return enabled
+
+
+def _upstream(
+    reader: NodeReader, context: LoadContext, node: Node, path: str
+) -> tuple[str, SplitConfig | None]:
+    """A route's `upstream`: a name, or a weighted split (proxy/config/traffic.py), whose
+    first side stands for the route where one upstream is asked for."""
+    if isinstance(node, ScalarNode):
+        return _upstream_ref(reader, context, node, path), None
+    split = read_split(reader, node, path, partial(_upstream_ref, reader, context))
+    return split.sides[0].upstream, split
 
 
 def _upstream_ref(reader: NodeReader, context: LoadContext, node: Node, path: str) -> str:

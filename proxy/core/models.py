@@ -65,6 +65,7 @@ class Body:
         "on_consumed",
         "on_done",
         "on_fill",
+        "tap",
         "trailers",
     )
 
@@ -105,6 +106,9 @@ class Body:
         # Called when the consumer starts to `fill`: from then on the producer is the
         # slow side, though nothing was read (HTTP/2 restarts the body deadline).
         self.on_fill: Callable[[], None] | None = None
+        # Given each chunk as the consumer takes it, then b"" at the end it reads: a
+        # route's mirror copies a streamed body this way (proxy/exchange/mirror.py).
+        self.tap: Callable[[bytes], None] | None = None
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Body:
@@ -226,6 +230,9 @@ class Body:
         self.bytes_read += len(data)
         if self.on_consumed is not None:
             self.on_consumed(len(data))
+        if self.tap is not None:
+            self.tap(data)
+            self.tap(b"")  # (a complete body: nothing comes after)
         if self.on_done is not None:
             self._finished()
         return data
@@ -245,6 +252,8 @@ class Body:
                     self._finished()
                 raise self._error
             if self._eof:
+                if self.tap is not None:
+                    self.tap(b"")
                 if self.on_done is not None:
                     self._finished()
                 return b""
@@ -255,6 +264,8 @@ class Body:
                 self._waiter = None
         data = self._chunks.popleft()
         self._took(len(data))
+        if self.tap is not None:
+            self.tap(data)
         return data
 
     async def read_joined(self, limit: int = READ_JOINED_BYTES) -> bytes:
@@ -277,6 +288,8 @@ class Body:
             part = chunks.popleft()
             parts.append(part)
             size += len(part)
+            if self.tap is not None:
+                self.tap(part)
         self._took(size - len(data))
         return b"".join(parts)
 

@@ -95,6 +95,9 @@ class Dispatcher:
                     raise NoRoute(f"no route for {request.method} {request.path}")
                 return partial(run_chain, self._no_route, request)
             route = self._routes[match.route.name]
+            split = route.split
+            if split is not None:  # a weighted split: run as the side chosen (split.py)
+                route = split.choose(request)
             exchange.route_name = route.name
             exchange.params = match.params
             if route.identity_fields:

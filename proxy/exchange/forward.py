@@ -22,7 +22,7 @@ import logging
 import re
 from collections.abc import Callable
 from time import perf_counter
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from metrics.definitions import PER_TRY_TIMEOUT, failure_code
 from proxy.codec.h1serialize import UnsafeHeader
@@ -46,6 +46,9 @@ from proxy.upstream.h2.stream import StreamRefused
 from proxy.upstream.pool import UpstreamPool
 from proxy.websocket.protocol import accept_value, new_key
 from proxy.websocket.upstream import UpstreamHandshake
+
+if TYPE_CHECKING:
+    from proxy.exchange.mirror import Mirror
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +105,7 @@ class Forwarder:
         "_rewrite",
         "_websocket",
         "fast_starts",
+        "mirror",
         "upstream",
     )
 
@@ -128,6 +132,8 @@ class Forwarder:
         self._fast = not upstream.http2 and self._retry.fast_path_ok
         self._protocol = "2" if upstream.http2 else "1.1"  # the upstream hop's, for traces
         self.fast_starts = 0  # requests try_start sent (the tests read it)
+        # The route's `mirror` (proxy/exchange/mirror.py), set by the Runtime; None: none.
+        self.mirror: Mirror | None = None
 
     def _host_of(self, request: Request, pool: UpstreamPool | H2Pool) -> str:
         """The Host to send: the route's `rewrite.host`, else the client's, else the
@@ -198,13 +204,16 @@ class Forwarder:
 
         conn.start(request.method, head, answered)
         self.fast_starts += 1
+        mirror = self.mirror
+        if mirror is not None:
+            mirror.start(request, b"")
         return True
 
     def _retry_stale(
         self, request: Request, exchange: Exchange, on_response: ResponseCallback
     ) -> None:
         """The fast path's keep-alive race: the whole forwarding again, in a task."""
-        retry = asyncio.get_running_loop().create_task(self(request))
+        retry = asyncio.get_running_loop().create_task(self(request, mirror=False))
         exchange.retry = retry
 
         def done(task: asyncio.Task[Response]) -> None:
@@ -222,9 +231,10 @@ class Forwarder:
 
         retry.add_done_callback(done)
 
-    async def __call__(self, request: Request) -> Response:
+    async def __call__(self, request: Request, mirror: bool = True) -> Response:
         """Forward `request` and return the upstream's response (body still streaming),
-        retrying failed tries as the upstream's `retries` allow.
+        retrying failed tries as the upstream's `retries` allow; a copy goes to the
+        route's mirror, if any, unless `mirror` is false (the fast path copied it).
 
         Raises:
             ProxyError: 502/503/504 for upstream failures (the last try's), 503
@@ -243,12 +253,43 @@ class Forwarder:
         # A body with trailers keeps its chunked framing (the trailers go with it).
         whole = body.take_all() if body.complete and not body.trailers else None
         replay = ReplayBody(body, whole)
+        if mirror and self.mirror is not None:
+            self.mirror.start(request, whole)
         load = self._load
         load.active += 1
         try:
             return await self._tries(request, replay)
         finally:
             load.active -= 1
+
+    async def send_once(self, request: Request) -> Response:
+        """Forward `request`, whose body is complete, in one try with no retry: a
+        mirror's copy (proxy/exchange/mirror.py), which must cost its upstream no more
+        than itself. The upstream's circuit breaker may refuse it, and its answer counts
+        in the endpoint's health like any other.
+
+        Raises:
+            ProxyError: as `__call__`, for the one try.
+        """
+        self._breaker.admit()
+        body = request.body
+        replay = ReplayBody(body, body.take_all())
+        upstream = self.upstream
+        state = upstream.choose(request)
+        self._breaker.admit_try(state.pool)
+        load = self._load
+        load.active += 1
+        state.in_flight += 1
+        try:
+            response = await self._send(request, state, replay)
+        except ProxyError as failure:  # not `exc`: mypyc gives one name one type
+            upstream.report(state, None, failure)
+            raise
+        finally:
+            state.in_flight -= 1
+            load.active -= 1
+        upstream.report(state, response.status, None)
+        return response
 
     async def _tries(self, request: Request, replay: ReplayBody) -> Response:
         """The retry loop: a try, then (if the policy says so) a back-off and another try

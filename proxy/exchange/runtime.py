@@ -23,8 +23,10 @@ from proxy.exchange.dispatch import Dispatcher, Handler
 from proxy.exchange.eager import ChainEnd
 from proxy.exchange.forward import Forwarder
 from proxy.exchange.local_answers import LocalAnswer
+from proxy.exchange.mirror import Mirror
 from proxy.exchange.phased import PhasedChain, PhasedLink, offers_phases
 from proxy.exchange.routing import RouteTable
+from proxy.exchange.split import Split
 from proxy.upstream.balancer import Upstream
 
 
@@ -40,6 +42,7 @@ class RouteRuntime:
         "identity_fields",
         "name",
         "phased",
+        "split",
         "websocket",
     )
 
@@ -54,6 +57,9 @@ class RouteRuntime:
         self.forwarder = forwarder  # None: the route answers itself (`redirect`, `respond`)
         self.chain = chain  # global_middleware, then the route's own
         self.phased: PhasedChain | None = None
+        # A split route's sides, each a RouteRuntime of its own (proxy/exchange/split.py);
+        # the dispatcher runs a request as the side chosen. None: no split.
+        self.split: Split | None = None
         if forwarder is None:
             # Rare answers, run in a task after the route's middleware like a forwarder.
             answer = LocalAnswer(config.redirect, config.respond)
@@ -160,21 +166,9 @@ class Runtime:
                 continue
             self.upstreams[name] = Upstream(upstream, codec, max_head)
             self.new_upstreams.append(self.upstreams[name])
+        self.mirrors: list[Mirror] = []  # the routes' mirrors (built by _route)
         self.routes = {
-            route.name: RouteRuntime(
-                route,
-                Forwarder(
-                    self.upstreams[route.upstream],
-                    route.rewrite,
-                    config.limits.max_head_bytes,
-                    route.websocket,
-                    route.forward_raw_path,
-                    route.request_buffering,
-                )
-                if route.upstream
-                else None,
-                chain((*config.global_middleware, *route.middleware)),
-            )
+            route.name: self._route(route, chain((*config.global_middleware, *route.middleware)))
             for route in config.routes
         }
         self.tracer = _tracer(config.tracing, previous)
@@ -185,6 +179,46 @@ class Runtime:
         hosts = http01_hosts(config)
         http01 = Http01Responder(hosts, self.http01_tokens) if hosts else None
         self.dispatcher = Dispatcher(self.table, self.routes, self.no_route, self.tracer, http01)
+
+    def _forwarder(self, route: RouteConfig, upstream: str) -> Forwarder:
+        return Forwarder(
+            self.upstreams[upstream],
+            route.rewrite,
+            self.config.limits.max_head_bytes,
+            route.websocket,
+            route.forward_raw_path,
+            route.request_buffering,
+        )
+
+    def _route(self, route: RouteConfig, chain: tuple[MiddlewareSpec, ...]) -> RouteRuntime:
+        """A route compiled; a split route's sides each get a forwarder (and a chain over
+        the same middleware instances) of their own, all sharing the route's mirror."""
+        if not route.upstream:
+            return RouteRuntime(route, None, chain)
+        mirror = None
+        if route.mirror is not None:
+            # The shadow's forwarder: the route's rewrite; bodies come whole (no buffering).
+            shadow = Forwarder(
+                self.upstreams[route.mirror.upstream],
+                route.rewrite,
+                self.config.limits.max_head_bytes,
+                None,
+                route.forward_raw_path,
+                None,
+            )
+            mirror = Mirror(route.name, route.mirror, shadow)
+            self.mirrors.append(mirror)
+        names = [side.upstream for side in route.split.sides] if route.split else [route.upstream]
+        sides = []
+        for name in names:
+            forwarder = self._forwarder(route, name)
+            forwarder.mirror = mirror
+            sides.append(RouteRuntime(route, forwarder, chain))
+        if route.split is None:
+            return sides[0]
+        compiled = RouteRuntime(route, sides[0].forwarder, chain)
+        compiled.split = Split(route.name, route.split, sides)
+        return compiled
 
     def middleware(self) -> list[MiddlewareSpec]:
         """Every middleware instance in the chains (shared ones once per chain)."""
@@ -203,6 +237,8 @@ class Runtime:
         """Close idle upstream connections, the health checks and the middleware's
         resources."""
         self.close()
+        for mirror in self.mirrors:
+            mirror.cancel()  # copies still out: nobody waits for their answers
         for upstream in self.upstreams.values():
             await upstream.aclose_health()
         await close_all(self.middleware())

@@ -26,7 +26,7 @@ from typing import Any
 from prometheus_client.metrics_core import Metric
 
 from metrics.gateway import certificate_names, leaf_certificate
-from proxy.config.model import Config, MiddlewareSpec, RouteConfig
+from proxy.config.model import Config, MiddlewareSpec, RouteConfig, SplitConfig
 from proxy.exchange.routing import RouteTable
 
 EndpointStates = list[dict[str, Any]]  # one worker's `endpoints` (ServerGauges.endpoint_states)
@@ -49,6 +49,9 @@ def routes_view(config: Config, view: dict[str, Any]) -> list[dict[str, Any]]:
                 "index": route.index,
                 "match": entry.get("match", {}),
                 "upstream": route.upstream or None,
+                # A weighted split: every side with its weight (the first is `upstream`).
+                "split": _split_view(route.split) if route.split is not None else None,
+                "mirror": entry.get("mirror"),
                 # A route that answers itself: its `redirect` or `respond`, as written.
                 "redirect": entry.get("redirect"),
                 "respond": entry.get("respond"),
@@ -61,6 +64,23 @@ def routes_view(config: Config, view: dict[str, Any]) -> list[dict[str, Any]]:
             }
         )
     return routes
+
+
+def _split_view(split: SplitConfig) -> dict[str, Any]:
+    total = sum(side.weight for side in split.sides)
+    return {
+        "sides": [
+            {"upstream": side.upstream, "weight": side.weight, "percent": side.weight * 100 / total}
+            for side in split.sides
+        ],
+        "sticky": (
+            {"cookie": split.sticky_cookie}
+            if split.sticky_cookie is not None
+            else {"header": split.sticky_header}
+            if split.sticky_header is not None
+            else None
+        ),
+    }
 
 
 def middleware_view(config: Config, view: dict[str, Any]) -> list[dict[str, Any]]:

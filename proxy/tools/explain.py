@@ -16,7 +16,14 @@ from urllib.parse import parse_qsl
 
 from multidict import CIMultiDict
 
-from proxy.config.model import Config, HeaderMatch, MiddlewareSpec, QueryMatch, RouteConfig
+from proxy.config.model import (
+    Config,
+    HeaderMatch,
+    MiddlewareSpec,
+    QueryMatch,
+    RouteConfig,
+    SplitConfig,
+)
 from proxy.core.canonical import canonical_target, check_authority, check_method
 from proxy.core.errors import BadRequest
 from proxy.exchange.forward import compile_rewrite
@@ -178,14 +185,24 @@ def render_explanation(config: Config, found: Explanation) -> str:
         if not route.upstream:
             lines.append(f"answered by the gateway: {describe_answer(route)}")
             return _with_passed_over(lines, found, route)
-        upstream = config.upstreams[route.upstream]
-        endpoints = ", ".join(
-            e.url + (f" weight {e.weight}" if e.weight != 1 else "") for e in upstream.endpoints
-        )
-        lines.append(
-            f"upstream: {upstream.name} ({upstream.protocol}, {upstream.balance.policy}): "
-            f"{endpoints}"
-        )
+        split = route.split
+        if split is not None:
+            lines.append(f"split: {describe_split(split)}")
+        for name in [side.upstream for side in split.sides] if split else [route.upstream]:
+            upstream = config.upstreams[name]
+            endpoints = ", ".join(
+                e.url + (f" weight {e.weight}" if e.weight != 1 else "") for e in upstream.endpoints
+            )
+            lines.append(
+                f"upstream: {upstream.name} ({upstream.protocol}, {upstream.balance.policy}): "
+                f"{endpoints}"
+            )
+        mirror = route.mirror
+        if mirror is not None:
+            lines.append(
+                f"mirror: {mirror.percent:g}% to {mirror.upstream} (bodies up to "
+                f"{mirror.max_body} bytes, {mirror.max_in_flight} in flight)"
+            )
         forwarded = found.forwarded_path
         target = f"{forwarded}?{found.query}" if found.query else forwarded
         host_note = f", Host: {route.rewrite.host}" if route.rewrite.host else ""
@@ -211,6 +228,20 @@ def describe_answer(route: RouteConfig) -> str:
     return f"respond {route.respond.status}"
 
 
+def describe_split(split: SplitConfig) -> str:
+    """`v1 90%, v2 10%, sticky by cookie session`: a split's sides and their shares."""
+    total = sum(side.weight for side in split.sides)
+    shares = ", ".join(
+        f"{side.upstream} {side.weight * 100 / total:g}% (weight {side.weight})"
+        for side in split.sides
+    )
+    if split.sticky_cookie is not None:
+        return f"{shares}, sticky by cookie {split.sticky_cookie}"
+    if split.sticky_header is not None:
+        return f"{shares}, sticky by header {split.sticky_header}"
+    return shares
+
+
 def render_routes(config: Config) -> str:
     """The text `gatehouse routes` prints: the table, in the order routes are tried."""
     lines = []
@@ -218,7 +249,12 @@ def render_routes(config: Config) -> str:
         chain = [spec.name for spec in (*config.global_middleware, *route.middleware)]
         lines.append(
             f"{position:>3}. {route.name}: {describe_match(route)} -> "
-            f"{route.upstream or describe_answer(route)}"
-            + (f" [{', '.join(chain)}]" if chain else "")
+            f"{_answered_by(route)}" + (f" [{', '.join(chain)}]" if chain else "")
         )
     return "\n".join(lines)
+
+
+def _answered_by(route: RouteConfig) -> str:
+    if route.split is not None:
+        return " | ".join(f"{side.upstream} ({side.weight})" for side in route.split.sides)
+    return route.upstream or describe_answer(route)

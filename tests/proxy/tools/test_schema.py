@@ -252,6 +252,15 @@ routes:
   - name: hashed
     match: {{path: /h}}
     upstream: hashed
+  - name: canary
+    match: {{path: /c}}
+    upstream:
+      split: [{{upstream: web, weight: 9}}, {{upstream: hashed, weight: 1}}]
+      sticky: {{cookie: session}}
+    mirror: {{upstream: hashed, percent: 50, max_body: 64KiB, max_in_flight: 8, timeout: 2s}}
+  - name: canary-by-header
+    match: {{path: /ch}}
+    upstream: {{split: [{{upstream: web, weight: 1}}], sticky: {{header: X-User}}}}
   - name: moved
     match: {{path_regex: "^/old/(?P<rest>.*)$"}}
     redirect: {{to: "https://{{{{host}}}}/new/{{{{rest}}}}{{{{query}}}}", status: 301}}
