@@ -141,11 +141,11 @@ class Compress:
     PHASES: ClassVar[bool] = True  # request_phase, response_phase (proxy/exchange/phased.py)
 
     def __init__(self, options: Options) -> None:
+        levels = {name: self._level(options, name) for name in LEVELS}  # all checked
         self.codings: dict[str, Coding] = {}
         for name in self._encodings(options):
-            level = self._level(options, name)
             try:
-                self.codings[name] = Coding(name, level)
+                self.codings[name] = Coding(name, levels[name])
             except ImportError:
                 package = LIBRARIES[name][1]
                 options.error(

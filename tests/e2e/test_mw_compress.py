@@ -209,7 +209,7 @@ async def test_each_event_reaches_the_client_before_the_next_is_sent(
     assert decoded == FIRST_EVENT + SECOND_EVENT
 
 
-async def test_a_client_leaving_mid_stream_closes_the_upstream_connection(
+async def test_a_client_leaving_mid_stream_ends_the_upstream_exchange(
     gateway: Server, upstream: ContentUpstream, version: str
 ) -> None:
     async with client_for(version) as client:
@@ -223,9 +223,12 @@ async def test_a_client_leaving_mid_stream_closes_the_upstream_connection(
             decoded += decoder.feed(part)
             if len(decoded) >= len(FIRST_EVENT):
                 break
-        assert decoded == FIRST_EVENT
-        await response.aclose()  # HTTP/1.1: the connection closes; h2: RST_STREAM
-    # The compressing task stops reading, and the upstream's half-read body is let go.
+        assert decoded.startswith(FIRST_EVENT)
+        await response.aclose()
+    # The client's socket is closed: the gateway's next write fails, the compressing task
+    # stops and the upstream's connection is closed, not left paused. (The exchange's own
+    # cancellation closes it too; tests/middleware/test_compress_codecs.py checks that the
+    # compressed body lets its source go by itself.)
     await asyncio.wait_for(upstream.disconnected.wait(), 10)
 
 

@@ -10,9 +10,9 @@
        &random=1     N bytes that do not compress (a fixed seed) instead of text
   /events            text/event-stream, chunked: the first event at once, the second once
                      the test has called `release()`, then the end
-  /endless           text/event-stream, chunked: one event, then nothing more; the
-                     connection stays open until the gateway closes it, which sets
-                     `disconnected`
+  /endless           text/event-stream, chunked: the first event, then the second over
+                     and over, as fast as the gateway reads them, until it closes the
+                     connection, which sets `disconnected`
 HEAD gets the head GET would get. Keep-alive; no pipelining; bodiless requests only.
 Every request's head is recorded in `requests` (method, target, fields by lowercase name).
 """
@@ -163,8 +163,8 @@ class ContentUpstream:
             b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n" + _chunk(FIRST_EVENT)
         )
-        await writer.drain()
         with contextlib.suppress(ConnectionError):
-            while await reader.read(65536):
-                pass
+            while True:  # as fast as the gateway takes them: its backpressure paces this
+                await writer.drain()
+                writer.write(_chunk(SECOND_EVENT))
         self.disconnected.set()
