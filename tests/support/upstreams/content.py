@@ -124,7 +124,7 @@ class ContentUpstream:
         if content_type != "none":
             fields.append(f"Content-Type: {content_type}")
         if one("gzipped", ""):
-            body = gzip.compress(body)
+            body = gzip.compress(body, mtime=0)  # the same bytes every time
             fields.append("Content-Encoding: gzip")
         fields.extend(query.get("h", []))
         chunks = int(one("chunks", "0"))
