@@ -15,7 +15,7 @@ import pytest
 import zstandard
 
 from middleware.compress_codecs import BROTLI_WINDOW_BITS, Coding, CompressedBody
-from proxy.core.errors import UpstreamReset
+from proxy.core.errors import InternalError, UpstreamReset
 from proxy.core.models import BODY_HIGH_WATER_BYTES, Body
 
 CODINGS = ["gzip", "br", "zstd"]
@@ -144,3 +144,27 @@ async def test_a_client_that_does_not_read_pauses_the_source() -> None:
     received = await first + await read_all(compressed.body)
     assert paused == ["pause", "resume"]
     assert zlib.decompress(received, 31) == noise
+
+
+class _FailingStream:
+    """A compressor that fails (none of the real ones can be made to, from outside)."""
+
+    def piece(self, data: bytes) -> bytes:
+        raise ValueError("compressor state corrupted")
+
+    def end(self) -> bytes:
+        return b""
+
+
+async def test_a_compressor_that_fails_fails_the_body_as_a_500_and_lets_the_source_go(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    abandoned: list[bool] = []
+    source = Body(None)
+    source.on_abandon = lambda: abandoned.append(True)
+    compressed = CompressedBody(source, _FailingStream())
+    source.feed(TEXT[:100])
+    with pytest.raises(InternalError):
+        await compressed.body.read()
+    assert abandoned == [True]
+    assert "compressing a response body failed" in caplog.text
