@@ -12,6 +12,9 @@
   endpoint's state over the workers; the route table in match order with its chains;
   the middleware instances with redacted options; the TLS listeners' certificates).
 - GET /: the status page, HTML that reloads itself (metrics/status_page.py).
+- POST /cache/purge?key=KEY or ?prefix=PREFIX (and `&middleware=NAME` for one instance):
+  every worker's `cache` middleware forgets that key, or every key under the prefix, in
+  its memory and in Redis (docs/middleware/cache.md).
 
 Before any of that, each request passes the Host allow-list, the bearer token
 (`admin.token`, except for /healthz and /readyz) and, for POST, the cross-site check
@@ -30,6 +33,7 @@ import json
 import logging
 from http import HTTPStatus
 from typing import Any, Protocol
+from urllib.parse import parse_qs
 
 import h11
 from prometheus_client.metrics_core import Metric
@@ -65,6 +69,10 @@ class AdminApp(Protocol):
     def certificates(self) -> list[dict[str, Any]]: ...
 
     async def status_page(self) -> bytes: ...
+
+    async def purge_cache(
+        self, middleware: str, key: str, prefix: str | None
+    ) -> tuple[int, dict[str, Any]]: ...
 
 
 class AdminServer:
@@ -213,10 +221,23 @@ class AdminServer:
             return _json(200, {"certificates": app.certificates()})
         if path == "/":
             return 200, list(PAGE_HEADERS), await app.status_page()
+        if path == "/cache/purge":
+            return await self._purge(request.target)
         ok, errors = await app.reload("admin API")
         if ok:
             return _json(200, {"ok": True})
         return _json(422, {"ok": False, "errors": errors})
+
+    async def _purge(self, target: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+        query = parse_qs(target.partition(b"?")[2].decode("utf-8", "replace"), True)
+        keys, prefixes = query.get("key", []), query.get("prefix", [])
+        if len(keys) + len(prefixes) != 1:
+            message = "give one key=KEY or one prefix=PREFIX (prefix= alone: every key)"
+            return _json(400, {"error": "bad_request", "message": message})
+        middleware = (query.get("middleware") or [""])[0]
+        prefix = prefixes[0] if prefixes else None
+        status, payload = await self._app.purge_cache(middleware, "".join(keys), prefix)
+        return _json(status, payload)
 
 
 _ROUTES: dict[str, tuple[str, ...]] = {
@@ -230,6 +251,7 @@ _ROUTES: dict[str, tuple[str, ...]] = {
     "/routes": ("GET",),
     "/middleware": ("GET",),
     "/certificates": ("GET",),
+    "/cache/purge": ("POST",),
 }
 
 

@@ -211,6 +211,21 @@ RATE_LIMIT_EVICTIONS = Counter(
 )
 
 
+CACHE_LOOKUPS = LocalCounter(  # one per request through a cache: no lock
+    "gatehouse_cache_lookups",
+    "Requests a cache middleware answered or passed on, by instance name and result (hit, "
+    "miss, stale, revalidated, bypass)",
+    ["middleware", "result"],
+    registry=REGISTRY,
+)
+CACHE_EVICTIONS = Counter(
+    "gatehouse_cache_evictions",
+    "Entries a cache's memory backend evicted to make room (max_size), by instance name",
+    ["middleware"],
+    registry=REGISTRY,
+)
+
+
 class ProxyHeaderRefusal(enum.Enum):
     """Why a connection on a `proxy_protocol` listener was closed before any HTTP."""
 

@@ -38,13 +38,10 @@ from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio
-import redis.exceptions
-from redis.asyncio.connection import parse_url
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError
 
 from middleware.rate_limit_core import Decision, RateLimitBackendError, gcra
+from middleware.redis_client import FAILURES, describe_url, make_client
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +81,7 @@ redis.call('SET', KEYS[1], string.format('%.17g', new_tat), 'PX', ttl_ms)
 return {1, old, at}
 """
 
-# What a failed call can raise besides redis-py's own errors: OSError from the socket layer
-# (TimeoutError, from asyncio.timeout, is one), and ValueError/TypeError/IndexError from a
-# reply that is not the script's.
-_FAILURES = (redis.exceptions.RedisError, OSError, ValueError, TypeError, IndexError)
+_FAILURES = FAILURES
 
 
 # A decision waiting for its batch: its answer, and the script's keys and arguments.
@@ -101,18 +95,6 @@ class BackendState(enum.Enum):
     UP = "up"  # the last call succeeded
     DOWN = "down"  # the last call failed: outage logged, its end will be
     CLOSED = "closed"
-
-
-def describe_url(url: str) -> str:
-    """`host:port/db` (or the socket path) of a Redis URL, without credentials, for logs.
-
-    Raises:
-        ValueError: redis-py cannot use the URL (scheme, port, query values).
-    """
-    kwargs: dict[str, Any] = dict(parse_url(url))
-    if "path" in kwargs:
-        return f"unix:{kwargs['path']}"
-    return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
 
 
 class RedisBackend:
@@ -156,21 +138,7 @@ class RedisBackend:
         return f"<RedisBackend {self.where} {self.state.name} prefix={self.key_prefix!r}>"
 
     def _make_client(self) -> redis.asyncio.Redis:
-        # One retry, on a broken connection only: after Redis restarts, every pooled
-        # connection is dead and would otherwise fail one decision each (with deny, 503s
-        # after the outage is over). The retry goes out on a fresh connection. Timeouts are
-        # not retried: asyncio.timeout bounds the whole call anyway, and a slow Redis is
-        # not made faster by asking twice.
-        pool = redis.asyncio.BlockingConnectionPool.from_url(
-            self.url,
-            max_connections=POOL_MAX_CONNECTIONS,
-            timeout=self.timeout_s,
-            socket_timeout=self.timeout_s,
-            socket_connect_timeout=self.timeout_s,
-            retry=Retry(NoBackoff(), 1, (redis.exceptions.ConnectionError,)),
-            health_check_interval=0,
-        )
-        client = redis.asyncio.Redis.from_pool(pool)
+        client = make_client(self.url, self.timeout_s, POOL_MAX_CONNECTIONS)
         self._client = client
         return client
 

@@ -27,6 +27,7 @@ BUILTIN: dict[str, str] = {
     "ip_filter": "middleware.ip_filter:IpFilter",
     "body_limit": "middleware.body_limit:BodyLimit",
     "client_cert": "middleware.client_cert:ClientCert",
+    "cache": "middleware.cache:Cache",
     "compress": "middleware.compress:Compress",
 }
 

@@ -83,14 +83,19 @@ def _servers(location: str, port: int, h2c_port: int | None, nginx: Version) -> 
 def origin_config(
     workdir: Path, docroot: Path, port: int, h2c_port: int | None, nginx: Version, workers: str
 ) -> str:
-    """The origin: `/` from the config, everything else from docroot; and a stand-in for
-    an OpenTelemetry collector at /v1/traces (the tracing configs export there), which
-    reads and discards each export."""
+    """The origin: `/` from the config, everything else from docroot; `/cached`, the
+    same 12 bytes with `Cache-Control: max-age=3600`; and a stand-in for an OpenTelemetry
+    collector at /v1/traces (the tracing configs export there), which reads and discards
+    each export."""
     location = (
         f"    root {docroot};\n"
         '    location = / {\n      default_type text/plain;\n      return 200 "hello world\\n";\n'
         "    }\n"
         "    location = /v1/traces {\n      return 200;\n    }\n"
+        # What a shared cache may keep for an hour (bench/cache: hit against proxied).
+        '    location = /cached {\n      default_type text/plain;\n'
+        '      add_header Cache-Control "max-age=3600";\n      return 200 "hello world\\n";\n'
+        "    }\n"
         "    location / {\n    }\n"
     )
     return _wrap(workdir, workers, _servers(location, port, h2c_port, nginx))

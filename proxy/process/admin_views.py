@@ -298,3 +298,28 @@ def status_view(
         "generation": generation,
         "sha256": view.get("sha256", ""),
     }
+
+
+def purge_reply(
+    middleware: str, replies: Sequence[tuple[str, object]]
+) -> tuple[int, dict[str, Any]]:
+    """POST /cache/purge's answer from each worker's reply to `cache_purge` (named by
+    who answered; an exception when it did not): the entries purged, summed per cache
+    instance; 404 when no worker has a cache instance so named, 502 when a worker or a
+    Redis failed (the others purged)."""
+    purged: dict[str, int] = {}
+    errors: list[str] = []
+    for who, reply in replies:
+        if not isinstance(reply, dict) or not reply.get("ok"):
+            errors.append(f"{who}: {reply}")
+            continue
+        for name, count in reply.get("purged", {}).items():
+            if isinstance(count, int):
+                purged[name] = purged.get(name, 0) + count
+            else:
+                purged.setdefault(name, 0)
+                errors.append(f"{who}: {name}: {count}")
+    if not purged and not errors:
+        which = f"named {middleware!r}" if middleware else "in the running config"
+        return 404, {"ok": False, "error": "no_cache", "message": f"no cache middleware {which}"}
+    return (502 if errors else 200), {"ok": not errors, "purged": purged, "errors": errors}

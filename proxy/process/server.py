@@ -223,6 +223,25 @@ class Server:
         load again from storage (proxy/process/acme_serving.py); what failed to load."""
         return self.acme.apply(state, self.runtime.http01_tokens)
 
+    async def purge_caches(self, middleware: str, key: str, prefix: str | None) -> dict[str, Any]:
+        """The admin API's cache purge in this worker: each `cache` instance (or the one
+        named `middleware`) forgets `key`, or every key under `prefix`. Per instance, how
+        many entries went, or why it failed."""
+        results: dict[str, Any] = {}
+        seen: set[int] = set()
+        for spec in self.runtime.middleware():
+            purge = getattr(spec.instance, "purge_cache", None)
+            if purge is None or id(spec.instance) in seen:
+                continue
+            seen.add(id(spec.instance))
+            if middleware and spec.name != middleware:
+                continue
+            try:
+                results[spec.name] = int(await purge(key, prefix))
+            except Exception as exc:  # a Redis failure: reported, not raised
+                results[spec.name] = f"{type(exc).__name__}: {exc}"
+        return results
+
     # -- reload ------------------------------------------------------------------------
     async def prepare_reload(self, config: Config) -> None:
         """Build everything `config` needs beside what is running (step 1 of 2).

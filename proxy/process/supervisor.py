@@ -58,6 +58,7 @@ from proxy.process.admin_views import (
     EndpointStates,
     certificates_view,
     middleware_view,
+    purge_reply,
     routes_view,
     status_view,
     upstreams_view,
@@ -74,6 +75,8 @@ EXIT_CANNOT_START = 3
 PREPARE_TIMEOUT_S = 30.0  # a worker builds the new config (and starts middleware) within this
 COMMIT_TIMEOUT_S = 10.0
 METRICS_TIMEOUT_S = 2.0  # a busy worker's last snapshot is used instead
+# A cache purge walks Redis' keys under a prefix (bounded by the cache's own timeouts).
+CACHE_PURGE_TIMEOUT_S = 30.0
 KILL_AFTER_GRACE_S = 5.0  # past the grace period, a worker that has not exited is killed
 _SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
@@ -534,6 +537,35 @@ class Supervisor:
             # else: busy or gone; its last snapshot stands in (counts never go backwards)
         current = [worker.last_metrics for worker in workers]
         return merge([snapshot(GATEWAY_REGISTRY), *current, *self._retired])
+
+    async def purge_cache(
+        self, middleware: str, key: str, prefix: str | None
+    ) -> tuple[int, dict[str, Any]]:
+        """POST /cache/purge: every worker's `cache` instances (or the one named) forget
+        `key`, or every key under `prefix`, in memory and in Redis. 200 with the counts
+        summed per instance; 404 when no cache instance is named so; 502 when a worker
+        or a Redis failed (the others purged)."""
+        workers = list(self._children.values())
+        replies = await asyncio.gather(
+            *(
+                worker.channel.request(
+                    "cache_purge",
+                    CACHE_PURGE_TIMEOUT_S,
+                    middleware=middleware,
+                    key=key,
+                    prefix=prefix,
+                )
+                for worker in workers
+            ),
+            return_exceptions=True,
+        )
+        return purge_reply(
+            middleware,
+            [
+                (f"worker {worker.pid}", reply)
+                for worker, reply in zip(workers, replies, strict=True)
+            ],
+        )
 
     async def upstreams(self) -> list[dict[str, Any]]:
         """/upstreams: each endpoint's state over the workers (a fresh collection)."""

@@ -142,6 +142,13 @@ async def _answer_parent(server: Server, control: socket.socket, stop: asyncio.E
             return {"ok": True}
         if op == "acme":
             return {"ok": True, "errors": server.apply_acme(request)}
+        if op == "cache_purge":
+            purged = await server.purge_caches(
+                str(request.get("middleware", "")),
+                str(request.get("key", "")),
+                None if request.get("prefix") is None else str(request["prefix"]),
+            )
+            return {"ok": True, "purged": purged}
         return {"ok": False, "errors": [f"unknown op {op!r}"]}
 
     try:

@@ -43,6 +43,7 @@ from proxy.process.admin_views import (
     EndpointStates,
     certificates_view,
     middleware_view,
+    purge_reply,
     routes_view,
     status_view,
     upstreams_view,
@@ -436,6 +437,18 @@ class _AdminApp:
             generation=0,
         )
         return render_page(status, self._rates.observe(merged), time.time())
+
+    async def purge_cache(
+        self, middleware: str, key: str, prefix: str | None
+    ) -> tuple[int, dict[str, Any]]:
+        try:
+            reply: object = {
+                "ok": True,
+                "purged": await self._gateway.server.purge_caches(middleware, key, prefix),
+            }
+        except Exception as exc:  # a bug: answered as a failed worker would be
+            reply = exc
+        return purge_reply(middleware, [("the in-process gateway", reply)])
 
     async def reload(self, reason: str) -> tuple[bool, list[str]]:
         try:

@@ -28,6 +28,7 @@ pytestmark = pytest.mark.socket
 
 PATHS = [
     "/",
+    "/cache/purge",
     "/certificates",
     "/config",
     "/healthz",
@@ -49,6 +50,7 @@ class App:
         self.view: dict[str, Any] = {"source": "routes.yaml", "config": {"workers": 2}}
         self.reload_result: tuple[bool, list[str]] = (True, [])
         self.reloads: list[str] = []
+        self.purges: list[tuple[str, str, str | None]] = []
         self.scrapes = 0
         workers = []
         for count in (3, 4):
@@ -87,6 +89,12 @@ class App:
 
     async def status_page(self) -> bytes:
         return b"<!DOCTYPE html><title>status</title>"
+
+    async def purge_cache(
+        self, middleware: str, key: str, prefix: str | None
+    ) -> tuple[int, dict[str, Any]]:
+        self.purges.append((middleware, key, prefix))
+        return 200, {"ok": True, "purged": {"pages": 2}, "errors": []}
 
 
 class Admin:
@@ -456,3 +464,24 @@ async def test_start_on_a_taken_address_raises_oserror(running: Admin) -> None:
     with pytest.raises(OSError, match="in use"):
         await other.start(*running.address)
     await other.close()
+
+
+async def test_cache_purge_passes_a_key_or_a_prefix_to_the_app(
+    running: Admin, client: httpx.AsyncClient
+) -> None:
+    purged = await client.post("/cache/purge", params={"prefix": "GET a/"}, headers=WRITE)
+    assert purged.status_code == 200
+    assert purged.json() == {"ok": True, "purged": {"pages": 2}, "errors": []}
+    everything = await client.post("/cache/purge?prefix=", headers=WRITE)
+    assert everything.status_code == 200
+    one = await client.post(
+        "/cache/purge", params={"key": "GET a/1", "middleware": "pages"}, headers=WRITE
+    )
+    assert one.status_code == 200
+    assert running.app.purges == [("", "", "GET a/"), ("", "", ""), ("pages", "GET a/1", None)]
+    for bad in ("/cache/purge", "/cache/purge?key=a&prefix=b", "/cache/purge?key=a&key=b"):
+        refused = await client.post(bad, headers=WRITE)
+        assert refused.status_code == 400, bad
+    assert (await client.get("/cache/purge")).status_code == 405
+    assert (await client.post("/cache/purge?prefix=")).status_code == 403  # cross-site check
+    assert len(running.app.purges) == 3

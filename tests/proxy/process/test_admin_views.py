@@ -10,7 +10,7 @@ from prometheus_client.metrics_core import Metric
 from metrics.aggregate import merge
 from proxy.config.load import parse_config
 from proxy.config.view import config_view
-from proxy.process.admin_views import middleware_view, upstreams_view
+from proxy.process.admin_views import middleware_view, purge_reply, upstreams_view
 
 CONFIG = """
 listeners: [{bind: 127.0.0.1:8080}]
@@ -98,3 +98,29 @@ def test_middleware_names_the_routes_that_run_it_in_match_order() -> None:
         ("ids", "middleware.ids", True, ["a", "b"]),
         ("request_id", "routes[0].middleware[0]", False, ["b"]),
     ]
+
+
+def test_purge_reply_sums_instances_over_workers_and_reports_failures() -> None:
+    ok = [
+        ("worker 1", {"ok": True, "purged": {"pages": 2, "api": 0}}),
+        ("worker 2", {"ok": True, "purged": {"pages": 1, "api": 1}}),
+    ]
+    assert purge_reply("", ok) == (
+        200,
+        {"ok": True, "purged": {"pages": 3, "api": 1}, "errors": []},
+    )
+    failed = [
+        ("worker 1", {"ok": True, "purged": {"pages": "CacheBackendError: Redis down"}}),
+        ("worker 2", TimeoutError("no answer")),
+    ]
+    status, payload = purge_reply("", failed)
+    assert (status, payload["ok"], payload["purged"]) == (502, False, {"pages": 0})
+    assert payload["errors"] == [
+        "worker 1: pages: CacheBackendError: Redis down",
+        "worker 2: no answer",
+    ]
+    none = [("worker 1", {"ok": True, "purged": {}})]
+    assert purge_reply("pages", none) == (
+        404,
+        {"ok": False, "error": "no_cache", "message": "no cache middleware named 'pages'"},
+    )

@@ -201,6 +201,23 @@ middleware:
     key: "header:X-User"
     backend: redis
     redis: {{url: "redis://127.0.0.1:6379/0", timeout: 50ms, on_redis_error: allow}}
+  pages:
+    type: cache
+    backend: memory
+    max_object_size: 1MiB
+    max_size: 64MiB
+    key: {{method: true, host: true, query: sorted, query_keep: [a], query_drop: [b],
+          headers: [Accept-Language]}}
+    heuristic: 0.1
+    max_stale: 1m
+    keep_stale: 10m
+    coalesce: true
+    coalesce_timeout: 5s
+    status_name: edge
+  shared-pages:
+    type: cache
+    backend: redis
+    redis: {{url: "redis://127.0.0.1:6379/0", timeout: 250ms}}
   log: {{type: access_log, fields: [method, path, status], sample: 1, output: stdout,
          queue_size: 100}}
   hdrs: {{type: headers, request: {{set: {{X-A: a}}, add: {{X-B: b}}, remove: [X-C]}},

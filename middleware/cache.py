@@ -1,0 +1,704 @@
+"""`cache`: a shared HTTP cache (RFC 9111) in front of the route's upstream.
+
+A GET is looked up by its key (middleware/cache_key.py) and the variant its Vary fields
+select. A fresh entry is the answer (with `Age` and `Cache-Status`, RFC 9211), or a 304
+when the client's own conditions hold. A stale one is revalidated with the origin (its
+ETag and Last-Modified as If-None-Match and If-Modified-Since; a 304 freshens the stored
+fields), served at once while a background request revalidates it under
+`stale-while-revalidate`, or served when the origin fails under `stale-if-error`
+(RFC 5861). A miss goes upstream; a storable response (middleware/cache_rules.py)
+streams to the client while a copy is kept, and is stored when it ends within
+`max_object_size`.
+
+Concurrent misses of one key are coalesced: the first goes upstream, the others wait
+(at most `coalesce_timeout`) for its response to be stored and are answered from it. A
+waiter whose leader's response was not stored (not storable, too big, failed) or did not
+arrive in time goes upstream on its own; a waiter whose client goes away stops waiting.
+Coalescing is per worker: with `backend: redis`, one miss per worker may reach the
+origin.
+
+The rules are pure functions of fields and times (cache_rules.py); the time comes from
+`clock` (wall-clock seconds, as `Date` counts them), which the unit tests replace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from metrics.definitions import CACHE_EVICTIONS, CACHE_LOOKUPS
+from middleware import cache_rules as rules
+from middleware.cache_body import tee
+from middleware.cache_key import QUERY_FORMS, KeySpec
+from middleware.cache_store import CacheBackendError, Entry, MemoryStore, pick_variant
+from proxy import Body, Handler, Option, Options, ProxyError, Request, Response
+
+if TYPE_CHECKING:
+    from middleware.cache_redis import RedisStore  # redis-py: imported only when configured
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_OBJECT_BYTES = 1024 * 1024
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+DEFAULT_REDIS_TIMEOUT_S = 0.25
+DEFAULT_COALESCE_TIMEOUT_S = 5.0
+DEFAULT_KEEP_STALE_S = 600.0
+REDIS_KEY_PREFIX = "gatehouse:cache:"
+
+# The client's conditions the cache answers itself; the others bypass it (cache_rules).
+_CLIENT_CONDITIONS = ("if-none-match", "if-modified-since")
+_UNSAFE_METHODS = frozenset(("POST", "PUT", "DELETE", "PATCH"))
+_STALE_IF_ERROR_STATUSES = frozenset((500, 502, 503, 504))
+
+
+class NotCached(ProxyError):
+    """504 `not_cached`: the request said `only-if-cached`, and nothing usable is stored
+    (RFC 9111 section 5.2.1.7)."""
+
+    status, reason = 504, "not_cached"
+
+
+class Facts:
+    """What the cache works out of a stored response once (not on every hit)."""
+
+    __slots__ = (
+        "initial_age",
+        "lifetime",
+        "must_validate",
+        "raw",
+        "stale_if_error",
+        "stale_ok",
+        "swr",
+    )
+
+    def __init__(self, entry: Entry, heuristic: float, max_stale: float | None) -> None:
+        fields = entry.fields
+        self.lifetime = rules.freshness_lifetime(fields, heuristic_fraction=heuristic)
+        self.initial_age = rules.initial_age(fields, entry.request_time, entry.response_time)
+        self.must_validate = rules.needs_validation(fields)
+        self.stale_ok = rules.may_serve_stale(fields)
+        self.swr = rules.stale_window(fields, "stale-while-revalidate", max_stale)
+        self.stale_if_error = rules.stale_window(fields, "stale-if-error", max_stale)
+        # The stored fields as the response's raw headers, without the stored Age.
+        self.raw = [
+            (name.encode("latin-1"), value.encode("latin-1"))
+            for name, value in fields
+            if name.lower() != "age"
+        ]
+
+
+def fields_of(message: Request | Response) -> list[tuple[str, str]]:
+    """A message's fields as text pairs."""
+    raw = message.raw_headers
+    if raw is not None:
+        return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in raw]
+    return list(message.headers.items())
+
+
+class Cache:
+    """A shared cache of the route's GET responses, in memory or in Redis."""
+
+    KEY_OPTIONS: ClassVar[dict[str, Option]] = {
+        "method": Option.boolean("the method is part of the key", True),
+        "host": Option.boolean("the Host is part of the key", True),
+        "query": Option.choice(
+            QUERY_FORMS, "the query in the key: sorted, as sent, or none", "sorted"
+        ),
+        "query_keep": Option.strings("only these query parameters are part of the key", []),
+        "query_drop": Option.strings("these query parameters are not part of the key", []),
+        "headers": Option.strings("request fields whose values are part of the key", []),
+    }
+    REDIS_OPTIONS: ClassVar[dict[str, Option]] = {
+        "url": Option.string("redis://host:port/db or rediss://...", required=True),
+        "timeout": Option.duration(
+            "a Redis call slower than this bypasses the cache", DEFAULT_REDIS_TIMEOUT_S, True
+        ),
+    }
+    OPTIONS: ClassVar[dict[str, Option]] = {
+        "backend": Option.choice(
+            ("memory", "redis"), "each worker's memory, or shared through Redis", "memory"
+        ),
+        "redis": Option.mapping(REDIS_OPTIONS, "the Redis backend (backend: redis)"),
+        "max_object_size": Option.size(
+            "the largest response body stored (a larger one streams, and is not stored)",
+            DEFAULT_MAX_OBJECT_BYTES,
+            True,
+        ),
+        "max_size": Option.size(
+            "what the memory backend holds in all, per worker (least recently used evicted)",
+            DEFAULT_MAX_BYTES,
+            True,
+        ),
+        "key": Option.mapping(KEY_OPTIONS, "what names a cached response"),
+        "heuristic": Option.number(
+            "fraction of the time since Last-Modified a response without explicit "
+            "freshness is fresh (0: off)",
+            0,
+        ),
+        "max_stale": Option.duration(
+            "caps stale-while-revalidate and stale-if-error (absent: as the origin says)"
+        ),
+        "keep_stale": Option.duration(
+            "how long Redis keeps an entry that can be revalidated after it went stale",
+            DEFAULT_KEEP_STALE_S,
+        ),
+        "coalesce": Option.boolean("concurrent misses of one key make one upstream request", True),
+        "coalesce_timeout": Option.duration(
+            "how long a coalesced miss waits for the first before going upstream itself",
+            DEFAULT_COALESCE_TIMEOUT_S,
+            True,
+        ),
+        "status_name": Option.string("this cache's name in Cache-Status", "gatehouse"),
+    }
+    # With the memory backend it awaits nothing but call_next, except a coalesced miss's
+    # wait for its leader (a plain future, which proxy/exchange/eager.py hands to a task):
+    # its hits then run without a task. Redis calls need a task (`asyncio.timeout`).
+    EAGER = False  # an instance attribute: __init__ sets it
+
+    def __init__(self, options: Options) -> None:
+        self.name = options.name
+        self.max_object_bytes = options.size(
+            "max_object_size", DEFAULT_MAX_OBJECT_BYTES, positive=True
+        )
+        self.heuristic = options.number("heuristic", 0.0)
+        self.max_stale = options.duration("max_stale", 0.0) if "max_stale" in options else None
+        self.keep_stale_s = options.duration("keep_stale", DEFAULT_KEEP_STALE_S)
+        self.coalesce = options.boolean("coalesce", True)
+        self.coalesce_timeout_s = options.duration(
+            "coalesce_timeout", DEFAULT_COALESCE_TIMEOUT_S, positive=True
+        )
+        self.status_name = options.string("status_name", "gatehouse")
+        self.key_spec = self._key_spec(options)
+        self.clock: Callable[[], float] = time.time  # the unit tests drive their own
+        self._counters = {
+            result: CACHE_LOOKUPS.labels(self.name, result).inc
+            for result in ("hit", "miss", "stale", "revalidated", "bypass")
+        }
+        self.backend_name = options.choice("backend", ("memory", "redis"), "memory")
+        self.store: MemoryStore | RedisStore
+        max_bytes = options.size("max_size", DEFAULT_MAX_BYTES, positive=True)
+        if self.backend_name == "redis":
+            if "max_size" in options:
+                options.error(
+                    "max_size", "only used with backend: memory (Redis' maxmemory bounds it)"
+                )
+            self.store = self._redis_store(options, max_bytes)
+        else:
+            if "redis" in options:
+                options.error("redis", "only used with backend: redis")
+            self.store = MemoryStore(max_bytes, CACHE_EVICTIONS.labels(self.name).inc)
+            self.EAGER = True
+        self._flights: dict[str, asyncio.Future[bool]] = {}  # key -> stored, of its leader
+        self.waiting = 0  # coalesced misses waiting for their leader
+        # Called with `waiting` whenever it changes (the tests' barrier: N clients wait).
+        self.on_waiting: Callable[[int], None] | None = None
+        self._refreshing: set[str] = set()  # keys revalidated in the background
+        self._tasks: set[asyncio.Task[None]] = set()  # bodies being stored, refreshes
+
+    def _key_spec(self, options: Options) -> KeySpec:
+        key = options.nested("key", self.KEY_OPTIONS)
+        if key is None:
+            return KeySpec()
+        return KeySpec(
+            method=key.boolean("method", True),
+            host=key.boolean("host", True),
+            query=key.choice("query", QUERY_FORMS, "sorted"),
+            query_keep=key.strings("query_keep"),
+            query_drop=key.strings("query_drop"),
+            headers=key.strings("headers"),
+        )
+
+    def _redis_store(self, options: Options, max_bytes: int) -> MemoryStore | RedisStore:
+        redis = options.nested("redis", self.REDIS_OPTIONS)
+        fallback = MemoryStore(max_bytes)  # never serves: the load fails
+        if redis is None:
+            if "redis" not in options:
+                options.error("redis", "backend: redis needs a 'redis: {url: ...}' mapping")
+            return fallback
+        url = redis.string("url")
+        timeout_s = redis.duration("timeout", DEFAULT_REDIS_TIMEOUT_S, positive=True)
+        if redis.failed or "url" not in redis:
+            return fallback
+        try:
+            from middleware.cache_redis import RedisStore
+        except ImportError as exc:
+            options.error("backend", f"the redis backend cannot be loaded: {exc}")
+            return fallback
+        try:
+            return RedisStore(url, timeout_s, f"{REDIS_KEY_PREFIX}{self.name}:")
+        except ValueError as exc:
+            redis.error("url", f"invalid Redis URL: {exc}")
+            return fallback
+
+    def __repr__(self) -> str:
+        return f"<Cache {self.name!r} {self.store!r} {self.key_spec!r}>"
+
+    async def start(self) -> None:
+        """Start the store (the Redis client)."""
+        await self.store.start()
+
+    async def close(self) -> None:
+        """Stop storing and refreshing; close the store."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.store.close()
+
+    async def purge_cache(self, key: str, prefix: str | None = None) -> int:
+        """Forget the entries of `key`, or of every key starting with `prefix` when it is
+        given (the admin API's POST /cache/purge, through each worker: proxy/process/
+        server.py); how many entries (memory) or keys (Redis) went.
+
+        Raises:
+            CacheBackendError: Redis failed.
+        """
+        if prefix is not None:
+            return await self.store.purge(prefix)
+        return await self.store.delete(key)
+
+    # -- the exchange ----------------------------------------------------------------
+    async def __call__(self, request: Request, call_next: Handler) -> Response:
+        if request.upgrade:  # a WebSocket handshake: its "response" is a tunnel
+            return await call_next(request)
+        fields = fields_of(request)
+        why = rules.request_bypasses(request.method, fields)
+        if why:
+            return await self._bypass(request, call_next, why)
+        key = self.key_spec.key(request)
+        try:
+            entries = await self.store.get(key)
+        except CacheBackendError:
+            return await self._bypass(request, call_next, "backend-unavailable")
+        entry = pick_variant(entries, fields) if entries else None
+        demands = rules.RequestDemands(fields)
+        if entry is None:
+            if demands.only_if_cached:
+                raise NotCached("only-if-cached, and nothing is stored")
+            return await self._miss(
+                request, call_next, key, fields, "vary-miss" if entries else "uri-miss"
+            )
+        facts = self._facts(entry)
+        now = self.clock()
+        age = rules.current_age(facts.initial_age, entry.response_time, now)
+        if not facts.must_validate and demands.satisfied(facts.lifetime, age, facts.stale_ok):
+            self._counters["hit"]()
+            return self._answer(
+                fields,
+                entry,
+                facts,
+                age,
+                rules.cache_status(self.status_name, hit=True, ttl=facts.lifetime - age),
+            )
+        if demands.only_if_cached:
+            raise NotCached("only-if-cached, and the stored response is stale")
+        staleness = age - facts.lifetime
+        if (
+            not facts.must_validate
+            and not demands.no_cache
+            and demands.max_age is None
+            and 0 <= staleness <= facts.swr
+        ):
+            self._counters["stale"]()
+            self._refresh_later(request, call_next, key, entry)
+            return self._answer(
+                fields,
+                entry,
+                facts,
+                age,
+                rules.cache_status(
+                    self.status_name, hit=True, ttl=-staleness, detail="stale-while-revalidate"
+                ),
+            )
+        # Forwarded because the entry is stale (or must be validated), or because the
+        # request asked for it (no-cache, max-age) though it is fresh.
+        fwd = "stale" if staleness >= 0 or facts.must_validate else "request"
+        return await self._revalidate(request, call_next, key, fields, entry, facts, fwd)
+
+    async def _bypass(self, request: Request, call_next: Handler, why: str) -> Response:
+        self._counters["bypass"]()
+        response = await call_next(request)
+        if request.method in _UNSAFE_METHODS and response.status < 400:
+            # RFC 9111 section 4.4: a successful unsafe request invalidates what is
+            # stored for its target.
+            with contextlib.suppress(CacheBackendError):
+                await self.store.delete(self.key_spec.key(request, "GET"))
+        response.add_header(
+            "Cache-Status", rules.cache_status(self.status_name, fwd="bypass", detail=why)
+        )
+        return response
+
+    def _facts(self, entry: Entry) -> Facts:
+        facts = entry.facts
+        if not isinstance(facts, Facts):
+            facts = entry.facts = Facts(entry, self.heuristic, self.max_stale)
+        return facts
+
+    def _answer(
+        self,
+        request_fields: list[tuple[str, str]],
+        entry: Entry,
+        facts: Facts,
+        age: float,
+        status: str,
+    ) -> Response:
+        """The stored response (or a 304 when the client's own conditions hold)."""
+        age_field = (b"Age", str(int(age)).encode())
+        status_field = (b"Cache-Status", status.encode("latin-1"))
+        if (
+            entry.status == 200
+            and any(
+                rules.first_value(request_fields, name) is not None for name in _CLIENT_CONDITIONS
+            )
+            and rules.not_modified(request_fields, entry.fields)
+        ):
+            raw = [
+                (name.encode("latin-1"), value.encode("latin-1"))
+                for name, value in rules.not_modified_fields(entry.fields)
+            ]
+            return Response(304, [*raw, age_field, status_field])
+        return Response(
+            entry.status, [*facts.raw, age_field, status_field], Body.from_bytes(entry.body)
+        )
+
+    # -- misses and coalescing -------------------------------------------------------
+    async def _miss(
+        self,
+        request: Request,
+        call_next: Handler,
+        key: str,
+        fields: list[tuple[str, str]],
+        fwd: str,
+    ) -> Response:
+        conditional = any(
+            rules.first_value(fields, name) is not None for name in _CLIENT_CONDITIONS
+        )
+        if not self.coalesce or conditional:
+            self._counters["miss"]()
+            return await self._fetch(request, call_next, key, fields, fwd)
+        flight = self._flights.get(key)
+        if flight is None:
+            flight = asyncio.get_running_loop().create_future()
+            self._flights[key] = flight
+            self._counters["miss"]()
+            return await self._fetch(request, call_next, key, fields, fwd, flight)
+        # Another request of this key is on its way: wait for its response to be stored
+        # (a client going away cancels this wait, not the leader's flight).
+        self._count_waiting(1)
+        try:
+            done, _ = await asyncio.wait((flight,), timeout=self.coalesce_timeout_s)
+        finally:
+            self._count_waiting(-1)
+        if done and flight.result():
+            try:
+                entries = await self.store.get(key)
+            except CacheBackendError:
+                entries = []
+            entry = pick_variant(entries, fields)
+            if entry is not None:
+                facts = self._facts(entry)
+                age = rules.current_age(facts.initial_age, entry.response_time, self.clock())
+                self._counters["hit"]()
+                return self._answer(
+                    fields,
+                    entry,
+                    facts,
+                    age,
+                    rules.cache_status(
+                        self.status_name, fwd=fwd, collapsed=True, ttl=facts.lifetime - age
+                    ),
+                )
+        self._counters["miss"]()
+        return await self._fetch(request, call_next, key, fields, fwd)
+
+    def _count_waiting(self, change: int) -> None:
+        self.waiting += change
+        if self.on_waiting is not None:
+            self.on_waiting(self.waiting)
+
+    def _land(self, key: str, flight: asyncio.Future[bool] | None, stored: bool) -> None:
+        """The leader's response was stored (or will not be): release its waiters."""
+        if flight is None:
+            return
+        if self._flights.get(key) is flight:
+            del self._flights[key]
+        if not flight.done():
+            flight.set_result(stored)
+
+    async def _fetch(
+        self,
+        request: Request,
+        call_next: Handler,
+        key: str,
+        fields: list[tuple[str, str]],
+        fwd: str,
+        flight: asyncio.Future[bool] | None = None,
+        fwd_status: bool = False,
+    ) -> Response:
+        """Forward the request; store a storable response as it streams to the client."""
+        request_time = self.clock()
+        try:
+            response = await call_next(request)
+        except BaseException:
+            self._land(key, flight, False)
+            raise
+        return self._keep(request, fields, key, response, request_time, fwd, flight, fwd_status)
+
+    def _keep(
+        self,
+        request: Request,
+        fields: list[tuple[str, str]],
+        key: str,
+        response: Response,
+        request_time: float,
+        fwd: str,
+        flight: asyncio.Future[bool] | None,
+        fwd_status: bool,
+    ) -> Response:
+        response_time = self.clock()
+        response_fields = fields_of(response)
+        why = rules.storable(response.status, fields, response_fields, heuristic=self.heuristic > 0)
+        length = response.body.length
+        if not why and length is not None and length > self.max_object_bytes:
+            why = "too-big"
+        if not why and response.upgrade is not None:
+            why = "upgrade"
+        status_code = response.status if fwd_status else 0
+        if why:
+            self._land(key, flight, False)
+            response.add_header(
+                "Cache-Status",
+                rules.cache_status(
+                    self.status_name, fwd=fwd, fwd_status=status_code, detail=f"not-stored-{why}"
+                ),
+            )
+            return response
+        names = rules.vary_names(response_fields)
+        stored_fields = [pair for pair in response_fields if pair[0].lower() != "cache-status"]
+        template = Entry(
+            response.status,
+            stored_fields,
+            b"",
+            request_time,
+            response_time,
+            names,
+            rules.vary_values(names, fields),
+        )
+
+        async def on_end(body: bytes | None) -> None:
+            if body is None:
+                self._land(key, flight, False)
+                return
+            entry = template.with_body(body)
+            try:
+                await self.store.put(key, entry, self._keep_s(entry))
+            except CacheBackendError:
+                self._land(key, flight, False)
+                return
+            self._land(key, flight, True)
+
+        body = response.body
+        store = self.store
+        if body.complete and not body.trailers:
+            data = body.take_all()
+            response.body = Body.from_bytes(data)
+            if len(data) > self.max_object_bytes:
+                self._land(key, flight, False)
+            elif isinstance(store, MemoryStore):  # stored before the response goes
+                store.put_now(key, template.with_body(data))
+                self._land(key, flight, True)
+            else:
+                self._spawn(on_end(data))
+        else:
+            response.body, task = tee(body, self.max_object_bytes, on_end)
+            self._track(task)
+        facts = Facts(template, self.heuristic, self.max_stale)
+        response.add_header(
+            "Cache-Status",
+            rules.cache_status(
+                self.status_name,
+                fwd=fwd,
+                fwd_status=status_code,
+                stored=True,
+                ttl=facts.lifetime - facts.initial_age,
+            ),
+        )
+        return response
+
+    def _keep_s(self, entry: Entry) -> float:
+        """How long Redis should keep `entry`: its fresh time left, its stale windows,
+        and `keep_stale` when it can be revalidated."""
+        facts = self._facts(entry)
+        keep = max(0.0, facts.lifetime - facts.initial_age) + max(facts.swr, facts.stale_if_error)
+        if rules.validators(entry.fields):
+            keep += self.keep_stale_s
+        return keep
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._track(task)
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- revalidation ----------------------------------------------------------------
+    async def _revalidate(
+        self,
+        request: Request,
+        call_next: Handler,
+        key: str,
+        fields: list[tuple[str, str]],
+        entry: Entry,
+        facts: Facts,
+        fwd: str,
+    ) -> Response:
+        """Ask the origin whether the stale (or must-validate) entry still holds."""
+        for name in _CLIENT_CONDITIONS:
+            request.remove_header(name)
+        for name, value in rules.validators(entry.fields):
+            request.set_header(name, value)
+        request_time = self.clock()
+        try:
+            response = await call_next(request)
+        except ProxyError as error:
+            stale = self._stale_if_error(fields, entry, facts, error.status)
+            if stale is None:
+                raise
+            return stale
+        if response.status in _STALE_IF_ERROR_STATUSES:
+            stale = self._stale_if_error(fields, entry, facts, response.status)
+            if stale is not None:
+                response.body.discard()
+                return stale
+        if response.status == 304:
+            fresh_fields = fields_of(response)
+            if rules.validator_matches(entry.fields, fresh_fields):
+                response.body.discard()
+                self._counters["revalidated"]()
+                updated = entry.with_fields(
+                    rules.updated_fields(entry.fields, fresh_fields), request_time, self.clock()
+                )
+                with contextlib.suppress(CacheBackendError):
+                    await self.store.put(key, updated, self._keep_s(updated))
+                updated_facts = self._facts(updated)
+                age = rules.current_age(
+                    updated_facts.initial_age, updated.response_time, self.clock()
+                )
+                return self._answer(
+                    fields,
+                    updated,
+                    updated_facts,
+                    age,
+                    rules.cache_status(
+                        self.status_name,
+                        fwd=fwd,
+                        fwd_status=304,
+                        ttl=updated_facts.lifetime - age,
+                    ),
+                )
+            # A 304 about another response: ask again, unconditionally.
+            response.body.discard()
+            for name, _ in rules.validators(entry.fields):
+                request.remove_header(name)
+            self._counters["miss"]()
+            return await self._fetch(request, call_next, key, fields, fwd)
+        self._counters["miss"]()
+        return self._keep(request, fields, key, response, request_time, fwd, None, True)
+
+    def _stale_if_error(
+        self, fields: list[tuple[str, str]], entry: Entry, facts: Facts, status: int
+    ) -> Response | None:
+        """The stale entry, if `stale-if-error` allows serving it for this failure."""
+        age = rules.current_age(facts.initial_age, entry.response_time, self.clock())
+        staleness = age - facts.lifetime
+        if facts.stale_if_error <= 0 or staleness > facts.stale_if_error:
+            return None
+        self._counters["stale"]()
+        return self._answer(
+            fields,
+            entry,
+            facts,
+            age,
+            rules.cache_status(
+                self.status_name,
+                fwd="stale",
+                fwd_status=status,
+                ttl=-max(0.0, staleness),
+                detail="stale-if-error",
+            ),
+        )
+
+    def _refresh_later(self, request: Request, call_next: Handler, key: str, entry: Entry) -> None:
+        """Revalidate `entry` in the background (stale-while-revalidate), once per key
+        at a time, with a copy of the request (the client's is answered meanwhile)."""
+        if key in self._refreshing:
+            return
+        self._refreshing.add(key)
+        copy = background_request(request, entry)
+        self._spawn(self._refresh(copy, call_next, key, entry))
+
+    async def _refresh(self, request: Request, call_next: Handler, key: str, entry: Entry) -> None:
+        try:
+            request_time = self.clock()
+            response = await call_next(request)
+            if response.status == 304 and rules.validator_matches(
+                entry.fields, fields_of(response)
+            ):
+                response.body.discard()
+                self._counters["revalidated"]()
+                updated = entry.with_fields(
+                    rules.updated_fields(entry.fields, fields_of(response)),
+                    request_time,
+                    self.clock(),
+                )
+                await self.store.put(key, updated, self._keep_s(updated))
+                return
+            fields = fields_of(request)
+            response = self._keep(request, fields, key, response, request_time, "stale", None, True)
+            # Nobody reads this response: read it here, so that `tee` stores it.
+            body = response.body
+            while await body.read():
+                pass
+        except (ProxyError, CacheBackendError) as exc:
+            log.debug("cache %r: background revalidation of %r failed: %s", self.name, key, exc)
+        finally:
+            self._refreshing.discard(key)
+
+
+def background_request(request: Request, entry: Entry) -> Request:
+    """A bodiless copy of `request` that revalidates `entry`: the client's conditions
+    replaced by the entry's validators, the route and identity kept."""
+    headers = [
+        (name, value)
+        for name, value in fields_of(request)
+        if name.lower() not in _CLIENT_CONDITIONS
+    ]
+    headers.extend(rules.validators(entry.fields))
+    copy = Request(
+        request.method,
+        request.target,
+        [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers],
+        Body.from_bytes(b""),
+        http_version=request.http_version,
+        client=request.client,
+        scheme=request.scheme,
+        host=request.host,
+        path=request.path,
+        query=request.query,
+        raw_target=request.raw_target,
+        tls_version=request.tls_version,
+        listener=request.listener,
+        client_cert=request.client_cert,
+    )
+    copy.peer = request.peer
+    copy.peer_trusted = request.peer_trusted
+    copy.request_id = request.request_id
+    copy.consumer = request.consumer
+    copy.exchange.route_name = request.exchange.route_name
+    copy.exchange.params = dict(request.exchange.params)
+    return copy
