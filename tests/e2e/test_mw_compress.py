@@ -31,10 +31,10 @@ pytestmark = pytest.mark.socket
 CODINGS = ["gzip", "br", "zstd"]
 
 
-def config(upstream: ContentUpstream) -> str:
+def config(upstream: ContentUpstream, routes: str = "") -> str:
     """/ compresses with the defaults (a chain of phases: proxy/exchange/phased.py), /c/
     too, in a chain of coroutines (`headers` has no phases); /gz/ offers gzip before br,
-    from 100 bytes."""
+    from 100 bytes. `routes` go before the catch-all."""
     return f"""
 listeners: [{{bind: 127.0.0.1:0}}]
 upstreams: {{app: {{endpoints: ["{upstream.url}"]}}}}
@@ -52,6 +52,7 @@ routes:
     upstream: app
     rewrite: {{strip_prefix: /c}}
     middleware: [squeeze, {{type: headers, response: {{set: {{X-Chain: coroutines}}}}}}]
+{routes}
   - name: all
     match: {{path_prefix: /}}
     upstream: app
@@ -366,3 +367,38 @@ async def test_a_304_says_what_its_200_would_have(gateway: Server) -> None:
     assert plain.headers["etag"] == '"v3"'
     assert accepted.headers["vary"] == plain.headers["vary"] == "Accept-Encoding"
     assert "content-encoding" not in accepted.headers
+
+
+# --- with cache ----------------------------------------------------------------------------
+
+
+async def test_with_cache_the_order_decides_what_is_stored(
+    gateway_factory: GatewayFactory, upstream: ContentUpstream
+) -> None:
+    """[cache, compress] stores the compressed answers, a variant per Accept-Encoding;
+    [compress, cache] stores the upstream's bytes and compresses every answer."""
+    routes = """
+  - name: cached-compressed
+    match: {path_prefix: /cc/}
+    upstream: app
+    rewrite: {strip_prefix: /cc}
+    middleware: [{type: cache}, squeeze]
+  - name: compressed-cached
+    match: {path_prefix: /pc/}
+    upstream: app
+    rewrite: {strip_prefix: /pc}
+    middleware: [squeeze, {type: cache}]
+"""
+    server = await gateway_factory(config(upstream, routes))
+    target = gen(size=30_000, h="Cache-Control: max-age=600")
+    async with httpx.AsyncClient(timeout=10) as client:
+        for prefix, upstream_requests in (("/cc", [1, 1, 2]), ("/pc", [1, 1, 1])):
+            before = len(upstream.requests)
+            for accept, seen in zip(["br", "br", "gzip"], upstream_requests, strict=True):
+                response, raw = await fetch_raw(client, base_url(server) + prefix + target, accept)
+                assert response.headers["content-encoding"] == accept, prefix
+                assert decode(accept, raw) == text_body(30_000)
+                assert len(upstream.requests) - before == seen, (prefix, accept)
+            assert response.headers["cache-status"].startswith(
+                "gatehouse; fwd=vary-miss" if prefix == "/cc" else "gatehouse; hit"
+            ), response.headers["cache-status"]
