@@ -28,6 +28,7 @@ BUILTIN: dict[str, str] = {
     "body_limit": "middleware.body_limit:BodyLimit",
     "client_cert": "middleware.client_cert:ClientCert",
     "cache": "middleware.cache:Cache",
+    "compress": "middleware.compress:Compress",
 }
 
 

@@ -226,6 +226,8 @@ middleware:
           allow_headers: [X-A], expose_headers: [X-B], allow_credentials: false, max_age: 1h}}
   allow: {{type: ip_filter, allow: [10.0.0.0/8], deny: [10.0.0.1]}}
   cap: {{type: body_limit, max: 1Mi}}
+  squeeze: {{type: compress, encodings: [br, gzip], min_size: 1KiB, content_types: [text/*],
+             gzip_level: 6, br_level: 4, zstd_level: 3}}
   mtls:
     type: client_cert
     allow:
@@ -242,7 +244,7 @@ routes:
       query: {{debug: {{value: "1"}}}}
     upstream: web
     middleware: [keys, users, tokens, keyset, auth, local, shared, hdrs, cors, allow, cap,
-                 mtls, {{type: request_id}}]
+                 mtls, squeeze, {{type: request_id}}]
     rewrite: {{strip_prefix: /api, add_prefix: /v1, regex: "^/old/(.*)$",
                replacement: '/new/\\1', host: web.internal}}
     max_body_size: 1MiB

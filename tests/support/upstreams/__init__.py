@@ -11,12 +11,15 @@
 - `WsUpstream` (websocket.py): a WebSocket server (the `websockets` library).
 - `WsgiUpstream` (wsgi.py): wsgiref, a Python server that folds header names as CGI does.
 - `RawUpstream` (raw.py): answers with bytes written by hand (framing no library sends).
+- `ContentUpstream` (content.py): answers described by the query string (status, media
+  type, size, framing, fields), and server-sent events, for the `compress` tests.
 
 `serve_in_thread` runs any of the asyncio ones on a loop of its own, for synchronous
 tests. The testing kit's `ScriptedUpstream` (proxy/testing/upstream.py, the `upstream`
 fixture) is the product's own, for users' tests; these are the test suite's.
 """
 
+from tests.support.upstreams.content import ContentUpstream
 from tests.support.upstreams.fast import (
     FastExchange,
     FastUpstream,
@@ -33,6 +36,7 @@ from tests.support.upstreams.wsgi import WsgiUpstream
 __all__ = [
     "FLOOD_MESSAGE",
     "REFUSAL_BODY",
+    "ContentUpstream",
     "FastExchange",
     "FastUpstream",
     "H2Recorded",
