@@ -51,6 +51,9 @@ REDIS_KEY_PREFIX = "gatehouse:cache:"
 
 # The client's conditions the cache answers itself; the others bypass it (cache_rules).
 _CLIENT_CONDITIONS = ("if-none-match", "if-modified-since")
+# Field names that may make request_bypasses send a GET past the cache (checked only
+# when one is there).
+_BYPASS_HINTS = frozenset(("range", "if-match", "if-unmodified-since", "if-range"))
 _UNSAFE_METHODS = frozenset(("POST", "PUT", "DELETE", "PATCH"))
 _STALE_IF_ERROR_STATUSES = frozenset((500, 502, 503, 504))
 
@@ -266,16 +269,17 @@ class Cache:
         if request.upgrade:  # a WebSocket handshake: its "response" is a tunnel
             return await call_next(request)
         fields = fields_of(request)
-        why = rules.request_bypasses(request.method, fields)
-        if why:
-            return await self._bypass(request, call_next, why)
+        names = rules.lowered_names(fields)
+        why = rules.request_bypasses(request.method, fields) if names & _BYPASS_HINTS else ""
+        if why or request.method != "GET":
+            return await self._bypass(request, call_next, why or "method")
         key = self.key_spec.key(request)
         try:
             entries = await self.store.get(key)
         except CacheBackendError:
             return await self._bypass(request, call_next, "backend-unavailable")
         entry = pick_variant(entries, fields) if entries else None
-        demands = rules.RequestDemands(fields)
+        demands = rules.request_demands(fields, names)
         if entry is None:
             if demands.only_if_cached:
                 raise NotCached("only-if-cached, and nothing is stored")
@@ -287,13 +291,8 @@ class Cache:
         age = rules.current_age(facts.initial_age, entry.response_time, now)
         if not facts.must_validate and demands.satisfied(facts.lifetime, age, facts.stale_ok):
             self._counters["hit"]()
-            return self._answer(
-                fields,
-                entry,
-                facts,
-                age,
-                rules.cache_status(self.status_name, hit=True, ttl=facts.lifetime - age),
-            )
+            status = rules.hit_status(self.status_name, facts.lifetime - age)
+            return self._answer(fields, entry, facts, age, status, names)
         if demands.only_if_cached:
             raise NotCached("only-if-cached, and the stored response is stale")
         staleness = age - facts.lifetime
@@ -345,15 +344,17 @@ class Cache:
         facts: Facts,
         age: float,
         status: str,
+        request_names: frozenset[str] | None = None,
     ) -> Response:
-        """The stored response (or a 304 when the client's own conditions hold)."""
+        """The stored response (or a 304 when the client's own conditions hold).
+        `request_names`: the request's lower-cased field names, when known."""
+        if request_names is None:
+            request_names = rules.lowered_names(request_fields)
         age_field = (b"Age", str(int(age)).encode())
         status_field = (b"Cache-Status", status.encode("latin-1"))
         if (
             entry.status == 200
-            and any(
-                rules.first_value(request_fields, name) is not None for name in _CLIENT_CONDITIONS
-            )
+            and not request_names.isdisjoint(_CLIENT_CONDITIONS)
             and rules.not_modified(request_fields, entry.fields)
         ):
             raw = [

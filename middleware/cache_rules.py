@@ -130,6 +130,11 @@ def request_bypasses(method: str, fields: Fields) -> str:
     return ""
 
 
+def lowered_names(fields: Fields) -> frozenset[str]:
+    """The lower-cased names of `fields`, to ask whether a field is there at all."""
+    return frozenset([name.lower() for name, _ in fields])
+
+
 _BYPASSING_FIELDS = frozenset(("range", "if-match", "if-unmodified-since", "if-range"))
 
 
@@ -252,6 +257,15 @@ def stale_window(fields: Fields, directive: str, configured_max: float | None = 
     return window if configured_max is None else min(window, configured_max)
 
 
+def request_demands(fields: Fields, names: frozenset[str] | set[str]) -> RequestDemands:
+    """The demands of a request whose lower-cased field names are `names`: the shared
+    `NO_DEMANDS` when it sends neither Cache-Control nor Pragma (most requests), which
+    saves parsing on every hit."""
+    if "cache-control" not in names and "pragma" not in names:
+        return NO_DEMANDS
+    return RequestDemands(fields)
+
+
 class RequestDemands:
     """What a request's own Cache-Control asks of a stored response (RFC 9111 section
     5.2.1): revalidation (`no-cache`, `max-age=0`), a maximum age, a minimum freshness
@@ -285,6 +299,9 @@ class RequestDemands:
         if left - self.min_fresh > 0:
             return True
         return stale_allowed and self.max_stale > 0 and -left <= self.max_stale
+
+
+NO_DEMANDS = RequestDemands([])  # (read only: nothing sets its attributes after this)
 
 
 def entity_tags(value: str) -> list[str]:
@@ -372,6 +389,18 @@ def vary_values(names: Iterable[str], request_fields: Fields) -> tuple[str, ...]
     return tuple(", ".join(field_values(request_fields, name)) for name in names)
 
 
+def whole_seconds(ttl: float) -> int:
+    """A Cache-Status ttl in whole seconds: rounded towards zero when fresh, away from
+    it when stale (a response 0.2 s stale has ttl=-1)."""
+    return int(ttl) if ttl >= 0 else -int(-ttl + 0.999999)
+
+
+def hit_status(name: str, ttl: float) -> str:
+    """`cache_status(name, hit=True, ttl=ttl)`, the answer of every fresh hit, built
+    directly."""
+    return f"{name}; hit; ttl={whole_seconds(ttl)}"
+
+
 def cache_status(
     name: str,
     *,
@@ -392,7 +421,7 @@ def cache_status(
     if fwd_status:
         parts.append(f"fwd-status={fwd_status}")
     if ttl is not None:
-        parts.append(f"ttl={int(ttl) if ttl >= 0 else -int(-ttl + 0.999999)}")
+        parts.append(f"ttl={whole_seconds(ttl)}")
     if stored:
         parts.append("stored")
     if collapsed:

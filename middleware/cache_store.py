@@ -154,7 +154,8 @@ class Entry:
 def pick_variant(entries: list[Entry], request_fields: Fields) -> Entry | None:
     """The entry whose varied-on values are the request's, if any."""
     for entry in entries:
-        if entry.vary_values == vary_values(entry.vary_names, request_fields):
+        names = entry.vary_names
+        if not names or entry.vary_values == vary_values(names, request_fields):
             return entry
     return None
 

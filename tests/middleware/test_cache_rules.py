@@ -178,3 +178,16 @@ def test_cache_status_members() -> None:
     )
     assert rules.cache_status("gh", fwd="stale", fwd_status=304) == "gh; fwd=stale; fwd-status=304"
     assert rules.cache_status("gh", fwd="uri-miss", collapsed=True) == "gh; fwd=uri-miss; collapsed"
+
+
+def test_requests_without_cache_directives_share_one_set_of_demands() -> None:
+    plain = [("Accept", "*/*")]
+    assert rules.request_demands(plain, rules.lowered_names(plain)) is rules.NO_DEMANDS
+    pragma = [("PRAGMA", "no-cache")]
+    assert rules.request_demands(pragma, rules.lowered_names(pragma)).no_cache
+    directive = [("cache-control", "max-age=5")]
+    assert rules.request_demands(directive, rules.lowered_names(directive)).max_age == 5
+    assert rules.hit_status("gatehouse", 59.7) == rules.cache_status(
+        "gatehouse", hit=True, ttl=59.7
+    )
+    assert rules.hit_status("g", -0.2) == "g; hit; ttl=-1"
