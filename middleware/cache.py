@@ -33,9 +33,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from metrics.definitions import CACHE_EVICTIONS, CACHE_LOOKUPS
 from middleware import cache_rules as rules
 from middleware.cache_body import tee
+from middleware.cache_errors import NotCached
 from middleware.cache_key import QUERY_FORMS, KeySpec
 from middleware.cache_store import CacheBackendError, Entry, MemoryStore, pick_variant
-from proxy import Body, Handler, Option, Options, ProxyError, Request, Response
+from proxy import Body, Deferred, Handler, Option, Options, ProxyError, Request, Response
 
 if TYPE_CHECKING:
     from middleware.cache_redis import RedisStore  # redis-py: imported only when configured
@@ -58,11 +59,7 @@ _UNSAFE_METHODS = frozenset(("POST", "PUT", "DELETE", "PATCH"))
 _STALE_IF_ERROR_STATUSES = frozenset((500, 502, 503, 504))
 
 
-class NotCached(ProxyError):
-    """504 `not_cached`: the request said `only-if-cached`, and nothing usable is stored
-    (RFC 9111 section 5.2.1.7)."""
-
-    status, reason = 504, "not_cached"
+_FOLLOW = object()  # a miss that waits for the key's leader (Cache._take_flight)
 
 
 class Facts:
@@ -92,6 +89,63 @@ class Facts:
             for name, value in fields
             if name.lower() != "age"
         ]
+
+
+class _Fetching:
+    """A phased miss's state: forwarded, its response to be kept as it streams."""
+
+    __slots__ = ("fields", "flight", "fwd", "key", "request_time")
+
+    def __init__(
+        self,
+        key: str,
+        fields: list[tuple[str, str]],
+        fwd: str,
+        flight: asyncio.Future[bool] | None,
+        request_time: float,
+    ) -> None:
+        self.key = key
+        self.fields = fields
+        self.fwd = fwd
+        self.flight = flight  # the misses of this key waiting for it, if it leads them
+        self.request_time = request_time
+
+
+class _Bypassing:
+    """A phased bypass's state: why the cache stays out of it."""
+
+    __slots__ = ("why",)
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+
+# The request fields the cache reads (lower-cased): a request with none of them is
+# "quiet", and a fresh entry that varies on nothing answers it as it is.
+_NOTABLE = frozenset(
+    name.encode() for name in (*_BYPASS_HINTS, *_CLIENT_CONDITIONS, "cache-control", "pragma")
+)
+
+
+def _quiet(raw: list[tuple[bytes, bytes]]) -> bool:
+    """Whether none of the raw request fields is one the cache reads."""
+    for name, _ in raw:  # noqa: SIM110 (a loop: compiled, it makes no generator)
+        if name.lower() in _NOTABLE:
+            return False
+    return True
+
+
+def _bypass_reason(request: Request, fields: list[tuple[str, str]], names: frozenset[str]) -> str:
+    """Why the cache stays out of `request` ("" when it does not)."""
+    if request.method != "GET":
+        return "method"
+    return rules.request_bypasses(request.method, fields) if names & _BYPASS_HINTS else ""
+
+
+def _invalidates(request: Request, response: Response) -> bool:
+    """RFC 9111 section 4.4: a successful unsafe request invalidates what is stored for
+    its target."""
+    return request.method in _UNSAFE_METHODS and response.status < 400
 
 
 def fields_of(message: Request | Response) -> list[tuple[str, str]]:
@@ -161,6 +215,9 @@ class Cache:
     # wait for its leader (a plain future, which proxy/exchange/eager.py hands to a task):
     # its hits then run without a task. Redis calls need a task (`asyncio.timeout`).
     EAGER = False  # an instance attribute: __init__ sets it
+    # The memory backend offers phases too (proxy/exchange/phased.py): a hit is then
+    # answered as a plain call, without a coroutine. Redis' calls take a task.
+    PHASES = False
 
     def __init__(self, options: Options) -> None:
         self.name = options.name
@@ -195,6 +252,7 @@ class Cache:
                 options.error("redis", "only used with backend: redis")
             self.store = MemoryStore(max_bytes, CACHE_EVICTIONS.labels(self.name).inc)
             self.EAGER = True
+            self.PHASES = True
         self._flights: dict[str, asyncio.Future[bool]] = {}  # key -> stored, of its leader
         self.waiting = 0  # coalesced misses waiting for their leader
         # Called with `waiting` whenever it changes (the tests' barrier: N clients wait).
@@ -265,19 +323,143 @@ class Cache:
         return await self.store.delete(key)
 
     # -- the exchange ----------------------------------------------------------------
+    # Two ways in, one behaviour: `__call__` (the coroutine chain, and the Redis backend
+    # always) and the phases (the memory backend on a phased chain). The phases take the
+    # common cases themselves: a hit is answered in the request phase, a plain miss and a
+    # bypass are forwarded and finished in the response phase. Anything else (a
+    # coalesced wait, revalidation, stale-while-revalidate) is handed back as a Deferred
+    # running `_consult`, the coroutine's own code, so that each rule exists once.
     async def __call__(self, request: Request, call_next: Handler) -> Response:
         if request.upgrade:  # a WebSocket handshake: its "response" is a tunnel
             return await call_next(request)
         fields = fields_of(request)
         names = rules.lowered_names(fields)
-        why = rules.request_bypasses(request.method, fields) if names & _BYPASS_HINTS else ""
-        if why or request.method != "GET":
-            return await self._bypass(request, call_next, why or "method")
+        why = _bypass_reason(request, fields, names)
+        if why:
+            return await self._bypass(request, call_next, why)
         key = self.key_spec.key(request)
         try:
             entries = await self.store.get(key)
         except CacheBackendError:
             return await self._bypass(request, call_next, "backend-unavailable")
+        return await self._consult(request, call_next, key, fields, names, entries)
+
+    def request_phase(self, request: Request) -> object:
+        """The memory backend's request phase (`PHASES`): a hit's answer, the state of a
+        miss or bypass to forward, or the rest as a Deferred."""
+        if request.upgrade:
+            return None
+        if request.method != "GET":
+            self._counters["bypass"]()
+            return _Bypassing("method")
+        raw = request.raw_headers
+        quiet = raw is not None and _quiet(raw)
+        fields: list[tuple[str, str]] = []  # read below unless the request is quiet
+        names: frozenset[str] = frozenset()
+        if not quiet:
+            fields = fields_of(request)
+            names = rules.lowered_names(fields)
+            why = _bypass_reason(request, fields, names)
+            if why:
+                self._counters["bypass"]()
+                return _Bypassing(why)
+        key = self.key_spec.key(request)
+        store = self.store
+        assert isinstance(store, MemoryStore)
+        entries = store.get_now(key)
+        if quiet:
+            # Nothing the request says can change the answer (no Cache-Control, Pragma
+            # or conditions): a fresh entry that varies on nothing is served without
+            # reading its fields as text. Anything else takes the general way below.
+            hit = self._quiet_hit(entries)
+            if hit is not None:
+                return hit
+            fields = fields_of(request)
+            names = rules.lowered_names(fields)
+        entry = pick_variant(entries, fields) if entries else None
+        demands = rules.request_demands(fields, names)
+        if entry is not None:
+            facts = self._facts(entry)
+            age = rules.current_age(facts.initial_age, entry.response_time, self.clock())
+            if not facts.must_validate and demands.satisfied(facts.lifetime, age, facts.stale_ok):
+                self._counters["hit"]()
+                status = rules.hit_status(self.status_name, facts.lifetime - age)
+                return self._answer(fields, entry, facts, age, status, names)
+        elif not demands.only_if_cached:
+            flight = self._take_flight(key, fields)
+            if flight is not _FOLLOW:
+                self._counters["miss"]()
+                fwd = "vary-miss" if entries else "uri-miss"
+                return _Fetching(key, fields, fwd, flight, self.clock())
+
+        async def consult(call_next: Handler) -> Response:
+            return await self._consult(request, call_next, key, fields, names, entries)
+
+        return Deferred(consult)
+
+    def _quiet_hit(self, entries: list[Entry]) -> Response | None:
+        """The answer to a request without demands or conditions when the variant
+        `pick_variant` would choose is the first, a fresh one that varies on nothing
+        (what `_consult` serves as a hit)."""
+        for entry in entries[:1]:
+            if entry.vary_names:
+                return None
+            facts = self._facts(entry)
+            age = rules.current_age(facts.initial_age, entry.response_time, self.clock())
+            if facts.must_validate or not rules.NO_DEMANDS.satisfied(
+                facts.lifetime, age, facts.stale_ok
+            ):
+                return None
+            self._counters["hit"]()
+            status = rules.hit_status(self.status_name, facts.lifetime - age)
+            return Response(
+                entry.status,
+                [*facts.raw, (b"Age", b"%d" % age), (b"Cache-Status", status.encode("latin-1"))],
+                Body.from_bytes(entry.body),
+            )
+        return None
+
+    def response_phase(self, request: Request, response: Response, state: object) -> Response:
+        if isinstance(state, _Fetching):
+            return self._keep(
+                request,
+                state.fields,
+                state.key,
+                response,
+                state.request_time,
+                state.fwd,
+                state.flight,
+                False,
+            )
+        if isinstance(state, _Bypassing):
+            if _invalidates(request, response):
+                store = self.store
+                assert isinstance(store, MemoryStore)
+                store.delete_now(self.key_spec.key(request, "GET"))
+            return self._mark_bypass(response, state.why)
+        return response  # a WebSocket handshake
+
+    def error_phase(self, request: Request, error: ProxyError, state: object) -> Response:
+        """Forwarding failed: a miss's waiters stop waiting; the error passes on."""
+        if isinstance(state, _Fetching):
+            self._land(state.key, state.flight, False)
+        raise error
+
+    def abort_phase(self, request: Request, state: object, status: int) -> None:
+        if isinstance(state, _Fetching):
+            self._land(state.key, state.flight, False)
+
+    async def _consult(
+        self,
+        request: Request,
+        call_next: Handler,
+        key: str,
+        fields: list[tuple[str, str]],
+        names: frozenset[str],
+        entries: list[Entry],
+    ) -> Response:
+        """Answer a GET from what is stored under its key (`entries`): a hit, a miss,
+        or the stored response's revalidation."""
         entry = pick_variant(entries, fields) if entries else None
         demands = rules.request_demands(fields, names)
         if entry is None:
@@ -321,11 +503,12 @@ class Cache:
     async def _bypass(self, request: Request, call_next: Handler, why: str) -> Response:
         self._counters["bypass"]()
         response = await call_next(request)
-        if request.method in _UNSAFE_METHODS and response.status < 400:
-            # RFC 9111 section 4.4: a successful unsafe request invalidates what is
-            # stored for its target.
+        if _invalidates(request, response):
             with contextlib.suppress(CacheBackendError):
                 await self.store.delete(self.key_spec.key(request, "GET"))
+        return self._mark_bypass(response, why)
+
+    def _mark_bypass(self, response: Response, why: str) -> Response:
         response.add_header(
             "Cache-Status", rules.cache_status(self.status_name, fwd="bypass", detail=why)
         )
@@ -367,6 +550,20 @@ class Cache:
         )
 
     # -- misses and coalescing -------------------------------------------------------
+    def _take_flight(self, key: str, fields: list[tuple[str, str]]) -> Any:
+        """A miss's part in coalescing: None when it goes upstream alone (coalescing off,
+        or the client's own conditions), a new flight when it leads the key's misses,
+        `_FOLLOW` when another request of the key is already on its way."""
+        if not self.coalesce or any(
+            rules.first_value(fields, name) is not None for name in _CLIENT_CONDITIONS
+        ):
+            return None
+        if key in self._flights:
+            return _FOLLOW
+        flight: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._flights[key] = flight
+        return flight
+
     async def _miss(
         self,
         request: Request,
@@ -375,20 +572,13 @@ class Cache:
         fields: list[tuple[str, str]],
         fwd: str,
     ) -> Response:
-        conditional = any(
-            rules.first_value(fields, name) is not None for name in _CLIENT_CONDITIONS
-        )
-        if not self.coalesce or conditional:
-            self._counters["miss"]()
-            return await self._fetch(request, call_next, key, fields, fwd)
-        flight = self._flights.get(key)
-        if flight is None:
-            flight = asyncio.get_running_loop().create_future()
-            self._flights[key] = flight
+        flight = self._take_flight(key, fields)
+        if flight is not _FOLLOW:
             self._counters["miss"]()
             return await self._fetch(request, call_next, key, fields, fwd, flight)
         # Another request of this key is on its way: wait for its response to be stored
         # (a client going away cancels this wait, not the leader's flight).
+        flight = self._flights[key]
         self._count_waiting(1)
         try:
             done, _ = await asyncio.wait((flight,), timeout=self.coalesce_timeout_s)

@@ -227,6 +227,10 @@ class MemoryStore:
 
     async def delete(self, key: str) -> int:
         """Forget every variant of `key`; how many there were."""
+        return self.delete_now(key)
+
+    def delete_now(self, key: str) -> int:
+        """`delete` without a coroutine."""
         variants = self._variants.get(key)
         if not variants:
             return 0
@@ -239,7 +243,7 @@ class MemoryStore:
         """Forget every entry whose key starts with `prefix`; how many there were."""
         removed = 0
         for key in [key for key in self._variants if key.startswith(prefix)]:
-            removed += await self.delete(key)
+            removed += self.delete_now(key)
         return removed
 
     def _remove(self, key: str, variant: str) -> None:

@@ -35,10 +35,14 @@ class MiddlewareSpec(Protocol):
     def line(self) -> int: ...  # where it is written
 
 
-def build_chain(specs: Sequence[MiddlewareSpec], endpoint: Handler) -> Handler:
+def build_chain(
+    specs: Sequence[MiddlewareSpec], endpoint: Handler, *, timed: bool = False
+) -> Handler:
     """The handler that runs `specs` in order, then `endpoint` (the forwarder); just
-    `endpoint` when there is no middleware (which keeps the synchronous fast path)."""
-    if not specs:
+    `endpoint` when there is no middleware (which keeps the synchronous fast path),
+    unless `timed` asks for the forwarding to be timed even then (the rest of a phased
+    chain after a link: proxy/exchange/phased.py)."""
+    if not specs and not timed:
         return endpoint
     handler = _timed_endpoint(endpoint)
     for spec in reversed(specs):

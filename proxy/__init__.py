@@ -53,7 +53,7 @@ select_build()
 _SOURCES = {
     "proxy.core.models": ("Body", "Request", "Response"),
     "proxy.core.client_cert": ("ClientCertificate",),
-    "proxy.plugin.base": ("Handler", "Middleware", "MiddlewareFactory", "Pending"),
+    "proxy.plugin.base": ("Deferred", "Handler", "Middleware", "MiddlewareFactory", "Pending"),
     "proxy.plugin.options": ("Options",),
     "proxy.config.spec": ("Option",),
     "proxy.config.values": ("ConfigValueError", "ca_bundle_problem"),
@@ -251,6 +251,9 @@ if TYPE_CHECKING:
     )
     from proxy.core.models import (
         Response as Response,
+    )
+    from proxy.plugin.base import (
+        Deferred as Deferred,
     )
     from proxy.plugin.base import (
         Handler as Handler,

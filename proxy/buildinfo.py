@@ -82,6 +82,10 @@ COMPILED = (
     "middleware.rate_limit_core",
     "middleware.rate_limit_local",
     "middleware.headers",
+    "middleware.cache",
+    "middleware.cache_rules",
+    "middleware.cache_key",
+    "middleware.cache_store",
     "metrics.children",
     "metrics.definitions",
 )

@@ -5,7 +5,8 @@ A middleware may offer its work as synchronous phases besides its `__call__`
 
     request_phase(request) -> state         before forwarding; a Response is the answer,
                                             a Pending a wait (the chain resumes from
-                                            its future's callback)
+                                            its future's callback), a Deferred this
+                                            request run as the middleware's coroutine
     response_phase(request, response, state) -> Response
     error_phase(request, error, state) -> Response     optional: it answers a ProxyError
     abort_phase(request, state, status) -> None        optional: no response reaches it
@@ -24,7 +25,11 @@ coroutine chain (middleware/chain.py) does with the same middleware, step for st
   that entered: one with an `error_phase` turns it into its response, which then goes on
   outwards as any response; unanswered, it is the local reply;
 - a client going away, or a bug, is an `abort_phase` (499, 500) for every middleware that
-  entered, innermost first; a bug is then logged and answered with a 500.
+  entered, innermost first; a bug is then logged and answered with a 500;
+- a `Deferred` runs in a task with the link's `rest` (the coroutine chain of the
+  middleware after it, then the forwarder) as `call_next`, and its outcome is the
+  middleware's answer: the way for the rare cases (a cache's revalidation) to be what
+  `__call__` is, while the common ones stay phases.
 
 Each middleware is timed alone (its phases), into
 `gatehouse_middleware_duration_seconds{middleware}`, and the forwarding is the request's
@@ -44,7 +49,7 @@ from proxy.core.exchange import Exchange
 from proxy.core.local_reply import local_reply
 from proxy.core.models import Request, Response
 from proxy.exchange.dispatch import failed_reply
-from proxy.plugin.base import Pending
+from proxy.plugin.base import Deferred, Handler, Pending
 
 if TYPE_CHECKING:
     from proxy.exchange.forward import Forwarder
@@ -69,9 +74,16 @@ def offers_phases(middleware: object) -> bool:
 class PhasedLink:
     """One middleware of a PhasedChain, with its phases looked up once."""
 
-    __slots__ = ("abort_phase", "error_phase", "observe", "request_phase", "response_phase")
+    __slots__ = (
+        "abort_phase",
+        "error_phase",
+        "observe",
+        "request_phase",
+        "response_phase",
+        "rest",
+    )
 
-    def __init__(self, middleware: Any, observe: Callable[[float], None]) -> None:
+    def __init__(self, middleware: Any, observe: Callable[[float], None], rest: Handler) -> None:
         self.request_phase: Callable[[Request], object] = middleware.request_phase
         self.response_phase: Callable[[Request, Response, object], Response] = (
             middleware.response_phase
@@ -83,6 +95,9 @@ class PhasedLink:
             middleware, "abort_phase", None
         )
         self.observe = observe  # the middleware's duration histogram
+        # The coroutine chain after this link (timed: it sets the exchange's
+        # chain_inner_s), the `call_next` of a Deferred.
+        self.rest = rest
 
 
 class PhasedChain:
@@ -149,7 +164,12 @@ class PhasedRun:
                 link.observe(perf_counter() - started)
                 self._bug(index - 1)
                 return
+            if isinstance(state, Deferred):  # run as a coroutine, in a task
+                state = Pending(
+                    asyncio.get_running_loop().create_task(state.run(link.rest)), _its_answer
+                )
             if isinstance(state, Pending):  # resumed by _resumed
+                self._exchange.chain_inner_s = 0.0  # (a Deferred's rest sets it)
                 self._waiting = state
                 self._spent.append(started)  # (a start until it resumes)
                 self._exchange.eager = self  # a client going away cancels the wait
@@ -177,16 +197,17 @@ class PhasedRun:
         self._exchange.eager = None
         index = len(self._states)
         link = self._chain.links[index]
-        started = self._spent.pop()
+        # Its time, less a Deferred's forwarding and later middleware.
+        started = self._spent.pop() + self._exchange.chain_inner_s
         try:
             state = pending.then(self._request, future.result())
         except ProxyError as error:
             link.observe(perf_counter() - started)
             self._unwind(index - 1, error)
             return
-        except Exception:
+        except Exception as bug:
             link.observe(perf_counter() - started)
-            self._bug(index - 1)
+            self._bug(index - 1, error=bug)
             return
         if self._entered(index, state, perf_counter() - started):
             self._enter(index + 1)
@@ -319,3 +340,8 @@ class PhasedRun:
             return
         self.finished = True
         self._reply(response)
+
+
+def _its_answer(request: Request, response: Response) -> Response:
+    """A Deferred's outcome: the response its coroutine returned is the answer."""
+    return response

@@ -73,9 +73,14 @@ class RouteRuntime:
             self.eager = all(getattr(spec.instance, "EAGER", False) for spec in chain)
         # And as one function when every one offers phases too (phased.py).
         if forwarder is not None and chain and all(offers_phases(spec.instance) for spec in chain):
+            end = ChainEnd(forwarder)
             links = [
-                PhasedLink(spec.instance, MIDDLEWARE_SECONDS.labels(spec.name).observe)
-                for spec in chain
+                PhasedLink(
+                    spec.instance,
+                    MIDDLEWARE_SECONDS.labels(spec.name).observe,
+                    build_chain(chain[index + 1 :], end, timed=True),
+                )
+                for index, spec in enumerate(chain)
             ]
             self.phased = PhasedChain(links, forwarder)
         self.websocket = config.websocket

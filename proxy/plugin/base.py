@@ -44,7 +44,11 @@ middleware write `__call__` with them):
   that must wait for something (a Redis answer) returns `Pending(future, then)`: the
   chain goes on when the future is done, with `then(request, result)` as the phase's
   outcome (a state, a Response, or a raised ProxyError). The future is cancelled if the
-  client goes away meanwhile.
+  client goes away meanwhile. A phase that meets a case too involved for phases (a
+  cache's revalidation, which may forward twice or in the background) returns
+  `Deferred(run)`: `run(call_next)` is awaited in a task with the rest of the chain as
+  `call_next`, exactly as `__call__` would be, and its response (or ProxyError) is the
+  middleware's outcome; its response phase does not run for that request.
 - `response_phase(request, response, state) -> Response`: the work after `call_next`.
 - `error_phase(request, error, state) -> Response`, optional: `call_next` raised the
   ProxyError `error` and the middleware answers it (without it, the error passes on).
@@ -55,7 +59,7 @@ middleware write `__call__` with them):
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 if TYPE_CHECKING:
@@ -81,6 +85,18 @@ class Pending:
     def __init__(self, future: asyncio.Future[Any], then: Callable[[Request, Any], object]) -> None:
         self.future = future
         self.then = then
+
+
+class Deferred:
+    """What a request phase returns to handle this one request as a coroutine (see
+    "Phases" above): `run(call_next)`, awaited in a task with the rest of the chain (the
+    later middleware, then forwarding) as `call_next`; what it returns or raises is the
+    middleware's answer."""
+
+    __slots__ = ("run",)
+
+    def __init__(self, run: Callable[[Handler], Coroutine[Any, Any, Response]]) -> None:
+        self.run = run
 
 
 class MiddlewareFactory(Protocol):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -50,15 +51,33 @@ async def origin() -> AsyncIterator[ScriptedUpstream]:
     await upstream.stop()
 
 
+# How the route's chain runs the cache: alone, as phases (proxy/exchange/phased.py: a hit
+# answered in the request phase, the rest Deferred to its coroutine), or behind a
+# middleware that offers no phases, as coroutines. Every test runs both ways.
+CHAINS = {"phased": "", "coroutine": "{type: headers, request: {set: {X-Chain: c}}}, "}
+
+
+@pytest.fixture(params=list(CHAINS), autouse=True)
+def chain(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setattr(sys.modules[__name__], "CHAIN", request.param)
+    return str(request.param)
+
+
+CHAIN = "phased"  # the running test's chain (the `chain` fixture sets it)
+
+
 def cache_config(upstream_url: str, options: str = "") -> str:
-    inline = "{type: cache" + (", " + options if options else "") + "}"
+    inline = CHAINS[CHAIN] + "{type: cache" + (", " + options if options else "") + "}"
     return simple_config(upstream_url, "httptools", route=f"    middleware: [{inline}]")
 
 
 async def start(
     gateway_factory: GatewayFactory, origin: ScriptedUpstream, options: str = ""
 ) -> Server:
-    return await gateway_factory(cache_config(origin.url, options))
+    server = await gateway_factory(cache_config(origin.url, options))
+    phased = server.runtime.routes["all"].phased is not None
+    assert phased == (CHAIN == "phased" and "redis" not in options)
+    return server
 
 
 def cache_of(server: Server) -> Cache:

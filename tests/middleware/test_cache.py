@@ -13,7 +13,8 @@ from multidict import CIMultiDict
 
 from metrics.definitions import REGISTRY
 from middleware import cache_rules as rules
-from middleware.cache import Cache, NotCached
+from middleware.cache import Cache
+from middleware.cache_errors import NotCached
 from middleware.cache_store import MemoryStore
 from proxy.config.document import ConfigError
 from proxy.config.load import parse_config

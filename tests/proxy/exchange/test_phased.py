@@ -268,3 +268,68 @@ async def test_a_client_gone_during_a_wait_cancels_it_and_aborts_the_ones_before
     await asyncio.sleep(0.01)
     assert answers == []
     assert h1_upstream.requests == []
+
+
+# -- a request phase that hands its request to its coroutine (Deferred) ---------------------
+
+
+async def test_a_deferred_request_runs_the_coroutine_with_the_rest_of_the_chain(
+    runtime_for: Callable[..., Runtime], h1_upstream: UpstreamServer
+) -> None:
+    runtime = runtime_for(h1_upstream)
+    request = bodiless(headers=[(b"X-Defer-At", b"outer")])
+    response = await answer_of(runtime, request)
+    # outer's coroutine ran inner's (as a coroutine: no phase events) and the forwarding;
+    # its answer is outer's, so outer's response phase did not run.
+    assert (response.status, response.header("X-Deferred-By")) == (200, "outer")
+    assert stamps(response) == ["inner", "outer"]  # added by each __call__
+    assert stamp.EVENTS == ["request:outer", "deferred:outer"]
+    assert h1_upstream.requests[-1].header("X-Stamp") == "outer,inner"
+    assert request.exchange.upstream_s > 0
+
+
+async def test_a_deferred_inner_answer_goes_through_the_outer_response_phases(
+    runtime_for: Callable[..., Runtime], h1_upstream: UpstreamServer
+) -> None:
+    runtime = runtime_for(h1_upstream)
+    request = bodiless(headers=[(b"X-Defer-At", b"inner")])
+    response = await answer_of(runtime, request)
+    assert (response.status, response.header("X-Deferred-By")) == (200, "inner")
+    assert stamps(response) == ["inner", "outer"]  # inner's __call__, outer's phase
+    assert stamp.EVENTS == ["request:outer", "request:inner", "deferred:inner", "response:outer"]
+    assert h1_upstream.requests[-1].header("X-Stamp") == "outer,inner"
+    assert request.exchange.upstream_s > 0  # the rest of the chain timed the forwarding
+
+
+async def test_a_refusal_from_a_deferred_coroutine_passes_outwards(
+    runtime_for: Callable[..., Runtime], h1_upstream: UpstreamServer
+) -> None:
+    runtime = runtime_for(h1_upstream, outer_answers_errors=True)
+    response = await answer_of(
+        runtime, bodiless(headers=[(b"X-Defer-At", b"inner"), (b"X-Refuse", b"1")])
+    )
+    assert (response.status, response.header("X-Error")) == (299, "stamp_refused")
+    assert stamp.EVENTS == [
+        "request:outer",
+        "request:inner",
+        "deferred:inner",
+        "error:outer:418",
+        "response:outer",
+    ]
+    assert h1_upstream.requests == []
+
+
+async def test_a_client_gone_during_a_deferred_coroutine_cancels_it(
+    runtime_for: Callable[..., Runtime], h1_upstream: UpstreamServer
+) -> None:
+    runtime = runtime_for(h1_upstream)
+    stamp.EVENTS.clear()
+    answers: Answers = []
+    request = bodiless(b"/slow/100", headers=[(b"X-Defer-At", b"inner")])
+    assert runtime.dispatcher.start(request, answers.append) is None
+    await eventually(lambda: bool(h1_upstream.requests), "the upstream to get the request")
+    request.exchange.cancel()
+    assert stamp.EVENTS[-1] == "abort:outer:499"
+    await eventually(lambda: "cancelled:inner" in stamp.EVENTS, "the coroutine to be cancelled")
+    await asyncio.sleep(0.3)  # past the upstream's answer
+    assert answers == []

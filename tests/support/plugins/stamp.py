@@ -12,7 +12,7 @@ import asyncio
 
 from middleware.base import Handler
 from middleware.options import Options
-from proxy import Pending
+from proxy import Deferred, Pending
 from proxy.core.errors import ProxyError
 from proxy.core.models import Request, Response
 
@@ -90,7 +90,9 @@ class PhasedStamp(EagerStamp):
     """The same as EagerStamp, offering its work as phases too (proxy/exchange/phased.py),
     and recording each: `request:NAME`, `response:NAME`, `error:NAME:STATUS`,
     `abort:NAME:STATUS`. `X-Wait-At: NAME` makes its request phase wait for a future that
-    `WAITS[NAME]` holds (a test resolves it), `X-Answer-At: NAME` makes it answer 203 itself,
+    `WAITS[NAME]` holds (a test resolves it), `X-Defer-At: NAME` hands the request to its
+    coroutine (`Deferred`: recorded as `deferred:NAME`, its `__call__` then runs with the
+    rest of the chain), `X-Answer-At: NAME` makes it answer 203 itself,
     `X-Bug-At: NAME` makes it raise what is no ProxyError; with `answer_errors: true` its
     error phase turns an error from further in into a 299 carrying the error's reason."""
 
@@ -111,6 +113,8 @@ class PhasedStamp(EagerStamp):
             waited: asyncio.Future[str] = asyncio.get_running_loop().create_future()
             WAITS[self.name] = waited
             return Pending(waited, self._waited)
+        if request.header("X-Defer-At") == self.name:
+            return Deferred(lambda call_next: self._deferred(request, call_next))
         if request.header("X-Answer-At") == self.name:
             return Response(203, [(b"X-Answered-By", self.name.encode())])
         if self.refuse_header and request.header(self.refuse_header) is not None:
@@ -118,6 +122,12 @@ class PhasedStamp(EagerStamp):
         stamps = request.header(self.header)
         request.set_header(self.header, f"{stamps},{self.value}" if stamps else self.value)
         return self.value
+
+    async def _deferred(self, request: Request, call_next: Handler) -> Response:
+        EVENTS.append(f"deferred:{self.name}")
+        response = await self(request, call_next)
+        response.add_header("X-Deferred-By", self.name)
+        return response
 
     def _waited(self, request: Request, result: str) -> object:
         EVENTS.append(f"resumed:{self.name}:{result}")
