@@ -6,60 +6,30 @@
 It runs the middleware's own codings (middleware/compress_codecs.py) the way the
 middleware does: a body of up to 64 KiB that arrived whole is compressed at once; a
 larger one is streamed in 64 KiB pieces, each flushed. The body is JSON made from a fixed
-seed (records of ids, names, timestamps, amounts and text): API traffic, which compresses
-about as well as HTML. Each figure is the least CPU time (time.process_time, garbage
-collector off) of three runs of enough repeats to take `--budget` seconds, divided by the
-repeats: the time of the compressor alone, in one process, on whatever machine runs it.
+seed (records of ids, names, timestamps, amounts and text: harness/bodies.py), API
+traffic, which compresses about as well as HTML. Each figure is the least CPU time
+(time.process_time, garbage collector off) of three runs of enough repeats to take
+`--budget` seconds, divided by the repeats: the time of the compressor alone, in one
+process, on whatever machine runs it.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
-import random
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from middleware.compress_codecs import WHOLE_BYTES, Coding
 
+from harness.bodies import json_body
+
 SIZES = (1024, 16 * 1024, 256 * 1024, 1024 * 1024)
 LEVELS = {"gzip": (1, 6, 9), "br": (1, 4, 6, 11), "zstd": (1, 3, 9, 19)}
-WORDS = [
-    "order",
-    "shipped",
-    "pending",
-    "refund",
-    "customer",
-    "invoice",
-    "warehouse",
-    "parcel",
-    "express",
-]
-
-
-def json_body(size: int) -> bytes:
-    """`size` bytes of a JSON array of records (cut: only the bytes matter)."""
-    rng = random.Random(size)
-    records = []
-    length = 0
-    while length < size:
-        record = {
-            "id": rng.randrange(10**9),
-            "customer": f"cust-{rng.randrange(10**5):05d}",
-            "status": rng.choice(WORDS),
-            "created": f"2026-{rng.randrange(1, 13):02d}-{rng.randrange(1, 29):02d}T"
-            f"{rng.randrange(24):02d}:{rng.randrange(60):02d}:00Z",
-            "amount": round(rng.uniform(1, 5000), 2),
-            "note": " ".join(rng.choice(WORDS) for _ in range(rng.randrange(3, 12))),
-        }
-        text = json.dumps(record)
-        records.append(text)
-        length += len(text) + 2
-    return ("[" + ", ".join(records) + "]").encode()[:size]
 
 
 def compress_once(coding: Coding, body: bytes) -> int:

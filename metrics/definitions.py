@@ -226,6 +226,23 @@ CACHE_EVICTIONS = Counter(
 )
 
 
+COMPRESS_RESPONSES = LocalCounter(  # one per response through a compress: no lock
+    "gatehouse_compress_responses",
+    "Responses a compress middleware saw, by instance name, the coding sent (gzip, br, "
+    "zstd, or identity) and why (compressed, or why not: not_accepted, head, too_small, "
+    "incompressible, content_type, already_encoded, no_transform, range, status)",
+    ["middleware", "encoding", "reason"],
+    registry=REGISTRY,
+)
+COMPRESS_BYTES = LocalCounter(  # per response, or per piece of a streamed one
+    "gatehouse_compress_bytes",
+    "Body bytes of the responses a compress middleware compressed, by instance name and "
+    "direction: in (as the upstream sent them) and out (as compressed)",
+    ["middleware", "direction"],
+    registry=REGISTRY,
+)
+
+
 class ProxyHeaderRefusal(enum.Enum):
     """Why a connection on a `proxy_protocol` listener was closed before any HTTP."""
 

@@ -28,12 +28,19 @@ gives one client's coding to another. A 304 gets it too, as its 200 would have h
 as the 200's was. Responses that are never compressed whatever the client says (an
 already encoded body, no-transform, a range, a type not listed, a small body) are left
 as they are. Errors the gateway answers itself are small JSON bodies and pass through.
+
+Every response is counted once in gatehouse_compress_responses_total: by the coding sent,
+or as `identity` with the reason that kept it as it was (`SENT_AS_IS`); the body bytes of
+those compressed, before and after, in gatehouse_compress_bytes_total
+(docs/middleware/compress.md, "Metrics").
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
+from metrics.definitions import COMPRESS_BYTES, COMPRESS_RESPONSES
 from middleware.compress_codecs import (
     DEFAULT_LEVELS,
     LEVELS,
@@ -66,6 +73,22 @@ DEFAULT_CONTENT_TYPES = (
     "font/ttf",
     "font/otf",
     "application/vnd.ms-fontobject",
+)
+# Why a response went out as the upstream sent it (the `reason` label beside
+# encoding="identity"), in the order `response_phase` decides: a status that is never
+# compressed (1xx, 204, 304; a 206 counts as a range), a coding set upstream, a range,
+# no-transform, a media type not listed, a body known to be small, a HEAD, a client that
+# accepts no offered coding, a whole body that did not get smaller.
+SENT_AS_IS = (
+    "status",
+    "already_encoded",
+    "range",
+    "no_transform",
+    "content_type",
+    "too_small",
+    "head",
+    "not_accepted",
+    "incompressible",
 )
 # Fields that describe the bytes as the upstream sent them, dropped when they change.
 _STALE_WHEN_COMPRESSED = frozenset(
@@ -161,6 +184,18 @@ class Compress:
             if problem is not None:
                 options.error("content_types", problem)
         self.types = MediaTypes(patterns)
+        # The counters' children, looked up once: counting a response is one call.
+        self.name = options.name
+        self._sent_as_is: dict[str, Callable[[], None]] = {
+            reason: COMPRESS_RESPONSES.labels(self.name, "identity", reason).inc
+            for reason in SENT_AS_IS
+        }
+        self._compressed: dict[str, Callable[[], None]] = {
+            name: COMPRESS_RESPONSES.labels(self.name, name, "compressed").inc
+            for name in self.codings
+        }
+        self._bytes_in: Callable[[float], None] = COMPRESS_BYTES.labels(self.name, "in").inc
+        self._bytes_out: Callable[[float], None] = COMPRESS_BYTES.labels(self.name, "out").inc
 
     @staticmethod
     def _encodings(options: Options) -> tuple[str, ...]:
@@ -201,19 +236,25 @@ class Compress:
         coding_name = str(state)
         status = response.status
         if status < 200 or status in (204, 206) or response.upgrade is not None:
+            self._sent_as_is["range" if status == 206 else "status"]()
             return response
-        if self._fixed_coding(response):
+        fixed = self._fixed_coding(response)
+        if fixed is not None:
+            self._sent_as_is[fixed]()
             return response
         content_type = response.header("content-type")
         if content_type is None:
             if status != 304:  # (a 304 usually names no type: its 200 may have been compressed)
+                self._sent_as_is["content_type"]()
                 return response
         elif content_type not in self.types or _is_grpc(content_type):
+            self._sent_as_is["content_type"]()
             return response
         if status == 304:
             _add_vary(response)
             if coding_name:
                 _weaken_etag(response)
+            self._sent_as_is["status"]()
             return response
         body = response.body
         size = body.length
@@ -221,9 +262,14 @@ class Compress:
         if size is None and body.complete and not head:
             size = body.bytes_fed - body.bytes_read
         if size is not None and (size < self.min_size or size == 0):
+            self._sent_as_is["too_small"]()
             return response
         _add_vary(response)
-        if not coding_name or head:
+        if head:
+            self._sent_as_is["head"]()
+            return response
+        if not coding_name:
+            self._sent_as_is["not_accepted"]()
             return response
         coding = self.codings[coding_name]
         if size is not None and size <= WHOLE_BYTES and body.complete:
@@ -231,10 +277,15 @@ class Compress:
             compressed = coding.whole(data)
             if len(compressed) >= len(data):  # incompressible after all: send it as it was
                 response.body = _whole(data, body)
+                self._sent_as_is["incompressible"]()
                 return response
             response.body = _whole(compressed, body)
+            self._bytes_in(len(data))
+            self._bytes_out(len(compressed))
         else:
-            response.body = CompressedBody(body, coding.stream()).body
+            streamed = CompressedBody(body, coding.stream(), self._bytes_in, self._bytes_out)
+            response.body = streamed.body
+        self._compressed[coding_name]()
         _mark_compressed(response, coding_name)
         return response
 
@@ -244,15 +295,18 @@ class Compress:
         return self.response_phase(request, response, coding)
 
     @staticmethod
-    def _fixed_coding(response: Response) -> bool:
-        """True when the response may not be given a coding, whatever the client asks:
-        it has one, says no-transform, or is a range."""
+    def _fixed_coding(response: Response) -> str | None:
+        """Why the response may not be given a coding, whatever the client asks (it has
+        one, is a range, or says no-transform), as a reason of SENT_AS_IS; None when it
+        may."""
         encodings = _tokens(_values(response, b"content-encoding"))
         if encodings - {"identity", ""}:
-            return True
+            return "already_encoded"
         if response.header("content-range") is not None:
-            return True
-        return "no-transform" in _tokens(_values(response, b"cache-control"))
+            return "range"
+        if "no-transform" in _tokens(_values(response, b"cache-control")):
+            return "no_transform"
+        return None
 
 
 def _is_grpc(content_type: str) -> bool:

@@ -13,7 +13,9 @@ upstream's body, one read at a time (the chunks already waiting, joined up to 64
 and feeds the compressed output on. Its buffer is the bounded one of every `Body`: a
 client that reads slowly pauses the task, which stops reading the upstream's body, which
 stops reading the upstream's socket. A client that goes away cancels the task, and the
-upstream's body is discarded (its connection is not reused).
+upstream's body is discarded (its connection is not reused). It counts the bytes it
+reads and those it feeds on, piece by piece, with the counters it is given (the
+middleware's gatehouse_compress_bytes_total), so a long stream shows as it goes.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import asyncio
 import importlib
 import logging
 import zlib
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from proxy import Body, InternalError, ProxyError
@@ -135,15 +138,37 @@ class _ZstdStream:
 _RUNNING: set[asyncio.Task[None]] = set()
 
 
+def _uncounted(_size: float) -> None:
+    """A byte counter that counts nowhere."""
+
+
 class CompressedBody:
     """Streams `source` through `stream` into `body` (a `Body` with no declared length),
-    from the client's first read on."""
+    from the client's first read on; `count_in` is given the size of each piece read,
+    `count_out` of each piece fed on."""
 
-    __slots__ = ("_paused", "_resumed", "_source", "_stream", "_task", "body")
+    __slots__ = (
+        "_count_in",
+        "_count_out",
+        "_paused",
+        "_resumed",
+        "_source",
+        "_stream",
+        "_task",
+        "body",
+    )
 
-    def __init__(self, source: Body, stream: Stream) -> None:
+    def __init__(
+        self,
+        source: Body,
+        stream: Stream,
+        count_in: Callable[[float], None] = _uncounted,
+        count_out: Callable[[float], None] = _uncounted,
+    ) -> None:
         self._source = source
         self._stream = stream
+        self._count_in = count_in
+        self._count_out = count_out
         self._task: asyncio.Task[None] | None = None
         self._paused = False
         self._resumed: asyncio.Future[None] | None = None
@@ -159,10 +184,13 @@ class CompressedBody:
 
     async def _run(self) -> None:
         source, stream, body = self._source, self._stream, self.body
+        count_in, count_out = self._count_in, self._count_out
         try:
             while data := await source.read_joined(WHOLE_BYTES):
                 compressed = stream.piece(data)
+                count_in(len(data))
                 if compressed:
+                    count_out(len(compressed))
                     body.feed(compressed)
                 if self._paused:
                     self._resumed = asyncio.get_running_loop().create_future()
@@ -170,7 +198,9 @@ class CompressedBody:
                         await self._resumed
                     finally:
                         self._resumed = None
-            body.feed(stream.end())
+            end = stream.end()
+            count_out(len(end))
+            body.feed(end)
             body.feed_eof(source.trailers)
         except ProxyError as exc:  # the upstream's body failed: the client's fails alike
             body.fail(exc)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from harness import nginx
 from harness.figures import Round
-from harness.load import WRK_HOOK, LoadError, Sample, h2load, wrk
+from harness.load import WRK_HOOK, LoadError, Sample, first_response, h2load, wrk
 from harness.processes import (
     TICKS_PER_SECOND,
     Server,
@@ -168,6 +168,7 @@ def start_anchors(run: Run) -> None:
             f"127.0.0.1:{run.origin_port}",
             run.nginx_version,
             workers,
+            gzip_level=nginx.GZIP_LEVEL if name == "nginx-gzip" else None,
         )
         server = start_nginx(run, name, config, port, "/")
         run.targets.append(Target(name, port, h2c, server))
@@ -221,6 +222,7 @@ def load_once(run: Run, protocol: str, port: int, path: str, seconds: int) -> Sa
             threads=run.settings.threads,
             connections=run.settings.connections,
             seconds=seconds,
+            headers=run.settings.headers,
         )
     return h2load(
         run.tools["h2load"],
@@ -228,6 +230,7 @@ def load_once(run: Run, protocol: str, port: int, path: str, seconds: int) -> Sa
         clients=run.settings.h2_clients,
         streams=run.settings.h2_streams,
         seconds=seconds,
+        headers=run.settings.headers,
     )
 
 
@@ -283,6 +286,13 @@ def measure_phase(run: Run, protocol: str, path: str) -> dict[str, list[Round]]:
             continue
         if warm.requests == 0:
             unusable[target.name] = f"warm-up: {no_success(warm)}"
+        elif run.settings.headers and protocol == "h1":
+            # What the fields made of the answer: shows, say, that a target compressed.
+            try:
+                answer = first_response(port, path, run.settings.headers)
+            except LoadError as exc:
+                answer = str(exc)
+            log(f"{protocol} {path} {target.name} answers: {answer}")
     for name, reason in unusable.items():
         log(f"{protocol} {path} {name}: {reason}")
     for index in range(run.settings.repeats):
@@ -324,14 +334,16 @@ def execute(run: Run) -> int:
     h2load_note = (
         f", h2load -c{settings.h2_clients} -m{settings.h2_streams}" if settings.h2c else ""
     )
+    fields = "".join(f"; -H '{name}: {value}'" for name, value in settings.headers)
     print(
         f"\nhttpbench: {settings.repeats} interleaved rounds of {settings.duration} s per target "
         f"(after {settings.warmup} s of warm-up), medians; wrk -t{settings.threads} "
-        f"-c{settings.connections}{h2load_note}; CPU = utime+stime of each target's processes; "
-        f"nginx {version}; {os.cpu_count()} CPUs"
+        f"-c{settings.connections}{h2load_note}{fields}; CPU = utime+stime of each target's "
+        f"processes; nginx {version}; {os.cpu_count()} CPUs"
     )
     proxies = [name for name, _ in settings.proxies]
-    anchors = [name for name in ("nginx", "nginx-auto", "direct") if name in settings.anchors]
+    known = ("nginx", "nginx-auto", "nginx-gzip", "direct")
+    anchors = [name for name in known if name in settings.anchors]
     for protocol, path in phases:
         phase = results[phase_key(protocol, path)]
         print(f"\n== {PROTOCOL_TITLES[protocol]}  {path}")

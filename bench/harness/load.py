@@ -2,11 +2,16 @@
 
 wrk's own summary rounds its figures, so a small Lua `done` hook prints the exact ones on
 one line of its own. h2load has no hook: its text summary is parsed. Both run for a fixed
-time on 127.0.0.1 and are killed if they overrun it by 30 s.
+time on 127.0.0.1 and are killed if they overrun it by 30 s, and both send the run's
+`--header` fields with every request. `first_response` shows what one answer to those
+fields looks like (its status, coding and size), so a run can tell that the fields had the
+effect meant: a compressed answer, say.
 """
 
+import http.client
 import re
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,15 +79,31 @@ def _tail(text: str) -> str:
     return " ".join(text.split())[-300:] or "no output"
 
 
+Headers = Sequence[tuple[str, str]]
+
+
+def _header_options(headers: Headers) -> list[str]:
+    """`-H "Name: value"` for each field: wrk and h2load take it alike."""
+    return [option for name, value in headers for option in ("-H", f"{name}: {value}")]
+
+
 def wrk(
-    binary: str, hook: Path, url: str, *, threads: int, connections: int, seconds: int
+    binary: str,
+    hook: Path,
+    url: str,
+    *,
+    threads: int,
+    connections: int,
+    seconds: int,
+    headers: Headers = (),
 ) -> Sample:
     """Run wrk against url for seconds.
 
     Raises:
         LoadError: wrk failed or did not print the hook's line.
     """
-    argv = [binary, f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "-s", str(hook), url]
+    argv = [binary, f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "-s", str(hook)]
+    argv += [*_header_options(headers), url]
     out = _run(argv, seconds)
     line = next((ln for ln in out.splitlines() if ln.startswith(_WRK_MARK + " ")), None)
     if line is None:
@@ -117,13 +138,16 @@ _DURATION = r"([\d.]+)(us|ms|s)"
 _REQUEST_TIME = re.compile(rf"^time for request:\s+{_DURATION}\s+{_DURATION}\s+{_DURATION}", re.M)
 
 
-def h2load(binary: str, url: str, *, clients: int, streams: int, seconds: int) -> Sample:
+def h2load(
+    binary: str, url: str, *, clients: int, streams: int, seconds: int, headers: Headers = ()
+) -> Sample:
     """Run h2load (HTTP/2 with prior knowledge on an http:// url) against url for seconds.
 
     Raises:
         LoadError: h2load failed or its summary could not be read.
     """
-    argv = [binary, "-t1", f"-c{clients}", f"-m{streams}", "-D", str(seconds), url]
+    argv = [binary, "-t1", f"-c{clients}", f"-m{streams}", "-D", str(seconds)]
+    argv += [*_header_options(headers), url]
     out = _run(argv, seconds)
     finished, requests = _FINISHED.search(out), _REQUESTS.search(out)
     if finished is None or requests is None:
@@ -142,3 +166,30 @@ def h2load(binary: str, url: str, *, clients: int, streams: int, seconds: int) -
         mean_ms=float(timing.group(5)) * _UNIT_MS[timing.group(6)] if timing else None,
         max_ms=float(timing.group(3)) * _UNIT_MS[timing.group(4)] if timing else None,
     )
+
+
+def first_response(port: int, path: str, headers: Headers, timeout: float = 10.0) -> str:
+    """What a GET of path on 127.0.0.1:port with headers answers, in a few words: status,
+    Content-Encoding, Vary, framing (a length, or chunked), and the body's size as sent.
+
+    Raises:
+        LoadError: no answer.
+    """
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        # skip_accept_encoding: the driver's fields alone decide what is accepted.
+        connection.putrequest("GET", path, skip_accept_encoding=True)
+        for name, value in headers:
+            connection.putheader(name, value)
+        connection.endheaders()
+        response = connection.getresponse()
+        size = len(response.read())  # http.client decodes no content coding
+    except (OSError, http.client.HTTPException) as exc:
+        raise LoadError(f"GET {path}: {exc!r}") from None
+    finally:
+        connection.close()
+    coding = response.getheader("Content-Encoding") or "none"
+    vary = response.getheader("Vary") or "none"
+    length = response.getheader("Content-Length")
+    framing = f"Content-Length {length}" if length is not None else "chunked"
+    return f"{response.status}, Content-Encoding {coding}, Vary {vary}, {framing}: {size:,} bytes"

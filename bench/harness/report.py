@@ -3,7 +3,8 @@
 Per phase (protocol and path): one table of medians over the rounds, then the same-round
 ratios of each proxy under test to each anchor, then any `--pair` asked for. The very last
 line of the whole output is the summary figure bench/run promises:
-`ratio_vs_nginx=R` (the first proxy under test over nginx, HTTP/1.1, first path).
+`ratio_vs_nginx=R` (the first proxy under test over nginx, HTTP/1.1, first path; over
+nginx-gzip, then direct, when the run has no nginx anchor).
 """
 
 import json
@@ -134,7 +135,7 @@ def summary_line(results: Results, first_phase: str, proxies: Sequence[str]) -> 
     """`ratio_vs_nginx=R` for the first proxy on the first HTTP/1.1 phase (see module doc)."""
     phase = results.get(first_phase, {})
     if proxies and proxies[0] in phase:
-        for anchor in ("nginx", "direct"):
+        for anchor in ("nginx", "nginx-gzip", "direct"):
             if anchor in phase:
                 ratio = paired_ratio(phase[proxies[0]], phase[anchor], "rps")
                 return f"ratio_vs_{anchor}={number(ratio, 3) if ratio is not None else 'nan'}"

@@ -7,8 +7,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-ANCHORS = ("direct", "nginx", "nginx-auto")
+ANCHORS = ("direct", "nginx", "nginx-auto", "nginx-gzip")
 _NAME = re.compile(r"[A-Za-z0-9._+-]+")
+# RFC 9110 section 5.6.2: a field name is a token.
+_FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 USAGE_NOTES = """\
 Placeholders in a COMMAND or a --config template: {port} (the HTTP/1.1 port to listen on,
@@ -18,10 +20,12 @@ otherwise on {port}), {upstream} (host:port of the origin), {upstream_host},
 Other braces are left as they are. COMMAND runs under bash -c in the current directory.
 
 Anchors: direct (the origin itself), nginx (nginx as a reverse proxy, --nginx-workers),
-nginx-auto (the same with one worker per CPU).
+nginx-auto (the same with one worker per CPU), nginx-gzip (nginx as the reverse proxy,
+compressing what it proxies with gzip at level 6: `gzip_proxied any`).
 
 The last line printed is ratio_vs_nginx=R: the first proxy's req/s over nginx's, HTTP/1.1,
-first path, median of same-round ratios (ratio_vs_direct=R without the nginx anchor).
+first path, median of same-round ratios (against nginx-gzip, then direct, without the
+nginx anchor: ratio_vs_nginx-gzip=R, ratio_vs_direct=R).
 Exit status: 0, 2 on a setup error (missing tool, a server that does not start), 130 on
 interrupt. Method and reading of the figures: bench/README.md.
 """
@@ -35,6 +39,7 @@ class Settings:
     templates: dict[str, Path]  # proxy name -> config template
     anchors: tuple[str, ...]
     paths: tuple[str, ...]
+    headers: tuple[tuple[str, str], ...]  # (name, value): sent with every request
     repeats: int
     duration: int
     warmup: int
@@ -61,6 +66,7 @@ class Settings:
         """The settings the JSON file records with the figures."""
         return {
             "paths": list(self.paths),
+            "headers": [f"{name}: {value}" for name, value in self.headers],
             "anchors": list(self.anchors),
             "proxies": [name for name, _ in self.proxies],
             "repeats": self.repeats,
@@ -99,7 +105,15 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME=TEMPLATE",
         help="render TEMPLATE for proxy NAME into {config}",
     )
-    add("--paths", default="/", help="comma-separated: /, /16k, /1m, with any query [/]")
+    add("--paths", default="/", help="comma-separated: /, /16k, /1m, /16k.json, with any query [/]")
+    add(
+        "--header",
+        "-H",
+        action="append",
+        default=[],
+        metavar="NAME:VALUE",
+        help="a request header field sent to every target, by wrk and h2load (repeatable)",
+    )
     add("--anchors", default="direct,nginx", help="comma-separated anchors [direct,nginx]")
     add("--repeats", type=int, default=5, help="interleaved rounds [5]")
     add("--duration", type=int, default=10, help="seconds per measured run [10]")
@@ -166,6 +180,12 @@ def parse(argv: Sequence[str]) -> Settings:
     paths = tuple(p if p.startswith("/") else "/" + p for p in ns.paths.split(",") if p)
     if not paths:
         parser.error("--paths names no path")
+    headers = []
+    for spec in ns.header:
+        name, colon, value = spec.partition(":")
+        if not colon or not _FIELD_NAME.fullmatch(name) or "\n" in value or "\r" in value:
+            parser.error(f"--header wants NAME:VALUE, NAME a field name: {spec!r}")
+        headers.append((name, value.strip()))
     pairs = []
     for spec in ns.pair:
         target, _, base = spec.partition("/")
@@ -182,6 +202,7 @@ def parse(argv: Sequence[str]) -> Settings:
         templates=templates,
         anchors=anchors,
         paths=paths,
+        headers=tuple(headers),
         repeats=ns.repeats,
         duration=ns.duration,
         warmup=ns.warmup,

@@ -68,17 +68,27 @@ def test_the_windows_are_bounded() -> None:
 
 
 @pytest.mark.parametrize("coding", CODINGS)
-async def test_a_compressed_body_streams_the_source(coding: str) -> None:
+async def test_a_compressed_body_streams_the_source_and_counts_as_it_goes(coding: str) -> None:
+    counted_in: list[float] = []
+    counted_out: list[float] = []
     source = Body(None)
-    compressed = CompressedBody(source, Coding(coding, 3).stream())
+    compressed = CompressedBody(
+        source, Coding(coding, 3).stream(), counted_in.append, counted_out.append
+    )
     decode = decoder(coding)
+    sent = 0
     for i in range(0, 40_000, 10_000):
         source.feed(TEXT[i : i + 10_000])
         # the client's read gets all that was fed, decodable, before any more is fed
-        assert decode(await compressed.body.read_joined(10**6)) == TEXT[i : i + 10_000]
+        piece = await compressed.body.read_joined(10**6)
+        assert decode(piece) == TEXT[i : i + 10_000]
+        sent += len(piece)
+        assert (sum(counted_in), sum(counted_out)) == (i + 10_000, sent)
     source.feed_eof([("grpc-status", "0")])
-    assert decode(await read_all(compressed.body)) == b""
+    end = await read_all(compressed.body)
+    assert decode(end) == b""
     assert compressed.body.trailers == [("grpc-status", "0")]
+    assert (sum(counted_in), sum(counted_out)) == (40_000, sent + len(end))
 
 
 async def test_a_failing_source_fails_the_compressed_body_alike() -> None:
