@@ -19,7 +19,9 @@ cookies of both sides.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import functools
 import json
 import shutil
 import subprocess
@@ -29,9 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 OIDC_DIR = Path(__file__).resolve().parent / "oidc"
-START_TIMEOUT_S = 20.0
+# A bound, not a race: node loading oidc-provider's modules on a machine busy with the
+# rest of the suite can take seconds (the failure message says how long it waited).
+START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 5.0
 POLL_INTERVAL_S = 0.02
 SECRET = "gatehouse-test-client-secret-0123456789"
@@ -50,6 +55,29 @@ CLIENTS = [
 ]
 TOKEN_TTL = {"short": 1}
 NAVIGATE = {"Accept": "text/html,application/xhtml+xml", "Sec-Fetch-Mode": "navigate"}
+
+
+@functools.cache
+def signing_key() -> dict[str, str]:
+    """The providers' RSA signing key as a private JWK, made once per test session."""
+    numbers = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_numbers()
+
+    def b64(value: int) -> str:
+        raw = value.to_bytes((value.bit_length() + 7) // 8, "big")
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    public = numbers.public_numbers
+    return {
+        "kty": "RSA",
+        "n": b64(public.n),
+        "e": b64(public.e),
+        "d": b64(numbers.d),
+        "p": b64(numbers.p),
+        "q": b64(numbers.q),
+        "dp": b64(numbers.dmp1),
+        "dq": b64(numbers.dmq1),
+        "qi": b64(numbers.iqmp),
+    }
 
 
 class OidcProvider:
@@ -81,7 +109,14 @@ class OidcProvider:
         """
         config = self.directory / "provider.json"
         config.write_text(
-            json.dumps({"log": str(self._log), "clients": CLIENTS, "token_ttl": TOKEN_TTL})
+            json.dumps(
+                {
+                    "log": str(self._log),
+                    "clients": CLIENTS,
+                    "token_ttl": TOKEN_TTL,
+                    "signing_key": signing_key(),
+                }
+            )
         )
         self._log.write_text("")
         with self._output.open("wb") as output:
@@ -92,7 +127,8 @@ class OidcProvider:
                 stdout=output,
                 stderr=subprocess.STDOUT,
             )
-        deadline = time.monotonic() + START_TIMEOUT_S
+        started = time.monotonic()
+        deadline = started + START_TIMEOUT_S
         while not self.issuer:
             for line in self._output.read_text().splitlines():
                 if line.startswith('{"issuer"'):
@@ -100,8 +136,13 @@ class OidcProvider:
             if self.issuer:
                 break
             if self.process.poll() is not None or time.monotonic() > deadline:
+                exit_status = self.process.poll()
+                waited = time.monotonic() - started
                 self.stop()
-                raise AssertionError(f"{self} did not start:\n{self._output.read_text()}")
+                raise AssertionError(
+                    f"{self} did not start (exit status {exit_status}, after {waited:.1f} s):"
+                    f"\n{self._output.read_text()}"
+                )
             time.sleep(POLL_INTERVAL_S)
         return self
 

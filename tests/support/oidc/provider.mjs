@@ -2,7 +2,10 @@
 // tests/support/oidc_provider.py starts it as `node provider.mjs CONFIG.json` and reads
 // what it prints.
 //
-// CONFIG.json: {"log": path, "clients": [client metadata...], "token_ttl": {client_id: s}}
+// CONFIG.json: {"log": path, "clients": [client metadata...], "token_ttl": {client_id: s},
+//               "signing_key": a private RSA JWK}
+// - The signing key comes from the config (made once per test session in Python: an RSA
+//   key generated here on every start cost up to seconds on a busy machine).
 // - It listens on a free 127.0.0.1 port, and only then makes the provider, whose issuer
 //   is http://127.0.0.1:PORT (so no port is chosen before it is free), and prints
 //   `{"issuer": ...}` on one line.
@@ -15,7 +18,7 @@
 //   refresh_token grant. PKCE is required of every authorization request.
 // - `token_ttl` gives a client's access and ID tokens a short life (seconds) so that a
 //   test can wait for them to expire; the others live 5 minutes.
-import { generateKeyPairSync, randomBytes } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import { appendFileSync, readFileSync } from 'node:fs';
 import { createServer } from 'node:http';
 
@@ -28,8 +31,7 @@ const config = JSON.parse(readFileSync(process.argv[2], 'utf8'));
 const tokenTtl = config.token_ttl ?? {};
 const ttl = (_ctx, _token, client) => tokenTtl[client?.clientId] ?? DEFAULT_TTL_S;
 
-const { privateKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
-const signingKey = { ...privateKey.export({ format: 'jwk' }), kid: 'test-rs256', alg: 'RS256', use: 'sig' };
+const signingKey = { ...config.signing_key, kid: 'test-rs256', alg: 'RS256', use: 'sig' };
 
 const server = createServer();
 server.listen(0, '127.0.0.1', () => {
