@@ -51,7 +51,8 @@ select_build()
 # block under TYPE_CHECKING says the same for the type checker (the `as` form marks a
 # re-export; tests/proxy/test_plugin_surface.py keeps the two equal).
 _SOURCES = {
-    "proxy.core.models": ("Body", "Request", "Response"),
+    "proxy.core.body": ("Body",),
+    "proxy.core.models": ("Request", "Response"),
     "proxy.core.client_cert": ("ClientCertificate",),
     "proxy.plugin.base": ("Deferred", "Handler", "Middleware", "MiddlewareFactory", "Pending"),
     "proxy.plugin.options": ("Options",),
@@ -150,6 +151,9 @@ if TYPE_CHECKING:
     from proxy.core.addresses import (
         parse_network as parse_network,
     )
+    from proxy.core.body import (
+        Body as Body,
+    )
     from proxy.core.client_cert import (
         ClientCertificate as ClientCertificate,
     )
@@ -242,9 +246,6 @@ if TYPE_CHECKING:
     )
     from proxy.core.local_reply import (
         request_id_of as request_id_of,
-    )
-    from proxy.core.models import (
-        Body as Body,
     )
     from proxy.core.models import (
         Request as Request,

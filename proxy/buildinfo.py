@@ -40,6 +40,7 @@ COMPILED = (
     "proxy.codec.h1serialize",
     "proxy.codec.h2fields",
     "proxy.core.headers",
+    "proxy.core.body",
     "proxy.core.models",
     "proxy.core.canonical",
     "proxy.core.exchange",

@@ -11,9 +11,10 @@ from collections.abc import Callable
 
 from multidict import CIMultiDict
 
+from proxy.core.body import Body
 from proxy.core.errors import ProxyError
 from proxy.core.ids import new_request_id
-from proxy.core.models import Body, Request, Response
+from proxy.core.models import Request, Response
 
 
 def _not_counted(reason: str) -> None:

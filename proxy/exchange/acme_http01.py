@@ -17,9 +17,10 @@ from __future__ import annotations
 from multidict import CIMultiDict
 
 from proxy.config.model import ACME_CHALLENGE_PREFIX, Config
+from proxy.core.body import Body
 from proxy.core.errors import AcmeChallengeUnknown
 from proxy.core.local_reply import local_reply
-from proxy.core.models import Body, Request, Response
+from proxy.core.models import Request, Response
 from proxy.exchange.local_answers import split_host
 
 _ANSWERED_METHODS = ("GET", "HEAD")

@@ -20,7 +20,7 @@ whose pooled connection turns out closed (the keep-alive race) is retried by the
 forwarder itself (`Forwarder.try_start`); an eager chain that has to wait moves itself
 to a task (proxy/exchange/eager.py); errors become local replies here. The exchange's
 own state (route, parameters, chosen endpoint, chain run, timings) is its context,
-`request.exchange` (`Exchange`, proxy/core/models.py).
+`request.exchange` (`Exchange`, proxy/core/exchange.py).
 """
 
 from __future__ import annotations

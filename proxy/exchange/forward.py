@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, cast
 from metrics.definitions import PER_TRY_TIMEOUT, failure_code
 from proxy.codec.h1serialize import UnsafeHeader
 from proxy.config.model import RewriteConfig, WebSocketConfig
+from proxy.core.body import Body
 from proxy.core.errors import (
     BadRequest,
     InternalError,
@@ -36,7 +37,7 @@ from proxy.core.errors import (
 )
 from proxy.core.exchange import Exchange
 from proxy.core.headers import upstream_h2_headers, upstream_request_head
-from proxy.core.models import Body, Request, Response
+from proxy.core.models import Request, Response
 from proxy.exchange.circuit import CircuitBreaker
 from proxy.exchange.retry import ReplayBody, RetryPolicy, load_of
 from proxy.upstream.balancer import EndpointState, Upstream

@@ -22,9 +22,10 @@ from proxy.config.model import (
     RedirectTemplate,
     RespondConfig,
 )
+from proxy.core.body import Body
 from proxy.core.errors import InvalidHost
 from proxy.core.local_reply import local_reply
-from proxy.core.models import Body, Request, Response
+from proxy.core.models import Request, Response
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 # Visible ASCII but `\`: what a request's value may put in a Location as it is.

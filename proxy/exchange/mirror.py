@@ -37,8 +37,9 @@ from multidict import CIMultiDict
 
 from metrics.definitions import count_mirror
 from proxy.config.model import MirrorConfig
+from proxy.core.body import Body
 from proxy.core.errors import ProxyError
-from proxy.core.models import Body, Request
+from proxy.core.models import Request
 
 if TYPE_CHECKING:
     from proxy.exchange.forward import Forwarder

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from metrics.definitions import count_retry, count_retry_budget_exhausted
 from proxy.config.model import RetryConfig
+from proxy.core.body import Body
 from proxy.core.errors import (
     ProxyError,
     UpstreamConnectError,
@@ -37,7 +38,6 @@ from proxy.core.errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
-from proxy.core.models import Body
 from proxy.upstream.balancer import UpstreamLoad
 from proxy.upstream.h2.stream import StreamRefused
 

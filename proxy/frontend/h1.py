@@ -24,6 +24,7 @@ from proxy.codec.h1serialize import (
     reason_phrase,
     response_head,
 )
+from proxy.core.body import Body
 from proxy.core.canonical import (
     KNOWN_AUTHORITIES,
     REGISTERED_METHODS,
@@ -35,7 +36,7 @@ from proxy.core.canonical import (
 )
 from proxy.core.errors import BadRequest, BodyTooLarge, HeadTooLarge, ProxyError, RequestTimeout
 from proxy.core.local_reply import local_reply
-from proxy.core.models import Body, Request, Response
+from proxy.core.models import Request, Response
 from proxy.core.tracing import end_exchange
 from proxy.exchange.dispatch import Run
 from proxy.frontend.connection import ClientConnection, ConnectionPhase, ReadPause

@@ -55,8 +55,9 @@ from proxy.config.model import (
     UpstreamTls,
 )
 from proxy.config.values import ConfigValueError, parse_endpoint_url
+from proxy.core.body import Body
 from proxy.core.errors import UpstreamTimeout
-from proxy.core.models import Body, RawHeaders, Response
+from proxy.core.models import RawHeaders, Response
 from proxy.upstream.h1 import StaleConnection
 from proxy.upstream.h2.pool import H2Pool
 from proxy.upstream.pool import UpstreamPool

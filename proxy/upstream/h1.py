@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, cast
 from metrics.definitions import cancelled_code, failure_code
 from proxy.codec.h1 import H1Error, Headers, MessageHead, make_response_parser
 from proxy.codec.h1serialize import chunk, last_chunk
+from proxy.core.body import Body
 from proxy.core.errors import ProxyError, UpstreamProtocolError, UpstreamReset, UpstreamTimeout
 from proxy.core.headers import connection_tokens
-from proxy.core.models import Body, Response
+from proxy.core.models import Response
 from proxy.upstream.errors import StaleConnection as StaleConnection
 from proxy.upstream.replay import BodyCopy
 

@@ -31,8 +31,8 @@ from metrics.definitions import (
     count_tunnel_bytes,
     count_tunnel_close,
 )
+from proxy.core.body import Body
 from proxy.core.errors import ProxyError, UpstreamReset
-from proxy.core.models import Body
 from proxy.websocket.protocol import GOING_AWAY, FrameScanner, close_frame
 
 if TYPE_CHECKING:

@@ -17,7 +17,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Subprotocol
 
 from metrics.definitions import REGISTRY
-from proxy.core.models import Body, Request, Response
+from proxy.core.body import Body
+from proxy.core.models import Request, Response
 from proxy.process.server import Server
 from tests.support.gateway import GatewayFactory, simple_config
 from tests.support.tls import TlsFiles

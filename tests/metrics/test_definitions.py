@@ -23,6 +23,7 @@ from metrics.definitions import (
     set_route_check,
     upstream_series,
 )
+from proxy.core.body import Body
 from proxy.core.errors import (
     BodyTooLarge,
     NoRoute,
@@ -35,7 +36,7 @@ from proxy.core.errors import (
     UpstreamTimeout,
 )
 from proxy.core.local_reply import local_reply
-from proxy.core.models import Body, Request
+from proxy.core.models import Request
 from proxy.upstream.h1 import StaleConnection
 from proxy.upstream.h2.stream import StreamRefused
 from tests.support.metrics_scrape import Counts, metric, series

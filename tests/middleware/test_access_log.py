@@ -32,8 +32,9 @@ from middleware.access_log import (
 )
 from proxy.config.document import ConfigError
 from proxy.config.load import parse_config
+from proxy.core.body import Body
 from proxy.core.errors import UpstreamTimeout
-from proxy.core.models import Body, Request, Response
+from proxy.core.models import Request, Response
 
 HEAD = """\
 listeners: [{bind: 127.0.0.1:0}]

@@ -15,8 +15,9 @@ from metrics.definitions import REGISTRY
 from middleware.api_key import ApiKey, take_query_parameter
 from proxy.config.document import ConfigError
 from proxy.config.load import parse_config
+from proxy.core.body import Body
 from proxy.core.errors import Forbidden, Unauthorized
-from proxy.core.models import Body, Request, Response
+from proxy.core.models import Request, Response
 
 HEAD = """\
 listeners: [{bind: 127.0.0.1:0}]

@@ -26,8 +26,9 @@ from middleware.basic_auth import (
 )
 from proxy.config.document import ConfigError
 from proxy.config.load import parse_config
+from proxy.core.body import Body
 from proxy.core.errors import Unauthorized
-from proxy.core.models import Body, Request, Response
+from proxy.core.models import Request, Response
 
 # Published by their tools' documentation, so the formats are checked against what those
 # tools write: PHP's password_hash()/crypt() ($2y$) and passlib's pbkdf2_sha256.

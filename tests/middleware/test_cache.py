@@ -18,8 +18,9 @@ from middleware.cache_errors import NotCached
 from middleware.cache_store import MemoryStore
 from proxy.config.document import ConfigError
 from proxy.config.load import parse_config
+from proxy.core.body import Body
 from proxy.core.errors import UpstreamConnectError
-from proxy.core.models import Body, Request, Response
+from proxy.core.models import Request, Response
 
 START = 1_800_000_000.0
 

@@ -15,7 +15,8 @@ from middleware.cache_store import (
     MemoryStore,
     pick_variant,
 )
-from proxy.core.models import Body, Request
+from proxy.core.body import Body
+from proxy.core.models import Request
 
 
 def entry(body: bytes = b"x", *, vary: tuple[str, ...] = (), values: tuple[str, ...] = ()) -> Entry:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from middleware.chain import build_chain
-from proxy.core.models import Body, Request, Response
+from proxy.core.body import Body
+from proxy.core.models import Request, Response
 
 
 async def test_build_chain_runs_links_in_order_and_times_each() -> None:

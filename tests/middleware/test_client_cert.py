@@ -13,9 +13,10 @@ import pytest
 from middleware.client_cert import ClientCert
 from proxy.config.document import ConfigError
 from proxy.config.load import parse_config
+from proxy.core.body import Body
 from proxy.core.client_cert import ClientCertificate
 from proxy.core.errors import ClientCertForbidden, ClientCertRequired, ProxyError
-from proxy.core.models import Body, Request, Response
+from proxy.core.models import Request, Response
 
 HEAD = """\
 listeners: [{bind: 127.0.0.1:0}]

@@ -14,7 +14,8 @@ from multidict import CIMultiDict
 from middleware.compress import DEFAULT_CONTENT_TYPES, Compress
 from proxy.config.document import ConfigError
 from proxy.config.load import parse_config
-from proxy.core.models import Body, Request, Response
+from proxy.core.body import Body
+from proxy.core.models import Request, Response
 
 HEAD = """\
 listeners: [{bind: 127.0.0.1:0}]

@@ -15,8 +15,8 @@ import pytest
 import zstandard
 
 from middleware.compress_codecs import BROTLI_WINDOW_BITS, Coding, CompressedBody
+from proxy.core.body import BODY_HIGH_WATER_BYTES, Body
 from proxy.core.errors import InternalError, UpstreamReset
-from proxy.core.models import BODY_HIGH_WATER_BYTES, Body
 
 CODINGS = ["gzip", "br", "zstd"]
 TEXT = b"".join(b"event %06d: something happened somewhere\n" % i for i in range(5000))

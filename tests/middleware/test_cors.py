@@ -12,8 +12,9 @@ from multidict import CIMultiDict
 from middleware.cors import Cors, parse_origin
 from proxy.config.document import ConfigError
 from proxy.config.load import parse_config
+from proxy.core.body import Body
 from proxy.core.errors import CorsPreflightRefused, RequestTimeout
-from proxy.core.models import Body, Request, Response
+from proxy.core.models import Request, Response
 
 HEAD = """\
 listeners: [{bind: 127.0.0.1:0}]

@@ -12,8 +12,9 @@ from multidict import CIMultiDict
 from middleware.forward_auth import ForwardAuth
 from proxy.config.document import ConfigError
 from proxy.config.load import parse_config
+from proxy.core.body import Body
 from proxy.core.errors import BadRequest
-from proxy.core.models import Body, Request, Response
+from proxy.core.models import Request, Response
 from tests.support.auth_service import AuthAnswer, AuthService
 from tests.support.tls import TlsFiles
 

@@ -13,9 +13,10 @@ from multidict import CIMultiDict
 from middleware.ip_filter import VERDICT_CACHE_ENTRIES, IpFilter
 from proxy.config.document import ConfigError
 from proxy.config.load import parse_config
+from proxy.core.body import Body
 from proxy.core.client_ip import UNKNOWN_CLIENT
 from proxy.core.errors import IpForbidden
-from proxy.core.models import Body, Request, Response
+from proxy.core.models import Request, Response
 
 HEAD = """\
 listeners: [{bind: 127.0.0.1:0}]

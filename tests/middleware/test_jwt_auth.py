@@ -22,8 +22,9 @@ from metrics.definitions import REGISTRY
 from middleware.jwt_auth import JwtAuth
 from proxy.config.document import ConfigError
 from proxy.config.load import parse_config
+from proxy.core.body import Body
 from proxy.core.errors import Unauthorized
-from proxy.core.models import Body, Request, Response
+from proxy.core.models import Request, Response
 from tests.support.jwks_server import SigningKey
 from tests.support.tls import TlsFiles
 

@@ -27,7 +27,8 @@ from middleware.rate_limit_redis import BackendState, RedisBackend
 from proxy.config.document import ConfigError
 from proxy.config.load import parse_config
 from proxy.config.values import ConfigValueError
-from proxy.core.models import Body, Request, Response
+from proxy.core.body import Body
+from proxy.core.models import Request, Response
 from tests.middleware.test_rate_limit_local import FakeClock
 from tests.support.gateway_process import REPO_ROOT, free_port
 

@@ -24,10 +24,11 @@ import h11
 from multidict import CIMultiDict
 
 from proxy.config.model import Http2Config, LimitsConfig, PathNormalization
+from proxy.core.body import Body
 from proxy.core.client_ip import ClientResolver
 from proxy.core.errors import ProxyError
 from proxy.core.local_reply import local_reply
-from proxy.core.models import Body, Request, Response
+from proxy.core.models import Request, Response
 from proxy.exchange.dispatch import Reply, Run
 from proxy.frontend.connection import ClientConnection, ConnectionPhase, ReadPause
 from proxy.frontend.h1 import Http1Protocol

@@ -7,7 +7,8 @@ import asyncio
 
 from multidict import CIMultiDict
 
-from proxy.core.models import Body, Request, Response
+from proxy.core.body import Body
+from proxy.core.models import Request, Response
 from tests.support.helpers import (
     Handler,
     RecordingConnection,

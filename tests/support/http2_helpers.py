@@ -16,7 +16,8 @@ from hyperframe.frame import Frame, GoAwayFrame
 from multidict import CIMultiDict
 
 from proxy.config.model import Http2Config, LimitsConfig, ListenerConfig
-from proxy.core.models import Body, Request, Response
+from proxy.core.body import Body
+from proxy.core.models import Request, Response
 from proxy.frontend.h2.protocol import Http2Protocol
 from tests.support.helpers import (
     FakeServer,

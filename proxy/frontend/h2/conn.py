@@ -22,7 +22,8 @@ from proxy.codec.h2compat import (
     set_header_list_cap,
 )
 from proxy.config.model import Http2Config
-from proxy.core.models import Body, Request, Trailers
+from proxy.core.body import Body, Trailers
+from proxy.core.models import Request
 from proxy.core.tracing import end_exchange
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # RFC 9113 section 3.4

@@ -15,6 +15,7 @@ import logging
 import re
 
 from proxy.codec.h2fields import CONNECTION_SPECIFIC, FORBIDDEN_TRAILERS
+from proxy.core.body import Trailers
 from proxy.core.canonical import (
     SINGLETON_FIELDS,
     InvalidHeader,
@@ -25,7 +26,7 @@ from proxy.core.canonical import (
     underscore_allowed,
 )
 from proxy.core.errors import HeadTooLarge
-from proxy.core.models import RawHeaders, Response, Trailers
+from proxy.core.models import RawHeaders, Response
 
 log = logging.getLogger(__name__)
 

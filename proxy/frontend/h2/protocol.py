@@ -32,9 +32,10 @@ from proxy.codec.h2compat import (
     takes_whole_frames,
 )
 from proxy.config.model import Http2Config
+from proxy.core.body import Body
 from proxy.core.errors import BadRequest, BodyTooLarge, HeadTooLarge, ProxyError, RequestTimeout
 from proxy.core.local_reply import local_reply
-from proxy.core.models import Body, Request, Response
+from proxy.core.models import Request, Response
 from proxy.exchange.dispatch import Run
 from proxy.frontend.connection import ClientConnection, ConnectionPhase
 from proxy.frontend.h2.conn import (

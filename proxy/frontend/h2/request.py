@@ -4,9 +4,10 @@ and the client's address (`client_ip:`)."""
 
 from __future__ import annotations
 
+from proxy.core.body import Body
 from proxy.core.canonical import canonical_target
 from proxy.core.errors import BadRequest
-from proxy.core.models import Body, Request
+from proxy.core.models import Request
 from proxy.frontend.connection import ClientConnection
 from proxy.frontend.h2.conn import H2Exchange
 from proxy.frontend.h2.fields import RequestFields

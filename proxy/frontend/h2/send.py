@@ -15,8 +15,9 @@ import h2.exceptions
 from h2.errors import ErrorCodes
 
 from proxy.codec.h2fields import trailer_fields
+from proxy.core.body import Body
 from proxy.core.errors import ProxyError
-from proxy.core.models import Body, Request, Response
+from proxy.core.models import Request, Response
 from proxy.frontend.connection import COPY_BELOW_BYTES, ClientConnection
 from proxy.frontend.h2.conn import H2Exchange
 from proxy.frontend.h2.data import complete_response, frame_data

@@ -32,6 +32,7 @@ from h2.errors import ErrorCodes
 from metrics.definitions import cancelled_code, failure_code
 from proxy.codec.h2compat import linear_literals, reopen_after_goaway
 from proxy.codec.h2fields import trailer_fields
+from proxy.core.body import Body
 from proxy.core.errors import (
     BadRequest,
     ProxyError,
@@ -40,7 +41,7 @@ from proxy.core.errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
-from proxy.core.models import Body, RawHeaders, Response
+from proxy.core.models import RawHeaders, Response
 from proxy.upstream.h2.stream import (
     CONNECTION_ACK_BYTES,
     CONNECTION_WINDOW_BYTES,

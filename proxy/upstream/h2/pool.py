@@ -17,8 +17,9 @@ from collections import deque
 
 from metrics.definitions import failure_code, upstream_series
 from proxy.config.model import EndpointConfig, PoolConfig, UpstreamTimeouts
+from proxy.core.body import Body
 from proxy.core.errors import PoolTimeout, ProxyError, UpstreamConnectTimeout
-from proxy.core.models import Body, RawHeaders, Response
+from proxy.core.models import RawHeaders, Response
 from proxy.upstream.h2.connection import H2UpstreamConnection
 from proxy.upstream.h2.stream import H2ConnState, StreamRefused
 from proxy.upstream.pool import PoolOccupancy

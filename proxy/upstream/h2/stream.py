@@ -9,7 +9,8 @@ import asyncio
 import enum
 from time import perf_counter
 
-from proxy.core.models import Body, Response, Trailers
+from proxy.core.body import Body, Trailers
+from proxy.core.models import Response
 from proxy.upstream.errors import StreamRefused as StreamRefused
 from proxy.upstream.replay import BodyCopy
 

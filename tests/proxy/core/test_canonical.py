@@ -13,6 +13,7 @@ from multidict import CIMultiDict
 from proxy.config.document import ConfigError
 from proxy.config.load import parse_config
 from proxy.config.model import PathNormalization
+from proxy.core.body import Body
 from proxy.core.canonical import (
     InvalidHeader,
     InvalidHost,
@@ -26,7 +27,7 @@ from proxy.core.canonical import (
     spelling,
     without_spellings,
 )
-from proxy.core.models import Body, Request
+from proxy.core.models import Request
 
 DEFAULT = PathNormalization()
 UNESCAPE = PathNormalization(escaped_slashes="unescape")

@@ -9,8 +9,9 @@ from multidict import CIMultiDict
 
 from proxy.config.model import ClientIpConfig
 from proxy.core.addresses import ADDRESS_CACHE_ENTRIES, parse_network
+from proxy.core.body import Body
 from proxy.core.client_ip import MAX_FORWARDED_HOPS, UNKNOWN_CLIENT, ClientResolver
-from proxy.core.models import Body, Request
+from proxy.core.models import Request
 
 TRUSTED = (parse_network("10.0.0.0/8"), parse_network("fd00::/8"))
 

@@ -7,10 +7,11 @@ import pytest
 from multidict import CIMultiDict
 
 from proxy.codec.h1serialize import UnsafeHeader
+from proxy.core.body import Body
 from proxy.core.canonical import client_fields
 from proxy.core.client_cert import ClientCertificate
 from proxy.core.headers import upstream_h2_headers, upstream_request_head
-from proxy.core.models import Body, RawHeaders, Request
+from proxy.core.models import RawHeaders, Request
 
 
 def h1_request(

@@ -8,7 +8,8 @@ import pytest
 from multidict import CIMultiDict
 
 from proxy.codec.h1serialize import UnsafeHeader
-from proxy.core.models import Body, Request, Response
+from proxy.core.body import Body
+from proxy.core.models import Request, Response
 
 
 def raw_request() -> Request:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.core.models import Body, Request
+from proxy.core.body import Body
+from proxy.core.models import Request
 from proxy.core.tracing import SAMPLED, SpanRecord, Tracer, parse_traceparent
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"

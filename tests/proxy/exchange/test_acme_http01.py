@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from proxy.config.load import parse_config
-from proxy.core.models import Body, Request, Response
+from proxy.core.body import Body
+from proxy.core.models import Request, Response
 from proxy.exchange.acme_http01 import http01_hosts
 from proxy.exchange.runtime import Runtime
 

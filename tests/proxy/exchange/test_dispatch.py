@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from proxy.config.load import parse_config
-from proxy.core.models import Body, Request, Response
+from proxy.core.body import Body
+from proxy.core.models import Request, Response
 from proxy.exchange.dispatch import Run
 from proxy.exchange.routing import RouteMatch, RouteTable
 from proxy.exchange.runtime import Runtime

@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 
 from proxy.config.load import parse_config
+from proxy.core.body import Body
 from proxy.core.exchange import Exchange
-from proxy.core.models import Body, Request, Response
+from proxy.core.models import Request, Response
 from proxy.exchange.eager import EagerRun, Reply
 from proxy.exchange.runtime import Runtime
 from tests.support.helpers import eventually

@@ -21,9 +21,10 @@ from proxy.config.model import (
     RewriteConfig,
     UpstreamConfig,
 )
+from proxy.core.body import Body
 from proxy.core.errors import BadRequest, ProxyError, UpstreamProtocolError
 from proxy.core.exchange import Exchange
-from proxy.core.models import Body, RawHeaders, Request, Response
+from proxy.core.models import RawHeaders, Request, Response
 from proxy.exchange.forward import Forwarder, compile_rewrite
 from proxy.upstream.balancer import EndpointState, Upstream
 from tests.support.gateway import H1UpstreamFactory

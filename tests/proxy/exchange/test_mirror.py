@@ -10,7 +10,8 @@ import pytest
 from multidict import CIMultiDict
 
 from proxy.config.model import MirrorConfig
-from proxy.core.models import Body, Request
+from proxy.core.body import Body
+from proxy.core.models import Request
 from proxy.exchange.mirror import Mirror, _copy_of
 
 

@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from proxy.config.load import parse_config
-from proxy.core.models import Body, Request, Response
+from proxy.core.body import Body
+from proxy.core.models import Request, Response
 from proxy.exchange.phased import PhasedRun
 from proxy.exchange.runtime import Runtime
 from tests.support.helpers import eventually

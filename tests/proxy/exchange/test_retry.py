@@ -16,6 +16,7 @@ from metrics.definitions import (
 )
 from metrics.local import LocalCounter, LocalHistogram
 from proxy.config.model import RetryConfig
+from proxy.core.body import Body
 from proxy.core.errors import (
     BodyTooLarge,
     PoolTimeout,
@@ -26,7 +27,6 @@ from proxy.core.errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
-from proxy.core.models import Body
 from proxy.exchange.retry import (
     CONNECT_FAILURE,
     REFUSED_STREAM,

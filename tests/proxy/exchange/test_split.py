@@ -8,7 +8,8 @@ from typing import Any, cast
 import pytest
 
 from proxy.config.model import SplitConfig, SplitSide
-from proxy.core.models import Body, Request
+from proxy.core.body import Body
+from proxy.core.models import Request
 from proxy.exchange.split import Split
 
 

@@ -10,8 +10,9 @@ import asyncio
 import pytest
 from multidict import CIMultiDict
 
+from proxy.core.body import Body
 from proxy.core.errors import ProxyError, UpstreamReset
-from proxy.core.models import Body, Request, Response
+from proxy.core.models import Request, Response
 from proxy.frontend.connection import ConnectionPhase
 from tests.support.helpers import decode_responses, echo_handler, make_protocol, settle
 from tests.support.http1_helpers import GET, canned, echo_after, run, streaming

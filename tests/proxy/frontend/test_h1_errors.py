@@ -10,8 +10,9 @@ import logging
 import pytest
 
 from proxy.config.model import LimitsConfig
+from proxy.core.body import Body
 from proxy.core.errors import UpstreamReset
-from proxy.core.models import Body, Request, Response
+from proxy.core.models import Request, Response
 from proxy.frontend.connection import ConnectionPhase
 from tests.support.helpers import decode_responses, make_protocol, settle
 from tests.support.http1_helpers import GET, canned, echo_after, run, streaming

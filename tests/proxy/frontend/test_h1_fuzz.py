@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from proxy.config.model import LimitsConfig
+from proxy.core.body import Body
 from proxy.core.errors import ProxyError
-from proxy.core.models import Body, Request, Response
+from proxy.core.models import Request, Response
 from tests.support.helpers import RecordingConnection, decode_responses, make_protocol, settle
 
 # Hypothesis' failure explanation imports mypy_extensions, whose DeprecationWarning would turn a

@@ -13,13 +13,13 @@ import pytest
 
 from proxy.codec.h1serialize import UnsafeHeader
 from proxy.config.values import ConfigValueError
+from proxy.core.body import Body
 from proxy.core.errors import (
     UpstreamConnectError,
     UpstreamProtocolError,
     UpstreamReset,
     UpstreamTimeout,
 )
-from proxy.core.models import Body
 from proxy.testing import start_upstream
 from proxy.upstream.fetch import (
     FetchUrl,

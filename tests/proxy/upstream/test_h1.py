@@ -9,7 +9,7 @@ import asyncio
 import time
 
 from proxy.config.model import EndpointConfig, PoolConfig, UpstreamTimeouts
-from proxy.core.models import Body
+from proxy.core.body import Body
 from proxy.upstream.h1 import Http1UpstreamConnection, UpstreamConnState
 from proxy.upstream.pool import UpstreamPool
 from proxy.upstream.replay import REPLAY_BODY_LIMIT_BYTES

@@ -13,7 +13,8 @@ import pytest
 from multidict import CIMultiDict
 
 from proxy.config.model import BalanceConfig
-from proxy.core.models import Body, Request, Response
+from proxy.core.body import Body
+from proxy.core.models import Request, Response
 from proxy.upstream.balancer import EndpointPool, EndpointState
 from proxy.upstream.hashing import cookie_value, stable_hash
 from proxy.upstream.policies import (

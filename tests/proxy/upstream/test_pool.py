@@ -12,8 +12,8 @@ import ssl
 import pytest
 
 from proxy.config.model import EndpointConfig, PoolConfig, UpstreamTimeouts
+from proxy.core.body import Body
 from proxy.core.errors import PoolTimeout, UpstreamConnectError, UpstreamReset, UpstreamTimeout
-from proxy.core.models import Body
 from proxy.upstream.h1 import Http1UpstreamConnection, UpstreamConnState
 from proxy.upstream.pool import UpstreamPool
 from tests.support.helpers import eventually

@@ -23,8 +23,8 @@ from wsproto.frame_protocol import CloseReason, Frame, FrameProtocol, Opcode
 from metrics.definitions import TunnelClose
 from proxy.config.load import parse_config
 from proxy.config.model import WebSocketConfig
+from proxy.core.body import Body
 from proxy.core.errors import UpstreamReset
-from proxy.core.models import Body
 from proxy.process.server import Server
 from proxy.websocket.tunnel import CLOSE_LINGER_S, SocketEnd, StreamEnd, Tunnel
 from tests.support.helpers import RawClient, eventually

@@ -21,8 +21,9 @@ from hyperframe.frame import (
 from multidict import CIMultiDict
 
 from proxy.config.model import Http2Config, LimitsConfig
+from proxy.core.body import Body
 from proxy.core.errors import ProxyError, UpstreamReset
-from proxy.core.models import Body, Request, Response
+from proxy.core.models import Request, Response
 from proxy.frontend.connection import ConnectionPhase
 from tests.support.http2_helpers import (
     H2Peer,

@@ -22,9 +22,10 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from proxy.config.model import Http2Config, LimitsConfig
+from proxy.core.body import Body
 from proxy.core.errors import ProxyError
 from proxy.core.local_reply import local_reply
-from proxy.core.models import Body, Request, Response
+from proxy.core.models import Request, Response
 from proxy.frontend.h2.protocol import Http2Protocol
 from tests.support.http2_helpers import (
     H2RecordingConnection,

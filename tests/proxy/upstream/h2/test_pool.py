@@ -20,6 +20,7 @@ from proxy.config.model import (
     UpstreamTimeouts,
     UpstreamTls,
 )
+from proxy.core.body import BODY_HIGH_WATER_BYTES, Body
 from proxy.core.errors import (
     PoolTimeout,
     UpstreamConnectError,
@@ -27,7 +28,7 @@ from proxy.core.errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
-from proxy.core.models import BODY_HIGH_WATER_BYTES, Body, RawHeaders, Response
+from proxy.core.models import RawHeaders, Response
 from proxy.upstream.h2.pool import H2Pool
 from proxy.upstream.h2.stream import STREAM_WINDOW_BYTES, H2ConnState
 from proxy.upstream.tls import client_context, server_hostname

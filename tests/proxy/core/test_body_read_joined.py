@@ -7,8 +7,8 @@ import asyncio
 
 import pytest
 
+from proxy.core.body import BODY_HIGH_WATER_BYTES, BODY_LOW_WATER_BYTES, Body
 from proxy.core.errors import BadRequest
-from proxy.core.models import BODY_HIGH_WATER_BYTES, BODY_LOW_WATER_BYTES, Body
 
 
 async def test_joins_what_is_buffered_and_accounts_for_all_of_it() -> None:

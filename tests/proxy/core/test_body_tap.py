@@ -4,7 +4,7 @@ streaming body with (proxy/exchange/mirror.py)."""
 
 from __future__ import annotations
 
-from proxy.core.models import Body
+from proxy.core.body import Body
 
 
 def tapped(body: Body) -> list[bytes]:

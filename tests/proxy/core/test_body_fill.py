@@ -8,8 +8,8 @@ import asyncio
 
 import pytest
 
+from proxy.core.body import BODY_HIGH_WATER_BYTES, Body
 from proxy.core.errors import RequestTimeout
-from proxy.core.models import BODY_HIGH_WATER_BYTES, Body
 
 
 class Producer:

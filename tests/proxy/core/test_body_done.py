@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from proxy.core.body import Body
 from proxy.core.errors import UpstreamReset
-from proxy.core.models import Body
 
 
 def watched(body: Body) -> list[int]:
