@@ -249,6 +249,53 @@ class Request(_Message):
         self.query = raw_query.decode("latin-1")
         self._url = None
 
+    def copy_head(
+        self,
+        headers: CIMultiDict[str] | RawHeaders | None = None,
+        body: Body | None = None,
+    ) -> Request:
+        """A new request that the gateway sends on this one's behalf (a route mirror's
+        copy, a cache's revalidation in the background), with `body` (or none).
+
+        Kept: the method and target (`target`, `raw_target`, `path`, `query`), `host`,
+        `http_version`, `scheme`, who sent it (`client`, `peer`, `peer_trusted`,
+        `tls_version`, `client_cert`, `listener`), `request_id`, `consumer`, and the
+        route it matched (`exchange.route_name`, a copy of `exchange.params`). The header
+        fields are `headers` when given (taken as they are, not copied), else a copy of
+        this request's: raw pairs stay raw.
+
+        Not kept: the body, `upgrade` (a copy is never a tunnel), `keep_alive` (the
+        client connection's), and the rest of the exchange's record: the copy's context
+        is its own, arrived now, with no endpoint, retries or trace yet.
+        """
+        if headers is None:
+            raw = self.raw_headers
+            headers = list(raw) if raw is not None else CIMultiDict(self.headers)
+        copy = Request(
+            self.method,
+            self.target,
+            headers,
+            body if body is not None else Body.from_bytes(b""),
+            http_version=self.http_version,
+            client=self.client,
+            scheme=self.scheme,
+            host=self.host,
+            path=self.path,
+            query=self.query,
+            raw_target=self.raw_target,
+            tls_version=self.tls_version,
+            listener=self.listener,
+            client_cert=self.client_cert,
+        )
+        copy.peer = self.peer
+        copy.peer_trusted = self.peer_trusted
+        copy.request_id = self.request_id
+        copy.consumer = self.consumer
+        exchange = copy.exchange
+        exchange.route_name = self.exchange.route_name
+        exchange.params = dict(self.exchange.params)
+        return copy
+
     def get_headers(self) -> CIMultiDict[str]:
         """`headers`, as a method (routing asks for headers only when it needs them)."""
         return self.headers

@@ -33,8 +33,6 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from multidict import CIMultiDict
-
 from metrics.definitions import count_mirror
 from proxy.config.model import MirrorConfig
 from proxy.core.body import Body
@@ -47,7 +45,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MIRROR_HEADER = "X-Gatehouse-Mirror"
-_MIRROR_FIELD = MIRROR_HEADER.lower().encode("latin-1")
 
 
 class Mirror:
@@ -180,34 +177,8 @@ class _Tee:
 
 
 def _copy_of(request: Request) -> Request:
-    """A request with `request`'s method, target, fields and client, marked as a mirror
-    copy; its body is set when it is sent."""
-    raw = request.raw_headers
-    headers: CIMultiDict[str] | list[tuple[bytes, bytes]]
-    if raw is not None:
-        headers = [(name, value) for name, value in raw if name.lower() != _MIRROR_FIELD]
-        headers.append((MIRROR_HEADER.encode("latin-1"), b"1"))
-    else:
-        headers = CIMultiDict(request.headers)
-        headers[MIRROR_HEADER] = "1"
-    copy = Request(
-        request.method,
-        request.target,
-        headers,
-        Body.from_bytes(b""),
-        http_version=request.http_version,
-        client=request.client,
-        scheme=request.scheme,
-        host=request.host,
-        path=request.path,
-        query=request.query,
-        raw_target=request.raw_target,
-        tls_version=request.tls_version,
-        listener=request.listener,
-        client_cert=request.client_cert,
-    )
-    copy.peer = request.peer
-    copy.peer_trusted = request.peer_trusted
-    copy.request_id = request.request_id
-    copy.consumer = request.consumer
+    """A request with `request`'s method, target, fields and client (`Request.copy_head`),
+    marked as a mirror copy; its body is set when it is sent."""
+    copy = request.copy_head()
+    copy.set_header(MIRROR_HEADER, "1")  # (the client's own value, if any, replaced)
     return copy
