@@ -36,7 +36,8 @@ from typing import NamedTuple, Protocol
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from metrics.definitions import REGISTRY, set_enabled, set_route_check
+from metrics.definitions import REGISTRY
+from metrics.traffic import set_enabled, set_route_check
 
 PROTOCOLS = ("http1", "h2", "websocket")
 

@@ -35,7 +35,7 @@ class _LocalFamily(Collector, Generic[Child]):
     def forget(self, label: str, keep: Callable[[str], bool]) -> int:
         """Drop every child whose `label` value `keep` refuses; the number dropped. A
         caller holding a dropped child counts into nothing from then on (see
-        `metrics.definitions.forget_series`)."""
+        `metrics.traffic.forget_series`)."""
         if label not in self.labelnames:
             return 0
         index = self.labelnames.index(label)

@@ -89,6 +89,7 @@ COMPILED = (
     "middleware.cache_store",
     "metrics.children",
     "metrics.definitions",
+    "metrics.traffic",
 )
 
 _COMPILED_NAMES = frozenset(COMPILED)

@@ -10,7 +10,7 @@ import pytest
 import uvloop
 from hypothesis import HealthCheck, settings
 
-from metrics.definitions import set_enabled
+from metrics.traffic import set_enabled
 from proxy.config.load import parse_config
 from proxy.process.server import Server
 from tests.support.gateway import GatewayFactory, H1UpstreamFactory, simple_config

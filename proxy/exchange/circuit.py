@@ -20,7 +20,7 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING
 
-from metrics.definitions import count_overloaded
+from metrics.traffic import count_overloaded
 from proxy.config.model import CircuitBreakerConfig
 from proxy.core.errors import UpstreamOverloaded
 from proxy.upstream.balancer import UpstreamLoad

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from time import perf_counter
 from typing import TYPE_CHECKING, cast
 
-from metrics.definitions import PER_TRY_TIMEOUT, failure_code
+from metrics.traffic import PER_TRY_TIMEOUT, failure_code
 from proxy.codec.h1serialize import UnsafeHeader
 from proxy.config.model import RewriteConfig, WebSocketConfig
 from proxy.core.body import Body

@@ -33,7 +33,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from metrics.definitions import count_mirror
+from metrics.traffic import count_mirror
 from proxy.config.model import MirrorConfig
 from proxy.core.body import Body
 from proxy.core.errors import ProxyError

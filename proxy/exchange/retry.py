@@ -28,7 +28,7 @@ import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from metrics.definitions import count_retry, count_retry_budget_exhausted
+from metrics.traffic import count_retry, count_retry_budget_exhausted
 from proxy.config.model import RetryConfig
 from proxy.core.body import Body
 from proxy.core.errors import (

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from itertools import accumulate
 from typing import TYPE_CHECKING
 
-from metrics.definitions import count_split, split_series
+from metrics.traffic import count_split, split_series
 from proxy.config.model import SplitConfig
 from proxy.core.models import Request
 from proxy.upstream.hashing import cookie_value, stable_hash

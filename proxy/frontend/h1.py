@@ -15,7 +15,7 @@ import logging
 from collections import deque
 from collections.abc import Container
 
-from metrics.definitions import HTTP1, count_request
+from metrics.traffic import HTTP1, count_request
 from proxy.codec.h1 import H1Error, Headers, MessageHead, make_request_parser
 from proxy.codec.h1serialize import (
     UnsafeHeader,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 
-from metrics.definitions import HTTP1, count_request
+from metrics.traffic import HTTP1, count_request
 from proxy.codec.h1serialize import UnsafeHeader
 from proxy.core.models import Request, Response
 from proxy.core.tracing import end_exchange

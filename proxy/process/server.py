@@ -22,8 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from metrics.definitions import TunnelClose, forget_series, set_enabled
+from metrics.definitions import TunnelClose
 from metrics.live import attach_source
+from metrics.traffic import forget_series, set_enabled
 from middleware.chain import MiddlewareStartFailed
 from proxy.codec.h1 import resolve_codec
 from proxy.config.model import Config, ListenerConfig

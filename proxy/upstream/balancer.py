@@ -24,7 +24,7 @@ from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Protocol, cast
 
 from metrics.children import LocalCounterChild
-from metrics.definitions import panic_counter
+from metrics.traffic import panic_counter
 from proxy.config.model import EndpointConfig, UpstreamConfig
 from proxy.upstream.h2.pool import H2Pool
 from proxy.upstream.health import HealthChecker

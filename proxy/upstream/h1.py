@@ -15,7 +15,7 @@ from collections.abc import Callable
 from time import perf_counter
 from typing import TYPE_CHECKING, cast
 
-from metrics.definitions import cancelled_code, failure_code
+from metrics.traffic import cancelled_code, failure_code
 from proxy.codec.h1 import H1Error, Headers, MessageHead, make_response_parser
 from proxy.codec.h1serialize import chunk, last_chunk
 from proxy.core.body import Body

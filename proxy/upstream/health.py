@@ -29,7 +29,7 @@ import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
-from metrics.definitions import count_health_check
+from metrics.traffic import count_health_check
 from proxy.config.model import DEFAULT_MAX_HEAD_BYTES, EndpointConfig, HealthCheckConfig
 from proxy.core.errors import ProxyError, UpstreamProtocolError, UpstreamReset, UpstreamTimeout
 from proxy.upstream.fetch import FetchUrl, fetch

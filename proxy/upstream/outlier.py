@@ -30,7 +30,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from metrics.definitions import count_ejection
+from metrics.traffic import count_ejection
 from proxy.config.model import OutlierConfig
 from proxy.core.errors import (
     UpstreamConnectError,

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import NamedTuple, TypeVar
 
-from metrics.definitions import failure_code, upstream_series
+from metrics.traffic import failure_code, upstream_series
 from proxy.config.model import EndpointConfig, PoolConfig, UpstreamTimeouts
 from proxy.core.errors import PoolTimeout, ProxyError, UpstreamReset
 from proxy.upstream.h1 import Http1UpstreamConnection, UpstreamConnState

@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from metrics.definitions import UPSTREAM_OVERLOADED
+from metrics.traffic import UPSTREAM_OVERLOADED
 from proxy.process.server import Server
 from tests.support.gateway import GatewayFactory, H1UpstreamFactory, base_url
 from tests.support.upstreams import H2UpstreamServer, UpstreamServer

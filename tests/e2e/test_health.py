@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterable
 import httpx
 import pytest
 
-from metrics.definitions import UPSTREAM_EJECTIONS, UPSTREAM_HEALTH_CHECKS, UPSTREAM_PANIC
+from metrics.traffic import UPSTREAM_EJECTIONS, UPSTREAM_HEALTH_CHECKS, UPSTREAM_PANIC
 from proxy.config.load import parse_config
 from proxy.process.server import Server
 from proxy.testing import ScriptedUpstream, start_upstream

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect
 
-from metrics.definitions import REQUESTS, UPSTREAM_REQUESTS, forget_series
+from metrics.traffic import REQUESTS, UPSTREAM_REQUESTS, forget_series
 from proxy.config.load import parse_config
 from proxy.exchange.runtime import Runtime
 from tests.support.gateway import GatewayFactory, base_url

@@ -19,7 +19,7 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect
 
-from metrics.definitions import MIRROR_REQUESTS
+from metrics.traffic import MIRROR_REQUESTS
 from proxy.exchange.mirror import Mirror
 from proxy.process.server import Server
 from proxy.testing.upstream import (

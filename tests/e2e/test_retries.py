@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from metrics.definitions import UPSTREAM_REQUESTS, UPSTREAM_RETRIES, UPSTREAM_RETRY_BUDGET_EXHAUSTED
+from metrics.traffic import UPSTREAM_REQUESTS, UPSTREAM_RETRIES, UPSTREAM_RETRY_BUDGET_EXHAUSTED
 from proxy.testing import start_upstream
 from tests.support.gateway import GatewayFactory, H1UpstreamFactory, base_url
 from tests.support.h2_client import H2Client

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from metrics.definitions import SPLIT_REQUESTS
+from metrics.traffic import SPLIT_REQUESTS
 from proxy.process.server import Server
 from proxy.testing.upstream import ScriptedUpstream, start_upstream
 from tests.support.gateway import GatewayFactory, base_url

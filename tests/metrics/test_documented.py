@@ -14,6 +14,7 @@ from prometheus_client.metrics import MetricWrapperBase
 import metrics.definitions
 import metrics.gateway
 import metrics.live
+import metrics.traffic
 from metrics.local import LocalCounter, LocalHistogram
 
 OPERATIONS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
@@ -44,7 +45,7 @@ def _exposed(name: str, kind: str) -> str:
 def defined() -> dict[str, tuple[str, ...]]:
     """Every metric the code declares, by exposed name, with its labels sorted."""
     found: dict[str, tuple[str, ...]] = {}
-    modules: tuple[ModuleType, ...] = (metrics.definitions, metrics.gateway)
+    modules: tuple[ModuleType, ...] = (metrics.definitions, metrics.traffic, metrics.gateway)
     for module in modules:
         for item in vars(module).values():
             if isinstance(item, MetricWrapperBase):

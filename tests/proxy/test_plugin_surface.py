@@ -62,8 +62,8 @@ def test_importing_proxy_loads_nothing_else() -> None:
 
 
 def test_a_middleware_imported_first_meets_no_cycle() -> None:
-    # metrics.definitions imports proxy.core.errors; the surface must not need it back.
-    code = "import metrics.definitions, middleware.forward_auth, middleware.jwt_auth"
+    # metrics.traffic imports proxy.core.errors; the surface must not need it back.
+    code = "import metrics.traffic, middleware.forward_auth, middleware.jwt_auth"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 

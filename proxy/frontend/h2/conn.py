@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import h2.connection
 import h2.settings
 
-from metrics.definitions import HTTP2, count_request
+from metrics.traffic import HTTP2, count_request
 from proxy.codec.h2compat import (
     PerStreamContentLength,
     half_closed_local,

@@ -29,7 +29,7 @@ import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
 
-from metrics.definitions import cancelled_code, failure_code
+from metrics.traffic import cancelled_code, failure_code
 from proxy.codec.h2compat import linear_literals, reopen_after_goaway
 from proxy.codec.h2fields import trailer_fields
 from proxy.core.body import Body

@@ -15,7 +15,7 @@ import logging
 import ssl
 from collections import deque
 
-from metrics.definitions import failure_code, upstream_series
+from metrics.traffic import failure_code, upstream_series
 from proxy.config.model import EndpointConfig, PoolConfig, UpstreamTimeouts
 from proxy.core.body import Body
 from proxy.core.errors import PoolTimeout, ProxyError, UpstreamConnectTimeout

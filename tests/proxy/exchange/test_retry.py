@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from metrics import definitions
-from metrics.definitions import (
+from metrics import traffic
+from metrics.local import LocalCounter, LocalHistogram
+from metrics.traffic import (
     UPSTREAM_OVERLOADED,
     UPSTREAM_RETRIES,
     UPSTREAM_RETRY_BUDGET_EXHAUSTED,
@@ -14,7 +15,6 @@ from metrics.definitions import (
     count_retry_budget_exhausted,
     forget_series,
 )
-from metrics.local import LocalCounter, LocalHistogram
 from proxy.config.model import RetryConfig
 from proxy.core.body import Body
 from proxy.core.errors import (
@@ -213,13 +213,13 @@ def test_forget_series_drops_the_retry_and_overload_series_of_removed_upstreams(
     count_retry("unit-kept", "reset")
     families = [
         family
-        for family in vars(definitions).values()
+        for family in vars(traffic).values()
         if isinstance(family, LocalCounter | LocalHistogram) and "upstream" in family.labelnames
     ]
     # Every upstream other tests of this process counted for stays.
     live = {values[family.labelnames.index("upstream")] for family in families
             for values, _ in family.children()} - {"unit-gone"}  # fmt: skip
-    forget_series({values[0] for values, _ in definitions.REQUESTS.children()}, live)
+    forget_series({values[0] for values, _ in traffic.REQUESTS.children()}, live)
     ours = (UPSTREAM_RETRIES, UPSTREAM_RETRY_BUDGET_EXHAUSTED, UPSTREAM_OVERLOADED)
     assert [v for family in ours for v, _ in family.children() if v[0] == "unit-gone"] == []
     assert ("unit-kept", "reset") in dict(UPSTREAM_RETRIES.children())

@@ -10,7 +10,7 @@ import ssl
 
 import pytest
 
-from metrics.definitions import UPSTREAM_HEALTH_CHECKS
+from metrics.traffic import UPSTREAM_HEALTH_CHECKS
 from proxy.config.model import EndpointConfig, HealthCheckConfig, UpstreamConfig, UpstreamTls
 from proxy.testing import start_upstream
 from proxy.upstream.balancer import EndpointState, Upstream

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from metrics.definitions import UPSTREAM_EJECTIONS, UPSTREAM_PANIC, forget_series
+from metrics.traffic import UPSTREAM_EJECTIONS, UPSTREAM_PANIC, forget_series
 from proxy.config.model import EndpointConfig, OutlierConfig, UpstreamConfig
 from proxy.core.errors import (
     BadRequest,

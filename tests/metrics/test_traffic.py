@@ -8,10 +8,10 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client import generate_latest
 
-from metrics.definitions import (
+from metrics.definitions import REGISTRY
+from metrics.traffic import (
     HTTP1,
     HTTP2,
-    REGISTRY,
     REQUESTS,
     UPSTREAM_REQUESTS,
     code_class,
