@@ -1,8 +1,9 @@
 """routes.yaml -> the frozen, typed configuration of `proxy.config.model`.
 
 The loader checks everything once, at load time (CONTRIBUTING.md, style), and reports every problem
-together, each as `file:line: key.path: message`. The model lives in `proxy.config.model`,
-the document limits and `ConfigError` in `proxy.config.document`.
+together, each as `file:line: key.path: message`. The model lives in `proxy.config.model`
+(an upstream's in `proxy.config.upstream_model`), the document limits and `ConfigError` in
+`proxy.config.document`.
 
 This module reads the top level and orders the sections; each section is a function
 `read_X(reader, context, node, path)` of the module named for it (`upstream`,
@@ -42,7 +43,6 @@ from proxy.config.model import (
     PathNormalization,
     ReloadConfig,
     RouteConfig,
-    UpstreamConfig,
 )
 from proxy.config.reader import NodeReader, Reported, describe
 from proxy.config.routes import read_routes
@@ -64,6 +64,7 @@ from proxy.config.server import (
 )
 from proxy.config.spec import keys_of, required_of
 from proxy.config.upstream import read_upstreams
+from proxy.config.upstream_model import UpstreamConfig
 
 __all__ = ["load_config", "parse_config"]
 

@@ -34,7 +34,9 @@ from proxy.config.keys import (
     UPSTREAM_PROTOCOLS,
     UPSTREAM_TLS,
 )
-from proxy.config.model import (
+from proxy.config.reader import NodeReader, Reported, did_you_mean, join_path
+from proxy.config.spec import keys_of, required_of
+from proxy.config.upstream_model import (
     DEFAULT_BASE_EJECTION_S,
     DEFAULT_CONNECT_TIMEOUT_S,
     DEFAULT_HEALTH_INTERVAL_S,
@@ -60,8 +62,6 @@ from proxy.config.model import (
     UpstreamTimeouts,
     UpstreamTls,
 )
-from proxy.config.reader import NodeReader, Reported, did_you_mean, join_path
-from proxy.config.spec import keys_of, required_of
 from proxy.config.values import parse_endpoint_url, tls_pair_problem
 
 _MAX_CONNECTIONS = DEFAULT_POOL_MAX_CONNECTIONS

@@ -21,7 +21,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from metrics.traffic import count_overloaded
-from proxy.config.model import CircuitBreakerConfig
+from proxy.config.upstream_model import CircuitBreakerConfig
 from proxy.core.errors import UpstreamOverloaded
 from proxy.upstream.balancer import UpstreamLoad
 from proxy.upstream.h2.pool import H2Pool

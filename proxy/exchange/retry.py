@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from metrics.traffic import count_retry, count_retry_budget_exhausted
-from proxy.config.model import RetryConfig
+from proxy.config.upstream_model import RetryConfig
 from proxy.core.body import Body
 from proxy.core.errors import (
     ProxyError,

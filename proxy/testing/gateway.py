@@ -37,7 +37,8 @@ from metrics.gateway import CONFIG_LAST_RELOAD_SUCCESS, CONFIG_RELOADS, record_c
 from metrics.status_page import RequestRates, render_page
 from proxy.config.document import ConfigError
 from proxy.config.load import parse_config
-from proxy.config.model import AdminConfig, Config, EndpointConfig, UpstreamConfig
+from proxy.config.model import AdminConfig, Config
+from proxy.config.upstream_model import EndpointConfig, UpstreamConfig
 from proxy.config.view import config_view
 from proxy.process.admin_views import (
     EndpointStates,

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 from metrics.children import LocalCounterChild
 from metrics.traffic import panic_counter
-from proxy.config.model import EndpointConfig, UpstreamConfig
+from proxy.config.upstream_model import EndpointConfig, UpstreamConfig
 from proxy.upstream.h2.pool import H2Pool
 from proxy.upstream.health import HealthChecker
 from proxy.upstream.outlier import OutlierDetector

@@ -46,8 +46,8 @@ from multidict import CIMultiDict
 
 from proxy.codec.h1 import resolve_codec
 from proxy.codec.h1serialize import UnsafeHeader, check_headers, request_head
-from proxy.config.model import (
-    DEFAULT_MAX_HEAD_BYTES,
+from proxy.config.model import DEFAULT_MAX_HEAD_BYTES
+from proxy.config.upstream_model import (
     EndpointConfig,
     PoolConfig,
     UpstreamConfig,

@@ -30,7 +30,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 from metrics.traffic import count_health_check
-from proxy.config.model import DEFAULT_MAX_HEAD_BYTES, EndpointConfig, HealthCheckConfig
+from proxy.config.model import DEFAULT_MAX_HEAD_BYTES
+from proxy.config.upstream_model import EndpointConfig, HealthCheckConfig
 from proxy.core.errors import ProxyError, UpstreamProtocolError, UpstreamReset, UpstreamTimeout
 from proxy.upstream.fetch import FetchUrl, fetch
 from proxy.upstream.transport import open_connection

@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from metrics.traffic import count_ejection
-from proxy.config.model import OutlierConfig
+from proxy.config.upstream_model import OutlierConfig
 from proxy.core.errors import (
     UpstreamConnectError,
     UpstreamConnectTimeout,

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from itertools import accumulate
 from typing import TYPE_CHECKING, Protocol
 
-from proxy.config.model import BalanceConfig
+from proxy.config.upstream_model import BalanceConfig
 from proxy.upstream.hashing import (
     HashRing,
     cookie_value,

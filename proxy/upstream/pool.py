@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import NamedTuple, TypeVar
 
 from metrics.traffic import failure_code, upstream_series
-from proxy.config.model import EndpointConfig, PoolConfig, UpstreamTimeouts
+from proxy.config.upstream_model import EndpointConfig, PoolConfig, UpstreamTimeouts
 from proxy.core.errors import PoolTimeout, ProxyError, UpstreamReset
 from proxy.upstream.h1 import Http1UpstreamConnection, UpstreamConnState
 from proxy.upstream.transport import Connector, Dialer, open_connection

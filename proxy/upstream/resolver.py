@@ -20,7 +20,7 @@ import socket
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
-from proxy.config.model import EndpointConfig
+from proxy.config.upstream_model import EndpointConfig
 
 if TYPE_CHECKING:
     from proxy.upstream.balancer import Upstream

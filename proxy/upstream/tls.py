@@ -13,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 import ssl
 
-from proxy.config.model import EndpointConfig, UpstreamConfig
+from proxy.config.upstream_model import EndpointConfig, UpstreamConfig
 
 # ALPN protocol ids (RFC 7301; "h2" is RFC 9113 section 3.2).
 ALPN_H2 = "h2"

@@ -16,7 +16,7 @@ import ssl
 from collections import deque
 
 from metrics.traffic import failure_code, upstream_series
-from proxy.config.model import EndpointConfig, PoolConfig, UpstreamTimeouts
+from proxy.config.upstream_model import EndpointConfig, PoolConfig, UpstreamTimeouts
 from proxy.core.body import Body
 from proxy.core.errors import PoolTimeout, ProxyError, UpstreamConnectTimeout
 from proxy.core.models import RawHeaders, Response

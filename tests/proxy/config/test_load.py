@@ -15,17 +15,14 @@ from proxy.config.load import load_config
 from proxy.config.model import (
     DEFAULT_GRACE_PERIOD_S,
     AdminConfig,
-    BalanceConfig,
-    EndpointConfig,
     HeaderMatch,
     LimitsConfig,
     ListenerConfig,
     MatchConfig,
-    PoolConfig,
     QueryMatch,
     RewriteConfig,
-    UpstreamTimeouts,
 )
+from proxy.config.upstream_model import BalanceConfig, EndpointConfig, PoolConfig, UpstreamTimeouts
 from tests.support.config_helpers import BASE, SOURCE, errors_of, one_error, parse, route_error
 
 # The example from the brief, every section and feature at once.

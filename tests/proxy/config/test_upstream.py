@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.config.model import (
+from proxy.config.upstream_model import (
     BalanceConfig,
     CircuitBreakerConfig,
     HealthCheckConfig,

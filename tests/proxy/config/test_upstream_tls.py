@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config.model import UpstreamTls
+from proxy.config.upstream_model import UpstreamTls
 from tests.support.config_helpers import BASE, errors_of, one_error, parse
 from tests.support.tls import TlsFiles, make_tls_files
 

@@ -15,12 +15,8 @@ from typing import Any
 
 import pytest
 
-from proxy.config.model import (
-    EndpointConfig,
-    RetryConfig,
-    RewriteConfig,
-    UpstreamConfig,
-)
+from proxy.config.model import RewriteConfig
+from proxy.config.upstream_model import EndpointConfig, RetryConfig, UpstreamConfig
 from proxy.core.body import Body
 from proxy.core.errors import BadRequest, ProxyError, UpstreamProtocolError
 from proxy.core.exchange import Exchange

@@ -15,7 +15,7 @@ from metrics.traffic import (
     count_retry_budget_exhausted,
     forget_series,
 )
-from proxy.config.model import RetryConfig
+from proxy.config.upstream_model import RetryConfig
 from proxy.core.body import Body
 from proxy.core.errors import (
     BodyTooLarge,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from proxy.config.model import EndpointConfig, UpstreamConfig
+from proxy.config.upstream_model import EndpointConfig, UpstreamConfig
 from proxy.upstream.balancer import Upstream
 
 

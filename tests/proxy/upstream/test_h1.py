@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from proxy.config.model import EndpointConfig, PoolConfig, UpstreamTimeouts
+from proxy.config.upstream_model import EndpointConfig, PoolConfig, UpstreamTimeouts
 from proxy.core.body import Body
 from proxy.upstream.h1 import Http1UpstreamConnection, UpstreamConnState
 from proxy.upstream.pool import UpstreamPool

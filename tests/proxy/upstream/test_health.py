@@ -11,7 +11,12 @@ import ssl
 import pytest
 
 from metrics.traffic import UPSTREAM_HEALTH_CHECKS
-from proxy.config.model import EndpointConfig, HealthCheckConfig, UpstreamConfig, UpstreamTls
+from proxy.config.upstream_model import (
+    EndpointConfig,
+    HealthCheckConfig,
+    UpstreamConfig,
+    UpstreamTls,
+)
 from proxy.testing import start_upstream
 from proxy.upstream.balancer import EndpointState, Upstream
 from proxy.upstream.health import HealthChecker, HealthCheckFailed, check_endpoint, status_expected

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from metrics.traffic import UPSTREAM_EJECTIONS, UPSTREAM_PANIC, forget_series
-from proxy.config.model import EndpointConfig, OutlierConfig, UpstreamConfig
+from proxy.config.upstream_model import EndpointConfig, OutlierConfig, UpstreamConfig
 from proxy.core.errors import (
     BadRequest,
     PoolTimeout,

@@ -12,7 +12,7 @@ from typing import cast
 import pytest
 from multidict import CIMultiDict
 
-from proxy.config.model import BalanceConfig
+from proxy.config.upstream_model import BalanceConfig
 from proxy.core.body import Body
 from proxy.core.models import Request, Response
 from proxy.upstream.balancer import EndpointPool, EndpointState

@@ -11,7 +11,7 @@ import ssl
 
 import pytest
 
-from proxy.config.model import EndpointConfig, PoolConfig, UpstreamTimeouts
+from proxy.config.upstream_model import EndpointConfig, PoolConfig, UpstreamTimeouts
 from proxy.core.body import Body
 from proxy.core.errors import PoolTimeout, UpstreamConnectError, UpstreamReset, UpstreamTimeout
 from proxy.upstream.h1 import Http1UpstreamConnection, UpstreamConnState

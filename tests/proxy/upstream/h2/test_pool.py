@@ -13,7 +13,7 @@ from dataclasses import replace
 import pytest
 from h2.errors import ErrorCodes
 
-from proxy.config.model import (
+from proxy.config.upstream_model import (
     EndpointConfig,
     PoolConfig,
     UpstreamConfig,
