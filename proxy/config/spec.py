@@ -1,11 +1,11 @@
 """`Option`: what one key of routes.yaml is (its type, default and meaning), written once.
 
 A mapping of routes.yaml is described by a key table, `{key: Option}`. The loader takes
-the keys it accepts (and those it requires) from the tables: `proxy/config/keys.py` for
-the gateway's own sections, and each middleware's `OPTIONS` for its options (a built-in
-declares `OPTIONS` as such a table; a plugin may still give a plain list of names). So a
-key cannot be accepted without being described, and `gatehouse schema`
-(`proxy/tools/schema.py`) prints the tables as a JSON Schema.
+the keys it accepts (and those it requires) from the tables: `proxy/config/keys.py` (and
+`upstream_keys.py`, an upstream's) for the gateway's own sections, and each middleware's
+`OPTIONS` for its options (a built-in declares `OPTIONS` as such a table; a plugin may
+still give a plain list of names). So a key cannot be accepted without being described,
+and `gatehouse schema` (`proxy/tools/schema.py`) prints the tables as a JSON Schema.
 
 Each constructor below makes an Option for one kind of value, with the JSON Schema of the
 values the loader accepts for it: durations and sizes as the strings and numbers that
@@ -265,7 +265,8 @@ def required_of(table: KeyTable) -> tuple[str, ...]:
     return tuple(key for key, option in table.items() if option.required)
 
 
-# The constructors under their own names, for the key tables of proxy/config/keys.py.
+# The constructors under their own names, for the key tables (proxy/config/keys.py and
+# upstream_keys.py).
 raw = Option.raw
 string = Option.string
 text = Option.text

@@ -12,7 +12,9 @@ from functools import partial
 from yaml.nodes import Node, ScalarNode
 
 from proxy.config.context import LoadContext
-from proxy.config.keys import (
+from proxy.config.reader import NodeReader, Reported, did_you_mean, join_path
+from proxy.config.spec import keys_of, required_of
+from proxy.config.upstream_keys import (
     BACKOFF,
     BALANCE,
     BUDGET,
@@ -34,8 +36,6 @@ from proxy.config.keys import (
     UPSTREAM_PROTOCOLS,
     UPSTREAM_TLS,
 )
-from proxy.config.reader import NodeReader, Reported, did_you_mean, join_path
-from proxy.config.spec import keys_of, required_of
 from proxy.config.upstream_model import (
     DEFAULT_BASE_EJECTION_S,
     DEFAULT_CONNECT_TIMEOUT_S,

@@ -4,8 +4,9 @@ URLs and TLS files.
 Each `parse_*` function takes the text as written and either returns the typed value or raises
 ConfigValueError with a one-line message; NodeReader (`proxy/config/reader.py`) prefixes that
 message with the file, line and key path. Any other exception from these functions is a bug.
-Which keys exist and what they mean is in the key tables of `proxy/config/keys.py`, which
-the section readers that `proxy/config/load.py` calls take their keys from.
+Which keys exist and what they mean is in the key tables of `proxy/config/keys.py` (an
+upstream's in `upstream_keys.py`), which the section readers that `proxy/config/load.py`
+calls take their keys from.
 """
 
 from __future__ import annotations

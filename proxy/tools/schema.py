@@ -1,9 +1,10 @@
 """`gatehouse schema`: the JSON Schema (draft 2020-12) of routes.yaml, for editors.
 
-It is made from what the loader itself reads by: the key tables of proxy/config/keys.py
-(the keys the section readers accept, with their types, defaults and meanings) and, for
-middleware, each type's `OPTIONS` (a key table on the built-ins) and `REQUIRED`. An entry's
-`type` picks its options (`if type is X then X's options`), so an editor completes them.
+It is made from what the loader itself reads by: the key tables of proxy/config/keys.py and
+upstream_keys.py (the keys the section readers accept, with their types, defaults and
+meanings) and, for middleware, each type's `OPTIONS` (a key table on the built-ins) and
+`REQUIRED`. An entry's `type` picks its options (`if type is X then X's options`), so an
+editor completes them.
 
     gatehouse schema > gatehouse.schema.json
     # yaml-language-server: $schema=./gatehouse.schema.json      (first line of routes.yaml)
