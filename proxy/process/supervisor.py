@@ -10,13 +10,15 @@ connections evenly over them; the parent serves no traffic. It runs an asyncio l
   exits 0 when they have; a worker still there after the grace period is killed.
 - SIGHUP, POST /reload, `gatehouse reload`, a change of the config file: the parent
   reads and validates the file, then every worker prepares the new config and, once all
-  have, commits it (proxy/process/server.py). An invalid file, or a worker that cannot prepare,
-  leaves every worker on the old config; the errors are logged and counted.
+  have, commits it (proxy/process/worker_calls.py; a worker's side in
+  proxy/process/server.py). An invalid file, or a worker that cannot prepare, leaves
+  every worker on the old config; the errors are logged and counted.
 - ACME (`tls.acme`): the parent orders and renews the certificates, in a thread, and
   tells the workers over their channels about challenges and new certificates, which
   every worker serves (proxy/process/acme_link.py, proxy/acme/manager.py).
 - The admin listener (metrics/admin.py): the workers' metrics are collected over each
-  worker's channel (proxy/process/control.py) and summed (metrics/aggregate.py). The
+  worker's channel (proxy/process/control.py, worker_calls.py) and summed
+  (metrics/aggregate.py). The
   same reply carries each worker's endpoint states, which with the merged gauges make
   /upstreams and the status page (proxy/process/admin_views.py, metrics/status_page.py).
 """
@@ -32,7 +34,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 from prometheus_client.metrics_core import Metric
@@ -55,16 +57,20 @@ from proxy.config.model import AdminConfig, Config, ListenerConfig
 from proxy.config.view import config_view
 from proxy.process.acme_link import AcmeLink
 from proxy.process.admin_views import (
-    EndpointStates,
     certificates_view,
     middleware_view,
-    purge_reply,
     routes_view,
     status_view,
     upstreams_view,
     with_expiry,
 )
-from proxy.process.control import ChannelClosed, Message, WorkerChannel
+from proxy.process.control import Message, WorkerChannel
+from proxy.process.worker_calls import (
+    WorkerRecord,
+    collect_metrics,
+    purge_caches,
+    switch_workers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +78,6 @@ RESTART_BACKOFF_S = 1.0
 # A worker exiting with this code could not start (a listener failed to bind):
 # restarting it cannot help, so the whole gateway stops with the same code.
 EXIT_CANNOT_START = 3
-PREPARE_TIMEOUT_S = 30.0  # a worker builds the new config (and starts middleware) within this
-COMMIT_TIMEOUT_S = 10.0
-METRICS_TIMEOUT_S = 2.0  # a busy worker's last snapshot is used instead
-# A cache purge walks Redis' keys under a prefix (bounded by the cache's own timeouts).
-CACHE_PURGE_TIMEOUT_S = 30.0
 KILL_AFTER_GRACE_S = 5.0  # past the grace period, a worker that has not exited is killed
 _SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
@@ -153,17 +154,6 @@ def _file_signature(path: str) -> tuple[int, int, int, int] | None:
     return (stat.st_ino, stat.st_dev, stat.st_size, stat.st_mtime_ns)
 
 
-@dataclass
-class _Worker:
-    pid: int
-    channel: WorkerChannel
-    generation: int  # the config generation it was forked with
-    started: float = field(default_factory=time.monotonic)
-    ready: bool = False
-    last_metrics: Snapshot = field(default_factory=list)
-    last_endpoints: EndpointStates = field(default_factory=list)  # with its last snapshot
-
-
 class Supervisor:
     """Keeps `workers` worker processes running `run_worker(config, channel)`."""
 
@@ -175,7 +165,7 @@ class Supervisor:
         self.path = path
         self.workers = workers
         self._run_worker = run_worker
-        self._children: dict[int, _Worker] = {}
+        self._children: dict[int, WorkerRecord] = {}
         self._generation = 0
         self._stopping = False
         self._exit_code = 0
@@ -254,7 +244,7 @@ class Supervisor:
                 os._exit(code)
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         theirs.close()
-        worker = _Worker(
+        worker = WorkerRecord(
             pid, WorkerChannel(ours, lambda event: self._on_event(pid, event)), self._generation
         )
         self._children[pid] = worker
@@ -307,7 +297,7 @@ class Supervisor:
         if self._stopping and not self._children and self._done is not None:
             self._done.set()
 
-    def _ended(self, worker: _Worker, code: int) -> None:
+    def _ended(self, worker: WorkerRecord, code: int) -> None:
         if self._stopping:
             log.info("worker %d exited (%d)", worker.pid, code)
             return
@@ -398,7 +388,7 @@ class Supervisor:
         # Workers still starting take part when they are ready (`_catch_up`).
         workers = [worker for worker in self._children.values() if worker.ready]
         try:
-            errors = await self._switch_workers(config, text, workers)
+            errors = await switch_workers(config, text, self.path, workers, self._children)
         except BaseException:
             if admin is not None:  # a bug, or the parent stopping: not left listening
                 await admin.close()
@@ -448,36 +438,6 @@ class Supervisor:
             return f"{self.path}:{new.line}: admin.bind: cannot listen: {exc}"
         return admin
 
-    async def _switch_workers(self, config: Config, text: str, workers: list[_Worker]) -> list[str]:
-        """Prepare on every worker, then commit on every worker; on any failure, abort on
-        every worker. The errors, or [] when all switched."""
-        ports = [listener.port for listener in config.listeners]
-        replies = await asyncio.gather(
-            *(
-                worker.channel.request(
-                    "prepare", PREPARE_TIMEOUT_S, text=text, source=self.path, ports=ports
-                )
-                for worker in workers
-            ),
-            return_exceptions=True,
-        )
-        errors: list[str] = []
-        for worker, reply in zip(workers, replies, strict=True):
-            if isinstance(reply, ChannelClosed):
-                if worker.pid in self._children:  # a worker that died meanwhile is no veto
-                    errors.append(f"{self.path}:1: worker {worker.pid}: {reply}")
-            elif isinstance(reply, BaseException):
-                raise reply
-            elif not reply.get("ok"):
-                refused = [f"{self.path}:1: worker {worker.pid} refused the config"]
-                errors += [str(line) for line in reply.get("errors", refused)]
-        step = "abort" if errors else "commit"
-        await asyncio.gather(
-            *(worker.channel.request(step, COMMIT_TIMEOUT_S) for worker in workers),
-            return_exceptions=True,
-        )
-        return sorted(set(errors), key=errors.index)
-
     def _record_certificates(self) -> None:
         """The expiry gauge and /certificates, from the config's certificates and the
         ones ACME obtained."""
@@ -488,12 +448,14 @@ class Supervisor:
     def _serving_channels(self) -> list[tuple[int, WorkerChannel]]:
         return [(pid, worker.channel) for pid, worker in self._children.items() if worker.ready]
 
-    async def _catch_up(self, worker: _Worker) -> None:
+    async def _catch_up(self, worker: WorkerRecord) -> None:
         assert self._reload_lock is not None
         async with self._reload_lock:
             if worker.generation == self._generation or worker.pid not in self._children:
                 return
-            errors = await self._switch_workers(self.config, self.text, [worker])
+            errors = await switch_workers(
+                self.config, self.text, self.path, [worker], self._children
+            )
             if errors:
                 log.error("worker %d cannot take the running config: %s", worker.pid, errors)
                 with contextlib.suppress(ProcessLookupError):
@@ -525,17 +487,7 @@ class Supervisor:
         return True, f"ready: {serving} of {self.workers} workers serving"
 
     async def metrics(self) -> list[Metric]:
-        workers = list(self._children.values())
-        replies = await asyncio.gather(
-            *(worker.channel.request("metrics", METRICS_TIMEOUT_S) for worker in workers),
-            return_exceptions=True,
-        )
-        for worker, reply in zip(workers, replies, strict=True):
-            if isinstance(reply, dict) and reply.get("ok"):
-                worker.last_metrics = reply["families"]
-                worker.last_endpoints = reply.get("endpoints", [])
-            # else: busy or gone; its last snapshot stands in (counts never go backwards)
-        current = [worker.last_metrics for worker in workers]
+        current = await collect_metrics(list(self._children.values()))
         return merge([snapshot(GATEWAY_REGISTRY), *current, *self._retired])
 
     async def purge_cache(
@@ -545,27 +497,7 @@ class Supervisor:
         `key`, or every key under `prefix`, in memory and in Redis. 200 with the counts
         summed per instance; 404 when no cache instance is named so; 502 when a worker
         or a Redis failed (the others purged)."""
-        workers = list(self._children.values())
-        replies = await asyncio.gather(
-            *(
-                worker.channel.request(
-                    "cache_purge",
-                    CACHE_PURGE_TIMEOUT_S,
-                    middleware=middleware,
-                    key=key,
-                    prefix=prefix,
-                )
-                for worker in workers
-            ),
-            return_exceptions=True,
-        )
-        return purge_reply(
-            middleware,
-            [
-                (f"worker {worker.pid}", reply)
-                for worker, reply in zip(workers, replies, strict=True)
-            ],
-        )
+        return await purge_caches(list(self._children.values()), middleware, key, prefix)
 
     async def upstreams(self) -> list[dict[str, Any]]:
         """/upstreams: each endpoint's state over the workers (a fresh collection)."""
