@@ -55,6 +55,7 @@ COMPILED = (
     "proxy.frontend.h2.request",
     "proxy.frontend.h2.conn",
     "proxy.frontend.h2.send",
+    "proxy.frontend.h2.receive",
     "proxy.frontend.h2.fields",
     "proxy.frontend.h2.data",
     "proxy.frontend.h2.limits",

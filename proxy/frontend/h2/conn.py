@@ -7,7 +7,6 @@ per-stream state the front end keeps (`H2Exchange`).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
 
 import h2.connection
 import h2.settings
@@ -97,42 +96,6 @@ def connection_window(settings: Http2Config) -> int:
     """The connection-level receive window the front end opens (RFC 9113 section 6.9)."""
     wanted = min(settings.initial_window_size * CONNECTION_WINDOW_FACTOR, MAX_WINDOW_BYTES)
     return max(wanted, DEFAULT_WINDOW_BYTES)
-
-
-class ReceiveWindows:
-    """What the client's flow-control windows hold of request bodies, so that request
-    buffering (`Body.fill`) never waits for bytes the client may not send: DATA is
-    acknowledged only once an exchange takes it, so a fill that waited past half a
-    stream's window, or while the connection's is half held by unread bodies, could
-    wait until body_timeout (the client may stop at either)."""
-
-    __slots__ = ("_connection", "_spent", "_stream", "unread")
-
-    def __init__(self, settings: Http2Config) -> None:
-        self._stream = settings.initial_window_size
-        self._connection = connection_window(settings)
-        self.unread = 0  # body bytes received and not yet taken (or dropped)
-        self._spent = False  # bodies have been told the connection's window is held
-
-    def fed(self, body: Body, size: int, bodies: Iterable[Body]) -> None:
-        """`size` bytes went into `body`; `bodies` are the connection's open ones."""
-        self.unread += size
-        self.check(body, bodies)
-
-    def taken(self, size: int) -> None:
-        """An exchange took (or dropped) `size` body bytes: the client may send them again."""
-        self.unread -= size
-        if self._spent and self.unread * 2 < self._connection:
-            self._spent = False
-
-    def check(self, body: Body, bodies: Iterable[Body]) -> None:
-        """End the fills that could wait in vain (see the class docstring)."""
-        if (body.bytes_fed - body.bytes_read) * 2 >= self._stream:
-            body.window_full()
-        if not self._spent and self.unread * 2 >= self._connection:
-            self._spent = True
-            for other in bodies:
-                other.window_full()
 
 
 def hard_header_cap(settings: Http2Config) -> int:

@@ -6,7 +6,8 @@ exchange model and back, and adds the defences a server exposed to the internet 
 (`Http2Config` names the attack each limit stops). Flow control follows RFC 9113 section
 5.2 end to end: a request's DATA is acknowledged (WINDOW_UPDATE) only once the exchange has
 taken it from the body buffer, so a slow upstream slows the client instead of filling our
-memory; a response is sent no faster than the client's windows allow.
+memory (request bodies: proxy/frontend/h2/receive.py); a response is sent no faster than
+the client's windows allow (proxy/frontend/h2/send.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Container, Iterator
+from collections.abc import Awaitable, Callable, Container
 from typing import Final
 
 import h2.events
@@ -33,19 +34,15 @@ from proxy.codec.h2compat import (
 )
 from proxy.config.model import Http2Config
 from proxy.core.body import Body
-from proxy.core.errors import BadRequest, BodyTooLarge, HeadTooLarge, ProxyError, RequestTimeout
+from proxy.core.errors import BadRequest, BodyTooLarge, HeadTooLarge, ProxyError
 from proxy.core.local_reply import local_reply
 from proxy.core.models import Request, Response
 from proxy.exchange.dispatch import Run
 from proxy.frontend.connection import ClientConnection, ConnectionPhase
-from proxy.frontend.h2.conn import (
-    H2Exchange,
-    ReceiveWindows,
-    hard_header_cap,
-    server_connection,
-)
-from proxy.frontend.h2.fields import FieldsMemo, MalformedRequest, request_trailers
+from proxy.frontend.h2.conn import H2Exchange, hard_header_cap, server_connection
+from proxy.frontend.h2.fields import FieldsMemo, MalformedRequest
 from proxy.frontend.h2.limits import RateWindow
+from proxy.frontend.h2.receive import BodyReceiver
 from proxy.frontend.h2.request import stream_request
 from proxy.frontend.h2.send import ResponseWriter
 from proxy.frontend.handover import start_h2_tunnel
@@ -85,7 +82,10 @@ class Http2Protocol:
         self._dead = False  # terminated: nothing more is read or sent
         self._last_stream_id = 0  # the highest stream we took (for our GOAWAY)
         self._idle_deadline = conn.loop.time() + conn.limits.keepalive_timeout
-        self._windows = ReceiveWindows(settings)  # for request buffering
+        # The request bodies the client sends, and their windows (for request buffering).
+        self._receiver = BodyReceiver(
+            conn, self._streams, self._writer, settings, self._update_phase
+        )
         self.streams_read_directly = 0  # opened by _read_directly, not through h2
         self._writer.flush()
 
@@ -251,15 +251,8 @@ class Http2Protocol:
         if ended:
             body = Body.from_bytes(b"")
         else:
-            stream.body_deadline = conn.loop.time() + conn.limits.body_timeout
-            length = fields.content_length
-            limit = conn.limits.max_body_size
-            body = Body(length)
-            body.limit = limit
-            body.on_consumed = functools.partial(self._on_consumed, stream_id)
-            body.on_fill = functools.partial(self._on_fill, stream_id)
-            stream.body = body
-            if limit is not None and (length or 0) > limit:
+            body = self._receiver.open(stream, fields.content_length)
+            if body.limit is not None and (body.length or 0) > body.limit:
                 self._start_task(stream, None, BodyTooLarge())
                 return
         try:
@@ -274,62 +267,18 @@ class Http2Protocol:
         self._start_task(stream, request, None, run)
 
     def _on_data(self, event: h2.events.DataReceived) -> None:
-        stream = self._streams.get(event.stream_id)
         data = event.data or b""
-        padding = (event.flow_controlled_length or 0) - len(data)
         if not data and not event.stream_ended and self._control.exceeded():
             self._calm_down(Http2Limit.CONTROL_FLOOD)  # empty DATA frames cost us work
             return
-        body = stream.body if stream is not None else None
-        if body is None:
-            # Nobody reads this stream's body any more: hand the window straight back.
-            self._writer.acknowledge(event.stream_id, len(data) + padding)
-            return
-        if padding:
-            self._writer.acknowledge(event.stream_id, padding)
-        if data:
-            assert stream is not None
-            if body.length is not None and body.bytes_fed + len(data) > body.length:
-                self._writer.acknowledge(event.stream_id, len(data))
-                self._malformed_body(stream, "more DATA than content-length")
-                return
-            stream.body_deadline = self._conn.loop.time() + self._conn.limits.body_timeout
-            body.feed(data)  # acknowledged when the exchange reads it (on_consumed)
-            self._windows.fed(body, len(data), self._bodies())
+        padding = (event.flow_controlled_length or 0) - len(data)
+        self._receiver.data(event.stream_id, data, padding)
 
     def _on_trailers(self, event: h2.events.TrailersReceived) -> None:
-        stream = self._streams.get(event.stream_id)
-        if stream is None:
-            return
-        try:
-            stream.trailers = request_trailers(event.headers or [])
-        except MalformedRequest as exc:
-            self._malformed_body(stream, str(exc))
+        self._receiver.trailers(event.stream_id, event.headers or [])
 
     def _on_stream_ended(self, event: h2.events.StreamEnded) -> None:
-        stream = self._streams.get(event.stream_id)
-        if stream is None or stream.body is None:
-            return
-        body = stream.body
-        if body.length is not None and body.bytes_fed != body.length:
-            self._malformed_body(stream, "less DATA than content-length")
-            return
-        stream.body = None
-        body.feed_eof(stream.trailers)
-        stream.wake_client_done()
-
-    def _malformed_body(self, stream: H2Exchange, why: str) -> None:
-        """RFC 9113 section 8.1.1: a malformed request is a stream error PROTOCOL_ERROR;
-        the exchange reading its body sees it fail."""
-        log.debug("malformed HTTP/2 request body on stream %d: %s", stream.id, why)
-        count_http2_limit(Http2Limit.MALFORMED)
-        body = stream.body
-        stream.body = None
-        self._streams.pop(stream.id, None)
-        if body is not None:
-            body.fail(BadRequest(why))
-        stream.cancel()
-        self._writer.reset(stream.id, ErrorCodes.PROTOCOL_ERROR)
+        self._receiver.ended(event.stream_id)
 
     def _on_reset(self, event: h2.events.StreamReset) -> None:
         # CVE-2023-44487: opening and cancelling streams costs the client nothing and us
@@ -552,34 +501,6 @@ class Http2Protocol:
         conn.deadline = self._idle_deadline  # frames without streams do not extend it
 
     # -- helpers --------------------------------------------------------------------
-    def _on_consumed(self, stream_id: int, size: int) -> None:
-        """The exchange took `size` bytes of a request body: re-open the window, and if
-        it has caught up, the stream now waits on the client (its deadline restarts)."""
-        self._windows.taken(size)
-        stream = self._streams.get(stream_id)
-        if stream is not None and stream.body is not None:
-            body = stream.body
-            if body.bytes_fed == body.bytes_read:
-                self._waits_on_client(stream)
-        self._writer.acknowledge(stream_id, size)
-
-    def _on_fill(self, stream_id: int) -> None:
-        """The exchange waits for the whole body before going upstream (request
-        buffering): the client is the slow side now."""
-        stream = self._streams.get(stream_id)
-        if stream is not None and stream.body is not None:
-            self._waits_on_client(stream)
-            self._windows.check(stream.body, self._bodies())
-
-    def _waits_on_client(self, stream: H2Exchange) -> None:
-        conn = self._conn
-        stream.body_deadline = conn.loop.time() + conn.limits.body_timeout
-        if conn.phase is ConnectionPhase.BUSY:
-            self._update_phase()
-
-    def _bodies(self) -> Iterator[Body]:
-        return (stream.body for stream in self._streams.values() if stream.body is not None)
-
     @staticmethod
     def _wake(stream: H2Exchange) -> None:
         waiter = stream.window_waiter
@@ -615,22 +536,8 @@ class Http2Protocol:
         if phase is ConnectionPhase.BODY:
             now = self._conn.loop.time()
             for stream in self._streams.values():
-                body = stream.body
-                waits_on_client = body is not None and body.waits_on_producer and not stream.tunnel
-                if body is not None and waits_on_client and stream.body_deadline <= now:
-                    # The exchange reading it answers 408 (or resets, if its response
-                    # has begun); the client's late DATA is dropped.
-                    stream.body = None
-                    stream.reset_when_done = True
-                    count_http2_limit(Http2Limit.BODY_TIMEOUT)
-                    body.fail(RequestTimeout("client too slow sending the body"))
-                waiter = stream.window_waiter
-                if stream.window_deadline and stream.window_deadline <= now and waiter:
-                    # The response's sender gives up; the stream is reset.
-                    count_http2_limit(Http2Limit.WINDOW_TIMEOUT)
-                    stream.window_deadline = 0.0
-                    if not waiter.done():
-                        waiter.set_exception(ConnectionResetError("window kept shut"))
+                self._receiver.expire(stream, now)  # a request body the client stopped
+                self._writer.expire(stream, now)  # a response its window holds back
             self._update_phase()
             return
         count_http2_limit(Http2Limit.IDLE_TIMEOUT)

@@ -14,6 +14,7 @@ import h2.connection
 import h2.exceptions
 from h2.errors import ErrorCodes
 
+from metrics.definitions import Http2Limit, count_http2_limit
 from proxy.codec.h2fields import trailer_fields
 from proxy.core.body import Body
 from proxy.core.errors import ProxyError
@@ -152,7 +153,7 @@ class ResponseWriter:
             window = h2conn.local_flow_control_window(stream_id)
             if window <= 0:
                 # The client holds the window shut: like a client that stops reading
-                # HTTP/1.1 (WRITE), it gets body_timeout to open it (on_timeout).
+                # HTTP/1.1 (WRITE), it gets body_timeout to open it (`expire`).
                 self.flush()
                 stream.window_waiter = conn.loop.create_future()
                 stream.window_deadline = conn.loop.time() + conn.limits.body_timeout
@@ -182,6 +183,17 @@ class ResponseWriter:
                     await conn.drain()
             else:
                 self.flush_soon()
+
+    def expire(self, stream: H2Exchange, now: float) -> None:
+        """Give up on `stream`'s response if the client has held its window shut past
+        the deadline (the connection's on_timeout asks)."""
+        waiter = stream.window_waiter
+        if stream.window_deadline and stream.window_deadline <= now and waiter:
+            # The response's sender gives up; the stream is reset.
+            count_http2_limit(Http2Limit.WINDOW_TIMEOUT)
+            stream.window_deadline = 0.0
+            if not waiter.done():
+                waiter.set_exception(ConnectionResetError("window kept shut"))
 
     def acknowledge(self, stream_id: int, size: int) -> None:
         if size <= 0 or self._conn.closed:
