@@ -27,14 +27,25 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from metrics.definitions import CACHE_EVICTIONS, CACHE_LOOKUPS
+from metrics.definitions import CACHE_LOOKUPS
+from middleware import cache_options
 from middleware import cache_rules as rules
-from middleware.cache_body import tee
+from middleware.cache_answers import (
+    CLIENT_CONDITIONS,
+    Facts,
+    background_request,
+    bypass_reason,
+    facts_of,
+    fields_of,
+    invalidates,
+    quiet,
+    stored_answer,
+)
 from middleware.cache_errors import NotCached
-from middleware.cache_key import QUERY_FORMS, KeySpec
+from middleware.cache_keep import Keeper
 from middleware.cache_store import CacheBackendError, Entry, MemoryStore, pick_variant
 from proxy import Body, Deferred, Handler, Option, Options, ProxyError, Request, Response
 
@@ -43,52 +54,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_OBJECT_BYTES = 1024 * 1024
-DEFAULT_MAX_BYTES = 64 * 1024 * 1024
-DEFAULT_REDIS_TIMEOUT_S = 0.25
-DEFAULT_COALESCE_TIMEOUT_S = 5.0
-DEFAULT_KEEP_STALE_S = 600.0
-REDIS_KEY_PREFIX = "gatehouse:cache:"
-
-# The client's conditions the cache answers itself; the others bypass it (cache_rules).
-_CLIENT_CONDITIONS = ("if-none-match", "if-modified-since")
-# Field names that may make request_bypasses send a GET past the cache (checked only
-# when one is there).
-_BYPASS_HINTS = frozenset(("range", "if-match", "if-unmodified-since", "if-range"))
-_UNSAFE_METHODS = frozenset(("POST", "PUT", "DELETE", "PATCH"))
 _STALE_IF_ERROR_STATUSES = frozenset((500, 502, 503, 504))
 
 
 _FOLLOW = object()  # a miss that waits for the key's leader (Cache._take_flight)
-
-
-class Facts:
-    """What the cache works out of a stored response once (not on every hit)."""
-
-    __slots__ = (
-        "initial_age",
-        "lifetime",
-        "must_validate",
-        "raw",
-        "stale_if_error",
-        "stale_ok",
-        "swr",
-    )
-
-    def __init__(self, entry: Entry, heuristic: float, max_stale: float | None) -> None:
-        fields = entry.fields
-        self.lifetime = rules.freshness_lifetime(fields, heuristic_fraction=heuristic)
-        self.initial_age = rules.initial_age(fields, entry.request_time, entry.response_time)
-        self.must_validate = rules.needs_validation(fields)
-        self.stale_ok = rules.may_serve_stale(fields)
-        self.swr = rules.stale_window(fields, "stale-while-revalidate", max_stale)
-        self.stale_if_error = rules.stale_window(fields, "stale-if-error", max_stale)
-        # The stored fields as the response's raw headers, without the stored Age.
-        self.raw = [
-            (name.encode("latin-1"), value.encode("latin-1"))
-            for name, value in fields
-            if name.lower() != "age"
-        ]
 
 
 class _Fetching:
@@ -120,97 +89,10 @@ class _Bypassing:
         self.why = why
 
 
-# The request fields the cache reads (lower-cased): a request with none of them is
-# "quiet", and a fresh entry that varies on nothing answers it as it is.
-_NOTABLE = frozenset(
-    name.encode() for name in (*_BYPASS_HINTS, *_CLIENT_CONDITIONS, "cache-control", "pragma")
-)
-
-
-def _quiet(raw: list[tuple[bytes, bytes]]) -> bool:
-    """Whether none of the raw request fields is one the cache reads."""
-    for name, _ in raw:  # noqa: SIM110 (a loop: compiled, it makes no generator)
-        if name.lower() in _NOTABLE:
-            return False
-    return True
-
-
-def _bypass_reason(request: Request, fields: list[tuple[str, str]], names: frozenset[str]) -> str:
-    """Why the cache stays out of `request` ("" when it does not)."""
-    if request.method != "GET":
-        return "method"
-    return rules.request_bypasses(request.method, fields) if names & _BYPASS_HINTS else ""
-
-
-def _invalidates(request: Request, response: Response) -> bool:
-    """RFC 9111 section 4.4: a successful unsafe request invalidates what is stored for
-    its target."""
-    return request.method in _UNSAFE_METHODS and response.status < 400
-
-
-def fields_of(message: Request | Response) -> list[tuple[str, str]]:
-    """A message's fields as text pairs."""
-    raw = message.raw_headers
-    if raw is not None:
-        return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in raw]
-    return list(message.headers.items())
-
-
 class Cache:
     """A shared cache of the route's GET responses, in memory or in Redis."""
 
-    KEY_OPTIONS: ClassVar[dict[str, Option]] = {
-        "method": Option.boolean("the method is part of the key", True),
-        "host": Option.boolean("the Host is part of the key", True),
-        "query": Option.choice(
-            QUERY_FORMS, "the query in the key: sorted, as sent, or none", "sorted"
-        ),
-        "query_keep": Option.strings("only these query parameters are part of the key", []),
-        "query_drop": Option.strings("these query parameters are not part of the key", []),
-        "headers": Option.strings("request fields whose values are part of the key", []),
-    }
-    REDIS_OPTIONS: ClassVar[dict[str, Option]] = {
-        "url": Option.string("redis://host:port/db or rediss://...", required=True),
-        "timeout": Option.duration(
-            "a Redis call slower than this bypasses the cache", DEFAULT_REDIS_TIMEOUT_S, True
-        ),
-    }
-    OPTIONS: ClassVar[dict[str, Option]] = {
-        "backend": Option.choice(
-            ("memory", "redis"), "each worker's memory, or shared through Redis", "memory"
-        ),
-        "redis": Option.mapping(REDIS_OPTIONS, "the Redis backend (backend: redis)"),
-        "max_object_size": Option.size(
-            "the largest response body stored (a larger one streams, and is not stored)",
-            DEFAULT_MAX_OBJECT_BYTES,
-            True,
-        ),
-        "max_size": Option.size(
-            "what the memory backend holds in all, per worker (least recently used evicted)",
-            DEFAULT_MAX_BYTES,
-            True,
-        ),
-        "key": Option.mapping(KEY_OPTIONS, "what names a cached response"),
-        "heuristic": Option.number(
-            "fraction of the time since Last-Modified a response without explicit "
-            "freshness is fresh (0: off)",
-            0,
-        ),
-        "max_stale": Option.duration(
-            "caps stale-while-revalidate and stale-if-error (absent: as the origin says)"
-        ),
-        "keep_stale": Option.duration(
-            "how long Redis keeps an entry that can be revalidated after it went stale",
-            DEFAULT_KEEP_STALE_S,
-        ),
-        "coalesce": Option.boolean("concurrent misses of one key make one upstream request", True),
-        "coalesce_timeout": Option.duration(
-            "how long a coalesced miss waits for the first before going upstream itself",
-            DEFAULT_COALESCE_TIMEOUT_S,
-            True,
-        ),
-        "status_name": Option.string("this cache's name in Cache-Status", "gatehouse"),
-    }
+    OPTIONS: ClassVar[dict[str, Option]] = cache_options.OPTIONS
     # With the memory backend it awaits nothing but call_next, except a coalesced miss's
     # wait for its leader (a plain future, which proxy/exchange/eager.py hands to a task):
     # its hits then run without a task. Redis calls need a task (`asyncio.timeout`).
@@ -222,78 +104,39 @@ class Cache:
     def __init__(self, options: Options) -> None:
         self.name = options.name
         self.max_object_bytes = options.size(
-            "max_object_size", DEFAULT_MAX_OBJECT_BYTES, positive=True
+            "max_object_size", cache_options.DEFAULT_MAX_OBJECT_BYTES, positive=True
         )
         self.heuristic = options.number("heuristic", 0.0)
         self.max_stale = options.duration("max_stale", 0.0) if "max_stale" in options else None
-        self.keep_stale_s = options.duration("keep_stale", DEFAULT_KEEP_STALE_S)
+        self.keep_stale_s = options.duration("keep_stale", cache_options.DEFAULT_KEEP_STALE_S)
         self.coalesce = options.boolean("coalesce", True)
         self.coalesce_timeout_s = options.duration(
-            "coalesce_timeout", DEFAULT_COALESCE_TIMEOUT_S, positive=True
+            "coalesce_timeout", cache_options.DEFAULT_COALESCE_TIMEOUT_S, positive=True
         )
         self.status_name = options.string("status_name", "gatehouse")
-        self.key_spec = self._key_spec(options)
+        self.key_spec = cache_options.read_key_spec(options)
         self.clock: Callable[[], float] = time.time  # the unit tests drive their own
         self._counters = {
             result: CACHE_LOOKUPS.labels(self.name, result).inc
             for result in ("hit", "miss", "stale", "revalidated", "bypass")
         }
         self.backend_name = options.choice("backend", ("memory", "redis"), "memory")
-        self.store: MemoryStore | RedisStore
-        max_bytes = options.size("max_size", DEFAULT_MAX_BYTES, positive=True)
-        if self.backend_name == "redis":
-            if "max_size" in options:
-                options.error(
-                    "max_size", "only used with backend: memory (Redis' maxmemory bounds it)"
-                )
-            self.store = self._redis_store(options, max_bytes)
-        else:
-            if "redis" in options:
-                options.error("redis", "only used with backend: redis")
-            self.store = MemoryStore(max_bytes, CACHE_EVICTIONS.labels(self.name).inc)
+        self.store: MemoryStore | RedisStore = cache_options.open_store(options)
+        if self.backend_name == "memory":
             self.EAGER = True
             self.PHASES = True
-        self._flights: dict[str, asyncio.Future[bool]] = {}  # key -> stored, of its leader
+        self.keeper = Keeper(
+            self.store,
+            max_object_bytes=self.max_object_bytes,
+            heuristic=self.heuristic,
+            max_stale=self.max_stale,
+            keep_stale_s=self.keep_stale_s,
+            status_name=self.status_name,
+        )
         self.waiting = 0  # coalesced misses waiting for their leader
         # Called with `waiting` whenever it changes (the tests' barrier: N clients wait).
         self.on_waiting: Callable[[int], None] | None = None
         self._refreshing: set[str] = set()  # keys revalidated in the background
-        self._tasks: set[asyncio.Task[None]] = set()  # bodies being stored, refreshes
-
-    def _key_spec(self, options: Options) -> KeySpec:
-        key = options.nested("key", self.KEY_OPTIONS)
-        if key is None:
-            return KeySpec()
-        return KeySpec(
-            method=key.boolean("method", True),
-            host=key.boolean("host", True),
-            query=key.choice("query", QUERY_FORMS, "sorted"),
-            query_keep=key.strings("query_keep"),
-            query_drop=key.strings("query_drop"),
-            headers=key.strings("headers"),
-        )
-
-    def _redis_store(self, options: Options, max_bytes: int) -> MemoryStore | RedisStore:
-        redis = options.nested("redis", self.REDIS_OPTIONS)
-        fallback = MemoryStore(max_bytes)  # never serves: the load fails
-        if redis is None:
-            if "redis" not in options:
-                options.error("redis", "backend: redis needs a 'redis: {url: ...}' mapping")
-            return fallback
-        url = redis.string("url")
-        timeout_s = redis.duration("timeout", DEFAULT_REDIS_TIMEOUT_S, positive=True)
-        if redis.failed or "url" not in redis:
-            return fallback
-        try:
-            from middleware.cache_redis import RedisStore
-        except ImportError as exc:
-            options.error("backend", f"the redis backend cannot be loaded: {exc}")
-            return fallback
-        try:
-            return RedisStore(url, timeout_s, f"{REDIS_KEY_PREFIX}{self.name}:")
-        except ValueError as exc:
-            redis.error("url", f"invalid Redis URL: {exc}")
-            return fallback
 
     def __repr__(self) -> str:
         return f"<Cache {self.name!r} {self.store!r} {self.key_spec!r}>"
@@ -304,10 +147,7 @@ class Cache:
 
     async def close(self) -> None:
         """Stop storing and refreshing; close the store."""
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.keeper.close()
         await self.store.close()
 
     async def purge_cache(self, key: str, prefix: str | None = None) -> int:
@@ -334,7 +174,7 @@ class Cache:
             return await call_next(request)
         fields = fields_of(request)
         names = rules.lowered_names(fields)
-        why = _bypass_reason(request, fields, names)
+        why = bypass_reason(request, fields, names)
         if why:
             return await self._bypass(request, call_next, why)
         key = self.key_spec.key(request)
@@ -353,13 +193,13 @@ class Cache:
             self._counters["bypass"]()
             return _Bypassing("method")
         raw = request.raw_headers
-        quiet = raw is not None and _quiet(raw)
+        is_quiet = raw is not None and quiet(raw)
         fields: list[tuple[str, str]] = []  # read below unless the request is quiet
         names: frozenset[str] = frozenset()
-        if not quiet:
+        if not is_quiet:
             fields = fields_of(request)
             names = rules.lowered_names(fields)
-            why = _bypass_reason(request, fields, names)
+            why = bypass_reason(request, fields, names)
             if why:
                 self._counters["bypass"]()
                 return _Bypassing(why)
@@ -367,7 +207,7 @@ class Cache:
         store = self.store
         assert isinstance(store, MemoryStore)
         entries = store.get_now(key)
-        if quiet:
+        if is_quiet:
             # Nothing the request says can change the answer (no Cache-Control, Pragma
             # or conditions): a fresh entry that varies on nothing is served without
             # reading its fields as text. Anything else takes the general way below.
@@ -384,7 +224,7 @@ class Cache:
             if not facts.must_validate and demands.satisfied(facts.lifetime, age, facts.stale_ok):
                 self._counters["hit"]()
                 status = rules.hit_status(self.status_name, facts.lifetime - age)
-                return self._answer(fields, entry, facts, age, status, names)
+                return stored_answer(fields, entry, facts, age, status, names)
         elif not demands.only_if_cached:
             flight = self._take_flight(key, fields)
             if flight is not _FOLLOW:
@@ -421,18 +261,18 @@ class Cache:
 
     def response_phase(self, request: Request, response: Response, state: object) -> Response:
         if isinstance(state, _Fetching):
-            return self._keep(
-                request,
+            return self.keeper.keep(
                 state.fields,
                 state.key,
                 response,
                 state.request_time,
+                self.clock(),
                 state.fwd,
                 state.flight,
                 False,
             )
         if isinstance(state, _Bypassing):
-            if _invalidates(request, response):
+            if invalidates(request, response):
                 store = self.store
                 assert isinstance(store, MemoryStore)
                 store.delete_now(self.key_spec.key(request, "GET"))
@@ -442,12 +282,12 @@ class Cache:
     def error_phase(self, request: Request, error: ProxyError, state: object) -> Response:
         """Forwarding failed: a miss's waiters stop waiting; the error passes on."""
         if isinstance(state, _Fetching):
-            self._land(state.key, state.flight, False)
+            self.keeper.land(state.key, state.flight, False)
         raise error
 
     def abort_phase(self, request: Request, state: object, status: int) -> None:
         if isinstance(state, _Fetching):
-            self._land(state.key, state.flight, False)
+            self.keeper.land(state.key, state.flight, False)
 
     async def _consult(
         self,
@@ -474,7 +314,7 @@ class Cache:
         if not facts.must_validate and demands.satisfied(facts.lifetime, age, facts.stale_ok):
             self._counters["hit"]()
             status = rules.hit_status(self.status_name, facts.lifetime - age)
-            return self._answer(fields, entry, facts, age, status, names)
+            return stored_answer(fields, entry, facts, age, status, names)
         if demands.only_if_cached:
             raise NotCached("only-if-cached, and the stored response is stale")
         staleness = age - facts.lifetime
@@ -486,7 +326,7 @@ class Cache:
         ):
             self._counters["stale"]()
             self._refresh_later(request, call_next, key, entry)
-            return self._answer(
+            return stored_answer(
                 fields,
                 entry,
                 facts,
@@ -503,7 +343,7 @@ class Cache:
     async def _bypass(self, request: Request, call_next: Handler, why: str) -> Response:
         self._counters["bypass"]()
         response = await call_next(request)
-        if _invalidates(request, response):
+        if invalidates(request, response):
             with contextlib.suppress(CacheBackendError):
                 await self.store.delete(self.key_spec.key(request, "GET"))
         return self._mark_bypass(response, why)
@@ -515,39 +355,7 @@ class Cache:
         return response
 
     def _facts(self, entry: Entry) -> Facts:
-        facts = entry.facts
-        if not isinstance(facts, Facts):
-            facts = entry.facts = Facts(entry, self.heuristic, self.max_stale)
-        return facts
-
-    def _answer(
-        self,
-        request_fields: list[tuple[str, str]],
-        entry: Entry,
-        facts: Facts,
-        age: float,
-        status: str,
-        request_names: frozenset[str] | None = None,
-    ) -> Response:
-        """The stored response (or a 304 when the client's own conditions hold).
-        `request_names`: the request's lower-cased field names, when known."""
-        if request_names is None:
-            request_names = rules.lowered_names(request_fields)
-        age_field = (b"Age", str(int(age)).encode())
-        status_field = (b"Cache-Status", status.encode("latin-1"))
-        if (
-            entry.status == 200
-            and not request_names.isdisjoint(_CLIENT_CONDITIONS)
-            and rules.not_modified(request_fields, entry.fields)
-        ):
-            raw = [
-                (name.encode("latin-1"), value.encode("latin-1"))
-                for name, value in rules.not_modified_fields(entry.fields)
-            ]
-            return Response(304, [*raw, age_field, status_field])
-        return Response(
-            entry.status, [*facts.raw, age_field, status_field], Body.from_bytes(entry.body)
-        )
+        return facts_of(entry, self.heuristic, self.max_stale)
 
     # -- misses and coalescing -------------------------------------------------------
     def _take_flight(self, key: str, fields: list[tuple[str, str]]) -> Any:
@@ -555,13 +363,13 @@ class Cache:
         or the client's own conditions), a new flight when it leads the key's misses,
         `_FOLLOW` when another request of the key is already on its way."""
         if not self.coalesce or any(
-            rules.first_value(fields, name) is not None for name in _CLIENT_CONDITIONS
+            rules.first_value(fields, name) is not None for name in CLIENT_CONDITIONS
         ):
             return None
-        if key in self._flights:
+        if key in self.keeper.flights:
             return _FOLLOW
         flight: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._flights[key] = flight
+        self.keeper.flights[key] = flight
         return flight
 
     async def _miss(
@@ -578,7 +386,7 @@ class Cache:
             return await self._fetch(request, call_next, key, fields, fwd, flight)
         # Another request of this key is on its way: wait for its response to be stored
         # (a client going away cancels this wait, not the leader's flight).
-        flight = self._flights[key]
+        flight = self.keeper.flights[key]
         self._count_waiting(1)
         try:
             done, _ = await asyncio.wait((flight,), timeout=self.coalesce_timeout_s)
@@ -594,7 +402,7 @@ class Cache:
                 facts = self._facts(entry)
                 age = rules.current_age(facts.initial_age, entry.response_time, self.clock())
                 self._counters["hit"]()
-                return self._answer(
+                return stored_answer(
                     fields,
                     entry,
                     facts,
@@ -611,15 +419,6 @@ class Cache:
         if self.on_waiting is not None:
             self.on_waiting(self.waiting)
 
-    def _land(self, key: str, flight: asyncio.Future[bool] | None, stored: bool) -> None:
-        """The leader's response was stored (or will not be): release its waiters."""
-        if flight is None:
-            return
-        if self._flights.get(key) is flight:
-            del self._flights[key]
-        if not flight.done():
-            flight.set_result(stored)
-
     async def _fetch(
         self,
         request: Request,
@@ -635,107 +434,11 @@ class Cache:
         try:
             response = await call_next(request)
         except BaseException:
-            self._land(key, flight, False)
+            self.keeper.land(key, flight, False)
             raise
-        return self._keep(request, fields, key, response, request_time, fwd, flight, fwd_status)
-
-    def _keep(
-        self,
-        request: Request,
-        fields: list[tuple[str, str]],
-        key: str,
-        response: Response,
-        request_time: float,
-        fwd: str,
-        flight: asyncio.Future[bool] | None,
-        fwd_status: bool,
-    ) -> Response:
-        response_time = self.clock()
-        response_fields = fields_of(response)
-        why = rules.storable(response.status, fields, response_fields, heuristic=self.heuristic > 0)
-        length = response.body.length
-        if not why and length is not None and length > self.max_object_bytes:
-            why = "too-big"
-        if not why and response.upgrade is not None:
-            why = "upgrade"
-        status_code = response.status if fwd_status else 0
-        if why:
-            self._land(key, flight, False)
-            response.add_header(
-                "Cache-Status",
-                rules.cache_status(
-                    self.status_name, fwd=fwd, fwd_status=status_code, detail=f"not-stored-{why}"
-                ),
-            )
-            return response
-        names = rules.vary_names(response_fields)
-        stored_fields = [pair for pair in response_fields if pair[0].lower() != "cache-status"]
-        template = Entry(
-            response.status,
-            stored_fields,
-            b"",
-            request_time,
-            response_time,
-            names,
-            rules.vary_values(names, fields),
+        return self.keeper.keep(
+            fields, key, response, request_time, self.clock(), fwd, flight, fwd_status
         )
-
-        async def on_end(body: bytes | None) -> None:
-            if body is None:
-                self._land(key, flight, False)
-                return
-            entry = template.with_body(body)
-            try:
-                await self.store.put(key, entry, self._keep_s(entry))
-            except CacheBackendError:
-                self._land(key, flight, False)
-                return
-            self._land(key, flight, True)
-
-        body = response.body
-        store = self.store
-        if body.complete and not body.trailers:
-            data = body.take_all()
-            response.body = Body.from_bytes(data)
-            if len(data) > self.max_object_bytes:
-                self._land(key, flight, False)
-            elif isinstance(store, MemoryStore):  # stored before the response goes
-                store.put_now(key, template.with_body(data))
-                self._land(key, flight, True)
-            else:
-                self._spawn(on_end(data))
-        else:
-            response.body, task = tee(body, self.max_object_bytes, on_end)
-            self._track(task)
-        facts = Facts(template, self.heuristic, self.max_stale)
-        response.add_header(
-            "Cache-Status",
-            rules.cache_status(
-                self.status_name,
-                fwd=fwd,
-                fwd_status=status_code,
-                stored=True,
-                ttl=facts.lifetime - facts.initial_age,
-            ),
-        )
-        return response
-
-    def _keep_s(self, entry: Entry) -> float:
-        """How long Redis should keep `entry`: its fresh time left, its stale windows,
-        and `keep_stale` when it can be revalidated."""
-        facts = self._facts(entry)
-        keep = max(0.0, facts.lifetime - facts.initial_age) + max(facts.swr, facts.stale_if_error)
-        if rules.validators(entry.fields):
-            keep += self.keep_stale_s
-        return keep
-
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
-        self._track(task)
-
-    def _track(self, task: asyncio.Task[None]) -> None:
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     # -- revalidation ----------------------------------------------------------------
     async def _revalidate(
@@ -749,7 +452,7 @@ class Cache:
         fwd: str,
     ) -> Response:
         """Ask the origin whether the stale (or must-validate) entry still holds."""
-        for name in _CLIENT_CONDITIONS:
+        for name in CLIENT_CONDITIONS:
             request.remove_header(name)
         for name, value in rules.validators(entry.fields):
             request.set_header(name, value)
@@ -775,12 +478,12 @@ class Cache:
                     rules.updated_fields(entry.fields, fresh_fields), request_time, self.clock()
                 )
                 with contextlib.suppress(CacheBackendError):
-                    await self.store.put(key, updated, self._keep_s(updated))
+                    await self.store.put(key, updated, self.keeper.keep_s(updated))
                 updated_facts = self._facts(updated)
                 age = rules.current_age(
                     updated_facts.initial_age, updated.response_time, self.clock()
                 )
-                return self._answer(
+                return stored_answer(
                     fields,
                     updated,
                     updated_facts,
@@ -799,7 +502,7 @@ class Cache:
             self._counters["miss"]()
             return await self._fetch(request, call_next, key, fields, fwd)
         self._counters["miss"]()
-        return self._keep(request, fields, key, response, request_time, fwd, None, True)
+        return self.keeper.keep(fields, key, response, request_time, self.clock(), fwd, None, True)
 
     def _stale_if_error(
         self, fields: list[tuple[str, str]], entry: Entry, facts: Facts, status: int
@@ -810,7 +513,7 @@ class Cache:
         if facts.stale_if_error <= 0 or staleness > facts.stale_if_error:
             return None
         self._counters["stale"]()
-        return self._answer(
+        return stored_answer(
             fields,
             entry,
             facts,
@@ -831,7 +534,7 @@ class Cache:
             return
         self._refreshing.add(key)
         copy = background_request(request, entry)
-        self._spawn(self._refresh(copy, call_next, key, entry))
+        self.keeper.spawn(self._refresh(copy, call_next, key, entry))
 
     async def _refresh(self, request: Request, call_next: Handler, key: str, entry: Entry) -> None:
         try:
@@ -847,10 +550,12 @@ class Cache:
                     request_time,
                     self.clock(),
                 )
-                await self.store.put(key, updated, self._keep_s(updated))
+                await self.store.put(key, updated, self.keeper.keep_s(updated))
                 return
             fields = fields_of(request)
-            response = self._keep(request, fields, key, response, request_time, "stale", None, True)
+            response = self.keeper.keep(
+                fields, key, response, request_time, self.clock(), "stale", None, True
+            )
             # Nobody reads this response: read it here, so that `tee` stores it.
             body = response.body
             while await body.read():
@@ -859,37 +564,3 @@ class Cache:
             log.debug("cache %r: background revalidation of %r failed: %s", self.name, key, exc)
         finally:
             self._refreshing.discard(key)
-
-
-def background_request(request: Request, entry: Entry) -> Request:
-    """A bodiless copy of `request` that revalidates `entry`: the client's conditions
-    replaced by the entry's validators, the route and identity kept."""
-    headers = [
-        (name, value)
-        for name, value in fields_of(request)
-        if name.lower() not in _CLIENT_CONDITIONS
-    ]
-    headers.extend(rules.validators(entry.fields))
-    copy = Request(
-        request.method,
-        request.target,
-        [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers],
-        Body.from_bytes(b""),
-        http_version=request.http_version,
-        client=request.client,
-        scheme=request.scheme,
-        host=request.host,
-        path=request.path,
-        query=request.query,
-        raw_target=request.raw_target,
-        tls_version=request.tls_version,
-        listener=request.listener,
-        client_cert=request.client_cert,
-    )
-    copy.peer = request.peer
-    copy.peer_trusted = request.peer_trusted
-    copy.request_id = request.request_id
-    copy.consumer = request.consumer
-    copy.exchange.route_name = request.exchange.route_name
-    copy.exchange.params = dict(request.exchange.params)
-    return copy

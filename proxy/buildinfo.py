@@ -85,6 +85,7 @@ COMPILED = (
     "middleware.rate_limit_local",
     "middleware.headers",
     "middleware.cache",
+    "middleware.cache_answers",
     "middleware.cache_rules",
     "middleware.cache_key",
     "middleware.cache_store",

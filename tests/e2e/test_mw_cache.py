@@ -150,8 +150,8 @@ async def _stored(server: Server, entries: int) -> None:
     """Until the cache holds `entries` (a response is stored once its body has ended,
     just after the client got it)."""
     cache = cache_of(server)
-    while cache._tasks:
-        await asyncio.gather(*cache._tasks, return_exceptions=True)
+    while cache.keeper.tasks:
+        await asyncio.gather(*cache.keeper.tasks, return_exceptions=True)
     store = cache.store
     assert len(store) == entries  # type: ignore[arg-type]
 

@@ -121,8 +121,8 @@ async def read(response: Response) -> bytes:
 
 async def settle(instance: Cache) -> None:
     """Let the stores and refreshes the middleware started finish."""
-    while instance._tasks:
-        await asyncio.gather(*instance._tasks)
+    while instance.keeper.tasks:
+        await asyncio.gather(*instance.keeper.tasks)
 
 
 def stored(instance: Cache) -> int:
