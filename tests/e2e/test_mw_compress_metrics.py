@@ -6,18 +6,16 @@ size before and after compression, and only for a response that was compressed."
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import AsyncIterator
 from urllib.parse import urlencode
 
-import brotli
 import httpx
 import pytest
-import zstandard
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.testing import RunningGateway
 from proxy.testing.plugin import GatewayFactory
+from tests.e2e.test_mw_compress import decode, fetch_raw
 from tests.support.upstreams import ContentUpstream
 from tests.support.upstreams.content import random_body, text_body
 
@@ -89,28 +87,9 @@ def moved(before: Samples, after: Samples) -> dict[tuple[str, ...], float]:
 async def fetch(
     gateway: RunningGateway, target: str, accept: str | None, method: str = "GET"
 ) -> tuple[httpx.Response, bytes]:
-    """The response and its body as sent (not decoded); `accept` None sends no
-    Accept-Encoding at all."""
+    """The response and its body as sent (not decoded)."""
     async with gateway.client() as client:
-        request = client.build_request(method, target)
-        if accept is None:
-            del request.headers["accept-encoding"]
-        else:
-            request.headers["accept-encoding"] = accept
-        response = await client.send(request, stream=True)
-        try:
-            raw = b"".join([part async for part in response.aiter_raw()])
-        finally:
-            await response.aclose()
-    return response, raw
-
-
-def decode(coding: str, data: bytes) -> bytes:
-    if coding == "gzip":
-        return zlib.decompress(data, 31)
-    if coding == "br":
-        return bytes(brotli.decompress(data))
-    return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+        return await fetch_raw(client, target, accept, method)
 
 
 async def test_every_series_is_there_from_the_start_and_bounded(gateway: RunningGateway) -> None:

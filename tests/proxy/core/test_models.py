@@ -11,8 +11,8 @@ from multidict import CIMultiDict
 from proxy.codec.h1serialize import UnsafeHeader
 from proxy.config.model import ListenerConfig
 from proxy.core.body import Body
-from proxy.core.client_cert import ClientCertificate
 from proxy.core.models import Request, Response
+from tests.proxy.core.test_headers import CLIENT_CERT
 
 
 def raw_request() -> Request:
@@ -121,17 +121,6 @@ def test_set_header_replaces_only_fields_of_that_name() -> None:
 
 
 LISTENER = ListenerConfig(host="127.0.0.1", port=8443, name="public")
-CLIENT_CERT = ClientCertificate(
-    subject="CN=alice",
-    issuer="CN=CA",
-    common_name="alice",
-    dns=(),
-    uris=(),
-    emails=(),
-    fingerprint="ab" * 32,
-    pem="",
-    xfcc=f'Hash={"ab" * 32};Subject="CN=alice"',
-)
 
 
 def client_request() -> Request:
