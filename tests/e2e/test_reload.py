@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -221,6 +222,80 @@ def test_a_changed_file_is_reloaded_once_it_holds_still(
         time.sleep(0.5)
         assert metric(admin, "gatehouse_config_reloads_total", result="failure") == 1
         assert "unknown key 'bogus_key'" in gw.stderr()
+
+
+class ConfigMapVolume:
+    """A directory laid out and updated as the kubelet does a ConfigMap volume: each
+    version's files in a hidden directory named for the time, `..data` a symlink to the
+    current version, and each key a symlink `KEY -> ..data/KEY`. An update writes the new
+    version's directory, points a staging symlink `..data_tmp` at it and renames that over
+    `..data` (the one atomic step), then removes the old version."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.versions = 0
+        root.mkdir()
+
+    def path(self, key: str) -> Path:
+        """Where a pod reads `key`: the top-level symlink."""
+        return self.root / key
+
+    def update(self, files: dict[str, str]) -> None:
+        self.versions += 1
+        stamp = time.strftime("%Y_%m_%d_%H_%M_%S", time.gmtime())
+        version = self.root / f"..{stamp}.{self.versions:09d}"
+        version.mkdir()
+        for key, text in files.items():
+            (version / key).write_text(text)
+            (version / key).chmod(0o444)
+        data = self.root / "..data"
+        previous = os.readlink(data) if data.is_symlink() else None
+        staging = self.root / "..data_tmp"
+        staging.symlink_to(version.name)
+        os.rename(staging, data)
+        for key in files:
+            if not self.path(key).is_symlink():
+                self.path(key).symlink_to(f"..data/{key}")
+        if previous is not None:
+            shutil.rmtree(self.root / previous)
+
+
+def test_a_configmap_volume_updated_by_its_symlink_swap_is_reloaded(
+    tmp_path: Path, h1_upstream: UpstreamServer
+) -> None:
+    port, admin = free_port(), free_port()
+    watched = "reload: {watch: true, interval: 100ms}"
+    text = config_text(port, admin, h1_upstream.url).replace("reload: {watch: false}", watched)
+    volume = ConfigMapVolume(tmp_path / "routes")
+    volume.update({"routes.yaml": text})
+    path = volume.path("routes.yaml")
+    with run_gateway(text, tmp_path, port=port, config_path=path) as gw:
+        wait_ready(admin)
+        before = metric(admin, "gatehouse_config_reloads_total", result="success")
+        # Two swaps: after the first, the watch must follow the version it reloaded.
+        for number in (7, 8):
+            text = text.replace(
+                "  - name: stable", numbered_route(number).strip("\n") + "\n  - name: stable"
+            )
+            volume.update({"routes.yaml": text})
+            route = f"{gw.url}/v{number}/x"
+
+            def serves(url: str = route) -> bool:
+                return httpx.get(url, timeout=CLIENT_TIMEOUT_S).status_code == 200
+
+            wait_until(serves, 10.0, f"the reload of ConfigMap version {volume.versions}")
+        assert metric(admin, "gatehouse_config_reloads_total", result="success") == before + 2
+        # An invalid version, swapped in the same way, is refused; the last good one serves.
+        volume.update({"routes.yaml": text.replace("upstream: app", "upstream: nope", 1)})
+        wait_until(
+            lambda: metric(admin, "gatehouse_config_reloads_total", result="failure") == 1,
+            10.0,
+            "the refused version to be counted",
+        )
+        assert f"{path}:" in gw.stderr()
+        assert "unknown upstream 'nope'" in gw.stderr()
+        assert httpx.get(f"{gw.url}/v8/x", timeout=CLIENT_TIMEOUT_S).status_code == 200
+        assert path.is_symlink()  # read through the link throughout, never replaced
 
 
 def test_gatehouse_reload_command_reports_success_and_refusal(

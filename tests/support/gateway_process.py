@@ -221,12 +221,20 @@ def run_gateway(
     args: tuple[str, ...] = (),
     env: Mapping[str, str] | None = None,
     wait: bool = True,
+    config_path: Path | None = None,
 ) -> Iterator[Gateway]:
     """Start `python -m proxy run` on `config_text` (which must listen on `port`) and,
     unless `wait` is false, wait until it listens. The process group is killed on exit;
-    then, if the test passed so far, the gateway must not have logged a traceback."""
-    config_path = directory / f"gateway-{port}.yaml"
-    config_path.write_text(config_text)
+    then, if the test passed so far, the gateway must not have logged a traceback.
+
+    The config is written to `directory`/gateway-PORT.yaml, or the gateway runs on
+    `config_path` as the test laid it out (a ConfigMap volume's symlinks), which must
+    hold `config_text` already."""
+    if config_path is None:
+        config_path = directory / f"gateway-{port}.yaml"
+        config_path.write_text(config_text)
+    else:
+        assert config_path.read_text() == config_text, f"{config_path} holds another config"
     stderr_path = directory / f"gateway-{port}.stderr"
     with stderr_path.open("wb") as stderr:
         process = subprocess.Popen(

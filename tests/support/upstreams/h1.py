@@ -1,7 +1,8 @@
 """A real HTTP/1.1 upstream server for tests (asyncio streams + h11), on 127.0.0.1:0.
 
 Paths:
-  /echo...          200, JSON of what arrived: method, target, headers, body (text)
+  /echo...          200, JSON of what arrived: method, target, headers, body (text), and
+                    which server answered (`server`: its host:port)
   /bytes/N          N bytes with Content-Length
   /chunked/N/C      N chunks of C bytes, chunked encoding
   /download/N       N bytes streamed in 64 KiB writes with Content-Length (drains)
@@ -313,6 +314,7 @@ class UpstreamServer:
                 "headers": headers,
                 "body": body.decode("latin-1"),
                 "body_size": size,
+                "server": f"{self.host}:{self.port}",
             }
             await send(200, json.dumps(payload).encode(), [("Content-Type", "application/json")])
         return True
