@@ -221,16 +221,18 @@ def run_gateway(
     args: tuple[str, ...] = (),
     env: Mapping[str, str] | None = None,
     wait: bool = True,
+    location: str | None = None,
 ) -> Iterator[Gateway]:
-    """Start `python -m proxy run` on `config_text` (which must listen on `port`) and,
-    unless `wait` is false, wait until it listens. The process group is killed on exit;
-    then, if the test passed so far, the gateway must not have logged a traceback."""
+    """Start `python -m proxy run` on `config_text` (which must listen on `port`), or on
+    `location` (an etcd:// URL) when given, and, unless `wait` is false, wait until it
+    listens. The process group is killed on exit; then, if the test passed so far, the
+    gateway must not have logged a traceback."""
     config_path = directory / f"gateway-{port}.yaml"
     config_path.write_text(config_text)
     stderr_path = directory / f"gateway-{port}.stderr"
     with stderr_path.open("wb") as stderr:
         process = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "run", str(config_path), *args],
+            [sys.executable, "-m", "proxy", "run", location or str(config_path), *args],
             cwd=REPO_ROOT,
             env={**os.environ, **(env or {})},
             stdin=subprocess.DEVNULL,

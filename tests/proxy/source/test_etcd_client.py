@@ -1,0 +1,92 @@
+"""The etcd client against a real etcd: reads, writes, the compare-and-swap, the watch,
+a compacted watch, and an etcd out of reach."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from proxy.source.etcd_client import (
+    Compacted,
+    EtcdClient,
+    EtcdUnavailable,
+    KeyValue,
+)
+from proxy.source.etcd_url import parse_etcd_url
+from tests.support.etcd_server import EtcdServer, running_etcd
+from tests.support.gateway_process import free_port
+
+pytestmark = pytest.mark.socket
+
+KEY = "/gatehouse/test"
+
+
+@pytest.fixture
+def etcd(tmp_path: Path) -> Iterator[EtcdServer]:
+    with running_etcd(tmp_path) as server:
+        yield server
+
+
+def client_of(etcd: EtcdServer) -> EtcdClient:
+    return EtcdClient(parse_etcd_url(etcd.url(KEY)), timeout=10.0)
+
+
+async def test_get_reads_what_put_wrote_with_its_revision(etcd: EtcdServer) -> None:
+    client = client_of(etcd)
+    assert (await client.get()).kv is None
+    written = await client.put(b"a: 1\n")
+    reading = await client.get()
+    assert reading.kv == KeyValue(b"a: 1\n", written)
+    assert reading.revision == written
+
+
+async def test_compare_and_put_writes_only_at_the_expected_revision(etcd: EtcdServer) -> None:
+    client = client_of(etcd)
+    assert await client.compare_and_put(b"first", 5) == (False, 0)  # the key is not there
+    created, first = await client.compare_and_put(b"first", 0)
+    assert created
+    assert await client.compare_and_put(b"late", 0) == (False, first)
+    replaced, second = await client.compare_and_put(b"second", first)
+    assert replaced
+    assert second > first
+    assert await client.compare_and_put(b"stale", first) == (False, second)
+    assert (await client.get()).kv == KeyValue(b"second", second)
+
+
+async def test_watch_yields_the_last_change_of_each_answer_from_the_revision_asked(
+    etcd: EtcdServer,
+) -> None:
+    client = client_of(etcd)
+    first = await client.put(b"one")
+    second = await client.put(b"two")
+    changes = client.watch(first)  # both writes are history: one answer, its last event
+    assert (await anext(changes)).kv == KeyValue(b"two", second)
+    third = await client.put(b"three")
+    assert (await anext(changes)).kv == KeyValue(b"three", third)
+    deleted = await client.delete()
+    change = await anext(changes)
+    assert change.kv is None
+    assert change.revision == deleted
+    await changes.aclose()
+
+
+async def test_watch_from_a_compacted_revision_raises_compacted(etcd: EtcdServer) -> None:
+    client = client_of(etcd)
+    first = await client.put(b"one")
+    latest = await client.put(b"two")
+    etcd.compact(latest)
+    changes = client.watch(first)
+    with pytest.raises(Compacted):
+        await anext(changes)
+    await changes.aclose()
+
+
+async def test_an_etcd_out_of_reach_is_unavailable() -> None:
+    client = EtcdClient(parse_etcd_url(f"etcd://127.0.0.1:{free_port()}/k"), timeout=5.0)
+    with pytest.raises(EtcdUnavailable):
+        await client.get()
+    changes = client.watch(1)
+    with pytest.raises(EtcdUnavailable):
+        await anext(changes)
