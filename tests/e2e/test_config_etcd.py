@@ -221,6 +221,11 @@ def test_an_invalid_document_written_to_etcd_is_refused_by_every_gateway(
                 )
                 assert member.revision() == good
                 assert member.answer() == "good"
+            etcd.delete(KEY)  # a deleted key is refused the same way
+            for member, before in zip(members, failures, strict=True):
+                member.wait_metric("gatehouse_config_reloads_total", before + 2, result="failure")
+                assert f"{etcd.url(KEY)}:1: the key does not exist" in member.gateway.stderr()
+                assert member.answer() == "good"
 
 
 def test_gateways_serve_while_etcd_is_down_and_follow_pushes_once_it_is_back(

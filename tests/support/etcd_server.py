@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from proxy.source.etcd_client import EtcdClient
@@ -127,6 +127,10 @@ class EtcdServer:
         """Write `value` at `key` as any etcd client would; the revision written at."""
         return asyncio.run(EtcdClient(parse_etcd_url(self.url(key))).put(value.encode()))
 
+    def delete(self, key: str) -> int:
+        """Delete `key`; the revision of the deletion."""
+        return asyncio.run(EtcdClient(parse_etcd_url(self.url(key))).delete())
+
     def get(self, key: str) -> tuple[str, int] | None:
         """`key`'s value and mod_revision, or None."""
         reading = asyncio.run(EtcdClient(parse_etcd_url(self.url(key))).get())
@@ -136,13 +140,16 @@ class EtcdServer:
 
     def compact(self, revision: int) -> None:
         """Compact the history up to `revision` (what etcd's auto-compaction does)."""
+        self.post("/v3/kv/compaction", {"revision": str(revision), "physical": True})
+
+    def post(self, path: str, body: Mapping[str, object]) -> dict[str, object]:
+        """One call of etcd's JSON gateway, which must succeed; its answer."""
         request = urllib.request.Request(
-            f"http://{self.endpoint}/v3/kv/compaction",
-            data=json.dumps({"revision": str(revision), "physical": True}).encode(),
-            method="POST",
+            f"http://{self.endpoint}{path}", data=json.dumps(body).encode(), method="POST"
         )
         with urllib.request.urlopen(request, timeout=10.0) as response:
-            assert response.status == 200
+            answer: dict[str, object] = json.load(response)
+            return answer
 
 
 @contextlib.contextmanager

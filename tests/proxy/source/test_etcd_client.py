@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 
 from proxy.source.etcd_client import (
+    PASSWORD_ENV,
+    USER_ENV,
     Compacted,
     EtcdClient,
+    EtcdError,
     EtcdUnavailable,
     KeyValue,
 )
@@ -90,3 +93,34 @@ async def test_an_etcd_out_of_reach_is_unavailable() -> None:
     changes = client.watch(1)
     with pytest.raises(EtcdUnavailable):
         await anext(changes)
+
+
+def enable_auth(etcd: EtcdServer, password: str) -> None:
+    """A root user with `password`, and authentication on (as `etcdctl auth enable`)."""
+    for path, body in (
+        ("/v3/auth/role/add", {"name": "root"}),
+        ("/v3/auth/user/add", {"name": "root", "password": password}),
+        ("/v3/auth/user/grant", {"user": "root", "role": "root"}),
+        ("/v3/auth/enable", {}),
+    ):
+        etcd.post(path, body)
+
+
+async def test_with_credentials_from_the_environment_the_client_authenticates(
+    etcd: EtcdServer,
+) -> None:
+    enable_auth(etcd, "s3cret")
+    location = parse_etcd_url(etcd.url(KEY))
+    anonymous = EtcdClient(location, env={})
+    with pytest.raises(EtcdError):
+        await anonymous.get()
+    wrong = EtcdClient(location, env={USER_ENV: "root", PASSWORD_ENV: "nope"})
+    with pytest.raises(EtcdError):
+        await wrong.get()
+    client = EtcdClient(location, env={USER_ENV: "root", PASSWORD_ENV: "s3cret"})
+    written = await client.put(b"guarded")
+    assert (await client.get()).kv == KeyValue(b"guarded", written)
+    assert await client.compare_and_put(b"next", written) == (True, written + 1)
+    changes = client.watch(written)
+    assert (await anext(changes)).kv is not None
+    await changes.aclose()
