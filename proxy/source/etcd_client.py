@@ -11,14 +11,19 @@ Each call opens a connection of its own to the first member that accepts one (th
 supervisor makes a handful of calls per change, and a watch holds one connection), so
 there is no pool to keep healthy. With GATEHOUSE_ETCD_USER and GATEHOUSE_ETCD_PASSWORD set,
 the client authenticates (`/v3/auth/authenticate`) and sends the token with each call.
+With GATEHOUSE_ETCD_CA (a CA bundle to verify the members with), GATEHOUSE_ETCD_CERT and
+GATEHOUSE_ETCD_KEY (a client certificate) or GATEHOUSE_ETCD_TLS=1 (the system's CAs), it
+speaks TLS to the members, checking their certificates against the host names of the URL.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
+import ssl
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,10 +33,17 @@ import h11
 from proxy.source.etcd_url import EtcdLocation
 
 CALL_TIMEOUT_S = 5.0  # connect and answer, for one unary call
+CLOSE_TIMEOUT_S = 1.0  # a TLS goodbye that is not answered is not waited for longer
 MAX_ANSWER_BYTES = 4 * 1024 * 1024  # a document is at most 1 MiB, base64 and JSON around it
 USER_ENV, PASSWORD_ENV = "GATEHOUSE_ETCD_USER", "GATEHOUSE_ETCD_PASSWORD"
+TLS_ENV, CA_ENV = "GATEHOUSE_ETCD_TLS", "GATEHOUSE_ETCD_CA"
+CERT_ENV, KEY_ENV = "GATEHOUSE_ETCD_CERT", "GATEHOUSE_ETCD_KEY"
 _READ_SIZE = 65536
 _UNAUTHENTICATED = 16  # gRPC's code for a missing or expired token
+
+
+class EtcdSettingsError(ValueError):
+    """The environment's settings for etcd cannot be used (the message says which)."""
 
 
 class EtcdUnavailable(Exception):
@@ -87,6 +99,24 @@ def _key_value(fields: Mapping[str, Any]) -> KeyValue:
     return KeyValue(base64.b64decode(fields.get("value", "")), _int(fields, "mod_revision"))
 
 
+def tls_context(env: Mapping[str, str]) -> ssl.SSLContext | None:
+    """The TLS settings the environment asks for, or None for plain TCP.
+
+    Raises:
+        EtcdSettingsError: a CA, certificate or key file cannot be read or used.
+    """
+    ca, cert = env.get(CA_ENV) or None, env.get(CERT_ENV) or None
+    if ca is None and cert is None and env.get(TLS_ENV, "") not in ("1", "true", "yes"):
+        return None
+    try:
+        context = ssl.create_default_context(cafile=ca)
+        if cert is not None:
+            context.load_cert_chain(cert, env.get(KEY_ENV) or None)
+    except OSError as exc:  # ssl.SSLError too
+        raise EtcdSettingsError(f"the TLS files for etcd ({CA_ENV}, {CERT_ENV}): {exc}") from exc
+    return context
+
+
 def _raise_for(answer: Mapping[str, Any], status: int) -> None:
     error = answer.get("error")
     if status == 200 and error is None:
@@ -107,11 +137,13 @@ class EtcdClient:
         timeout: float = CALL_TIMEOUT_S,
         env: Mapping[str, str] | None = None,
     ) -> None:
+        """Raises EtcdSettingsError: the TLS settings cannot be used."""
         self.location = location
         self.timeout = timeout
         environ = os.environ if env is None else env
         self._user = environ.get(USER_ENV) or None
         self._password = environ.get(PASSWORD_ENV, "")
+        self._tls = tls_context(environ)
         self._token: str | None = None
         self._next = 0  # the member tried first: the last one that answered
         self._connections: dict[asyncio.StreamWriter, int] = {}  # connections open, their fds
@@ -121,9 +153,12 @@ class EtcdClient:
         its copy would keep a watch open on etcd's side after the parent let it go."""
         return list(self._connections.values())
 
-    def _close(self, writer: asyncio.StreamWriter) -> None:
+    async def _close(self, writer: asyncio.StreamWriter) -> None:
+        """Close a connection and wait until it is (TLS says goodbye first)."""
         self._connections.pop(writer, None)
         writer.close()
+        with contextlib.suppress(OSError, TimeoutError, ssl.SSLError):
+            await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT_S)
 
     # -- calls on the key ----------------------------------------------------------------
     async def get(self) -> Reading:
@@ -204,7 +239,7 @@ class EtcdClient:
         except (TimeoutError, OSError, h11.ProtocolError) as exc:
             raise EtcdUnavailable(f"the watch broke: {exc!r}") from exc
         finally:
-            self._close(writer)
+            await self._close(writer)
 
     def _change(self, line: bytes) -> Change | None:
         if not line.strip():
@@ -252,7 +287,7 @@ class EtcdClient:
         except (TimeoutError, OSError, h11.ProtocolError, ValueError) as exc:
             raise EtcdUnavailable(f"{path}: {exc!r}") from exc
         finally:
-            self._close(writer)
+            await self._close(writer)
         _raise_for(answer, status)
         return answer
 
@@ -288,9 +323,15 @@ class EtcdClient:
             host, port = endpoints[index]
             try:
                 reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(host, port), self.timeout
+                    asyncio.open_connection(
+                        host,
+                        port,
+                        ssl=self._tls,
+                        server_hostname=host if self._tls is not None else None,
+                    ),
+                    self.timeout,
                 )
-            except (TimeoutError, OSError) as exc:
+            except (TimeoutError, OSError) as exc:  # ssl.SSLError is an OSError
                 failures.append(f"{host}:{port}: {exc!r}")
                 continue
             self._next = index

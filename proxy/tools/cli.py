@@ -202,13 +202,14 @@ def _open_source(args: argparse.Namespace) -> tuple[ConfigSource, ConfigText]:
         source = FileSource(args.config)
         return source, source.first()
     from proxy.source.etcd import EtcdSource
+    from proxy.source.etcd_client import EtcdSettingsError
     from proxy.source.etcd_url import EtcdUrlError, parse_etcd_url
 
     try:
         location = parse_etcd_url(args.config)
-    except EtcdUrlError as exc:
-        raise ConfigError([f"{exc}"]) from None
-    etcd = EtcdSource(location, cache_path(args.config_cache))
+        etcd = EtcdSource(location, cache_path(args.config_cache))
+    except (EtcdUrlError, EtcdSettingsError) as exc:
+        raise ConfigError([f"{args.config}:1: {exc}"]) from None
     return etcd, asyncio.run(etcd.first())
 
 

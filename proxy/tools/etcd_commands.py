@@ -17,8 +17,8 @@ import sys
 from proxy.config.document import ConfigError, read_config_file
 from proxy.config.load import parse_config
 from proxy.config.model import Config
-from proxy.source.etcd_client import EtcdClient, EtcdError, EtcdUnavailable
-from proxy.source.etcd_url import EtcdLocation, EtcdUrlError, parse_etcd_url
+from proxy.source.etcd_client import EtcdClient, EtcdError, EtcdSettingsError, EtcdUnavailable
+from proxy.source.etcd_url import EtcdUrlError, parse_etcd_url
 
 EXIT_OK, EXIT_CONFIG, EXIT_USAGE, EXIT_CONFLICT = 0, 1, 2, 4
 
@@ -27,10 +27,11 @@ def _say(line: str) -> None:
     print(line, file=sys.stderr)  # noqa: T201 - the command's output
 
 
-def _location(url: str) -> EtcdLocation | None:
+def _client(url: str) -> EtcdClient | None:
+    """The client for `url`, or None with why not printed."""
     try:
-        return parse_etcd_url(url)
-    except EtcdUrlError as exc:
+        return EtcdClient(parse_etcd_url(url))
+    except (EtcdUrlError, EtcdSettingsError) as exc:
         _say(str(exc))
         return None
 
@@ -48,11 +49,12 @@ def _validate(text: str, source: str) -> Config | None:
 
 def check_etcd(url: str) -> int:
     """`gatehouse check etcd://...`: the key's document validated, with its revision."""
-    location = _location(url)
-    if location is None:
+    client = _client(url)
+    if client is None:
         return EXIT_USAGE
+    location = client.location
     try:
-        reading = asyncio.run(EtcdClient(location).get())
+        reading = asyncio.run(client.get())
     except (EtcdUnavailable, EtcdError) as exc:
         _say(f"{location.url}: cannot read: {exc}")
         return EXIT_USAGE
@@ -75,11 +77,12 @@ def check_etcd(url: str) -> int:
 
 def pull(url: str) -> int:
     """`gatehouse pull etcd://...`: the document on stdout, its revision on stderr."""
-    location = _location(url)
-    if location is None:
+    client = _client(url)
+    if client is None:
         return EXIT_USAGE
+    location = client.location
     try:
-        reading = asyncio.run(EtcdClient(location).get())
+        reading = asyncio.run(client.get())
     except (EtcdUnavailable, EtcdError) as exc:
         _say(f"{location.url}: cannot read: {exc}")
         return EXIT_USAGE
@@ -95,9 +98,10 @@ def pull(url: str) -> int:
 def push(path: str, url: str, expect_revision: int | None) -> int:
     """`gatehouse push FILE etcd://...`: validate FILE, then write it if the key is still
     at the revision read (or at `expect_revision`; 0: the key must not exist yet)."""
-    location = _location(url)
-    if location is None:
+    client = _client(url)
+    if client is None:
         return EXIT_USAGE
+    location = client.location
     try:
         text = read_config_file(path)
     except ConfigError as exc:
@@ -109,7 +113,7 @@ def push(path: str, url: str, expect_revision: int | None) -> int:
         return EXIT_CONFIG
     try:
         written, revision, expected = asyncio.run(
-            _compare_and_put(EtcdClient(location), text.encode("utf-8"), expect_revision)
+            _compare_and_put(client, text.encode("utf-8"), expect_revision)
         )
     except (EtcdUnavailable, EtcdError) as exc:
         _say(f"{location.url}: not pushed: {exc}")

@@ -32,6 +32,7 @@ from tests.support.gateway_process import (
     run_gateway,
     wait_until,
 )
+from tests.support.tls import make_tls_files
 
 pytestmark = pytest.mark.socket
 
@@ -119,7 +120,7 @@ def start_member(
             port=port,
             location=etcd.url(KEY),
             args=("--workers", "1", "--config-cache", str(cache)),
-            env={"GATEWAY_PORT": str(port), "ADMIN_PORT": str(admin)},
+            env={"GATEWAY_PORT": str(port), "ADMIN_PORT": str(admin), **etcd.env},
             wait=wait,
         )
     )
@@ -346,3 +347,15 @@ def test_push_refuses_an_invalid_file_and_check_and_pull_show_the_key(tmp_path: 
         stale = push(valid, url, "--expect-revision", "0")
         assert stale.returncode == 4
         assert f"the key is at revision {current[1]}, not at revision 0" in stale.stderr
+
+
+def test_a_gateway_follows_an_etcd_it_reaches_over_tls(tmp_path: Path) -> None:
+    tls = make_tls_files(tmp_path / "tls")
+    with running_etcd(tmp_path, tls) as etcd, contextlib.ExitStack() as stack:
+        first = etcd.put(KEY, document("private"))
+        member = start_member(stack, etcd, tmp_path, 0, wait=True)  # GATEHOUSE_ETCD_CA set
+        member.wait_revision(first)
+        assert member.answer() == "private"
+        second = etcd.put(KEY, document("still private"))
+        member.wait_revision(second)
+        assert member.answer() == "still private"

@@ -9,17 +9,21 @@ from pathlib import Path
 import pytest
 
 from proxy.source.etcd_client import (
+    CA_ENV,
     PASSWORD_ENV,
+    TLS_ENV,
     USER_ENV,
     Compacted,
     EtcdClient,
     EtcdError,
+    EtcdSettingsError,
     EtcdUnavailable,
     KeyValue,
 )
 from proxy.source.etcd_url import parse_etcd_url
 from tests.support.etcd_server import EtcdServer, running_etcd
 from tests.support.gateway_process import free_port
+from tests.support.tls import make_tls_files
 
 pytestmark = pytest.mark.socket
 
@@ -124,3 +128,26 @@ async def test_with_credentials_from_the_environment_the_client_authenticates(
     changes = client.watch(written)
     assert (await anext(changes)).kv is not None
     await changes.aclose()
+
+
+async def test_with_a_ca_from_the_environment_the_client_speaks_tls(tmp_path: Path) -> None:
+    tls = make_tls_files(tmp_path / "tls")
+    with running_etcd(tmp_path, tls) as etcd:
+        location = parse_etcd_url(etcd.url(KEY))
+        client = EtcdClient(location, env={CA_ENV: str(tls.ca)})
+        written = await client.put(b"over tls")
+        assert (await client.get()).kv == KeyValue(b"over tls", written)
+        changes = client.watch(written)
+        assert (await anext(changes)).kv == KeyValue(b"over tls", written)
+        await changes.aclose()
+        untrusting = EtcdClient(location, env={TLS_ENV: "1"})  # the system's CAs only
+        with pytest.raises(EtcdUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+            await untrusting.get()
+        plain = EtcdClient(location, env={})
+        with pytest.raises((EtcdError, EtcdUnavailable)):
+            await plain.get()
+
+
+def test_tls_files_that_cannot_be_read_are_a_settings_error(tmp_path: Path) -> None:
+    with pytest.raises(EtcdSettingsError, match=CA_ENV):
+        EtcdClient(parse_etcd_url("etcd://127.0.0.1/k"), env={CA_ENV: str(tmp_path / "no")})
