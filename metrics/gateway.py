@@ -128,3 +128,40 @@ ACME_NEXT_ORDER = Gauge(
     ["domain"],
     registry=GATEWAY_REGISTRY,
 )
+
+# The config's source (proxy/source/): which document runs, and whether etcd is followed.
+CONFIG_INFO = Gauge(
+    "gatehouse_config_info",
+    "Always 1; the labels say where the running config comes from: its source (the file's "
+    "path, or the etcd URL) and kind (file or etcd)",
+    ["source", "kind"],
+    registry=GATEWAY_REGISTRY,
+)
+CONFIG_REVISION = Gauge(
+    "gatehouse_config_revision",
+    "The etcd mod_revision of the running config (0 for a file): across a fleet, "
+    "`count by (gatehouse_config_revision) (...)`-style queries show who lags (docs/etcd.md)",
+    ["source"],
+    registry=GATEWAY_REGISTRY,
+)
+CONFIG_SOURCE_UP = Gauge(
+    "gatehouse_config_source_up",
+    "1 while the config's source is followed (a file: always; etcd: the watch is "
+    "connected), 0 while etcd cannot be reached and the last good config serves",
+    ["source"],
+    registry=GATEWAY_REGISTRY,
+)
+CONFIG_SOURCE_RECONNECTS = Counter(
+    "gatehouse_config_source_reconnects",
+    "Times the etcd watch was connected again after it was lost",
+    ["source"],
+    registry=GATEWAY_REGISTRY,
+)
+
+
+def record_config_source(source: str, kind: str, revision: int) -> None:
+    """The running config's source and revision (at start and after each reload)."""
+    CONFIG_INFO.clear()
+    CONFIG_INFO.labels(source, kind).set(1)
+    CONFIG_REVISION.clear()
+    CONFIG_REVISION.labels(source).set(revision)

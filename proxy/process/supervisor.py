@@ -8,11 +8,13 @@ connections evenly over them; the parent serves no traffic. It runs an asyncio l
   (EXIT_CANNOT_START) stops the gateway with the same code: restarting cannot help.
 - SIGTERM/SIGINT: /readyz turns 503, the workers drain (proxy/process/server.py), the parent
   exits 0 when they have; a worker still there after the grace period is killed.
-- SIGHUP, POST /reload, `gatehouse reload`, a change of the config file: the parent
-  reads and validates the file, then every worker prepares the new config and, once all
+- SIGHUP, POST /reload, `gatehouse reload`, a change of the config file or a new revision
+  of its etcd key (the config source, proxy/source/): the parent reads and validates the
+  document, then every worker prepares the new config and, once all
   have, commits it (proxy/process/worker_calls.py; a worker's side in
   proxy/process/server.py). An invalid file, or a worker that cannot prepare, leaves
   every worker on the old config; the errors are logged and counted.
+  gatehouse_config_info and gatehouse_config_revision say which document runs.
 - ACME (`tls.acme`): the parent orders and renews the certificates, in a thread, and
   tells the workers over their channels about challenges and new certificates, which
   every worker serves (proxy/process/acme_link.py, proxy/acme/manager.py).
@@ -49,9 +51,10 @@ from metrics.gateway import (
     WORKER_RESTARTS,
     WORKERS,
     record_certificates,
+    record_config_source,
 )
 from metrics.status_page import RequestRates, render_page
-from proxy.config.document import ConfigError, read_config_file
+from proxy.config.document import ConfigError
 from proxy.config.load import parse_config
 from proxy.config.model import AdminConfig, Config, ListenerConfig
 from proxy.config.view import config_view
@@ -71,6 +74,7 @@ from proxy.process.worker_calls import (
     purge_caches,
     switch_workers,
 )
+from proxy.source.base import ConfigSource, ConfigText
 
 log = logging.getLogger(__name__)
 
@@ -145,24 +149,20 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _file_signature(path: str) -> tuple[int, int, int, int] | None:
-    """What tells a changed file: follows symlinks, so a ConfigMap's swapped link counts."""
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return None
-    return (stat.st_ino, stat.st_dev, stat.st_size, stat.st_mtime_ns)
-
-
 class Supervisor:
     """Keeps `workers` worker processes running `run_worker(config, channel)`."""
 
     def __init__(
-        self, config: Config, text: str, path: str, workers: int, run_worker: RunWorker
+        self,
+        config: Config,
+        loaded: ConfigText,
+        source: ConfigSource,
+        workers: int,
+        run_worker: RunWorker,
     ) -> None:
         self.config = pin_ephemeral_ports(config)
-        self.text = text  # the file as loaded: what workers parse on reload, /config shows
-        self.path = path
+        self.loaded = loaded  # the document running: what workers parse, /config shows
+        self.source = source
         self.workers = workers
         self._run_worker = run_worker
         self._children: dict[int, WorkerRecord] = {}
@@ -173,8 +173,6 @@ class Supervisor:
         self._reload_lock: asyncio.Lock | None = None
         self._admin: AdminServer | None = None
         self._retired: list[Snapshot] = []  # what workers that are gone had counted
-        self._loaded_signature = _file_signature(path)
-        self._refused_signature: tuple[int, int, int, int] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.restarts = 0
         self._certificates = certificates_view(self.config)
@@ -202,16 +200,18 @@ class Supervisor:
             self._admin = admin
             _warn_if_open(self.config.admin)
         CONFIG_LAST_RELOAD_SUCCESS.set(time.time())
+        record_config_source(self.source.name, self.source.kind, self.loaded.revision)
         self._acme.configure(self.config)
         self._record_certificates()
         for _ in range(self.workers):
             self._spawn()
         log.info("supervising %d workers (pids %s)", self.workers, sorted(self._children))
-        self._spawn_task(self._watch_file)
+        self._spawn_task(self.source.watch, self._source_changed, lambda: self.config.reload)
         await self._done.wait()
         await self._acme.aclose()
         for task in list(self._tasks):
             task.cancel()
+        await self.source.aclose()
         if self._admin is not None:
             await self._admin.close()
         return self._exit_code
@@ -262,6 +262,7 @@ class Supervisor:
         fds = [worker.channel.fileno for worker in self._children.values()]
         if self._admin is not None:
             fds += self._admin.filenos()
+        fds += self.source.filenos()
         for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -340,25 +341,28 @@ class Supervisor:
 
     # -- reload --------------------------------------------------------------------------
     async def reload(self, reason: str) -> tuple[bool, list[str]]:
-        """Load the config file again and switch every worker to it, or none.
+        """Read the config's document again and switch every worker to it, or none.
 
-        Returns whether it was taken, and the errors (each `file:line: key: message`, line
-        1 when no line is to blame). Every refusal, whatever its cause, is counted in
+        Returns whether it was taken, and the errors (each `source:line: key: message`,
+        line 1 when no line is to blame; the source a path or `etcd://...@REVISION`).
+        Every refusal, whatever its cause, is counted in
         `gatehouse_config_reloads_total{result="failure"}`."""
         assert self._reload_lock is not None
         async with self._reload_lock:
-            log.info("reloading %s (%s)", self.path, reason)
+            name = self.source.name
+            log.info("reloading %s (%s)", name, reason)
             if self._stopping:
-                ok, errors = False, [f"{self.path}:1: draining: a reload is not taken any more"]
+                ok, errors = False, [f"{name}:1: draining: a reload is not taken any more"]
             else:
                 try:
                     ok, errors = await self._reload()
                 except Exception as exc:  # a bug: refused and counted like any refusal
-                    log.exception("bug while reloading %s", self.path)
-                    ok, errors = False, [f"{self.path}:1: cannot load the config: {exc!r}"]
+                    log.exception("bug while reloading %s", name)
+                    ok, errors = False, [f"{name}:1: cannot load the config: {exc!r}"]
             CONFIG_RELOADS.labels("success" if ok else "failure").inc()
             if ok:
                 CONFIG_LAST_RELOAD_SUCCESS.set(time.time())
+                record_config_source(self.source.name, self.source.kind, self.loaded.revision)
                 self._acme.configure(self.config)
                 self._record_certificates()
                 log.info("reload done: %d routes", len(self.config.routes))
@@ -368,27 +372,28 @@ class Supervisor:
             return ok, errors
 
     async def _reload(self) -> tuple[bool, list[str]]:
-        signature = _file_signature(self.path)
         try:
-            text = read_config_file(self.path)  # small and local: no thread needed
+            loaded = await self.source.read()
         except ConfigError as exc:
             return False, exc.errors  # tried again at the next change
         try:
-            config = parse_config(text, source=self.path)
+            config = parse_config(loaded.text, source=loaded.source)
         except ConfigError as exc:
-            self._refused_signature = signature
+            self.source.refused(loaded)
             return False, exc.errors
         try:
             config = pin_ephemeral_ports(config, self.config)
         except OSError as exc:
-            return False, [f"{self.path}:1: cannot pick a port for a ':0' listener: {exc}"]
-        admin = await self._new_admin(config)
+            return False, [f"{loaded.source}:1: cannot pick a port for a ':0' listener: {exc}"]
+        admin = await self._new_admin(config, loaded.source)
         if isinstance(admin, str):
             return False, [admin]
         # Workers still starting take part when they are ready (`_catch_up`).
         workers = [worker for worker in self._children.values() if worker.ready]
         try:
-            errors = await switch_workers(config, text, self.path, workers, self._children)
+            errors = await switch_workers(
+                config, loaded.text, loaded.source, workers, self._children
+            )
         except BaseException:
             if admin is not None:  # a bug, or the parent stopping: not left listening
                 await admin.close()
@@ -396,7 +401,7 @@ class Supervisor:
         if errors:
             if admin is not None:
                 await admin.close()
-            self._refused_signature = signature
+            self.source.refused(loaded)
             return False, errors
         if admin is not None:
             old, self._admin = self._admin, admin
@@ -414,16 +419,16 @@ class Supervisor:
                 self.config.log_format,
                 config.log_format,
             )
-        self.config, self.text = config, text
+        self.config, self.loaded = config, loaded
         self._generation += 1
         for worker in workers:
             worker.generation = self._generation
-        self._loaded_signature = signature
+        self.source.taken(loaded)
         routes = {route.name for route in config.routes}
         self._retired = [prune(families, routes, config.upstreams) for families in self._retired]
         return True, []
 
-    async def _new_admin(self, config: Config) -> AdminServer | str | None:
+    async def _new_admin(self, config: Config, source: str) -> AdminServer | str | None:
         """A new admin listener when the reload moves it (bound before anything else
         switches); a str is why it cannot bind."""
         new, running = config.admin, self.config.admin
@@ -435,7 +440,7 @@ class Supervisor:
         try:
             await admin.start(new.host, new.port)
         except OSError as exc:
-            return f"{self.path}:{new.line}: admin.bind: cannot listen: {exc}"
+            return f"{source}:{new.line}: admin.bind: cannot listen: {exc}"
         return admin
 
     def _record_certificates(self) -> None:
@@ -454,7 +459,7 @@ class Supervisor:
             if worker.generation == self._generation or worker.pid not in self._children:
                 return
             errors = await switch_workers(
-                self.config, self.text, self.path, [worker], self._children
+                self.config, self.loaded.text, self.loaded.source, [worker], self._children
             )
             if errors:
                 log.error("worker %d cannot take the running config: %s", worker.pid, errors)
@@ -463,19 +468,10 @@ class Supervisor:
                 return
             worker.generation = self._generation
 
-    async def _watch_file(self) -> None:
-        """Reload when the config file changed and then held still for one interval."""
-        while not self._stopping:
-            interval = self.config.reload.interval
-            await asyncio.sleep(interval)
-            if not self.config.reload.watch:
-                continue
-            seen = _file_signature(self.path)
-            if seen is None or seen in (self._loaded_signature, self._refused_signature):
-                continue
-            await asyncio.sleep(interval)  # a half-written file keeps changing
-            if _file_signature(self.path) == seen:
-                await self.reload("the file changed")
+    async def _source_changed(self, reason: str) -> None:
+        """The source's watch saw a new document (a changed file, an etcd revision)."""
+        if not self._stopping:
+            await self.reload(reason)
 
     # -- the admin listener's view (metrics/admin.py AdminApp) -------------------------
     def ready(self) -> tuple[bool, str]:
@@ -530,7 +526,8 @@ class Supervisor:
         return render_page(status, self._rates.observe(merged), time.time())
 
     def config_view(self) -> dict[str, Any]:
-        view = config_view(self.text, self.path, self.config.concealed)
+        view = config_view(self.loaded.text, self.loaded.source, self.config.concealed)
+        view["revision"] = self.loaded.revision  # etcd's mod_revision; 0 for a file
         view["generation"] = self._generation
         view["workers"] = sorted(self._children)
         return view

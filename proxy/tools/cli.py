@@ -1,10 +1,13 @@
 """`gatehouse run FILE`, `gatehouse check FILE` (like `nginx -t`),
 `gatehouse reload FILE` (like `nginx -s reload`) and `gatehouse schema` (routes.yaml's
-JSON Schema, for editors).
+JSON Schema, for editors). `run` and `check` also take an etcd key,
+`etcd://HOST:PORT/PREFIX/KEY`, which `push` writes and `pull` reads
+(proxy/tools/etcd_commands.py).
 
 Exit codes: 0 success; 1 invalid configuration (or a reload refused); 2 usage error
 (including an admin listener that cannot be reached or will not take the request: no or a
-wrong token, a Host it does not answer for); 3 could not start (a listener failed to bind).
+wrong token, a Host it does not answer for; etcd out of reach); 3 could not start (a
+listener failed to bind); 4 a push refused because the key changed since it was read.
 """
 
 from __future__ import annotations
@@ -28,11 +31,14 @@ from dataclasses import replace
 from metrics.admin_access import CSRF_HEADER
 from middleware.rate_limit_local import SHARED_DIR_ENV
 from proxy.buildinfo import version_line
-from proxy.config.document import ConfigError, read_config_file
+from proxy.config.document import ConfigError
 from proxy.config.load import load_config, parse_config
 from proxy.config.model import Config
 from proxy.process.cpus import usable_cpus
 from proxy.process.logs import LOG_FORMATS, configure_logging
+from proxy.source.base import ConfigSource, ConfigText, is_etcd_location
+from proxy.source.cache import CACHE_ENV, DEFAULT_CACHE_PATH, cache_path
+from proxy.source.file import FileSource
 from proxy.tools.passwords import DEFAULT_COST, MAX_COST, MIN_COST, hash_password_command
 from proxy.tools.schema import build_schema
 
@@ -63,7 +69,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="serve a routes.yaml")
-    run.add_argument("config", help="path to routes.yaml")
+    run.add_argument("config", help="path to routes.yaml, or etcd://HOST:PORT/PREFIX/KEY")
+    run.add_argument(
+        "--config-cache",
+        help=f"with etcd: the file that keeps the last good document, to start from while "
+        f"etcd is down (default: ${CACHE_ENV}, else ./{DEFAULT_CACHE_PATH})",
+    )
     run.add_argument(
         "--workers",
         type=int,
@@ -78,7 +89,24 @@ def _parser() -> argparse.ArgumentParser:
         "logging.format, else text)",
     )
     check = commands.add_parser("check", help="validate a routes.yaml and exit")
-    check.add_argument("config", help="path to routes.yaml")
+    check.add_argument("config", help="path to routes.yaml, or etcd://HOST:PORT/PREFIX/KEY")
+    push = commands.add_parser(
+        "push",
+        help="validate a routes.yaml and write it to an etcd key, if nobody else did since "
+        "it was read (compare-and-swap)",
+    )
+    push.add_argument("file", help="path to routes.yaml")
+    push.add_argument("url", help="etcd://HOST:PORT/PREFIX/KEY")
+    push.add_argument(
+        "--expect-revision",
+        type=int,
+        help="write only if the key is at this mod_revision (from an earlier check or "
+        "pull; 0: only if it does not exist); default: the revision read just before",
+    )
+    pull = commands.add_parser(
+        "pull", help="print the routes.yaml an etcd key holds (its revision on stderr)"
+    )
+    pull.add_argument("url", help="etcd://HOST:PORT/PREFIX/KEY")
     reload = commands.add_parser(
         "reload", help="make a running gateway reload its routes.yaml (via its admin listener)"
     )
@@ -117,7 +145,15 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `gatehouse` console script."""
     args = _parser().parse_args(argv)
-    if args.command == "check":
+    if args.command in ("check", "push", "pull"):
+        from proxy.tools import etcd_commands
+
+        if args.command == "push":
+            return etcd_commands.push(args.file, args.url, args.expect_revision)
+        if args.command == "pull":
+            return etcd_commands.pull(args.url)
+        if is_etcd_location(args.config):
+            return etcd_commands.check_etcd(args.config)
         return _check(args.config)
     if args.command == "reload":
         return _reload(args.config, args.admin)
@@ -156,14 +192,36 @@ def _shared_dir() -> str:
     return tempfile.mkdtemp(prefix=f"gatehouse-{os.getpid()}-", dir=parent)
 
 
+def _open_source(args: argparse.Namespace) -> tuple[ConfigSource, ConfigText]:
+    """The config source the command line names, and its document to start with.
+
+    Raises:
+        ConfigError: it cannot be read (etcd: nor its cache), or the URL is not one.
+    """
+    if not is_etcd_location(args.config):
+        source = FileSource(args.config)
+        return source, source.first()
+    from proxy.source.etcd import EtcdSource
+    from proxy.source.etcd_client import EtcdSettingsError
+    from proxy.source.etcd_url import EtcdUrlError, parse_etcd_url
+
+    try:
+        location = parse_etcd_url(args.config)
+        etcd = EtcdSource(location, cache_path(args.config_cache))
+    except (EtcdUrlError, EtcdSettingsError) as exc:
+        raise ConfigError([f"{args.config}:1: {exc}"]) from None
+    return etcd, asyncio.run(etcd.first())
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
-        text = read_config_file(args.config)
-        config = parse_config(text, source=args.config)
+        source, loaded = _open_source(args)
+        config = parse_config(loaded.text, source=loaded.source)
     except ConfigError as exc:
         for line in exc.errors:
             log.error("%s", line)
         return EXIT_CONFIG
+    source.taken(loaded)
     if args.log_format is None and config.log_format != "text":
         configure_logging(args.log_level, config.log_format)
     workers = args.workers if args.workers is not None else config.workers or usable_cpus()
@@ -175,8 +233,8 @@ def _run(args: argparse.Namespace) -> int:
 
     supervisor = Supervisor(
         replace(config, workers=workers),
-        text,
-        args.config,
+        loaded,
+        source,
         workers,
         lambda cfg, control: run_worker(cfg, control, loop=args.loop, reuse_port=True),
     )

@@ -222,10 +222,12 @@ def run_gateway(
     env: Mapping[str, str] | None = None,
     wait: bool = True,
     config_path: Path | None = None,
+    location: str | None = None,
 ) -> Iterator[Gateway]:
-    """Start `python -m proxy run` on `config_text` (which must listen on `port`) and,
-    unless `wait` is false, wait until it listens. The process group is killed on exit;
-    then, if the test passed so far, the gateway must not have logged a traceback.
+    """Start `python -m proxy run` on `config_text` (which must listen on `port`), or on
+    `location` (an etcd:// URL) when given, and, unless `wait` is false, wait until it
+    listens. The process group is killed on exit; then, if the test passed so far, the
+    gateway must not have logged a traceback.
 
     The config is written to `directory`/gateway-PORT.yaml, or the gateway runs on
     `config_path` as the test laid it out (a ConfigMap volume's symlinks), which must
@@ -238,7 +240,7 @@ def run_gateway(
     stderr_path = directory / f"gateway-{port}.stderr"
     with stderr_path.open("wb") as stderr:
         process = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "run", str(config_path), *args],
+            [sys.executable, "-m", "proxy", "run", location or str(config_path), *args],
             cwd=REPO_ROOT,
             env={**os.environ, **(env or {})},
             stdin=subprocess.DEVNULL,
