@@ -31,7 +31,6 @@ import contextlib
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -42,11 +41,12 @@ from cryptography.hazmat.primitives.asymmetric.types import (
     PublicKeyTypes,
 )
 
+from proxy.core.files import write_atomically
+
 log = logging.getLogger(__name__)
 
 PRIVATE_FILE_MODE = 0o600
 PUBLIC_FILE_MODE = 0o644
-DIRECTORY_MODE = 0o700
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -190,41 +190,3 @@ def _public_der(key: PublicKeyTypes | CertificatePublicKeyTypes) -> bytes:
     return key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-
-
-def _make_directories(directory: str) -> None:
-    """`directory` and those above it that are missing, each 0700 (os.makedirs gives
-    the mode to the last one only)."""
-    if os.path.isdir(directory):
-        return
-    _make_directories(os.path.dirname(directory))
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(directory, DIRECTORY_MODE)
-
-
-def write_atomically(path: str, data: bytes, mode: int) -> None:
-    """Replace `path` with `data` in one rename, its directories made (0700) as needed.
-
-    Raises:
-        OSError: it cannot be written (the old file, if any, stays).
-    """
-    directory = os.path.dirname(path)
-    _make_directories(directory)
-    fd, temporary = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    # The rename itself reaches the disk with its directory.
-    directory_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(directory_fd)
-    finally:
-        os.close(directory_fd)

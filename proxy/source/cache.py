@@ -10,18 +10,19 @@ a volume (docs/etcd.md).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
+
+from proxy.core.files import write_atomically
 
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "GATEHOUSE_CONFIG_CACHE"
 DEFAULT_CACHE_PATH = "gatehouse-config-cache.json"
 _FORMAT = 1
+CACHE_FILE_MODE = 0o600
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,31 +47,14 @@ def write_cache(path: str, document: CachedDocument) -> None:
     Raises:
         OSError: it cannot be written (the caller logs it; the gateway serves on).
     """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     payload = {
         "format": _FORMAT,
         "url": document.url,
         "revision": document.revision,
         "text": document.text,
     }
-    descriptor, temporary = tempfile.mkstemp(prefix=".config-cache-", dir=directory)
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-            json.dump(payload, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    with contextlib.suppress(OSError):  # the rename itself, durable
-        directory_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(directory_fd)
-        finally:
-            os.close(directory_fd)
+    # Private (0600, directories 0700): the document may hold credentials written in it.
+    write_atomically(os.path.abspath(path), json.dumps(payload).encode(), CACHE_FILE_MODE)
 
 
 def read_cache(path: str, url: str) -> CachedDocument | None:

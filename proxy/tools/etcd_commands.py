@@ -47,8 +47,9 @@ def _validate(text: str, source: str) -> Config | None:
         return None
 
 
-def check_etcd(url: str) -> int:
-    """`gatehouse check etcd://...`: the key's document validated, with its revision."""
+def _read(url: str) -> tuple[str, bytes] | int:
+    """The key's value with the name its revision gives it (`etcd://...@REVISION`), or the
+    exit code, with why printed."""
     client = _client(url)
     if client is None:
         return EXIT_USAGE
@@ -61,9 +62,17 @@ def check_etcd(url: str) -> int:
     if reading.kv is None:
         _say(f"{location.url}:1: the key does not exist")
         return EXIT_CONFIG
-    source = location.at(reading.kv.mod_revision)
+    return location.at(reading.kv.mod_revision), reading.kv.value
+
+
+def check_etcd(url: str) -> int:
+    """`gatehouse check etcd://...`: the key's document validated, with its revision."""
+    read = _read(url)
+    if isinstance(read, int):
+        return read
+    source, value = read
     try:
-        text = reading.kv.value.decode("utf-8")
+        text = value.decode("utf-8")
     except UnicodeDecodeError as exc:
         _say(f"{source}:1: cannot read: not UTF-8 ({exc.reason} at byte {exc.start})")
         return EXIT_CONFIG
@@ -77,21 +86,13 @@ def check_etcd(url: str) -> int:
 
 def pull(url: str) -> int:
     """`gatehouse pull etcd://...`: the document on stdout, its revision on stderr."""
-    client = _client(url)
-    if client is None:
-        return EXIT_USAGE
-    location = client.location
-    try:
-        reading = asyncio.run(client.get())
-    except (EtcdUnavailable, EtcdError) as exc:
-        _say(f"{location.url}: cannot read: {exc}")
-        return EXIT_USAGE
-    if reading.kv is None:
-        _say(f"{location.url}:1: the key does not exist")
-        return EXIT_CONFIG
-    sys.stdout.buffer.write(reading.kv.value)
+    read = _read(url)
+    if isinstance(read, int):
+        return read
+    source, value = read
+    sys.stdout.buffer.write(value)
     sys.stdout.flush()
-    _say(f"{location.at(reading.kv.mod_revision)}")
+    _say(source)
     return EXIT_OK
 
 

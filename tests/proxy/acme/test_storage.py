@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.acme.storage import AcmeStorage, server_dirname, write_atomically
+from proxy.acme.storage import AcmeStorage, server_dirname
+from proxy.core.files import write_atomically
 from tests.support.tls import TestCa
 
 DIRECTORY = "https://acme-v02.api.letsencrypt.org/directory"

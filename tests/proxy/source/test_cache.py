@@ -30,6 +30,15 @@ def test_cache_written_is_read_back_for_the_same_url(tmp_path: Path) -> None:
     assert os.listdir(tmp_path / "volume") == ["cache.json"]  # no temporary file left
 
 
+def test_cache_is_private(tmp_path: Path) -> None:
+    """The document may hold credentials: the file is 0600 in directories made 0700."""
+    path = tmp_path / "new" / "volume" / "cache.json"
+    write_cache(str(path), CachedDocument(URL, 1, "admin: {token: s3cret}\n"))
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "new").stat().st_mode & 0o777 == 0o700
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+
+
 def test_cache_of_another_url_is_not_used(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = str(tmp_path / "cache.json")
     write_cache(path, CachedDocument(URL, 1, "x: 1\n"))
