@@ -56,6 +56,11 @@ class ConfigSource(Protocol):
     def refused(self, loaded: ConfigText) -> None:
         """`loaded` was refused: not offered again until it changes."""
 
+    def fallback(self) -> ConfigText | None:
+        """What to start on when the first document is refused: etcd's cached last good
+        document (a bad revision written while the gateway was down must not keep it
+        from starting), none for a file (its operator is at hand)."""
+
     async def watch(self, changed: OnChange, settings: Callable[[], ReloadConfig]) -> None:
         """Call `changed(reason)` whenever the document may have changed, until cancelled.
         `settings()` is the running config's `reload` section (a file's poll follows it;

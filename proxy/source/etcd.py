@@ -157,6 +157,12 @@ class EtcdSource:
     def refused(self, loaded: ConfigText) -> None:
         self._refused = loaded.revision
 
+    def fallback(self) -> ConfigText | None:
+        cached = read_cache(self.cache, self.location.url)
+        if cached is None:
+            return None
+        return self._text(cached.text, cached.revision)
+
     async def watch(self, changed: OnChange, settings: Callable[[], ReloadConfig]) -> None:
         """Follow the key until cancelled (`settings` is a file's concern)."""
         attempt = 0

@@ -61,6 +61,9 @@ class FileSource:
     def refused(self, loaded: ConfigText) -> None:
         self._refused = cast(Signature | None, loaded.mark)
 
+    def fallback(self) -> ConfigText | None:
+        return None
+
     async def watch(self, changed: OnChange, settings: Callable[[], ReloadConfig]) -> None:
         """Reload when the file changed and then held still for one interval."""
         while True:

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from metrics.admin_access import CSRF_HEADER
+from metrics.gateway import CONFIG_RELOADS
 from middleware.rate_limit_local import SHARED_DIR_ENV
 from proxy.buildinfo import version_line
 from proxy.config.document import ConfigError
@@ -213,14 +214,49 @@ def _open_source(args: argparse.Namespace) -> tuple[ConfigSource, ConfigText]:
     return etcd, asyncio.run(etcd.first())
 
 
+def _start_on_fallback(
+    source: ConfigSource, refused: ConfigText
+) -> tuple[ConfigText, Config] | None:
+    """The source's fallback (etcd's cached last good document) and its config, when the
+    first document was refused; None when there is none, or it is invalid too. The
+    refusal is counted as a failed reload, and the refused revision is not offered again:
+    the watch follows the next one written."""
+    CONFIG_RELOADS.labels("failure").inc()
+    fallback = source.fallback()
+    if fallback is None or fallback.revision == refused.revision:
+        return None
+    try:
+        config = parse_config(fallback.text, source=fallback.source)
+    except ConfigError as exc:
+        for line in exc.errors:
+            log.error("%s", line)
+        return None
+    source.refused(refused)
+    log.warning(
+        "%s is refused: starting on %s, the last good config (cached), until a valid one "
+        "is written",
+        refused.source,
+        fallback.source,
+    )
+    return fallback, config
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
         source, loaded = _open_source(args)
-        config = parse_config(loaded.text, source=loaded.source)
     except ConfigError as exc:
         for line in exc.errors:
             log.error("%s", line)
         return EXIT_CONFIG
+    try:
+        config = parse_config(loaded.text, source=loaded.source)
+    except ConfigError as exc:
+        for line in exc.errors:
+            log.error("%s", line)
+        started = _start_on_fallback(source, loaded)
+        if started is None:
+            return EXIT_CONFIG
+        loaded, config = started
     source.taken(loaded)
     if args.log_format is None and config.log_format != "text":
         configure_logging(args.log_level, config.log_format)

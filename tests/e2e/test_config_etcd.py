@@ -279,6 +279,44 @@ def test_a_gateway_started_while_etcd_is_down_serves_its_cache_then_catches_up(
             assert member.answer() == "newer"
 
 
+def test_a_gateway_started_on_an_invalid_revision_serves_its_cache_then_follows(
+    tmp_path: Path,
+) -> None:
+    """An invalid document written while the gateway was down does not keep it from
+    starting: it is refused (counted, logged with its line) and the gateway serves its
+    cached last good config, then follows the next valid revision."""
+    with running_etcd(tmp_path) as etcd:
+        good = etcd.put(KEY, document("good"))
+        with contextlib.ExitStack() as stack:
+            member = start_member(stack, etcd, tmp_path, 0, wait=True)
+            member.wait_revision(good)
+        invalid = document("bad", status=999)
+        line = invalid.splitlines().index('    respond: {status: 999, body: "bad"}') + 1
+        bad = etcd.put(KEY, invalid)  # written while no gateway runs
+        with contextlib.ExitStack() as stack:
+            member = start_member(stack, etcd, tmp_path, 0, wait=True)
+            assert member.answer() == "good"
+            assert member.revision() == good
+            stderr = member.gateway.stderr()
+            assert f"{etcd.url(KEY)}@{bad}:{line}: routes[0].respond.status" in stderr
+            assert f"starting on {etcd.url(KEY)}@{good}, the last good config" in stderr
+            assert metric(member.admin, "gatehouse_config_reloads_total", result="failure") == 1
+            fixed = etcd.put(KEY, document("fixed"))
+            member.wait_revision(fixed)
+            assert member.answer() == "fixed"
+
+
+def test_a_gateway_without_a_cache_refuses_to_start_on_an_invalid_revision(
+    tmp_path: Path,
+) -> None:
+    with running_etcd(tmp_path) as etcd:
+        etcd.put(KEY, document("bad", status=999))
+        with contextlib.ExitStack() as stack:
+            member = start_member(stack, etcd, tmp_path, 0, wait=False)
+            assert member.gateway.wait(FOLLOW_TIMEOUT_S) == 1
+            assert "routes[0].respond.status" in member.gateway.stderr()
+
+
 def test_two_concurrent_pushes_one_wins_and_the_other_is_refused(tmp_path: Path) -> None:
     with running_etcd(tmp_path) as etcd:
         read = etcd.put(KEY, document("base"))
