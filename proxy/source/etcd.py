@@ -7,6 +7,10 @@ copy), then watched; every new revision goes through the same reload as a change
   running revision (so a gateway that was cut off, or whose watch fell behind a
   compaction, catches up from what is there now), then watches from the revision after
   that read, so that no write falls in between.
+- **Liveness.** While it watches, the source reads the key every `check_interval_s`
+  (GATEHOUSE_ETCD_CHECK_INTERVAL, 15 s): a member that stops answering without closing
+  the connection (frozen, or cut off without a reset) fails that read within the call
+  timeout, and the watch is dropped and made again, on another member if there is one.
 - **Outage.** The running config keeps serving. The watch reconnects after
   `backoff_delay` (capped exponential, jittered so a fleet does not reconnect in step),
   logs once when etcd is lost and once when it is back, and says so in
@@ -18,9 +22,11 @@ copy), then watched; every new revision goes through the same reload as a change
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from metrics.gateway import CONFIG_SOURCE_RECONNECTS, CONFIG_SOURCE_UP
 from proxy.config.document import ConfigError
@@ -31,6 +37,7 @@ from proxy.source.etcd_client import (
     Change,
     EtcdClient,
     EtcdError,
+    EtcdSettingsError,
     EtcdUnavailable,
     Reading,
 )
@@ -40,6 +47,26 @@ log = logging.getLogger(__name__)
 
 BACKOFF_BASE_S = 0.2  # the first wait after a lost connection, before jitter
 BACKOFF_CAP_S = 5.0  # the longest: a fleet catches up within this of etcd's return
+CHECK_INTERVAL_ENV = "GATEHOUSE_ETCD_CHECK_INTERVAL"
+DEFAULT_CHECK_INTERVAL_S = 15.0  # a read while watching: is the member still answering?
+
+
+def check_interval(env: Mapping[str, str]) -> float:
+    """GATEHOUSE_ETCD_CHECK_INTERVAL in seconds (positive), else the default.
+
+    Raises:
+        EtcdSettingsError: it is set to something else.
+    """
+    value = env.get(CHECK_INTERVAL_ENV)
+    if not value:
+        return DEFAULT_CHECK_INTERVAL_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0 or seconds == float("inf"):
+        raise EtcdSettingsError(f"{CHECK_INTERVAL_ENV} must be a number of seconds above 0")
+    return seconds
 
 
 def backoff_delay(
@@ -61,8 +88,14 @@ class EtcdSource:
     kind = "etcd"
 
     def __init__(
-        self, location: EtcdLocation, cache: str, client: EtcdClient | None = None
+        self,
+        location: EtcdLocation,
+        cache: str,
+        client: EtcdClient | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
+        """Raises EtcdSettingsError: GATEHOUSE_ETCD_CHECK_INTERVAL is not a duration."""
+        self.check_interval_s = check_interval(os.environ if env is None else env)
         self.location = location
         self.cache = cache
         self._client = client if client is not None else EtcdClient(location)
@@ -172,9 +205,7 @@ class EtcdSource:
                 attempt = 0
                 self._set_up(True)
                 await self._offer(reading, changed)
-                async for change in self._client.watch(reading.revision + 1):
-                    await self._offer(change, changed)
-                raise EtcdUnavailable("the watch ended")
+                await self._follow(reading.revision + 1, changed)
             except (EtcdUnavailable, EtcdError) as exc:  # Compacted too: read the key again
                 self._lost(exc)
             except Exception as exc:  # a bug, or an answer not as documented: keep trying
@@ -182,6 +213,31 @@ class EtcdSource:
                 self._lost(exc)
             await asyncio.sleep(backoff_delay(attempt))
             attempt += 1
+
+    async def _follow(self, start_revision: int, changed: OnChange) -> None:
+        """Watch from `start_revision`, reading the key every `check_interval_s` meanwhile
+        (only to see that the member answers: the watch offers the changes). Returns
+        never: raises when the watch ends or the member stops answering.
+
+        Raises:
+            EtcdUnavailable, EtcdError: as the client's watch and reads do.
+        """
+        watching = asyncio.ensure_future(self._watch(start_revision, changed))
+        try:
+            while True:
+                done, _ = await asyncio.wait({watching}, timeout=self.check_interval_s)
+                if done:
+                    watching.result()  # what ended it
+                    raise EtcdUnavailable("the watch ended")
+                await self._client.get()
+        finally:
+            watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError, EtcdUnavailable, EtcdError):
+                await watching
+
+    async def _watch(self, start_revision: int, changed: OnChange) -> None:
+        async for change in self._client.watch(start_revision):
+            await self._offer(change, changed)
 
     async def _offer(self, change: Reading | Change, changed: OnChange) -> None:
         """Reload for a revision that is neither running nor refused (a deletion too:

@@ -109,7 +109,13 @@ def fleet(etcd: EtcdServer, directory: Path, count: int) -> Iterator[list[Member
 
 
 def start_member(
-    stack: contextlib.ExitStack, etcd: EtcdServer, directory: Path, index: int, *, wait: bool
+    stack: contextlib.ExitStack,
+    etcd: EtcdServer,
+    directory: Path,
+    index: int,
+    *,
+    wait: bool,
+    env: dict[str, str] | None = None,
 ) -> Member:
     port, admin = free_port(), free_port()
     cache = directory / f"cache-{index}.json"
@@ -120,7 +126,7 @@ def start_member(
             port=port,
             location=etcd.url(KEY),
             args=("--workers", "1", "--config-cache", str(cache)),
-            env={"GATEWAY_PORT": str(port), "ADMIN_PORT": str(admin), **etcd.env},
+            env={"GATEWAY_PORT": str(port), "ADMIN_PORT": str(admin), **etcd.env, **(env or {})},
             wait=wait,
         )
     )
@@ -256,6 +262,35 @@ def test_gateways_serve_while_etcd_is_down_and_follow_pushes_once_it_is_back(
                 assert metric(member.admin, "gatehouse_config_source_up") == 1
                 reconnects = metric(member.admin, "gatehouse_config_source_reconnects_total")
                 assert reconnects == 1
+
+
+def test_a_frozen_etcd_is_noticed_while_watching_and_followed_again_once_it_answers(
+    tmp_path: Path,
+) -> None:
+    """A member that stops answering without closing the watch (SIGSTOP) is noticed by
+    the read the source makes every GATEHOUSE_ETCD_CHECK_INTERVAL while it watches."""
+    with running_etcd(tmp_path) as etcd:
+        first = etcd.put(KEY, document("before"))
+        with contextlib.ExitStack() as stack:
+            member = start_member(
+                stack,
+                etcd,
+                tmp_path,
+                0,
+                wait=True,
+                env={"GATEHOUSE_ETCD_CHECK_INTERVAL": "0.2"},
+            )
+            member.wait_revision(first)
+            etcd.freeze()
+            try:
+                member.wait_metric("gatehouse_config_source_up", 0)  # it noticed
+                assert member.answer() == "before"
+            finally:
+                etcd.thaw()
+            member.wait_metric("gatehouse_config_source_up", 1)
+            after = etcd.put(KEY, document("after"))
+            member.wait_revision(after)
+            assert member.answer() == "after"
 
 
 def test_a_gateway_started_while_etcd_is_down_serves_its_cache_then_catches_up(

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import shutil
+import signal
 import ssl
 import subprocess
 import time
@@ -137,6 +138,17 @@ class EtcdServer:
                 return bool(json.load(response).get("health") == "true")
         except (OSError, ValueError):
             return False
+
+    def freeze(self) -> None:
+        """Stop it without closing anything (SIGSTOP): its connections stay open and
+        unanswered, as a hung member's would."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """Let a frozen etcd run again (SIGCONT)."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
 
     def kill(self) -> None:
         """SIGKILL it and reap it: from now on connections to its port are refused."""

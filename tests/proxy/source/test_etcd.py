@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import itertools
 
-from proxy.source.etcd import BACKOFF_BASE_S, BACKOFF_CAP_S, backoff_delay
+import pytest
+
+from proxy.source.etcd import (
+    BACKOFF_BASE_S,
+    BACKOFF_CAP_S,
+    CHECK_INTERVAL_ENV,
+    DEFAULT_CHECK_INTERVAL_S,
+    backoff_delay,
+    check_interval,
+)
+from proxy.source.etcd_client import EtcdSettingsError
 
 
 def test_backoff_doubles_from_the_base_up_to_the_cap_with_half_of_it_jittered() -> None:
@@ -19,3 +29,11 @@ def test_backoff_doubles_from_the_base_up_to_the_cap_with_half_of_it_jittered() 
 
 def test_backoff_stays_capped_however_long_the_outage() -> None:
     assert backoff_delay(10_000, lambda: 0.5) == BACKOFF_CAP_S * 0.75
+
+
+def test_the_check_interval_is_the_environments_or_the_default() -> None:
+    assert check_interval({}) == DEFAULT_CHECK_INTERVAL_S
+    assert check_interval({CHECK_INTERVAL_ENV: "0.5"}) == 0.5
+    for bad in ("0", "-1", "soon", "inf", "nan"):
+        with pytest.raises(EtcdSettingsError, match=CHECK_INTERVAL_ENV):
+            check_interval({CHECK_INTERVAL_ENV: bad})
