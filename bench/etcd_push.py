@@ -31,28 +31,13 @@ import httpx
 from proxy.config.load import parse_config
 from proxy.source.etcd_client import EtcdClient
 from proxy.source.etcd_url import parse_etcd_url
+from tests.e2e.test_config_etcd import document
 from tests.support.etcd_server import running_etcd
 from tests.support.gateway_process import free_port, run_gateway
 
 KEY = "/gatehouse/bench.yaml"
 POLL_S = 0.005
 BOUND_S = 30.0
-
-
-def document(version: int) -> str:
-    return f"""\
-listeners:
-  - bind: "127.0.0.1:${{GATEWAY_PORT:-8080}}"
-admin:
-  bind: "127.0.0.1:${{ADMIN_PORT:-9901}}"
-workers: 1
-shutdown: {{grace_period: 2s}}
-upstreams: {{}}
-routes:
-  - name: app
-    match: {{path_prefix: /}}
-    respond: {{status: 200, body: "v{version}"}}
-"""
 
 
 def revision_of(client: httpx.Client, admin: int) -> int:
@@ -97,7 +82,7 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as temp, running_etcd(Path(temp)) as etcd:
         directory = Path(temp)
-        etcd.put(KEY, document(0))
+        etcd.put(KEY, document("v0"))
         client = EtcdClient(parse_etcd_url(etcd.url(KEY)))
         with contextlib.ExitStack() as stack:
             admins, urls = [], []
@@ -127,7 +112,7 @@ def main() -> int:
             try:
                 with httpx.Client(timeout=10.0) as poller:
                     for version in range(1, args.pushes + 1):
-                        started, revision = asyncio.run(push(client, document(version)))
+                        started, revision = asyncio.run(push(client, document(f"v{version}")))
                         waiting = set(admins)
                         while waiting:
                             waiting = {a for a in waiting if revision_of(poller, a) != revision}
