@@ -192,7 +192,8 @@ class PhasedRun:
     def _resumed(self, future: asyncio.Future[Any]) -> None:
         pending = self._waiting
         if self.finished or pending is None or future.cancelled():
-            return  # the client went away: cancel() has aborted the chain
+            _drop(future)  # the client went away: cancel() has aborted the chain
+            return
         self._waiting = None
         self._exchange.eager = None
         index = len(self._states)
@@ -345,3 +346,14 @@ class PhasedRun:
 def _its_answer(request: Request, response: Response) -> Response:
     """A Deferred's outcome: the response its coroutine returned is the answer."""
     return response
+
+
+def _drop(future: asyncio.Future[Any]) -> None:
+    """The outcome of a wait that nobody takes now: an exception marked as seen, the body
+    of a Deferred's response let go (its upstream connection freed)."""
+    if future.cancelled():
+        return
+    if future.exception() is None:
+        result = future.result()
+        if isinstance(result, Response):
+            result.body.discard()

@@ -15,7 +15,7 @@ import pytest
 from proxy.config.load import parse_config
 from proxy.core.body import Body
 from proxy.core.models import Request, Response
-from proxy.exchange.phased import PhasedRun
+from proxy.exchange.phased import PhasedRun, _drop
 from proxy.exchange.runtime import Runtime
 from tests.support.helpers import eventually
 from tests.support.plugins import stamp
@@ -334,3 +334,20 @@ async def test_a_client_gone_during_a_deferred_coroutine_cancels_it(
     await eventually(lambda: "cancelled:inner" in stamp.EVENTS, "the coroutine to be cancelled")
     await asyncio.sleep(0.3)  # past the upstream's answer
     assert answers == []
+
+
+async def test_a_deferred_outcome_nobody_takes_is_let_go() -> None:
+    """A Deferred that finished just as its client went away: its response's body is
+    discarded (the upstream connection abandoned, not held), its error marked as seen."""
+    loop = asyncio.get_running_loop()
+    abandoned: list[bool] = []
+    body = Body(10)
+    body.on_abandon = lambda: abandoned.append(True)
+    answered: asyncio.Future[Response] = loop.create_future()
+    answered.set_result(Response(200, [], body))
+    _drop(answered)
+    assert abandoned == [True]
+    failed: asyncio.Future[Response] = loop.create_future()
+    failed.set_exception(RuntimeError("nobody will read this"))
+    _drop(failed)
+    assert failed._log_traceback is False  # asyncio will not report it as never retrieved
