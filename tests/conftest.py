@@ -25,12 +25,43 @@ settings.register_profile("gatehouse", deadline=None, suppress_health_check=[Hea
 settings.load_profile("gatehouse")
 
 
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop,
+    "uvloop": uvloop.new_event_loop,
+}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    # The test command's second pass, on the pure build for coverage, runs socket tests on
+    # uvloop alone: the first pass has run every one on both loops, the loop does not
+    # depend on the build, and the second pass would otherwise take a third of CI's time
+    # again (CONTRIBUTING.md, Testing).
+    parser.addoption(
+        "--loops",
+        default=",".join(LOOPS),
+        help="the event loops socket tests run on, comma-separated (default: all of "
+        f"{', '.join(LOOPS)})",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    names = [name.strip() for name in str(config.getoption("--loops")).split(",")]
+    unknown = [name for name in names if name not in LOOPS]
+    if unknown or not names:
+        raise pytest.UsageError(f"--loops: {unknown} not among {list(LOOPS)}")
+    config.stash[SOCKET_LOOPS] = {name: LOOPS[name] for name in names}
+
+
+SOCKET_LOOPS = pytest.StashKey[dict[str, Callable[[], asyncio.AbstractEventLoop]]]()
+
+
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
-    """Socket tests run on both the default loop and uvloop (aiohttp's loop fixture)."""
+    """Socket tests run on both the default loop and uvloop (aiohttp's loop fixture), or on
+    those `--loops` names."""
     if item.get_closest_marker("socket") is not None:
-        return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+        return config.stash[SOCKET_LOOPS]
     return {"asyncio": asyncio.new_event_loop}
 
 
