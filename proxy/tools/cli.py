@@ -1,6 +1,6 @@
 """`gatehouse run FILE`, `gatehouse check FILE` (like `nginx -t`),
 `gatehouse reload FILE` (like `nginx -s reload`) and `gatehouse schema` (routes.yaml's
-JSON Schema, for editors). `run` and `check` also take an etcd key,
+JSON Schema, for editors). `run`, `check` and `reload` also take an etcd key,
 `etcd://HOST:PORT/PREFIX/KEY`, which `push` writes and `pull` reads
 (proxy/tools/etcd_commands.py).
 
@@ -111,7 +111,9 @@ def _parser() -> argparse.ArgumentParser:
     reload = commands.add_parser(
         "reload", help="make a running gateway reload its routes.yaml (via its admin listener)"
     )
-    reload.add_argument("config", help="path to the routes.yaml the gateway runs")
+    reload.add_argument(
+        "config", help="path to the routes.yaml the gateway runs, or its etcd:// key"
+    )
     reload.add_argument("--admin", help="the admin listener, HOST:PORT (default: admin.bind)")
     explain = commands.add_parser(
         "explain", help="which route a request takes, and why (no traffic is sent)"
@@ -320,18 +322,37 @@ def _explain(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _config_to_reload(path: str, admin: str | None) -> Config | int | None:
+    """The config `reload` finds the admin listener in; None when it cannot be read but
+    --admin says where to ask (the gateway then says what is wrong); else the exit code,
+    with why printed."""
+    if is_etcd_location(path):
+        from proxy.tools import etcd_commands
+
+        loaded = etcd_commands.load(path)  # prints why not
+        if isinstance(loaded, int):
+            if admin is not None:
+                return None
+            print(f"{path}: not reloading", file=sys.stderr)  # noqa: T201
+        return loaded
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        if admin is not None:
+            return None
+        for line in exc.errors:
+            print(line, file=sys.stderr)  # noqa: T201
+        print(f"{path}: not reloading an invalid file", file=sys.stderr)  # noqa: T201
+        return EXIT_CONFIG
+
+
 def _reload(path: str, admin: str | None) -> int:
     """POST /reload to the gateway's admin listener; print what it answered. The address
-    is admin.bind's (or --admin), the bearer token admin.token's, both read from `path`."""
-    try:
-        config: Config | None = load_config(path)
-    except ConfigError as exc:
-        if admin is None:
-            for line in exc.errors:
-                print(line, file=sys.stderr)  # noqa: T201
-            print(f"{path}: not reloading an invalid file", file=sys.stderr)  # noqa: T201
-            return EXIT_CONFIG
-        config = None  # --admin: the gateway reports what is wrong with the file
+    is admin.bind's (or --admin), the bearer token admin.token's, both read from `path`
+    (a file, or the etcd key the gateway runs)."""
+    config = _config_to_reload(path, admin)
+    if isinstance(config, int):
+        return config
     settings = config.admin if config is not None else None
     if admin is None:
         if settings is None:

@@ -1,5 +1,6 @@
 """The commands on a config kept in etcd: `gatehouse check etcd://...` (validate what is
-there, and print its revision), `gatehouse pull etcd://...` (the document, for a diff or a
+there, and print its revision; `gatehouse reload` reads the admin listener from it the
+same way), `gatehouse pull etcd://...` (the document, for a diff or a
 rollback) and `gatehouse push FILE etcd://...`, which validates the file as `check` does
 and writes it with a compare-and-swap on the key's mod_revision: a push that raced another
 is refused, never lost. A rollback is a push of an older file.
@@ -65,8 +66,8 @@ def _read(url: str) -> tuple[str, bytes] | int:
     return location.at(reading.kv.mod_revision), reading.kv.value
 
 
-def check_etcd(url: str) -> int:
-    """`gatehouse check etcd://...`: the key's document validated, with its revision."""
+def load(url: str) -> Config | int:
+    """The key's document as a Config, or the exit code with why printed."""
     read = _read(url)
     if isinstance(read, int):
         return read
@@ -77,10 +78,16 @@ def check_etcd(url: str) -> int:
         _say(f"{source}:1: cannot read: not UTF-8 ({exc.reason} at byte {exc.start})")
         return EXIT_CONFIG
     config = _validate(text, source)
-    if config is None:
-        return EXIT_CONFIG
+    return EXIT_CONFIG if config is None else config
+
+
+def check_etcd(url: str) -> int:
+    """`gatehouse check etcd://...`: the key's document validated, with its revision."""
+    config = load(url)
+    if isinstance(config, int):
+        return config
     routes, upstreams = len(config.routes), len(config.upstreams)
-    print(f"{source}: ok ({routes} routes, {upstreams} upstreams)")  # noqa: T201
+    print(f"{config.source}: ok ({routes} routes, {upstreams} upstreams)")  # noqa: T201
     return EXIT_OK
 
 

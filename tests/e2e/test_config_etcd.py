@@ -422,6 +422,32 @@ def test_push_refuses_an_invalid_file_and_check_and_pull_show_the_key(tmp_path: 
         assert f"the key is at revision {current[1]}, not at revision 0" in stale.stderr
 
 
+def test_reload_finds_the_admin_listener_in_the_key_and_refuses_an_invalid_document(
+    tmp_path: Path,
+) -> None:
+    # `gatehouse reload etcd://...` reads admin.bind from the key, as it does from a file
+    # (resolving ${ADMIN_PORT} in its own environment); the gateway reads the key again.
+    with running_etcd(tmp_path) as etcd, contextlib.ExitStack() as stack:
+        url = etcd.url(KEY)
+        first = etcd.put(KEY, document("one"))
+        member = start_member(stack, etcd, tmp_path, 0, wait=True)
+        member.wait_revision(first)
+        env = {"ADMIN_PORT": str(member.admin)}
+        reloads = metric(member.admin, "gatehouse_config_reloads_total", result="success")
+        done = run_cli("reload", url, env=env)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == f"reloaded {url}\n"
+        assert metric(member.admin, "gatehouse_config_reloads_total", result="success") == (
+            reloads + 1
+        )
+        invalid = etcd.put(KEY, document("x", status=999))
+        refused = run_cli("reload", url, env=env)
+        assert refused.returncode == 1
+        assert f"{url}@{invalid}:11: routes[0].respond.status" in refused.stderr
+        assert f"{url}: not reloading" in refused.stderr
+        assert member.answer() == "one"  # the watch refused it as well
+
+
 def test_a_gateway_follows_an_etcd_it_reaches_over_tls(tmp_path: Path) -> None:
     tls = make_tls_files(tmp_path / "tls")
     with running_etcd(tmp_path, tls) as etcd, contextlib.ExitStack() as stack:

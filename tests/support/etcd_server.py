@@ -17,11 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
 import signal
 import ssl
 import subprocess
-import time
 import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -29,21 +27,17 @@ from pathlib import Path
 from proxy.source.etcd_client import CA_ENV, EtcdClient
 from proxy.source.etcd_url import parse_etcd_url
 from tests.support.gateway_process import free_port
+from tests.support.system_process import spawn_logged, stop, system_executable, wait_until_ready
 from tests.support.tls import TlsFiles
 
 START_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 5.0
-POLL_INTERVAL_S = 0.02
 
 
 class EtcdServer:
     """One single-member etcd; `endpoint` stays the same across restarts."""
 
     def __init__(self, directory: Path, tls: TlsFiles | None = None) -> None:
-        executable = shutil.which("etcd")
-        if executable is None:
-            raise RuntimeError("etcd is not installed: run .ci/system-deps")
-        self.executable = executable
+        self.executable = system_executable("etcd")
         self.directory = directory
         self.data = directory / "etcd-data"
         self.client_port = free_port()
@@ -95,40 +89,34 @@ class EtcdServer:
         tls = []
         if self.tls is not None:
             tls = ["--cert-file", str(self.tls.cert), "--key-file", str(self.tls.key)]
-        with log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    self.executable,
-                    "--name",
-                    "gatehouse-test",
-                    "--data-dir",
-                    str(self.data),
-                    "--listen-client-urls",
-                    client,
-                    "--advertise-client-urls",
-                    client,
-                    "--listen-peer-urls",
-                    peer,
-                    "--initial-advertise-peer-urls",
-                    peer,
-                    "--initial-cluster",
-                    f"gatehouse-test={peer}",
-                    "--log-level",
-                    "warn",
-                    *tls,
-                ],
-                cwd=self.directory,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        self.process = spawn_logged(
+            [
+                self.executable,
+                "--name",
+                "gatehouse-test",
+                "--data-dir",
+                str(self.data),
+                "--listen-client-urls",
+                client,
+                "--advertise-client-urls",
+                client,
+                "--listen-peer-urls",
+                peer,
+                "--initial-advertise-peer-urls",
+                peer,
+                "--initial-cluster",
+                f"gatehouse-test={peer}",
+                "--log-level",
+                "warn",
+                *tls,
+            ],
+            log_path,
+            cwd=self.directory,
+        )
         self.starts += 1
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not self._healthy():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                raise AssertionError(f"{self} did not start:\n{log_path.read_text()}")
-            time.sleep(POLL_INTERVAL_S)
+        wait_until_ready(
+            self.process, self._healthy, what=repr(self), log=log_path, timeout_s=START_TIMEOUT_S
+        )
 
     def _healthy(self) -> bool:
         try:
@@ -152,13 +140,9 @@ class EtcdServer:
 
     def kill(self) -> None:
         """SIGKILL it and reap it: from now on connections to its port are refused."""
-        process = self.process
-        if process is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
-        process.wait(STOP_TIMEOUT_S)
-        self.process = None
+        process, self.process = self.process, None
+        if process is not None:
+            stop(process, graceful=False)
 
     def put(self, key: str, value: str) -> int:
         """Write `value` at `key` as any etcd client would; the revision written at."""

@@ -29,11 +29,13 @@ START_TIMEOUT_S = 10.0
 POLL_INTERVAL_S = 0.02
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    """Run `python -m proxy ARGS` to completion, from the repository root."""
+def run_cli(*args: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `python -m proxy ARGS` to completion, from the repository root, with `env`
+    added to the environment."""
     return subprocess.run(
         [sys.executable, "-m", "proxy", *args],
         cwd=REPO_ROOT,
+        env=None if env is None else {**os.environ, **env},
         capture_output=True,
         text=True,
         timeout=CLI_TIMEOUT_S,

@@ -13,13 +13,13 @@ runs in the foreground (`-db`) with one thread; the test's fixture stops it at t
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 from pathlib import Path
 
+from tests.support.system_process import spawn_logged, stop, system_executable
+
 CHECK_TIMEOUT_S = 10.0
-STOP_TIMEOUT_S = 5.0
 
 # How HAProxy announces the client to the server behind it.
 SEND_PROXY = {
@@ -27,13 +27,6 @@ SEND_PROXY = {
     # crc32c adds a TLV (a checksum of the header), which the gateway must skip.
     2: "send-proxy-v2 proxy-v2-options crc32c",
 }
-
-
-def _executable() -> str:
-    found = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin")
-    if found is None:
-        raise RuntimeError("haproxy is not installed: run .ci/system-deps")
-    return found
 
 
 class HAProxy:
@@ -82,7 +75,7 @@ backend gateway
         Raises:
             AssertionError: HAProxy refused the config (its message attached).
         """
-        executable = _executable()
+        executable = system_executable("haproxy")
         self.config_path.write_text(self.config())
         fds = (self._listening.fileno(),)
         checked = subprocess.run(
@@ -94,24 +87,16 @@ backend gateway
             check=False,
         )
         assert checked.returncode == 0, f"{self}: {checked.stdout}{checked.stderr}"
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [executable, "-db", "-f", str(self.config_path)],
-                cwd=self.directory,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                pass_fds=fds,
-            )
+        self.process = spawn_logged(
+            [executable, "-db", "-f", str(self.config_path)],
+            self.log_path,
+            cwd=self.directory,
+            pass_fds=fds,
+        )
 
     def stop(self) -> None:
         """Stop HAProxy and close the listening socket."""
         process, self.process = self.process, None
         if process is not None:
-            process.terminate()  # SIGTERM: HAProxy's immediate stop
-            try:
-                process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(STOP_TIMEOUT_S)
+            stop(process)  # SIGTERM: HAProxy's immediate stop
         self._listening.close()

@@ -8,15 +8,16 @@ binary fails the test that needs it, with what to install.
 from __future__ import annotations
 
 import contextlib
-import shutil
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from tests.support.gateway_process import free_port
+from tests.support.system_process import stop, system_executable
+
 START_TIMEOUT_S = 10.0
-STOP_TIMEOUT_S = 10.0
 
 _CONFIG = """\
 daemon off;
@@ -40,27 +41,6 @@ http {{
 """
 
 
-def nginx_binary() -> str:
-    """The path of nginx.
-
-    Raises:
-        RuntimeError: nginx is not installed.
-    """
-    found = shutil.which("nginx") or next(
-        (path for path in ("/usr/sbin/nginx",) if Path(path).exists()), None
-    )
-    if found is None:
-        raise RuntimeError("these tests need nginx: run .ci/system-deps (apt-get install nginx)")
-    return found
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def _accepts(port: int) -> bool:
     with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1.0):
         return True
@@ -70,7 +50,7 @@ def _accepts(port: int) -> bool:
 def _start(binary: str, directory: Path, server: str) -> tuple[subprocess.Popen[bytes], int]:
     """nginx listening on a free port (tried again if the port is taken meanwhile)."""
     for _ in range(3):
-        port = _free_port()
+        port = free_port()
         conf = directory / "nginx.conf"
         conf.write_text(_CONFIG.format(prefix=directory, port=port, server=server))
         process = subprocess.Popen(
@@ -97,15 +77,10 @@ def running_nginx(server: str, directory: Path) -> Iterator[int]:
     """Run nginx with `server` (the body of one `server` block: locations and the like)
     until the block exits; yields its port."""
     directory.mkdir(parents=True, exist_ok=True)
-    process, port = _start(nginx_binary(), directory, server)
+    process, port = _start(system_executable("nginx"), directory, server)
     try:
         yield port
     finally:
-        process.terminate()
-        try:
-            process.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
         if process.stderr is not None:
             process.stderr.close()

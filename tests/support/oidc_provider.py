@@ -20,12 +20,10 @@ cookies of both sides.
 from __future__ import annotations
 
 import base64
-import contextlib
 import functools
 import json
 import shutil
 import subprocess
-import time
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -33,12 +31,12 @@ from typing import Any
 import httpx
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from tests.support.system_process import spawn_logged, stop, wait_until_ready
+
 OIDC_DIR = Path(__file__).resolve().parent / "oidc"
 # A bound, not a race: node loading oidc-provider's modules on a machine busy with the
 # rest of the suite can take seconds (the failure message says how long it waited).
 START_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 5.0
-POLL_INTERVAL_S = 0.02
 SECRET = "gatehouse-test-client-secret-0123456789"
 API_AUDIENCE = "urn:gatehouse:api"  # provider.mjs's resource: its access tokens' aud
 CLIENTS = [
@@ -119,45 +117,30 @@ class OidcProvider:
             )
         )
         self._log.write_text("")
-        with self._output.open("wb") as output:
-            self.process = subprocess.Popen(
-                [self.node, "provider.mjs", str(config)],
-                cwd=OIDC_DIR,
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-            )
-        started = time.monotonic()
-        deadline = started + START_TIMEOUT_S
-        while not self.issuer:
-            for line in self._output.read_text().splitlines():
-                if line.startswith('{"issuer"'):
-                    self.issuer = json.loads(line)["issuer"]
-            if self.issuer:
-                break
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                exit_status = self.process.poll()
-                waited = time.monotonic() - started
-                self.stop()
-                raise AssertionError(
-                    f"{self} did not start (exit status {exit_status}, after {waited:.1f} s):"
-                    f"\n{self._output.read_text()}"
-                )
-            time.sleep(POLL_INTERVAL_S)
+        self._output.write_bytes(b"")
+        self.process = spawn_logged(
+            [self.node, "provider.mjs", str(config)], self._output, cwd=OIDC_DIR
+        )
+        wait_until_ready(
+            self.process,
+            self._issuer_printed,
+            what=repr(self),
+            log=self._output,
+            timeout_s=START_TIMEOUT_S,
+        )
         return self
+
+    def _issuer_printed(self) -> bool:
+        for line in self._output.read_text().splitlines():
+            if line.startswith('{"issuer"'):
+                self.issuer = json.loads(line)["issuer"]
+        return bool(self.issuer)
 
     def stop(self) -> None:
         """Stop it (SIGTERM, then SIGKILL) and reap it."""
         process, self.process = self.process, None
-        if process is None:
-            return
-        process.terminate()
-        try:
-            process.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            process.wait(STOP_TIMEOUT_S)
+        if process is not None:
+            stop(process)
 
     def requests(self) -> list[str]:
         """`METHOD PATH` of every request it received, in order."""

@@ -21,32 +21,22 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import socket
 import ssl
 import subprocess
-import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from cryptography import x509
 
 from tests.support.gateway_process import free_port
+from tests.support.system_process import spawn_logged, stop, system_executable, wait_until_ready
 from tests.support.tls import TlsFiles, make_tls_files
 
 START_TIMEOUT_S = 10.0
-STOP_TIMEOUT_S = 5.0
-POLL_INTERVAL_S = 0.02
 REQUEST_TIMEOUT_S = 5.0
 BLOCKED = ("refused.gatehouse.test",)
-
-
-def _executable(name: str) -> str:
-    found = shutil.which(name)
-    if found is None:
-        raise RuntimeError(f"{name} is not installed: run .ci/system-deps")
-    return found
 
 
 def free_udp_and_tcp_port() -> int:
@@ -96,7 +86,7 @@ class Pebble:
         self._spawn(
             "pebble-challtestsrv",
             [
-                _executable("pebble-challtestsrv"),
+                system_executable("pebble-challtestsrv"),
                 "-dns01",
                 f"127.0.0.1:{self.dns_port}",
                 "-management",
@@ -133,7 +123,7 @@ class Pebble:
         self._spawn(
             "pebble",
             [
-                _executable("pebble"),
+                system_executable("pebble"),
                 "-config",
                 str(config_path),
                 "-dnsserver",
@@ -145,28 +135,24 @@ class Pebble:
         self._wait("pebble", self._directory_answers)
 
     def _spawn(self, name: str, command: list[str], env: dict[str, str]) -> None:
-        with (self.directory / f"{name}.log").open("ab") as log:
-            self._processes.append(
-                subprocess.Popen(
-                    command,
-                    cwd=self.directory,
-                    env={"PATH": "/usr/bin:/bin", **env},
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
+        self._processes.append(
+            spawn_logged(
+                command,
+                self.directory / f"{name}.log",
+                cwd=self.directory,
+                env={"PATH": "/usr/bin:/bin", **env},
+                own_session=True,
             )
+        )
 
-    def _wait(self, name: str, answers: object) -> None:
-        assert callable(answers)
-        process = self._processes[-1]
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not answers():
-            if process.poll() is not None or time.monotonic() > deadline:
-                log = (self.directory / f"{name}.log").read_text(errors="replace")
-                raise AssertionError(f"{name} did not start (exit {process.poll()}):\n{log}")
-            time.sleep(POLL_INTERVAL_S)
+    def _wait(self, name: str, answers: Callable[[], bool]) -> None:
+        wait_until_ready(
+            self._processes[-1],
+            answers,
+            what=name,
+            log=self.directory / f"{name}.log",
+            timeout_s=START_TIMEOUT_S,
+        )
 
     def _challtestsrv_answers(self) -> bool:
         try:
@@ -219,12 +205,7 @@ class Pebble:
     def stop(self) -> None:
         """Stop both (SIGTERM, then SIGKILL after STOP_TIMEOUT_S)."""
         for process in reversed(self._processes):
-            process.terminate()
-            try:
-                process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(STOP_TIMEOUT_S)
+            stop(process)
         self._processes.clear()
 
 

@@ -10,7 +10,6 @@ the test's, started with explicit paths and killed at the end.
 from __future__ import annotations
 
 import contextlib
-import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -20,25 +19,14 @@ from typing import Any
 import httpx
 import yaml
 
-from tests.support.gateway_process import free_port, kill_process_group
+from tests.support.gateway_process import free_port
+from tests.support.system_process import spawn_logged, stop, system_executable, wait_until_ready
 
 START_TIMEOUT_S = 30.0
 CLIENT_TIMEOUT_S = 10.0
 POLL_INTERVAL_S = 0.25
 # The scrape and rule evaluation interval: short, so that a test waits seconds, not minutes.
 INTERVAL = "1s"
-
-
-def executable(name: str) -> str:
-    """The path of `prometheus` or `promtool`.
-
-    Raises:
-        RuntimeError: not installed.
-    """
-    found = shutil.which(name)
-    if found is None:
-        raise RuntimeError(f"{name} is not installed: run .ci/system-deps")
-    return found
 
 
 class PrometheusError(AssertionError):
@@ -138,39 +126,36 @@ def run_prometheus(
     config_path.write_text(yaml.safe_dump(config))
     port = free_port()
     log = directory / "prometheus.log"
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            [
-                executable("prometheus"),
-                f"--config.file={config_path}",
-                f"--storage.tsdb.path={directory / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--log.level=warn",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=output,
-            start_new_session=True,
-        )
+    process = spawn_logged(
+        [
+            system_executable("prometheus"),
+            f"--config.file={config_path}",
+            f"--storage.tsdb.path={directory / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ],
+        log,
+        own_session=True,
+    )
     prometheus = Prometheus(process, port, log)
+
+    def ready() -> bool:
+        try:
+            return httpx.get(prometheus.url + "/-/ready", timeout=1.0).status_code == 200
+        except httpx.TransportError:
+            return False
+
     try:
-
-        def ready() -> bool:
-            try:
-                return httpx.get(prometheus.url + "/-/ready", timeout=1.0).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        prometheus.wait_for("prometheus to be ready", ready, time.monotonic() + START_TIMEOUT_S)
+        wait_until_ready(process, ready, what="prometheus", log=log, timeout_s=START_TIMEOUT_S)
         yield prometheus
     finally:
-        kill_process_group(process)
+        stop(process, graceful=False)
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
     """Run `promtool ARGS` to completion."""
     return subprocess.run(
-        [executable("promtool"), *args],
+        [system_executable("promtool"), *args],
         capture_output=True,
         text=True,
         timeout=60,

@@ -12,19 +12,16 @@ redis-server).
 from __future__ import annotations
 
 import contextlib
-import shutil
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from tests.support.gateway_process import free_port
+from tests.support.system_process import spawn_logged, stop, system_executable, wait_until_ready
 
 START_TIMEOUT_S = 10.0
-STOP_TIMEOUT_S = 5.0
-POLL_INTERVAL_S = 0.01
 
 
 def _answers_ping(port: int) -> bool:
@@ -40,10 +37,7 @@ class RedisServer:
     """One redis-server process; `url` stays the same across restarts."""
 
     def __init__(self, directory: Path, port: int | None = None) -> None:
-        executable = shutil.which("redis-server")
-        if executable is None:
-            raise RuntimeError("redis-server is not installed: run .ci/system-deps")
-        self.executable = executable
+        self.executable = system_executable("redis-server")
         self.directory = directory
         self.port = port if port is not None else free_port()
         self.process: subprocess.Popen[bytes] | None = None
@@ -69,46 +63,39 @@ class RedisServer:
         """
         assert not self.running, self
         log_path = self.directory / f"redis-{self.port}.log"
-        with log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    self.executable,
-                    "--port",
-                    str(self.port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--dir",
-                    str(self.directory),
-                    "--daemonize",
-                    "no",
-                ],
-                cwd=self.directory,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        self.process = spawn_logged(
+            [
+                self.executable,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+                "--daemonize",
+                "no",
+            ],
+            log_path,
+            cwd=self.directory,
+        )
         self.starts += 1
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not _answers_ping(self.port):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                raise AssertionError(f"{self} did not start:\n{log_path.read_text()}")
-            time.sleep(POLL_INTERVAL_S)
+        wait_until_ready(
+            self.process,
+            lambda: _answers_ping(self.port),
+            what=repr(self),
+            log=log_path,
+            timeout_s=START_TIMEOUT_S,
+        )
 
     def kill(self) -> None:
         """SIGKILL it and reap it: from now on connections to the port are refused."""
-        process = self.process
-        if process is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signal.SIGCONT)  # a frozen one must be able to die
-            process.kill()
-        process.wait(STOP_TIMEOUT_S)
-        self.process = None
+        process, self.process = self.process, None
+        if process is not None:
+            stop(process, graceful=False)
 
     def restart(self) -> None:
         """Kill it (if running) and start it again on the same port, empty."""
