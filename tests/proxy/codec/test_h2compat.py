@@ -27,61 +27,23 @@ from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes
 from h2.stream import H2Stream, StreamInputs, StreamState
 from hpack import Decoder, Encoder, HeaderTuple
-from hyperframe.frame import ContinuationFrame, Frame, GoAwayFrame, HeadersFrame, SettingsFrame
+from hyperframe.frame import Frame, GoAwayFrame, SettingsFrame
 
 from proxy.codec import h2compat
-
-REQUEST = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"t"), (b":path", b"/")]
-RESPONSE = [(b":status", b"200"), (b"content-type", b"text/plain")]
+from tests.proxy.codec.h2_pairs import (
+    REQUEST,
+    RESPONSE,
+    pair,
+    request,
+    stream_state,
+    streams_settings,
+)
 
 
 def parameters(function: Callable[..., Any]) -> list[tuple[str, object]]:
     """(name, default) of each parameter of the function a wrapper stands for."""
     signature = inspect.signature(inspect.unwrap(function))
     return [(p.name, p.default) for p in signature.parameters.values()]
-
-
-def initiated(
-    server_config: h2.config.H2Configuration | None = None,
-) -> tuple[h2.connection.H2Connection, h2.connection.H2Connection]:
-    """(client, server), each with its preface queued and nothing exchanged yet."""
-    client = h2.connection.H2Connection(
-        h2.config.H2Configuration(client_side=True, header_encoding=None)
-    )
-    server = h2.connection.H2Connection(
-        server_config or h2.config.H2Configuration(client_side=False, header_encoding=None)
-    )
-    client.initiate_connection()
-    server.initiate_connection()
-    return client, server
-
-
-def pair(
-    server_config: h2.config.H2Configuration | None = None,
-) -> tuple[h2.connection.H2Connection, h2.connection.H2Connection]:
-    """(client, server), prefaces exchanged."""
-    client, server = initiated(server_config)
-    server.receive_data(client.data_to_send())
-    client.receive_data(server.data_to_send())
-    server.receive_data(client.data_to_send())
-    return client, server
-
-
-def request(
-    client: h2.connection.H2Connection,
-    server: h2.connection.H2Connection,
-    *,
-    end_stream: bool = True,
-) -> int:
-    """A GET the server has received: its stream id."""
-    stream_id = client.get_next_available_stream_id()
-    client.send_headers(stream_id, REQUEST, end_stream=end_stream)
-    server.receive_data(client.data_to_send())
-    return stream_id
-
-
-def stream_state(conn: h2.connection.H2Connection, stream_id: int) -> StreamState:
-    return conn.streams[stream_id].state_machine.state
 
 
 # -- the names and types h2compat reaches -------------------------------------------------
@@ -222,12 +184,6 @@ def settings_frame(server_preface: bytes) -> SettingsFrame:
     frame.parse_body(memoryview(server_preface[9 : 9 + length]))
     assert isinstance(frame, SettingsFrame)
     return frame
-
-
-def streams_settings(count: int) -> h2.settings.Settings:
-    return h2.settings.Settings(
-        client=False, initial_values={SettingCodes.MAX_CONCURRENT_STREAMS: count}
-    )
 
 
 def test_looser_local_settings_are_enforced_and_not_advertised() -> None:
@@ -499,131 +455,6 @@ def test_linear_literals_go_to_the_decoder_h2_uses() -> None:
     assert "_decode_literal" in vars(server.decoder)
     stream_id = request(client, server)
     assert stream_id in server.streams
-
-
-# -- a request's HEADERS frame read without h2's receive path -------------------------------
-
-
-def server_pair() -> tuple[h2.connection.H2Connection, h2.connection.H2Connection]:
-    """(client, server) with the front end's configuration, the server past the client's
-    preface and SETTINGS."""
-    return pair(h2compat.PerStreamContentLength(client_side=False, header_encoding=None))
-
-
-def headers_block(client: h2.connection.H2Connection, stream_id: int, end_stream: bool) -> bytes:
-    """The HEADERS frame (END_HEADERS) the client sends for a GET on `stream_id`."""
-    client.send_headers(stream_id, REQUEST, end_stream=end_stream)
-    return client.data_to_send()
-
-
-def machine_state(conn: h2.connection.H2Connection, stream_id: int) -> dict[str, object]:
-    stream = conn.streams[stream_id]
-    return {
-        **vars(stream.state_machine),
-        "inbound": stream.inbound_flow_control_window,
-        "outbound": stream.outbound_flow_control_window,
-        "max_frame": stream.max_outbound_frame_size,
-    }
-
-
-@pytest.mark.parametrize("end_stream", [True, False])
-def test_a_stream_opened_directly_is_left_as_h2s_receive_path_leaves_it(end_stream: bool) -> None:
-    twins = [server_pair() for _ in range(2)]
-    (client, by_h2), (_, by_us) = twins
-    by_us_client = twins[1][0]
-    for stream_id in (1, 3):
-        frame = headers_block(client, stream_id, end_stream)
-        assert frame == headers_block(by_us_client, stream_id, end_stream)
-        assert h2compat.takes_whole_frames(by_us)
-        [event, *ended] = by_h2.receive_data(frame)
-        fields = h2compat.open_stream_directly(by_us, stream_id, frame[9:], end_stream)
-
-        assert isinstance(event, h2.events.RequestReceived)
-        assert fields == event.headers
-        assert bool(ended) is end_stream
-        assert machine_state(by_us, stream_id) == machine_state(by_h2, stream_id)
-        assert by_us.highest_inbound_stream_id == by_h2.highest_inbound_stream_id == stream_id
-        assert by_us.state_machine.state is by_h2.state_machine.state
-        assert by_us.open_inbound_streams == by_h2.open_inbound_streams
-        assert list(by_us.decoder.header_table.dynamic_entries) == list(
-            by_h2.decoder.header_table.dynamic_entries
-        )
-    # h2 carries on with the stream: the rest of the request, and the response.
-    for client, server in twins:
-        if not end_stream:
-            client.send_data(3, b"body", end_stream=True)
-            [data, end] = server.receive_data(client.data_to_send())
-            assert isinstance(data, h2.events.DataReceived)
-            assert isinstance(end, h2.events.StreamEnded)
-        server.send_headers(3, RESPONSE, end_stream=True)
-        assert stream_state(server, 3) is StreamState.CLOSED
-
-
-def test_the_first_request_moves_an_idle_connection_to_open_as_h2_does() -> None:
-    client, server = server_pair()
-    before = server.state_machine.state
-    assert h2compat.takes_whole_frames(server)
-    frame = headers_block(client, 1, True)
-    assert h2compat.open_stream_directly(server, 1, frame[9:], True) is not None
-    assert (before, server.state_machine.state) == (
-        ConnectionState.IDLE,
-        ConnectionState.SERVER_OPEN,
-    )
-
-
-def test_a_stream_id_that_is_not_new_is_left_to_h2() -> None:
-    client, server = server_pair()
-    server.receive_data(headers_block(client, 5, True))
-    block = client.encoder.encode(REQUEST)
-    before = (dict(server.streams), server.highest_inbound_stream_id)
-    for stream_id in (3, 5, 6):  # below the highest, that one, even
-        assert h2compat.open_stream_directly(server, stream_id, block, True) is None
-    assert (dict(server.streams), server.highest_inbound_stream_id) == before
-
-
-def test_at_h2s_limit_of_known_streams_h2_counts_them() -> None:
-    client, server = server_pair()
-    server.local_settings = streams_settings(2)
-    for stream_id in (1, 3):
-        server.receive_data(headers_block(client, stream_id, True))
-    block = client.encoder.encode(REQUEST)
-    assert h2compat.open_stream_directly(server, 5, block, True) is None
-    assert set(server.streams) == {1, 3}
-
-
-def test_a_block_that_does_not_decode_raises_as_h2_does() -> None:
-    _, server = server_pair()
-    with pytest.raises(h2.exceptions.ProtocolError) as raised:
-        h2compat.open_stream_directly(server, 1, b"\xff\xff\xff\xff\xff\xff", True)
-    assert raised.value.error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
-    h2compat.set_header_list_cap(server, 100)
-    with pytest.raises(h2.exceptions.DenialOfServiceError):
-        h2compat.open_stream_directly(
-            server, 1, Encoder().encode([*REQUEST, (b"x", b"y" * 200)]), True
-        )
-    assert not server.streams
-
-
-def test_whole_frames_are_taken_only_with_nothing_of_the_input_held_by_h2() -> None:
-    client, server = initiated()
-    preface = client.data_to_send()
-    server.receive_data(preface[:10])
-    assert not h2compat.takes_whole_frames(server)  # the preface is not all here
-    server.receive_data(preface[10:])
-    assert h2compat.takes_whole_frames(server)
-    client.send_headers(1, REQUEST, end_stream=True)
-    frame = client.data_to_send()
-    server.receive_data(frame[:5])
-    assert not h2compat.takes_whole_frames(server)  # part of a frame
-    server.receive_data(frame[5:])
-    assert h2compat.takes_whole_frames(server)
-    block = client.encoder.encode(REQUEST)
-    server.receive_data(HeadersFrame(3, data=block, flags=["END_STREAM"]).serialize())
-    assert not h2compat.takes_whole_frames(server)  # CONTINUATION expected
-    server.receive_data(ContinuationFrame(3, flags=["END_HEADERS"]).serialize())
-    assert h2compat.takes_whole_frames(server)
-    server.receive_data(GoAwayFrame(0).serialize())
-    assert not h2compat.takes_whole_frames(server)
 
 
 def test_a_whole_response_before_the_request_ended_leaves_h2_as_its_own_calls_do() -> None:
