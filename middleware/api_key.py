@@ -86,6 +86,10 @@ def _form_decode(text: str) -> bytes:
 class ApiKey:
     """Refuse requests without a known API key; name their consumer upstream."""
 
+    # It decides who gets through: no cache may come before it in a chain
+    # (proxy/plugin/base.py).
+    ACCESS_CONTROL: ClassVar[bool] = True
+
     OPTIONS: ClassVar[dict[str, Option]] = {
         "header": Option.string(
             "the request header that carries the key (empty: none)", DEFAULT_HEADER

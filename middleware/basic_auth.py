@@ -192,6 +192,10 @@ def parse_password_hash(hashed: str) -> PasswordHash:
 class BasicAuth:
     """Refuse requests without valid Basic credentials; name the user upstream."""
 
+    # It decides who gets through: no cache may come before it in a chain
+    # (proxy/plugin/base.py).
+    ACCESS_CONTROL: ClassVar[bool] = True
+
     OPTIONS: ClassVar[dict[str, Option]] = {
         "users": Option.raw(
             "the users: {name: hash}, or a list of 'name:hash' (bcrypt, as htpasswd -B"

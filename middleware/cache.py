@@ -92,6 +92,10 @@ class _Bypassing:
 class Cache:
     """A shared cache of the route's GET responses, in memory or in Redis."""
 
+    # It may answer with a response stored for another client: no access check may
+    # come after it in a chain (proxy/plugin/base.py).
+    SERVES_STORED: ClassVar[bool] = True
+
     OPTIONS: ClassVar[dict[str, Option]] = cache_options.OPTIONS
     # With the memory backend it awaits nothing but call_next, except a coalesced miss's
     # wait for its leader (a plain future, which proxy/exchange/eager.py hands to a task):

@@ -189,6 +189,10 @@ def read_rules(options: Options) -> list[Rule] | None:
 class ClientCert:
     """Refuses requests without a verified client certificate the rules allow."""
 
+    # It decides who gets through: no cache may come before it in a chain
+    # (proxy/plugin/base.py).
+    ACCESS_CONTROL: ClassVar[bool] = True
+
     OPTIONS: ClassVar[dict[str, Option]] = {
         "allow": Option.list_of(
             Option.mapping(RULE_OPTIONS, "a rule: every key given must match"),

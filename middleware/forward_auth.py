@@ -89,6 +89,10 @@ _CLIENT_STATEMENTS = frozenset({"forwarded", "x-real-ip"})
 class ForwardAuth:
     """Lets a request on only when the auth service at `url` answers 2xx."""
 
+    # It decides who gets through: no cache may come before it in a chain
+    # (proxy/plugin/base.py).
+    ACCESS_CONTROL: ClassVar[bool] = True
+
     OPTIONS: ClassVar[dict[str, Option]] = {
         "url": Option.string("the auth service: http(s)://host[:port]/path", required=True),
         "timeout": Option.duration(

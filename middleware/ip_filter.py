@@ -74,6 +74,10 @@ def read_networks(options: Options, key: str) -> AddressSet | None:
 class IpFilter:
     """Refuses requests whose client address is denied, or not allowed."""
 
+    # It decides who gets through: no cache may come before it in a chain
+    # (proxy/plugin/base.py).
+    ACCESS_CONTROL: ClassVar[bool] = True
+
     OPTIONS: ClassVar[dict[str, Option]] = {
         "allow": Option.strings("addresses and CIDR ranges allowed (others: 403)"),
         "deny": Option.strings("addresses and CIDR ranges refused (403), checked first"),

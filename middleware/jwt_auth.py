@@ -78,6 +78,10 @@ _JWKS_OPTIONS = ("jwks_refresh", "jwks_min_refresh", "jwks_timeout", "jwks_wait"
 class JwtAuth:
     """Verify a JWT on every request; forward its claims (see the module doc)."""
 
+    # It decides who gets through: no cache may come before it in a chain
+    # (proxy/plugin/base.py).
+    ACCESS_CONTROL: ClassVar[bool] = True
+
     OPTIONS: ClassVar[dict[str, Option]] = {
         "algorithms": Option.strings(
             "the algorithms accepted (RS256, ES256, HS256...)", required=True

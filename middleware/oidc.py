@@ -48,6 +48,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable
+from typing import ClassVar
 from urllib.parse import parse_qsl, urlencode
 
 from multidict import CIMultiDict
@@ -147,6 +148,10 @@ class OidcProviderUnavailable(ProxyError):
 
 class Oidc(OptionsTable):
     """OpenID Connect login, or access tokens in API mode (see the module doc)."""
+
+    # It decides who gets through: no cache may come before it in a chain
+    # (proxy/plugin/base.py).
+    ACCESS_CONTROL: ClassVar[bool] = True
 
     def __init__(self, options: Options) -> None:
         self.name = options.name

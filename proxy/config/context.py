@@ -37,6 +37,9 @@ class LoadContext:
     # one is not reported again).
     named_middleware: dict[str, MiddlewareSpec] | None = None
     failed_middleware: set[str] = field(default_factory=set)
+    # Written by load.py once `global_middleware` is read, read by the routes' chains: a
+    # route's chain runs after it (a cache in it answers before a route's access checks).
+    global_chain: tuple[MiddlewareSpec, ...] = ()
     # Written by `path_normalization`, read by `routes`: a route's path matcher must be in
     # the form that requests are normalized to.
     path_normalization: PathNormalization = field(default_factory=PathNormalization)

@@ -133,6 +133,9 @@ def _read_config(reader: NodeReader, context: LoadContext, root: Node | None) ->
     middleware: dict[str, MiddlewareSpec] = section("middleware", read_middleware, {})
     # Before the routes: their path matchers must be in the form requests are put in.
     paths = section("path_normalization", read_path_normalization, PathNormalization())
+    # Before the routes: a route's chain is checked as the global chain's continuation.
+    global_chain: tuple[MiddlewareSpec, ...] = section("global_middleware", read_chain, ())
+    context.global_chain = global_chain
     client_ip: ClientIpConfig | None = section("client_ip", read_client_ip, None)
     if client_ip is None and "client_ip" not in top:
         for fields in context.proxy_protocol_listeners:
@@ -145,7 +148,7 @@ def _read_config(reader: NodeReader, context: LoadContext, root: Node | None) ->
         listeners=listeners,
         upstreams=upstreams,
         middleware=middleware,
-        global_middleware=section("global_middleware", read_chain, ()),
+        global_middleware=global_chain,
         routes=section("routes", read_routes, no_routes),
         admin=section("admin", read_admin, None),
         limits=section("limits", read_limits, LimitsConfig()),

@@ -1,7 +1,9 @@
 """The middleware sections of routes.yaml: `middleware` (named instances),
 `global_middleware` and each route's `middleware` list (names, or inline entries).
 
-`read_middleware` reads the named instances, `read_chain` a list of them. Each instance's
+`read_middleware` reads the named instances, `read_chain` a list of them, refusing a
+chain where a middleware that answers from a store (`SERVES_STORED`, a cache) comes before
+one that controls access (`ACCESS_CONTROL`, authentication or address rules). Each instance's
 `type` is resolved first (middleware/registry.py), because the type says which other keys
 are allowed; then its factory reads its options through `Options` (proxy/plugin/options.py),
 so a plugin's errors look like every other error in the file. A factory that raises (a plugin's
@@ -93,13 +95,39 @@ def read_chain(
         Reported: not a list (recorded).
     """
     chain: list[MiddlewareSpec] = []
+    # The first middleware before this point that may answer from its store (a cache),
+    # global_middleware's for a route's chain.
+    stored = next((spec for spec in context.global_chain if _serves_stored(spec)), None)
     for item, item_path in reader.items(node, path):
         with suppress(Reported):
             if isinstance(item, ScalarNode):
-                chain.append(_named(reader, context, item, item_path))
+                spec = _named(reader, context, item, item_path)
             else:
-                chain.append(_middleware_instance(reader, item, item_path, None))
+                spec = _middleware_instance(reader, item, item_path, None)
+            chain.append(spec)
+            if stored is not None and getattr(spec.instance, "ACCESS_CONTROL", False):
+                reader.error(item, item_path, _unguarded(spec, stored, context))
+            elif stored is None and _serves_stored(spec):
+                stored = spec
     return tuple(chain)
+
+
+def _serves_stored(spec: MiddlewareSpec) -> bool:
+    return bool(getattr(spec.instance, "SERVES_STORED", False))
+
+
+def _unguarded(guard: MiddlewareSpec, stored: MiddlewareSpec, context: LoadContext) -> str:
+    """Why `guard` may not come after `stored`: a response stored for a client it let
+    through would be given to clients it never checked (a key, a cookie or an address the
+    cache's key does not hold)."""
+    where = ""
+    if any(spec is stored for spec in context.global_chain):
+        where = " in global_middleware (name it in the routes' own chains instead)"
+    return (
+        f"{guard.name!r} ({guard.type}) controls access, but {stored.name!r} ({stored.type})"
+        f"{where} comes before it and would answer from its store requests that "
+        f"{guard.name!r} never checked: list {stored.name!r} after the access checks"
+    )
 
 
 def _named(reader: NodeReader, context: LoadContext, node: Node, path: str) -> MiddlewareSpec:

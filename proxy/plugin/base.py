@@ -25,6 +25,12 @@ gateway removes every spelling of them that the client sent (any case, `_` for `
 before the chain runs, so that whether or not the middleware sets one, the upstream never
 sees a client's copy (proxy/core/canonical.py `without_spellings`).
 
+Optional `ACCESS_CONTROL = True` says that it decides whether a request may go on at all
+(authentication, address rules), and `SERVES_STORED = True` that it may answer a request
+with a response stored for an earlier one (a cache). A chain that lists one that serves
+stored responses before one that controls access is refused at config load: a response
+stored for a client that was let through would reach clients never checked.
+
 `PHASES = True` (a class or instance attribute) says that the phases below may be used.
 
 Optional `EAGER = True` (a class or instance attribute) promises that the middleware

@@ -8,9 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from middleware.base import Handler
+from middleware.registry import known_types, resolve
 from middleware.request_id import RequestId
 from proxy.config.document import ConfigError
 from proxy.config.load import parse_config
+from proxy.core.models import Request, Response
 from tests.support.plugins import install_entry_point
 from tests.support.plugins.stamp import Stamp
 
@@ -179,3 +182,110 @@ def test_a_plugin_found_through_an_entry_point(
         """)
     )
     assert isinstance(config.middleware["s"].instance, Stamp)
+
+
+# -- a cache before an access check ---------------------------------------------------------
+
+
+class StoredAnswers:
+    """A plugin that may answer from a store, as a cache does."""
+
+    OPTIONS: tuple[str, ...] = ()
+    SERVES_STORED = True
+
+    def __init__(self, options: object) -> None:
+        pass
+
+    async def __call__(self, request: Request, call_next: Handler) -> Response:
+        return await call_next(request)
+
+
+class Gate(StoredAnswers):
+    """A plugin that controls access."""
+
+    SERVES_STORED = False
+    ACCESS_CONTROL = True
+
+
+GUARDED = """\
+middleware:
+  keys: {type: api_key, keys: [k]}
+  store: {type: cache}
+  nets: {type: ip_filter, allow: [127.0.0.1]}
+"""
+
+
+def test_a_cache_before_an_access_check_is_refused_where_the_check_is_listed() -> None:
+    # A response stored for a client with a key would be given to clients without one.
+    errors = errors_of(
+        GUARDED
+        + "routes:\n"
+        + "  - {name: open, match: {path: /}, upstream: app, middleware: [keys, store]}\n"
+        + "  - name: shut\n"
+        + "    match: {path: /x}\n"
+        + "    upstream: app\n"
+        + "    middleware: [store, keys, nets]\n"
+    )
+    assert errors == [
+        f"<string>:{line}: routes[1].middleware[{index}]: '{name}' ({type_}) controls access,"
+        " but 'store' (cache) comes before it and would answer from its store requests that"
+        f" '{name}' never checked: list 'store' after the access checks"
+        for line, index, name, type_ in [(12, 1, "keys", "api_key"), (12, 2, "nets", "ip_filter")]
+    ]
+
+
+def test_a_global_cache_is_refused_before_a_routes_access_check_and_not_after_a_global_one() -> (
+    None
+):
+    errors = errors_of(
+        GUARDED
+        + "global_middleware: [store]\n"
+        + "routes:\n"
+        + "  - {name: open, match: {path: /}, upstream: app}\n"
+        + "  - {name: shut, match: {path: /x}, upstream: app, middleware: [nets]}\n"
+    )
+    assert errors == [
+        "<string>:10: routes[1].middleware[0]: 'nets' (ip_filter) controls access, but 'store'"
+        " (cache) in global_middleware (name it in the routes' own chains instead) comes"
+        " before it and would answer from its store requests that 'nets' never checked:"
+        " list 'store' after the access checks"
+    ]
+    config = parse_config(
+        config_with(
+            GUARDED
+            + "global_middleware: [nets]\n"
+            + "routes:\n"
+            + "  - {name: shut, match: {path: /x}, upstream: app, middleware: [keys, store]}\n"
+        )
+    )
+    assert [spec.name for spec in config.routes[0].middleware] == ["keys", "store"]
+
+
+def test_a_plugin_says_it_serves_stored_answers_or_controls_access() -> None:
+    here = "tests.proxy.config.test_middleware"
+    chain = f'[{{type: "{here}:StoredAnswers"}}, {{type: "{here}:Gate"}}]'
+    errors = errors_of(
+        f"routes:\n  - {{name: r, match: {{path: /}}, upstream: app, middleware: {chain}}}\n"
+    )
+    assert len(errors) == 1
+    assert f"'{here}:Gate' ({here}:Gate) controls access, but '{here}:StoredAnswers'" in errors[0]
+
+
+ACCESS_CONTROL = {
+    "api_key",
+    "basic_auth",
+    "jwt",
+    "forward_auth",
+    "oidc",
+    "client_cert",
+    "ip_filter",
+}
+
+
+@pytest.mark.parametrize("type_name", known_types())
+def test_each_built_in_type_says_whether_it_controls_access_or_serves_stored_answers(
+    type_name: str,
+) -> None:
+    factory = resolve(type_name)
+    assert getattr(factory, "ACCESS_CONTROL", False) is (type_name in ACCESS_CONTROL)
+    assert getattr(factory, "SERVES_STORED", False) is (type_name == "cache")
