@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import httpx
 import pytest
 
 from tests.support.admin_client import admin_get, metric
+from tests.support.client_load import ClientLoad
 from tests.support.etcd_server import EtcdServer, running_etcd
 from tests.support.gateway_process import (
     REPO_ROOT,
@@ -133,41 +133,10 @@ def start_member(
     return Member(gateway, admin, cache)
 
 
-class Load:
-    """Threads sending requests to every member over keep-alive connections until
-    stopped: any answer but a 200, and any transport error, is a failure."""
-
-    def __init__(self, members: list[Member]) -> None:
-        self.urls = [member.gateway.url for member in members]
-        self.sent = 0
-        self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run) for _ in range(LOAD_THREADS)]
-
-    def __enter__(self) -> Load:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(30)
-
-    def _run(self) -> None:
-        with httpx.Client(timeout=CLIENT_TIMEOUT_S) as client:
-            while not self._stop.is_set():
-                for url in self.urls:
-                    try:
-                        response = client.get(f"{url}/")
-                        ok, problem = response.status_code == 200, response.text[:200]
-                    except httpx.HTTPError as exc:
-                        ok, problem = False, repr(exc)
-                    with self._lock:
-                        self.sent += 1
-                        if not ok:
-                            self.failures.append(f"{url}: {problem}")
+def fleet_load(members: list[Member]) -> ClientLoad:
+    """Clients sending requests to every member in turn."""
+    urls = [f"{member.gateway.url}/" for member in members]
+    return ClientLoad(lambda index, n: urls, LOAD_THREADS)
 
 
 def push(path: Path, url: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -182,7 +151,7 @@ def test_a_push_reaches_every_gateway_with_no_failed_request(tmp_path: Path) -> 
                 member.wait_revision(first)
             latencies = []
             revision = first
-            with Load(members) as load:
+            with fleet_load(members) as load:
                 for version in (1, 2, 3):
                     pushed = tmp_path / f"v{version}.yaml"
                     pushed.write_text(document(f"v{version}"))

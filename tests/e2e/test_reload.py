@@ -23,6 +23,7 @@ from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
 from tests.support.admin_client import admin_config, admin_get, admin_reload, metric, wait_ready
+from tests.support.client_load import ClientLoad
 from tests.support.gateway_process import (
     child_pids,
     connect_refused,
@@ -71,47 +72,9 @@ def numbered_route(number: int) -> str:
 """
 
 
-class Load:
-    """Clients sending requests over keep-alive connections until stopped; every
-    response that is not a 200 from the stable route, and every transport error, is a
-    failure."""
-
-    def __init__(self, url: str, connections: int) -> None:
-        self.url = url
-        self.sent = 0
-        self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [
-            threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(connections)
-        ]
-
-    def __enter__(self) -> Load:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(30)
-
-    def _run(self, index: int) -> None:
-        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-        with httpx.Client(timeout=CLIENT_TIMEOUT_S, limits=limits) as client:
-            n = 0
-            while not self._stop.is_set():
-                n += 1
-                try:
-                    response = client.get(f"{self.url}/stable/{index}/{n}")
-                    ok = response.status_code == 200
-                    problem = f"{response.status_code} {response.text[:200]}"
-                except httpx.HTTPError as exc:
-                    ok, problem = False, repr(exc)
-                with self._lock:
-                    self.sent += 1
-                    if not ok:
-                        self.failures.append(problem)
+def stable_load(url: str, connections: int) -> ClientLoad:
+    """Clients on the stable route, each request to a path of its own."""
+    return ClientLoad(lambda index, n: [f"{url}/stable/{index}/{n}"], connections)
 
 
 def test_twenty_reloads_valid_and_invalid_under_load_lose_no_request(
@@ -124,7 +87,7 @@ def test_twenty_reloads_valid_and_invalid_under_load_lose_no_request(
         fresh = httpx.Client(
             timeout=CLIENT_TIMEOUT_S, limits=httpx.Limits(max_keepalive_connections=0)
         )
-        with fresh, Load(gw.url, LOAD_CONNECTIONS) as load:
+        with fresh, stable_load(gw.url, LOAD_CONNECTIONS) as load:
             for number in range(20):
                 mark = load.sent
                 if number % 2 == 0:
